@@ -1,0 +1,201 @@
+//! `meshgate config-dump`: one workload's proxy view, as a table or JSON.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use meshgate_config::model::networking::ClientTlsMode;
+use meshgate_config::view::{ProxyView, RouteAction, match_summary, proxy_view};
+use meshgate_config::{MeshSettings, load_paths, registry, view};
+
+use crate::table::Table;
+use crate::{DumpArgs, EXIT_BAD_INPUT, Output};
+
+pub(crate) fn run(args: &DumpArgs) -> anyhow::Result<ExitCode> {
+    let loaded = match load_paths(&args.config) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_BAD_INPUT));
+        }
+    };
+    if loaded.has_errors() {
+        for d in loaded
+            .diagnostics
+            .iter()
+            .filter(|d| d.level == meshgate_config::Level::Error)
+        {
+            eprintln!("{d}");
+        }
+        eprintln!(
+            "error: the config has schema errors; fix them (see `meshgate check`) before dumping a proxy view"
+        );
+        return Ok(ExitCode::from(EXIT_BAD_INPUT));
+    }
+    let mesh = MeshSettings::default();
+    let registry = registry::build(&loaded.config, &mesh);
+    let workload = view::find_workload(&registry, &args.workload)?;
+    let v = proxy_view(&loaded.config, &registry, &mesh, workload);
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&v).context("encoding JSON")?
+        ),
+        Output::Text => print!("{}", render(&v)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
+fn render(v: &ProxyView) -> String {
+    let mut out = String::new();
+    let w = &v.workload;
+    let kind = match w.proxy {
+        meshgate_config::registry::ProxyKind::Sidecar => "sidecar",
+        meshgate_config::registry::ProxyKind::Gateway => "gateway",
+        meshgate_config::registry::ProxyKind::None => "no proxy (not injected)",
+    };
+    let _ = writeln!(
+        out,
+        "Workload:          {}/{} ({kind})",
+        w.namespace, w.name
+    );
+    let _ = writeln!(out, "Identity:          {}", w.spiffe_id);
+    let _ = writeln!(
+        out,
+        "Sidecar resource:  {}",
+        v.sidecar.as_deref().unwrap_or("none")
+    );
+    let _ = writeln!(
+        out,
+        "Outbound policy:   {} ({})",
+        v.outbound_traffic_policy.mode.as_str(),
+        v.outbound_traffic_policy.source
+    );
+    let _ = writeln!(
+        out,
+        "Inbound mTLS:      {} ({})",
+        v.peer_authentication.mode.as_str(),
+        v.peer_authentication.source
+    );
+
+    let mut t = Table::new(&[
+        "PORT",
+        "BIND",
+        "PROTOCOL",
+        "DOWNSTREAM TLS",
+        "HOSTS",
+        "ORIGIN",
+    ]);
+    for l in &v.listeners {
+        t.row(vec![
+            l.port.to_string(),
+            l.bind_port.to_string(),
+            l.protocol.to_string(),
+            l.tls.clone(),
+            l.hosts.join(","),
+            l.origin.clone(),
+        ]);
+    }
+    let _ = write!(out, "\nLISTENERS\n{}", t.render());
+
+    let mut t = Table::new(&[
+        "ROUTE (HOST:PORT)",
+        "MATCH",
+        "ACTION",
+        "VIRTUALSERVICE",
+        "RULE",
+    ]);
+    for r in &v.routes {
+        let matches = if r.matches.is_empty() {
+            "*".to_owned()
+        } else {
+            r.matches
+                .iter()
+                .map(match_summary)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        };
+        let action = match &r.action {
+            RouteAction::Route(d) => d
+                .iter()
+                .map(|d| {
+                    let subset = if d.subset.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" subset {}", d.subset)
+                    };
+                    let weight = if d.weight == 100 {
+                        String::new()
+                    } else {
+                        format!(" weight {}", d.weight)
+                    };
+                    format!("-> {}:{}{subset}{weight}", d.host, d.port)
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            RouteAction::Redirect { location, code } => format!("redirect {code} {location}"),
+            RouteAction::DirectResponse { status } => format!("direct response {status}"),
+            RouteAction::Delegate { virtual_service } => format!("delegate to {virtual_service}"),
+        };
+        t.row(vec![
+            format!("{}:{}", r.host, r.listener_port),
+            matches,
+            action,
+            r.virtual_service
+                .clone()
+                .unwrap_or_else(|| "(default route)".to_owned()),
+            r.rule.clone(),
+        ]);
+    }
+    let _ = write!(out, "\nROUTES\n{}", t.render());
+
+    let mut t = Table::new(&[
+        "CLUSTER",
+        "RESOLUTION",
+        "TLS",
+        "SNI",
+        "EXPECTED PEER IDENTITY",
+        "TRUST",
+        "DESTINATIONRULE",
+    ]);
+    for c in &v.clusters {
+        let mode = match (c.tls.mode, c.tls.auto) {
+            (ClientTlsMode::IstioMutual, true) => "ISTIO_MUTUAL (auto mTLS)".to_owned(),
+            (ClientTlsMode::Disable, _) => "DISABLE (plaintext)".to_owned(),
+            (m, _) => m.as_str().to_owned(),
+        };
+        t.row(vec![
+            c.name.clone(),
+            c.resolution.clone(),
+            mode,
+            or_dash(&c.tls.sni),
+            or_dash(&c.tls.expected_identities.join(",")),
+            or_dash(&c.tls.trust),
+            c.destination_rule.clone().unwrap_or_else(|| "-".to_owned()),
+        ]);
+    }
+    let _ = write!(out, "\nCLUSTERS\n{}", t.render());
+
+    let mut t = Table::new(&["AUTHORIZATION POLICY", "ACTION", "SCOPE", "RULES"]);
+    for p in &v.authorization_policies {
+        t.row(vec![
+            p.name.clone(),
+            p.action.clone(),
+            p.scope.clone(),
+            p.rules.join(" OR "),
+        ]);
+    }
+    if v.authorization_policies.is_empty() {
+        t.row(vec!["(none: all requests allowed)".to_owned()]);
+    }
+    let _ = write!(out, "\nAUTHORIZATION\n{}", t.render());
+    out
+}

@@ -1,0 +1,82 @@
+//! The `meshgate` command: one binary for every part of the data plane.
+
+mod check;
+mod dump;
+mod table;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// meshgate: an egress data plane for service meshes, configured by the same
+/// Istio and Kubernetes YAML you would apply to a cluster.
+#[derive(Debug, Parser)]
+#[command(name = "meshgate", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate config files or folders like `istioctl analyze`: same codes,
+    /// same line format. Exit 0 when no Error is found, 79 when one is, 2
+    /// when the input cannot be read or parsed.
+    Check(CheckArgs),
+    /// Print one workload's proxy view: listeners, routes, upstream clusters
+    /// (resolution, TLS, expected peer identity), authorization policies and
+    /// the outbound traffic policy.
+    ConfigDump(DumpArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Human-readable lines and tables.
+    Text,
+    /// Machine-readable JSON.
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// YAML files or folders (searched recursively for .yaml and .yml).
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+#[derive(Debug, clap::Args)]
+struct DumpArgs {
+    /// YAML files or folders with the mesh config.
+    #[arg(short, long = "config", required = true, value_name = "PATH")]
+    config: Vec<PathBuf>,
+    /// The workload, as NAMESPACE/NAME of its Deployment or Pod.
+    #[arg(short, long, value_name = "NS/NAME")]
+    workload: String,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+/// Exit code when analysis finds an Error, as `istioctl analyze` uses.
+const EXIT_ANALYSIS_ERROR: u8 = 79;
+/// Exit code when input cannot be read or parsed.
+const EXIT_BAD_INPUT: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check(args) => check::run(&args),
+        Command::ConfigDump(args) => dump::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+    }
+}

@@ -1,0 +1,726 @@
+//! Cross-resource analyzers in the manner of `istioctl analyze`: the same
+//! codes, levels and message texts, so an operator's knowledge (and
+//! istio.io's documentation for each code) carries over.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::MeshSettings;
+use crate::diag::{Diagnostic, Level, Origin};
+use crate::model::networking::{ClientTlsMode, ClientTlsSettings};
+use crate::model::security::AuthzAction;
+use crate::model::{Config, Labels, Resource, labels_match};
+use crate::registry::{
+    ProxyKind, Registry, ServiceSource, host_matches, hosts_overlap, resolve_host,
+};
+use crate::view::{gateway_listen_port, server_hosts_cover, vs_bound_to_mesh};
+
+/// Runs every analyzer. Diagnostics come back sorted by file and line.
+pub fn analyze(config: &Config, mesh: &MeshSettings) -> Vec<Diagnostic> {
+    let registry = crate::registry::build(config, mesh);
+    let mut out = Vec::new();
+    virtual_service_references(config, &registry, mesh, &mut out);
+    virtual_service_rules(config, &mut out);
+    conflicting_mesh_hosts(config, mesh, &mut out);
+    gateway_host_coverage(config, mesh, &mut out);
+    gateway_selectors_and_ports(config, &registry, &mut out);
+    conflicting_gateways(config, &mut out);
+    sidecar_selectors(config, &registry, &mut out);
+    destination_rules(config, &registry, mesh, &mut out);
+    authorization_policies(config, mesh, &mut out);
+    out.sort_by(|a, b| {
+        (&a.origin.file, a.origin.line, a.level, a.code).cmp(&(
+            &b.origin.file,
+            b.origin.line,
+            b.level,
+            b.code,
+        ))
+    });
+    out
+}
+
+/// Go's `%q` for the ASCII strings these messages carry.
+fn q(s: &str) -> String {
+    format!("{s:?}")
+}
+
+/// Go's `%v` for a slice.
+fn v<T: std::fmt::Display>(items: &[T]) -> String {
+    format!(
+        "[{}]",
+        items
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
+
+fn selector_string(labels: &Labels) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn any_workload_matches(config: &Config, namespace: Option<&str>, selector: &Labels) -> bool {
+    config.workloads.iter().any(|w| {
+        namespace.is_none_or(|ns| w.meta.namespace == ns)
+            && labels_match(selector, &w.spec.pod_labels)
+    })
+}
+
+// === VirtualService references: IST0101 (gateway, host, host:port, subset), IST0112 ===
+
+fn virtual_service_references(
+    config: &Config,
+    registry: &Registry,
+    mesh: &MeshSettings,
+    out: &mut Vec<Diagnostic>,
+) {
+    for vs in &config.virtual_services {
+        let ns = &vs.meta.namespace;
+        let gateway_refs =
+            vs.spec
+                .gateways
+                .iter()
+                .enumerate()
+                .map(|(i, g)| (format!("spec.gateways[{i}]"), g))
+                .chain(vs.spec.http.iter().enumerate().flat_map(|(i, r)| {
+                    r.matches.iter().enumerate().flat_map(move |(j, m)| {
+                        m.gateways.iter().enumerate().map(move |(k, g)| {
+                            (format!("spec.http[{i}].match[{j}].gateways[{k}]"), g)
+                        })
+                    })
+                }));
+        for (path, g) in gateway_refs {
+            if g == "mesh" {
+                continue;
+            }
+            let (gns, gname) = g.split_once('/').unwrap_or((ns.as_str(), g.as_str()));
+            let found = config
+                .gateways
+                .iter()
+                .any(|gw| gw.meta.namespace == gns && gw.meta.name == gname);
+            if !found {
+                out.push(Diagnostic::new(
+                    Level::Error,
+                    "IST0101",
+                    Origin::at_field(&vs.meta, &path),
+                    format!("Referenced gateway not found: {}", q(g)),
+                ));
+            }
+        }
+
+        let dests = vs
+            .spec
+            .http
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| {
+                r.route
+                    .iter()
+                    .enumerate()
+                    .map(move |(j, d)| {
+                        (
+                            format!("spec.http[{i}].route[{j}].destination"),
+                            &d.destination,
+                        )
+                    })
+                    .chain(
+                        r.mirror
+                            .iter()
+                            .map(move |m| (format!("spec.http[{i}].mirror"), m)),
+                    )
+                    .chain(r.mirrors.iter().enumerate().map(move |(j, m)| {
+                        (
+                            format!("spec.http[{i}].mirrors[{j}].destination"),
+                            &m.destination,
+                        )
+                    }))
+            })
+            .chain(vs.spec.tls.iter().enumerate().flat_map(|(i, r)| {
+                r.route.iter().enumerate().map(move |(j, d)| {
+                    (
+                        format!("spec.tls[{i}].route[{j}].destination"),
+                        &d.destination,
+                    )
+                })
+            }))
+            .chain(vs.spec.tcp.iter().enumerate().flat_map(|(i, r)| {
+                r.route.iter().enumerate().map(move |(j, d)| {
+                    (
+                        format!("spec.tcp[{i}].route[{j}].destination"),
+                        &d.destination,
+                    )
+                })
+            }));
+        for (path, d) in dests {
+            let mirror = path.contains("mirror");
+            let host = resolve_host(&d.host, ns, mesh);
+            let Some(svc) = registry.lookup(&host, ns) else {
+                out.push(Diagnostic::new(
+                    Level::Error,
+                    "IST0101",
+                    Origin::at_field(&vs.meta, &format!("{path}.host")),
+                    format!(
+                        "Referenced {} not found: {}",
+                        if mirror { "mirror host" } else { "host" },
+                        q(&d.host)
+                    ),
+                ));
+                continue;
+            };
+            match d.port.map(|p| p.number).filter(|n| *n != 0) {
+                Some(port) if svc.port(port).is_none() => out.push(Diagnostic::new(
+                    Level::Error,
+                    "IST0101",
+                    Origin::at_field(&vs.meta, &format!("{path}.port")),
+                    format!(
+                        "Referenced host:port not found: {}",
+                        q(&format!("{}:{port}", d.host))
+                    ),
+                )),
+                None if svc.ports.len() > 1 => {
+                    let ports: Vec<u32> = svc.ports.iter().map(|p| p.number).collect();
+                    out.push(Diagnostic::new(
+                        Level::Error,
+                        "IST0112",
+                        Origin::at_field(&vs.meta, &path),
+                        format!(
+                            "This VirtualService routes to a service {} that exposes multiple ports {}. Specifying a port in the destination is required to disambiguate.",
+                            q(&d.host),
+                            v(&ports)
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+            if !d.subset.is_empty() {
+                let dr = crate::view::destination_rule_for(
+                    config,
+                    ns,
+                    None,
+                    &svc.hostname,
+                    &svc.namespace,
+                    mesh,
+                );
+                let has = dr.is_some_and(|dr| dr.spec.subsets.iter().any(|s| s.name == d.subset));
+                if !has {
+                    out.push(Diagnostic::new(
+                        Level::Error,
+                        "IST0101",
+                        Origin::at_field(&vs.meta, &format!("{path}.subset")),
+                        format!(
+                            "Referenced {} not found: {}",
+                            if mirror {
+                                "mirror+subset in destinationrule"
+                            } else {
+                                "host+subset in destinationrule"
+                            },
+                            q(&format!("{}+{}", d.host, d.subset))
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+// === IST0130 / IST0131: unreachable rules ===
+
+fn virtual_service_rules(config: &Config, out: &mut Vec<Diagnostic>) {
+    for vs in &config.virtual_services {
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        let mut catch_all: Option<usize> = None;
+        let route_name = |i: usize| {
+            let n = &vs.spec.http[i].name;
+            if n.is_empty() { format!("#{i}") } else { q(n) }
+        };
+        for (i, rule) in vs.spec.http.iter().enumerate() {
+            let origin = Origin::at_field(&vs.meta, &format!("spec.http[{i}]"));
+            let unreachable = |reason: &str| {
+                Diagnostic::new(
+                    Level::Warning,
+                    "IST0130",
+                    origin.clone(),
+                    format!("VirtualService rule {} not used ({reason}).", route_name(i)),
+                )
+            };
+            if rule.matches.is_empty() {
+                if catch_all.is_some() {
+                    out.push(unreachable("only the last rule can have no matches"));
+                }
+                catch_all = Some(i);
+                continue;
+            }
+            if catch_all.is_some() {
+                out.push(unreachable("route without matches defined before"));
+                continue;
+            }
+            let mut duplicates = 0;
+            for (j, m) in rule.matches.iter().enumerate() {
+                let key = serde_json::to_string(m).unwrap_or_default();
+                if let Some(&dup) = seen.get(&key) {
+                    duplicates += 1;
+                    let match_name = if m.name.is_empty() {
+                        format!("#{j}")
+                    } else {
+                        q(&m.name)
+                    };
+                    out.push(Diagnostic::new(
+                        Level::Info,
+                        "IST0131",
+                        Origin::at_field(&vs.meta, &format!("spec.http[{i}].match[{j}]")),
+                        format!(
+                            "VirtualService rule {} match {match_name} is not used (duplicate/overlapping match in rule {}).",
+                            route_name(i),
+                            route_name(dup)
+                        ),
+                    ));
+                } else {
+                    seen.insert(key, i);
+                }
+            }
+            if duplicates == rule.matches.len() {
+                out.push(unreachable("all matches used by prior rules"));
+            }
+        }
+    }
+}
+
+// === IST0109: two mesh VirtualServices for one host ===
+
+fn conflicting_mesh_hosts(config: &Config, mesh: &MeshSettings, out: &mut Vec<Diagnostic>) {
+    // Host -> VirtualServices bound to the mesh that define it. Visibility
+    // (exportTo) is ignored on purpose: any namespace that sees both has the
+    // conflict.
+    let mut by_host: BTreeMap<String, Vec<&Resource<crate::model::networking::VirtualService>>> =
+        BTreeMap::new();
+    for vs in config
+        .virtual_services
+        .iter()
+        .filter(|vs| vs_bound_to_mesh(&vs.spec))
+    {
+        for h in &vs.spec.hosts {
+            by_host
+                .entry(resolve_host(h, &vs.meta.namespace, mesh))
+                .or_default()
+                .push(vs);
+        }
+    }
+    for (host, list) in by_host.iter().filter(|(_, l)| l.len() > 1) {
+        let names = list
+            .iter()
+            .map(|vs| vs.meta.full_name())
+            .collect::<Vec<_>>()
+            .join(",");
+        for vs in list {
+            out.push(Diagnostic::new(
+                Level::Error,
+                "IST0109",
+                Origin::at_field(&vs.meta, "spec.hosts"),
+                format!(
+                    "The VirtualServices {names} associated with mesh gateway define the same host {host} which can lead to undefined behavior. This can be fixed by merging the conflicting VirtualServices into a single resource."
+                ),
+            ));
+        }
+    }
+}
+
+// === IST0132: VirtualService host not admitted by the Gateway ===
+
+fn gateway_host_coverage(config: &Config, mesh: &MeshSettings, out: &mut Vec<Diagnostic>) {
+    for vs in &config.virtual_services {
+        for g in vs.spec.gateways.iter().filter(|g| *g != "mesh") {
+            let (gns, gname) = g
+                .split_once('/')
+                .unwrap_or((vs.meta.namespace.as_str(), g.as_str()));
+            let Some(gw) = config
+                .gateways
+                .iter()
+                .find(|gw| gw.meta.namespace == gns && gw.meta.name == gname)
+            else {
+                continue; // IST0101 reports it
+            };
+            let missing: Vec<String> = vs
+                .spec
+                .hosts
+                .iter()
+                .filter(|h| {
+                    let host = resolve_host(h, &vs.meta.namespace, mesh);
+                    !gw.spec.servers.iter().any(|s| {
+                        server_hosts_cover(s, &gw.meta.namespace, &vs.meta.namespace, &host)
+                    })
+                })
+                .cloned()
+                .collect();
+            if !missing.is_empty() {
+                out.push(Diagnostic::new(
+                    Level::Warning,
+                    "IST0132",
+                    Origin::at_field(&vs.meta, "spec.hosts"),
+                    format!(
+                        "one or more host {} defined in VirtualService {} not found in Gateway {}.",
+                        v(&missing),
+                        vs.meta.full_name(),
+                        gw.meta.full_name()
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+// === Gateways: IST0101 selector, IST0162 port not on Service ===
+
+fn gateway_selectors_and_ports(config: &Config, registry: &Registry, out: &mut Vec<Diagnostic>) {
+    for gw in &config.gateways {
+        if !any_workload_matches(config, None, &gw.spec.selector) {
+            out.push(Diagnostic::new(
+                Level::Error,
+                "IST0101",
+                Origin::at_field(&gw.meta, "spec.selector"),
+                format!(
+                    "Referenced selector not found: {}",
+                    q(&selector_string(&gw.spec.selector))
+                ),
+            ));
+            continue;
+        }
+        let gateway_workloads: Vec<_> = registry
+            .workloads
+            .iter()
+            .filter(|w| w.proxy == ProxyKind::Gateway && labels_match(&gw.spec.selector, &w.labels))
+            .collect();
+        for (i, server) in gw.spec.servers.iter().enumerate() {
+            for w in &gateway_workloads {
+                let (_, on_service) = gateway_listen_port(registry, w, server.port.number);
+                if !on_service {
+                    out.push(Diagnostic::new(
+                        Level::Warning,
+                        "IST0162",
+                        Origin::at_field(&gw.meta, &format!("spec.servers[{i}].port")),
+                        format!(
+                            "The gateway is listening on a target port (port {}) that is not defined in the Service associated with its workload instances (Pod selector {}). If you need to access the gateway port through the gateway Service, it will not be available.",
+                            server.port.number,
+                            selector_string(&gw.spec.selector)
+                        ),
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+// === IST0145: two Gateways, same selector and port, overlapping hosts ===
+
+fn conflicting_gateways(config: &Config, out: &mut Vec<Diagnostic>) {
+    for (i, a) in config.gateways.iter().enumerate() {
+        for (j, b) in config.gateways.iter().enumerate() {
+            if i == j || a.spec.selector != b.spec.selector {
+                continue;
+            }
+            for sa in &a.spec.servers {
+                for sb in b
+                    .spec
+                    .servers
+                    .iter()
+                    .filter(|sb| sb.port.number == sa.port.number)
+                {
+                    let overlap: Vec<String> = sa
+                        .hosts
+                        .iter()
+                        .filter(|ha| {
+                            let pa = ha.split_once('/').map_or(ha.as_str(), |(_, h)| h);
+                            sb.hosts.iter().any(|hb| {
+                                hosts_overlap(
+                                    pa,
+                                    hb.split_once('/').map_or(hb.as_str(), |(_, h)| h),
+                                )
+                            })
+                        })
+                        .cloned()
+                        .collect();
+                    if !overlap.is_empty() {
+                        out.push(Diagnostic::new(
+                            Level::Error,
+                            "IST0145",
+                            Origin::of(&a.meta),
+                            format!(
+                                "Conflict with gateways {} (workload selector {}, port {}, hosts {}).",
+                                b.meta.full_name(),
+                                selector_string(&a.spec.selector),
+                                sa.port.number,
+                                overlap.join(",")
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+// === Sidecars: IST0101 selector, IST0110, IST0111 ===
+
+fn sidecar_selectors(config: &Config, registry: &Registry, out: &mut Vec<Diagnostic>) {
+    let mut no_selector: BTreeMap<&str, Vec<&Resource<crate::model::networking::Sidecar>>> =
+        BTreeMap::new();
+    for sc in &config.sidecars {
+        match sc
+            .spec
+            .workload_selector
+            .as_ref()
+            .filter(|s| !s.labels.is_empty())
+        {
+            None => no_selector.entry(&sc.meta.namespace).or_default().push(sc),
+            Some(sel) if !any_workload_matches(config, Some(&sc.meta.namespace), &sel.labels) => {
+                out.push(Diagnostic::new(
+                    Level::Error,
+                    "IST0101",
+                    Origin::at_field(&sc.meta, "spec.workloadSelector"),
+                    format!(
+                        "Referenced selector not found: {}",
+                        q(&selector_string(&sel.labels))
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    for (ns, list) in no_selector.iter().filter(|(_, l)| l.len() > 1) {
+        let names: Vec<String> = list.iter().map(|s| s.meta.name.clone()).collect();
+        for sc in list {
+            out.push(Diagnostic::new(
+                Level::Error,
+                "IST0111",
+                Origin::of(&sc.meta),
+                format!("The Sidecars {} in namespace {} have no workload selector, which can lead to undefined behavior.", v(&names), q(ns)),
+            ));
+        }
+    }
+    for w in &registry.workloads {
+        let selecting: Vec<_> =
+            config
+                .sidecars
+                .iter()
+                .filter(|sc| {
+                    sc.meta.namespace == w.namespace
+                        && sc.spec.workload_selector.as_ref().is_some_and(|s| {
+                            !s.labels.is_empty() && labels_match(&s.labels, &w.labels)
+                        })
+                })
+                .collect();
+        if selecting.len() > 1 {
+            let names: Vec<String> = selecting.iter().map(|s| s.meta.name.clone()).collect();
+            for sc in selecting {
+                out.push(Diagnostic::new(
+                    Level::Error,
+                    "IST0110",
+                    Origin::of(&sc.meta),
+                    format!(
+                        "The Sidecars {} in namespace {} select the same workload pod {}, which can lead to undefined behavior.",
+                        v(&names),
+                        q(&w.namespace),
+                        q(&w.name)
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+// === DestinationRules: IST0128, IST0129, IST0174; gateway NONE resolution ===
+
+fn missing_ca(tls: &ClientTlsSettings, has_selector: bool) -> bool {
+    matches!(tls.mode, ClientTlsMode::Simple | ClientTlsMode::Mutual)
+        && tls.ca_certificates.is_empty()
+        && tls.insecure_skip_verify != Some(true)
+        && (!has_selector || tls.credential_name.is_empty())
+}
+
+fn destination_rules(
+    config: &Config,
+    registry: &Registry,
+    mesh: &MeshSettings,
+    out: &mut Vec<Diagnostic>,
+) {
+    for dr in &config.destination_rules {
+        let host = resolve_host(&dr.spec.host, &dr.meta.namespace, mesh);
+        let has_selector = dr.spec.workload_selector.is_some();
+        if let Some(tp) = &dr.spec.traffic_policy {
+            if let Some(tls) = tp.tls.as_ref().filter(|t| missing_ca(t, has_selector)) {
+                out.push(Diagnostic::new(
+                    Level::Warning,
+                    "IST0128",
+                    Origin::of(&dr.meta),
+                    format!(
+                        "DestinationRule {} in namespace {} has TLS mode set to {} but no caCertificates are set to validate server identity for host: {}",
+                        dr.meta.full_name(),
+                        dr.meta.namespace,
+                        tls.mode.as_str(),
+                        dr.spec.host
+                    ),
+                ));
+            }
+            for (i, pl) in tp.port_level_settings.iter().enumerate() {
+                if let Some(tls) = pl.tls.as_ref().filter(|t| missing_ca(t, has_selector)) {
+                    out.push(Diagnostic::new(
+                        Level::Warning,
+                        "IST0129",
+                        Origin::at_field(&dr.meta, &format!("spec.trafficPolicy.portLevelSettings[{i}]")),
+                        format!(
+                            "DestinationRule {} in namespace {} has TLS mode set to {} but no caCertificates are set to validate server identity for host: {} at port number:{}",
+                            dr.meta.full_name(),
+                            dr.meta.namespace,
+                            tls.mode.as_str(),
+                            dr.spec.host,
+                            pl.port.map_or(0, |p| p.number)
+                        ),
+                    ));
+                }
+            }
+        }
+        let known = registry
+            .services
+            .iter()
+            .any(|s| host_matches(&host, &s.hostname) || host_matches(&s.hostname, &host));
+        if !known {
+            out.push(Diagnostic::new(
+                Level::Warning,
+                "IST0174",
+                Origin::at_field(&dr.meta, "spec.host"),
+                format!("The host {} defined in the DestinationRule does not match any services in the mesh.", dr.spec.host),
+            ));
+        }
+    }
+
+    // A gateway cannot forward to a ServiceEntry with resolution NONE (Istio
+    // gives it no endpoints); meshgate refuses it up front.
+    for w in registry
+        .workloads
+        .iter()
+        .filter(|w| w.proxy == ProxyKind::Gateway)
+    {
+        let view = crate::view::proxy_view(config, registry, mesh, w);
+        for c in view
+            .clusters
+            .iter()
+            .filter(|c| c.resolution.starts_with("ORIGINAL_DST"))
+        {
+            let Some(route) = view.routes.iter().find(|r| match &r.action {
+                crate::view::RouteAction::Route(d) => d.iter().any(|d| d.cluster_name() == c.name),
+                _ => false,
+            }) else {
+                continue;
+            };
+            let Some(vs) = config
+                .virtual_services
+                .iter()
+                .find(|vs| Some(vs.meta.full_name()) == route.virtual_service)
+            else {
+                continue;
+            };
+            let se_name = registry
+                .lookup(&c.host, &w.namespace)
+                .and_then(|s| match &s.source {
+                    ServiceSource::ServiceEntry { name } => Some(format!("{}/{name}", s.namespace)),
+                    ServiceSource::Kubernetes { .. } => None,
+                });
+            out.push(Diagnostic {
+                level: Level::Error,
+                code: Some("MG0002"),
+                origin: Origin::of(&vs.meta),
+                message: format!(
+                    "gateway {}/{} routes to {} but ServiceEntry {} has resolution NONE, which gives a gateway no endpoints; use resolution DNS or STATIC",
+                    w.namespace,
+                    w.name,
+                    c.host,
+                    se_name.unwrap_or_default()
+                ),
+            });
+        }
+    }
+}
+
+// === AuthorizationPolicies: IST0127, IST0101 namespace, CUSTOM ===
+
+fn authorization_policies(config: &Config, mesh: &MeshSettings, out: &mut Vec<Diagnostic>) {
+    let namespaces: BTreeSet<&str> = config
+        .namespaces
+        .iter()
+        .map(|n| n.meta.name.as_str())
+        .chain(
+            config
+                .metas()
+                .filter(|m| m.kind.namespaced())
+                .map(|m| m.namespace.as_str()),
+        )
+        .collect();
+    for ap in &config.authorization_policies {
+        if let Some(sel) = ap
+            .spec
+            .selector
+            .as_ref()
+            .filter(|s| !s.match_labels.is_empty())
+        {
+            // In the root namespace a selector applies in every namespace.
+            let scope = if ap.meta.namespace == mesh.root_namespace {
+                None
+            } else {
+                Some(ap.meta.namespace.as_str())
+            };
+            if !any_workload_matches(config, scope, &sel.match_labels) {
+                out.push(Diagnostic::new(
+                    Level::Warning,
+                    "IST0127",
+                    Origin::at_field(&ap.meta, "spec.selector"),
+                    format!(
+                        "No matching workloads for this resource with the following labels: {}",
+                        selector_string(&sel.match_labels)
+                    ),
+                ));
+            }
+        }
+        for (i, rule) in ap.spec.rules.iter().flatten().enumerate() {
+            for (j, from) in rule.from.iter().enumerate() {
+                for (k, ns) in from
+                    .source
+                    .namespaces
+                    .iter()
+                    .chain(&from.source.not_namespaces)
+                    .enumerate()
+                {
+                    let exact = !ns.contains('*');
+                    if exact && !namespaces.contains(ns.as_str()) {
+                        out.push(Diagnostic::new(
+                            Level::Error,
+                            "IST0101",
+                            Origin::at_field(
+                                &ap.meta,
+                                &format!("spec.rules[{i}].from[{j}].source.namespaces[{k}]"),
+                            ),
+                            format!("Referenced namespace not found: {}", q(ns)),
+                        ));
+                    }
+                }
+            }
+        }
+        if ap.spec.action == AuthzAction::Custom {
+            out.push(Diagnostic {
+                level: Level::Warning,
+                code: Some("MG0001"),
+                origin: Origin::at_field(&ap.meta, "spec.action"),
+                message: format!(
+                    "CUSTOM authorization (provider {}) is not supported by meshgate: requests this policy selects are denied so that nothing passes unchecked",
+                    ap.spec.provider.as_ref().map_or("", |p| p.name.as_str())
+                ),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

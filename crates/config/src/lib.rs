@@ -1,0 +1,36 @@
+//! meshgate's config model: the user's Istio and Kubernetes YAML, loaded with
+//! file and line for every resource, and the pure functions that turn it into
+//! what one proxy needs (registry, proxy view) or what an operator needs to
+//! fix (analyzers).
+
+pub mod analyze;
+pub mod diag;
+pub mod load;
+pub mod model;
+pub mod registry;
+mod validate;
+pub mod view;
+pub mod yaml;
+
+pub use diag::{Diagnostic, Level};
+pub use load::{LoadError, Loaded, load_paths};
+pub use model::{Config, Kind};
+
+/// Istio's defaults that meshgate assumes (MeshConfig equivalents).
+#[derive(Debug, Clone)]
+pub struct MeshSettings {
+    pub trust_domain: String,
+    pub root_namespace: String,
+    /// DNS suffix of Kubernetes Services.
+    pub cluster_domain: String,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        MeshSettings {
+            trust_domain: "cluster.local".to_owned(),
+            root_namespace: "istio-system".to_owned(),
+            cluster_domain: "cluster.local".to_owned(),
+        }
+    }
+}

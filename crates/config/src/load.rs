@@ -1,0 +1,410 @@
+//! Reads files and folders of multi-document YAML into a [`Config`].
+//!
+//! Three outcomes, kept apart because operators act on them differently:
+//! unreadable input or broken YAML is a [`LoadError`] (nothing is loaded);
+//! a resource that breaks its schema is an IST0106 diagnostic and is left out;
+//! a kind we do not read is a warning and is skipped.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::diag::{Diagnostic, Level, Origin};
+use crate::model::common::Opaque;
+use crate::model::kube::{DeploymentSpec, NamespaceSpec, ObjectMeta, PodSpec, ServiceSpec};
+use crate::model::{Config, Kind, Meta, Resource, SourceRef, WorkloadTemplate};
+use crate::validate;
+use crate::yaml::{self, Node, Pos, Value};
+
+/// Input that cannot be read or parsed at all.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}:{pos}: YAML syntax error: {message}")]
+    Syntax {
+        file: String,
+        pos: Pos,
+        message: String,
+    },
+    #[error("{path}: no .yaml or .yml files found")]
+    Empty { path: PathBuf },
+}
+
+/// The loaded config plus what was found wrong on the way.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub config: Config,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Loaded {
+    /// True when a resource was refused (schema error): a running proxy must
+    /// not start from, or switch to, such a config.
+    pub fn has_errors(&self) -> bool {
+        self.diagnostics.iter().any(|d| d.level == Level::Error)
+    }
+}
+
+/// Loads files and folders (recursively, `.yaml`/`.yml`, in name order).
+pub fn load_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Loaded, LoadError> {
+    let mut loaded = Loaded::default();
+    for path in paths {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|source| LoadError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        if meta.is_dir() {
+            let mut files = Vec::new();
+            collect_yaml(path, &mut files)?;
+            if files.is_empty() {
+                return Err(LoadError::Empty {
+                    path: path.to_owned(),
+                });
+            }
+            for file in files {
+                // Shown relative to the folder the user named, as istioctl does.
+                let shown = file
+                    .strip_prefix(path)
+                    .unwrap_or(&file)
+                    .display()
+                    .to_string();
+                load_file(&file, &shown, &mut loaded)?;
+            }
+        } else {
+            load_file(path, &path.display().to_string(), &mut loaded)?;
+        }
+    }
+    Ok(loaded)
+}
+
+fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
+    let io = |source| LoadError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .collect::<Result<_, _>>()
+        .map_err(io)?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_yaml(&path, out)?;
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn load_file(path: &Path, shown: &str, loaded: &mut Loaded) -> Result<(), LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    load_str(shown, &text, loaded)
+}
+
+/// Loads one file's text; `file` is the name used in messages.
+pub fn load_str(file: &str, text: &str, loaded: &mut Loaded) -> Result<(), LoadError> {
+    let docs = yaml::parse_documents(text).map_err(|e| LoadError::Syntax {
+        file: file.to_owned(),
+        pos: e.pos,
+        message: e.message,
+    })?;
+    let file: Arc<str> = Arc::from(file);
+    for doc in docs {
+        match &doc.root.value {
+            Value::Null => {}
+            _ if doc.root.get("kind").and_then(Node::as_str) == Some("List") => {
+                // `kubectl get -o yaml` output: a v1 List of objects.
+                if let Some(Value::Seq(items)) = doc.root.get("items").map(|n| &n.value) {
+                    for item in items {
+                        load_object(&file, &Arc::new(item.clone()), loaded);
+                    }
+                }
+            }
+            _ => load_object(&file, &Arc::new(doc.root), loaded),
+        }
+    }
+    Ok(())
+}
+
+/// The envelope every namespaced object shares. `spec` defaults to empty, as
+/// the API server treats an absent spec.
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    bound(deserialize = "S: DeserializeOwned + Default")
+)]
+struct Envelope<S> {
+    #[allow(dead_code)]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: S,
+    #[allow(dead_code)]
+    #[serde(default)]
+    status: Option<Opaque>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ServiceAccountEnvelope {
+    #[allow(dead_code)]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[allow(dead_code)]
+    #[serde(default)]
+    secrets: Option<Opaque>,
+    #[allow(dead_code)]
+    #[serde(default)]
+    image_pull_secrets: Option<Opaque>,
+    #[allow(dead_code)]
+    #[serde(default)]
+    automount_service_account_token: Option<bool>,
+}
+
+fn load_object(file: &Arc<str>, node: &Arc<Node>, loaded: &mut Loaded) {
+    let source = SourceRef {
+        file: file.clone(),
+        line: node.pos.line,
+        node: node.clone(),
+    };
+    let text_of = |path: &str| node.locate(path).as_str().unwrap_or("").to_owned();
+    let api_version = text_of("apiVersion");
+    let kind_name = text_of("kind");
+    let name = text_of("metadata.name");
+    let declared_ns = text_of("metadata.namespace");
+    let schema_error = |kind: &str, full_name: String, line: u32, message: String| {
+        Diagnostic::new(
+            Level::Error,
+            "IST0106",
+            Origin {
+                kind: kind.to_owned(),
+                name: full_name,
+                file: file.clone(),
+                line,
+            },
+            format!("Schema validation error: {message}"),
+        )
+    };
+
+    if !matches!(node.value, Value::Map(_)) || api_version.is_empty() || kind_name.is_empty() {
+        let kind = if kind_name.is_empty() {
+            "<unknown kind>"
+        } else {
+            &kind_name
+        };
+        let missing = if api_version.is_empty() {
+            "apiVersion"
+        } else {
+            "kind"
+        };
+        loaded.diagnostics.push(schema_error(
+            kind,
+            name,
+            node.pos.line,
+            format!("not a Kubernetes object: required field \"{missing}\" is missing"),
+        ));
+        return;
+    }
+    let kind = match Kind::resolve(&api_version, &kind_name) {
+        Ok(Some(kind)) => kind,
+        Ok(None) => {
+            loaded.diagnostics.push(Diagnostic {
+                level: Level::Warning,
+                code: None,
+                origin: Origin {
+                    kind: kind_name.clone(),
+                    name,
+                    file: file.clone(),
+                    line: node.pos.line,
+                },
+                message: format!("skipped: meshgate does not read {kind_name} ({api_version})"),
+            });
+            return;
+        }
+        Err(message) => {
+            loaded.diagnostics.push(schema_error(
+                &kind_name,
+                name,
+                source.line_of("apiVersion"),
+                message,
+            ));
+            return;
+        }
+    };
+    let namespace = match (kind.namespaced(), declared_ns.is_empty()) {
+        (false, _) => String::new(),
+        (true, true) => "default".to_owned(),
+        (true, false) => declared_ns,
+    };
+    let full_name = if namespace.is_empty() {
+        name.clone()
+    } else {
+        format!("{namespace}/{name}")
+    };
+
+    let meta = |m: ObjectMeta| Meta {
+        kind,
+        api_version: api_version.clone(),
+        name: m.name,
+        namespace: namespace.clone(),
+        labels: m.labels,
+        annotations: m.annotations,
+        source: source.clone(),
+    };
+    let result = match kind {
+        Kind::Namespace => typed::<NamespaceSpec>(node)
+            .map(|e| push(&mut loaded.config.namespaces, meta(e.metadata), ())),
+        Kind::ServiceAccount => yaml::from_node::<ServiceAccountEnvelope>(node)
+            .map(|e| push(&mut loaded.config.service_accounts, meta(e.metadata), ())),
+        Kind::Service => typed::<ServiceSpec>(node)
+            .map(|e| push(&mut loaded.config.services, meta(e.metadata), e.spec)),
+        Kind::Pod => typed::<PodSpec>(node).map(|e| {
+            let template = WorkloadTemplate {
+                pod_labels: e.metadata.labels.clone(),
+                pod_annotations: e.metadata.annotations.clone(),
+                selector: e.metadata.labels.clone(),
+                pod: e.spec,
+            };
+            push(&mut loaded.config.workloads, meta(e.metadata), template)
+        }),
+        Kind::Deployment => typed::<DeploymentSpec>(node).map(|e| {
+            let template = WorkloadTemplate {
+                pod_labels: e.spec.template.metadata.labels,
+                pod_annotations: e.spec.template.metadata.annotations,
+                selector: e.spec.selector.map(|s| s.match_labels).unwrap_or_default(),
+                pod: e.spec.template.spec,
+            };
+            push(&mut loaded.config.workloads, meta(e.metadata), template)
+        }),
+        Kind::ServiceEntry => {
+            typed(node).map(|e| push(&mut loaded.config.service_entries, meta(e.metadata), e.spec))
+        }
+        Kind::VirtualService => typed(node).map(|e| {
+            push(
+                &mut loaded.config.virtual_services,
+                meta(e.metadata),
+                e.spec,
+            )
+        }),
+        Kind::DestinationRule => typed(node).map(|e| {
+            push(
+                &mut loaded.config.destination_rules,
+                meta(e.metadata),
+                e.spec,
+            )
+        }),
+        Kind::Gateway => {
+            typed(node).map(|e| push(&mut loaded.config.gateways, meta(e.metadata), e.spec))
+        }
+        Kind::Sidecar => {
+            typed(node).map(|e| push(&mut loaded.config.sidecars, meta(e.metadata), e.spec))
+        }
+        Kind::AuthorizationPolicy => typed(node).map(|e| {
+            push(
+                &mut loaded.config.authorization_policies,
+                meta(e.metadata),
+                e.spec,
+            )
+        }),
+        Kind::PeerAuthentication => typed(node).map(|e| {
+            push(
+                &mut loaded.config.peer_authentications,
+                meta(e.metadata),
+                e.spec,
+            )
+        }),
+    };
+    if let Err(e) = result {
+        let line = e.pos.map_or(node.pos.line, |p| p.line);
+        let col = e.pos.map_or(node.pos.col, |p| p.col);
+        loaded.diagnostics.push(schema_error(
+            kind.as_str(),
+            full_name,
+            line,
+            format!("{e} (column {col})"),
+        ));
+        return;
+    }
+
+    // Semantic validation of what was just added; a resource with errors is
+    // taken out again so nothing acts on it.
+    let problems = validate::last_added(&loaded.config, kind);
+    if problems.is_empty() {
+        if let Some(other) = duplicate_of(&loaded.config, kind, &namespace, &name) {
+            loaded.diagnostics.push(schema_error(
+                kind.as_str(),
+                full_name,
+                node.pos.line,
+                format!(
+                    "duplicate {kind} {}: also defined at {}:{}",
+                    other.full_name(),
+                    other.source.file,
+                    other.source.line
+                ),
+            ));
+            validate::remove_last(&mut loaded.config, kind);
+        }
+        return;
+    }
+    for (path, message) in problems {
+        loaded.diagnostics.push(schema_error(
+            kind.as_str(),
+            full_name.clone(),
+            source.line_of(&path),
+            if path.is_empty() {
+                message
+            } else {
+                format!("{path}: {message}")
+            },
+        ));
+    }
+    validate::remove_last(&mut loaded.config, kind);
+}
+
+fn typed<S: DeserializeOwned + Default>(node: &Node) -> Result<Envelope<S>, yaml::DeError> {
+    yaml::from_node(node)
+}
+
+fn push<T>(list: &mut Vec<Resource<T>>, meta: Meta, spec: T) {
+    list.push(Resource { meta, spec });
+}
+
+/// An earlier resource with the same kind, namespace and name.
+fn duplicate_of<'a>(
+    config: &'a Config,
+    kind: Kind,
+    namespace: &str,
+    name: &str,
+) -> Option<&'a Meta> {
+    let mut same = config
+        .metas()
+        .filter(|m| m.kind == kind && m.namespace == namespace && m.name == name);
+    let first = same.next()?;
+    same.next().map(|_| first)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,258 @@
+//! The typed config model: every resource kind meshgate reads, with the file
+//! and line it came from.
+
+pub mod common;
+pub mod kube;
+pub mod networking;
+pub mod security;
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::yaml::Node;
+pub use common::{Duration, Labels, labels_match};
+
+/// The resource kinds meshgate understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Kind {
+    Namespace,
+    ServiceAccount,
+    Service,
+    Pod,
+    Deployment,
+    ServiceEntry,
+    VirtualService,
+    DestinationRule,
+    Gateway,
+    Sidecar,
+    AuthorizationPolicy,
+    PeerAuthentication,
+}
+
+impl Kind {
+    /// Finds the kind for an `apiVersion`/`kind` pair. `Ok(None)` means a kind
+    /// we do not read (skipped with a warning); `Err` names the supported
+    /// versions when the group is ours but the version is not.
+    pub fn resolve(api_version: &str, kind: &str) -> Result<Option<Kind>, String> {
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let (k, versions): (Kind, &[&str]) = match (group, kind) {
+            ("networking.istio.io", "ServiceEntry") => (Kind::ServiceEntry, NETWORKING),
+            ("networking.istio.io", "VirtualService") => (Kind::VirtualService, NETWORKING),
+            ("networking.istio.io", "DestinationRule") => (Kind::DestinationRule, NETWORKING),
+            ("networking.istio.io", "Gateway") => (Kind::Gateway, NETWORKING),
+            ("networking.istio.io", "Sidecar") => (Kind::Sidecar, NETWORKING),
+            ("security.istio.io", "AuthorizationPolicy") => (Kind::AuthorizationPolicy, SECURITY),
+            ("security.istio.io", "PeerAuthentication") => (Kind::PeerAuthentication, SECURITY),
+            ("", "Namespace") => (Kind::Namespace, CORE),
+            ("", "ServiceAccount") => (Kind::ServiceAccount, CORE),
+            ("", "Service") => (Kind::Service, CORE),
+            ("", "Pod") => (Kind::Pod, CORE),
+            ("apps", "Deployment") => (Kind::Deployment, CORE),
+            _ => return Ok(None),
+        };
+        if versions.contains(&version) {
+            Ok(Some(k))
+        } else {
+            Err(format!(
+                "apiVersion \"{api_version}\" is not supported for {kind}; use one of: {}",
+                versions
+                    .iter()
+                    .map(|v| if group.is_empty() {
+                        (*v).to_owned()
+                    } else {
+                        format!("{group}/{v}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::ServiceAccount => "ServiceAccount",
+            Kind::Service => "Service",
+            Kind::Pod => "Pod",
+            Kind::Deployment => "Deployment",
+            Kind::ServiceEntry => "ServiceEntry",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::Gateway => "Gateway",
+            Kind::Sidecar => "Sidecar",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
+        }
+    }
+
+    /// Cluster-scoped kinds have no namespace.
+    pub fn namespaced(self) -> bool {
+        self != Kind::Namespace
+    }
+}
+
+const NETWORKING: &[&str] = &["v1alpha3", "v1beta1", "v1"];
+const SECURITY: &[&str] = &["v1beta1", "v1"];
+const CORE: &[&str] = &["v1"];
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a resource was read from. The parsed tree is kept so that analyzers
+/// can point at the line of the exact field they report.
+#[derive(Clone)]
+pub struct SourceRef {
+    /// The file name as shown to the user (relative to the folder given).
+    pub file: Arc<str>,
+    pub line: u32,
+    pub node: Arc<Node>,
+}
+
+impl SourceRef {
+    /// The line of a field path such as `spec.http[0].route`, or of its
+    /// closest existing parent.
+    pub fn line_of(&self, path: &str) -> u32 {
+        self.node.locate(path).pos.line
+    }
+}
+
+impl fmt::Debug for SourceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file, self.line)
+    }
+}
+
+impl Serialize for SourceRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{}:{}", self.file, self.line))
+    }
+}
+
+/// Identity and origin of one resource.
+#[derive(Debug, Clone, Serialize)]
+pub struct Meta {
+    pub kind: Kind,
+    pub api_version: String,
+    pub name: String,
+    /// Empty only for cluster-scoped kinds; `default` when the file omits it.
+    pub namespace: String,
+    pub labels: Labels,
+    pub annotations: Labels,
+    pub source: SourceRef,
+}
+
+impl Meta {
+    /// `namespace/name`, or `name` for cluster-scoped kinds.
+    pub fn full_name(&self) -> String {
+        if self.namespace.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+/// A resource of one kind: its metadata and typed spec.
+#[derive(Debug, Clone, Serialize)]
+pub struct Resource<T> {
+    pub meta: Meta,
+    pub spec: T,
+}
+
+/// A Kubernetes workload template, from a Deployment or a bare Pod.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadTemplate {
+    pub pod_labels: Labels,
+    pub pod_annotations: Labels,
+    pub selector: Labels,
+    pub pod: kube::PodSpec,
+}
+
+/// Everything loaded from a set of files: the input to every pure function
+/// in this crate (registry, proxy view, analyzers).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Config {
+    pub namespaces: Vec<Resource<()>>,
+    pub service_accounts: Vec<Resource<()>>,
+    pub services: Vec<Resource<kube::ServiceSpec>>,
+    /// Deployments and bare Pods, in file order.
+    pub workloads: Vec<Resource<WorkloadTemplate>>,
+    pub service_entries: Vec<Resource<networking::ServiceEntry>>,
+    pub virtual_services: Vec<Resource<networking::VirtualService>>,
+    pub destination_rules: Vec<Resource<networking::DestinationRule>>,
+    pub gateways: Vec<Resource<networking::Gateway>>,
+    pub sidecars: Vec<Resource<networking::Sidecar>>,
+    pub authorization_policies: Vec<Resource<security::AuthorizationPolicy>>,
+    pub peer_authentications: Vec<Resource<security::PeerAuthentication>>,
+}
+
+impl Config {
+    /// One line per kind that is present, e.g. `2 namespaces, 2 workloads, ...`.
+    pub fn summary(&self) -> String {
+        let counts = [
+            (self.namespaces.len(), "namespace", "namespaces"),
+            (self.workloads.len(), "workload", "workloads"),
+            (self.services.len(), "Service", "Services"),
+            (
+                self.service_accounts.len(),
+                "ServiceAccount",
+                "ServiceAccounts",
+            ),
+            (self.service_entries.len(), "ServiceEntry", "ServiceEntries"),
+            (
+                self.virtual_services.len(),
+                "VirtualService",
+                "VirtualServices",
+            ),
+            (
+                self.destination_rules.len(),
+                "DestinationRule",
+                "DestinationRules",
+            ),
+            (self.gateways.len(), "Gateway", "Gateways"),
+            (self.sidecars.len(), "Sidecar", "Sidecars"),
+            (
+                self.authorization_policies.len(),
+                "AuthorizationPolicy",
+                "AuthorizationPolicies",
+            ),
+            (
+                self.peer_authentications.len(),
+                "PeerAuthentication",
+                "PeerAuthentications",
+            ),
+        ];
+        let parts: Vec<String> = counts
+            .iter()
+            .filter(|(n, _, _)| *n > 0)
+            .map(|(n, one, many)| format!("{n} {}", if *n == 1 { one } else { many }))
+            .collect();
+        if parts.is_empty() {
+            "nothing".to_owned()
+        } else {
+            parts.join(", ")
+        }
+    }
+
+    /// All resource metas, for analyzers that look across kinds.
+    pub fn metas(&self) -> impl Iterator<Item = &Meta> {
+        self.namespaces
+            .iter()
+            .map(|r| &r.meta)
+            .chain(self.service_accounts.iter().map(|r| &r.meta))
+            .chain(self.services.iter().map(|r| &r.meta))
+            .chain(self.workloads.iter().map(|r| &r.meta))
+            .chain(self.service_entries.iter().map(|r| &r.meta))
+            .chain(self.virtual_services.iter().map(|r| &r.meta))
+            .chain(self.destination_rules.iter().map(|r| &r.meta))
+            .chain(self.gateways.iter().map(|r| &r.meta))
+            .chain(self.sidecars.iter().map(|r| &r.meta))
+            .chain(self.authorization_policies.iter().map(|r| &r.meta))
+            .chain(self.peer_authentications.iter().map(|r| &r.meta))
+    }
+}

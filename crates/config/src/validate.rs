@@ -1,0 +1,1126 @@
+//! Semantic validation of single resources, as Istio's validating webhook
+//! does it. Type and unknown-field errors are caught earlier, while parsing;
+//! these are the rules a schema cannot express (one-of fields, value ranges,
+//! combinations). Each problem is `(field path, message)`.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use crate::model::networking::{
+    ClientTlsMode, ClientTlsSettings, DestinationRule, Gateway, HttpRoute, OutboundMode,
+    Resolution, ServerTlsMode, ServiceEntry, Sidecar, StringMatch, TrafficPolicy, VirtualService,
+};
+use crate::model::security::{AuthorizationPolicy, AuthzAction, PeerAuthentication};
+use crate::model::{Config, Kind, Meta};
+
+type Problems = Vec<(String, String)>;
+
+/// Validates the resource most recently added for `kind`.
+pub(crate) fn last_added(config: &Config, kind: Kind) -> Problems {
+    let mut p = Problems::new();
+    let meta = match kind {
+        Kind::Namespace => config.namespaces.last().map(|r| &r.meta),
+        Kind::ServiceAccount => config.service_accounts.last().map(|r| &r.meta),
+        Kind::Service => config.services.last().map(|r| &r.meta),
+        Kind::Pod | Kind::Deployment => config.workloads.last().map(|r| &r.meta),
+        Kind::ServiceEntry => config.service_entries.last().map(|r| {
+            service_entry(&r.spec, &mut p);
+            &r.meta
+        }),
+        Kind::VirtualService => config.virtual_services.last().map(|r| {
+            virtual_service(&r.spec, &mut p);
+            &r.meta
+        }),
+        Kind::DestinationRule => config.destination_rules.last().map(|r| {
+            destination_rule(&r.spec, &mut p);
+            &r.meta
+        }),
+        Kind::Gateway => config.gateways.last().map(|r| {
+            gateway(&r.spec, &mut p);
+            &r.meta
+        }),
+        Kind::Sidecar => config.sidecars.last().map(|r| {
+            sidecar(&r.spec, &mut p);
+            &r.meta
+        }),
+        Kind::AuthorizationPolicy => config.authorization_policies.last().map(|r| {
+            authorization_policy(&r.spec, &mut p);
+            &r.meta
+        }),
+        Kind::PeerAuthentication => config.peer_authentications.last().map(|r| {
+            peer_authentication(&r.spec, &mut p);
+            &r.meta
+        }),
+    };
+    if let Some(meta) = meta {
+        metadata(meta, &mut p);
+    }
+    p
+}
+
+/// Takes the most recently added resource of `kind` out again.
+pub(crate) fn remove_last(config: &mut Config, kind: Kind) {
+    match kind {
+        Kind::Namespace => drop(config.namespaces.pop()),
+        Kind::ServiceAccount => drop(config.service_accounts.pop()),
+        Kind::Service => drop(config.services.pop()),
+        Kind::Pod | Kind::Deployment => drop(config.workloads.pop()),
+        Kind::ServiceEntry => drop(config.service_entries.pop()),
+        Kind::VirtualService => drop(config.virtual_services.pop()),
+        Kind::DestinationRule => drop(config.destination_rules.pop()),
+        Kind::Gateway => drop(config.gateways.pop()),
+        Kind::Sidecar => drop(config.sidecars.pop()),
+        Kind::AuthorizationPolicy => drop(config.authorization_policies.pop()),
+        Kind::PeerAuthentication => drop(config.peer_authentications.pop()),
+    }
+}
+
+fn push(p: &mut Problems, path: impl Into<String>, msg: impl Into<String>) {
+    p.push((path.into(), msg.into()));
+}
+
+fn metadata(meta: &Meta, p: &mut Problems) {
+    if meta.name.is_empty() {
+        push(p, "metadata", "required field \"name\" is missing");
+    } else if !is_dns1123_subdomain(&meta.name) {
+        push(
+            p,
+            "metadata.name",
+            format!(
+                "invalid name \"{}\": must be lowercase letters, digits, '-' or '.'",
+                meta.name
+            ),
+        );
+    }
+    if meta.kind.namespaced() && !is_dns1123_label(&meta.namespace) {
+        push(
+            p,
+            "metadata.namespace",
+            format!("invalid namespace \"{}\"", meta.namespace),
+        );
+    }
+}
+
+pub(crate) fn is_dns1123_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+/// A DNS name, optionally with a leading `*` label (`*.example.com`), or `*`.
+fn wildcard_domain(host: &str) -> Result<(), String> {
+    if host.is_empty() {
+        return Err("empty host".into());
+    }
+    if host.len() > 255 {
+        return Err(format!("host \"{host}\" is longer than 255 characters"));
+    }
+    let rest = match host.strip_prefix('*') {
+        Some("") => return Ok(()),
+        Some(r) => r.strip_prefix('.').ok_or_else(|| {
+            format!("invalid host \"{host}\": a wildcard must be the whole first label")
+        })?,
+        None => host,
+    };
+    let ok = rest.split('.').all(|label| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("invalid host \"{host}\""))
+    }
+}
+
+fn export_to(list: &[String], allow_tilde: bool, path: &str, p: &mut Problems) {
+    let mut seen = HashSet::new();
+    for (i, e) in list.iter().enumerate() {
+        if !seen.insert(e) {
+            push(
+                p,
+                format!("{path}[{i}]"),
+                format!("duplicate exportTo entry \"{e}\""),
+            );
+        }
+        let valid = e == "." || e == "*" || (e == "~" && allow_tilde) || is_dns1123_label(e);
+        if !valid {
+            push(
+                p,
+                format!("{path}[{i}]"),
+                format!("invalid exportTo value \"{e}\""),
+            );
+        }
+    }
+    if list.len() > 1 && list.iter().any(|e| e == "*") {
+        push(
+            p,
+            path,
+            "exportTo \"*\" cannot be combined with other values",
+        );
+    }
+    if list.len() > 1 && list.iter().any(|e| e == "~") {
+        push(
+            p,
+            path,
+            "exportTo \"~\" cannot be combined with other values",
+        );
+    }
+}
+
+fn port_number(n: u32, path: &str, p: &mut Problems) {
+    if !(1..=65535).contains(&n) {
+        push(
+            p,
+            path,
+            format!("port number {n} must be in the range 1..65535"),
+        );
+    }
+}
+
+fn cidr_or_ip(s: &str) -> bool {
+    s.parse::<IpAddr>().is_ok() || s.parse::<ipnet::IpNet>().is_ok()
+}
+
+fn string_match(m: &StringMatch, path: &str, p: &mut Problems) {
+    let set = [m.exact.is_some(), m.prefix.is_some(), m.regex.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if set > 1 {
+        push(p, path, "only one of exact, prefix or regex may be set");
+    }
+    if let Some(re) = &m.regex
+        && let Err(e) = regex::Regex::new(re)
+    {
+        push(
+            p,
+            format!("{path}.regex"),
+            format!("invalid regex \"{re}\": {e}"),
+        );
+    }
+}
+
+// === ServiceEntry ===
+
+fn service_entry(se: &ServiceEntry, p: &mut Problems) {
+    if se.hosts.is_empty() {
+        push(p, "spec", "required field \"hosts\" is missing");
+    }
+    for (i, h) in se.hosts.iter().enumerate() {
+        if h == "*" {
+            push(
+                p,
+                format!("spec.hosts[{i}]"),
+                "invalid host \"*\": a ServiceEntry cannot match all hosts",
+            );
+        } else if let Err(e) = wildcard_domain(h) {
+            push(p, format!("spec.hosts[{i}]"), e);
+        }
+        if matches!(se.resolution, Resolution::Dns) && se.endpoints.is_empty() && h.starts_with('*')
+        {
+            push(
+                p,
+                format!("spec.hosts[{i}]"),
+                "wildcard host cannot be resolved by DNS when no endpoints are given",
+            );
+        }
+    }
+    for (i, a) in se.addresses.iter().enumerate() {
+        if !cidr_or_ip(a) {
+            push(
+                p,
+                format!("spec.addresses[{i}]"),
+                format!("invalid address \"{a}\""),
+            );
+        } else if a.contains('/') && !matches!(se.resolution, Resolution::None | Resolution::Static)
+        {
+            push(
+                p,
+                format!("spec.addresses[{i}]"),
+                "CIDR addresses are allowed only with resolution NONE or STATIC",
+            );
+        }
+    }
+    let mut numbers = HashSet::new();
+    let mut names = HashSet::new();
+    for (i, port) in se.ports.iter().enumerate() {
+        let path = format!("spec.ports[{i}]");
+        port_number(port.number, &format!("{path}.number"), p);
+        if let Some(t) = port.target_port {
+            port_number(t, &format!("{path}.targetPort"), p);
+        }
+        if port.name.is_empty() {
+            push(p, &path, "required field \"name\" is missing");
+        } else if !names.insert(&port.name) {
+            push(
+                p,
+                format!("{path}.name"),
+                format!("duplicate port name \"{}\"", port.name),
+            );
+        }
+        if !numbers.insert(port.number) {
+            push(
+                p,
+                format!("{path}.number"),
+                format!("duplicate port number {}", port.number),
+            );
+        }
+    }
+    match se.resolution {
+        Resolution::None if !se.endpoints.is_empty() => push(
+            p,
+            "spec.endpoints",
+            "no endpoints may be given with resolution NONE",
+        ),
+        Resolution::DnsRoundRobin if se.endpoints.len() > 1 => push(
+            p,
+            "spec.endpoints",
+            "resolution DNS_ROUND_ROBIN allows at most one endpoint",
+        ),
+        Resolution::DynamicDns if !se.endpoints.is_empty() || !se.addresses.is_empty() => push(
+            p,
+            "spec",
+            "resolution DYNAMIC_DNS allows no addresses or endpoints",
+        ),
+        _ => {}
+    }
+    if se.workload_selector.is_some() && !se.endpoints.is_empty() {
+        push(
+            p,
+            "spec",
+            "only one of endpoints or workloadSelector may be set",
+        );
+    }
+    for (i, ep) in se.endpoints.iter().enumerate() {
+        let path = format!("spec.endpoints[{i}]");
+        if ep.address.is_empty() {
+            push(p, &path, "required field \"address\" is missing");
+        } else if matches!(se.resolution, Resolution::Static)
+            && ep.address.parse::<IpAddr>().is_err()
+            && !ep.address.starts_with("unix://")
+        {
+            push(
+                p,
+                format!("{path}.address"),
+                format!(
+                    "address \"{}\" must be an IP with resolution STATIC",
+                    ep.address
+                ),
+            );
+        }
+        for (name, n) in &ep.ports {
+            port_number(*n, &format!("{path}.ports.{name}"), p);
+            if !se.ports.iter().any(|sp| &sp.name == name) {
+                push(
+                    p,
+                    format!("{path}.ports"),
+                    format!("endpoint port \"{name}\" is not a port name of the ServiceEntry"),
+                );
+            }
+        }
+    }
+    export_to(&se.export_to, true, "spec.exportTo", p);
+}
+
+// === VirtualService ===
+
+fn virtual_service(vs: &VirtualService, p: &mut Problems) {
+    if vs.hosts.is_empty() {
+        push(p, "spec", "required field \"hosts\" is missing");
+    }
+    let mesh_bound = vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == "mesh");
+    let mut seen = HashSet::new();
+    for (i, h) in vs.hosts.iter().enumerate() {
+        let path = format!("spec.hosts[{i}]");
+        if !seen.insert(h) {
+            push(p, &path, format!("duplicate host \"{h}\""));
+        }
+        if h == "*" && mesh_bound {
+            push(
+                p,
+                &path,
+                "wildcard host \"*\" is not allowed for VirtualServices bound to the mesh",
+            );
+        } else if h.parse::<IpAddr>().is_ok() {
+            if mesh_bound {
+                push(
+                    p,
+                    &path,
+                    format!("IP address \"{h}\" is allowed as a host only for gateways"),
+                );
+            }
+        } else if let Err(e) = wildcard_domain(h) {
+            push(p, &path, e);
+        }
+    }
+    for (i, g) in vs.gateways.iter().enumerate() {
+        let name = g.rsplit_once('/').map_or(g.as_str(), |(_, n)| n);
+        if g != "mesh" && !is_dns1123_subdomain(name) {
+            push(
+                p,
+                format!("spec.gateways[{i}]"),
+                format!("invalid gateway name \"{g}\""),
+            );
+        }
+    }
+    if vs.http.is_empty() && vs.tls.is_empty() && vs.tcp.is_empty() {
+        push(
+            p,
+            "spec",
+            "at least one of http, tls or tcp routes is required",
+        );
+    }
+    for (i, route) in vs.http.iter().enumerate() {
+        http_route(route, &format!("spec.http[{i}]"), p);
+    }
+    for (i, route) in vs.tls.iter().enumerate() {
+        let path = format!("spec.tls[{i}]");
+        if route.matches.is_empty() {
+            push(p, &path, "required field \"match\" is missing");
+        }
+        for (j, m) in route.matches.iter().enumerate() {
+            if m.sni_hosts.is_empty() {
+                push(
+                    p,
+                    format!("{path}.match[{j}]"),
+                    "required field \"sniHosts\" is missing",
+                );
+            }
+            for (k, sni) in m.sni_hosts.iter().enumerate() {
+                if let Err(e) = wildcard_domain(sni) {
+                    push(p, format!("{path}.match[{j}].sniHosts[{k}]"), e);
+                }
+            }
+        }
+        l4_routes(
+            route.route.iter().map(|r| (&r.destination, r.weight)),
+            &path,
+            p,
+        );
+    }
+    for (i, route) in vs.tcp.iter().enumerate() {
+        let path = format!("spec.tcp[{i}]");
+        l4_routes(
+            route.route.iter().map(|r| (&r.destination, r.weight)),
+            &path,
+            p,
+        );
+    }
+    export_to(&vs.export_to, false, "spec.exportTo", p);
+}
+
+fn l4_routes<'a>(
+    routes: impl Iterator<Item = (&'a crate::model::networking::Destination, Option<u32>)>,
+    path: &str,
+    p: &mut Problems,
+) {
+    let routes: Vec<_> = routes.collect();
+    if routes.is_empty() {
+        push(p, path, "required field \"route\" is missing");
+    }
+    destinations(&routes, path, p);
+}
+
+fn destinations(
+    routes: &[(&crate::model::networking::Destination, Option<u32>)],
+    path: &str,
+    p: &mut Problems,
+) {
+    for (j, (d, _)) in routes.iter().enumerate() {
+        let dpath = format!("{path}.route[{j}].destination");
+        if d.host.is_empty() {
+            push(p, &dpath, "required field \"host\" is missing");
+        } else if d.host == "*" || d.host.starts_with('*') {
+            push(
+                p,
+                format!("{dpath}.host"),
+                "destination host cannot be a wildcard",
+            );
+        } else if let Err(e) = wildcard_domain(&d.host) {
+            push(p, format!("{dpath}.host"), e);
+        }
+        if let Some(port) = d.port {
+            port_number(port.number, &format!("{dpath}.port.number"), p);
+        }
+    }
+    if routes.len() > 1 {
+        let total: u64 = routes.iter().map(|(_, w)| u64::from(w.unwrap_or(0))).sum();
+        if total == 0 {
+            push(
+                p,
+                format!("{path}.route"),
+                "total weight of several destinations must be greater than 0",
+            );
+        }
+    }
+}
+
+fn http_route(route: &HttpRoute, path: &str, p: &mut Problems) {
+    let actions = [
+        !route.route.is_empty(),
+        route.redirect.is_some(),
+        route.direct_response.is_some(),
+        route.delegate.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if actions == 0 {
+        push(
+            p,
+            path,
+            "one of route, redirect, directResponse or delegate is required",
+        );
+    } else if actions > 1 {
+        push(
+            p,
+            path,
+            "only one of route, redirect, directResponse or delegate may be set",
+        );
+    }
+    if route.rewrite.is_some() && route.redirect.is_some() {
+        push(p, path, "rewrite cannot be combined with redirect");
+    }
+    if let Some(rw) = &route.rewrite {
+        if !rw.uri.is_empty() && rw.uri_regex_rewrite.is_some() {
+            push(
+                p,
+                format!("{path}.rewrite"),
+                "only one of uri or uriRegexRewrite may be set",
+            );
+        }
+        if let Some(rr) = &rw.uri_regex_rewrite
+            && let Err(e) = regex::Regex::new(&rr.pattern)
+        {
+            push(
+                p,
+                format!("{path}.rewrite.uriRegexRewrite.match"),
+                format!("invalid regex: {e}"),
+            );
+        }
+    }
+    if let Some(r) = &route.redirect {
+        if r.port.is_some() && r.derive_port.is_some() {
+            push(
+                p,
+                format!("{path}.redirect"),
+                "only one of port or derivePort may be set",
+            );
+        }
+        if let Some(code) = r.redirect_code
+            && !matches!(code, 301 | 302 | 303 | 307 | 308)
+        {
+            push(
+                p,
+                format!("{path}.redirect.redirectCode"),
+                format!("redirect code {code} must be one of 301, 302, 303, 307, 308"),
+            );
+        }
+    }
+    if let Some(dr) = &route.direct_response {
+        if !(200..=599).contains(&dr.status) {
+            push(
+                p,
+                format!("{path}.directResponse.status"),
+                format!("status {} must be in the range 200..599", dr.status),
+            );
+        }
+        if let Some(body) = &dr.body
+            && body.string.is_some() == body.bytes.is_some()
+        {
+            push(
+                p,
+                format!("{path}.directResponse.body"),
+                "exactly one of string or bytes is required",
+            );
+        }
+    }
+    if let Some(retries) = &route.retries
+        && let Some(t) = retries.per_try_timeout
+        && t.as_std() < std::time::Duration::from_millis(1)
+    {
+        push(
+            p,
+            format!("{path}.retries.perTryTimeout"),
+            "perTryTimeout must be at least 1ms",
+        );
+    }
+    if let Some(fault) = &route.fault {
+        if fault.delay.is_none() && fault.abort.is_none() {
+            push(
+                p,
+                format!("{path}.fault"),
+                "one of delay or abort is required",
+            );
+        }
+        if let Some(abort) = &fault.abort
+            && let Some(code) = abort.http_status
+            && !(200..=599).contains(&code)
+        {
+            push(
+                p,
+                format!("{path}.fault.abort.httpStatus"),
+                format!("httpStatus {code} must be in the range 200..599"),
+            );
+        }
+        for (what, pct) in [
+            ("delay", fault.delay.as_ref().and_then(|d| d.percentage)),
+            ("abort", fault.abort.as_ref().and_then(|a| a.percentage)),
+        ] {
+            if let Some(pct) = pct
+                && !(0.0..=100.0).contains(&pct.value)
+            {
+                push(
+                    p,
+                    format!("{path}.fault.{what}.percentage"),
+                    "percentage must be in the range 0..100",
+                );
+            }
+        }
+    }
+    for (j, m) in route.matches.iter().enumerate() {
+        let mpath = format!("{path}.match[{j}]");
+        for (field, sm) in [
+            ("uri", &m.uri),
+            ("scheme", &m.scheme),
+            ("method", &m.method),
+            ("authority", &m.authority),
+        ] {
+            if let Some(sm) = sm {
+                string_match(sm, &format!("{mpath}.{field}"), p);
+            }
+        }
+        for (field, map) in [
+            ("headers", &m.headers),
+            ("withoutHeaders", &m.without_headers),
+            ("queryParams", &m.query_params),
+        ] {
+            for (k, sm) in map {
+                if field != "queryParams" && k.bytes().any(|b| b.is_ascii_uppercase()) {
+                    push(
+                        p,
+                        format!("{mpath}.{field}"),
+                        format!("header name \"{k}\" must be lowercase"),
+                    );
+                }
+                string_match(sm, &format!("{mpath}.{field}.{k}"), p);
+            }
+        }
+        if let Some(port) = m.port {
+            port_number(port, &format!("{mpath}.port"), p);
+        }
+    }
+    let routes: Vec<_> = route
+        .route
+        .iter()
+        .map(|r| (&r.destination, r.weight))
+        .collect();
+    destinations(&routes, path, p);
+}
+
+// === DestinationRule ===
+
+fn destination_rule(dr: &DestinationRule, p: &mut Problems) {
+    if dr.host.is_empty() {
+        push(p, "spec", "required field \"host\" is missing");
+    } else if let Err(e) = wildcard_domain(&dr.host) {
+        push(p, "spec.host", e);
+    }
+    if let Some(tp) = &dr.traffic_policy {
+        traffic_policy(tp, "spec.trafficPolicy", p);
+    }
+    let mut names = HashSet::new();
+    for (i, s) in dr.subsets.iter().enumerate() {
+        let path = format!("spec.subsets[{i}]");
+        if s.name.is_empty() {
+            push(p, &path, "required field \"name\" is missing");
+        } else if !names.insert(&s.name) {
+            push(
+                p,
+                format!("{path}.name"),
+                format!("duplicate subset name \"{}\"", s.name),
+            );
+        }
+        if let Some(tp) = &s.traffic_policy {
+            traffic_policy(tp, &format!("{path}.trafficPolicy"), p);
+        }
+    }
+    export_to(&dr.export_to, false, "spec.exportTo", p);
+    if dr.workload_selector.is_some() && dr.export_to.iter().any(|e| e != ".") {
+        push(
+            p,
+            "spec.exportTo",
+            "a DestinationRule with a workloadSelector can only be exported to its own namespace (\".\")",
+        );
+    }
+}
+
+fn traffic_policy(tp: &TrafficPolicy, path: &str, p: &mut Problems) {
+    if let Some(tls) = &tp.tls {
+        client_tls(tls, &format!("{path}.tls"), p);
+    }
+    outlier_and_pool(tp.outlier_detection.as_ref(), path, p);
+    for (i, pl) in tp.port_level_settings.iter().enumerate() {
+        let ppath = format!("{path}.portLevelSettings[{i}]");
+        match pl.port {
+            None => push(p, &ppath, "required field \"port\" is missing"),
+            Some(port) => port_number(port.number, &format!("{ppath}.port.number"), p),
+        }
+        if let Some(tls) = &pl.tls {
+            client_tls(tls, &format!("{ppath}.tls"), p);
+        }
+        outlier_and_pool(pl.outlier_detection.as_ref(), &ppath, p);
+    }
+}
+
+fn outlier_and_pool(
+    od: Option<&crate::model::networking::OutlierDetection>,
+    path: &str,
+    p: &mut Problems,
+) {
+    if let Some(od) = od {
+        for (field, v) in [
+            ("maxEjectionPercent", od.max_ejection_percent),
+            ("minHealthPercent", od.min_health_percent),
+        ] {
+            if v.is_some_and(|v| v > 100) {
+                push(
+                    p,
+                    format!("{path}.outlierDetection.{field}"),
+                    format!("{field} must be in the range 0..100"),
+                );
+            }
+        }
+    }
+}
+
+fn client_tls(tls: &ClientTlsSettings, path: &str, p: &mut Problems) {
+    let has_files = !tls.client_certificate.is_empty()
+        || !tls.private_key.is_empty()
+        || !tls.ca_certificates.is_empty();
+    match tls.mode {
+        ClientTlsMode::IstioMutual => {
+            if has_files || !tls.credential_name.is_empty() || !tls.ca_crl.is_empty() {
+                push(
+                    p,
+                    path,
+                    "ISTIO_MUTUAL uses the mesh certificates: clientCertificate, privateKey, caCertificates, caCrl and credentialName must be empty",
+                );
+            }
+        }
+        ClientTlsMode::Mutual => {
+            if tls.credential_name.is_empty()
+                && (tls.client_certificate.is_empty() || tls.private_key.is_empty())
+            {
+                push(
+                    p,
+                    path,
+                    "MUTUAL requires clientCertificate and privateKey (or credentialName)",
+                );
+            }
+        }
+        ClientTlsMode::Simple | ClientTlsMode::Disable => {}
+    }
+    if !tls.credential_name.is_empty() && has_files {
+        push(
+            p,
+            path,
+            "credentialName cannot be combined with clientCertificate, privateKey or caCertificates",
+        );
+    }
+    if tls.insecure_skip_verify == Some(true)
+        && tls.mode == ClientTlsMode::Simple
+        && (!tls.ca_certificates.is_empty()
+            || !tls.credential_name.is_empty()
+            || !tls.subject_alt_names.is_empty())
+    {
+        push(
+            p,
+            format!("{path}.insecureSkipVerify"),
+            "insecureSkipVerify cannot be combined with caCertificates, credentialName or subjectAltNames",
+        );
+    }
+}
+
+// === Gateway ===
+
+const GATEWAY_PROTOCOLS: &[&str] = &[
+    "HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "TCP", "TLS",
+];
+
+fn gateway(gw: &Gateway, p: &mut Problems) {
+    if gw.servers.is_empty() {
+        push(p, "spec", "required field \"servers\" is missing");
+    }
+    let mut names = HashSet::new();
+    for (i, s) in gw.servers.iter().enumerate() {
+        let path = format!("spec.servers[{i}]");
+        port_number(s.port.number, &format!("{path}.port.number"), p);
+        let proto = s.port.protocol.to_ascii_uppercase();
+        if !GATEWAY_PROTOCOLS.contains(&proto.as_str()) {
+            push(
+                p,
+                format!("{path}.port.protocol"),
+                format!(
+                    "unsupported protocol \"{}\": supported: {}",
+                    s.port.protocol,
+                    GATEWAY_PROTOCOLS.join(", ")
+                ),
+            );
+        }
+        if s.port.name.is_empty() {
+            push(
+                p,
+                format!("{path}.port"),
+                "required field \"name\" is missing",
+            );
+        }
+        if !s.name.is_empty() && !names.insert(&s.name) {
+            push(
+                p,
+                format!("{path}.name"),
+                format!("duplicate server name \"{}\"", s.name),
+            );
+        }
+        if s.hosts.is_empty() {
+            push(p, &path, "required field \"hosts\" is missing");
+        }
+        for (j, h) in s.hosts.iter().enumerate() {
+            let (ns, host) = h.split_once('/').unwrap_or(("*", h));
+            if ns != "*" && ns != "." && !is_dns1123_label(ns) {
+                push(
+                    p,
+                    format!("{path}.hosts[{j}]"),
+                    format!("invalid namespace \"{ns}\" in host \"{h}\""),
+                );
+            }
+            if host.parse::<IpAddr>().is_err()
+                && let Err(e) = wildcard_domain(host)
+            {
+                push(p, format!("{path}.hosts[{j}]"), e);
+            }
+        }
+        let tls_proto = matches!(proto.as_str(), "HTTPS" | "TLS");
+        match (&s.tls, tls_proto) {
+            (None, true) => push(
+                p,
+                &path,
+                format!("server with protocol {proto} requires tls settings"),
+            ),
+            (Some(tls), _) => {
+                let tpath = format!("{path}.tls");
+                let has_files = !tls.server_certificate.is_empty()
+                    || !tls.private_key.is_empty()
+                    || !tls.ca_certificates.is_empty();
+                let has_cred = !tls.credential_name.is_empty()
+                    || !tls.credential_names.is_empty()
+                    || !tls.tls_certificates.is_empty();
+                match tls.mode {
+                    ServerTlsMode::IstioMutual if has_files || has_cred => push(
+                        p,
+                        &tpath,
+                        "ISTIO_MUTUAL uses the mesh certificates: certificate fields and credentialName must be empty",
+                    ),
+                    ServerTlsMode::Simple
+                    | ServerTlsMode::Mutual
+                    | ServerTlsMode::OptionalMutual
+                        if !tls.https_redirect
+                            && !has_cred
+                            && (tls.server_certificate.is_empty()
+                                || tls.private_key.is_empty()) =>
+                    {
+                        push(
+                            p,
+                            &tpath,
+                            format!(
+                                "{} requires serverCertificate and privateKey (or credentialName)",
+                                tls.mode.as_str()
+                            ),
+                        )
+                    }
+                    ServerTlsMode::Mutual if !has_cred && tls.ca_certificates.is_empty() => push(
+                        p,
+                        &tpath,
+                        "MUTUAL requires caCertificates (or credentialName)",
+                    ),
+                    _ => {}
+                }
+                if !tls_proto && !tls.https_redirect {
+                    push(
+                        p,
+                        &tpath,
+                        format!(
+                            "tls settings on a {proto} server have no effect except httpsRedirect"
+                        ),
+                    );
+                }
+            }
+            (None, false) => {}
+        }
+    }
+}
+
+// === Sidecar ===
+
+fn sidecar(sc: &Sidecar, p: &mut Problems) {
+    for (i, e) in sc.egress.iter().enumerate() {
+        let path = format!("spec.egress[{i}]");
+        if e.hosts.is_empty() {
+            push(p, &path, "required field \"hosts\" is missing");
+        }
+        for (j, h) in e.hosts.iter().enumerate() {
+            match h.split_once('/') {
+                None => push(
+                    p,
+                    format!("{path}.hosts[{j}]"),
+                    format!("host \"{h}\" must be of the form namespace/dnsName"),
+                ),
+                Some((ns, host)) => {
+                    let ns = ns.strip_prefix('~').unwrap_or(ns);
+                    if ns != "*" && ns != "." && !ns.is_empty() && !is_dns1123_label(ns) {
+                        push(
+                            p,
+                            format!("{path}.hosts[{j}]"),
+                            format!("invalid namespace \"{ns}\""),
+                        );
+                    }
+                    if let Err(e) = wildcard_domain(host) {
+                        push(p, format!("{path}.hosts[{j}]"), e);
+                    }
+                }
+            }
+        }
+        if let Some(port) = &e.port {
+            port_number(port.number, &format!("{path}.port.number"), p);
+        }
+    }
+    if let Some(otp) = &sc.outbound_traffic_policy
+        && otp.egress_proxy.is_some()
+        && otp.mode != OutboundMode::AllowAny
+    {
+        push(
+            p,
+            "spec.outboundTrafficPolicy.egressProxy",
+            "egressProxy is allowed only with mode ALLOW_ANY",
+        );
+    }
+}
+
+// === Security ===
+
+/// `when` keys Istio supports; anything else is refused rather than ignored
+/// so that a typo cannot silently widen a policy.
+fn supported_condition_key(key: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "source.ip",
+        "remote.ip",
+        "source.namespace",
+        "source.principal",
+        "source.serviceAccount",
+        "source.trustDomain",
+        "destination.ip",
+        "destination.port",
+        "connection.sni",
+        "request.auth.principal",
+        "request.auth.audiences",
+        "request.auth.presenter",
+    ];
+    EXACT.contains(&key)
+        || (key.starts_with("request.headers[") && key.ends_with(']'))
+        || (key.starts_with("request.auth.claims[") && key.ends_with(']'))
+        || key.starts_with("experimental.envoy.filters.")
+}
+
+fn authorization_policy(ap: &AuthorizationPolicy, p: &mut Problems) {
+    if ap.selector.is_some() && (ap.target_ref.is_some() || !ap.target_refs.is_empty()) {
+        push(p, "spec", "only one of selector or targetRefs may be set");
+    }
+    match (ap.action, &ap.provider) {
+        (AuthzAction::Custom, None) => push(p, "spec", "action CUSTOM requires provider.name"),
+        (AuthzAction::Custom, Some(pr)) if pr.name.is_empty() => {
+            push(p, "spec.provider", "required field \"name\" is missing")
+        }
+        (AuthzAction::Allow | AuthzAction::Deny | AuthzAction::Audit, Some(_)) => push(
+            p,
+            "spec.provider",
+            "provider is allowed only with action CUSTOM",
+        ),
+        _ => {}
+    }
+    for (i, rule) in ap.rules.iter().flatten().enumerate() {
+        let path = format!("spec.rules[{i}]");
+        for (j, from) in rule.from.iter().enumerate() {
+            let s = &from.source;
+            let fpath = format!("{path}.from[{j}].source");
+            let lists = [
+                &s.principals,
+                &s.not_principals,
+                &s.request_principals,
+                &s.not_request_principals,
+                &s.namespaces,
+                &s.not_namespaces,
+                &s.service_accounts,
+                &s.not_service_accounts,
+                &s.ip_blocks,
+                &s.not_ip_blocks,
+                &s.remote_ip_blocks,
+                &s.not_remote_ip_blocks,
+            ];
+            if lists.iter().all(|l| l.is_empty()) {
+                push(p, &fpath, "source must not be empty");
+            }
+            if (!s.service_accounts.is_empty() || !s.not_service_accounts.is_empty())
+                && (!s.principals.is_empty()
+                    || !s.not_principals.is_empty()
+                    || !s.namespaces.is_empty()
+                    || !s.not_namespaces.is_empty())
+            {
+                push(
+                    p,
+                    &fpath,
+                    "serviceAccounts cannot be combined with principals or namespaces",
+                );
+            }
+            for (field, list) in [
+                ("ipBlocks", &s.ip_blocks),
+                ("notIpBlocks", &s.not_ip_blocks),
+                ("remoteIpBlocks", &s.remote_ip_blocks),
+                ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+            ] {
+                for (k, v) in list.iter().enumerate() {
+                    if !cidr_or_ip(v) {
+                        push(
+                            p,
+                            format!("{fpath}.{field}[{k}]"),
+                            format!("invalid IP address or CIDR \"{v}\""),
+                        );
+                    }
+                }
+            }
+            for (field, list) in [
+                ("principals", &s.principals),
+                ("notPrincipals", &s.not_principals),
+                ("namespaces", &s.namespaces),
+                ("notNamespaces", &s.not_namespaces),
+            ] {
+                for (k, v) in list.iter().enumerate() {
+                    if v.is_empty() {
+                        push(p, format!("{fpath}.{field}[{k}]"), "empty value");
+                    }
+                }
+            }
+        }
+        for (j, to) in rule.to.iter().enumerate() {
+            let o = &to.operation;
+            let opath = format!("{path}.to[{j}].operation");
+            let lists = [
+                &o.hosts,
+                &o.not_hosts,
+                &o.ports,
+                &o.not_ports,
+                &o.methods,
+                &o.not_methods,
+                &o.paths,
+                &o.not_paths,
+            ];
+            if lists.iter().all(|l| l.is_empty()) {
+                push(p, &opath, "operation must not be empty");
+            }
+            for (field, list) in [("ports", &o.ports), ("notPorts", &o.not_ports)] {
+                for (k, v) in list.iter().enumerate() {
+                    if v.parse::<u16>().map_or(true, |n| n == 0) {
+                        push(
+                            p,
+                            format!("{opath}.{field}[{k}]"),
+                            format!("invalid port \"{v}\""),
+                        );
+                    }
+                }
+            }
+        }
+        for (j, c) in rule.when.iter().enumerate() {
+            let cpath = format!("{path}.when[{j}]");
+            if c.key.is_empty() {
+                push(p, &cpath, "required field \"key\" is missing");
+            } else if !supported_condition_key(&c.key) {
+                push(
+                    p,
+                    format!("{cpath}.key"),
+                    format!("unknown condition key \"{}\"", c.key),
+                );
+            }
+            if c.values.is_empty() && c.not_values.is_empty() {
+                push(p, &cpath, "at least one of values or notValues is required");
+            }
+            if matches!(c.key.as_str(), "source.ip" | "remote.ip" | "destination.ip") {
+                for v in c.values.iter().chain(&c.not_values) {
+                    if !cidr_or_ip(v) {
+                        push(p, &cpath, format!("invalid IP address or CIDR \"{v}\""));
+                    }
+                }
+            }
+            if c.key == "destination.port" {
+                for v in c.values.iter().chain(&c.not_values) {
+                    if v.parse::<u16>().is_err() {
+                        push(p, &cpath, format!("invalid port \"{v}\""));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn peer_authentication(pa: &PeerAuthentication, p: &mut Problems) {
+    let empty_selector = pa
+        .selector
+        .as_ref()
+        .is_none_or(|s| s.match_labels.is_empty());
+    if empty_selector && !pa.port_level_mtls.is_empty() {
+        push(
+            p,
+            "spec.portLevelMtls",
+            "portLevelMtls requires a workload selector",
+        );
+    }
+    for port in pa.port_level_mtls.keys() {
+        port_number(*port, "spec.portLevelMtls", p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts() {
+        for ok in ["a.com", "*.a.com", "*", "svc", "a-b.c"] {
+            assert!(wildcard_domain(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "a..com", "*a.com", "a.*.com", "-a.com", "a_b.com", "a.com.",
+        ] {
+            assert!(wildcard_domain(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dns_labels() {
+        assert!(is_dns1123_label("curl-egress-tst"));
+        assert!(!is_dns1123_label("Curl"));
+        assert!(!is_dns1123_label("-x"));
+        assert!(!is_dns1123_label(""));
+    }
+}

@@ -1,0 +1,810 @@
+//! A YAML tree that remembers where every node came from, and a serde
+//! `Deserializer` over it.
+//!
+//! Why not deserialize straight from the text: an operator needs the file,
+//! line and column of the exact field that is wrong (an unknown field, a bad
+//! enum value), and analyzers need the line of the field they complain about.
+//! serde loses positions inside buffered content, so we parse once into
+//! [`Node`]s with the event parser that serde-saphyr is built on, and then
+//! drive typed deserialization from the tree, attaching positions and the
+//! field path to every error on the way out.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, Visitor};
+use serde_saphyr::granit_parser::{Event, Parser, ScalarStyle};
+
+/// Upper bound on nodes per file, aliases included, so that an alias bomb is a
+/// clear error rather than an exhausted machine.
+const MAX_NODES: usize = 1_000_000;
+
+/// A position in a source file, 1-based.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Pos {
+    pub line: u32,
+    pub col: u32,
+}
+
+impl fmt::Display for Pos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.col)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub value: Value,
+    pub pos: Pos,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    /// `plain` is false for quoted and block scalars, which are always strings.
+    Scalar {
+        text: String,
+        plain: bool,
+    },
+    Seq(Vec<Node>),
+    Map(Vec<(Node, Node)>),
+}
+
+/// One YAML document of a multi-document stream.
+#[derive(Debug, Clone)]
+pub struct Document {
+    pub root: Node,
+}
+
+/// A syntax error in the YAML text itself.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{pos}: {message}")]
+pub struct SyntaxError {
+    pub pos: Pos,
+    pub message: String,
+}
+
+/// Parses a multi-document YAML stream. Empty documents (only comments, or a
+/// trailing `---`) are returned with a `Null` root; callers skip them.
+pub fn parse_documents(src: &str) -> Result<Vec<Document>, SyntaxError> {
+    let mut builder = TreeBuilder::default();
+    for item in Parser::new_from_str(src) {
+        let (event, span) = item.map_err(|e| SyntaxError {
+            pos: Pos {
+                line: to_u32(e.marker().line()),
+                col: to_u32(e.marker().col() + 1),
+            },
+            message: e.info(),
+        })?;
+        let pos = Pos {
+            line: to_u32(span.start.line()),
+            col: to_u32(span.start.col() + 1),
+        };
+        builder.event(event, pos)?;
+    }
+    Ok(builder.docs)
+}
+
+fn to_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Builds nodes from parser events with an explicit stack (no recursion, so
+/// deeply nested input cannot overflow the call stack).
+#[derive(Default)]
+struct TreeBuilder {
+    docs: Vec<Document>,
+    stack: Vec<Open>,
+    anchors: HashMap<usize, Node>,
+    nodes: usize,
+    pending_key: Vec<Option<Node>>,
+}
+
+struct Open {
+    node: Node,
+    anchor: usize,
+}
+
+impl TreeBuilder {
+    fn event(&mut self, event: Event<'_>, pos: Pos) -> Result<(), SyntaxError> {
+        match event {
+            Event::DocumentStart(..) => self.anchors.clear(),
+            Event::Scalar(text, style, anchor, tag) => {
+                let plain = matches!(style, ScalarStyle::Plain) && tag.is_none();
+                let value = if plain && is_null(&text) {
+                    Value::Null
+                } else {
+                    Value::Scalar {
+                        text: text.into_owned(),
+                        plain,
+                    }
+                };
+                self.finish(Node { value, pos }, anchor)?;
+            }
+            Event::SequenceStart(_, anchor, _) => self.open(Value::Seq(Vec::new()), pos, anchor),
+            Event::MappingStart(_, anchor, _) => {
+                self.open(Value::Map(Vec::new()), pos, anchor);
+                self.pending_key.push(None);
+            }
+            Event::SequenceEnd => self.close()?,
+            Event::MappingEnd => {
+                self.pending_key.pop();
+                self.close()?;
+            }
+            Event::Alias(id) => {
+                let node = self.anchors.get(&id).cloned().ok_or_else(|| SyntaxError {
+                    pos,
+                    message: "alias refers to an unknown anchor".into(),
+                })?;
+                self.finish(node, 0)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, value: Value, pos: Pos, anchor: usize) {
+        self.stack.push(Open {
+            node: Node { value, pos },
+            anchor,
+        });
+    }
+
+    fn close(&mut self) -> Result<(), SyntaxError> {
+        if let Some(open) = self.stack.pop() {
+            self.finish(open.node, open.anchor)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, node: Node, anchor: usize) -> Result<(), SyntaxError> {
+        self.nodes += count(&node);
+        if self.nodes > MAX_NODES {
+            return Err(SyntaxError {
+                pos: node.pos,
+                message: format!(
+                    "document too large: more than {MAX_NODES} nodes (alias expansion?)"
+                ),
+            });
+        }
+        if anchor != 0 {
+            self.anchors.insert(anchor, node.clone());
+        }
+        let Some(parent) = self.stack.last_mut() else {
+            self.docs.push(Document { root: node });
+            return Ok(());
+        };
+        match &mut parent.node.value {
+            Value::Seq(items) => items.push(node),
+            Value::Map(entries) => {
+                let slot = self.pending_key.last_mut().expect("a map has a key slot");
+                match slot.take() {
+                    None => *slot = Some(node),
+                    Some(key) => {
+                        if let Some(k) = key.as_str()
+                            && entries.iter().any(|(other, _)| other.as_str() == Some(k))
+                        {
+                            return Err(SyntaxError {
+                                pos: key.pos,
+                                message: format!("duplicate key `{k}`"),
+                            });
+                        }
+                        entries.push((key, node));
+                    }
+                }
+            }
+            _ => unreachable!("only collections are pushed on the stack"),
+        }
+        Ok(())
+    }
+}
+
+fn count(node: &Node) -> usize {
+    match &node.value {
+        Value::Seq(items) => 1 + items.iter().map(count).sum::<usize>(),
+        Value::Map(entries) => 1 + entries.iter().map(|(_, v)| count(v)).sum::<usize>(),
+        _ => 1,
+    }
+}
+
+fn is_null(s: &str) -> bool {
+    matches!(s, "" | "~" | "null" | "Null" | "NULL")
+}
+
+impl Node {
+    /// The scalar text, for any scalar style.
+    pub fn as_str(&self) -> Option<&str> {
+        match &self.value {
+            Value::Scalar { text, .. } => Some(text),
+            _ => None,
+        }
+    }
+
+    /// Looks up a map entry by key.
+    pub fn get(&self, key: &str) -> Option<&Node> {
+        match &self.value {
+            Value::Map(entries) => entries
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// Follows a dotted path with `[i]` indices, as printed in errors:
+    /// `spec.http[0].route[0].destination.host`. Returns the deepest node found,
+    /// so a missing leaf still points at its parent.
+    pub fn locate(&self, path: &str) -> &Node {
+        let mut node = self;
+        for seg in path.split('.').filter(|s| !s.is_empty()) {
+            let (name, indices) = match seg.find('[') {
+                Some(i) => (&seg[..i], &seg[i..]),
+                None => (seg, ""),
+            };
+            if !name.is_empty() {
+                match node.get(name) {
+                    Some(n) => node = n,
+                    None => return node,
+                }
+            }
+            for idx in indices.split(['[', ']']).filter(|s| !s.is_empty()) {
+                let next = idx.parse::<usize>().ok().and_then(|i| match &node.value {
+                    Value::Seq(items) => items.get(i),
+                    _ => None,
+                });
+                match next {
+                    Some(n) => node = n,
+                    None => return node,
+                }
+            }
+        }
+        node
+    }
+
+    fn kind_name(&self) -> &'static str {
+        match &self.value {
+            Value::Null => "null",
+            Value::Scalar { plain: false, .. } => "string",
+            Value::Scalar { text, .. } => match classify_plain(text) {
+                Plain::Bool(_) => "boolean",
+                Plain::Int(_) | Plain::UInt(_) => "integer",
+                Plain::Float(_) => "number",
+                Plain::Str => "string",
+            },
+            Value::Seq(_) => "list",
+            Value::Map(_) => "object",
+        }
+    }
+}
+
+enum Plain {
+    Bool(bool),
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Str,
+}
+
+/// YAML 1.2 core schema resolution of a plain scalar.
+fn classify_plain(s: &str) -> Plain {
+    match s {
+        "true" | "True" | "TRUE" => return Plain::Bool(true),
+        "false" | "False" | "FALSE" => return Plain::Bool(false),
+        _ => {}
+    }
+    let digits = s.strip_prefix(['-', '+']).unwrap_or(s);
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        if let Ok(u) = s.trim_start_matches('+').parse::<u64>() {
+            return Plain::UInt(u);
+        }
+        if let Ok(i) = s.parse::<i64>() {
+            return Plain::Int(i);
+        }
+    }
+    if let Some(hex) = s.strip_prefix("0x")
+        && let Ok(u) = u64::from_str_radix(hex, 16)
+    {
+        return Plain::UInt(u);
+    }
+    let looks_numeric = s.bytes().any(|b| b.is_ascii_digit())
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b));
+    if looks_numeric && let Ok(f) = s.parse::<f64>() {
+        return Plain::Float(f);
+    }
+    match s {
+        ".inf" | ".Inf" | ".INF" | "+.inf" => Plain::Float(f64::INFINITY),
+        "-.inf" | "-.Inf" | "-.INF" => Plain::Float(f64::NEG_INFINITY),
+        ".nan" | ".NaN" | ".NAN" => Plain::Float(f64::NAN),
+        _ => Plain::Str,
+    }
+}
+
+// === Deserialization ===
+
+/// A typed-deserialization error with the position and field path where it
+/// happened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeError {
+    pub pos: Option<Pos>,
+    /// Path segments, outermost first once complete (`spec`, `http[0]`, ...).
+    segments: Vec<String>,
+    pub message: String,
+}
+
+impl DeError {
+    /// The field path, e.g. `spec.http[0].route`.
+    pub fn path(&self) -> String {
+        let mut out = String::new();
+        for seg in self.segments.iter().rev() {
+            if !seg.starts_with('[') && !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(seg);
+        }
+        out
+    }
+
+    fn at(mut self, pos: Pos) -> Self {
+        self.pos.get_or_insert(pos);
+        self
+    }
+
+    fn within(mut self, seg: String) -> Self {
+        self.segments.push(seg);
+        self
+    }
+}
+
+impl fmt::Display for DeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = self.path();
+        if path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{path}: {}", self.message)
+        }
+    }
+}
+
+impl std::error::Error for DeError {}
+
+impl de::Error for DeError {
+    fn custom<T: fmt::Display>(msg: T) -> Self {
+        DeError {
+            pos: None,
+            segments: Vec::new(),
+            message: msg.to_string(),
+        }
+    }
+
+    fn unknown_field(field: &str, _expected: &'static [&'static str]) -> Self {
+        // Kubernetes strict validation says `unknown field "x"`; the list of
+        // expected fields is long and not what an operator needs first.
+        de::Error::custom(format_args!("unknown field \"{field}\""))
+    }
+
+    fn unknown_variant(variant: &str, expected: &'static [&'static str]) -> Self {
+        de::Error::custom(format_args!(
+            "unsupported value \"{variant}\": supported values: {}",
+            expected
+                .iter()
+                .map(|v| format!("\"{v}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    }
+
+    fn missing_field(field: &'static str) -> Self {
+        de::Error::custom(format_args!("required field \"{field}\" is missing"))
+    }
+}
+
+/// Deserializes a typed value from a node.
+pub fn from_node<'de, T: serde::Deserialize<'de>>(node: &'de Node) -> Result<T, DeError> {
+    T::deserialize(node).map_err(|e| e.at(node.pos))
+}
+
+impl<'de> Node {
+    fn invalid_type(&self, expected: &str) -> DeError {
+        de::Error::custom(format_args!(
+            "invalid type: expected {expected}, found {}",
+            self.kind_name()
+        ))
+    }
+
+    fn scalar_for(&'de self, expected: &str) -> Result<(&'de str, bool), DeError> {
+        match &self.value {
+            Value::Scalar { text, plain } => Ok((text, *plain)),
+            _ => Err(self.invalid_type(expected).at(self.pos)),
+        }
+    }
+}
+
+macro_rules! deserialize_number {
+    ($method:ident, $visit:ident, $ty:ty, $what:literal) => {
+        fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+            let (text, plain) = self.scalar_for($what)?;
+            let parsed = if plain {
+                text.trim_start_matches('+').parse::<$ty>().ok()
+            } else {
+                None
+            };
+            match parsed {
+                Some(n) => visitor.$visit(n),
+                None if !plain || matches!(classify_plain(text), Plain::Str | Plain::Bool(_)) => {
+                    Err(self.invalid_type($what).at(self.pos))
+                }
+                None => Err(de::Error::custom(format_args!(
+                    "{text} is out of range for {}",
+                    $what
+                ))),
+            }
+            .map_err(|e: DeError| e.at(self.pos))
+        }
+    };
+}
+
+impl<'de> de::Deserializer<'de> for &'de Node {
+    type Error = DeError;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        let r = match &self.value {
+            Value::Null => visitor.visit_unit(),
+            Value::Scalar { text, plain: false } => visitor.visit_borrowed_str(text),
+            Value::Scalar { text, plain: true } => match classify_plain(text) {
+                Plain::Bool(b) => visitor.visit_bool(b),
+                Plain::Int(i) => visitor.visit_i64(i),
+                Plain::UInt(u) => visitor.visit_u64(u),
+                Plain::Float(f) => visitor.visit_f64(f),
+                Plain::Str => visitor.visit_borrowed_str(text),
+            },
+            Value::Seq(items) => visitor.visit_seq(Seq {
+                items: items.iter(),
+                index: 0,
+            }),
+            Value::Map(entries) => visitor.visit_map(Map::new(entries)),
+        };
+        r.map_err(|e| e.at(self.pos))
+    }
+
+    fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        let (text, plain) = self.scalar_for("boolean")?;
+        match (plain, classify_plain(text)) {
+            (true, Plain::Bool(b)) => visitor.visit_bool(b),
+            _ => Err(self.invalid_type("boolean")),
+        }
+        .map_err(|e| e.at(self.pos))
+    }
+
+    deserialize_number!(deserialize_i8, visit_i8, i8, "integer");
+    deserialize_number!(deserialize_i16, visit_i16, i16, "integer");
+    deserialize_number!(deserialize_i32, visit_i32, i32, "integer");
+    deserialize_number!(deserialize_i64, visit_i64, i64, "integer");
+    deserialize_number!(deserialize_u8, visit_u8, u8, "integer");
+    deserialize_number!(deserialize_u16, visit_u16, u16, "integer");
+    deserialize_number!(deserialize_u32, visit_u32, u32, "integer");
+    deserialize_number!(deserialize_u64, visit_u64, u64, "integer");
+    deserialize_number!(deserialize_f32, visit_f32, f32, "number");
+    deserialize_number!(deserialize_f64, visit_f64, f64, "number");
+
+    fn deserialize_char<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        self.deserialize_str(visitor)
+    }
+
+    fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        // Plain scalars that look like numbers or booleans are accepted as
+        // strings: `ports: [8080]` means "8080" to every operator.
+        let (text, _) = self.scalar_for("string")?;
+        visitor
+            .visit_borrowed_str(text)
+            .map_err(|e: DeError| e.at(self.pos))
+    }
+
+    fn deserialize_string<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        self.deserialize_str(visitor)
+    }
+
+    fn deserialize_bytes<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        self.deserialize_str(visitor)
+    }
+
+    fn deserialize_byte_buf<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        self.deserialize_str(visitor)
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        match self.value {
+            Value::Null => visitor.visit_none(),
+            _ => visitor.visit_some(self),
+        }
+    }
+
+    fn deserialize_unit<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        match self.value {
+            Value::Null => visitor.visit_unit(),
+            _ => Err(self.invalid_type("null").at(self.pos)),
+        }
+    }
+
+    fn deserialize_unit_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, DeError> {
+        self.deserialize_unit(visitor)
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, DeError> {
+        visitor.visit_newtype_struct(self)
+    }
+
+    fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        match &self.value {
+            // Kubernetes treats `field:` (null) like an absent list.
+            Value::Null => visitor.visit_seq(Seq {
+                items: [].iter(),
+                index: 0,
+            }),
+            Value::Seq(items) => visitor.visit_seq(Seq {
+                items: items.iter(),
+                index: 0,
+            }),
+            _ => Err(self.invalid_type("list")),
+        }
+        .map_err(|e| e.at(self.pos))
+    }
+
+    fn deserialize_tuple<V: Visitor<'de>>(
+        self,
+        _len: usize,
+        visitor: V,
+    ) -> Result<V::Value, DeError> {
+        self.deserialize_seq(visitor)
+    }
+
+    fn deserialize_tuple_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _len: usize,
+        visitor: V,
+    ) -> Result<V::Value, DeError> {
+        self.deserialize_seq(visitor)
+    }
+
+    fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        match &self.value {
+            Value::Null => visitor.visit_map(Map::new(&[])),
+            Value::Map(entries) => visitor.visit_map(Map::new(entries)),
+            _ => Err(self.invalid_type("object")),
+        }
+        .map_err(|e| e.at(self.pos))
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, DeError> {
+        self.deserialize_map(visitor)
+    }
+
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _variants: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, DeError> {
+        match &self.value {
+            Value::Scalar { text, .. } => visitor.visit_enum(text.as_str().into_deserializer()),
+            _ => Err(self.invalid_type("string")),
+        }
+        .map_err(|e: DeError| e.at(self.pos))
+    }
+
+    fn deserialize_identifier<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        self.deserialize_str(visitor)
+    }
+
+    fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        visitor.visit_unit()
+    }
+}
+
+struct Seq<'de> {
+    items: std::slice::Iter<'de, Node>,
+    index: usize,
+}
+
+impl<'de> SeqAccess<'de> for Seq<'de> {
+    type Error = DeError;
+
+    fn next_element_seed<T: DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, DeError> {
+        let Some(node) = self.items.next() else {
+            return Ok(None);
+        };
+        let index = self.index;
+        self.index += 1;
+        seed.deserialize(node)
+            .map(Some)
+            .map_err(|e| e.at(node.pos).within(format!("[{index}]")))
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        Some(self.items.len())
+    }
+}
+
+struct Map<'de> {
+    entries: std::slice::Iter<'de, (Node, Node)>,
+    value: Option<&'de Node>,
+    key: Cow<'de, str>,
+}
+
+impl<'de> Map<'de> {
+    fn new(entries: &'de [(Node, Node)]) -> Self {
+        Map {
+            entries: entries.iter(),
+            value: None,
+            key: Cow::Borrowed(""),
+        }
+    }
+}
+
+impl<'de> MapAccess<'de> for Map<'de> {
+    type Error = DeError;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, DeError> {
+        let Some((key, value)) = self.entries.next() else {
+            return Ok(None);
+        };
+        self.value = Some(value);
+        self.key = match &key.value {
+            Value::Scalar { text, .. } => Cow::Borrowed(text.as_str()),
+            _ => Cow::Owned(String::from("?")),
+        };
+        seed.deserialize(key)
+            .map(Some)
+            .map_err(|e| e.at(key.pos).within(self.key.to_string()))
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, DeError> {
+        let node = self.value.take().expect("next_value after next_key");
+        seed.deserialize(node)
+            .map_err(|e| e.at(node.pos).within(self.key.to_string()))
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        Some(self.entries.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+    use std::collections::BTreeMap;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    struct Port {
+        number: u32,
+        #[serde(default)]
+        name: Option<String>,
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Spec {
+        hosts: Vec<String>,
+        #[serde(default)]
+        ports: Vec<Port>,
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+    }
+
+    fn parse_one(src: &str) -> Node {
+        let mut docs = parse_documents(src).unwrap();
+        docs.remove(0).root
+    }
+
+    #[test]
+    fn documents_and_positions() {
+        let src = "# c\na: 1\n---\nb:\n  c: [x, y]\n---\n";
+        let docs = parse_documents(src).unwrap();
+        assert_eq!(docs.len(), 3);
+        assert_eq!(docs[0].root.pos, Pos { line: 2, col: 1 });
+        assert_eq!(docs[1].root.pos.line, 4);
+        assert_eq!(docs[1].root.locate("b.c[1]").as_str(), Some("y"));
+        assert_eq!(docs[1].root.locate("b.c[1]").pos, Pos { line: 5, col: 10 });
+        assert_eq!(docs[2].root.value, Value::Null);
+    }
+
+    #[test]
+    fn typed_values_and_strings() {
+        let node = parse_one(
+            "hosts: [a, 80, 'b']\nports:\n- number: 80\n  name: http\nlabels: {x: \"1\"}\n",
+        );
+        let spec: Spec = from_node(&node).unwrap();
+        assert_eq!(spec.hosts, vec!["a", "80", "b"]);
+        assert_eq!(
+            spec.ports[0],
+            Port {
+                number: 80,
+                name: Some("http".into())
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_field_has_path_and_position() {
+        let node = parse_one("hosts: []\nports:\n- number: 80\n  nmae: http\n");
+        let err = from_node::<Spec>(&node).unwrap_err();
+        assert_eq!(err.to_string(), "ports[0].nmae: unknown field \"nmae\"");
+        assert_eq!(err.pos, Some(Pos { line: 4, col: 3 }));
+    }
+
+    #[test]
+    fn wrong_type_is_reported_at_value() {
+        let node = parse_one("hosts: []\nports:\n- number: eighty\n");
+        let err = from_node::<Spec>(&node).unwrap_err();
+        assert_eq!(err.path(), "ports[0].number");
+        assert_eq!(err.message, "invalid type: expected integer, found string");
+        assert_eq!(err.pos, Some(Pos { line: 3, col: 11 }));
+        let node = parse_one("hosts: []\nports:\n- number: \"80\"\n");
+        assert!(
+            from_node::<Spec>(&node).is_err(),
+            "a quoted number is a string"
+        );
+    }
+
+    #[test]
+    fn missing_field() {
+        let node = parse_one("ports: []\n");
+        let err = from_node::<Spec>(&node).unwrap_err();
+        assert_eq!(err.to_string(), "required field \"hosts\" is missing");
+        assert_eq!(err.pos, Some(Pos { line: 1, col: 1 }));
+    }
+
+    #[test]
+    fn syntax_error_has_line_and_column() {
+        let err = parse_documents("a: 1\nb: [1, 2\nc: 3\n").unwrap_err();
+        assert!(err.pos.line >= 2, "{err}");
+        let err = parse_documents("a: 1\na: 2\n").unwrap_err();
+        assert_eq!(err.to_string(), "2:1: duplicate key `a`");
+    }
+
+    #[test]
+    fn anchors_and_aliases() {
+        let node = parse_one("x: &a {number: 1}\ny: *a\n");
+        assert_eq!(
+            node.get("y")
+                .and_then(|n| n.get("number"))
+                .and_then(Node::as_str),
+            Some("1")
+        );
+    }
+
+    #[test]
+    fn alias_bomb_is_refused() {
+        let mut src = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..8 {
+            let p = i - 1;
+            src.push_str(&format!("a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"));
+        }
+        let err = parse_documents(&src).unwrap_err();
+        assert!(err.message.contains("too large"), "{err}");
+    }
+}
