@@ -34,3 +34,23 @@ impl Default for MeshSettings {
         }
     }
 }
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use crate::{Config, Loaded};
+
+    /// Loads YAML text that must be free of schema errors.
+    pub(crate) fn config(text: &str) -> Config {
+        let mut loaded = Loaded::default();
+        crate::load::load_str("test.yaml", text, &mut loaded).expect("valid YAML");
+        let errors: Vec<String> = loaded.diagnostics.iter().map(ToString::to_string).collect();
+        assert!(errors.is_empty(), "{errors:?}");
+        loaded.config
+    }
+
+    /// The seed example, as shipped in examples/seed.
+    pub(crate) fn seed() -> Config {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/seed");
+        crate::load_paths(&[dir]).expect("seed loads").config
+    }
+}

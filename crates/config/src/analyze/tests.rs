@@ -1,1 +1,179 @@
+use super::*;
+use crate::Loaded;
 
+/// The seed plus extra documents (as `extra.yaml`), analyzed.
+fn seed_plus(extra: &str) -> Vec<String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/seed");
+    let mut loaded: Loaded = crate::load_paths(&[dir]).expect("seed loads");
+    crate::load::load_str("extra.yaml", extra, &mut loaded).expect("valid YAML");
+    let schema: Vec<String> = loaded.diagnostics.iter().map(ToString::to_string).collect();
+    assert!(schema.is_empty(), "{schema:?}");
+    analyze(&loaded.config, &MeshSettings::default()).iter().map(ToString::to_string).collect()
+}
+
+const SEED_IST0128: &str = "Warning [IST0128] (DestinationRule curl-egress-tst/jsonplaceholder-tls-origination destintionrule.yaml:1) DestinationRule curl-egress-tst/jsonplaceholder-tls-origination in namespace curl-egress-tst has TLS mode set to SIMPLE but no caCertificates are set to validate server identity for host: jsonplaceholder.typicode.com";
+
+#[test]
+fn seed_has_only_the_ca_certificates_warning() {
+    assert_eq!(seed_plus(""), vec![SEED_IST0128]);
+}
+
+fn vs(name: &str, ns: &str, body: &str) -> String {
+    format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{body}")
+}
+
+/// Each case: extra YAML, and the exact diagnostics it adds to the seed's.
+#[test]
+fn each_code_with_its_exact_message() {
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "IST0101 gateway",
+            vs("v", "curl-egress-tst", "  hosts: [jsonplaceholder.typicode.com]\n  gateways: [no-such-gateway]\n  http:\n  - route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]\n"),
+            vec!["Error [IST0101] (VirtualService curl-egress-tst/v extra.yaml:6) Referenced gateway not found: \"no-such-gateway\""],
+        ),
+        (
+            "IST0101 host",
+            vs("v", "curl-external-tst", "  hosts: [other.example.com]\n  http:\n  - route: [{destination: {host: nowhere.example.com}}]\n"),
+            vec!["Error [IST0101] (VirtualService curl-external-tst/v extra.yaml:7) Referenced host not found: \"nowhere.example.com\""],
+        ),
+        (
+            "IST0101 host:port",
+            vs("v", "curl-external-tst", "  hosts: [other.example.com]\n  http:\n  - route:\n    - destination:\n        host: jsonplaceholder.typicode.com\n        port: {number: 8443}\n"),
+            vec!["Error [IST0101] (VirtualService curl-external-tst/v extra.yaml:10) Referenced host:port not found: \"jsonplaceholder.typicode.com:8443\""],
+        ),
+        (
+            "IST0101 subset",
+            vs("v", "curl-egress-tst", "  hosts: [other.example.com]\n  http:\n  - route:\n    - destination:\n        host: jsonplaceholder.typicode.com\n        port: {number: 443}\n        subset: v9\n"),
+            vec!["Error [IST0101] (VirtualService curl-egress-tst/v extra.yaml:11) Referenced host+subset in destinationrule not found: \"jsonplaceholder.typicode.com+v9\""],
+        ),
+        (
+            "IST0101 selector (Gateway)",
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g2, namespace: curl-egress-tst}\nspec:\n  selector: {istio: nothing}\n  servers: [{port: {number: 8080, name: http, protocol: HTTP}, hosts: [a.example.com]}]\n".to_owned(),
+            vec!["Error [IST0101] (Gateway curl-egress-tst/g2 extra.yaml:5) Referenced selector not found: \"istio=nothing\""],
+        ),
+        (
+            "IST0101 selector (Sidecar)",
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: s2, namespace: curl-external-tst}\nspec:\n  workloadSelector: {labels: {app: ghost}}\n".to_owned(),
+            vec!["Error [IST0101] (Sidecar curl-external-tst/s2 extra.yaml:5) Referenced selector not found: \"app=ghost\""],
+        ),
+        (
+            "IST0101 namespace",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a2, namespace: curl-egress-tst}\nspec:\n  rules:\n  - from:\n    - source:\n        namespaces: [curl-externl-tst]\n".to_owned(),
+            vec!["Error [IST0101] (AuthorizationPolicy curl-egress-tst/a2 extra.yaml:8) Referenced namespace not found: \"curl-externl-tst\""],
+        ),
+        (
+            "IST0109",
+            vs("dup", "curl-external-tst", "  hosts: [jsonplaceholder.typicode.com]\n  http:\n  - route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 80}}}]\n"),
+            vec![
+                "Error [IST0109] (VirtualService curl-external-tst/dup extra.yaml:5) The VirtualServices curl-external-tst/jsonplaceholder-egress,curl-external-tst/dup associated with mesh gateway define the same host jsonplaceholder.typicode.com which can lead to undefined behavior. This can be fixed by merging the conflicting VirtualServices into a single resource.",
+                "Error [IST0109] (VirtualService curl-external-tst/jsonplaceholder-egress virtualservice-workload.yaml:8) The VirtualServices curl-external-tst/jsonplaceholder-egress,curl-external-tst/dup associated with mesh gateway define the same host jsonplaceholder.typicode.com which can lead to undefined behavior. This can be fixed by merging the conflicting VirtualServices into a single resource.",
+            ],
+        ),
+        (
+            "IST0110",
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: second, namespace: curl-external-tst}\nspec:\n  workloadSelector: {labels: {app: curl-test}}\n".to_owned(),
+            vec![
+                "Error [IST0110] (Sidecar curl-external-tst/second extra.yaml:1) The Sidecars [restrict-outbound-traffic second] in namespace \"curl-external-tst\" select the same workload pod \"curl-test\", which can lead to undefined behavior.",
+                "Error [IST0110] (Sidecar curl-external-tst/restrict-outbound-traffic sidecar.yaml:1) The Sidecars [restrict-outbound-traffic second] in namespace \"curl-external-tst\" select the same workload pod \"curl-test\", which can lead to undefined behavior.",
+            ],
+        ),
+        (
+            "IST0111",
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: a, namespace: curl-external-tst}\nspec: {}\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: b, namespace: curl-external-tst}\nspec: {}\n".to_owned(),
+            vec![
+                "Error [IST0111] (Sidecar curl-external-tst/a extra.yaml:1) The Sidecars [a b] in namespace \"curl-external-tst\" have no workload selector, which can lead to undefined behavior.",
+                "Error [IST0111] (Sidecar curl-external-tst/b extra.yaml:6) The Sidecars [a b] in namespace \"curl-external-tst\" have no workload selector, which can lead to undefined behavior.",
+            ],
+        ),
+        (
+            "IST0112",
+            vs("v", "curl-external-tst", "  hosts: [other.example.com]\n  http:\n  - route:\n    - destination: {host: jsonplaceholder.typicode.com}\n"),
+            vec!["Error [IST0112] (VirtualService curl-external-tst/v extra.yaml:8) This VirtualService routes to a service \"jsonplaceholder.typicode.com\" that exposes multiple ports [80 443]. Specifying a port in the destination is required to disambiguate."],
+        ),
+        (
+            "IST0127",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a2, namespace: curl-egress-tst}\nspec:\n  selector: {matchLabels: {istio: ingressgateway}}\n  rules: [{}]\n".to_owned(),
+            vec!["Warning [IST0127] (AuthorizationPolicy curl-egress-tst/a2 extra.yaml:5) No matching workloads for this resource with the following labels: istio=ingressgateway"],
+        ),
+        (
+            "IST0129",
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d2, namespace: curl-external-tst}\nspec:\n  host: jsonplaceholder.typicode.com\n  trafficPolicy:\n    portLevelSettings:\n    - port: {number: 443}\n      tls: {mode: SIMPLE}\n".to_owned(),
+            vec!["Warning [IST0129] (DestinationRule curl-external-tst/d2 extra.yaml:8) DestinationRule curl-external-tst/d2 in namespace curl-external-tst has TLS mode set to SIMPLE but no caCertificates are set to validate server identity for host: jsonplaceholder.typicode.com at port number:443"],
+        ),
+        (
+            "IST0130 + IST0131",
+            vs("v", "curl-external-tst", "  hosts: [other.example.com]\n  http:\n  - match: [{uri: {prefix: /a}}]\n    route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 80}}}]\n  - match: [{uri: {prefix: /a}}]\n    route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 80}}}]\n  - route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 80}}}]\n  - name: late\n    route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 80}}}]\n"),
+            vec![
+                "Warning [IST0130] (VirtualService curl-external-tst/v extra.yaml:9) VirtualService rule #1 not used (all matches used by prior rules).",
+                "Info [IST0131] (VirtualService curl-external-tst/v extra.yaml:9) VirtualService rule #1 match #0 is not used (duplicate/overlapping match in rule #0).",
+                "Warning [IST0130] (VirtualService curl-external-tst/v extra.yaml:12) VirtualService rule \"late\" not used (only the last rule can have no matches).",
+            ],
+        ),
+        (
+            "IST0132",
+            vs("v", "curl-egress-tst", "  hosts: [api.other.com]\n  gateways: [egress-gateway]\n  http:\n  - route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]\n"),
+            vec!["Warning [IST0132] (VirtualService curl-egress-tst/v extra.yaml:5) one or more host [api.other.com] defined in VirtualService curl-egress-tst/v not found in Gateway curl-egress-tst/egress-gateway."],
+        ),
+        (
+            "IST0145",
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g2, namespace: curl-egress-tst}\nspec:\n  selector: {istio: egressgateway}\n  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ['*.typicode.com']}]\n".to_owned(),
+            vec![
+                "Error [IST0145] (Gateway curl-egress-tst/g2 extra.yaml:1) Conflict with gateways curl-egress-tst/egress-gateway (workload selector istio=egressgateway, port 80, hosts *.typicode.com).",
+                "Error [IST0145] (Gateway curl-egress-tst/egress-gateway gateway.yaml:1) Conflict with gateways curl-egress-tst/g2 (workload selector istio=egressgateway, port 80, hosts jsonplaceholder.typicode.com).",
+            ],
+        ),
+        (
+            "IST0162",
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g2, namespace: curl-egress-tst}\nspec:\n  selector: {istio: egressgateway}\n  servers:\n  - port: {number: 8443, name: tls, protocol: TLS}\n    hosts: [b.example.com]\n    tls: {mode: PASSTHROUGH}\n".to_owned(),
+            vec!["Warning [IST0162] (Gateway curl-egress-tst/g2 extra.yaml:7) The gateway is listening on a target port (port 8443) that is not defined in the Service associated with its workload instances (Pod selector istio=egressgateway). If you need to access the gateway port through the gateway Service, it will not be available."],
+        ),
+        (
+            "IST0174",
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d2, namespace: curl-egress-tst}\nspec:\n  host: unknown.example.com\n".to_owned(),
+            vec!["Warning [IST0174] (DestinationRule curl-egress-tst/d2 extra.yaml:5) The host unknown.example.com defined in the DestinationRule does not match any services in the mesh."],
+        ),
+        (
+            "MG0001 CUSTOM",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext, namespace: curl-egress-tst}\nspec:\n  action: CUSTOM\n  provider: {name: opa}\n  rules: [{}]\n".to_owned(),
+            vec!["Warning [MG0001] (AuthorizationPolicy curl-egress-tst/ext extra.yaml:5) CUSTOM authorization (provider opa) is not supported by meshgate: requests this policy selects are denied so that nothing passes unchecked"],
+        ),
+        (
+            "MG0002 gateway to resolution NONE",
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: none, namespace: curl-egress-tst}\nspec:\n  hosts: [none.example.com]\n  ports: [{number: 443, name: https, protocol: HTTP}]\n---\n".to_owned()
+                + &vs("v", "curl-egress-tst", "  hosts: [none.example.com]\n  gateways: [g3]\n  http:\n  - route: [{destination: {host: none.example.com, port: {number: 443}}}]\n")
+                + "---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g3, namespace: curl-egress-tst}\nspec:\n  selector: {istio: egressgateway}\n  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [none.example.com]}]\n",
+            vec!["Error [MG0002] (VirtualService curl-egress-tst/v extra.yaml:8) gateway curl-egress-tst/curl-egress-tst-gateway routes to none.example.com but ServiceEntry curl-egress-tst/none has resolution NONE, which gives a gateway no endpoints; use resolution DNS or STATIC"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, extra, want) in cases {
+        let mut got = seed_plus(&extra);
+        got.retain(|m| m != SEED_IST0128);
+        if got != want {
+            failures.push(format!("case {name}:\n  got:  {got:?}\n  want: {want:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn json_shape_matches_istioctl() {
+    let d = crate::diag::Diagnostic::new(
+        Level::Warning,
+        "IST0128",
+        crate::diag::Origin { kind: "DestinationRule".into(), name: "a/b".into(), file: "f.yaml".into(), line: 3 },
+        "msg",
+    );
+    let json = serde_json::to_value(crate::diag::DiagnosticJson::from(&d)).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "code": "IST0128",
+            "level": "Warning",
+            "origin": "DestinationRule a/b",
+            "reference": "f.yaml:3",
+            "message": "msg",
+            "documentationUrl": "https://istio.io/latest/docs/reference/config/analysis/ist0128/"
+        })
+    );
+}

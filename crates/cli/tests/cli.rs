@@ -1,0 +1,213 @@
+//! The `meshgate` binary as a user runs it: `check` and `config-dump` on the
+//! seed example and on broken input, with exit codes and exact output lines.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn meshgate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .expect("meshgate runs")
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A scratch folder with the seed files and extra files, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn with_seed(name: &str, extra: &[(&str, &str)]) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("meshgate-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in std::fs::read_dir(repo_root().join("examples/seed")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        for (file, text) in extra {
+            std::fs::write(dir.join(file), text).unwrap();
+        }
+        Scratch(dir)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn check_seed_reports_ca_warning_summary_and_exits_zero() {
+    let o = meshgate(&["check", "examples/seed"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0],
+        "Warning [IST0128] (DestinationRule curl-egress-tst/jsonplaceholder-tls-origination destintionrule.yaml:1) DestinationRule curl-egress-tst/jsonplaceholder-tls-origination in namespace curl-egress-tst has TLS mode set to SIMPLE but no caCertificates are set to validate server identity for host: jsonplaceholder.typicode.com"
+    );
+    assert_eq!(lines.len(), 2, "{out}");
+    for part in [
+        "2 namespaces",
+        "2 workloads",
+        "1 ServiceEntry",
+        "2 VirtualServices",
+        "1 DestinationRule",
+        "1 Gateway",
+        "1 Sidecar",
+        "1 AuthorizationPolicy",
+    ] {
+        assert!(lines[1].contains(part), "summary lacks {part}: {}", lines[1]);
+    }
+}
+
+#[test]
+fn check_json_output() {
+    let o = meshgate(&["check", "examples/seed", "--output", "json"]);
+    assert_eq!(o.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is JSON");
+    let arr = v.as_array().expect("an array of messages");
+    assert_eq!(arr.len(), 1);
+    assert_eq!(arr[0]["code"], "IST0128");
+    assert_eq!(arr[0]["level"], "Warning");
+    assert_eq!(arr[0]["origin"], "DestinationRule curl-egress-tst/jsonplaceholder-tls-origination");
+    assert_eq!(arr[0]["reference"], "destintionrule.yaml:1");
+    assert!(stderr(&o).contains("2 namespaces"), "summary on stderr keeps stdout pure JSON");
+}
+
+#[test]
+fn check_single_files_names_them_as_given() {
+    let o = meshgate(&["check", "examples/seed/destintionrule.yaml", "examples/seed/serviceentry.yaml"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("(DestinationRule curl-egress-tst/jsonplaceholder-tls-origination examples/seed/destintionrule.yaml:1)"));
+}
+
+#[test]
+fn malformed_yaml_exits_two_with_file_line_column() {
+    let s = Scratch::with_seed("malformed", &[("broken.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: [oops\n")]);
+    let o = meshgate(&["check", s.path()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stderr(&o).trim(), "error: broken.yaml:4:9: YAML syntax error: unclosed bracket '['");
+}
+
+#[test]
+fn unreadable_path_exits_two() {
+    let o = meshgate(&["check", "does/not/exist"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).starts_with("error: does/not/exist: "), "{}", stderr(&o));
+}
+
+#[test]
+fn unknown_field_is_a_schema_error_exit_79() {
+    let s = Scratch::with_seed(
+        "unknown-field",
+        &[(
+            "typo.yaml",
+            "apiVersion: networking.istio.io/v1beta1\nkind: Sidecar\nmetadata:\n  name: typo\n  namespace: curl-egress-tst\nspec:\n  outboundTrafficPolicy:\n    mod: REGISTRY_ONLY\n",
+        )],
+    );
+    let o = meshgate(&["check", s.path()]);
+    assert_eq!(o.status.code(), Some(79), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("Error [IST0106] (Sidecar curl-egress-tst/typo typo.yaml:8) Schema validation error: spec.outboundTrafficPolicy.mod: unknown field \"mod\" (column 5)"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn analysis_error_exits_79() {
+    let s = Scratch::with_seed(
+        "ist0101",
+        &[(
+            "vs.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: curl-external-tst}\nspec:\n  hosts: [a.example.com]\n  http:\n  - route: [{destination: {host: b.example.com}}]\n",
+        )],
+    );
+    let o = meshgate(&["check", s.path()]);
+    assert_eq!(o.status.code(), Some(79));
+    assert!(stdout(&o).contains("Error [IST0101] (VirtualService curl-external-tst/v vs.yaml:7) Referenced host not found: \"b.example.com\""));
+}
+
+#[test]
+fn config_dump_sidecar() {
+    let o = meshgate(&["config-dump", "--config", "examples/seed", "--workload", "curl-external-tst/curl-test"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("Outbound policy:   REGISTRY_ONLY (Sidecar curl-external-tst/restrict-outbound-traffic)"), "{out}");
+    let route = out
+        .lines()
+        .find(|l| l.starts_with("jsonplaceholder.typicode.com:80 "))
+        .expect("route line for jsonplaceholder.typicode.com:80");
+    assert!(route.contains("-> curl-egress-tst.curl-egress-tst.svc.cluster.local:80"), "{route}");
+    assert!(route.contains("curl-external-tst/jsonplaceholder-egress"), "{route}");
+    let cluster = out
+        .lines()
+        .find(|l| l.starts_with("outbound|80||curl-egress-tst.curl-egress-tst.svc.cluster.local"))
+        .expect("cluster line");
+    assert!(cluster.contains("ISTIO_MUTUAL (auto mTLS)"), "{cluster}");
+    assert!(cluster.contains("spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst"), "{cluster}");
+}
+
+#[test]
+fn config_dump_gateway() {
+    let o = meshgate(&["config-dump", "-c", "examples/seed", "-w", "curl-egress-tst/curl-egress-tst-gateway"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    let listener = out.lines().find(|l| l.starts_with("80 ")).expect("listener 80");
+    assert!(listener.contains("HTTP") && listener.contains("jsonplaceholder.typicode.com"), "{listener}");
+    assert!(out.contains("-> jsonplaceholder.typicode.com:443"), "{out}");
+    let cluster = out.lines().find(|l| l.starts_with("outbound|443||jsonplaceholder.typicode.com")).expect("cluster");
+    for want in ["DNS", "SIMPLE", "jsonplaceholder.typicode.com", "system roots"] {
+        assert!(cluster.contains(want), "{want} missing in {cluster}");
+    }
+    let policy = out.lines().find(|l| l.starts_with("curl-egress-tst/allow-curl-external-to-egress")).expect("policy");
+    assert!(policy.contains("ALLOW") && policy.contains("from namespaces=[curl-external-tst]"), "{policy}");
+}
+
+#[test]
+fn config_dump_json() {
+    let o = meshgate(&["config-dump", "-c", "examples/seed", "-w", "curl-egress-tst/curl-egress-tst-gateway", "-o", "json"]);
+    assert_eq!(o.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    assert_eq!(v["clusters"][0]["tls"]["mode"], "SIMPLE");
+    assert_eq!(v["clusters"][0]["tls"]["sni"], "jsonplaceholder.typicode.com");
+    assert_eq!(v["clusters"][0]["resolution"], "DNS");
+    assert_eq!(v["listeners"][0]["port"], 80);
+    assert_eq!(v["workload"]["spiffeId"], "spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst");
+}
+
+#[test]
+fn config_dump_unknown_workload() {
+    let o = meshgate(&["config-dump", "-c", "examples/seed", "-w", "curl-external-tst/nope"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("workload curl-external-tst/nope not found"), "{}", stderr(&o));
+}
+
+#[test]
+fn help_on_every_subcommand() {
+    for sub in [&["--help"][..], &["check", "--help"], &["config-dump", "--help"]] {
+        let o = meshgate(sub);
+        assert_eq!(o.status.code(), Some(0), "{sub:?}");
+        assert!(stdout(&o).contains("Usage: meshgate"), "{sub:?}");
+    }
+}
