@@ -76,7 +76,11 @@ fn check_seed_reports_ca_warning_summary_and_exits_zero() {
         "1 Sidecar",
         "1 AuthorizationPolicy",
     ] {
-        assert!(lines[1].contains(part), "summary lacks {part}: {}", lines[1]);
+        assert!(
+            lines[1].contains(part),
+            "summary lacks {part}: {}",
+            lines[1]
+        );
     }
 }
 
@@ -89,31 +93,54 @@ fn check_json_output() {
     assert_eq!(arr.len(), 1);
     assert_eq!(arr[0]["code"], "IST0128");
     assert_eq!(arr[0]["level"], "Warning");
-    assert_eq!(arr[0]["origin"], "DestinationRule curl-egress-tst/jsonplaceholder-tls-origination");
+    assert_eq!(
+        arr[0]["origin"],
+        "DestinationRule curl-egress-tst/jsonplaceholder-tls-origination"
+    );
     assert_eq!(arr[0]["reference"], "destintionrule.yaml:1");
-    assert!(stderr(&o).contains("2 namespaces"), "summary on stderr keeps stdout pure JSON");
+    assert!(
+        stderr(&o).contains("2 namespaces"),
+        "summary on stderr keeps stdout pure JSON"
+    );
 }
 
 #[test]
 fn check_single_files_names_them_as_given() {
-    let o = meshgate(&["check", "examples/seed/destintionrule.yaml", "examples/seed/serviceentry.yaml"]);
+    let o = meshgate(&[
+        "check",
+        "examples/seed/destintionrule.yaml",
+        "examples/seed/serviceentry.yaml",
+    ]);
     assert_eq!(o.status.code(), Some(0));
     assert!(stdout(&o).contains("(DestinationRule curl-egress-tst/jsonplaceholder-tls-origination examples/seed/destintionrule.yaml:1)"));
 }
 
 #[test]
 fn malformed_yaml_exits_two_with_file_line_column() {
-    let s = Scratch::with_seed("malformed", &[("broken.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: [oops\n")]);
+    let s = Scratch::with_seed(
+        "malformed",
+        &[(
+            "broken.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: [oops\n",
+        )],
+    );
     let o = meshgate(&["check", s.path()]);
     assert_eq!(o.status.code(), Some(2));
-    assert_eq!(stderr(&o).trim(), "error: broken.yaml:4:9: YAML syntax error: unclosed bracket '['");
+    assert_eq!(
+        stderr(&o).trim(),
+        "error: broken.yaml:4:9: YAML syntax error: unclosed bracket '['"
+    );
 }
 
 #[test]
 fn unreadable_path_exits_two() {
     let o = meshgate(&["check", "does/not/exist"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).starts_with("error: does/not/exist: "), "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with("error: does/not/exist: "),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -150,62 +177,136 @@ fn analysis_error_exits_79() {
 
 #[test]
 fn config_dump_sidecar() {
-    let o = meshgate(&["config-dump", "--config", "examples/seed", "--workload", "curl-external-tst/curl-test"]);
+    let o = meshgate(&[
+        "config-dump",
+        "--config",
+        "examples/seed",
+        "--workload",
+        "curl-external-tst/curl-test",
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let out = stdout(&o);
-    assert!(out.contains("Outbound policy:   REGISTRY_ONLY (Sidecar curl-external-tst/restrict-outbound-traffic)"), "{out}");
+    assert!(
+        out.contains(
+            "Outbound policy:   REGISTRY_ONLY (Sidecar curl-external-tst/restrict-outbound-traffic)"
+        ),
+        "{out}"
+    );
     let route = out
         .lines()
         .find(|l| l.starts_with("jsonplaceholder.typicode.com:80 "))
         .expect("route line for jsonplaceholder.typicode.com:80");
-    assert!(route.contains("-> curl-egress-tst.curl-egress-tst.svc.cluster.local:80"), "{route}");
-    assert!(route.contains("curl-external-tst/jsonplaceholder-egress"), "{route}");
+    assert!(
+        route.contains("-> curl-egress-tst.curl-egress-tst.svc.cluster.local:80"),
+        "{route}"
+    );
+    assert!(
+        route.contains("curl-external-tst/jsonplaceholder-egress"),
+        "{route}"
+    );
     let cluster = out
         .lines()
         .find(|l| l.starts_with("outbound|80||curl-egress-tst.curl-egress-tst.svc.cluster.local"))
         .expect("cluster line");
     assert!(cluster.contains("ISTIO_MUTUAL (auto mTLS)"), "{cluster}");
-    assert!(cluster.contains("spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst"), "{cluster}");
+    assert!(
+        cluster.contains("spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst"),
+        "{cluster}"
+    );
 }
 
 #[test]
 fn config_dump_gateway() {
-    let o = meshgate(&["config-dump", "-c", "examples/seed", "-w", "curl-egress-tst/curl-egress-tst-gateway"]);
+    let o = meshgate(&[
+        "config-dump",
+        "-c",
+        "examples/seed",
+        "-w",
+        "curl-egress-tst/curl-egress-tst-gateway",
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let out = stdout(&o);
-    let listener = out.lines().find(|l| l.starts_with("80 ")).expect("listener 80");
-    assert!(listener.contains("HTTP") && listener.contains("jsonplaceholder.typicode.com"), "{listener}");
+    let listener = out
+        .lines()
+        .find(|l| l.starts_with("80 "))
+        .expect("listener 80");
+    assert!(
+        listener.contains("HTTP") && listener.contains("jsonplaceholder.typicode.com"),
+        "{listener}"
+    );
     assert!(out.contains("-> jsonplaceholder.typicode.com:443"), "{out}");
-    let cluster = out.lines().find(|l| l.starts_with("outbound|443||jsonplaceholder.typicode.com")).expect("cluster");
-    for want in ["DNS", "SIMPLE", "jsonplaceholder.typicode.com", "system roots"] {
+    let cluster = out
+        .lines()
+        .find(|l| l.starts_with("outbound|443||jsonplaceholder.typicode.com"))
+        .expect("cluster");
+    for want in [
+        "DNS",
+        "SIMPLE",
+        "jsonplaceholder.typicode.com",
+        "system roots",
+    ] {
         assert!(cluster.contains(want), "{want} missing in {cluster}");
     }
-    let policy = out.lines().find(|l| l.starts_with("curl-egress-tst/allow-curl-external-to-egress")).expect("policy");
-    assert!(policy.contains("ALLOW") && policy.contains("from namespaces=[curl-external-tst]"), "{policy}");
+    let policy = out
+        .lines()
+        .find(|l| l.starts_with("curl-egress-tst/allow-curl-external-to-egress"))
+        .expect("policy");
+    assert!(
+        policy.contains("ALLOW") && policy.contains("from namespaces=[curl-external-tst]"),
+        "{policy}"
+    );
 }
 
 #[test]
 fn config_dump_json() {
-    let o = meshgate(&["config-dump", "-c", "examples/seed", "-w", "curl-egress-tst/curl-egress-tst-gateway", "-o", "json"]);
+    let o = meshgate(&[
+        "config-dump",
+        "-c",
+        "examples/seed",
+        "-w",
+        "curl-egress-tst/curl-egress-tst-gateway",
+        "-o",
+        "json",
+    ]);
     assert_eq!(o.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
     assert_eq!(v["clusters"][0]["tls"]["mode"], "SIMPLE");
-    assert_eq!(v["clusters"][0]["tls"]["sni"], "jsonplaceholder.typicode.com");
+    assert_eq!(
+        v["clusters"][0]["tls"]["sni"],
+        "jsonplaceholder.typicode.com"
+    );
     assert_eq!(v["clusters"][0]["resolution"], "DNS");
     assert_eq!(v["listeners"][0]["port"], 80);
-    assert_eq!(v["workload"]["spiffeId"], "spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst");
+    assert_eq!(
+        v["workload"]["spiffeId"],
+        "spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst"
+    );
 }
 
 #[test]
 fn config_dump_unknown_workload() {
-    let o = meshgate(&["config-dump", "-c", "examples/seed", "-w", "curl-external-tst/nope"]);
+    let o = meshgate(&[
+        "config-dump",
+        "-c",
+        "examples/seed",
+        "-w",
+        "curl-external-tst/nope",
+    ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("workload curl-external-tst/nope not found"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("workload curl-external-tst/nope not found"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
 fn help_on_every_subcommand() {
-    for sub in [&["--help"][..], &["check", "--help"], &["config-dump", "--help"]] {
+    for sub in [
+        &["--help"][..],
+        &["check", "--help"],
+        &["config-dump", "--help"],
+    ] {
         let o = meshgate(sub);
         assert_eq!(o.status.code(), Some(0), "{sub:?}");
         assert!(stdout(&o).contains("Usage: meshgate"), "{sub:?}");

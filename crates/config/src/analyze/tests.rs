@@ -8,7 +8,10 @@ fn seed_plus(extra: &str) -> Vec<String> {
     crate::load::load_str("extra.yaml", extra, &mut loaded).expect("valid YAML");
     let schema: Vec<String> = loaded.diagnostics.iter().map(ToString::to_string).collect();
     assert!(schema.is_empty(), "{schema:?}");
-    analyze(&loaded.config, &MeshSettings::default()).iter().map(ToString::to_string).collect()
+    analyze(&loaded.config, &MeshSettings::default())
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
 const SEED_IST0128: &str = "Warning [IST0128] (DestinationRule curl-egress-tst/jsonplaceholder-tls-origination destintionrule.yaml:1) DestinationRule curl-egress-tst/jsonplaceholder-tls-origination in namespace curl-egress-tst has TLS mode set to SIMPLE but no caCertificates are set to validate server identity for host: jsonplaceholder.typicode.com";
@@ -19,7 +22,9 @@ fn seed_has_only_the_ca_certificates_warning() {
 }
 
 fn vs(name: &str, ns: &str, body: &str) -> String {
-    format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{body}")
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{body}"
+    )
 }
 
 /// Each case: extra YAML, and the exact diagnostics it adds to the seed's.
@@ -161,7 +166,12 @@ fn json_shape_matches_istioctl() {
     let d = crate::diag::Diagnostic::new(
         Level::Warning,
         "IST0128",
-        crate::diag::Origin { kind: "DestinationRule".into(), name: "a/b".into(), file: "f.yaml".into(), line: 3 },
+        crate::diag::Origin {
+            kind: "DestinationRule".into(),
+            name: "a/b".into(),
+            file: "f.yaml".into(),
+            line: 3,
+        },
         "msg",
     );
     let json = serde_json::to_value(crate::diag::DiagnosticJson::from(&d)).unwrap();

@@ -13,25 +13,70 @@ fn messages(l: &Loaded) -> Vec<String> {
 }
 
 const SPECS: &[(&str, &str, &str)] = &[
-    ("networking.istio.io", "ServiceEntry", "hosts: [a.example.com]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: DNS"),
-    ("networking.istio.io", "VirtualService", "hosts: [a.example.com]\n  http:\n  - route:\n    - destination: {host: a.example.com}"),
-    ("networking.istio.io", "DestinationRule", "host: a.example.com\n  trafficPolicy: {tls: {mode: SIMPLE, caCertificates: /ca.pem}}"),
-    ("networking.istio.io", "Gateway", "selector: {istio: egressgateway}\n  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [a.example.com]"),
-    ("networking.istio.io", "Sidecar", "outboundTrafficPolicy: {mode: ALLOW_ANY}"),
-    ("security.istio.io", "AuthorizationPolicy", "action: DENY\n  rules: [{}]"),
-    ("security.istio.io", "PeerAuthentication", "mtls: {mode: STRICT}"),
+    (
+        "networking.istio.io",
+        "ServiceEntry",
+        "hosts: [a.example.com]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: DNS",
+    ),
+    (
+        "networking.istio.io",
+        "VirtualService",
+        "hosts: [a.example.com]\n  http:\n  - route:\n    - destination: {host: a.example.com}",
+    ),
+    (
+        "networking.istio.io",
+        "DestinationRule",
+        "host: a.example.com\n  trafficPolicy: {tls: {mode: SIMPLE, caCertificates: /ca.pem}}",
+    ),
+    (
+        "networking.istio.io",
+        "Gateway",
+        "selector: {istio: egressgateway}\n  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [a.example.com]",
+    ),
+    (
+        "networking.istio.io",
+        "Sidecar",
+        "outboundTrafficPolicy: {mode: ALLOW_ANY}",
+    ),
+    (
+        "security.istio.io",
+        "AuthorizationPolicy",
+        "action: DENY\n  rules: [{}]",
+    ),
+    (
+        "security.istio.io",
+        "PeerAuthentication",
+        "mtls: {mode: STRICT}",
+    ),
 ];
 
 #[test]
 fn every_istio_kind_in_every_api_version() {
     for (group, kind, spec) in SPECS {
-        let versions: &[&str] = if *group == "security.istio.io" { &["v1beta1", "v1"] } else { &["v1alpha3", "v1beta1", "v1"] };
+        let versions: &[&str] = if *group == "security.istio.io" {
+            &["v1beta1", "v1"]
+        } else {
+            &["v1alpha3", "v1beta1", "v1"]
+        };
         for version in versions {
-            let text = format!("apiVersion: {group}/{version}\nkind: {kind}\nmetadata:\n  name: x\n  namespace: ns\nspec:\n  {spec}\n");
+            let text = format!(
+                "apiVersion: {group}/{version}\nkind: {kind}\nmetadata:\n  name: x\n  namespace: ns\nspec:\n  {spec}\n"
+            );
             let l = load(&text);
-            assert!(l.diagnostics.is_empty(), "{kind} {version}: {:?}", messages(&l));
-            let m = l.config.metas().next().unwrap_or_else(|| panic!("{kind} {version} loaded"));
-            assert_eq!((m.kind.as_str(), m.api_version.as_str()), (*kind, format!("{group}/{version}").as_str()));
+            assert!(
+                l.diagnostics.is_empty(),
+                "{kind} {version}: {:?}",
+                messages(&l)
+            );
+            let m = l
+                .config
+                .metas()
+                .next()
+                .unwrap_or_else(|| panic!("{kind} {version} loaded"));
+            assert_eq!(
+                (m.kind.as_str(), m.api_version.as_str()),
+                (*kind, format!("{group}/{version}").as_str())
+            );
             assert_eq!(m.full_name(), "ns/x");
         }
     }
@@ -84,9 +129,24 @@ spec:
     let l = load(text);
     assert!(l.diagnostics.is_empty(), "{:?}", messages(&l));
     let c = &l.config;
-    assert_eq!((c.namespaces.len(), c.service_accounts.len(), c.services.len(), c.workloads.len()), (1, 1, 1, 2));
-    assert_eq!(c.namespaces[0].meta.full_name(), "ns", "Namespace is cluster-scoped");
-    assert_eq!(c.services[0].spec.ports[1].target_port, Some(IntOrStringExt::s("grpc")));
+    assert_eq!(
+        (
+            c.namespaces.len(),
+            c.service_accounts.len(),
+            c.services.len(),
+            c.workloads.len()
+        ),
+        (1, 1, 1, 2)
+    );
+    assert_eq!(
+        c.namespaces[0].meta.full_name(),
+        "ns",
+        "Namespace is cluster-scoped"
+    );
+    assert_eq!(
+        c.services[0].spec.ports[1].target_port,
+        Some(IntOrStringExt::s("grpc"))
+    );
     let dep = &c.workloads[1];
     assert_eq!(dep.meta.kind, Kind::Deployment);
     assert_eq!(dep.spec.selector.get("app").map(String::as_str), Some("a"));
@@ -161,7 +221,10 @@ spec:
         "Error [IST0106] (VirtualService ns/vs test.yaml:38) Schema validation error: spec.http[3].uriRegexRewrite: unknown field \"uriRegexRewrite\" (column 5)"
     );
 
-    let fixed = text.replace("  - uriRegexRewrite: null\n", "  - rewrite: {uriRegexRewrite: {match: '^/a/(.*)', rewrite: '/b/\\1'}}\n");
+    let fixed = text.replace(
+        "  - uriRegexRewrite: null\n",
+        "  - rewrite: {uriRegexRewrite: {match: '^/a/(.*)', rewrite: '/b/\\1'}}\n",
+    );
     let l = load(&fixed);
     assert!(l.diagnostics.is_empty(), "{:?}", messages(&l));
     let vs = &l.config.virtual_services[0].spec;
@@ -171,8 +234,14 @@ spec:
     assert_eq!(r.matches[0].headers["x-user"].exact.as_deref(), Some("bob"));
     assert_eq!(r.matches[0].without_headers["x-debug"], Default::default());
     assert_eq!(r.route[1].weight, Some(10));
-    assert_eq!(vs.http[1].redirect.as_ref().and_then(|x| x.redirect_code), Some(302));
-    assert_eq!(vs.http[2].direct_response.as_ref().map(|d| d.status), Some(410));
+    assert_eq!(
+        vs.http[1].redirect.as_ref().and_then(|x| x.redirect_code),
+        Some(302)
+    );
+    assert_eq!(
+        vs.http[2].direct_response.as_ref().map(|d| d.status),
+        Some(410)
+    );
     assert_eq!(vs.tls[0].matches[0].sni_hosts, vec!["a.example.com"]);
     assert_eq!(vs.tcp[0].matches[0].port, Some(9000));
 }
@@ -238,23 +307,49 @@ spec:
     let dr = &l.config.destination_rules[0].spec;
     let tp = dr.traffic_policy.as_ref().unwrap();
     assert_eq!(tp.tls.as_ref().map(|t| t.mode), Some(ClientTlsMode::Mutual));
-    assert_eq!(tp.port_level_settings[0].tls.as_ref().and_then(|t| t.insecure_skip_verify), Some(true));
-    assert_eq!(tp.outlier_detection.as_ref().and_then(|o| o.consecutive_5xx_errors), Some(3));
+    assert_eq!(
+        tp.port_level_settings[0]
+            .tls
+            .as_ref()
+            .and_then(|t| t.insecure_skip_verify),
+        Some(true)
+    );
+    assert_eq!(
+        tp.outlier_detection
+            .as_ref()
+            .and_then(|o| o.consecutive_5xx_errors),
+        Some(3)
+    );
     let ap = &l.config.authorization_policies[0].spec;
     assert_eq!(ap.action, AuthzAction::Allow);
     assert_eq!(ap.rules.as_ref().map(Vec::len), Some(1));
     let pa = &l.config.peer_authentications[0].spec;
     assert_eq!(pa.port_level_mtls[&8080].mode, MtlsMode::Permissive);
     let sc = &l.config.sidecars[0].spec;
-    assert_eq!(sc.outbound_traffic_policy.as_ref().map(|p| p.mode), Some(OutboundMode::RegistryOnly));
+    assert_eq!(
+        sc.outbound_traffic_policy.as_ref().map(|p| p.mode),
+        Some(OutboundMode::RegistryOnly)
+    );
 }
 
 #[test]
 fn absent_rules_differ_from_a_list_with_an_empty_rule() {
-    let l = load("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: b}\nspec: {rules: [{}]}\n");
+    let l = load(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: b}\nspec: {rules: [{}]}\n",
+    );
     assert_eq!(l.config.authorization_policies[0].spec.rules, None);
-    assert_eq!(l.config.authorization_policies[1].spec.rules.as_ref().map(Vec::len), Some(1));
-    assert_eq!(l.config.authorization_policies[0].meta.namespace, "default", "no namespace means default");
+    assert_eq!(
+        l.config.authorization_policies[1]
+            .spec
+            .rules
+            .as_ref()
+            .map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(
+        l.config.authorization_policies[0].meta.namespace, "default",
+        "no namespace means default"
+    );
 }
 
 #[test]
@@ -304,14 +399,20 @@ fn schema_errors_name_field_line_and_are_not_loaded() {
     for (text, want) in cases {
         let l = load(text);
         assert_eq!(messages(&l), vec![(*want).to_owned()], "for:\n{text}");
-        assert_eq!(l.config.metas().count(), 0, "a resource with a schema error is not loaded");
+        assert_eq!(
+            l.config.metas().count(),
+            0,
+            "a resource with a schema error is not loaded"
+        );
         assert!(l.has_errors());
     }
 }
 
 #[test]
 fn unknown_kinds_are_skipped_with_a_warning() {
-    let l = load("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm, namespace: ns}\ndata: {a: b}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: g}\nspec: {}\n");
+    let l = load(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm, namespace: ns}\ndata: {a: b}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: g}\nspec: {}\n",
+    );
     assert_eq!(
         messages(&l),
         vec![
@@ -326,11 +427,22 @@ fn unknown_kinds_are_skipped_with_a_warning() {
 #[test]
 fn malformed_yaml_is_a_load_error_with_line_and_column() {
     let mut l = Loaded::default();
-    let err = load_str("bad.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: [a\n", &mut l).unwrap_err();
+    let err = load_str(
+        "bad.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: [a\n",
+        &mut l,
+    )
+    .unwrap_err();
     let text = err.to_string();
-    assert_eq!(text, "bad.yaml:4:9: YAML syntax error: unclosed bracket '['");
+    assert_eq!(
+        text,
+        "bad.yaml:4:9: YAML syntax error: unclosed bracket '['"
+    );
     let err = load_str("dup.yaml", "a: 1\nb: 2\na: 3\n", &mut l).unwrap_err();
-    assert_eq!(err.to_string(), "dup.yaml:3:1: YAML syntax error: duplicate key `a`");
+    assert_eq!(
+        err.to_string(),
+        "dup.yaml:3:1: YAML syntax error: duplicate key `a`"
+    );
 }
 
 #[test]
@@ -339,14 +451,18 @@ fn duplicate_resources_are_refused() {
     let l = load(&format!("{doc}---\n{doc}"));
     assert_eq!(
         messages(&l),
-        vec!["Error [IST0106] (Sidecar ns/s test.yaml:6) Schema validation error: duplicate Sidecar ns/s: also defined at test.yaml:1"]
+        vec![
+            "Error [IST0106] (Sidecar ns/s test.yaml:6) Schema validation error: duplicate Sidecar ns/s: also defined at test.yaml:1"
+        ]
     );
     assert_eq!(l.config.sidecars.len(), 1);
 }
 
 #[test]
 fn kubectl_list_output_is_read() {
-    let l = load("apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: a}\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: b}\n");
+    let l = load(
+        "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: a}\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: b}\n",
+    );
     assert_eq!(l.config.namespaces.len(), 2);
     assert_eq!(l.config.namespaces[1].meta.source.line, 7);
 }
@@ -364,16 +480,25 @@ fn seed_examples_load_cleanly() {
     assert_eq!(se.spec.resolution, Resolution::Dns);
     assert_eq!(&*se.meta.source.file, "serviceentry.yaml");
     let svc = &l.config.services[0];
-    assert_eq!((&*svc.meta.source.file, svc.meta.source.line), ("deployment-egress-gw.yaml", 68));
+    assert_eq!(
+        (&*svc.meta.source.file, svc.meta.source.line),
+        ("deployment-egress-gw.yaml", 68)
+    );
 }
 
 #[test]
 fn missing_path_and_empty_folder() {
     let err = load_paths(&["/nonexistent/meshgate"]).unwrap_err();
-    assert!(err.to_string().starts_with("/nonexistent/meshgate: "), "{err}");
+    assert!(
+        err.to_string().starts_with("/nonexistent/meshgate: "),
+        "{err}"
+    );
     let dir = std::env::temp_dir().join(format!("meshgate-empty-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let err = load_paths(&[&dir]).unwrap_err();
-    assert!(err.to_string().ends_with("no .yaml or .yml files found"), "{err}");
+    assert!(
+        err.to_string().ends_with("no .yaml or .yml files found"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

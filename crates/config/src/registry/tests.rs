@@ -33,14 +33,21 @@ fn export_to_table() {
         (s(&["b", "c"]), "a", "a", false),
     ];
     for (export, own, target, want) in cases {
-        assert_eq!(exported_to(&export, own, target), want, "{export:?} {own}->{target}");
+        assert_eq!(
+            exported_to(&export, own, target),
+            want,
+            "{export:?} {own}->{target}"
+        );
     }
 }
 
 #[test]
 fn short_hosts_resolve_in_the_rule_namespace() {
     let mesh = MeshSettings::default();
-    assert_eq!(resolve_host("reviews", "foo", &mesh), "reviews.foo.svc.cluster.local");
+    assert_eq!(
+        resolve_host("reviews", "foo", &mesh),
+        "reviews.foo.svc.cluster.local"
+    );
     assert_eq!(resolve_host("reviews.bar", "foo", &mesh), "reviews.bar");
     assert_eq!(resolve_host("*", "foo", &mesh), "*");
 }
@@ -94,19 +101,60 @@ fn injection_and_gateway_detection() {
         ("rev", "", "", ProxyKind::Sidecar),
         ("on", "", "", ProxyKind::Sidecar),
         ("plain", "", "", ProxyKind::None),
-        ("plain", "", "sidecar.istio.io/inject: 'true'", ProxyKind::Sidecar),
-        ("plain", "sidecar.istio.io/inject: 'true'", "", ProxyKind::Sidecar),
-        ("on", "sidecar.istio.io/inject: 'false'", "", ProxyKind::None),
-        ("on", "", "sidecar.istio.io/inject: 'false'", ProxyKind::None),
-        ("off", "", "sidecar.istio.io/inject: 'true'", ProxyKind::None),
-        ("plain", "", "inject.istio.io/templates: gateway", ProxyKind::Gateway),
-        ("on", "", "inject.istio.io/templates: 'sidecar,gateway'", ProxyKind::Gateway),
+        (
+            "plain",
+            "",
+            "sidecar.istio.io/inject: 'true'",
+            ProxyKind::Sidecar,
+        ),
+        (
+            "plain",
+            "sidecar.istio.io/inject: 'true'",
+            "",
+            ProxyKind::Sidecar,
+        ),
+        (
+            "on",
+            "sidecar.istio.io/inject: 'false'",
+            "",
+            ProxyKind::None,
+        ),
+        (
+            "on",
+            "",
+            "sidecar.istio.io/inject: 'false'",
+            ProxyKind::None,
+        ),
+        (
+            "off",
+            "",
+            "sidecar.istio.io/inject: 'true'",
+            ProxyKind::None,
+        ),
+        (
+            "plain",
+            "",
+            "inject.istio.io/templates: gateway",
+            ProxyKind::Gateway,
+        ),
+        (
+            "on",
+            "",
+            "inject.istio.io/templates: 'sidecar,gateway'",
+            ProxyKind::Gateway,
+        ),
     ];
     for (ns, labels, annotations, want) in cases {
-        let text = format!("{NAMESPACES}{}", deployment(ns, "w", labels, annotations, ""));
+        let text = format!(
+            "{NAMESPACES}{}",
+            deployment(ns, "w", labels, annotations, "")
+        );
         let c = config(&text);
         let ws = workloads(&c, &MeshSettings::default());
-        assert_eq!(ws[0].proxy, want, "ns={ns} labels={labels} annotations={annotations}");
+        assert_eq!(
+            ws[0].proxy, want,
+            "ns={ns} labels={labels} annotations={annotations}"
+        );
     }
 }
 
@@ -115,14 +163,26 @@ fn identity_defaults_to_the_default_service_account() {
     let text = format!(
         "{}{}",
         deployment("a", "one", "app: x", "", ""),
-        deployment("b", "two", "app: y", "", "      serviceAccountName: robot\n")
+        deployment(
+            "b",
+            "two",
+            "app: y",
+            "",
+            "      serviceAccountName: robot\n"
+        )
     );
     let ws = workloads(&config(&text), &MeshSettings::default());
     assert_eq!(ws[0].service_account, "default");
     assert_eq!(ws[0].spiffe_id, "spiffe://cluster.local/ns/a/sa/default");
     assert_eq!(ws[1].spiffe_id, "spiffe://cluster.local/ns/b/sa/robot");
-    let td = MeshSettings { trust_domain: "corp.example".into(), ..MeshSettings::default() };
-    assert_eq!(workloads(&config(&text), &td)[1].spiffe_id, "spiffe://corp.example/ns/b/sa/robot");
+    let td = MeshSettings {
+        trust_domain: "corp.example".into(),
+        ..MeshSettings::default()
+    };
+    assert_eq!(
+        workloads(&config(&text), &td)[1].spiffe_id,
+        "spiffe://corp.example/ns/b/sa/robot"
+    );
 }
 
 #[test]
@@ -130,20 +190,40 @@ fn seed_registry() {
     let c = seed();
     let r = build(&c, &MeshSettings::default());
     let hosts: Vec<&str> = r.services.iter().map(|s| s.hostname.as_str()).collect();
-    assert_eq!(hosts, vec!["curl-egress-tst.curl-egress-tst.svc.cluster.local", "jsonplaceholder.typicode.com"]);
+    assert_eq!(
+        hosts,
+        vec![
+            "curl-egress-tst.curl-egress-tst.svc.cluster.local",
+            "jsonplaceholder.typicode.com"
+        ]
+    );
     let gw_svc = &r.services[0];
     assert!(gw_svc.mesh_endpoints, "the gateway is a mesh endpoint");
-    assert_eq!(gw_svc.service_accounts, vec!["spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst"]);
+    assert_eq!(
+        gw_svc.service_accounts,
+        vec!["spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst"]
+    );
     assert_eq!(gw_svc.ports[0].protocol, Protocol::Http);
     let se = &r.services[1];
-    assert_eq!((se.namespace.as_str(), se.location, se.resolution), ("curl-external-tst", Location::MeshExternal, Resolution::Dns));
-    assert_eq!(se.ports.iter().map(|p| p.number).collect::<Vec<_>>(), vec![80, 443]);
+    assert_eq!(
+        (se.namespace.as_str(), se.location, se.resolution),
+        ("curl-external-tst", Location::MeshExternal, Resolution::Dns)
+    );
+    assert_eq!(
+        se.ports.iter().map(|p| p.number).collect::<Vec<_>>(),
+        vec![80, 443]
+    );
     assert!(!se.mesh_endpoints);
 
     let curl = r.workload("curl-external-tst", "curl-test").unwrap();
     assert_eq!(curl.proxy, ProxyKind::Sidecar);
-    assert_eq!(curl.spiffe_id, "spiffe://cluster.local/ns/curl-external-tst/sa/default");
-    let gw = r.workload("curl-egress-tst", "curl-egress-tst-gateway").unwrap();
+    assert_eq!(
+        curl.spiffe_id,
+        "spiffe://cluster.local/ns/curl-external-tst/sa/default"
+    );
+    let gw = r
+        .workload("curl-egress-tst", "curl-egress-tst-gateway")
+        .unwrap();
     assert_eq!(gw.proxy, ProxyKind::Gateway);
     assert_eq!(r.services_of(gw).count(), 1);
 }
@@ -151,12 +231,20 @@ fn seed_registry() {
 #[test]
 fn lookup_respects_export_and_prefers_own_namespace() {
     let se = |ns: &str, export: &str| {
-        format!("---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: se, namespace: {ns}}}\nspec:\n  hosts: [x.example.com]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  exportTo: [{export}]\n")
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: se, namespace: {ns}}}\nspec:\n  hosts: [x.example.com]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  exportTo: [{export}]\n"
+        )
     };
     let c = config(&format!("{}{}", se("a", "'*'"), se("b", "'.'")));
     let r = build(&c, &MeshSettings::default());
-    assert_eq!(r.lookup("x.example.com", "b").map(|s| s.namespace.as_str()), Some("b"));
-    assert_eq!(r.lookup("x.example.com", "c").map(|s| s.namespace.as_str()), Some("a"));
+    assert_eq!(
+        r.lookup("x.example.com", "b").map(|s| s.namespace.as_str()),
+        Some("b")
+    );
+    assert_eq!(
+        r.lookup("x.example.com", "c").map(|s| s.namespace.as_str()),
+        Some("a")
+    );
     let c = config(&se("a", "'.'"));
     let r = build(&c, &MeshSettings::default());
     assert!(r.lookup("x.example.com", "c").is_none());

@@ -14,7 +14,11 @@ fn workload_yaml(ns: &str, name: &str, labels: &str) -> String {
 }
 
 fn sidecar_yaml(ns: &str, name: &str, selector: &str, mode: &str) -> String {
-    let sel = if selector.is_empty() { String::new() } else { format!("  workloadSelector: {{labels: {{{selector}}}}}\n") };
+    let sel = if selector.is_empty() {
+        String::new()
+    } else {
+        format!("  workloadSelector: {{labels: {{{selector}}}}}\n")
+    };
     format!(
         "---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{sel}  outboundTrafficPolicy: {{mode: {mode}}}\n"
     )
@@ -25,21 +29,43 @@ fn sidecar_selection_order() {
     // (sidecars present, expected winner)
     let cases: Vec<(Vec<String>, Option<&str>)> = vec![
         (vec![], None),
-        (vec![sidecar_yaml("app", "ns-wide", "", "ALLOW_ANY")], Some("app/ns-wide")),
         (
-            vec![sidecar_yaml("app", "ns-wide", "", "ALLOW_ANY"), sidecar_yaml("app", "selected", "app: curl", "REGISTRY_ONLY")],
-            Some("app/selected"),
-        ),
-        (vec![sidecar_yaml("app", "other", "app: nope", "REGISTRY_ONLY")], None),
-        (vec![sidecar_yaml("istio-system", "global", "", "REGISTRY_ONLY")], Some("istio-system/global")),
-        (
-            vec![sidecar_yaml("istio-system", "global", "", "REGISTRY_ONLY"), sidecar_yaml("app", "ns-wide", "", "ALLOW_ANY")],
+            vec![sidecar_yaml("app", "ns-wide", "", "ALLOW_ANY")],
             Some("app/ns-wide"),
         ),
-        (vec![sidecar_yaml("elsewhere", "x", "", "REGISTRY_ONLY")], None),
+        (
+            vec![
+                sidecar_yaml("app", "ns-wide", "", "ALLOW_ANY"),
+                sidecar_yaml("app", "selected", "app: curl", "REGISTRY_ONLY"),
+            ],
+            Some("app/selected"),
+        ),
+        (
+            vec![sidecar_yaml("app", "other", "app: nope", "REGISTRY_ONLY")],
+            None,
+        ),
+        (
+            vec![sidecar_yaml("istio-system", "global", "", "REGISTRY_ONLY")],
+            Some("istio-system/global"),
+        ),
+        (
+            vec![
+                sidecar_yaml("istio-system", "global", "", "REGISTRY_ONLY"),
+                sidecar_yaml("app", "ns-wide", "", "ALLOW_ANY"),
+            ],
+            Some("app/ns-wide"),
+        ),
+        (
+            vec![sidecar_yaml("elsewhere", "x", "", "REGISTRY_ONLY")],
+            None,
+        ),
     ];
     for (sidecars, want) in cases {
-        let text = format!("{}{}", workload_yaml("app", "curl", "app: curl"), sidecars.concat());
+        let text = format!(
+            "{}{}",
+            workload_yaml("app", "curl", "app: curl"),
+            sidecars.concat()
+        );
         let c = config(&text);
         let r = registry::build(&c, &mesh());
         let w = &r.workloads[0];
@@ -52,14 +78,28 @@ fn sidecar_selection_order() {
 fn outbound_policy_defaults_to_allow_any() {
     let c = config(&workload_yaml("app", "curl", "app: curl"));
     let p = outbound_policy(None);
-    assert_eq!((p.mode, p.source.as_str()), (OutboundMode::AllowAny, "mesh default"));
-    let c2 = config(&format!("{}{}", workload_yaml("app", "curl", "app: curl"), sidecar_yaml("app", "s", "", "REGISTRY_ONLY")));
-    assert_eq!(outbound_policy(c2.sidecars.first()).mode, OutboundMode::RegistryOnly);
+    assert_eq!(
+        (p.mode, p.source.as_str()),
+        (OutboundMode::AllowAny, "mesh default")
+    );
+    let c2 = config(&format!(
+        "{}{}",
+        workload_yaml("app", "curl", "app: curl"),
+        sidecar_yaml("app", "s", "", "REGISTRY_ONLY")
+    ));
+    assert_eq!(
+        outbound_policy(c2.sidecars.first()).mode,
+        OutboundMode::RegistryOnly
+    );
     assert!(c.sidecars.is_empty());
 }
 
 fn dr_yaml(ns: &str, name: &str, host: &str, export: &str) -> String {
-    let export = if export.is_empty() { String::new() } else { format!("  exportTo: [{export}]\n") };
+    let export = if export.is_empty() {
+        String::new()
+    } else {
+        format!("  exportTo: [{export}]\n")
+    };
     format!(
         "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  host: {host}\n{export}  trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: /ca.pem}}}}\n"
     )
@@ -75,17 +115,45 @@ fn destination_rule_lookup_order() {
         (vec![dr_yaml("client", "c", host, "'.'")], Some("client/c")),
         (vec![dr_yaml("server", "s", host, "")], Some("server/s")),
         (vec![dr_yaml("server", "s", host, "'.'")], None),
-        (vec![dr_yaml("server", "s", host, "client")], Some("server/s")),
-        (vec![dr_yaml("istio-system", "root", host, "")], Some("istio-system/root")),
-        (vec![dr_yaml("server", "s", host, ""), dr_yaml("client", "c", host, "")], Some("client/c")),
-        (vec![dr_yaml("istio-system", "root", host, ""), dr_yaml("server", "s", host, "")], Some("server/s")),
+        (
+            vec![dr_yaml("server", "s", host, "client")],
+            Some("server/s"),
+        ),
+        (
+            vec![dr_yaml("istio-system", "root", host, "")],
+            Some("istio-system/root"),
+        ),
+        (
+            vec![
+                dr_yaml("server", "s", host, ""),
+                dr_yaml("client", "c", host, ""),
+            ],
+            Some("client/c"),
+        ),
+        (
+            vec![
+                dr_yaml("istio-system", "root", host, ""),
+                dr_yaml("server", "s", host, ""),
+            ],
+            Some("server/s"),
+        ),
         (vec![dr_yaml("third", "t", host, "")], None),
-        (vec![dr_yaml("client", "wild", "'*.server.svc.cluster.local'", ""), dr_yaml("client", "exact", host, "")], Some("client/exact")),
-        (vec![dr_yaml("server", "short", "svc", "")], Some("server/short")),
+        (
+            vec![
+                dr_yaml("client", "wild", "'*.server.svc.cluster.local'", ""),
+                dr_yaml("client", "exact", host, ""),
+            ],
+            Some("client/exact"),
+        ),
+        (
+            vec![dr_yaml("server", "short", "svc", "")],
+            Some("server/short"),
+        ),
     ];
     for (drs, want) in cases {
         let c = config(&drs.concat());
-        let got = destination_rule_for(&c, "client", None, host, "server", &mesh()).map(|d| d.meta.full_name());
+        let got = destination_rule_for(&c, "client", None, host, "server", &mesh())
+            .map(|d| d.meta.full_name());
         assert_eq!(got.as_deref(), want, "{drs:?}");
     }
 }
@@ -97,17 +165,32 @@ fn port_level_settings_override_without_inheriting() {
     );
     let dr = &c.destination_rules[0].spec;
     let p80 = effective_policy(dr, 80, "");
-    assert_eq!(p80.tls.as_ref().map(|t| (t.mode, t.sni.as_str())), Some((ClientTlsMode::Simple, "top.x.com")));
+    assert_eq!(
+        p80.tls.as_ref().map(|t| (t.mode, t.sni.as_str())),
+        Some((ClientTlsMode::Simple, "top.x.com"))
+    );
     let p443 = effective_policy(dr, 443, "");
-    assert_eq!(p443.tls.as_ref().map(|t| (t.mode, t.sni.as_str())), Some((ClientTlsMode::Mutual, "")));
-    assert!(p443.load_balancer.is_some(), "a port entry without loadBalancer keeps the top-level one");
+    assert_eq!(
+        p443.tls.as_ref().map(|t| (t.mode, t.sni.as_str())),
+        Some((ClientTlsMode::Mutual, ""))
+    );
+    assert!(
+        p443.load_balancer.is_some(),
+        "a port entry without loadBalancer keeps the top-level one"
+    );
     let v2 = effective_policy(dr, 80, "v2");
     assert_eq!(v2.tls.map(|t| t.mode), Some(ClientTlsMode::Disable));
 }
 
 fn ap_yaml(ns: &str, name: &str, selector: &str) -> String {
-    let sel = if selector.is_empty() { String::new() } else { format!("  selector: {{matchLabels: {{{selector}}}}}\n") };
-    format!("---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{sel}  rules: [{{}}]\n")
+    let sel = if selector.is_empty() {
+        String::new()
+    } else {
+        format!("  selector: {{matchLabels: {{{selector}}}}}\n")
+    };
+    format!(
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{sel}  rules: [{{}}]\n"
+    )
 }
 
 #[test]
@@ -124,29 +207,96 @@ fn authorization_policy_scope() {
     .concat();
     let c = config(&text);
     let r = registry::build(&c, &mesh());
-    let got: Vec<String> = authorization_policies_for(&c, &r.workloads[0], &mesh()).iter().map(|p| p.meta.full_name()).collect();
-    assert_eq!(got, vec!["app/ns-wide", "app/selected", "istio-system/mesh-wide", "istio-system/mesh-selected"]);
+    let got: Vec<String> = authorization_policies_for(&c, &r.workloads[0], &mesh())
+        .iter()
+        .map(|p| p.meta.full_name())
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            "app/ns-wide",
+            "app/selected",
+            "istio-system/mesh-wide",
+            "istio-system/mesh-selected"
+        ]
+    );
 }
 
 #[test]
 fn peer_authentication_precedence() {
     let pa = |ns: &str, name: &str, sel: &str, mode: &str, port: &str| {
-        let sel = if sel.is_empty() { String::new() } else { format!("  selector: {{matchLabels: {{{sel}}}}}\n") };
-        let port = if port.is_empty() { String::new() } else { format!("  portLevelMtls: {{{port}}}\n") };
-        format!("---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{sel}  mtls: {{mode: {mode}}}\n{port}")
+        let sel = if sel.is_empty() {
+            String::new()
+        } else {
+            format!("  selector: {{matchLabels: {{{sel}}}}}\n")
+        };
+        let port = if port.is_empty() {
+            String::new()
+        } else {
+            format!("  portLevelMtls: {{{port}}}\n")
+        };
+        format!(
+            "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{sel}  mtls: {{mode: {mode}}}\n{port}"
+        )
     };
     let cases: Vec<(Vec<String>, Option<u32>, MtlsMode)> = vec![
         (vec![], None, MtlsMode::Permissive),
-        (vec![pa("istio-system", "m", "", "STRICT", "")], None, MtlsMode::Strict),
-        (vec![pa("istio-system", "m", "", "STRICT", ""), pa("app", "n", "", "PERMISSIVE", "")], None, MtlsMode::Permissive),
-        (vec![pa("app", "n", "", "STRICT", ""), pa("app", "w", "app: curl", "UNSET", "")], None, MtlsMode::Strict),
-        (vec![pa("app", "w", "app: curl", "STRICT", "8080: {mode: DISABLE}")], Some(8080), MtlsMode::Disable),
-        (vec![pa("app", "w", "app: curl", "STRICT", "8080: {mode: DISABLE}")], Some(80), MtlsMode::Strict),
+        (
+            vec![pa("istio-system", "m", "", "STRICT", "")],
+            None,
+            MtlsMode::Strict,
+        ),
+        (
+            vec![
+                pa("istio-system", "m", "", "STRICT", ""),
+                pa("app", "n", "", "PERMISSIVE", ""),
+            ],
+            None,
+            MtlsMode::Permissive,
+        ),
+        (
+            vec![
+                pa("app", "n", "", "STRICT", ""),
+                pa("app", "w", "app: curl", "UNSET", ""),
+            ],
+            None,
+            MtlsMode::Strict,
+        ),
+        (
+            vec![pa(
+                "app",
+                "w",
+                "app: curl",
+                "STRICT",
+                "8080: {mode: DISABLE}",
+            )],
+            Some(8080),
+            MtlsMode::Disable,
+        ),
+        (
+            vec![pa(
+                "app",
+                "w",
+                "app: curl",
+                "STRICT",
+                "8080: {mode: DISABLE}",
+            )],
+            Some(80),
+            MtlsMode::Strict,
+        ),
     ];
     for (pas, port, want) in cases {
-        let c = config(&format!("{}{}", workload_yaml("app", "curl", "app: curl"), pas.concat()));
+        let c = config(&format!(
+            "{}{}",
+            workload_yaml("app", "curl", "app: curl"),
+            pas.concat()
+        ));
         let r = registry::build(&c, &mesh());
-        assert_eq!(peer_authentication_for(&c, &r.workloads[0], port, &mesh()).mode, want, "{pas:?} {port:?}");
+        assert_eq!(
+            peer_authentication_for(&c, &r.workloads[0], port, &mesh()).mode,
+            want,
+            "{pas:?} {port:?}"
+        );
     }
 }
 
@@ -179,7 +329,11 @@ fn sidecar_egress_imports() {
         ("third", "api.example.com", false),
     ];
     for (ns, host, want) in cases {
-        assert_eq!(sidecar_imports(sc, &svc(ns, host), "app"), want, "{ns}/{host}");
+        assert_eq!(
+            sidecar_imports(sc, &svc(ns, host), "app"),
+            want,
+            "{ns}/{host}"
+        );
     }
     assert!(sidecar_imports(None, &svc("x", "y.com"), "app"));
 }
@@ -191,20 +345,41 @@ fn seed_sidecar_view() {
     let w = view_workload(&r, "curl-external-tst/curl-test");
     let v = proxy_view(&c, &r, &mesh(), w);
     assert_eq!(v.outbound_traffic_policy.mode, OutboundMode::RegistryOnly);
-    assert_eq!(v.sidecar.as_deref(), Some("curl-external-tst/restrict-outbound-traffic"));
+    assert_eq!(
+        v.sidecar.as_deref(),
+        Some("curl-external-tst/restrict-outbound-traffic")
+    );
     let route = v
         .routes
         .iter()
         .find(|r| r.host == "jsonplaceholder.typicode.com" && r.listener_port == 80)
         .expect("route for jsonplaceholder:80");
-    assert_eq!(route.virtual_service.as_deref(), Some("curl-external-tst/jsonplaceholder-egress"));
-    let RouteAction::Route(dests) = &route.action else { panic!("not a route") };
-    assert_eq!(dests[0].cluster_name(), "outbound|80||curl-egress-tst.curl-egress-tst.svc.cluster.local");
-    let cluster = v.clusters.iter().find(|c| c.name == dests[0].cluster_name()).unwrap();
+    assert_eq!(
+        route.virtual_service.as_deref(),
+        Some("curl-external-tst/jsonplaceholder-egress")
+    );
+    let RouteAction::Route(dests) = &route.action else {
+        panic!("not a route")
+    };
+    assert_eq!(
+        dests[0].cluster_name(),
+        "outbound|80||curl-egress-tst.curl-egress-tst.svc.cluster.local"
+    );
+    let cluster = v
+        .clusters
+        .iter()
+        .find(|c| c.name == dests[0].cluster_name())
+        .unwrap();
     assert_eq!(cluster.tls.mode, ClientTlsMode::IstioMutual);
     assert!(cluster.tls.auto);
-    assert_eq!(cluster.tls.expected_identities, vec!["spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst"]);
-    assert_eq!(cluster.tls.sni, "outbound_.80_._.curl-egress-tst.curl-egress-tst.svc.cluster.local");
+    assert_eq!(
+        cluster.tls.expected_identities,
+        vec!["spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst"]
+    );
+    assert_eq!(
+        cluster.tls.sni,
+        "outbound_.80_._.curl-egress-tst.curl-egress-tst.svc.cluster.local"
+    );
 }
 
 #[test]
@@ -218,17 +393,28 @@ fn seed_gateway_view() {
     assert_eq!((l.port, l.bind_port, l.protocol), (80, 80, Protocol::Http));
     assert_eq!(l.hosts, vec!["jsonplaceholder.typicode.com"]);
     assert_eq!(v.routes.len(), 1);
-    let RouteAction::Route(dests) = &v.routes[0].action else { panic!("not a route") };
-    assert_eq!((dests[0].host.as_str(), dests[0].port), ("jsonplaceholder.typicode.com", 443));
+    let RouteAction::Route(dests) = &v.routes[0].action else {
+        panic!("not a route")
+    };
+    assert_eq!(
+        (dests[0].host.as_str(), dests[0].port),
+        ("jsonplaceholder.typicode.com", 443)
+    );
     let cl = &v.clusters[0];
     assert_eq!(cl.resolution, "DNS");
     assert_eq!(cl.tls.mode, ClientTlsMode::Simple);
     assert_eq!(cl.tls.sni, "jsonplaceholder.typicode.com");
     assert_eq!(cl.tls.trust, "system roots");
-    assert_eq!(cl.destination_rule.as_deref(), Some("curl-egress-tst/jsonplaceholder-tls-origination"));
+    assert_eq!(
+        cl.destination_rule.as_deref(),
+        Some("curl-egress-tst/jsonplaceholder-tls-origination")
+    );
     assert_eq!(v.authorization_policies.len(), 1);
     assert_eq!(v.authorization_policies[0].action, "ALLOW");
-    assert_eq!(v.authorization_policies[0].rules, vec!["from namespaces=[curl-external-tst]"]);
+    assert_eq!(
+        v.authorization_policies[0].rules,
+        vec!["from namespaces=[curl-external-tst]"]
+    );
 }
 
 fn view_workload<'a>(r: &'a Registry, name: &str) -> &'a Workload {
@@ -240,7 +426,12 @@ fn unknown_workload_lists_known_ones() {
     let c = seed();
     let r = registry::build(&c, &mesh());
     let err = find_workload(&r, "nope/nothing").unwrap_err().to_string();
-    assert!(err.ends_with("(found: curl-egress-tst/curl-egress-tst-gateway, curl-external-tst/curl-test)"), "{err}");
+    assert!(
+        err.ends_with(
+            "(found: curl-egress-tst/curl-egress-tst-gateway, curl-external-tst/curl-test)"
+        ),
+        "{err}"
+    );
 }
 
 #[test]
