@@ -1,5 +1,6 @@
 //! The `meshgate` binary as a user runs it: `check` and `config-dump` on the
 //! seed example and on broken input, with exit codes and exact output lines.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
