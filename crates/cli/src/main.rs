@@ -1,5 +1,6 @@
 //! The `meshgate` command: one binary for every part of the data plane.
 
+mod ca;
 mod check;
 mod dump;
 mod table;
@@ -28,6 +29,10 @@ enum Command {
     /// (resolution, TLS, expected peer identity), authorization policies and
     /// the outbound traffic policy.
     ConfigDump(DumpArgs),
+    /// The mesh certificate authority: create a root, issue SPIFFE workload
+    /// certificates, serve certificate requests.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -68,9 +73,11 @@ const EXIT_BAD_INPUT: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging();
     let result = match cli.command {
         Command::Check(args) => check::run(&args),
         Command::ConfigDump(args) => dump::run(&args),
+        Command::Ca(cmd) => ca::run(&cmd),
     };
     match result {
         Ok(code) => code,
@@ -79,4 +86,32 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_BAD_INPUT)
         }
     }
+}
+
+/// Diagnostics go to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            let _ = ctrl_c.await;
+            return;
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }

@@ -98,7 +98,11 @@ impl fmt::Display for Duration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = self.0;
         if d.subsec_nanos() == 0 {
-            write!(f, "{}s", d.as_secs())
+            match d.as_secs() {
+                s if s != 0 && s % 3600 == 0 => write!(f, "{}h", s / 3600),
+                s if s != 0 && s % 60 == 0 => write!(f, "{}m", s / 60),
+                s => write!(f, "{s}s"),
+            }
         } else if d.as_nanos().is_multiple_of(1_000_000) {
             write!(f, "{}ms", d.as_millis())
         } else {
@@ -170,7 +174,9 @@ mod tests {
             assert_eq!(got, want.map(u128::from), "{input}");
         }
         assert_eq!(Duration::parse("1.5s").unwrap().to_string(), "1500ms");
-        assert_eq!(Duration::parse("1m").unwrap().to_string(), "60s");
+        assert_eq!(Duration::parse("1m").unwrap().to_string(), "1m");
+        assert_eq!(Duration::parse("86400s").unwrap().to_string(), "24h");
+        assert_eq!(Duration::parse("90s").unwrap().to_string(), "90s");
     }
 
     #[test]
