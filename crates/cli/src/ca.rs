@@ -58,7 +58,11 @@ pub(crate) enum CaCommand {
 
 pub(crate) fn run(cmd: &CaCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        CaCommand::Init { dir, trust_domain, force } => {
+        CaCommand::Init {
+            dir,
+            trust_domain,
+            force,
+        } => {
             let ca = CertificateAuthority::init(dir, trust_domain, *force)?;
             println!(
                 "created CA for trust domain {} in {} (root-cert.pem, root-key.pem)",
@@ -66,15 +70,29 @@ pub(crate) fn run(cmd: &CaCommand) -> anyhow::Result<ExitCode> {
                 dir.display()
             );
         }
-        CaCommand::Issue { dir, spiffe_id, out, ttl } => {
+        CaCommand::Issue {
+            dir,
+            spiffe_id,
+            out,
+            ttl,
+        } => {
             let ca = CertificateAuthority::load(dir)?;
             let id: SpiffeId = spiffe_id.parse()?;
-            let ttl = Duration::parse(ttl).map_err(anyhow::Error::msg).context("--ttl")?;
+            let ttl = Duration::parse(ttl)
+                .map_err(anyhow::Error::msg)
+                .context("--ttl")?;
             let issued = ca.issue(&id, ttl.as_std())?;
             issued.write_to(out)?;
-            println!("issued {id} (ttl {ttl}) to {} (cert-chain.pem, key.pem, root-cert.pem)", out.display());
+            println!(
+                "issued {id} (ttl {ttl}) to {} (cert-chain.pem, key.pem, root-cert.pem)",
+                out.display()
+            );
         }
-        CaCommand::Serve { dir, listen, tokens } => {
+        CaCommand::Serve {
+            dir,
+            listen,
+            tokens,
+        } => {
             let ca = Arc::new(CertificateAuthority::load(dir)?);
             let tokens = TokenTable::load(tokens)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -86,7 +104,11 @@ pub(crate) fn run(cmd: &CaCommand) -> anyhow::Result<ExitCode> {
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
                     .with_context(|| format!("listening on {listen}"))?;
-                println!("meshgate CA for {} listening on {}", ca.trust_domain(), listener.local_addr()?);
+                println!(
+                    "meshgate CA for {} listening on {}",
+                    ca.trust_domain(),
+                    listener.local_addr()?
+                );
                 tokio::select! {
                     r = caserver::serve(ca, tokens, listener) => r.map_err(anyhow::Error::from),
                     _ = crate::shutdown_signal() => Ok(()),

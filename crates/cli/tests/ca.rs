@@ -11,7 +11,10 @@ use meshgate_identity::caserver::request_certificate;
 use meshgate_identity::{CertificateAuthority, SpiffeId};
 
 fn meshgate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_meshgate")).args(args).output().expect("meshgate runs")
+    Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args(args)
+        .output()
+        .expect("meshgate runs")
 }
 
 struct TempDir(PathBuf);
@@ -40,18 +43,41 @@ fn mode(p: &str) -> u32 {
 }
 
 fn openssl(args: &[&str]) -> (bool, String) {
-    let o = Command::new("openssl").args(args).output().expect("openssl is installed (.ci/run installs it)");
-    (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+    let o = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl is installed (.ci/run installs it)");
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
 }
 
 #[test]
 fn init_protects_the_key_and_refuses_to_overwrite() {
     let t = TempDir::new("init");
     let dir = t.join("ca");
-    let o = meshgate(&["ca", "init", "--dir", &dir, "--trust-domain", "corp.example"]);
+    let o = meshgate(&[
+        "ca",
+        "init",
+        "--dir",
+        &dir,
+        "--trust-domain",
+        "corp.example",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(mode(&t.join("ca/root-key.pem")), 0o600);
-    let (ok, text) = openssl(&["x509", "-in", &t.join("ca/root-cert.pem"), "-noout", "-text"]);
+    let (ok, text) = openssl(&[
+        "x509",
+        "-in",
+        &t.join("ca/root-cert.pem"),
+        "-noout",
+        "-text",
+    ]);
     assert!(ok, "{text}");
     assert!(text.contains("CA:TRUE"), "{text}");
     assert!(text.contains("Subject: O = corp.example"), "{text}");
@@ -60,8 +86,16 @@ fn init_protects_the_key_and_refuses_to_overwrite() {
     let first = std::fs::read(t.join("ca/root-cert.pem")).unwrap();
     let o = meshgate(&["ca", "init", "--dir", &dir]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("a CA already exists here; pass --force"), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(std::fs::read(t.join("ca/root-cert.pem")).unwrap(), first, "nothing was replaced");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("a CA already exists here; pass --force"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        std::fs::read(t.join("ca/root-cert.pem")).unwrap(),
+        first,
+        "nothing was replaced"
+    );
     let o = meshgate(&["ca", "init", "--dir", &dir, "--force"]);
     assert!(o.status.success());
     assert_ne!(std::fs::read(t.join("ca/root-cert.pem")).unwrap(), first);
@@ -73,33 +107,96 @@ fn issued_certificates_verify_with_openssl() {
     let ca = t.join("ca");
     assert!(meshgate(&["ca", "init", "--dir", &ca]).status.success());
     let out = t.join("curl");
-    let o = meshgate(&["ca", "issue", "--dir", &ca, "--spiffe-id", "spiffe://cluster.local/ns/curl-external-tst/sa/default", "--out", &out, "--ttl", "2h"]);
+    let o = meshgate(&[
+        "ca",
+        "issue",
+        "--dir",
+        &ca,
+        "--spiffe-id",
+        "spiffe://cluster.local/ns/curl-external-tst/sa/default",
+        "--out",
+        &out,
+        "--ttl",
+        "2h",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for f in ["cert-chain.pem", "key.pem", "root-cert.pem"] {
         assert!(Path::new(&out).join(f).exists(), "{f}");
     }
     assert_eq!(mode(&t.join("curl/key.pem")), 0o600);
 
-    let (ok, text) = openssl(&["verify", "-CAfile", &t.join("curl/root-cert.pem"), &t.join("curl/cert-chain.pem")]);
+    let (ok, text) = openssl(&[
+        "verify",
+        "-CAfile",
+        &t.join("curl/root-cert.pem"),
+        &t.join("curl/cert-chain.pem"),
+    ]);
     assert!(ok, "{text}");
     assert!(text.contains("cert-chain.pem: OK"), "{text}");
 
-    let (ok, text) = openssl(&["x509", "-in", &t.join("curl/cert-chain.pem"), "-noout", "-text"]);
+    let (ok, text) = openssl(&[
+        "x509",
+        "-in",
+        &t.join("curl/cert-chain.pem"),
+        "-noout",
+        "-text",
+    ]);
     assert!(ok, "{text}");
-    assert!(text.contains("X509v3 Subject Alternative Name: critical"), "{text}");
-    assert!(text.contains("URI:spiffe://cluster.local/ns/curl-external-tst/sa/default"), "{text}");
-    assert!(text.contains("TLS Web Server Authentication, TLS Web Client Authentication"), "{text}");
+    assert!(
+        text.contains("X509v3 Subject Alternative Name: critical"),
+        "{text}"
+    );
+    assert!(
+        text.contains("URI:spiffe://cluster.local/ns/curl-external-tst/sa/default"),
+        "{text}"
+    );
+    assert!(
+        text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
+        "{text}"
+    );
     assert!(text.contains("CA:FALSE"), "{text}");
 
-    let (ok, text) = openssl(&["x509", "-in", &t.join("curl/cert-chain.pem"), "-noout", "-checkend", "7000"]);
+    let (ok, text) = openssl(&[
+        "x509",
+        "-in",
+        &t.join("curl/cert-chain.pem"),
+        "-noout",
+        "-checkend",
+        "7000",
+    ]);
     assert!(ok, "valid for the next 7000s: {text}");
-    let (ok, _) = openssl(&["x509", "-in", &t.join("curl/cert-chain.pem"), "-noout", "-checkend", "7500"]);
+    let (ok, _) = openssl(&[
+        "x509",
+        "-in",
+        &t.join("curl/cert-chain.pem"),
+        "-noout",
+        "-checkend",
+        "7500",
+    ]);
     assert!(!ok, "expires within 2h (plus nothing more)");
 
-    let o = meshgate(&["ca", "issue", "--dir", &ca, "--spiffe-id", "spiffe://other.local/ns/a/sa/b", "--out", &out]);
+    let o = meshgate(&[
+        "ca",
+        "issue",
+        "--dir",
+        &ca,
+        "--spiffe-id",
+        "spiffe://other.local/ns/a/sa/b",
+        "--out",
+        &out,
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("this CA issues for \"cluster.local\""));
-    let o = meshgate(&["ca", "issue", "--dir", &ca, "--spiffe-id", "cluster.local/ns/a/sa/b", "--out", &out]);
+    let o = meshgate(&[
+        "ca",
+        "issue",
+        "--dir",
+        &ca,
+        "--spiffe-id",
+        "cluster.local/ns/a/sa/b",
+        "--out",
+        &out,
+    ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("must start with spiffe://"));
 }
 
@@ -109,13 +206,24 @@ struct Server(Child, String);
 impl Server {
     fn start(dir: &str, tokens: &str) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
-            .args(["ca", "serve", "--dir", dir, "--listen", "127.0.0.1:0", "--tokens", tokens])
+            .args([
+                "ca",
+                "serve",
+                "--dir",
+                dir,
+                "--listen",
+                "127.0.0.1:0",
+                "--tokens",
+                tokens,
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let addr = line.trim().rsplit(' ').next().unwrap().to_owned();
         Server(child, addr)
     }
@@ -133,22 +241,52 @@ async fn serve_issues_only_the_identity_a_token_grants() {
     let t = TempDir::new("serve");
     let dir = t.join("ca");
     assert!(meshgate(&["ca", "init", "--dir", &dir]).status.success());
-    std::fs::write(t.join("tokens"), "secret-curl curl-external-tst/default\nsecret-gw curl-egress-tst/curl-egress-tst\n").unwrap();
+    std::fs::write(
+        t.join("tokens"),
+        "secret-curl curl-external-tst/default\nsecret-gw curl-egress-tst/curl-egress-tst\n",
+    )
+    .unwrap();
     let server = Server::start(&dir, &t.join("tokens"));
     let root = std::fs::read_to_string(t.join("ca/root-cert.pem")).unwrap();
-    let curl: SpiffeId = "spiffe://cluster.local/ns/curl-external-tst/sa/default".parse().unwrap();
+    let curl: SpiffeId = "spiffe://cluster.local/ns/curl-external-tst/sa/default"
+        .parse()
+        .unwrap();
     let ttl = Duration::from_secs(3600);
 
     let (csr, _key) = CertificateAuthority::csr_for(&curl).unwrap();
-    let issued = request_certificate(&server.1, "secret-curl", &root, &csr, ttl).await.unwrap();
+    let issued = request_certificate(&server.1, "secret-curl", &root, &csr, ttl)
+        .await
+        .unwrap();
     std::fs::write(t.join("issued.pem"), &issued.cert_chain).unwrap();
-    let (ok, text) = openssl(&["verify", "-CAfile", &t.join("ca/root-cert.pem"), &t.join("issued.pem")]);
+    let (ok, text) = openssl(&[
+        "verify",
+        "-CAfile",
+        &t.join("ca/root-cert.pem"),
+        &t.join("issued.pem"),
+    ]);
     assert!(ok, "{text}");
 
-    let err = request_certificate(&server.1, "secret-gw", &root, &csr, ttl).await.unwrap_err().to_string();
-    assert!(err.contains("403 Forbidden"), "a token for another identity is refused: {err}");
+    let err = request_certificate(&server.1, "secret-gw", &root, &csr, ttl)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("403 Forbidden"),
+        "a token for another identity is refused: {err}"
+    );
 
-    let (other_csr, _) = CertificateAuthority::csr_for(&"spiffe://cluster.local/ns/curl-external-tst/sa/admin".parse().unwrap()).unwrap();
-    let err = request_certificate(&server.1, "secret-curl", &root, &other_csr, ttl).await.unwrap_err().to_string();
-    assert!(err.contains("403 Forbidden") && err.contains("CSR asks for"), "a CSR whose SAN does not match is refused: {err}");
+    let (other_csr, _) = CertificateAuthority::csr_for(
+        &"spiffe://cluster.local/ns/curl-external-tst/sa/admin"
+            .parse()
+            .unwrap(),
+    )
+    .unwrap();
+    let err = request_certificate(&server.1, "secret-curl", &root, &other_csr, ttl)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("403 Forbidden") && err.contains("CSR asks for"),
+        "a CSR whose SAN does not match is refused: {err}"
+    );
 }

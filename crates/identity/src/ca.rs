@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -43,7 +43,9 @@ pub struct IssuedIdentity {
 
 impl std::fmt::Debug for IssuedIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IssuedIdentity").field("key_pem", &"<redacted>").finish_non_exhaustive()
+        f.debug_struct("IssuedIdentity")
+            .field("key_pem", &"<redacted>")
+            .finish_non_exhaustive()
     }
 }
 
@@ -55,7 +57,11 @@ impl IssuedIdentity {
         write_atomic(&dir.join(ROOT_CERT_FILE), self.root_pem.as_bytes(), 0o644)?;
         write_atomic(&dir.join(KEY_FILE), self.key_pem.as_bytes(), 0o600)?;
         // The chain last: a watcher that sees it change finds a matching key.
-        write_atomic(&dir.join(CERT_CHAIN_FILE), self.cert_chain_pem.as_bytes(), 0o644)
+        write_atomic(
+            &dir.join(CERT_CHAIN_FILE),
+            self.cert_chain_pem.as_bytes(),
+            0o644,
+        )
     }
 }
 
@@ -105,7 +111,9 @@ impl CertificateAuthority {
     /// A new root in memory (for the all-in-one local run and for tests).
     pub fn generate(trust_domain: &str) -> Result<Self, Error> {
         if SpiffeId::new(trust_domain, "a", "b").is_err() {
-            return Err(Error::Certificate(format!("invalid trust domain \"{trust_domain}\"")));
+            return Err(Error::Certificate(format!(
+                "invalid trust domain \"{trust_domain}\""
+            )));
         }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rc)?;
         let now = OffsetDateTime::now_utc();
@@ -115,10 +123,17 @@ impl CertificateAuthority {
         // A unique name per root: two roots with one name make a chain
         // built against the wrong one fail as "bad signature" instead of
         // "unknown issuer", which misleads whoever reads the error.
-        dn.push(DnType::CommonName, format!("meshgate root CA {:08x}", fastrand::u32(..)));
+        dn.push(
+            DnType::CommonName,
+            format!("meshgate root CA {:08x}", fastrand::u32(..)),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         params.not_before = now - BACKDATE;
         params.not_after = now + ROOT_TTL;
         params.serial_number = Some(random_serial());
@@ -150,7 +165,8 @@ impl CertificateAuthority {
     pub fn load(dir: &Path) -> Result<Self, Error> {
         let read = |name: &str| -> Result<(PathBuf, String), Error> {
             let p = dir.join(name);
-            let text = std::fs::read_to_string(&p).map_err(|e| Error::File(p.clone(), e.to_string()))?;
+            let text =
+                std::fs::read_to_string(&p).map_err(|e| Error::File(p.clone(), e.to_string()))?;
             Ok((p, text))
         };
         let (cert_path, root_pem) = read(ROOT_CERT_FILE)?;
@@ -161,10 +177,14 @@ impl CertificateAuthority {
         if !info.is_ca {
             return Err(Error::File(cert_path, "not a CA certificate".into()));
         }
-        let trust_domain = info
-            .organization
-            .ok_or_else(|| Error::File(cert_path.clone(), "root has no organization (trust domain)".into()))?;
-        let issuer = Issuer::from_ca_cert_pem(&root_pem, key).map_err(|e| Error::File(cert_path, e.to_string()))?;
+        let trust_domain = info.organization.ok_or_else(|| {
+            Error::File(
+                cert_path.clone(),
+                "root has no organization (trust domain)".into(),
+            )
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(&root_pem, key)
+            .map_err(|e| Error::File(cert_path, e.to_string()))?;
         Ok(CertificateAuthority {
             trust_domain,
             root_der,
@@ -194,7 +214,9 @@ impl CertificateAuthority {
             )));
         }
         if ttl.is_zero() || ttl > MAX_WORKLOAD_TTL {
-            return Err(Error::Refused(format!("ttl {ttl:?} must be between 1s and 90 days")));
+            return Err(Error::Refused(format!(
+                "ttl {ttl:?} must be between 1s and 90 days"
+            )));
         }
         Ok(())
     }
@@ -207,8 +229,14 @@ impl CertificateAuthority {
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(rc)?)];
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.not_before = now - BACKDATE;
         params.not_after = now + ttl;
         params.serial_number = Some(random_serial());
@@ -220,7 +248,9 @@ impl CertificateAuthority {
     pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<IssuedIdentity, Error> {
         self.check_request(id, ttl)?;
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rc)?;
-        let cert = Self::workload_params(id, ttl)?.signed_by(&key, &self.issuer).map_err(rc)?;
+        let cert = Self::workload_params(id, ttl)?
+            .signed_by(&key, &self.issuer)
+            .map_err(rc)?;
         Ok(IssuedIdentity {
             cert_chain_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -233,7 +263,8 @@ impl CertificateAuthority {
     /// public key is used, every other field comes from us.
     pub fn sign_csr(&self, csr_pem: &str, id: &SpiffeId, ttl: Duration) -> Result<String, Error> {
         self.check_request(id, ttl)?;
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| Error::Refused(format!("bad CSR: {e}")))?;
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| Error::Refused(format!("bad CSR: {e}")))?;
         let requested: Vec<String> = csr
             .params
             .subject_alt_names
@@ -249,7 +280,9 @@ impl CertificateAuthority {
                 "CSR asks for {requested:?}; the token authorizes only {id}"
             )));
         }
-        let cert = Self::workload_params(id, ttl)?.signed_by(&csr.public_key, &self.issuer).map_err(rc)?;
+        let cert = Self::workload_params(id, ttl)?
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(rc)?;
         Ok(cert.pem())
     }
 
@@ -276,7 +309,11 @@ pub(crate) mod testing {
         not_after: OffsetDateTime,
     ) -> IssuedIdentity {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = CertificateAuthority::workload_params(&SpiffeId::new("cluster.local", "x", "y").unwrap(), DEFAULT_WORKLOAD_TTL).unwrap();
+        let mut params = CertificateAuthority::workload_params(
+            &SpiffeId::new("cluster.local", "x", "y").unwrap(),
+            DEFAULT_WORKLOAD_TTL,
+        )
+        .unwrap();
         params.subject_alt_names = sans;
         params.not_before = not_before;
         params.not_after = not_after;

@@ -64,13 +64,23 @@ impl TokenTable {
             if line.is_empty() {
                 continue;
             }
-            let bad = |why: &str| Error::Config(format!("{file}:{}: {why}: expected \"<token> <namespace>/<serviceaccount>\"", i + 1));
+            let bad = |why: &str| {
+                Error::Config(format!(
+                    "{file}:{}: {why}: expected \"<token> <namespace>/<serviceaccount>\"",
+                    i + 1
+                ))
+            };
             let mut parts = line.split_whitespace();
             let (Some(token), Some(who), None) = (parts.next(), parts.next(), parts.next()) else {
                 return Err(bad("wrong number of fields"));
             };
-            let (ns, sa) = who.split_once('/').ok_or_else(|| bad("identity is not namespace/serviceaccount"))?;
-            if map.insert(token.to_owned(), (ns.to_owned(), sa.to_owned())).is_some() {
+            let (ns, sa) = who
+                .split_once('/')
+                .ok_or_else(|| bad("identity is not namespace/serviceaccount"))?;
+            if map
+                .insert(token.to_owned(), (ns.to_owned(), sa.to_owned()))
+                .is_some()
+            {
                 return Err(bad("duplicate token"));
             }
         }
@@ -78,7 +88,8 @@ impl TokenTable {
     }
 
     pub fn load(path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::File(path.to_owned(), e.to_string()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::File(path.to_owned(), e.to_string()))?;
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -91,14 +102,29 @@ impl TokenTable {
 
 /// The CA server's own SPIFFE ID for a trust domain.
 pub fn ca_identity(trust_domain: &str) -> Result<SpiffeId, Error> {
-    SpiffeId::new(trust_domain, CA_NAMESPACE, CA_SERVICE_ACCOUNT).map_err(|e| Error::Config(e.to_string()))
+    SpiffeId::new(trust_domain, CA_NAMESPACE, CA_SERVICE_ACCOUNT)
+        .map_err(|e| Error::Config(e.to_string()))
 }
 
 /// Serves certificate requests on `listener` until the task is dropped.
-pub async fn serve(ca: Arc<CertificateAuthority>, tokens: TokenTable, listener: TcpListener) -> Result<(), Error> {
+pub async fn serve(
+    ca: Arc<CertificateAuthority>,
+    tokens: TokenTable,
+    listener: TcpListener,
+) -> Result<(), Error> {
     let own_id = ca_identity(ca.trust_domain())?;
-    let identity = WorkloadIdentity::start(own_id, Source::InProcess { ca: ca.clone(), ttl: DEFAULT_WORKLOAD_TTL }).await?;
-    let tls = tokio_rustls::TlsAcceptor::from(server_config_without_client_auth(&identity, &[b"http/1.1"])?);
+    let identity = WorkloadIdentity::start(
+        own_id,
+        Source::InProcess {
+            ca: ca.clone(),
+            ttl: DEFAULT_WORKLOAD_TTL,
+        },
+    )
+    .await?;
+    let tls = tokio_rustls::TlsAcceptor::from(server_config_without_client_auth(
+        &identity,
+        &[b"http/1.1"],
+    )?);
     let tokens = Arc::new(tokens);
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -108,7 +134,8 @@ pub async fn serve(ca: Arc<CertificateAuthority>, tokens: TokenTable, listener: 
                 continue;
             }
         };
-        let (tls, ca, tokens, identity) = (tls.clone(), ca.clone(), tokens.clone(), identity.clone());
+        let (tls, ca, tokens, identity) =
+            (tls.clone(), ca.clone(), tokens.clone(), identity.clone());
         tokio::spawn(async move {
             let _keep = identity;
             let stream = match tls.accept(tcp).await {
@@ -133,10 +160,14 @@ pub async fn serve(ca: Arc<CertificateAuthority>, tokens: TokenTable, listener: 
 }
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(body).unwrap_or_default())));
+    let mut resp = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec(body).unwrap_or_default(),
+    )));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -146,9 +177,16 @@ fn refuse(status: StatusCode, why: impl Into<String>) -> Response<Full<Bytes>> {
     json(status, &ErrorBody { error })
 }
 
-async fn handle(ca: &CertificateAuthority, tokens: &TokenTable, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    ca: &CertificateAuthority,
+    tokens: &TokenTable,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     if req.uri().path() != PATH {
-        return refuse(StatusCode::NOT_FOUND, format!("unknown path; use POST {PATH}"));
+        return refuse(
+            StatusCode::NOT_FOUND,
+            format!("unknown path; use POST {PATH}"),
+        );
     }
     if req.method() != Method::POST {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "use POST");
@@ -159,8 +197,14 @@ async fn handle(ca: &CertificateAuthority, tokens: &TokenTable, req: Request<Inc
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned);
-    let Some(id) = token.as_deref().and_then(|t| tokens.identity(t, ca.trust_domain())) else {
-        return refuse(StatusCode::UNAUTHORIZED, "missing or unknown bootstrap token");
+    let Some(id) = token
+        .as_deref()
+        .and_then(|t| tokens.identity(t, ca.trust_domain()))
+    else {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "missing or unknown bootstrap token",
+        );
     };
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
@@ -170,7 +214,9 @@ async fn handle(ca: &CertificateAuthority, tokens: &TokenTable, req: Request<Inc
         Ok(r) => r,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")),
     };
-    let ttl = request.ttl_seconds.map_or(DEFAULT_WORKLOAD_TTL, Duration::from_secs);
+    let ttl = request
+        .ttl_seconds
+        .map_or(DEFAULT_WORKLOAD_TTL, Duration::from_secs);
     match ca.sign_csr(&request.csr, &id, ttl) {
         Ok(chain) => {
             tracing::info!(identity = %id, ?ttl, "certificate issued");
@@ -201,16 +247,23 @@ pub async fn request_certificate(
         .ok_or_else(|| Error::Config("CA root has no organization (trust domain)".into()))?;
     let tls = tokio_rustls::TlsConnector::from(bootstrap_client_config(trust, ca_identity(&td)?)?);
     let remote = |e: String| Error::CaServer(format!("{addr}: {e}"));
-    let tcp = TcpStream::connect(addr).await.map_err(|e| remote(e.to_string()))?;
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_matches(['[', ']']);
-    let name = rustls_pki_types::ServerName::try_from(host.to_owned()).map_err(|e| remote(e.to_string()))?;
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| remote(e.to_string()))?;
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_matches(['[', ']']);
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| remote(e.to_string()))?;
     let stream = tls
         .connect(name, tcp)
         .await
         .map_err(|e| remote(format!("TLS: {}", crate::tls::handshake_error_reason(&e))))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .map_err(|e| remote(e.to_string()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| remote(e.to_string()))?;
     tokio::spawn(conn);
     let body = serde_json::to_vec(&CertificateRequest {
         csr: csr_pem.to_owned(),
@@ -223,7 +276,10 @@ pub async fn request_certificate(
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| remote(e.to_string()))?;
-    let resp = sender.send_request(req).await.map_err(|e| remote(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| remote(e.to_string()))?;
     let status = resp.status();
     let bytes = Limited::new(resp.into_body(), 1 << 20)
         .collect()
@@ -231,7 +287,10 @@ pub async fn request_certificate(
         .map_err(|e| remote(e.to_string()))?
         .to_bytes();
     if status != StatusCode::OK {
-        let why = serde_json::from_slice::<ErrorBody>(&bytes).map_or_else(|_| String::from_utf8_lossy(&bytes).into_owned(), |b| b.error);
+        let why = serde_json::from_slice::<ErrorBody>(&bytes).map_or_else(
+            |_| String::from_utf8_lossy(&bytes).into_owned(),
+            |b| b.error,
+        );
         return Err(remote(format!("{status}: {why}")));
     }
     serde_json::from_slice(&bytes).map_err(|e| remote(format!("bad response: {e}")))

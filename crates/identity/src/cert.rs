@@ -23,7 +23,8 @@ pub struct CertInfo {
 
 impl CertInfo {
     pub fn parse(der: &CertificateDer<'_>) -> Result<Self, Error> {
-        let (_, cert) = X509Certificate::from_der(der).map_err(|e| Error::Certificate(format!("cannot parse certificate: {e}")))?;
+        let (_, cert) = X509Certificate::from_der(der)
+            .map_err(|e| Error::Certificate(format!("cannot parse certificate: {e}")))?;
         let to_time = |t: x509_parser::time::ASN1Time| {
             let secs = t.timestamp();
             if secs >= 0 {
@@ -76,7 +77,10 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Error::File(path.to_owned(), e.to_string()))?;
     if certs.is_empty() {
-        return Err(Error::File(path.to_owned(), "no PEM certificate found".into()));
+        return Err(Error::File(
+            path.to_owned(),
+            "no PEM certificate found".into(),
+        ));
     }
     Ok(certs)
 }
@@ -94,7 +98,8 @@ pub fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
 
 /// Reads a private key from a PEM file (PKCS#8, SEC1 or PKCS#1).
 pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| Error::File(path.to_owned(), format!("no usable private key: {e}")))
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| Error::File(path.to_owned(), format!("no usable private key: {e}")))
 }
 
 /// Encodes DER certificates as PEM.
@@ -116,7 +121,11 @@ fn base64_encode(data: &[u8]) -> String {
     const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -135,7 +144,15 @@ mod tests {
 
     #[test]
     fn base64_known_vectors() {
-        for (input, want) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
+        for (input, want) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
             assert_eq!(base64_encode(input.as_bytes()), want);
         }
     }
@@ -157,7 +174,10 @@ mod refresh_tests {
             organization: None,
         };
         for _ in 0..100 {
-            let at = info.refresh_at(received, 0.5, 0.01).duration_since(received).unwrap();
+            let at = info
+                .refresh_at(received, 0.5, 0.01)
+                .duration_since(received)
+                .unwrap();
             assert!((490..=510).contains(&at.as_secs()), "{at:?}");
         }
     }

@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::PrivateKeyDer;
+use rustls_pki_types::pem::PemObject;
 use tokio::sync::watch;
 
 use crate::ca::{CERT_CHAIN_FILE, CertificateAuthority, IssuedIdentity, KEY_FILE, ROOT_CERT_FILE};
@@ -33,7 +33,10 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub enum Source {
     /// Issue locally from a CA held in this process.
-    InProcess { ca: Arc<CertificateAuthority>, ttl: Duration },
+    InProcess {
+        ca: Arc<CertificateAuthority>,
+        ttl: Duration,
+    },
     /// Istio's mounted layout: `cert-chain.pem`, `key.pem`, `root-cert.pem`,
     /// checked for changes every `poll`.
     Files { dir: PathBuf, poll: Duration },
@@ -160,14 +163,21 @@ impl WorkloadIdentity {
     }
 }
 
-fn loaded_from_pem(id: &SpiffeId, chain_pem: &str, key_pem: &str, root_pem: &str) -> Result<Loaded, Error> {
+fn loaded_from_pem(
+    id: &SpiffeId,
+    chain_pem: &str,
+    key_pem: &str,
+    root_pem: &str,
+) -> Result<Loaded, Error> {
     let chain = parse_certs(chain_pem)?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .map_err(|e| Error::Certificate(format!("no usable private key: {e}")))?;
     let info = CertInfo::parse(&chain[0])?;
     let got = crate::tls::spiffe_id_of(&chain[0]).map_err(|e| Error::Certificate(e.to_string()))?;
     if &got != id {
-        return Err(Error::Certificate(format!("certificate is for {got}, expected {id}")));
+        return Err(Error::Certificate(format!(
+            "certificate is for {got}, expected {id}"
+        )));
     }
     Ok(Loaded {
         certified: Arc::new(certified_key(chain, key)?),
@@ -182,14 +192,24 @@ async fn fetch(id: &SpiffeId, source: &Source) -> Result<Loaded, Error> {
     match source {
         Source::InProcess { ca, ttl } => {
             let issued: IssuedIdentity = ca.issue(id, *ttl)?;
-            loaded_from_pem(id, &issued.cert_chain_pem, &issued.key_pem, &issued.root_pem)
+            loaded_from_pem(
+                id,
+                &issued.cert_chain_pem,
+                &issued.key_pem,
+                &issued.root_pem,
+            )
         }
         Source::Files { dir, .. } => {
             let read = |name: &str| {
                 let p = dir.join(name);
                 std::fs::read_to_string(&p).map_err(|e| Error::File(p, e.to_string()))
             };
-            loaded_from_pem(id, &read(CERT_CHAIN_FILE)?, &read(KEY_FILE)?, &read(ROOT_CERT_FILE)?)
+            loaded_from_pem(
+                id,
+                &read(CERT_CHAIN_FILE)?,
+                &read(KEY_FILE)?,
+                &read(ROOT_CERT_FILE)?,
+            )
         }
         Source::CaServer {
             addr,
@@ -198,10 +218,19 @@ async fn fetch(id: &SpiffeId, source: &Source) -> Result<Loaded, Error> {
             ttl,
         } => {
             let (csr, key) = CertificateAuthority::csr_for(id)?;
-            let token = std::fs::read_to_string(token_file).map_err(|e| Error::File(token_file.clone(), e.to_string()))?;
-            let root_pem = std::fs::read_to_string(root_cert).map_err(|e| Error::File(root_cert.clone(), e.to_string()))?;
-            let response = crate::caserver::request_certificate(addr, token.trim(), &root_pem, &csr, *ttl).await?;
-            loaded_from_pem(id, &response.cert_chain, &key.serialize_pem(), &response.root_cert)
+            let token = std::fs::read_to_string(token_file)
+                .map_err(|e| Error::File(token_file.clone(), e.to_string()))?;
+            let root_pem = std::fs::read_to_string(root_cert)
+                .map_err(|e| Error::File(root_cert.clone(), e.to_string()))?;
+            let response =
+                crate::caserver::request_certificate(addr, token.trim(), &root_pem, &csr, *ttl)
+                    .await?;
+            loaded_from_pem(
+                id,
+                &response.cert_chain,
+                &key.serialize_pem(),
+                &response.root_cert,
+            )
         }
     }
 }
@@ -217,7 +246,11 @@ async fn rotate(identity: Weak<WorkloadIdentity>, source: Source) {
         let Some(me) = identity.upgrade() else { return };
         let wait = match (&source, me.current.load().as_ref()) {
             (Source::Files { poll, .. }, _) => *poll,
-            (_, Some(cur)) => until(cur.info.refresh_at(cur.received, REFRESH_FRACTION, REFRESH_JITTER)),
+            (_, Some(cur)) => until(cur.info.refresh_at(
+                cur.received,
+                REFRESH_FRACTION,
+                REFRESH_JITTER,
+            )),
             (_, None) => Duration::ZERO,
         };
         let id = me.id.clone();
@@ -230,7 +263,11 @@ async fn rotate(identity: Weak<WorkloadIdentity>, source: Source) {
             Ok(loaded) => {
                 backoff = RETRY_MIN;
                 let unchanged = matches!(source, Source::Files { .. })
-                    && me.current.load().as_ref().is_some_and(|cur| cur.chain_pem == loaded.chain_pem);
+                    && me
+                        .current
+                        .load()
+                        .as_ref()
+                        .is_some_and(|cur| cur.chain_pem == loaded.chain_pem);
                 if !unchanged {
                     me.install(loaded);
                 }

@@ -15,14 +15,24 @@ pub struct SpiffeId {
 pub enum SpiffeError {
     #[error("\"{0}\" is not a SPIFFE ID: it must start with spiffe://")]
     Scheme(String),
-    #[error("\"{0}\" is not an Istio SPIFFE ID: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    #[error(
+        "\"{0}\" is not an Istio SPIFFE ID: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+    )]
     Shape(String),
     #[error("\"{id}\": invalid {part} \"{value}\"")]
-    Part { id: String, part: &'static str, value: String },
+    Part {
+        id: String,
+        part: &'static str,
+        value: String,
+    },
 }
 
 impl SpiffeId {
-    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, SpiffeError> {
+    pub fn new(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, SpiffeError> {
         format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
     }
 
@@ -43,8 +53,9 @@ impl SpiffeId {
 fn valid_trust_domain(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 255
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
 }
 
 /// Namespace and service-account names: Kubernetes DNS-1123 subdomains.
@@ -61,7 +72,9 @@ impl FromStr for SpiffeId {
     type Err = SpiffeError;
 
     fn from_str(id: &str) -> Result<Self, Self::Err> {
-        let rest = id.strip_prefix("spiffe://").ok_or_else(|| SpiffeError::Scheme(id.to_owned()))?;
+        let rest = id
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| SpiffeError::Scheme(id.to_owned()))?;
         let parts: Vec<&str> = rest.split('/').collect();
         let [td, "ns", ns, "sa", sa] = parts.as_slice() else {
             return Err(SpiffeError::Shape(id.to_owned()));
@@ -90,7 +103,11 @@ impl FromStr for SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 }
 
@@ -110,10 +127,19 @@ mod tests {
             assert_eq!(parsed.to_string(), id);
         }
         let bad = [
-            ("http://cluster.local/ns/a/sa/b", "must start with spiffe://"),
+            (
+                "http://cluster.local/ns/a/sa/b",
+                "must start with spiffe://",
+            ),
             ("spiffe://cluster.local/ns/a", "not an Istio SPIFFE ID"),
-            ("spiffe://cluster.local/ns/a/sa/b/extra", "not an Istio SPIFFE ID"),
-            ("spiffe://cluster.local/namespace/a/sa/b", "not an Istio SPIFFE ID"),
+            (
+                "spiffe://cluster.local/ns/a/sa/b/extra",
+                "not an Istio SPIFFE ID",
+            ),
+            (
+                "spiffe://cluster.local/namespace/a/sa/b",
+                "not an Istio SPIFFE ID",
+            ),
             ("spiffe:///ns/a/sa/b", "invalid trust domain"),
             ("spiffe://Cluster.Local/ns/a/sa/b", "invalid trust domain"),
             ("spiffe://cluster.local/ns/A/sa/b", "invalid namespace"),
@@ -128,6 +154,9 @@ mod tests {
     #[test]
     fn accessors() {
         let id = SpiffeId::new("cluster.local", "ns1", "sa1").unwrap();
-        assert_eq!((id.trust_domain(), id.namespace(), id.service_account()), ("cluster.local", "ns1", "sa1"));
+        assert_eq!(
+            (id.trust_domain(), id.namespace(), id.service_account()),
+            ("cluster.local", "ns1", "sa1")
+        );
     }
 }

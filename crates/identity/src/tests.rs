@@ -9,12 +9,12 @@ use time::OffsetDateTime;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::SpiffeId;
 use crate::ca::testing::custom;
 use crate::ca::{CertificateAuthority, DEFAULT_WORKLOAD_TTL};
 use crate::caserver::{self, TokenTable};
 use crate::source::{Source, WorkloadIdentity};
 use crate::tls::{handshake_error_reason, mesh_client_config, mesh_server_config, peer_identity};
-use crate::SpiffeId;
 
 fn id(ns: &str, sa: &str) -> SpiffeId {
     SpiffeId::new("cluster.local", ns, sa).unwrap()
@@ -35,43 +35,70 @@ struct Outcome {
     client: Result<Option<SpiffeId>, String>,
 }
 
-async fn handshake(server: &Arc<WorkloadIdentity>, client: &Arc<WorkloadIdentity>, expect_server: Vec<SpiffeId>) -> Outcome {
+async fn handshake(
+    server: &Arc<WorkloadIdentity>,
+    client: &Arc<WorkloadIdentity>,
+    expect_server: Vec<SpiffeId>,
+) -> Outcome {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(mesh_server_config(server, &[]).unwrap());
     let server_side = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
-        let mut tls = acceptor.accept(tcp).await.map_err(|e| handshake_error_reason(&e))?;
+        let mut tls = acceptor
+            .accept(tcp)
+            .await
+            .map_err(|e| handshake_error_reason(&e))?;
         let peer = peer_identity(tls.get_ref().1.peer_certificates());
         let mut line = String::new();
-        BufReader::new(&mut tls).read_line(&mut line).await.map_err(|e| e.to_string())?;
-        tls.write_all(line.as_bytes()).await.map_err(|e| e.to_string())?;
+        BufReader::new(&mut tls)
+            .read_line(&mut line)
+            .await
+            .map_err(|e| e.to_string())?;
+        tls.write_all(line.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         tls.flush().await.map_err(|e| e.to_string())?;
         Ok::<_, String>(peer)
     });
-    let connector = tokio_rustls::TlsConnector::from(mesh_client_config(client, expect_server, &[]).unwrap());
+    let connector =
+        tokio_rustls::TlsConnector::from(mesh_client_config(client, expect_server, &[]).unwrap());
     let client_side = async {
         let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
         let name = ServerName::try_from("outbound_.80_._.svc.ns.svc.cluster.local").unwrap();
-        let mut tls = connector.connect(name, tcp).await.map_err(|e| handshake_error_reason(&e))?;
+        let mut tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| handshake_error_reason(&e))?;
         let peer = peer_identity(tls.get_ref().1.peer_certificates());
         tls.write_all(b"ping\n").await.map_err(|e| e.to_string())?;
         let mut line = String::new();
-        BufReader::new(&mut tls).read_line(&mut line).await.map_err(|e| e.to_string())?;
+        BufReader::new(&mut tls)
+            .read_line(&mut line)
+            .await
+            .map_err(|e| e.to_string())?;
         if line != "ping\n" {
             return Err(format!("echo broken: {line:?}"));
         }
         Ok(peer)
     };
-    let client = tokio::time::timeout(Duration::from_secs(10), client_side).await.expect("client finishes");
-    let server = tokio::time::timeout(Duration::from_secs(10), server_side).await.expect("server finishes").unwrap();
+    let client = tokio::time::timeout(Duration::from_secs(10), client_side)
+        .await
+        .expect("client finishes");
+    let server = tokio::time::timeout(Duration::from_secs(10), server_side)
+        .await
+        .expect("server finishes")
+        .unwrap();
     Outcome { server, client }
 }
 
 #[tokio::test]
 async fn mutual_tls_exposes_both_identities() {
     let ca = ca();
-    let (gw, curl) = (id("curl-egress-tst", "curl-egress-tst"), id("curl-external-tst", "default"));
+    let (gw, curl) = (
+        id("curl-egress-tst", "curl-egress-tst"),
+        id("curl-external-tst", "default"),
+    );
     let o = handshake(&issued(&ca, &gw), &issued(&ca, &curl), vec![gw.clone()]).await;
     assert_eq!(o.server, Ok(Some(curl)));
     assert_eq!(o.client, Ok(Some(gw)));
@@ -94,30 +121,70 @@ async fn server_rejects_bad_client_certificates() {
         ("unknown CA", from_other_ca, "UnknownIssuer"),
         (
             "expired",
-            WorkloadIdentity::fixed(id("a", "b"), &custom(&ca, vec![uri("spiffe://cluster.local/ns/a/sa/b")], now - hour * 3, now - hour)),
+            WorkloadIdentity::fixed(
+                id("a", "b"),
+                &custom(
+                    &ca,
+                    vec![uri("spiffe://cluster.local/ns/a/sa/b")],
+                    now - hour * 3,
+                    now - hour,
+                ),
+            ),
             "Expired",
         ),
         (
             "not yet valid",
-            WorkloadIdentity::fixed(id("a", "b"), &custom(&ca, vec![uri("spiffe://cluster.local/ns/a/sa/b")], now + hour, now + hour * 3)),
+            WorkloadIdentity::fixed(
+                id("a", "b"),
+                &custom(
+                    &ca,
+                    vec![uri("spiffe://cluster.local/ns/a/sa/b")],
+                    now + hour,
+                    now + hour * 3,
+                ),
+            ),
             "NotValidYet",
         ),
         (
             "no URI SAN",
-            WorkloadIdentity::fixed(id("a", "b"), &custom(&ca, vec![SanType::DnsName("a.example.com".try_into().unwrap())], now - hour, now + hour)),
+            WorkloadIdentity::fixed(
+                id("a", "b"),
+                &custom(
+                    &ca,
+                    vec![SanType::DnsName("a.example.com".try_into().unwrap())],
+                    now - hour,
+                    now + hour,
+                ),
+            ),
             "peer certificate has no URI SAN, so no SPIFFE identity",
         ),
         (
             "several URI SANs",
             WorkloadIdentity::fixed(
                 id("a", "b"),
-                &custom(&ca, vec![uri("spiffe://cluster.local/ns/a/sa/b"), uri("spiffe://cluster.local/ns/c/sa/d")], now - hour, now + hour),
+                &custom(
+                    &ca,
+                    vec![
+                        uri("spiffe://cluster.local/ns/a/sa/b"),
+                        uri("spiffe://cluster.local/ns/c/sa/d"),
+                    ],
+                    now - hour,
+                    now + hour,
+                ),
             ),
             "peer certificate has 2 URI SANs (spiffe://cluster.local/ns/a/sa/b, spiffe://cluster.local/ns/c/sa/d); a mesh identity has exactly one",
         ),
         (
             "another trust domain",
-            WorkloadIdentity::fixed(id("a", "b"), &custom(&ca, vec![uri("spiffe://evil.example/ns/a/sa/b")], now - hour, now + hour)),
+            WorkloadIdentity::fixed(
+                id("a", "b"),
+                &custom(
+                    &ca,
+                    vec![uri("spiffe://evil.example/ns/a/sa/b")],
+                    now - hour,
+                    now + hour,
+                ),
+            ),
             "peer spiffe://evil.example/ns/a/sa/b is in trust domain \"evil.example\", expected \"cluster.local\"",
         ),
     ];
@@ -125,7 +192,10 @@ async fn server_rejects_bad_client_certificates() {
         let o = handshake(&server, &client, vec![server_id.clone()]).await;
         let err = o.server.expect_err(name);
         assert!(err.contains(want), "{name}: server said {err}");
-        assert!(o.client.is_err(), "{name}: the client must not get an answer");
+        assert!(
+            o.client.is_err(),
+            "{name}: the client must not get an answer"
+        );
     }
 }
 
@@ -138,11 +208,23 @@ async fn client_rejects_bad_server_certificates() {
     let now = OffsetDateTime::now_utc();
     let hour = time::Duration::hours(1);
     let cases: Vec<(&str, Arc<WorkloadIdentity>, &str)> = vec![
-        ("another identity (secure naming)", issued(&ca, &id("curl-egress-tst", "impostor")), "peer identity spiffe://cluster.local/ns/curl-egress-tst/sa/impostor is not the expected spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst"),
+        (
+            "another identity (secure naming)",
+            issued(&ca, &id("curl-egress-tst", "impostor")),
+            "peer identity spiffe://cluster.local/ns/curl-egress-tst/sa/impostor is not the expected spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst",
+        ),
         ("unknown CA", issued(&other_ca, &want_id), "UnknownIssuer"),
         (
             "expired",
-            WorkloadIdentity::fixed(want_id.clone(), &custom(&ca, vec![SanType::URI(want_id.to_string().try_into().unwrap())], now - hour * 3, now - hour)),
+            WorkloadIdentity::fixed(
+                want_id.clone(),
+                &custom(
+                    &ca,
+                    vec![SanType::URI(want_id.to_string().try_into().unwrap())],
+                    now - hour * 3,
+                    now - hour,
+                ),
+            ),
             "Expired",
         ),
     ];
@@ -158,9 +240,15 @@ async fn rotation_keeps_open_connections_and_serves_new_certificate() {
     let ca = ca();
     let server_id = id("gw", "gw");
     // A 4s lifetime renews after about 2s.
-    let server = WorkloadIdentity::start(server_id.clone(), Source::InProcess { ca: ca.clone(), ttl: Duration::from_secs(4) })
-        .await
-        .unwrap();
+    let server = WorkloadIdentity::start(
+        server_id.clone(),
+        Source::InProcess {
+            ca: ca.clone(),
+            ttl: Duration::from_secs(4),
+        },
+    )
+    .await
+    .unwrap();
     let client = issued(&ca, &id("app", "default"));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -170,7 +258,9 @@ async fn rotation_keeps_open_connections_and_serves_new_certificate() {
             let (tcp, _) = listener.accept().await.unwrap();
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
                 let (r, mut w) = tokio::io::split(tls);
                 let mut lines = BufReader::new(r).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
@@ -184,9 +274,14 @@ async fn rotation_keeps_open_connections_and_serves_new_certificate() {
     // A fresh client config per connection: no TLS session resumption, so
     // every handshake shows the certificate the server presents now.
     let connect = || async {
-        let connector = tokio_rustls::TlsConnector::from(mesh_client_config(&client, vec![server_id.clone()], &[]).unwrap());
+        let connector = tokio_rustls::TlsConnector::from(
+            mesh_client_config(&client, vec![server_id.clone()], &[]).unwrap(),
+        );
         let tcp = TcpStream::connect(addr).await.unwrap();
-        connector.connect(ServerName::try_from("gw").unwrap(), tcp).await.unwrap()
+        connector
+            .connect(ServerName::try_from("gw").unwrap(), tcp)
+            .await
+            .unwrap()
     };
     async fn echo(tls: &mut tokio_rustls::client::TlsStream<TcpStream>, msg: &str) -> String {
         tls.write_all(format!("{msg}\n").as_bytes()).await.unwrap();
@@ -205,11 +300,21 @@ async fn rotation_keeps_open_connections_and_serves_new_certificate() {
         .expect("certificate rotated within 10s")
         .unwrap();
 
-    assert_eq!(echo(&mut long_lived, "after").await, "after\n", "the open connection survives rotation");
+    assert_eq!(
+        echo(&mut long_lived, "after").await,
+        "after\n",
+        "the open connection survives rotation"
+    );
     let fresh = connect().await;
     let new_cert = fresh.get_ref().1.peer_certificates().unwrap()[0].clone();
-    assert_ne!(first_cert, new_cert, "a new handshake gets the new certificate");
-    assert_eq!(peer_identity(Some(&[new_cert])).unwrap().to_string(), "spiffe://cluster.local/ns/gw/sa/gw");
+    assert_ne!(
+        first_cert, new_cert,
+        "a new handshake gets the new certificate"
+    );
+    assert_eq!(
+        peer_identity(Some(&[new_cert])).unwrap().to_string(),
+        "spiffe://cluster.local/ns/gw/sa/gw"
+    );
 }
 
 #[tokio::test]
@@ -219,13 +324,21 @@ async fn mounted_files_are_reloaded_when_they_change() {
     let dir = std::env::temp_dir().join(format!("meshgate-files-{}", std::process::id()));
     let first = ca.issue(&who, DEFAULT_WORKLOAD_TTL).unwrap();
     first.write_to(&dir).unwrap();
-    let identity = WorkloadIdentity::from_files(dir.clone(), Duration::from_millis(50)).await.unwrap();
+    let identity = WorkloadIdentity::from_files(dir.clone(), Duration::from_millis(50))
+        .await
+        .unwrap();
     assert_eq!(identity.id(), &who);
     let before = identity.certified().unwrap().cert[0].clone();
     let mut generation = identity.subscribe();
     generation.borrow_and_update();
-    ca.issue(&who, DEFAULT_WORKLOAD_TTL).unwrap().write_to(&dir).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), generation.changed()).await.expect("reloaded").unwrap();
+    ca.issue(&who, DEFAULT_WORKLOAD_TTL)
+        .unwrap()
+        .write_to(&dir)
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), generation.changed())
+        .await
+        .expect("reloaded")
+        .unwrap();
     assert_ne!(identity.certified().unwrap().cert[0], before);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -233,7 +346,11 @@ async fn mounted_files_are_reloaded_when_they_change() {
 async fn ca_server(ca: &Arc<CertificateAuthority>, tokens: &str) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(caserver::serve(ca.clone(), TokenTable::parse(tokens, "tokens").unwrap(), listener));
+    tokio::spawn(caserver::serve(
+        ca.clone(),
+        TokenTable::parse(tokens, "tokens").unwrap(),
+        listener,
+    ));
     addr
 }
 
@@ -244,26 +361,76 @@ async fn ca_server_issues_for_the_token_identity_only() {
     let curl = id("curl-external-tst", "default");
 
     let (csr, _key) = CertificateAuthority::csr_for(&curl).unwrap();
-    let ok = caserver::request_certificate(&addr, "tok-curl", ca.root_pem(), &csr, Duration::from_secs(3600)).await.unwrap();
+    let ok = caserver::request_certificate(
+        &addr,
+        "tok-curl",
+        ca.root_pem(),
+        &csr,
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
     let chain = crate::cert::parse_certs(&ok.cert_chain).unwrap();
     assert_eq!(crate::tls::spiffe_id_of(&chain[0]).unwrap(), curl);
     assert_eq!(ok.root_cert, ca.root_pem());
 
     // A token for another identity: the gateway's token cannot get curl's certificate.
-    let err = caserver::request_certificate(&addr, "tok-gw", ca.root_pem(), &csr, Duration::from_secs(3600)).await.unwrap_err().to_string();
+    let err = caserver::request_certificate(
+        &addr,
+        "tok-gw",
+        ca.root_pem(),
+        &csr,
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("403 Forbidden") && err.contains("the token authorizes only spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst"), "{err}");
 
     // A CSR whose SAN does not match the token.
     let (other_csr, _) = CertificateAuthority::csr_for(&id("curl-external-tst", "admin")).unwrap();
-    let err = caserver::request_certificate(&addr, "tok-curl", ca.root_pem(), &other_csr, Duration::from_secs(3600)).await.unwrap_err().to_string();
-    assert!(err.contains("CSR asks for [\"spiffe://cluster.local/ns/curl-external-tst/sa/admin\"]"), "{err}");
+    let err = caserver::request_certificate(
+        &addr,
+        "tok-curl",
+        ca.root_pem(),
+        &other_csr,
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("CSR asks for [\"spiffe://cluster.local/ns/curl-external-tst/sa/admin\"]"),
+        "{err}"
+    );
 
-    let err = caserver::request_certificate(&addr, "nope", ca.root_pem(), &csr, Duration::from_secs(3600)).await.unwrap_err().to_string();
-    assert!(err.contains("401 Unauthorized") && err.contains("unknown bootstrap token"), "{err}");
+    let err = caserver::request_certificate(
+        &addr,
+        "nope",
+        ca.root_pem(),
+        &csr,
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("401 Unauthorized") && err.contains("unknown bootstrap token"),
+        "{err}"
+    );
 
     // A client trusting another root refuses to talk to this CA at all.
     let other = CertificateAuthority::generate("cluster.local").unwrap();
-    let err = caserver::request_certificate(&addr, "tok-curl", other.root_pem(), &csr, Duration::from_secs(3600)).await.unwrap_err().to_string();
+    let err = caserver::request_certificate(
+        &addr,
+        "tok-curl",
+        other.root_pem(),
+        &csr,
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("UnknownIssuer"), "{err}");
 }
 
@@ -290,7 +457,10 @@ async fn proxy_identity_from_ca_server() {
     let info = identity.info().unwrap();
     assert_eq!(info.uri_sans, vec![who.to_string()]);
     let life = info.not_after.duration_since(info.not_before).unwrap();
-    assert!(life >= Duration::from_secs(3600) && life <= Duration::from_secs(3600 + 180), "{life:?}");
+    assert!(
+        life >= Duration::from_secs(3600) && life <= Duration::from_secs(3600 + 180),
+        "{life:?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -299,8 +469,15 @@ fn workload_certificates_look_like_istiod_ones() {
     let ca = ca();
     let who = id("ns", "sa");
     let issued = ca.issue(&who, DEFAULT_WORKLOAD_TTL).unwrap();
-    let der = crate::cert::parse_certs(&issued.cert_chain_pem).unwrap().remove(0);
-    let (_, cert) = <x509_parser::certificate::X509Certificate<'_> as x509_parser::prelude::FromDer<'_, x509_parser::error::X509Error>>::from_der(&der).unwrap();
+    let der = crate::cert::parse_certs(&issued.cert_chain_pem)
+        .unwrap()
+        .remove(0);
+    let (_, cert) =
+        <x509_parser::certificate::X509Certificate<'_> as x509_parser::prelude::FromDer<
+            '_,
+            x509_parser::error::X509Error,
+        >>::from_der(&der)
+        .unwrap();
     assert_eq!(cert.subject().iter().count(), 0, "empty subject");
     let san = cert.subject_alternative_name().unwrap().unwrap();
     assert!(san.critical, "SAN is critical");
@@ -311,14 +488,30 @@ fn workload_certificates_look_like_istiod_ones() {
     let life = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
     assert_eq!(life, 24 * 3600 + 120, "24h plus the 2 minute backdate");
     let now = OffsetDateTime::now_utc().unix_timestamp();
-    assert!(cert.validity().not_before.timestamp() < now - 60, "NotBefore is backdated");
-    assert!(ca.issue(&SpiffeId::new("other.local", "ns", "sa").unwrap(), DEFAULT_WORKLOAD_TTL).is_err());
+    assert!(
+        cert.validity().not_before.timestamp() < now - 60,
+        "NotBefore is backdated"
+    );
+    assert!(
+        ca.issue(
+            &SpiffeId::new("other.local", "ns", "sa").unwrap(),
+            DEFAULT_WORKLOAD_TTL
+        )
+        .is_err()
+    );
 }
 
 #[test]
 fn token_table_errors_name_the_line() {
-    let err = TokenTable::parse("good a/b\nbad-line\n", "tokens.txt").unwrap_err().to_string();
-    assert_eq!(err, "tokens.txt:2: wrong number of fields: expected \"<token> <namespace>/<serviceaccount>\"");
-    let err = TokenTable::parse("t a/b\nt c/d\n", "tokens.txt").unwrap_err().to_string();
+    let err = TokenTable::parse("good a/b\nbad-line\n", "tokens.txt")
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "tokens.txt:2: wrong number of fields: expected \"<token> <namespace>/<serviceaccount>\""
+    );
+    let err = TokenTable::parse("t a/b\nt c/d\n", "tokens.txt")
+        .unwrap_err()
+        .to_string();
     assert!(err.starts_with("tokens.txt:2: duplicate token"), "{err}");
 }

@@ -8,20 +8,26 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError, ServerConfig, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
+    ServerConfig, SignatureScheme,
+};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime};
 
+use crate::Error;
 use crate::source::WorkloadIdentity;
 use crate::spiffe::{SpiffeError, SpiffeId};
-use crate::Error;
 
 /// The process-wide crypto provider (aws-lc-rs).
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider())).clone()
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .clone()
 }
 
-const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
+const VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
 
 /// Root certificates a peer must chain to.
 #[derive(Debug, Clone)]
@@ -64,7 +70,10 @@ pub enum PeerIdentityError {
     #[error("peer {got} is in trust domain \"{}\", expected \"{want}\"", got.trust_domain())]
     WrongTrustDomain { got: SpiffeId, want: String },
     #[error("peer identity {got} is not the expected {}", expected.iter().map(ToString::to_string).collect::<Vec<_>>().join(" or "))]
-    Unexpected { got: SpiffeId, expected: Vec<SpiffeId> },
+    Unexpected {
+        got: SpiffeId,
+        expected: Vec<SpiffeId>,
+    },
 }
 
 /// Which peers to accept once their chain is verified.
@@ -79,14 +88,18 @@ pub enum PeerPolicy {
 impl PeerPolicy {
     fn check(&self, id: SpiffeId) -> Result<SpiffeId, PeerIdentityError> {
         match self {
-            PeerPolicy::TrustDomain(td) if id.trust_domain() != td => Err(PeerIdentityError::WrongTrustDomain {
-                got: id,
-                want: td.clone(),
-            }),
-            PeerPolicy::OneOf(expected) if !expected.contains(&id) => Err(PeerIdentityError::Unexpected {
-                got: id,
-                expected: expected.clone(),
-            }),
+            PeerPolicy::TrustDomain(td) if id.trust_domain() != td => {
+                Err(PeerIdentityError::WrongTrustDomain {
+                    got: id,
+                    want: td.clone(),
+                })
+            }
+            PeerPolicy::OneOf(expected) if !expected.contains(&id) => {
+                Err(PeerIdentityError::Unexpected {
+                    got: id,
+                    expected: expected.clone(),
+                })
+            }
             _ => Ok(id),
         }
     }
@@ -99,14 +112,18 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, PeerIdentityE
     match uris.as_slice() {
         [] => Err(PeerIdentityError::NoUriSan),
         [one] => Ok(one.parse()?),
-        many => Err(PeerIdentityError::SeveralUriSans(many.iter().map(|s| (*s).to_owned()).collect())),
+        many => Err(PeerIdentityError::SeveralUriSans(
+            many.iter().map(|s| (*s).to_owned()).collect(),
+        )),
     }
 }
 
 /// The peer's SPIFFE ID from a finished handshake's certificates (the data
 /// path calls this once per connection).
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
-    certs.and_then(|c| c.first()).and_then(|c| spiffe_id_of(c).ok())
+    certs
+        .and_then(|c| c.first())
+        .and_then(|c| spiffe_id_of(c).ok())
 }
 
 /// A readable reason for a failed handshake: rustls prints its `Other`
@@ -130,7 +147,9 @@ fn map_webpki(e: webpki::Error) -> rustls::Error {
         webpki::Error::InvalidSignatureForPublicKey => CertificateError::BadSignature,
         webpki::Error::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
         webpki::Error::CertRevoked => CertificateError::Revoked,
-        other => CertificateError::Other(OtherError(Arc::new(Error::Certificate(format!("{other:?}"))))),
+        other => CertificateError::Other(OtherError(Arc::new(Error::Certificate(format!(
+            "{other:?}"
+        ))))),
     };
     rustls::Error::InvalidCertificate(ce)
 }
@@ -166,8 +185,16 @@ impl SpiffeVerifier {
     ) -> Result<(), rustls::Error> {
         let trust = self.identity.trust();
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(map_webpki)?;
-        ee.verify_for_usage(self.algs.all, &trust.anchors, intermediates, now, usage, None, None)
-            .map_err(map_webpki)?;
+        ee.verify_for_usage(
+            self.algs.all,
+            &trust.anchors,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(map_webpki)?;
         let id = spiffe_id_of(end_entity).map_err(identity_error)?;
         self.policy.check(id).map(|_| ()).map_err(identity_error)
     }
@@ -183,8 +210,13 @@ impl ServerCertVerifier for SpiffeVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         // Secure naming: the SPIFFE ID decides, not the SNI/host name.
-        self.verify(end_entity, intermediates, now, webpki::KeyUsage::server_auth())
-            .map(|()| ServerCertVerified::assertion())
+        self.verify(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+        )
+        .map(|()| ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -222,8 +254,13 @@ impl ClientCertVerifier for SpiffeVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.verify(end_entity, intermediates, now, webpki::KeyUsage::client_auth())
-            .map(|()| ClientCertVerified::assertion())
+        self.verify(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )
+        .map(|()| ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -270,20 +307,30 @@ impl rustls::client::ResolvesClientCert for IdentityResolver {
 }
 
 /// Builds a rustls `CertifiedKey` from PEM chain and key.
-pub fn certified_key(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<CertifiedKey, Error> {
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<CertifiedKey, Error> {
     let signing = provider()
         .key_provider
         .load_private_key(key)
         .map_err(|e| Error::Certificate(format!("unusable private key: {e}")))?;
     let ck = CertifiedKey::new(chain, signing);
-    ck.keys_match().map_err(|e| Error::Certificate(format!("certificate and key do not match: {e}")))?;
+    ck.keys_match()
+        .map_err(|e| Error::Certificate(format!("certificate and key do not match: {e}")))?;
     Ok(ck)
 }
 
 /// Server side of mesh mTLS: presents the workload certificate and requires
 /// a client certificate from the mesh (same trust domain).
-pub fn mesh_server_config(identity: &Arc<WorkloadIdentity>, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, Error> {
-    let verifier = SpiffeVerifier::new(identity.clone(), PeerPolicy::TrustDomain(identity.id().trust_domain().to_owned()));
+pub fn mesh_server_config(
+    identity: &Arc<WorkloadIdentity>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, Error> {
+    let verifier = SpiffeVerifier::new(
+        identity.clone(),
+        PeerPolicy::TrustDomain(identity.id().trust_domain().to_owned()),
+    );
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|e| Error::Certificate(e.to_string()))?
@@ -295,7 +342,10 @@ pub fn mesh_server_config(identity: &Arc<WorkloadIdentity>, alpn: &[&[u8]]) -> R
 
 /// A TLS server with the workload certificate and no client authentication
 /// (the CA server, where callers authenticate with a token).
-pub fn server_config_without_client_auth(identity: &Arc<WorkloadIdentity>, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, Error> {
+pub fn server_config_without_client_auth(
+    identity: &Arc<WorkloadIdentity>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, Error> {
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|e| Error::Certificate(e.to_string()))?
@@ -308,7 +358,11 @@ pub fn server_config_without_client_auth(identity: &Arc<WorkloadIdentity>, alpn:
 /// Client side of mesh mTLS: presents the workload certificate and accepts
 /// only a server whose SPIFFE ID is one of `expected` (secure naming). Build
 /// once per upstream, not per connection.
-pub fn mesh_client_config(identity: &Arc<WorkloadIdentity>, expected: Vec<SpiffeId>, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, Error> {
+pub fn mesh_client_config(
+    identity: &Arc<WorkloadIdentity>,
+    expected: Vec<SpiffeId>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, Error> {
     let verifier = SpiffeVerifier::new(identity.clone(), PeerPolicy::OneOf(expected));
     let mut cfg = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
@@ -322,7 +376,10 @@ pub fn mesh_client_config(identity: &Arc<WorkloadIdentity>, expected: Vec<Spiffe
 
 /// A client that verifies the server's SPIFFE ID against a trust bundle but
 /// presents no certificate (a proxy bootstrapping from the CA server).
-pub fn bootstrap_client_config(trust: TrustBundle, expected: SpiffeId) -> Result<Arc<ClientConfig>, Error> {
+pub fn bootstrap_client_config(
+    trust: TrustBundle,
+    expected: SpiffeId,
+) -> Result<Arc<ClientConfig>, Error> {
     let identity = WorkloadIdentity::trust_only(expected.clone(), trust);
     let verifier = SpiffeVerifier::new(identity, PeerPolicy::OneOf(vec![expected]));
     let cfg = ClientConfig::builder_with_provider(provider())
