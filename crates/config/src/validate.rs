@@ -1039,6 +1039,13 @@ fn authorization_policy(ap: &AuthorizationPolicy, p: &mut Problems) {
             if lists.iter().all(|l| l.is_empty()) {
                 push(p, &opath, "operation must not be empty");
             }
+            for (field, list) in [("paths", &o.paths), ("notPaths", &o.not_paths)] {
+                for (k, v) in list.iter().enumerate() {
+                    if let Some(msg) = path_template_problem(v) {
+                        push(p, format!("{opath}.{field}[{k}]"), msg);
+                    }
+                }
+            }
             for (field, list) in [("ports", &o.ports), ("notPorts", &o.not_ports)] {
                 for (k, v) in list.iter().enumerate() {
                     if v.parse::<u16>().map_or(true, |n| n == 0) {
@@ -1083,6 +1090,29 @@ fn authorization_policy(ap: &AuthorizationPolicy, p: &mut Problems) {
     }
 }
 
+/// Envoy URI templates in paths: `{*}` one segment, `{**}` the rest (once,
+/// last).
+fn path_template_problem(path: &str) -> Option<String> {
+    let many = path.matches("{**}").count();
+    if many > 1 {
+        return Some(format!(
+            "path \"{path}\": only one {{**}} operator is allowed"
+        ));
+    }
+    if many == 1 && !path.ends_with("{**}") {
+        return Some(format!(
+            "path \"{path}\": the {{**}} operator must be the last part of the path"
+        ));
+    }
+    let literal = path.replace("{**}", "").replace("{*}", "");
+    if literal != path && literal.contains('*') {
+        return Some(format!(
+            "path \"{path}\": a URI template cannot be combined with a prefix or suffix '*'"
+        ));
+    }
+    None
+}
+
 fn peer_authentication(pa: &PeerAuthentication, p: &mut Problems) {
     let empty_selector = pa
         .selector
@@ -1122,5 +1152,32 @@ mod tests {
         assert!(!is_dns1123_label("Curl"));
         assert!(!is_dns1123_label("-x"));
         assert!(!is_dns1123_label(""));
+    }
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::path_template_problem;
+
+    #[test]
+    fn uri_templates() {
+        assert_eq!(path_template_problem("/a/{*}/b"), None);
+        assert_eq!(path_template_problem("/a/{**}"), None);
+        assert_eq!(path_template_problem("/a/*"), None);
+        assert!(
+            path_template_problem("/{**}/{**}")
+                .unwrap()
+                .contains("only one")
+        );
+        assert!(
+            path_template_problem("/{**}/b")
+                .unwrap()
+                .contains("must be the last")
+        );
+        assert!(
+            path_template_problem("/a/{*}*")
+                .unwrap()
+                .contains("cannot be combined")
+        );
     }
 }

@@ -1,0 +1,5 @@
+//! meshgate's data path: the egress gateway (and, next, the sidecar).
+//! Decisions (authorization, routing) are pure functions over compiled
+//! snapshots of the config; the I/O around them is plain async code.
+
+pub mod authz;
