@@ -424,6 +424,8 @@ pub struct RouteView {
     pub virtual_service: Option<String>,
     /// `#0` or the rule's name.
     pub rule: String,
+    /// Index of the rule in the VirtualService's `http` list.
+    pub rule_index: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -667,6 +669,7 @@ fn default_route(port: u32, s: &Service) -> RouteView {
         }]),
         virtual_service: None,
         rule: "default".to_owned(),
+        rule_index: None,
     }
 }
 
@@ -704,6 +707,7 @@ fn vs_http_routes(
             } else {
                 rule.name.clone()
             },
+            rule_index: Some(i),
         });
     }
 }

@@ -3,3 +3,4 @@
 //! snapshots of the config; the I/O around them is plain async code.
 
 pub mod authz;
+pub mod route;

@@ -1,0 +1,629 @@
+//! HTTP routing: VirtualService `http` rules compiled once per config
+//! snapshot, and a pure `route()` that picks the first matching rule for a
+//! request, as Envoy does with Istio's generated route tables.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use meshgate_config::model::networking::{
+    HeaderOperations, HttpMatchRequest, HttpRoute, RedirectPortSelection, StringMatch,
+};
+use regex::Regex;
+
+/// One string matcher: exact, prefix, or a regex that must match the whole value.
+#[derive(Debug, Clone)]
+pub enum StrMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+impl StrMatch {
+    /// `None` for an empty StringMatch (`{}`), which tests presence only.
+    pub fn compile(m: &StringMatch, ignore_case: bool) -> Option<StrMatch> {
+        let lower = |s: &String| {
+            if ignore_case {
+                s.to_ascii_lowercase()
+            } else {
+                s.clone()
+            }
+        };
+        match (&m.exact, &m.prefix, &m.regex) {
+            (Some(e), _, _) => Some(StrMatch::Exact(lower(e))),
+            (_, Some(p), _) => Some(StrMatch::Prefix(lower(p))),
+            // Validation rejected bad regexes; anchoring makes RE2 full-match semantics.
+            (_, _, Some(r)) => Regex::new(&format!("^(?:{r})$")).ok().map(StrMatch::Regex),
+            _ => None,
+        }
+    }
+
+    pub fn matches(&self, v: &str) -> bool {
+        match self {
+            StrMatch::Exact(e) => v == e,
+            StrMatch::Prefix(p) => v.starts_with(p.as_str()),
+            StrMatch::Regex(r) => r.is_match(v),
+        }
+    }
+}
+
+/// One `match` block: every present condition must hold.
+#[derive(Debug, Clone, Default)]
+pub struct RouteMatch {
+    uri: Option<StrMatch>,
+    ignore_uri_case: bool,
+    scheme: Option<StrMatch>,
+    method: Option<StrMatch>,
+    authority: Option<StrMatch>,
+    headers: Vec<(HeaderName, Option<StrMatch>)>,
+    without_headers: Vec<(HeaderName, Option<StrMatch>)>,
+    query_params: Vec<(String, Option<StrMatch>)>,
+}
+
+fn header_matchers(
+    map: &std::collections::BTreeMap<String, StringMatch>,
+) -> Vec<(HeaderName, Option<StrMatch>)> {
+    map.iter()
+        // Istio ignores these pseudo-header keys under `headers`.
+        .filter(|(k, _)| !matches!(k.as_str(), "uri" | "scheme" | "method" | "authority"))
+        .filter_map(|(k, m)| {
+            HeaderName::from_bytes(k.as_bytes())
+                .ok()
+                .map(|n| (n, StrMatch::compile(m, false)))
+        })
+        .collect()
+}
+
+impl RouteMatch {
+    pub fn compile(m: &HttpMatchRequest) -> RouteMatch {
+        RouteMatch {
+            uri: m
+                .uri
+                .as_ref()
+                .and_then(|u| StrMatch::compile(u, m.ignore_uri_case)),
+            ignore_uri_case: m.ignore_uri_case,
+            scheme: m.scheme.as_ref().and_then(|s| StrMatch::compile(s, false)),
+            method: m.method.as_ref().and_then(|s| StrMatch::compile(s, false)),
+            authority: m
+                .authority
+                .as_ref()
+                .and_then(|s| StrMatch::compile(s, false)),
+            headers: header_matchers(&m.headers),
+            without_headers: header_matchers(&m.without_headers),
+            query_params: m
+                .query_params
+                .iter()
+                .map(|(k, v)| (k.clone(), StrMatch::compile(v, false)))
+                .collect(),
+        }
+    }
+
+    fn header_ok(headers: &HeaderMap, name: &HeaderName, m: &Option<StrMatch>) -> bool {
+        let Some(v) = headers.get(name) else {
+            return false;
+        };
+        match m {
+            None => true,
+            Some(m) => v.to_str().is_ok_and(|v| m.matches(v)),
+        }
+    }
+
+    pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        let uri_ok = self.uri.as_ref().is_none_or(|m| {
+            if self.ignore_uri_case {
+                m.matches(&req.path.to_ascii_lowercase())
+            } else {
+                m.matches(req.path)
+            }
+        });
+        uri_ok
+            && self.scheme.as_ref().is_none_or(|m| m.matches(req.scheme))
+            && self.method.as_ref().is_none_or(|m| m.matches(req.method))
+            && self
+                .authority
+                .as_ref()
+                .is_none_or(|m| m.matches(req.authority))
+            && self
+                .headers
+                .iter()
+                .all(|(n, m)| Self::header_ok(req.headers, n, m))
+            && !self
+                .without_headers
+                .iter()
+                .any(|(n, m)| Self::header_ok(req.headers, n, m))
+            && self.query_params.iter().all(|(k, m)| {
+                query_value(req.query, k).is_some_and(|v| m.as_ref().is_none_or(|m| m.matches(v)))
+            })
+    }
+
+    /// The literal prefix this match consumed, for `rewrite.uri`.
+    fn prefix(&self) -> Option<&str> {
+        match &self.uri {
+            Some(StrMatch::Prefix(p)) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+fn query_value<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then_some(v)
+    })
+}
+
+/// What `route()` looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    /// Host / `:authority`, as sent (may carry a port).
+    pub authority: &'a str,
+    pub method: &'a str,
+    pub scheme: &'a str,
+    /// Path without the query.
+    pub path: &'a str,
+    pub query: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// Header changes from `headers.request` / `headers.response`.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderOps {
+    set: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<(HeaderName, HeaderValue)>,
+    remove: Vec<HeaderName>,
+}
+
+impl HeaderOps {
+    pub fn compile(ops: Option<&HeaderOperations>) -> HeaderOps {
+        let Some(ops) = ops else {
+            return HeaderOps::default();
+        };
+        let pairs = |m: &std::collections::BTreeMap<String, String>| {
+            m.iter()
+                .filter_map(|(k, v)| {
+                    Some((
+                        HeaderName::from_bytes(k.as_bytes()).ok()?,
+                        HeaderValue::from_str(v).ok()?,
+                    ))
+                })
+                .collect()
+        };
+        HeaderOps {
+            set: pairs(&ops.set),
+            add: pairs(&ops.add),
+            remove: ops
+                .remove
+                .iter()
+                .filter_map(|k| HeaderName::from_bytes(k.as_bytes()).ok())
+                .collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for n in &self.remove {
+            headers.remove(n);
+        }
+        for (n, v) in &self.set {
+            headers.insert(n.clone(), v.clone());
+        }
+        for (n, v) in &self.add {
+            headers.append(n.clone(), v.clone());
+        }
+    }
+}
+
+/// A destination of a `route` action, by index into the snapshot's clusters.
+#[derive(Debug, Clone)]
+pub struct WeightedCluster {
+    pub cluster: usize,
+    pub weight: u32,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+}
+
+#[derive(Debug, Clone)]
+pub struct Redirect {
+    uri: Option<String>,
+    authority: Option<String>,
+    scheme: Option<String>,
+    port: Option<u32>,
+    derive_port: Option<RedirectPortSelection>,
+    pub code: u16,
+}
+
+#[derive(Debug, Clone)]
+pub enum Action {
+    Forward(Vec<WeightedCluster>),
+    Redirect(Redirect),
+    Direct { status: u16, body: Bytes },
+}
+
+#[derive(Debug, Clone)]
+pub enum UriRewrite {
+    Prefix(String),
+    Regex(Regex, String),
+}
+
+/// Istio's retry policy for a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries (not counting the first attempt).
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub on_connect_failure: bool,
+    pub on_refused_stream: bool,
+    pub on_5xx: bool,
+    pub on_gateway_error: bool,
+    pub on_reset: bool,
+    pub status_codes: Vec<u16>,
+    pub backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// Istio's default when a route sets no `retries`: 2 attempts on
+    /// connect-failure, refused-stream, unavailable (503), cancelled.
+    pub fn istio_default() -> Self {
+        RetryPolicy {
+            attempts: 2,
+            per_try_timeout: None,
+            on_connect_failure: true,
+            on_refused_stream: true,
+            on_5xx: false,
+            on_gateway_error: false,
+            on_reset: false,
+            status_codes: vec![503],
+            backoff: Duration::from_millis(25),
+        }
+    }
+
+    pub fn compile(r: Option<&meshgate_config::model::networking::HttpRetry>) -> Self {
+        let Some(r) = r else {
+            return Self::istio_default();
+        };
+        let mut p = RetryPolicy {
+            attempts: r.attempts,
+            per_try_timeout: r.per_try_timeout.map(|d| d.as_std()),
+            on_connect_failure: false,
+            on_refused_stream: false,
+            on_5xx: false,
+            on_gateway_error: false,
+            on_reset: false,
+            status_codes: Vec::new(),
+            backoff: r.backoff.map_or(Duration::from_millis(25), |d| d.as_std()),
+        };
+        let retry_on = if r.retry_on.is_empty() {
+            "connect-failure,refused-stream,unavailable,cancelled"
+        } else {
+            &r.retry_on
+        };
+        for cond in retry_on.split(',').map(str::trim) {
+            match cond {
+                "connect-failure" => p.on_connect_failure = true,
+                "refused-stream" => p.on_refused_stream = true,
+                "5xx" => p.on_5xx = true,
+                "gateway-error" => p.on_gateway_error = true,
+                "reset" | "reset-before-request" => p.on_reset = true,
+                "unavailable" => p.status_codes.push(503),
+                n => {
+                    if let Ok(code) = n.parse::<u16>() {
+                        p.status_codes.push(code);
+                    }
+                }
+            }
+        }
+        p
+    }
+
+    /// Should a response with this status be retried?
+    pub fn retry_status(&self, status: u16) -> bool {
+        (self.on_5xx && status >= 500)
+            || (self.on_gateway_error && matches!(status, 502..=504))
+            || self.status_codes.contains(&status)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub delay: Option<(Duration, f64)>,
+    pub abort: Option<(u16, f64)>,
+}
+
+/// One compiled VirtualService rule (or a default route).
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// `#0`, the rule's name, or `default`.
+    pub name: Arc<str>,
+    pub virtual_service: Option<Arc<str>>,
+    matches: Vec<RouteMatch>,
+    pub action: Action,
+    pub uri_rewrite: Option<UriRewrite>,
+    pub authority_rewrite: Option<String>,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+    pub timeout: Option<Duration>,
+    pub retry: RetryPolicy,
+    pub fault: Option<Fault>,
+}
+
+fn percent(p: Option<meshgate_config::model::common::Percent>, legacy: Option<u32>) -> f64 {
+    p.map(|p| p.value).or(legacy.map(f64::from)).unwrap_or(0.0)
+}
+
+impl Route {
+    /// Compiles a VirtualService rule with the match blocks that apply on
+    /// this listener (already filtered by port and gateway) and its
+    /// destinations resolved to cluster indices.
+    pub fn compile(
+        rule: &HttpRoute,
+        name: Arc<str>,
+        virtual_service: Option<Arc<str>>,
+        matches: &[HttpMatchRequest],
+        destinations: Vec<WeightedCluster>,
+    ) -> Route {
+        let action = if let Some(r) = &rule.redirect {
+            Action::Redirect(Redirect {
+                uri: (!r.uri.is_empty()).then(|| r.uri.clone()),
+                authority: (!r.authority.is_empty()).then(|| r.authority.clone()),
+                scheme: (!r.scheme.is_empty()).then(|| r.scheme.clone()),
+                port: r.port,
+                derive_port: r.derive_port,
+                code: r
+                    .redirect_code
+                    .and_then(|c| u16::try_from(c).ok())
+                    .unwrap_or(301),
+            })
+        } else if let Some(d) = &rule.direct_response {
+            let body = d
+                .body
+                .as_ref()
+                .and_then(|b| b.string.clone())
+                .unwrap_or_default();
+            Action::Direct {
+                status: u16::try_from(d.status).unwrap_or(500),
+                body: Bytes::from(body),
+            }
+        } else {
+            Action::Forward(destinations)
+        };
+        let uri_rewrite = rule.rewrite.as_ref().and_then(|rw| {
+            if let Some(rr) = &rw.uri_regex_rewrite {
+                // Istio/RE2 writes capture groups as \1; Rust's regex uses ${1}.
+                let replacement = Regex::new(r"\\(\d)")
+                    .map(|re| re.replace_all(&rr.rewrite, "$${$1}").into_owned())
+                    .unwrap_or_else(|_| rr.rewrite.clone());
+                Regex::new(&rr.pattern)
+                    .ok()
+                    .map(|re| UriRewrite::Regex(re, replacement))
+            } else if !rw.uri.is_empty() {
+                Some(UriRewrite::Prefix(rw.uri.clone()))
+            } else {
+                None
+            }
+        });
+        let fault = rule.fault.as_ref().map(|f| Fault {
+            delay: f.delay.as_ref().and_then(|d| {
+                d.fixed_delay
+                    .map(|fd| (fd.as_std(), percent(d.percentage, d.percent)))
+            }),
+            abort: f.abort.as_ref().and_then(|a| {
+                a.http_status
+                    .and_then(|s| u16::try_from(s).ok())
+                    .map(|s| (s, percent(a.percentage, None)))
+            }),
+        });
+        let headers = rule.headers.as_ref();
+        Route {
+            name,
+            virtual_service,
+            matches: matches.iter().map(RouteMatch::compile).collect(),
+            action,
+            uri_rewrite,
+            authority_rewrite: rule
+                .rewrite
+                .as_ref()
+                .and_then(|rw| (!rw.authority.is_empty()).then(|| rw.authority.clone())),
+            request_headers: HeaderOps::compile(headers.and_then(|h| h.request.as_ref())),
+            response_headers: HeaderOps::compile(headers.and_then(|h| h.response.as_ref())),
+            timeout: rule.timeout.map(|t| t.as_std()).filter(|t| !t.is_zero()),
+            // Client-side faults disable retries, as in Istio.
+            retry: if rule.fault.is_some() {
+                RetryPolicy {
+                    attempts: 0,
+                    ..RetryPolicy::istio_default()
+                }
+            } else {
+                RetryPolicy::compile(rule.retries.as_ref())
+            },
+            fault,
+        }
+    }
+
+    /// A route to one cluster with Istio's defaults (no VirtualService).
+    pub fn default_to(cluster: usize) -> Route {
+        Route {
+            name: Arc::from("default"),
+            virtual_service: None,
+            matches: Vec::new(),
+            action: Action::Forward(vec![WeightedCluster {
+                cluster,
+                weight: 100,
+                request_headers: HeaderOps::default(),
+                response_headers: HeaderOps::default(),
+            }]),
+            uri_rewrite: None,
+            authority_rewrite: None,
+            request_headers: HeaderOps::default(),
+            response_headers: HeaderOps::default(),
+            timeout: None,
+            retry: RetryPolicy::istio_default(),
+            fault: None,
+        }
+    }
+
+    /// Index of the first matching `match` block (`Some(None)` when the rule
+    /// has none and so matches everything).
+    fn matching(&self, req: &RequestView<'_>) -> Option<Option<usize>> {
+        if self.matches.is_empty() {
+            return Some(None);
+        }
+        self.matches.iter().position(|m| m.matches(req)).map(Some)
+    }
+
+    /// The path to send upstream after `rewrite.uri` / `uriRegexRewrite`.
+    pub fn rewrite_path(&self, matched: Option<usize>, path: &str) -> Option<String> {
+        match self.uri_rewrite.as_ref()? {
+            UriRewrite::Regex(re, rep) => Some(re.replace_all(path, rep.as_str()).into_owned()),
+            UriRewrite::Prefix(new) => {
+                let prefix = matched
+                    .and_then(|i| self.matches.get(i))
+                    .and_then(RouteMatch::prefix);
+                Some(match prefix {
+                    Some(p) if path.len() >= p.len() => format!("{new}{}", &path[p.len()..]),
+                    _ => new.clone(),
+                })
+            }
+        }
+    }
+}
+
+impl Redirect {
+    /// The `Location` for a request.
+    pub fn location(&self, req: &RequestView<'_>, listener_port: u16) -> String {
+        let scheme = self.scheme.as_deref().unwrap_or(req.scheme);
+        let (req_host, req_port) = split_host_port(req.authority);
+        let host = self.authority.as_deref().unwrap_or(req_host);
+        let port = match (self.port, self.derive_port) {
+            (Some(p), _) => Some(p),
+            (None, Some(RedirectPortSelection::FromRequestPort)) => {
+                req_port.map(u32::from).or(Some(u32::from(listener_port)))
+            }
+            (None, Some(RedirectPortSelection::FromProtocolDefault)) => None,
+            (None, None) => req_port.map(u32::from),
+        };
+        let default_port = if scheme == "https" { 443 } else { 80 };
+        let authority = match port {
+            Some(p) if p != default_port => format!("{host}:{p}"),
+            _ => host.to_owned(),
+        };
+        let path = self.uri.as_deref().unwrap_or(req.path);
+        let query = if req.query.is_empty() || self.uri.is_some() {
+            String::new()
+        } else {
+            format!("?{}", req.query)
+        };
+        format!("{scheme}://{authority}{path}{query}")
+    }
+}
+
+/// `host:port` → (`host`, port); IPv6 literals in brackets are kept whole.
+pub fn split_host_port(authority: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = authority.strip_prefix('[') {
+        if let Some((h, p)) = rest.split_once("]:") {
+            return (&authority[..h.len() + 2], p.parse().ok());
+        }
+        return (authority, None);
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => match p.parse() {
+            Ok(port) => (h, Some(port)),
+            Err(_) => (authority, None),
+        },
+        _ => (authority, None),
+    }
+}
+
+/// Routes for one host (or wildcard).
+#[derive(Debug, Clone)]
+pub struct VirtualHost {
+    /// Lowercase host patterns (`a.com`, `*.a.com`, `*`).
+    pub domains: Vec<String>,
+    pub routes: Vec<Route>,
+}
+
+/// Every virtual host of one listener port.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    pub vhosts: Vec<VirtualHost>,
+}
+
+/// How specific a domain pattern is for `host` (Envoy's order: exact, then
+/// the longest suffix wildcard, then `*`); `None` if it does not match.
+fn domain_rank(pattern: &str, host: &str) -> Option<usize> {
+    if pattern == "*" {
+        return Some(0);
+    }
+    if let Some(suffix) = pattern.strip_prefix('*') {
+        return (host.len() > suffix.len() && host.ends_with(suffix)).then_some(suffix.len());
+    }
+    (pattern == host).then_some(usize::MAX)
+}
+
+/// Result of routing one request.
+#[derive(Debug)]
+pub enum Routed<'a> {
+    Matched {
+        route: &'a Route,
+        matched: Option<usize>,
+    },
+    /// A virtual host exists but no rule matched (404, flag NR).
+    NoRoute,
+    /// No virtual host for this authority.
+    NoVirtualHost,
+}
+
+impl RouteTable {
+    pub fn vhost(&self, authority: &str) -> Option<&VirtualHost> {
+        let host = split_host_port(authority).0.to_ascii_lowercase();
+        self.vhosts
+            .iter()
+            .filter_map(|v| {
+                v.domains
+                    .iter()
+                    .filter_map(|d| domain_rank(d, &host))
+                    .max()
+                    .map(|r| (r, v))
+            })
+            .max_by_key(|(r, _)| *r)
+            .map(|(_, v)| v)
+    }
+
+    /// First matching rule wins.
+    pub fn route(&self, req: &RequestView<'_>) -> Routed<'_> {
+        let Some(vh) = self.vhost(req.authority) else {
+            return Routed::NoVirtualHost;
+        };
+        vh.routes
+            .iter()
+            .find_map(|route| {
+                route
+                    .matching(req)
+                    .map(|matched| Routed::Matched { route, matched })
+            })
+            .unwrap_or(Routed::NoRoute)
+    }
+}
+
+/// Picks a destination by weight (`r` uniform in [0, 1)).
+pub fn pick_weighted(dests: &[WeightedCluster], r: f64) -> Option<&WeightedCluster> {
+    let total: u64 = dests.iter().map(|d| u64::from(d.weight)).sum();
+    if total == 0 {
+        return dests.first();
+    }
+    let mut point = (r * total as f64) as u64;
+    for d in dests {
+        let w = u64::from(d.weight);
+        if point < w {
+            return Some(d);
+        }
+        point -= w;
+    }
+    dests.last()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,292 @@
+use meshgate_config::load::{Loaded, load_str};
+
+use super::*;
+
+/// A table with one virtual host per VirtualService host; each rule routes
+/// to a cluster numbered after the rule.
+fn table(vs_spec: &str) -> RouteTable {
+    let text = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: vs, namespace: ns}}\nspec:\n{vs_spec}"
+    );
+    let mut loaded = Loaded::default();
+    load_str("vs.yaml", &text, &mut loaded).unwrap();
+    let errors: Vec<String> = loaded.diagnostics.iter().map(ToString::to_string).collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    let vs = &loaded.config.virtual_services[0].spec;
+    let routes = vs
+        .http
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let dests = r
+                .route
+                .iter()
+                .enumerate()
+                .map(|(j, d)| WeightedCluster {
+                    cluster: i * 10 + j,
+                    weight: d.weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 }),
+                    request_headers: HeaderOps::default(),
+                    response_headers: HeaderOps::default(),
+                })
+                .collect();
+            Route::compile(
+                r,
+                Arc::from(format!("#{i}")),
+                Some(Arc::from("ns/vs")),
+                &r.matches,
+                dests,
+            )
+        })
+        .collect();
+    RouteTable {
+        vhosts: vec![VirtualHost {
+            domains: vs.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            routes,
+        }],
+    }
+}
+
+struct R {
+    authority: &'static str,
+    method: &'static str,
+    path: &'static str,
+    query: &'static str,
+    headers: HeaderMap,
+}
+
+fn req(authority: &'static str, method: &'static str, path: &'static str) -> R {
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    R {
+        authority,
+        method,
+        path,
+        query,
+        headers: HeaderMap::new(),
+    }
+}
+
+impl R {
+    fn header(mut self, k: &'static str, v: &'static str) -> R {
+        self.headers
+            .insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+        self
+    }
+
+    fn view(&self) -> RequestView<'_> {
+        RequestView {
+            authority: self.authority,
+            method: self.method,
+            scheme: "http",
+            path: self.path,
+            query: self.query,
+            headers: &self.headers,
+        }
+    }
+}
+
+/// The name of the route a request takes, or `NR` / `no vhost`.
+fn which(t: &RouteTable, r: &R) -> String {
+    match t.route(&r.view()) {
+        Routed::Matched { route, .. } => route.name.to_string(),
+        Routed::NoRoute => "NR".into(),
+        Routed::NoVirtualHost => "no vhost".into(),
+    }
+}
+
+const SPEC: &str = "  hosts: [api.example.com, '*.wild.com']
+  http:
+  - match: [{uri: {exact: /exact}}]
+    route: [{destination: {host: a}}]
+  - match: [{uri: {prefix: /Pre, }, ignoreUriCase: true}]
+    route: [{destination: {host: a}}]
+  - match: [{uri: {regex: '/items/[0-9]+'}}]
+    route: [{destination: {host: a}}]
+  - match: [{method: {exact: POST}, headers: {x-user: {prefix: admin}}}]
+    route: [{destination: {host: a}}]
+  - match: [{headers: {x-flag: {}}}]
+    route: [{destination: {host: a}}]
+  - match: [{queryParams: {v: {exact: '2'}}}, {authority: {prefix: beta.}}]
+    route: [{destination: {host: a}}]
+  - match: [{uri: {prefix: /guarded}, withoutHeaders: {x-debug: {}}}]
+    route: [{destination: {host: a}}]
+  - match: [{uri: {prefix: /api}}]
+    route: [{destination: {host: a}}]
+";
+
+#[test]
+fn first_match_wins_table() {
+    let t = table(SPEC);
+    let cases = [
+        (req("api.example.com", "GET", "/exact"), "#0"),
+        (req("api.example.com", "GET", "/exact/more"), "NR"),
+        (req("api.example.com", "GET", "/PREFIX/x"), "#1"),
+        (req("api.example.com", "GET", "/prefix"), "#1"),
+        (req("api.example.com", "GET", "/items/42"), "#2"),
+        (req("api.example.com", "GET", "/items/42x"), "NR"),
+        (
+            req("api.example.com", "POST", "/x").header("x-user", "admin-1"),
+            "#3",
+        ),
+        (
+            req("api.example.com", "GET", "/x").header("x-user", "admin-1"),
+            "NR",
+        ),
+        (
+            req("api.example.com", "GET", "/x").header("x-flag", ""),
+            "#4",
+        ),
+        (req("api.example.com", "GET", "/x?a=1&v=2"), "#5"),
+        (req("api.example.com", "GET", "/x?v=3"), "NR"),
+        (req("beta.wild.com", "GET", "/x"), "#5"),
+        (req("api.example.com", "GET", "/guarded"), "#6"),
+        (
+            req("api.example.com", "GET", "/guarded").header("x-debug", "1"),
+            "NR",
+        ),
+        (req("api.example.com", "GET", "/api/v1"), "#7"),
+        (req("API.example.com:80", "GET", "/api/v1"), "#7"),
+        (req("x.wild.com", "GET", "/api"), "#7"),
+        (req("wild.com", "GET", "/api"), "no vhost"),
+        (req("other.com", "GET", "/api"), "no vhost"),
+    ];
+    for (r, want) in cases {
+        assert_eq!(
+            which(&t, &r),
+            want,
+            "{} {} {}?{}",
+            r.authority,
+            r.method,
+            r.path,
+            r.query
+        );
+    }
+}
+
+#[test]
+fn catch_all_and_weights() {
+    let t = table(
+        "  hosts: [a.com]\n  http:\n  - route:\n    - destination: {host: a}\n      weight: 90\n    - destination: {host: b}\n      weight: 10\n",
+    );
+    let Routed::Matched { route, .. } = t.route(&req("a.com", "GET", "/anything").view()) else {
+        panic!("no match")
+    };
+    let Action::Forward(dests) = &route.action else {
+        panic!("not forward")
+    };
+    assert_eq!(pick_weighted(dests, 0.0).unwrap().cluster, 0);
+    assert_eq!(pick_weighted(dests, 0.899).unwrap().cluster, 0);
+    assert_eq!(pick_weighted(dests, 0.9).unwrap().cluster, 1);
+    assert_eq!(pick_weighted(dests, 0.999).unwrap().cluster, 1);
+}
+
+#[test]
+fn rewrites() {
+    let t = table(
+        "  hosts: [a.com]\n  http:\n  - match: [{uri: {prefix: /v1/}}]\n    rewrite: {uri: /api/v2/, authority: b.com}\n    route: [{destination: {host: a}}]\n  - match: [{uri: {exact: /old}}]\n    rewrite: {uri: /new}\n    route: [{destination: {host: a}}]\n  - match: [{uri: {prefix: /r/}}]\n    rewrite: {uriRegexRewrite: {match: '^/r/(.*)/x$', rewrite: '/s/\\1'}}\n    route: [{destination: {host: a}}]\n",
+    );
+    let check = |path: &'static str, want: &str| {
+        let r = req("a.com", "GET", path);
+        let Routed::Matched { route, matched } = t.route(&r.view()) else {
+            panic!("{path}: no match")
+        };
+        assert_eq!(
+            route.rewrite_path(matched, path).as_deref(),
+            Some(want),
+            "{path}"
+        );
+        route.authority_rewrite.clone()
+    };
+    assert_eq!(
+        check("/v1/users/1", "/api/v2/users/1").as_deref(),
+        Some("b.com")
+    );
+    assert_eq!(check("/old", "/new"), None);
+    check("/r/abc/x", "/s/abc");
+}
+
+#[test]
+fn redirect_and_direct_response() {
+    let t = table(
+        "  hosts: [a.com]\n  http:\n  - match: [{uri: {exact: /old}}]\n    redirect: {uri: /new, authority: b.com, redirectCode: 302}\n  - match: [{uri: {exact: /s}}]\n    redirect: {scheme: https}\n  - directResponse: {status: 418, body: {string: teapot}}\n",
+    );
+    let r = req("a.com:8080", "GET", "/old");
+    let Routed::Matched { route, .. } = t.route(&r.view()) else {
+        panic!()
+    };
+    let Action::Redirect(red) = &route.action else {
+        panic!()
+    };
+    assert_eq!(red.code, 302);
+    assert_eq!(red.location(&r.view(), 8080), "http://b.com:8080/new");
+    let r = req("a.com", "GET", "/s?x=1");
+    let Routed::Matched { route, .. } = t.route(&r.view()) else {
+        panic!()
+    };
+    let Action::Redirect(red) = &route.action else {
+        panic!()
+    };
+    assert_eq!(red.code, 301);
+    assert_eq!(red.location(&r.view(), 80), "https://a.com/s?x=1");
+    let r = req("a.com", "GET", "/other");
+    let Routed::Matched { route, .. } = t.route(&r.view()) else {
+        panic!()
+    };
+    let Action::Direct { status, body } = &route.action else {
+        panic!()
+    };
+    assert_eq!((*status, body.as_ref()), (418, b"teapot".as_ref()));
+}
+
+#[test]
+fn retry_policies() {
+    let default = RetryPolicy::istio_default();
+    assert_eq!(default.attempts, 2);
+    assert!(default.on_connect_failure && default.retry_status(503) && !default.retry_status(500));
+    let t = table(
+        "  hosts: [a.com]\n  http:\n  - retries: {attempts: 0}\n    route: [{destination: {host: a}}]\n  - retries: {attempts: 3, perTryTimeout: 2s, retryOn: '5xx,429'}\n    route: [{destination: {host: a}}]\n  - fault: {abort: {httpStatus: 503, percentage: {value: 100}}}\n    route: [{destination: {host: a}}]\n",
+    );
+    let routes = &t.vhosts[0].routes;
+    assert_eq!(routes[0].retry.attempts, 0);
+    assert_eq!(routes[1].retry.attempts, 3);
+    assert_eq!(
+        routes[1].retry.per_try_timeout,
+        Some(Duration::from_secs(2))
+    );
+    assert!(
+        routes[1].retry.retry_status(500)
+            && routes[1].retry.retry_status(429)
+            && !routes[1].retry.on_connect_failure
+    );
+    assert_eq!(routes[2].retry.attempts, 0, "faults disable retries");
+    assert_eq!(
+        routes[2].fault.as_ref().and_then(|f| f.abort),
+        Some((503, 100.0))
+    );
+}
+
+#[test]
+fn header_operations() {
+    let ops = HeaderOps::compile(Some(
+        &meshgate_config::model::networking::HeaderOperations {
+            set: [("x-a".to_owned(), "1".to_owned())].into(),
+            add: [("x-b".to_owned(), "2".to_owned())].into(),
+            remove: vec!["x-c".to_owned()],
+        },
+    ));
+    let mut h = HeaderMap::new();
+    h.insert("x-a", HeaderValue::from_static("0"));
+    h.insert("x-b", HeaderValue::from_static("1"));
+    h.insert("x-c", HeaderValue::from_static("gone"));
+    ops.apply(&mut h);
+    assert_eq!(h.get("x-a").unwrap(), "1");
+    assert_eq!(h.get_all("x-b").iter().count(), 2);
+    assert!(h.get("x-c").is_none());
+}
+
+#[test]
+fn host_port_split() {
+    assert_eq!(split_host_port("a.com:80"), ("a.com", Some(80)));
+    assert_eq!(split_host_port("a.com"), ("a.com", None));
+    assert_eq!(split_host_port("[::1]:8080"), ("[::1]", Some(8080)));
+    assert_eq!(split_host_port("::1"), ("::1", None));
+}
