@@ -3,6 +3,7 @@
 mod ca;
 mod check;
 mod dump;
+mod run;
 mod table;
 
 use std::path::PathBuf;
@@ -33,6 +34,10 @@ enum Command {
     /// certificates, serve certificate requests.
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// Run the egress gateway proxy of one gateway workload: mutual TLS in,
+    /// AuthorizationPolicy, Gateway + VirtualService routing, TLS origination
+    /// out, Istio metrics and access logs.
+    Gateway(Box<run::ProxyArgs>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -78,6 +83,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::ConfigDump(args) => dump::run(&args),
         Command::Ca(cmd) => ca::run(&cmd),
+        Command::Gateway(args) => run::run_gateway(&args),
     };
     match result {
         Ok(code) => code,

@@ -410,6 +410,9 @@ pub struct Listener {
     /// on plain ports that also accept mesh mTLS.
     pub tls: String,
     pub origin: String,
+    /// The Gateway server's TLS settings (gateways only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_tls: Option<crate::model::networking::ServerTlsSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -593,6 +596,7 @@ fn sidecar_routes(
         hosts: vec!["*".to_owned()],
         tls: "none".to_owned(),
         origin: "virtualOutbound (captured and explicit-proxy traffic)".to_owned(),
+        server_tls: None,
     });
     let services: Vec<&Service> = registry
         .visible_from(&w.namespace)
@@ -652,6 +656,7 @@ fn sidecar_routes(
             hosts,
             tls: "none".to_owned(),
             origin: format!("0.0.0.0_{port} (via virtualOutbound)"),
+            server_tls: None,
         });
     }
 }
@@ -814,6 +819,7 @@ fn gateway_routes(
                 protocol,
                 hosts: server.hosts.clone(),
                 tls,
+                server_tls: server.tls.clone(),
                 origin: format!(
                     "Gateway {} server {}",
                     gw.meta.full_name(),

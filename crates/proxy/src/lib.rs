@@ -2,5 +2,11 @@
 //! Decisions (authorization, routing) are pure functions over compiled
 //! snapshots of the config; the I/O around them is plain async code.
 
+pub mod admin;
 pub mod authz;
+pub mod gateway;
+pub mod proxy;
 pub mod route;
+pub mod standin;
+pub mod state;
+pub mod upstream;

@@ -1,0 +1,386 @@
+//! `meshgate gateway`: run the proxy of one gateway workload from the config.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use arc_swap::ArcSwap;
+use meshgate_config::model::{Config, Kind, Meta, Resource, SourceRef, WorkloadTemplate};
+use meshgate_config::{Level, MeshSettings, load_paths, registry};
+use meshgate_identity::{CertificateAuthority, Source, SpiffeId, WorkloadIdentity};
+use meshgate_proxy::admin::{self, AdminRole, Readiness};
+use meshgate_proxy::gateway;
+use meshgate_proxy::proxy::Proxy;
+use meshgate_proxy::state::{BuildContext, Snapshot};
+use meshgate_proxy::upstream::dns::Resolver;
+use meshgate_proxy::upstream::tls::DefaultRoots;
+use meshgate_telemetry::{AccessLog, AccessLogFormat, Metrics};
+
+/// Where the proxy's certificate comes from.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct IdentityArgs {
+    /// Issue the certificate from the CA in this folder (from `meshgate ca
+    /// init`), in process: the all-in-one local setup.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["cert_dir", "ca_addr"])]
+    pub ca_dir: Option<PathBuf>,
+    /// Read cert-chain.pem, key.pem, root-cert.pem from this folder (Istio's
+    /// mounted layout), re-read when they change.
+    #[arg(long, value_name = "DIR", conflicts_with = "ca_addr")]
+    pub cert_dir: Option<PathBuf>,
+    /// Request the certificate from `meshgate ca serve` at this address.
+    #[arg(long, value_name = "HOST:PORT", requires_all = ["ca_token_file", "ca_root_cert"])]
+    pub ca_addr: Option<String>,
+    /// Bootstrap token for --ca-addr.
+    #[arg(long, value_name = "FILE")]
+    pub ca_token_file: Option<PathBuf>,
+    /// Root certificate that --ca-addr's server must chain to.
+    #[arg(long, value_name = "FILE")]
+    pub ca_root_cert: Option<PathBuf>,
+    /// Certificate lifetime to ask for (renewed at about half).
+    #[arg(long, default_value = "24h", value_name = "DURATION")]
+    pub cert_ttl: String,
+}
+
+impl IdentityArgs {
+    pub(crate) async fn start(&self, id: SpiffeId) -> anyhow::Result<Arc<WorkloadIdentity>> {
+        let ttl = meshgate_config::model::Duration::parse(&self.cert_ttl)
+            .map_err(anyhow::Error::msg)
+            .context("--cert-ttl")?
+            .as_std();
+        let source = if let Some(dir) = &self.ca_dir {
+            Source::InProcess {
+                ca: Arc::new(CertificateAuthority::load(dir)?),
+                ttl,
+            }
+        } else if let Some(dir) = &self.cert_dir {
+            Source::Files {
+                dir: dir.clone(),
+                poll: Duration::from_secs(2),
+            }
+        } else if let Some(addr) = &self.ca_addr {
+            Source::CaServer {
+                addr: addr.clone(),
+                token_file: self.ca_token_file.clone().context("--ca-token-file")?,
+                root_cert: self.ca_root_cert.clone().context("--ca-root-cert")?,
+                ttl,
+            }
+        } else {
+            bail!(
+                "no identity source: give --ca-dir, --cert-dir, or --ca-addr with --ca-token-file and --ca-root-cert"
+            );
+        };
+        Ok(WorkloadIdentity::start(id, source).await?)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+    Off,
+}
+
+/// Flags shared by the proxies.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ProxyArgs {
+    /// YAML files or folders with the mesh config.
+    #[arg(short, long = "config", required = true, value_name = "PATH")]
+    pub config: Vec<PathBuf>,
+    /// The workload, as NAMESPACE/NAME of its Deployment or Pod.
+    #[arg(short, long, value_name = "NS/NAME")]
+    pub workload: String,
+    /// Pod labels, for a workload the config does not describe (k=v,k=v).
+    #[arg(long, value_name = "K=V,...")]
+    pub labels: Option<String>,
+    /// Service account, for a workload the config does not describe.
+    #[arg(long, default_value = "default")]
+    pub service_account: String,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+    /// DNS server for `resolution: DNS` (default: the system's resolver).
+    #[arg(long, value_name = "IP:PORT")]
+    pub dns_server: Option<SocketAddr>,
+    /// Extra trusted roots for TLS origination when a DestinationRule has no
+    /// caCertificates (added to the system's CA bundle).
+    #[arg(long, value_name = "FILE")]
+    pub extra_roots: Vec<PathBuf>,
+    /// Static endpoints instead of DNS: lines of `host:port addr:port ...`.
+    #[arg(long, value_name = "FILE")]
+    pub endpoints: Option<PathBuf>,
+    /// Address the traffic listeners bind.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind_address: IpAddr,
+    /// Bind a server port elsewhere: SERVER_PORT=BIND_PORT (0 = any free port).
+    #[arg(long = "port", value_name = "PORT=BIND")]
+    pub ports: Vec<String>,
+    /// Address of the admin ports (health and metrics).
+    #[arg(long, default_value = "0.0.0.0")]
+    pub admin_address: IpAddr,
+    /// Agent port: /stats/prometheus (merged) and /healthz/ready.
+    #[arg(long, default_value_t = 15020)]
+    pub admin_port: u16,
+    /// Envoy's /stats/prometheus port.
+    #[arg(long, default_value_t = 15090)]
+    pub prometheus_port: u16,
+    /// Readiness port: /healthz/ready.
+    #[arg(long, default_value_t = 15021)]
+    pub health_port: u16,
+    /// Access log format (to stdout).
+    #[arg(long, value_enum, default_value = "text")]
+    pub access_log_format: LogFormat,
+    /// Once ready, write the bound addresses here as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
+}
+
+fn parse_labels(s: &str) -> anyhow::Result<meshgate_config::model::Labels> {
+    s.split(',')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .with_context(|| format!("--labels: \"{kv}\" is not key=value"))
+        })
+        .collect()
+}
+
+fn parse_endpoints(path: &PathBuf) -> anyhow::Result<HashMap<String, Vec<SocketAddr>>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut parts = line.split_whitespace();
+        let key = parts.next().unwrap_or_default().to_owned();
+        let addrs = parts
+            .map(|a| a.parse::<SocketAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| {
+                format!(
+                    "{}:{}: expected `host:port addr:port ...`",
+                    path.display(),
+                    i + 1
+                )
+            })?;
+        if addrs.is_empty() {
+            bail!("{}:{}: no addresses for {key}", path.display(), i + 1);
+        }
+        out.insert(key, addrs);
+    }
+    Ok(out)
+}
+
+fn port_overrides(ports: &[String]) -> anyhow::Result<HashMap<u16, u16>> {
+    ports
+        .iter()
+        .map(|p| {
+            let (a, b) = p
+                .split_once('=')
+                .with_context(|| format!("--port {p}: expected SERVER_PORT=BIND_PORT"))?;
+            Ok((a.parse().context("--port")?, b.parse().context("--port")?))
+        })
+        .collect()
+}
+
+/// Loads the config; schema errors stop the proxy (never half-applied).
+pub(crate) fn load_config(paths: &[PathBuf]) -> anyhow::Result<Config> {
+    let loaded = load_paths(paths)?;
+    let errors: Vec<String> = loaded
+        .diagnostics
+        .iter()
+        .filter(|d| d.level == Level::Error)
+        .map(ToString::to_string)
+        .collect();
+    if !errors.is_empty() {
+        bail!("the config has errors:\n{}", errors.join("\n"));
+    }
+    for d in loaded
+        .diagnostics
+        .iter()
+        .filter(|d| d.level != Level::Error)
+    {
+        tracing::warn!("{d}");
+    }
+    Ok(loaded.config)
+}
+
+/// Adds a workload the config does not describe, from flags.
+fn add_flag_workload(
+    config: &mut Config,
+    workload: &str,
+    labels: &str,
+    sa: &str,
+    gateway: bool,
+) -> anyhow::Result<()> {
+    let (ns, name) = workload
+        .split_once('/')
+        .context("--workload must be NAMESPACE/NAME")?;
+    let mut annotations = meshgate_config::model::Labels::new();
+    if gateway {
+        annotations.insert("inject.istio.io/templates".into(), "gateway".into());
+    } else {
+        annotations.insert("sidecar.istio.io/inject".into(), "true".into());
+    }
+    let labels = parse_labels(labels)?;
+    let pod = meshgate_config::model::kube::PodSpec {
+        service_account_name: Some(sa.to_owned()),
+        ..Default::default()
+    };
+    config.workloads.push(Resource {
+        meta: Meta {
+            kind: Kind::Pod,
+            api_version: "v1".into(),
+            name: name.to_owned(),
+            namespace: ns.to_owned(),
+            labels: labels.clone(),
+            annotations: annotations.clone(),
+            source: SourceRef {
+                file: Arc::from("(command line)"),
+                line: 0,
+                node: Arc::new(meshgate_config::yaml::Node {
+                    value: meshgate_config::yaml::Value::Null,
+                    pos: Default::default(),
+                }),
+            },
+        },
+        spec: WorkloadTemplate {
+            pod_labels: labels.clone(),
+            pod_annotations: annotations,
+            selector: labels,
+            pod,
+        },
+    });
+    Ok(())
+}
+
+pub(crate) fn run_gateway(args: &ProxyArgs) -> anyhow::Result<ExitCode> {
+    let mut config = load_config(&args.config)?;
+    let mesh = MeshSettings::default();
+    let exists = {
+        let reg = registry::build(&config, &mesh);
+        meshgate_config::view::find_workload(&reg, &args.workload).is_ok()
+    };
+    if !exists {
+        let Some(labels) = &args.labels else {
+            bail!(
+                "workload {} is not in the config; describe it with a Deployment, or pass --labels (and --service-account)",
+                args.workload
+            );
+        };
+        add_flag_workload(
+            &mut config,
+            &args.workload,
+            labels,
+            &args.service_account,
+            true,
+        )?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(gateway_main(args, config, mesh))
+}
+
+async fn gateway_main(
+    args: &ProxyArgs,
+    config: Config,
+    mesh: MeshSettings,
+) -> anyhow::Result<ExitCode> {
+    let readiness = Readiness::default();
+    let cert_pending = readiness.register("certificate");
+    let listeners_pending = readiness.register("listeners");
+
+    let reg = registry::build(&config, &mesh);
+    let w = meshgate_config::view::find_workload(&reg, &args.workload)?;
+    if w.proxy != registry::ProxyKind::Gateway {
+        bail!(
+            "{} is not a gateway workload (no inject.istio.io/templates: gateway, and more than an istio-proxy container); use `meshgate sidecar` for injected workloads",
+            args.workload
+        );
+    }
+    let id: SpiffeId = w.spiffe_id.parse()?;
+    let metrics = Arc::new(Metrics::new());
+
+    // Admin ports first, so /healthz/ready answers (not ready) while we start.
+    let admin_ports = [
+        (args.admin_port, AdminRole::Agent),
+        (args.prometheus_port, AdminRole::Prometheus),
+        (args.health_port, AdminRole::Health),
+    ];
+    let mut admin_addrs = Vec::new();
+    for (port, role) in admin_ports {
+        let addr = SocketAddr::new(args.admin_address, port);
+        let l = admin::bind(addr)
+            .await
+            .with_context(|| format!("binding admin port {addr}"))?;
+        let local = l.local_addr()?;
+        tracing::info!(address = %local, ?role, "admin port bound");
+        admin_addrs.push((role, local));
+        tokio::spawn(admin::serve(l, role, metrics.clone(), readiness.clone()));
+    }
+
+    let identity = args
+        .identity
+        .start(id.clone())
+        .await
+        .context("loading the workload certificate")?;
+    drop(cert_pending);
+
+    let ctx = BuildContext {
+        mesh,
+        resolver: Resolver::new(args.dns_server)?,
+        roots: DefaultRoots::load(&args.extra_roots)?,
+        identity: Some(identity.clone()),
+        endpoints: match &args.endpoints {
+            Some(p) => parse_endpoints(p)?,
+            None => HashMap::new(),
+        },
+    };
+    let snapshot = Snapshot::build(&config, &args.workload, &ctx)?;
+    if snapshot.listeners.is_empty() {
+        tracing::warn!(workload = %args.workload, "no Gateway selects this workload: nothing to listen on");
+    }
+    let proxy = Arc::new(Proxy {
+        state: ArcSwap::from_pointee(snapshot),
+        metrics: metrics.clone(),
+        access_log: Arc::new(AccessLog::stdout(match args.access_log_format {
+            LogFormat::Text => AccessLogFormat::Text,
+            LogFormat::Json => AccessLogFormat::Json,
+            LogFormat::Off => AccessLogFormat::Off,
+        })),
+        egress_metric: true,
+    });
+    let bound = gateway::bind(&proxy, args.bind_address, &port_overrides(&args.ports)?).await?;
+    let listener_addrs: Vec<(u16, SocketAddr)> = bound.iter().map(|b| (b.port, b.local)).collect();
+    for b in bound {
+        let (proxy, identity) = (proxy.clone(), identity.clone());
+        tokio::spawn(async move {
+            if let Err(e) = gateway::serve(proxy, identity, b).await {
+                tracing::error!(error = %e, "listener stopped");
+            }
+        });
+    }
+    drop(listeners_pending);
+    tracing::info!(workload = %args.workload, identity = %id, "egress gateway running");
+    if let Some(path) = &args.ready_file {
+        let json = serde_json::json!({
+            "identity": id.to_string(),
+            "listeners": listener_addrs.iter().map(|(p, a)| serde_json::json!({"port": p, "address": a.to_string()})).collect::<Vec<_>>(),
+            "admin": admin_addrs.iter().map(|(r, a)| serde_json::json!({"role": format!("{r:?}").to_lowercase(), "address": a.to_string()})).collect::<Vec<_>>(),
+        });
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&json)?)?;
+        std::fs::rename(&tmp, path)?;
+    }
+    crate::shutdown_signal().await;
+    tracing::info!("shutting down");
+    Ok(ExitCode::SUCCESS)
+}

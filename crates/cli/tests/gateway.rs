@@ -1,0 +1,458 @@
+//! The egress gateway end to end, with real parts: the seed's config
+//! unchanged, a real HTTPS stand-in for jsonplaceholder.typicode.com with its
+//! own CA, a real DNS server answering for it, and curl as the mesh peer with
+//! certificates from `meshgate ca issue`.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use meshgate_proxy::standin::{self, DnsZone, Seen, StandinCa};
+use support::*;
+
+const HOST: &str = "jsonplaceholder.typicode.com";
+const CURL_ID: &str = "spiffe://cluster.local/ns/curl-external-tst/sa/default";
+
+/// The outside world: stand-in HTTPS on <ip>:443 and DNS pointing at it.
+struct World {
+    _rt: tokio::runtime::Runtime,
+    seen: Seen,
+    dns: SocketAddr,
+    ca_file: String,
+}
+
+fn world(t: &TempDir, cert_names: &[&str]) -> World {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ca = StandinCa::new("stand-in CA").unwrap();
+    let ca_file = t.path("standin-ca.pem");
+    std::fs::write(&ca_file, &ca.root_pem).unwrap();
+    let ip = loopback_ip();
+    let names: Vec<String> = cert_names.iter().map(|s| (*s).to_owned()).collect();
+    let tls = ca.server_config(&names).unwrap();
+    let seen = Seen::default();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(SocketAddr::new(ip, 443)))
+        .expect("bind :443 (as root)");
+    rt.spawn(standin::serve_https(listener, tls, seen.clone()));
+    let mut zone = DnsZone::default();
+    zone.insert(HOST, ip);
+    let dns = rt
+        .block_on(standin::serve_dns("127.0.0.1:0".parse().unwrap(), zone))
+        .unwrap();
+    World {
+        _rt: rt,
+        seen,
+        dns,
+        ca_file,
+    }
+}
+
+struct Gateway {
+    proc: Proc,
+    http: SocketAddr,
+    admin: SocketAddr,
+    prometheus: SocketAddr,
+    health: SocketAddr,
+}
+
+fn start_gateway(t: &TempDir, config: &[&str], extra: &[&str]) -> Gateway {
+    let ready = t.path("gw-ready.json");
+    let _ = std::fs::remove_file(&ready);
+    let mut args = vec!["gateway"];
+    for c in config {
+        args.extend(["--config", c]);
+    }
+    let ca = t.path("ca");
+    args.extend([
+        "--workload",
+        "curl-egress-tst/curl-egress-tst-gateway",
+        "--ca-dir",
+        &ca,
+        "--bind-address",
+        "127.0.0.1",
+        "--port",
+        "80=0",
+        "--admin-address",
+        "127.0.0.1",
+        "--admin-port",
+        "0",
+        "--prometheus-port",
+        "0",
+        "--health-port",
+        "0",
+        "--ready-file",
+        &ready,
+    ]);
+    args.extend(extra);
+    let proc = Proc::spawn(&args);
+    proc.wait_for("egress gateway running", Duration::from_secs(20));
+    // The ready file is written right after that line.
+    let mut json = None;
+    for _ in 0..100 {
+        if let Ok(text) = std::fs::read_to_string(&ready) {
+            json = serde_json::from_str::<serde_json::Value>(&text).ok();
+            break;
+        }
+        std::thread::yield_now();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let json = json.expect("ready file");
+    let addr = |v: &serde_json::Value| {
+        v["address"]
+            .as_str()
+            .unwrap()
+            .parse::<SocketAddr>()
+            .unwrap()
+    };
+    let admin = |role: &str| {
+        addr(
+            json["admin"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["role"] == role)
+                .unwrap(),
+        )
+    };
+    Gateway {
+        http: addr(&json["listeners"][0]),
+        admin: admin("agent"),
+        prometheus: admin("prometheus"),
+        health: admin("health"),
+        proc,
+    }
+}
+
+fn issue(t: &TempDir, id: &str, out: &str) {
+    let o = meshgate(&[
+        "ca",
+        "issue",
+        "--dir",
+        &t.path("ca"),
+        "--spiffe-id",
+        id,
+        "--out",
+        &t.path(out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn setup(name: &str) -> TempDir {
+    let t = TempDir::new(name);
+    assert!(
+        meshgate(&["ca", "init", "--dir", &t.path("ca")])
+            .status
+            .success()
+    );
+    issue(&t, CURL_ID, "curl");
+    issue(&t, "spiffe://cluster.local/ns/other/sa/default", "other");
+    t
+}
+
+/// curl as a mesh peer: mutual TLS with a workload certificate. `-k`: curl
+/// cannot check SPIFFE IDs; the gateway's check of curl is what is tested.
+fn mtls_get(t: &TempDir, who: &str, gw: &Gateway, path: &str) -> (String, String, i32) {
+    let port = gw.http.port();
+    curl(&[
+        "-k",
+        "--cert",
+        &t.path(&format!("{who}/cert-chain.pem")),
+        "--key",
+        &t.path(&format!("{who}/key.pem")),
+        "--resolve",
+        &format!("{HOST}:{port}:127.0.0.1"),
+        &format!("https://{HOST}:{port}{path}"),
+    ])
+}
+
+fn plain_get(gw: &Gateway, path: &str) -> (String, String, i32) {
+    let port = gw.http.port();
+    curl(&[
+        "--resolve",
+        &format!("{HOST}:{port}:127.0.0.1"),
+        &format!("http://{HOST}:{port}{path}"),
+    ])
+}
+
+#[test]
+fn seed_gateway_serves_authorizes_and_reports() {
+    require_root!();
+    let t = setup("gw-seed");
+    let w = world(&t, &[HOST]);
+    let gw = start_gateway(
+        &t,
+        &[&seed()],
+        &[
+            "--dns-server",
+            &w.dns.to_string(),
+            "--extra-roots",
+            &w.ca_file,
+        ],
+    );
+
+    assert_eq!(
+        curl(&[&format!("http://{}/healthz/ready", gw.health)]).1,
+        "200"
+    );
+    assert_eq!(
+        curl(&[&format!("http://{}/healthz/ready", gw.admin)]).1,
+        "200"
+    );
+
+    // The allowed namespace gets the stand-in's JSON, over TLS the gateway originated.
+    let (body, code, _) = mtls_get(&t, "curl", &gw, "/todos/1");
+    assert_eq!(
+        code,
+        "200",
+        "{body}\n{}",
+        gw.proc.log.lock().unwrap().join("\n")
+    );
+    assert_eq!(body, standin::TODO_1);
+    let seen = w.seen.all();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        seen[0].sni.as_deref(),
+        Some(HOST),
+        "the stand-in saw SNI {HOST}"
+    );
+    assert_eq!(seen[0].path, "/todos/1");
+
+    // Another namespace is denied by the AuthorizationPolicy.
+    let (body, code, _) = mtls_get(&t, "other", &gw, "/todos/1");
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("403", "RBAC: access denied")
+    );
+    // Plaintext (PERMISSIVE): accepted, but there is no namespace to allow.
+    let (body, code, _) = plain_get(&gw, "/todos/1");
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("403", "RBAC: access denied")
+    );
+    assert_eq!(
+        w.seen.all().len(),
+        1,
+        "denied requests never reach the upstream"
+    );
+
+    // Metrics: Istio's labels from the gateway, and who made each call.
+    let text = http_get(gw.prometheus, "/stats/prometheus");
+    let (ok, report) = promtool_check(&text);
+    assert!(ok, "promtool: {report}\n{text}");
+    assert_eq!(
+        text,
+        http_get(gw.admin, "/stats/prometheus").replace("\r", ""),
+        "15020 serves the same metrics"
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "istio_requests_total",
+            &[
+                ("reporter", "source"),
+                ("source_workload", "curl-egress-tst-gateway"),
+                ("source_workload_namespace", "curl-egress-tst"),
+                ("destination_service_name", HOST),
+                ("destination_service_namespace", "curl-external-tst"),
+                ("response_code", "200"),
+                ("response_flags", "-"),
+                ("connection_security_policy", "unknown"),
+            ]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "istio_requests_total", &[("response_code", "403")]),
+        Some(2.0),
+        "{text}"
+    );
+    let egress =
+        |labels: &[(&str, &str)]| metric_value(&text, "meshgate_egress_requests_total", labels);
+    assert_eq!(
+        egress(&[
+            ("source_principal", CURL_ID),
+            ("source_workload_namespace", "curl-external-tst"),
+            ("connection_security_policy", "mutual_tls"),
+            ("destination_service_name", HOST),
+            ("response_code", "200"),
+            ("decision", "allow"),
+        ]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        egress(&[
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/other/sa/default"
+            ),
+            ("connection_security_policy", "mutual_tls"),
+            ("response_code", "403"),
+            ("decision", "deny"),
+        ]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        egress(&[
+            ("source_principal", "unknown"),
+            ("connection_security_policy", "none"),
+            ("decision", "deny")
+        ]),
+        Some(1.0),
+        "{text}"
+    );
+
+    // Access log: Istio's format, plus the caller's SPIFFE ID.
+    let lines = gw.proc.stdout_lines();
+    // curl negotiates HTTP/2 over TLS (ALPN).
+    let ok_line = lines
+        .iter()
+        .find(|l| l.contains("\"GET /todos/1 HTTP/2\" 200 - via_upstream"))
+        .unwrap_or_else(|| panic!("access log line in:\n{}", lines.join("\n")));
+    assert!(
+        ok_line.contains("outbound|443||jsonplaceholder.typicode.com"),
+        "{ok_line}"
+    );
+    assert!(ok_line.ends_with(CURL_ID), "{ok_line}");
+    let denied = lines
+        .iter()
+        .find(|l| l.contains("\" 403 "))
+        .expect("denied line");
+    assert!(
+        denied.contains("rbac_access_denied_matched_policy[none]"),
+        "{denied}"
+    );
+}
+
+#[test]
+fn strict_peer_authentication_refuses_plaintext() {
+    require_root!();
+    let t = setup("gw-strict");
+    std::fs::write(
+        t.path("strict.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: curl-egress-tst}\nspec:\n  mtls: {mode: STRICT}\n",
+    )
+    .unwrap();
+    let w = world(&t, &[HOST]);
+    let gw = start_gateway(
+        &t,
+        &[&seed(), &t.path("strict.yaml")],
+        &[
+            "--dns-server",
+            &w.dns.to_string(),
+            "--extra-roots",
+            &w.ca_file,
+        ],
+    );
+    let (_, code, exit) = plain_get(&gw, "/todos/1");
+    assert_eq!(code, "000", "no HTTP answer at all");
+    assert!(
+        exit == 52 || exit == 56,
+        "curl: empty reply or reset, got exit {exit}"
+    );
+    let (body, code, _) = mtls_get(&t, "curl", &gw, "/todos/1");
+    assert_eq!((code.as_str(), body.as_str()), ("200", standin::TODO_1));
+}
+
+#[test]
+fn untrusted_or_misnamed_upstream_fails_with_uf() {
+    require_root!();
+    // Without the stand-in's CA: the certificate is not trusted.
+    let t = setup("gw-untrusted");
+    let w = world(&t, &[HOST]);
+    let gw = start_gateway(&t, &[&seed()], &["--dns-server", &w.dns.to_string()]);
+    let (body, code, _) = mtls_get(&t, "curl", &gw, "/todos/1");
+    assert_eq!(code, "503", "{body}");
+    assert!(
+        body.starts_with("upstream connect error or disconnect/reset before headers"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("delectus"),
+        "nothing from the untrusted upstream"
+    );
+    assert!(w.seen.all().is_empty(), "no request reached the stand-in");
+    let text = http_get(gw.prometheus, "/stats/prometheus");
+    assert_eq!(
+        metric_value(
+            &text,
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "UF,URX")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    drop(gw);
+
+    // Trusted CA, but the certificate is for another name.
+    let t = setup("gw-misnamed");
+    let w = world(&t, &["other.example.com"]);
+    let gw = start_gateway(
+        &t,
+        &[&seed()],
+        &[
+            "--dns-server",
+            &w.dns.to_string(),
+            "--extra-roots",
+            &w.ca_file,
+        ],
+    );
+    let (body, code, _) = mtls_get(&t, "curl", &gw, "/todos/1");
+    assert_eq!(code, "503", "{body}");
+    assert!(body.contains("TLS_error"), "{body}");
+    assert!(!body.contains("delectus"));
+    let text = http_get(gw.prometheus, "/stats/prometheus");
+    assert!(
+        metric_value(&text, "istio_requests_total", &[("response_code", "503")]).is_some(),
+        "{text}"
+    );
+}
+
+#[test]
+fn dns_failure_is_503_uh_with_a_log_line() {
+    require_root!();
+    let t = setup("gw-dns");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // A DNS server that knows nothing: NXDOMAIN for the external host.
+    let dns = rt
+        .block_on(standin::serve_dns(
+            "127.0.0.1:0".parse().unwrap(),
+            DnsZone::default(),
+        ))
+        .unwrap();
+    let handle = std::thread::spawn(move || rt.block_on(std::future::pending::<()>()));
+    let gw = start_gateway(&t, &[&seed()], &["--dns-server", &dns.to_string()]);
+    let (body, code, _) = mtls_get(&t, "curl", &gw, "/todos/1");
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("503", "no healthy upstream")
+    );
+    gw.proc
+        .wait_for("DNS resolution failed", Duration::from_secs(5));
+    assert!(
+        gw.proc
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("jsonplaceholder.typicode.com"))
+    );
+    let text = http_get(gw.prometheus, "/stats/prometheus");
+    assert_eq!(
+        metric_value(&text, "istio_requests_total", &[("response_flags", "UH")]),
+        Some(1.0),
+        "{text}"
+    );
+    drop(handle);
+}

@@ -1,0 +1,243 @@
+//! Shared pieces of the end-to-end tests: temp folders, the meshgate binary
+//! as a child process, curl, and the stand-in external host.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_meshgate")
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn seed() -> String {
+    repo_root()
+        .join("examples/seed")
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// True when running as root (CI does); network tests need it for port 443
+/// on loopback addresses and for namespaces.
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::support::is_root() {
+            eprintln!("SKIPPED: this test needs root (binds port 443 on loopback addresses); CI runs it as root");
+            return;
+        }
+    };
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!(
+            "meshgate-{name}-{}-{:x}",
+            std::process::id(),
+            fastrand_u32()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+
+    pub fn path(&self, p: &str) -> String {
+        self.0.join(p).to_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn fastrand_u32() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    t.subsec_nanos() ^ (std::process::id() << 8)
+}
+
+/// A loopback address of our own for this test (127.x.y.z), so tests can
+/// bind well-known ports without stepping on each other.
+pub fn loopback_ip() -> IpAddr {
+    let n = fastrand_u32();
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        100 + (n % 100) as u8,
+        ((n >> 8) % 250) as u8 + 1,
+        ((n >> 16) % 250) as u8 + 1,
+    ))
+}
+
+pub fn meshgate(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("meshgate runs")
+}
+
+/// A running meshgate process; killed on drop. Its stderr is collected.
+pub struct Proc {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pub stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str]) -> Proc {
+        let mut child = Command::new(bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("meshgate starts");
+        let (tx, rx) = mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let err = child.stderr.take().unwrap();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                l.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let out = child.stdout.take().unwrap();
+        let o = stdout.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                o.lock().unwrap().push(line);
+            }
+        });
+        Proc {
+            child,
+            lines: rx,
+            log,
+            stdout,
+        }
+    }
+
+    /// Waits (bounded) for a stderr line containing `needle`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "no \"{needle}\" within {timeout:?}; log:\n{}",
+                    self.log.lock().unwrap().join("\n")
+                ),
+            }
+        }
+    }
+
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// curl's body and status code (`-w` appends it on its own line).
+pub fn curl(args: &[&str]) -> (String, String, i32) {
+    let o = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl is installed (.ci/run installs it)");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", &out));
+    (
+        body.to_owned(),
+        code.to_owned(),
+        o.status.code().unwrap_or(-1),
+    )
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    let (body, code, _) = curl(&[&format!("http://{addr}{path}")]);
+    assert_eq!(code, "200", "GET {path} on {addr}: {body}");
+    body
+}
+
+/// The value of a metric line with all these label pairs, if present.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Runs `promtool check metrics` on exposition text. Passing means: valid
+/// exposition format, and no lint problem except the one Istio's own metric
+/// name carries (`istio_request_duration_milliseconds` is not in seconds;
+/// Istio's name is the contract). promtool exits 1 for format errors, 3 for
+/// lint problems only.
+pub fn promtool_check(text: &str) -> (bool, String) {
+    let (code, report) = promtool_raw(text);
+    let only_istio_unit = report
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .all(|l| l == "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"");
+    (code == 0 || (code == 3 && only_istio_unit), report)
+}
+
+fn promtool_raw(text: &str) -> (i32, String) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (Debian's prometheus package; .ci/run installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}

@@ -1,0 +1,165 @@
+//! Istio's agent ports: `/healthz/ready` (15021, and 15020) and
+//! `/stats/prometheus` (15090, and 15020 as the merged endpoint). Readiness
+//! is a set of pending tasks, each held by a drop guard.
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshgate_telemetry::Metrics;
+use tokio::net::TcpListener;
+
+/// Not ready while any task is pending.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<Mutex<BTreeSet<String>>>);
+
+/// Holds readiness back until dropped.
+#[derive(Debug)]
+pub struct BlockReady {
+    readiness: Readiness,
+    name: String,
+}
+
+impl Readiness {
+    pub fn register(&self, name: &str) -> BlockReady {
+        if let Ok(mut p) = self.0.lock() {
+            p.insert(name.to_owned());
+        }
+        BlockReady {
+            readiness: self.clone(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// `Ok` when ready, else the pending tasks.
+    pub fn check(&self) -> Result<(), Vec<String>> {
+        let pending = self
+            .0
+            .lock()
+            .map(|p| p.iter().cloned().collect::<Vec<_>>())
+            .unwrap_or_default();
+        if pending.is_empty() {
+            Ok(())
+        } else {
+            Err(pending)
+        }
+    }
+}
+
+impl Drop for BlockReady {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.readiness.0.lock() {
+            p.remove(&self.name);
+            if p.is_empty() {
+                tracing::info!("proxy ready");
+            }
+        }
+    }
+}
+
+/// What an admin port serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminRole {
+    /// 15020: metrics and readiness.
+    Agent,
+    /// 15090: metrics.
+    Prometheus,
+    /// 15021: readiness.
+    Health,
+}
+
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+fn respond(
+    role: AdminRole,
+    metrics: &Metrics,
+    ready: &Readiness,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let serves_metrics = matches!(role, AdminRole::Agent | AdminRole::Prometheus);
+    let serves_health = matches!(role, AdminRole::Agent | AdminRole::Health);
+    match path {
+        "/stats/prometheus" | "/metrics" if serves_metrics => text(
+            StatusCode::OK,
+            meshgate_telemetry::metrics::CONTENT_TYPE,
+            metrics.encode(),
+        ),
+        "/healthz/ready" if serves_health => match ready.check() {
+            Ok(()) => text(StatusCode::OK, "text/plain", "ready\n"),
+            Err(pending) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready, pending: {}\n", pending.join(", ")),
+            ),
+        },
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+/// Serves one admin port until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    role: AdminRole,
+    metrics: Arc<Metrics>,
+    ready: Readiness,
+) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let (metrics, ready) = (metrics.clone(), ready.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let resp = respond(role, &metrics, &ready, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+/// Binds an admin port.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_waits_for_every_guard() {
+        let r = Readiness::default();
+        let a = r.register("listeners");
+        let b = r.register("certificate");
+        assert_eq!(
+            r.check(),
+            Err(vec!["certificate".to_owned(), "listeners".to_owned()])
+        );
+        drop(b);
+        assert_eq!(r.check(), Err(vec!["listeners".to_owned()]));
+        drop(a);
+        assert_eq!(r.check(), Ok(()));
+    }
+}

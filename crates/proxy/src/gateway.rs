@@ -1,0 +1,199 @@
+//! The egress gateway's listeners: one plain accept loop per Gateway server
+//! port. A plain HTTP server also accepts mutual TLS from mesh peers (TLS is
+//! detected on the first byte), unless PeerAuthentication is STRICT, which
+//! refuses plaintext. The caller's SPIFFE ID comes from the handshake.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use meshgate_identity::WorkloadIdentity;
+use meshgate_identity::tls::{handshake_error_reason, mesh_server_config, peer_identity};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::proxy::{ConnInfo, FIRST_BYTE_TIMEOUT, Proxy};
+use crate::state::ListenerTls;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("cannot listen on {addr} (Gateway server port {port}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+/// A bound listener, ready to serve.
+#[derive(Debug)]
+pub struct BoundListener {
+    pub listener: TcpListener,
+    /// The Gateway server port routes match on.
+    pub port: u16,
+    pub local: SocketAddr,
+}
+
+/// Binds every listener of the current snapshot. `bind_ports` maps a
+/// server port to the port to bind instead (0 = any free port), so several
+/// proxies can share one host.
+pub async fn bind(
+    proxy: &Proxy,
+    ip: IpAddr,
+    overrides: &std::collections::HashMap<u16, u16>,
+) -> Result<Vec<BoundListener>, GatewayError> {
+    let snap = proxy.state.load();
+    let mut out = Vec::new();
+    for l in &snap.listeners {
+        let port = overrides.get(&l.port).copied().unwrap_or(l.bind_port);
+        let addr = SocketAddr::new(ip, port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| GatewayError::Bind {
+                addr,
+                port: l.port,
+                source,
+            })?;
+        let local = listener.local_addr().map_err(|source| GatewayError::Bind {
+            addr,
+            port: l.port,
+            source,
+        })?;
+        tracing::info!(address = %local, server_port = l.port, origin = %l.origin, "listener bound");
+        out.push(BoundListener {
+            listener,
+            port: l.port,
+            local,
+        });
+    }
+    Ok(out)
+}
+
+/// Serves one bound listener until the task is dropped.
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    identity: Arc<WorkloadIdentity>,
+    bound: BoundListener,
+) -> Result<(), GatewayError> {
+    // Built once: the certificate inside is read per handshake from the
+    // live identity, so rotation needs no rebuild.
+    let mesh = tokio_rustls::TlsAcceptor::from(
+        mesh_server_config(&identity, &[b"h2", b"http/1.1"])
+            .map_err(|e| GatewayError::Tls(e.to_string()))?,
+    );
+    let trust_domain: Arc<str> = Arc::from(identity.id().trust_domain());
+    loop {
+        let (tcp, remote) = match bound.listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (proxy, mesh, port, local, td) = (
+            proxy.clone(),
+            mesh.clone(),
+            bound.port,
+            bound.local,
+            trust_domain.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(reason) = connection(proxy, mesh, tcp, remote, local, port, &td).await {
+                tracing::debug!(%remote, reason, "connection closed");
+            }
+        });
+    }
+}
+
+async fn connection(
+    proxy: Arc<Proxy>,
+    mesh: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    local: SocketAddr,
+    port: u16,
+    trust_domain: &str,
+) -> Result<(), String> {
+    let (tls_mode, strict) = {
+        let snap = proxy.state.load();
+        let l = snap.listener(port).ok_or("listener no longer configured")?;
+        (l.tls.clone(), l.strict_mtls)
+    };
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout(FIRST_BYTE_TIMEOUT, tcp.peek(&mut first))
+        .await
+        .map_err(|_| "no data from client")?
+        .map_err(|e| e.to_string())?;
+    if n == 0 {
+        return Ok(());
+    }
+    let is_tls = first[0] == 0x16;
+    let mut info = ConnInfo {
+        remote,
+        local,
+        listener_port: port,
+        peer: None,
+        peer_namespace: None,
+        tls: false,
+        sni: None,
+    };
+    match (tls_mode, is_tls) {
+        (ListenerTls::MeshAuto, true) => {
+            let stream = mesh
+                .accept(tcp)
+                .await
+                .map_err(|e| format!("mTLS handshake failed: {}", handshake_error_reason(&e)))?;
+            fill_peer(&mut info, stream.get_ref().1, trust_domain);
+            serve_http(proxy, info, TokioIo::new(stream)).await
+        }
+        (ListenerTls::MeshAuto, false) if strict => {
+            Err("plaintext refused: PeerAuthentication STRICT".into())
+        }
+        (ListenerTls::MeshAuto, false) => serve_http(proxy, info, TokioIo::new(tcp)).await,
+        (ListenerTls::Terminate(cfg), true) => {
+            let stream = tokio_rustls::TlsAcceptor::from(cfg)
+                .accept(tcp)
+                .await
+                .map_err(|e| format!("TLS handshake failed: {}", handshake_error_reason(&e)))?;
+            fill_peer(&mut info, stream.get_ref().1, trust_domain);
+            serve_http(proxy, info, TokioIo::new(stream)).await
+        }
+        (ListenerTls::Terminate(_), false) => Err("plaintext on a TLS server".into()),
+        (ListenerTls::Passthrough, _) => {
+            Err("TLS passthrough servers are not supported yet".into())
+        }
+    }
+}
+
+fn fill_peer(info: &mut ConnInfo, conn: &rustls::ServerConnection, trust_domain: &str) {
+    info.tls = true;
+    info.sni = conn.server_name().map(Arc::from);
+    if let Some(id) = peer_identity(conn.peer_certificates()) {
+        if id.trust_domain() == trust_domain {
+            info.peer_namespace = Some(Arc::from(id.namespace()));
+        }
+        info.peer = Some(Arc::from(id.to_string().as_str()));
+    }
+}
+
+async fn serve_http<I>(proxy: Arc<Proxy>, info: ConnInfo, io: TokioIo<I>) -> Result<(), String>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let info = Arc::new(info);
+    let svc = hyper::service::service_fn(move |req| {
+        let (proxy, info) = (proxy.clone(), info.clone());
+        async move { Ok::<_, Infallible>(proxy.handle(&info, req).await) }
+    });
+    auto::Builder::new(TokioExecutor::new())
+        .serve_connection(io, svc)
+        .await
+        .map_err(|e| e.to_string())
+}

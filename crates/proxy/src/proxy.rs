@@ -1,0 +1,768 @@
+//! The request path shared by the gateway's listeners: authorize, route,
+//! forward (with retries and timeouts), and report (Istio metrics, egress
+//! attribution, access log). Decisions come from the pure functions in
+//! `authz` and `route` over the current snapshot.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use meshgate_telemetry::metrics::Lv;
+use meshgate_telemetry::{AccessLog, EgressLabels, IstioLabels, LogEntry, Metrics};
+
+use crate::authz::{AuthzRequest, Decision, HttpAttributes, authorize};
+use crate::route::{Action, RequestView, Routed, pick_weighted};
+use crate::state::{ClusterEntry, ListenerState, Snapshot, unknown};
+use crate::upstream::{UpstreamBody, UpstreamError};
+
+/// What a listener knows about the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    /// The listener's (Gateway server's) port, which routes match on.
+    pub listener_port: u16,
+    /// Verified peer SPIFFE ID (mutual TLS) as a metric label value.
+    pub peer: Option<Lv>,
+    /// Peer namespace, from the SPIFFE ID.
+    pub peer_namespace: Option<Lv>,
+    /// TLS was terminated on this connection.
+    pub tls: bool,
+    pub sni: Option<Arc<str>>,
+}
+
+/// Shared by every listener of one proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    pub state: ArcSwap<Snapshot>,
+    pub metrics: Arc<Metrics>,
+    pub access_log: Arc<AccessLog>,
+    /// Report `meshgate_egress_requests_total` (gateways).
+    pub egress_metric: bool,
+}
+
+/// Response bodies: an upstream's, or one we made.
+#[derive(Debug)]
+pub enum ProxyBody {
+    Upstream(Incoming),
+    Local(Option<Bytes>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream(b) => b.is_end_stream(),
+            ProxyBody::Local(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream(b) => b.size_hint(),
+            ProxyBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+/// Reports a request once its response body is done (or abandoned).
+#[derive(Debug)]
+struct Report {
+    proxy: Arc<Proxy>,
+    start: Instant,
+    labels: IstioLabels,
+    egress: Option<EgressLabels>,
+    entry: Option<Box<LogEntry>>,
+    request_bytes: u64,
+    response_bytes: u64,
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        let ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let m = &self.proxy.metrics;
+        m.record_request(&self.labels, ms, self.request_bytes, self.response_bytes);
+        if let Some(e) = &self.egress {
+            m.egress_requests.get_or_create(e).inc();
+        }
+        if let Some(mut entry) = self.entry.take() {
+            entry.bytes_sent = self.response_bytes;
+            entry.bytes_received = self.request_bytes;
+            entry.duration = self.start.elapsed().as_millis() as u64;
+            self.proxy.access_log.write(&entry);
+        }
+    }
+}
+
+/// The body we hand to hyper: counts bytes and reports at the end.
+#[derive(Debug)]
+pub struct ReportedBody {
+    inner: ProxyBody,
+    report: Option<Report>,
+}
+
+impl Body for ReportedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(r)) = (frame.data_ref(), this.report.as_mut()) {
+                    r.response_bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => drop(this.report.take()),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Envoy's hop-by-hop headers, never forwarded.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn request_id() -> String {
+    let v = fastrand::u128(..);
+    let h = format!("{v:032x}");
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
+}
+
+/// A locally generated response (`server: meshgate`).
+fn local(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    local_owned(status, Bytes::from_static(body.as_bytes()))
+}
+
+fn local_owned(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::Local((!body.is_empty()).then_some(body)));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::SERVER, HeaderValue::from_static("meshgate"));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+/// The outcome of forwarding, before reporting.
+struct Outcome {
+    response: Response<ProxyBody>,
+    flags: &'static str,
+    details: String,
+    upstream: Option<SocketAddr>,
+    transport_failure: Option<String>,
+}
+
+impl Outcome {
+    fn local(
+        response: Response<ProxyBody>,
+        flags: &'static str,
+        details: impl Into<String>,
+    ) -> Self {
+        Outcome {
+            response,
+            flags,
+            details: details.into(),
+            upstream: None,
+            transport_failure: None,
+        }
+    }
+}
+
+impl Proxy {
+    /// Handles one downstream request on a listener.
+    pub async fn handle(
+        self: &Arc<Self>,
+        conn: &ConnInfo,
+        req: Request<Incoming>,
+    ) -> Response<ReportedBody> {
+        let start = Instant::now();
+        let start_time = SystemTime::now();
+        let snap = self.state.load_full();
+        let (mut parts, body) = req.into_parts();
+        let authority = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("")
+            .to_owned();
+        let path = parts.uri.path().to_owned();
+        let query = parts.uri.query().unwrap_or("").to_owned();
+        let request_id = match parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(id) => id.to_owned(),
+            None => {
+                let id = request_id();
+                if let Ok(v) = HeaderValue::from_str(&id) {
+                    parts.headers.insert("x-request-id", v);
+                }
+                id
+            }
+        };
+        let scheme = if conn.tls { "https" } else { "http" };
+        let listener = snap.listener(conn.listener_port);
+        let view = RequestView {
+            authority: &authority,
+            method: parts.method.as_str(),
+            scheme,
+            path: &path,
+            query: &query,
+            headers: &parts.headers,
+        };
+        // Route first: the chosen cluster names the destination in every
+        // report, denied requests included (as Envoy's stats do).
+        let routed = listener.map_or(Routed::NoVirtualHost, |l| l.routes.route(&view));
+        let (route_name, cluster) = match &routed {
+            Routed::Matched { route, .. } => {
+                let cluster = match &route.action {
+                    Action::Forward(d) => pick_weighted(d, fastrand::f64()).map(|w| (w.cluster, w)),
+                    _ => None,
+                };
+                (Some(route.name.clone()), cluster)
+            }
+            _ => (None, None),
+        };
+        let entry_for = cluster.and_then(|(i, _)| snap.clusters.get(i).cloned().flatten());
+
+        let decision = authorize(
+            &snap.policies,
+            &AuthzRequest {
+                principal: conn.peer.as_deref(),
+                source_ip: conn.remote.ip(),
+                remote_ip: conn.remote.ip(),
+                destination_ip: conn.local.ip(),
+                destination_port: conn.listener_port,
+                sni: conn.sni.as_deref(),
+                http: Some(HttpAttributes {
+                    host: &authority,
+                    method: parts.method.as_str(),
+                    path: &path,
+                    headers: &parts.headers,
+                }),
+            },
+        );
+
+        let request_bytes = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut entry = self.access_log.enabled().then(|| {
+            Box::new(LogEntry {
+                start_time: Some(start_time),
+                method: Some(parts.method.to_string()),
+                path: Some(
+                    parts
+                        .uri
+                        .path_and_query()
+                        .map_or_else(|| path.clone(), |p| p.as_str().to_owned()),
+                ),
+                protocol: Some(version_str(parts.version)),
+                x_forwarded_for: header_string(&parts.headers, "x-forwarded-for"),
+                user_agent: header_string(&parts.headers, "user-agent"),
+                request_id: Some(request_id.clone()),
+                authority: Some(authority.clone()),
+                downstream_local_address: Some(conn.local),
+                downstream_remote_address: Some(conn.remote),
+                requested_server_name: conn.sni.as_deref().map(str::to_owned),
+                route_name: route_name.as_deref().map(str::to_owned),
+                downstream_peer_uri_san: conn.peer.as_deref().map(str::to_owned),
+                ..LogEntry::default()
+            })
+        });
+
+        let outcome = if let Decision::Deny { .. } = &decision {
+            Outcome::local(
+                local(StatusCode::FORBIDDEN, "RBAC: access denied"),
+                "-",
+                decision.response_code_details().unwrap_or_default(),
+            )
+        } else {
+            match (&routed, listener) {
+                (Routed::Matched { route, matched }, Some(l)) => {
+                    self.forward(
+                        &snap,
+                        l,
+                        conn,
+                        route,
+                        *matched,
+                        cluster.map(|(_, w)| w),
+                        &authority,
+                        &path,
+                        &query,
+                        parts,
+                        body,
+                        start,
+                    )
+                    .await
+                }
+                _ => Outcome::local(local(StatusCode::NOT_FOUND, ""), "NR", "route_not_found"),
+            }
+        };
+
+        let status = outcome.response.status().as_u16();
+        if let Some(e) = entry.as_mut() {
+            e.response_code = status;
+            e.response_flags = outcome.flags;
+            e.response_code_details = Some(outcome.details.clone());
+            e.upstream_host = outcome.upstream;
+            e.upstream_cluster = cluster
+                .and_then(|(i, _)| snap.cluster_names.get(i))
+                .map(|n| n.to_string());
+            e.upstream_transport_failure_reason = outcome.transport_failure.clone();
+            e.upstream_service_time = outcome.upstream.map(|_| start.elapsed().as_millis() as u64);
+        }
+        let labels = self.labels(
+            &snap,
+            entry_for.as_deref(),
+            &authority,
+            status,
+            outcome.flags,
+            parts_protocol(&outcome),
+        );
+        let egress = self.egress_metric.then(|| EgressLabels {
+            source_principal: conn.peer.clone().unwrap_or_else(unknown),
+            source_workload_namespace: conn.peer_namespace.clone().unwrap_or_else(unknown),
+            connection_security_policy: if conn.peer.is_some() {
+                "mutual_tls"
+            } else {
+                "none"
+            },
+            destination_service_name: entry_for
+                .as_ref()
+                .map_or_else(|| Arc::from(host_only(&authority)), |c| c.host.clone()),
+            response_code: status,
+            decision: decision.label(),
+        });
+        let (resp_parts, body) = outcome.response.into_parts();
+        Response::from_parts(
+            resp_parts,
+            ReportedBody {
+                inner: body,
+                report: Some(Report {
+                    proxy: self.clone(),
+                    start,
+                    labels,
+                    egress,
+                    entry,
+                    request_bytes,
+                    response_bytes: 0,
+                }),
+            },
+        )
+    }
+
+    fn labels(
+        &self,
+        snap: &Snapshot,
+        cluster: Option<&ClusterEntry>,
+        authority: &str,
+        code: u16,
+        flags: &'static str,
+        protocol: &'static str,
+    ) -> IstioLabels {
+        let s = &snap.source;
+        let (dw, service, service_name, service_ns) = match cluster {
+            Some(c) => (
+                c.labels.workload.clone(),
+                c.labels.service.clone(),
+                c.labels.service_name.clone(),
+                c.labels.service_namespace.clone(),
+            ),
+            None => {
+                let host: Lv = Arc::from(host_only(authority));
+                (
+                    crate::state::WorkloadLabels::unknown(),
+                    host.clone(),
+                    host,
+                    unknown(),
+                )
+            }
+        };
+        IstioLabels {
+            reporter: "source",
+            source_workload: s.workload.clone(),
+            source_canonical_service: s.canonical_service.clone(),
+            source_canonical_revision: s.canonical_revision.clone(),
+            source_workload_namespace: s.namespace.clone(),
+            source_principal: s.principal.clone(),
+            source_app: s.app.clone(),
+            source_version: s.version.clone(),
+            source_cluster: s.cluster.clone(),
+            destination_workload: dw.workload,
+            destination_workload_namespace: dw.namespace,
+            destination_principal: dw.principal,
+            destination_app: dw.app,
+            destination_version: dw.version,
+            destination_service: service,
+            destination_canonical_service: dw.canonical_service,
+            destination_canonical_revision: dw.canonical_revision,
+            destination_service_name: service_name,
+            destination_service_namespace: service_ns,
+            destination_cluster: dw.cluster,
+            request_protocol: protocol,
+            response_code: code,
+            grpc_response_status: "",
+            response_flags: flags,
+            connection_security_policy: "unknown",
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        snap: &Snapshot,
+        listener: &ListenerState,
+        conn: &ConnInfo,
+        route: &crate::route::Route,
+        matched: Option<usize>,
+        dest: Option<&crate::route::WeightedCluster>,
+        authority: &str,
+        path: &str,
+        query: &str,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        start: Instant,
+    ) -> Outcome {
+        let view = RequestView {
+            authority,
+            method: parts.method.as_str(),
+            scheme: if conn.tls { "https" } else { "http" },
+            path,
+            query,
+            headers: &parts.headers,
+        };
+        match &route.action {
+            Action::Redirect(r) => {
+                let mut resp = local(
+                    StatusCode::from_u16(r.code).unwrap_or(StatusCode::MOVED_PERMANENTLY),
+                    "",
+                );
+                if let Ok(v) = HeaderValue::from_str(&r.location(&view, listener.port)) {
+                    resp.headers_mut().insert(header::LOCATION, v);
+                }
+                return Outcome::local(resp, "-", "via_route_redirect");
+            }
+            Action::Direct { status, body } => {
+                let resp = local_owned(
+                    StatusCode::from_u16(*status).unwrap_or(StatusCode::OK),
+                    body.clone(),
+                );
+                return Outcome::local(resp, "-", "direct_response");
+            }
+            Action::Forward(_) => {}
+        }
+        let Some(dest) = dest else {
+            return Outcome::local(
+                local(StatusCode::SERVICE_UNAVAILABLE, "no cluster"),
+                "NC",
+                "cluster_not_found",
+            );
+        };
+        let Some(entry) = snap.clusters.get(dest.cluster).cloned().flatten() else {
+            return Outcome::local(
+                local(StatusCode::SERVICE_UNAVAILABLE, "no cluster"),
+                "NC",
+                "cluster_not_found",
+            );
+        };
+
+        let mut fault_flag = None;
+        if let Some(f) = &route.fault {
+            if let Some((delay, pct)) = f.delay
+                && fastrand::f64() * 100.0 < pct
+            {
+                tokio::time::sleep(delay).await;
+                fault_flag = Some("DI");
+            }
+            if let Some((status, pct)) = f.abort
+                && fastrand::f64() * 100.0 < pct
+            {
+                let resp = local(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                    "fault filter abort",
+                );
+                return Outcome::local(resp, "FI", "fault_filter_abort");
+            }
+        }
+
+        // The upstream request head.
+        let new_path = route.rewrite_path(matched, path);
+        let out_authority = route
+            .authority_rewrite
+            .as_deref()
+            .unwrap_or(authority)
+            .to_owned();
+        let path_and_query = match (&new_path, query) {
+            (Some(p), "") => p.clone(),
+            (Some(p), q) => format!("{p}?{q}"),
+            (None, _) => parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+        };
+        let uri: http::Uri = match format!("http://{out_authority}{path_and_query}").parse() {
+            Ok(u) => u,
+            Err(_) => {
+                return Outcome::local(
+                    local(StatusCode::BAD_REQUEST, "bad request"),
+                    "DPE",
+                    "invalid_authority",
+                );
+            }
+        };
+        for h in &HOP_BY_HOP {
+            parts.headers.remove(h);
+        }
+        let h2 = entry.cluster.is_h2();
+        if h2 {
+            parts.headers.remove(header::HOST);
+        } else if let Ok(v) = HeaderValue::from_str(&out_authority) {
+            parts.headers.insert(header::HOST, v);
+        }
+        if new_path.is_some()
+            && let Ok(v) = HeaderValue::from_str(path)
+        {
+            parts.headers.insert("x-envoy-original-path", v);
+        }
+        parts.headers.insert(
+            "x-forwarded-proto",
+            HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+        );
+        append_forwarded_for(&mut parts.headers, conn.remote);
+        route.request_headers.apply(&mut parts.headers);
+        dest.request_headers.apply(&mut parts.headers);
+
+        // Bodyless requests can be retried; streamed bodies cannot be replayed.
+        let bodyless = body.is_end_stream()
+            || matches!(
+                parts.method,
+                Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+            ) && !parts.headers.contains_key(header::CONTENT_LENGTH)
+                && !parts.headers.contains_key(header::TRANSFER_ENCODING);
+        let mut streaming = if bodyless { None } else { Some(body) };
+        let retry = &route.retry;
+        let max_attempts = if streaming.is_some() {
+            1
+        } else {
+            1 + retry.attempts
+        };
+
+        let attempt_loop = async {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let mut req = Request::new(match streaming.take() {
+                    Some(b) => UpstreamBody::Streaming(b),
+                    None => UpstreamBody::Empty,
+                });
+                *req.method_mut() = parts.method.clone();
+                *req.uri_mut() = uri.clone();
+                *req.headers_mut() = parts.headers.clone();
+                *req.version_mut() = if h2 {
+                    Version::HTTP_2
+                } else {
+                    Version::HTTP_11
+                };
+                let sent = match retry.per_try_timeout {
+                    Some(t) => match tokio::time::timeout(t, entry.cluster.send(req)).await {
+                        Ok(r) => r.map_err(Some),
+                        Err(_) => Err(None),
+                    },
+                    None => entry.cluster.send(req).await.map_err(Some),
+                };
+                let more = attempt < max_attempts;
+                match sent {
+                    Ok(resp) if more && retry.retry_status(resp.status().as_u16()) => {
+                        tracing::debug!(cluster = %entry.cluster.name(), status = %resp.status(), attempt, "retrying");
+                    }
+                    Ok(resp) => return (Ok(resp), attempt),
+                    Err(Some(e)) if more && e.is_connect_failure() && retry.on_connect_failure => {
+                        tracing::debug!(cluster = %entry.cluster.name(), error = %e, attempt, "retrying after connect failure");
+                    }
+                    Err(e) => return (Err(e), attempt),
+                }
+                tokio::time::sleep(retry.backoff * attempt).await;
+            }
+        };
+        let result = match route.timeout {
+            Some(t) => {
+                let remaining = t.saturating_sub(start.elapsed());
+                match tokio::time::timeout(remaining, attempt_loop).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return Outcome::local(
+                            local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+                            "UT",
+                            "upstream_response_timeout",
+                        );
+                    }
+                }
+            }
+            None => attempt_loop.await,
+        };
+        let retried = result.1 > 1;
+        match result.0 {
+            Ok(resp) => {
+                let upstream = resp
+                    .extensions()
+                    .get::<crate::upstream::UpstreamAddr>()
+                    .map(|a| a.0);
+                let elapsed = start.elapsed().as_millis();
+                let (mut rparts, rbody) = resp.into_parts();
+                for h in &HOP_BY_HOP {
+                    rparts.headers.remove(h);
+                }
+                if let Ok(v) = HeaderValue::from_str(&elapsed.to_string()) {
+                    rparts.headers.insert("x-envoy-upstream-service-time", v);
+                }
+                route.response_headers.apply(&mut rparts.headers);
+                dest.response_headers.apply(&mut rparts.headers);
+                let flags = match (
+                    fault_flag,
+                    retried && retry.retry_status(rparts.status.as_u16()),
+                ) {
+                    (_, true) => "URX",
+                    (Some(f), _) => f,
+                    (None, false) => "-",
+                };
+                Outcome {
+                    response: Response::from_parts(rparts, ProxyBody::Upstream(rbody)),
+                    flags,
+                    details: "via_upstream".to_owned(),
+                    upstream,
+                    transport_failure: None,
+                }
+            }
+            Err(None) => Outcome::local(
+                local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+                "UT",
+                "upstream_per_try_timeout",
+            ),
+            Err(Some(e)) => {
+                let flags = match (&e, retried) {
+                    (UpstreamError::ConnectFailure(_), true) => "UF,URX",
+                    _ => e.flag(),
+                };
+                let body = e.to_string();
+                tracing::warn!(cluster = %entry.cluster.name(), host = %entry.host, error = %body, flags, "upstream request failed");
+                let transport = match &e {
+                    UpstreamError::ConnectFailure(m) => Some(m.clone()),
+                    _ => None,
+                };
+                let details = match &e {
+                    UpstreamError::NoHealthyUpstream(_) => "no_healthy_upstream",
+                    UpstreamError::ConnectFailure(_) => {
+                        "upstream_reset_before_response_started{connection_failure}"
+                    }
+                    UpstreamError::Reset(_) => {
+                        "upstream_reset_before_response_started{connection_termination}"
+                    }
+                    UpstreamError::Overflow => "upstream_reset_before_response_started{overflow}",
+                };
+                let body = match e {
+                    UpstreamError::NoHealthyUpstream(_) => "no healthy upstream".to_owned(),
+                    _ => body,
+                };
+                let mut out = Outcome::local(
+                    local_owned(StatusCode::SERVICE_UNAVAILABLE, Bytes::from(body)),
+                    flags,
+                    details,
+                );
+                out.transport_failure = transport;
+                out
+            }
+        }
+    }
+}
+
+fn parts_protocol(o: &Outcome) -> &'static str {
+    let grpc = o
+        .response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc { "grpc" } else { "http" }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, remote: SocketAddr) {
+    let ip = remote.ip().to_string();
+    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev},{ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert("x-forwarded-for", v);
+    }
+}
+
+fn header_string(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/0.9",
+    }
+}
+
+fn host_only(authority: &str) -> &str {
+    crate::route::split_host_port(authority).0
+}
+
+/// How long to wait for a client's first bytes before giving up.
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(15);

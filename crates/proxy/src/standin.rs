@@ -1,0 +1,279 @@
+//! Local stand-ins for the outside world, for offline runs (`meshgate up
+//! --stand-in`) and tests: a CA, an HTTPS server that answers like the
+//! external API, and a DNS server that resolves the external names to it.
+//! They are real servers (TLS, DNS over UDP and TCP), not mocks.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use hickory_resolver::proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_resolver::proto::rr::rdata::{A, AAAA};
+use hickory_resolver::proto::rr::{RData, Record, RecordType};
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::ServerConfig;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+
+/// What the real `GET https://jsonplaceholder.typicode.com/todos/1` returns.
+pub const TODO_1: &str = "{\n  \"userId\": 1,\n  \"id\": 1,\n  \"title\": \"delectus aut autem\",\n  \"completed\": false\n}";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StandinError {
+    #[error("stand-in certificate: {0}")]
+    Cert(String),
+    #[error("stand-in listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+}
+
+fn rc(e: impl std::fmt::Display) -> StandinError {
+    StandinError::Cert(e.to_string())
+}
+
+/// A throwaway CA for the stand-in servers; gateways trust it through
+/// `caCertificates` or an extra-roots file.
+pub struct StandinCa {
+    issuer: Issuer<'static, KeyPair>,
+    pub root_pem: String,
+}
+
+impl std::fmt::Debug for StandinCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StandinCa")
+    }
+}
+
+impl StandinCa {
+    pub fn new(name: &str) -> Result<Self, StandinError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rc)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            format!("{name} {:08x}", fastrand::u32(..)),
+        );
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).map_err(rc)?;
+        Ok(StandinCa {
+            root_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// A server certificate for these DNS names, as (chain, key).
+    pub fn server_cert(
+        &self,
+        names: &[String],
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), StandinError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rc)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| Ok(SanType::DnsName(n.as_str().try_into().map_err(rc)?)))
+            .collect::<Result<_, StandinError>>()?;
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.issuer).map_err(rc)?;
+        Ok((
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        ))
+    }
+
+    /// A TLS server config presenting a certificate for `names`.
+    pub fn server_config(&self, names: &[String]) -> Result<Arc<ServerConfig>, StandinError> {
+        let (chain, key) = self.server_cert(names)?;
+        let mut cfg = ServerConfig::builder_with_provider(meshgate_identity::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(rc)?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(rc)?;
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+}
+
+/// What the HTTPS stand-in saw.
+#[derive(Debug, Clone, Default)]
+pub struct Seen(Arc<Mutex<Vec<SeenRequest>>>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenRequest {
+    pub sni: Option<String>,
+    pub host: Option<String>,
+    pub path: String,
+}
+
+impl Seen {
+    pub fn all(&self) -> Vec<SeenRequest> {
+        self.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+fn answer(path: &str) -> Response<Full<Bytes>> {
+    let (status, body) = match path {
+        "/todos/1" => (StatusCode::OK, TODO_1),
+        _ => (StatusCode::NOT_FOUND, "{}"),
+    };
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    r
+}
+
+/// Serves HTTPS on `listener` until dropped, answering like the external API.
+pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, seen: Seen) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let (acceptor, seen) = (acceptor.clone(), seen.clone());
+        tokio::spawn(async move {
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let sni = stream.get_ref().1.server_name().map(str::to_owned);
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let host = req
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+                    .or_else(|| req.uri().authority().map(|a| a.to_string()));
+                let path = req.uri().path().to_owned();
+                if let Ok(mut v) = seen.0.lock() {
+                    v.push(SeenRequest {
+                        sni: sni.clone(),
+                        host,
+                        path: path.clone(),
+                    });
+                }
+                async move { Ok::<_, Infallible>(answer(&path)) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// A DNS server for a fixed set of names (A and AAAA), TTL 30s; other names
+/// get NXDOMAIN.
+#[derive(Debug, Clone, Default)]
+pub struct DnsZone {
+    names: HashMap<String, Vec<IpAddr>>,
+}
+
+impl DnsZone {
+    pub fn insert(&mut self, name: &str, ip: IpAddr) {
+        self.names
+            .entry(name.trim_end_matches('.').to_ascii_lowercase())
+            .or_default()
+            .push(ip);
+    }
+
+    /// Answers one query message.
+    pub fn respond(&self, query: &[u8]) -> Option<Vec<u8>> {
+        let q = Message::from_vec(query).ok()?;
+        let mut resp = Message::new(q.metadata.id, MessageType::Response, OpCode::Query);
+        resp.metadata.authoritative = true;
+        resp.metadata.recursion_desired = q.metadata.recursion_desired;
+        let mut known = false;
+        for query in &q.queries {
+            let name = query
+                .name()
+                .to_ascii()
+                .trim_end_matches('.')
+                .to_ascii_lowercase();
+            if let Some(ips) = self.names.get(&name) {
+                known = true;
+                for ip in ips {
+                    let rdata = match (ip, query.query_type()) {
+                        (IpAddr::V4(v4), RecordType::A) => RData::A(A(*v4)),
+                        (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(*v6)),
+                        _ => continue,
+                    };
+                    resp.add_answer(Record::from_rdata(query.name().clone(), 30, rdata));
+                }
+            }
+            resp.add_query(query.clone());
+        }
+        if !known {
+            resp.metadata.response_code = ResponseCode::NXDomain;
+        }
+        resp.to_vec().ok()
+    }
+}
+
+/// Serves DNS over UDP and TCP on `addr` (port 0 picks one); returns the
+/// bound address. Runs until the runtime ends.
+pub async fn serve_dns(addr: SocketAddr, zone: DnsZone) -> Result<SocketAddr, StandinError> {
+    let udp = UdpSocket::bind(addr)
+        .await
+        .map_err(|e| StandinError::Bind(addr, e))?;
+    let bound = udp.local_addr().map_err(|e| StandinError::Bind(addr, e))?;
+    // TCP on the same port, for truncated answers and TCP-only clients.
+    let tcp = TcpListener::bind(bound)
+        .await
+        .map_err(|e| StandinError::Bind(bound, e))?;
+    let zone = Arc::new(zone);
+    let z = zone.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let Ok((n, peer)) = udp.recv_from(&mut buf).await else {
+                continue;
+            };
+            if let Some(out) = z.respond(&buf[..n]) {
+                let _ = udp.send_to(&out, peer).await;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = tcp.accept().await else {
+                continue;
+            };
+            let z = zone.clone();
+            tokio::spawn(async move {
+                let mut len = [0u8; 2];
+                while s.read_exact(&mut len).await.is_ok() {
+                    let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    if s.read_exact(&mut msg).await.is_err() {
+                        return;
+                    }
+                    let Some(out) = z.respond(&msg) else { return };
+                    let Ok(n) = u16::try_from(out.len()) else {
+                        return;
+                    };
+                    if s.write_all(&n.to_be_bytes()).await.is_err()
+                        || s.write_all(&out).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(bound)
+}

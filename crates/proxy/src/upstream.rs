@@ -1,0 +1,604 @@
+//! Upstream clusters: where a routed request goes. Each cluster owns its
+//! endpoint source (DNS, static addresses), load balancer, outlier
+//! detection, circuit breaker, TLS settings and a pool of keep-alive
+//! connections, all built once when config is applied.
+
+pub mod dns;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use meshgate_config::model::networking::{OutlierDetection, SimpleLb};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use self::dns::Resolver;
+use self::tls::UpstreamTls;
+
+/// Where a cluster's endpoints come from.
+#[derive(Debug, Clone)]
+pub enum Endpoints {
+    /// Resolve these names by DNS (all addresses, or the first with
+    /// `first_only` for DNS_ROUND_ROBIN), at these ports.
+    Dns {
+        names: Vec<(String, u16)>,
+        first_only: bool,
+    },
+    /// Fixed addresses (STATIC, or a local endpoints map).
+    Static(Vec<SocketAddr>),
+}
+
+/// Request body sent upstream: the downstream body streamed, or a buffered
+/// copy that can be sent again on retry.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    Empty,
+    Buffered(Option<Bytes>),
+    Streaming(Incoming),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Empty => Poll::Ready(None),
+            UpstreamBody::Buffered(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            UpstreamBody::Streaming(inc) => Pin::new(inc).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Empty => true,
+            UpstreamBody::Buffered(b) => b.is_none(),
+            UpstreamBody::Streaming(inc) => inc.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Empty => SizeHint::with_exact(0),
+            UpstreamBody::Buffered(b) => {
+                SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            UpstreamBody::Streaming(inc) => inc.size_hint(),
+        }
+    }
+}
+
+/// Why an upstream request failed, with Envoy's response flag.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// No endpoint: DNS failed or every endpoint is ejected (503, UH).
+    #[error("no healthy upstream: {0}")]
+    NoHealthyUpstream(String),
+    /// Could not connect or handshake (503, UF).
+    #[error(
+        "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: {0}"
+    )]
+    ConnectFailure(String),
+    /// The connection broke after it was made (503, UC).
+    #[error(
+        "upstream connect error or disconnect/reset before headers. reset reason: connection termination: {0}"
+    )]
+    Reset(String),
+    /// Circuit breaker open (503, UO).
+    #[error("upstream connect error or disconnect/reset before headers. reset reason: overflow")]
+    Overflow,
+}
+
+impl UpstreamError {
+    pub fn flag(&self) -> &'static str {
+        match self {
+            UpstreamError::NoHealthyUpstream(_) => "UH",
+            UpstreamError::ConnectFailure(_) => "UF",
+            UpstreamError::Reset(_) => "UC",
+            UpstreamError::Overflow => "UO",
+        }
+    }
+
+    /// Safe to retry: nothing reached the upstream application.
+    pub fn is_connect_failure(&self) -> bool {
+        matches!(self, UpstreamError::ConnectFailure(_))
+    }
+}
+
+/// The upstream address a response came from (a response extension).
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamAddr(pub SocketAddr);
+
+/// The failure a connector saw, carried through hyper's error chain.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("{0}")]
+    NoEndpoint(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+#[derive(Debug, Default)]
+struct EndpointState {
+    consecutive_5xx: u32,
+    consecutive_gateway: u32,
+    ejected_until: Option<Instant>,
+    times_ejected: u32,
+    active: usize,
+}
+
+/// Outlier detection (`outlierDetection`): endpoints with consecutive errors
+/// are ejected for baseEjectionTime × times ejected, up to maxEjectionPercent.
+#[derive(Debug, Clone)]
+pub struct Outlier {
+    consecutive_5xx: Option<u32>,
+    consecutive_gateway: Option<u32>,
+    base_ejection: Duration,
+    max_ejection_percent: u32,
+}
+
+impl Outlier {
+    pub fn compile(od: &OutlierDetection) -> Outlier {
+        Outlier {
+            // consecutiveErrors is the deprecated name of consecutive5xxErrors... of gateway errors.
+            consecutive_5xx: match od.consecutive_5xx_errors.or(od.consecutive_errors) {
+                Some(0) => None,
+                Some(n) => Some(n),
+                None => Some(5),
+            },
+            consecutive_gateway: od.consecutive_gateway_errors.filter(|n| *n > 0),
+            base_ejection: od
+                .base_ejection_time
+                .map_or(Duration::from_secs(30), |d| d.as_std()),
+            max_ejection_percent: od.max_ejection_percent.unwrap_or(10),
+        }
+    }
+}
+
+/// Everything the connector needs; shared with the cluster.
+#[derive(Debug)]
+struct ClusterCore {
+    name: Arc<str>,
+    endpoints: Endpoints,
+    resolver: Resolver,
+    tls: Option<UpstreamTls>,
+    connect_timeout: Duration,
+    lb: SimpleLb,
+    outlier: Option<Outlier>,
+    rr: AtomicU32,
+    state: Mutex<HashMap<SocketAddr, EndpointState>>,
+}
+
+impl ClusterCore {
+    async fn addresses(&self) -> Result<Vec<SocketAddr>, String> {
+        match &self.endpoints {
+            Endpoints::Static(addrs) if addrs.is_empty() => Err("cluster has no endpoints".into()),
+            Endpoints::Static(addrs) => Ok(addrs.clone()),
+            Endpoints::Dns { names, first_only } => {
+                let mut out = Vec::new();
+                let mut last_err = String::new();
+                for (name, port) in names {
+                    match self.resolver.lookup(name).await {
+                        Ok(ips) => {
+                            let ips: Vec<IpAddr> = if *first_only {
+                                ips.into_iter().take(1).collect()
+                            } else {
+                                ips
+                            };
+                            out.extend(ips.into_iter().map(|ip| SocketAddr::new(ip, *port)));
+                        }
+                        Err(e) => {
+                            tracing::warn!(cluster = %self.name, host = %name, error = %e, "DNS resolution failed");
+                            last_err = e.to_string();
+                        }
+                    }
+                }
+                if out.is_empty() {
+                    Err(last_err)
+                } else {
+                    Ok(out)
+                }
+            }
+        }
+    }
+
+    /// Picks an endpoint that is not ejected, by the load-balancing policy.
+    fn pick(&self, addrs: &[SocketAddr]) -> Option<SocketAddr> {
+        let now = Instant::now();
+        let state = self.state.lock().ok()?;
+        let healthy: Vec<SocketAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|a| {
+                state
+                    .get(a)
+                    .and_then(|s| s.ejected_until)
+                    .is_none_or(|t| t <= now)
+            })
+            .collect();
+        // If everything is ejected, Envoy's panic threshold routes to all.
+        let pool = if healthy.is_empty() {
+            addrs.to_vec()
+        } else {
+            healthy
+        };
+        match (self.lb, pool.len()) {
+            (_, 0) => None,
+            (_, 1) => Some(pool[0]),
+            (SimpleLb::RoundRobin, n) => {
+                Some(pool[self.rr.fetch_add(1, Ordering::Relaxed) as usize % n])
+            }
+            (SimpleLb::Random, n) => Some(pool[fastrand::usize(..n)]),
+            // LEAST_REQUEST (Istio's default): the better of two random choices.
+            (_, n) => {
+                let (a, b) = (pool[fastrand::usize(..n)], pool[fastrand::usize(..n)]);
+                let load = |x: &SocketAddr| state.get(x).map_or(0, |s| s.active);
+                Some(if load(&b) < load(&a) { b } else { a })
+            }
+        }
+    }
+
+    /// Records a response status (or a connect failure as 503) for outlier detection.
+    fn observe(&self, addr: SocketAddr, status: u16) {
+        let Some(od) = &self.outlier else { return };
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        let total = state.len().max(1);
+        let ejected_now = state
+            .values()
+            .filter(|s| s.ejected_until.is_some_and(|t| t > Instant::now()))
+            .count();
+        let s = state.entry(addr).or_default();
+        let gateway_error = matches!(status, 502..=504);
+        if status >= 500 {
+            s.consecutive_5xx += 1;
+        } else {
+            s.consecutive_5xx = 0;
+        }
+        if gateway_error {
+            s.consecutive_gateway += 1;
+        } else {
+            s.consecutive_gateway = 0;
+        }
+        let trip = od.consecutive_5xx.is_some_and(|n| s.consecutive_5xx >= n)
+            || od
+                .consecutive_gateway
+                .is_some_and(|n| s.consecutive_gateway >= n);
+        let may_eject =
+            (ejected_now + 1) * 100 <= total * od.max_ejection_percent as usize || ejected_now == 0;
+        if trip && may_eject {
+            s.times_ejected += 1;
+            s.ejected_until = Some(Instant::now() + od.base_ejection * s.times_ejected);
+            s.consecutive_5xx = 0;
+            s.consecutive_gateway = 0;
+            tracing::warn!(cluster = %self.name, endpoint = %addr, status, "endpoint ejected by outlier detection");
+        }
+    }
+
+    fn track(&self, addr: SocketAddr, delta: isize) {
+        if let Ok(mut state) = self.state.lock() {
+            let s = state.entry(addr).or_default();
+            s.active = s.active.saturating_add_signed(delta);
+        }
+    }
+}
+
+/// A connection to one endpoint, plain or TLS.
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl std::fmt::Debug for UpstreamStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UpstreamStream::Plain(_) => "Plain",
+            UpstreamStream::Tls(_) => "Tls",
+        })
+    }
+}
+
+/// The connection wrapper the pool holds; it tells hyper about h2 and where
+/// it is connected.
+#[derive(Debug)]
+pub struct Conn {
+    stream: UpstreamStream,
+    addr: SocketAddr,
+    h2: bool,
+    core: Arc<ClusterCore>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.core.track(self.addr, -1);
+    }
+}
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        let c = Connected::new().extra(UpstreamAddr(self.addr));
+        if self.h2 { c.negotiated_h2() } else { c }
+    }
+}
+
+macro_rules! delegate_io {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &mut $self.get_mut().stream {
+            UpstreamStream::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            UpstreamStream::Tls(boxed) => {
+                let $s = Pin::new(&mut **boxed);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        delegate_io!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        delegate_io!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate_io!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate_io!(self, s => s.poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        delegate_io!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.stream {
+            UpstreamStream::Plain(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// The pool's connector: resolves, load-balances, connects, handshakes.
+#[derive(Debug, Clone)]
+struct Connector {
+    core: Arc<ClusterCore>,
+    h2: bool,
+}
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = TokioIo<Conn>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let core = &this.core;
+            let addrs = core.addresses().await.map_err(ConnectError::NoEndpoint)?;
+            let addr = core
+                .pick(&addrs)
+                .ok_or_else(|| ConnectError::NoEndpoint("no endpoint".into()))?;
+            let tcp =
+                match tokio::time::timeout(core.connect_timeout, TcpStream::connect(addr)).await {
+                    Ok(Ok(tcp)) => tcp,
+                    Ok(Err(e)) => {
+                        core.observe(addr, 503);
+                        return Err(ConnectError::Failed(format!("delayed connect error: {e}")));
+                    }
+                    Err(_) => {
+                        core.observe(addr, 503);
+                        return Err(ConnectError::Failed("connect timeout".into()));
+                    }
+                };
+            let _ = tcp.set_nodelay(true);
+            core.track(addr, 1);
+            let (stream, h2) = match &core.tls {
+                None => (UpstreamStream::Plain(tcp), this.h2),
+                Some(tls) => {
+                    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                    match connector.connect(tls.sni.clone(), tcp).await {
+                        Ok(s) => {
+                            let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                            (UpstreamStream::Tls(Box::new(s)), h2)
+                        }
+                        Err(e) => {
+                            core.track(addr, -1);
+                            core.observe(addr, 503);
+                            return Err(ConnectError::Failed(format!(
+                                "TLS_error: {}",
+                                meshgate_identity::tls::handshake_error_reason(&e)
+                            )));
+                        }
+                    }
+                }
+            };
+            Ok(TokioIo::new(Conn {
+                stream,
+                addr,
+                h2,
+                core: core.clone(),
+            }))
+        })
+    }
+}
+
+/// Settings of one cluster, from its DestinationRule (or defaults).
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub name: Arc<str>,
+    pub endpoints: Endpoints,
+    pub tls: Option<UpstreamTls>,
+    pub h2: bool,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_requests_per_connection: Option<u32>,
+    /// Circuit breaker: requests in flight beyond this get 503 UO.
+    pub max_in_flight: usize,
+    pub lb: SimpleLb,
+    pub outlier: Option<Outlier>,
+}
+
+/// A cluster ready to take requests.
+#[derive(Debug)]
+pub struct Cluster {
+    core: Arc<ClusterCore>,
+    h2: bool,
+    client: Client<Connector, UpstreamBody>,
+    in_flight: AtomicUsize,
+    max_in_flight: usize,
+}
+
+/// Keeps the in-flight count right however a request ends.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Cluster {
+    pub fn new(s: ClusterSettings, resolver: Resolver) -> Cluster {
+        let h2 = s.h2;
+        let core = Arc::new(ClusterCore {
+            name: s.name,
+            endpoints: s.endpoints,
+            resolver,
+            tls: s.tls,
+            connect_timeout: s.connect_timeout,
+            lb: s.lb,
+            outlier: s.outlier,
+            rr: AtomicU32::new(0),
+            state: Mutex::new(HashMap::new()),
+        });
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(s.idle_timeout)
+            // We set Host ourselves (the original or rewritten authority).
+            .set_host(false)
+            .http2_only(h2);
+        if s.max_requests_per_connection == Some(1) {
+            builder.pool_max_idle_per_host(0);
+        }
+        let client = builder.build(Connector {
+            core: core.clone(),
+            h2,
+        });
+        Cluster {
+            core,
+            h2,
+            client,
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: s.max_in_flight,
+        }
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.core.name
+    }
+
+    /// HTTP/2 toward the upstream (HTTP2/GRPC ports).
+    pub fn is_h2(&self) -> bool {
+        self.h2
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.core.tls.is_some()
+    }
+
+    /// Sends one request (one attempt). The URI's authority is used for the
+    /// connection pool key and HTTP/2 `:authority`; the Host header is set by
+    /// the caller.
+    pub async fn send(
+        &self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) >= self.max_in_flight {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return Err(UpstreamError::Overflow);
+        }
+        let _guard = InFlight(&self.in_flight);
+        match self.client.request(req).await {
+            Ok(resp) => {
+                if let Some(UpstreamAddr(addr)) = resp.extensions().get::<UpstreamAddr>() {
+                    self.core.observe(*addr, resp.status().as_u16());
+                }
+                Ok(resp)
+            }
+            Err(e) => Err(classify(&e)),
+        }
+    }
+}
+
+fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(c) = s.downcast_ref::<ConnectError>() {
+            return match c {
+                ConnectError::NoEndpoint(m) => UpstreamError::NoHealthyUpstream(m.clone()),
+                ConnectError::Failed(m) => UpstreamError::ConnectFailure(m.clone()),
+            };
+        }
+        source = s.source();
+    }
+    if e.is_connect() {
+        UpstreamError::ConnectFailure(e.to_string())
+    } else {
+        UpstreamError::Reset(error_chain(e))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

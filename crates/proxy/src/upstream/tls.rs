@@ -1,0 +1,278 @@
+//! TLS toward upstreams: origination per DestinationRule (SIMPLE, MUTUAL:
+//! verify the server against the configured CA or the system's roots and
+//! against the expected names) and mesh mutual TLS (ISTIO_MUTUAL: SPIFFE).
+//! Configs are built once per cluster when config is applied.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use meshgate_config::model::networking::ClientTlsMode;
+use meshgate_config::view::ClusterTls;
+use meshgate_identity::tls::{mesh_client_config, provider};
+use meshgate_identity::{SpiffeId, WorkloadIdentity};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("no trusted roots: the system has no CA bundle and no caCertificates was given")]
+    NoRoots,
+    #[error("{0}")]
+    Rustls(String),
+    #[error("ISTIO_MUTUAL toward {0} needs a workload identity")]
+    NoIdentity(String),
+    #[error("invalid SNI \"{0}\"")]
+    Sni(String),
+}
+
+/// TLS for one cluster: the config and the SNI to send.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub config: Arc<ClientConfig>,
+    pub sni: ServerName<'static>,
+    /// For logs: `SIMPLE`, `MUTUAL`, `ISTIO_MUTUAL`.
+    pub mode: ClientTlsMode,
+}
+
+/// Roots for origination when a DestinationRule gives no caCertificates:
+/// the operating system's bundle plus any extra roots the operator adds.
+#[derive(Debug, Clone)]
+pub struct DefaultRoots(pub Arc<RootCertStore>);
+
+impl DefaultRoots {
+    pub fn load(extra: &[std::path::PathBuf]) -> Result<Self, TlsSetupError> {
+        let mut store = RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for cert in native.certs {
+            let _ = store.add(cert);
+        }
+        for path in extra {
+            for cert in read_certs(path)? {
+                store.add(cert).map_err(|e| TlsSetupError::File {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        Ok(DefaultRoots(Arc::new(store)))
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+    let err = |reason: String| TlsSetupError::File {
+        path: path.display().to_string(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("no PEM certificate".into()));
+    }
+    Ok(certs)
+}
+
+/// Verifies the chain with webpki and the name against any of the expected
+/// names (subjectAltNames), not just the SNI.
+#[derive(Debug)]
+struct ExpectedNames {
+    inner: Arc<WebPkiServerVerifier>,
+    names: Vec<ServerName<'static>>,
+}
+
+impl ServerCertVerifier for ExpectedNames {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if self.names.is_empty() {
+            return self.inner.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp,
+                now,
+            );
+        }
+        let mut last = None;
+        for name in &self.names {
+            match self
+                .inner
+                .verify_server_cert(end_entity, intermediates, name, ocsp, now)
+            {
+                Ok(v) => return Ok(v),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(rustls::Error::General("no expected names".into())))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(m, c, d)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(m, c, d)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// `insecureSkipVerify: true`: any certificate is accepted (signatures over
+/// the handshake are still checked).
+#[derive(Debug)]
+struct SkipVerify;
+
+impl ServerCertVerifier for SkipVerify {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn rustls_err(e: impl std::fmt::Display) -> TlsSetupError {
+    TlsSetupError::Rustls(e.to_string())
+}
+
+/// Builds the TLS settings of one cluster from its view; `None` for
+/// plaintext.
+pub fn build(
+    tls: &ClusterTls,
+    client_cert: Option<(&str, &str)>,
+    h2: bool,
+    roots: &DefaultRoots,
+    identity: Option<&Arc<WorkloadIdentity>>,
+    host: &str,
+) -> Result<Option<UpstreamTls>, TlsSetupError> {
+    let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+    let sni =
+        ServerName::try_from(tls.sni.clone()).map_err(|_| TlsSetupError::Sni(tls.sni.clone()))?;
+    let config = match tls.mode {
+        ClientTlsMode::Disable => return Ok(None),
+        ClientTlsMode::IstioMutual => {
+            let identity = identity.ok_or_else(|| TlsSetupError::NoIdentity(host.to_owned()))?;
+            let expected: Vec<SpiffeId> = tls
+                .expected_identities
+                .iter()
+                .filter_map(|s| s.parse().ok())
+                .collect();
+            mesh_client_config(identity, expected, alpn).map_err(rustls_err)?
+        }
+        ClientTlsMode::Simple | ClientTlsMode::Mutual => {
+            let builder = ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+                .map_err(rustls_err)?;
+            let verifier: Arc<dyn ServerCertVerifier> = if tls.insecure_skip_verify {
+                Arc::new(SkipVerify)
+            } else {
+                let store = if tls.trust == "system roots" {
+                    if roots.0.is_empty() {
+                        return Err(TlsSetupError::NoRoots);
+                    }
+                    roots.0.clone()
+                } else {
+                    let mut store = RootCertStore::empty();
+                    for c in read_certs(Path::new(&tls.trust))? {
+                        store.add(c).map_err(rustls_err)?;
+                    }
+                    Arc::new(store)
+                };
+                let inner = WebPkiServerVerifier::builder_with_provider(store, provider())
+                    .build()
+                    .map_err(rustls_err)?;
+                let names = tls
+                    .expected_identities
+                    .iter()
+                    .filter_map(|n| ServerName::try_from(n.clone()).ok())
+                    .collect();
+                Arc::new(ExpectedNames { inner, names })
+            };
+            let builder = builder
+                .dangerous()
+                .with_custom_certificate_verifier(verifier);
+            let mut cfg = match (tls.mode, client_cert) {
+                (ClientTlsMode::Mutual, Some((cert, key))) => {
+                    let chain = read_certs(Path::new(cert))?;
+                    let key =
+                        PrivateKeyDer::from_pem_file(key).map_err(|e| TlsSetupError::File {
+                            path: key.to_owned(),
+                            reason: e.to_string(),
+                        })?;
+                    builder
+                        .with_client_auth_cert(chain, key)
+                        .map_err(rustls_err)?
+                }
+                _ => builder.with_no_client_auth(),
+            };
+            cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            Arc::new(cfg)
+        }
+    };
+    Ok(Some(UpstreamTls {
+        config,
+        sni,
+        mode: tls.mode,
+    }))
+}
