@@ -114,7 +114,9 @@ fn render(v: &ProxyView) -> String {
         "RULE",
     ]);
     for r in &v.routes {
-        let matches = if r.matches.is_empty() {
+        let matches = if !r.sni_hosts.is_empty() {
+            format!("sni={}", r.sni_hosts.join(","))
+        } else if r.matches.is_empty() {
             "*".to_owned()
         } else {
             r.matches

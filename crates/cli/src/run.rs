@@ -332,7 +332,7 @@ async fn gateway_main(
         .start(id.clone())
         .await
         .context("loading the workload certificate")?;
-    drop(cert_pending);
+    cert_pending.done();
 
     let ctx = BuildContext {
         mesh,
@@ -368,7 +368,7 @@ async fn gateway_main(
             }
         });
     }
-    drop(listeners_pending);
+    listeners_pending.done();
     tracing::info!(workload = %args.workload, identity = %id, "egress gateway running");
     if let Some(path) = &args.ready_file {
         let json = serde_json::json!({

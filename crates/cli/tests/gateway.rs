@@ -456,3 +456,145 @@ fn dns_failure_is_503_uh_with_a_log_line() {
     );
     drop(handle);
 }
+
+#[test]
+fn tls_passthrough_routes_by_sni_and_counts_tcp() {
+    require_root!();
+    let t = setup("gw-passthrough");
+    std::fs::write(
+        t.path("passthrough.yaml"),
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: curl-egress-tst}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: tls-passthrough, namespace: curl-egress-tst}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 443, name: tls, protocol: TLS}
+    hosts: [api.example.com]
+    tls: {mode: PASSTHROUGH}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api-passthrough, namespace: curl-egress-tst}
+spec:
+  hosts: [api.example.com]
+  gateways: [tls-passthrough]
+  tls:
+  - match: [{sniHosts: [api.example.com], port: 443}]
+    route: [{destination: {host: api.example.com, port: {number: 443}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-passthrough, namespace: curl-egress-tst}
+spec:
+  selector: {matchLabels: {istio: egressgateway}}
+  rules: [{to: [{operation: {ports: ['443']}}], when: [{key: connection.sni, values: [api.example.com]}]}]
+",
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ca = StandinCa::new("stand-in CA").unwrap();
+    std::fs::write(t.path("standin-ca.pem"), &ca.root_pem).unwrap();
+    let ip = loopback_ip();
+    let tls = ca.server_config(&["api.example.com".to_owned()]).unwrap();
+    let seen = Seen::default();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(SocketAddr::new(ip, 443)))
+        .unwrap();
+    rt.spawn(standin::serve_https(listener, tls, seen.clone()));
+    let mut zone = DnsZone::default();
+    zone.insert("api.example.com", ip);
+    let dns = rt
+        .block_on(standin::serve_dns("127.0.0.1:0".parse().unwrap(), zone))
+        .unwrap();
+
+    let gw = start_gateway(
+        &t,
+        &[&seed(), &t.path("passthrough.yaml")],
+        &["--dns-server", &dns.to_string(), "--port", "443=0"],
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("gw-ready.json")).unwrap()).unwrap();
+    let tls_port = json["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["port"] == 443)
+        .map(|l| {
+            l["address"]
+                .as_str()
+                .unwrap()
+                .parse::<SocketAddr>()
+                .unwrap()
+                .port()
+        })
+        .unwrap();
+    // The client's own TLS goes through the gateway to the stand-in, end to end.
+    let (body, code, _) = curl(&[
+        "--cacert",
+        &t.path("standin-ca.pem"),
+        "--resolve",
+        &format!("api.example.com:{tls_port}:127.0.0.1"),
+        &format!("https://api.example.com:{tls_port}/todos/1"),
+    ]);
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("200", standin::TODO_1),
+        "{}",
+        gw.proc.log.lock().unwrap().join("\n")
+    );
+    assert_eq!(seen.all()[0].sni.as_deref(), Some("api.example.com"));
+    // An SNI without a tls route gets no connection.
+    let (_, code, _) = curl(&[
+        "-k",
+        "--resolve",
+        &format!("other.example.com:{tls_port}:127.0.0.1"),
+        &format!("https://other.example.com:{tls_port}/"),
+    ]);
+    assert_eq!(code, "000");
+
+    let text = http_get(gw.prometheus, "/stats/prometheus");
+    let (ok, report) = promtool_check(&text);
+    assert!(ok, "{report}");
+    assert_eq!(
+        metric_value(
+            &text,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("destination_service_name", "api.example.com"),
+                ("request_protocol", "tcp")
+            ]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        metric_value(
+            &text,
+            "istio_tcp_sent_bytes_total",
+            &[("destination_service_name", "api.example.com")]
+        )
+        .unwrap()
+            > 0.0
+    );
+    let lines = gw.proc.stdout_lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"- - -\" 0 - ") && l.contains("api.example.com")),
+        "{lines:?}"
+    );
+    drop(rt);
+}

@@ -427,8 +427,11 @@ pub struct RouteView {
     pub virtual_service: Option<String>,
     /// `#0` or the rule's name.
     pub rule: String,
-    /// Index of the rule in the VirtualService's `http` list.
+    /// Index of the rule in the VirtualService's `http` (or `tls`) list.
     pub rule_index: Option<usize>,
+    /// For a `tls` route (SNI passthrough): the SNI names it matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sni_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -675,6 +678,7 @@ fn default_route(port: u32, s: &Service) -> RouteView {
         virtual_service: None,
         rule: "default".to_owned(),
         rule_index: None,
+        sni_hosts: Vec::new(),
     }
 }
 
@@ -713,6 +717,7 @@ fn vs_http_routes(
                 rule.name.clone()
             },
             rule_index: Some(i),
+            sni_hosts: Vec::new(),
         });
     }
 }
@@ -830,6 +835,10 @@ fn gateway_routes(
                     }
                 ),
             });
+            if gateway_server_is_passthrough(server) {
+                gateway_tls_routes(config, registry, mesh, w, gw, server, routes);
+                continue;
+            }
             if !gateway_server_is_http(server) {
                 continue;
             }
@@ -860,6 +869,85 @@ fn gateway_routes(
                     );
                 }
             }
+        }
+    }
+}
+
+/// HTTPS/TLS servers in PASSTHROUGH mode route by SNI with `tls` routes.
+pub fn gateway_server_is_passthrough(server: &Server) -> bool {
+    Protocol::parse(&server.port.protocol).is_tls()
+        && server.tls.as_ref().is_none_or(|t| {
+            matches!(
+                t.mode,
+                ServerTlsMode::Passthrough | ServerTlsMode::AutoPassthrough
+            )
+        })
+}
+
+/// `tls` rules of VirtualServices bound to a passthrough Gateway server.
+fn gateway_tls_routes(
+    config: &Config,
+    registry: &Registry,
+    mesh: &MeshSettings,
+    w: &Workload,
+    gw: &Resource<Gateway>,
+    server: &Server,
+    routes: &mut Vec<RouteView>,
+) {
+    let port = server.port.number;
+    for vs in config.virtual_services.iter().filter(|vs| {
+        vs_bound_to_gateway(vs, gw)
+            && exported_to(&vs.spec.export_to, &vs.meta.namespace, &gw.meta.namespace)
+    }) {
+        for (i, rule) in vs.spec.tls.iter().enumerate() {
+            let sni: Vec<String> = rule
+                .matches
+                .iter()
+                .filter(|m| m.port.is_none_or(|p| p == port))
+                .filter(|m| {
+                    m.gateways.is_empty()
+                        || m.gateways
+                            .iter()
+                            .any(|g| gateway_ref_matches(g, &vs.meta.namespace, gw))
+                })
+                .flat_map(|m| m.sni_hosts.iter())
+                .filter(|h| server_hosts_cover(server, &gw.meta.namespace, &vs.meta.namespace, h))
+                .cloned()
+                .collect();
+            if sni.is_empty() {
+                continue;
+            }
+            let single = rule.route.len() == 1;
+            let dests = rule
+                .route
+                .iter()
+                .map(|rd| {
+                    let host = resolve_host(&rd.destination.host, &vs.meta.namespace, mesh);
+                    let dport = destination_port(
+                        registry,
+                        &w.namespace,
+                        &host,
+                        rd.destination.port.map(|p| p.number),
+                        port,
+                    );
+                    RouteDestination {
+                        host,
+                        port: dport,
+                        subset: rd.destination.subset.clone(),
+                        weight: if single { 100 } else { rd.weight.unwrap_or(0) },
+                    }
+                })
+                .collect();
+            routes.push(RouteView {
+                listener_port: port,
+                host: sni[0].clone(),
+                matches: Vec::new(),
+                action: RouteAction::Route(dests),
+                virtual_service: Some(vs.meta.full_name()),
+                rule: format!("#{i}"),
+                rule_index: Some(i),
+                sni_hosts: sni,
+            });
         }
     }
 }

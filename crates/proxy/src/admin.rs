@@ -52,13 +52,22 @@ impl Readiness {
     }
 }
 
+impl BlockReady {
+    /// The task is done.
+    pub fn done(self) {
+        if let Ok(p) = self.readiness.0.lock()
+            && p.len() == 1
+            && p.contains(&self.name)
+        {
+            tracing::info!("proxy ready");
+        }
+    }
+}
+
 impl Drop for BlockReady {
     fn drop(&mut self) {
         if let Ok(mut p) = self.readiness.0.lock() {
             p.remove(&self.name);
-            if p.is_empty() {
-                tracing::info!("proxy ready");
-            }
         }
     }
 }

@@ -166,9 +166,7 @@ async fn connection(
             serve_http(proxy, info, TokioIo::new(stream)).await
         }
         (ListenerTls::Terminate(_), false) => Err("plaintext on a TLS server".into()),
-        (ListenerTls::Passthrough, _) => {
-            Err("TLS passthrough servers are not supported yet".into())
-        }
+        (ListenerTls::Passthrough, _) => crate::tcp::passthrough(proxy, info, tcp).await,
     }
 }
 

@@ -9,4 +9,5 @@ pub mod proxy;
 pub mod route;
 pub mod standin;
 pub mod state;
+pub mod tcp;
 pub mod upstream;

@@ -145,9 +145,31 @@ pub enum ListenerTls {
     Passthrough,
 }
 
+/// A `tls` route: SNI names to destinations (passthrough).
+#[derive(Debug, Clone)]
+pub struct TlsRoute {
+    /// Lowercase SNI patterns (`a.com`, `*.a.com`).
+    pub sni: Vec<String>,
+    pub destinations: Vec<WeightedCluster>,
+    pub name: Arc<str>,
+}
+
+impl TlsRoute {
+    /// The first route whose SNI patterns cover `sni`.
+    pub fn find<'a>(routes: &'a [TlsRoute], sni: &str) -> Option<&'a TlsRoute> {
+        let sni = sni.to_ascii_lowercase();
+        routes.iter().find(|r| {
+            r.sni
+                .iter()
+                .any(|p| meshgate_config::registry::host_matches(p, &sni))
+        })
+    }
+}
+
 /// One port the proxy listens on.
 #[derive(Debug)]
 pub struct ListenerState {
+    pub tls_routes: Vec<TlsRoute>,
     pub tls: ListenerTls,
     /// The port routes match on (Gateway server port).
     pub port: u16,
@@ -391,7 +413,9 @@ impl Snapshot {
                 cluster: l.origin.clone(),
                 reason,
             })?;
+            let tls_routes = tls_route_table(&v, port, &index);
             listeners.push(ListenerState {
+                tls_routes,
                 tls,
                 port,
                 bind_port: u16::try_from(l.bind_port).unwrap_or(port),
@@ -477,6 +501,35 @@ fn listener_tls(l: &view::Listener, ctx: &BuildContext) -> Result<ListenerTls, S
                 .map_err(|e| e.to_string())
         }
     }
+}
+
+fn tls_route_table(v: &ProxyView, port: u16, index: &HashMap<&str, usize>) -> Vec<TlsRoute> {
+    v.routes
+        .iter()
+        .filter(|r| r.listener_port == u32::from(port) && !r.sni_hosts.is_empty())
+        .filter_map(|r| {
+            let RouteAction::Route(dests) = &r.action else {
+                return None;
+            };
+            Some(TlsRoute {
+                sni: r.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                destinations: dests
+                    .iter()
+                    .filter_map(|d| {
+                        index
+                            .get(d.cluster_name().as_str())
+                            .map(|&cluster| WeightedCluster {
+                                cluster,
+                                weight: d.weight,
+                                request_headers: HeaderOps::default(),
+                                response_headers: HeaderOps::default(),
+                            })
+                    })
+                    .collect(),
+                name: Arc::from(r.rule.as_str()),
+            })
+        })
+        .collect()
 }
 
 /// The route table of one listener port, from the view's routes.

@@ -550,6 +550,35 @@ impl Cluster {
         self.core.tls.is_some()
     }
 
+    /// Opens a plain TCP connection to an endpoint (TLS passthrough: the
+    /// client's own TLS goes through untouched).
+    pub async fn connect_tcp(&self) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+        let core = &self.core;
+        let addrs = core
+            .addresses()
+            .await
+            .map_err(UpstreamError::NoHealthyUpstream)?;
+        let addr = core
+            .pick(&addrs)
+            .ok_or_else(|| UpstreamError::NoHealthyUpstream("no endpoint".into()))?;
+        match tokio::time::timeout(core.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                Ok((tcp, addr))
+            }
+            Ok(Err(e)) => {
+                core.observe(addr, 503);
+                Err(UpstreamError::ConnectFailure(format!(
+                    "delayed connect error: {e}"
+                )))
+            }
+            Err(_) => {
+                core.observe(addr, 503);
+                Err(UpstreamError::ConnectFailure("connect timeout".into()))
+            }
+        }
+    }
+
     /// Sends one request (one attempt). The URI's authority is used for the
     /// connection pool key and HTTP/2 `:authority`; the Host header is set by
     /// the caller.

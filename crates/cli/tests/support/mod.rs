@@ -108,7 +108,10 @@ impl Proc {
     pub fn spawn(args: &[&str]) -> Proc {
         let mut child = Command::new(bin())
             .args(args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("MESHGATE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -206,6 +206,9 @@ pub fn build(
     identity: Option<&Arc<WorkloadIdentity>>,
     host: &str,
 ) -> Result<Option<UpstreamTls>, TlsSetupError> {
+    if tls.mode == ClientTlsMode::Disable {
+        return Ok(None);
+    }
     let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
     let sni =
         ServerName::try_from(tls.sni.clone()).map_err(|_| TlsSetupError::Sni(tls.sni.clone()))?;

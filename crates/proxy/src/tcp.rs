@@ -1,0 +1,331 @@
+//! TLS passthrough: read the ClientHello, route by its SNI with `tls`
+//! routes, authorize the connection (TCP attributes only), and splice bytes
+//! to the upstream. Reports Istio's TCP metrics and a `"- - -"` access log
+//! line when the connection closes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use meshgate_telemetry::metrics::TcpLabels;
+use meshgate_telemetry::{IstioLabels, LogEntry};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::authz::{AuthzRequest, Decision, authorize};
+use crate::proxy::{ConnInfo, Proxy};
+use crate::route::pick_weighted;
+use crate::state::{ClusterEntry, Snapshot, TlsRoute, WorkloadLabels, unknown};
+
+/// A TLS record is at most 16 KiB plus its 5-byte header.
+const MAX_HELLO: usize = 16 * 1024 + 5;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Hello {
+    /// A complete ClientHello; the SNI if it carries one.
+    Complete(Option<String>),
+    /// More bytes are needed.
+    Partial,
+    /// Not a TLS ClientHello.
+    NotTls,
+}
+
+/// Parses the SNI out of the first TLS record (RFC 8446 4.1.2, RFC 6066 3).
+pub fn parse_client_hello(buf: &[u8]) -> Hello {
+    if buf.is_empty() {
+        return Hello::Partial;
+    }
+    if buf[0] != 0x16 {
+        return Hello::NotTls;
+    }
+    if buf.len() < 5 {
+        return Hello::Partial;
+    }
+    let record_len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+    if buf.len() < 5 + record_len {
+        return Hello::Partial;
+    }
+    let hs = &buf[5..5 + record_len];
+    parse_handshake(hs).map_or(Hello::NotTls, Hello::Complete)
+}
+
+fn parse_handshake(hs: &[u8]) -> Option<Option<String>> {
+    let mut r = Reader(hs);
+    if r.u8()? != 1 {
+        return None; // not ClientHello
+    }
+    let len = r.u24()?;
+    let mut r = Reader(r.take(len)?);
+    r.take(2 + 32)?; // version, random
+    let sid = usize::from(r.u8()?);
+    r.take(sid)?;
+    let suites = usize::from(r.u16()?);
+    r.take(suites)?;
+    let comp = usize::from(r.u8()?);
+    r.take(comp)?;
+    if r.0.is_empty() {
+        return Some(None); // no extensions
+    }
+    let ext_len = usize::from(r.u16()?);
+    let mut exts = Reader(r.take(ext_len)?);
+    while !exts.0.is_empty() {
+        let ty = exts.u16()?;
+        let len = usize::from(exts.u16()?);
+        let data = exts.take(len)?;
+        if ty == 0 {
+            let mut d = Reader(data);
+            let list = usize::from(d.u16()?);
+            let mut names = Reader(d.take(list)?);
+            while !names.0.is_empty() {
+                let kind = names.u8()?;
+                let n = usize::from(names.u16()?);
+                let name = names.take(n)?;
+                if kind == 0 {
+                    return Some(
+                        std::str::from_utf8(name)
+                            .ok()
+                            .map(|s| s.to_ascii_lowercase()),
+                    );
+                }
+            }
+        }
+    }
+    Some(None)
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn u24(&mut self) -> Option<usize> {
+        self.take(3)
+            .map(|b| (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]))
+    }
+}
+
+/// Reads until the ClientHello is complete (bounded), returning the bytes
+/// read and the SNI.
+pub async fn read_client_hello(tcp: &mut TcpStream) -> Result<(Vec<u8>, Option<String>), String> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        match parse_client_hello(&buf) {
+            Hello::Complete(sni) => return Ok((buf, sni)),
+            Hello::NotTls => return Err("not a TLS ClientHello".into()),
+            Hello::Partial if buf.len() >= MAX_HELLO => return Err("ClientHello too large".into()),
+            Hello::Partial => {}
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(crate::proxy::FIRST_BYTE_TIMEOUT, tcp.read(&mut chunk))
+            .await
+            .map_err(|_| "timed out waiting for the ClientHello")?
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed before the ClientHello".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn tcp_labels(
+    snap: &Snapshot,
+    cluster: Option<&ClusterEntry>,
+    sni: &str,
+    flags: &'static str,
+) -> TcpLabels {
+    let s = &snap.source;
+    let (dw, service, name, ns) = match cluster {
+        Some(c) => (
+            c.labels.workload.clone(),
+            c.labels.service.clone(),
+            c.labels.service_name.clone(),
+            c.labels.service_namespace.clone(),
+        ),
+        None => {
+            let host: Arc<str> = Arc::from(if sni.is_empty() { "unknown" } else { sni });
+            (WorkloadLabels::unknown(), host.clone(), host, unknown())
+        }
+    };
+    let l = IstioLabels {
+        reporter: "source",
+        source_workload: s.workload.clone(),
+        source_canonical_service: s.canonical_service.clone(),
+        source_canonical_revision: s.canonical_revision.clone(),
+        source_workload_namespace: s.namespace.clone(),
+        source_principal: s.principal.clone(),
+        source_app: s.app.clone(),
+        source_version: s.version.clone(),
+        source_cluster: s.cluster.clone(),
+        destination_workload: dw.workload,
+        destination_workload_namespace: dw.namespace,
+        destination_principal: dw.principal,
+        destination_app: dw.app,
+        destination_version: dw.version,
+        destination_service: service,
+        destination_canonical_service: dw.canonical_service,
+        destination_canonical_revision: dw.canonical_revision,
+        destination_service_name: name,
+        destination_service_namespace: ns,
+        destination_cluster: dw.cluster,
+        request_protocol: "tcp",
+        response_code: 0,
+        grpc_response_status: "",
+        response_flags: flags,
+        connection_security_policy: "unknown",
+    };
+    TcpLabels::from(&l)
+}
+
+/// Serves one passthrough connection.
+pub async fn passthrough(
+    proxy: Arc<Proxy>,
+    info: ConnInfo,
+    mut tcp: TcpStream,
+) -> Result<(), String> {
+    let start = Instant::now();
+    let start_time = SystemTime::now();
+    let (hello, sni) = read_client_hello(&mut tcp).await?;
+    let sni = sni.unwrap_or_default();
+    let snap = proxy.state.load_full();
+    let listener = snap
+        .listener(info.listener_port)
+        .ok_or("listener no longer configured")?;
+    let route = TlsRoute::find(&listener.tls_routes, &sni);
+    let dest = route.and_then(|r| pick_weighted(&r.destinations, fastrand::f64()));
+    let entry = dest.and_then(|d| snap.clusters.get(d.cluster).cloned().flatten());
+    let cluster_name = dest
+        .and_then(|d| snap.cluster_names.get(d.cluster))
+        .map(|n| n.to_string());
+
+    let mut log = LogEntry {
+        start_time: Some(start_time),
+        response_flags: "-",
+        downstream_local_address: Some(info.local),
+        downstream_remote_address: Some(info.remote),
+        requested_server_name: (!sni.is_empty()).then(|| sni.clone()),
+        route_name: route.map(|r| r.name.to_string()),
+        upstream_cluster: cluster_name,
+        downstream_peer_uri_san: info.peer.as_deref().map(str::to_owned),
+        ..LogEntry::default()
+    };
+    let finish =
+        |proxy: &Proxy, mut log: LogEntry, labels: &TcpLabels, sent: u64, received: u64| {
+            let m = &proxy.metrics;
+            m.tcp_opened.get_or_create(labels).inc();
+            m.tcp_received_bytes.get_or_create(labels).inc_by(received);
+            m.tcp_sent_bytes.get_or_create(labels).inc_by(sent);
+            m.tcp_closed.get_or_create(labels).inc();
+            log.bytes_received = received;
+            log.bytes_sent = sent;
+            log.duration = start.elapsed().as_millis() as u64;
+            proxy.access_log.write(&log);
+        };
+
+    let decision = authorize(
+        &snap.policies,
+        &AuthzRequest {
+            principal: info.peer.as_deref(),
+            source_ip: info.remote.ip(),
+            remote_ip: info.remote.ip(),
+            destination_ip: info.local.ip(),
+            destination_port: info.listener_port,
+            sni: Some(&sni),
+            http: None,
+        },
+    );
+    if let Decision::Deny { .. } = &decision {
+        log.connection_termination_details = decision.response_code_details();
+        let labels = tcp_labels(&snap, entry.as_deref(), &sni, "-");
+        finish(&proxy, log, &labels, 0, hello.len() as u64);
+        return Err("denied by authorization policy".into());
+    }
+    let Some(entry) = entry else {
+        // No filter chain for this SNI: Envoy closes the connection (NR).
+        log.response_flags = "NR";
+        let labels = tcp_labels(&snap, None, &sni, "NR");
+        finish(&proxy, log, &labels, 0, hello.len() as u64);
+        return Err(format!("no tls route for SNI \"{sni}\""));
+    };
+    let (mut upstream, addr): (TcpStream, SocketAddr) = match entry.cluster.connect_tcp().await {
+        Ok(x) => x,
+        Err(e) => {
+            log.response_flags = e.flag();
+            log.upstream_transport_failure_reason = Some(e.to_string());
+            let labels = tcp_labels(&snap, Some(&entry), &sni, e.flag());
+            finish(&proxy, log, &labels, 0, hello.len() as u64);
+            return Err(e.to_string());
+        }
+    };
+    log.upstream_host = Some(addr);
+    log.upstream_local_address = upstream.local_addr().ok();
+    upstream
+        .write_all(&hello)
+        .await
+        .map_err(|e| e.to_string())?;
+    let copied = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
+    let (received, sent) = copied.unwrap_or((0, 0));
+    let labels = tcp_labels(&snap, Some(&entry), &sni, "-");
+    finish(&proxy, log, &labels, sent, received + hello.len() as u64);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real ClientHello, made by rustls, for `name`.
+    fn hello(name: &str) -> Vec<u8> {
+        let cfg = rustls::ClientConfig::builder_with_provider(meshgate_identity::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let mut conn =
+            rustls::ClientConnection::new(Arc::new(cfg), name.to_owned().try_into().unwrap())
+                .unwrap();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn sni_from_a_real_client_hello() {
+        let h = hello("API.Example.com");
+        assert_eq!(
+            parse_client_hello(&h),
+            Hello::Complete(Some("api.example.com".into()))
+        );
+        for cut in [0, 1, 4, 5, 40, h.len() - 1] {
+            assert_eq!(
+                parse_client_hello(&h[..cut]),
+                Hello::Partial,
+                "cut at {cut}"
+            );
+        }
+        assert_eq!(parse_client_hello(b"GET / HTTP/1.1\r\n"), Hello::NotTls);
+        let ip = hello("10.0.0.1");
+        assert_eq!(
+            parse_client_hello(&ip),
+            Hello::Complete(None),
+            "no SNI for an IP address"
+        );
+        let mut garbage = h.clone();
+        garbage[5] = 2; // not a ClientHello
+        assert_eq!(parse_client_hello(&garbage), Hello::NotTls);
+    }
+}
