@@ -3,7 +3,9 @@
 mod ca;
 mod check;
 mod dump;
+mod iptables_cmd;
 mod run;
+mod standin_cmd;
 mod table;
 
 use std::path::PathBuf;
@@ -38,6 +40,25 @@ enum Command {
     /// AuthorizationPolicy, Gateway + VirtualService routing, TLS origination
     /// out, Istio metrics and access logs.
     Gateway(Box<run::ProxyArgs>),
+    /// Run the sidecar of one injected workload: capture its outbound
+    /// traffic (iptables or explicit proxy), route it by the mesh's
+    /// VirtualServices, apply the outbound traffic policy, and carry it to
+    /// mesh peers (the egress gateway) over mutual TLS.
+    Sidecar(Box<SidecarCmd>),
+    /// Install (or remove) the nat rules that redirect this network
+    /// namespace's outbound TCP to the sidecar, as istio-init does.
+    Iptables(iptables_cmd::IptablesArgs),
+    /// Stand-ins for external hosts when offline: an HTTPS server with its
+    /// own CA (serving /todos/1 like jsonplaceholder) and a DNS server.
+    StandIn(standin_cmd::StandinArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SidecarCmd {
+    #[command(flatten)]
+    proxy: run::ProxyArgs,
+    #[command(flatten)]
+    sidecar: run::SidecarArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -83,7 +104,10 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::ConfigDump(args) => dump::run(&args),
         Command::Ca(cmd) => ca::run(&cmd),
-        Command::Gateway(args) => run::run_gateway(&args),
+        Command::Gateway(args) => run::run(&args, run::ProxyKind::Gateway, None),
+        Command::Sidecar(cmd) => run::run(&cmd.proxy, run::ProxyKind::Sidecar, Some(&cmd.sidecar)),
+        Command::Iptables(args) => iptables_cmd::run(&args),
+        Command::StandIn(args) => standin_cmd::run(&args),
     };
     match result {
         Ok(code) => code,

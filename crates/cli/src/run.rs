@@ -260,7 +260,30 @@ fn add_flag_workload(
     Ok(())
 }
 
-pub(crate) fn run_gateway(args: &ProxyArgs) -> anyhow::Result<ExitCode> {
+/// Which proxy to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ProxyKind {
+    Gateway,
+    Sidecar,
+}
+
+/// Sidecar-only flags.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct SidecarArgs {
+    /// Outbound capture listener (iptables redirects here; also an explicit
+    /// HTTP proxy for `curl -x`).
+    #[arg(long, default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// Address of the outbound listener.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub outbound_address: IpAddr,
+}
+
+pub(crate) fn run(
+    args: &ProxyArgs,
+    kind: ProxyKind,
+    sidecar: Option<&SidecarArgs>,
+) -> anyhow::Result<ExitCode> {
     let mut config = load_config(&args.config)?;
     let mesh = MeshSettings::default();
     let exists = {
@@ -279,18 +302,20 @@ pub(crate) fn run_gateway(args: &ProxyArgs) -> anyhow::Result<ExitCode> {
             &args.workload,
             labels,
             &args.service_account,
-            true,
+            kind == ProxyKind::Gateway,
         )?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(gateway_main(args, config, mesh))
+    rt.block_on(proxy_main(args, kind, sidecar, config, mesh))
 }
 
-async fn gateway_main(
+async fn proxy_main(
     args: &ProxyArgs,
+    kind: ProxyKind,
+    sidecar: Option<&SidecarArgs>,
     config: Config,
     mesh: MeshSettings,
 ) -> anyhow::Result<ExitCode> {
@@ -300,11 +325,23 @@ async fn gateway_main(
 
     let reg = registry::build(&config, &mesh);
     let w = meshgate_config::view::find_workload(&reg, &args.workload)?;
-    if w.proxy != registry::ProxyKind::Gateway {
-        bail!(
+    match (kind, w.proxy) {
+        (ProxyKind::Gateway, registry::ProxyKind::Gateway)
+        | (ProxyKind::Sidecar, registry::ProxyKind::Sidecar) => {}
+        (ProxyKind::Gateway, _) => bail!(
             "{} is not a gateway workload (no inject.istio.io/templates: gateway, and more than an istio-proxy container); use `meshgate sidecar` for injected workloads",
             args.workload
-        );
+        ),
+        (ProxyKind::Sidecar, registry::ProxyKind::Gateway) => {
+            bail!(
+                "{} is a gateway workload; use `meshgate gateway`",
+                args.workload
+            )
+        }
+        (ProxyKind::Sidecar, _) => bail!(
+            "{} has no sidecar injected (annotate the pod template with sidecar.istio.io/inject: \"true\" or label its namespace istio-injection=enabled)",
+            args.workload
+        ),
     }
     let id: SpiffeId = w.spiffe_id.parse()?;
     let metrics = Arc::new(Metrics::new());
@@ -345,7 +382,7 @@ async fn gateway_main(
         },
     };
     let snapshot = Snapshot::build(&config, &args.workload, &ctx)?;
-    if snapshot.listeners.is_empty() {
+    if kind == ProxyKind::Gateway && snapshot.listeners.is_empty() {
         tracing::warn!(workload = %args.workload, "no Gateway selects this workload: nothing to listen on");
     }
     let proxy = Arc::new(Proxy {
@@ -356,20 +393,40 @@ async fn gateway_main(
             LogFormat::Json => AccessLogFormat::Json,
             LogFormat::Off => AccessLogFormat::Off,
         })),
-        egress_metric: true,
+        egress_metric: kind == ProxyKind::Gateway,
     });
-    let bound = gateway::bind(&proxy, args.bind_address, &port_overrides(&args.ports)?).await?;
-    let listener_addrs: Vec<(u16, SocketAddr)> = bound.iter().map(|b| (b.port, b.local)).collect();
-    for b in bound {
-        let (proxy, identity) = (proxy.clone(), identity.clone());
-        tokio::spawn(async move {
-            if let Err(e) = gateway::serve(proxy, identity, b).await {
-                tracing::error!(error = %e, "listener stopped");
+    let mut listener_addrs: Vec<(u16, SocketAddr)> = Vec::new();
+    match (kind, sidecar) {
+        (ProxyKind::Sidecar, Some(s)) => {
+            let addr = SocketAddr::new(s.outbound_address, s.outbound_port);
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr} (outbound capture)"))?;
+            let local = l.local_addr()?;
+            tracing::info!(address = %local, "outbound listener bound");
+            listener_addrs.push((s.outbound_port, local));
+            tokio::spawn(meshgate_proxy::sidecar::serve(proxy.clone(), l));
+        }
+        _ => {
+            let bound =
+                gateway::bind(&proxy, args.bind_address, &port_overrides(&args.ports)?).await?;
+            listener_addrs.extend(bound.iter().map(|b| (b.port, b.local)));
+            for b in bound {
+                let (proxy, identity) = (proxy.clone(), identity.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = gateway::serve(proxy, identity, b).await {
+                        tracing::error!(error = %e, "listener stopped");
+                    }
+                });
             }
-        });
+        }
     }
     listeners_pending.done();
-    tracing::info!(workload = %args.workload, identity = %id, "egress gateway running");
+    let what = match kind {
+        ProxyKind::Gateway => "egress gateway",
+        ProxyKind::Sidecar => "sidecar",
+    };
+    tracing::info!(workload = %args.workload, identity = %id, "{what} running");
     if let Some(path) = &args.ready_file {
         let json = serde_json::json!({
             "identity": id.to_string(),

@@ -662,6 +662,97 @@ fn sidecar_routes(
             server_tls: None,
         });
     }
+    sidecar_tls_routes(registry, mesh, w, &services, &mesh_vs, listeners, routes);
+}
+
+/// TLS ports (HTTPS/TLS service ports): VirtualService `tls` rules bound to
+/// the mesh first, then one SNI route per service host to itself.
+fn sidecar_tls_routes(
+    registry: &Registry,
+    mesh: &MeshSettings,
+    w: &Workload,
+    services: &[&Service],
+    mesh_vs: &[&Resource<VirtualService>],
+    listeners: &mut Vec<Listener>,
+    routes: &mut Vec<RouteView>,
+) {
+    let mut ports: BTreeSet<u32> = BTreeSet::new();
+    for s in services {
+        ports.extend(
+            s.ports
+                .iter()
+                .filter(|p| p.protocol.is_tls())
+                .map(|p| p.number),
+        );
+    }
+    for port in ports {
+        let mut hosts = Vec::new();
+        for vs in mesh_vs {
+            for (i, rule) in vs.spec.tls.iter().enumerate() {
+                let sni: Vec<String> = rule
+                    .matches
+                    .iter()
+                    .filter(|m| m.port.is_none_or(|p| p == port))
+                    .filter(|m| m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"))
+                    .flat_map(|m| m.sni_hosts.iter().cloned())
+                    .collect();
+                if sni.is_empty() {
+                    continue;
+                }
+                let single = rule.route.len() == 1;
+                let dests = rule
+                    .route
+                    .iter()
+                    .map(|rd| {
+                        let host = resolve_host(&rd.destination.host, &vs.meta.namespace, mesh);
+                        let dport = destination_port(
+                            registry,
+                            &w.namespace,
+                            &host,
+                            rd.destination.port.map(|p| p.number),
+                            port,
+                        );
+                        RouteDestination {
+                            host,
+                            port: dport,
+                            subset: rd.destination.subset.clone(),
+                            weight: if single { 100 } else { rd.weight.unwrap_or(0) },
+                        }
+                    })
+                    .collect();
+                hosts.extend(sni.iter().cloned());
+                routes.push(RouteView {
+                    listener_port: port,
+                    host: sni[0].clone(),
+                    matches: Vec::new(),
+                    action: RouteAction::Route(dests),
+                    virtual_service: Some(vs.meta.full_name()),
+                    rule: format!("#{i}"),
+                    rule_index: Some(i),
+                    sni_hosts: sni,
+                });
+            }
+        }
+        for s in services
+            .iter()
+            .filter(|s| s.port(port).is_some_and(|p| p.protocol.is_tls()))
+        {
+            hosts.push(s.hostname.clone());
+            routes.push(RouteView {
+                sni_hosts: vec![s.hostname.clone()],
+                ..default_route(port, s)
+            });
+        }
+        listeners.push(Listener {
+            port,
+            bind_port: OUTBOUND_CAPTURE_PORT,
+            protocol: Protocol::Tls,
+            hosts,
+            tls: "passthrough (SNI)".to_owned(),
+            origin: format!("0.0.0.0_{port} (via virtualOutbound)"),
+            server_tls: None,
+        });
+    }
 }
 
 fn default_route(port: u32, s: &Service) -> RouteView {

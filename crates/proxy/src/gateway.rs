@@ -143,6 +143,8 @@ async fn connection(
         peer_namespace: None,
         tls: false,
         sni: None,
+        original_dst: None,
+        explicit: false,
     };
     match (tls_mode, is_tls) {
         (ListenerTls::MeshAuto, true) => {

@@ -5,8 +5,10 @@
 pub mod admin;
 pub mod authz;
 pub mod gateway;
+pub mod iptables;
 pub mod proxy;
 pub mod route;
+pub mod sidecar;
 pub mod standin;
 pub mod state;
 pub mod tcp;

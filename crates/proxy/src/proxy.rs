@@ -14,12 +14,13 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use meshgate_config::model::networking::OutboundMode;
 use meshgate_telemetry::metrics::Lv;
 use meshgate_telemetry::{AccessLog, EgressLabels, IstioLabels, LogEntry, Metrics};
 
 use crate::authz::{AuthzRequest, Decision, HttpAttributes, authorize};
 use crate::route::{Action, RequestView, Routed, pick_weighted};
-use crate::state::{ClusterEntry, ListenerState, Snapshot, unknown};
+use crate::state::{ClusterEntry, Snapshot, unknown};
 use crate::upstream::{UpstreamBody, UpstreamError};
 
 /// What a listener knows about the connection a request came on.
@@ -36,6 +37,11 @@ pub struct ConnInfo {
     /// TLS was terminated on this connection.
     pub tls: bool,
     pub sni: Option<Arc<str>>,
+    /// Sidecars: where the application was connecting (SO_ORIGINAL_DST).
+    pub original_dst: Option<SocketAddr>,
+    /// Sidecars: the application uses us as an explicit HTTP proxy, so the
+    /// port comes from each request's absolute URI.
+    pub explicit: bool,
 }
 
 /// Shared by every listener of one proxy.
@@ -118,6 +124,16 @@ impl Drop for Report {
 pub struct ReportedBody {
     inner: ProxyBody,
     report: Option<Report>,
+}
+
+impl ReportedBody {
+    /// A body that reports nothing (CONNECT answers).
+    pub fn unreported(inner: ProxyBody) -> Self {
+        ReportedBody {
+            inner,
+            report: None,
+        }
+    }
 }
 
 impl Body for ReportedBody {
@@ -248,7 +264,13 @@ impl Proxy {
             }
         };
         let scheme = if conn.tls { "https" } else { "http" };
-        let listener = snap.listener(conn.listener_port);
+        // An explicit-proxy request names its port in the URI.
+        let listener_port = if conn.explicit {
+            parts.uri.port_u16().unwrap_or(80)
+        } else {
+            conn.listener_port
+        };
+        let listener = snap.listener(listener_port);
         let view = RequestView {
             authority: &authority,
             method: parts.method.as_str(),
@@ -259,7 +281,17 @@ impl Proxy {
         };
         // Route first: the chosen cluster names the destination in every
         // report, denied requests included (as Envoy's stats do).
-        let routed = listener.map_or(Routed::NoVirtualHost, |l| l.routes.route(&view));
+        let routed = match (
+            listener.map_or(Routed::NoVirtualHost, |l| l.routes.route(&view)),
+            &snap.allow_any,
+        ) {
+            // ALLOW_ANY: unknown hosts go to the original destination.
+            (Routed::NoVirtualHost, Some(route)) => Routed::Matched {
+                route,
+                matched: None,
+            },
+            (r, _) => r,
+        };
         let (route_name, cluster) = match &routed {
             Routed::Matched { route, .. } => {
                 let cluster = match &route.action {
@@ -327,11 +359,11 @@ impl Proxy {
                 decision.response_code_details().unwrap_or_default(),
             )
         } else {
-            match (&routed, listener) {
-                (Routed::Matched { route, matched }, Some(l)) => {
+            match &routed {
+                Routed::Matched { route, matched } => {
                     self.forward(
                         &snap,
-                        l,
+                        listener_port,
                         conn,
                         route,
                         *matched,
@@ -345,9 +377,18 @@ impl Proxy {
                     )
                     .await
                 }
+                // REGISTRY_ONLY: Istio's `block_all` route answers 502.
+                Routed::NoVirtualHost if snap.outbound == Some(OutboundMode::RegistryOnly) => {
+                    if let Some(e) = entry.as_mut() {
+                        e.route_name = Some("block_all".to_owned());
+                    }
+                    Outcome::local(local(StatusCode::BAD_GATEWAY, ""), "-", "direct_response")
+                }
                 _ => Outcome::local(local(StatusCode::NOT_FOUND, ""), "NR", "route_not_found"),
             }
         };
+        let blocked = matches!(routed, Routed::NoVirtualHost)
+            && snap.outbound == Some(OutboundMode::RegistryOnly);
 
         let status = outcome.response.status().as_u16();
         if let Some(e) = entry.as_mut() {
@@ -364,7 +405,11 @@ impl Proxy {
         let labels = self.labels(
             &snap,
             entry_for.as_deref(),
-            &authority,
+            if blocked {
+                crate::state::BLACKHOLE_CLUSTER
+            } else {
+                &authority
+            },
             status,
             outcome.flags,
             parts_protocol(&outcome),
@@ -461,7 +506,7 @@ impl Proxy {
     async fn forward(
         &self,
         snap: &Snapshot,
-        listener: &ListenerState,
+        listener_port: u16,
         conn: &ConnInfo,
         route: &crate::route::Route,
         matched: Option<usize>,
@@ -487,7 +532,7 @@ impl Proxy {
                     StatusCode::from_u16(r.code).unwrap_or(StatusCode::MOVED_PERMANENTLY),
                     "",
                 );
-                if let Ok(v) = HeaderValue::from_str(&r.location(&view, listener.port)) {
+                if let Ok(v) = HeaderValue::from_str(&r.location(&view, listener_port)) {
                     resp.headers_mut().insert(header::LOCATION, v);
                 }
                 return Outcome::local(resp, "-", "via_route_redirect");
@@ -550,7 +595,14 @@ impl Proxy {
                 .path_and_query()
                 .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
         };
-        let uri: http::Uri = match format!("http://{out_authority}{path_and_query}").parse() {
+        // The URI's authority picks the connection (pool key, HTTP/2
+        // :authority); for the PassthroughCluster it is where the
+        // application was connecting.
+        let connect_authority = match (snap.passthrough == Some(dest.cluster), conn.original_dst) {
+            (true, Some(orig)) => orig.to_string(),
+            _ => out_authority.clone(),
+        };
+        let uri: http::Uri = match format!("http://{connect_authority}{path_and_query}").parse() {
             Ok(u) => u,
             Err(_) => {
                 return Outcome::local(

@@ -161,6 +161,7 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, seen: Se
                     .map(str::to_owned)
                     .or_else(|| req.uri().authority().map(|a| a.to_string()));
                 let path = req.uri().path().to_owned();
+                tracing::info!(sni = sni.as_deref().unwrap_or("-"), host = host.as_deref().unwrap_or("-"), %path, "stand-in request");
                 if let Ok(mut v) = seen.0.lock() {
                     v.push(SeenRequest {
                         sni: sni.clone(),
@@ -172,6 +173,26 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, seen: Se
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Serves the same answers over plain HTTP (a stand-in for a plaintext
+/// service, e.g. the original destination of ALLOW_ANY traffic).
+pub async fn serve_http(listener: TcpListener) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(|req: Request<Incoming>| {
+                let path = req.uri().path().to_owned();
+                tracing::info!(%path, "stand-in plain HTTP request");
+                async move { Ok::<_, Infallible>(answer(&path)) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
                 .await;
         });
     }

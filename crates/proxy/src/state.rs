@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshgate_config::model::Config;
-use meshgate_config::model::networking::{ClientTlsMode, Resolution, SimpleLb};
+use meshgate_config::model::networking::{ClientTlsMode, OutboundMode, Resolution, SimpleLb};
 use meshgate_config::model::security::MtlsMode;
 use meshgate_config::registry::{Protocol, Registry, Service, ServiceSource, Workload};
 use meshgate_config::view::{self, ClusterView, ProxyView, RouteAction};
@@ -193,7 +193,47 @@ pub struct Snapshot {
     /// the registry (503 NC).
     pub clusters: Vec<Option<Arc<ClusterEntry>>>,
     pub cluster_names: Vec<Arc<str>>,
+    /// Enforced on inbound only: empty for a sidecar's outbound path.
     pub policies: Vec<CompiledPolicy>,
+    /// Sidecars: what unmatched traffic gets (REGISTRY_ONLY or ALLOW_ANY).
+    pub outbound: Option<OutboundMode>,
+    /// Sidecars: index of the PassthroughCluster (original destination).
+    pub passthrough: Option<usize>,
+    /// Sidecars with ALLOW_ANY: the `allow_any` route to PassthroughCluster.
+    pub allow_any: Option<Route>,
+}
+
+/// Envoy's name for the cluster that forwards to the original destination.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+/// Envoy's name for the cluster that drops unmatched traffic.
+pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
+
+fn passthrough_cluster(ctx: &BuildContext) -> Arc<ClusterEntry> {
+    let name: Lv = Arc::from(PASSTHROUGH_CLUSTER);
+    Arc::new(ClusterEntry {
+        cluster: Cluster::new(
+            ClusterSettings {
+                name: name.clone(),
+                endpoints: Endpoints::FromUri,
+                tls: None,
+                h2: false,
+                connect_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(3600),
+                max_requests_per_connection: None,
+                max_in_flight: usize::MAX,
+                lb: SimpleLb::RoundRobin,
+                outlier: None,
+            },
+            ctx.resolver.clone(),
+        ),
+        host: name.clone(),
+        labels: DestinationLabels {
+            workload: WorkloadLabels::unknown(),
+            service: name.clone(),
+            service_name: name,
+            service_namespace: unknown(),
+        },
+    })
 }
 
 fn endpoints_for(service: &Service, port: u16, ctx: &BuildContext) -> Endpoints {
@@ -390,11 +430,16 @@ impl Snapshot {
             index.insert(c.name.as_str(), clusters.len());
             clusters.push(build_cluster(c, &registry, w, ctx, is_gateway)?);
         }
-        let cluster_names = v
+        let mut cluster_names: Vec<Arc<str>> = v
             .clusters
             .iter()
             .map(|c| Arc::from(c.name.as_str()))
             .collect();
+        let passthrough = (!is_gateway).then(|| {
+            clusters.push(Some(passthrough_cluster(ctx)));
+            cluster_names.push(Arc::from(PASSTHROUGH_CLUSTER));
+            clusters.len() - 1
+        });
 
         let mut listeners: Vec<ListenerState> = Vec::new();
         for l in v
@@ -425,11 +470,31 @@ impl Snapshot {
                 origin: l.origin.clone(),
             });
         }
-        let policies = view::authorization_policies_for(config, w, &ctx.mesh)
-            .into_iter()
-            .map(CompiledPolicy::compile)
-            .collect();
+        // Policies are enforced where traffic comes in: at a gateway's
+        // listeners. A sidecar's outbound path has none.
+        let policies = if is_gateway {
+            view::authorization_policies_for(config, w, &ctx.mesh)
+                .into_iter()
+                .map(CompiledPolicy::compile)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let outbound = (!is_gateway).then_some(v.outbound_traffic_policy.mode);
+        let allow_any = match (outbound, passthrough) {
+            (Some(OutboundMode::AllowAny), Some(i)) => {
+                let mut r = Route::default_to(i);
+                r.name = Arc::from("allow_any");
+                // Istio's allow_any route has no timeout and no retries.
+                r.retry.attempts = 0;
+                Some(r)
+            }
+            _ => None,
+        };
         Ok(Snapshot {
+            allow_any,
+            outbound,
+            passthrough,
             source: WorkloadLabels::of(w),
             view: v,
             listeners,

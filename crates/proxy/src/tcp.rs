@@ -7,15 +7,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use meshgate_config::model::networking::OutboundMode;
 use meshgate_telemetry::metrics::TcpLabels;
 use meshgate_telemetry::{IstioLabels, LogEntry};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::authz::{AuthzRequest, Decision, authorize};
 use crate::proxy::{ConnInfo, Proxy};
 use crate::route::pick_weighted;
-use crate::state::{ClusterEntry, Snapshot, TlsRoute, WorkloadLabels, unknown};
+use crate::state::{BLACKHOLE_CLUSTER, ClusterEntry, Snapshot, TlsRoute, WorkloadLabels, unknown};
 
 /// A TLS record is at most 16 KiB plus its 5-byte header.
 const MAX_HELLO: usize = 16 * 1024 + 5;
@@ -121,7 +122,9 @@ impl<'a> Reader<'a> {
 
 /// Reads until the ClientHello is complete (bounded), returning the bytes
 /// read and the SNI.
-pub async fn read_client_hello(tcp: &mut TcpStream) -> Result<(Vec<u8>, Option<String>), String> {
+pub async fn read_client_hello<S: AsyncRead + Unpin>(
+    s: &mut S,
+) -> Result<(Vec<u8>, Option<String>), String> {
     let mut buf = Vec::with_capacity(1024);
     loop {
         match parse_client_hello(&buf) {
@@ -131,7 +134,7 @@ pub async fn read_client_hello(tcp: &mut TcpStream) -> Result<(Vec<u8>, Option<S
             Hello::Partial => {}
         }
         let mut chunk = [0u8; 4096];
-        let n = tokio::time::timeout(crate::proxy::FIRST_BYTE_TIMEOUT, tcp.read(&mut chunk))
+        let n = tokio::time::timeout(crate::proxy::FIRST_BYTE_TIMEOUT, s.read(&mut chunk))
             .await
             .map_err(|_| "timed out waiting for the ClientHello")?
             .map_err(|e| e.to_string())?;
@@ -191,50 +194,116 @@ fn tcp_labels(
     TcpLabels::from(&l)
 }
 
-/// Serves one passthrough connection.
-pub async fn passthrough(
-    proxy: Arc<Proxy>,
-    info: ConnInfo,
-    mut tcp: TcpStream,
-) -> Result<(), String> {
-    let start = Instant::now();
-    let start_time = SystemTime::now();
-    let (hello, sni) = read_client_hello(&mut tcp).await?;
+/// Where a TCP connection goes.
+enum Target {
+    Cluster(Arc<ClusterEntry>),
+    /// PassthroughCluster: the original destination (ALLOW_ANY).
+    Original(Arc<ClusterEntry>, SocketAddr),
+}
+
+/// Reports one TCP connection when it ends.
+struct TcpReport<'a> {
+    proxy: &'a Proxy,
+    start: Instant,
+    log: LogEntry,
+}
+
+impl TcpReport<'_> {
+    fn finish(mut self, labels: &TcpLabels, sent: u64, received: u64) {
+        let m = &self.proxy.metrics;
+        m.tcp_opened.get_or_create(labels).inc();
+        m.tcp_received_bytes.get_or_create(labels).inc_by(received);
+        m.tcp_sent_bytes.get_or_create(labels).inc_by(sent);
+        m.tcp_closed.get_or_create(labels).inc();
+        self.log.bytes_received = received;
+        self.log.bytes_sent = sent;
+        self.log.duration = self.start.elapsed().as_millis() as u64;
+        self.proxy.access_log.write(&self.log);
+    }
+}
+
+/// Serves one TLS connection by its SNI: `tls` routes first; with no route
+/// a gateway closes the connection (NR) and a sidecar applies its outbound
+/// traffic policy.
+pub async fn passthrough<S>(proxy: Arc<Proxy>, info: ConnInfo, mut stream: S) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (hello, sni) = read_client_hello(&mut stream).await?;
     let sni = sni.unwrap_or_default();
     let snap = proxy.state.load_full();
-    let listener = snap
+    let route = snap
         .listener(info.listener_port)
-        .ok_or("listener no longer configured")?;
-    let route = TlsRoute::find(&listener.tls_routes, &sni);
+        .and_then(|l| TlsRoute::find(&l.tls_routes, &sni));
     let dest = route.and_then(|r| pick_weighted(&r.destinations, fastrand::f64()));
-    let entry = dest.and_then(|d| snap.clusters.get(d.cluster).cloned().flatten());
-    let cluster_name = dest
-        .and_then(|d| snap.cluster_names.get(d.cluster))
-        .map(|n| n.to_string());
+    let target = dest
+        .and_then(|d| snap.clusters.get(d.cluster).cloned().flatten())
+        .map(Target::Cluster);
+    let route_name = route.map(|r| r.name.to_string());
+    forward(
+        proxy.clone(),
+        &snap,
+        info,
+        stream,
+        hello,
+        &sni,
+        target,
+        route_name,
+    )
+    .await
+}
 
-    let mut log = LogEntry {
-        start_time: Some(start_time),
-        response_flags: "-",
-        downstream_local_address: Some(info.local),
-        downstream_remote_address: Some(info.remote),
-        requested_server_name: (!sni.is_empty()).then(|| sni.clone()),
-        route_name: route.map(|r| r.name.to_string()),
-        upstream_cluster: cluster_name,
-        downstream_peer_uri_san: info.peer.as_deref().map(str::to_owned),
-        ..LogEntry::default()
+/// A plain TCP connection to a port the registry does not know (sidecars):
+/// ALLOW_ANY passes it to the original destination, REGISTRY_ONLY closes it
+/// (BlackHoleCluster).
+pub async fn unmatched<S>(proxy: Arc<Proxy>, info: ConnInfo, stream: S) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let snap = proxy.state.load_full();
+    forward(
+        proxy.clone(),
+        &snap,
+        info,
+        stream,
+        Vec::new(),
+        "",
+        None,
+        None,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward<S>(
+    proxy: Arc<Proxy>,
+    snap: &Snapshot,
+    info: ConnInfo,
+    mut stream: S,
+    hello: Vec<u8>,
+    sni: &str,
+    target: Option<Target>,
+    route_name: Option<String>,
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    let mut report = TcpReport {
+        proxy: &proxy,
+        start,
+        log: LogEntry {
+            start_time: Some(SystemTime::now()),
+            response_flags: "-",
+            downstream_local_address: Some(info.original_dst.unwrap_or(info.local)),
+            downstream_remote_address: Some(info.remote),
+            requested_server_name: (!sni.is_empty()).then(|| sni.to_owned()),
+            route_name,
+            downstream_peer_uri_san: info.peer.as_deref().map(str::to_owned),
+            ..LogEntry::default()
+        },
     };
-    let finish =
-        |proxy: &Proxy, mut log: LogEntry, labels: &TcpLabels, sent: u64, received: u64| {
-            let m = &proxy.metrics;
-            m.tcp_opened.get_or_create(labels).inc();
-            m.tcp_received_bytes.get_or_create(labels).inc_by(received);
-            m.tcp_sent_bytes.get_or_create(labels).inc_by(sent);
-            m.tcp_closed.get_or_create(labels).inc();
-            log.bytes_received = received;
-            log.bytes_sent = sent;
-            log.duration = start.elapsed().as_millis() as u64;
-            proxy.access_log.write(&log);
-        };
+    let received_hello = hello.len() as u64;
 
     let decision = authorize(
         &snap.policies,
@@ -244,43 +313,70 @@ pub async fn passthrough(
             remote_ip: info.remote.ip(),
             destination_ip: info.local.ip(),
             destination_port: info.listener_port,
-            sni: Some(&sni),
+            sni: (!sni.is_empty()).then_some(sni),
             http: None,
         },
     );
+    let target = match (target, snap.outbound, snap.passthrough, info.original_dst) {
+        (Some(t), _, _, _) => t,
+        (None, Some(OutboundMode::AllowAny), Some(i), Some(orig)) => {
+            match snap.clusters.get(i).cloned().flatten() {
+                Some(pt) => Target::Original(pt, orig),
+                None => return Err("no PassthroughCluster".into()),
+            }
+        }
+        (None, outbound, _, _) => {
+            // Gateways: no filter chain for this SNI (NR). Sidecars with
+            // REGISTRY_ONLY: BlackHoleCluster.
+            let (flags, name) = match outbound {
+                Some(_) => ("UH", BLACKHOLE_CLUSTER),
+                None => ("NR", sni),
+            };
+            report.log.response_flags = flags;
+            report.log.upstream_cluster = outbound.map(|_| BLACKHOLE_CLUSTER.to_owned());
+            let labels = tcp_labels(snap, None, name, flags);
+            report.finish(&labels, 0, received_hello);
+            return Err(format!(
+                "no route for port {} SNI \"{sni}\"",
+                info.listener_port
+            ));
+        }
+    };
+    let entry = match &target {
+        Target::Cluster(e) | Target::Original(e, _) => e.clone(),
+    };
+    report.log.upstream_cluster = Some(entry.cluster.name().to_string());
     if let Decision::Deny { .. } = &decision {
-        log.connection_termination_details = decision.response_code_details();
-        let labels = tcp_labels(&snap, entry.as_deref(), &sni, "-");
-        finish(&proxy, log, &labels, 0, hello.len() as u64);
+        report.log.connection_termination_details = decision.response_code_details();
+        let labels = tcp_labels(snap, Some(&entry), sni, "-");
+        report.finish(&labels, 0, received_hello);
         return Err("denied by authorization policy".into());
     }
-    let Some(entry) = entry else {
-        // No filter chain for this SNI: Envoy closes the connection (NR).
-        log.response_flags = "NR";
-        let labels = tcp_labels(&snap, None, &sni, "NR");
-        finish(&proxy, log, &labels, 0, hello.len() as u64);
-        return Err(format!("no tls route for SNI \"{sni}\""));
+    let connected = match &target {
+        Target::Cluster(e) => e.cluster.connect_tcp().await,
+        Target::Original(e, orig) => e.cluster.connect_tcp_to(*orig).await,
     };
-    let (mut upstream, addr): (TcpStream, SocketAddr) = match entry.cluster.connect_tcp().await {
+    let (mut upstream, addr): (TcpStream, SocketAddr) = match connected {
         Ok(x) => x,
         Err(e) => {
-            log.response_flags = e.flag();
-            log.upstream_transport_failure_reason = Some(e.to_string());
-            let labels = tcp_labels(&snap, Some(&entry), &sni, e.flag());
-            finish(&proxy, log, &labels, 0, hello.len() as u64);
+            report.log.response_flags = e.flag();
+            report.log.upstream_transport_failure_reason = Some(e.to_string());
+            let labels = tcp_labels(snap, Some(&entry), sni, e.flag());
+            report.finish(&labels, 0, received_hello);
             return Err(e.to_string());
         }
     };
-    log.upstream_host = Some(addr);
-    log.upstream_local_address = upstream.local_addr().ok();
+    report.log.upstream_host = Some(addr);
+    report.log.upstream_local_address = upstream.local_addr().ok();
     upstream
         .write_all(&hello)
         .await
         .map_err(|e| e.to_string())?;
-    let copied = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
-    let (received, sent) = copied.unwrap_or((0, 0));
-    let labels = tcp_labels(&snap, Some(&entry), &sni, "-");
-    finish(&proxy, log, &labels, sent, received + hello.len() as u64);
+    let (received, sent) = tokio::io::copy_bidirectional(&mut stream, &mut upstream)
+        .await
+        .unwrap_or((0, 0));
+    let labels = tcp_labels(snap, Some(&entry), sni, "-");
+    report.finish(&labels, sent, received + received_hello);
     Ok(())
 }
 

@@ -39,6 +39,9 @@ pub enum Endpoints {
     },
     /// Fixed addresses (STATIC, or a local endpoints map).
     Static(Vec<SocketAddr>),
+    /// Wherever the request's URI points (the PassthroughCluster: the
+    /// original destination, or the host an explicit-proxy client named).
+    FromUri,
 }
 
 /// Request body sent upstream: the downstream body streamed, or a buffered
@@ -186,8 +189,21 @@ struct ClusterCore {
 }
 
 impl ClusterCore {
-    async fn addresses(&self) -> Result<Vec<SocketAddr>, String> {
+    async fn addresses(&self, uri: Option<&http::Uri>) -> Result<Vec<SocketAddr>, String> {
         match &self.endpoints {
+            Endpoints::FromUri => {
+                let uri = uri.ok_or("no destination")?;
+                let host = uri.host().ok_or("no host in the request")?;
+                let port = uri.port_u16().unwrap_or(80);
+                let ips = self.resolver.lookup(host).await.map_err(|e| {
+                    tracing::warn!(cluster = %self.name, host = %host, error = %e, "DNS resolution failed");
+                    e.to_string()
+                })?;
+                Ok(ips
+                    .into_iter()
+                    .map(|ip| SocketAddr::new(ip, port))
+                    .collect())
+            }
             Endpoints::Static(addrs) if addrs.is_empty() => Err("cluster has no endpoints".into()),
             Endpoints::Static(addrs) => Ok(addrs.clone()),
             Endpoints::Dns { names, first_only } => {
@@ -412,11 +428,14 @@ impl tower_service::Service<http::Uri> for Connector {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, _uri: http::Uri) -> Self::Future {
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
             let core = &this.core;
-            let addrs = core.addresses().await.map_err(ConnectError::NoEndpoint)?;
+            let addrs = core
+                .addresses(Some(&uri))
+                .await
+                .map_err(ConnectError::NoEndpoint)?;
             let addr = core
                 .pick(&addrs)
                 .ok_or_else(|| ConnectError::NoEndpoint("no endpoint".into()))?;
@@ -555,12 +574,22 @@ impl Cluster {
     pub async fn connect_tcp(&self) -> Result<(TcpStream, SocketAddr), UpstreamError> {
         let core = &self.core;
         let addrs = core
-            .addresses()
+            .addresses(None)
             .await
             .map_err(UpstreamError::NoHealthyUpstream)?;
         let addr = core
             .pick(&addrs)
             .ok_or_else(|| UpstreamError::NoHealthyUpstream("no endpoint".into()))?;
+        self.connect_tcp_to(addr).await
+    }
+
+    /// Opens a plain TCP connection to one address (the original
+    /// destination, for PassthroughCluster).
+    pub async fn connect_tcp_to(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+        let core = &self.core;
         match tokio::time::timeout(core.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => {
                 let _ = tcp.set_nodelay(true);

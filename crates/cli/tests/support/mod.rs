@@ -9,6 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+pub mod netns;
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_meshgate")
 }
@@ -106,8 +108,15 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(bin())
-            .args(args)
+        let mut argv = vec![bin()];
+        argv.extend_from_slice(args);
+        Proc::spawn_argv(&argv)
+    }
+
+    /// Runs any program (`argv[0]`), e.g. `ip netns exec ... meshgate ...`.
+    pub fn spawn_argv(argv: &[&str]) -> Proc {
+        let mut child = Command::new(argv[0])
+            .args(&argv[1..])
             .env(
                 "RUST_LOG",
                 std::env::var("MESHGATE_TEST_LOG").unwrap_or_else(|_| "info".into()),

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,9 @@ impl Resolver {
         opts.ndots = 0;
         let builder = match server {
             Some(addr) => {
+                // An explicit nameserver is the only source of answers: the
+                // workload's /etc/hosts is not consulted.
+                opts.use_hosts_file = ResolveHosts::Never;
                 let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
                 for c in &mut ns.connections {
                     c.port = addr.port();
