@@ -7,6 +7,7 @@ mod iptables_cmd;
 mod run;
 mod standin_cmd;
 mod table;
+mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,6 +52,9 @@ enum Command {
     /// Stand-ins for external hosts when offline: an HTTPS server with its
     /// own CA (serving /todos/1 like jsonplaceholder) and a DNS server.
     StandIn(standin_cmd::StandinArgs),
+    /// Run the whole system a config describes on this machine: CA,
+    /// gateways, sidecars (with capture) and the workloads' own commands.
+    Up(up::UpArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
         Command::Sidecar(cmd) => run::run(&cmd.proxy, run::ProxyKind::Sidecar, Some(&cmd.sidecar)),
         Command::Iptables(args) => iptables_cmd::run(&args),
         Command::StandIn(args) => standin_cmd::run(&args),
+        Command::Up(args) => up::run(&args),
     };
     match result {
         Ok(code) => code,
@@ -122,7 +127,9 @@ fn main() -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();

@@ -343,7 +343,7 @@ impl Proxy {
                 user_agent: header_string(&parts.headers, "user-agent"),
                 request_id: Some(request_id.clone()),
                 authority: Some(authority.clone()),
-                downstream_local_address: Some(conn.local),
+                downstream_local_address: Some(conn.original_dst.unwrap_or(conn.local)),
                 downstream_remote_address: Some(conn.remote),
                 requested_server_name: conn.sni.as_deref().map(str::to_owned),
                 route_name: route_name.as_deref().map(str::to_owned),
