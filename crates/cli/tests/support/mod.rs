@@ -126,6 +126,8 @@ impl Proc {
             .spawn()
             .expect("meshgate starts");
         let (tx, rx) = mpsc::channel();
+        // Both streams feed `wait_for`; they are also kept apart.
+        let tx_out = tx.clone();
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stdout = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let err = child.stderr.take().unwrap();
@@ -140,7 +142,8 @@ impl Proc {
         let o = stdout.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
-                o.lock().unwrap().push(line);
+                o.lock().unwrap().push(line.clone());
+                let _ = tx_out.send(line);
             }
         });
         Proc {

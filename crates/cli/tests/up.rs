@@ -1,0 +1,272 @@
+//! `meshgate up` end to end, as a user runs it: the seed system (plus a test
+//! overlay with a workload in another namespace) with stand-ins for the
+//! external host, checked through its own output, metrics and namespaces,
+//! then stopped with SIGTERM.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const CURL_ID: &str = "spiffe://cluster.local/ns/curl-external-tst/sa/default";
+
+/// Another namespace's curl loop: the gateway's policy must refuse it.
+const OVERLAY: &str = "apiVersion: v1
+kind: Namespace
+metadata:
+  name: other-tst
+  labels: {istio-injection: enabled}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: other-curl, namespace: other-tst}
+spec:
+  selector: {matchLabels: {app: other-curl}}
+  template:
+    metadata: {labels: {app: other-curl}}
+    spec:
+      containers:
+      - name: curl
+        image: curlimages/curl
+        command: [/bin/sh]
+        args: [-c, 'while true; do curl -s http://jsonplaceholder.typicode.com/todos/1; echo; sleep 5; done']
+";
+
+/// The parts table `up` prints: part → (address, metrics URL, ready URL).
+fn parts_table(lines: &[String]) -> HashMap<String, (String, String, String)> {
+    let mut out = HashMap::new();
+    for l in lines {
+        let Some(rest) = l.strip_prefix("meshgate up") else {
+            continue;
+        };
+        let cols: Vec<&str> = rest
+            .trim_start_matches([' ', '|'])
+            .split_whitespace()
+            .collect();
+        if cols.len() == 5 && cols[3].starts_with("http://") {
+            out.insert(
+                cols[0].to_owned(),
+                (cols[1].to_owned(), cols[3].to_owned(), cols[4].to_owned()),
+            );
+        }
+    }
+    out
+}
+
+fn netns_of(lines: &[String], key: &str) -> Option<String> {
+    lines.iter().find_map(|l| {
+        let rest = l.split(" | netns ").nth(1)?;
+        let (ns, k) = rest.split_once(": ")?;
+        (k == key).then(|| ns.to_owned())
+    })
+}
+
+fn count(lines: &[String], prefix: &str, needle: &str) -> usize {
+    lines
+        .iter()
+        .filter(|l| l.starts_with(prefix) && l.contains(needle))
+        .count()
+}
+
+fn get(url: &str) -> (String, String) {
+    let (body, code, _) = curl(&[url]);
+    (code, body)
+}
+
+#[test]
+fn up_runs_the_seed_system_and_cleans_up() {
+    require_root!();
+    let t = TempDir::new("up");
+    std::fs::write(t.path("overlay.yaml"), OVERLAY).unwrap();
+    let up = Proc::spawn(&["up", &seed(), &t.path("overlay.yaml"), "--stand-in"]);
+    up.wait_for("namespace mode", Duration::from_secs(10));
+    up.wait_for("all parts running", Duration::from_secs(60));
+    let pid = up.child.id();
+
+    // The curl loop prints the JSON within seconds, through the whole chain.
+    up.wait_for("\"title\": \"delectus aut autem\"", Duration::from_secs(15));
+    up.wait_for("RBAC: access denied", Duration::from_secs(15));
+    let lines = up.stdout_lines();
+    assert!(
+        lines.iter().any(|l| l.starts_with("stand-in")
+            && l.contains("stand-in request sni=\"jsonplaceholder.typicode.com\"")),
+        "the stand-in saw TLS with SNI jsonplaceholder.typicode.com from the gateway"
+    );
+    let table = parts_table(&lines);
+    let (_, gw_metrics, gw_ready) = table
+        .get("curl-egress-tst-gateway")
+        .expect("gateway row")
+        .clone();
+    let (_, sc_metrics, sc_ready) = table.get("curl-test-sidecar").expect("sidecar row").clone();
+    for url in [&gw_ready, &sc_ready] {
+        assert_eq!(get(url).0, "200", "{url}");
+    }
+
+    // Counts match the curl runs: poll (bounded) until the metrics have
+    // caught up with the runs printed so far.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (runs, sidecar_200, egress_allow, gateway_200) = loop {
+        let lines = up.stdout_lines();
+        let runs = count(&lines, "curl-test ", "\"title\": \"delectus aut autem\"");
+        let sm = get(&sc_metrics).1;
+        let gm = get(&gw_metrics).1;
+        let sidecar_200 = metric_value(
+            &sm,
+            "istio_requests_total",
+            &[
+                ("reporter", "source"),
+                ("source_workload", "curl-test"),
+                ("source_principal", CURL_ID),
+                ("response_code", "200"),
+            ],
+        )
+        .unwrap_or(0.0) as usize;
+        let egress_allow = metric_value(
+            &gm,
+            "meshgate_egress_requests_total",
+            &[
+                ("source_principal", CURL_ID),
+                ("connection_security_policy", "mutual_tls"),
+                ("decision", "allow"),
+                ("response_code", "200"),
+            ],
+        )
+        .unwrap_or(0.0) as usize;
+        let gateway_200 = metric_value(
+            &gm,
+            "istio_requests_total",
+            &[
+                ("reporter", "source"),
+                ("source_workload", "curl-egress-tst-gateway"),
+                ("destination_service_name", "jsonplaceholder.typicode.com"),
+                ("response_code", "200"),
+            ],
+        )
+        .unwrap_or(0.0) as usize;
+        if runs >= 1 && runs == sidecar_200 && runs == egress_allow && runs == gateway_200 {
+            break (runs, sidecar_200, egress_allow, gateway_200);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "runs {runs}, sidecar {sidecar_200}, gateway egress {egress_allow}, gateway requests {gateway_200}\n{sm}\n{gm}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(runs >= 1 && sidecar_200 == runs && egress_allow == runs && gateway_200 == runs);
+
+    // The other namespace's calls are attributed and denied.
+    let gm = get(&gw_metrics).1;
+    assert!(
+        metric_value(
+            &gm,
+            "meshgate_egress_requests_total",
+            &[
+                (
+                    "source_principal",
+                    "spiffe://cluster.local/ns/other-tst/sa/default"
+                ),
+                ("decision", "deny"),
+                ("response_code", "403")
+            ]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{gm}"
+    );
+    // Both proxies' metrics pass promtool.
+    for url in [&gw_metrics, &sc_metrics] {
+        let (ok, report) = promtool_check(&get(url).1);
+        assert!(ok, "{url}: {report}");
+    }
+
+    // REGISTRY_ONLY: curl-test to an unregistered host gets 502.
+    let ns = netns_of(&lines, "curl-external-tst/curl-test").expect("curl-test's namespace");
+    let (addr, _, _) = table.get("curl-test-sidecar").unwrap().clone();
+    let sink = format!("{}.250", addr.rsplitn(2, '.').nth(1).unwrap());
+    let o = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .args([
+            "--resolve",
+            &format!("unregistered.example.com:80:{sink}"),
+            "http://unregistered.example.com/",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "502");
+
+    // SIGTERM: everything `up` created goes away.
+    let o = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let mut up = up;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match up.child.try_wait().unwrap() {
+            Some(status) => {
+                assert!(status.success(), "up exits 0 on SIGTERM: {status}");
+                break;
+            }
+            None => {
+                assert!(Instant::now() < deadline, "up did not stop");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    let tag = format!("mgup-{pid:x}");
+    let netns = String::from_utf8_lossy(
+        &std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(!netns.contains(&tag), "namespaces left: {netns}");
+    assert!(!std::path::Path::new(&format!("/etc/netns/{tag}-3")).exists());
+    let links = String::from_utf8_lossy(
+        &std::process::Command::new("ip")
+            .args(["link"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        !links.contains(&format!("mgh{pid:x}")),
+        "host veth left: {links}"
+    );
+    let run_dir = std::env::temp_dir().join(format!("meshgate-up-{pid}"));
+    assert!(!run_dir.exists(), "run folder left");
+    let ps = String::from_utf8_lossy(
+        &std::process::Command::new("ps")
+            .args(["-eo", "args"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    let leftovers: Vec<&str> = ps
+        .lines()
+        .filter(|l| {
+            l.contains(&run_dir.to_string_lossy().to_string()) || l.contains("while true; do")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "processes left: {leftovers:?}");
+}
