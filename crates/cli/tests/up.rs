@@ -185,7 +185,7 @@ fn up_runs_the_seed_system_and_cleans_up() {
     // REGISTRY_ONLY: curl-test to an unregistered host gets 502.
     let ns = netns_of(&lines, "curl-external-tst/curl-test").expect("curl-test's namespace");
     let (addr, _, _) = table.get("curl-test-sidecar").unwrap().clone();
-    let sink = format!("{}.250", addr.rsplitn(2, '.').nth(1).unwrap());
+    let sink = format!("{}.250", addr.rsplit_once('.').unwrap().0);
     let o = std::process::Command::new("ip")
         .args([
             "netns",
