@@ -598,3 +598,299 @@ spec:
     );
     drop(rt);
 }
+
+/// A sidecar on loopback, used as an explicit HTTP proxy (`curl -x`).
+fn start_sidecar(t: &TempDir, config: &[&str], gw: &Gateway, extra: &[&str]) -> (Proc, u16) {
+    let ready = t.path("sc-ready.json");
+    let _ = std::fs::remove_file(&ready);
+    std::fs::write(
+        t.path("endpoints"),
+        format!(
+            "curl-egress-tst.curl-egress-tst.svc.cluster.local:80 {}\n",
+            gw.http
+        ),
+    )
+    .unwrap();
+    let o = meshgate(&[
+        "ca",
+        "issue",
+        "--dir",
+        &t.path("ca"),
+        "--spiffe-id",
+        CURL_ID,
+        "--out",
+        &t.path("sc-certs"),
+    ]);
+    assert!(o.status.success());
+    let mut args = vec!["sidecar"];
+    for c in config {
+        args.extend(["--config", c]);
+    }
+    let (certs, endpoints) = (t.path("sc-certs"), t.path("endpoints"));
+    args.extend([
+        "--workload",
+        "curl-external-tst/curl-test",
+        "--cert-dir",
+        &certs,
+        "--endpoints",
+        &endpoints,
+        "--outbound-address",
+        "127.0.0.1",
+        "--outbound-port",
+        "0",
+        "--admin-address",
+        "127.0.0.1",
+        "--admin-port",
+        "0",
+        "--prometheus-port",
+        "0",
+        "--health-port",
+        "0",
+        "--ready-file",
+        &ready,
+    ]);
+    args.extend(extra);
+    let proc = Proc::spawn(&args);
+    proc.wait_for("sidecar running", Duration::from_secs(20));
+    let mut port = None;
+    for _ in 0..100 {
+        if let Ok(text) = std::fs::read_to_string(&ready) {
+            let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+            port = json["listeners"][0]["address"]
+                .as_str()
+                .map(|a| a.parse::<SocketAddr>().unwrap().port());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (proc, port.expect("sidecar ready file"))
+}
+
+#[test]
+fn explicit_proxy_and_connect_through_the_sidecar() {
+    require_root!();
+    let t = setup("gw-explicit");
+    std::fs::write(
+        t.path("api.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: curl-external-tst}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: DNS\n",
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ca = StandinCa::new("stand-in CA").unwrap();
+    std::fs::write(t.path("standin-ca.pem"), &ca.root_pem).unwrap();
+    let ip = loopback_ip();
+    let tls = ca
+        .server_config(&[HOST.to_owned(), "api.example.com".to_owned()])
+        .unwrap();
+    let seen = Seen::default();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(SocketAddr::new(ip, 443)))
+        .unwrap();
+    rt.spawn(standin::serve_https(listener, tls, seen.clone()));
+    let mut zone = DnsZone::default();
+    zone.insert(HOST, ip);
+    zone.insert("api.example.com", ip);
+    let dns = rt
+        .block_on(standin::serve_dns("127.0.0.1:0".parse().unwrap(), zone))
+        .unwrap()
+        .to_string();
+    let (seed_dir, api) = (seed(), t.path("api.yaml"));
+    let config = [seed_dir.as_str(), api.as_str()];
+    let gw = start_gateway(
+        &t,
+        &config,
+        &[
+            "--dns-server",
+            &dns,
+            "--extra-roots",
+            &t.path("standin-ca.pem"),
+        ],
+    );
+    let (sidecar, port) = start_sidecar(&t, &config, &gw, &["--dns-server", &dns]);
+    let proxy = format!("http://127.0.0.1:{port}");
+
+    // Absolute-form HTTP through the sidecar, then mTLS to the gateway.
+    let (body, code, _) = curl(&["-x", &proxy, &format!("http://{HOST}/todos/1")]);
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("200", standin::TODO_1),
+        "{}",
+        sidecar.log.lock().unwrap().join("\n")
+    );
+    // REGISTRY_ONLY answers 502 for unknown hosts, without resolving them.
+    let (_, code, _) = curl(&["-x", &proxy, "http://unregistered.example.com/"]);
+    assert_eq!(code, "502");
+    // CONNECT to a registered TLS host: the tunnel goes out by SNI.
+    let (body, code, _) = curl(&[
+        "-x",
+        &proxy,
+        "--cacert",
+        &t.path("standin-ca.pem"),
+        "https://api.example.com/todos/1",
+    ]);
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("200", standin::TODO_1),
+        "{}",
+        sidecar.log.lock().unwrap().join("\n")
+    );
+    assert!(
+        seen.all()
+            .iter()
+            .any(|r| r.sni.as_deref() == Some("api.example.com"))
+    );
+    // CONNECT to an unregistered host is refused.
+    let (_, code, exit) = curl(&["-x", &proxy, "https://unregistered.example.com/"]);
+    assert_ne!(exit, 0, "no tunnel");
+    assert!(code == "000" || code == "502", "{code}");
+    drop(rt);
+}
+
+#[test]
+fn gateway_routing_features_and_https_termination() {
+    require_root!();
+    let t = setup("gw-routing");
+    // A server certificate for an HTTPS Gateway server (SIMPLE termination).
+    let server_ca = StandinCa::new("gateway server CA").unwrap();
+    let (cert_pem, key_pem) = server_ca
+        .server_cert_pem(&["tools.example.com".to_owned()])
+        .unwrap();
+    std::fs::write(t.path("tools-cert.pem"), cert_pem).unwrap();
+    std::fs::write(t.path("tools-key.pem"), key_pem).unwrap();
+    std::fs::write(t.path("tools-ca.pem"), &server_ca.root_pem).unwrap();
+    std::fs::write(
+        t.path("tools.yaml"),
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: tools, namespace: curl-egress-tst}}
+spec:
+  selector: {{istio: egressgateway}}
+  servers:
+  - port: {{number: 80, name: http-tools, protocol: HTTP}}
+    hosts: [tools.example.com]
+  - port: {{number: 8443, name: https-tools, protocol: HTTPS}}
+    hosts: [tools.example.com]
+    tls: {{mode: SIMPLE, serverCertificate: {cert}, privateKey: {key}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: tools, namespace: curl-egress-tst}}
+spec:
+  hosts: [tools.example.com]
+  gateways: [tools]
+  http:
+  - match: [{{uri: {{exact: /old}}}}]
+    redirect: {{uri: /new, redirectCode: 302}}
+  - match: [{{uri: {{prefix: /teapot}}}}]
+    directResponse: {{status: 418, body: {{string: short and stout}}}}
+    headers: {{response: {{set: {{x-tools: teapot}}}}}}
+  - match: [{{uri: {{prefix: /fault}}}}]
+    fault: {{abort: {{httpStatus: 503, percentage: {{value: 100}}}}}}
+    route: [{{destination: {{host: jsonplaceholder.typicode.com, port: {{number: 443}}}}}}]
+  - match: [{{uri: {{prefix: /api}}}}]
+    rewrite: {{uri: /todos}}
+    route: [{{destination: {{host: jsonplaceholder.typicode.com, port: {{number: 443}}}}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: tools-open, namespace: curl-egress-tst}}
+spec:
+  selector: {{matchLabels: {{istio: egressgateway}}}}
+  rules: [{{to: [{{operation: {{hosts: ['tools.example.com*']}}}}]}}]
+",
+            cert = t.path("tools-cert.pem"),
+            key = t.path("tools-key.pem")
+        ),
+    )
+    .unwrap();
+    let w = world(&t, &[HOST]);
+    let gw = start_gateway(
+        &t,
+        &[&seed(), &t.path("tools.yaml")],
+        &[
+            "--dns-server",
+            &w.dns.to_string(),
+            "--extra-roots",
+            &w.ca_file,
+            "--port",
+            "8443=0",
+        ],
+    );
+    let port = gw.http.port();
+    let get = |path: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--resolve".to_owned(),
+            format!("tools.example.com:{port}:127.0.0.1"),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args.push(format!("http://tools.example.com:{port}{path}"));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl(&refs)
+    };
+    let (_, code, _) = get("/old", &[]);
+    assert_eq!(code, "302");
+    let (body, code, _) = get("/teapot", &[]);
+    assert_eq!((code.as_str(), body.as_str()), ("418", "short and stout"));
+    let (body, code, _) = get("/fault", &[]);
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("503", "fault filter abort")
+    );
+    let (body, code, _) = get("/api/1", &[]);
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("200", standin::TODO_1),
+        "rewrite /api → /todos"
+    );
+    assert_eq!(w.seen.all().last().unwrap().path, "/todos/1");
+    let (_, code, _) = get("/nothing", &[]);
+    assert_eq!(code, "404", "no rule matches: NR");
+
+    // The HTTPS server terminates TLS with its own certificate.
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("gw-ready.json")).unwrap()).unwrap();
+    let https_port = json["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["port"] == 8443)
+        .unwrap()["address"]
+        .as_str()
+        .unwrap()
+        .parse::<SocketAddr>()
+        .unwrap()
+        .port();
+    let (body, code, _) = curl(&[
+        "--cacert",
+        &t.path("tools-ca.pem"),
+        "--resolve",
+        &format!("tools.example.com:{https_port}:127.0.0.1"),
+        &format!("https://tools.example.com:{https_port}/teapot"),
+    ]);
+    assert_eq!((code.as_str(), body.as_str()), ("418", "short and stout"));
+
+    let text = http_get(gw.prometheus, "/stats/prometheus");
+    assert_eq!(
+        metric_value(
+            &text,
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "FI")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "istio_requests_total",
+            &[("response_code", "404"), ("response_flags", "NR")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}

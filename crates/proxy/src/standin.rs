@@ -95,6 +95,21 @@ impl StandinCa {
         ))
     }
 
+    /// A server certificate and key for these DNS names, as PEM (for files
+    /// a Gateway's `serverCertificate`/`privateKey` point at).
+    pub fn server_cert_pem(&self, names: &[String]) -> Result<(String, String), StandinError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rc)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| Ok(SanType::DnsName(n.as_str().try_into().map_err(rc)?)))
+            .collect::<Result<_, StandinError>>()?;
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.issuer).map_err(rc)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
     /// A TLS server config presenting a certificate for `names`.
     pub fn server_config(&self, names: &[String]) -> Result<Arc<ServerConfig>, StandinError> {
         let (chain, key) = self.server_cert(names)?;

@@ -660,3 +660,108 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn core(lb: SimpleLb, outlier: Option<Outlier>) -> ClusterCore {
+        ClusterCore {
+            name: Arc::from("c"),
+            endpoints: Endpoints::Static(Vec::new()),
+            resolver: Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
+            tls: None,
+            connect_timeout: Duration::from_secs(1),
+            lb,
+            outlier,
+            rr: AtomicU32::new(0),
+            state: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn addrs() -> Vec<SocketAddr> {
+        (1..=3)
+            .map(|i| SocketAddr::from(([127, 0, 0, i], 80)))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn round_robin_cycles() {
+        let c = core(SimpleLb::RoundRobin, None);
+        let a = addrs();
+        let picked: Vec<SocketAddr> = (0..6).map(|_| c.pick(&a).unwrap()).collect();
+        assert_eq!(picked, [a[0], a[1], a[2], a[0], a[1], a[2]]);
+    }
+
+    #[tokio::test]
+    async fn least_request_prefers_the_idle_endpoint() {
+        let c = core(SimpleLb::LeastRequest, None);
+        let a = addrs()[..2].to_vec();
+        c.track(a[0], 5);
+        // Two random choices: whenever both are seen, the idle one wins.
+        let idle = (0..50).filter(|_| c.pick(&a) == Some(a[1])).count();
+        assert!(
+            idle > 15,
+            "{idle}/50: the idle endpoint wins about 3 times in 4"
+        );
+    }
+
+    #[tokio::test]
+    async fn outlier_detection_ejects_after_consecutive_errors() {
+        let od = Outlier {
+            consecutive_5xx: Some(3),
+            consecutive_gateway: None,
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: 100,
+        };
+        let c = core(SimpleLb::RoundRobin, Some(od));
+        let a = addrs();
+        for _ in 0..2 {
+            c.observe(a[0], 500);
+        }
+        c.observe(a[0], 200); // a success resets the count
+        for _ in 0..3 {
+            c.observe(a[0], 503);
+        }
+        let picked: Vec<SocketAddr> = (0..6).filter_map(|_| c.pick(&a)).collect();
+        assert!(
+            !picked.contains(&a[0]),
+            "ejected endpoint still picked: {picked:?}"
+        );
+        for x in &a[1..] {
+            for _ in 0..3 {
+                c.observe(*x, 500);
+            }
+        }
+        // Everything ejected: Envoy's panic mode routes to all.
+        assert!(c.pick(&a).is_some());
+    }
+
+    #[tokio::test]
+    async fn circuit_breaker_overflows_with_uo() {
+        let cluster = Cluster::new(
+            ClusterSettings {
+                name: Arc::from("c"),
+                endpoints: Endpoints::Static(addrs()),
+                tls: None,
+                h2: false,
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(1),
+                max_requests_per_connection: None,
+                max_in_flight: 0,
+                lb: SimpleLb::RoundRobin,
+                outlier: None,
+            },
+            Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
+        );
+        let err = cluster
+            .send(Request::new(UpstreamBody::Empty))
+            .await
+            .unwrap_err();
+        assert_eq!(err.flag(), "UO");
+        assert_eq!(
+            err.to_string(),
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+        );
+    }
+}
