@@ -329,6 +329,8 @@ impl Runner {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            // Marks every process `up` starts, so leftovers can be found.
+            .env("MESHGATE_UP", std::process::id().to_string())
             .process_group(0)
             .kill_on_drop(true);
         for (k, v) in env {

@@ -254,19 +254,19 @@ fn up_runs_the_seed_system_and_cleans_up() {
     );
     let run_dir = std::env::temp_dir().join(format!("meshgate-up-{pid}"));
     assert!(!run_dir.exists(), "run folder left");
-    let ps = String::from_utf8_lossy(
-        &std::process::Command::new("ps")
-            .args(["-eo", "args"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .into_owned();
-    let leftovers: Vec<&str> = ps
-        .lines()
-        .filter(|l| {
-            l.contains(&run_dir.to_string_lossy().to_string()) || l.contains("while true; do")
-        })
-        .collect();
+    // Every process `up` starts carries MESHGATE_UP=<its pid>.
+    let marker = format!("MESHGATE_UP={pid}\0");
+    let mut leftovers = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(env) = std::fs::read(e.path().join("environ"))
+            && String::from_utf8_lossy(&env).contains(&marker)
+        {
+            leftovers.push(
+                std::fs::read_to_string(e.path().join("cmdline"))
+                    .unwrap_or_default()
+                    .replace('\0', " "),
+            );
+        }
+    }
     assert!(leftovers.is_empty(), "processes left: {leftovers:?}");
 }

@@ -699,27 +699,14 @@ fn sidecar_tls_routes(
                 if sni.is_empty() {
                     continue;
                 }
-                let single = rule.route.len() == 1;
-                let dests = rule
-                    .route
-                    .iter()
-                    .map(|rd| {
-                        let host = resolve_host(&rd.destination.host, &vs.meta.namespace, mesh);
-                        let dport = destination_port(
-                            registry,
-                            &w.namespace,
-                            &host,
-                            rd.destination.port.map(|p| p.number),
-                            port,
-                        );
-                        RouteDestination {
-                            host,
-                            port: dport,
-                            subset: rd.destination.subset.clone(),
-                            weight: if single { 100 } else { rd.weight.unwrap_or(0) },
-                        }
-                    })
-                    .collect();
+                let dests = route_destinations(
+                    registry,
+                    mesh,
+                    w,
+                    &vs.meta.namespace,
+                    rule.route.iter().map(|rd| (&rd.destination, rd.weight)),
+                    port,
+                );
                 hosts.extend(sni.iter().cloned());
                 routes.push(RouteView {
                     listener_port: port,
@@ -850,28 +837,46 @@ fn route_action(
             virtual_service: format!("{ns}/{}", d.name),
         };
     }
-    let single = rule.route.len() == 1;
-    RouteAction::Route(
-        rule.route
-            .iter()
-            .map(|rd| {
-                let host = resolve_host(&rd.destination.host, &vs.meta.namespace, mesh);
-                let port = destination_port(
-                    registry,
-                    &w.namespace,
-                    &host,
-                    rd.destination.port.map(|p| p.number),
-                    listener_port,
-                );
-                RouteDestination {
-                    host,
-                    port,
-                    subset: rd.destination.subset.clone(),
-                    weight: if single { 100 } else { rd.weight.unwrap_or(0) },
-                }
-            })
-            .collect(),
-    )
+    RouteAction::Route(route_destinations(
+        registry,
+        mesh,
+        w,
+        &vs.meta.namespace,
+        rule.route.iter().map(|rd| (&rd.destination, rd.weight)),
+        listener_port,
+    ))
+}
+
+/// A rule's destinations with hosts resolved (short names relative to the
+/// VirtualService's namespace), ports chosen, and weights normalised (a
+/// single destination gets all the traffic).
+fn route_destinations<'a>(
+    registry: &Registry,
+    mesh: &MeshSettings,
+    w: &Workload,
+    vs_namespace: &str,
+    route: impl ExactSizeIterator<Item = (&'a crate::model::networking::Destination, Option<u32>)>,
+    listener_port: u32,
+) -> Vec<RouteDestination> {
+    let single = route.len() == 1;
+    route
+        .map(|(d, weight)| {
+            let host = resolve_host(&d.host, vs_namespace, mesh);
+            let port = destination_port(
+                registry,
+                &w.namespace,
+                &host,
+                d.port.map(|p| p.number),
+                listener_port,
+            );
+            RouteDestination {
+                host,
+                port,
+                subset: d.subset.clone(),
+                weight: if single { 100 } else { weight.unwrap_or(0) },
+            }
+        })
+        .collect()
 }
 
 /// Destination port: the explicit one, else the service's only port, else
@@ -1008,27 +1013,14 @@ fn gateway_tls_routes(
             if sni.is_empty() {
                 continue;
             }
-            let single = rule.route.len() == 1;
-            let dests = rule
-                .route
-                .iter()
-                .map(|rd| {
-                    let host = resolve_host(&rd.destination.host, &vs.meta.namespace, mesh);
-                    let dport = destination_port(
-                        registry,
-                        &w.namespace,
-                        &host,
-                        rd.destination.port.map(|p| p.number),
-                        port,
-                    );
-                    RouteDestination {
-                        host,
-                        port: dport,
-                        subset: rd.destination.subset.clone(),
-                        weight: if single { 100 } else { rd.weight.unwrap_or(0) },
-                    }
-                })
-                .collect();
+            let dests = route_destinations(
+                registry,
+                mesh,
+                w,
+                &vs.meta.namespace,
+                rule.route.iter().map(|rd| (&rd.destination, rd.weight)),
+                port,
+            );
             routes.push(RouteView {
                 listener_port: port,
                 host: sni[0].clone(),

@@ -20,7 +20,7 @@ use meshgate_telemetry::{AccessLog, EgressLabels, IstioLabels, LogEntry, Metrics
 
 use crate::authz::{AuthzRequest, Decision, HttpAttributes, authorize};
 use crate::route::{Action, RequestView, Routed, pick_weighted};
-use crate::state::{ClusterEntry, Snapshot, unknown};
+use crate::state::{Snapshot, unknown};
 use crate::upstream::{UpstreamBody, UpstreamError};
 
 /// What a listener knows about the connection a request came on.
@@ -402,8 +402,7 @@ impl Proxy {
             e.upstream_transport_failure_reason = outcome.transport_failure.clone();
             e.upstream_service_time = outcome.upstream.map(|_| start.elapsed().as_millis() as u64);
         }
-        let labels = self.labels(
-            &snap,
+        let labels = snap.istio_labels(
             entry_for.as_deref(),
             if blocked {
                 crate::state::BLACKHOLE_CLUSTER
@@ -444,62 +443,6 @@ impl Proxy {
                 }),
             },
         )
-    }
-
-    fn labels(
-        &self,
-        snap: &Snapshot,
-        cluster: Option<&ClusterEntry>,
-        authority: &str,
-        code: u16,
-        flags: &'static str,
-        protocol: &'static str,
-    ) -> IstioLabels {
-        let s = &snap.source;
-        let (dw, service, service_name, service_ns) = match cluster {
-            Some(c) => (
-                c.labels.workload.clone(),
-                c.labels.service.clone(),
-                c.labels.service_name.clone(),
-                c.labels.service_namespace.clone(),
-            ),
-            None => {
-                let host: Lv = Arc::from(host_only(authority));
-                (
-                    crate::state::WorkloadLabels::unknown(),
-                    host.clone(),
-                    host,
-                    unknown(),
-                )
-            }
-        };
-        IstioLabels {
-            reporter: "source",
-            source_workload: s.workload.clone(),
-            source_canonical_service: s.canonical_service.clone(),
-            source_canonical_revision: s.canonical_revision.clone(),
-            source_workload_namespace: s.namespace.clone(),
-            source_principal: s.principal.clone(),
-            source_app: s.app.clone(),
-            source_version: s.version.clone(),
-            source_cluster: s.cluster.clone(),
-            destination_workload: dw.workload,
-            destination_workload_namespace: dw.namespace,
-            destination_principal: dw.principal,
-            destination_app: dw.app,
-            destination_version: dw.version,
-            destination_service: service,
-            destination_canonical_service: dw.canonical_service,
-            destination_canonical_revision: dw.canonical_revision,
-            destination_service_name: service_name,
-            destination_service_namespace: service_ns,
-            destination_cluster: dw.cluster,
-            request_protocol: protocol,
-            response_code: code,
-            grpc_response_status: "",
-            response_flags: flags,
-            connection_security_policy: "unknown",
-        }
     }
 
     #[allow(clippy::too_many_arguments)]

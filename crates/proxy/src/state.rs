@@ -504,6 +504,64 @@ impl Snapshot {
         })
     }
 
+    /// Istio's labels for one request or connection this proxy reports
+    /// (`reporter="source"`: the proxy's workload is the source). Without a
+    /// cluster the destination is named after `host` (or `unknown`).
+    pub fn istio_labels(
+        &self,
+        cluster: Option<&ClusterEntry>,
+        host: &str,
+        code: u16,
+        flags: &'static str,
+        protocol: &'static str,
+    ) -> meshgate_telemetry::IstioLabels {
+        let s = &self.source;
+        let (dw, service, service_name, service_ns) = match cluster {
+            Some(c) => (
+                c.labels.workload.clone(),
+                c.labels.service.clone(),
+                c.labels.service_name.clone(),
+                c.labels.service_namespace.clone(),
+            ),
+            None => {
+                let host = crate::route::split_host_port(host).0;
+                let host: Lv = if host.is_empty() {
+                    unknown()
+                } else {
+                    Arc::from(host)
+                };
+                (WorkloadLabels::unknown(), host.clone(), host, unknown())
+            }
+        };
+        meshgate_telemetry::IstioLabels {
+            reporter: "source",
+            source_workload: s.workload.clone(),
+            source_canonical_service: s.canonical_service.clone(),
+            source_canonical_revision: s.canonical_revision.clone(),
+            source_workload_namespace: s.namespace.clone(),
+            source_principal: s.principal.clone(),
+            source_app: s.app.clone(),
+            source_version: s.version.clone(),
+            source_cluster: s.cluster.clone(),
+            destination_workload: dw.workload,
+            destination_workload_namespace: dw.namespace,
+            destination_principal: dw.principal,
+            destination_app: dw.app,
+            destination_version: dw.version,
+            destination_service: service,
+            destination_canonical_service: dw.canonical_service,
+            destination_canonical_revision: dw.canonical_revision,
+            destination_service_name: service_name,
+            destination_service_namespace: service_ns,
+            destination_cluster: dw.cluster,
+            request_protocol: protocol,
+            response_code: code,
+            grpc_response_status: "",
+            response_flags: flags,
+            connection_security_policy: "unknown",
+        }
+    }
+
     pub fn listener(&self, port: u16) -> Option<&ListenerState> {
         self.listeners.iter().find(|l| l.port == port)
     }

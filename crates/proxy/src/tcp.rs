@@ -8,15 +8,15 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use meshgate_config::model::networking::OutboundMode;
+use meshgate_telemetry::LogEntry;
 use meshgate_telemetry::metrics::TcpLabels;
-use meshgate_telemetry::{IstioLabels, LogEntry};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::authz::{AuthzRequest, Decision, authorize};
 use crate::proxy::{ConnInfo, Proxy};
 use crate::route::pick_weighted;
-use crate::state::{BLACKHOLE_CLUSTER, ClusterEntry, Snapshot, TlsRoute, WorkloadLabels, unknown};
+use crate::state::{BLACKHOLE_CLUSTER, ClusterEntry, Snapshot, TlsRoute};
 
 /// A TLS record is at most 16 KiB plus its 5-byte header.
 const MAX_HELLO: usize = 16 * 1024 + 5;
@@ -148,50 +148,10 @@ pub async fn read_client_hello<S: AsyncRead + Unpin>(
 fn tcp_labels(
     snap: &Snapshot,
     cluster: Option<&ClusterEntry>,
-    sni: &str,
+    host: &str,
     flags: &'static str,
 ) -> TcpLabels {
-    let s = &snap.source;
-    let (dw, service, name, ns) = match cluster {
-        Some(c) => (
-            c.labels.workload.clone(),
-            c.labels.service.clone(),
-            c.labels.service_name.clone(),
-            c.labels.service_namespace.clone(),
-        ),
-        None => {
-            let host: Arc<str> = Arc::from(if sni.is_empty() { "unknown" } else { sni });
-            (WorkloadLabels::unknown(), host.clone(), host, unknown())
-        }
-    };
-    let l = IstioLabels {
-        reporter: "source",
-        source_workload: s.workload.clone(),
-        source_canonical_service: s.canonical_service.clone(),
-        source_canonical_revision: s.canonical_revision.clone(),
-        source_workload_namespace: s.namespace.clone(),
-        source_principal: s.principal.clone(),
-        source_app: s.app.clone(),
-        source_version: s.version.clone(),
-        source_cluster: s.cluster.clone(),
-        destination_workload: dw.workload,
-        destination_workload_namespace: dw.namespace,
-        destination_principal: dw.principal,
-        destination_app: dw.app,
-        destination_version: dw.version,
-        destination_service: service,
-        destination_canonical_service: dw.canonical_service,
-        destination_canonical_revision: dw.canonical_revision,
-        destination_service_name: name,
-        destination_service_namespace: ns,
-        destination_cluster: dw.cluster,
-        request_protocol: "tcp",
-        response_code: 0,
-        grpc_response_status: "",
-        response_flags: flags,
-        connection_security_policy: "unknown",
-    };
-    TcpLabels::from(&l)
+    TcpLabels::from(&snap.istio_labels(cluster, host, 0, flags, "tcp"))
 }
 
 /// Where a TCP connection goes.
