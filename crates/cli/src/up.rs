@@ -472,6 +472,10 @@ async fn up(
         }
     };
     let tag = format!("{:x}", std::process::id());
+    // Reaching the real external hosts needs the host's own network: then
+    // the egress gateway (the one exit) runs in the host namespace, on the
+    // bridge, while workloads stay isolated behind their sidecars.
+    let gateway_in_host = mode == Mode::Namespaces && !args.stand_in;
     let hub = format!("mgup-{tag}");
     let host_ip = addr_of(1);
 
@@ -493,7 +497,9 @@ async fn up(
         netns_exec(&hub, &["ip", "link", "set", "hostp", "master", "br0"])?;
         netns_exec(&hub, &["ip", "link", "set", "hostp", "up"])?;
         let mut parts: Vec<String> = vec!["stand-in".into()];
-        parts.extend(plan.gateways.iter().map(|g| g.0.clone()));
+        if !gateway_in_host {
+            parts.extend(plan.gateways.iter().map(|g| g.0.clone()));
+        }
         parts.extend(plan.sidecars.iter().map(|g| g.0.clone()));
         for (host, (i, key)) in (2u8..).zip(parts.iter().enumerate()) {
             let ns = format!("mgup-{tag}-{i}");
@@ -621,7 +627,11 @@ async fn up(
         }
     }
     // Gateways' addresses, for the Services that select them.
-    let gateway_addr = |key: &str| ns_of(key).map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |x| x.1);
+    let gateway_addr = |key: &str| match ns_of(key) {
+        Some((_, a)) => a,
+        None if gateway_in_host => host_ip,
+        None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+    };
     for (fqdn, selected, _) in &plan.services {
         if let Some(g) = selected
             .iter()
@@ -657,11 +667,12 @@ async fn up(
     for (key, name, spiffe) in &plan.gateways {
         let (ns, a) = match ns_of(key) {
             Some((ns, a)) => (Some(ns), a),
+            None if gateway_in_host => (None, host_ip),
             None => (None, IpAddr::V4(Ipv4Addr::LOCALHOST)),
         };
-        let (admin, prom, health, http) = match ns {
-            Some(_) => (15020, 15090, 15021, HTTP_PORT),
-            None => (free_port()?, free_port()?, free_port()?, free_port()?),
+        let (admin, prom, health, http) = match (&ns, gateway_in_host) {
+            (Some(_), _) | (None, true) => (15020, 15090, 15021, HTTP_PORT),
+            (None, false) => (free_port()?, free_port()?, free_port()?, free_port()?),
         };
         gateway_ports.insert(key.clone(), http);
         let mut argv = vec![bin.clone(), "gateway".into()];

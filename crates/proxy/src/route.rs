@@ -266,7 +266,9 @@ pub struct RetryPolicy {
 
 impl RetryPolicy {
     /// Istio's default when a route sets no `retries`: 2 attempts on
-    /// connect-failure, refused-stream, unavailable (503), cancelled.
+    /// connect-failure, refused-stream, unavailable, cancelled. The last two
+    /// are gRPC status conditions (`x-envoy-retry-grpc-on`), so a plain HTTP
+    /// 503 is not retried.
     pub fn istio_default() -> Self {
         RetryPolicy {
             attempts: 2,
@@ -276,7 +278,7 @@ impl RetryPolicy {
             on_5xx: false,
             on_gateway_error: false,
             on_reset: false,
-            status_codes: vec![503],
+            status_codes: Vec::new(),
             backoff: Duration::from_millis(25),
         }
     }
@@ -308,7 +310,10 @@ impl RetryPolicy {
                 "5xx" => p.on_5xx = true,
                 "gateway-error" => p.on_gateway_error = true,
                 "reset" | "reset-before-request" => p.on_reset = true,
-                "unavailable" => p.status_codes.push(503),
+                // gRPC status conditions: meshgate does not read grpc-status
+                // yet, so these never retry an HTTP response.
+                "unavailable" | "cancelled" | "deadline-exceeded" | "internal"
+                | "resource-exhausted" => {}
                 n => {
                     if let Ok(code) = n.parse::<u16>() {
                         p.status_codes.push(code);
