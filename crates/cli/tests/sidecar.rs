@@ -454,7 +454,7 @@ fn tls_from_the_app_is_routed_by_sni() {
         false,
         &[(
             "api-serviceentry.yaml",
-            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: curl-external-tst}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: DNS\n",
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: curl-external-tst}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: plain-tcp, namespace: curl-external-tst}\nspec:\n  hosts: [plain.example.com]\n  ports: [{number: 8080, name: tcp, protocol: TCP}]\n  resolution: NONE\n",
         )],
     );
     let w = world(

@@ -663,6 +663,40 @@ fn sidecar_routes(
         });
     }
     sidecar_tls_routes(registry, mesh, w, &services, &mesh_vs, listeners, routes);
+    // Plain TCP ports of registered services: known to the mesh, so
+    // REGISTRY_ONLY lets them through (to the original destination).
+    let mut tcp_ports: BTreeSet<u32> = BTreeSet::new();
+    for s in &services {
+        tcp_ports.extend(
+            s.ports
+                .iter()
+                .filter(|p| {
+                    !p.protocol.is_http() && !p.protocol.is_tls() && p.protocol != Protocol::Udp
+                })
+                .map(|p| p.number),
+        );
+    }
+    for port in tcp_ports {
+        if listeners.iter().any(|l| l.port == port) {
+            continue;
+        }
+        let hosts = services
+            .iter()
+            .filter(|s| s.port(port).is_some())
+            .map(|s| s.hostname.clone())
+            .collect();
+        listeners.push(Listener {
+            port,
+            bind_port: OUTBOUND_CAPTURE_PORT,
+            protocol: Protocol::Tcp,
+            hosts,
+            tls: "none".to_owned(),
+            origin: format!(
+                "0.0.0.0_{port} TCP (via virtualOutbound, to the original destination)"
+            ),
+            server_tls: None,
+        });
+    }
 }
 
 /// TLS ports (HTTPS/TLS service ports): VirtualService `tls` rules bound to

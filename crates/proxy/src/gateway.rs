@@ -7,8 +7,7 @@ use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use meshgate_identity::WorkloadIdentity;
 use meshgate_identity::tls::{handshake_error_reason, mesh_server_config, peer_identity};
 use tokio::net::{TcpListener, TcpStream};
@@ -192,7 +191,7 @@ where
         let (proxy, info) = (proxy.clone(), info.clone());
         async move { Ok::<_, Infallible>(proxy.handle(&info, req).await) }
     });
-    auto::Builder::new(TokioExecutor::new())
+    crate::proxy::http_server()
         .serve_connection(io, svc)
         .await
         .map_err(|e| e.to_string())

@@ -759,5 +759,15 @@ fn host_only(authority: &str) -> &str {
     crate::route::split_host_port(authority).0
 }
 
+/// The downstream HTTP server (HTTP/1.1 and HTTP/2, TLS or h2c). A timer
+/// makes hyper enforce its header read timeout (30s), so a client that
+/// never finishes its headers cannot hold a connection forever.
+pub fn http_server() -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
+    let mut b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    b.http1().timer(hyper_util::rt::TokioTimer::new());
+    b.http2().timer(hyper_util::rt::TokioTimer::new());
+    b
+}
+
 /// How long to wait for a client's first bytes before giving up.
 pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(15);

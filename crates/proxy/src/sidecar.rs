@@ -15,8 +15,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::proxy::{ConnInfo, FIRST_BYTE_TIMEOUT, Proxy, ProxyBody, ReportedBody};
@@ -74,13 +73,21 @@ async fn connection(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr) -> Re
     if info.explicit {
         return serve_http(proxy, info, tcp).await;
     }
-    let (http_port, tls_port) = {
+    let (http_port, tls_port, tcp_port) = {
         let snap = proxy.state.load();
         match snap.listener(info.listener_port) {
-            Some(l) => (!l.routes.vhosts.is_empty(), !l.tls_routes.is_empty()),
-            None => (false, false),
+            Some(l) => (
+                !l.routes.vhosts.is_empty(),
+                !l.tls_routes.is_empty(),
+                l.protocol == meshgate_config::registry::Protocol::Tcp,
+            ),
+            None => (false, false, false),
         }
     };
+    if tcp_port {
+        // A TCP port of a registered service: to the original destination.
+        return crate::tcp::registered(proxy, info, tcp).await;
+    }
     if !http_port && !tls_port {
         // No listener for this port in the mesh config.
         return crate::tcp::unmatched(proxy, info, tcp).await;
@@ -113,7 +120,7 @@ async fn serve_http(proxy: Arc<Proxy>, info: ConnInfo, tcp: TcpStream) -> Result
             Ok(proxy.handle(&info, req).await)
         }
     });
-    auto::Builder::new(TokioExecutor::new())
+    crate::proxy::http_server()
         .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
         .await
         .map_err(|e| e.to_string())

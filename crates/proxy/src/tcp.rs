@@ -234,6 +234,35 @@ where
     .await
 }
 
+/// A plain TCP connection to a port of a registered service (sidecars):
+/// forwarded to the original destination whatever the outbound policy.
+pub async fn registered<S>(proxy: Arc<Proxy>, info: ConnInfo, stream: S) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let snap = proxy.state.load_full();
+    let target = match (snap.passthrough, info.original_dst) {
+        (Some(i), Some(orig)) => snap
+            .clusters
+            .get(i)
+            .cloned()
+            .flatten()
+            .map(|pt| Target::Original(pt, orig)),
+        _ => None,
+    };
+    forward(
+        proxy.clone(),
+        &snap,
+        info,
+        stream,
+        Vec::new(),
+        "",
+        target,
+        None,
+    )
+    .await
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn forward<S>(
     proxy: Arc<Proxy>,
