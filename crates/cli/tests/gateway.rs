@@ -350,6 +350,8 @@ fn strict_peer_authentication_refuses_plaintext() {
             &w.dns.to_string(),
             "--extra-roots",
             &w.ca_file,
+            "--access-log-format",
+            "json",
         ],
     );
     let (_, code, exit) = plain_get(&gw, "/todos/1");
@@ -360,6 +362,19 @@ fn strict_peer_authentication_refuses_plaintext() {
     );
     let (body, code, _) = mtls_get(&t, "curl", &gw, "/todos/1");
     assert_eq!((code.as_str(), body.as_str()), ("200", standin::TODO_1));
+    // --access-log-format json: one JSON object per request.
+    let lines = gw.proc.stdout_lines();
+    let entry: serde_json::Value = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .find(|v: &serde_json::Value| v["response_code"] == 200)
+        .unwrap_or_else(|| panic!("a JSON access log entry in {lines:?}"));
+    assert_eq!(entry["downstream_peer_uri_san"], CURL_ID);
+    assert_eq!(
+        entry["upstream_cluster"],
+        "outbound|443||jsonplaceholder.typicode.com"
+    );
+    assert_eq!(entry["path"], "/todos/1");
 }
 
 #[test]

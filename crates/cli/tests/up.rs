@@ -270,3 +270,49 @@ fn up_runs_the_seed_system_and_cleans_up() {
     }
     assert!(leftovers.is_empty(), "processes left: {leftovers:?}");
 }
+
+#[test]
+fn up_in_loopback_mode_uses_the_sidecar_as_an_explicit_proxy() {
+    require_root!();
+    let up = Proc::spawn(&["up", &seed(), "--stand-in", "--loopback"]);
+    up.wait_for(
+        "loopback mode (--loopback was given)",
+        Duration::from_secs(10),
+    );
+    up.wait_for("all parts running", Duration::from_secs(60));
+    let pid = up.child.id();
+    up.wait_for("\"title\": \"delectus aut autem\"", Duration::from_secs(15));
+    let lines = up.stdout_lines();
+    let table = parts_table(&lines);
+    let (addr, sc_metrics, _) = table.get("curl-test-sidecar").expect("sidecar row").clone();
+    assert_eq!(addr, "127.0.0.1");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let sm = get(&sc_metrics).1;
+        let n = metric_value(
+            &sm,
+            "istio_requests_total",
+            &[("source_workload", "curl-test"), ("response_code", "200")],
+        );
+        if n.is_some_and(|n| n >= 1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{sm}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut up = up;
+    let status = up.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        !std::env::temp_dir()
+            .join(format!("meshgate-up-{pid}"))
+            .exists()
+    );
+}
