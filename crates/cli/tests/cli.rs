@@ -307,9 +307,126 @@ fn help_on_every_subcommand() {
         &["--help"][..],
         &["check", "--help"],
         &["config-dump", "--help"],
+        &["ca", "--help"],
+        &["ca", "init", "--help"],
+        &["ca", "issue", "--help"],
+        &["ca", "serve", "--help"],
+        &["gateway", "--help"],
+        &["sidecar", "--help"],
+        &["iptables", "--help"],
+        &["stand-in", "--help"],
+        &["up", "--help"],
     ] {
         let o = meshgate(sub);
         assert_eq!(o.status.code(), Some(0), "{sub:?}");
         assert!(stdout(&o).contains("Usage: meshgate"), "{sub:?}");
     }
+}
+
+#[test]
+fn gateway_refuses_a_route_to_resolution_none() {
+    let s = Scratch::with_seed(
+        "gw-none",
+        &[(
+            "none.yaml",
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: none, namespace: curl-egress-tst}
+spec:
+  hosts: [none.example.com]
+  ports: [{number: 443, name: https, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: g3, namespace: curl-egress-tst}
+spec:
+  selector: {istio: egressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [none.example.com]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: v, namespace: curl-egress-tst}
+spec:
+  hosts: [none.example.com]
+  gateways: [g3]
+  http: [{route: [{destination: {host: none.example.com, port: {number: 443}}}]}]
+",
+        )],
+    );
+    let ca = std::env::temp_dir().join(format!("meshgate-cli-none-ca-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&ca);
+    assert!(
+        meshgate(&["ca", "init", "--dir", ca.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let o = meshgate(&[
+        "gateway",
+        "--config",
+        s.path(),
+        "--workload",
+        "curl-egress-tst/curl-egress-tst-gateway",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--bind-address",
+        "127.0.0.1",
+        "--port",
+        "80=0",
+        "--admin-address",
+        "127.0.0.1",
+        "--admin-port",
+        "0",
+        "--prometheus-port",
+        "0",
+        "--health-port",
+        "0",
+    ]);
+    let _ = std::fs::remove_dir_all(&ca);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("ServiceEntry curl-egress-tst/none has resolution NONE, which gives a gateway no endpoints"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn iptables_missing_is_a_clear_error() {
+    let empty = std::env::temp_dir().join(format!("meshgate-empty-path-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .arg("iptables")
+        .env("PATH", &empty)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&empty);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        stderr(&o).trim(),
+        "error: iptables-restore not found: install the iptables package (Debian: apt-get install iptables)"
+    );
+}
+
+#[test]
+fn iptables_dry_run_prints_istio_init_rules() {
+    let o = meshgate(&[
+        "iptables",
+        "--dry-run",
+        "--exclude-outbound-cidrs",
+        "10.0.0.0/8",
+    ]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    assert!(
+        out.contains("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001"),
+        "{out}"
+    );
+    assert!(
+        out.contains("-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN"),
+        "{out}"
+    );
+    assert!(
+        out.contains("-A ISTIO_OUTPUT -d 10.0.0.0/8 -j RETURN"),
+        "{out}"
+    );
 }

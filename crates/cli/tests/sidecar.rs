@@ -157,6 +157,10 @@ fn world(s: &Setup, gateway_args: &[&str]) -> World {
 
     let nat_before = net.nat_table(&net.app);
     net.exec_ok(&net.app, &[&s.bin, "iptables"]);
+    // Idempotent: a second install leaves the same rules.
+    let installed = net.nat_table(&net.app);
+    net.exec_ok(&net.app, &[&s.bin, "iptables"]);
+    assert_eq!(net.nat_table(&net.app), installed);
     let certs = s.t.path("curl-certs");
     let sidecar = Proc::spawn_argv(&[
         "ip",
