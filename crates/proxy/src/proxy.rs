@@ -602,7 +602,12 @@ impl Proxy {
                 });
                 *req.method_mut() = parts.method.clone();
                 *req.uri_mut() = uri.clone();
-                *req.headers_mut() = parts.headers.clone();
+                // The last possible attempt takes the headers; earlier ones copy.
+                *req.headers_mut() = if attempt < max_attempts {
+                    parts.headers.clone()
+                } else {
+                    std::mem::take(&mut parts.headers)
+                };
                 *req.version_mut() = if h2 {
                     Version::HTTP_2
                 } else {
