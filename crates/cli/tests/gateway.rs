@@ -242,7 +242,12 @@ fn seed_gateway_serves_authorizes_and_reports() {
     );
 
     // Metrics: Istio's labels from the gateway, and who made each call.
-    let text = http_get(gw.prometheus, "/stats/prometheus");
+    let text = scrape_until(
+        &format!("http://{}/stats/prometheus", gw.prometheus),
+        "istio_requests_total",
+        &[("response_code", "403")],
+        2.0,
+    );
     let (ok, report) = promtool_check(&text);
     assert!(ok, "promtool: {report}\n{text}");
     assert_eq!(
@@ -362,7 +367,10 @@ fn strict_peer_authentication_refuses_plaintext() {
     );
     let (body, code, _) = mtls_get(&t, "curl", &gw, "/todos/1");
     assert_eq!((code.as_str(), body.as_str()), ("200", standin::TODO_1));
-    // --access-log-format json: one JSON object per request.
+    // --access-log-format json: one JSON object per request (written when
+    // the response ends, so wait for it).
+    gw.proc
+        .wait_for("\"response_code\":200", Duration::from_secs(10));
     let lines = gw.proc.stdout_lines();
     let entry: serde_json::Value = lines
         .iter()
@@ -395,7 +403,12 @@ fn untrusted_or_misnamed_upstream_fails_with_uf() {
         "nothing from the untrusted upstream"
     );
     assert!(w.seen.all().is_empty(), "no request reached the stand-in");
-    let text = http_get(gw.prometheus, "/stats/prometheus");
+    let text = scrape_until(
+        &format!("http://{}/stats/prometheus", gw.prometheus),
+        "istio_requests_total",
+        &[("response_code", "503"), ("response_flags", "UF,URX")],
+        1.0,
+    );
     assert_eq!(
         metric_value(
             &text,
@@ -424,7 +437,12 @@ fn untrusted_or_misnamed_upstream_fails_with_uf() {
     assert_eq!(code, "503", "{body}");
     assert!(body.contains("TLS_error"), "{body}");
     assert!(!body.contains("delectus"));
-    let text = http_get(gw.prometheus, "/stats/prometheus");
+    let text = scrape_until(
+        &format!("http://{}/stats/prometheus", gw.prometheus),
+        "istio_requests_total",
+        &[("response_code", "503")],
+        1.0,
+    );
     assert!(
         metric_value(&text, "istio_requests_total", &[("response_code", "503")]).is_some(),
         "{text}"
@@ -463,7 +481,12 @@ fn dns_failure_is_503_uh_with_a_log_line() {
             .iter()
             .any(|l| l.contains("jsonplaceholder.typicode.com"))
     );
-    let text = http_get(gw.prometheus, "/stats/prometheus");
+    let text = scrape_until(
+        &format!("http://{}/stats/prometheus", gw.prometheus),
+        "istio_requests_total",
+        &[("response_flags", "UH")],
+        1.0,
+    );
     assert_eq!(
         metric_value(&text, "istio_requests_total", &[("response_flags", "UH")]),
         Some(1.0),
@@ -580,7 +603,12 @@ spec:
     ]);
     assert_eq!(code, "000");
 
-    let text = http_get(gw.prometheus, "/stats/prometheus");
+    let text = scrape_until(
+        &format!("http://{}/stats/prometheus", gw.prometheus),
+        "istio_tcp_connections_closed_total",
+        &[("destination_service_name", "api.example.com")],
+        1.0,
+    );
     let (ok, report) = promtool_check(&text);
     assert!(ok, "{report}");
     assert_eq!(
@@ -889,7 +917,12 @@ spec:
     ]);
     assert_eq!((code.as_str(), body.as_str()), ("418", "short and stout"));
 
-    let text = http_get(gw.prometheus, "/stats/prometheus");
+    let text = scrape_until(
+        &format!("http://{}/stats/prometheus", gw.prometheus),
+        "istio_requests_total",
+        &[("response_code", "404"), ("response_flags", "NR")],
+        1.0,
+    );
     assert_eq!(
         metric_value(
             &text,

@@ -211,11 +211,43 @@ impl World {
         )
     }
 
-    fn sidecar_metrics(&self) -> String {
-        self.net.exec_ok(
+    /// Scrapes from inside a namespace until a metric reaches `want`
+    /// (reports are written as a response or connection ends). Bounded.
+    fn metrics_until(
+        &self,
+        ns: &str,
+        url: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        want: f64,
+    ) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.net.exec_ok(ns, &["curl", "-sS", url]);
+            if metric_value(&text, name, labels) == Some(want) {
+                return text;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}{labels:?} never reached {want}:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn sidecar_metrics_until(&self, name: &str, labels: &[(&str, &str)], want: f64) -> String {
+        self.metrics_until(
             &self.net.app,
-            &["curl", "-sS", "http://127.0.0.1:15090/stats/prometheus"],
+            "http://127.0.0.1:15090/stats/prometheus",
+            name,
+            labels,
+            want,
         )
+    }
+
+    fn gateway_metrics_until(&self, name: &str, labels: &[(&str, &str)], want: f64) -> String {
+        let url = format!("http://{}:15020/stats/prometheus", self.net.ip(2));
+        self.metrics_until(&self.net.gw, &url, name, labels, want)
     }
 
     fn gateway_metrics(&self) -> String {
@@ -258,6 +290,8 @@ fn captured_curl_reaches_the_gateway_over_mtls() {
 
     // Sidecar to gateway is HTTP/2 (ALPN) inside mutual TLS; the gateway's
     // access log names the caller.
+    w.gateway
+        .wait_for("\"GET /todos/1 HTTP/2\" 200", Duration::from_secs(10));
     let gw_log = w.gateway.stdout_lines();
     assert!(
         gw_log
@@ -266,7 +300,11 @@ fn captured_curl_reaches_the_gateway_over_mtls() {
         "{gw_log:?}"
     );
     // The gateway saw the sidecar's SPIFFE ID over mutual TLS.
-    let gm = w.gateway_metrics();
+    let gm = w.gateway_metrics_until(
+        "meshgate_egress_requests_total",
+        &[("source_principal", CURL_ID), ("response_code", "200")],
+        1.0,
+    );
     assert_eq!(
         metric_value(
             &gm,
@@ -284,7 +322,11 @@ fn captured_curl_reaches_the_gateway_over_mtls() {
         "{gm}"
     );
     // The sidecar reports as Istio's sidecars do.
-    let sm = w.sidecar_metrics();
+    let sm = w.sidecar_metrics_until(
+        "istio_requests_total",
+        &[("source_workload", "curl-test"), ("response_code", "200")],
+        1.0,
+    );
     let (ok, report) = promtool_check(&sm);
     assert!(ok, "{report}");
     assert_eq!(
@@ -331,7 +373,11 @@ fn captured_curl_reaches_the_gateway_over_mtls() {
         !out.contains("rc=124"),
         "the connection was left open: {out}"
     );
-    let sm = w.sidecar_metrics();
+    let sm = w.sidecar_metrics_until(
+        "istio_tcp_connections_closed_total",
+        &[("destination_service_name", "BlackHoleCluster")],
+        1.0,
+    );
     assert_eq!(
         metric_value(
             &sm,
@@ -385,7 +431,11 @@ fn allow_any_passes_unknown_hosts_through() {
         "{}",
         w.logs()
     );
-    let sm = w.sidecar_metrics();
+    let sm = w.sidecar_metrics_until(
+        "istio_tcp_connections_opened_total",
+        &[("destination_service_name", "PassthroughCluster")],
+        1.0,
+    );
     assert_eq!(
         metric_value(
             &sm,
@@ -481,7 +531,11 @@ fn tls_from_the_app_is_routed_by_sni() {
         exit == 35 || exit == 56,
         "TLS handshake failed or reset: curl exit {exit}"
     );
-    let sm = w.sidecar_metrics();
+    let sm = w.sidecar_metrics_until(
+        "istio_tcp_connections_closed_total",
+        &[("destination_service_name", "api.example.com")],
+        1.0,
+    );
     assert_eq!(
         metric_value(
             &sm,

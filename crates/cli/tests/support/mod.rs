@@ -256,3 +256,21 @@ fn promtool_raw(text: &str) -> (i32, String) {
         ),
     )
 }
+
+/// Scrapes `url` until a metric reaches `want` (reports are written when a
+/// response or connection ends, a moment after the client has its answer);
+/// returns the last scrape. Bounded: 10 seconds.
+pub fn scrape_until(url: &str, name: &str, labels: &[(&str, &str)], want: f64) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (text, code, _) = curl(&[url]);
+        if code == "200" && metric_value(&text, name, labels) == Some(want) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name}{labels:?} never reached {want} at {url}; last scrape:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
