@@ -942,3 +942,50 @@ spec:
         "{text}"
     );
 }
+
+#[test]
+fn bad_traffic_never_takes_the_gateway_down() {
+    require_root!();
+    use std::io::{Read, Write};
+    let t = setup("gw-bad");
+    let w = world(&t, &[HOST]);
+    let gw = start_gateway(
+        &t,
+        &[&seed()],
+        &[
+            "--dns-server",
+            &w.dns.to_string(),
+            "--extra-roots",
+            &w.ca_file,
+        ],
+    );
+    let junk: Vec<Vec<u8>> = vec![
+        b"\x16\x03\x01\x00\x05hello".to_vec(),                       // a truncated TLS record
+        b"\x16\x03\x01\xff\xff".iter().copied().chain(std::iter::repeat_n(0u8, 4096)).collect(), // garbage ClientHello
+        b"GET / HTTP/1.1\r\nHost: \x00\x01\r\n\r\n".to_vec(),        // invalid header bytes
+        b"NOT-HTTP at all\r\n\r\n".to_vec(),
+        format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "x".repeat(200_000)).into_bytes(), // huge request line
+        b"GET / HTTP/1.1\r\nHost: jsonplaceholder.typicode.com\r\nContent-Length: 999999\r\n\r\nshort".to_vec(),
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x04\x99".to_vec(), // h2c preface then a broken frame
+    ];
+    for bytes in &junk {
+        if let Ok(mut s) = std::net::TcpStream::connect(gw.http) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = s.write_all(bytes);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink);
+        }
+    }
+    // Connections that send nothing and go away.
+    for _ in 0..20 {
+        drop(std::net::TcpStream::connect(gw.http));
+    }
+    // Still serving, and still healthy.
+    let (body, code, _) = mtls_get(&t, "curl", &gw, "/todos/1");
+    assert_eq!((code.as_str(), body.as_str()), ("200", standin::TODO_1));
+    assert_eq!(
+        curl(&[&format!("http://{}/healthz/ready", gw.health)]).1,
+        "200"
+    );
+}
