@@ -10,10 +10,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use arc_swap::ArcSwap;
 use meshgate_config::model::{Config, Kind, Meta, Resource, SourceRef, WorkloadTemplate};
-use meshgate_config::{Level, MeshSettings, load_paths, registry};
+use meshgate_config::{Level, MeshSettings, fingerprint, load_paths, registry};
 use meshgate_identity::{CertificateAuthority, Source, SpiffeId, WorkloadIdentity};
 use meshgate_proxy::admin::{self, AdminRole, Readiness};
-use meshgate_proxy::gateway;
+use meshgate_proxy::gateway::ListenerSet;
 use meshgate_proxy::proxy::Proxy;
 use meshgate_proxy::state::{BuildContext, Snapshot};
 use meshgate_proxy::upstream::dns::Resolver;
@@ -132,9 +132,13 @@ pub(crate) struct ProxyArgs {
     /// Access log format (to stdout).
     #[arg(long, value_enum, default_value = "text")]
     pub access_log_format: LogFormat,
-    /// Once ready, write the bound addresses here as JSON.
+    /// Once ready, write the bound addresses here as JSON (rewritten when a
+    /// reload changes the listeners).
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
+    /// How often to look for config changes and apply them live (0s: never).
+    #[arg(long, default_value = "2s", value_name = "DURATION")]
+    pub reload_interval: String,
 }
 
 fn parse_labels(s: &str) -> anyhow::Result<meshgate_config::model::Labels> {
@@ -279,15 +283,16 @@ pub(crate) struct SidecarArgs {
     pub outbound_address: IpAddr,
 }
 
-pub(crate) fn run(
+/// Loads the config and adds the workload from flags when the config does
+/// not describe it. Used at start and on every reload.
+fn prepare_config(
     args: &ProxyArgs,
     kind: ProxyKind,
-    sidecar: Option<&SidecarArgs>,
-) -> anyhow::Result<ExitCode> {
+    mesh: &MeshSettings,
+) -> anyhow::Result<Config> {
     let mut config = load_config(&args.config)?;
-    let mesh = MeshSettings::default();
     let exists = {
-        let reg = registry::build(&config, &mesh);
+        let reg = registry::build(&config, mesh);
         meshgate_config::view::find_workload(&reg, &args.workload).is_ok()
     };
     if !exists {
@@ -305,25 +310,17 @@ pub(crate) fn run(
             kind == ProxyKind::Gateway,
         )?;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    rt.block_on(proxy_main(args, kind, sidecar, config, mesh))
+    Ok(config)
 }
 
-async fn proxy_main(
+/// Checks the workload runs the kind of proxy asked for; returns its identity.
+fn workload_identity(
+    config: &Config,
+    mesh: &MeshSettings,
     args: &ProxyArgs,
     kind: ProxyKind,
-    sidecar: Option<&SidecarArgs>,
-    config: Config,
-    mesh: MeshSettings,
-) -> anyhow::Result<ExitCode> {
-    let readiness = Readiness::default();
-    let cert_pending = readiness.register("certificate");
-    let listeners_pending = readiness.register("listeners");
-
-    let reg = registry::build(&config, &mesh);
+) -> anyhow::Result<SpiffeId> {
+    let reg = registry::build(config, mesh);
     let w = meshgate_config::view::find_workload(&reg, &args.workload)?;
     match (kind, w.proxy) {
         (ProxyKind::Gateway, registry::ProxyKind::Gateway)
@@ -343,7 +340,39 @@ async fn proxy_main(
             args.workload
         ),
     }
-    let id: SpiffeId = w.spiffe_id.parse()?;
+    Ok(w.spiffe_id.parse()?)
+}
+
+pub(crate) fn run(
+    args: &ProxyArgs,
+    kind: ProxyKind,
+    sidecar: Option<&SidecarArgs>,
+) -> anyhow::Result<ExitCode> {
+    let mesh = MeshSettings::default();
+    let config = prepare_config(args, kind, &mesh)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(proxy_main(args, kind, sidecar, config, mesh))
+}
+
+async fn proxy_main(
+    args: &ProxyArgs,
+    kind: ProxyKind,
+    sidecar: Option<&SidecarArgs>,
+    config: Config,
+    mesh: MeshSettings,
+) -> anyhow::Result<ExitCode> {
+    let readiness = Readiness::default();
+    let cert_pending = readiness.register("certificate");
+    let listeners_pending = readiness.register("listeners");
+
+    let id = workload_identity(&config, &mesh, args, kind)?;
+    let reload_interval = meshgate_config::model::Duration::parse(&args.reload_interval)
+        .map_err(anyhow::Error::msg)
+        .context("--reload-interval")?
+        .as_std();
     let metrics = Arc::new(Metrics::new());
 
     // Admin ports first, so /healthz/ready answers (not ready) while we start.
@@ -396,6 +425,7 @@ async fn proxy_main(
         egress_metric: kind == ProxyKind::Gateway,
     });
     let mut listener_addrs: Vec<(u16, SocketAddr)> = Vec::new();
+    let mut listeners = None;
     match (kind, sidecar) {
         (ProxyKind::Sidecar, Some(s)) => {
             let addr = SocketAddr::new(s.outbound_address, s.outbound_port);
@@ -408,17 +438,16 @@ async fn proxy_main(
             tokio::spawn(meshgate_proxy::sidecar::serve(proxy.clone(), l));
         }
         _ => {
-            let bound =
-                gateway::bind(&proxy, args.bind_address, &port_overrides(&args.ports)?).await?;
-            listener_addrs.extend(bound.iter().map(|b| (b.port, b.local)));
-            for b in bound {
-                let (proxy, identity) = (proxy.clone(), identity.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = gateway::serve(proxy, identity, b).await {
-                        tracing::error!(error = %e, "listener stopped");
-                    }
-                });
-            }
+            let mut set = ListenerSet::new(
+                args.bind_address,
+                port_overrides(&args.ports)?,
+                identity.clone(),
+            );
+            let snap = proxy.state.load_full();
+            let prepared = set.prepare(&snap).await?;
+            set.apply(&proxy, &snap, prepared);
+            listener_addrs = set.addresses();
+            listeners = Some(set);
         }
     }
     listeners_pending.done();
@@ -427,17 +456,115 @@ async fn proxy_main(
         ProxyKind::Sidecar => "sidecar",
     };
     tracing::info!(workload = %args.workload, identity = %id, "{what} running");
-    if let Some(path) = &args.ready_file {
-        let json = serde_json::json!({
-            "identity": id.to_string(),
-            "listeners": listener_addrs.iter().map(|(p, a)| serde_json::json!({"port": p, "address": a.to_string()})).collect::<Vec<_>>(),
-            "admin": admin_addrs.iter().map(|(r, a)| serde_json::json!({"role": format!("{r:?}").to_lowercase(), "address": a.to_string()})).collect::<Vec<_>>(),
-        });
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&json)?)?;
-        std::fs::rename(&tmp, path)?;
+    let ready = ReadyFile {
+        path: args.ready_file.clone(),
+        id: id.clone(),
+        admin: admin_addrs,
+    };
+    ready.write(&listener_addrs)?;
+    let live = Live {
+        args,
+        kind,
+        id: &id,
+        ctx: &ctx,
+        proxy: &proxy,
+        ready: &ready,
+    };
+    tokio::select! {
+        () = crate::shutdown_signal() => {}
+        () = live.watch(reload_interval, listeners.as_mut()) => {}
     }
-    crate::shutdown_signal().await;
     tracing::info!("shutting down");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--ready-file`: the identity and bound addresses, as JSON, written
+/// atomically so a reader never sees half a file.
+struct ReadyFile {
+    path: Option<PathBuf>,
+    id: SpiffeId,
+    admin: Vec<(AdminRole, SocketAddr)>,
+}
+
+impl ReadyFile {
+    fn write(&self, listeners: &[(u16, SocketAddr)]) -> anyhow::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let json = serde_json::json!({
+            "identity": self.id.to_string(),
+            "listeners": listeners.iter().map(|(p, a)| serde_json::json!({"port": p, "address": a.to_string()})).collect::<Vec<_>>(),
+            "admin": self.admin.iter().map(|(r, a)| serde_json::json!({"role": format!("{r:?}").to_lowercase(), "address": a.to_string()})).collect::<Vec<_>>(),
+        });
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&json)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+}
+
+/// Live reload: the config files are polled; a changed config is loaded,
+/// checked and compiled completely before it is swapped in as one snapshot.
+/// Any error leaves the running config in place. Requests in flight finish
+/// on the snapshot they started with; unchanged clusters keep their pools.
+struct Live<'a> {
+    args: &'a ProxyArgs,
+    kind: ProxyKind,
+    id: &'a SpiffeId,
+    ctx: &'a BuildContext,
+    proxy: &'a Arc<Proxy>,
+    ready: &'a ReadyFile,
+}
+
+impl Live<'_> {
+    async fn watch(&self, interval: Duration, mut listeners: Option<&mut ListenerSet>) {
+        if interval.is_zero() {
+            return std::future::pending().await;
+        }
+        let fingerprint = || fingerprint(&self.args.config).map_err(|e| e.to_string());
+        let mut last = fingerprint();
+        loop {
+            tokio::time::sleep(interval).await;
+            let now = fingerprint();
+            if now == last {
+                continue;
+            }
+            last = now;
+            match self.reload(listeners.as_deref_mut()).await {
+                Ok(()) => tracing::info!(workload = %self.args.workload, "config reloaded"),
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "config reload failed; the running config stays"
+                ),
+            }
+        }
+    }
+
+    async fn reload(&self, listeners: Option<&mut ListenerSet>) -> anyhow::Result<()> {
+        let config =
+            tokio::task::block_in_place(|| prepare_config(self.args, self.kind, &self.ctx.mesh))?;
+        let id = workload_identity(&config, &self.ctx.mesh, self.args, self.kind)?;
+        if id != *self.id {
+            bail!(
+                "the workload's identity would change from {} to {id}; restart the proxy to take a new service account",
+                self.id
+            );
+        }
+        let old = self.proxy.state.load_full();
+        let snap = Arc::new(Snapshot::rebuild(
+            &config,
+            &self.args.workload,
+            self.ctx,
+            Some(&old),
+        )?);
+        let Some(set) = listeners else {
+            self.proxy.state.store(snap);
+            return Ok(());
+        };
+        let prepared = set.prepare(&snap).await?;
+        self.proxy.state.store(snap.clone());
+        set.apply(self.proxy, &snap, prepared);
+        self.ready.write(&set.addresses())
+    }
 }

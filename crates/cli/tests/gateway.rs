@@ -989,3 +989,145 @@ fn bad_traffic_never_takes_the_gateway_down() {
         "200"
     );
 }
+
+/// Writes a config file the way a ConfigMap update does: a complete new
+/// file renamed into place, so a poll never reads half of it.
+fn write_config(dir: &str, name: &str, text: &str) {
+    let tmp = format!("{dir}/.{name}.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, format!("{dir}/{name}")).unwrap();
+}
+
+#[test]
+fn live_reload_applies_changes_without_dropping_requests() {
+    require_root!();
+    let t = setup("gw-reload");
+    let w = world(&t, &[HOST]);
+    let dir = t.path("config");
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(seed()).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            std::fs::copy(
+                &p,
+                format!("{dir}/{}", p.file_name().unwrap().to_string_lossy()),
+            )
+            .unwrap();
+        }
+    }
+    let gw = start_gateway(
+        &t,
+        &[&dir],
+        &[
+            "--dns-server",
+            &w.dns.to_string(),
+            "--extra-roots",
+            &w.ca_file,
+            "--reload-interval",
+            "50ms",
+            "--port",
+            "8081=0",
+        ],
+    );
+    let get = |who: &str, port: u16| {
+        curl(&[
+            "-k",
+            "--cert",
+            &t.path(&format!("{who}/cert-chain.pem")),
+            "--key",
+            &t.path(&format!("{who}/key.pem")),
+            "--resolve",
+            &format!("{HOST}:{port}:127.0.0.1"),
+            &format!("https://{HOST}:{port}/todos/1"),
+        ])
+    };
+    let port = gw.http.port();
+
+    // Traffic runs through every reload below until it is stopped.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (codes, alt) = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            let mut codes = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && codes.len() < 10_000 {
+                let (body, code, _) = get("curl", port);
+                codes.push(if code == "200" {
+                    code
+                } else {
+                    format!("{code} {body}")
+                });
+            }
+            codes
+        });
+
+        // 1. A new Gateway server port: bound, announced, served.
+        let gateway_yaml = std::fs::read_to_string(format!("{dir}/gateway.yaml")).unwrap();
+        let two_ports = format!(
+            "{gateway_yaml}  - port:\n      number: 8081\n      name: http-alt\n      protocol: HTTP\n    hosts:\n    - \"{HOST}\"\n"
+        );
+        write_config(&dir, "gateway.yaml", &two_ports);
+        gw.proc.wait_for("config reloaded", Duration::from_secs(10));
+        let ready: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(t.path("gw-ready.json")).unwrap())
+                .unwrap();
+        let alt: SocketAddr = ready["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["port"] == 8081)
+            .unwrap_or_else(|| panic!("port 8081 in {ready}"))["address"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(get("curl", alt.port()).1, "200");
+
+        // 2. A bad file is refused with its name, line and field; the
+        //    running config stays.
+        write_config(
+            &dir,
+            "zz-broken.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: bad\n  namespace: curl-egress-tst\nspec:\n  hosts: [example.org]\n  resolutoin: DNS\n",
+        );
+        let failed = gw
+            .proc
+            .wait_for("config reload failed", Duration::from_secs(10));
+        assert!(failed.contains("zz-broken.yaml:8"), "{failed}");
+        assert!(failed.contains("resolutoin"), "{failed}");
+        assert_eq!(get("curl", alt.port()).1, "200", "still the old config");
+
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (load.join().unwrap(), alt)
+    });
+    assert!(!codes.is_empty());
+    assert!(
+        codes.iter().all(|c| c == "200"),
+        "every request during the reloads succeeded: {codes:?}\n{}",
+        gw.proc.log.lock().unwrap().join("\n")
+    );
+
+    // 3. The policy now allows another namespace, and port 8081 is gone.
+    //    Both edits land while the broken file is still there (refused),
+    //    then its removal applies them together.
+    let policy = std::fs::read_to_string(format!("{dir}/authorization-policy.yaml")).unwrap();
+    write_config(
+        &dir,
+        "authorization-policy.yaml",
+        &policy.replace("- curl-external-tst", "- other"),
+    );
+    write_config(
+        &dir,
+        "gateway.yaml",
+        &std::fs::read_to_string(format!("{}/gateway.yaml", seed())).unwrap(),
+    );
+    std::fs::remove_file(format!("{dir}/zz-broken.yaml")).unwrap();
+    gw.proc.wait_for("config reloaded", Duration::from_secs(10));
+    let (body, code, _) = get("curl", port);
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("403", "RBAC: access denied")
+    );
+    assert_eq!(get("other", port).1, "200");
+    let ready = std::fs::read_to_string(t.path("gw-ready.json")).unwrap();
+    assert!(!ready.contains("8081"), "{ready}");
+    assert_eq!(get("other", alt.port()).2, 7, "8081 no longer listens");
+}

@@ -13,7 +13,7 @@ pub mod view;
 pub mod yaml;
 
 pub use diag::{Diagnostic, Level};
-pub use load::{LoadError, Loaded, load_paths};
+pub use load::{LoadError, Loaded, fingerprint, load_paths};
 pub use model::{Config, Kind};
 
 /// Istio's defaults that meshgate assumes (MeshConfig equivalents).

@@ -85,6 +85,32 @@ pub fn load_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Loaded, LoadError> {
     Ok(loaded)
 }
 
+/// A hash of what `load_paths` would read: file names and contents. A
+/// running proxy polls it to notice edits (including ones that keep the
+/// size and modification time, as `kubectl cp` or a fast editor may).
+pub fn fingerprint<P: AsRef<Path>>(paths: &[P]) -> Result<u64, LoadError> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for path in paths {
+        let path = path.as_ref();
+        let mut files = Vec::new();
+        if path.is_dir() {
+            collect_yaml(path, &mut files)?;
+        } else {
+            files.push(path.to_owned());
+        }
+        for file in files {
+            let bytes = std::fs::read(&file).map_err(|source| LoadError::Io {
+                path: file.clone(),
+                source,
+            })?;
+            file.hash(&mut h);
+            bytes.hash(&mut h);
+        }
+    }
+    Ok(h.finish())
+}
+
 fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
     let io = |source| LoadError::Io {
         path: dir.to_owned(),

@@ -3,6 +3,7 @@
 //! detected on the first byte), unless PeerAuthentication is STRICT, which
 //! refuses plaintext. The caller's SPIFFE ID comes from the handshake.
 
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use meshgate_identity::tls::{handshake_error_reason, mesh_server_config, peer_id
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::proxy::{ConnInfo, FIRST_BYTE_TIMEOUT, Proxy};
-use crate::state::ListenerTls;
+use crate::state::{ListenerTls, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -37,39 +38,121 @@ pub struct BoundListener {
     pub local: SocketAddr,
 }
 
-/// Binds every listener of the current snapshot. `bind_ports` maps a
-/// server port to the port to bind instead (0 = any free port), so several
-/// proxies can share one host.
-pub async fn bind(
-    proxy: &Proxy,
+/// The gateway's running listeners, one accept task per Gateway server port.
+/// A reload binds the ports the new config adds before the config is
+/// swapped in (a port that cannot be bound refuses the reload), then stops
+/// accepting on ports it removed; connections already accepted finish.
+#[derive(Debug)]
+pub struct ListenerSet {
     ip: IpAddr,
-    overrides: &std::collections::HashMap<u16, u16>,
-) -> Result<Vec<BoundListener>, GatewayError> {
-    let snap = proxy.state.load();
-    let mut out = Vec::new();
-    for l in &snap.listeners {
-        let port = overrides.get(&l.port).copied().unwrap_or(l.bind_port);
-        let addr = SocketAddr::new(ip, port);
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| GatewayError::Bind {
-                addr,
-                port: l.port,
-                source,
-            })?;
-        let local = listener.local_addr().map_err(|source| GatewayError::Bind {
-            addr,
-            port: l.port,
-            source,
-        })?;
-        tracing::info!(address = %local, server_port = l.port, origin = %l.origin, "listener bound");
-        out.push(BoundListener {
-            listener,
-            port: l.port,
-            local,
-        });
+    /// Server port -> port to bind instead (0 = any free port), so several
+    /// proxies can share one host.
+    overrides: HashMap<u16, u16>,
+    identity: Arc<WorkloadIdentity>,
+    running: BTreeMap<(u16, u16), Running>,
+}
+
+#[derive(Debug)]
+struct Running {
+    local: SocketAddr,
+    task: tokio::task::AbortHandle,
+}
+
+/// Listeners bound for a snapshot that is not serving yet.
+#[derive(Debug)]
+pub struct Prepared(Vec<((u16, u16), BoundListener)>);
+
+impl ListenerSet {
+    pub fn new(ip: IpAddr, overrides: HashMap<u16, u16>, identity: Arc<WorkloadIdentity>) -> Self {
+        ListenerSet {
+            ip,
+            overrides,
+            identity,
+            running: BTreeMap::new(),
+        }
     }
-    Ok(out)
+
+    fn wanted(&self, snap: &Snapshot) -> Vec<(u16, u16)> {
+        snap.listeners
+            .iter()
+            .map(|l| {
+                (
+                    l.port,
+                    self.overrides.get(&l.port).copied().unwrap_or(l.bind_port),
+                )
+            })
+            .collect()
+    }
+
+    /// Binds the listeners `snap` has and this set does not run yet.
+    pub async fn prepare(&self, snap: &Snapshot) -> Result<Prepared, GatewayError> {
+        let mut out = Vec::new();
+        for key in self.wanted(snap) {
+            if !self.running.contains_key(&key) {
+                out.push((key, bind_one(self.ip, key.0, key.1).await?));
+            }
+        }
+        Ok(Prepared(out))
+    }
+
+    /// Serves what `prepare` bound and stops the listeners `snap` no longer
+    /// has. Call after `snap` is the proxy's state.
+    pub fn apply(&mut self, proxy: &Arc<Proxy>, snap: &Snapshot, prepared: Prepared) {
+        let wanted = self.wanted(snap);
+        self.running.retain(|key, r| {
+            let keep = wanted.contains(key);
+            if !keep {
+                tracing::info!(address = %r.local, server_port = key.0, "listener removed");
+                r.task.abort();
+            }
+            keep
+        });
+        for (key, bound) in prepared.0 {
+            let local = bound.local;
+            let (proxy, identity) = (proxy.clone(), self.identity.clone());
+            let task = tokio::spawn(async move {
+                if let Err(e) = serve(proxy, identity, bound).await {
+                    tracing::error!(error = %e, "listener stopped");
+                }
+            });
+            self.running.insert(
+                key,
+                Running {
+                    local,
+                    task: task.abort_handle(),
+                },
+            );
+        }
+    }
+
+    /// (server port, bound address) of every running listener.
+    pub fn addresses(&self) -> Vec<(u16, SocketAddr)> {
+        self.running
+            .iter()
+            .map(|(key, r)| (key.0, r.local))
+            .collect()
+    }
+}
+
+impl Drop for ListenerSet {
+    fn drop(&mut self) {
+        for r in self.running.values() {
+            r.task.abort();
+        }
+    }
+}
+
+async fn bind_one(ip: IpAddr, port: u16, bind_port: u16) -> Result<BoundListener, GatewayError> {
+    let addr = SocketAddr::new(ip, bind_port);
+    let err = |source| GatewayError::Bind { addr, port, source };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    tracing::info!(address = %local, server_port = port, "listener bound");
+    Ok(BoundListener {
+        listener,
+        port,
+        local,
+    })
 }
 
 /// Serves one bound listener until the task is dropped.

@@ -131,6 +131,9 @@ pub struct ClusterEntry {
     pub cluster: Cluster,
     pub host: Lv,
     pub labels: DestinationLabels,
+    /// Everything the cluster was built from: a reload keeps the cluster
+    /// (and its pooled connections and outlier state) when this is equal.
+    fingerprint: String,
 }
 
 /// How a listener treats TLS from clients.
@@ -233,6 +236,7 @@ fn passthrough_cluster(ctx: &BuildContext) -> Arc<ClusterEntry> {
             service_name: name,
             service_namespace: unknown(),
         },
+        fingerprint: PASSTHROUGH_CLUSTER.to_owned(),
     })
 }
 
@@ -330,6 +334,7 @@ fn build_cluster(
     w: &Workload,
     ctx: &BuildContext,
     is_gateway: bool,
+    previous: &HashMap<&str, Arc<ClusterEntry>>,
 ) -> Result<Option<Arc<ClusterEntry>>, BuildError> {
     let Some(service) = registry.lookup(&c.host, &w.namespace) else {
         return Ok(None);
@@ -402,10 +407,18 @@ fn build_cluster(
             .unwrap_or(SimpleLb::LeastRequest),
         outlier: policy.outlier_detection.as_ref().map(Outlier::compile),
     };
+    let labels = destination_labels(Some(service), registry, &c.host);
+    let fingerprint = format!("{c:?}|{:?}|{labels:?}", settings.endpoints);
+    if let Some(prev) = previous.get(c.name.as_str())
+        && prev.fingerprint == fingerprint
+    {
+        return Ok(Some(prev.clone()));
+    }
     Ok(Some(Arc::new(ClusterEntry {
         cluster: Cluster::new(settings, ctx.resolver.clone()),
         host: Arc::from(c.host.as_str()),
-        labels: destination_labels(Some(service), registry, &c.host),
+        labels,
+        fingerprint,
     })))
 }
 
@@ -416,6 +429,26 @@ impl Snapshot {
         workload: &str,
         ctx: &BuildContext,
     ) -> Result<Snapshot, BuildError> {
+        Self::rebuild(config, workload, ctx, None)
+    }
+
+    /// Compiles a new snapshot, keeping the clusters of `previous` that did
+    /// not change (a reload does not drop pooled connections).
+    pub fn rebuild(
+        config: &Config,
+        workload: &str,
+        ctx: &BuildContext,
+        previous: Option<&Snapshot>,
+    ) -> Result<Snapshot, BuildError> {
+        let previous: HashMap<&str, Arc<ClusterEntry>> = previous
+            .map(|p| {
+                p.cluster_names
+                    .iter()
+                    .zip(&p.clusters)
+                    .filter_map(|(n, c)| c.clone().map(|c| (&**n, c)))
+                    .collect()
+            })
+            .unwrap_or_default();
         let registry = registry::build(config, &ctx.mesh);
         let w = view::find_workload(&registry, workload)?;
         let is_gateway = w.proxy == registry::ProxyKind::Gateway;
@@ -428,7 +461,7 @@ impl Snapshot {
         let mut index: HashMap<&str, usize> = HashMap::new();
         for c in &v.clusters {
             index.insert(c.name.as_str(), clusters.len());
-            clusters.push(build_cluster(c, &registry, w, ctx, is_gateway)?);
+            clusters.push(build_cluster(c, &registry, w, ctx, is_gateway, &previous)?);
         }
         let mut cluster_names: Vec<Arc<str>> = v
             .clusters
@@ -436,7 +469,11 @@ impl Snapshot {
             .map(|c| Arc::from(c.name.as_str()))
             .collect();
         let passthrough = (!is_gateway).then(|| {
-            clusters.push(Some(passthrough_cluster(ctx)));
+            let pt = previous
+                .get(PASSTHROUGH_CLUSTER)
+                .cloned()
+                .unwrap_or_else(|| passthrough_cluster(ctx));
+            clusters.push(Some(pt));
             cluster_names.push(Arc::from(PASSTHROUGH_CLUSTER));
             clusters.len() - 1
         });
@@ -728,4 +765,78 @@ fn route_table(
         }
     }
     RouteTable { vhosts }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const GATEWAY: &str = "curl-egress-tst/curl-egress-tst-gateway";
+    const CLUSTER: &str = "outbound|443||jsonplaceholder.typicode.com";
+
+    fn seed(destination_rule: &str) -> Config {
+        let mut loaded = meshgate_config::Loaded::default();
+        for (name, text) in [
+            (
+                "namespaces.yaml",
+                include_str!("../../../examples/seed/namespaces.yaml"),
+            ),
+            (
+                "deployment-egress-gw.yaml",
+                include_str!("../../../examples/seed/deployment-egress-gw.yaml"),
+            ),
+            (
+                "gateway.yaml",
+                include_str!("../../../examples/seed/gateway.yaml"),
+            ),
+            (
+                "serviceentry.yaml",
+                include_str!("../../../examples/seed/serviceentry.yaml"),
+            ),
+            (
+                "virtualservice-egress-gw.yaml",
+                include_str!("../../../examples/seed/virtualservice-egress-gw.yaml"),
+            ),
+            ("destintionrule.yaml", destination_rule),
+        ] {
+            meshgate_config::load::load_str(name, text, &mut loaded).unwrap();
+        }
+        assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+        loaded.config
+    }
+
+    fn ctx() -> BuildContext {
+        BuildContext {
+            mesh: MeshSettings::default(),
+            resolver: Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
+            roots: DefaultRoots::load(&[]).unwrap(),
+            identity: None,
+            endpoints: HashMap::new(),
+        }
+    }
+
+    fn cluster(s: &Snapshot) -> Arc<ClusterEntry> {
+        let i = s
+            .cluster_names
+            .iter()
+            .position(|n| &**n == CLUSTER)
+            .unwrap();
+        s.clusters[i].clone().unwrap()
+    }
+
+    #[test]
+    fn rebuild_keeps_unchanged_clusters_and_replaces_changed_ones() {
+        let dr = include_str!("../../../examples/seed/destintionrule.yaml");
+        let ctx = ctx();
+        let first = Snapshot::build(&seed(dr), GATEWAY, &ctx).unwrap();
+        let same = Snapshot::rebuild(&seed(dr), GATEWAY, &ctx, Some(&first)).unwrap();
+        assert!(
+            Arc::ptr_eq(&cluster(&first), &cluster(&same)),
+            "same config: same cluster, pools and outlier state kept"
+        );
+        let changed = dr.replace("mode: SIMPLE", "mode: DISABLE");
+        let other = Snapshot::rebuild(&seed(&changed), GATEWAY, &ctx, Some(&same)).unwrap();
+        assert!(!Arc::ptr_eq(&cluster(&same), &cluster(&other)));
+    }
 }
