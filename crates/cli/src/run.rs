@@ -85,7 +85,7 @@ pub(crate) enum LogFormat {
 }
 
 /// Flags shared by the proxies.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub(crate) struct ProxyArgs {
     /// YAML files or folders with the mesh config.
     #[arg(short, long = "config", required = true, value_name = "PATH")]
@@ -136,6 +136,10 @@ pub(crate) struct ProxyArgs {
     /// reload changes the listeners).
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
+    /// Worker threads (Istio's proxy concurrency); default: 2 for a sidecar,
+    /// one per core for a gateway.
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
     /// How often to look for config changes and apply them live (0s: never).
     #[arg(long, default_value = "2s", value_name = "DURATION")]
     pub reload_interval: String,
@@ -350,7 +354,20 @@ pub(crate) fn run(
 ) -> anyhow::Result<ExitCode> {
     let mesh = MeshSettings::default();
     let config = prepare_config(args, kind, &mesh)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let threads = args.concurrency.unwrap_or(match kind {
+        ProxyKind::Sidecar => 2,
+        ProxyKind::Gateway => std::thread::available_parallelism().map_or(2, usize::from),
+    });
+    // One thread: no work stealing and no cross-thread wake-ups, the
+    // cheapest per request (like one nginx worker).
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    let rt = builder
         .enable_all()
         .build()
         .context("starting the runtime")?;
@@ -542,8 +559,11 @@ impl Live<'_> {
     }
 
     async fn reload(&self, listeners: Option<&mut ListenerSet>) -> anyhow::Result<()> {
-        let config =
-            tokio::task::block_in_place(|| prepare_config(self.args, self.kind, &self.ctx.mesh))?;
+        // Off the proxy's threads: parsing a large config takes a while.
+        let (args, kind, mesh) = (self.args.clone(), self.kind, self.ctx.mesh.clone());
+        let config = tokio::task::spawn_blocking(move || prepare_config(&args, kind, &mesh))
+            .await
+            .context("loading the config")??;
         let id = workload_identity(&config, &self.ctx.mesh, self.args, self.kind)?;
         if id != *self.id {
             bail!(

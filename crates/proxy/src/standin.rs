@@ -264,14 +264,25 @@ impl DnsZone {
 /// Serves DNS over UDP and TCP on `addr` (port 0 picks one); returns the
 /// bound address. Runs until the runtime ends.
 pub async fn serve_dns(addr: SocketAddr, zone: DnsZone) -> Result<SocketAddr, StandinError> {
-    let udp = UdpSocket::bind(addr)
-        .await
-        .map_err(|e| StandinError::Bind(addr, e))?;
+    // TCP on the same port, for truncated answers and TCP-only clients. With
+    // port 0 the port UDP got may be taken for TCP (another connection's
+    // ephemeral port): then try another.
+    let mut attempt = 0;
+    let (udp, tcp) = loop {
+        attempt += 1;
+        let udp = UdpSocket::bind(addr)
+            .await
+            .map_err(|e| StandinError::Bind(addr, e))?;
+        let bound = udp.local_addr().map_err(|e| StandinError::Bind(addr, e))?;
+        match TcpListener::bind(bound).await {
+            Ok(tcp) => break (udp, tcp),
+            Err(e) if addr.port() != 0 || attempt == 20 => {
+                return Err(StandinError::Bind(bound, e));
+            }
+            Err(_) => {}
+        }
+    };
     let bound = udp.local_addr().map_err(|e| StandinError::Bind(addr, e))?;
-    // TCP on the same port, for truncated answers and TCP-only clients.
-    let tcp = TcpListener::bind(bound)
-        .await
-        .map_err(|e| StandinError::Bind(bound, e))?;
     let zone = Arc::new(zone);
     let z = zone.clone();
     tokio::spawn(async move {

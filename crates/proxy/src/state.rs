@@ -353,8 +353,8 @@ fn build_cluster(
             service_entry: se,
         });
     }
-    let h2 = matches!(c.protocol, Protocol::Http2 | Protocol::Grpc);
     let policy = &c.policy;
+    let h2 = speaks_h2(c.protocol, policy);
     let client_cert = policy
         .tls
         .as_ref()
@@ -420,6 +420,24 @@ fn build_cluster(
         labels,
         fingerprint,
     })))
+}
+
+/// Whether a cluster speaks HTTP/2 upstream: HTTP2/GRPC ports do; HTTP
+/// ports only with `h2UpgradePolicy: UPGRADE` (Istio's default is
+/// DO_NOT_UPGRADE, also between sidecars and gateways).
+fn speaks_h2(protocol: Protocol, policy: &view::EffectivePolicy) -> bool {
+    use meshgate_config::model::networking::H2UpgradePolicy;
+    let upgrade = policy
+        .connection_pool
+        .as_ref()
+        .and_then(|p| p.http.as_ref())
+        .and_then(|h| h.h2_upgrade_policy)
+        == Some(H2UpgradePolicy::Upgrade);
+    match protocol {
+        Protocol::Http2 | Protocol::Grpc => true,
+        Protocol::Http => upgrade,
+        _ => false,
+    }
 }
 
 impl Snapshot {
@@ -823,6 +841,36 @@ mod tests {
             .position(|n| &**n == CLUSTER)
             .unwrap();
         s.clusters[i].clone().unwrap()
+    }
+
+    #[test]
+    fn h2_only_for_h2_ports_or_an_explicit_upgrade() {
+        use meshgate_config::model::networking::{
+            ConnectionPoolSettings, H2UpgradePolicy, HttpSettings,
+        };
+        let policy = |p: Option<H2UpgradePolicy>| view::EffectivePolicy {
+            connection_pool: Some(ConnectionPoolSettings {
+                http: Some(HttpSettings {
+                    h2_upgrade_policy: p,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let none = view::EffectivePolicy::default();
+        let up = policy(Some(H2UpgradePolicy::Upgrade));
+        let keep = policy(Some(H2UpgradePolicy::DoNotUpgrade));
+        for (protocol, policy, want) in [
+            (Protocol::Http, &none, false),
+            (Protocol::Http, &keep, false),
+            (Protocol::Http, &up, true),
+            (Protocol::Http2, &none, true),
+            (Protocol::Grpc, &none, true),
+            (Protocol::Tcp, &up, false),
+        ] {
+            assert_eq!(speaks_h2(protocol, policy), want, "{protocol:?} {policy:?}");
+        }
     }
 
     #[test]

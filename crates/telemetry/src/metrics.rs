@@ -6,7 +6,9 @@
 //! Label values are `Arc<str>` prepared when config is applied, so recording
 //! a request clones pointers and allocates nothing.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -143,6 +145,57 @@ pub struct Metrics {
     pub tcp_opened: Family<TcpLabels, Counter>,
     pub tcp_closed: Family<TcpLabels, Counter>,
     pub egress_requests: Family<EgressLabels, Counter>,
+    /// The four request metrics of each label set, so a request looks its
+    /// labels up once (with a cheap hash) instead of once per family.
+    series: RwLock<HashMap<IstioLabels, Arc<RequestSeries>, BuildHasherDefault<FxHasher>>>,
+}
+
+/// Handles to one label set's request metrics (they share the families'
+/// storage: what is recorded here is what `/stats/prometheus` shows).
+#[derive(Debug)]
+struct RequestSeries {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// The Firefox/rustc hash: a multiply and a rotate per word. Label values
+/// are our own strings, not attacker-chosen keys, so no DoS-resistant hash
+/// is needed here.
+#[derive(Default)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        for &b in chunks.remainder() {
+            self.add(u64::from(b));
+        }
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    fn write_u16(&mut self, i: u16) {
+        self.add(u64::from(i));
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl FxHasher {
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
 }
 
 impl Default for Metrics {
@@ -220,6 +273,7 @@ impl Metrics {
             tcp_opened,
             tcp_closed,
             egress_requests,
+            series: RwLock::default(),
         }
     }
 
@@ -231,16 +285,36 @@ impl Metrics {
         request_bytes: u64,
         response_bytes: u64,
     ) {
-        self.requests.get_or_create(labels).inc();
-        self.request_duration
-            .get_or_create(labels)
-            .observe(duration_ms);
-        self.request_bytes
-            .get_or_create(labels)
-            .observe(request_bytes as f64);
-        self.response_bytes
-            .get_or_create(labels)
-            .observe(response_bytes as f64);
+        let s = self.series(labels);
+        s.requests.inc();
+        s.duration.observe(duration_ms);
+        s.request_bytes.observe(request_bytes as f64);
+        s.response_bytes.observe(response_bytes as f64);
+    }
+
+    fn series(&self, labels: &IstioLabels) -> Arc<RequestSeries> {
+        // A poisoned lock only means another thread panicked mid-insert;
+        // the map itself is still consistent.
+        if let Some(s) = self
+            .series
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(labels)
+        {
+            return s.clone();
+        }
+        let s = Arc::new(RequestSeries {
+            requests: self.requests.get_or_create(labels).clone(),
+            duration: self.request_duration.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+        });
+        self.series
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(labels.clone())
+            .or_insert(s)
+            .clone()
     }
 
     /// Prometheus text exposition format 0.0.4 (what `/stats/prometheus` serves).

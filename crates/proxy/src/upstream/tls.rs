@@ -221,8 +221,9 @@ pub fn build(
                 .iter()
                 .filter_map(|s| s.parse().ok())
                 .collect();
-            // Mesh peers: offer h2 and fall back to HTTP/1.1 if the peer does not take it.
-            mesh_client_config(identity, expected, &[b"h2", b"http/1.1"]).map_err(rustls_err)?
+            // The cluster's protocol decides, as for any upstream (Istio
+            // does not upgrade HTTP/1.1 between mesh peers by default).
+            mesh_client_config(identity, expected, alpn).map_err(rustls_err)?
         }
         ClientTlsMode::Simple | ClientTlsMode::Mutual => {
             let builder = ClientConfig::builder_with_provider(provider())
