@@ -3,6 +3,7 @@
 mod ca;
 mod check;
 mod dump;
+mod explain;
 mod iptables_cmd;
 mod run;
 mod standin_cmd;
@@ -33,6 +34,10 @@ enum Command {
     /// (resolution, TLS, expected peer identity), authorization policies and
     /// the outbound traffic policy.
     ConfigDump(DumpArgs),
+    /// Explain one request's path through one proxy, decision by decision:
+    /// listener, route (VirtualService and rule), cluster (resolution, TLS,
+    /// expected identity), authorization, and the result.
+    Explain(Box<explain::ExplainArgs>),
     /// The mesh certificate authority: create a root, issue SPIFFE workload
     /// certificates, serve certificate requests.
     #[command(subcommand)]
@@ -103,10 +108,16 @@ const EXIT_BAD_INPUT: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // Commands that print a report keep the log to warnings.
+    init_logging(if matches!(cli.command, Command::Explain(_)) {
+        "warn"
+    } else {
+        "info"
+    });
     let result = match cli.command {
         Command::Check(args) => check::run(&args),
         Command::ConfigDump(args) => dump::run(&args),
+        Command::Explain(args) => explain::run(&args),
         Command::Ca(cmd) => ca::run(&cmd),
         Command::Gateway(args) => run::run(&args, run::ProxyKind::Gateway, None),
         Command::Sidecar(cmd) => run::run(&cmd.proxy, run::ProxyKind::Sidecar, Some(&cmd.sidecar)),
@@ -124,9 +135,9 @@ fn main() -> ExitCode {
 }
 
 /// Diagnostics go to stderr, filtered by `RUST_LOG` (default `info`).
-fn init_logging() {
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_ansi(std::io::stderr().is_terminal())

@@ -430,3 +430,146 @@ fn iptables_dry_run_prints_istio_init_rules() {
         "{out}"
     );
 }
+
+const GW: &str = "curl-egress-tst/curl-egress-tst-gateway";
+const WORKLOAD: &str = "curl-external-tst/curl-test";
+const TODO: &str = "http://jsonplaceholder.typicode.com/todos/1";
+
+fn explain(args: &[&str]) -> String {
+    let mut all = vec!["explain", "--config", "examples/seed"];
+    all.extend_from_slice(args);
+    let o = meshgate(&all);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "", "a report, not a log");
+    stdout(&o)
+}
+
+fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` line in:\n{out}"))
+}
+
+#[test]
+fn explain_follows_the_seed_request_through_both_proxies() {
+    // The workload's sidecar: the mesh VirtualService sends it to the
+    // gateway's Service over auto mTLS, expecting the gateway's identity.
+    let out = explain(&["--workload", WORKLOAD, TODO]);
+    assert_eq!(
+        line(&out, "2 route"),
+        "2 route    VirtualService curl-external-tst/jsonplaceholder-egress, rule #0, match #0"
+    );
+    let cluster = line(&out, "3 cluster");
+    assert!(
+        cluster.contains("TLS ISTIO_MUTUAL (auto mTLS)")
+            && cluster
+                .contains("expects spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst"),
+        "{out}"
+    );
+    assert_eq!(
+        line(&out, "result"),
+        "result     forwarded to outbound|80||curl-egress-tst.curl-egress-tst.svc.cluster.local"
+    );
+
+    // The gateway: allowed for the curl namespace, TLS origination with SNI.
+    let out = explain(&[
+        "--workload",
+        GW,
+        "--from",
+        "spiffe://cluster.local/ns/curl-external-tst/sa/default",
+        TODO,
+    ]);
+    assert_eq!(
+        line(&out, "1 listener"),
+        "1 listener Gateway curl-egress-tst/egress-gateway server #0"
+    );
+    let cluster = line(&out, "3 cluster");
+    assert!(
+        cluster.contains("resolution DNS")
+            && cluster.contains("TLS Simple, SNI jsonplaceholder.typicode.com")
+            && cluster.contains("DestinationRule curl-egress-tst/jsonplaceholder-tls-origination"),
+        "{out}"
+    );
+    assert!(
+        line(&out, "4 authz").contains(
+            "allowed by the ALLOW policies (curl-egress-tst/allow-curl-external-to-egress)"
+        ),
+        "{out}"
+    );
+    assert_eq!(
+        line(&out, "result"),
+        "result     forwarded to outbound|443||jsonplaceholder.typicode.com"
+    );
+}
+
+#[test]
+fn explain_shows_why_a_request_is_refused() {
+    let result = |args: &[&str]| line(&explain(args), "result").to_owned();
+    // Another namespace, and plaintext (no identity): the policy denies.
+    for from in [
+        &["--from", "spiffe://cluster.local/ns/other/sa/default"][..],
+        &[][..],
+    ] {
+        let mut args = vec!["--workload", GW];
+        args.extend_from_slice(from);
+        args.push(TODO);
+        assert_eq!(result(&args), "result     403 RBAC: access denied");
+    }
+    // REGISTRY_ONLY in the sidecar, naming the Sidecar resource.
+    assert_eq!(
+        result(&["--workload", WORKLOAD, "http://example.com/"]),
+        "result     502: outbound traffic policy REGISTRY_ONLY (Sidecar curl-external-tst/restrict-outbound-traffic) and example.com is not in the registry (route block_all)"
+    );
+    // A port no Gateway server has.
+    assert_eq!(
+        result(&[
+            "--workload",
+            GW,
+            "http://jsonplaceholder.typicode.com:8080/"
+        ]),
+        "result     connection refused: no Gateway server listens on port 8080"
+    );
+    // JSON carries the same result.
+    let json: serde_json::Value = serde_json::from_str(&explain(&[
+        "--workload",
+        WORKLOAD,
+        "--output",
+        "json",
+        "http://example.com/",
+    ]))
+    .unwrap();
+    assert!(
+        json["result"].as_str().unwrap().starts_with("502"),
+        "{json}"
+    );
+}
+
+#[test]
+fn explain_rejects_bad_input_clearly() {
+    let o = meshgate(&["explain", "-c", "examples/seed", "-w", GW, "not-a-url"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("URL \"not-a-url\""), "{}", stderr(&o));
+    let o = meshgate(&["explain", "-c", "examples/seed", "-w", "nope/nope", TODO]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("workload nope/nope not found"),
+        "{}",
+        stderr(&o)
+    );
+    let o = meshgate(&[
+        "explain",
+        "-c",
+        "examples/seed",
+        "-w",
+        GW,
+        "-H",
+        "no-colon",
+        TODO,
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("expected `Name: value`"),
+        "{}",
+        stderr(&o)
+    );
+}

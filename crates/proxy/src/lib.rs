@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod authz;
+pub mod decide;
 pub mod gateway;
 pub mod iptables;
 pub mod proxy;

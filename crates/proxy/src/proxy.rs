@@ -14,12 +14,11 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use meshgate_config::model::networking::OutboundMode;
 use meshgate_telemetry::metrics::Lv;
 use meshgate_telemetry::{AccessLog, EgressLabels, IstioLabels, LogEntry, Metrics};
 
-use crate::authz::{AuthzRequest, Decision, HttpAttributes, authorize};
-use crate::route::{Action, RequestView, Routed, pick_weighted};
+use crate::decide::{Decided, Verdict, decide};
+use crate::route::{Action, RequestView, Routed};
 use crate::state::{Snapshot, unknown};
 use crate::upstream::{UpstreamBody, UpstreamError};
 
@@ -264,13 +263,6 @@ impl Proxy {
             }
         };
         let scheme = if conn.tls { "https" } else { "http" };
-        // An explicit-proxy request names its port in the URI.
-        let listener_port = if conn.explicit {
-            parts.uri.port_u16().unwrap_or(80)
-        } else {
-            conn.listener_port
-        };
-        let listener = snap.listener(listener_port);
         let view = RequestView {
             authority: &authority,
             method: parts.method.as_str(),
@@ -279,48 +271,19 @@ impl Proxy {
             query: &query,
             headers: &parts.headers,
         };
-        // Route first: the chosen cluster names the destination in every
-        // report, denied requests included (as Envoy's stats do).
-        let routed = match (
-            listener.map_or(Routed::NoVirtualHost, |l| l.routes.route(&view)),
-            &snap.allow_any,
-        ) {
-            // ALLOW_ANY: unknown hosts go to the original destination.
-            (Routed::NoVirtualHost, Some(route)) => Routed::Matched {
-                route,
-                matched: None,
-            },
-            (r, _) => r,
-        };
-        let (route_name, cluster) = match &routed {
-            Routed::Matched { route, .. } => {
-                let cluster = match &route.action {
-                    Action::Forward(d) => pick_weighted(d, fastrand::f64()).map(|w| (w.cluster, w)),
-                    _ => None,
-                };
-                (Some(route.name.clone()), cluster)
-            }
-            _ => (None, None),
+        let Decided {
+            listener_port,
+            routed,
+            cluster,
+            authz: decision,
+            verdict,
+            ..
+        } = decide(&snap, conn, parts.uri.port_u16(), &view, fastrand::f64());
+        let route_name = match &routed {
+            Routed::Matched { route, .. } => Some(route.name.clone()),
+            _ => None,
         };
         let entry_for = cluster.and_then(|(i, _)| snap.clusters.get(i).cloned().flatten());
-
-        let decision = authorize(
-            &snap.policies,
-            &AuthzRequest {
-                principal: conn.peer.as_deref(),
-                source_ip: conn.remote.ip(),
-                remote_ip: conn.remote.ip(),
-                destination_ip: conn.local.ip(),
-                destination_port: conn.listener_port,
-                sni: conn.sni.as_deref(),
-                http: Some(HttpAttributes {
-                    host: &authority,
-                    method: parts.method.as_str(),
-                    path: &path,
-                    headers: &parts.headers,
-                }),
-            },
-        );
 
         let request_bytes = parts
             .headers
@@ -352,43 +315,39 @@ impl Proxy {
             })
         });
 
-        let outcome = if let Decision::Deny { .. } = &decision {
-            Outcome::local(
+        let outcome = match (verdict, &routed) {
+            (Verdict::Deny, _) => Outcome::local(
                 local(StatusCode::FORBIDDEN, "RBAC: access denied"),
                 "-",
                 decision.response_code_details().unwrap_or_default(),
-            )
-        } else {
-            match &routed {
-                Routed::Matched { route, matched } => {
-                    self.forward(
-                        &snap,
-                        listener_port,
-                        conn,
-                        route,
-                        *matched,
-                        cluster.map(|(_, w)| w),
-                        &authority,
-                        &path,
-                        &query,
-                        parts,
-                        body,
-                        start,
-                    )
-                    .await
-                }
-                // REGISTRY_ONLY: Istio's `block_all` route answers 502.
-                Routed::NoVirtualHost if snap.outbound == Some(OutboundMode::RegistryOnly) => {
-                    if let Some(e) = entry.as_mut() {
-                        e.route_name = Some("block_all".to_owned());
-                    }
-                    Outcome::local(local(StatusCode::BAD_GATEWAY, ""), "-", "direct_response")
-                }
-                _ => Outcome::local(local(StatusCode::NOT_FOUND, ""), "NR", "route_not_found"),
+            ),
+            (Verdict::Route, Routed::Matched { route, matched }) => {
+                self.forward(
+                    &snap,
+                    listener_port,
+                    conn,
+                    route,
+                    *matched,
+                    cluster.map(|(_, w)| w),
+                    &authority,
+                    &path,
+                    &query,
+                    parts,
+                    body,
+                    start,
+                )
+                .await
             }
+            // REGISTRY_ONLY: Istio's `block_all` route answers 502.
+            (Verdict::Blocked, _) => {
+                if let Some(e) = entry.as_mut() {
+                    e.route_name = Some("block_all".to_owned());
+                }
+                Outcome::local(local(StatusCode::BAD_GATEWAY, ""), "-", "direct_response")
+            }
+            _ => Outcome::local(local(StatusCode::NOT_FOUND, ""), "NR", "route_not_found"),
         };
-        let blocked = matches!(routed, Routed::NoVirtualHost)
-            && snap.outbound == Some(OutboundMode::RegistryOnly);
+        let blocked = verdict == Verdict::Blocked;
 
         let status = outcome.response.status().as_u16();
         if let Some(e) = entry.as_mut() {
