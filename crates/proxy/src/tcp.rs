@@ -413,4 +413,35 @@ mod tests {
         garbage[5] = 2; // not a ClientHello
         assert_eq!(parse_client_hello(&garbage), Hello::NotTls);
     }
+
+    /// Hardening: every byte of a real ClientHello flipped to many values,
+    /// and every length field lied about, parses to an answer, never a
+    /// panic or an out-of-bounds read; an answer of `Complete` only ever
+    /// carries a name that was in the input.
+    #[test]
+    fn mutated_client_hellos_never_panic() {
+        let h = hello("api.example.com");
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        for i in 0..h.len() {
+            for v in [0u8, 1, 0x7f, 0x80, 0xff, h[i].wrapping_add(1), h[i].wrapping_sub(1)] {
+                let mut m = h.clone();
+                m[i] = v;
+                if let Hello::Complete(Some(name)) = parse_client_hello(&m) {
+                    assert!(name.len() <= m.len(), "byte {i}={v:#x}");
+                }
+                // And truncated right after the change.
+                let _ = parse_client_hello(&m[..=i]);
+            }
+        }
+        // Random bytes behind a TLS handshake record header.
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 300) as usize;
+            let mut m = vec![0x16, 3, 1, (len >> 8) as u8, len as u8, 1];
+            m.extend((0..len).map(|j| (seed >> (j % 56)) as u8));
+            let _ = parse_client_hello(&m);
+        }
+    }
 }
