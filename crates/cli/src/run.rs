@@ -13,6 +13,7 @@ use meshgate_config::model::{Config, Kind, Meta, Resource, SourceRef, WorkloadTe
 use meshgate_config::{Level, MeshSettings, fingerprint, load_paths, registry};
 use meshgate_identity::{CertificateAuthority, Source, SpiffeId, WorkloadIdentity};
 use meshgate_proxy::admin::{self, AdminRole, Readiness};
+use meshgate_proxy::drain::Drain;
 use meshgate_proxy::gateway::ListenerSet;
 use meshgate_proxy::proxy::Proxy;
 use meshgate_proxy::state::{BuildContext, Snapshot};
@@ -140,6 +141,10 @@ pub(crate) struct ProxyArgs {
     /// one per core for a gateway.
     #[arg(long, value_name = "N")]
     pub concurrency: Option<usize>,
+    /// On SIGTERM: how long requests in flight may take to finish (Istio's
+    /// terminationDrainDuration). The proxy exits as soon as none are left.
+    #[arg(long, default_value = "5s", value_name = "DURATION")]
+    pub drain_duration: String,
     /// How often to look for config changes and apply them live (0s: never).
     #[arg(long, default_value = "2s", value_name = "DURATION")]
     pub reload_interval: String,
@@ -390,6 +395,10 @@ async fn proxy_main(
         .map_err(anyhow::Error::msg)
         .context("--reload-interval")?
         .as_std();
+    let drain_duration = meshgate_config::model::Duration::parse(&args.drain_duration)
+        .map_err(anyhow::Error::msg)
+        .context("--drain-duration")?
+        .as_std();
     let metrics = Arc::new(Metrics::new());
 
     // Admin ports first, so /healthz/ready answers (not ready) while we start.
@@ -433,6 +442,7 @@ async fn proxy_main(
     }
     let proxy = Arc::new(Proxy {
         state: ArcSwap::from_pointee(snapshot),
+        drain: Drain::default(),
         metrics: metrics.clone(),
         access_log: Arc::new(AccessLog::stdout(match args.access_log_format {
             LogFormat::Text => AccessLogFormat::Text,
@@ -443,6 +453,7 @@ async fn proxy_main(
     });
     let mut listener_addrs: Vec<(u16, SocketAddr)> = Vec::new();
     let mut listeners = None;
+    let mut outbound_task = None;
     match (kind, sidecar) {
         (ProxyKind::Sidecar, Some(s)) => {
             let addr = SocketAddr::new(s.outbound_address, s.outbound_port);
@@ -452,7 +463,10 @@ async fn proxy_main(
             let local = l.local_addr()?;
             tracing::info!(address = %local, "outbound listener bound");
             listener_addrs.push((s.outbound_port, local));
-            tokio::spawn(meshgate_proxy::sidecar::serve(proxy.clone(), l));
+            outbound_task = Some(tokio::spawn(meshgate_proxy::sidecar::serve(
+                proxy.clone(),
+                l,
+            )));
         }
         _ => {
             let mut set = ListenerSet::new(
@@ -491,7 +505,21 @@ async fn proxy_main(
         () = crate::shutdown_signal() => {}
         () = live.watch(reload_interval, listeners.as_mut()) => {}
     }
-    tracing::info!("shutting down");
+
+    // Drain: report not ready, stop accepting, let requests in flight
+    // finish, then exit.
+    let _not_ready = readiness.register("draining");
+    drop(listeners);
+    if let Some(task) = outbound_task {
+        task.abort();
+    }
+    tracing::info!(
+        connections = proxy.drain.open_connections(),
+        limit = ?drain_duration,
+        "draining"
+    );
+    let left = proxy.drain.drain(drain_duration).await;
+    tracing::info!(connections_cut = left, "shutting down");
     Ok(ExitCode::SUCCESS)
 }
 

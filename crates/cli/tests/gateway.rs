@@ -1131,3 +1131,75 @@ fn live_reload_applies_changes_without_dropping_requests() {
     assert!(!ready.contains("8081"), "{ready}");
     assert_eq!(get("other", alt.port()).2, 7, "8081 no longer listens");
 }
+
+#[test]
+fn sigterm_drains_requests_in_flight() {
+    require_root!();
+    let t = setup("gw-drain");
+    let w = world(&t, &[HOST]);
+    let mut gw = start_gateway(
+        &t,
+        &[&seed()],
+        &[
+            "--dns-server",
+            &w.dns.to_string(),
+            "--extra-roots",
+            &w.ca_file,
+            "--drain-duration",
+            "20s",
+        ],
+    );
+    let held = std::thread::scope(|s| {
+        // A request the stand-in holds: in flight when SIGTERM comes.
+        let (cert, key) = (t.path("curl/cert-chain.pem"), t.path("curl/key.pem"));
+        let port = gw.http.port();
+        let held = s.spawn(move || {
+            curl(&[
+                "-k",
+                "--cert",
+                &cert,
+                "--key",
+                &key,
+                "--resolve",
+                &format!("{HOST}:{port}:127.0.0.1"),
+                &format!("https://{HOST}:{port}/hold"),
+            ])
+        });
+        let mut arrived = false;
+        for _ in 0..1000 {
+            if w.seen.all().iter().any(|r| r.path == "/hold") {
+                arrived = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(arrived, "the held request reached the stand-in");
+
+        let pid = gw.proc.child.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        gw.proc.wait_for("draining", Duration::from_secs(10));
+        // Draining: not ready for new traffic, and not accepting it.
+        let (_, code, _) = curl(&[&format!("http://{}/healthz/ready", gw.health)]);
+        assert_eq!(code, "503", "readiness fails while draining");
+        let (_, _, exit) = plain_get(&gw, "/todos/1");
+        assert_eq!(exit, 7, "new connections are refused");
+
+        w.seen.release_held(1);
+        held.join().unwrap()
+    });
+    assert_eq!(
+        (held.1.as_str(), held.0.as_str()),
+        ("200", standin::TODO_1),
+        "the request in flight finished"
+    );
+    let last = gw.proc.wait_for("shutting down", Duration::from_secs(10));
+    assert!(last.contains("connections_cut=0"), "{last}");
+    let status = gw.proc.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}

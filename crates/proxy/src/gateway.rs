@@ -187,6 +187,7 @@ pub async fn serve(
             trust_domain.clone(),
         );
         tokio::spawn(async move {
+            let _open = proxy.drain.connection();
             if let Err(reason) = connection(proxy, mesh, tcp, remote, local, port, &td).await {
                 tracing::debug!(%remote, reason, "connection closed");
             }
@@ -269,13 +270,16 @@ async fn serve_http<I>(proxy: Arc<Proxy>, info: ConnInfo, io: TokioIo<I>) -> Res
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let drain = proxy.drain.clone();
     let info = Arc::new(info);
     let svc = hyper::service::service_fn(move |req| {
         let (proxy, info) = (proxy.clone(), info.clone());
         async move { Ok::<_, Infallible>(proxy.handle(&info, req).await) }
     });
-    crate::proxy::http_server()
-        .serve_connection(io, svc)
-        .await
-        .map_err(|e| e.to_string())
+    let server = crate::proxy::http_server();
+    crate::drain::serve_until_drained(&drain, server.serve_connection(io, svc), |c| {
+        c.graceful_shutdown();
+    })
+    .await
+    .map_err(|e| e.to_string())
 }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod authz;
 pub mod decide;
+pub mod drain;
 pub mod gateway;
 pub mod iptables;
 pub mod proxy;

@@ -47,6 +47,8 @@ pub struct ConnInfo {
 #[derive(Debug)]
 pub struct Proxy {
     pub state: ArcSwap<Snapshot>,
+    /// Graceful shutdown: listeners and connections watch it.
+    pub drain: crate::drain::Drain,
     pub metrics: Arc<Metrics>,
     pub access_log: Arc<AccessLog>,
     /// Report `meshgate_egress_requests_total` (gateways).

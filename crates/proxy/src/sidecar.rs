@@ -49,6 +49,7 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
         let _ = tcp.set_nodelay(true);
         let proxy = proxy.clone();
         tokio::spawn(async move {
+            let _open = proxy.drain.connection();
             if let Err(reason) = connection(proxy, tcp, remote).await {
                 tracing::debug!(%remote, reason, "outbound connection closed");
             }
@@ -110,6 +111,7 @@ async fn connection(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr) -> Re
 }
 
 async fn serve_http(proxy: Arc<Proxy>, info: ConnInfo, tcp: TcpStream) -> Result<(), String> {
+    let drain = proxy.drain.clone();
     let info = Arc::new(info);
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (proxy, info) = (proxy.clone(), info.clone());
@@ -120,10 +122,14 @@ async fn serve_http(proxy: Arc<Proxy>, info: ConnInfo, tcp: TcpStream) -> Result
             Ok(proxy.handle(&info, req).await)
         }
     });
-    crate::proxy::http_server()
-        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
-        .await
-        .map_err(|e| e.to_string())
+    let server = crate::proxy::http_server();
+    crate::drain::serve_until_drained(
+        &drain,
+        server.serve_connection_with_upgrades(TokioIo::new(tcp), svc),
+        |c| c.graceful_shutdown(),
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 fn plain(status: StatusCode, body: &'static str) -> Response<ReportedBody> {

@@ -124,9 +124,17 @@ impl StandinCa {
     }
 }
 
-/// What the HTTPS stand-in saw.
-#[derive(Debug, Clone, Default)]
-pub struct Seen(Arc<Mutex<Vec<SeenRequest>>>);
+/// What the HTTPS stand-in saw. Requests for `/hold` are answered only
+/// when a test releases them (`release_held`), or after 30 s: a request in
+/// flight for as long as a test needs one.
+#[derive(Debug, Clone)]
+pub struct Seen(Arc<Mutex<Vec<SeenRequest>>>, Arc<tokio::sync::Semaphore>);
+
+impl Default for Seen {
+    fn default() -> Self {
+        Seen(Arc::default(), Arc::new(tokio::sync::Semaphore::new(0)))
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeenRequest {
@@ -139,11 +147,16 @@ impl Seen {
     pub fn all(&self) -> Vec<SeenRequest> {
         self.0.lock().map(|v| v.clone()).unwrap_or_default()
     }
+
+    /// Lets `n` held `/hold` requests be answered.
+    pub fn release_held(&self, n: usize) {
+        self.1.add_permits(n);
+    }
 }
 
 fn answer(path: &str) -> Response<Full<Bytes>> {
     let (status, body) = match path {
-        "/todos/1" => (StatusCode::OK, TODO_1),
+        "/todos/1" | "/hold" => (StatusCode::OK, TODO_1),
         _ => (StatusCode::NOT_FOUND, "{}"),
     };
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
@@ -184,7 +197,17 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, seen: Se
                         path: path.clone(),
                     });
                 }
-                async move { Ok::<_, Infallible>(answer(&path)) }
+                let hold = seen.1.clone();
+                async move {
+                    if path == "/hold"
+                        && let Ok(Ok(permit)) =
+                            tokio::time::timeout(std::time::Duration::from_secs(30), hold.acquire())
+                                .await
+                    {
+                        permit.forget();
+                    }
+                    Ok::<_, Infallible>(answer(&path))
+                }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)

@@ -423,7 +423,15 @@ mod tests {
         let h = hello("api.example.com");
         let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
         for i in 0..h.len() {
-            for v in [0u8, 1, 0x7f, 0x80, 0xff, h[i].wrapping_add(1), h[i].wrapping_sub(1)] {
+            for v in [
+                0u8,
+                1,
+                0x7f,
+                0x80,
+                0xff,
+                h[i].wrapping_add(1),
+                h[i].wrapping_sub(1),
+            ] {
                 let mut m = h.clone();
                 m[i] = v;
                 if let Hello::Complete(Some(name)) = parse_client_hello(&m) {
