@@ -277,9 +277,11 @@ where
         async move { Ok::<_, Infallible>(proxy.handle(&info, req).await) }
     });
     let server = crate::proxy::http_server();
-    crate::drain::serve_until_drained(&drain, server.serve_connection(io, svc), |c| {
-        c.graceful_shutdown();
-    })
+    crate::drain::serve_until_drained(
+        &drain,
+        server.serve_connection_with_upgrades(io, svc),
+        |c| c.graceful_shutdown(),
+    )
     .await
     .map_err(|e| e.to_string())
 }

@@ -178,6 +178,44 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::UPGRADE,
 ];
 
+/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection:
+/// upgrade` plus `Upgrade`); CONNECT is handled by the sidecar itself.
+fn upgrade_protocol(parts: &http::request::Parts) -> Option<HeaderValue> {
+    if parts.version != Version::HTTP_11 || parts.method == Method::CONNECT {
+        return None;
+    }
+    let asks = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| parts.headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Copies bytes both ways between an upgraded downstream and upstream
+/// connection until either side closes.
+async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    let (down, up) = match tokio::join!(down, up) {
+        (Ok(d), Ok(u)) => (d, u),
+        (d, u) => {
+            tracing::debug!(
+                downstream = d.is_ok(),
+                upstream = u.is_ok(),
+                "upgrade failed"
+            );
+            return;
+        }
+    };
+    let mut down = hyper_util::rt::TokioIo::new(down);
+    let mut up = hyper_util::rt::TokioIo::new(up);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        tracing::debug!(error = %e, "upgraded connection closed");
+    }
+}
+
 fn request_id() -> String {
     let v = fastrand::u128(..);
     let h = format!("{v:032x}");
@@ -516,8 +554,21 @@ impl Proxy {
                 );
             }
         };
+        // An HTTP/1.1 upgrade (WebSocket and the like) keeps its Upgrade and
+        // Connection headers and, once the upstream answers 101, becomes a
+        // byte tunnel through every hop, as Envoy's upgrade_configs do.
+        let upgrade = upgrade_protocol(&parts).filter(|_| !entry.cluster.is_h2());
+        let downstream_upgrade = upgrade
+            .as_ref()
+            .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
         for h in &HOP_BY_HOP {
             parts.headers.remove(h);
+        }
+        if let Some(proto) = &upgrade {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, proto.clone());
         }
         let h2 = entry.cluster.is_h2();
         if h2 {
@@ -619,9 +670,24 @@ impl Proxy {
                     .get::<crate::upstream::UpstreamAddr>()
                     .map(|a| a.0);
                 let elapsed = start.elapsed().as_millis();
+                let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                let mut resp = resp;
+                let upstream_upgrade = switching
+                    .then(|| resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>())
+                    .flatten();
                 let (mut rparts, rbody) = resp.into_parts();
+                let upgraded_to = rparts.headers.get(header::UPGRADE).cloned();
                 for h in &HOP_BY_HOP {
                     rparts.headers.remove(h);
+                }
+                if let (Some(down), Some(up), Some(proto)) =
+                    (downstream_upgrade, upstream_upgrade, upgraded_to)
+                {
+                    rparts
+                        .headers
+                        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    rparts.headers.insert(header::UPGRADE, proto);
+                    tokio::spawn(tunnel(down, up));
                 }
                 if let Ok(v) = HeaderValue::from_str(&elapsed.to_string()) {
                     rparts.headers.insert("x-envoy-upstream-service-time", v);

@@ -168,6 +168,29 @@ fn answer(path: &str) -> Response<Full<Bytes>> {
     r
 }
 
+/// `/upgrade` with `Connection: upgrade`: answers 101 and echoes every byte
+/// back on the upgraded connection (a stand-in for a WebSocket server).
+fn echo_upgrade(req: &mut Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    let proto = req.headers().get(header::UPGRADE)?.clone();
+    if req.uri().path() != "/upgrade" {
+        return None;
+    }
+    let on = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on.await else { return };
+        let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    r.headers_mut().insert(
+        header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    r.headers_mut().insert(header::UPGRADE, proto);
+    Some(r)
+}
+
 /// Serves HTTPS on `listener` until dropped, answering like the external API.
 pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, seen: Seen) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -181,7 +204,8 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, seen: Se
                 return;
             };
             let sni = stream.get_ref().1.server_name().map(str::to_owned);
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let upgrade = echo_upgrade(&mut req);
                 let host = req
                     .headers()
                     .get(header::HOST)
@@ -199,6 +223,9 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, seen: Se
                 }
                 let hold = seen.1.clone();
                 async move {
+                    if let Some(resp) = upgrade {
+                        return Ok(resp);
+                    }
                     if path == "/hold"
                         && let Ok(Ok(permit)) =
                             tokio::time::timeout(std::time::Duration::from_secs(30), hold.acquire())
@@ -210,7 +237,7 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, seen: Se
                 }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await;
         });
     }
