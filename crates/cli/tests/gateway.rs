@@ -1258,3 +1258,42 @@ fn upgrades_tunnel_through_sidecar_and_gateway() {
         "the stand-in answered the upgrade over TLS with SNI"
     );
 }
+
+/// Istio does not upgrade HTTP/1.1 to h2 between mesh peers unless a
+/// DestinationRule says `h2UpgradePolicy: UPGRADE`; then the sidecar speaks
+/// h2 (ALPN inside mutual TLS) to the gateway.
+#[test]
+fn h2_upgrade_policy_makes_the_sidecar_speak_h2_to_the_gateway() {
+    require_root!();
+    let t = setup("gw-h2up");
+    let w = world(&t, &[HOST]);
+    let dr = t.path("h2.yaml");
+    std::fs::write(
+        &dr,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: gateway-h2, namespace: curl-external-tst}\nspec:\n  host: curl-egress-tst.curl-egress-tst.svc.cluster.local\n  trafficPolicy:\n    connectionPool:\n      http: {h2UpgradePolicy: UPGRADE}\n",
+    )
+    .unwrap();
+    let gw = start_gateway(
+        &t,
+        &[&seed()],
+        &[
+            "--dns-server",
+            &w.dns.to_string(),
+            "--extra-roots",
+            &w.ca_file,
+        ],
+    );
+    let (_sidecar, port) = start_sidecar(&t, &[&seed(), &dr], &gw, &[]);
+    for _ in 0..2 {
+        let (body, code, _) = curl(&[
+            "-x",
+            &format!("http://127.0.0.1:{port}"),
+            &format!("http://{HOST}/todos/1"),
+        ]);
+        assert_eq!((code.as_str(), body.as_str()), ("200", standin::TODO_1));
+    }
+    let line = gw
+        .proc
+        .wait_for("\"GET /todos/1 HTTP/2\" 200", Duration::from_secs(10));
+    assert!(line.ends_with(CURL_ID), "{line}");
+}
