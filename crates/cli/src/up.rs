@@ -115,6 +115,9 @@ enum Event {
 /// Everything to remove on the way out, in reverse order of creation.
 #[derive(Default)]
 struct Cleanup {
+    /// Host-side veths: deleted explicitly, because the kernel removes the
+    /// interfaces of a deleted namespace asynchronously.
+    links: Vec<String>,
     namespaces: Vec<String>,
     netns_etc: Vec<PathBuf>,
     dirs: Vec<PathBuf>,
@@ -127,6 +130,12 @@ impl Cleanup {
         for pgid in self.pgids.drain(..) {
             let _ = std::process::Command::new("kill")
                 .args(["-KILL", "--", &format!("-{pgid}")])
+                .stderr(Stdio::null())
+                .status();
+        }
+        for link in self.links.drain(..) {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &link])
                 .stderr(Stdio::null())
                 .status();
         }
@@ -492,6 +501,7 @@ async fn up(
         ip(&[
             "link", "add", &host_if, "type", "veth", "peer", "name", "hostp", "netns", &hub,
         ])?;
+        cleanup.links.push(host_if.clone());
         ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &host_if])?;
         ip(&["link", "set", &host_if, "up"])?;
         netns_exec(&hub, &["ip", "link", "set", "hostp", "master", "br0"])?;
