@@ -169,6 +169,15 @@ impl Body for ReportedBody {
 }
 
 /// Envoy's hop-by-hop headers, never forwarded.
+// Header names the request path sets, built once: inserting by `&str`
+// copies a custom name on every request.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
+    HeaderName::from_static("x-envoy-upstream-service-time");
+
 const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -216,17 +225,27 @@ async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) 
     }
 }
 
-fn request_id() -> String {
+/// A random UUID v4 for `x-request-id`, formatted without allocating
+/// (the header value is the one copy).
+fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let v = fastrand::u128(..);
-    let h = format!("{v:032x}");
-    format!(
-        "{}-{}-4{}-a{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[13..16],
-        &h[17..20],
-        &h[20..32]
-    )
+    let mut out = [0u8; 36];
+    let mut nibble = 0;
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = match i {
+            8 | 13 | 18 | 23 => b'-',
+            14 => b'4',
+            19 => b'a',
+            _ => {
+                let d = ((v >> (4 * nibble)) & 0xf) as usize;
+                nibble += 1;
+                HEX[d]
+            }
+        };
+    }
+    // Hex digits and dashes are always a valid header value.
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// A locally generated response (`server: meshgate`).
@@ -288,20 +307,9 @@ impl Proxy {
             .to_owned();
         let path = parts.uri.path().to_owned();
         let query = parts.uri.query().unwrap_or("").to_owned();
-        let request_id = match parts
-            .headers
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(id) => id.to_owned(),
-            None => {
-                let id = request_id();
-                if let Ok(v) = HeaderValue::from_str(&id) {
-                    parts.headers.insert("x-request-id", v);
-                }
-                id
-            }
-        };
+        if !parts.headers.contains_key(&X_REQUEST_ID) {
+            parts.headers.insert(X_REQUEST_ID, new_request_id());
+        }
         let scheme = if conn.tls { "https" } else { "http" };
         let view = RequestView {
             authority: &authority,
@@ -344,7 +352,7 @@ impl Proxy {
                 protocol: Some(version_str(parts.version)),
                 x_forwarded_for: header_string(&parts.headers, "x-forwarded-for"),
                 user_agent: header_string(&parts.headers, "user-agent"),
-                request_id: Some(request_id.clone()),
+                request_id: header_string(&parts.headers, "x-request-id"),
                 authority: Some(authority.clone()),
                 downstream_local_address: Some(conn.original_dst.unwrap_or(conn.local)),
                 downstream_remote_address: Some(conn.remote),
@@ -579,10 +587,10 @@ impl Proxy {
         if new_path.is_some()
             && let Ok(v) = HeaderValue::from_str(path)
         {
-            parts.headers.insert("x-envoy-original-path", v);
+            parts.headers.insert(X_ENVOY_ORIGINAL_PATH, v);
         }
         parts.headers.insert(
-            "x-forwarded-proto",
+            X_FORWARDED_PROTO,
             HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
         );
         append_forwarded_for(&mut parts.headers, conn.remote);
@@ -690,7 +698,7 @@ impl Proxy {
                     tokio::spawn(tunnel(down, up));
                 }
                 if let Ok(v) = HeaderValue::from_str(&elapsed.to_string()) {
-                    rparts.headers.insert("x-envoy-upstream-service-time", v);
+                    rparts.headers.insert(X_ENVOY_UPSTREAM_SERVICE_TIME, v);
                 }
                 route.response_headers.apply(&mut rparts.headers);
                 dest.response_headers.apply(&mut rparts.headers);
@@ -764,12 +772,12 @@ fn parts_protocol(o: &Outcome) -> &'static str {
 
 fn append_forwarded_for(headers: &mut HeaderMap, remote: SocketAddr) {
     let ip = remote.ip().to_string();
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev},{ip}"),
         None => ip,
     };
     if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
 }
 
@@ -803,3 +811,27 @@ pub fn http_server() -> hyper_util::server::conn::auto::Builder<hyper_util::rt::
 
 /// How long to wait for a client's first bytes before giving up.
 pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_uuid_v4_and_differ() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_ne!(a, b);
+        let s = a.to_str().unwrap_or_default();
+        let groups: Vec<&str> = s.split('-').collect();
+        assert_eq!(
+            groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12],
+            "{s}"
+        );
+        assert!(
+            groups[2].starts_with('4') && groups[3].starts_with('a'),
+            "{s}"
+        );
+        assert!(s.chars().all(|c| c == '-' || c.is_ascii_hexdigit()), "{s}");
+    }
+}
