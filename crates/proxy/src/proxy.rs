@@ -298,25 +298,27 @@ impl Proxy {
         let start_time = SystemTime::now();
         let snap = self.state.load_full();
         let (mut parts, body) = req.into_parts();
-        let authority = parts
-            .headers
-            .get(header::HOST)
+        // Cheap clones (shared buffers), so the request can move on while
+        // these are borrowed.
+        let uri = parts.uri.clone();
+        let host_header = parts.headers.get(header::HOST).cloned();
+        let authority: &str = host_header
+            .as_ref()
             .and_then(|h| h.to_str().ok())
-            .or_else(|| parts.uri.authority().map(|a| a.as_str()))
-            .unwrap_or("")
-            .to_owned();
-        let path = parts.uri.path().to_owned();
-        let query = parts.uri.query().unwrap_or("").to_owned();
+            .or_else(|| uri.authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let path = uri.path();
+        let query = uri.query().unwrap_or("");
         if !parts.headers.contains_key(&X_REQUEST_ID) {
             parts.headers.insert(X_REQUEST_ID, new_request_id());
         }
         let scheme = if conn.tls { "https" } else { "http" };
         let view = RequestView {
-            authority: &authority,
+            authority,
             method: parts.method.as_str(),
             scheme,
-            path: &path,
-            query: &query,
+            path,
+            query,
             headers: &parts.headers,
         };
         let Decided {
@@ -347,13 +349,13 @@ impl Proxy {
                     parts
                         .uri
                         .path_and_query()
-                        .map_or_else(|| path.clone(), |p| p.as_str().to_owned()),
+                        .map_or_else(|| path.to_owned(), |p| p.as_str().to_owned()),
                 ),
                 protocol: Some(version_str(parts.version)),
                 x_forwarded_for: header_string(&parts.headers, "x-forwarded-for"),
                 user_agent: header_string(&parts.headers, "user-agent"),
                 request_id: header_string(&parts.headers, "x-request-id"),
-                authority: Some(authority.clone()),
+                authority: Some(authority.to_owned()),
                 downstream_local_address: Some(conn.original_dst.unwrap_or(conn.local)),
                 downstream_remote_address: Some(conn.remote),
                 requested_server_name: conn.sni.as_deref().map(str::to_owned),
@@ -377,9 +379,9 @@ impl Proxy {
                     route,
                     *matched,
                     cluster.map(|(_, w)| w),
-                    &authority,
-                    &path,
-                    &query,
+                    authority,
+                    path,
+                    query,
                     parts,
                     body,
                     start,
@@ -414,7 +416,7 @@ impl Proxy {
             if blocked {
                 crate::state::BLACKHOLE_CLUSTER
             } else {
-                &authority
+                authority
             },
             status,
             outcome.flags,
@@ -430,7 +432,7 @@ impl Proxy {
             },
             destination_service_name: entry_for
                 .as_ref()
-                .map_or_else(|| Arc::from(host_only(&authority)), |c| c.host.clone()),
+                .map_or_else(|| Arc::from(host_only(authority)), |c| c.host.clone()),
             response_code: status,
             decision: decision.label(),
         });
@@ -532,35 +534,39 @@ impl Proxy {
 
         // The upstream request head.
         let new_path = route.rewrite_path(matched, path);
-        let out_authority = route
-            .authority_rewrite
-            .as_deref()
-            .unwrap_or(authority)
-            .to_owned();
+        let out_authority: &str = route.authority_rewrite.as_deref().unwrap_or(authority);
         let path_and_query = match (&new_path, query) {
-            (Some(p), "") => p.clone(),
-            (Some(p), q) => format!("{p}?{q}"),
-            (None, _) => parts
+            (Some(p), "") => http::uri::PathAndQuery::try_from(p.as_str()),
+            (Some(p), q) => http::uri::PathAndQuery::try_from(format!("{p}?{q}")),
+            (None, _) => Ok(parts
                 .uri
                 .path_and_query()
-                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))),
         };
         // The URI's authority picks the connection (pool key, HTTP/2
         // :authority); for the PassthroughCluster it is where the
         // application was connecting.
         let connect_authority = match (snap.passthrough == Some(dest.cluster), conn.original_dst) {
-            (true, Some(orig)) => orig.to_string(),
-            _ => out_authority.clone(),
+            (true, Some(orig)) => http::uri::Authority::try_from(orig.to_string()),
+            _ => http::uri::Authority::try_from(out_authority),
         };
-        let uri: http::Uri = match format!("http://{connect_authority}{path_and_query}").parse() {
-            Ok(u) => u,
-            Err(_) => {
-                return Outcome::local(
-                    local(StatusCode::BAD_REQUEST, "bad request"),
-                    "DPE",
-                    "invalid_authority",
-                );
+        let uri = match (connect_authority, path_and_query) {
+            (Ok(a), Ok(pq)) => {
+                let mut p = http::uri::Parts::default();
+                p.scheme = Some(http::uri::Scheme::HTTP);
+                p.authority = Some(a);
+                p.path_and_query = Some(pq);
+                http::Uri::from_parts(p).ok()
             }
+            _ => None,
+        };
+        let Some(uri) = uri else {
+            return Outcome::local(
+                local(StatusCode::BAD_REQUEST, "bad request"),
+                "DPE",
+                "invalid_authority",
+            );
         };
         // An HTTP/1.1 upgrade (WebSocket and the like) keeps its Upgrade and
         // Connection headers and, once the upstream answers 101, becomes a
@@ -581,7 +587,10 @@ impl Proxy {
         let h2 = entry.cluster.is_h2();
         if h2 {
             parts.headers.remove(header::HOST);
-        } else if let Ok(v) = HeaderValue::from_str(&out_authority) {
+        } else if parts.headers.get(header::HOST).map(HeaderValue::as_bytes)
+            != Some(out_authority.as_bytes())
+            && let Ok(v) = HeaderValue::from_str(out_authority)
+        {
             parts.headers.insert(header::HOST, v);
         }
         if new_path.is_some()
