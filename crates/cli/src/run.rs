@@ -493,11 +493,11 @@ async fn proxy_main(
         admin: admin_addrs,
     };
     ready.write(&listener_addrs)?;
-    let live = Live {
+    let mut live = Live {
         args,
         kind,
         id: &id,
-        ctx: &ctx,
+        ctx,
         proxy: &proxy,
         ready: &ready,
     };
@@ -557,17 +557,25 @@ struct Live<'a> {
     args: &'a ProxyArgs,
     kind: ProxyKind,
     id: &'a SpiffeId,
-    ctx: &'a BuildContext,
+    ctx: BuildContext,
     proxy: &'a Arc<Proxy>,
     ready: &'a ReadyFile,
 }
 
 impl Live<'_> {
-    async fn watch(&self, interval: Duration, mut listeners: Option<&mut ListenerSet>) {
+    async fn watch(&mut self, interval: Duration, mut listeners: Option<&mut ListenerSet>) {
         if interval.is_zero() {
             return std::future::pending().await;
         }
-        let fingerprint = || fingerprint(&self.args.config).map_err(|e| e.to_string());
+        // The config, and the --endpoints file: both feed the snapshot.
+        let watched: Vec<PathBuf> = self
+            .args
+            .config
+            .iter()
+            .chain(&self.args.endpoints)
+            .cloned()
+            .collect();
+        let fingerprint = || fingerprint(&watched).map_err(|e| e.to_string());
         let mut last = fingerprint();
         loop {
             tokio::time::sleep(interval).await;
@@ -586,7 +594,7 @@ impl Live<'_> {
         }
     }
 
-    async fn reload(&self, listeners: Option<&mut ListenerSet>) -> anyhow::Result<()> {
+    async fn reload(&mut self, listeners: Option<&mut ListenerSet>) -> anyhow::Result<()> {
         // Off the proxy's threads: parsing a large config takes a while.
         let (args, kind, mesh) = (self.args.clone(), self.kind, self.ctx.mesh.clone());
         let config = tokio::task::spawn_blocking(move || prepare_config(&args, kind, &mesh))
@@ -599,19 +607,25 @@ impl Live<'_> {
                 self.id
             );
         }
+        let mut ctx = self.ctx.clone();
+        if let Some(p) = &self.args.endpoints {
+            ctx.endpoints = parse_endpoints(p)?;
+        }
         let old = self.proxy.state.load_full();
         let snap = Arc::new(Snapshot::rebuild(
             &config,
             &self.args.workload,
-            self.ctx,
+            &ctx,
             Some(&old),
         )?);
         let Some(set) = listeners else {
             self.proxy.state.store(snap);
+            self.ctx = ctx;
             return Ok(());
         };
         let prepared = set.prepare(&snap).await?;
         self.proxy.state.store(snap.clone());
+        self.ctx = ctx;
         set.apply(self.proxy, &snap, prepared);
         self.ready.write(&set.addresses())
     }

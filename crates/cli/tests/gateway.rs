@@ -1297,3 +1297,61 @@ fn h2_upgrade_policy_makes_the_sidecar_speak_h2_to_the_gateway() {
         .wait_for("\"GET /todos/1 HTTP/2\" 200", Duration::from_secs(10));
     assert!(line.ends_with(CURL_ID), "{line}");
 }
+
+/// The --endpoints file is watched like the config: pointing a Service at
+/// its gateway's address takes effect without a restart.
+#[test]
+fn live_reload_follows_the_endpoints_file() {
+    require_root!();
+    let t = setup("gw-reload-ep");
+    let w = world(&t, &[HOST]);
+    let gw = start_gateway(
+        &t,
+        &[&seed()],
+        &[
+            "--dns-server",
+            &w.dns.to_string(),
+            "--extra-roots",
+            &w.ca_file,
+        ],
+    );
+    let (sidecar, port) = start_sidecar(&t, &[&seed()], &gw, &["--reload-interval", "50ms"]);
+    let get = || {
+        curl(&[
+            "-x",
+            &format!("http://127.0.0.1:{port}"),
+            &format!("http://{HOST}/todos/1"),
+        ])
+    };
+    assert_eq!(get().1, "200");
+
+    // The gateway's Service now points at a port nothing listens on
+    // (bound and closed here, so it is free and refuses).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let endpoints = t.path("endpoints");
+    std::fs::write(
+        format!("{endpoints}.tmp"),
+        format!("curl-egress-tst.curl-egress-tst.svc.cluster.local:80 {closed}\n"),
+    )
+    .unwrap();
+    std::fs::rename(format!("{endpoints}.tmp"), &endpoints).unwrap();
+    sidecar.wait_for("config reloaded", Duration::from_secs(10));
+    let (body, code, _) = get();
+    assert_eq!(code, "503", "{body}");
+
+    // And back.
+    std::fs::write(
+        format!("{endpoints}.tmp"),
+        format!(
+            "curl-egress-tst.curl-egress-tst.svc.cluster.local:80 {}\n",
+            gw.http
+        ),
+    )
+    .unwrap();
+    std::fs::rename(format!("{endpoints}.tmp"), &endpoints).unwrap();
+    sidecar.wait_for("config reloaded", Duration::from_secs(10));
+    assert_eq!(get().1, "200");
+}
