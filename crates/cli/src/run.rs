@@ -450,6 +450,7 @@ async fn proxy_main(
             LogFormat::Off => AccessLogFormat::Off,
         })),
         egress_metric: kind == ProxyKind::Gateway,
+        use_remote_address: kind == ProxyKind::Gateway,
     });
     let mut listener_addrs: Vec<(u16, SocketAddr)> = Vec::new();
     let mut listeners = None;

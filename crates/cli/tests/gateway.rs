@@ -1355,3 +1355,39 @@ fn live_reload_follows_the_endpoints_file() {
     sidecar.wait_for("config reloaded", Duration::from_secs(10));
     assert_eq!(get().1, "200");
 }
+
+/// As Istio configures Envoy: the gateway (use_remote_address) appends its
+/// downstream's address to x-forwarded-for; the sidecar passes it through.
+#[test]
+fn x_forwarded_for_is_appended_by_the_gateway_only() {
+    require_root!();
+    let t = setup("gw-xff");
+    let w = world(&t, &[HOST]);
+    let gw = start_gateway(
+        &t,
+        &[&seed()],
+        &[
+            "--dns-server",
+            &w.dns.to_string(),
+            "--extra-roots",
+            &w.ca_file,
+        ],
+    );
+    let (_sidecar, port) = start_sidecar(&t, &[&seed()], &gw, &[]);
+    let proxy = format!("http://127.0.0.1:{port}");
+    let url = format!("http://{HOST}/todos/1");
+    assert_eq!(curl(&["-x", &proxy, &url]).1, "200");
+    assert_eq!(
+        curl(&["-x", &proxy, "-H", "X-Forwarded-For: 203.0.113.7", &url]).1,
+        "200"
+    );
+    let seen: Vec<Option<String>> = w.seen.all().into_iter().map(|r| r.forwarded_for).collect();
+    assert_eq!(
+        seen,
+        [
+            Some("127.0.0.1".to_owned()),
+            Some("203.0.113.7,127.0.0.1".to_owned())
+        ],
+        "one address added, by the gateway (the sidecar's)"
+    );
+}

@@ -53,6 +53,10 @@ pub struct Proxy {
     pub access_log: Arc<AccessLog>,
     /// Report `meshgate_egress_requests_total` (gateways).
     pub egress_metric: bool,
+    /// Envoy's `use_remote_address`: append the downstream address to
+    /// `x-forwarded-for`. Istio sets it on gateways; sidecars pass the
+    /// header through unchanged.
+    pub use_remote_address: bool,
 }
 
 /// Response bodies: an upstream's, or one we made.
@@ -602,7 +606,9 @@ impl Proxy {
             X_FORWARDED_PROTO,
             HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
         );
-        append_forwarded_for(&mut parts.headers, conn.remote);
+        if self.use_remote_address {
+            append_forwarded_for(&mut parts.headers, conn.remote);
+        }
         route.request_headers.apply(&mut parts.headers);
         dest.request_headers.apply(&mut parts.headers);
 

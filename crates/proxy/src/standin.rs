@@ -141,6 +141,8 @@ pub struct SeenRequest {
     pub sni: Option<String>,
     pub host: Option<String>,
     pub path: String,
+    /// The `x-forwarded-for` the proxies passed on.
+    pub forwarded_for: Option<String>,
 }
 
 impl Seen {
@@ -213,12 +215,18 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, seen: Se
                     .map(str::to_owned)
                     .or_else(|| req.uri().authority().map(|a| a.to_string()));
                 let path = req.uri().path().to_owned();
+                let forwarded_for = req
+                    .headers()
+                    .get("x-forwarded-for")
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned);
                 tracing::info!(sni = sni.as_deref().unwrap_or("-"), host = host.as_deref().unwrap_or("-"), %path, "stand-in request");
                 if let Ok(mut v) = seen.0.lock() {
                     v.push(SeenRequest {
                         sni: sni.clone(),
                         host,
                         path: path.clone(),
+                        forwarded_for,
                     });
                 }
                 let hold = seen.1.clone();
