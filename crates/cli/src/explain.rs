@@ -16,10 +16,10 @@ use meshgate_config::registry::ProxyKind;
 use meshgate_config::{MeshSettings, registry, view};
 use meshgate_identity::{CertificateAuthority, Source, SpiffeId, WorkloadIdentity};
 use meshgate_proxy::authz::Decision;
-use meshgate_proxy::decide::{Verdict, decide};
+use meshgate_proxy::decide::{TlsVerdict, Verdict, decide, decide_tls};
 use meshgate_proxy::proxy::ConnInfo;
 use meshgate_proxy::route::{Action, RequestView, Routed};
-use meshgate_proxy::state::{BuildContext, Snapshot};
+use meshgate_proxy::state::{BuildContext, ListenerTls, Snapshot};
 use meshgate_proxy::upstream::dns::Resolver;
 use meshgate_proxy::upstream::tls::DefaultRoots;
 
@@ -152,6 +152,17 @@ pub(crate) fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
         query,
         headers: &headers,
     };
+    // TLS the proxy does not terminate (a sidecar always passes the
+    // application's own TLS through; a gateway on a PASSTHROUGH server) is
+    // decided by SNI alone.
+    let passthrough = scheme == "https"
+        && (!is_gateway
+            || snap
+                .listener(port)
+                .is_some_and(|l| matches!(l.tls, ListenerTls::Passthrough)));
+    if passthrough {
+        return explain_tls(args, &snap, is_gateway, &id, port, authority.host());
+    }
     let d = decide(&snap, &conn, Some(port), &req, 0.0);
 
     // Facts, in the order the proxy meets them.
@@ -162,10 +173,18 @@ pub(crate) fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
     };
     let (route, destinations) = match &d.routed {
         Routed::Matched { route, matched } => {
-            let vs = route.virtual_service.as_deref().map_or_else(
-                || "outbound traffic policy ALLOW_ANY".to_owned(),
-                |v| format!("VirtualService {v}"),
-            );
+            let allow_any = snap
+                .allow_any
+                .as_ref()
+                .is_some_and(|a| std::ptr::eq(a, *route));
+            let vs = match (&route.virtual_service, allow_any) {
+                (Some(v), _) => format!("VirtualService {v}"),
+                (None, true) => "outbound traffic policy ALLOW_ANY".to_owned(),
+                (None, false) => {
+                    "default route of the service (no VirtualService for this host and port)"
+                        .to_owned()
+                }
+            };
             let which = matched.map_or_else(String::new, |m| format!(", match #{m}"));
             let dests = match &route.action {
                 Action::Forward(ws) => ws
@@ -300,5 +319,69 @@ pub(crate) fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
     }
     let _ = writeln!(out, "result     {result}");
     print!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The SNI-only path of a TLS connection the proxy passes through.
+fn explain_tls(
+    args: &ExplainArgs,
+    snap: &Snapshot,
+    is_gateway: bool,
+    id: &SpiffeId,
+    port: u16,
+    sni: &str,
+) -> anyhow::Result<ExitCode> {
+    let d = decide_tls(snap, port, sni, 0.0);
+    let listener = match d.listener {
+        Some(l) => l.origin.clone(),
+        None if is_gateway => format!("no Gateway server on port {port}"),
+        None => format!("no mesh listener for port {port}"),
+    };
+    let route = d.route.map_or_else(
+        || format!("no tls route for SNI {sni}"),
+        |r| format!("tls route {} (SNI {sni})", r.name),
+    );
+    let cluster = d
+        .cluster
+        .and_then(|(i, _)| snap.cluster_names.get(i))
+        .map(|n| n.to_string());
+    let result = match d.verdict {
+        TlsVerdict::Route => format!(
+            "TLS passed through to {}: the session is the workload's own, the proxy reads only SNI",
+            cluster.as_deref().unwrap_or("?")
+        ),
+        TlsVerdict::OriginalDestination => {
+            "TLS passed through to the original destination (PassthroughCluster)".to_owned()
+        }
+        TlsVerdict::Blocked => format!(
+            "connection closed: outbound traffic policy REGISTRY_ONLY ({}) and no route for SNI {sni} (BlackHoleCluster)",
+            snap.view.outbound_traffic_policy.source
+        ),
+        TlsVerdict::NoRoute => format!("connection closed: no route for SNI {sni} (NR)"),
+    };
+    if args.output == Output::Json {
+        let json = serde_json::json!({
+            "request": {"url": args.url, "sni": sni},
+            "proxy": {"workload": args.workload, "kind": if is_gateway {"gateway"} else {"sidecar"}, "identity": id.to_string()},
+            "listener": listener,
+            "route": route,
+            "cluster": cluster,
+            "result": result,
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("request    TLS to {} (SNI {sni})", args.url);
+    println!(
+        "proxy      {} of {} ({id})",
+        if is_gateway { "gateway" } else { "sidecar" },
+        args.workload
+    );
+    println!("1 listener {listener}");
+    println!("2 route    {route}");
+    if let Some(c) = &cluster {
+        println!("3 cluster  {c}");
+    }
+    println!("result     {result}");
     Ok(ExitCode::SUCCESS)
 }

@@ -520,6 +520,26 @@ fn explain_shows_why_a_request_is_refused() {
         result(&["--workload", WORKLOAD, "http://example.com/"]),
         "result     502: outbound traffic policy REGISTRY_ONLY (Sidecar curl-external-tst/restrict-outbound-traffic) and example.com is not in the registry (route block_all)"
     );
+    // The workload's own TLS: the sidecar reads only SNI; with no tls route
+    // (443 is declared HTTP here) REGISTRY_ONLY closes the connection.
+    assert_eq!(
+        result(&[
+            "--workload",
+            WORKLOAD,
+            "https://jsonplaceholder.typicode.com/"
+        ]),
+        "result     connection closed: outbound traffic policy REGISTRY_ONLY (Sidecar curl-external-tst/restrict-outbound-traffic) and no route for SNI jsonplaceholder.typicode.com (BlackHoleCluster)"
+    );
+    // Plain HTTP to 443: the service's default route, no VirtualService.
+    let out = explain(&[
+        "--workload",
+        WORKLOAD,
+        "http://jsonplaceholder.typicode.com:443/",
+    ]);
+    assert_eq!(
+        line(&out, "2 route"),
+        "2 route    default route of the service (no VirtualService for this host and port), rule default"
+    );
     // A port no Gateway server has.
     assert_eq!(
         result(&[

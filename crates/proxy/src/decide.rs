@@ -4,11 +4,12 @@
 //! on it; `meshgate explain` prints it.
 
 use meshgate_config::model::networking::OutboundMode;
+use meshgate_config::registry::Protocol;
 
 use crate::authz::{AuthzRequest, Decision, HttpAttributes, authorize};
 use crate::proxy::ConnInfo;
 use crate::route::{Action, RequestView, Routed, WeightedCluster, pick_weighted};
-use crate::state::{ListenerState, Snapshot};
+use crate::state::{ListenerState, Snapshot, TlsRoute};
 
 /// What the proxy does with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +104,58 @@ pub fn decide<'s>(
         routed,
         cluster,
         authz,
+        verdict,
+    }
+}
+
+/// What happens to a TLS connection the proxy does not terminate: it reads
+/// only the SNI and passes the bytes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVerdict {
+    /// A `tls` route matched the SNI: to its destination.
+    Route,
+    /// To where the application was connecting: ALLOW_ANY
+    /// (PassthroughCluster), or a TCP port of a registered service.
+    OriginalDestination,
+    /// REGISTRY_ONLY and no route: closed (BlackHoleCluster).
+    Blocked,
+    /// A gateway with no route for this SNI: closed (NR).
+    NoRoute,
+}
+
+#[derive(Debug)]
+pub struct TlsDecided<'s> {
+    pub listener: Option<&'s ListenerState>,
+    pub route: Option<&'s TlsRoute>,
+    pub cluster: Option<(usize, &'s WeightedCluster)>,
+    pub verdict: TlsVerdict,
+}
+
+/// Decides a passed-through TLS connection by its SNI. `pick` in [0, 1)
+/// chooses among weighted destinations.
+pub fn decide_tls<'s>(
+    snap: &'s Snapshot,
+    listener_port: u16,
+    sni: &str,
+    pick: f64,
+) -> TlsDecided<'s> {
+    let listener = snap.listener(listener_port);
+    let route = listener.and_then(|l| TlsRoute::find(&l.tls_routes, sni));
+    let cluster = route
+        .and_then(|r| pick_weighted(&r.destinations, pick))
+        .map(|w| (w.cluster, w));
+    let registered_tcp = listener.is_some_and(|l| l.protocol == Protocol::Tcp);
+    let verdict = match (cluster, snap.outbound) {
+        (Some(_), _) => TlsVerdict::Route,
+        (None, Some(_)) if registered_tcp => TlsVerdict::OriginalDestination,
+        (None, Some(OutboundMode::AllowAny)) => TlsVerdict::OriginalDestination,
+        (None, Some(OutboundMode::RegistryOnly)) => TlsVerdict::Blocked,
+        (None, None) => TlsVerdict::NoRoute,
+    };
+    TlsDecided {
+        listener,
+        route,
+        cluster,
         verdict,
     }
 }

@@ -15,8 +15,7 @@ use tokio::net::TcpStream;
 
 use crate::authz::{AuthzRequest, Decision, authorize};
 use crate::proxy::{ConnInfo, Proxy};
-use crate::route::pick_weighted;
-use crate::state::{BLACKHOLE_CLUSTER, ClusterEntry, Snapshot, TlsRoute};
+use crate::state::{BLACKHOLE_CLUSTER, ClusterEntry, Snapshot};
 
 /// A TLS record is at most 16 KiB plus its 5-byte header.
 const MAX_HELLO: usize = 16 * 1024 + 5;
@@ -192,14 +191,12 @@ where
     let (hello, sni) = read_client_hello(&mut stream).await?;
     let sni = sni.unwrap_or_default();
     let snap = proxy.state.load_full();
-    let route = snap
-        .listener(info.listener_port)
-        .and_then(|l| TlsRoute::find(&l.tls_routes, &sni));
-    let dest = route.and_then(|r| pick_weighted(&r.destinations, fastrand::f64()));
-    let target = dest
-        .and_then(|d| snap.clusters.get(d.cluster).cloned().flatten())
+    let d = crate::decide::decide_tls(&snap, info.listener_port, &sni, fastrand::f64());
+    let target = d
+        .cluster
+        .and_then(|(i, _)| snap.clusters.get(i).cloned().flatten())
         .map(Target::Cluster);
-    let route_name = route.map(|r| r.name.to_string());
+    let route_name = d.route.map(|r| r.name.to_string());
     forward(
         proxy.clone(),
         &snap,
