@@ -61,6 +61,29 @@ struct Gateway {
     health: SocketAddr,
 }
 
+/// A proxy's `--ready-file`, written (atomically) right after it logs that
+/// it runs.
+fn read_ready(path: &str) -> serde_json::Value {
+    for _ in 0..100 {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return serde_json::from_str(&text).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("no ready file {path}");
+}
+
+impl World {
+    /// A gateway that resolves the external host with this world's DNS and
+    /// trusts its CA.
+    fn gateway(&self, t: &TempDir, config: &[&str], extra: &[&str]) -> Gateway {
+        let dns = self.dns.to_string();
+        let mut args = vec!["--dns-server", &dns, "--extra-roots", &self.ca_file];
+        args.extend_from_slice(extra);
+        start_gateway(t, config, &args)
+    }
+}
+
 fn start_gateway(t: &TempDir, config: &[&str], extra: &[&str]) -> Gateway {
     let ready = t.path("gw-ready.json");
     let _ = std::fs::remove_file(&ready);
@@ -92,17 +115,7 @@ fn start_gateway(t: &TempDir, config: &[&str], extra: &[&str]) -> Gateway {
     args.extend(extra);
     let proc = Proc::spawn(&args);
     proc.wait_for("egress gateway running", Duration::from_secs(20));
-    // The ready file is written right after that line.
-    let mut json = None;
-    for _ in 0..100 {
-        if let Ok(text) = std::fs::read_to_string(&ready) {
-            json = serde_json::from_str::<serde_json::Value>(&text).ok();
-            break;
-        }
-        std::thread::yield_now();
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let json = json.expect("ready file");
+    let json = read_ready(&ready);
     let addr = |v: &serde_json::Value| {
         v["address"]
             .as_str()
@@ -185,16 +198,7 @@ fn seed_gateway_serves_authorizes_and_reports() {
     require_root!();
     let t = setup("gw-seed");
     let w = world(&t, &[HOST]);
-    let gw = start_gateway(
-        &t,
-        &[&seed()],
-        &[
-            "--dns-server",
-            &w.dns.to_string(),
-            "--extra-roots",
-            &w.ca_file,
-        ],
-    );
+    let gw = w.gateway(&t, &[&seed()], &[]);
 
     assert_eq!(
         curl(&[&format!("http://{}/healthz/ready", gw.health)]).1,
@@ -347,17 +351,10 @@ fn strict_peer_authentication_refuses_plaintext() {
     )
     .unwrap();
     let w = world(&t, &[HOST]);
-    let gw = start_gateway(
+    let gw = w.gateway(
         &t,
         &[&seed(), &t.path("strict.yaml")],
-        &[
-            "--dns-server",
-            &w.dns.to_string(),
-            "--extra-roots",
-            &w.ca_file,
-            "--access-log-format",
-            "json",
-        ],
+        &["--access-log-format", "json"],
     );
     let (_, code, exit) = plain_get(&gw, "/todos/1");
     assert_eq!(code, "000", "no HTTP answer at all");
@@ -423,16 +420,7 @@ fn untrusted_or_misnamed_upstream_fails_with_uf() {
     // Trusted CA, but the certificate is for another name.
     let t = setup("gw-misnamed");
     let w = world(&t, &["other.example.com"]);
-    let gw = start_gateway(
-        &t,
-        &[&seed()],
-        &[
-            "--dns-server",
-            &w.dns.to_string(),
-            "--extra-roots",
-            &w.ca_file,
-        ],
-    );
+    let gw = w.gateway(&t, &[&seed()], &[]);
     let (body, code, _) = mtls_get(&t, "curl", &gw, "/todos/1");
     assert_eq!(code, "503", "{body}");
     assert!(body.contains("TLS_error"), "{body}");
@@ -695,17 +683,9 @@ fn start_sidecar(t: &TempDir, config: &[&str], gw: &Gateway, extra: &[&str]) -> 
     args.extend(extra);
     let proc = Proc::spawn(&args);
     proc.wait_for("sidecar running", Duration::from_secs(20));
-    let mut port = None;
-    for _ in 0..100 {
-        if let Ok(text) = std::fs::read_to_string(&ready) {
-            let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-            port = json["listeners"][0]["address"]
-                .as_str()
-                .map(|a| a.parse::<SocketAddr>().unwrap().port());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let port = read_ready(&ready)["listeners"][0]["address"]
+        .as_str()
+        .map(|a| a.parse::<SocketAddr>().unwrap().port());
     (proc, port.expect("sidecar ready file"))
 }
 
@@ -852,18 +832,7 @@ spec:
     )
     .unwrap();
     let w = world(&t, &[HOST]);
-    let gw = start_gateway(
-        &t,
-        &[&seed(), &t.path("tools.yaml")],
-        &[
-            "--dns-server",
-            &w.dns.to_string(),
-            "--extra-roots",
-            &w.ca_file,
-            "--port",
-            "8443=0",
-        ],
-    );
+    let gw = w.gateway(&t, &[&seed(), &t.path("tools.yaml")], &["--port", "8443=0"]);
     let port = gw.http.port();
     let get = |path: &str, extra: &[&str]| {
         let mut args = vec![
@@ -949,16 +918,7 @@ fn bad_traffic_never_takes_the_gateway_down() {
     use std::io::{Read, Write};
     let t = setup("gw-bad");
     let w = world(&t, &[HOST]);
-    let gw = start_gateway(
-        &t,
-        &[&seed()],
-        &[
-            "--dns-server",
-            &w.dns.to_string(),
-            "--extra-roots",
-            &w.ca_file,
-        ],
-    );
+    let gw = w.gateway(&t, &[&seed()], &[]);
     let junk: Vec<Vec<u8>> = vec![
         b"\x16\x03\x01\x00\x05hello".to_vec(),                       // a truncated TLS record
         b"\x16\x03\x01\xff\xff".iter().copied().chain(std::iter::repeat_n(0u8, 4096)).collect(), // garbage ClientHello
@@ -1015,19 +975,10 @@ fn live_reload_applies_changes_without_dropping_requests() {
             .unwrap();
         }
     }
-    let gw = start_gateway(
+    let gw = w.gateway(
         &t,
         &[&dir],
-        &[
-            "--dns-server",
-            &w.dns.to_string(),
-            "--extra-roots",
-            &w.ca_file,
-            "--reload-interval",
-            "50ms",
-            "--port",
-            "8081=0",
-        ],
+        &["--reload-interval", "50ms", "--port", "8081=0"],
     );
     let get = |who: &str, port: u16| {
         curl(&[
@@ -1137,18 +1088,7 @@ fn sigterm_drains_requests_in_flight() {
     require_root!();
     let t = setup("gw-drain");
     let w = world(&t, &[HOST]);
-    let mut gw = start_gateway(
-        &t,
-        &[&seed()],
-        &[
-            "--dns-server",
-            &w.dns.to_string(),
-            "--extra-roots",
-            &w.ca_file,
-            "--drain-duration",
-            "20s",
-        ],
-    );
+    let mut gw = w.gateway(&t, &[&seed()], &["--drain-duration", "20s"]);
     let held = std::thread::scope(|s| {
         // A request the stand-in holds: in flight when SIGTERM comes.
         let (cert, key) = (t.path("curl/cert-chain.pem"), t.path("curl/key.pem"));
@@ -1213,16 +1153,7 @@ fn upgrades_tunnel_through_sidecar_and_gateway() {
     require_root!();
     let t = setup("gw-upgrade");
     let w = world(&t, &[HOST]);
-    let gw = start_gateway(
-        &t,
-        &[&seed()],
-        &[
-            "--dns-server",
-            &w.dns.to_string(),
-            "--extra-roots",
-            &w.ca_file,
-        ],
-    );
+    let gw = w.gateway(&t, &[&seed()], &[]);
     let (_sidecar, port) = start_sidecar(&t, &[&seed()], &gw, &[]);
 
     // The workload, with the sidecar as its explicit HTTP proxy.
@@ -1273,16 +1204,7 @@ fn h2_upgrade_policy_makes_the_sidecar_speak_h2_to_the_gateway() {
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: gateway-h2, namespace: curl-external-tst}\nspec:\n  host: curl-egress-tst.curl-egress-tst.svc.cluster.local\n  trafficPolicy:\n    connectionPool:\n      http: {h2UpgradePolicy: UPGRADE}\n",
     )
     .unwrap();
-    let gw = start_gateway(
-        &t,
-        &[&seed()],
-        &[
-            "--dns-server",
-            &w.dns.to_string(),
-            "--extra-roots",
-            &w.ca_file,
-        ],
-    );
+    let gw = w.gateway(&t, &[&seed()], &[]);
     let (_sidecar, port) = start_sidecar(&t, &[&seed(), &dr], &gw, &[]);
     for _ in 0..2 {
         let (body, code, _) = curl(&[
@@ -1305,16 +1227,7 @@ fn live_reload_follows_the_endpoints_file() {
     require_root!();
     let t = setup("gw-reload-ep");
     let w = world(&t, &[HOST]);
-    let gw = start_gateway(
-        &t,
-        &[&seed()],
-        &[
-            "--dns-server",
-            &w.dns.to_string(),
-            "--extra-roots",
-            &w.ca_file,
-        ],
-    );
+    let gw = w.gateway(&t, &[&seed()], &[]);
     let (sidecar, port) = start_sidecar(&t, &[&seed()], &gw, &["--reload-interval", "50ms"]);
     let get = || {
         curl(&[
@@ -1363,16 +1276,7 @@ fn x_forwarded_for_is_appended_by_the_gateway_only() {
     require_root!();
     let t = setup("gw-xff");
     let w = world(&t, &[HOST]);
-    let gw = start_gateway(
-        &t,
-        &[&seed()],
-        &[
-            "--dns-server",
-            &w.dns.to_string(),
-            "--extra-roots",
-            &w.ca_file,
-        ],
-    );
+    let gw = w.gateway(&t, &[&seed()], &[]);
     let (_sidecar, port) = start_sidecar(&t, &[&seed()], &gw, &[]);
     let proxy = format!("http://127.0.0.1:{port}");
     let url = format!("http://{HOST}/todos/1");
