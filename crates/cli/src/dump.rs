@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use meshgate_config::model::networking::ClientTlsMode;
-use meshgate_config::view::{ProxyView, RouteAction, match_summary, proxy_view};
-use meshgate_config::{MeshSettings, load_paths, registry, view};
+use meshgate_config::model::networking::HttpRedirect;
+use meshgate_config::view::{ProxyView, RouteAction, match_summary, rule_summary};
+use meshgate_config::{MeshSettings, load_paths, view};
 
 use crate::table::Table;
 use crate::{DumpArgs, EXIT_BAD_INPUT, Output};
@@ -32,10 +33,7 @@ pub(crate) fn run(args: &DumpArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(EXIT_BAD_INPUT));
     }
-    let mesh = MeshSettings::default();
-    let registry = registry::build(&loaded.config, &mesh);
-    let workload = view::find_workload(&registry, &args.workload)?;
-    let v = proxy_view(&loaded.config, &registry, &mesh, workload);
+    let v = view::build(&loaded.config, &MeshSettings::default(), &args.workload)?;
     match args.output {
         Output::Json => println!(
             "{}",
@@ -99,7 +97,7 @@ fn render(v: &ProxyView) -> String {
             l.port.to_string(),
             l.bind_port.to_string(),
             l.protocol.to_string(),
-            l.tls.clone(),
+            l.tls.to_string(),
             l.hosts.join(","),
             l.origin.clone(),
         ]);
@@ -143,8 +141,12 @@ fn render(v: &ProxyView) -> String {
                 })
                 .collect::<Vec<_>>()
                 .join(", "),
-            RouteAction::Redirect { location, code } => format!("redirect {code} {location}"),
-            RouteAction::DirectResponse { status } => format!("direct response {status}"),
+            RouteAction::Redirect(r) => format!(
+                "redirect {} {}",
+                r.redirect_code.unwrap_or(301),
+                location(r)
+            ),
+            RouteAction::DirectResponse(d) => format!("direct response {}", d.status),
             RouteAction::Delegate { virtual_service } => format!("delegate to {virtual_service}"),
         };
         t.row(vec![
@@ -176,7 +178,7 @@ fn render(v: &ProxyView) -> String {
         };
         t.row(vec![
             c.name.clone(),
-            c.resolution.clone(),
+            c.resolution.to_string(),
             mode,
             or_dash(&c.tls.sni),
             or_dash(&c.tls.expected_identities.join(",")),
@@ -188,16 +190,33 @@ fn render(v: &ProxyView) -> String {
 
     let mut t = Table::new(&["AUTHORIZATION POLICY", "ACTION", "SCOPE", "RULES"]);
     for p in &v.authorization_policies {
-        t.row(vec![
-            p.name.clone(),
-            p.action.clone(),
-            p.scope.clone(),
-            p.rules.join(" OR "),
-        ]);
+        let action = match &p.provider {
+            Some(provider) => format!("{} ({provider})", p.action.as_str()),
+            None => p.action.as_str().to_owned(),
+        };
+        let rules = match &p.rules {
+            None => "(no rules: matches nothing)".to_owned(),
+            Some(rules) => rules
+                .iter()
+                .map(rule_summary)
+                .collect::<Vec<_>>()
+                .join(" OR "),
+        };
+        t.row(vec![p.full_name(), action, p.scope.clone(), rules]);
     }
     if v.authorization_policies.is_empty() {
         t.row(vec!["(none: all requests allowed)".to_owned()]);
     }
     let _ = write!(out, "\nAUTHORIZATION\n{}", t.render());
     out
+}
+
+/// Where a redirect points, as far as the rule says (`scheme://authority/uri`).
+fn location(r: &HttpRedirect) -> String {
+    let scheme = if r.scheme.is_empty() {
+        String::new()
+    } else {
+        format!("{}://", r.scheme)
+    };
+    format!("{scheme}{}{}", r.authority, r.uri)
 }

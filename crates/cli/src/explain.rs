@@ -1,7 +1,8 @@
-//! `meshgate explain`: one request's path through one proxy, decision by
-//! decision. It compiles the same snapshot the proxy runs and asks the same
-//! `decide` function the data path asks, so what it prints is what the proxy
-//! would do.
+//! `meshgate explain`: one request's (or connection's) path through one
+//! proxy, decision by decision. It compiles the snapshot the proxy would
+//! run and asks the same `plan` the proxy's listeners ask, step by step as
+//! they do (TLS or not, the ClientHello, TLS termination, the request), so
+//! what it prints is what the proxy does.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -12,16 +13,20 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
-use meshgate_config::registry::ProxyKind;
-use meshgate_config::{MeshSettings, registry, view};
+use meshgate_config::view::ClusterView;
+use meshgate_config::{MeshSettings, view};
 use meshgate_identity::{CertificateAuthority, Source, SpiffeId, WorkloadIdentity};
 use meshgate_proxy::authz::Decision;
-use meshgate_proxy::decide::{TlsVerdict, Verdict, decide, decide_tls};
-use meshgate_proxy::proxy::ConnInfo;
+use meshgate_proxy::conn::{Conn, Peer, Terminated};
+use meshgate_proxy::plan::{
+    Local, Peeked, Plan, Refusal, RequestAction, RequestHead, RequestPlan, TcpAction, TcpPlan,
+    TcpReason, Termination, plan,
+};
 use meshgate_proxy::route::{Action, RequestView, Routed};
-use meshgate_proxy::state::{BuildContext, ListenerTls, Snapshot};
+use meshgate_proxy::snapshot::{BuildContext, Role, Snapshot};
 use meshgate_proxy::upstream::dns::Resolver;
 use meshgate_proxy::upstream::tls::DefaultRoots;
+use serde::Serialize;
 
 use crate::{EXIT_BAD_INPUT, Output};
 
@@ -46,9 +51,30 @@ pub(crate) struct ExplainArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value = "text")]
     output: Output,
-    /// The request URL as the workload sends it (sidecar) or as it reaches
-    /// the gateway's server port (gateway), e.g. http://example.com/path.
+    /// What the workload sends (sidecar) or what reaches the gateway's
+    /// server port (gateway): http://host[:port]/path, https://host[:port]
+    /// (TLS with that SNI), or tcp://host:port (opaque bytes).
     url: String,
+}
+
+/// The request, parsed.
+struct Input {
+    scheme: Scheme,
+    method: String,
+    authority: String,
+    host: String,
+    port: u16,
+    path: String,
+    query: String,
+    headers: HeaderMap,
+    from: Option<SpiffeId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Http,
+    Https,
+    Tcp,
 }
 
 pub(crate) fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
@@ -59,6 +85,25 @@ pub(crate) fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_BAD_INPUT));
         }
     };
+    let input = parse_input(args)?;
+    let view = view::build(&config, &MeshSettings::default(), &args.workload)?;
+    if view.workload.proxy == meshgate_config::registry::ProxyKind::None {
+        bail!(
+            "{} has no proxy (no sidecar injected, not a gateway): its traffic is not in the mesh",
+            args.workload
+        );
+    }
+    let id: SpiffeId = view.workload.spiffe_id.parse()?;
+    let snap = snapshot(view, &id)?;
+    let explained = explain(&snap, &input, &id);
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&explained.json(args))?),
+        Output::Text => print!("{}", explained.text(args)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_input(args: &ExplainArgs) -> anyhow::Result<Input> {
     let uri: Uri = args
         .url
         .parse()
@@ -69,9 +114,16 @@ pub(crate) fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
             args.url
         );
     };
-    let port = authority
-        .port_u16()
-        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    let (scheme, default_port) = match scheme {
+        "http" => (Scheme::Http, 80),
+        "https" => (Scheme::Https, 443),
+        "tcp" if authority.port_u16().is_some() => (Scheme::Tcp, 0),
+        "tcp" => bail!("URL \"{}\": tcp:// needs a port", args.url),
+        other => bail!(
+            "URL \"{}\": scheme {other} is not one a proxy tells apart; use http://, https:// (TLS) or tcp:// (opaque bytes)",
+            args.url
+        ),
+    };
     let mut headers = HeaderMap::new();
     for h in &args.headers {
         let (name, value) = h
@@ -83,31 +135,31 @@ pub(crate) fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("header value \"{value}\""))?,
         );
     }
-    let peer: Option<SpiffeId> = args
-        .from
-        .as_deref()
-        .map(str::parse)
-        .transpose()
-        .context("--from")?;
+    Ok(Input {
+        scheme,
+        method: args.method.clone(),
+        authority: authority.as_str().to_owned(),
+        host: authority.host().to_ascii_lowercase(),
+        port: authority.port_u16().unwrap_or(default_port),
+        path: uri.path().to_owned(),
+        query: uri.query().unwrap_or("").to_owned(),
+        headers,
+        from: args
+            .from
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .context("--from")?,
+    })
+}
 
-    let mesh = MeshSettings::default();
-    let reg = registry::build(&config, &mesh);
-    let w = view::find_workload(&reg, &args.workload)?;
-    if w.proxy == ProxyKind::None {
-        bail!(
-            "{} has no proxy (no sidecar injected, not a gateway): its traffic is not in the mesh",
-            args.workload
-        );
-    }
-    let is_gateway = w.proxy == ProxyKind::Gateway;
-    let id: SpiffeId = w.spiffe_id.parse()?;
-
-    // The snapshot needs an identity to build mesh TLS settings; a throwaway
-    // CA in memory serves (nothing is sent anywhere).
+/// The snapshot the proxy would run. Mesh TLS settings need an identity;
+/// a throwaway CA in memory serves (nothing is sent anywhere).
+fn snapshot(view: meshgate_config::view::ProxyView, id: &SpiffeId) -> anyhow::Result<Snapshot> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let snap = rt.block_on(async {
+    rt.block_on(async {
         let ca = Arc::new(CertificateAuthority::generate(id.trust_domain())?);
         let identity = WorkloadIdentity::start(
             id.clone(),
@@ -118,270 +170,475 @@ pub(crate) fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
         )
         .await?;
         let ctx = BuildContext {
-            mesh: mesh.clone(),
             resolver: Resolver::new(None)?,
             roots: DefaultRoots::load(&[])?,
             identity: Some(identity),
             endpoints: Default::default(),
         };
-        anyhow::Ok(Snapshot::build(&config, &args.workload, &ctx)?)
-    })?;
-
-    let here = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
-    let conn = ConnInfo {
-        remote: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 40000),
-        local: here,
-        listener_port: port,
-        peer: peer.as_ref().map(|p| Arc::from(p.to_string().as_str())),
-        peer_namespace: peer
-            .as_ref()
-            .filter(|p| p.trust_domain() == id.trust_domain())
-            .map(|p| Arc::from(p.namespace())),
-        tls: peer.is_some(),
-        sni: None,
-        original_dst: (!is_gateway).then_some(here),
-        explicit: false,
-    };
-    let path = uri.path();
-    let query = uri.query().unwrap_or("");
-    let req = RequestView {
-        authority: authority.as_str(),
-        method: &args.method,
-        scheme,
-        path,
-        query,
-        headers: &headers,
-    };
-    // TLS the proxy does not terminate (a sidecar always passes the
-    // application's own TLS through; a gateway on a PASSTHROUGH server) is
-    // decided by SNI alone.
-    let passthrough = scheme == "https"
-        && (!is_gateway
-            || snap
-                .listener(port)
-                .is_some_and(|l| matches!(l.tls, ListenerTls::Passthrough)));
-    if passthrough {
-        return explain_tls(args, &snap, is_gateway, &id, port, authority.host());
-    }
-    let d = decide(&snap, &conn, Some(port), &req, 0.0);
-
-    // Facts, in the order the proxy meets them.
-    let listener = match d.listener {
-        Some(l) => l.origin.clone(),
-        None if is_gateway => format!("no Gateway server on port {port}"),
-        None => format!("no mesh route table for port {port}"),
-    };
-    let (route, destinations) = match &d.routed {
-        Routed::Matched { route, matched } => {
-            let allow_any = snap
-                .allow_any
-                .as_ref()
-                .is_some_and(|a| std::ptr::eq(a, *route));
-            let vs = match (&route.virtual_service, allow_any) {
-                (Some(v), _) => format!("VirtualService {v}"),
-                (None, true) => "outbound traffic policy ALLOW_ANY".to_owned(),
-                (None, false) => {
-                    "default route of the service (no VirtualService for this host and port)"
-                        .to_owned()
-                }
-            };
-            let which = matched.map_or_else(String::new, |m| format!(", match #{m}"));
-            let dests = match &route.action {
-                Action::Forward(ws) => ws
-                    .iter()
-                    .map(|w| {
-                        format!(
-                            "{} (weight {})",
-                            snap.cluster_names.get(w.cluster).map_or("?", |n| &**n),
-                            w.weight
-                        )
-                    })
-                    .collect(),
-                Action::Redirect(r) => vec![format!("redirect ({})", r.code)],
-                Action::Direct { status, .. } => vec![format!("direct response ({status})")],
-            };
-            (format!("{vs}, rule {}{which}", route.name), dests)
-        }
-        Routed::NoRoute => (
-            format!("a virtual host for {authority} exists, but no rule matches"),
-            vec![],
-        ),
-        Routed::NoVirtualHost => (format!("no route for host {authority}"), vec![]),
-    };
-    let cluster = d
-        .cluster
-        .and_then(|(i, _)| snap.cluster_names.get(i))
-        .and_then(|name| snap.view.clusters.iter().find(|c| c.name == **name));
-    let authz = match &d.authz {
-        Decision::Allow { .. } if snap.policies.is_empty() => {
-            "allowed: no AuthorizationPolicy applies".to_owned()
-        }
-        Decision::Allow { audited } => format!(
-            "allowed by the ALLOW policies ({}){}",
-            snap.policies
-                .iter()
-                .map(|p| format!("{}/{}", p.namespace, p.name))
-                .collect::<Vec<_>>()
-                .join(", "),
-            if *audited { ", audited" } else { "" }
-        ),
-        Decision::Deny { policy } if policy == "none" => {
-            "denied: ALLOW policies apply and none matches".to_owned()
-        }
-        Decision::Deny { policy } => format!("denied by {policy}"),
-    };
-    // A gateway only listens on its Gateway servers' ports.
-    let refused = is_gateway && d.listener.is_none();
-    let result = match d.verdict {
-        _ if refused => format!("connection refused: no Gateway server listens on port {port}"),
-        Verdict::Deny => "403 RBAC: access denied".to_owned(),
-        Verdict::Blocked => format!(
-            "502: outbound traffic policy REGISTRY_ONLY ({}) and {authority} is not in the registry (route block_all)",
-            snap.view.outbound_traffic_policy.source
-        ),
-        Verdict::NoRoute => "404, response flag NR (no route)".to_owned(),
-        Verdict::Route => match (&d.routed, cluster) {
-            (_, Some(c)) => format!("forwarded to {}", c.name),
-            (Routed::Matched { route, .. }, None) => match &route.action {
-                Action::Redirect(r) => format!("{} redirect", r.code),
-                Action::Direct { status, .. } => format!("{status} direct response"),
-                Action::Forward(_) => {
-                    "503, response flag NR (destination not in the registry)".to_owned()
-                }
-            },
-            _ => "404".to_owned(),
-        },
-    };
-
-    if args.output == Output::Json {
-        let json = serde_json::json!({
-            "request": {"method": args.method, "url": args.url, "from": args.from},
-            "proxy": {"workload": args.workload, "kind": if is_gateway {"gateway"} else {"sidecar"}, "identity": id.to_string()},
-            "listener": listener,
-            "route": route,
-            "destinations": destinations,
-            "cluster": cluster,
-            "authorization": if !refused && (is_gateway || !snap.policies.is_empty()) { Some(&authz) } else { None },
-            "result": result,
-        });
-        println!("{}", serde_json::to_string_pretty(&json)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "request    {} {}{}",
-        args.method,
-        args.url,
-        args.from
-            .as_deref()
-            .map_or_else(String::new, |f| format!(" from {f} (mutual TLS)"))
-    );
-    let _ = writeln!(
-        out,
-        "proxy      {} of {} ({id})",
-        if is_gateway { "gateway" } else { "sidecar" },
-        args.workload
-    );
-    let _ = writeln!(out, "1 listener {listener}");
-    let _ = writeln!(out, "2 route    {route}");
-    for dst in &destinations {
-        let _ = writeln!(out, "           -> {dst}");
-    }
-    if let Some(c) = cluster {
-        let tls = if c.tls.auto {
-            "ISTIO_MUTUAL (auto mTLS)".to_owned()
-        } else {
-            format!("{:?}", c.tls.mode)
-        };
-        let _ = writeln!(
-            out,
-            "3 cluster  {}: resolution {}, TLS {tls}{}{}{}",
-            c.name,
-            c.resolution,
-            if c.tls.sni.is_empty() {
-                String::new()
-            } else {
-                format!(", SNI {}", c.tls.sni)
-            },
-            if c.tls.expected_identities.is_empty() {
-                String::new()
-            } else {
-                format!(", expects {}", c.tls.expected_identities.join(" or "))
-            },
-            c.destination_rule
-                .as_deref()
-                .map_or_else(String::new, |dr| format!(", DestinationRule {dr}")),
-        );
-    }
-    if !refused && (is_gateway || !snap.policies.is_empty()) {
-        let _ = writeln!(out, "4 authz    {authz}");
-    }
-    let _ = writeln!(out, "result     {result}");
-    print!("{out}");
-    Ok(ExitCode::SUCCESS)
+        anyhow::Ok(Snapshot::build(view, &ctx)?)
+    })
 }
 
-/// The SNI-only path of a TLS connection the proxy passes through.
-fn explain_tls(
-    args: &ExplainArgs,
-    snap: &Snapshot,
-    is_gateway: bool,
-    id: &SpiffeId,
-    port: u16,
-    sni: &str,
-) -> anyhow::Result<ExitCode> {
-    let d = decide_tls(snap, port, sni, 0.0);
-    let listener = match d.listener {
-        Some(l) => l.origin.clone(),
-        None if is_gateway => format!("no Gateway server on port {port}"),
-        None => format!("no mesh listener for port {port}"),
+/// What the proxy does, and the steps on the way.
+struct Explained<'s> {
+    snap: &'s Snapshot,
+    input: &'s Input,
+    id: &'s SpiffeId,
+    /// TLS the proxy terminated on the way.
+    terminated: Option<&'static str>,
+    outcome: Outcome<'s>,
+}
+
+enum Outcome<'s> {
+    Request(RequestPlan<'s>),
+    Tcp(TcpPlan<'s>),
+    Refused(Refusal),
+    /// Mesh mutual TLS with no `--from`: the handshake needs a mesh
+    /// certificate.
+    NeedsMeshCertificate,
+    /// Served as HTTP, but `tcp://` gave no request.
+    ServedAsHttp,
+}
+
+/// Asks the plan as the proxy's listener does, one step at a time.
+fn explain<'s>(snap: &'s Snapshot, input: &'s Input, id: &'s SpiffeId) -> Explained<'s> {
+    let here = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), input.port);
+    let remote = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 40000);
+    let mut conn = Conn::accepted(remote, here, input.port);
+    if snap.role == Role::Sidecar {
+        conn.original_dst = Some(here);
+    }
+    // Only a gateway hears from mesh peers over mutual TLS.
+    let peer = input
+        .from
+        .clone()
+        .filter(|_| snap.role == Role::Gateway)
+        .map(|p| Arc::new(Peer::new(p, id.trust_domain())));
+    let head = |scheme| RequestHead {
+        view: RequestView {
+            authority: &input.authority,
+            method: &input.method,
+            scheme,
+            path: &input.path,
+            query: &input.query,
+            headers: &input.headers,
+        },
+        uri_port: None,
     };
-    let route = d.route.map_or_else(
-        || format!("no tls route for SNI {sni}"),
-        |r| format!("tls route {} (SNI {sni})", r.name),
-    );
-    let cluster = d
-        .cluster
-        .and_then(|(i, _)| snap.cluster_names.get(i))
-        .map(|n| n.to_string());
-    let result = match d.verdict {
-        TlsVerdict::Route => format!(
-            "TLS passed through to {}: the session is the workload's own, the proxy reads only SNI",
-            cluster.as_deref().unwrap_or("?")
-        ),
-        TlsVerdict::OriginalDestination => {
-            "TLS passed through to the original destination (PassthroughCluster)".to_owned()
+    let (plain, secure) = (head("http"), head("https"));
+    // What the client sends first: a ClientHello for https:// and for a
+    // mesh peer's mutual TLS, else plaintext.
+    let sni = (input.scheme == Scheme::Https).then_some(input.host.as_str());
+    let mut tls_first = input.scheme == Scheme::Https || peer.is_some();
+    let mut terminated = None;
+    let outcome = loop {
+        let peeked = match (tls_first, input.scheme, &conn.tls) {
+            (true, _, _) => Peeked::ClientHello { sni },
+            (false, Scheme::Tcp, _) => Peeked::FirstByte { tls: false },
+            (false, _, Some(_)) => Peeked::Request(&secure),
+            (false, _, None) => Peeked::Request(&plain),
+        };
+        match plan(snap, &conn, peeked, 0.0) {
+            Plan::Request(p) => break Outcome::Request(p),
+            Plan::Tcp(p) => break Outcome::Tcp(p),
+            Plan::Close(r) => break Outcome::Refused(r),
+            Plan::ServeHttp | Plan::Read(_) => break Outcome::ServedAsHttp,
+            Plan::Terminate(how) => {
+                let mesh = matches!(how, Termination::Mesh);
+                if mesh && peer.is_none() {
+                    break Outcome::NeedsMeshCertificate;
+                }
+                terminated = Some(if mesh {
+                    "mesh mutual TLS (ISTIO_MUTUAL)"
+                } else {
+                    "the Gateway server's TLS"
+                });
+                conn.tls = Some(Terminated {
+                    sni: sni.map(Arc::from),
+                    peer: peer.clone(),
+                });
+                tls_first = false;
+            }
         }
-        TlsVerdict::Blocked => format!(
-            "connection closed: outbound traffic policy REGISTRY_ONLY ({}) and no route for SNI {sni} (BlackHoleCluster)",
-            snap.view.outbound_traffic_policy.source
-        ),
-        TlsVerdict::NoRoute => format!("connection closed: no route for SNI {sni} (NR)"),
     };
-    if args.output == Output::Json {
-        let json = serde_json::json!({
-            "request": {"url": args.url, "sni": sni},
-            "proxy": {"workload": args.workload, "kind": if is_gateway {"gateway"} else {"sidecar"}, "identity": id.to_string()},
-            "listener": listener,
+    Explained {
+        snap,
+        input,
+        id,
+        terminated,
+        outcome,
+    }
+}
+
+/// The machine-readable result: what a test or a CI job compares with
+/// what the proxy did.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResultJson {
+    /// `forward`, `redirect`, `direct-response`, `local-reply`, `connect`
+    /// (HTTP); `forward`, `original-destination`, `close` (TCP); `refused`.
+    action: &'static str,
+    /// The status the proxy answers with itself (none when forwarded).
+    status: Option<u16>,
+    /// The response flags the proxy reports when it ends the request or
+    /// connection itself.
+    response_flags: Option<String>,
+    route: Option<String>,
+    cluster: Option<String>,
+    summary: String,
+}
+
+impl Explained<'_> {
+    fn kind(&self) -> &'static str {
+        match self.snap.role {
+            Role::Gateway => "gateway",
+            Role::Sidecar => "sidecar",
+        }
+    }
+
+    fn listener(&self) -> String {
+        let port = self.input.port;
+        let listener = match &self.outcome {
+            Outcome::Request(p) => p.listener,
+            Outcome::Tcp(p) => p.listener,
+            _ => self.snap.listener(port),
+        };
+        match (listener, self.snap.role) {
+            (Some(l), _) => l.origin.clone(),
+            (None, Role::Gateway) => format!("no Gateway server on port {port}"),
+            (None, Role::Sidecar) => format!("no mesh listener for port {port}"),
+        }
+    }
+
+    /// The route line and the destinations it lists.
+    fn route(&self) -> (String, Vec<String>) {
+        match &self.outcome {
+            Outcome::Request(p) => self.http_route(p),
+            Outcome::Tcp(p) => match (p.route, p.reason) {
+                (Some(r), _) => (
+                    format!("tls route {} (SNI {})", r.name, self.input.host),
+                    r.destinations
+                        .iter()
+                        .map(|w| self.destination(w.cluster, w.weight))
+                        .collect(),
+                ),
+                (None, TcpReason::RegisteredPort) => (
+                    format!("port {} of a registered TCP service", self.input.port),
+                    Vec::new(),
+                ),
+                (None, _) if self.input.scheme == Scheme::Https => (
+                    format!("no tls route for SNI {}", self.input.host),
+                    Vec::new(),
+                ),
+                (None, _) => (
+                    format!("no route for TCP to port {}", self.input.port),
+                    Vec::new(),
+                ),
+            },
+            _ => ("-".to_owned(), Vec::new()),
+        }
+    }
+
+    fn http_route(&self, p: &RequestPlan<'_>) -> (String, Vec<String>) {
+        let authority = &self.input.authority;
+        match &p.routed {
+            Routed::Matched { route, matched } => {
+                let vs = match (&route.virtual_service, &*route.name) {
+                    (Some(v), _) => format!("VirtualService {v}"),
+                    (None, "allow_any") => "outbound traffic policy ALLOW_ANY".to_owned(),
+                    (None, _) => {
+                        "default route of the service (no VirtualService for this host and port)"
+                            .to_owned()
+                    }
+                };
+                let which = matched.map_or_else(String::new, |m| format!(", match #{m}"));
+                let dests = match &route.action {
+                    Action::Forward(ws) => ws
+                        .iter()
+                        .map(|w| self.destination(w.cluster, w.weight))
+                        .collect(),
+                    Action::Redirect(r) => vec![format!("redirect ({})", r.code)],
+                    Action::Direct { status, .. } => vec![format!("direct response ({status})")],
+                };
+                (format!("{vs}, rule {}{which}", route.name), dests)
+            }
+            Routed::NoRoute => (
+                format!("a virtual host for {authority} exists, but no rule matches"),
+                Vec::new(),
+            ),
+            Routed::NoVirtualHost => (format!("no route for host {authority}"), Vec::new()),
+        }
+    }
+
+    fn destination(&self, cluster: usize, weight: u32) -> String {
+        let name = self.snap.cluster_name(cluster).map_or("?", |n| &**n);
+        format!("{name} (weight {weight})")
+    }
+
+    /// The cluster picked, as the view describes it.
+    fn cluster(&self) -> Option<&ClusterView> {
+        let name = self.cluster_name()?;
+        self.snap.view.clusters.iter().find(|c| c.name == name)
+    }
+
+    fn cluster_name(&self) -> Option<&str> {
+        match &self.outcome {
+            Outcome::Request(p) => p.cluster_name(self.snap),
+            Outcome::Tcp(p) => p.cluster_name(),
+            _ => None,
+        }
+    }
+
+    fn authz(&self) -> Option<String> {
+        let decision = match &self.outcome {
+            Outcome::Request(p) => &p.authz,
+            Outcome::Tcp(p) if p.route.is_some() => &p.authz,
+            _ => return None,
+        };
+        let policies = &self.snap.policies;
+        if self.snap.role == Role::Sidecar && policies.is_empty() {
+            return None;
+        }
+        Some(match decision {
+            Decision::Allow { .. } if policies.is_empty() => {
+                "allowed: no AuthorizationPolicy applies".to_owned()
+            }
+            Decision::Allow { audited } => format!(
+                "allowed by the ALLOW policies ({}){}",
+                policies
+                    .iter()
+                    .map(|p| format!("{}/{}", p.namespace, p.name))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if *audited { ", audited" } else { "" }
+            ),
+            Decision::Deny { policy } if policy == "none" => {
+                "denied: ALLOW policies apply and none matches".to_owned()
+            }
+            Decision::Deny { policy } => format!("denied by {policy}"),
+        })
+    }
+
+    fn result(&self) -> ResultJson {
+        let outbound = &self.snap.view.outbound_traffic_policy.source;
+        let (action, status, flags, route, summary) = match &self.outcome {
+            Outcome::Request(p) => {
+                let (action, status, flags, summary) = self.request_result(p);
+                (
+                    action,
+                    status,
+                    flags,
+                    p.route_name().map(str::to_owned),
+                    summary,
+                )
+            }
+            Outcome::Tcp(p) => {
+                let (action, flags, summary) = match p.action {
+                    TcpAction::Forward => (
+                        "forward",
+                        None,
+                        format!(
+                            "passed through to {}: the session is the client's own, the proxy reads only SNI",
+                            p.cluster_name().unwrap_or("?")
+                        ),
+                    ),
+                    TcpAction::OriginalDst => (
+                        "original-destination",
+                        None,
+                        format!(
+                            "passed through to the original destination (PassthroughCluster): {}",
+                            p.reason
+                        ),
+                    ),
+                    TcpAction::Close(flags) => (
+                        "close",
+                        Some(flags.to_string()),
+                        match p.reason {
+                            TcpReason::BlackHole if self.input.scheme == Scheme::Https => format!(
+                                "connection closed: outbound traffic policy REGISTRY_ONLY ({outbound}) and no route for SNI {} (BlackHoleCluster)",
+                                self.input.host
+                            ),
+                            TcpReason::BlackHole => format!(
+                                "connection closed: outbound traffic policy REGISTRY_ONLY ({outbound}) and no route for port {} (BlackHoleCluster)",
+                                self.input.port
+                            ),
+                            reason => format!("connection closed, response flag {flags}: {reason}"),
+                        },
+                    ),
+                };
+                let route = p.route.map(|r| r.name.to_string());
+                (action, None, flags, route, summary)
+            }
+            Outcome::Refused(Refusal::NoListener(port)) => (
+                "refused",
+                None,
+                None,
+                None,
+                format!("connection refused: no Gateway server listens on port {port}"),
+            ),
+            Outcome::Refused(r) => (
+                "refused",
+                None,
+                None,
+                None,
+                format!("connection closed: {r}"),
+            ),
+            Outcome::NeedsMeshCertificate => (
+                "refused",
+                None,
+                None,
+                None,
+                "mutual TLS with mesh certificates: give the caller's identity with --from"
+                    .to_owned(),
+            ),
+            Outcome::ServedAsHttp => (
+                "served-as-http",
+                None,
+                None,
+                None,
+                "served as HTTP: explain an http:// URL to see the request's path".to_owned(),
+            ),
+        };
+        ResultJson {
+            action,
+            status,
+            response_flags: flags,
+            route,
+            cluster: self.cluster_name().map(str::to_owned),
+            summary,
+        }
+    }
+
+    fn request_result(
+        &self,
+        p: &RequestPlan<'_>,
+    ) -> (&'static str, Option<u16>, Option<String>, String) {
+        match &p.action {
+            RequestAction::Forward { cluster, .. } => (
+                "forward",
+                None,
+                None,
+                format!("forwarded to {}", cluster.cluster.name()),
+            ),
+            RequestAction::Redirect { redirect, .. } => (
+                "redirect",
+                Some(redirect.code),
+                Some("-".to_owned()),
+                format!("{} redirect", redirect.code),
+            ),
+            RequestAction::Direct { status, .. } => (
+                "direct-response",
+                Some(*status),
+                Some("-".to_owned()),
+                format!("{status} direct response"),
+            ),
+            RequestAction::Connect { host, port } => (
+                "connect",
+                Some(200),
+                None,
+                format!("200, then a tunnel planned as a connection to {host}:{port}"),
+            ),
+            RequestAction::Local(l) => (
+                "local-reply",
+                Some(l.status.as_u16()),
+                Some(l.flags.to_string()),
+                self.local_summary(l),
+            ),
+        }
+    }
+
+    fn local_summary(&self, l: &Local) -> String {
+        let status = l.status.as_u16();
+        match (status, &*l.details) {
+            (403, _) => "403 RBAC: access denied".to_owned(),
+            (502, _) => format!(
+                "502: outbound traffic policy REGISTRY_ONLY ({}) and {} is not in the registry (route block_all)",
+                self.snap.view.outbound_traffic_policy.source, self.input.authority
+            ),
+            (404, _) => "404, response flag NR (no route)".to_owned(),
+            (503, "cluster_not_found") => {
+                "503, response flag NC (the route's destination is not in the registry)".to_owned()
+            }
+            (_, details) => format!("{status}, response flag {} ({details})", l.flags),
+        }
+    }
+
+    fn json(&self, args: &ExplainArgs) -> serde_json::Value {
+        let (route, destinations) = self.route();
+        serde_json::json!({
+            "request": {"method": args.method, "url": args.url, "from": args.from},
+            "proxy": {"workload": args.workload, "kind": self.kind(), "identity": self.id.to_string()},
+            "listener": self.listener(),
+            "tls": self.terminated,
             "route": route,
-            "cluster": cluster,
-            "result": result,
-        });
-        println!("{}", serde_json::to_string_pretty(&json)?);
-        return Ok(ExitCode::SUCCESS);
+            "destinations": destinations,
+            "cluster": self.cluster(),
+            "authorization": self.authz(),
+            "result": self.result(),
+        })
     }
-    println!("request    TLS to {} (SNI {sni})", args.url);
-    println!(
-        "proxy      {} of {} ({id})",
-        if is_gateway { "gateway" } else { "sidecar" },
-        args.workload
-    );
-    println!("1 listener {listener}");
-    println!("2 route    {route}");
-    if let Some(c) = &cluster {
-        println!("3 cluster  {c}");
+
+    fn text(&self, args: &ExplainArgs) -> String {
+        let mut out = String::new();
+        let from = args
+            .from
+            .as_deref()
+            .map_or_else(String::new, |f| format!(" from {f} (mutual TLS)"));
+        let _ = writeln!(out, "request    {} {}{from}", args.method, args.url);
+        let _ = writeln!(
+            out,
+            "proxy      {} of {} ({})",
+            self.kind(),
+            args.workload,
+            self.id
+        );
+        let _ = writeln!(out, "1 listener {}", self.listener());
+        if let Some(tls) = self.terminated {
+            let _ = writeln!(out, "           TLS terminated: {tls}");
+        }
+        let (route, destinations) = self.route();
+        let _ = writeln!(out, "2 route    {route}");
+        for d in &destinations {
+            let _ = writeln!(out, "           -> {d}");
+        }
+        if let Some(c) = self.cluster() {
+            let _ = writeln!(out, "3 cluster  {}", cluster_line(c));
+        } else if let Some(name) = self.cluster_name() {
+            let _ = writeln!(out, "3 cluster  {name}");
+        }
+        if let Some(authz) = self.authz() {
+            let _ = writeln!(out, "4 authz    {authz}");
+        }
+        let _ = writeln!(out, "result     {}", self.result().summary);
+        out
     }
-    println!("result     {result}");
-    Ok(ExitCode::SUCCESS)
+}
+
+fn cluster_line(c: &ClusterView) -> String {
+    if !c.in_registry {
+        return format!("{}: not in the registry", c.name);
+    }
+    let tls = if c.tls.auto {
+        "ISTIO_MUTUAL (auto mTLS)".to_owned()
+    } else {
+        c.tls.mode.as_str().to_owned()
+    };
+    let sni = if c.tls.sni.is_empty() {
+        String::new()
+    } else {
+        format!(", SNI {}", c.tls.sni)
+    };
+    let expects = if c.tls.expected_identities.is_empty() {
+        String::new()
+    } else {
+        format!(", expects {}", c.tls.expected_identities.join(" or "))
+    };
+    let dr = c
+        .destination_rule
+        .as_deref()
+        .map_or_else(String::new, |dr| format!(", DestinationRule {dr}"));
+    format!(
+        "{}: resolution {}, TLS {tls}{sni}{expects}{dr}",
+        c.name, c.resolution
+    )
 }

@@ -8,15 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use arc_swap::ArcSwap;
 use meshgate_config::model::{Config, Kind, Meta, Resource, SourceRef, WorkloadTemplate};
-use meshgate_config::{Level, MeshSettings, fingerprint, load_paths, registry};
+use meshgate_config::{Level, MeshSettings, fingerprint, load_paths, registry, view};
 use meshgate_identity::{CertificateAuthority, Source, SpiffeId, WorkloadIdentity};
 use meshgate_proxy::admin::{self, AdminRole, Readiness};
-use meshgate_proxy::drain::Drain;
-use meshgate_proxy::gateway::ListenerSet;
+use meshgate_proxy::app::{App, Options};
 use meshgate_proxy::proxy::Proxy;
-use meshgate_proxy::state::{BuildContext, Snapshot};
+use meshgate_proxy::sidecar::OriginalDst;
+use meshgate_proxy::snapshot::{BuildContext, Snapshot};
 use meshgate_proxy::upstream::dns::Resolver;
 use meshgate_proxy::upstream::tls::DefaultRoots;
 use meshgate_telemetry::{AccessLog, AccessLogFormat, Metrics};
@@ -391,33 +390,12 @@ async fn proxy_main(
     let listeners_pending = readiness.register("listeners");
 
     let id = workload_identity(&config, &mesh, args, kind)?;
-    let reload_interval = meshgate_config::model::Duration::parse(&args.reload_interval)
-        .map_err(anyhow::Error::msg)
-        .context("--reload-interval")?
-        .as_std();
-    let drain_duration = meshgate_config::model::Duration::parse(&args.drain_duration)
-        .map_err(anyhow::Error::msg)
-        .context("--drain-duration")?
-        .as_std();
+    let reload_interval = duration_flag(&args.reload_interval, "--reload-interval")?;
+    let drain_duration = duration_flag(&args.drain_duration, "--drain-duration")?;
     let metrics = Arc::new(Metrics::new());
 
     // Admin ports first, so /healthz/ready answers (not ready) while we start.
-    let admin_ports = [
-        (args.admin_port, AdminRole::Agent),
-        (args.prometheus_port, AdminRole::Prometheus),
-        (args.health_port, AdminRole::Health),
-    ];
-    let mut admin_addrs = Vec::new();
-    for (port, role) in admin_ports {
-        let addr = SocketAddr::new(args.admin_address, port);
-        let l = admin::bind(addr)
-            .await
-            .with_context(|| format!("binding admin port {addr}"))?;
-        let local = l.local_addr()?;
-        tracing::info!(address = %local, ?role, "admin port bound");
-        admin_addrs.push((role, local));
-        tokio::spawn(admin::serve(l, role, metrics.clone(), readiness.clone()));
-    }
+    let admin_addrs = bind_admin(args, &metrics, &readiness).await?;
 
     let identity = args
         .identity
@@ -427,7 +405,6 @@ async fn proxy_main(
     cert_pending.done();
 
     let ctx = BuildContext {
-        mesh,
         resolver: Resolver::new(args.dns_server)?,
         roots: DefaultRoots::load(&args.extra_roots)?,
         identity: Some(identity.clone()),
@@ -436,52 +413,25 @@ async fn proxy_main(
             None => HashMap::new(),
         },
     };
-    let snapshot = Snapshot::build(&config, &args.workload, &ctx)?;
+    let snapshot = Snapshot::build(view::build(&config, &mesh, &args.workload)?, &ctx)?;
     if kind == ProxyKind::Gateway && snapshot.listeners.is_empty() {
         tracing::warn!(workload = %args.workload, "no Gateway selects this workload: nothing to listen on");
     }
-    let proxy = Arc::new(Proxy {
-        state: ArcSwap::from_pointee(snapshot),
-        drain: Drain::default(),
-        metrics: metrics.clone(),
-        access_log: Arc::new(AccessLog::stdout(match args.access_log_format {
-            LogFormat::Text => AccessLogFormat::Text,
-            LogFormat::Json => AccessLogFormat::Json,
-            LogFormat::Off => AccessLogFormat::Off,
-        })),
-        egress_metric: kind == ProxyKind::Gateway,
-        use_remote_address: kind == ProxyKind::Gateway,
-    });
-    let mut listener_addrs: Vec<(u16, SocketAddr)> = Vec::new();
-    let mut listeners = None;
-    let mut outbound_task = None;
-    match (kind, sidecar) {
-        (ProxyKind::Sidecar, Some(s)) => {
-            let addr = SocketAddr::new(s.outbound_address, s.outbound_port);
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("listening on {addr} (outbound capture)"))?;
-            let local = l.local_addr()?;
-            tracing::info!(address = %local, "outbound listener bound");
-            listener_addrs.push((s.outbound_port, local));
-            outbound_task = Some(tokio::spawn(meshgate_proxy::sidecar::serve(
-                proxy.clone(),
-                l,
-            )));
-        }
-        _ => {
-            let mut set = ListenerSet::new(
-                args.bind_address,
-                port_overrides(&args.ports)?,
-                identity.clone(),
-            );
-            let snap = proxy.state.load_full();
-            let prepared = set.prepare(&snap).await?;
-            set.apply(&proxy, &snap, prepared);
-            listener_addrs = set.addresses();
-            listeners = Some(set);
-        }
-    }
+    let access_log = Arc::new(AccessLog::stdout(match args.access_log_format {
+        LogFormat::Text => AccessLogFormat::Text,
+        LogFormat::Json => AccessLogFormat::Json,
+        LogFormat::Off => AccessLogFormat::Off,
+    }));
+    let proxy = Arc::new(Proxy::new(snapshot, &identity, metrics, access_log)?);
+    let options = Options {
+        bind: args.bind_address,
+        port_overrides: port_overrides(&args.ports)?,
+        outbound: sidecar.map_or(SocketAddr::new(args.bind_address, 15001), |s| {
+            SocketAddr::new(s.outbound_address, s.outbound_port)
+        }),
+        original_dst: OriginalDst::Socket,
+    };
+    let mut app = App::start(proxy, &options).await?;
     listeners_pending.done();
     let what = match kind {
         ProxyKind::Gateway => "egress gateway",
@@ -493,35 +443,63 @@ async fn proxy_main(
         id: id.clone(),
         admin: admin_addrs,
     };
-    ready.write(&listener_addrs)?;
+    ready.write(&app.addresses())?;
     let mut live = Live {
         args,
         kind,
         id: &id,
+        mesh,
         ctx,
-        proxy: &proxy,
         ready: &ready,
     };
     tokio::select! {
         () = crate::shutdown_signal() => {}
-        () = live.watch(reload_interval, listeners.as_mut()) => {}
+        () = live.watch(reload_interval, &mut app) => {}
     }
 
     // Drain: report not ready, stop accepting, let requests in flight
     // finish, then exit.
     let _not_ready = readiness.register("draining");
-    drop(listeners);
-    if let Some(task) = outbound_task {
-        task.abort();
-    }
     tracing::info!(
-        connections = proxy.drain.open_connections(),
+        connections = app.proxy.drain.open_connections(),
         limit = ?drain_duration,
         "draining"
     );
-    let left = proxy.drain.drain(drain_duration).await;
+    let left = app.drain(drain_duration).await;
     tracing::info!(connections_cut = left, "shutting down");
     Ok(ExitCode::SUCCESS)
+}
+
+fn duration_flag(value: &str, flag: &str) -> anyhow::Result<Duration> {
+    Ok(meshgate_config::model::Duration::parse(value)
+        .map_err(anyhow::Error::msg)
+        .context(flag.to_owned())?
+        .as_std())
+}
+
+/// Binds the agent (15020), Prometheus (15090) and health (15021) ports.
+async fn bind_admin(
+    args: &ProxyArgs,
+    metrics: &Arc<Metrics>,
+    readiness: &Readiness,
+) -> anyhow::Result<Vec<(AdminRole, SocketAddr)>> {
+    let admin_ports = [
+        (args.admin_port, AdminRole::Agent),
+        (args.prometheus_port, AdminRole::Prometheus),
+        (args.health_port, AdminRole::Health),
+    ];
+    let mut out = Vec::new();
+    for (port, role) in admin_ports {
+        let addr = SocketAddr::new(args.admin_address, port);
+        let l = admin::bind(addr)
+            .await
+            .with_context(|| format!("binding admin port {addr}"))?;
+        let local = l.local_addr()?;
+        tracing::info!(address = %local, ?role, "admin port bound");
+        out.push((role, local));
+        tokio::spawn(admin::serve(l, role, metrics.clone(), readiness.clone()));
+    }
+    Ok(out)
 }
 
 /// `--ready-file`: the identity and bound addresses, as JSON, written
@@ -558,13 +536,13 @@ struct Live<'a> {
     args: &'a ProxyArgs,
     kind: ProxyKind,
     id: &'a SpiffeId,
+    mesh: MeshSettings,
     ctx: BuildContext,
-    proxy: &'a Arc<Proxy>,
     ready: &'a ReadyFile,
 }
 
 impl Live<'_> {
-    async fn watch(&mut self, interval: Duration, mut listeners: Option<&mut ListenerSet>) {
+    async fn watch(&mut self, interval: Duration, app: &mut App) {
         if interval.is_zero() {
             return std::future::pending().await;
         }
@@ -585,7 +563,7 @@ impl Live<'_> {
                 continue;
             }
             last = now;
-            match self.reload(listeners.as_deref_mut()).await {
+            match self.reload(app).await {
                 Ok(()) => tracing::info!(workload = %self.args.workload, "config reloaded"),
                 Err(e) => tracing::error!(
                     error = format!("{e:#}"),
@@ -595,13 +573,13 @@ impl Live<'_> {
         }
     }
 
-    async fn reload(&mut self, listeners: Option<&mut ListenerSet>) -> anyhow::Result<()> {
+    async fn reload(&mut self, app: &mut App) -> anyhow::Result<()> {
         // Off the proxy's threads: parsing a large config takes a while.
-        let (args, kind, mesh) = (self.args.clone(), self.kind, self.ctx.mesh.clone());
+        let (args, kind, mesh) = (self.args.clone(), self.kind, self.mesh.clone());
         let config = tokio::task::spawn_blocking(move || prepare_config(&args, kind, &mesh))
             .await
             .context("loading the config")??;
-        let id = workload_identity(&config, &self.ctx.mesh, self.args, self.kind)?;
+        let id = workload_identity(&config, &self.mesh, self.args, self.kind)?;
         if id != *self.id {
             bail!(
                 "the workload's identity would change from {} to {id}; restart the proxy to take a new service account",
@@ -612,22 +590,11 @@ impl Live<'_> {
         if let Some(p) = &self.args.endpoints {
             ctx.endpoints = parse_endpoints(p)?;
         }
-        let old = self.proxy.state.load_full();
-        let snap = Arc::new(Snapshot::rebuild(
-            &config,
-            &self.args.workload,
-            &ctx,
-            Some(&old),
-        )?);
-        let Some(set) = listeners else {
-            self.proxy.state.store(snap);
-            self.ctx = ctx;
-            return Ok(());
-        };
-        let prepared = set.prepare(&snap).await?;
-        self.proxy.state.store(snap.clone());
+        let view = view::build(&config, &self.mesh, &self.args.workload)?;
+        let old = app.proxy.state.load_full();
+        let snap = Snapshot::rebuild(view, &ctx, Some(&old))?;
+        app.reload(snap).await?;
         self.ctx = ctx;
-        set.apply(self.proxy, &snap, prepared);
-        self.ready.write(&set.addresses())
+        self.ready.write(&app.addresses())
     }
 }

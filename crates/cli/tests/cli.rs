@@ -486,7 +486,7 @@ fn explain_follows_the_seed_request_through_both_proxies() {
     let cluster = line(&out, "3 cluster");
     assert!(
         cluster.contains("resolution DNS")
-            && cluster.contains("TLS Simple, SNI jsonplaceholder.typicode.com")
+            && cluster.contains("TLS SIMPLE, SNI jsonplaceholder.typicode.com")
             && cluster.contains("DestinationRule curl-egress-tst/jsonplaceholder-tls-origination"),
         "{out}"
     );
@@ -558,10 +558,9 @@ fn explain_shows_why_a_request_is_refused() {
         "http://example.com/",
     ]))
     .unwrap();
-    assert!(
-        json["result"].as_str().unwrap().starts_with("502"),
-        "{json}"
-    );
+    assert_eq!(json["result"]["status"], 502, "{json}");
+    assert_eq!(json["result"]["route"], "block_all", "{json}");
+    assert_eq!(json["result"]["action"], "local-reply", "{json}");
 }
 
 #[test]

@@ -608,7 +608,7 @@ fn destination_rules(
         for c in view
             .clusters
             .iter()
-            .filter(|c| c.resolution.starts_with("ORIGINAL_DST"))
+            .filter(|c| c.resolution == crate::view::ClusterResolution::OriginalDst)
         {
             let Some(route) = view.routes.iter().find(|r| match &r.action {
                 crate::view::RouteAction::Route(d) => d.iter().any(|d| d.cluster_name() == c.name),

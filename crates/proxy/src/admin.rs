@@ -7,13 +7,14 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshgate_telemetry::Metrics;
 use tokio::net::TcpListener;
+
+use crate::body::{Body, local_response, text};
+use crate::drain::Drain;
+use crate::listener::{accept_loop, serve_http};
 
 /// Not ready while any task is pending.
 #[derive(Debug, Clone, Default)]
@@ -83,69 +84,52 @@ pub enum AdminRole {
     Health,
 }
 
-fn text(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static(content_type),
-    );
-    r
-}
-
 fn respond(
     role: AdminRole,
     metrics: &Metrics,
     ready: &Readiness,
     req: &Request<Incoming>,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
     let path = req.uri().path();
     let serves_metrics = matches!(role, AdminRole::Agent | AdminRole::Prometheus);
     let serves_health = matches!(role, AdminRole::Agent | AdminRole::Health);
     match path {
-        "/stats/prometheus" | "/metrics" if serves_metrics => text(
+        "/stats/prometheus" | "/metrics" if serves_metrics => local_response(
             StatusCode::OK,
             meshgate_telemetry::metrics::CONTENT_TYPE,
             metrics.encode(),
         ),
         "/healthz/ready" if serves_health => match ready.check() {
-            Ok(()) => text(StatusCode::OK, "text/plain", "ready\n"),
+            Ok(()) => text(StatusCode::OK, "ready\n"),
             Err(pending) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
                 format!("not ready, pending: {}\n", pending.join(", ")),
             ),
         },
-        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
-/// Serves one admin port until the task is dropped.
+/// Serves one admin port until the task is dropped. Admin ports keep
+/// answering while the proxy drains (readiness says so).
 pub async fn serve(
     listener: TcpListener,
     role: AdminRole,
     metrics: Arc<Metrics>,
     ready: Readiness,
 ) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let (metrics, ready) = (metrics.clone(), ready.clone());
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = respond(role, &metrics, &ready, &req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+    let never = Drain::default();
+    accept_loop(listener, |tcp, _| {
+        let (metrics, ready, never) = (metrics.clone(), ready.clone(), never.clone());
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let resp = respond(role, &metrics, &ready, &req);
+            async move { Ok::<_, Infallible>(resp) }
         });
-    }
+        tokio::spawn(async move {
+            let _ = serve_http(tcp, svc, &never).await;
+        });
+    })
+    .await;
 }
 
 /// Binds an admin port.

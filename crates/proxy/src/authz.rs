@@ -10,16 +10,16 @@
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use meshgate_config::model::Resource;
-use meshgate_config::model::security::{
-    AuthorizationPolicy, AuthzAction, Condition, Operation, Rule, Source,
-};
+use meshgate_config::model::security::{AuthzAction, Condition, Operation, Rule, Source};
+use meshgate_config::view::PolicyView;
+
+use crate::conn::Peer;
 
 /// The request (or TCP connection) being authorized.
 #[derive(Debug, Clone)]
 pub struct AuthzRequest<'a> {
-    /// The peer's SPIFFE ID (`spiffe://td/ns/x/sa/y`) when it came over mTLS.
-    pub principal: Option<&'a str>,
+    /// The peer's verified identity when it came over mutual TLS.
+    pub peer: Option<&'a Peer>,
     pub source_ip: IpAddr,
     /// The original client address (meshgate does not trust X-Forwarded-For,
     /// so this is the source address).
@@ -298,17 +298,16 @@ pub struct CompiledPolicy {
 }
 
 impl CompiledPolicy {
-    pub fn compile(p: &Resource<AuthorizationPolicy>) -> CompiledPolicy {
+    pub fn compile(p: &PolicyView) -> CompiledPolicy {
         CompiledPolicy {
-            namespace: p.meta.namespace.clone(),
-            name: p.meta.name.clone(),
-            action: p.spec.action,
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            action: p.action,
             rules: p
-                .spec
                 .rules
                 .iter()
                 .flatten()
-                .map(|r| compile_rule(r, &p.meta.namespace))
+                .map(|r| compile_rule(r, &p.namespace))
                 .collect(),
         }
     }
@@ -422,28 +421,6 @@ fn compile_condition(c: &Condition) -> CompiledCondition {
     }
 }
 
-/// `spiffe://td/ns/x/sa/y` → `td/ns/x/sa/y` (how policies write principals).
-fn principal_value(p: &str) -> &str {
-    p.strip_prefix("spiffe://").unwrap_or(p)
-}
-
-/// (trust domain, namespace, service account) of a principal.
-fn principal_parts(p: &str) -> Option<(&str, &str, &str)> {
-    let v = principal_value(p);
-    let mut it = v.split('/');
-    match (
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-    ) {
-        (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((td, ns, sa)),
-        _ => None,
-    }
-}
-
 fn rule_matches(rule: &CompiledRule, req: &AuthzRequest<'_>) -> bool {
     (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, req)))
         && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, req)))
@@ -451,16 +428,15 @@ fn rule_matches(rule: &CompiledRule, req: &AuthzRequest<'_>) -> bool {
 }
 
 fn source_matches(s: &CompiledSource, req: &AuthzRequest<'_>) -> bool {
-    let principal = req.principal.map(principal_value).unwrap_or("");
-    let parts = req.principal.and_then(principal_parts);
-    let namespace = parts.map_or("", |(_, ns, _)| ns);
-    let sa = parts.map(|(_, ns, sa)| format!("{ns}/{sa}"));
+    let principal = req.peer.map_or("", |p| &*p.principal);
+    let namespace = req.peer.map_or("", |p| p.id.namespace());
+    let sa = req.peer.map(|p| &*p.service_account);
     s.principals.check(|p| p.matches(principal))
         // No JWT support: a request never has a request principal. Over TCP
         // the field is HTTP-only and ignored (DENY) or its rule dropped (ALLOW).
         && (req.http.is_none() || s.request_principals.check(|p| p.matches("")))
         && s.namespaces.check(|p| p.matches(namespace))
-        && s.service_accounts.check(|v| sa.as_deref() == Some(v.as_str()))
+        && s.service_accounts.check(|v| sa == Some(v.as_str()))
         && s.ip_blocks.check(|n| n.contains(&req.source_ip))
         && s.remote_ip_blocks.check(|n| n.contains(&req.remote_ip))
 }
@@ -480,20 +456,17 @@ fn operation_matches(o: &CompiledOperation, req: &AuthzRequest<'_>) -> bool {
 }
 
 fn condition_matches(c: &CompiledCondition, req: &AuthzRequest<'_>) -> bool {
-    let parts = req.principal.and_then(principal_parts);
+    let peer = req.peer;
     let text = |value: Option<&str>| c.patterns.check(|p| p.matches(value.unwrap_or("")));
     match &c.key {
         ConditionKey::SourceIp => c.nets.check(|n| n.contains(&req.source_ip)),
         ConditionKey::RemoteIp => c.nets.check(|n| n.contains(&req.remote_ip)),
         ConditionKey::DestinationIp => c.nets.check(|n| n.contains(&req.destination_ip)),
         ConditionKey::DestinationPort => text(Some(&req.destination_port.to_string())),
-        ConditionKey::SourceNamespace => text(parts.map(|(_, ns, _)| ns)),
-        ConditionKey::SourcePrincipal => text(req.principal.map(principal_value)),
-        ConditionKey::SourceServiceAccount => {
-            let sa = parts.map(|(_, ns, sa)| format!("{ns}/{sa}"));
-            text(sa.as_deref())
-        }
-        ConditionKey::SourceTrustDomain => text(parts.map(|(td, _, _)| td)),
+        ConditionKey::SourceNamespace => text(peer.map(|p| p.id.namespace())),
+        ConditionKey::SourcePrincipal => text(peer.map(|p| &*p.principal)),
+        ConditionKey::SourceServiceAccount => text(peer.map(|p| &*p.service_account)),
+        ConditionKey::SourceTrustDomain => text(peer.map(|p| p.id.trust_domain())),
         ConditionKey::ConnectionSni => text(req.sni),
         ConditionKey::Header(name) => match &req.http {
             Some(h) => {

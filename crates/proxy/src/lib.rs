@@ -1,17 +1,31 @@
-//! meshgate's data path: the egress gateway (and, next, the sidecar).
-//! Decisions (authorization, routing) are pure functions over compiled
-//! snapshots of the config; the I/O around them is plain async code.
+//! meshgate's data path: the sidecar and the egress gateway.
+//!
+//! Decisions are pure functions over a compiled snapshot of the config
+//! (`snapshot`): `plan` decides everything about a connection and each of
+//! its requests (with `route` and `authz`), and the I/O around it only acts
+//! on the plan (`connection`, `http`, `tcp`). `app` builds and runs a whole
+//! proxy, for the `meshgate` binary and for tests.
 
 pub mod admin;
+pub mod app;
 pub mod authz;
-pub mod decide;
+pub mod body;
+pub mod conn;
+pub mod connection;
 pub mod drain;
+pub mod error;
 pub mod gateway;
+pub mod http;
 pub mod iptables;
+pub mod labels;
+pub mod listener;
+pub mod plan;
 pub mod proxy;
+pub mod report;
 pub mod route;
 pub mod sidecar;
+pub mod snapshot;
 pub mod standin;
-pub mod state;
 pub mod tcp;
+pub mod tls_hello;
 pub mod upstream;

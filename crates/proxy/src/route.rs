@@ -8,8 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use meshgate_config::model::networking::{
-    HeaderOperations, HttpMatchRequest, HttpRoute, RedirectPortSelection, StringMatch,
+    HeaderOperations, HttpMatchRequest, RedirectPortSelection, StringMatch,
 };
+use meshgate_config::view::{RouteAction, RouteView};
 use regex::Regex;
 
 /// One string matcher: exact, prefix, or a regex that must match the whole value.
@@ -360,18 +361,12 @@ fn percent(p: Option<meshgate_config::model::common::Percent>, legacy: Option<u3
 }
 
 impl Route {
-    /// Compiles a VirtualService rule with the match blocks that apply on
-    /// this listener (already filtered by port and gateway) and its
-    /// destinations resolved to cluster indices.
-    pub fn compile(
-        rule: &HttpRoute,
-        name: Arc<str>,
-        virtual_service: Option<Arc<str>>,
-        matches: &[HttpMatchRequest],
-        destinations: Vec<WeightedCluster>,
-    ) -> Route {
-        let action = if let Some(r) = &rule.redirect {
-            Action::Redirect(Redirect {
+    /// Compiles one route of the view (a VirtualService rule, or a
+    /// service's default route) with its destinations resolved to cluster
+    /// indices.
+    pub fn compile(r: &RouteView, destinations: Vec<WeightedCluster>) -> Route {
+        let action = match &r.action {
+            RouteAction::Redirect(r) => Action::Redirect(Redirect {
                 uri: (!r.uri.is_empty()).then(|| r.uri.clone()),
                 authority: (!r.authority.is_empty()).then(|| r.authority.clone()),
                 scheme: (!r.scheme.is_empty()).then(|| r.scheme.clone()),
@@ -381,21 +376,19 @@ impl Route {
                     .redirect_code
                     .and_then(|c| u16::try_from(c).ok())
                     .unwrap_or(301),
-            })
-        } else if let Some(d) = &rule.direct_response {
-            let body = d
-                .body
-                .as_ref()
-                .and_then(|b| b.string.clone())
-                .unwrap_or_default();
-            Action::Direct {
+            }),
+            RouteAction::DirectResponse(d) => Action::Direct {
                 status: u16::try_from(d.status).unwrap_or(500),
-                body: Bytes::from(body),
-            }
-        } else {
-            Action::Forward(destinations)
+                body: Bytes::from(
+                    d.body
+                        .as_ref()
+                        .and_then(|b| b.string.clone())
+                        .unwrap_or_default(),
+                ),
+            },
+            RouteAction::Route(_) | RouteAction::Delegate { .. } => Action::Forward(destinations),
         };
-        let uri_rewrite = rule.rewrite.as_ref().and_then(|rw| {
+        let uri_rewrite = r.rewrite.as_ref().and_then(|rw| {
             if let Some(rr) = &rw.uri_regex_rewrite {
                 // Istio/RE2 writes capture groups as \1; Rust's regex uses ${1}.
                 let replacement = Regex::new(r"\\(\d)")
@@ -410,7 +403,7 @@ impl Route {
                 None
             }
         });
-        let fault = rule.fault.as_ref().map(|f| Fault {
+        let fault = r.fault.as_ref().map(|f| Fault {
             delay: f.delay.as_ref().and_then(|d| {
                 d.fixed_delay
                     .map(|fd| (fd.as_std(), percent(d.percentage, d.percent)))
@@ -421,28 +414,28 @@ impl Route {
                     .map(|s| (s, percent(a.percentage, None)))
             }),
         });
-        let headers = rule.headers.as_ref();
+        let headers = r.headers.as_ref();
         Route {
-            name,
-            virtual_service,
-            matches: matches.iter().map(RouteMatch::compile).collect(),
+            name: Arc::from(r.rule.as_str()),
+            virtual_service: r.virtual_service.as_deref().map(Arc::from),
+            matches: r.matches.iter().map(RouteMatch::compile).collect(),
             action,
             uri_rewrite,
-            authority_rewrite: rule
+            authority_rewrite: r
                 .rewrite
                 .as_ref()
                 .and_then(|rw| (!rw.authority.is_empty()).then(|| rw.authority.clone())),
             request_headers: HeaderOps::compile(headers.and_then(|h| h.request.as_ref())),
             response_headers: HeaderOps::compile(headers.and_then(|h| h.response.as_ref())),
-            timeout: rule.timeout.map(|t| t.as_std()).filter(|t| !t.is_zero()),
+            timeout: r.timeout.map(|t| t.as_std()).filter(|t| !t.is_zero()),
             // Client-side faults disable retries, as in Istio.
-            retry: if rule.fault.is_some() {
+            retry: if r.fault.is_some() {
                 RetryPolicy {
                     attempts: 0,
                     ..RetryPolicy::istio_default()
                 }
             } else {
-                RetryPolicy::compile(rule.retries.as_ref())
+                RetryPolicy::compile(r.retries.as_ref())
             },
             fault,
         }
@@ -468,6 +461,15 @@ impl Route {
             retry: RetryPolicy::istio_default(),
             fault: None,
         }
+    }
+
+    /// Istio's `allow_any` route (ALLOW_ANY): to PassthroughCluster, with
+    /// no timeout and no retries.
+    pub fn allow_any(passthrough: usize) -> Route {
+        let mut r = Route::default_to(passthrough);
+        r.name = Arc::from("allow_any");
+        r.retry.attempts = 0;
+        r
     }
 
     /// Index of the first matching `match` block (`Some(None)` when the rule

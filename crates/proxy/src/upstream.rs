@@ -15,18 +15,19 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshgate_config::model::networking::{OutlierDetection, SimpleLb};
+use meshgate_telemetry::ResponseFlags;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use self::dns::Resolver;
 use self::tls::UpstreamTls;
+use crate::body::Body;
 
 /// Where a cluster's endpoints come from.
 #[derive(Debug, Clone)]
@@ -42,49 +43,6 @@ pub enum Endpoints {
     /// Wherever the request's URI points (the PassthroughCluster: the
     /// original destination, or the host an explicit-proxy client named).
     FromUri,
-}
-
-/// Request body sent upstream: the downstream body streamed, or a buffered
-/// copy that can be sent again on retry.
-#[derive(Debug)]
-pub enum UpstreamBody {
-    Empty,
-    Buffered(Option<Bytes>),
-    Streaming(Incoming),
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            UpstreamBody::Empty => Poll::Ready(None),
-            UpstreamBody::Buffered(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            UpstreamBody::Streaming(inc) => Pin::new(inc).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Empty => true,
-            UpstreamBody::Buffered(b) => b.is_none(),
-            UpstreamBody::Streaming(inc) => inc.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Empty => SizeHint::with_exact(0),
-            UpstreamBody::Buffered(b) => {
-                SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
-            }
-            UpstreamBody::Streaming(inc) => inc.size_hint(),
-        }
-    }
 }
 
 /// Why an upstream request failed, with Envoy's response flag.
@@ -106,21 +64,72 @@ pub enum UpstreamError {
     /// Circuit breaker open (503, UO).
     #[error("upstream connect error or disconnect/reset before headers. reset reason: overflow")]
     Overflow,
+    /// One attempt took longer than the route's `perTryTimeout` (504, UT).
+    #[error("upstream request timeout")]
+    PerTryTimeout,
+    /// The route's `timeout` passed (504, UT).
+    #[error("upstream request timeout")]
+    Timeout,
 }
 
 impl UpstreamError {
-    pub fn flag(&self) -> &'static str {
+    pub fn flag(&self) -> ResponseFlags {
         match self {
-            UpstreamError::NoHealthyUpstream(_) => "UH",
-            UpstreamError::ConnectFailure(_) => "UF",
-            UpstreamError::Reset(_) => "UC",
-            UpstreamError::Overflow => "UO",
+            UpstreamError::NoHealthyUpstream(_) => ResponseFlags::NO_HEALTHY_UPSTREAM,
+            UpstreamError::ConnectFailure(_) => ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+            UpstreamError::Reset(_) => ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+            UpstreamError::Overflow => ResponseFlags::UPSTREAM_OVERFLOW,
+            UpstreamError::PerTryTimeout | UpstreamError::Timeout => {
+                ResponseFlags::UPSTREAM_REQUEST_TIMEOUT
+            }
         }
     }
 
     /// Safe to retry: nothing reached the upstream application.
-    pub fn is_connect_failure(&self) -> bool {
+    pub fn retry_safe(&self) -> bool {
         matches!(self, UpstreamError::ConnectFailure(_))
+    }
+
+    /// The status the downstream gets.
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            UpstreamError::PerTryTimeout | UpstreamError::Timeout => {
+                http::StatusCode::GATEWAY_TIMEOUT
+            }
+            _ => http::StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Envoy's `%RESPONSE_CODE_DETAILS%`.
+    pub fn details(&self) -> &'static str {
+        match self {
+            UpstreamError::NoHealthyUpstream(_) => "no_healthy_upstream",
+            UpstreamError::ConnectFailure(_) => {
+                "upstream_reset_before_response_started{connection_failure}"
+            }
+            UpstreamError::Reset(_) => {
+                "upstream_reset_before_response_started{connection_termination}"
+            }
+            UpstreamError::Overflow => "upstream_reset_before_response_started{overflow}",
+            UpstreamError::PerTryTimeout => "upstream_per_try_timeout",
+            UpstreamError::Timeout => "upstream_response_timeout",
+        }
+    }
+
+    /// The body of the local reply, as Envoy words it.
+    pub fn body(&self) -> String {
+        match self {
+            UpstreamError::NoHealthyUpstream(_) => "no healthy upstream".to_owned(),
+            e => e.to_string(),
+        }
+    }
+
+    /// Envoy's `%UPSTREAM_TRANSPORT_FAILURE_REASON%`.
+    pub fn transport_failure(&self) -> Option<&str> {
+        match self {
+            UpstreamError::ConnectFailure(m) => Some(m),
+            _ => None,
+        }
     }
 }
 
@@ -504,7 +513,7 @@ pub struct ClusterSettings {
 pub struct Cluster {
     core: Arc<ClusterCore>,
     h2: bool,
-    client: Client<Connector, UpstreamBody>,
+    client: Client<Connector, Body>,
     in_flight: AtomicUsize,
     max_in_flight: usize,
 }
@@ -611,10 +620,7 @@ impl Cluster {
     /// Sends one request (one attempt). The URI's authority is used for the
     /// connection pool key and HTTP/2 `:authority`; the Host header is set by
     /// the caller.
-    pub async fn send(
-        &self,
-        req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
         if self.in_flight.fetch_add(1, Ordering::Relaxed) >= self.max_in_flight {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             return Err(UpstreamError::Overflow);
@@ -754,11 +760,8 @@ mod tests {
             },
             Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
         );
-        let err = cluster
-            .send(Request::new(UpstreamBody::Empty))
-            .await
-            .unwrap_err();
-        assert_eq!(err.flag(), "UO");
+        let err = cluster.send(Request::new(Body::empty())).await.unwrap_err();
+        assert_eq!(err.flag(), ResponseFlags::UPSTREAM_OVERFLOW);
         assert_eq!(
             err.to_string(),
             "upstream connect error or disconnect/reset before headers. reset reason: overflow"

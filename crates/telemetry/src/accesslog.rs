@@ -8,6 +8,8 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use serde::Serialize;
+
+use crate::ResponseFlags;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -29,7 +31,7 @@ pub struct LogEntry {
     pub path: Option<String>,
     pub protocol: Option<&'static str>,
     pub response_code: u16,
-    pub response_flags: &'static str,
+    pub response_flags: ResponseFlags,
     pub response_code_details: Option<String>,
     pub connection_termination_details: Option<String>,
     pub upstream_transport_failure_reason: Option<String>,
@@ -169,7 +171,7 @@ mod tests {
             path: Some("/todos/1".into()),
             protocol: Some("HTTP/1.1"),
             response_code: 200,
-            response_flags: "-",
+            response_flags: ResponseFlags::NONE,
             response_code_details: Some("via_upstream".into()),
             bytes_received: 0,
             bytes_sent: 83,
@@ -204,7 +206,7 @@ mod tests {
     #[test]
     fn tcp_entry_prints_dashes() {
         let e = LogEntry {
-            response_flags: "UH",
+            response_flags: ResponseFlags::NO_HEALTHY_UPSTREAM,
             ..LogEntry::default()
         };
         assert!(

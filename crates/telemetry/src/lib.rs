@@ -3,7 +3,9 @@
 //! default format.
 
 pub mod accesslog;
+mod flags;
 pub mod metrics;
 
 pub use accesslog::{AccessLog, AccessLogFormat, LogEntry};
+pub use flags::ResponseFlags;
 pub use metrics::{EgressLabels, IstioLabels, Metrics, TcpLabels};

@@ -16,6 +16,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::ResponseFlags;
+
 /// Envoy's default histogram buckets (Istio sets none of its own), in ms or bytes.
 pub const ENVOY_BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
@@ -50,7 +52,7 @@ pub struct IstioLabels {
     pub request_protocol: &'static str,
     pub response_code: u16,
     pub grpc_response_status: &'static str,
-    pub response_flags: &'static str,
+    pub response_flags: ResponseFlags,
     pub connection_security_policy: &'static str,
 }
 
@@ -78,7 +80,7 @@ pub struct TcpLabels {
     pub destination_service_namespace: Lv,
     pub destination_cluster: Lv,
     pub request_protocol: &'static str,
-    pub response_flags: &'static str,
+    pub response_flags: ResponseFlags,
     pub connection_security_policy: &'static str,
 }
 
@@ -361,7 +363,7 @@ mod tests {
             request_protocol: "http",
             response_code: code,
             grpc_response_status: "",
-            response_flags: "-",
+            response_flags: ResponseFlags::NONE,
             connection_security_policy: "unknown",
         }
     }

@@ -401,7 +401,17 @@ fn seed_gateway_view() {
         ("jsonplaceholder.typicode.com", 443)
     );
     let cl = &v.clusters[0];
-    assert_eq!(cl.resolution, "DNS");
+    assert_eq!(cl.resolution, ClusterResolution::Dns);
+    assert_eq!(
+        cl.endpoints,
+        ClusterEndpoints::Dns {
+            names: vec![HostPort {
+                host: "jsonplaceholder.typicode.com".into(),
+                port: 443
+            }],
+            first_only: false
+        }
+    );
     assert_eq!(cl.tls.mode, ClientTlsMode::Simple);
     assert_eq!(cl.tls.sni, "jsonplaceholder.typicode.com");
     assert_eq!(cl.tls.trust, "system roots");
@@ -410,11 +420,10 @@ fn seed_gateway_view() {
         Some("curl-egress-tst/jsonplaceholder-tls-origination")
     );
     assert_eq!(v.authorization_policies.len(), 1);
-    assert_eq!(v.authorization_policies[0].action, "ALLOW");
-    assert_eq!(
-        v.authorization_policies[0].rules,
-        vec!["from namespaces=[curl-external-tst]"]
-    );
+    let policy = &v.authorization_policies[0];
+    assert_eq!(policy.action, AuthzAction::Allow);
+    let rules: Vec<String> = policy.rules.iter().flatten().map(rule_summary).collect();
+    assert_eq!(rules, vec!["from namespaces=[curl-external-tst]"]);
 }
 
 fn view_workload<'a>(r: &'a Registry, name: &str) -> &'a Workload {

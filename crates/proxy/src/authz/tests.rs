@@ -12,11 +12,12 @@ fn policies(yaml: &str) -> Vec<CompiledPolicy> {
     load_str("p.yaml", yaml, &mut loaded).expect("valid YAML");
     let errors: Vec<String> = loaded.diagnostics.iter().map(ToString::to_string).collect();
     assert!(errors.is_empty(), "{errors:?}");
+    let mesh = meshgate_config::MeshSettings::default();
     loaded
         .config
         .authorization_policies
         .iter()
-        .map(CompiledPolicy::compile)
+        .map(|p| CompiledPolicy::compile(&PolicyView::of(p, &mesh)))
         .collect()
 }
 
@@ -89,8 +90,11 @@ fn decide(pols: &[CompiledPolicy], r: &Req) -> Decision {
         }
     }
     let ip: IpAddr = r.source_ip.parse().unwrap();
+    let peer = r
+        .principal
+        .map(|p| Peer::new(p.parse().unwrap(), "cluster.local"));
     let req = AuthzRequest {
-        principal: r.principal,
+        peer: peer.as_ref(),
         source_ip: ip,
         remote_ip: ip,
         destination_ip: "10.0.0.10".parse().unwrap(),

@@ -29,13 +29,7 @@ fn table(vs_spec: &str) -> RouteTable {
                     response_headers: HeaderOps::default(),
                 })
                 .collect();
-            Route::compile(
-                r,
-                Arc::from(format!("#{i}")),
-                Some(Arc::from("ns/vs")),
-                &r.matches,
-                dests,
-            )
+            Route::compile(&route_view(i, r), dests)
         })
         .collect();
     RouteTable {
@@ -43,6 +37,30 @@ fn table(vs_spec: &str) -> RouteTable {
             domains: vs.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
             routes,
         }],
+    }
+}
+
+/// The view's form of a rule, as `meshgate_config::view` builds it.
+fn route_view(i: usize, r: &meshgate_config::model::networking::HttpRoute) -> RouteView {
+    let action = match (&r.redirect, &r.direct_response) {
+        (Some(rd), _) => RouteAction::Redirect(rd.clone()),
+        (_, Some(d)) => RouteAction::DirectResponse(d.clone()),
+        _ => RouteAction::Route(Vec::new()),
+    };
+    RouteView {
+        listener_port: 80,
+        host: "h".into(),
+        matches: r.matches.clone(),
+        action,
+        virtual_service: Some("ns/vs".into()),
+        rule: format!("#{i}"),
+        rule_index: Some(i),
+        sni_hosts: Vec::new(),
+        rewrite: r.rewrite.clone(),
+        headers: r.headers.clone(),
+        timeout: r.timeout,
+        retries: r.retries.clone(),
+        fault: r.fault.clone(),
     }
 }
 

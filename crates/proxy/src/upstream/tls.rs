@@ -232,14 +232,14 @@ pub fn build(
             let verifier: Arc<dyn ServerCertVerifier> = if tls.insecure_skip_verify {
                 Arc::new(SkipVerify)
             } else {
-                let store = if tls.trust == "system roots" {
+                let store = if tls.ca_certificates.is_empty() {
                     if roots.0.is_empty() {
                         return Err(TlsSetupError::NoRoots);
                     }
                     roots.0.clone()
                 } else {
                     let mut store = RootCertStore::empty();
-                    for c in read_certs(Path::new(&tls.trust))? {
+                    for c in read_certs(Path::new(&tls.ca_certificates))? {
                         store.add(c).map_err(rustls_err)?;
                     }
                     Arc::new(store)

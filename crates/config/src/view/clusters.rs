@@ -1,0 +1,245 @@
+//! Upstream clusters: for each route destination, the service it names,
+//! where its endpoints are, which DestinationRule applies, and the TLS the
+//! proxy originates toward it.
+
+use std::collections::BTreeMap;
+
+use super::select::{destination_rule_for, effective_policy};
+use super::{
+    ClusterEndpoints, ClusterResolution, ClusterTls, ClusterView, HostPort, RouteDestination,
+    WorkloadInfo,
+};
+use crate::MeshSettings;
+use crate::model::Config;
+use crate::model::common::IntOrString;
+use crate::model::labels_match;
+use crate::model::networking::{ClientTlsMode, ClientTlsSettings, Resolution};
+use crate::registry::{Protocol, Registry, Service, ServiceSource, Workload};
+
+pub(super) fn cluster_view(
+    config: &Config,
+    registry: &Registry,
+    mesh: &MeshSettings,
+    w: &Workload,
+    d: &RouteDestination,
+) -> ClusterView {
+    let service = registry.lookup(&d.host, &w.namespace);
+    let dr = service.and_then(|s| {
+        destination_rule_for(
+            config,
+            &w.namespace,
+            Some(w),
+            &s.hostname,
+            &s.namespace,
+            mesh,
+        )
+    });
+    let policy = dr
+        .map(|dr| effective_policy(&dr.spec, d.port, &d.subset))
+        .unwrap_or_default();
+    let tls = cluster_tls(policy.tls.as_ref(), service, d);
+    let port = u16::try_from(d.port).unwrap_or(0);
+    ClusterView {
+        name: d.cluster_name(),
+        host: d.host.clone(),
+        port: d.port,
+        subset: d.subset.clone(),
+        in_registry: service.is_some(),
+        origin: service.map(origin).unwrap_or_default(),
+        service_namespace: service.map(|s| s.namespace.clone()).unwrap_or_default(),
+        service_name: match service.map(|s| &s.source) {
+            Some(ServiceSource::Kubernetes { name }) => name.clone(),
+            _ => d.host.clone(),
+        },
+        resolution: service.map_or(ClusterResolution::NotInRegistry, resolution),
+        endpoints: service.map_or(ClusterEndpoints::None, |s| endpoints(s, port)),
+        protocol: service
+            .and_then(|s| s.port(d.port))
+            .map_or(Protocol::Unsupported, |p| p.protocol),
+        tls,
+        destination_rule: dr.map(|d| d.meta.full_name()),
+        policy,
+        destination_workload: service.and_then(|s| only_workload(registry, s)),
+    }
+}
+
+fn origin(s: &Service) -> String {
+    match &s.source {
+        ServiceSource::ServiceEntry { name } => format!("ServiceEntry {}/{name}", s.namespace),
+        ServiceSource::Kubernetes { name } => format!("Service {}/{name}", s.namespace),
+    }
+}
+
+fn resolution(s: &Service) -> ClusterResolution {
+    if matches!(s.source, ServiceSource::Kubernetes { .. }) {
+        return ClusterResolution::Kubernetes;
+    }
+    match s.resolution {
+        Resolution::None => ClusterResolution::OriginalDst,
+        Resolution::Static => ClusterResolution::Static,
+        Resolution::Dns => ClusterResolution::Dns,
+        Resolution::DnsRoundRobin => ClusterResolution::DnsRoundRobin,
+        Resolution::DynamicDns => ClusterResolution::DynamicDns,
+    }
+}
+
+/// Where the proxy connects for `port` of a service: a Kubernetes Service
+/// by its name, STATIC endpoints by address, DNS endpoints (or the host
+/// itself) by name; each endpoint at its port of that name, else the
+/// service port's target, else the port.
+fn endpoints(service: &Service, port: u16) -> ClusterEndpoints {
+    let service_port = service.port(u32::from(port));
+    let target = service_port.and_then(|p| match &p.target_port {
+        Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+        _ => None,
+    });
+    let port_name = service_port.map(|p| p.name.as_str()).unwrap_or_default();
+    let endpoint_port = |ports: &BTreeMap<String, u32>| {
+        ports
+            .get(port_name)
+            .and_then(|p| u16::try_from(*p).ok())
+            .or(target)
+            .unwrap_or(port)
+    };
+    let at = |host: &str, port: u16| HostPort {
+        host: host.to_owned(),
+        port,
+    };
+    match (&service.source, service.resolution) {
+        (ServiceSource::Kubernetes { .. }, _) => ClusterEndpoints::Dns {
+            names: vec![at(&service.hostname, port)],
+            first_only: false,
+        },
+        (_, Resolution::Static) => ClusterEndpoints::Static(
+            service
+                .endpoints
+                .iter()
+                .map(|e| at(&e.address, endpoint_port(&e.ports)))
+                .collect(),
+        ),
+        (_, res) => {
+            let names = if service.endpoints.is_empty() {
+                vec![at(&service.hostname, target.unwrap_or(port))]
+            } else {
+                service
+                    .endpoints
+                    .iter()
+                    .map(|e| at(&e.address, endpoint_port(&e.ports)))
+                    .collect()
+            };
+            ClusterEndpoints::Dns {
+                names,
+                first_only: res == Resolution::DnsRoundRobin,
+            }
+        }
+    }
+}
+
+/// The workload behind a mesh service, when exactly one backs it.
+fn only_workload(registry: &Registry, s: &Service) -> Option<WorkloadInfo> {
+    let selector = s.selector.as_ref().filter(|sel| !sel.is_empty())?;
+    let mut selected = registry
+        .workloads
+        .iter()
+        .filter(|w| w.namespace == s.namespace && labels_match(selector, &w.labels));
+    match (selected.next(), selected.next()) {
+        (Some(one), None) => Some(WorkloadInfo::of(one)),
+        _ => None,
+    }
+}
+
+/// Upstream TLS for a cluster: the DestinationRule's settings when it has
+/// any, else auto mutual TLS toward mesh endpoints, else plaintext.
+pub fn cluster_tls(
+    dr_tls: Option<&ClientTlsSettings>,
+    service: Option<&Service>,
+    d: &RouteDestination,
+) -> ClusterTls {
+    let istio_sni = format!("outbound_.{}_.{}_.{}", d.port, d.subset, d.host);
+    let accounts = service
+        .map(|s| s.service_accounts.clone())
+        .unwrap_or_default();
+    match dr_tls {
+        Some(t) => {
+            let (sni, expected, trust) = match t.mode {
+                ClientTlsMode::IstioMutual => (
+                    if t.sni.is_empty() {
+                        istio_sni
+                    } else {
+                        t.sni.clone()
+                    },
+                    if t.subject_alt_names.is_empty() {
+                        accounts
+                    } else {
+                        t.subject_alt_names.clone()
+                    },
+                    "mesh CA".to_owned(),
+                ),
+                ClientTlsMode::Simple | ClientTlsMode::Mutual => (
+                    if t.sni.is_empty() {
+                        d.host.clone()
+                    } else {
+                        t.sni.clone()
+                    },
+                    if t.subject_alt_names.is_empty() {
+                        vec![d.host.clone()]
+                    } else {
+                        t.subject_alt_names.clone()
+                    },
+                    if t.ca_certificates.is_empty() {
+                        "system roots".to_owned()
+                    } else {
+                        t.ca_certificates.clone()
+                    },
+                ),
+                ClientTlsMode::Disable => (String::new(), Vec::new(), String::new()),
+            };
+            let files = matches!(t.mode, ClientTlsMode::Simple | ClientTlsMode::Mutual);
+            ClusterTls {
+                mode: t.mode,
+                auto: false,
+                sni,
+                expected_identities: expected,
+                trust,
+                ca_certificates: if files {
+                    t.ca_certificates.clone()
+                } else {
+                    String::new()
+                },
+                client_certificate: match t.mode {
+                    ClientTlsMode::Mutual => t.client_certificate.clone(),
+                    ClientTlsMode::IstioMutual => "workload certificate".to_owned(),
+                    _ => String::new(),
+                },
+                private_key: if t.mode == ClientTlsMode::Mutual {
+                    t.private_key.clone()
+                } else {
+                    String::new()
+                },
+                insecure_skip_verify: t.insecure_skip_verify == Some(true),
+            }
+        }
+        None if service.is_some_and(|s| s.mesh_endpoints) => ClusterTls {
+            mode: ClientTlsMode::IstioMutual,
+            auto: true,
+            sni: istio_sni,
+            expected_identities: accounts,
+            trust: "mesh CA".to_owned(),
+            ca_certificates: String::new(),
+            client_certificate: "workload certificate".to_owned(),
+            private_key: String::new(),
+            insecure_skip_verify: false,
+        },
+        None => ClusterTls {
+            mode: ClientTlsMode::Disable,
+            auto: false,
+            sni: String::new(),
+            expected_identities: Vec::new(),
+            trust: String::new(),
+            ca_certificates: String::new(),
+            client_certificate: String::new(),
+            private_key: String::new(),
+            insecure_skip_verify: false,
+        },
+    }
+}

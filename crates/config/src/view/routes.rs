@@ -1,0 +1,540 @@
+//! Listeners and routes: a sidecar's outbound ports (HTTP routed by Host,
+//! TLS by SNI, registered TCP ports) and a gateway's servers, each with the
+//! VirtualService rules (or default routes) that apply on it.
+
+use std::collections::BTreeSet;
+
+use super::select::{
+    gateway_listen_port, gateway_ref_matches, gateways_for, peer_authentication_for,
+    sidecar_imports, vs_bound_to_gateway, vs_bound_to_mesh,
+};
+use super::{
+    DownstreamTls, Listener, OUTBOUND_CAPTURE_PORT, RouteAction, RouteDestination, RouteView,
+};
+use crate::MeshSettings;
+use crate::model::networking::{
+    Destination, Gateway, Headers, HttpMatchRequest, HttpRoute, Server, ServerTlsMode, Sidecar,
+    VirtualService,
+};
+use crate::model::{Config, Resource};
+use crate::registry::{
+    Protocol, Registry, Service, Workload, exported_to, host_matches, hosts_overlap, resolve_host,
+};
+
+impl RouteView {
+    /// A route with Istio's defaults for everything but its action.
+    fn new(listener_port: u32, host: &str, action: RouteAction) -> RouteView {
+        RouteView {
+            listener_port,
+            host: host.to_owned(),
+            matches: Vec::new(),
+            action,
+            virtual_service: None,
+            rule: "default".to_owned(),
+            rule_index: None,
+            sni_hosts: Vec::new(),
+            rewrite: None,
+            headers: None,
+            timeout: None,
+            retries: None,
+            fault: None,
+        }
+    }
+}
+
+impl Listener {
+    /// One of a sidecar's outbound ports (all reached through 15001).
+    fn outbound(port: u32, protocol: Protocol, hosts: Vec<String>, origin: String) -> Listener {
+        Listener {
+            port,
+            bind_port: OUTBOUND_CAPTURE_PORT,
+            protocol,
+            hosts,
+            tls: if protocol.is_tls() {
+                DownstreamTls::SniPassthrough
+            } else {
+                DownstreamTls::None
+            },
+            peer_authentication: None,
+            origin,
+        }
+    }
+}
+
+pub(super) fn sidecar_routes(
+    config: &Config,
+    registry: &Registry,
+    mesh: &MeshSettings,
+    w: &Workload,
+    sidecar: Option<&Resource<Sidecar>>,
+    listeners: &mut Vec<Listener>,
+    routes: &mut Vec<RouteView>,
+) {
+    listeners.push(Listener::outbound(
+        OUTBOUND_CAPTURE_PORT,
+        Protocol::Unsupported,
+        vec!["*".to_owned()],
+        "virtualOutbound (captured and explicit-proxy traffic)".to_owned(),
+    ));
+    let services: Vec<&Service> = registry
+        .visible_from(&w.namespace)
+        .filter(|s| sidecar_imports(sidecar, s, &w.namespace))
+        .collect();
+    let mut ports: BTreeSet<u32> = BTreeSet::new();
+    for s in &services {
+        ports.extend(
+            s.ports
+                .iter()
+                .filter(|p| p.protocol.is_http())
+                .map(|p| p.number),
+        );
+    }
+    let mesh_vs: Vec<&Resource<VirtualService>> = config
+        .virtual_services
+        .iter()
+        .filter(|vs| {
+            vs_bound_to_mesh(&vs.spec)
+                && exported_to(&vs.spec.export_to, &vs.meta.namespace, &w.namespace)
+        })
+        .collect();
+    for port in ports {
+        let mut hosts = Vec::new();
+        for s in services
+            .iter()
+            .filter(|s| s.port(port).is_some_and(|p| p.protocol.is_http()))
+        {
+            hosts.push(s.hostname.clone());
+            let vs = mesh_vs.iter().find(|vs| {
+                vs.spec
+                    .hosts
+                    .iter()
+                    .any(|h| host_matches(&resolve_host(h, &vs.meta.namespace, mesh), &s.hostname))
+            });
+            let before = routes.len();
+            if let Some(vs) = vs {
+                vs_http_routes(
+                    registry,
+                    mesh,
+                    w,
+                    vs,
+                    port,
+                    &s.hostname,
+                    |m| m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"),
+                    routes,
+                );
+            }
+            if routes.len() == before {
+                routes.push(default_route(port, s));
+            }
+        }
+        listeners.push(Listener::outbound(
+            port,
+            Protocol::Http,
+            hosts,
+            format!("0.0.0.0_{port} (via virtualOutbound)"),
+        ));
+    }
+    sidecar_tls_routes(registry, mesh, w, &services, &mesh_vs, listeners, routes);
+    // Plain TCP ports of registered services: known to the mesh, so
+    // REGISTRY_ONLY lets them through (to the original destination).
+    let mut tcp_ports: BTreeSet<u32> = BTreeSet::new();
+    for s in &services {
+        tcp_ports.extend(
+            s.ports
+                .iter()
+                .filter(|p| {
+                    !p.protocol.is_http() && !p.protocol.is_tls() && p.protocol != Protocol::Udp
+                })
+                .map(|p| p.number),
+        );
+    }
+    for port in tcp_ports {
+        if listeners.iter().any(|l| l.port == port) {
+            continue;
+        }
+        let hosts = services
+            .iter()
+            .filter(|s| s.port(port).is_some())
+            .map(|s| s.hostname.clone())
+            .collect();
+        listeners.push(Listener::outbound(
+            port,
+            Protocol::Tcp,
+            hosts,
+            format!("0.0.0.0_{port} TCP (via virtualOutbound, to the original destination)"),
+        ));
+    }
+}
+
+/// TLS ports (HTTPS/TLS service ports): VirtualService `tls` rules bound to
+/// the mesh first, then one SNI route per service host to itself.
+fn sidecar_tls_routes(
+    registry: &Registry,
+    mesh: &MeshSettings,
+    w: &Workload,
+    services: &[&Service],
+    mesh_vs: &[&Resource<VirtualService>],
+    listeners: &mut Vec<Listener>,
+    routes: &mut Vec<RouteView>,
+) {
+    let mut ports: BTreeSet<u32> = BTreeSet::new();
+    for s in services {
+        ports.extend(
+            s.ports
+                .iter()
+                .filter(|p| p.protocol.is_tls())
+                .map(|p| p.number),
+        );
+    }
+    for port in ports {
+        let mut hosts = Vec::new();
+        for vs in mesh_vs {
+            for (i, rule) in vs.spec.tls.iter().enumerate() {
+                let sni: Vec<String> = rule
+                    .matches
+                    .iter()
+                    .filter(|m| m.port.is_none_or(|p| p == port))
+                    .filter(|m| m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"))
+                    .flat_map(|m| m.sni_hosts.iter().cloned())
+                    .collect();
+                hosts.extend(sni.iter().cloned());
+                routes.extend(tls_route(registry, mesh, w, vs, i, port, sni));
+            }
+        }
+        for s in services
+            .iter()
+            .filter(|s| s.port(port).is_some_and(|p| p.protocol.is_tls()))
+        {
+            hosts.push(s.hostname.clone());
+            routes.push(RouteView {
+                sni_hosts: vec![s.hostname.clone()],
+                ..default_route(port, s)
+            });
+        }
+        listeners.push(Listener::outbound(
+            port,
+            Protocol::Tls,
+            hosts,
+            format!("0.0.0.0_{port} (via virtualOutbound)"),
+        ));
+    }
+}
+
+fn default_route(port: u32, s: &Service) -> RouteView {
+    let to_itself = RouteDestination {
+        host: s.hostname.clone(),
+        port,
+        subset: String::new(),
+        weight: 100,
+        headers: None,
+    };
+    RouteView::new(port, &s.hostname, RouteAction::Route(vec![to_itself]))
+}
+
+/// VirtualService `tls` rule `i` on `port`: the SNI names of its matches
+/// that apply here to its destinations (`None` when no name applies).
+fn tls_route(
+    registry: &Registry,
+    mesh: &MeshSettings,
+    w: &Workload,
+    vs: &Resource<VirtualService>,
+    i: usize,
+    port: u32,
+    sni: Vec<String>,
+) -> Option<RouteView> {
+    let host = sni.first()?.clone();
+    let rule = vs.spec.tls.get(i)?;
+    let dests = route_destinations(
+        registry,
+        mesh,
+        w,
+        &vs.meta.namespace,
+        rule.route
+            .iter()
+            .map(|rd| (&rd.destination, rd.weight, None)),
+        port,
+    );
+    Some(RouteView {
+        virtual_service: Some(vs.meta.full_name()),
+        rule: format!("#{i}"),
+        rule_index: Some(i),
+        sni_hosts: sni,
+        ..RouteView::new(port, &host, RouteAction::Route(dests))
+    })
+}
+
+/// Adds the routes of one VirtualService's `http` rules that apply on
+/// `port` for this proxy (`applies` filters per-match `gateways`).
+#[allow(clippy::too_many_arguments)]
+fn vs_http_routes(
+    registry: &Registry,
+    mesh: &MeshSettings,
+    w: &Workload,
+    vs: &Resource<VirtualService>,
+    port: u32,
+    host: &str,
+    applies: impl Fn(&HttpMatchRequest) -> bool,
+    routes: &mut Vec<RouteView>,
+) {
+    for (i, rule) in vs.spec.http.iter().enumerate() {
+        let matches: Vec<HttpMatchRequest> = rule
+            .matches
+            .iter()
+            .filter(|m| m.port.is_none_or(|p| p == port) && applies(m))
+            .cloned()
+            .collect();
+        if !rule.matches.is_empty() && matches.is_empty() {
+            continue;
+        }
+        routes.push(RouteView {
+            matches,
+            virtual_service: Some(vs.meta.full_name()),
+            rule: if rule.name.is_empty() {
+                format!("#{i}")
+            } else {
+                rule.name.clone()
+            },
+            rule_index: Some(i),
+            rewrite: rule.rewrite.clone(),
+            headers: rule.headers.clone(),
+            timeout: rule.timeout,
+            retries: rule.retries.clone(),
+            fault: rule.fault.clone(),
+            ..RouteView::new(port, host, route_action(registry, mesh, w, vs, rule, port))
+        });
+    }
+}
+
+fn route_action(
+    registry: &Registry,
+    mesh: &MeshSettings,
+    w: &Workload,
+    vs: &Resource<VirtualService>,
+    rule: &HttpRoute,
+    listener_port: u32,
+) -> RouteAction {
+    if let Some(r) = &rule.redirect {
+        return RouteAction::Redirect(r.clone());
+    }
+    if let Some(d) = &rule.direct_response {
+        return RouteAction::DirectResponse(d.clone());
+    }
+    if let Some(d) = &rule.delegate {
+        let ns = if d.namespace.is_empty() {
+            &vs.meta.namespace
+        } else {
+            &d.namespace
+        };
+        return RouteAction::Delegate {
+            virtual_service: format!("{ns}/{}", d.name),
+        };
+    }
+    RouteAction::Route(route_destinations(
+        registry,
+        mesh,
+        w,
+        &vs.meta.namespace,
+        rule.route
+            .iter()
+            .map(|rd| (&rd.destination, rd.weight, rd.headers.as_ref())),
+        listener_port,
+    ))
+}
+
+/// A rule's destinations with hosts resolved (short names relative to the
+/// VirtualService's namespace), ports chosen, and weights normalised (a
+/// single destination gets all the traffic).
+fn route_destinations<'a>(
+    registry: &Registry,
+    mesh: &MeshSettings,
+    w: &Workload,
+    vs_namespace: &str,
+    route: impl ExactSizeIterator<Item = (&'a Destination, Option<u32>, Option<&'a Headers>)>,
+    listener_port: u32,
+) -> Vec<RouteDestination> {
+    let single = route.len() == 1;
+    route
+        .map(|(d, weight, headers)| {
+            let host = resolve_host(&d.host, vs_namespace, mesh);
+            let port = destination_port(
+                registry,
+                &w.namespace,
+                &host,
+                d.port.map(|p| p.number),
+                listener_port,
+            );
+            RouteDestination {
+                host,
+                port,
+                subset: d.subset.clone(),
+                weight: if single { 100 } else { weight.unwrap_or(0) },
+                headers: headers.cloned(),
+            }
+        })
+        .collect()
+}
+
+/// Destination port: the explicit one, else the service's only port, else
+/// the port the request arrived on.
+pub fn destination_port(
+    registry: &Registry,
+    from_ns: &str,
+    host: &str,
+    explicit: Option<u32>,
+    listener_port: u32,
+) -> u32 {
+    if let Some(p) = explicit.filter(|p| *p != 0) {
+        return p;
+    }
+    match registry.lookup(host, from_ns).map(|s| s.ports.as_slice()) {
+        Some([only]) => only.number,
+        _ => listener_port,
+    }
+}
+
+pub(super) fn gateway_routes(
+    config: &Config,
+    registry: &Registry,
+    mesh: &MeshSettings,
+    w: &Workload,
+    listeners: &mut Vec<Listener>,
+    routes: &mut Vec<RouteView>,
+) {
+    for gw in gateways_for(config, w) {
+        for (si, server) in gw.spec.servers.iter().enumerate() {
+            let protocol = Protocol::parse(&server.port.protocol);
+            let (bind_port, _) = gateway_listen_port(registry, w, server.port.number);
+            let tls = match &server.tls {
+                Some(t) if protocol.is_tls() => DownstreamTls::Server(Box::new(t.clone())),
+                None if protocol.is_tls() => DownstreamTls::SniPassthrough,
+                _ if protocol.is_http() => DownstreamTls::MeshAuto,
+                _ => DownstreamTls::None,
+            };
+            let pa = peer_authentication_for(config, w, Some(server.port.number), mesh);
+            listeners.push(Listener {
+                port: server.port.number,
+                bind_port,
+                protocol,
+                hosts: server.hosts.clone(),
+                tls,
+                peer_authentication: Some(pa),
+                origin: format!(
+                    "Gateway {} server {}",
+                    gw.meta.full_name(),
+                    if server.name.is_empty() {
+                        format!("#{si}")
+                    } else {
+                        server.name.clone()
+                    }
+                ),
+            });
+            if gateway_server_is_passthrough(server) {
+                gateway_tls_routes(config, registry, mesh, w, gw, server, routes);
+                continue;
+            }
+            if !gateway_server_is_http(server) {
+                continue;
+            }
+            for vs in config.virtual_services.iter().filter(|vs| {
+                vs_bound_to_gateway(vs, gw)
+                    && exported_to(&vs.spec.export_to, &vs.meta.namespace, &gw.meta.namespace)
+            }) {
+                for host in &vs.spec.hosts {
+                    let host = resolve_host(host, &vs.meta.namespace, mesh);
+                    if !server_hosts_cover(server, &gw.meta.namespace, &vs.meta.namespace, &host) {
+                        continue;
+                    }
+                    let applies = |m: &HttpMatchRequest| {
+                        m.gateways.is_empty()
+                            || m.gateways
+                                .iter()
+                                .any(|g| gateway_ref_matches(g, &vs.meta.namespace, gw))
+                    };
+                    vs_http_routes(
+                        registry,
+                        mesh,
+                        w,
+                        vs,
+                        server.port.number,
+                        &host,
+                        applies,
+                        routes,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// HTTPS/TLS servers in PASSTHROUGH mode route by SNI with `tls` routes.
+pub fn gateway_server_is_passthrough(server: &Server) -> bool {
+    Protocol::parse(&server.port.protocol).is_tls()
+        && server.tls.as_ref().is_none_or(|t| {
+            matches!(
+                t.mode,
+                ServerTlsMode::Passthrough | ServerTlsMode::AutoPassthrough
+            )
+        })
+}
+
+/// `tls` rules of VirtualServices bound to a passthrough Gateway server.
+fn gateway_tls_routes(
+    config: &Config,
+    registry: &Registry,
+    mesh: &MeshSettings,
+    w: &Workload,
+    gw: &Resource<Gateway>,
+    server: &Server,
+    routes: &mut Vec<RouteView>,
+) {
+    let port = server.port.number;
+    for vs in config.virtual_services.iter().filter(|vs| {
+        vs_bound_to_gateway(vs, gw)
+            && exported_to(&vs.spec.export_to, &vs.meta.namespace, &gw.meta.namespace)
+    }) {
+        for (i, rule) in vs.spec.tls.iter().enumerate() {
+            let sni: Vec<String> = rule
+                .matches
+                .iter()
+                .filter(|m| m.port.is_none_or(|p| p == port))
+                .filter(|m| {
+                    m.gateways.is_empty()
+                        || m.gateways
+                            .iter()
+                            .any(|g| gateway_ref_matches(g, &vs.meta.namespace, gw))
+                })
+                .flat_map(|m| m.sni_hosts.iter())
+                .filter(|h| server_hosts_cover(server, &gw.meta.namespace, &vs.meta.namespace, h))
+                .cloned()
+                .collect();
+            routes.extend(tls_route(registry, mesh, w, vs, i, port, sni));
+        }
+    }
+}
+
+/// HTTP routes apply to HTTP servers and to TLS-terminating HTTPS servers.
+pub fn gateway_server_is_http(server: &Server) -> bool {
+    let protocol = Protocol::parse(&server.port.protocol);
+    protocol.is_http()
+        || (protocol == Protocol::Https
+            && server.tls.as_ref().is_some_and(|t| {
+                !matches!(
+                    t.mode,
+                    ServerTlsMode::Passthrough | ServerTlsMode::AutoPassthrough
+                )
+            }))
+}
+
+/// Does a Gateway server's `hosts` (`[ns/]host`) admit a VirtualService host
+/// from `vs_ns`?
+pub fn server_hosts_cover(server: &Server, gw_ns: &str, vs_ns: &str, host: &str) -> bool {
+    server.hosts.iter().any(|h| {
+        let (ns, pattern) = h.split_once('/').unwrap_or(("*", h));
+        let ns_ok = match ns {
+            "*" => true,
+            "." => vs_ns == gw_ns,
+            other => other == vs_ns,
+        };
+        ns_ok && hosts_overlap(pattern, host)
+    })
+}

@@ -1,0 +1,136 @@
+//! A whole proxy, running: its traffic listeners (a sidecar's outbound
+//! port, a gateway's servers, which follow reloads) over one `Proxy`. The
+//! `meshgate` binary and the tests build proxies the same way (ztunnel's
+//! `app::build`): nothing here reads files or flags.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::gateway::{GatewayError, ListenerSet};
+use crate::proxy::Proxy;
+use crate::sidecar::OriginalDst;
+use crate::snapshot::{Role, Snapshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    #[error("cannot listen on {addr} (outbound capture): {source}")]
+    Outbound {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where a proxy listens.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The address a gateway's server ports bind.
+    pub bind: IpAddr,
+    /// A gateway's server port → the port to bind instead (0: any free
+    /// port), so several proxies can share one host.
+    pub port_overrides: HashMap<u16, u16>,
+    /// A sidecar's outbound listener (istio's 15001).
+    pub outbound: SocketAddr,
+    pub original_dst: OriginalDst,
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct App {
+    pub proxy: Arc<Proxy>,
+    listeners: Listeners,
+}
+
+#[derive(Debug)]
+enum Listeners {
+    Gateway(ListenerSet),
+    Sidecar {
+        port: u16,
+        local: SocketAddr,
+        task: tokio::task::AbortHandle,
+    },
+}
+
+impl App {
+    /// Binds the proxy's listeners and serves them.
+    pub async fn start(proxy: Arc<Proxy>, options: &Options) -> Result<App, AppError> {
+        let listeners = match proxy.role {
+            Role::Gateway => {
+                let mut set = ListenerSet::new(options.bind, options.port_overrides.clone());
+                let snap = proxy.state.load_full();
+                let prepared = set.prepare(&snap).await?;
+                set.apply(&proxy, &snap, prepared);
+                Listeners::Gateway(set)
+            }
+            Role::Sidecar => {
+                let addr = options.outbound;
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| AppError::Outbound { addr, source })?;
+                let local = l
+                    .local_addr()
+                    .map_err(|source| AppError::Outbound { addr, source })?;
+                tracing::info!(address = %local, "outbound listener bound");
+                let task = tokio::spawn(crate::sidecar::serve(
+                    proxy.clone(),
+                    l,
+                    options.original_dst,
+                ));
+                Listeners::Sidecar {
+                    port: addr.port(),
+                    local,
+                    task: task.abort_handle(),
+                }
+            }
+        };
+        Ok(App { proxy, listeners })
+    }
+
+    /// (port, bound address) of every traffic listener: a gateway's by
+    /// server port, a sidecar's outbound one by the port asked for.
+    pub fn addresses(&self) -> Vec<(u16, SocketAddr)> {
+        match &self.listeners {
+            Listeners::Gateway(set) => set.addresses(),
+            Listeners::Sidecar { port, local, .. } => vec![(*port, *local)],
+        }
+    }
+
+    /// Applies a new snapshot: a gateway binds the ports it adds first (a
+    /// port that cannot be bound refuses the whole snapshot), then it is
+    /// swapped in, then removed ports stop accepting.
+    pub async fn reload(&mut self, snap: Snapshot) -> Result<(), AppError> {
+        let snap = Arc::new(snap);
+        match &mut self.listeners {
+            Listeners::Gateway(set) => {
+                let prepared = set.prepare(&snap).await?;
+                self.proxy.state.store(snap.clone());
+                set.apply(&self.proxy, &snap, prepared);
+            }
+            Listeners::Sidecar { .. } => self.proxy.state.store(snap),
+        }
+        Ok(())
+    }
+
+    /// Stops accepting, lets connections finish within `limit`, and
+    /// returns how many were still open.
+    pub async fn drain(self, limit: Duration) -> usize {
+        let App { proxy, listeners } = self;
+        // Dropped listeners stop accepting (their tasks are aborted).
+        drop(listeners);
+        proxy.drain.drain(limit).await
+    }
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        if let Listeners::Sidecar { task, .. } = self {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! A downstream connection from accept to close, the same for sidecars and
+//! gateways: ask the plan, read what it needs (the first byte, the
+//! ClientHello), then terminate TLS and serve HTTP, or pass the bytes
+//! through, as the plan says.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use meshgate_identity::tls::{handshake_error_reason, peer_identity};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::TlsAcceptor;
+
+use crate::conn::{Conn, Peer, Terminated};
+use crate::error::ConnError;
+use crate::listener::{HANDSHAKE_TIMEOUT, Sniffed};
+use crate::plan::{Need, Peeked, Plan, Termination, plan};
+use crate::proxy::Proxy;
+
+/// What has been read from a connection, owned.
+enum Read {
+    Nothing,
+    FirstByte(bool),
+    ClientHello(Option<String>),
+}
+
+impl Read {
+    fn peeked(&self) -> Peeked<'_> {
+        match self {
+            Read::Nothing => Peeked::Nothing,
+            Read::FirstByte(tls) => Peeked::FirstByte { tls: *tls },
+            Read::ClientHello(sni) => Peeked::ClientHello {
+                sni: sni.as_deref(),
+            },
+        }
+    }
+}
+
+/// Serves one connection until it ends; counted for the drain.
+pub async fn serve<S>(proxy: Arc<Proxy>, conn: Conn, io: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let _open = proxy.drain.connection();
+    let remote = conn.remote;
+    if let Err(e) = drive(proxy, conn, io).await {
+        tracing::debug!(%remote, fault = e.fault().as_str(), error = %e, "connection closed");
+    }
+}
+
+async fn drive<S>(proxy: Arc<Proxy>, mut conn: Conn, io: S) -> Result<(), ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let snap = proxy.state.load_full();
+    let mut io = Sniffed::new(io);
+    let mut read = Read::Nothing;
+    // Each step reads more, and there are two things to read.
+    for _ in 0..3 {
+        match plan(&snap, &conn, read.peeked(), fastrand::f64()) {
+            Plan::Read(Need::FirstByte) => match io.starts_with_tls().await? {
+                Some(tls) => read = Read::FirstByte(tls),
+                None => return Ok(()),
+            },
+            Plan::Read(Need::ClientHello) => read = Read::ClientHello(io.client_hello().await?),
+            Plan::ServeHttp => return serve_http(proxy, conn, io).await,
+            Plan::Terminate(t) => {
+                let tls = terminate(&proxy, &mut conn, io, t).await?;
+                return serve_http(proxy, conn, tls).await;
+            }
+            Plan::Tcp(p) => {
+                let sni = match &read {
+                    Read::ClientHello(sni) => sni.as_deref(),
+                    _ => None,
+                };
+                return crate::tcp::forward(&proxy, &snap, &conn, &p, io, sni).await;
+            }
+            Plan::Close(refusal) => return Err(refusal.into()),
+            // Requests are planned from their heads, on connections
+            // served as HTTP.
+            Plan::Request(_) => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
+/// Terminates TLS (bounded by HANDSHAKE_TIMEOUT) and records what the
+/// handshake says: the SNI and the peer's SPIFFE identity.
+async fn terminate<S>(
+    proxy: &Proxy,
+    conn: &mut Conn,
+    io: Sniffed<S>,
+    how: Termination,
+) -> Result<tokio_rustls::server::TlsStream<Sniffed<S>>, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let acceptor = match how {
+        Termination::Mesh => TlsAcceptor::from(proxy.mesh_tls.clone()),
+        Termination::Server(config) => TlsAcceptor::from(config),
+    };
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io))
+        .await
+        .map_err(|_| ConnError::HandshakeTimeout(HANDSHAKE_TIMEOUT))?
+        .map_err(|e| ConnError::Handshake(handshake_error_reason(&e)))?;
+    let session = stream.get_ref().1;
+    conn.tls = Some(Terminated {
+        sni: session.server_name().map(Arc::from),
+        peer: peer_identity(session.peer_certificates())
+            .map(|id| Arc::new(Peer::new(id, &proxy.trust_domain))),
+    });
+    Ok(stream)
+}
+
+async fn serve_http<I>(proxy: Arc<Proxy>, conn: Conn, io: I) -> Result<(), ConnError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let drain = proxy.drain.clone();
+    let conn = Arc::new(conn);
+    let svc = hyper::service::service_fn(move |req| {
+        let (proxy, conn) = (proxy.clone(), conn.clone());
+        async move { Ok::<_, Infallible>(proxy.handle(&conn, req).await) }
+    });
+    crate::listener::serve_http(io, svc, &drain).await
+}

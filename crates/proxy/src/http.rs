@@ -1,0 +1,367 @@
+//! The HTTP request path of both proxies: plan the request, act on the
+//! plan (forward it, redirect, or answer locally), and report it. Every
+//! decision comes from `plan::plan_request`; this module only acts.
+
+mod forward;
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use meshgate_telemetry::{EgressLabels, LogEntry, ResponseFlags};
+
+use crate::body::{Body, text};
+use crate::conn::Conn;
+use crate::labels::{DestinationLabels, unknown};
+use crate::plan::{RequestAction, RequestHead, RequestPlan, plan_request};
+use crate::proxy::Proxy;
+use crate::report::HttpReport;
+use crate::route::RequestView;
+use crate::snapshot::Snapshot;
+
+// Header names the request path sets, built once: inserting by `&str`
+// copies a custom name on every request.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What acting on a plan came to, before it is reported.
+#[derive(Debug)]
+struct Outcome {
+    response: Response<Body>,
+    flags: ResponseFlags,
+    details: Cow<'static, str>,
+    /// The endpoint that answered.
+    upstream: Option<SocketAddr>,
+    transport_failure: Option<String>,
+}
+
+impl Outcome {
+    fn local(response: Response<Body>, flags: ResponseFlags, details: Cow<'static, str>) -> Self {
+        Outcome {
+            response,
+            flags,
+            details,
+            upstream: None,
+            transport_failure: None,
+        }
+    }
+}
+
+impl Proxy {
+    /// Handles one downstream request on a connection served as HTTP.
+    pub async fn handle(self: &Arc<Self>, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        let start_time = SystemTime::now();
+        let snap = self.state.load_full();
+        let (mut parts, body) = req.into_parts();
+        if !parts.headers.contains_key(&X_REQUEST_ID) {
+            parts.headers.insert(X_REQUEST_ID, new_request_id());
+        }
+        // Cheap clones (shared buffers), so the request can move on while
+        // these are borrowed.
+        let uri = parts.uri.clone();
+        let host_header = parts.headers.get(header::HOST).cloned();
+        let authority: &str = host_header
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| uri.authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let target = forward::Head {
+            authority,
+            path: uri.path(),
+            query: uri.query().unwrap_or(""),
+            scheme: if conn.tls.is_some() { "https" } else { "http" },
+        };
+        let head = RequestHead {
+            view: RequestView {
+                authority,
+                method: parts.method.as_str(),
+                scheme: target.scheme,
+                path: target.path,
+                query: target.query,
+                headers: &parts.headers,
+            },
+            uri_port: uri.port_u16(),
+        };
+        let plan = plan_request(&snap, conn, &head, fastrand::f64());
+        let entry = self
+            .access_log
+            .enabled()
+            .then(|| log_entry(conn, &parts, authority, start_time, &plan));
+        let request_bytes = content_length(&parts.headers);
+        let outcome = match &plan.action {
+            RequestAction::Connect { host, port } => {
+                return self.connect(conn, &mut parts, host, *port);
+            }
+            RequestAction::Forward {
+                route,
+                matched,
+                destination,
+                cluster,
+            } => {
+                let upstream = forward::Upstream {
+                    proxy: self,
+                    snap: &snap,
+                    conn,
+                    route,
+                    matched: *matched,
+                    destination,
+                    cluster,
+                    start,
+                };
+                upstream.forward(&target, parts, body).await
+            }
+            RequestAction::Redirect { redirect, .. } => {
+                let mut resp = text(
+                    StatusCode::from_u16(redirect.code).unwrap_or(StatusCode::MOVED_PERMANENTLY),
+                    "",
+                );
+                if let Ok(v) = HeaderValue::from_str(&redirect.location(&head.view, plan.port)) {
+                    resp.headers_mut().insert(header::LOCATION, v);
+                }
+                Outcome::local(
+                    resp,
+                    ResponseFlags::NONE,
+                    Cow::Borrowed("via_route_redirect"),
+                )
+            }
+            RequestAction::Direct { status, body } => Outcome::local(
+                text(
+                    StatusCode::from_u16(*status).unwrap_or(StatusCode::OK),
+                    (*body).clone(),
+                ),
+                ResponseFlags::NONE,
+                Cow::Borrowed("direct_response"),
+            ),
+            RequestAction::Local(l) => {
+                Outcome::local(text(l.status, l.body), l.flags, l.details.clone())
+            }
+        };
+        self.report(
+            &snap,
+            conn,
+            &plan,
+            authority,
+            outcome,
+            entry,
+            request_bytes,
+            start,
+        )
+    }
+
+    /// Attaches the report to the response: written when its body ends.
+    #[allow(clippy::too_many_arguments)]
+    fn report(
+        self: &Arc<Self>,
+        snap: &Snapshot,
+        conn: &Conn,
+        plan: &RequestPlan<'_>,
+        authority: &str,
+        outcome: Outcome,
+        mut entry: Option<Box<LogEntry>>,
+        request_bytes: u64,
+        start: Instant,
+    ) -> Response<Body> {
+        let status = outcome.response.status().as_u16();
+        let cluster = plan.destination.and_then(|d| snap.cluster(d.cluster));
+        let destination = match (&plan.action, cluster) {
+            (_, Some(c)) => c.labels.clone(),
+            (RequestAction::Local(l), None) if l.destination.is_some() => {
+                DestinationLabels::named(Arc::from(l.destination.unwrap_or_default()))
+            }
+            _ => DestinationLabels::host(authority),
+        };
+        if let Some(e) = entry.as_mut() {
+            e.response_code = status;
+            e.response_flags = outcome.flags;
+            e.response_code_details = Some(outcome.details.into_owned());
+            e.upstream_host = outcome.upstream;
+            e.upstream_cluster = plan.cluster_name(snap).map(str::to_owned);
+            e.upstream_transport_failure_reason = outcome.transport_failure;
+            e.upstream_service_time = outcome.upstream.map(|_| start.elapsed().as_millis() as u64);
+        }
+        let labels = snap.istio_labels(
+            &destination,
+            status,
+            outcome.flags,
+            protocol(outcome.response.headers()),
+        );
+        let egress = self.is_gateway().then(|| EgressLabels {
+            source_principal: conn.peer().map_or_else(unknown, |p| p.uri.clone()),
+            source_workload_namespace: conn
+                .peer()
+                .and_then(|p| p.namespace.clone())
+                .unwrap_or_else(unknown),
+            connection_security_policy: if conn.peer().is_some() {
+                "mutual_tls"
+            } else {
+                "none"
+            },
+            destination_service_name: cluster.map_or_else(
+                || Arc::from(crate::route::split_host_port(authority).0),
+                |c| c.host.clone(),
+            ),
+            response_code: status,
+            decision: plan.authz.label(),
+        });
+        let (parts, body) = outcome.response.into_parts();
+        let report = HttpReport {
+            proxy: self.clone(),
+            start,
+            labels,
+            egress,
+            entry,
+            request_bytes,
+            response_bytes: 0,
+        };
+        Response::from_parts(parts, body.reported(report))
+    }
+
+    /// CONNECT accepted: answer 200 and serve the tunnel as a connection to
+    /// `host:port`, planned like captured traffic to that port.
+    fn connect(
+        self: &Arc<Self>,
+        conn: &Conn,
+        parts: &mut http::request::Parts,
+        host: &str,
+        port: u16,
+    ) -> Response<Body> {
+        let Some(upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+            return Response::new(Body::empty());
+        };
+        let tunnel = Conn {
+            port,
+            explicit: false,
+            // The tunnel's destination is the host it names.
+            original_dst: None,
+            connect_host: Some(Arc::from(host)),
+            ..conn.clone()
+        };
+        let proxy = self.clone();
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(io) => {
+                    let io = hyper_util::rt::TokioIo::new(io);
+                    crate::connection::serve(proxy, tunnel, io).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+            }
+        });
+        // Not reported as a request: the tunnel is reported as a TCP
+        // connection.
+        let mut resp = text(StatusCode::OK, "");
+        resp.headers_mut().remove(header::CONTENT_TYPE);
+        resp
+    }
+}
+
+/// The access-log fields known before the request is acted on.
+fn log_entry(
+    conn: &Conn,
+    parts: &http::request::Parts,
+    authority: &str,
+    start_time: SystemTime,
+    plan: &RequestPlan<'_>,
+) -> Box<LogEntry> {
+    Box::new(LogEntry {
+        start_time: Some(start_time),
+        method: Some(parts.method.to_string()),
+        path: Some(
+            parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
+        ),
+        protocol: Some(version_str(parts.version)),
+        x_forwarded_for: header_string(&parts.headers, "x-forwarded-for"),
+        user_agent: header_string(&parts.headers, "user-agent"),
+        request_id: header_string(&parts.headers, "x-request-id"),
+        authority: Some(authority.to_owned()),
+        downstream_local_address: Some(conn.downstream_local()),
+        downstream_remote_address: Some(conn.remote),
+        requested_server_name: conn.sni().map(str::to_owned),
+        route_name: plan.route_name().map(str::to_owned),
+        downstream_peer_uri_san: conn.peer().map(|p| p.uri.to_string()),
+        ..LogEntry::default()
+    })
+}
+
+fn content_length(h: &HeaderMap) -> u64 {
+    h.get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Istio's `request_protocol`: `grpc` for gRPC responses.
+fn protocol(h: &HeaderMap) -> &'static str {
+    let grpc = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc { "grpc" } else { "http" }
+}
+
+fn header_string(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/0.9",
+    }
+}
+
+/// A random UUID v4 for `x-request-id`, formatted without allocating
+/// (the header value is the one copy).
+fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let v = fastrand::u128(..);
+    let mut out = [0u8; 36];
+    let mut nibble = 0;
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = match i {
+            8 | 13 | 18 | 23 => b'-',
+            14 => b'4',
+            19 => b'a',
+            _ => {
+                let d = ((v >> (4 * nibble)) & 0xf) as usize;
+                nibble += 1;
+                HEX[d]
+            }
+        };
+    }
+    // Hex digits and dashes are always a valid header value.
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_uuid_v4_and_differ() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_ne!(a, b);
+        let s = a.to_str().unwrap_or_default();
+        let groups: Vec<&str> = s.split('-').collect();
+        assert_eq!(
+            groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12],
+            "{s}"
+        );
+        assert!(
+            groups[2].starts_with('4') && groups[3].starts_with('a'),
+            "{s}"
+        );
+        assert!(s.chars().all(|c| c == '-' || c.is_ascii_hexdigit()), "{s}");
+    }
+}

@@ -1,0 +1,408 @@
+//! A request on its way to the planned destination, in the order it
+//! happens: faults, the upstream request head (rewrites, hop-by-hop
+//! headers, `x-forwarded-*`, header operations), the attempts (retries,
+//! per-try and route timeouts), and the response (hop-by-hop headers,
+//! upgrades, header operations, flags).
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body as _, Incoming};
+use hyper::upgrade::OnUpgrade;
+use meshgate_telemetry::ResponseFlags;
+
+use super::Outcome;
+use crate::body::{Body, text};
+use crate::conn::Conn;
+use crate::proxy::Proxy;
+use crate::route::{Route, WeightedCluster};
+use crate::snapshot::{ClusterEntry, Snapshot};
+use crate::upstream::{UpstreamAddr, UpstreamError};
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
+    HeaderName::from_static("x-envoy-upstream-service-time");
+
+/// Envoy's hop-by-hop headers, never forwarded.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// The request as it arrived, where it is read again.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Head<'a> {
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub query: &'a str,
+    pub scheme: &'a str,
+}
+
+/// One request to forward, and where to.
+pub(super) struct Upstream<'a> {
+    pub proxy: &'a Proxy,
+    pub snap: &'a Snapshot,
+    pub conn: &'a Conn,
+    pub route: &'a Route,
+    pub matched: Option<usize>,
+    pub destination: &'a WeightedCluster,
+    pub cluster: &'a Arc<ClusterEntry>,
+    pub start: Instant,
+}
+
+/// The upstream request, ready to send (once, or again on retry).
+struct Prepared {
+    parts: Parts,
+    uri: Uri,
+    /// The downstream's side of an HTTP/1.1 upgrade (WebSocket).
+    downstream_upgrade: Option<OnUpgrade>,
+}
+
+impl Upstream<'_> {
+    pub(super) async fn forward(&self, head: &Head<'_>, parts: Parts, body: Incoming) -> Outcome {
+        let delayed = match self.inject_faults().await {
+            Ok(delayed) => delayed,
+            Err(aborted) => return aborted,
+        };
+        let Some(prepared) = self.prepare(head, parts) else {
+            return Outcome::local(
+                text(StatusCode::BAD_REQUEST, "bad request"),
+                ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR,
+                Cow::Borrowed("invalid_authority"),
+            );
+        };
+        let Prepared {
+            parts,
+            uri,
+            downstream_upgrade,
+        } = prepared;
+        match self.send(parts, uri, body).await {
+            Ok((resp, attempts)) => self.respond(resp, attempts, delayed, downstream_upgrade),
+            Err((e, attempts)) => self.failed(&e, attempts),
+        }
+    }
+
+    /// The route's fault injection: `Ok(true)` after an injected delay,
+    /// `Err` with the response of an injected abort.
+    async fn inject_faults(&self) -> Result<bool, Outcome> {
+        let Some(f) = &self.route.fault else {
+            return Ok(false);
+        };
+        let mut delayed = false;
+        if let Some((delay, pct)) = f.delay
+            && fastrand::f64() * 100.0 < pct
+        {
+            tokio::time::sleep(delay).await;
+            delayed = true;
+        }
+        if let Some((status, pct)) = f.abort
+            && fastrand::f64() * 100.0 < pct
+        {
+            let resp = text(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                "fault filter abort",
+            );
+            let flags = if delayed {
+                ResponseFlags::FAULT_INJECTED.with(ResponseFlags::DELAY_INJECTED)
+            } else {
+                ResponseFlags::FAULT_INJECTED
+            };
+            return Err(Outcome::local(
+                resp,
+                flags,
+                Cow::Borrowed("fault_filter_abort"),
+            ));
+        }
+        Ok(delayed)
+    }
+
+    /// The upstream request head: rewrites, hop-by-hop headers removed
+    /// (kept for an upgrade), `Host`, `x-forwarded-*`, header operations.
+    /// `None` when the rewritten URI is not valid.
+    fn prepare(&self, head: &Head<'_>, mut parts: Parts) -> Option<Prepared> {
+        let route = self.route;
+        let new_path = route.rewrite_path(self.matched, head.path);
+        let authority = route.authority_rewrite.as_deref().unwrap_or(head.authority);
+        let uri = self.upstream_uri(&parts, new_path.as_deref(), head.query, authority)?;
+        let h2 = self.cluster.cluster.is_h2();
+        // An HTTP/1.1 upgrade (WebSocket and the like) keeps its Upgrade and
+        // Connection headers and, once the upstream answers 101, becomes a
+        // byte tunnel through every hop, as Envoy's upgrade_configs do.
+        let upgrade = upgrade_protocol(&parts).filter(|_| !h2);
+        let downstream_upgrade = upgrade
+            .as_ref()
+            .and_then(|_| parts.extensions.remove::<OnUpgrade>());
+        let headers = &mut parts.headers;
+        for h in &HOP_BY_HOP {
+            headers.remove(h);
+        }
+        if let Some(proto) = upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, proto);
+        }
+        if h2 {
+            headers.remove(header::HOST);
+        } else if headers.get(header::HOST).map(HeaderValue::as_bytes) != Some(authority.as_bytes())
+            && let Ok(v) = HeaderValue::from_str(authority)
+        {
+            headers.insert(header::HOST, v);
+        }
+        if new_path.is_some()
+            && let Ok(v) = HeaderValue::from_str(head.path)
+        {
+            headers.insert(X_ENVOY_ORIGINAL_PATH, v);
+        }
+        headers.insert(
+            X_FORWARDED_PROTO,
+            HeaderValue::from_static(if self.conn.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            }),
+        );
+        if self.proxy.is_gateway() {
+            append_forwarded_for(headers, self.conn.remote);
+        }
+        route.request_headers.apply(headers);
+        self.destination.request_headers.apply(headers);
+        parts.version = if h2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        Some(Prepared {
+            parts,
+            uri,
+            downstream_upgrade,
+        })
+    }
+
+    /// The URI's authority picks the connection (pool key, HTTP/2
+    /// `:authority`); for the PassthroughCluster it is where the
+    /// application was connecting.
+    fn upstream_uri(
+        &self,
+        parts: &Parts,
+        new_path: Option<&str>,
+        query: &str,
+        authority: &str,
+    ) -> Option<Uri> {
+        let path_and_query = match (new_path, query) {
+            (Some(p), "") => http::uri::PathAndQuery::try_from(p).ok()?,
+            (Some(p), q) => http::uri::PathAndQuery::try_from(format!("{p}?{q}")).ok()?,
+            (None, _) => parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        };
+        let to_original = self.snap.passthrough == Some(self.destination.cluster);
+        let authority = match (to_original, self.conn.original_dst) {
+            (true, Some(orig)) => http::uri::Authority::try_from(orig.to_string()).ok()?,
+            _ => http::uri::Authority::try_from(authority).ok()?,
+        };
+        let mut p = http::uri::Parts::default();
+        p.scheme = Some(http::uri::Scheme::HTTP);
+        p.authority = Some(authority);
+        p.path_and_query = Some(path_and_query);
+        Uri::from_parts(p).ok()
+    }
+
+    /// Sends the request, retrying as the route's policy says, within the
+    /// route's timeout. Returns the response (or the last error) and the
+    /// number of attempts made.
+    async fn send(
+        &self,
+        mut parts: Parts,
+        uri: Uri,
+        body: Incoming,
+    ) -> Result<(Response<Incoming>, u32), (UpstreamError, u32)> {
+        let retry = &self.route.retry;
+        let cluster = &self.cluster.cluster;
+        // Bodyless requests can be retried; streamed bodies cannot be replayed.
+        let bodyless = body.is_end_stream()
+            || matches!(
+                parts.method,
+                Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+            ) && !parts.headers.contains_key(header::CONTENT_LENGTH)
+                && !parts.headers.contains_key(header::TRANSFER_ENCODING);
+        let mut streaming = (!bodyless).then_some(body);
+        let max_attempts = if streaming.is_some() {
+            1
+        } else {
+            1 + retry.attempts
+        };
+        let mut attempt = 0;
+        let attempts = async {
+            loop {
+                attempt += 1;
+                let mut req =
+                    Request::new(streaming.take().map_or_else(Body::empty, Body::incoming));
+                *req.method_mut() = parts.method.clone();
+                *req.uri_mut() = uri.clone();
+                *req.version_mut() = parts.version;
+                // The last possible attempt takes the headers; earlier ones copy.
+                *req.headers_mut() = if attempt < max_attempts {
+                    parts.headers.clone()
+                } else {
+                    std::mem::take(&mut parts.headers)
+                };
+                let sent = match retry.per_try_timeout {
+                    Some(t) => tokio::time::timeout(t, cluster.send(req))
+                        .await
+                        .unwrap_or(Err(UpstreamError::PerTryTimeout)),
+                    None => cluster.send(req).await,
+                };
+                let more = attempt < max_attempts;
+                match sent {
+                    Ok(resp) if more && retry.retry_status(resp.status().as_u16()) => {
+                        tracing::debug!(cluster = %cluster.name(), status = %resp.status(), attempt, "retrying");
+                    }
+                    Ok(resp) => return Ok(resp),
+                    Err(e) if more && e.retry_safe() && retry.on_connect_failure => {
+                        tracing::debug!(cluster = %cluster.name(), error = %e, attempt, "retrying after connect failure");
+                    }
+                    Err(e) => return Err(e),
+                }
+                tokio::time::sleep(retry.backoff * attempt).await;
+            }
+        };
+        let result = match self.route.timeout {
+            Some(t) => {
+                let remaining = t.saturating_sub(self.start.elapsed());
+                tokio::time::timeout(remaining, attempts)
+                    .await
+                    .unwrap_or(Err(UpstreamError::Timeout))
+            }
+            None => attempts.await,
+        };
+        result.map(|r| (r, attempt)).map_err(|e| (e, attempt))
+    }
+
+    /// The upstream's response on its way back.
+    fn respond(
+        &self,
+        mut resp: Response<Incoming>,
+        attempts: u32,
+        delayed: bool,
+        downstream_upgrade: Option<OnUpgrade>,
+    ) -> Outcome {
+        let upstream = resp.extensions().get::<UpstreamAddr>().map(|a| a.0);
+        let upstream_upgrade = (resp.status() == StatusCode::SWITCHING_PROTOCOLS)
+            .then(|| resp.extensions_mut().remove::<OnUpgrade>())
+            .flatten();
+        let (mut parts, body) = resp.into_parts();
+        let upgraded_to = parts.headers.get(header::UPGRADE).cloned();
+        for h in &HOP_BY_HOP {
+            parts.headers.remove(h);
+        }
+        if let (Some(down), Some(up), Some(proto)) =
+            (downstream_upgrade, upstream_upgrade, upgraded_to)
+        {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, proto);
+            tokio::spawn(tunnel(down, up));
+        }
+        if let Ok(v) = HeaderValue::from_str(&self.start.elapsed().as_millis().to_string()) {
+            parts.headers.insert(X_ENVOY_UPSTREAM_SERVICE_TIME, v);
+        }
+        self.route.response_headers.apply(&mut parts.headers);
+        self.destination.response_headers.apply(&mut parts.headers);
+        let retried_out = attempts > 1 && self.route.retry.retry_status(parts.status.as_u16());
+        let flags = match (retried_out, delayed) {
+            (true, _) => ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED,
+            (false, true) => ResponseFlags::DELAY_INJECTED,
+            (false, false) => ResponseFlags::NONE,
+        };
+        Outcome {
+            response: Response::from_parts(parts, Body::incoming(body)),
+            flags,
+            details: Cow::Borrowed("via_upstream"),
+            upstream,
+            transport_failure: None,
+        }
+    }
+
+    /// The local reply for a request that got no response.
+    fn failed(&self, e: &UpstreamError, attempts: u32) -> Outcome {
+        let mut flags = e.flag();
+        if attempts > 1 && e.retry_safe() {
+            flags = flags.with(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+        }
+        tracing::warn!(
+            cluster = %self.cluster.cluster.name(),
+            host = %self.cluster.host,
+            error = %e,
+            flags = %flags,
+            "upstream request failed"
+        );
+        let mut out = Outcome::local(
+            text(e.status(), e.body()),
+            flags,
+            Cow::Borrowed(e.details()),
+        );
+        out.transport_failure = e.transport_failure().map(str::to_owned);
+        out
+    }
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection:
+/// upgrade` plus `Upgrade`); CONNECT is planned on its own.
+fn upgrade_protocol(parts: &Parts) -> Option<HeaderValue> {
+    if parts.version != Version::HTTP_11 || parts.method == Method::CONNECT {
+        return None;
+    }
+    let asks = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| parts.headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Copies bytes both ways between an upgraded downstream and upstream
+/// connection until either side closes.
+async fn tunnel(down: OnUpgrade, up: OnUpgrade) {
+    let (down, up) = match tokio::join!(down, up) {
+        (Ok(d), Ok(u)) => (d, u),
+        (d, u) => {
+            tracing::debug!(
+                downstream = d.is_ok(),
+                upstream = u.is_ok(),
+                "upgrade failed"
+            );
+            return;
+        }
+    };
+    let mut down = hyper_util::rt::TokioIo::new(down);
+    let mut up = hyper_util::rt::TokioIo::new(up);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        tracing::debug!(error = %e, "upgraded connection closed");
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, remote: std::net::SocketAddr) {
+    let ip = remote.ip().to_string();
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev},{ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+}

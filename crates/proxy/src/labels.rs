@@ -1,0 +1,166 @@
+//! Istio's metric labels: the source workload's (this proxy's) and each
+//! destination's, prepared when a snapshot is built so that reporting a
+//! request clones pointers and allocates nothing.
+
+use std::sync::Arc;
+
+use meshgate_config::view::{ClusterView, WorkloadInfo};
+use meshgate_telemetry::metrics::Lv;
+use meshgate_telemetry::{IstioLabels, ResponseFlags};
+
+use crate::snapshot::Snapshot;
+
+/// Istio's default cluster name for metrics (`CLUSTER_ID`).
+pub const CLUSTER_ID: &str = "Kubernetes";
+
+pub fn unknown() -> Lv {
+    Arc::from("unknown")
+}
+
+/// Istio's `source_*` / `destination_*` values for one workload.
+#[derive(Debug, Clone)]
+pub struct WorkloadLabels {
+    pub workload: Lv,
+    pub namespace: Lv,
+    pub principal: Lv,
+    pub app: Lv,
+    pub version: Lv,
+    pub canonical_service: Lv,
+    pub canonical_revision: Lv,
+    pub cluster: Lv,
+}
+
+impl WorkloadLabels {
+    pub fn unknown() -> Self {
+        WorkloadLabels {
+            workload: unknown(),
+            namespace: unknown(),
+            principal: unknown(),
+            app: unknown(),
+            version: unknown(),
+            canonical_service: unknown(),
+            canonical_revision: Arc::from("latest"),
+            cluster: unknown(),
+        }
+    }
+
+    /// Istio's canonical service/revision rules over the pod labels.
+    pub fn of(w: &WorkloadInfo) -> Self {
+        let l = &w.labels;
+        let get = |keys: &[&str]| keys.iter().find_map(|k| l.get(*k)).map(String::as_str);
+        WorkloadLabels {
+            workload: Arc::from(w.name.as_str()),
+            namespace: Arc::from(w.namespace.as_str()),
+            principal: Arc::from(w.spiffe_id.as_str()),
+            app: Arc::from(get(&["app"]).unwrap_or("unknown")),
+            version: Arc::from(get(&["version"]).unwrap_or("unknown")),
+            canonical_service: Arc::from(
+                get(&[
+                    "service.istio.io/canonical-name",
+                    "app.kubernetes.io/name",
+                    "app",
+                ])
+                .unwrap_or(&w.name),
+            ),
+            canonical_revision: Arc::from(
+                get(&[
+                    "service.istio.io/canonical-revision",
+                    "app.kubernetes.io/version",
+                    "version",
+                ])
+                .unwrap_or("latest"),
+            ),
+            cluster: Arc::from(CLUSTER_ID),
+        }
+    }
+}
+
+/// Destination labels of one cluster (or of a name, when nothing was
+/// routed).
+#[derive(Debug, Clone)]
+pub struct DestinationLabels {
+    pub workload: WorkloadLabels,
+    pub service: Lv,
+    pub service_name: Lv,
+    pub service_namespace: Lv,
+}
+
+impl DestinationLabels {
+    pub fn of(c: &ClusterView) -> Self {
+        DestinationLabels {
+            workload: c
+                .destination_workload
+                .as_ref()
+                .map_or_else(WorkloadLabels::unknown, WorkloadLabels::of),
+            service: Arc::from(c.host.as_str()),
+            service_name: Arc::from(c.service_name.as_str()),
+            service_namespace: if c.service_namespace.is_empty() {
+                unknown()
+            } else {
+                Arc::from(c.service_namespace.as_str())
+            },
+        }
+    }
+
+    /// A destination known only by name (a host, `BlackHoleCluster`).
+    pub fn named(name: Lv) -> Self {
+        DestinationLabels {
+            workload: WorkloadLabels::unknown(),
+            service: name.clone(),
+            service_name: name,
+            service_namespace: unknown(),
+        }
+    }
+
+    /// The host of an authority (`host:port`), or `unknown`.
+    pub fn host(authority: &str) -> Self {
+        let host = crate::route::split_host_port(authority).0;
+        Self::named(if host.is_empty() {
+            unknown()
+        } else {
+            Arc::from(host)
+        })
+    }
+}
+
+impl Snapshot {
+    /// Istio's labels for one request or connection this proxy reports
+    /// (`reporter="source"`: the proxy's workload is the source).
+    pub fn istio_labels(
+        &self,
+        dest: &DestinationLabels,
+        code: u16,
+        flags: ResponseFlags,
+        protocol: &'static str,
+    ) -> IstioLabels {
+        let s = &self.source;
+        let dw = &dest.workload;
+        IstioLabels {
+            reporter: "source",
+            source_workload: s.workload.clone(),
+            source_canonical_service: s.canonical_service.clone(),
+            source_canonical_revision: s.canonical_revision.clone(),
+            source_workload_namespace: s.namespace.clone(),
+            source_principal: s.principal.clone(),
+            source_app: s.app.clone(),
+            source_version: s.version.clone(),
+            source_cluster: s.cluster.clone(),
+            destination_workload: dw.workload.clone(),
+            destination_workload_namespace: dw.namespace.clone(),
+            destination_principal: dw.principal.clone(),
+            destination_app: dw.app.clone(),
+            destination_version: dw.version.clone(),
+            destination_service: dest.service.clone(),
+            destination_canonical_service: dw.canonical_service.clone(),
+            destination_canonical_revision: dw.canonical_revision.clone(),
+            destination_service_name: dest.service_name.clone(),
+            destination_service_namespace: dest.service_namespace.clone(),
+            destination_cluster: dw.cluster.clone(),
+            request_protocol: protocol,
+            response_code: code,
+            grpc_response_status: "",
+            response_flags: flags,
+            connection_security_policy: "unknown",
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! What every listener shares (sidecar, gateway, admin): the accept loop
+//! with backoff, reading the first bytes of a connection without losing
+//! them, and serving HTTP/1.1 and HTTP/2 on a connection until it ends or
+//! the proxy drains.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::Service;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+use crate::drain::Drain;
+use crate::error::ConnError;
+use crate::tls_hello::{Hello, MAX_HELLO, parse_client_hello};
+
+/// How long a client may take to send its first bytes (and a ClientHello
+/// to arrive whole), as Envoy's listener filter timeout.
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a TLS handshake may take once it started.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+const BACKOFF_MIN: Duration = Duration::from_millis(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Accepts connections until the task is dropped, handing each to `serve`
+/// (which spawns what it needs). Accept errors (out of file descriptors,
+/// mostly) back off exponentially instead of spinning.
+pub async fn accept_loop<F>(listener: TcpListener, mut serve: F)
+where
+    F: FnMut(TcpStream, SocketAddr),
+{
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        match listener.accept().await {
+            Ok((tcp, remote)) => {
+                backoff = BACKOFF_MIN;
+                let _ = tcp.set_nodelay(true);
+                serve(tcp, remote);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// The downstream HTTP server (HTTP/1.1 and HTTP/2, TLS or h2c). A timer
+/// makes hyper enforce its header read timeout (30s), so a client that
+/// never finishes its headers cannot hold a connection forever.
+fn http_server() -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
+    let mut b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    b.http1().timer(hyper_util::rt::TokioTimer::new());
+    b.http2().timer(hyper_util::rt::TokioTimer::new());
+    b
+}
+
+/// Serves HTTP on `io` until the client is done; when the proxy drains, the
+/// connection finishes its requests in flight and closes.
+pub async fn serve_http<I, S, B>(io: I, service: S, drain: &Drain) -> Result<(), ConnError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let server = http_server();
+    crate::drain::serve_until_drained(
+        drain,
+        server.serve_connection_with_upgrades(TokioIo::new(io), service),
+        |c| c.graceful_shutdown(),
+    )
+    .await
+    .map_err(ConnError::Http)
+}
+
+/// A connection whose first bytes were read to decide what it is; reading
+/// from it returns those bytes first, so nothing is lost to whatever
+/// serves it next.
+#[derive(Debug)]
+pub struct Sniffed<S> {
+    buf: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> Sniffed<S> {
+    pub fn new(inner: S) -> Self {
+        Sniffed {
+            buf: Vec::new(),
+            pos: 0,
+            inner,
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Reads more bytes into the buffer, by `deadline`.
+    async fn fill(&mut self, deadline: Instant, what: &'static str) -> Result<(), ConnError> {
+        let mut chunk = [0u8; 4096];
+        let read = tokio::time::timeout_at(deadline, self.inner.read(&mut chunk)).await;
+        match read {
+            Err(_) => Err(ConnError::Idle(FIRST_BYTE_TIMEOUT)),
+            Ok(Err(e)) => Err(ConnError::Read(e)),
+            Ok(Ok(0)) => Err(ConnError::Closed(what)),
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the client starts with a TLS handshake record; `None` when
+    /// it closes without sending anything.
+    pub async fn starts_with_tls(&mut self) -> Result<Option<bool>, ConnError> {
+        if self.buf.is_empty() {
+            match self
+                .fill(Instant::now() + FIRST_BYTE_TIMEOUT, "sending anything")
+                .await
+            {
+                Err(ConnError::Closed(_)) => return Ok(None),
+                other => other?,
+            }
+        }
+        Ok(Some(self.buf[0] == 0x16))
+    }
+
+    /// Reads until the ClientHello is whole (one TLS record at most, within
+    /// FIRST_BYTE_TIMEOUT in all) and returns its SNI.
+    pub async fn client_hello(&mut self) -> Result<Option<String>, ConnError> {
+        let deadline = Instant::now() + FIRST_BYTE_TIMEOUT;
+        loop {
+            match parse_client_hello(&self.buf) {
+                Hello::Complete(sni) => return Ok(sni),
+                Hello::NotTls => return Err(ConnError::NotClientHello),
+                Hello::Partial if self.buf.len() >= MAX_HELLO => {
+                    return Err(ConnError::HelloTooLarge);
+                }
+                Hello::Partial => self.fill(deadline, "the ClientHello").await?,
+            }
+        }
+    }
+
+    /// Bytes read so far (all of them are still to be read by the next
+    /// reader).
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Sniffed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.buf.len() {
+            let n = out.remaining().min(this.buf.len() - this.pos);
+            out.put_slice(&this.buf[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.buf.len() {
+                // Replayed: give the memory back.
+                this.buf = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, out)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

@@ -1,0 +1,603 @@
+//! The connection plan: every decision about a connection and its requests,
+//! as one pure function of the snapshot, the connection, and what has been
+//! read from it. The listeners act on the plan and `meshgate explain` prints
+//! it; nothing else decides.
+//!
+//! A connection is planned in steps. Before anything is read the plan may
+//! already be final (a registered TCP port goes to its original
+//! destination), or it asks for the first byte (TLS or not) or for the
+//! whole ClientHello (its SNI). A connection served as HTTP plans each
+//! request from its head. `explain` passes everything at once and gets the
+//! final plan: `plan` answers the same whether the facts come one by one or
+//! together.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http::StatusCode;
+use meshgate_config::model::networking::OutboundMode;
+use meshgate_telemetry::ResponseFlags;
+
+use crate::authz::{AuthzRequest, Decision, HttpAttributes, authorize};
+use crate::conn::Conn;
+use crate::route::{Action, Redirect, RequestView, Route, Routed, WeightedCluster, pick_weighted};
+use crate::snapshot::{
+    BLACKHOLE_CLUSTER, ClusterEntry, ListenerState, ListenerTls, Role, Snapshot, TlsRoute,
+};
+
+/// What has been read from a connection so far.
+#[derive(Debug, Clone, Copy)]
+pub enum Peeked<'a> {
+    Nothing,
+    /// The first byte: a TLS handshake record, or not.
+    FirstByte {
+        tls: bool,
+    },
+    /// A whole ClientHello, and the SNI it carries.
+    ClientHello {
+        sni: Option<&'a str>,
+    },
+    /// An HTTP request head (on a connection served as HTTP).
+    Request(&'a RequestHead<'a>),
+}
+
+/// An HTTP request as the plan sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestHead<'a> {
+    pub view: RequestView<'a>,
+    /// The port an absolute-form or authority-form URI names (explicit
+    /// proxy clients, CONNECT).
+    pub uri_port: Option<u16>,
+}
+
+/// What to read before the plan can go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    FirstByte,
+    ClientHello,
+}
+
+/// How a listener terminates TLS.
+#[derive(Debug, Clone)]
+pub enum Termination {
+    /// Mutual TLS with the mesh's SPIFFE certificates.
+    Mesh,
+    /// A Gateway server's TLS.
+    Server(std::sync::Arc<rustls::ServerConfig>),
+}
+
+/// Why a connection is closed before anything is routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("no Gateway server listens on port {0}")]
+    NoListener(u16),
+    #[error("plaintext refused: PeerAuthentication STRICT")]
+    StrictMtls,
+    #[error("plaintext on a TLS server")]
+    PlaintextOnTls,
+    #[error("not TLS on a PASSTHROUGH server")]
+    NotTls,
+}
+
+/// The next step for a connection.
+#[derive(Debug)]
+pub enum Plan<'s> {
+    Read(Need),
+    /// Terminate TLS, then serve HTTP.
+    Terminate(Termination),
+    /// Serve HTTP: each request is planned from its head.
+    ServeHttp,
+    Request(RequestPlan<'s>),
+    Tcp(TcpPlan<'s>),
+    Close(Refusal),
+}
+
+/// Plans the next step for a connection, given what has been read from it.
+/// `pick` in [0, 1) chooses among weighted destinations.
+pub fn plan<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>, pick: f64) -> Plan<'s> {
+    match snap.role {
+        Role::Gateway => gateway(snap, conn, peeked, pick),
+        Role::Sidecar => sidecar(snap, conn, peeked, pick),
+    }
+}
+
+/// TLS or not, from whatever was read.
+fn first_byte_is_tls(peeked: Peeked<'_>) -> Option<bool> {
+    match peeked {
+        Peeked::Nothing => None,
+        Peeked::FirstByte { tls } => Some(tls),
+        Peeked::ClientHello { .. } => Some(true),
+        Peeked::Request(_) => Some(false),
+    }
+}
+
+/// A gateway listens on its servers' ports: TLS is terminated (mesh
+/// mutual TLS on plain HTTP servers, the server's own on HTTPS servers) or
+/// passed through by SNI.
+fn gateway<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>, pick: f64) -> Plan<'s> {
+    let Some(listener) = snap.listener(conn.port) else {
+        return Plan::Close(Refusal::NoListener(conn.port));
+    };
+    if conn.tls.is_some() {
+        return http(snap, conn, peeked, pick);
+    }
+    if let ListenerTls::Passthrough = listener.tls {
+        return match (peeked, first_byte_is_tls(peeked)) {
+            (Peeked::ClientHello { sni }, _) => {
+                Plan::Tcp(tls(snap, conn, Some(listener), sni, pick))
+            }
+            (_, Some(false)) => Plan::Close(Refusal::NotTls),
+            _ => Plan::Read(Need::ClientHello),
+        };
+    }
+    match (&listener.tls, first_byte_is_tls(peeked)) {
+        (_, None) => Plan::Read(Need::FirstByte),
+        (ListenerTls::Terminate(cfg), Some(true)) => {
+            Plan::Terminate(Termination::Server(cfg.clone()))
+        }
+        (ListenerTls::Terminate(_), Some(false)) => Plan::Close(Refusal::PlaintextOnTls),
+        (_, Some(true)) => Plan::Terminate(Termination::Mesh),
+        (_, Some(false)) if listener.strict_mtls => Plan::Close(Refusal::StrictMtls),
+        (_, Some(false)) => http(snap, conn, peeked, pick),
+    }
+}
+
+/// A sidecar decides by the port the application was connecting to, as
+/// Envoy's virtualOutbound does: a registered TCP port goes to the original
+/// destination; a port with HTTP routes is served as HTTP; TLS on a port
+/// with routes is routed by SNI; anything else gets the outbound traffic
+/// policy.
+fn sidecar<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>, pick: f64) -> Plan<'s> {
+    if conn.explicit {
+        // An explicit-proxy client: each request names its destination.
+        return http(snap, conn, peeked, pick);
+    }
+    let listener = snap.listener(conn.port);
+    let (http_port, tls_port) =
+        listener.map_or((false, false), |l| (l.serves_http(), l.serves_tls()));
+    if listener.is_some_and(|l| l.protocol == meshgate_config::registry::Protocol::Tcp) {
+        return Plan::Tcp(TcpPlan::original_dst(
+            snap,
+            listener,
+            TcpReason::RegisteredPort,
+        ));
+    }
+    if !http_port && !tls_port {
+        return Plan::Tcp(unmatched(snap, listener));
+    }
+    match (peeked, first_byte_is_tls(peeked)) {
+        (_, None) => Plan::Read(Need::FirstByte),
+        (Peeked::ClientHello { sni }, _) => Plan::Tcp(tls(snap, conn, listener, sni, pick)),
+        (_, Some(true)) => Plan::Read(Need::ClientHello),
+        (_, Some(false)) if http_port => http(snap, conn, peeked, pick),
+        (_, Some(false)) => Plan::Tcp(unmatched(snap, listener)),
+    }
+}
+
+fn http<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>, pick: f64) -> Plan<'s> {
+    match peeked {
+        Peeked::Request(head) => Plan::Request(plan_request(snap, conn, head, pick)),
+        _ => Plan::ServeHttp,
+    }
+}
+
+// === HTTP requests ===
+
+/// Every decision for one HTTP request.
+#[derive(Debug)]
+pub struct RequestPlan<'s> {
+    /// The port routes were looked up on.
+    pub port: u16,
+    pub listener: Option<&'s ListenerState>,
+    pub routed: Routed<'s>,
+    /// The destination picked, by index into the snapshot's clusters.
+    pub destination: Option<&'s WeightedCluster>,
+    pub authz: Decision,
+    pub action: RequestAction<'s>,
+}
+
+/// What the proxy does with a request.
+#[derive(Debug)]
+pub enum RequestAction<'s> {
+    /// To the picked destination's cluster.
+    Forward {
+        route: &'s Route,
+        /// The index of the match block that matched.
+        matched: Option<usize>,
+        destination: &'s WeightedCluster,
+        cluster: &'s std::sync::Arc<ClusterEntry>,
+    },
+    /// The route's redirect.
+    Redirect {
+        route: &'s Route,
+        redirect: &'s Redirect,
+    },
+    /// The route's direct response.
+    Direct { status: u16, body: &'s Bytes },
+    /// A CONNECT request the sidecar accepts: 200, then the tunnel is a
+    /// connection to the named host and port.
+    Connect { host: String, port: u16 },
+    /// Answered by the proxy.
+    Local(Local),
+}
+
+/// A response the proxy makes itself, and how it is reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Local {
+    pub status: StatusCode,
+    pub body: &'static str,
+    pub flags: ResponseFlags,
+    /// Envoy's `%RESPONSE_CODE_DETAILS%`.
+    pub details: Cow<'static, str>,
+    /// The route name to log when it is not a route of the table
+    /// (`block_all`).
+    pub route_name: Option<&'static str>,
+    /// The destination metrics name when no cluster was picked
+    /// (`BlackHoleCluster`).
+    pub destination: Option<&'static str>,
+}
+
+impl Local {
+    fn new(
+        status: StatusCode,
+        body: &'static str,
+        flags: ResponseFlags,
+        details: &'static str,
+    ) -> Local {
+        Local {
+            status,
+            body,
+            flags,
+            details: Cow::Borrowed(details),
+            route_name: None,
+            destination: None,
+        }
+    }
+
+    /// 403: an AuthorizationPolicy denies the request.
+    pub fn denied(decision: &Decision) -> Local {
+        Local {
+            details: Cow::Owned(decision.response_code_details().unwrap_or_default()),
+            ..Local::new(
+                StatusCode::FORBIDDEN,
+                "RBAC: access denied",
+                ResponseFlags::NONE,
+                "",
+            )
+        }
+    }
+
+    /// 502: REGISTRY_ONLY and the host is not in the registry (Istio's
+    /// `block_all` route).
+    fn blocked() -> Local {
+        Local {
+            route_name: Some("block_all"),
+            destination: Some(BLACKHOLE_CLUSTER),
+            ..Local::new(
+                StatusCode::BAD_GATEWAY,
+                "",
+                ResponseFlags::NONE,
+                "direct_response",
+            )
+        }
+    }
+
+    /// 404 NR: no route for this host or request.
+    fn no_route() -> Local {
+        Local::new(
+            StatusCode::NOT_FOUND,
+            "",
+            ResponseFlags::NO_ROUTE_FOUND,
+            "route_not_found",
+        )
+    }
+
+    /// 503 NC: the route's destination is not a cluster this proxy has.
+    fn no_cluster() -> Local {
+        Local::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no cluster",
+            ResponseFlags::NO_CLUSTER_FOUND,
+            "cluster_not_found",
+        )
+    }
+}
+
+/// Plans one request on a connection served as HTTP.
+pub fn plan_request<'s>(
+    snap: &'s Snapshot,
+    conn: &Conn,
+    head: &RequestHead<'_>,
+    pick: f64,
+) -> RequestPlan<'s> {
+    let req = &head.view;
+    // An explicit-proxy request names its port in the URI.
+    let port = if conn.explicit {
+        head.uri_port.unwrap_or(80)
+    } else {
+        conn.port
+    };
+    let listener = snap.listener(port);
+    // Route first: the chosen cluster names the destination in every
+    // report, denied requests included (as Envoy's stats do).
+    let routed = match (
+        listener.map_or(Routed::NoVirtualHost, |l| l.routes.route(req)),
+        &snap.allow_any,
+    ) {
+        // ALLOW_ANY: unknown hosts go to the original destination.
+        (Routed::NoVirtualHost, Some(route)) => Routed::Matched {
+            route,
+            matched: None,
+        },
+        (r, _) => r,
+    };
+    let destination = match &routed {
+        Routed::Matched { route, .. } => match &route.action {
+            Action::Forward(d) => pick_weighted(d, pick),
+            _ => None,
+        },
+        _ => None,
+    };
+    let http = HttpAttributes {
+        host: req.authority,
+        method: req.method,
+        path: req.path,
+        headers: req.headers,
+    };
+    let authz = authorize(&snap.policies, &authz_request(conn, conn.sni(), Some(http)));
+    let action = if snap.role == Role::Sidecar && req.method == "CONNECT" {
+        connect(snap, head)
+    } else {
+        request_action(snap, &routed, destination, &authz)
+    };
+    RequestPlan {
+        port,
+        listener,
+        routed,
+        destination,
+        authz,
+        action,
+    }
+}
+
+impl RequestPlan<'_> {
+    /// The route name Envoy logs (`%ROUTE_NAME%`): the matched rule, or
+    /// `block_all`.
+    pub fn route_name(&self) -> Option<&str> {
+        match (&self.routed, &self.action) {
+            (_, RequestAction::Local(l)) if l.route_name.is_some() => l.route_name,
+            (Routed::Matched { route, .. }, _) => Some(&route.name),
+            _ => None,
+        }
+    }
+
+    /// The cluster the request goes to (or would, when it is refused).
+    pub fn cluster_name<'a>(&self, snap: &'a Snapshot) -> Option<&'a str> {
+        self.destination
+            .and_then(|d| snap.cluster_name(d.cluster))
+            .map(|n| &**n)
+    }
+}
+
+fn request_action<'s>(
+    snap: &'s Snapshot,
+    routed: &Routed<'s>,
+    destination: Option<&'s WeightedCluster>,
+    authz: &Decision,
+) -> RequestAction<'s> {
+    if !authz.is_allowed() {
+        return RequestAction::Local(Local::denied(authz));
+    }
+    let (route, matched) = match routed {
+        Routed::Matched { route, matched } => (*route, *matched),
+        Routed::NoVirtualHost if snap.outbound == Some(OutboundMode::RegistryOnly) => {
+            return RequestAction::Local(Local::blocked());
+        }
+        Routed::NoVirtualHost | Routed::NoRoute => {
+            return RequestAction::Local(Local::no_route());
+        }
+    };
+    match &route.action {
+        Action::Redirect(redirect) => RequestAction::Redirect { route, redirect },
+        Action::Direct { status, body } => RequestAction::Direct {
+            status: *status,
+            body,
+        },
+        Action::Forward(_) => match destination.and_then(|d| Some((d, snap.cluster(d.cluster)?))) {
+            Some((destination, cluster)) => RequestAction::Forward {
+                route,
+                matched,
+                destination,
+                cluster,
+            },
+            None => RequestAction::Local(Local::no_cluster()),
+        },
+    }
+}
+
+/// CONNECT host:port from an explicit-proxy client: allowed for hosts the
+/// mesh knows on that port (or any host with ALLOW_ANY); the tunnel is then
+/// planned like captured traffic to that port.
+fn connect<'s>(snap: &'s Snapshot, head: &RequestHead<'_>) -> RequestAction<'s> {
+    let (host, port) = crate::route::split_host_port(head.view.authority);
+    let port = head.uri_port.or(port).unwrap_or(443);
+    let host = host.to_ascii_lowercase();
+    if host.is_empty() {
+        return RequestAction::Local(Local::new(
+            StatusCode::BAD_REQUEST,
+            "CONNECT needs host:port",
+            ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR,
+            "invalid_authority",
+        ));
+    }
+    let known = snap.listener(port).is_some_and(|l| {
+        TlsRoute::find(&l.tls_routes, &host).is_some() || l.routes.vhost(&host).is_some()
+    });
+    if known || snap.outbound == Some(OutboundMode::AllowAny) {
+        RequestAction::Connect { host, port }
+    } else {
+        RequestAction::Local(Local::blocked())
+    }
+}
+
+// === TCP connections ===
+
+/// Every decision for a TCP connection the proxy passes through (TLS by
+/// SNI, or opaque bytes).
+#[derive(Debug)]
+pub struct TcpPlan<'s> {
+    pub listener: Option<&'s ListenerState>,
+    /// The `tls` route that matched the SNI.
+    pub route: Option<&'s TlsRoute>,
+    /// The cluster the connection goes to (or would, when it is denied).
+    pub cluster: Option<&'s std::sync::Arc<ClusterEntry>>,
+    pub authz: Decision,
+    pub action: TcpAction,
+    pub reason: TcpReason,
+}
+
+/// What the proxy does with a TCP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpAction {
+    /// To the cluster's endpoints.
+    Forward,
+    /// To where the application was connecting (PassthroughCluster).
+    OriginalDst,
+    /// Closed, reported with these flags.
+    Close(ResponseFlags),
+}
+
+/// Why the plan is what it is, in words for logs and `explain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TcpReason {
+    #[error("a tls route matched the SNI")]
+    SniRoute,
+    #[error("a TCP port of a registered service")]
+    RegisteredPort,
+    #[error("outbound traffic policy ALLOW_ANY")]
+    AllowAny,
+    #[error("outbound traffic policy REGISTRY_ONLY and no route (BlackHoleCluster)")]
+    BlackHole,
+    #[error("no route for this SNI")]
+    NoRoute,
+    #[error("the route's destination is not in the registry")]
+    NoCluster,
+    #[error("denied by authorization policy")]
+    Denied,
+}
+
+impl<'s> TcpPlan<'s> {
+    fn original_dst(
+        snap: &'s Snapshot,
+        listener: Option<&'s ListenerState>,
+        reason: TcpReason,
+    ) -> Self {
+        let cluster = snap.passthrough.and_then(|i| snap.cluster(i));
+        TcpPlan {
+            listener,
+            route: None,
+            cluster,
+            authz: Decision::Allow { audited: false },
+            action: TcpAction::OriginalDst,
+            reason,
+        }
+    }
+
+    fn closed(
+        listener: Option<&'s ListenerState>,
+        flags: ResponseFlags,
+        reason: TcpReason,
+    ) -> Self {
+        TcpPlan {
+            listener,
+            route: None,
+            cluster: None,
+            authz: Decision::Allow { audited: false },
+            action: TcpAction::Close(flags),
+            reason,
+        }
+    }
+
+    /// The cluster name to log (`BlackHoleCluster` for the black hole).
+    pub fn cluster_name(&self) -> Option<&str> {
+        match (self.cluster, self.reason) {
+            (Some(c), _) => Some(c.cluster.name()),
+            (None, TcpReason::BlackHole) => Some(BLACKHOLE_CLUSTER),
+            (None, _) => None,
+        }
+    }
+}
+
+/// A sidecar connection the mesh has no route for: the outbound traffic
+/// policy decides.
+fn unmatched<'s>(snap: &'s Snapshot, listener: Option<&'s ListenerState>) -> TcpPlan<'s> {
+    match snap.outbound {
+        Some(OutboundMode::AllowAny) => TcpPlan::original_dst(snap, listener, TcpReason::AllowAny),
+        _ => TcpPlan::closed(
+            listener,
+            ResponseFlags::NO_HEALTHY_UPSTREAM,
+            TcpReason::BlackHole,
+        ),
+    }
+}
+
+/// TLS the proxy passes through, by its SNI: a `tls` route first; with none
+/// a registered TCP port still goes to its destination, a sidecar applies
+/// its outbound traffic policy, and a gateway closes the connection (NR).
+fn tls<'s>(
+    snap: &'s Snapshot,
+    conn: &Conn,
+    listener: Option<&'s ListenerState>,
+    sni: Option<&str>,
+    pick: f64,
+) -> TcpPlan<'s> {
+    let route = listener.and_then(|l| TlsRoute::find(&l.tls_routes, sni.unwrap_or_default()));
+    let Some(route) = route else {
+        return match snap.role {
+            Role::Gateway => {
+                TcpPlan::closed(listener, ResponseFlags::NO_ROUTE_FOUND, TcpReason::NoRoute)
+            }
+            Role::Sidecar => unmatched(snap, listener),
+        };
+    };
+    let cluster = pick_weighted(&route.destinations, pick).and_then(|d| snap.cluster(d.cluster));
+    let authz = authorize(&snap.policies, &authz_request(conn, sni, None));
+    let (action, reason) = match (cluster, authz.is_allowed()) {
+        (None, _) => (
+            TcpAction::Close(ResponseFlags::NO_CLUSTER_FOUND),
+            TcpReason::NoCluster,
+        ),
+        (Some(_), false) => (TcpAction::Close(ResponseFlags::NONE), TcpReason::Denied),
+        (Some(_), true) => (TcpAction::Forward, TcpReason::SniRoute),
+    };
+    TcpPlan {
+        listener,
+        route: Some(route),
+        cluster,
+        authz,
+        action,
+        reason,
+    }
+}
+
+/// What authorization sees of a connection (and request): the peer's
+/// verified identity, addresses, SNI. Client-supplied headers never name
+/// the caller.
+fn authz_request<'a>(
+    conn: &'a Conn,
+    sni: Option<&'a str>,
+    http: Option<HttpAttributes<'a>>,
+) -> AuthzRequest<'a> {
+    AuthzRequest {
+        peer: conn.peer(),
+        source_ip: conn.remote.ip(),
+        remote_ip: conn.remote.ip(),
+        destination_ip: conn.local.ip(),
+        destination_port: conn.port,
+        sni,
+        http,
+    }
+}
+
+#[cfg(test)]
+mod tests;

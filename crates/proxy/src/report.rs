@@ -1,0 +1,105 @@
+//! Reports, written by drop guards: an HTTP request is reported when its
+//! response body ends (or is abandoned), a TCP connection when it closes,
+//! however either ends, so an early error still writes the metric and the
+//! access-log line.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use meshgate_telemetry::{EgressLabels, IstioLabels, LogEntry, ResponseFlags, TcpLabels};
+
+use crate::labels::DestinationLabels;
+use crate::proxy::Proxy;
+use crate::snapshot::Snapshot;
+
+/// One HTTP request's report, written when dropped.
+#[derive(Debug)]
+pub struct HttpReport {
+    pub proxy: Arc<Proxy>,
+    pub start: Instant,
+    pub labels: IstioLabels,
+    pub egress: Option<EgressLabels>,
+    pub entry: Option<Box<LogEntry>>,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+impl Drop for HttpReport {
+    fn drop(&mut self) {
+        let elapsed = self.start.elapsed();
+        let m = &self.proxy.metrics;
+        m.record_request(
+            &self.labels,
+            elapsed.as_secs_f64() * 1000.0,
+            self.request_bytes,
+            self.response_bytes,
+        );
+        if let Some(e) = &self.egress {
+            m.egress_requests.get_or_create(e).inc();
+        }
+        if let Some(mut entry) = self.entry.take() {
+            entry.bytes_sent = self.response_bytes;
+            entry.bytes_received = self.request_bytes;
+            entry.duration = elapsed.as_millis() as u64;
+            self.proxy.access_log.write(&entry);
+        }
+    }
+}
+
+/// One TCP connection's report (Istio's TCP metrics and a `"- - -"` log
+/// line), written when dropped.
+#[derive(Debug)]
+pub struct TcpReport<'a> {
+    proxy: &'a Proxy,
+    snap: &'a Snapshot,
+    start: Instant,
+    pub destination: DestinationLabels,
+    pub flags: ResponseFlags,
+    pub log: LogEntry,
+    /// Bytes from the downstream, and to it.
+    pub received: u64,
+    pub sent: u64,
+}
+
+impl<'a> TcpReport<'a> {
+    pub fn start(
+        proxy: &'a Proxy,
+        snap: &'a Snapshot,
+        destination: DestinationLabels,
+        log: LogEntry,
+    ) -> Self {
+        TcpReport {
+            proxy,
+            snap,
+            start: Instant::now(),
+            destination,
+            flags: ResponseFlags::NONE,
+            log,
+            received: 0,
+            sent: 0,
+        }
+    }
+}
+
+impl Drop for TcpReport<'_> {
+    fn drop(&mut self) {
+        let labels = TcpLabels::from(&self.snap.istio_labels(
+            &self.destination,
+            0,
+            self.flags,
+            "tcp",
+        ));
+        let m = &self.proxy.metrics;
+        m.tcp_opened.get_or_create(&labels).inc();
+        m.tcp_received_bytes
+            .get_or_create(&labels)
+            .inc_by(self.received);
+        m.tcp_sent_bytes.get_or_create(&labels).inc_by(self.sent);
+        m.tcp_closed.get_or_create(&labels).inc();
+        self.log.response_flags = self.flags;
+        self.log.bytes_received = self.received;
+        self.log.bytes_sent = self.sent;
+        self.log.duration = self.start.elapsed().as_millis() as u64;
+        self.proxy.access_log.write(&self.log);
+    }
+}

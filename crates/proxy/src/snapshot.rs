@@ -1,0 +1,495 @@
+//! The proxy's config snapshot: everything the data path reads, compiled
+//! once from the workload's `ProxyView` (and nothing else from the YAML)
+//! and swapped atomically on reload. Nothing in here is built per request.
+
+mod server_tls;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshgate_config::model::networking::{ClientTlsMode, OutboundMode, SimpleLb};
+use meshgate_config::model::security::MtlsMode;
+use meshgate_config::registry::{Protocol, ProxyKind};
+use meshgate_config::view::{
+    self, ClusterEndpoints, ClusterResolution, ClusterView, ProxyView, RouteAction, RouteView,
+};
+use meshgate_identity::WorkloadIdentity;
+
+pub use self::server_tls::ListenerTls;
+use crate::authz::CompiledPolicy;
+use crate::labels::{DestinationLabels, WorkloadLabels};
+use crate::route::{HeaderOps, Route, RouteTable, VirtualHost, WeightedCluster};
+use crate::upstream::dns::Resolver;
+use crate::upstream::tls::{self as upstream_tls, DefaultRoots};
+use crate::upstream::{Cluster, ClusterSettings, Endpoints, Outlier};
+
+/// Envoy's name for the cluster that forwards to the original destination.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+/// Envoy's name for the cluster that drops unmatched traffic.
+pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(
+        "cluster {cluster}: {origin} has resolution NONE, which gives a gateway no endpoints (as in Istio); use resolution DNS or STATIC"
+    )]
+    ResolutionNone { cluster: String, origin: String },
+    #[error("cluster {cluster}: {reason}")]
+    Tls { cluster: String, reason: String },
+    #[error("{origin}: {reason}")]
+    ListenerTls { origin: String, reason: String },
+    #[error("workload {0} has no proxy: it is neither injected with a sidecar nor a gateway")]
+    NoProxy(String),
+}
+
+/// Inputs that are not part of the YAML.
+#[derive(Debug, Clone)]
+pub struct BuildContext {
+    pub resolver: Resolver,
+    pub roots: DefaultRoots,
+    pub identity: Option<Arc<WorkloadIdentity>>,
+    /// Local endpoints for hosts (`host:port` → addresses), used instead of
+    /// DNS (Kubernetes Services outside a cluster).
+    pub endpoints: HashMap<String, Vec<SocketAddr>>,
+}
+
+/// Which proxy a snapshot is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Outbound capture and explicit proxy for one workload.
+    Sidecar,
+    /// Gateway servers, with authorization on the way in.
+    Gateway,
+}
+
+/// A cluster with what the request path reports about it.
+#[derive(Debug)]
+pub struct ClusterEntry {
+    pub cluster: Cluster,
+    pub host: Arc<str>,
+    pub labels: DestinationLabels,
+    /// Everything the cluster was built from: a reload keeps the cluster
+    /// (and its pooled connections and outlier state) when this is equal.
+    fingerprint: String,
+}
+
+/// A `tls` route: SNI names to destinations (passthrough).
+#[derive(Debug, Clone)]
+pub struct TlsRoute {
+    /// Lowercase SNI patterns (`a.com`, `*.a.com`).
+    pub sni: Vec<String>,
+    pub destinations: Vec<WeightedCluster>,
+    pub name: Arc<str>,
+}
+
+impl TlsRoute {
+    /// The first route whose SNI patterns cover `sni`.
+    pub fn find<'a>(routes: &'a [TlsRoute], sni: &str) -> Option<&'a TlsRoute> {
+        let sni = sni.to_ascii_lowercase();
+        routes.iter().find(|r| {
+            r.sni
+                .iter()
+                .any(|p| meshgate_config::registry::host_matches(p, &sni))
+        })
+    }
+}
+
+/// One port the proxy serves.
+#[derive(Debug)]
+pub struct ListenerState {
+    /// The port routes match on (Gateway server port, or a sidecar's
+    /// destination port).
+    pub port: u16,
+    /// The port bound (Service targetPort); a sidecar's are all 15001.
+    pub bind_port: u16,
+    pub protocol: Protocol,
+    pub tls: ListenerTls,
+    /// Plaintext refused (PeerAuthentication STRICT).
+    pub strict_mtls: bool,
+    pub routes: RouteTable,
+    pub tls_routes: Vec<TlsRoute>,
+    /// `Gateway ns/name server #i`, for logs and `explain`.
+    pub origin: String,
+}
+
+impl ListenerState {
+    /// A sidecar port whose requests are routed by Host.
+    pub fn serves_http(&self) -> bool {
+        !self.routes.vhosts.is_empty()
+    }
+
+    /// A sidecar port whose TLS is routed by SNI.
+    pub fn serves_tls(&self) -> bool {
+        !self.tls_routes.is_empty()
+    }
+}
+
+/// Everything the request path needs, for one workload.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// What this snapshot was compiled from (`config-dump` prints it).
+    pub view: ProxyView,
+    pub role: Role,
+    pub source: WorkloadLabels,
+    pub listeners: Vec<ListenerState>,
+    /// Indexed by the route tables; `None` for a destination missing from
+    /// the registry (503 NC).
+    pub clusters: Vec<Option<Arc<ClusterEntry>>>,
+    pub cluster_names: Vec<Arc<str>>,
+    /// Enforced on inbound only: empty for a sidecar's outbound path.
+    pub policies: Vec<CompiledPolicy>,
+    /// Sidecars: what unmatched traffic gets (REGISTRY_ONLY or ALLOW_ANY).
+    pub outbound: Option<OutboundMode>,
+    /// Sidecars: index of the PassthroughCluster (original destination).
+    pub passthrough: Option<usize>,
+    /// Sidecars with ALLOW_ANY: the `allow_any` route to PassthroughCluster.
+    pub allow_any: Option<Route>,
+}
+
+impl Snapshot {
+    /// Compiles the snapshot of a proxy view.
+    pub fn build(view: ProxyView, ctx: &BuildContext) -> Result<Snapshot, BuildError> {
+        Self::rebuild(view, ctx, None)
+    }
+
+    /// Compiles a new snapshot, keeping the clusters of `previous` that did
+    /// not change (a reload does not drop pooled connections).
+    pub fn rebuild(
+        view: ProxyView,
+        ctx: &BuildContext,
+        previous: Option<&Snapshot>,
+    ) -> Result<Snapshot, BuildError> {
+        let role = match view.workload.proxy {
+            ProxyKind::Gateway => Role::Gateway,
+            ProxyKind::Sidecar => Role::Sidecar,
+            ProxyKind::None => {
+                let w = &view.workload;
+                return Err(BuildError::NoProxy(format!("{}/{}", w.namespace, w.name)));
+            }
+        };
+        let previous: HashMap<&str, Arc<ClusterEntry>> = previous
+            .map(|p| {
+                p.cluster_names
+                    .iter()
+                    .zip(&p.clusters)
+                    .filter_map(|(n, c)| c.clone().map(|c| (&**n, c)))
+                    .collect()
+            })
+            .unwrap_or_default();
+
+        let mut clusters = Vec::with_capacity(view.clusters.len() + 1);
+        let mut cluster_names: Vec<Arc<str>> = Vec::with_capacity(view.clusters.len() + 1);
+        for c in &view.clusters {
+            clusters.push(build_cluster(c, ctx, role, &previous)?);
+            cluster_names.push(Arc::from(c.name.as_str()));
+        }
+        let index: HashMap<&str, usize> = view
+            .clusters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.as_str(), i))
+            .collect();
+        let passthrough = (role == Role::Sidecar).then(|| {
+            let pt = previous
+                .get(PASSTHROUGH_CLUSTER)
+                .cloned()
+                .unwrap_or_else(|| passthrough_cluster(ctx));
+            clusters.push(Some(pt));
+            cluster_names.push(Arc::from(PASSTHROUGH_CLUSTER));
+            clusters.len() - 1
+        });
+        let listeners = listeners(&view, role, ctx, &index)?;
+        let policies = view
+            .authorization_policies
+            .iter()
+            .filter(|_| role == Role::Gateway)
+            .map(CompiledPolicy::compile)
+            .collect();
+        let outbound = (role == Role::Sidecar).then_some(view.outbound_traffic_policy.mode);
+        let allow_any = match (outbound, passthrough) {
+            (Some(OutboundMode::AllowAny), Some(i)) => Some(Route::allow_any(i)),
+            _ => None,
+        };
+        Ok(Snapshot {
+            role,
+            source: WorkloadLabels::of(&view.workload),
+            listeners,
+            clusters,
+            cluster_names,
+            policies,
+            outbound,
+            passthrough,
+            allow_any,
+            view,
+        })
+    }
+
+    pub fn listener(&self, port: u16) -> Option<&ListenerState> {
+        self.listeners.iter().find(|l| l.port == port)
+    }
+
+    /// The cluster at `index`, when the registry has it.
+    pub fn cluster(&self, index: usize) -> Option<&Arc<ClusterEntry>> {
+        self.clusters.get(index).and_then(Option::as_ref)
+    }
+
+    pub fn cluster_name(&self, index: usize) -> Option<&Arc<str>> {
+        self.cluster_names.get(index)
+    }
+}
+
+/// One listener per port of the view (a sidecar's capture port itself is
+/// not one: every connection to it is routed by its original port).
+fn listeners(
+    v: &ProxyView,
+    role: Role,
+    ctx: &BuildContext,
+    index: &HashMap<&str, usize>,
+) -> Result<Vec<ListenerState>, BuildError> {
+    let mut out: Vec<ListenerState> = Vec::new();
+    for l in v
+        .listeners
+        .iter()
+        .filter(|l| l.port != view::OUTBOUND_CAPTURE_PORT)
+    {
+        let port = u16::try_from(l.port).unwrap_or(0);
+        if let Some(existing) = out.iter_mut().find(|x| x.port == port) {
+            existing.origin.push_str(&format!(", {}", l.origin));
+            continue;
+        }
+        let tls =
+            ListenerTls::build(&l.tls, role, ctx).map_err(|reason| BuildError::ListenerTls {
+                origin: l.origin.clone(),
+                reason,
+            })?;
+        out.push(ListenerState {
+            port,
+            bind_port: u16::try_from(l.bind_port).unwrap_or(port),
+            protocol: l.protocol,
+            tls,
+            strict_mtls: l
+                .peer_authentication
+                .as_ref()
+                .is_some_and(|pa| pa.mode == MtlsMode::Strict),
+            routes: route_table(v, port, index),
+            tls_routes: tls_route_table(v, port, index),
+            origin: l.origin.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// A route's destinations as cluster indices, with their header changes.
+fn weighted(r: &RouteView, index: &HashMap<&str, usize>) -> Vec<WeightedCluster> {
+    let RouteAction::Route(dests) = &r.action else {
+        return Vec::new();
+    };
+    dests
+        .iter()
+        .filter_map(|d| {
+            let cluster = *index.get(d.cluster_name().as_str())?;
+            let headers = d.headers.as_ref();
+            Some(WeightedCluster {
+                cluster,
+                weight: d.weight,
+                request_headers: HeaderOps::compile(headers.and_then(|h| h.request.as_ref())),
+                response_headers: HeaderOps::compile(headers.and_then(|h| h.response.as_ref())),
+            })
+        })
+        .collect()
+}
+
+/// The HTTP route table of one listener port.
+fn route_table(v: &ProxyView, port: u16, index: &HashMap<&str, usize>) -> RouteTable {
+    let mut vhosts: Vec<VirtualHost> = Vec::new();
+    for r in v
+        .routes
+        .iter()
+        .filter(|r| r.listener_port == u32::from(port) && r.sni_hosts.is_empty())
+    {
+        let route = Route::compile(r, weighted(r, index));
+        let host = r.host.to_ascii_lowercase();
+        match vhosts.iter_mut().find(|vh| vh.domains[0] == host) {
+            Some(vh) => vh.routes.push(route),
+            None => vhosts.push(VirtualHost {
+                domains: vec![host],
+                routes: vec![route],
+            }),
+        }
+    }
+    RouteTable { vhosts }
+}
+
+/// The SNI routes of one listener port.
+fn tls_route_table(v: &ProxyView, port: u16, index: &HashMap<&str, usize>) -> Vec<TlsRoute> {
+    v.routes
+        .iter()
+        .filter(|r| r.listener_port == u32::from(port) && !r.sni_hosts.is_empty())
+        .map(|r| TlsRoute {
+            sni: r.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            destinations: weighted(r, index),
+            name: Arc::from(r.rule.as_str()),
+        })
+        .collect()
+}
+
+fn passthrough_cluster(ctx: &BuildContext) -> Arc<ClusterEntry> {
+    let name: Arc<str> = Arc::from(PASSTHROUGH_CLUSTER);
+    Arc::new(ClusterEntry {
+        cluster: Cluster::new(
+            ClusterSettings {
+                name: name.clone(),
+                endpoints: Endpoints::FromUri,
+                tls: None,
+                h2: false,
+                connect_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(3600),
+                max_requests_per_connection: None,
+                max_in_flight: usize::MAX,
+                lb: SimpleLb::RoundRobin,
+                outlier: None,
+            },
+            ctx.resolver.clone(),
+        ),
+        host: name.clone(),
+        labels: DestinationLabels::named(name),
+        fingerprint: PASSTHROUGH_CLUSTER.to_owned(),
+    })
+}
+
+/// The cluster's endpoints: the `--endpoints` map first, then the view's.
+fn endpoints(c: &ClusterView, ctx: &BuildContext) -> Endpoints {
+    if let Some(addrs) = ctx.endpoints.get(&format!("{}:{}", c.host, c.port)) {
+        return Endpoints::Static(addrs.clone());
+    }
+    match &c.endpoints {
+        ClusterEndpoints::Dns { names, first_only } => Endpoints::Dns {
+            names: names.iter().map(|n| (n.host.clone(), n.port)).collect(),
+            first_only: *first_only,
+        },
+        ClusterEndpoints::Static(addrs) => Endpoints::Static(
+            addrs
+                .iter()
+                .filter_map(|a| {
+                    let ip: IpAddr = a.host.parse().ok()?;
+                    Some(SocketAddr::new(ip, a.port))
+                })
+                .collect(),
+        ),
+        ClusterEndpoints::None => Endpoints::Static(Vec::new()),
+    }
+}
+
+fn build_cluster(
+    c: &ClusterView,
+    ctx: &BuildContext,
+    role: Role,
+    previous: &HashMap<&str, Arc<ClusterEntry>>,
+) -> Result<Option<Arc<ClusterEntry>>, BuildError> {
+    if !c.in_registry {
+        return Ok(None);
+    }
+    if role == Role::Gateway && c.resolution == ClusterResolution::OriginalDst {
+        return Err(BuildError::ResolutionNone {
+            cluster: c.name.clone(),
+            origin: c.origin.clone(),
+        });
+    }
+    let settings = cluster_settings(c, ctx)?;
+    let labels = DestinationLabels::of(c);
+    let fingerprint = format!("{c:?}|{:?}", settings.endpoints);
+    if let Some(prev) = previous.get(c.name.as_str())
+        && prev.fingerprint == fingerprint
+    {
+        return Ok(Some(prev.clone()));
+    }
+    Ok(Some(Arc::new(ClusterEntry {
+        cluster: Cluster::new(settings, ctx.resolver.clone()),
+        host: Arc::from(c.host.as_str()),
+        labels,
+        fingerprint,
+    })))
+}
+
+/// A cluster's settings from its DestinationRule's effective policy, with
+/// Envoy's and Istio's defaults for what it leaves out.
+fn cluster_settings(c: &ClusterView, ctx: &BuildContext) -> Result<ClusterSettings, BuildError> {
+    let policy = &c.policy;
+    let h2 = speaks_h2(c.protocol, policy);
+    let tls_error = |reason: String| BuildError::Tls {
+        cluster: c.name.clone(),
+        reason,
+    };
+    let client_cert = (c.tls.mode == ClientTlsMode::Mutual && !c.tls.client_certificate.is_empty())
+        .then_some((
+            c.tls.client_certificate.as_str(),
+            c.tls.private_key.as_str(),
+        ));
+    let tls = upstream_tls::build(
+        &c.tls,
+        client_cert,
+        h2,
+        &ctx.roots,
+        ctx.identity.as_ref(),
+        &c.host,
+    )
+    .map_err(|e| tls_error(e.to_string()))?;
+    let pool = policy.connection_pool.as_ref();
+    let tcp = pool.and_then(|p| p.tcp.as_ref());
+    let http = pool.and_then(|p| p.http.as_ref());
+    let max_conn = tcp.and_then(|t| t.max_connections).unwrap_or(u32::MAX) as usize;
+    let max_in_flight = if h2 {
+        http.and_then(|h| h.http2_max_requests).unwrap_or(u32::MAX) as usize
+    } else {
+        max_conn.saturating_add(
+            http.and_then(|h| h.http1_max_pending_requests)
+                .unwrap_or(u32::MAX) as usize,
+        )
+    };
+    Ok(ClusterSettings {
+        name: Arc::from(c.name.as_str()),
+        endpoints: endpoints(c, ctx),
+        tls,
+        h2,
+        connect_timeout: tcp
+            .and_then(|t| t.connect_timeout)
+            .map_or(Duration::from_secs(10), |d| d.as_std()),
+        idle_timeout: http
+            .and_then(|h| h.idle_timeout)
+            .or(tcp.and_then(|t| t.idle_timeout))
+            .map_or(Duration::from_secs(3600), |d| d.as_std()),
+        max_requests_per_connection: http
+            .and_then(|h| h.max_requests_per_connection)
+            .filter(|n| *n > 0),
+        max_in_flight,
+        lb: policy
+            .load_balancer
+            .as_ref()
+            .and_then(|lb| lb.simple)
+            .unwrap_or(SimpleLb::LeastRequest),
+        outlier: policy.outlier_detection.as_ref().map(Outlier::compile),
+    })
+}
+
+/// Whether a cluster speaks HTTP/2 upstream: HTTP2/GRPC ports do; HTTP
+/// ports only with `h2UpgradePolicy: UPGRADE` (Istio's default is
+/// DO_NOT_UPGRADE, also between sidecars and gateways).
+fn speaks_h2(protocol: Protocol, policy: &view::EffectivePolicy) -> bool {
+    use meshgate_config::model::networking::H2UpgradePolicy;
+    let upgrade = policy
+        .connection_pool
+        .as_ref()
+        .and_then(|p| p.http.as_ref())
+        .and_then(|h| h.h2_upgrade_policy)
+        == Some(H2UpgradePolicy::Upgrade);
+    match protocol {
+        Protocol::Http2 | Protocol::Grpc => true,
+        Protocol::Http => upgrade,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;

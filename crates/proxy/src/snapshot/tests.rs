@@ -1,0 +1,108 @@
+#![allow(clippy::unwrap_used)]
+
+use meshgate_config::model::Config;
+
+use super::*;
+
+const GATEWAY: &str = "curl-egress-tst/curl-egress-tst-gateway";
+const CLUSTER: &str = "outbound|443||jsonplaceholder.typicode.com";
+
+/// The gateway's view of the seed with this DestinationRule.
+fn seed(destination_rule: &str) -> ProxyView {
+    let mesh = meshgate_config::MeshSettings::default();
+    view::build(&seed_config(destination_rule), &mesh, GATEWAY).unwrap()
+}
+
+fn seed_config(destination_rule: &str) -> Config {
+    let mut loaded = meshgate_config::Loaded::default();
+    for (name, text) in [
+        (
+            "namespaces.yaml",
+            include_str!("../../../../examples/seed/namespaces.yaml"),
+        ),
+        (
+            "deployment-egress-gw.yaml",
+            include_str!("../../../../examples/seed/deployment-egress-gw.yaml"),
+        ),
+        (
+            "gateway.yaml",
+            include_str!("../../../../examples/seed/gateway.yaml"),
+        ),
+        (
+            "serviceentry.yaml",
+            include_str!("../../../../examples/seed/serviceentry.yaml"),
+        ),
+        (
+            "virtualservice-egress-gw.yaml",
+            include_str!("../../../../examples/seed/virtualservice-egress-gw.yaml"),
+        ),
+        ("destintionrule.yaml", destination_rule),
+    ] {
+        meshgate_config::load::load_str(name, text, &mut loaded).unwrap();
+    }
+    assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+    loaded.config
+}
+
+fn ctx() -> BuildContext {
+    BuildContext {
+        resolver: Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
+        roots: DefaultRoots::load(&[]).unwrap(),
+        identity: None,
+        endpoints: HashMap::new(),
+    }
+}
+
+fn cluster(s: &Snapshot) -> Arc<ClusterEntry> {
+    let i = s
+        .cluster_names
+        .iter()
+        .position(|n| &**n == CLUSTER)
+        .unwrap();
+    s.clusters[i].clone().unwrap()
+}
+
+#[test]
+fn h2_only_for_h2_ports_or_an_explicit_upgrade() {
+    use meshgate_config::model::networking::{
+        ConnectionPoolSettings, H2UpgradePolicy, HttpSettings,
+    };
+    let policy = |p: Option<H2UpgradePolicy>| view::EffectivePolicy {
+        connection_pool: Some(ConnectionPoolSettings {
+            http: Some(HttpSettings {
+                h2_upgrade_policy: p,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let none = view::EffectivePolicy::default();
+    let up = policy(Some(H2UpgradePolicy::Upgrade));
+    let keep = policy(Some(H2UpgradePolicy::DoNotUpgrade));
+    for (protocol, policy, want) in [
+        (Protocol::Http, &none, false),
+        (Protocol::Http, &keep, false),
+        (Protocol::Http, &up, true),
+        (Protocol::Http2, &none, true),
+        (Protocol::Grpc, &none, true),
+        (Protocol::Tcp, &up, false),
+    ] {
+        assert_eq!(speaks_h2(protocol, policy), want, "{protocol:?} {policy:?}");
+    }
+}
+
+#[test]
+fn rebuild_keeps_unchanged_clusters_and_replaces_changed_ones() {
+    let dr = include_str!("../../../../examples/seed/destintionrule.yaml");
+    let ctx = ctx();
+    let first = Snapshot::build(seed(dr), &ctx).unwrap();
+    let same = Snapshot::rebuild(seed(dr), &ctx, Some(&first)).unwrap();
+    assert!(
+        Arc::ptr_eq(&cluster(&first), &cluster(&same)),
+        "same config: same cluster, pools and outlier state kept"
+    );
+    let changed = dr.replace("mode: SIMPLE", "mode: DISABLE");
+    let other = Snapshot::rebuild(seed(&changed), &ctx, Some(&same)).unwrap();
+    assert!(!Arc::ptr_eq(&cluster(&same), &cluster(&other)));
+}
