@@ -357,6 +357,8 @@ pub(crate) fn run(
     sidecar: Option<&SidecarArgs>,
 ) -> anyhow::Result<ExitCode> {
     let mesh = MeshSettings::default();
+    // Taken before the config is read: a change while it loads is a change.
+    let loaded = config_fingerprint(args);
     let config = prepare_config(args, kind, &mesh)?;
     let threads = args.concurrency.unwrap_or(match kind {
         ProxyKind::Sidecar => 2,
@@ -375,7 +377,7 @@ pub(crate) fn run(
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(proxy_main(args, kind, sidecar, config, mesh))
+    rt.block_on(proxy_main(args, kind, sidecar, config, mesh, loaded))
 }
 
 async fn proxy_main(
@@ -384,6 +386,7 @@ async fn proxy_main(
     sidecar: Option<&SidecarArgs>,
     config: Config,
     mesh: MeshSettings,
+    loaded: Result<u64, String>,
 ) -> anyhow::Result<ExitCode> {
     let readiness = Readiness::default();
     let cert_pending = readiness.register("certificate");
@@ -426,6 +429,7 @@ async fn proxy_main(
     let options = Options {
         bind: args.bind_address,
         port_overrides: port_overrides(&args.ports)?,
+        any_free_port: false,
         outbound: sidecar.map_or(SocketAddr::new(args.bind_address, 15001), |s| {
             SocketAddr::new(s.outbound_address, s.outbound_port)
         }),
@@ -433,17 +437,18 @@ async fn proxy_main(
     };
     let mut app = App::start(proxy, &options).await?;
     listeners_pending.done();
-    let what = match kind {
-        ProxyKind::Gateway => "egress gateway",
-        ProxyKind::Sidecar => "sidecar",
-    };
-    tracing::info!(workload = %args.workload, identity = %id, "{what} running");
     let ready = ReadyFile {
         path: args.ready_file.clone(),
         id: id.clone(),
         admin: admin_addrs,
     };
+    // The ready file is there by the time the log says so.
     ready.write(&app.addresses())?;
+    let what = match kind {
+        ProxyKind::Gateway => "egress gateway",
+        ProxyKind::Sidecar => "sidecar",
+    };
+    tracing::info!(workload = %args.workload, identity = %id, "{what} running");
     let mut live = Live {
         args,
         kind,
@@ -451,6 +456,7 @@ async fn proxy_main(
         mesh,
         ctx,
         ready: &ready,
+        loaded,
     };
     tokio::select! {
         () = crate::shutdown_signal() => {}
@@ -528,6 +534,13 @@ impl ReadyFile {
     }
 }
 
+/// What the config came from: the config files and the --endpoints file,
+/// both feed the snapshot.
+fn config_fingerprint(args: &ProxyArgs) -> Result<u64, String> {
+    let watched = args.config.iter().chain(&args.endpoints);
+    fingerprint(&watched.collect::<Vec<_>>()).map_err(|e| e.to_string())
+}
+
 /// Live reload: the config files are polled; a changed config is loaded,
 /// checked and compiled completely before it is swapped in as one snapshot.
 /// Any error leaves the running config in place. Requests in flight finish
@@ -539,6 +552,8 @@ struct Live<'a> {
     mesh: MeshSettings,
     ctx: BuildContext,
     ready: &'a ReadyFile,
+    /// The fingerprint of the files the running config came from.
+    loaded: Result<u64, String>,
 }
 
 impl Live<'_> {
@@ -546,23 +561,13 @@ impl Live<'_> {
         if interval.is_zero() {
             return std::future::pending().await;
         }
-        // The config, and the --endpoints file: both feed the snapshot.
-        let watched: Vec<PathBuf> = self
-            .args
-            .config
-            .iter()
-            .chain(&self.args.endpoints)
-            .cloned()
-            .collect();
-        let fingerprint = || fingerprint(&watched).map_err(|e| e.to_string());
-        let mut last = fingerprint();
         loop {
             tokio::time::sleep(interval).await;
-            let now = fingerprint();
-            if now == last {
+            let now = config_fingerprint(self.args);
+            if now == self.loaded {
                 continue;
             }
-            last = now;
+            self.loaded = now;
             match self.reload(app).await {
                 Ok(()) => tracing::info!(workload = %self.args.workload, "config reloaded"),
                 Err(e) => tracing::error!(

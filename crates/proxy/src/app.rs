@@ -35,6 +35,8 @@ pub struct Options {
     /// A gateway's server port → the port to bind instead (0: any free
     /// port), so several proxies can share one host.
     pub port_overrides: HashMap<u16, u16>,
+    /// Every Gateway server port not overridden binds any free port.
+    pub any_free_port: bool,
     /// A sidecar's outbound listener (istio's 15001).
     pub outbound: SocketAddr,
     pub original_dst: OriginalDst,
@@ -54,6 +56,8 @@ enum Listeners {
         port: u16,
         local: SocketAddr,
         task: tokio::task::AbortHandle,
+        /// `capture_for` listeners.
+        captures: Vec<tokio::task::AbortHandle>,
     },
 }
 
@@ -62,7 +66,11 @@ impl App {
     pub async fn start(proxy: Arc<Proxy>, options: &Options) -> Result<App, AppError> {
         let listeners = match proxy.role {
             Role::Gateway => {
-                let mut set = ListenerSet::new(options.bind, options.port_overrides.clone());
+                let mut set = ListenerSet::new(
+                    options.bind,
+                    options.port_overrides.clone(),
+                    options.any_free_port,
+                );
                 let snap = proxy.state.load_full();
                 let prepared = set.prepare(&snap).await?;
                 set.apply(&proxy, &snap, prepared);
@@ -86,6 +94,7 @@ impl App {
                     port: addr.port(),
                     local,
                     task: task.abort_handle(),
+                    captures: Vec::new(),
                 }
             }
         };
@@ -99,6 +108,34 @@ impl App {
             Listeners::Gateway(set) => set.addresses(),
             Listeners::Sidecar { port, local, .. } => vec![(*port, *local)],
         }
+    }
+
+    /// A sidecar listener on `ip` (any free port) that takes every
+    /// connection as captured on its way to `original`: the sidecar's
+    /// decisions after capture, where nothing redirects (tests run as any
+    /// user). Its address; `None` for a gateway.
+    pub async fn capture_for(
+        &mut self,
+        ip: IpAddr,
+        original: SocketAddr,
+    ) -> Result<Option<SocketAddr>, AppError> {
+        let Listeners::Sidecar { captures, .. } = &mut self.listeners else {
+            return Ok(None);
+        };
+        let addr = SocketAddr::new(ip, 0);
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| AppError::Outbound { addr, source })?;
+        let local = l
+            .local_addr()
+            .map_err(|source| AppError::Outbound { addr, source })?;
+        let task = tokio::spawn(crate::sidecar::serve(
+            self.proxy.clone(),
+            l,
+            OriginalDst::Fixed(original),
+        ));
+        captures.push(task.abort_handle());
+        Ok(Some(local))
     }
 
     /// Applies a new snapshot: a gateway binds the ports it adds first (a
@@ -129,8 +166,11 @@ impl App {
 
 impl Drop for Listeners {
     fn drop(&mut self) {
-        if let Listeners::Sidecar { task, .. } = self {
+        if let Listeners::Sidecar { task, captures, .. } = self {
             task.abort();
+            for c in captures {
+                c.abort();
+            }
         }
     }
 }

@@ -44,6 +44,8 @@ pub struct ListenerSet {
     /// Server port -> port to bind instead (0 = any free port), so several
     /// proxies can share one host.
     overrides: HashMap<u16, u16>,
+    /// Ports not overridden bind any free port.
+    any_free_port: bool,
     running: BTreeMap<(u16, u16), Running>,
 }
 
@@ -58,10 +60,11 @@ struct Running {
 pub struct Prepared(Vec<((u16, u16), BoundListener)>);
 
 impl ListenerSet {
-    pub fn new(ip: IpAddr, overrides: HashMap<u16, u16>) -> Self {
+    pub fn new(ip: IpAddr, overrides: HashMap<u16, u16>, any_free_port: bool) -> Self {
         ListenerSet {
             ip,
             overrides,
+            any_free_port,
             running: BTreeMap::new(),
         }
     }
@@ -72,7 +75,11 @@ impl ListenerSet {
             .map(|l| {
                 (
                     l.port,
-                    self.overrides.get(&l.port).copied().unwrap_or(l.bind_port),
+                    match self.overrides.get(&l.port) {
+                        Some(p) => *p,
+                        None if self.any_free_port => 0,
+                        None => l.bind_port,
+                    },
                 )
             })
             .collect()

@@ -27,5 +27,7 @@ pub mod sidecar;
 pub mod snapshot;
 pub mod standin;
 pub mod tcp;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tls_hello;
 pub mod upstream;

@@ -27,26 +27,6 @@ pub fn seed() -> String {
         .to_owned()
 }
 
-/// True when running as root (CI does); network tests need it for port 443
-/// on loopback addresses and for namespaces.
-pub fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-#[macro_export]
-macro_rules! require_root {
-    () => {
-        if !$crate::support::is_root() {
-            eprintln!("SKIPPED: this test needs root (binds port 443 on loopback addresses); CI runs it as root");
-            return;
-        }
-    };
-}
-
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {

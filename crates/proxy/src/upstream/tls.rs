@@ -63,6 +63,17 @@ impl DefaultRoots {
     }
 }
 
+impl DefaultRoots {
+    /// Exactly these roots (no system bundle): hermetic tests.
+    pub fn only(certs: Vec<CertificateDer<'static>>) -> Result<Self, TlsSetupError> {
+        let mut store = RootCertStore::empty();
+        for cert in certs {
+            store.add(cert).map_err(rustls_err)?;
+        }
+        Ok(DefaultRoots(Arc::new(store)))
+    }
+}
+
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
     let err = |reason: String| TlsSetupError::File {
         path: path.display().to_string(),

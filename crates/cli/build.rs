@@ -1,0 +1,18 @@
+//! Tests that need root (network namespaces, iptables, `meshgate up` with
+//! namespaces) are reported as ignored, with the reason, when the tests
+//! are built by another user: they are marked `#[cfg_attr(not_root,
+//! ignore = "...")]`.
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(not_root)");
+    // Who builds: a different user builds again.
+    println!("cargo::rerun-if-env-changed=USER");
+    println!("cargo::rerun-if-env-changed=SUDO_UID");
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    if !root {
+        println!("cargo::rustc-cfg=not_root");
+    }
+}

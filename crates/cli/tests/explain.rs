@@ -1,0 +1,310 @@
+//! `meshgate explain` and the running proxies agree: the same requests and
+//! connections (HTTP, TLS, TCP; REGISTRY_ONLY and ALLOW_ANY; a missing
+//! cluster; denied callers) are sent to in-process proxies and explained
+//! from the same YAML files, and the status, response flags, route and
+//! cluster must match what the proxy logged. Runs as any user.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+
+use meshgate_proxy::testing::*;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const OTHER_ID: &str = "spiffe://cluster.local/ns/other/sa/default";
+
+/// Where an application thought it was going when nothing listens there
+/// (TEST-NET-3; the sidecar routes by Host or SNI, or closes).
+fn elsewhere(port: u16) -> SocketAddr {
+    SocketAddr::from(([203, 0, 113, 10], port))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who {
+    Sidecar,
+    Gateway,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Policy {
+    RegistryOnly,
+    AllowAny,
+}
+
+struct Case {
+    who: Who,
+    policy: Policy,
+    /// What the client sends: http://, https:// or tcp://.
+    url: String,
+    /// Sidecars: where the connection was going (its port is the URL's).
+    original: SocketAddr,
+    /// Gateways: the caller's identity over mutual TLS.
+    from: Option<&'static str>,
+}
+
+/// One mesh (both proxies) per outbound policy, and the files explain reads.
+struct Mesh {
+    chain: SeedChain,
+    files: String,
+}
+
+async fn mesh(policy: Policy, extra: &[&str], dir: &TempDir, api: &External) -> Mesh {
+    let skip: &[&str] = match policy {
+        Policy::RegistryOnly => &[],
+        // No Sidecar resource: the mesh default, ALLOW_ANY.
+        Policy::AllowAny => &["sidecar.yaml"],
+    };
+    let files = seed_files(dir, &format!("{policy:?}"), skip, extra);
+    let config = seed_config_except(skip, extra);
+    let chain = SeedChain::with_endpoints(config, &[("api.example.com:443", api.addr)]).await;
+    Mesh { chain, files }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_says_what_the_proxies_do() {
+    let dir = TempDir::new("explain-table");
+    let known = plain_http().await;
+    let registered_tcp = plain_http().await;
+    let unregistered_tcp = plain_http().await;
+    let tls_elsewhere = External::start(&["unregistered.example.com"]).await;
+    let extra = [
+        // A registered TLS host (routed by SNI).
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: curl-external-tst}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: DNS\n".to_owned(),
+        // An HTTP port with a service on it, and a registered TCP port.
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: known, namespace: curl-external-tst}}\nspec:\n  hosts: [known.example.com]\n  ports: [{{number: {}, name: http, protocol: HTTP}}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: plain-tcp, namespace: curl-external-tst}}\nspec:\n  hosts: [plain.example.com]\n  ports: [{{number: {}, name: tcp, protocol: TCP}}]\n  resolution: NONE\n",
+            known.port(),
+            registered_tcp.port()
+        ),
+        // A route to a host the registry does not have (503 NC).
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: nc, namespace: curl-external-tst}\nspec:\n  hosts: [nc.example.com]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: nc, namespace: curl-external-tst}\nspec:\n  hosts: [nc.example.com]\n  http: [{route: [{destination: {host: missing.example.com}}]}]\n".to_owned(),
+    ];
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let api = External::start(&["api.example.com"]).await;
+    let mut registry_only = mesh(Policy::RegistryOnly, &extra, &dir, &api).await;
+    let mut allow_any = mesh(Policy::AllowAny, &extra, &dir, &api).await;
+
+    let sidecar = |policy, url: String, original| Case {
+        who: Who::Sidecar,
+        policy,
+        url,
+        original,
+        from: None,
+    };
+    let gateway = |url: &str, from| Case {
+        who: Who::Gateway,
+        policy: Policy::RegistryOnly,
+        url: url.to_owned(),
+        original: elsewhere(80),
+        from,
+    };
+    use Policy::*;
+    let cases = [
+        // HTTP at the sidecar.
+        sidecar(
+            RegistryOnly,
+            format!("http://{HOST}/todos/1"),
+            elsewhere(80),
+        ),
+        sidecar(
+            RegistryOnly,
+            "http://unregistered.example.com/".into(),
+            elsewhere(80),
+        ),
+        sidecar(RegistryOnly, "http://nc.example.com/".into(), elsewhere(80)),
+        sidecar(
+            AllowAny,
+            format!("http://unknown.example.com:{}/todos/1", known.port()),
+            known,
+        ),
+        // TLS at the sidecar.
+        sidecar(
+            RegistryOnly,
+            "https://api.example.com/todos/1".into(),
+            elsewhere(443),
+        ),
+        sidecar(
+            RegistryOnly,
+            "https://unregistered.example.com/".into(),
+            elsewhere(443),
+        ),
+        sidecar(
+            AllowAny,
+            format!(
+                "https://unregistered.example.com:{}/todos/1",
+                tls_elsewhere.addr.port()
+            ),
+            tls_elsewhere.addr,
+        ),
+        // Opaque TCP at the sidecar.
+        sidecar(
+            RegistryOnly,
+            "tcp://anything.example.com:9999".into(),
+            elsewhere(9999),
+        ),
+        sidecar(
+            RegistryOnly,
+            format!("tcp://plain.example.com:{}", registered_tcp.port()),
+            registered_tcp,
+        ),
+        sidecar(
+            AllowAny,
+            format!("tcp://anything.example.com:{}", unregistered_tcp.port()),
+            unregistered_tcp,
+        ),
+        // The gateway: allowed, denied, plaintext, no route.
+        gateway(&format!("http://{HOST}/todos/1"), Some(CURL_ID)),
+        gateway(&format!("http://{HOST}/todos/1"), Some(OTHER_ID)),
+        gateway(&format!("http://{HOST}/todos/1"), None),
+        gateway("http://unrouted.example.com/", Some(CURL_ID)),
+    ];
+    let mut checked = 0;
+    for case in &cases {
+        let mesh = match case.policy {
+            RegistryOnly => &mut registry_only,
+            AllowAny => &mut allow_any,
+        };
+        let explained = explain(&mesh.files, case).await;
+        let logged = observe(mesh, case, &api, &dir).await;
+        compare(case, &explained, &logged);
+        checked += 1;
+    }
+    assert_eq!(checked, cases.len());
+}
+
+/// `meshgate explain -o json` for the case.
+async fn explain(files: &str, case: &Case) -> Value {
+    let workload = match case.who {
+        Who::Sidecar => WORKLOAD,
+        Who::Gateway => GATEWAY,
+    };
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshgate"));
+    cmd.args(["explain", "-c", files, "-w", workload, "-o", "json"]);
+    if let Some(from) = case.from {
+        cmd.args(["--from", from]);
+    }
+    let o = cmd.arg(&case.url).output().await.unwrap();
+    assert!(
+        o.status.success(),
+        "{}: {}",
+        case.url,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Sends the case's traffic to the running proxy; its access-log entry.
+async fn observe(mesh: &mut Mesh, case: &Case, api: &External, dir: &TempDir) -> Value {
+    let chain = &mut mesh.chain;
+    let uri: http::Uri = case.url.parse().unwrap();
+    let host = uri.host().unwrap();
+    let path = uri.path();
+    if case.who == Who::Gateway {
+        // Sidecar cases left entries in the gateway's log too: find ours.
+        let id = format!("case-{:08x}", next_id());
+        let port = chain.gateway.addr(80).port();
+        let resolve = format!("{host}:{port}:127.0.0.1");
+        let header = format!("x-request-id: {id}");
+        let _ = match case.from {
+            Some(from) => {
+                let (cert, key) =
+                    chain
+                        .mesh
+                        .client_files(from, dir, &from.replace(['/', ':'], "_"));
+                let url = format!("https://{host}:{port}{path}");
+                curl(&[
+                    "-k",
+                    "--cert",
+                    &cert,
+                    "--key",
+                    &key,
+                    "--resolve",
+                    &resolve,
+                    "-H",
+                    &header,
+                    &url,
+                ])
+                .await
+            }
+            None => {
+                let url = format!("http://{host}:{port}{path}");
+                curl(&["--resolve", &resolve, "-H", &header, &url]).await
+            }
+        };
+        return chain.gateway.log_of(&id).await;
+    }
+    let captured = chain.sidecar.capture(case.original).await;
+    match uri.scheme_str() {
+        Some("http") => {
+            let _ = curl(&[
+                "-H",
+                &format!("Host: {}", uri.authority().unwrap()),
+                &format!("http://{captured}{path}"),
+            ])
+            .await;
+        }
+        Some("https") => {
+            let ca = dir.write("api-ca.pem", &api.ca.root_pem);
+            let port = uri.port_u16().unwrap_or(443);
+            let _ = curl(&[
+                "-k",
+                "--cacert",
+                &ca,
+                "--connect-to",
+                &format!("{host}:{port}:{}:{}", captured.ip(), captured.port()),
+                &format!("https://{host}:{port}{path}"),
+            ])
+            .await;
+        }
+        _ => {
+            let mut s = tokio::net::TcpStream::connect(captured).await.unwrap();
+            let _ = s.write_all(b"GET /todos/1 HTTP/1.0\r\n\r\n").await;
+            let mut back = Vec::new();
+            let read = s.read_to_end(&mut back);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
+        }
+    }
+    chain.sidecar.next_log().await
+}
+
+/// A distinct number per call.
+fn next_id() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// What explain says against what the proxy logged.
+fn compare(case: &Case, explained: &Value, logged: &Value) {
+    let r = &explained["result"];
+    let what = format!("{}: explain {r}\nproxy {logged}", case.url);
+    assert_eq!(r["route"], logged["route_name"], "route of {what}");
+    assert_eq!(
+        r["cluster"], logged["upstream_cluster"],
+        "cluster of {what}"
+    );
+    match r["action"].as_str().unwrap() {
+        "forward" | "original-destination" => {
+            assert_eq!(logged["response_flags"], "-", "{what}");
+            if logged["method"].is_string() {
+                assert_eq!(logged["response_code_details"], "via_upstream", "{what}");
+            } else {
+                assert!(logged["upstream_host"].is_string(), "connected: {what}");
+            }
+        }
+        "local-reply" => {
+            assert_eq!(r["status"], logged["response_code"], "status of {what}");
+            assert_eq!(
+                r["responseFlags"], logged["response_flags"],
+                "flags of {what}"
+            );
+        }
+        "close" => {
+            assert_eq!(
+                r["responseFlags"], logged["response_flags"],
+                "flags of {what}"
+            );
+            assert!(logged["upstream_host"].is_null(), "not connected: {what}");
+        }
+        other => panic!("unexpected action {other}: {what}"),
+    }
+}

@@ -1,0 +1,576 @@
+//! Proxies inside a test (feature `testing`): sidecars and gateways built
+//! by `app` exactly as the binary builds them, on 127.0.0.1 with port 0,
+//! identities from an in-memory CA, real HTTPS and DNS stand-ins for
+//! external hosts, access logs captured as JSON. Real sockets and real TLS
+//! all the way; nothing needs root. (ztunnel's `app::build` with a test CA.)
+//!
+//! Tests wait for events, never for time: `TestProxy::next_log` returns the
+//! next access-log entry, written when a request's response ends (after its
+//! metrics are recorded), within a bounded wait.
+
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshgate_config::model::Config;
+use meshgate_config::{MeshSettings, view};
+use meshgate_identity::{CertificateAuthority, Source, SpiffeId, WorkloadIdentity};
+use meshgate_telemetry::{AccessLog, AccessLogFormat, Metrics};
+use rustls_pki_types::CertificateDer;
+use tokio::sync::{Mutex, mpsc};
+
+use crate::app::{App, Options};
+use crate::proxy::Proxy;
+use crate::sidecar::OriginalDst;
+use crate::snapshot::{BuildContext, Snapshot};
+use crate::standin::{self, DnsZone, Seen, StandinCa};
+use crate::upstream::dns::Resolver;
+use crate::upstream::tls::DefaultRoots;
+
+/// The seed's egress gateway workload.
+pub const GATEWAY: &str = "curl-egress-tst/curl-egress-tst-gateway";
+/// The seed's workload with a sidecar.
+pub const WORKLOAD: &str = "curl-external-tst/curl-test";
+/// The seed workload's identity.
+pub const CURL_ID: &str = "spiffe://cluster.local/ns/curl-external-tst/sa/default";
+/// The seed's external host.
+pub const HOST: &str = "jsonplaceholder.typicode.com";
+/// The gateway's Service, as the sidecar's cluster names it.
+pub const GATEWAY_SERVICE: &str = "curl-egress-tst.curl-egress-tst.svc.cluster.local:80";
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A folder removed when dropped.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!(
+            "meshgate-{name}-{}-{:08x}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+
+    pub fn path(&self, p: &str) -> String {
+        self.0.join(p).to_str().unwrap().to_owned()
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> String {
+        let p = self.path(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The seed's YAML (examples/seed) and `extra` documents, loaded as the
+/// proxies load files; panics on any error.
+pub fn seed_config(extra: &[&str]) -> Config {
+    seed_config_except(&[], extra)
+}
+
+/// The seed's YAML without the files named in `skip`, and `extra`.
+pub fn seed_config_except(skip: &[&str], extra: &[&str]) -> Config {
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed");
+    let files: Vec<PathBuf> = std::fs::read_dir(seed)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .filter(|p| !skip.iter().any(|s| p.ends_with(s)))
+        .collect();
+    let mut loaded = meshgate_config::load_paths(&files).unwrap();
+    for (i, text) in extra.iter().enumerate() {
+        meshgate_config::load::load_str(&format!("extra-{i}.yaml"), text, &mut loaded).unwrap();
+    }
+    let errors: Vec<String> = loaded
+        .diagnostics
+        .iter()
+        .filter(|d| d.level == meshgate_config::Level::Error)
+        .map(ToString::to_string)
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    loaded.config
+}
+
+/// Writes the seed's YAML files (without those in `skip`) and `extra`
+/// documents into `dir/name`, for tools that read files (`meshgate
+/// explain`); `seed_config_except` loads the same.
+pub fn seed_files(dir: &TempDir, name: &str, skip: &[&str], extra: &[&str]) -> String {
+    let out = dir.0.join(name);
+    std::fs::create_dir_all(&out).unwrap();
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed");
+    for e in std::fs::read_dir(seed).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") && !skip.iter().any(|s| p.ends_with(s)) {
+            std::fs::copy(&p, out.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    for (i, text) in extra.iter().enumerate() {
+        std::fs::write(out.join(format!("extra-{i}.yaml")), text).unwrap();
+    }
+    out.to_str().unwrap().to_owned()
+}
+
+/// The mesh's CA, in memory.
+#[derive(Debug)]
+pub struct Mesh {
+    pub ca: Arc<CertificateAuthority>,
+}
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Mesh {
+            ca: Arc::new(CertificateAuthority::generate("cluster.local").unwrap()),
+        }
+    }
+}
+
+impl Mesh {
+    pub async fn identity(&self, id: &str) -> Arc<WorkloadIdentity> {
+        let id: SpiffeId = id.parse().unwrap();
+        let source = Source::InProcess {
+            ca: self.ca.clone(),
+            ttl: Duration::from_secs(3600),
+        };
+        WorkloadIdentity::start(id, source).await.unwrap()
+    }
+
+    /// A workload certificate in Istio's file layout under `dir/name`, for
+    /// curl as a mesh peer: (cert-chain.pem, key.pem).
+    pub fn client_files(&self, id: &str, dir: &TempDir, name: &str) -> (String, String) {
+        let issued = self
+            .ca
+            .issue(&id.parse().unwrap(), Duration::from_secs(3600))
+            .unwrap();
+        issued.write_to(&dir.0.join(name)).unwrap();
+        (
+            dir.path(&format!("{name}/cert-chain.pem")),
+            dir.path(&format!("{name}/key.pem")),
+        )
+    }
+}
+
+/// An external host: the HTTPS stand-in on 127.0.0.1 with its own CA.
+#[derive(Debug)]
+pub struct External {
+    pub addr: SocketAddr,
+    pub seen: Seen,
+    pub ca: StandinCa,
+}
+
+impl External {
+    /// Serves HTTPS for `names` (the certificate's DNS names).
+    pub async fn start(names: &[&str]) -> External {
+        let ca = StandinCa::new("stand-in CA").unwrap();
+        let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
+        let tls = ca.server_config(&names).unwrap();
+        let listener = tokio::net::TcpListener::bind((LOCALHOST, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Seen::default();
+        tokio::spawn(standin::serve_https(listener, tls, seen.clone()));
+        External { addr, seen, ca }
+    }
+
+    pub fn root(&self) -> CertificateDer<'static> {
+        meshgate_identity::cert::parse_certs(&self.ca.root_pem)
+            .unwrap()
+            .remove(0)
+    }
+}
+
+/// A plain-HTTP server answering like the external API (a stand-in for a
+/// plaintext service: where ALLOW_ANY traffic goes).
+pub async fn plain_http() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind((LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(standin::serve_http(listener));
+    addr
+}
+
+/// A DNS server answering `names` with 127.0.0.1 (and NXDOMAIN for others).
+pub async fn dns(names: &[&str]) -> SocketAddr {
+    let mut zone = DnsZone::default();
+    for n in names {
+        zone.insert(n, LOCALHOST);
+    }
+    standin::serve_dns((LOCALHOST, 0).into(), zone)
+        .await
+        .unwrap()
+}
+
+/// What a proxy under test is built from.
+#[derive(Debug)]
+pub struct Spec {
+    pub config: Config,
+    pub workload: String,
+    /// `host:port` → addresses, instead of DNS.
+    pub endpoints: HashMap<String, Vec<SocketAddr>>,
+    /// Roots for TLS origination (none: only a CA that signed nothing).
+    pub roots: Vec<CertificateDer<'static>>,
+    /// The DNS server clusters resolve with (none: one that knows nothing).
+    pub dns: Option<SocketAddr>,
+}
+
+impl Spec {
+    pub fn new(config: Config, workload: &str) -> Spec {
+        Spec {
+            config,
+            workload: workload.to_owned(),
+            endpoints: HashMap::new(),
+            roots: Vec::new(),
+            dns: None,
+        }
+    }
+
+    /// Connect to `addr` for `host_port` (`host:port`).
+    pub fn endpoint(mut self, host_port: &str, addr: SocketAddr) -> Spec {
+        self.endpoints.insert(host_port.to_owned(), vec![addr]);
+        self
+    }
+
+    pub fn trust(mut self, root: CertificateDer<'static>) -> Spec {
+        self.roots.push(root);
+        self
+    }
+
+    pub fn dns(mut self, server: SocketAddr) -> Spec {
+        self.dns = Some(server);
+        self
+    }
+
+    async fn context(&self, identity: Arc<WorkloadIdentity>) -> BuildContext {
+        let dns = match self.dns {
+            Some(d) => d,
+            None => dns(&[]).await,
+        };
+        let mut roots = self.roots.clone();
+        if roots.is_empty() {
+            let nobody = StandinCa::new("trusts nothing").unwrap();
+            roots = meshgate_identity::cert::parse_certs(&nobody.root_pem).unwrap();
+        }
+        BuildContext {
+            resolver: Resolver::new(Some(dns)).unwrap(),
+            roots: DefaultRoots::only(roots).unwrap(),
+            identity: Some(identity),
+            endpoints: self.endpoints.clone(),
+        }
+    }
+}
+
+/// A running proxy with its access log captured.
+#[derive(Debug)]
+pub struct TestProxy {
+    pub app: App,
+    pub metrics: Arc<Metrics>,
+    spec: Spec,
+    ctx: BuildContext,
+    logs: Mutex<mpsc::UnboundedReceiver<serde_json::Value>>,
+}
+
+impl TestProxy {
+    /// Builds and starts the proxy of `spec.workload`, listening on
+    /// 127.0.0.1 (every port 0).
+    pub async fn start(mesh: &Mesh, spec: Spec) -> TestProxy {
+        let view = view::build(&spec.config, &MeshSettings::default(), &spec.workload).unwrap();
+        let identity = mesh.identity(&view.workload.spiffe_id).await;
+        let ctx = spec.context(identity.clone()).await;
+        let snapshot = Snapshot::build(view, &ctx).unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let log = AccessLog::new(AccessLogFormat::Json, Box::new(LogSink(tx, Vec::new())));
+        let metrics = Arc::new(Metrics::new());
+        let proxy = Proxy::new(snapshot, &identity, metrics.clone(), Arc::new(log)).unwrap();
+        let options = Options {
+            bind: LOCALHOST,
+            port_overrides: HashMap::new(),
+            any_free_port: true,
+            outbound: (LOCALHOST, 0).into(),
+            original_dst: OriginalDst::Socket,
+        };
+        let app = App::start(Arc::new(proxy), &options).await.unwrap();
+        TestProxy {
+            app,
+            metrics,
+            spec,
+            ctx,
+            logs: Mutex::new(rx),
+        }
+    }
+
+    /// The address serving `port`: a Gateway server's port, or a sidecar's
+    /// outbound listener (any port: it is the explicit-proxy port).
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        let addrs = self.app.addresses();
+        match addrs.iter().find(|(p, _)| *p == port) {
+            Some((_, a)) => *a,
+            None if self.app.proxy.role == crate::snapshot::Role::Sidecar => addrs[0].1,
+            None => panic!("no listener for port {port}: {addrs:?}"),
+        }
+    }
+
+    /// A listener taking connections as captured on their way to
+    /// `original` (sidecars).
+    pub async fn capture(&mut self, original: SocketAddr) -> SocketAddr {
+        self.app
+            .capture_for(LOCALHOST, original)
+            .await
+            .unwrap()
+            .expect("a sidecar")
+    }
+
+    /// The next access-log entry (within 10 s).
+    pub async fn next_log(&self) -> serde_json::Value {
+        let mut rx = self.logs.lock().await;
+        match tokio::time::timeout(WAIT, rx.recv()).await {
+            Ok(Some(entry)) => entry,
+            _ => panic!("no access-log entry within {WAIT:?}"),
+        }
+    }
+
+    /// The access-log entry of the request with this `x-request-id`
+    /// (entries before it are passed over), within 10 s.
+    pub async fn log_of(&self, request_id: &str) -> serde_json::Value {
+        let mut rx = self.logs.lock().await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(entry)) if entry["request_id"] == request_id => return entry,
+                Ok(Some(_)) => {}
+                _ => panic!("no access-log entry for request {request_id} within {WAIT:?}"),
+            }
+        }
+    }
+
+    /// `/stats/prometheus`, as the admin port serves it.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.encode()
+    }
+
+    /// Applies another config, as a reload does.
+    pub async fn reload(&mut self, config: Config) {
+        self.spec.config = config;
+        let view = view::build(
+            &self.spec.config,
+            &MeshSettings::default(),
+            &self.spec.workload,
+        )
+        .unwrap();
+        let old = self.app.proxy.state.load_full();
+        let snap = Snapshot::rebuild(view, &self.ctx, Some(&old)).unwrap();
+        self.app.reload(snap).await.unwrap();
+    }
+}
+
+/// Access-log lines, parsed, into a channel.
+struct LogSink(mpsc::UnboundedSender<serde_json::Value>, Vec<u8>);
+
+impl Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.1.extend_from_slice(buf);
+        while let Some(i) = self.1.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.1.drain(..=i).collect();
+            if let Ok(v) = serde_json::from_slice(&line) {
+                let _ = self.0.send(v);
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The seed system in one process: the external host's stand-in, the
+/// egress gateway (trusting the stand-in's CA, reaching it for
+/// jsonplaceholder.typicode.com:443) and the workload's sidecar (reaching
+/// the gateway's Service at the gateway).
+#[derive(Debug)]
+pub struct SeedChain {
+    pub mesh: Mesh,
+    pub external: External,
+    pub gateway: TestProxy,
+    pub sidecar: TestProxy,
+    pub dir: TempDir,
+}
+
+impl SeedChain {
+    /// The seed plus `extra` YAML documents, for both proxies.
+    pub async fn start(extra: &[&str]) -> SeedChain {
+        Self::with(seed_config(extra)).await
+    }
+
+    /// `config` for both proxies.
+    pub async fn with(config: Config) -> SeedChain {
+        Self::with_endpoints(config, &[]).await
+    }
+
+    /// `config` for both proxies; the sidecar reaches `host:port` at the
+    /// address given.
+    pub async fn with_endpoints(config: Config, sidecar: &[(&str, SocketAddr)]) -> SeedChain {
+        let mesh = Mesh::default();
+        let external = External::start(&[HOST]).await;
+        let gateway = TestProxy::start(&mesh, Self::gateway_spec(config.clone(), &external)).await;
+        let mut sidecar_spec =
+            Spec::new(config, WORKLOAD).endpoint(GATEWAY_SERVICE, gateway.addr(80));
+        for (host_port, addr) in sidecar {
+            sidecar_spec = sidecar_spec.endpoint(host_port, *addr);
+        }
+        let sidecar = TestProxy::start(&mesh, sidecar_spec).await;
+        SeedChain {
+            mesh,
+            external,
+            gateway,
+            sidecar,
+            dir: TempDir::new("chain"),
+        }
+    }
+
+    /// The gateway of `config`, with the external host's stand-in as
+    /// jsonplaceholder.typicode.com:443.
+    pub fn gateway_spec(config: Config, external: &External) -> Spec {
+        Spec::new(config, GATEWAY)
+            .endpoint(&format!("{HOST}:443"), external.addr)
+            .trust(external.root())
+    }
+
+    /// curl as a mesh peer of identity `id` (mutual TLS with a workload
+    /// certificate; `-k`: curl cannot check SPIFFE IDs, the gateway's check
+    /// of curl is what is tested), to the seed host on the gateway's port 80.
+    pub async fn mtls_get(&self, id: &str, path: &str) -> Curl {
+        self.mtls_request(id, HOST, path).await
+    }
+
+    /// The same for any host.
+    pub async fn mtls_request(&self, id: &str, host: &str, path: &str) -> Curl {
+        let name = id.replace(['/', ':'], "_");
+        let (cert, key) = self.mesh.client_files(id, &self.dir, &name);
+        let port = self.gateway.addr(80).port();
+        curl(&[
+            "-k",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--resolve",
+            &format!("{host}:{port}:127.0.0.1"),
+            &format!("https://{host}:{port}{path}"),
+        ])
+        .await
+    }
+
+    /// curl in plaintext to the seed host on the gateway's port 80.
+    pub async fn plain_get(&self, path: &str) -> Curl {
+        self.plain_request(HOST, path).await
+    }
+
+    /// The same for any host.
+    pub async fn plain_request(&self, host: &str, path: &str) -> Curl {
+        let port = self.gateway.addr(80).port();
+        curl(&[
+            "--resolve",
+            &format!("{host}:{port}:127.0.0.1"),
+            &format!("http://{host}:{port}{path}"),
+        ])
+        .await
+    }
+
+    /// curl with the sidecar as its explicit HTTP proxy.
+    pub async fn via_sidecar(&self, url: &str, extra: &[&str]) -> Curl {
+        let proxy = format!("http://{}", self.sidecar.addr(15001));
+        let mut args = vec!["-x", &proxy];
+        args.extend_from_slice(extra);
+        args.push(url);
+        curl(&args).await
+    }
+}
+
+/// What curl printed: the body, the status code (`000` for none) and its
+/// exit code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Curl {
+    pub body: String,
+    pub code: String,
+    pub exit: i32,
+}
+
+impl Curl {
+    /// (code, body), for one assertion.
+    pub fn answer(&self) -> (&str, &str) {
+        (&self.code, &self.body)
+    }
+}
+
+/// Runs curl (bounded: 10 s).
+pub async fn curl(args: &[&str]) -> Curl {
+    let o = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .await
+        .expect("curl is installed (.ci/run installs it)");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", &out));
+    Curl {
+        body: body.to_owned(),
+        code: code.to_owned(),
+        exit: o.status.code().unwrap_or(-1),
+    }
+}
+
+/// The value of a metric line with all these label pairs, if present.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Runs `promtool check metrics` on exposition text. Passing means: valid
+/// exposition format, and no lint problem except the one Istio's own metric
+/// name carries (`istio_request_duration_milliseconds` is not in seconds;
+/// Istio's name is the contract). promtool exits 1 for format errors, 3 for
+/// lint problems only.
+pub async fn promtool_check(text: &str) -> (bool, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (Debian's prometheus package; .ci/run installs it)");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).await.unwrap();
+    drop(stdin);
+    let o = child.wait_with_output().await.unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let code = o.status.code().unwrap_or(-1);
+    let only_istio_unit = report
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .all(|l| l == "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"");
+    (code == 0 || (code == 3 && only_istio_unit), report)
+}

@@ -1,0 +1,529 @@
+//! The egress gateway in process, with real parts: the seed's config, a
+//! real HTTPS stand-in for jsonplaceholder.typicode.com with its own CA,
+//! curl as the mesh peer with certificates from the mesh CA, promtool for
+//! the metrics. Runs as any user.
+#![allow(clippy::unwrap_used)]
+
+use meshgate_proxy::standin::{self, StandinCa};
+use meshgate_proxy::testing::*;
+
+const OTHER_ID: &str = "spiffe://cluster.local/ns/other/sa/default";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_gateway_serves_authorizes_and_reports() {
+    let chain = SeedChain::start(&[]).await;
+    let gw = &chain.gateway;
+
+    // The allowed namespace gets the stand-in's JSON, over TLS the gateway
+    // originated with SNI.
+    let ok = chain.mtls_get(CURL_ID, "/todos/1").await;
+    assert_eq!(ok.answer(), ("200", standin::TODO_1));
+    let seen = chain.external.seen.all();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].sni.as_deref(), Some(HOST));
+    assert_eq!(seen[0].path, "/todos/1");
+    let entry = gw.next_log().await;
+    // curl negotiates HTTP/2 over TLS (ALPN).
+    assert_eq!(entry["protocol"], "HTTP/2");
+    assert_eq!(entry["response_code"], 200);
+    assert_eq!(entry["response_flags"], "-");
+    assert_eq!(entry["response_code_details"], "via_upstream");
+    assert_eq!(
+        entry["upstream_cluster"],
+        "outbound|443||jsonplaceholder.typicode.com"
+    );
+    assert_eq!(entry["downstream_peer_uri_san"], CURL_ID);
+
+    // Another namespace is denied by the AuthorizationPolicy, and so is
+    // plaintext (PERMISSIVE accepts it, but it has no namespace to allow).
+    let denied = chain.mtls_get(OTHER_ID, "/todos/1").await;
+    assert_eq!(denied.answer(), ("403", "RBAC: access denied"));
+    let entry = gw.next_log().await;
+    assert_eq!(
+        entry["response_code_details"],
+        "rbac_access_denied_matched_policy[none]"
+    );
+    assert_eq!(entry["downstream_peer_uri_san"], OTHER_ID);
+    let plain = chain.plain_get("/todos/1").await;
+    assert_eq!(plain.answer(), ("403", "RBAC: access denied"));
+    gw.next_log().await;
+    assert_eq!(
+        chain.external.seen.all().len(),
+        1,
+        "denied requests never reach the upstream"
+    );
+
+    // Metrics: valid exposition, Istio's labels, and who made each call.
+    let text = gw.metrics_text();
+    let (ok, report) = promtool_check(&text).await;
+    assert!(ok, "promtool: {report}\n{text}");
+    let requests = |labels: &[(&str, &str)]| metric_value(&text, "istio_requests_total", labels);
+    assert_eq!(
+        requests(&[
+            ("reporter", "source"),
+            ("source_workload", "curl-egress-tst-gateway"),
+            ("source_workload_namespace", "curl-egress-tst"),
+            ("destination_service_name", HOST),
+            ("destination_service_namespace", "curl-external-tst"),
+            ("response_code", "200"),
+            ("response_flags", "-"),
+            ("connection_security_policy", "unknown"),
+        ]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(requests(&[("response_code", "403")]), Some(2.0), "{text}");
+    let egress =
+        |labels: &[(&str, &str)]| metric_value(&text, "meshgate_egress_requests_total", labels);
+    for (labels, what) in [
+        (
+            &[
+                ("source_principal", CURL_ID),
+                ("source_workload_namespace", "curl-external-tst"),
+                ("connection_security_policy", "mutual_tls"),
+                ("destination_service_name", HOST),
+                ("response_code", "200"),
+                ("decision", "allow"),
+            ][..],
+            "the allowed call",
+        ),
+        (
+            &[
+                ("source_principal", OTHER_ID),
+                ("connection_security_policy", "mutual_tls"),
+                ("response_code", "403"),
+                ("decision", "deny"),
+            ][..],
+            "the other namespace's denied call",
+        ),
+        (
+            &[
+                ("source_principal", "unknown"),
+                ("connection_security_policy", "none"),
+                ("decision", "deny"),
+            ][..],
+            "the plaintext call",
+        ),
+    ] {
+        assert_eq!(egress(labels), Some(1.0), "{what}:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_peer_authentication_refuses_plaintext() {
+    let chain = SeedChain::start(&[
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: curl-egress-tst}\nspec:\n  mtls: {mode: STRICT}\n",
+    ])
+    .await;
+    let plain = chain.plain_get("/todos/1").await;
+    assert_eq!(plain.code, "000", "no HTTP answer at all");
+    assert!(
+        plain.exit == 52 || plain.exit == 56,
+        "curl: empty reply or reset, got {plain:?}"
+    );
+    let ok = chain.mtls_get(CURL_ID, "/todos/1").await;
+    assert_eq!(ok.answer(), ("200", standin::TODO_1));
+    let entry = chain.gateway.next_log().await;
+    assert_eq!(
+        entry["response_code"], 200,
+        "the refused connection has no log line"
+    );
+    assert_eq!(entry["path"], "/todos/1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_or_misnamed_upstream_fails_with_uf_after_retries() {
+    let mesh = Mesh::default();
+    let dir = TempDir::new("gw-untrusted");
+    let (cert, key) = mesh.client_files(CURL_ID, &dir, "curl");
+    let get = |gw: &TestProxy| {
+        let port = gw.addr(80).port();
+        let (cert, key) = (cert.clone(), key.clone());
+        async move {
+            curl(&[
+                "-k",
+                "--cert",
+                &cert,
+                "--key",
+                &key,
+                "--resolve",
+                &format!("{HOST}:{port}:127.0.0.1"),
+                &format!("https://{HOST}:{port}/todos/1"),
+            ])
+            .await
+        }
+    };
+
+    // The stand-in's CA is not trusted: the handshake fails, is retried
+    // (Istio's default: connect-failure), and the caller gets 503 UF,URX.
+    let external = External::start(&[HOST]).await;
+    let spec = Spec::new(seed_config(&[]), GATEWAY).endpoint(&format!("{HOST}:443"), external.addr);
+    let gw = TestProxy::start(&mesh, spec).await;
+    let failed = get(&gw).await;
+    assert_eq!(failed.code, "503", "{failed:?}");
+    assert!(
+        failed
+            .body
+            .starts_with("upstream connect error or disconnect/reset before headers"),
+        "{failed:?}"
+    );
+    assert!(failed.body.contains("TLS_error"), "{failed:?}");
+    assert!(
+        external.seen.all().is_empty(),
+        "no request reached the stand-in"
+    );
+    let entry = gw.next_log().await;
+    assert_eq!(entry["response_flags"], "UF,URX");
+    assert_eq!(
+        entry["response_code_details"],
+        "upstream_reset_before_response_started{connection_failure}"
+    );
+    assert!(
+        entry["upstream_transport_failure_reason"]
+            .as_str()
+            .unwrap()
+            .contains("TLS_error"),
+        "{entry}"
+    );
+    assert_eq!(
+        metric_value(
+            &gw.metrics_text(),
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "UF,URX")]
+        ),
+        Some(1.0)
+    );
+
+    // Trusted CA, but the certificate is for another name.
+    let other = External::start(&["other.example.com"]).await;
+    let spec = SeedChain::gateway_spec(seed_config(&[]), &other);
+    let gw = TestProxy::start(&mesh, spec).await;
+    let failed = get(&gw).await;
+    assert_eq!(failed.code, "503", "{failed:?}");
+    assert!(failed.body.contains("TLS_error"), "{failed:?}");
+    assert!(other.seen.all().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_failure_is_503_uh() {
+    let mesh = Mesh::default();
+    let dir = TempDir::new("gw-dns");
+    let (cert, key) = mesh.client_files(CURL_ID, &dir, "curl");
+    // The DNS server knows nothing: NXDOMAIN for the external host.
+    let spec = Spec::new(seed_config(&[]), GATEWAY).dns(dns(&[]).await);
+    let gw = TestProxy::start(&mesh, spec).await;
+    let port = gw.addr(80).port();
+    let got = curl(&[
+        "-k",
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "--resolve",
+        &format!("{HOST}:{port}:127.0.0.1"),
+        &format!("https://{HOST}:{port}/todos/1"),
+    ])
+    .await;
+    assert_eq!(got.answer(), ("503", "no healthy upstream"));
+    let entry = gw.next_log().await;
+    assert_eq!(entry["response_flags"], "UH");
+    assert_eq!(entry["response_code_details"], "no_healthy_upstream");
+}
+
+const PASSTHROUGH: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: curl-egress-tst}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: tls-passthrough, namespace: curl-egress-tst}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 443, name: tls, protocol: TLS}
+    hosts: [api.example.com]
+    tls: {mode: PASSTHROUGH}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api-passthrough, namespace: curl-egress-tst}
+spec:
+  hosts: [api.example.com]
+  gateways: [tls-passthrough]
+  tls:
+  - match: [{sniHosts: [api.example.com], port: 443}]
+    route: [{destination: {host: api.example.com, port: {number: 443}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-passthrough, namespace: curl-egress-tst}
+spec:
+  selector: {matchLabels: {istio: egressgateway}}
+  rules: [{to: [{operation: {ports: ['443']}}], when: [{key: connection.sni, values: [api.example.com]}]}]
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_passthrough_routes_by_sni_and_counts_tcp() {
+    let mesh = Mesh::default();
+    let dir = TempDir::new("gw-passthrough");
+    let api = External::start(&["api.example.com"]).await;
+    let ca = dir.write("api-ca.pem", &api.ca.root_pem);
+    let spec =
+        Spec::new(seed_config(&[PASSTHROUGH]), GATEWAY).endpoint("api.example.com:443", api.addr);
+    let gw = TestProxy::start(&mesh, spec).await;
+    let port = gw.addr(443).port();
+
+    // The client's own TLS goes through the gateway to the stand-in.
+    let got = curl(&[
+        "--cacert",
+        &ca,
+        "--resolve",
+        &format!("api.example.com:{port}:127.0.0.1"),
+        &format!("https://api.example.com:{port}/todos/1"),
+    ])
+    .await;
+    assert_eq!(got.answer(), ("200", standin::TODO_1));
+    assert_eq!(api.seen.all()[0].sni.as_deref(), Some("api.example.com"));
+    let entry = gw.next_log().await;
+    assert_eq!(entry["method"], serde_json::Value::Null, "a TCP entry");
+    assert_eq!(entry["requested_server_name"], "api.example.com");
+    assert_eq!(entry["upstream_cluster"], "outbound|443||api.example.com");
+    assert!(entry["bytes_sent"].as_u64().unwrap() > 0, "{entry}");
+
+    // An SNI without a tls route gets no connection (NR).
+    let other = curl(&[
+        "-k",
+        "--resolve",
+        &format!("other.example.com:{port}:127.0.0.1"),
+        &format!("https://other.example.com:{port}/"),
+    ])
+    .await;
+    assert_eq!(other.code, "000");
+    let entry = gw.next_log().await;
+    assert_eq!(entry["response_flags"], "NR");
+    assert_eq!(entry["requested_server_name"], "other.example.com");
+
+    let text = gw.metrics_text();
+    let (ok, report) = promtool_check(&text).await;
+    assert!(ok, "{report}");
+    let tcp = |name: &str, labels: &[(&str, &str)]| metric_value(&text, name, labels);
+    assert_eq!(
+        tcp(
+            "istio_tcp_connections_opened_total",
+            &[
+                ("destination_service_name", "api.example.com"),
+                ("request_protocol", "tcp"),
+                ("response_flags", "-"),
+            ]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        tcp(
+            "istio_tcp_sent_bytes_total",
+            &[("destination_service_name", "api.example.com")]
+        )
+        .unwrap()
+            > 0.0
+    );
+    assert_eq!(
+        tcp(
+            "istio_tcp_connections_closed_total",
+            &[
+                ("destination_service_name", "other.example.com"),
+                ("response_flags", "NR")
+            ]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_routing_features_and_https_termination() {
+    let mesh = Mesh::default();
+    let dir = TempDir::new("gw-routing");
+    // A server certificate for an HTTPS Gateway server (SIMPLE termination).
+    let server_ca = StandinCa::new("gateway server CA").unwrap();
+    let (cert_pem, key_pem) = server_ca
+        .server_cert_pem(&["tools.example.com".to_owned()])
+        .unwrap();
+    let cert = dir.write("tools-cert.pem", &cert_pem);
+    let key = dir.write("tools-key.pem", &key_pem);
+    let tools_ca = dir.write("tools-ca.pem", &server_ca.root_pem);
+    let tools = format!(
+        "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: tools, namespace: curl-egress-tst}}
+spec:
+  selector: {{istio: egressgateway}}
+  servers:
+  - port: {{number: 80, name: http-tools, protocol: HTTP}}
+    hosts: [tools.example.com]
+  - port: {{number: 8443, name: https-tools, protocol: HTTPS}}
+    hosts: [tools.example.com]
+    tls: {{mode: SIMPLE, serverCertificate: {cert}, privateKey: {key}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: tools, namespace: curl-egress-tst}}
+spec:
+  hosts: [tools.example.com]
+  gateways: [tools]
+  http:
+  - match: [{{uri: {{exact: /old}}}}]
+    redirect: {{uri: /new, redirectCode: 302}}
+  - match: [{{uri: {{prefix: /teapot}}}}]
+    directResponse: {{status: 418, body: {{string: short and stout}}}}
+    headers: {{response: {{set: {{x-tools: teapot}}}}}}
+  - match: [{{uri: {{prefix: /fault}}}}]
+    fault: {{abort: {{httpStatus: 503, percentage: {{value: 100}}}}}}
+    route: [{{destination: {{host: jsonplaceholder.typicode.com, port: {{number: 443}}}}}}]
+  - match: [{{uri: {{prefix: /slow}}}}]
+    timeout: 0.2s
+    rewrite: {{uri: /hold}}
+    route: [{{destination: {{host: jsonplaceholder.typicode.com, port: {{number: 443}}}}}}]
+  - match: [{{uri: {{prefix: /api}}}}]
+    rewrite: {{uri: /todos}}
+    route: [{{destination: {{host: jsonplaceholder.typicode.com, port: {{number: 443}}}}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: tools-open, namespace: curl-egress-tst}}
+spec:
+  selector: {{matchLabels: {{istio: egressgateway}}}}
+  rules: [{{to: [{{operation: {{hosts: ['tools.example.com*']}}}}]}}]
+"
+    );
+    let external = External::start(&[HOST]).await;
+    let spec = SeedChain::gateway_spec(seed_config(&[&tools]), &external);
+    let gw = TestProxy::start(&mesh, spec).await;
+    let port = gw.addr(80).port();
+    let get = |path: &str| {
+        let url = format!("http://tools.example.com:{port}{path}");
+        let resolve = format!("tools.example.com:{port}:127.0.0.1");
+        async move { curl(&["-i", "--resolve", &resolve, &url]).await }
+    };
+    let redirect = get("/old").await;
+    assert_eq!(redirect.code, "302");
+    assert!(
+        redirect
+            .body
+            .contains(&format!("location: http://tools.example.com:{port}/new")),
+        "{redirect:?}"
+    );
+    assert_eq!(
+        gw.next_log().await["response_code_details"],
+        "via_route_redirect"
+    );
+    let teapot = get("/teapot").await;
+    assert_eq!(teapot.code, "418");
+    assert!(teapot.body.ends_with("short and stout"), "{teapot:?}");
+    gw.next_log().await;
+    let fault = get("/fault").await;
+    assert_eq!(fault.code, "503");
+    assert!(fault.body.ends_with("fault filter abort"), "{fault:?}");
+    assert_eq!(gw.next_log().await["response_flags"], "FI");
+    let api = get("/api/1").await;
+    assert_eq!(api.code, "200", "rewrite /api → /todos: {api:?}");
+    assert_eq!(external.seen.all().last().unwrap().path, "/todos/1");
+    gw.next_log().await;
+    // The route's timeout: the stand-in holds /hold.
+    let slow = get("/slow").await;
+    assert_eq!(slow.code, "504", "{slow:?}");
+    assert!(slow.body.ends_with("upstream request timeout"), "{slow:?}");
+    let entry = gw.next_log().await;
+    assert_eq!(entry["response_flags"], "UT");
+    assert_eq!(entry["response_code_details"], "upstream_response_timeout");
+    external.seen.release_held(1);
+    assert_eq!(get("/nothing").await.code, "404", "no rule matches");
+    assert_eq!(gw.next_log().await["response_flags"], "NR");
+
+    // The HTTPS server terminates TLS with its own certificate.
+    let https = gw.addr(8443).port();
+    let got = curl(&[
+        "--cacert",
+        &tools_ca,
+        "--resolve",
+        &format!("tools.example.com:{https}:127.0.0.1"),
+        &format!("https://tools.example.com:{https}/teapot"),
+    ])
+    .await;
+    assert_eq!(got.answer(), ("418", "short and stout"));
+    let entry = gw.next_log().await;
+    assert_eq!(entry["requested_server_name"], "tools.example.com");
+    assert_eq!(entry["downstream_peer_uri_san"], serde_json::Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_traffic_never_takes_the_gateway_down() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let chain = SeedChain::start(&[]).await;
+    let addr = chain.gateway.addr(80);
+    let junk: Vec<Vec<u8>> = vec![
+        b"\x16\x03\x01\x00\x05hello".to_vec(), // a truncated TLS record
+        b"\x16\x03\x01\xff\xff"
+            .iter()
+            .copied()
+            .chain(std::iter::repeat_n(0u8, 4096))
+            .collect(), // garbage ClientHello
+        b"GET / HTTP/1.1\r\nHost: \x00\x01\r\n\r\n".to_vec(), // invalid header bytes
+        b"NOT-HTTP at all\r\n\r\n".to_vec(),
+        format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "x".repeat(200_000)).into_bytes(), // huge request line
+        b"GET / HTTP/1.1\r\nHost: jsonplaceholder.typicode.com\r\nContent-Length: 999999\r\n\r\nshort"
+            .to_vec(),
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x04\x99".to_vec(), // h2c preface then a broken frame
+    ];
+    for bytes in &junk {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(bytes).await;
+        let _ = s.shutdown().await;
+        let mut sink = Vec::new();
+        let read = s.read_to_end(&mut sink);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
+    }
+    // Connections that send nothing and go away.
+    for _ in 0..20 {
+        drop(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // Still serving.
+    let ok = chain.mtls_get(CURL_ID, "/todos/1").await;
+    assert_eq!(ok.answer(), ("200", standin::TODO_1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_a_new_policy_and_new_ports() {
+    let mut chain = SeedChain::start(&[]).await;
+    assert_eq!(chain.mtls_get(OTHER_ID, "/todos/1").await.code, "403");
+    let other_allowed = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-other, namespace: curl-egress-tst}
+spec:
+  selector: {matchLabels: {istio: egressgateway}}
+  action: ALLOW
+  rules: [{from: [{source: {namespaces: [other]}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: alt, namespace: curl-egress-tst}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 8081, name: http-alt, protocol: HTTP}
+    hosts: [tools.example.com]
+";
+    chain.gateway.reload(seed_config(&[other_allowed])).await;
+    assert_eq!(
+        chain.mtls_get(OTHER_ID, "/todos/1").await.answer(),
+        ("200", standin::TODO_1)
+    );
+    // The new server port is bound and answers (no route there: 404 NR).
+    let alt = chain.gateway.addr(8081);
+    let got = curl(&[&format!("http://{alt}/")]).await;
+    assert_eq!(got.code, "403", "the policies apply on every port: {got:?}");
+}

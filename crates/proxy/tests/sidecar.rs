@@ -1,0 +1,408 @@
+//! The sidecar in process, in front of the egress gateway: what it does
+//! with captured traffic (a capture listener stands in for iptables: every
+//! connection arrives as if redirected on its way to a given address) and
+//! with explicit-proxy clients, over real mutual TLS to the gateway and
+//! real TLS to a stand-in external host. Runs as any user; the capture
+//! itself (iptables, SO_ORIGINAL_DST, uid 1337) is tested in network
+//! namespaces by the `meshgate` crate's tests.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+
+use meshgate_proxy::standin;
+use meshgate_proxy::testing::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Where the application thought it was going (TEST-NET-3: nothing there;
+/// the sidecar routes HTTP by Host and TLS by SNI).
+fn elsewhere(port: u16) -> SocketAddr {
+    SocketAddr::from(([203, 0, 113, 10], port))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captured_http_reaches_the_gateway_over_mutual_tls() {
+    let mut chain = SeedChain::start(&[]).await;
+    let captured = chain.sidecar.capture(elsewhere(80)).await;
+    let host = format!("Host: {HOST}");
+    let got = curl(&["-H", &host, &format!("http://{captured}/todos/1")]).await;
+    assert_eq!(got.answer(), ("200", standin::TODO_1));
+
+    // The sidecar routed by the mesh VirtualService to the gateway's
+    // Service; the gateway saw the workload's HTTP/1.1 inside mutual TLS
+    // (no h2UpgradePolicy: Istio does not upgrade) and the caller's identity.
+    let sidecar = chain.sidecar.next_log().await;
+    assert_eq!(
+        sidecar["upstream_cluster"],
+        "outbound|80||curl-egress-tst.curl-egress-tst.svc.cluster.local"
+    );
+    assert_eq!(sidecar["route_name"], "#0");
+    assert_eq!(sidecar["downstream_local_address"], "203.0.113.10:80");
+    let gateway = chain.gateway.next_log().await;
+    assert_eq!(gateway["protocol"], "HTTP/1.1");
+    assert_eq!(gateway["downstream_peer_uri_san"], CURL_ID);
+    let gm = chain.gateway.metrics_text();
+    assert_eq!(
+        metric_value(
+            &gm,
+            "meshgate_egress_requests_total",
+            &[
+                ("source_principal", CURL_ID),
+                ("source_workload_namespace", "curl-external-tst"),
+                ("connection_security_policy", "mutual_tls"),
+                ("destination_service_name", HOST),
+                ("decision", "allow"),
+            ]
+        ),
+        Some(1.0),
+        "{gm}"
+    );
+    // The sidecar reports as Istio's sidecars do.
+    let sm = chain.sidecar.metrics_text();
+    let (ok, report) = promtool_check(&sm).await;
+    assert!(ok, "{report}");
+    assert_eq!(
+        metric_value(
+            &sm,
+            "istio_requests_total",
+            &[
+                ("reporter", "source"),
+                ("source_workload", "curl-test"),
+                ("source_workload_namespace", "curl-external-tst"),
+                ("source_principal", CURL_ID),
+                (
+                    "destination_service",
+                    "curl-egress-tst.curl-egress-tst.svc.cluster.local"
+                ),
+                ("destination_service_name", "curl-egress-tst"),
+                ("destination_workload", "curl-egress-tst-gateway"),
+                ("response_code", "200"),
+            ]
+        ),
+        Some(1.0),
+        "{sm}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_only_answers_502_and_closes_unknown_tcp() {
+    let mut chain = SeedChain::start(&[]).await;
+    let http = chain.sidecar.capture(elsewhere(80)).await;
+    let got = curl(&[
+        "-H",
+        "Host: unregistered.example.com",
+        &format!("http://{http}/"),
+    ])
+    .await;
+    assert_eq!(got.code, "502");
+    let entry = chain.sidecar.next_log().await;
+    assert_eq!(entry["route_name"], "block_all");
+    assert_eq!(entry["response_code_details"], "direct_response");
+
+    // A port no service has: accepted, then closed with nothing sent back.
+    let raw = chain.sidecar.capture(elsewhere(9999)).await;
+    let mut s = tokio::net::TcpStream::connect(raw).await.unwrap();
+    s.write_all(b"hello").await.unwrap();
+    let mut back = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut back));
+    assert!(read.await.is_ok(), "the connection was left open");
+    assert!(back.is_empty());
+    let entry = chain.sidecar.next_log().await;
+    assert_eq!(entry["response_flags"], "UH");
+    assert_eq!(entry["upstream_cluster"], "BlackHoleCluster");
+
+    let sm = chain.sidecar.metrics_text();
+    for (name, labels) in [
+        (
+            "istio_tcp_connections_closed_total",
+            &[("destination_service_name", "BlackHoleCluster")][..],
+        ),
+        (
+            "istio_requests_total",
+            &[
+                ("response_code", "502"),
+                ("destination_service_name", "BlackHoleCluster"),
+            ][..],
+        ),
+    ] {
+        assert_eq!(metric_value(&sm, name, labels), Some(1.0), "{name}:\n{sm}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_any_passes_unknown_hosts_through() {
+    let plain = plain_http().await;
+    // A registered HTTP port where the plain server listens, for a host
+    // that has nothing to do with the unknown one below.
+    let registered = format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: known, namespace: curl-external-tst}}\nspec:\n  hosts: [known.example.com]\n  ports: [{{number: {}, name: http, protocol: HTTP}}]\n  resolution: DNS\n",
+        plain.port()
+    );
+    // No Sidecar resource: the mesh default, ALLOW_ANY.
+    let mut chain = SeedChain::with(seed_config_except(&["sidecar.yaml"], &[&registered])).await;
+
+    // A port with HTTP routes: Istio's `allow_any` route, as HTTP.
+    let http = chain.sidecar.capture(plain).await;
+    let got = curl(&[
+        "-H",
+        "Host: unknown.example.com",
+        &format!("http://{http}/todos/1"),
+    ])
+    .await;
+    assert_eq!(got.answer(), ("200", standin::TODO_1));
+    let entry = chain.sidecar.next_log().await;
+    assert_eq!(entry["route_name"], "allow_any");
+    assert_eq!(entry["upstream_cluster"], "PassthroughCluster");
+
+    // A port nothing is registered on: the whole connection goes through.
+    let other = plain_http().await;
+    let tcp = chain.sidecar.capture(other).await;
+    let got = curl(&[&format!("http://{tcp}/todos/1")]).await;
+    assert_eq!(got.answer(), ("200", standin::TODO_1));
+    let entry = chain.sidecar.next_log().await;
+    assert_eq!(entry["method"], serde_json::Value::Null, "a TCP entry");
+    assert_eq!(entry["upstream_cluster"], "PassthroughCluster");
+    assert_eq!(entry["upstream_host"], other.to_string());
+
+    // The mesh route still goes through the gateway.
+    let mesh = chain.sidecar.capture(elsewhere(80)).await;
+    let host = format!("Host: {HOST}");
+    let got = curl(&["-H", &host, &format!("http://{mesh}/todos/1")]).await;
+    assert_eq!(got.answer(), ("200", standin::TODO_1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_refuses_a_gateway_with_another_identity() {
+    // The gateway's config has another workload behind its Service,
+    // running with service account `impostor`; the sidecar's config says
+    // the Service is backed by `curl-egress-tst` only.
+    let impostor = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: impostor, namespace: curl-egress-tst}
+spec:
+  selector: {matchLabels: {istio: egressgateway}}
+  template:
+    metadata:
+      labels: {istio: egressgateway}
+      annotations: {inject.istio.io/templates: gateway}
+    spec:
+      serviceAccountName: impostor
+      containers: [{name: istio-proxy, image: auto}]
+";
+    let mesh = Mesh::default();
+    let external = External::start(&[HOST]).await;
+    let mut spec = SeedChain::gateway_spec(seed_config(&[impostor]), &external);
+    spec.workload = "curl-egress-tst/impostor".to_owned();
+    let gateway = TestProxy::start(&mesh, spec).await;
+    let sidecar = Spec::new(seed_config(&[]), WORKLOAD).endpoint(GATEWAY_SERVICE, gateway.addr(80));
+    let sidecar = TestProxy::start(&mesh, sidecar).await;
+    let proxy = format!("http://{}", sidecar.addr(15001));
+    let got = curl(&["-x", &proxy, &format!("http://{HOST}/todos/1")]).await;
+    assert_eq!(got.code, "503", "{got:?}");
+    assert!(
+        got.body.contains(
+            "is not the expected spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst"
+        ),
+        "{got:?}"
+    );
+    assert!(external.seen.all().is_empty(), "nothing got through");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_from_the_app_is_routed_by_sni_and_registered_tcp_passes() {
+    let api = External::start(&["api.example.com"]).await;
+    let plain = plain_http().await;
+    let extra = format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api, namespace: curl-external-tst}}\nspec:\n  hosts: [api.example.com]\n  ports: [{{number: 443, name: tls, protocol: TLS}}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: plain-tcp, namespace: curl-external-tst}}\nspec:\n  hosts: [plain.example.com]\n  ports: [{{number: {}, name: tcp, protocol: TCP}}]\n  resolution: NONE\n",
+        plain.port()
+    );
+    let mesh = Mesh::default();
+    let spec =
+        Spec::new(seed_config(&[&extra]), WORKLOAD).endpoint("api.example.com:443", api.addr);
+    let mut sidecar = TestProxy::start(&mesh, spec).await;
+    let dir = TempDir::new("sidecar-tls");
+    let ca = dir.write("api-ca.pem", &api.ca.root_pem);
+
+    // The application's own TLS, end to end through the sidecar.
+    let tls = sidecar.capture(elsewhere(443)).await;
+    let got = curl(&[
+        "--cacert",
+        &ca,
+        "--connect-to",
+        &format!("api.example.com:443:{}:{}", tls.ip(), tls.port()),
+        "https://api.example.com/todos/1",
+    ])
+    .await;
+    assert_eq!(got.answer(), ("200", standin::TODO_1));
+    assert_eq!(api.seen.all()[0].sni.as_deref(), Some("api.example.com"));
+    let entry = sidecar.next_log().await;
+    assert_eq!(entry["requested_server_name"], "api.example.com");
+    assert_eq!(entry["upstream_cluster"], "outbound|443||api.example.com");
+
+    // REGISTRY_ONLY: TLS to a host that is not registered gets no connection.
+    let got = curl(&[
+        "--cacert",
+        &ca,
+        "--connect-to",
+        &format!("unregistered.example.com:443:{}:{}", tls.ip(), tls.port()),
+        "https://unregistered.example.com/",
+    ])
+    .await;
+    assert_eq!(got.code, "000");
+    let entry = sidecar.next_log().await;
+    assert_eq!(entry["response_flags"], "UH");
+    assert_eq!(entry["requested_server_name"], "unregistered.example.com");
+
+    // A TCP port of a registered service: to the original destination,
+    // whatever the outbound policy.
+    let tcp = sidecar.capture(plain).await;
+    let got = curl(&[&format!("http://{tcp}/todos/1")]).await;
+    assert_eq!(got.answer(), ("200", standin::TODO_1));
+    let entry = sidecar.next_log().await;
+    assert_eq!(entry["upstream_cluster"], "PassthroughCluster");
+}
+
+const API_TLS: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: curl-external-tst}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: DNS\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_proxy_and_connect() {
+    let mesh = Mesh::default();
+    let config = seed_config(&[API_TLS]);
+    let external = External::start(&[HOST, "api.example.com"]).await;
+    let gateway = TestProxy::start(&mesh, SeedChain::gateway_spec(config.clone(), &external)).await;
+    let spec = Spec::new(config, WORKLOAD)
+        .endpoint(GATEWAY_SERVICE, gateway.addr(80))
+        .endpoint("api.example.com:443", external.addr);
+    let sidecar = TestProxy::start(&mesh, spec).await;
+    let proxy = format!("http://{}", sidecar.addr(15001));
+    let dir = TempDir::new("explicit");
+    let ca = dir.write("standin-ca.pem", &external.ca.root_pem);
+
+    // Absolute-form HTTP through the sidecar, then mTLS to the gateway.
+    let got = curl(&["-x", &proxy, &format!("http://{HOST}/todos/1")]).await;
+    assert_eq!(got.answer(), ("200", standin::TODO_1));
+    sidecar.next_log().await;
+    // REGISTRY_ONLY answers 502 for unknown hosts, without resolving them.
+    let got = curl(&["-x", &proxy, "http://unregistered.example.com/"]).await;
+    assert_eq!(got.code, "502");
+    assert_eq!(sidecar.next_log().await["route_name"], "block_all");
+    // CONNECT to a registered TLS host: the tunnel goes out by SNI.
+    let got = curl(&[
+        "-x",
+        &proxy,
+        "--cacert",
+        &ca,
+        "https://api.example.com/todos/1",
+    ])
+    .await;
+    assert_eq!(got.answer(), ("200", standin::TODO_1));
+    assert!(
+        external
+            .seen
+            .all()
+            .iter()
+            .any(|r| r.sni.as_deref() == Some("api.example.com"))
+    );
+    let tunnel = sidecar.next_log().await;
+    assert_eq!(tunnel["upstream_cluster"], "outbound|443||api.example.com");
+    // CONNECT to an unregistered host is refused (and reported).
+    let got = curl(&["-x", &proxy, "https://unregistered.example.com/"]).await;
+    assert_ne!(got.exit, 0, "no tunnel");
+    let entry = sidecar.next_log().await;
+    assert_eq!(entry["method"], "CONNECT");
+    assert_eq!(entry["response_code"], 502);
+}
+
+/// A WebSocket-style upgrade from the workload goes through the whole chain
+/// (sidecar, mTLS to the gateway, TLS origination) and becomes a byte
+/// tunnel once the external host answers 101.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_tunnel_through_sidecar_and_gateway() {
+    let chain = SeedChain::start(&[]).await;
+    let mut s = tokio::net::TcpStream::connect(chain.sidecar.addr(15001))
+        .await
+        .unwrap();
+    s.write_all(
+        format!(
+            "GET http://{HOST}/upgrade HTTP/1.1\r\nHost: {HOST}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "head so far: {head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    // Bytes both ways, several times, on the same tunnel.
+    for msg in ["ping", "a longer message through three hops"] {
+        s.write_all(msg.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg.as_bytes());
+    }
+    assert!(
+        chain
+            .external
+            .seen
+            .all()
+            .iter()
+            .any(|r| r.path == "/upgrade" && r.sni.as_deref() == Some(HOST)),
+        "the stand-in answered the upgrade over TLS with SNI"
+    );
+}
+
+/// Istio does not upgrade HTTP/1.1 to h2 between mesh peers unless a
+/// DestinationRule says `h2UpgradePolicy: UPGRADE`; then the sidecar speaks
+/// h2 (ALPN inside mutual TLS) to the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_upgrade_policy_makes_the_sidecar_speak_h2_to_the_gateway() {
+    let chain = SeedChain::start(&[
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: gateway-h2, namespace: curl-external-tst}\nspec:\n  host: curl-egress-tst.curl-egress-tst.svc.cluster.local\n  trafficPolicy:\n    connectionPool:\n      http: {h2UpgradePolicy: UPGRADE}\n",
+    ])
+    .await;
+    for _ in 0..2 {
+        let got = chain
+            .via_sidecar(&format!("http://{HOST}/todos/1"), &[])
+            .await;
+        assert_eq!(got.answer(), ("200", standin::TODO_1));
+        let entry = chain.gateway.next_log().await;
+        assert_eq!(entry["protocol"], "HTTP/2");
+        assert_eq!(entry["downstream_peer_uri_san"], CURL_ID);
+    }
+}
+
+/// As Istio configures Envoy: the gateway (use_remote_address) appends its
+/// downstream's address to x-forwarded-for; the sidecar passes it through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_forwarded_for_is_appended_by_the_gateway_only() {
+    let chain = SeedChain::start(&[]).await;
+    let url = format!("http://{HOST}/todos/1");
+    assert_eq!(chain.via_sidecar(&url, &[]).await.code, "200");
+    assert_eq!(
+        chain
+            .via_sidecar(&url, &["-H", "X-Forwarded-For: 203.0.113.7"])
+            .await
+            .code,
+        "200"
+    );
+    let seen: Vec<Option<String>> = chain
+        .external
+        .seen
+        .all()
+        .into_iter()
+        .map(|r| r.forwarded_for)
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            Some("127.0.0.1".to_owned()),
+            Some("203.0.113.7,127.0.0.1".to_owned())
+        ],
+        "one address added, by the gateway (the sidecar's)"
+    );
+}
