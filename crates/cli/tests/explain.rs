@@ -207,24 +207,8 @@ async fn observe(mesh: &mut Mesh, case: &Case, api: &External, dir: &TempDir) ->
         let header = format!("x-request-id: {id}");
         let _ = match case.from {
             Some(from) => {
-                let (cert, key) =
-                    chain
-                        .mesh
-                        .client_files(from, dir, &from.replace(['/', ':'], "_"));
-                let url = format!("https://{host}:{port}{path}");
-                curl(&[
-                    "-k",
-                    "--cert",
-                    &cert,
-                    "--key",
-                    &key,
-                    "--resolve",
-                    &resolve,
-                    "-H",
-                    &header,
-                    &url,
-                ])
-                .await
+                let client = chain.mesh.client(from, dir);
+                client.get(host, port, path, &["-H", &header]).await
             }
             None => {
                 let url = format!("http://{host}:{port}{path}");

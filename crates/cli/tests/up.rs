@@ -275,10 +275,6 @@ fn up_runs_the_seed_system_and_cleans_up() {
 }
 
 #[test]
-#[cfg_attr(
-    not_root,
-    ignore = "needs root: network namespaces and iptables (CI runs as root)"
-)]
 fn up_in_loopback_mode_uses_the_sidecar_as_an_explicit_proxy() {
     let up = Proc::spawn(&["up", &seed(), "--stand-in", "--loopback"]);
     up.wait_for(

@@ -78,12 +78,7 @@ impl App {
             }
             Role::Sidecar => {
                 let addr = options.outbound;
-                let l = TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| AppError::Outbound { addr, source })?;
-                let local = l
-                    .local_addr()
-                    .map_err(|source| AppError::Outbound { addr, source })?;
+                let (l, local) = bind_outbound(addr).await?;
                 tracing::info!(address = %local, "outbound listener bound");
                 let task = tokio::spawn(crate::sidecar::serve(
                     proxy.clone(),
@@ -122,13 +117,7 @@ impl App {
         let Listeners::Sidecar { captures, .. } = &mut self.listeners else {
             return Ok(None);
         };
-        let addr = SocketAddr::new(ip, 0);
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|source| AppError::Outbound { addr, source })?;
-        let local = l
-            .local_addr()
-            .map_err(|source| AppError::Outbound { addr, source })?;
+        let (l, local) = bind_outbound(SocketAddr::new(ip, 0)).await?;
         let task = tokio::spawn(crate::sidecar::serve(
             self.proxy.clone(),
             l,
@@ -162,6 +151,13 @@ impl App {
         drop(listeners);
         proxy.drain.drain(limit).await
     }
+}
+
+async fn bind_outbound(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AppError> {
+    let err = |source| AppError::Outbound { addr, source };
+    let l = TcpListener::bind(addr).await.map_err(err)?;
+    let local = l.local_addr().map_err(err)?;
+    Ok((l, local))
 }
 
 impl Drop for Listeners {

@@ -149,18 +149,48 @@ impl Mesh {
         WorkloadIdentity::start(id, source).await.unwrap()
     }
 
-    /// A workload certificate in Istio's file layout under `dir/name`, for
-    /// curl as a mesh peer: (cert-chain.pem, key.pem).
-    pub fn client_files(&self, id: &str, dir: &TempDir, name: &str) -> (String, String) {
+    /// A mesh peer for curl: a workload certificate for `id` in Istio's
+    /// file layout under `dir`.
+    pub fn client(&self, id: &str, dir: &TempDir) -> MeshClient {
+        let name = id.replace(['/', ':'], "_");
         let issued = self
             .ca
             .issue(&id.parse().unwrap(), Duration::from_secs(3600))
             .unwrap();
-        issued.write_to(&dir.0.join(name)).unwrap();
-        (
-            dir.path(&format!("{name}/cert-chain.pem")),
-            dir.path(&format!("{name}/key.pem")),
-        )
+        issued.write_to(&dir.0.join(&name)).unwrap();
+        MeshClient {
+            cert: dir.path(&format!("{name}/cert-chain.pem")),
+            key: dir.path(&format!("{name}/key.pem")),
+        }
+    }
+}
+
+/// curl as a mesh peer, with a workload certificate.
+#[derive(Debug, Clone)]
+pub struct MeshClient {
+    pub cert: String,
+    pub key: String,
+}
+
+impl MeshClient {
+    /// `https://host:port/path` over mutual TLS to 127.0.0.1 (`-k`: curl
+    /// cannot check SPIFFE IDs; the proxy's check of curl is what is
+    /// tested).
+    pub async fn get(&self, host: &str, port: u16, path: &str, extra: &[&str]) -> Curl {
+        let resolve = format!("{host}:{port}:127.0.0.1");
+        let url = format!("https://{host}:{port}{path}");
+        let mut args = vec![
+            "-k",
+            "--cert",
+            &self.cert,
+            "--key",
+            &self.key,
+            "--resolve",
+            &resolve,
+        ];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        curl(&args).await
     }
 }
 
@@ -456,20 +486,11 @@ impl SeedChain {
 
     /// The same for any host.
     pub async fn mtls_request(&self, id: &str, host: &str, path: &str) -> Curl {
-        let name = id.replace(['/', ':'], "_");
-        let (cert, key) = self.mesh.client_files(id, &self.dir, &name);
         let port = self.gateway.addr(80).port();
-        curl(&[
-            "-k",
-            "--cert",
-            &cert,
-            "--key",
-            &key,
-            "--resolve",
-            &format!("{host}:{port}:127.0.0.1"),
-            &format!("https://{host}:{port}{path}"),
-        ])
-        .await
+        self.mesh
+            .client(id, &self.dir)
+            .get(host, port, path, &[])
+            .await
     }
 
     /// curl in plaintext to the seed host on the gateway's port 80.
@@ -549,19 +570,21 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
 /// name carries (`istio_request_duration_milliseconds` is not in seconds;
 /// Istio's name is the contract). promtool exits 1 for format errors, 3 for
 /// lint problems only.
-pub async fn promtool_check(text: &str) -> (bool, String) {
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new("promtool")
+pub fn promtool_check(text: &str) -> (bool, String) {
+    let mut child = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("promtool is installed (Debian's prometheus package; .ci/run installs it)");
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(text.as_bytes()).await.unwrap();
-    drop(stdin);
-    let o = child.wait_with_output().await.unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
     let report = format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),

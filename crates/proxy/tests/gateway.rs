@@ -55,7 +55,7 @@ async fn seed_gateway_serves_authorizes_and_reports() {
 
     // Metrics: valid exposition, Istio's labels, and who made each call.
     let text = gw.metrics_text();
-    let (ok, report) = promtool_check(&text).await;
+    let (ok, report) = promtool_check(&text);
     assert!(ok, "promtool: {report}\n{text}");
     let requests = |labels: &[(&str, &str)]| metric_value(&text, "istio_requests_total", labels);
     assert_eq!(
@@ -135,23 +135,11 @@ async fn strict_peer_authentication_refuses_plaintext() {
 async fn untrusted_or_misnamed_upstream_fails_with_uf_after_retries() {
     let mesh = Mesh::default();
     let dir = TempDir::new("gw-untrusted");
-    let (cert, key) = mesh.client_files(CURL_ID, &dir, "curl");
+    let client = mesh.client(CURL_ID, &dir);
     let get = |gw: &TestProxy| {
         let port = gw.addr(80).port();
-        let (cert, key) = (cert.clone(), key.clone());
-        async move {
-            curl(&[
-                "-k",
-                "--cert",
-                &cert,
-                "--key",
-                &key,
-                "--resolve",
-                &format!("{HOST}:{port}:127.0.0.1"),
-                &format!("https://{HOST}:{port}/todos/1"),
-            ])
-            .await
-        }
+        let client = client.clone();
+        async move { client.get(HOST, port, "/todos/1", &[]).await }
     };
 
     // The stand-in's CA is not trusted: the handshake fails, is retried
@@ -208,22 +196,13 @@ async fn untrusted_or_misnamed_upstream_fails_with_uf_after_retries() {
 async fn dns_failure_is_503_uh() {
     let mesh = Mesh::default();
     let dir = TempDir::new("gw-dns");
-    let (cert, key) = mesh.client_files(CURL_ID, &dir, "curl");
     // The DNS server knows nothing: NXDOMAIN for the external host.
     let spec = Spec::new(seed_config(&[]), GATEWAY).dns(dns(&[]).await);
     let gw = TestProxy::start(&mesh, spec).await;
-    let port = gw.addr(80).port();
-    let got = curl(&[
-        "-k",
-        "--cert",
-        &cert,
-        "--key",
-        &key,
-        "--resolve",
-        &format!("{HOST}:{port}:127.0.0.1"),
-        &format!("https://{HOST}:{port}/todos/1"),
-    ])
-    .await;
+    let got = mesh
+        .client(CURL_ID, &dir)
+        .get(HOST, gw.addr(80).port(), "/todos/1", &[])
+        .await;
     assert_eq!(got.answer(), ("503", "no healthy upstream"));
     let entry = gw.next_log().await;
     assert_eq!(entry["response_flags"], "UH");
@@ -308,7 +287,7 @@ async fn tls_passthrough_routes_by_sni_and_counts_tcp() {
     assert_eq!(entry["requested_server_name"], "other.example.com");
 
     let text = gw.metrics_text();
-    let (ok, report) = promtool_check(&text).await;
+    let (ok, report) = promtool_check(&text);
     assert!(ok, "{report}");
     let tcp = |name: &str, labels: &[(&str, &str)]| metric_value(&text, name, labels);
     assert_eq!(

@@ -58,7 +58,7 @@ async fn captured_http_reaches_the_gateway_over_mutual_tls() {
     );
     // The sidecar reports as Istio's sidecars do.
     let sm = chain.sidecar.metrics_text();
-    let (ok, report) = promtool_check(&sm).await;
+    let (ok, report) = promtool_check(&sm);
     assert!(ok, "{report}");
     assert_eq!(
         metric_value(

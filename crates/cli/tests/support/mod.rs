@@ -184,58 +184,9 @@ pub fn http_get(addr: SocketAddr, path: &str) -> String {
     body
 }
 
-/// The value of a metric line with all these label pairs, if present.
-pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-/// Runs `promtool check metrics` on exposition text. Passing means: valid
-/// exposition format, and no lint problem except the one Istio's own metric
-/// name carries (`istio_request_duration_milliseconds` is not in seconds;
-/// Istio's name is the contract). promtool exits 1 for format errors, 3 for
-/// lint problems only.
-pub fn promtool_check(text: &str) -> (bool, String) {
-    let (code, report) = promtool_raw(text);
-    let only_istio_unit = report
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .all(|l| l == "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"");
-    (code == 0 || (code == 3 && only_istio_unit), report)
-}
-
-fn promtool_raw(text: &str) -> (i32, String) {
-    use std::io::Write;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool is installed (Debian's prometheus package; .ci/run installs it)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
-}
+// Not every test binary uses both.
+#[allow(unused_imports)]
+pub use meshgate_proxy::testing::{metric_value, promtool_check};
 
 /// Scrapes `url` until a metric reaches `want` (reports are written when a
 /// response or connection ends, a moment after the client has its answer);

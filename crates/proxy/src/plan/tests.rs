@@ -1,1 +1,372 @@
+//! The plan as a table: a connection (or request) and what was read from
+//! it, in; the step or decision, out. And the property `explain` rests on:
+//! facts given one by one (as the listeners read them) or all at once (as
+//! `explain` gives them) end in the same plan.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use http::HeaderMap;
+use meshgate_config::MeshSettings;
+use meshgate_config::view;
+
+use super::*;
+use crate::conn::{Peer, Terminated};
+use crate::testing::{CURL_ID, GATEWAY, Mesh, WORKLOAD, seed_config, seed_config_except};
+use crate::upstream::dns::Resolver;
+use crate::upstream::tls::DefaultRoots;
+
+const EXTRA: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: curl-external-tst}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db, namespace: curl-external-tst}\nspec:\n  hosts: [db.example.com]\n  ports: [{number: 5432, name: tcp, protocol: TCP}]\n  resolution: NONE\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict-8081, namespace: curl-egress-tst}\nspec:\n  selector: {matchLabels: {istio: egressgateway}}\n  portLevelMtls: {8081: {mode: STRICT}}\n---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: more, namespace: curl-egress-tst}\nspec:\n  selector: {istio: egressgateway}\n  servers:\n  - port: {number: 8081, name: http-strict, protocol: HTTP}\n    hosts: ['*']\n  - port: {number: 8443, name: tls, protocol: TLS}\n    hosts: [api.example.com]\n    tls: {mode: PASSTHROUGH}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: api-pass, namespace: curl-egress-tst}\nspec:\n  hosts: [api.example.com]\n  gateways: [more]\n  tls:\n  - match: [{sniHosts: [api.example.com], port: 8443}]\n    route: [{destination: {host: gone.example.com, port: {number: 443}}}]\n";
+
+async fn snapshot(config: &meshgate_config::Config, workload: &str) -> Snapshot {
+    let view = view::build(config, &MeshSettings::default(), workload).unwrap();
+    let identity = Mesh::default().identity(&view.workload.spiffe_id).await;
+    let root = crate::standin::StandinCa::new("test roots")
+        .unwrap()
+        .root_pem;
+    let ctx = crate::snapshot::BuildContext {
+        resolver: Resolver::new(Some("127.0.0.1:9".parse().unwrap())).unwrap(),
+        roots: DefaultRoots::only(meshgate_identity::cert::parse_certs(&root).unwrap()).unwrap(),
+        identity: Some(identity),
+        endpoints: HashMap::new(),
+    };
+    Snapshot::build(view, &ctx).unwrap()
+}
+
+/// A connection captured on its way to `port` (sidecars) or accepted on
+/// server port `port` (gateways).
+fn conn(snap: &Snapshot, port: u16) -> Conn {
+    let local = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut c = Conn::accepted(SocketAddr::from(([127, 0, 0, 2], 40000)), local, port);
+    if snap.role == Role::Sidecar {
+        c.original_dst = Some(SocketAddr::from(([203, 0, 113, 10], port)));
+    }
+    c
+}
+
+/// A plan, in words a table can hold.
+fn step(p: &Plan<'_>) -> String {
+    match p {
+        Plan::Read(need) => format!("read {need:?}"),
+        Plan::Terminate(Termination::Mesh) => "terminate mesh TLS".into(),
+        Plan::Terminate(Termination::Server(_)) => "terminate server TLS".into(),
+        Plan::ServeHttp => "serve HTTP".into(),
+        Plan::Close(r) => format!("close: {r}"),
+        Plan::Tcp(t) => format!(
+            "tcp {:?} {} {}",
+            t.action,
+            t.cluster_name().unwrap_or("-"),
+            t.reason
+        ),
+        Plan::Request(r) => request(r),
+    }
+}
+
+fn request(r: &RequestPlan<'_>) -> String {
+    let what = match &r.action {
+        RequestAction::Forward { cluster, .. } => format!("forward {}", cluster.cluster.name()),
+        RequestAction::Local(l) => format!("{} {}", l.status.as_u16(), l.flags),
+        RequestAction::Connect { host, port } => format!("connect {host}:{port}"),
+        RequestAction::Redirect { redirect, .. } => format!("redirect {}", redirect.code),
+        RequestAction::Direct { status, .. } => format!("direct {status}"),
+    };
+    format!("{what} route={}", r.route_name().unwrap_or("-"))
+}
+
+fn head<'a>(authority: &'a str, method: &'a str, headers: &'a HeaderMap) -> RequestHead<'a> {
+    RequestHead {
+        view: RequestView {
+            authority,
+            method,
+            scheme: "http",
+            path: "/",
+            query: "",
+            headers,
+        },
+        uri_port: None,
+    }
+}
+
+#[tokio::test]
+async fn sidecar_connection_steps() {
+    let snap = snapshot(&seed_config(&[EXTRA]), WORKLOAD).await;
+    let h = HeaderMap::new();
+    let req = head("jsonplaceholder.typicode.com", "GET", &h);
+    let cases: [(u16, Peeked<'_>, &str); 10] = [
+        // A registered TCP port: decided before anything is read.
+        (
+            5432,
+            Peeked::Nothing,
+            "tcp OriginalDst PassthroughCluster a TCP port of a registered service",
+        ),
+        // A port the mesh does not know, under REGISTRY_ONLY: closed unread.
+        (
+            9999,
+            Peeked::Nothing,
+            "tcp Close(UH) BlackHoleCluster outbound traffic policy REGISTRY_ONLY and no route (BlackHoleCluster)",
+        ),
+        // An HTTP port: TLS or not decides.
+        (80, Peeked::Nothing, "read FirstByte"),
+        (80, Peeked::FirstByte { tls: false }, "serve HTTP"),
+        (80, Peeked::FirstByte { tls: true }, "read ClientHello"),
+        (
+            80,
+            Peeked::Request(&req),
+            "forward outbound|80||curl-egress-tst.curl-egress-tst.svc.cluster.local route=#0",
+        ),
+        // The application's TLS: by SNI.
+        (
+            443,
+            Peeked::ClientHello {
+                sni: Some("api.example.com"),
+            },
+            "tcp Forward outbound|443||api.example.com a tls route matched the SNI",
+        ),
+        (
+            443,
+            Peeked::ClientHello {
+                sni: Some("nope.example.com"),
+            },
+            "tcp Close(UH) BlackHoleCluster outbound traffic policy REGISTRY_ONLY and no route (BlackHoleCluster)",
+        ),
+        (
+            443,
+            Peeked::ClientHello { sni: None },
+            "tcp Close(UH) BlackHoleCluster outbound traffic policy REGISTRY_ONLY and no route (BlackHoleCluster)",
+        ),
+        // The seed declares 443 as HTTP too: plaintext there is HTTP.
+        (443, Peeked::FirstByte { tls: false }, "serve HTTP"),
+    ];
+    for (port, peeked, want) in cases {
+        let got = step(&plan(&snap, &conn(&snap, port), peeked, 0.0));
+        assert_eq!(got, want, "port {port}, {peeked:?}");
+    }
+    // An explicit-proxy client is served as HTTP at once.
+    let explicit = Conn {
+        original_dst: None,
+        explicit: true,
+        ..conn(&snap, 15001)
+    };
+    assert_eq!(
+        step(&plan(&snap, &explicit, Peeked::Nothing, 0.0)),
+        "serve HTTP"
+    );
+}
+
+#[tokio::test]
+async fn allow_any_sends_what_the_mesh_does_not_know_to_its_destination() {
+    let snap = snapshot(&seed_config_except(&["sidecar.yaml"], &[EXTRA]), WORKLOAD).await;
+    let h = HeaderMap::new();
+    let unknown = head("unknown.example.com", "GET", &h);
+    for (port, peeked, want) in [
+        (
+            9999,
+            Peeked::Nothing,
+            "tcp OriginalDst PassthroughCluster outbound traffic policy ALLOW_ANY",
+        ),
+        (
+            443,
+            Peeked::ClientHello {
+                sni: Some("nope.example.com"),
+            },
+            "tcp OriginalDst PassthroughCluster outbound traffic policy ALLOW_ANY",
+        ),
+        (
+            80,
+            Peeked::Request(&unknown),
+            "forward PassthroughCluster route=allow_any",
+        ),
+    ] {
+        assert_eq!(
+            step(&plan(&snap, &conn(&snap, port), peeked, 0.0)),
+            want,
+            "port {port}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn gateway_connection_steps() {
+    let snap = snapshot(&seed_config(&[EXTRA]), GATEWAY).await;
+    let cases: [(u16, Peeked<'_>, &str); 8] = [
+        (
+            9999,
+            Peeked::Nothing,
+            "close: no Gateway server listens on port 9999",
+        ),
+        (80, Peeked::Nothing, "read FirstByte"),
+        (80, Peeked::FirstByte { tls: true }, "terminate mesh TLS"),
+        (80, Peeked::FirstByte { tls: false }, "serve HTTP"),
+        // PeerAuthentication STRICT on this port refuses plaintext.
+        (
+            8081,
+            Peeked::FirstByte { tls: false },
+            "close: plaintext refused: PeerAuthentication STRICT",
+        ),
+        (8081, Peeked::FirstByte { tls: true }, "terminate mesh TLS"),
+        // PASSTHROUGH: the ClientHello decides; plaintext is not TLS.
+        (8443, Peeked::Nothing, "read ClientHello"),
+        (
+            8443,
+            Peeked::FirstByte { tls: false },
+            "close: not TLS on a PASSTHROUGH server",
+        ),
+    ];
+    for (port, peeked, want) in cases {
+        assert_eq!(
+            step(&plan(&snap, &conn(&snap, port), peeked, 0.0)),
+            want,
+            "port {port}, {peeked:?}"
+        );
+    }
+    let sni = plan(
+        &snap,
+        &conn(&snap, 8443),
+        Peeked::ClientHello {
+            sni: Some("api.example.com"),
+        },
+        0.0,
+    );
+    assert_eq!(
+        step(&sni),
+        "tcp Close(NC) - the route's destination is not in the registry"
+    );
+    let other = plan(
+        &snap,
+        &conn(&snap, 8443),
+        Peeked::ClientHello {
+            sni: Some("x.example.com"),
+        },
+        0.0,
+    );
+    assert_eq!(step(&other), "tcp Close(NR) - no route for this SNI");
+    // Once TLS is terminated, the connection is served as HTTP.
+    let terminated = Conn {
+        tls: Some(Terminated::default()),
+        ..conn(&snap, 80)
+    };
+    assert_eq!(
+        step(&plan(&snap, &terminated, Peeked::Nothing, 0.0)),
+        "serve HTTP"
+    );
+}
+
+#[tokio::test]
+async fn gateway_requests_authorized_by_the_verified_peer() {
+    let snap = snapshot(&seed_config(&[]), GATEWAY).await;
+    let h = HeaderMap::new();
+    let peer = |id: &str| Conn {
+        tls: Some(Terminated {
+            sni: None,
+            peer: Some(std::sync::Arc::new(Peer::new(
+                id.parse().unwrap(),
+                "cluster.local",
+            ))),
+        }),
+        ..conn(&snap, 80)
+    };
+    let host = "jsonplaceholder.typicode.com";
+    for (conn, authority, want) in [
+        (
+            peer(CURL_ID),
+            host,
+            "forward outbound|443||jsonplaceholder.typicode.com route=#0",
+        ),
+        // Denied after routing: the route still names the request.
+        (
+            peer("spiffe://cluster.local/ns/other/sa/default"),
+            host,
+            "403 - route=#0",
+        ),
+        (conn(&snap, 80), host, "403 - route=#0"),
+        (peer(CURL_ID), "other.example.com", "404 NR route=-"),
+    ] {
+        let req = head(authority, "GET", &h);
+        assert_eq!(
+            request(&plan_request(&snap, &conn, &req, 0.0)),
+            want,
+            "{authority}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sidecar_requests() {
+    let nc = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: nc, namespace: curl-external-tst}\nspec:\n  hosts: [nc.example.com]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: nc, namespace: curl-external-tst}\nspec:\n  hosts: [nc.example.com]\n  http: [{route: [{destination: {host: missing.example.com}}]}]\n";
+    let snap = snapshot(&seed_config(&[EXTRA, nc]), WORKLOAD).await;
+    let h = HeaderMap::new();
+    let explicit = Conn {
+        original_dst: None,
+        explicit: true,
+        ..conn(&snap, 15001)
+    };
+    for (method, authority, uri_port, want) in [
+        (
+            "GET",
+            "unregistered.example.com",
+            None,
+            "502 - route=block_all",
+        ),
+        ("GET", "nc.example.com", None, "503 NC route=#0"),
+        (
+            "CONNECT",
+            "api.example.com:443",
+            Some(443),
+            "connect api.example.com:443 route=-",
+        ),
+        (
+            "CONNECT",
+            "unregistered.example.com:443",
+            Some(443),
+            "502 - route=block_all",
+        ),
+        ("CONNECT", ":443", Some(443), "400 DPE route=-"),
+    ] {
+        let mut req = head(authority, method, &h);
+        req.uri_port = uri_port;
+        let got = request(&plan_request(&snap, &explicit, &req, 0.0));
+        assert_eq!(got, want, "{method} {authority}");
+    }
+}
+
+/// The listeners learn a connection's facts one read at a time; `explain`
+/// knows them all at once. Both must end in the same plan.
+#[tokio::test]
+async fn facts_one_by_one_or_all_at_once_end_in_the_same_plan() {
+    for (config, workload) in [
+        (seed_config(&[EXTRA]), WORKLOAD),
+        (seed_config_except(&["sidecar.yaml"], &[EXTRA]), WORKLOAD),
+        (seed_config(&[EXTRA]), GATEWAY),
+    ] {
+        let snap = snapshot(&config, workload).await;
+        let h = HeaderMap::new();
+        let req = head("jsonplaceholder.typicode.com", "GET", &h);
+        for port in [80, 443, 5432, 8081, 8443, 9999] {
+            for last in [
+                Peeked::ClientHello {
+                    sni: Some("api.example.com"),
+                },
+                Peeked::ClientHello { sni: None },
+                Peeked::Request(&req),
+            ] {
+                let c = conn(&snap, port);
+                let at_once = step(&plan(&snap, &c, last, 0.0));
+                // One by one: read only what the plan asks for.
+                let mut peeked = Peeked::Nothing;
+                let one_by_one = loop {
+                    match plan(&snap, &c, peeked, 0.0) {
+                        Plan::Read(Need::FirstByte) => {
+                            peeked = Peeked::FirstByte {
+                                tls: matches!(last, Peeked::ClientHello { .. }),
+                            };
+                        }
+                        Plan::Read(Need::ClientHello) => peeked = last,
+                        Plan::ServeHttp if matches!(last, Peeked::Request(_)) => peeked = last,
+                        p => break step(&p),
+                    }
+                };
+                assert_eq!(at_once, one_by_one, "{workload} port {port}, {last:?}");
+            }
+        }
+    }
+}
