@@ -12,9 +12,9 @@ use crate::upstream::UpstreamError;
 pub enum Fault {
     /// The client: bad bytes, too slow, gone.
     Downstream,
-    /// The upstream: unreachable, refused, reset.
+    /// The upstream: unreachable, refused, reset, too slow.
     Upstream,
-    /// This proxy's config refused the connection.
+    /// This proxy's config: no route, denied, a limit reached.
     Config,
 }
 
@@ -62,7 +62,8 @@ impl ConnError {
     pub fn fault(&self) -> Fault {
         match self {
             ConnError::Refused(_) | ConnError::NotForwarded(_) => Fault::Config,
-            ConnError::Upstream(_) | ConnError::Resolve(_) => Fault::Upstream,
+            ConnError::Upstream(e) => e.fault(),
+            ConnError::Resolve(_) => Fault::Upstream,
             _ => Fault::Downstream,
         }
     }

@@ -92,18 +92,17 @@ pub fn rules(o: &Options) -> Result<String, IptablesError> {
     // Inbound.
     if inbound {
         r.push("-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN".to_owned());
-        for p in &o.exclude_inbound_ports {
-            r.push(format!("-A ISTIO_INBOUND -p tcp --dport {p} -j RETURN"));
-        }
-        if o.inbound_ports.iter().any(|p| p == "*") {
-            r.push("-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT".to_owned());
-        } else {
-            for p in &o.inbound_ports {
-                r.push(format!(
-                    "-A ISTIO_INBOUND -p tcp --dport {p} -j ISTIO_IN_REDIRECT"
-                ));
-            }
-        }
+        let by_port =
+            |p: Option<&str>| p.map_or("-p tcp".to_owned(), |p| format!("-p tcp --dport {p}"));
+        let (excluded, included) = (&o.exclude_inbound_ports, &o.inbound_ports);
+        select(
+            &mut r,
+            "ISTIO_INBOUND",
+            by_port,
+            excluded,
+            included,
+            "ISTIO_IN_REDIRECT",
+        );
         r.push(format!(
             "-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports {}",
             o.inbound_capture_port
@@ -134,16 +133,16 @@ pub fn rules(o: &Options) -> Result<String, IptablesError> {
         ));
     }
     r.push("-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN".to_owned());
-    for c in &o.exclude_outbound_cidrs {
-        r.push(format!("-A ISTIO_OUTPUT -d {c} -j RETURN"));
-    }
-    if o.include_outbound_cidrs.iter().any(|c| c == "*") {
-        r.push("-A ISTIO_OUTPUT -j ISTIO_REDIRECT".to_owned());
-    } else {
-        for c in &o.include_outbound_cidrs {
-            r.push(format!("-A ISTIO_OUTPUT -d {c} -j ISTIO_REDIRECT"));
-        }
-    }
+    let by_cidr = |c: Option<&str>| c.map_or(String::new(), |c| format!("-d {c}"));
+    let (excluded, included) = (&o.exclude_outbound_cidrs, &o.include_outbound_cidrs);
+    select(
+        &mut r,
+        "ISTIO_OUTPUT",
+        by_cidr,
+        excluded,
+        included,
+        "ISTIO_REDIRECT",
+    );
     r.push("COMMIT".to_owned());
     Ok(r.join("\n") + "\n")
 }
@@ -231,6 +230,33 @@ pub fn install(o: &Options) -> Result<String, IptablesError> {
     cleanup()?;
     run("iptables-restore", &["--noflush"], Some(&text))?;
     Ok(text)
+}
+
+/// Rules of `chain` that return for each `excluded` value, then jump to
+/// `target` for each `included` one (one rule for all with `*`).
+/// `matcher(None)` matches everything.
+fn select(
+    rules: &mut Vec<String>,
+    chain: &str,
+    matcher: impl Fn(Option<&str>) -> String,
+    excluded: &[impl std::fmt::Display],
+    included: &[String],
+    target: &str,
+) {
+    let rule = |m: String, target: &str| match m.as_str() {
+        "" => format!("-A {chain} -j {target}"),
+        m => format!("-A {chain} {m} -j {target}"),
+    };
+    rules.extend(
+        excluded
+            .iter()
+            .map(|v| rule(matcher(Some(&v.to_string())), "RETURN")),
+    );
+    if included.iter().any(|v| v == "*") {
+        rules.push(rule(matcher(None), target));
+    } else {
+        rules.extend(included.iter().map(|v| rule(matcher(Some(v)), target)));
+    }
 }
 
 #[cfg(test)]

@@ -80,15 +80,7 @@ impl StandinCa {
         &self,
         names: &[String],
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), StandinError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rc)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = names
-            .iter()
-            .map(|n| Ok(SanType::DnsName(n.as_str().try_into().map_err(rc)?)))
-            .collect::<Result<_, StandinError>>()?;
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = params.signed_by(&key, &self.issuer).map_err(rc)?;
+        let (cert, key) = self.issue(names)?;
         Ok((
             vec![cert.der().clone()],
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
@@ -98,6 +90,11 @@ impl StandinCa {
     /// A server certificate and key for these DNS names, as PEM (for files
     /// a Gateway's `serverCertificate`/`privateKey` point at).
     pub fn server_cert_pem(&self, names: &[String]) -> Result<(String, String), StandinError> {
+        let (cert, key) = self.issue(names)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    fn issue(&self, names: &[String]) -> Result<(rcgen::Certificate, KeyPair), StandinError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rc)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -107,7 +104,7 @@ impl StandinCa {
             .collect::<Result<_, StandinError>>()?;
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         let cert = params.signed_by(&key, &self.issuer).map_err(rc)?;
-        Ok((cert.pem(), key.serialize_pem()))
+        Ok((cert, key))
     }
 
     /// A TLS server config presenting a certificate for `names`.

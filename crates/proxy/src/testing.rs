@@ -535,6 +535,14 @@ impl Curl {
     }
 }
 
+/// `https://host:port/path` trusting only `ca` (a PEM file), connecting to
+/// `at` whatever the name resolves to.
+pub async fn https_get(ca: &str, host: &str, port: u16, at: SocketAddr, path: &str) -> Curl {
+    let to = format!("{host}:{port}:{}:{}", at.ip(), at.port());
+    let url = format!("https://{host}:{port}{path}");
+    curl(&["--cacert", ca, "--connect-to", &to, &url]).await
+}
+
 /// Runs curl (bounded: 10 s).
 pub async fn curl(args: &[&str]) -> Curl {
     let o = tokio::process::Command::new("curl")

@@ -41,37 +41,35 @@ fn parse_handshake(hs: &[u8]) -> Option<Option<String>> {
     let len = r.u24()?;
     let mut r = Reader(r.take(len)?);
     r.take(2 + 32)?; // version, random
-    let sid = usize::from(r.u8()?);
-    r.take(sid)?;
-    let suites = usize::from(r.u16()?);
-    r.take(suites)?;
-    let comp = usize::from(r.u8()?);
-    r.take(comp)?;
+    r.vec8()?; // session id
+    r.vec16()?; // cipher suites
+    r.vec8()?; // compression methods
     if r.0.is_empty() {
         return Some(None); // no extensions
     }
-    let ext_len = usize::from(r.u16()?);
-    let mut exts = Reader(r.take(ext_len)?);
+    let mut exts = r.vec16()?;
     while !exts.0.is_empty() {
         let ty = exts.u16()?;
-        let len = usize::from(exts.u16()?);
-        let data = exts.take(len)?;
+        let data = exts.vec16()?;
         if ty == 0 {
-            let mut d = Reader(data);
-            let list = usize::from(d.u16()?);
-            let mut names = Reader(d.take(list)?);
-            while !names.0.is_empty() {
-                let kind = names.u8()?;
-                let n = usize::from(names.u16()?);
-                let name = names.take(n)?;
-                if kind == 0 {
-                    return Some(
-                        std::str::from_utf8(name)
-                            .ok()
-                            .map(|s| s.to_ascii_lowercase()),
-                    );
-                }
-            }
+            return server_name(data);
+        }
+    }
+    Some(None)
+}
+
+/// The host name in a server_name extension (RFC 6066 3).
+fn server_name(mut data: Reader<'_>) -> Option<Option<String>> {
+    let mut names = data.vec16()?;
+    while !names.0.is_empty() {
+        let kind = names.u8()?;
+        let name = names.vec16()?;
+        if kind == 0 {
+            return Some(
+                std::str::from_utf8(name.0)
+                    .ok()
+                    .map(str::to_ascii_lowercase),
+            );
         }
     }
     Some(None)
@@ -100,6 +98,18 @@ impl<'a> Reader<'a> {
     fn u24(&mut self) -> Option<usize> {
         self.take(3)
             .map(|b| (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]))
+    }
+
+    /// A vector with a one-byte length.
+    fn vec8(&mut self) -> Option<Reader<'a>> {
+        let n = usize::from(self.u8()?);
+        self.take(n).map(Reader)
+    }
+
+    /// A vector with a two-byte length.
+    fn vec16(&mut self) -> Option<Reader<'a>> {
+        let n = usize::from(self.u16()?);
+        self.take(n).map(Reader)
     }
 }
 

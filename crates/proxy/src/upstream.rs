@@ -85,6 +85,15 @@ impl UpstreamError {
         }
     }
 
+    /// Who is at fault: the upstream, except for the circuit breaker,
+    /// which is this proxy's own limit (DestinationRule connectionPool).
+    pub fn fault(&self) -> crate::error::Fault {
+        match self {
+            UpstreamError::Overflow => crate::error::Fault::Config,
+            _ => crate::error::Fault::Upstream,
+        }
+    }
+
     /// Safe to retry: nothing reached the upstream application.
     pub fn retry_safe(&self) -> bool {
         matches!(self, UpstreamError::ConnectFailure(_))

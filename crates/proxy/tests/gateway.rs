@@ -257,14 +257,7 @@ async fn tls_passthrough_routes_by_sni_and_counts_tcp() {
     let port = gw.addr(443).port();
 
     // The client's own TLS goes through the gateway to the stand-in.
-    let got = curl(&[
-        "--cacert",
-        &ca,
-        "--resolve",
-        &format!("api.example.com:{port}:127.0.0.1"),
-        &format!("https://api.example.com:{port}/todos/1"),
-    ])
-    .await;
+    let got = https_get(&ca, "api.example.com", port, gw.addr(443), "/todos/1").await;
     assert_eq!(got.answer(), ("200", standin::TODO_1));
     assert_eq!(api.seen.all()[0].sni.as_deref(), Some("api.example.com"));
     let entry = gw.next_log().await;
@@ -424,14 +417,14 @@ spec:
     assert_eq!(gw.next_log().await["response_flags"], "NR");
 
     // The HTTPS server terminates TLS with its own certificate.
-    let https = gw.addr(8443).port();
-    let got = curl(&[
-        "--cacert",
+    let https = gw.addr(8443);
+    let got = https_get(
         &tools_ca,
-        "--resolve",
-        &format!("tools.example.com:{https}:127.0.0.1"),
-        &format!("https://tools.example.com:{https}/teapot"),
-    ])
+        "tools.example.com",
+        https.port(),
+        https,
+        "/teapot",
+    )
     .await;
     assert_eq!(got.answer(), ("418", "short and stout"));
     let entry = gw.next_log().await;

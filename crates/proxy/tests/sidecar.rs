@@ -224,14 +224,7 @@ async fn tls_from_the_app_is_routed_by_sni_and_registered_tcp_passes() {
 
     // The application's own TLS, end to end through the sidecar.
     let tls = sidecar.capture(elsewhere(443)).await;
-    let got = curl(&[
-        "--cacert",
-        &ca,
-        "--connect-to",
-        &format!("api.example.com:443:{}:{}", tls.ip(), tls.port()),
-        "https://api.example.com/todos/1",
-    ])
-    .await;
+    let got = https_get(&ca, "api.example.com", 443, tls, "/todos/1").await;
     assert_eq!(got.answer(), ("200", standin::TODO_1));
     assert_eq!(api.seen.all()[0].sni.as_deref(), Some("api.example.com"));
     let entry = sidecar.next_log().await;
@@ -239,14 +232,7 @@ async fn tls_from_the_app_is_routed_by_sni_and_registered_tcp_passes() {
     assert_eq!(entry["upstream_cluster"], "outbound|443||api.example.com");
 
     // REGISTRY_ONLY: TLS to a host that is not registered gets no connection.
-    let got = curl(&[
-        "--cacert",
-        &ca,
-        "--connect-to",
-        &format!("unregistered.example.com:443:{}:{}", tls.ip(), tls.port()),
-        "https://unregistered.example.com/",
-    ])
-    .await;
+    let got = https_get(&ca, "unregistered.example.com", 443, tls, "/").await;
     assert_eq!(got.code, "000");
     let entry = sidecar.next_log().await;
     assert_eq!(entry["response_flags"], "UH");

@@ -346,6 +346,7 @@ impl Upstream<'_> {
             host = %self.cluster.host,
             error = %e,
             flags = %flags,
+            fault = e.fault().as_str(),
             "upstream request failed"
         );
         let mut out = Outcome::local(

@@ -18,6 +18,9 @@ use crate::upstream::tls::DefaultRoots;
 
 const EXTRA: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: curl-external-tst}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db, namespace: curl-external-tst}\nspec:\n  hosts: [db.example.com]\n  ports: [{number: 5432, name: tcp, protocol: TCP}]\n  resolution: NONE\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict-8081, namespace: curl-egress-tst}\nspec:\n  selector: {matchLabels: {istio: egressgateway}}\n  portLevelMtls: {8081: {mode: STRICT}}\n---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: more, namespace: curl-egress-tst}\nspec:\n  selector: {istio: egressgateway}\n  servers:\n  - port: {number: 8081, name: http-strict, protocol: HTTP}\n    hosts: ['*']\n  - port: {number: 8443, name: tls, protocol: TLS}\n    hosts: [api.example.com]\n    tls: {mode: PASSTHROUGH}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: api-pass, namespace: curl-egress-tst}\nspec:\n  hosts: [api.example.com]\n  gateways: [more]\n  tls:\n  - match: [{sniHosts: [api.example.com], port: 8443}]\n    route: [{destination: {host: gone.example.com, port: {number: 443}}}]\n";
 
+const BLACK_HOLE: &str = "tcp Close(UH) BlackHoleCluster outbound traffic policy REGISTRY_ONLY and no route (BlackHoleCluster)";
+const ALLOW_ANY: &str = "tcp OriginalDst PassthroughCluster outbound traffic policy ALLOW_ANY";
+
 async fn snapshot(config: &meshgate_config::Config, workload: &str) -> Snapshot {
     let view = view::build(config, &MeshSettings::default(), workload).unwrap();
     let identity = Mesh::default().identity(&view.workload.spiffe_id).await;
@@ -42,6 +45,20 @@ fn conn(snap: &Snapshot, port: u16) -> Conn {
         c.original_dst = Some(SocketAddr::from(([203, 0, 113, 10], port)));
     }
     c
+}
+
+/// An explicit-proxy client of a sidecar.
+fn explicit(snap: &Snapshot) -> Conn {
+    Conn {
+        original_dst: None,
+        explicit: true,
+        ..conn(snap, 15001)
+    }
+}
+
+/// The plan before anything is read.
+fn first_step(snap: &Snapshot, conn: &Conn) -> String {
+    step(&plan(snap, conn, Peeked::Nothing, 0.0))
 }
 
 /// A plan, in words a table can hold.
@@ -100,11 +117,7 @@ async fn sidecar_connection_steps() {
             "tcp OriginalDst PassthroughCluster a TCP port of a registered service",
         ),
         // A port the mesh does not know, under REGISTRY_ONLY: closed unread.
-        (
-            9999,
-            Peeked::Nothing,
-            "tcp Close(UH) BlackHoleCluster outbound traffic policy REGISTRY_ONLY and no route (BlackHoleCluster)",
-        ),
+        (9999, Peeked::Nothing, BLACK_HOLE),
         // An HTTP port: TLS or not decides.
         (80, Peeked::Nothing, "read FirstByte"),
         (80, Peeked::FirstByte { tls: false }, "serve HTTP"),
@@ -127,13 +140,9 @@ async fn sidecar_connection_steps() {
             Peeked::ClientHello {
                 sni: Some("nope.example.com"),
             },
-            "tcp Close(UH) BlackHoleCluster outbound traffic policy REGISTRY_ONLY and no route (BlackHoleCluster)",
+            BLACK_HOLE,
         ),
-        (
-            443,
-            Peeked::ClientHello { sni: None },
-            "tcp Close(UH) BlackHoleCluster outbound traffic policy REGISTRY_ONLY and no route (BlackHoleCluster)",
-        ),
+        (443, Peeked::ClientHello { sni: None }, BLACK_HOLE),
         // The seed declares 443 as HTTP too: plaintext there is HTTP.
         (443, Peeked::FirstByte { tls: false }, "serve HTTP"),
     ];
@@ -142,15 +151,7 @@ async fn sidecar_connection_steps() {
         assert_eq!(got, want, "port {port}, {peeked:?}");
     }
     // An explicit-proxy client is served as HTTP at once.
-    let explicit = Conn {
-        original_dst: None,
-        explicit: true,
-        ..conn(&snap, 15001)
-    };
-    assert_eq!(
-        step(&plan(&snap, &explicit, Peeked::Nothing, 0.0)),
-        "serve HTTP"
-    );
+    assert_eq!(first_step(&snap, &explicit(&snap)), "serve HTTP");
 }
 
 #[tokio::test]
@@ -159,17 +160,13 @@ async fn allow_any_sends_what_the_mesh_does_not_know_to_its_destination() {
     let h = HeaderMap::new();
     let unknown = head("unknown.example.com", "GET", &h);
     for (port, peeked, want) in [
-        (
-            9999,
-            Peeked::Nothing,
-            "tcp OriginalDst PassthroughCluster outbound traffic policy ALLOW_ANY",
-        ),
+        (9999, Peeked::Nothing, ALLOW_ANY),
         (
             443,
             Peeked::ClientHello {
                 sni: Some("nope.example.com"),
             },
-            "tcp OriginalDst PassthroughCluster outbound traffic policy ALLOW_ANY",
+            ALLOW_ANY,
         ),
         (
             80,
@@ -219,36 +216,26 @@ async fn gateway_connection_steps() {
             "port {port}, {peeked:?}"
         );
     }
-    let sni = plan(
-        &snap,
-        &conn(&snap, 8443),
-        Peeked::ClientHello {
-            sni: Some("api.example.com"),
-        },
-        0.0,
-    );
+    let hello = |sni| {
+        step(&plan(
+            &snap,
+            &conn(&snap, 8443),
+            Peeked::ClientHello { sni },
+            0.0,
+        ))
+    };
+    let no_cluster = "tcp Close(NC) - the route's destination is not in the registry";
+    assert_eq!(hello(Some("api.example.com")), no_cluster);
     assert_eq!(
-        step(&sni),
-        "tcp Close(NC) - the route's destination is not in the registry"
+        hello(Some("x.example.com")),
+        "tcp Close(NR) - no route for this SNI"
     );
-    let other = plan(
-        &snap,
-        &conn(&snap, 8443),
-        Peeked::ClientHello {
-            sni: Some("x.example.com"),
-        },
-        0.0,
-    );
-    assert_eq!(step(&other), "tcp Close(NR) - no route for this SNI");
     // Once TLS is terminated, the connection is served as HTTP.
     let terminated = Conn {
         tls: Some(Terminated::default()),
         ..conn(&snap, 80)
     };
-    assert_eq!(
-        step(&plan(&snap, &terminated, Peeked::Nothing, 0.0)),
-        "serve HTTP"
-    );
+    assert_eq!(first_step(&snap, &terminated), "serve HTTP");
 }
 
 #[tokio::test]
@@ -295,11 +282,7 @@ async fn sidecar_requests() {
     let nc = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: nc, namespace: curl-external-tst}\nspec:\n  hosts: [nc.example.com]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: nc, namespace: curl-external-tst}\nspec:\n  hosts: [nc.example.com]\n  http: [{route: [{destination: {host: missing.example.com}}]}]\n";
     let snap = snapshot(&seed_config(&[EXTRA, nc]), WORKLOAD).await;
     let h = HeaderMap::new();
-    let explicit = Conn {
-        original_dst: None,
-        explicit: true,
-        ..conn(&snap, 15001)
-    };
+    let explicit = explicit(&snap);
     for (method, authority, uri_port, want) in [
         (
             "GET",

@@ -133,35 +133,24 @@ const SPEC: &str = "  hosts: [api.example.com, '*.wild.com']
 
 #[test]
 fn first_match_wins_table() {
+    const API: &str = "api.example.com";
     let t = table(SPEC);
     let cases = [
-        (req("api.example.com", "GET", "/exact"), "#0"),
-        (req("api.example.com", "GET", "/exact/more"), "NR"),
-        (req("api.example.com", "GET", "/PREFIX/x"), "#1"),
-        (req("api.example.com", "GET", "/prefix"), "#1"),
-        (req("api.example.com", "GET", "/items/42"), "#2"),
-        (req("api.example.com", "GET", "/items/42x"), "NR"),
-        (
-            req("api.example.com", "POST", "/x").header("x-user", "admin-1"),
-            "#3",
-        ),
-        (
-            req("api.example.com", "GET", "/x").header("x-user", "admin-1"),
-            "NR",
-        ),
-        (
-            req("api.example.com", "GET", "/x").header("x-flag", ""),
-            "#4",
-        ),
-        (req("api.example.com", "GET", "/x?a=1&v=2"), "#5"),
-        (req("api.example.com", "GET", "/x?v=3"), "NR"),
+        (req(API, "GET", "/exact"), "#0"),
+        (req(API, "GET", "/exact/more"), "NR"),
+        (req(API, "GET", "/PREFIX/x"), "#1"),
+        (req(API, "GET", "/prefix"), "#1"),
+        (req(API, "GET", "/items/42"), "#2"),
+        (req(API, "GET", "/items/42x"), "NR"),
+        (req(API, "POST", "/x").header("x-user", "admin-1"), "#3"),
+        (req(API, "GET", "/x").header("x-user", "admin-1"), "NR"),
+        (req(API, "GET", "/x").header("x-flag", ""), "#4"),
+        (req(API, "GET", "/x?a=1&v=2"), "#5"),
+        (req(API, "GET", "/x?v=3"), "NR"),
         (req("beta.wild.com", "GET", "/x"), "#5"),
-        (req("api.example.com", "GET", "/guarded"), "#6"),
-        (
-            req("api.example.com", "GET", "/guarded").header("x-debug", "1"),
-            "NR",
-        ),
-        (req("api.example.com", "GET", "/api/v1"), "#7"),
+        (req(API, "GET", "/guarded"), "#6"),
+        (req(API, "GET", "/guarded").header("x-debug", "1"), "NR"),
+        (req(API, "GET", "/api/v1"), "#7"),
         (req("API.example.com:80", "GET", "/api/v1"), "#7"),
         (req("x.wild.com", "GET", "/api"), "#7"),
         (req("wild.com", "GET", "/api"), "no vhost"),
@@ -227,24 +216,20 @@ fn redirect_and_direct_response() {
     let t = table(
         "  hosts: [a.com]\n  http:\n  - match: [{uri: {exact: /old}}]\n    redirect: {uri: /new, authority: b.com, redirectCode: 302}\n  - match: [{uri: {exact: /s}}]\n    redirect: {scheme: https}\n  - directResponse: {status: 418, body: {string: teapot}}\n",
     );
+    let redirect = |r: &R, port| match t.route(&r.view()) {
+        Routed::Matched { route, .. } => match &route.action {
+            Action::Redirect(red) => (red.code, red.location(&r.view(), port)),
+            other => panic!("{other:?}"),
+        },
+        _ => panic!("no route"),
+    };
     let r = req("a.com:8080", "GET", "/old");
-    let Routed::Matched { route, .. } = t.route(&r.view()) else {
-        panic!()
-    };
-    let Action::Redirect(red) = &route.action else {
-        panic!()
-    };
-    assert_eq!(red.code, 302);
-    assert_eq!(red.location(&r.view(), 8080), "http://b.com:8080/new");
+    assert_eq!(
+        redirect(&r, 8080),
+        (302, "http://b.com:8080/new".to_owned())
+    );
     let r = req("a.com", "GET", "/s?x=1");
-    let Routed::Matched { route, .. } = t.route(&r.view()) else {
-        panic!()
-    };
-    let Action::Redirect(red) = &route.action else {
-        panic!()
-    };
-    assert_eq!(red.code, 301);
-    assert_eq!(red.location(&r.view(), 80), "https://a.com/s?x=1");
+    assert_eq!(redirect(&r, 80), (301, "https://a.com/s?x=1".to_owned()));
     let r = req("a.com", "GET", "/other");
     let Routed::Matched { route, .. } = t.route(&r.view()) else {
         panic!()

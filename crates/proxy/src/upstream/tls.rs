@@ -89,38 +89,40 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError
     Ok(certs)
 }
 
-/// Verifies the chain with webpki and the name against any of the expected
-/// names (subjectAltNames), not just the SNI.
+type Der<'a> = CertificateDer<'a>;
+type Dss = DigitallySignedStruct;
+type Signature = Result<HandshakeSignatureValid, rustls::Error>;
+
+/// Checks an upstream's certificate: the chain with webpki and the name
+/// against any of the expected names (subjectAltNames), not just the SNI;
+/// or, with `insecureSkipVerify`, nothing about the certificate. The
+/// signatures over the handshake are always checked.
 #[derive(Debug)]
-struct ExpectedNames {
-    inner: Arc<WebPkiServerVerifier>,
+struct Verifier {
+    /// `None`: insecureSkipVerify.
+    chain: Option<Arc<WebPkiServerVerifier>>,
     names: Vec<ServerName<'static>>,
 }
 
-impl ServerCertVerifier for ExpectedNames {
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
+        end_entity: &Der<'_>,
+        intermediates: &[Der<'_>],
         server_name: &ServerName<'_>,
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        let verify = |name| chain.verify_server_cert(end_entity, intermediates, name, ocsp, now);
         if self.names.is_empty() {
-            return self.inner.verify_server_cert(
-                end_entity,
-                intermediates,
-                server_name,
-                ocsp,
-                now,
-            );
+            return verify(server_name);
         }
         let mut last = None;
         for name in &self.names {
-            match self
-                .inner
-                .verify_server_cert(end_entity, intermediates, name, ocsp, now)
-            {
+            match verify(name) {
                 Ok(v) => return Ok(v),
                 Err(e) => last = Some(e),
             }
@@ -128,72 +130,14 @@ impl ServerCertVerifier for ExpectedNames {
         Err(last.unwrap_or(rustls::Error::General("no expected names".into())))
     }
 
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(m, c, d)
+    fn verify_tls12_signature(&self, m: &[u8], c: &Der<'_>, d: &Dss) -> Signature {
+        let algorithms = provider().signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(m, c, d, &algorithms)
     }
 
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(m, c, d)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-/// `insecureSkipVerify: true`: any certificate is accepted (signatures over
-/// the handshake are still checked).
-#[derive(Debug)]
-struct SkipVerify;
-
-impl ServerCertVerifier for SkipVerify {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            m,
-            c,
-            d,
-            &provider().signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            m,
-            c,
-            d,
-            &provider().signature_verification_algorithms,
-        )
+    fn verify_tls13_signature(&self, m: &[u8], c: &Der<'_>, d: &Dss) -> Signature {
+        let algorithms = provider().signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(m, c, d, &algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -240,8 +184,8 @@ pub fn build(
             let builder = ClientConfig::builder_with_provider(provider())
                 .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
                 .map_err(rustls_err)?;
-            let verifier: Arc<dyn ServerCertVerifier> = if tls.insecure_skip_verify {
-                Arc::new(SkipVerify)
+            let chain = if tls.insecure_skip_verify {
+                None
             } else {
                 let store = if tls.ca_certificates.is_empty() {
                     if roots.0.is_empty() {
@@ -255,16 +199,17 @@ pub fn build(
                     }
                     Arc::new(store)
                 };
-                let inner = WebPkiServerVerifier::builder_with_provider(store, provider())
+                let webpki = WebPkiServerVerifier::builder_with_provider(store, provider())
                     .build()
                     .map_err(rustls_err)?;
-                let names = tls
-                    .expected_identities
-                    .iter()
-                    .filter_map(|n| ServerName::try_from(n.clone()).ok())
-                    .collect();
-                Arc::new(ExpectedNames { inner, names })
+                Some(webpki)
             };
+            let names = tls
+                .expected_identities
+                .iter()
+                .filter_map(|n| ServerName::try_from(n.clone()).ok())
+                .collect();
+            let verifier = Arc::new(Verifier { chain, names });
             let builder = builder
                 .dangerous()
                 .with_custom_certificate_verifier(verifier);
