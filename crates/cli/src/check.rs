@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use meshgate_config::diag::DiagnosticJson;
-use meshgate_config::{Level, MeshSettings, analyze, load_paths};
+use meshgate_config::{Level, analyze, load_paths};
 
 use crate::{CheckArgs, EXIT_ANALYSIS_ERROR, EXIT_BAD_INPUT, Output};
 
@@ -17,7 +17,7 @@ pub(crate) fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_BAD_INPUT));
         }
     };
-    let mesh = MeshSettings::default();
+    let mesh = args.mesh.load()?;
     let mut diagnostics = loaded.diagnostics.clone();
     diagnostics.extend(analyze::analyze(&loaded.config, &mesh));
     let failed = diagnostics.iter().any(|d| d.level == Level::Error);

@@ -7,7 +7,7 @@ use anyhow::Context;
 use meshgate_config::model::networking::ClientTlsMode;
 use meshgate_config::model::networking::HttpRedirect;
 use meshgate_config::view::{ProxyView, RouteAction, match_summary, rule_summary};
-use meshgate_config::{MeshSettings, load_paths, view};
+use meshgate_config::{load_paths, view};
 
 use crate::table::Table;
 use crate::{DumpArgs, EXIT_BAD_INPUT, Output};
@@ -33,7 +33,7 @@ pub(crate) fn run(args: &DumpArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(EXIT_BAD_INPUT));
     }
-    let v = view::build(&loaded.config, &MeshSettings::default(), &args.workload)?;
+    let v = view::build(&loaded.config, &args.mesh.load()?, &args.workload)?;
     match args.output {
         Output::Json => println!(
             "{}",

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use meshgate_config::view;
 use meshgate_config::view::ClusterView;
-use meshgate_config::{MeshSettings, view};
 use meshgate_identity::{CertificateAuthority, Source, SpiffeId, WorkloadIdentity};
 use meshgate_proxy::authz::Decision;
 use meshgate_proxy::conn::{Conn, Peer, Terminated};
@@ -51,6 +51,8 @@ pub(crate) struct ExplainArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value = "text")]
     output: Output,
+    #[command(flatten)]
+    mesh: crate::MeshArgs,
     /// What the workload sends (sidecar) or what reaches the gateway's
     /// server port (gateway): http://host[:port]/path, https://host[:port]
     /// (TLS with that SNI), or tcp://host:port (opaque bytes).
@@ -86,7 +88,7 @@ pub(crate) fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let input = parse_input(args)?;
-    let view = view::build(&config, &MeshSettings::default(), &args.workload)?;
+    let view = view::build(&config, &args.mesh.load()?, &args.workload)?;
     if view.workload.proxy == meshgate_config::registry::ProxyKind::None {
         bail!(
             "{} has no proxy (no sidecar injected, not a gateway): its traffic is not in the mesh",
@@ -256,6 +258,7 @@ fn explain<'s>(snap: &'s Snapshot, input: &'s Input, id: &'s SpiffeId) -> Explai
                 conn.tls = Some(Terminated {
                     sni: sni.map(Arc::from),
                     peer: peer.clone(),
+                    client_cert: None,
                 });
                 tls_first = false;
             }
@@ -563,9 +566,19 @@ impl Explained<'_> {
         }
     }
 
+    /// The path routing and authorization saw, when normalization changed
+    /// it.
+    fn normalized_path(&self) -> Option<&str> {
+        match &self.outcome {
+            Outcome::Request(p) => p.normalized_path.as_deref(),
+            _ => None,
+        }
+    }
+
     fn json(&self, args: &ExplainArgs) -> serde_json::Value {
         let (route, destinations) = self.route();
         serde_json::json!({
+            "normalizedPath": self.normalized_path(),
             "request": {"method": args.method, "url": args.url, "from": args.from},
             "proxy": {"workload": args.workload, "kind": self.kind(), "identity": self.id.to_string()},
             "listener": self.listener(),
@@ -595,6 +608,13 @@ impl Explained<'_> {
         let _ = writeln!(out, "1 listener {}", self.listener());
         if let Some(tls) = self.terminated {
             let _ = writeln!(out, "           TLS terminated: {tls}");
+        }
+        if let Some(p) = self.normalized_path() {
+            let mode = self.snap.view.path_normalization.as_str();
+            let _ = writeln!(
+                out,
+                "           path normalized to {p} (pathNormalization {mode})"
+            );
         }
         let (route, destinations) = self.route();
         let _ = writeln!(out, "2 route    {route}");

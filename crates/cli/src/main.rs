@@ -78,11 +78,41 @@ enum Output {
     Json,
 }
 
+/// Istio's MeshConfig, for every command that decides as the proxies do.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct MeshArgs {
+    /// Istio's MeshConfig (a MeshConfig document, or the `istio` ConfigMap):
+    /// trustDomain, rootNamespace, outboundTrafficPolicy, pathNormalization.
+    #[arg(long, value_name = "FILE")]
+    pub mesh_config: Option<PathBuf>,
+}
+
+impl MeshArgs {
+    /// The settings, from the file or Istio's defaults; MeshConfig fields
+    /// meshgate does not read are named on stderr.
+    pub(crate) fn load(&self) -> anyhow::Result<meshgate_config::MeshSettings> {
+        let Some(path) = &self.mesh_config else {
+            return Ok(meshgate_config::MeshSettings::default());
+        };
+        let (mesh, ignored) = meshgate_config::load_mesh_config(path)?;
+        if !ignored.is_empty() {
+            tracing::info!(
+                file = %path.display(),
+                fields = ignored.join(", "),
+                "MeshConfig fields meshgate does not read"
+            );
+        }
+        Ok(mesh)
+    }
+}
+
 #[derive(Debug, clap::Args)]
 struct CheckArgs {
     /// YAML files or folders (searched recursively for .yaml and .yml).
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<PathBuf>,
+    #[command(flatten)]
+    mesh: MeshArgs,
     /// Output format.
     #[arg(short, long, value_enum, default_value = "text")]
     output: Output,
@@ -93,6 +123,8 @@ struct DumpArgs {
     /// YAML files or folders with the mesh config.
     #[arg(short, long = "config", required = true, value_name = "PATH")]
     config: Vec<PathBuf>,
+    #[command(flatten)]
+    mesh: MeshArgs,
     /// The workload, as NAMESPACE/NAME of its Deployment or Pod.
     #[arg(short, long, value_name = "NS/NAME")]
     workload: String,

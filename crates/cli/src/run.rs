@@ -144,6 +144,8 @@ pub(crate) struct ProxyArgs {
     /// terminationDrainDuration). The proxy exits as soon as none are left.
     #[arg(long, default_value = "5s", value_name = "DURATION")]
     pub drain_duration: String,
+    #[command(flatten)]
+    pub mesh: crate::MeshArgs,
     /// How often to look for config changes and apply them live (0s: never).
     #[arg(long, default_value = "2s", value_name = "DURATION")]
     pub reload_interval: String,
@@ -282,13 +284,18 @@ pub(crate) enum ProxyKind {
 /// Sidecar-only flags.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct SidecarArgs {
-    /// Outbound capture listener (iptables redirects here; also an explicit
-    /// HTTP proxy for `curl -x`).
+    /// Outbound capture listener (iptables redirects here).
     #[arg(long, default_value_t = 15001)]
     pub outbound_port: u16,
-    /// Address of the outbound listener.
-    #[arg(long, default_value = "0.0.0.0")]
+    /// Address of the outbound listener: loopback, where iptables redirects
+    /// the workload's own connections.
+    #[arg(long, default_value = "127.0.0.1")]
     pub outbound_address: IpAddr,
+    /// Also serve connections made to the outbound listener itself as an
+    /// explicit HTTP proxy (`curl -x`, `http_proxy`). Off: they are closed,
+    /// as Istio closes connections to 15001 itself.
+    #[arg(long)]
+    pub explicit_proxy: bool,
 }
 
 /// Loads the config and adds the workload from flags when the config does
@@ -356,7 +363,7 @@ pub(crate) fn run(
     kind: ProxyKind,
     sidecar: Option<&SidecarArgs>,
 ) -> anyhow::Result<ExitCode> {
-    let mesh = MeshSettings::default();
+    let mesh = args.mesh.load()?;
     // Taken before the config is read: a change while it loads is a change.
     let loaded = config_fingerprint(args);
     let config = prepare_config(args, kind, &mesh)?;
@@ -434,6 +441,7 @@ async fn proxy_main(
             SocketAddr::new(s.outbound_address, s.outbound_port)
         }),
         original_dst: OriginalDst::Socket,
+        explicit_proxy: sidecar.is_some_and(|s| s.explicit_proxy),
     };
     let mut app = App::start(proxy, &options).await?;
     listeners_pending.done();
@@ -534,10 +542,14 @@ impl ReadyFile {
     }
 }
 
-/// What the config came from: the config files and the --endpoints file,
-/// both feed the snapshot.
+/// What the config came from: the config files, the --endpoints file and
+/// the MeshConfig all feed the snapshot.
 fn config_fingerprint(args: &ProxyArgs) -> Result<u64, String> {
-    let watched = args.config.iter().chain(&args.endpoints);
+    let watched = args
+        .config
+        .iter()
+        .chain(&args.endpoints)
+        .chain(&args.mesh.mesh_config);
     fingerprint(&watched.collect::<Vec<_>>()).map_err(|e| e.to_string())
 }
 
@@ -580,6 +592,7 @@ impl Live<'_> {
 
     async fn reload(&mut self, app: &mut App) -> anyhow::Result<()> {
         // Off the proxy's threads: parsing a large config takes a while.
+        self.mesh = self.args.mesh.load()?;
         let (args, kind, mesh) = (self.args.clone(), self.kind, self.mesh.clone());
         let config = tokio::task::spawn_blocking(move || prepare_config(&args, kind, &mesh))
             .await

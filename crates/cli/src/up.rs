@@ -24,7 +24,6 @@ use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use meshgate_config::MeshSettings;
 use meshgate_identity::CertificateAuthority;
 use meshgate_identity::caserver::{self, TokenTable};
 use tokio::sync::mpsc;
@@ -46,6 +45,8 @@ pub(crate) struct UpArgs {
     /// Use loopback ports even as root (no namespaces, no iptables).
     #[arg(long)]
     loopback: bool,
+    #[command(flatten)]
+    mesh: crate::MeshArgs,
 }
 
 const PROXY_UID: &str = "1337";
@@ -105,7 +106,7 @@ fn choose_mode(args: &UpArgs) -> (Mode, String) {
 
 pub(crate) fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
     let config = crate::run::load_config(&args.paths)?;
-    let mesh = MeshSettings::default();
+    let mesh = args.mesh.load()?;
     let plan = plan(&config, &mesh);
     if plan.gateways.is_empty() && plan.sidecars.is_empty() {
         bail!("the config describes no gateway and no injected workload: nothing to run");
@@ -167,6 +168,8 @@ struct Up<'a> {
     run_dir: PathBuf,
     bin: String,
     config_dir: String,
+    /// The MeshConfig copied where the proxies can read it.
+    mesh_config: Option<String>,
     net: Network,
     /// Reaching the real external hosts needs the host's own network: then
     /// the egress gateway (the one exit) runs in the host namespace, on the
@@ -213,6 +216,16 @@ impl<'a> Up<'a> {
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
         let config_dir = run_dir.join("config");
         copy_config(&args.paths, &config_dir)?;
+        let mesh_config = match &args.mesh.mesh_config {
+            Some(file) => {
+                let copy = run_dir.join("mesh-config.yaml");
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                write_world_readable(&copy, &text)?;
+                Some(copy.to_string_lossy().into_owned())
+            }
+            None => None,
+        };
         let names: Vec<String> = plan
             .gateways
             .iter()
@@ -255,6 +268,7 @@ impl<'a> Up<'a> {
             width,
             bin: bin.to_string_lossy().into_owned(),
             config_dir: config_dir.to_string_lossy().into_owned(),
+            mesh_config,
             run_dir,
             net,
             gateway_in_host,
@@ -375,7 +389,11 @@ impl<'a> Up<'a> {
 
     /// The flags every proxy gets: config, workload, the CA.
     fn proxy_argv(&self, kind: &str, key: &str, ca: &Ca) -> Vec<String> {
-        vec![
+        let mesh = self
+            .mesh_config
+            .iter()
+            .flat_map(|m| ["--mesh-config".to_owned(), m.clone()]);
+        let mut argv = vec![
             self.bin.clone(),
             kind.into(),
             "--config".into(),
@@ -388,7 +406,9 @@ impl<'a> Up<'a> {
             ca.tokens[key].to_string_lossy().into_owned(),
             "--ca-root-cert".into(),
             ca.root_file.to_string_lossy().into_owned(),
-        ]
+        ];
+        argv.extend(mesh);
+        argv
     }
 
     /// One gateway per gateway workload; their HTTP ports by key.
@@ -535,6 +555,8 @@ impl<'a> Up<'a> {
             ep.to_string_lossy().into_owned(),
             "--outbound-address".into(),
             "127.0.0.1".into(),
+            // Loopback: the workload uses its sidecar as `http_proxy`.
+            "--explicit-proxy".into(),
         ])
     }
 

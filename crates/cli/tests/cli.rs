@@ -592,3 +592,47 @@ fn explain_rejects_bad_input_clearly() {
         stderr(&o)
     );
 }
+
+#[test]
+fn mesh_config_sets_path_normalization_and_bad_values_name_the_line() {
+    let dir = std::env::temp_dir().join(format!("meshgate-meshcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("mesh.yaml");
+    std::fs::write(
+        &good,
+        "pathNormalization:\n  normalization: MERGE_SLASHES\n",
+    )
+    .unwrap();
+    let out = explain(&[
+        "--workload",
+        GW,
+        "--mesh-config",
+        good.to_str().unwrap(),
+        "--from",
+        "spiffe://cluster.local/ns/curl-external-tst/sa/default",
+        "http://jsonplaceholder.typicode.com//todos//1",
+    ]);
+    assert!(
+        out.contains("path normalized to /todos/1 (pathNormalization MERGE_SLASHES)"),
+        "{out}"
+    );
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "trustDomain: x\npathNormalization:\n  normalization: MERGE\n",
+    )
+    .unwrap();
+    let o = meshgate(&[
+        "check",
+        "examples/seed",
+        "--mesh-config",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("bad.yaml:3: MeshConfig field pathNormalization.normalization"),
+        "{}",
+        stderr(&o)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -231,6 +231,7 @@ fn start_sidecar(t: &TempDir, config: &[&str], gw: &Gateway, extra: &[&str]) -> 
         "127.0.0.1",
         "--outbound-port",
         "0",
+        "--explicit-proxy",
         "--admin-address",
         "127.0.0.1",
         "--admin-port",

@@ -6,6 +6,7 @@
 pub mod analyze;
 pub mod diag;
 pub mod load;
+pub mod mesh;
 pub mod model;
 pub mod registry;
 mod validate;
@@ -14,26 +15,8 @@ pub mod yaml;
 
 pub use diag::{Diagnostic, Level};
 pub use load::{LoadError, Loaded, fingerprint, load_paths};
+pub use mesh::{MeshSettings, PathNormalization, load_mesh_config};
 pub use model::{Config, Kind};
-
-/// Istio's defaults that meshgate assumes (MeshConfig equivalents).
-#[derive(Debug, Clone)]
-pub struct MeshSettings {
-    pub trust_domain: String,
-    pub root_namespace: String,
-    /// DNS suffix of Kubernetes Services.
-    pub cluster_domain: String,
-}
-
-impl Default for MeshSettings {
-    fn default() -> Self {
-        MeshSettings {
-            trust_domain: "cluster.local".to_owned(),
-            root_namespace: "istio-system".to_owned(),
-            cluster_domain: "cluster.local".to_owned(),
-        }
-    }
-}
 
 #[cfg(test)]
 pub(crate) mod testutil {

@@ -56,6 +56,9 @@ pub struct ProxyView {
     pub clusters: Vec<ClusterView>,
     pub authorization_policies: Vec<PolicyView>,
     pub peer_authentication: PeerAuthnView,
+    /// MeshConfig pathNormalization: applied before routing and
+    /// authorization.
+    pub path_normalization: crate::PathNormalization,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -400,7 +403,8 @@ pub fn proxy_view(
     ProxyView {
         workload: WorkloadInfo::of(w),
         sidecar: sidecar.map(|s| s.meta.full_name()),
-        outbound_traffic_policy: outbound_policy(sidecar),
+        outbound_traffic_policy: outbound_policy(sidecar, mesh),
+        path_normalization: mesh.path_normalization,
         listeners,
         routes,
         clusters,

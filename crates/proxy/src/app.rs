@@ -40,6 +40,9 @@ pub struct Options {
     /// A sidecar's outbound listener (istio's 15001).
     pub outbound: SocketAddr,
     pub original_dst: OriginalDst,
+    /// A sidecar serves connections made to its outbound listener itself
+    /// as an explicit HTTP proxy (`curl -x`); without it they are closed.
+    pub explicit_proxy: bool,
 }
 
 /// A running proxy.
@@ -84,6 +87,7 @@ impl App {
                     proxy.clone(),
                     l,
                     options.original_dst,
+                    options.explicit_proxy,
                 ));
                 Listeners::Sidecar {
                     port: addr.port(),
@@ -122,6 +126,7 @@ impl App {
             self.proxy.clone(),
             l,
             OriginalDst::Fixed(original),
+            false,
         ));
         captures.push(task.abort_handle());
         Ok(Some(local))

@@ -469,14 +469,11 @@ fn condition_matches(c: &CompiledCondition, req: &AuthzRequest<'_>) -> bool {
         ConditionKey::SourceTrustDomain => text(peer.map(|p| p.id.trust_domain())),
         ConditionKey::ConnectionSni => text(req.sni),
         ConditionKey::Header(name) => match &req.http {
-            Some(h) => {
-                let value = h.headers.get(name).and_then(|v| v.to_str().ok());
+            Some(h) => match header_value(h.headers, name) {
+                Some(v) => c.patterns.check(|p| p.matches(&v)),
                 // A missing header matches no value, and satisfies notValues.
-                match value {
-                    Some(v) => c.patterns.check(|p| p.matches(v)),
-                    None => c.patterns.values.is_empty(),
-                }
-            }
+                None => c.patterns.values.is_empty(),
+            },
             None => true,
         },
         ConditionKey::RequestAuth => match req.http {
@@ -485,6 +482,26 @@ fn condition_matches(c: &CompiledCondition, req: &AuthzRequest<'_>) -> bool {
         },
         ConditionKey::Ignored => true,
     }
+}
+
+/// A header's value as Istio's conditions see it: repeated headers joined
+/// with `,` (so a second `x-user` cannot hide behind the first).
+fn header_value<'h>(
+    headers: &'h http::HeaderMap,
+    name: &http::HeaderName,
+) -> Option<std::borrow::Cow<'h, str>> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?.to_str().ok()?;
+    let rest: Vec<&str> = values.filter_map(|v| v.to_str().ok()).collect();
+    if rest.is_empty() {
+        return Some(std::borrow::Cow::Borrowed(first));
+    }
+    Some(std::borrow::Cow::Owned(
+        std::iter::once(first)
+            .chain(rest)
+            .collect::<Vec<_>>()
+            .join(","),
+    ))
 }
 
 /// Istio's decision for one request over the policies that apply to the

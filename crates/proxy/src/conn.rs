@@ -44,6 +44,9 @@ pub struct Terminated {
     pub sni: Option<Arc<str>>,
     /// The client certificate's SPIFFE identity (mutual TLS).
     pub peer: Option<Arc<Peer>>,
+    /// Gateways: the `x-forwarded-client-cert` that describes the client's
+    /// certificate (Envoy's SANITIZE_SET, as Istio configures gateways).
+    pub client_cert: Option<http::HeaderValue>,
 }
 
 /// One downstream connection.

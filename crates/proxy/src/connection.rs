@@ -12,7 +12,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::conn::{Conn, Peer, Terminated};
 use crate::error::ConnError;
-use crate::listener::{HANDSHAKE_TIMEOUT, Sniffed};
+use crate::listener::Sniffed;
 use crate::plan::{Need, Peeked, Plan, Termination, plan};
 use crate::proxy::Proxy;
 
@@ -57,11 +57,15 @@ where
     // Each step reads more, and there are two things to read.
     for _ in 0..3 {
         match plan(&snap, &conn, read.peeked(), fastrand::f64()) {
-            Plan::Read(Need::FirstByte) => match io.starts_with_tls().await? {
-                Some(tls) => read = Read::FirstByte(tls),
-                None => return Ok(()),
-            },
-            Plan::Read(Need::ClientHello) => read = Read::ClientHello(io.client_hello().await?),
+            Plan::Read(Need::FirstByte) => {
+                match io.starts_with_tls(proxy.timeouts.first_byte).await? {
+                    Some(tls) => read = Read::FirstByte(tls),
+                    None => return Ok(()),
+                }
+            }
+            Plan::Read(Need::ClientHello) => {
+                read = Read::ClientHello(io.client_hello(proxy.timeouts.first_byte).await?);
+            }
             Plan::ServeHttp => return serve_http(proxy, conn, io).await,
             Plan::Terminate(t) => {
                 let tls = terminate(&proxy, &mut conn, io, t).await?;
@@ -83,7 +87,7 @@ where
     Ok(())
 }
 
-/// Terminates TLS (bounded by HANDSHAKE_TIMEOUT) and records what the
+/// Terminates TLS (bounded by the handshake timeout) and records what the
 /// handshake says: the SNI and the peer's SPIFFE identity.
 async fn terminate<S>(
     proxy: &Proxy,
@@ -98,17 +102,37 @@ where
         Termination::Mesh => TlsAcceptor::from(proxy.mesh_tls.clone()),
         Termination::Server(config) => TlsAcceptor::from(config),
     };
-    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io))
+    let limit = proxy.timeouts.handshake;
+    let stream = tokio::time::timeout(limit, acceptor.accept(io))
         .await
-        .map_err(|_| ConnError::HandshakeTimeout(HANDSHAKE_TIMEOUT))?
+        .map_err(|_| ConnError::HandshakeTimeout(limit))?
         .map_err(|e| ConnError::Handshake(handshake_error_reason(&e)))?;
     let session = stream.get_ref().1;
+    let peer = peer_identity(session.peer_certificates())
+        .map(|id| Arc::new(Peer::new(id, &proxy.trust_domain)));
+    let client_cert = match (proxy.is_gateway(), session.peer_certificates(), &peer) {
+        (true, Some([leaf, ..]), Some(peer)) => client_cert_header(&proxy.identity, leaf, peer),
+        _ => None,
+    };
     conn.tls = Some(Terminated {
         sni: session.server_name().map(Arc::from),
-        peer: peer_identity(session.peer_certificates())
-            .map(|id| Arc::new(Peer::new(id, &proxy.trust_domain))),
+        peer,
+        client_cert,
     });
     Ok(stream)
+}
+
+/// Envoy's `x-forwarded-client-cert` for a verified client certificate:
+/// who received it (`By`), its SHA-256 (`Hash`) and its SPIFFE ID (`URI`).
+fn client_cert_header(
+    by: &str,
+    leaf: &rustls_pki_types::CertificateDer<'_>,
+    peer: &Peer,
+) -> Option<http::HeaderValue> {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf.as_ref());
+    let hash: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let value = format!("By={by};Hash={hash};URI={}", peer.uri);
+    http::HeaderValue::from_str(&value).ok()
 }
 
 async fn serve_http<I>(proxy: Arc<Proxy>, conn: Conn, io: I) -> Result<(), ConnError>

@@ -64,29 +64,30 @@ impl Proxy {
         // these are borrowed.
         let uri = parts.uri.clone();
         let host_header = parts.headers.get(header::HOST).cloned();
-        let authority: &str = host_header
-            .as_ref()
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| uri.authority().map(|a| a.as_str()))
-            .unwrap_or("");
-        let target = forward::Head {
-            authority,
-            path: uri.path(),
-            query: uri.query().unwrap_or(""),
-            scheme: if conn.tls.is_some() { "https" } else { "http" },
-        };
+        let authority = request_authority(&uri, host_header.as_ref());
+        let scheme = if conn.tls.is_some() { "https" } else { "http" };
         let head = RequestHead {
             view: RequestView {
                 authority,
                 method: parts.method.as_str(),
-                scheme: target.scheme,
-                path: target.path,
-                query: target.query,
+                scheme,
+                path: uri.path(),
+                query: uri.query().unwrap_or(""),
                 headers: &parts.headers,
             },
-            uri_port: uri.port_u16(),
+            uri_port: uri.port_u16().or(match uri.scheme_str() {
+                Some("https") => Some(443),
+                Some("http") => Some(80),
+                _ => None,
+            }),
         };
         let plan = plan_request(&snap, conn, &head, fastrand::f64());
+        let target = forward::Head {
+            authority,
+            path: plan.normalized_path.as_deref().unwrap_or(uri.path()),
+            query: uri.query().unwrap_or(""),
+            normalized: plan.normalized_path.is_some(),
+        };
         let entry = self
             .access_log
             .enabled()
@@ -258,6 +259,19 @@ impl Proxy {
     }
 }
 
+/// The request's authority: an absolute-form request-target's (RFC 9112
+/// 3.2.2: its Host header is then ignored, and rewritten upstream), else
+/// the Host header's, else HTTP/2's `:authority`.
+fn request_authority<'a>(uri: &'a http::Uri, host: Option<&'a HeaderValue>) -> &'a str {
+    match (uri.scheme(), uri.authority()) {
+        (Some(_), Some(a)) => a.as_str(),
+        _ => host
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| uri.authority().map(|a| a.as_str()))
+            .unwrap_or(""),
+    }
+}
+
 /// The access-log fields known before the request is acted on.
 fn log_entry(
     conn: &Conn,
@@ -269,12 +283,15 @@ fn log_entry(
     Box::new(LogEntry {
         start_time: Some(start_time),
         method: Some(parts.method.to_string()),
-        path: Some(
-            parts
+        // As Envoy logs `:path`: after normalization.
+        path: Some(match (&plan.normalized_path, parts.uri.query()) {
+            (Some(p), Some(q)) => format!("{p}?{q}"),
+            (Some(p), None) => p.clone(),
+            (None, _) => parts
                 .uri
                 .path_and_query()
                 .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
-        ),
+        }),
         protocol: Some(version_str(parts.version)),
         x_forwarded_for: header_string(&parts.headers, "x-forwarded-for"),
         user_agent: header_string(&parts.headers, "user-agent"),

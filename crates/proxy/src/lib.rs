@@ -19,6 +19,7 @@ pub mod http;
 pub mod iptables;
 pub mod labels;
 pub mod listener;
+pub mod normalize;
 pub mod plan;
 pub mod proxy;
 pub mod report;

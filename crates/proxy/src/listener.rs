@@ -20,11 +20,32 @@ use crate::drain::Drain;
 use crate::error::ConnError;
 use crate::tls_hello::{Hello, MAX_HELLO, parse_client_hello};
 
-/// How long a client may take to send its first bytes (and a ClientHello
-/// to arrive whole), as Envoy's listener filter timeout.
-pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long a TLS handshake may take once it started.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a downstream may take before the proxy gives up on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// To send its first bytes, and a whole ClientHello (Envoy's listener
+    /// filter timeout, 15 s).
+    pub first_byte: Duration,
+    /// To finish a TLS handshake once it started (15 s, as Envoy's).
+    pub handshake: Duration,
+    /// For a response to start where the route sets no timeout (Envoy's
+    /// stream idle timeout, 5 min).
+    pub stream_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            first_byte: Duration::from_secs(15),
+            handshake: Duration::from_secs(15),
+            stream_idle: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Envoy's default limit on request headers (`max_request_headers_kb`):
+/// more gets 431.
+pub const MAX_REQUEST_HEADERS: usize = 60 * 1024;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -58,8 +79,12 @@ where
 /// never finishes its headers cannot hold a connection forever.
 fn http_server() -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
     let mut b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-    b.http1().timer(hyper_util::rt::TokioTimer::new());
-    b.http2().timer(hyper_util::rt::TokioTimer::new());
+    b.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_buf_size(MAX_REQUEST_HEADERS);
+    b.http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(MAX_REQUEST_HEADERS as u32);
     b
 }
 
@@ -108,12 +133,17 @@ impl<S: AsyncRead + Unpin> Sniffed<S> {
         &self.inner
     }
 
-    /// Reads more bytes into the buffer, by `deadline`.
-    async fn fill(&mut self, deadline: Instant, what: &'static str) -> Result<(), ConnError> {
+    /// Reads more bytes into the buffer, within `limit` from `start`.
+    async fn fill(
+        &mut self,
+        start: Instant,
+        limit: Duration,
+        what: &'static str,
+    ) -> Result<(), ConnError> {
         let mut chunk = [0u8; 4096];
-        let read = tokio::time::timeout_at(deadline, self.inner.read(&mut chunk)).await;
+        let read = tokio::time::timeout_at(start + limit, self.inner.read(&mut chunk)).await;
         match read {
-            Err(_) => Err(ConnError::Idle(FIRST_BYTE_TIMEOUT)),
+            Err(_) => Err(ConnError::Idle(limit)),
             Ok(Err(e)) => Err(ConnError::Read(e)),
             Ok(Ok(0)) => Err(ConnError::Closed(what)),
             Ok(Ok(n)) => {
@@ -125,12 +155,9 @@ impl<S: AsyncRead + Unpin> Sniffed<S> {
 
     /// Whether the client starts with a TLS handshake record; `None` when
     /// it closes without sending anything.
-    pub async fn starts_with_tls(&mut self) -> Result<Option<bool>, ConnError> {
+    pub async fn starts_with_tls(&mut self, limit: Duration) -> Result<Option<bool>, ConnError> {
         if self.buf.is_empty() {
-            match self
-                .fill(Instant::now() + FIRST_BYTE_TIMEOUT, "sending anything")
-                .await
-            {
+            match self.fill(Instant::now(), limit, "sending anything").await {
                 Err(ConnError::Closed(_)) => return Ok(None),
                 other => other?,
             }
@@ -139,9 +166,9 @@ impl<S: AsyncRead + Unpin> Sniffed<S> {
     }
 
     /// Reads until the ClientHello is whole (one TLS record at most, within
-    /// FIRST_BYTE_TIMEOUT in all) and returns its SNI.
-    pub async fn client_hello(&mut self) -> Result<Option<String>, ConnError> {
-        let deadline = Instant::now() + FIRST_BYTE_TIMEOUT;
+    /// `limit` in all) and returns its SNI.
+    pub async fn client_hello(&mut self, limit: Duration) -> Result<Option<String>, ConnError> {
+        let start = Instant::now();
         loop {
             match parse_client_hello(&self.buf) {
                 Hello::Complete(sni) => return Ok(sni),
@@ -149,7 +176,7 @@ impl<S: AsyncRead + Unpin> Sniffed<S> {
                 Hello::Partial if self.buf.len() >= MAX_HELLO => {
                     return Err(ConnError::HelloTooLarge);
                 }
-                Hello::Partial => self.fill(deadline, "the ClientHello").await?,
+                Hello::Partial => self.fill(start, limit, "the ClientHello").await?,
             }
         }
     }

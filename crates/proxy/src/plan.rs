@@ -20,6 +20,7 @@ use meshgate_telemetry::ResponseFlags;
 
 use crate::authz::{AuthzRequest, Decision, HttpAttributes, authorize};
 use crate::conn::Conn;
+use crate::normalize::normalize_path;
 use crate::route::{Action, Redirect, RequestView, Route, Routed, WeightedCluster, pick_weighted};
 use crate::snapshot::{
     BLACKHOLE_CLUSTER, ClusterEntry, ListenerState, ListenerTls, Role, Snapshot, TlsRoute,
@@ -152,6 +153,12 @@ fn sidecar<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>, pick: f64) -
         // An explicit-proxy client: each request names its destination.
         return http(snap, conn, peeked, pick);
     }
+    if conn.original_dst.is_none() && conn.connect_host.is_none() {
+        // Made to the capture port itself, and no explicit proxy: nowhere
+        // to go (Istio's virtualOutbound sends it to a black hole).
+        let flags = ResponseFlags::NO_HEALTHY_UPSTREAM;
+        return Plan::Tcp(TcpPlan::closed(None, flags, TcpReason::ToCapturePort));
+    }
     let listener = snap.listener(conn.port);
     let (http_port, tls_port) =
         listener.map_or((false, false), |l| (l.serves_http(), l.serves_tls()));
@@ -194,6 +201,10 @@ pub struct RequestPlan<'s> {
     pub destination: Option<&'s WeightedCluster>,
     pub authz: Decision,
     pub action: RequestAction<'s>,
+    /// The path after MeshConfig pathNormalization, when it differs from
+    /// the request's: what routing and authorization saw, and what goes
+    /// upstream.
+    pub normalized_path: Option<String>,
 }
 
 /// What the proxy does with a request.
@@ -292,6 +303,16 @@ impl Local {
         )
     }
 
+    /// 400: a request no proxy should act on.
+    fn bad_request(details: &'static str) -> Local {
+        Local::new(
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+            ResponseFlags::NONE,
+            details,
+        )
+    }
+
     /// 503 NC: the route's destination is not a cluster this proxy has.
     fn no_cluster() -> Local {
         Local::new(
@@ -310,7 +331,6 @@ pub fn plan_request<'s>(
     head: &RequestHead<'_>,
     pick: f64,
 ) -> RequestPlan<'s> {
-    let req = &head.view;
     // An explicit-proxy request names its port in the URI.
     let port = if conn.explicit {
         head.uri_port.unwrap_or(80)
@@ -318,6 +338,28 @@ pub fn plan_request<'s>(
         conn.port
     };
     let listener = snap.listener(port);
+    let refused = |local| RequestPlan {
+        port,
+        listener,
+        routed: Routed::NoVirtualHost,
+        destination: None,
+        authz: Decision::Allow { audited: false },
+        action: RequestAction::Local(local),
+        normalized_path: None,
+    };
+    if let Some(local) = malformed(&head.view) {
+        return refused(local);
+    }
+    // Normalized before anything is decided: what is authorized is what
+    // is routed and forwarded.
+    let Ok(path) = normalize_path(head.view.path, snap.view.path_normalization) else {
+        return refused(Local::bad_request("path_normalization_failed"));
+    };
+    let req = RequestView {
+        path: &path,
+        ..head.view
+    };
+    let req = &req;
     // Route first: the chosen cluster names the destination in every
     // report, denied requests included (as Envoy's stats do).
     let routed = match (
@@ -350,6 +392,10 @@ pub fn plan_request<'s>(
     } else {
         request_action(snap, &routed, destination, &authz)
     };
+    let normalized_path = match path {
+        Cow::Owned(p) => Some(p),
+        Cow::Borrowed(_) => None,
+    };
     RequestPlan {
         port,
         listener,
@@ -357,7 +403,58 @@ pub fn plan_request<'s>(
         destination,
         authz,
         action,
+        normalized_path,
     }
+}
+
+/// Requests refused before anything is decided (Envoy's and Istio's
+/// 400s): a method not in upper case (a lowercase `delete` is not
+/// `DELETE` to a policy, but may be to an upstream), or two `Host`
+/// headers (which one would be routed and authorized?).
+fn malformed(req: &RequestView<'_>) -> Option<Local> {
+    if !req
+        .method
+        .bytes()
+        .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
+    {
+        return Some(Local::bad_request("method_not_upper_case"));
+    }
+    if req
+        .headers
+        .get_all(http::header::HOST)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Some(Local::bad_request("duplicate_host_header"));
+    }
+    match upgrade(req.headers) {
+        // Istio configures WebSocket upgrades only; `h2c` is dropped (the
+        // request goes on as HTTP/1.1); any other is refused, as Envoy
+        // refuses an upgrade it has no config for.
+        Some(u) if u.eq_ignore_ascii_case("websocket") || u.eq_ignore_ascii_case("h2c") => None,
+        Some(_) => Some(Local::new(
+            StatusCode::FORBIDDEN,
+            "",
+            ResponseFlags::NONE,
+            "upgrade_failed",
+        )),
+        None => None,
+    }
+}
+
+/// The protocol a request asks to upgrade to (`Connection: upgrade` and
+/// `Upgrade`): the first one it names, without a version.
+pub fn upgrade(headers: &http::HeaderMap) -> Option<&str> {
+    let asks = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let value = headers.get(http::header::UPGRADE)?.to_str().ok()?;
+    let first = value.split(',').next()?.trim();
+    asks.then(|| first.split('/').next().unwrap_or(first))
 }
 
 impl RequestPlan<'_> {
@@ -484,6 +581,8 @@ pub enum TcpReason {
     NoCluster,
     #[error("denied by authorization policy")]
     Denied,
+    #[error("made to the capture port itself, and the sidecar is no explicit proxy")]
+    ToCapturePort,
 }
 
 impl<'s> TcpPlan<'s> {
@@ -522,7 +621,7 @@ impl<'s> TcpPlan<'s> {
     pub fn cluster_name(&self) -> Option<&str> {
         match (self.cluster, self.reason) {
             (Some(c), _) => Some(c.cluster.name()),
-            (None, TcpReason::BlackHole) => Some(BLACKHOLE_CLUSTER),
+            (None, TcpReason::BlackHole | TcpReason::ToCapturePort) => Some(BLACKHOLE_CLUSTER),
             (None, _) => None,
         }
     }

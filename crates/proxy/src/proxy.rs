@@ -30,6 +30,9 @@ pub struct Proxy {
     pub mesh_tls: Arc<rustls::ServerConfig>,
     /// Peers of this trust domain have a namespace.
     pub trust_domain: Arc<str>,
+    /// This proxy's own SPIFFE ID (`By=` of x-forwarded-client-cert).
+    pub identity: Arc<str>,
+    pub timeouts: crate::listener::Timeouts,
 }
 
 impl Proxy {
@@ -49,6 +52,8 @@ impl Proxy {
             access_log,
             mesh_tls: mesh,
             trust_domain: Arc::from(identity.id().trust_domain()),
+            identity: Arc::from(identity.id().to_string().as_str()),
+            timeouts: crate::listener::Timeouts::default(),
         })
     }
 

@@ -38,8 +38,17 @@ pub fn original_dst(tcp: &TcpStream) -> Option<SocketAddr> {
     (orig != local).then_some(orig)
 }
 
-/// Serves the outbound listener until the task is dropped.
-pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, how: OriginalDst) {
+/// Serves the outbound listener until the task is dropped. A connection
+/// nothing redirected (made to the listener itself) is an explicit-proxy
+/// client only with `explicit_proxy`; otherwise the plan closes it, as
+/// Istio's virtualOutbound sends connections to 15001 itself to a black
+/// hole (no open proxy on the pod's address).
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    how: OriginalDst,
+    explicit_proxy: bool,
+) {
     accept_loop(listener, |tcp, remote| {
         let Ok(local) = tcp.local_addr() else {
             return;
@@ -50,7 +59,7 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, how: OriginalDst) {
         };
         let conn = Conn {
             original_dst: orig,
-            explicit: orig.is_none(),
+            explicit: orig.is_none() && explicit_proxy,
             ..Conn::accepted(remote, local, orig.map_or(local.port(), |o| o.port()))
         };
         tokio::spawn(crate::connection::serve(proxy.clone(), conn, tcp));

@@ -140,6 +140,10 @@ pub struct SeenRequest {
     pub path: String,
     /// The `x-forwarded-for` the proxies passed on.
     pub forwarded_for: Option<String>,
+    /// The `x-forwarded-client-cert` the proxies passed on.
+    pub client_cert: Option<String>,
+    /// Bytes of request body.
+    pub body: usize,
 }
 
 impl Seen {
@@ -205,29 +209,35 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, seen: Se
             let sni = stream.get_ref().1.server_name().map(str::to_owned);
             let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 let upgrade = echo_upgrade(&mut req);
-                let host = req
-                    .headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-                    .or_else(|| req.uri().authority().map(|a| a.to_string()));
+                let header = |name: header::HeaderName| {
+                    req.headers()
+                        .get(name)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_owned)
+                };
+                let host =
+                    header(header::HOST).or_else(|| req.uri().authority().map(|a| a.to_string()));
+                let forwarded_for = header(header::HeaderName::from_static("x-forwarded-for"));
+                let client_cert =
+                    header(header::HeaderName::from_static("x-forwarded-client-cert"));
                 let path = req.uri().path().to_owned();
-                let forwarded_for = req
-                    .headers()
-                    .get("x-forwarded-for")
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned);
-                tracing::info!(sni = sni.as_deref().unwrap_or("-"), host = host.as_deref().unwrap_or("-"), %path, "stand-in request");
-                if let Ok(mut v) = seen.0.lock() {
-                    v.push(SeenRequest {
-                        sni: sni.clone(),
-                        host,
-                        path: path.clone(),
-                        forwarded_for,
-                    });
-                }
-                let hold = seen.1.clone();
+                let (seen, sni, hold) = (seen.clone(), sni.clone(), seen.1.clone());
                 async move {
+                    let body = http_body_util::BodyExt::collect(req.into_body())
+                        .await
+                        .map(|b| b.to_bytes().len())
+                        .unwrap_or(0);
+                    tracing::info!(sni = sni.as_deref().unwrap_or("-"), host = host.as_deref().unwrap_or("-"), %path, "stand-in request");
+                    if let Ok(mut v) = seen.0.lock() {
+                        v.push(SeenRequest {
+                            sni,
+                            host,
+                            path: path.clone(),
+                            forwarded_for,
+                            client_cert,
+                            body,
+                        });
+                    }
                     if let Some(resp) = upgrade {
                         return Ok(resp);
                     }

@@ -34,7 +34,9 @@ where
 {
     let destination = match (plan.cluster, plan.reason) {
         (Some(c), _) => c.labels.clone(),
-        (None, TcpReason::BlackHole) => DestinationLabels::named(Arc::from(BLACKHOLE_CLUSTER)),
+        (None, TcpReason::BlackHole | TcpReason::ToCapturePort) => {
+            DestinationLabels::named(Arc::from(BLACKHOLE_CLUSTER))
+        }
         (None, _) => DestinationLabels::host(sni.unwrap_or_default()),
     };
     let log = LogEntry {
@@ -58,7 +60,7 @@ where
         }
         (TcpAction::Forward, Some(c)) => c.cluster.connect_tcp().await,
         (TcpAction::OriginalDst, Some(c)) => {
-            let to = original_destination(conn).await?;
+            let to = original_destination(conn, &c.cluster).await?;
             c.cluster.connect_tcp_to(to).await
         }
         (_, None) => return Err(ConnError::NotForwarded(TcpReason::NoCluster)),
@@ -82,15 +84,17 @@ where
 }
 
 /// Where the application was connecting: the original destination, or the
-/// host a CONNECT request named (resolved by the system's resolver).
-async fn original_destination(conn: &Conn) -> Result<SocketAddr, ConnError> {
+/// host a CONNECT request named (resolved as the cluster resolves: with
+/// the proxy's DNS server).
+async fn original_destination(
+    conn: &Conn,
+    cluster: &crate::upstream::Cluster,
+) -> Result<SocketAddr, ConnError> {
     if let Some(addr) = conn.original_dst {
         return Ok(addr);
     }
     let host = conn.connect_host.as_deref().unwrap_or_default();
-    tokio::net::lookup_host((host, conn.port))
-        .await
-        .ok()
-        .and_then(|mut a| a.next())
+    let ip = cluster.resolve(host).await;
+    ip.map(|ip| SocketAddr::new(ip, conn.port))
         .ok_or_else(|| ConnError::Resolve(host.to_owned()))
 }

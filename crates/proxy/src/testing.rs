@@ -253,6 +253,12 @@ pub struct Spec {
     pub roots: Vec<CertificateDer<'static>>,
     /// The DNS server clusters resolve with (none: one that knows nothing).
     pub dns: Option<SocketAddr>,
+    /// A sidecar's outbound listener is also an explicit HTTP proxy.
+    pub explicit_proxy: bool,
+    /// MeshConfig.
+    pub mesh: MeshSettings,
+    /// How long downstreams may take.
+    pub timeouts: crate::listener::Timeouts,
 }
 
 impl Spec {
@@ -263,6 +269,9 @@ impl Spec {
             endpoints: HashMap::new(),
             roots: Vec::new(),
             dns: None,
+            explicit_proxy: true,
+            mesh: MeshSettings::default(),
+            timeouts: crate::listener::Timeouts::default(),
         }
     }
 
@@ -315,20 +324,22 @@ impl TestProxy {
     /// Builds and starts the proxy of `spec.workload`, listening on
     /// 127.0.0.1 (every port 0).
     pub async fn start(mesh: &Mesh, spec: Spec) -> TestProxy {
-        let view = view::build(&spec.config, &MeshSettings::default(), &spec.workload).unwrap();
+        let view = view::build(&spec.config, &spec.mesh, &spec.workload).unwrap();
         let identity = mesh.identity(&view.workload.spiffe_id).await;
         let ctx = spec.context(identity.clone()).await;
         let snapshot = Snapshot::build(view, &ctx).unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
         let log = AccessLog::new(AccessLogFormat::Json, Box::new(LogSink(tx, Vec::new())));
         let metrics = Arc::new(Metrics::new());
-        let proxy = Proxy::new(snapshot, &identity, metrics.clone(), Arc::new(log)).unwrap();
+        let mut proxy = Proxy::new(snapshot, &identity, metrics.clone(), Arc::new(log)).unwrap();
+        proxy.timeouts = spec.timeouts;
         let options = Options {
             bind: LOCALHOST,
             port_overrides: HashMap::new(),
             any_free_port: true,
             outbound: (LOCALHOST, 0).into(),
             original_dst: OriginalDst::Socket,
+            explicit_proxy: spec.explicit_proxy,
         };
         let app = App::start(Arc::new(proxy), &options).await.unwrap();
         TestProxy {
@@ -380,6 +391,20 @@ impl TestProxy {
                 Ok(Some(entry)) if entry["request_id"] == request_id => return entry,
                 Ok(Some(_)) => {}
                 _ => panic!("no access-log entry for request {request_id} within {WAIT:?}"),
+            }
+        }
+    }
+
+    /// The next access-log entry with this status (others are passed
+    /// over), within 10 s.
+    pub async fn log_of_status(&self, status: u16) -> serde_json::Value {
+        let mut rx = self.logs.lock().await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(entry)) if entry["response_code"] == status => return entry,
+                Ok(Some(_)) => {}
+                _ => panic!("no access-log entry with status {status} within {WAIT:?}"),
             }
         }
     }

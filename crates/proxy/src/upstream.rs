@@ -70,6 +70,10 @@ pub enum UpstreamError {
     /// The route's `timeout` passed (504, UT).
     #[error("upstream request timeout")]
     Timeout,
+    /// No response within the stream idle timeout, where the route sets no
+    /// timeout (504, SI).
+    #[error("stream timeout")]
+    StreamIdle,
 }
 
 impl UpstreamError {
@@ -82,6 +86,7 @@ impl UpstreamError {
             UpstreamError::PerTryTimeout | UpstreamError::Timeout => {
                 ResponseFlags::UPSTREAM_REQUEST_TIMEOUT
             }
+            UpstreamError::StreamIdle => ResponseFlags::STREAM_IDLE_TIMEOUT,
         }
     }
 
@@ -102,7 +107,7 @@ impl UpstreamError {
     /// The status the downstream gets.
     pub fn status(&self) -> http::StatusCode {
         match self {
-            UpstreamError::PerTryTimeout | UpstreamError::Timeout => {
+            UpstreamError::PerTryTimeout | UpstreamError::Timeout | UpstreamError::StreamIdle => {
                 http::StatusCode::GATEWAY_TIMEOUT
             }
             _ => http::StatusCode::SERVICE_UNAVAILABLE,
@@ -122,6 +127,7 @@ impl UpstreamError {
             UpstreamError::Overflow => "upstream_reset_before_response_started{overflow}",
             UpstreamError::PerTryTimeout => "upstream_per_try_timeout",
             UpstreamError::Timeout => "upstream_response_timeout",
+            UpstreamError::StreamIdle => "stream_idle_timeout",
         }
     }
 
@@ -457,39 +463,31 @@ impl tower_service::Service<http::Uri> for Connector {
             let addr = core
                 .pick(&addrs)
                 .ok_or_else(|| ConnectError::NoEndpoint("no endpoint".into()))?;
-            let tcp =
-                match tokio::time::timeout(core.connect_timeout, TcpStream::connect(addr)).await {
-                    Ok(Ok(tcp)) => tcp,
-                    Ok(Err(e)) => {
-                        core.observe(addr, 503);
-                        return Err(ConnectError::Failed(format!("delayed connect error: {e}")));
-                    }
-                    Err(_) => {
-                        core.observe(addr, 503);
-                        return Err(ConnectError::Failed("connect timeout".into()));
-                    }
-                };
+            // Envoy's connect timeout covers the TLS handshake too.
+            let deadline = tokio::time::Instant::now() + core.connect_timeout;
+            let tcp = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+                Ok(Ok(tcp)) => tcp,
+                Ok(Err(e)) => {
+                    core.observe(addr, 503);
+                    return Err(ConnectError::Failed(format!("delayed connect error: {e}")));
+                }
+                Err(_) => {
+                    core.observe(addr, 503);
+                    return Err(ConnectError::Failed("connect timeout".into()));
+                }
+            };
             let _ = tcp.set_nodelay(true);
             core.track(addr, 1);
             let (stream, h2) = match &core.tls {
                 None => (UpstreamStream::Plain(tcp), this.h2),
-                Some(tls) => {
-                    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-                    match connector.connect(tls.sni.clone(), tcp).await {
-                        Ok(s) => {
-                            let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
-                            (UpstreamStream::Tls(Box::new(s)), h2)
-                        }
-                        Err(e) => {
-                            core.track(addr, -1);
-                            core.observe(addr, 503);
-                            return Err(ConnectError::Failed(format!(
-                                "TLS_error: {}",
-                                meshgate_identity::tls::handshake_error_reason(&e)
-                            )));
-                        }
+                Some(tls) => match handshake(tls, tcp, deadline).await {
+                    Ok(x) => x,
+                    Err(reason) => {
+                        core.track(addr, -1);
+                        core.observe(addr, 503);
+                        return Err(ConnectError::Failed(format!("TLS_error: {reason}")));
                     }
-                }
+                },
             };
             Ok(TokioIo::new(Conn {
                 stream,
@@ -498,6 +496,24 @@ impl tower_service::Service<http::Uri> for Connector {
                 core: core.clone(),
             }))
         })
+    }
+}
+
+/// The TLS handshake with an upstream, by `deadline`: the stream and
+/// whether it speaks h2 (ALPN).
+async fn handshake(
+    tls: &UpstreamTls,
+    tcp: TcpStream,
+    deadline: tokio::time::Instant,
+) -> Result<(UpstreamStream, bool), String> {
+    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    match tokio::time::timeout_at(deadline, connector.connect(tls.sni.clone(), tcp)).await {
+        Ok(Ok(s)) => {
+            let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+            Ok((UpstreamStream::Tls(Box::new(s)), h2))
+        }
+        Ok(Err(e)) => Err(meshgate_identity::tls::handshake_error_reason(&e)),
+        Err(_) => Err("handshake timeout".to_owned()),
     }
 }
 
@@ -599,6 +615,17 @@ impl Cluster {
             .pick(&addrs)
             .ok_or_else(|| UpstreamError::NoHealthyUpstream("no endpoint".into()))?;
         self.connect_tcp_to(addr).await
+    }
+
+    /// The first address of `host` by the cluster's resolver.
+    pub async fn resolve(&self, host: &str) -> Option<IpAddr> {
+        self.core
+            .resolver
+            .lookup(host)
+            .await
+            .ok()?
+            .into_iter()
+            .next()
     }
 
     /// Opens a plain TCP connection to one address (the original

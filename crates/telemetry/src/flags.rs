@@ -13,7 +13,7 @@ use serde::{Serialize, Serializer};
 pub struct ResponseFlags(u16);
 
 /// The flags meshgate sets, in the order Envoy prints them.
-const NAMES: [(ResponseFlags, &str); 11] = [
+const NAMES: [(ResponseFlags, &str); 12] = [
     (ResponseFlags::NO_HEALTHY_UPSTREAM, "UH"),
     (ResponseFlags::UPSTREAM_REQUEST_TIMEOUT, "UT"),
     (ResponseFlags::UPSTREAM_CONNECTION_FAILURE, "UF"),
@@ -23,6 +23,7 @@ const NAMES: [(ResponseFlags, &str); 11] = [
     (ResponseFlags::DELAY_INJECTED, "DI"),
     (ResponseFlags::FAULT_INJECTED, "FI"),
     (ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED, "URX"),
+    (ResponseFlags::STREAM_IDLE_TIMEOUT, "SI"),
     (ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR, "DPE"),
     (ResponseFlags::NO_CLUSTER_FOUND, "NC"),
 ];
@@ -53,6 +54,8 @@ impl ResponseFlags {
     pub const DOWNSTREAM_PROTOCOL_ERROR: Self = ResponseFlags(1 << 9);
     /// NC: the route names a cluster the proxy does not have.
     pub const NO_CLUSTER_FOUND: Self = ResponseFlags(1 << 10);
+    /// SI: nothing moved on the stream for the stream idle timeout.
+    pub const STREAM_IDLE_TIMEOUT: Self = ResponseFlags(1 << 11);
 
     /// Both sets.
     #[must_use]

@@ -9,7 +9,7 @@ use crate::MeshSettings;
 use crate::model::common::IntOrString;
 use crate::model::networking::{
     ClientTlsSettings, ConnectionPoolSettings, DestinationRule, Gateway, LoadBalancerSettings,
-    OutboundMode, OutlierDetection, Sidecar, Subset, TrafficPolicy, VirtualService,
+    OutlierDetection, Sidecar, Subset, TrafficPolicy, VirtualService,
 };
 use crate::model::security::{AuthorizationPolicy, MtlsMode, PeerAuthentication};
 use crate::model::{Config, Resource, labels_match};
@@ -49,16 +49,16 @@ pub fn sidecar_for<'a>(
         .or_else(|| in_ns(&mesh.root_namespace).find(no_selector))
 }
 
-/// The outbound traffic policy and where it comes from. Mesh default:
-/// ALLOW_ANY.
-pub fn outbound_policy(sidecar: Option<&Resource<Sidecar>>) -> OutboundPolicy {
+/// The outbound traffic policy and where it comes from: the Sidecar's, else
+/// MeshConfig's (Istio's default: ALLOW_ANY).
+pub fn outbound_policy(sidecar: Option<&Resource<Sidecar>>, mesh: &MeshSettings) -> OutboundPolicy {
     match sidecar.and_then(|s| s.spec.outbound_traffic_policy.as_ref().map(|p| (s, p))) {
         Some((s, p)) => OutboundPolicy {
             mode: p.mode,
             source: format!("Sidecar {}", s.meta.full_name()),
         },
         None => OutboundPolicy {
-            mode: OutboundMode::AllowAny,
+            mode: mesh.outbound_traffic_policy,
             source: "mesh default".to_owned(),
         },
     }

@@ -77,7 +77,7 @@ fn sidecar_selection_order() {
 #[test]
 fn outbound_policy_defaults_to_allow_any() {
     let c = config(&workload_yaml("app", "curl", "app: curl"));
-    let p = outbound_policy(None);
+    let p = outbound_policy(None, &mesh());
     assert_eq!(
         (p.mode, p.source.as_str()),
         (OutboundMode::AllowAny, "mesh default")
@@ -88,7 +88,7 @@ fn outbound_policy_defaults_to_allow_any() {
         sidecar_yaml("app", "s", "", "REGISTRY_ONLY")
     ));
     assert_eq!(
-        outbound_policy(c2.sidecars.first()).mode,
+        outbound_policy(c2.sidecars.first(), &mesh()).mode,
         OutboundMode::RegistryOnly
     );
     assert!(c.sidecars.is_empty());

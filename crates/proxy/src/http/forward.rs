@@ -24,28 +24,34 @@ use crate::snapshot::{ClusterEntry, Snapshot};
 use crate::upstream::{UpstreamAddr, UpstreamError};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
 const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
     HeaderName::from_static("x-envoy-upstream-service-time");
 
 /// Envoy's hop-by-hop headers, never forwarded.
-const HOP_BY_HOP: [HeaderName; 6] = [
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TE,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    // An h2c upgrade's settings go with the upgrade.
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// The request as it arrived, where it is read again.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Head<'a> {
     pub authority: &'a str,
+    /// The normalized path.
     pub path: &'a str,
     pub query: &'a str,
-    pub scheme: &'a str,
+    /// Normalization changed the path: the request's URI is not what goes
+    /// upstream.
+    pub normalized: bool,
 }
 
 /// One request to forward, and where to.
@@ -133,7 +139,8 @@ impl Upstream<'_> {
         let route = self.route;
         let new_path = route.rewrite_path(self.matched, head.path);
         let authority = route.authority_rewrite.as_deref().unwrap_or(head.authority);
-        let uri = self.upstream_uri(&parts, new_path.as_deref(), head.query, authority)?;
+        let path = new_path.as_deref().or(head.normalized.then_some(head.path));
+        let uri = self.upstream_uri(&parts, path, head.query, authority)?;
         let h2 = self.cluster.cluster.is_h2();
         // An HTTP/1.1 upgrade (WebSocket and the like) keeps its Upgrade and
         // Connection headers and, once the upstream answers 101, becomes a
@@ -170,8 +177,14 @@ impl Upstream<'_> {
                 "http"
             }),
         );
+        // No client vouches for a certificate: sidecars drop the header
+        // (SANITIZE); gateways set it from the verified one (SANITIZE_SET).
+        headers.remove(&X_FORWARDED_CLIENT_CERT);
         if self.proxy.is_gateway() {
             append_forwarded_for(headers, self.conn.remote);
+            if let Some(v) = self.conn.tls.as_ref().and_then(|t| t.client_cert.clone()) {
+                headers.insert(X_FORWARDED_CLIENT_CERT, v);
+            }
         }
         route.request_headers.apply(headers);
         self.destination.request_headers.apply(headers);
@@ -193,11 +206,11 @@ impl Upstream<'_> {
     fn upstream_uri(
         &self,
         parts: &Parts,
-        new_path: Option<&str>,
+        path: Option<&str>,
         query: &str,
         authority: &str,
     ) -> Option<Uri> {
-        let path_and_query = match (new_path, query) {
+        let path_and_query = match (path, query) {
             (Some(p), "") => http::uri::PathAndQuery::try_from(p).ok()?,
             (Some(p), q) => http::uri::PathAndQuery::try_from(format!("{p}?{q}")).ok()?,
             (None, _) => parts
@@ -229,13 +242,22 @@ impl Upstream<'_> {
     ) -> Result<(Response<Incoming>, u32), (UpstreamError, u32)> {
         let retry = &self.route.retry;
         let cluster = &self.cluster.cluster;
-        // Bodyless requests can be retried; streamed bodies cannot be replayed.
-        let bodyless = body.is_end_stream()
-            || matches!(
-                parts.method,
-                Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
-            ) && !parts.headers.contains_key(header::CONTENT_LENGTH)
-                && !parts.headers.contains_key(header::TRANSFER_ENCODING);
+        // Bodyless requests can be retried; streamed bodies cannot be
+        // replayed. hyper knows a body is empty from the request head (no
+        // Content-Length, no chunked Transfer-Encoding): a GET with a body
+        // keeps it.
+        let bodyless = body.is_end_stream();
+        if !bodyless
+            && parts.version == Version::HTTP_11
+            && !parts.headers.contains_key(header::CONTENT_LENGTH)
+        {
+            // Said explicitly: hyper's client sends no body on a GET unless
+            // the request says it is chunked.
+            parts.headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
         let mut streaming = (!bodyless).then_some(body);
         let max_attempts = if streaming.is_some() {
             1
@@ -277,15 +299,14 @@ impl Upstream<'_> {
                 tokio::time::sleep(retry.backoff * attempt).await;
             }
         };
-        let result = match self.route.timeout {
-            Some(t) => {
-                let remaining = t.saturating_sub(self.start.elapsed());
-                tokio::time::timeout(remaining, attempts)
-                    .await
-                    .unwrap_or(Err(UpstreamError::Timeout))
-            }
-            None => attempts.await,
+        let (limit, timed_out) = match self.route.timeout {
+            Some(t) => (t, UpstreamError::Timeout),
+            None => (self.proxy.timeouts.stream_idle, UpstreamError::StreamIdle),
         };
+        let remaining = limit.saturating_sub(self.start.elapsed());
+        let result = tokio::time::timeout(remaining, attempts)
+            .await
+            .unwrap_or(Err(timed_out));
         result.map(|r| (r, attempt)).map_err(|e| (e, attempt))
     }
 
@@ -313,7 +334,12 @@ impl Upstream<'_> {
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, proto);
-            tokio::spawn(tunnel(down, up));
+            // Counted as a connection: the drain waits for it.
+            let open = self.proxy.drain.connection();
+            tokio::spawn(async move {
+                tunnel(down, up).await;
+                drop(open);
+            });
         }
         if let Ok(v) = HeaderValue::from_str(&self.start.elapsed().as_millis().to_string()) {
             parts.headers.insert(X_ENVOY_UPSTREAM_SERVICE_TIME, v);
@@ -359,21 +385,15 @@ impl Upstream<'_> {
     }
 }
 
-/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection:
-/// upgrade` plus `Upgrade`); CONNECT is planned on its own.
+/// The WebSocket upgrade an HTTP/1.1 request asks for (the plan refused
+/// other protocols; `h2c` is dropped with the hop-by-hop headers).
 fn upgrade_protocol(parts: &Parts) -> Option<HeaderValue> {
     if parts.version != Version::HTTP_11 || parts.method == Method::CONNECT {
         return None;
     }
-    let asks = parts
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| parts.headers.get(header::UPGRADE).cloned())
-        .flatten()
+    crate::plan::upgrade(&parts.headers)
+        .filter(|u| u.eq_ignore_ascii_case("websocket"))
+        .and_then(|_| parts.headers.get(header::UPGRADE).cloned())
 }
 
 /// Copies bytes both ways between an upgraded downstream and upstream

@@ -249,6 +249,7 @@ async fn gateway_requests_authorized_by_the_verified_peer() {
                 id.parse().unwrap(),
                 "cluster.local",
             ))),
+            client_cert: None,
         }),
         ..conn(&snap, 80)
     };

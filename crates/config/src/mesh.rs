@@ -1,0 +1,250 @@
+//! Istio's MeshConfig: the mesh-wide settings of `istiod` (the `mesh` key of
+//! the `istio` ConfigMap, or `meshConfig` of an install). meshgate reads the
+//! fields that change what its proxies do: `trustDomain`, `rootNamespace`,
+//! `outboundTrafficPolicy` (the default where no Sidecar sets one) and
+//! `pathNormalization`. Other MeshConfig fields are accepted and reported
+//! as not read; a wrong value in a field meshgate reads is an error naming
+//! the file, line and field.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::networking::OutboundMode;
+use crate::yaml::{self, Node, Value};
+
+/// Istio's defaults that meshgate assumes unless a MeshConfig says
+/// otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshSettings {
+    pub trust_domain: String,
+    pub root_namespace: String,
+    /// DNS suffix of Kubernetes Services.
+    pub cluster_domain: String,
+    /// Where no Sidecar resource says: Istio's default is ALLOW_ANY.
+    pub outbound_traffic_policy: OutboundMode,
+    pub path_normalization: PathNormalization,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        MeshSettings {
+            trust_domain: "cluster.local".to_owned(),
+            root_namespace: "istio-system".to_owned(),
+            cluster_domain: "cluster.local".to_owned(),
+            outbound_traffic_policy: OutboundMode::AllowAny,
+            path_normalization: PathNormalization::Base,
+        }
+    }
+}
+
+/// MeshConfig `pathNormalization.normalization`: what the proxies do to a
+/// request's path before routing and authorization (and forward).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PathNormalization {
+    /// As received (only `%00` is refused).
+    None,
+    /// RFC 3986: dot segments resolved, unreserved `%XX` decoded, `\` to
+    /// `/`. Istio's default.
+    #[default]
+    Base,
+    /// BASE, then `//` merged.
+    MergeSlashes,
+    /// `%2F` and `%5C` decoded first, then MERGE_SLASHES.
+    DecodeAndMergeSlashes,
+}
+
+impl PathNormalization {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathNormalization::None => "NONE",
+            PathNormalization::Base => "BASE",
+            PathNormalization::MergeSlashes => "MERGE_SLASHES",
+            PathNormalization::DecodeAndMergeSlashes => "DECODE_AND_MERGE_SLASHES",
+        }
+    }
+}
+
+/// A MeshConfig that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}: {message}")]
+    Invalid {
+        file: String,
+        line: u32,
+        message: String,
+    },
+}
+
+/// The fields meshgate reads; the rest of MeshConfig is kept as opaque.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MeshConfigDoc {
+    trust_domain: Option<String>,
+    root_namespace: Option<String>,
+    outbound_traffic_policy: Option<OutboundTrafficPolicyDoc>,
+    path_normalization: Option<PathNormalizationDoc>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutboundTrafficPolicyDoc {
+    #[serde(default)]
+    mode: Option<OutboundMode>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathNormalizationDoc {
+    #[serde(default)]
+    normalization: Option<PathNormalization>,
+}
+
+/// The MeshConfig fields meshgate reads (the others are accepted, not read).
+const READ: [&str; 4] = [
+    "trustDomain",
+    "rootNamespace",
+    "outboundTrafficPolicy",
+    "pathNormalization",
+];
+
+/// Reads a MeshConfig file: a MeshConfig document, or the `istio`
+/// ConfigMap with it under `data.mesh`. Returns the settings and the
+/// MeshConfig fields present but not read by meshgate.
+pub fn load_mesh_config(path: &Path) -> Result<(MeshSettings, Vec<String>), MeshConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| MeshConfigError::Io {
+        path: shown.clone(),
+        source,
+    })?;
+    parse_mesh_config(&shown, &text)
+}
+
+/// `load_mesh_config` on text; `file` names it in errors.
+pub fn parse_mesh_config(
+    file: &str,
+    text: &str,
+) -> Result<(MeshSettings, Vec<String>), MeshConfigError> {
+    let invalid = |line: u32, message: String| MeshConfigError::Invalid {
+        file: file.to_owned(),
+        line,
+        message,
+    };
+    let docs = yaml::parse_documents(text).map_err(|e| invalid(e.pos.line, e.message))?;
+    let Some(root) = docs
+        .into_iter()
+        .map(|d| d.root)
+        .find(|r| r.value != Value::Null)
+    else {
+        return Ok((MeshSettings::default(), Vec::new()));
+    };
+    // The istio ConfigMap: MeshConfig is the YAML text under data.mesh.
+    if root.get("kind").and_then(Node::as_str) == Some("ConfigMap") {
+        let mesh = root.locate("data.mesh");
+        let Some(inner) = mesh.as_str() else {
+            return Err(invalid(
+                root.pos.line,
+                "ConfigMap has no data.mesh".to_owned(),
+            ));
+        };
+        // Lines inside `data.mesh` are counted from where its text starts.
+        return parse_mesh_config(
+            &format!("{file} (data.mesh at line {})", mesh.pos.line),
+            inner,
+        );
+    }
+    let doc: MeshConfigDoc = yaml::from_node(&root).map_err(|e| {
+        let line = e.pos.map_or(root.pos.line, |p| p.line);
+        invalid(
+            line,
+            format!("MeshConfig field {}: {}", e.path(), e.message),
+        )
+    })?;
+    let ignored = match &root.value {
+        Value::Map(entries) => entries
+            .iter()
+            .filter_map(|(k, _)| k.as_str())
+            .filter(|k| !READ.contains(k))
+            .map(str::to_owned)
+            .collect(),
+        _ => {
+            return Err(invalid(
+                root.pos.line,
+                "MeshConfig must be a map".to_owned(),
+            ));
+        }
+    };
+    let defaults = MeshSettings::default();
+    let settings = MeshSettings {
+        trust_domain: doc.trust_domain.unwrap_or(defaults.trust_domain),
+        root_namespace: doc.root_namespace.unwrap_or(defaults.root_namespace),
+        cluster_domain: defaults.cluster_domain,
+        outbound_traffic_policy: doc
+            .outbound_traffic_policy
+            .and_then(|p| p.mode)
+            // MeshConfig's enum starts at REGISTRY_ONLY too, but an absent
+            // mode in an install means Istio's default.
+            .unwrap_or(defaults.outbound_traffic_policy),
+        path_normalization: doc
+            .path_normalization
+            .and_then(|p| p.normalization)
+            .unwrap_or_default(),
+    };
+    Ok((settings, ignored))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_fields_that_matter_and_names_the_rest() {
+        let (m, ignored) = parse_mesh_config(
+            "mesh.yaml",
+            "accessLogFile: /dev/stdout\npathNormalization:\n  normalization: MERGE_SLASHES\noutboundTrafficPolicy: {mode: REGISTRY_ONLY}\ntrustDomain: example.org\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m.path_normalization, PathNormalization::MergeSlashes);
+        assert_eq!(m.outbound_traffic_policy, OutboundMode::RegistryOnly);
+        assert_eq!(m.trust_domain, "example.org");
+        assert_eq!(m.root_namespace, "istio-system");
+        assert_eq!(ignored, ["accessLogFile"]);
+    }
+
+    #[test]
+    fn reads_the_istio_configmap() {
+        let (m, _) = parse_mesh_config(
+            "cm.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |-\n    pathNormalization:\n      normalization: NONE\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m.path_normalization, PathNormalization::None);
+    }
+
+    #[test]
+    fn a_bad_value_names_file_and_line() {
+        let err = parse_mesh_config(
+            "mesh.yaml",
+            "trustDomain: x\npathNormalization:\n  normalization: MERGE\n",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            err.starts_with("mesh.yaml:3: MeshConfig field pathNormalization.normalization:"),
+            "{err}"
+        );
+        assert!(err.contains("MERGE"), "{err}");
+        assert_eq!(
+            parse_mesh_config("empty.yaml", "").ok(),
+            Some((MeshSettings::default(), Vec::new()))
+        );
+    }
+}

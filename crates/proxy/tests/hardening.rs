@@ -1,0 +1,382 @@
+//! The proxies tried as an attacker would, in process: each test is a way
+//! around the gateway's policy (or a way to hold its resources) that the
+//! proxies must close, as Envoy and Istio close it.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use meshgate_config::{MeshSettings, PathNormalization};
+use meshgate_proxy::listener::Timeouts;
+use meshgate_proxy::standin;
+use meshgate_proxy::testing::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const DENY_ADMIN: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: curl-egress-tst}
+spec:
+  selector: {matchLabels: {istio: egressgateway}}
+  action: DENY
+  rules: [{to: [{operation: {paths: [/admin, /admin/*]}}]}]
+";
+
+/// What a raw HTTP/1.1 exchange got back: the status line.
+async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut back = Vec::new();
+    let status_line = async {
+        let mut chunk = [0u8; 1024];
+        while !back.contains(&b'\n') {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => back.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), status_line).await;
+    String::from_utf8_lossy(&back)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Istio's pathNormalization BASE: the walk-arounds of a DENY on /admin
+/// are denied, and what goes upstream is the normalized path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_normalized_before_authorization_and_forwarded_so() {
+    let chain = SeedChain::start(&[DENY_ADMIN]).await;
+    let client = chain.mesh.client(CURL_ID, &chain.dir);
+    let port = chain.gateway.addr(80).port();
+    let get = |path: &'static str| {
+        let client = client.clone();
+        async move { client.get(HOST, port, path, &["--path-as-is"]).await }
+    };
+    for attack in [
+        "/admin",
+        "/public/../admin",
+        "/./admin",
+        "/public/%2e%2e/admin",
+        "/%61dmin",
+        "/public\\..\\admin",
+        "/admin/x/../y",
+    ] {
+        assert_eq!(get(attack).await.code, "403", "{attack}");
+    }
+    assert_eq!(get("/a%00b").await.code, "400", "%00 is refused");
+    let ok = get("/public/./../todos/./1").await;
+    assert_eq!(ok.answer(), ("200", standin::TODO_1));
+    let seen: Vec<String> = chain
+        .external
+        .seen
+        .all()
+        .into_iter()
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(
+        seen,
+        ["/todos/1"],
+        "the upstream saw only the normalized path"
+    );
+
+    // MERGE_SLASHES also merges `//`, which BASE leaves alone.
+    let merge = MeshSettings {
+        path_normalization: PathNormalization::MergeSlashes,
+        ..MeshSettings::default()
+    };
+    let mut spec = SeedChain::gateway_spec(seed_config(&[DENY_ADMIN]), &chain.external);
+    spec.mesh = merge;
+    let merging = TestProxy::start(&chain.mesh, spec).await;
+    let merged = client
+        .get(HOST, merging.addr(80).port(), "//admin", &["--path-as-is"])
+        .await;
+    assert_eq!(merged.code, "403");
+    assert_ne!(get("//admin").await.code, "403", "BASE keeps //admin");
+}
+
+/// A connection made to the sidecar's port itself is closed unless the
+/// sidecar is an explicit proxy by choice (Istio: a black hole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_capture_port_is_no_open_proxy() {
+    let mesh = Mesh::default();
+    let external = External::start(&[HOST]).await;
+    let gateway =
+        TestProxy::start(&mesh, SeedChain::gateway_spec(seed_config(&[]), &external)).await;
+    let mut spec =
+        Spec::new(seed_config(&[]), WORKLOAD).endpoint(GATEWAY_SERVICE, gateway.addr(80));
+    spec.explicit_proxy = false;
+    let sidecar = TestProxy::start(&mesh, spec).await;
+    let proxy = format!("http://{}", sidecar.addr(15001));
+    let got = curl(&["-x", &proxy, &format!("http://{HOST}/todos/1")]).await;
+    assert_eq!(got.code, "000", "{got:?}");
+    let entry = sidecar.next_log().await;
+    assert_eq!(entry["upstream_cluster"], "BlackHoleCluster");
+    assert_eq!(entry["response_flags"], "UH");
+    assert!(external.seen.all().is_empty(), "nothing got out");
+}
+
+/// Istio allows WebSocket upgrades only: `h2c` is dropped (no tunnel
+/// that skips authorization and logs), any other upgrade is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_websocket_is_upgraded() {
+    let chain = SeedChain::start(&[]).await;
+    let addr = chain.sidecar.addr(15001);
+    let request = |upgrade: &str| {
+        format!(
+            "GET http://{HOST}/todos/1 HTTP/1.1\r\nHost: {HOST}\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: {upgrade}\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+        )
+    };
+    let h2c = raw(addr, request("h2c").as_bytes()).await;
+    assert!(h2c.starts_with("HTTP/1.1 200"), "{h2c}");
+    let other = raw(addr, request("foo").as_bytes()).await;
+    assert!(other.starts_with("HTTP/1.1 403"), "{other}");
+    let entry = chain.sidecar.log_of_status(403).await;
+    assert_eq!(entry["response_code_details"], "upgrade_failed");
+}
+
+/// A client's `x-forwarded-client-cert` never reaches the upstream: the
+/// sidecar drops it, the gateway sets it from the verified certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_cert_details_come_from_the_handshake() {
+    let chain = SeedChain::start(&[]).await;
+    let got = chain
+        .via_sidecar(
+            &format!("http://{HOST}/todos/1"),
+            &["-H", "X-Forwarded-Client-Cert: By=spiffe://evil;URI=spiffe://cluster.local/ns/admin/sa/root"],
+        )
+        .await;
+    assert_eq!(got.code, "200");
+    let xfcc = chain.external.seen.all()[0]
+        .client_cert
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        xfcc.starts_with("By=spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst;Hash="),
+        "{xfcc}"
+    );
+    assert!(xfcc.ends_with(&format!(";URI={CURL_ID}")), "{xfcc}");
+    assert!(!xfcc.contains("evil"), "{xfcc}");
+}
+
+/// Requests no proxy should act on: two Host headers, a method not in
+/// upper case, headers over 60 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_refused() {
+    let chain = SeedChain::start(&[]).await;
+    let addr = chain.sidecar.addr(15001);
+    let two_hosts = raw(
+        addr,
+        format!("GET http://{HOST}/todos/1 HTTP/1.1\r\nHost: unregistered.example.com\r\nHost: {HOST}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert!(two_hosts.starts_with("HTTP/1.1 400"), "{two_hosts}");
+    let lowercase = raw(
+        addr,
+        format!("delete http://{HOST}/todos/1 HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(lowercase.starts_with("HTTP/1.1 400"), "{lowercase}");
+    let big = format!("X-Big: {}", "a".repeat(70 * 1024));
+    let oversized = chain
+        .via_sidecar(&format!("http://{HOST}/todos/1"), &["-H", &big])
+        .await;
+    assert_eq!(oversized.code, "431");
+    assert!(
+        chain.external.seen.all().is_empty(),
+        "none reached the upstream"
+    );
+}
+
+/// A repeated header is seen whole by conditions: a second `x-role`
+/// cannot hide behind an allowed first one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_headers_are_joined_for_conditions() {
+    let deny_non_viewers = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: viewers-only, namespace: curl-egress-tst}
+spec:
+  selector: {matchLabels: {istio: egressgateway}}
+  action: DENY
+  rules: [{when: [{key: 'request.headers[x-role]', notValues: [viewer]}]}]
+";
+    let chain = SeedChain::start(&[deny_non_viewers]).await;
+    let client = chain.mesh.client(CURL_ID, &chain.dir);
+    let port = chain.gateway.addr(80).port();
+    let viewer = client
+        .get(HOST, port, "/todos/1", &["-H", "x-role: viewer"])
+        .await;
+    assert_eq!(viewer.code, "200");
+    let both = client
+        .get(
+            HOST,
+            port,
+            "/todos/1",
+            &["-H", "x-role: viewer", "-H", "x-role: admin"],
+        )
+        .await;
+    assert_eq!(both.code, "403");
+}
+
+/// An absolute-form request goes where its request-target says, not where
+/// its Host header says; `https://` without a port means 443.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absolute_form_routes_by_the_request_target() {
+    let chain = SeedChain::start(&[]).await;
+    let got = chain
+        .via_sidecar(
+            &format!("http://{HOST}/todos/1"),
+            &["-H", "Host: unregistered.example.com"],
+        )
+        .await;
+    assert_eq!(got.answer(), ("200", standin::TODO_1));
+    assert_eq!(chain.external.seen.all()[0].host.as_deref(), Some(HOST));
+    chain.sidecar.next_log().await;
+    let addr = chain.sidecar.addr(15001);
+    let _ = raw(
+        addr,
+        format!("GET https://{HOST}/todos/1 HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    let entry = chain.sidecar.next_log().await;
+    assert_eq!(
+        entry["upstream_cluster"],
+        "outbound|443||jsonplaceholder.typicode.com"
+    );
+}
+
+/// A GET may carry a body (chunked): it is forwarded, not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_with_a_chunked_body_keeps_it() {
+    let chain = SeedChain::start(&[]).await;
+    let got = chain
+        .via_sidecar(
+            &format!("http://{HOST}/todos/1"),
+            &[
+                "-X",
+                "GET",
+                "-H",
+                "Transfer-Encoding: chunked",
+                "--data-binary",
+                "0123456789",
+            ],
+        )
+        .await;
+    assert_eq!(got.code, "200");
+    assert_eq!(chain.external.seen.all()[0].body, 10);
+}
+
+/// Every wait is bounded: a half ClientHello, a client that never
+/// finishes its handshake, an upstream that never finishes its own, and a
+/// response that never starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_peers_are_cut_off() {
+    let quick = Timeouts {
+        first_byte: Duration::from_millis(300),
+        handshake: Duration::from_millis(300),
+        stream_idle: Duration::from_millis(300),
+    };
+    let mesh = Mesh::default();
+    let external = External::start(&[HOST]).await;
+    let mut spec = SeedChain::gateway_spec(seed_config(&[]), &external);
+    spec.timeouts = quick;
+    let gw = TestProxy::start(&mesh, spec).await;
+    let addr = gw.addr(80);
+
+    // Half a ClientHello, then nothing: closed.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"\x16\x03\x01\x02\x00\x01").await.unwrap();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "the connection was held open");
+
+    // No response within the stream idle timeout: 504 SI.
+    let dir = TempDir::new("slow");
+    let client = mesh.client(CURL_ID, &dir);
+    let held = client.get(HOST, addr.port(), "/hold", &[]).await;
+    assert_eq!(held.code, "504", "{held:?}");
+    assert_eq!(gw.log_of_status(504).await["response_flags"], "SI");
+    external.seen.release_held(1);
+
+    // An upstream that accepts and never speaks TLS: the connect timeout
+    // covers the handshake (503 UF after the default retries).
+    let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mute_addr = mute.local_addr().unwrap();
+    let _held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = mute.accept().await {
+            open.push(s);
+        }
+    });
+    let short_connect = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: quick, namespace: curl-egress-tst}
+spec:
+  host: jsonplaceholder.typicode.com
+  trafficPolicy:
+    connectionPool: {tcp: {connectTimeout: 0.2s}}
+    tls: {mode: SIMPLE, sni: jsonplaceholder.typicode.com}
+";
+    let config = seed_config_except(&["destintionrule.yaml"], &[short_connect]);
+    let spec = Spec::new(config, GATEWAY)
+        .endpoint(&format!("{HOST}:443"), mute_addr)
+        .trust(external.root());
+    let gw = TestProxy::start(&mesh, spec).await;
+    let got = client.get(HOST, gw.addr(80).port(), "/todos/1", &[]).await;
+    assert_eq!(got.code, "503", "{got:?}");
+    assert!(got.body.contains("handshake timeout"), "{got:?}");
+}
+
+/// CONNECT to a host the mesh does not know (ALLOW_ANY) resolves it with
+/// the proxy's DNS server, as its clusters do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_resolves_with_the_proxy_dns() {
+    let plain = plain_http().await;
+    let mesh = Mesh::default();
+    let spec = Spec::new(seed_config_except(&["sidecar.yaml"], &[]), WORKLOAD)
+        .dns(dns(&["tunnel.example.internal"]).await);
+    let sidecar = TestProxy::start(&mesh, spec).await;
+    let proxy = format!("http://{}", sidecar.addr(15001));
+    let got = curl(&[
+        "-p",
+        "-x",
+        &proxy,
+        &format!("http://tunnel.example.internal:{}/todos/1", plain.port()),
+    ])
+    .await;
+    assert_eq!(got.answer(), ("200", standin::TODO_1));
+}
+
+/// A WebSocket tunnel is a connection the drain waits for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_are_counted_by_the_drain() {
+    let chain = SeedChain::start(&[]).await;
+    let mut s = tokio::net::TcpStream::connect(chain.sidecar.addr(15001))
+        .await
+        .unwrap();
+    s.write_all(
+        format!("GET http://{HOST}/upgrade HTTP/1.1\r\nHost: {HOST}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1);
+        head.push(byte[0]);
+    }
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).await.unwrap();
+    let open = chain
+        .gateway
+        .app
+        .proxy
+        .drain
+        .drain(Duration::from_millis(100))
+        .await;
+    assert!(open >= 1, "the tunnel is still open and counted");
+}
