@@ -413,6 +413,7 @@ async fn proxy_main(
         .await
         .context("loading the workload certificate")?;
     cert_pending.done();
+    readiness.watch_certificate(identity.clone());
 
     let ctx = BuildContext {
         resolver: Resolver::new(args.dns_server)?,

@@ -98,8 +98,6 @@ fn start_gateway(t: &TempDir, config: &[&str], extra: &[&str]) -> Gateway {
         &ca,
         "--bind-address",
         "127.0.0.1",
-        "--port",
-        "80=0",
         "--admin-address",
         "127.0.0.1",
         "--admin-port",
@@ -111,6 +109,9 @@ fn start_gateway(t: &TempDir, config: &[&str], extra: &[&str]) -> Gateway {
         "--ready-file",
         &ready,
     ]);
+    if !extra.contains(&"--port") {
+        args.extend(["--port", "80=0"]);
+    }
     args.extend(extra);
     let proc = Proc::spawn(&args);
     proc.wait_for("egress gateway running", Duration::from_secs(20));
@@ -536,4 +537,54 @@ fn live_reload_follows_the_endpoints_file() {
     std::fs::rename(format!("{endpoints}.tmp"), &endpoints).unwrap();
     sidecar.wait_for("config reloaded", Duration::from_secs(10));
     assert_eq!(get().1, "200");
+}
+
+/// The gateway dies and comes back on the same port while the sidecar
+/// holds pooled connections to it: the request in flight fails (503, not a
+/// hang), every request after the restart succeeds.
+#[test]
+fn a_gateway_restart_fails_only_requests_in_flight() {
+    let t = setup("gw-restart");
+    let w = world(&t);
+    let gw = w.gateway(&t, &[&seed()], &[]);
+    let (_sidecar, port) = start_sidecar(&t, &[&seed()], &gw, &[]);
+    let proxy = format!("http://127.0.0.1:{port}");
+    let get = |path: &str| curl(&["-x", &proxy, &format!("http://{HOST}{path}")]);
+    for _ in 0..3 {
+        assert_eq!(get("/todos/1").1, "200", "warming the sidecar's pool");
+    }
+    let gw_port = format!("80={}", gw.http.port());
+
+    let in_flight = std::thread::scope(|s| {
+        let held = s.spawn(|| get("/hold"));
+        let mut arrived = false;
+        for _ in 0..1000 {
+            if w.seen.all().iter().any(|r| r.path == "/hold") {
+                arrived = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(arrived, "the held request reached the stand-in");
+        drop(gw); // SIGKILL: no drain, connections cut.
+        held.join().unwrap()
+    });
+    assert_eq!(in_flight.1, "503", "{in_flight:?}");
+    assert!(
+        in_flight
+            .0
+            .starts_with("upstream connect error or disconnect/reset before headers"),
+        "{in_flight:?}"
+    );
+
+    let gw = w.gateway(&t, &[&seed()], &["--port", &gw_port]);
+    assert_eq!(gw.http.to_string(), format!("127.0.0.1:{}", &gw_port[3..]));
+    for i in 0..10 {
+        let (body, code, _) = get("/todos/1");
+        assert_eq!(
+            (code.as_str(), body.as_str()),
+            ("200", standin::TODO_1),
+            "request {i} after the restart"
+        );
+    }
 }

@@ -71,6 +71,8 @@ pub struct WorkloadIdentity {
     trust: ArcSwap<TrustBundle>,
     /// Counts certificate loads; tests and readiness wait on it.
     generation: watch::Sender<u64>,
+    /// Why the last renewal failed; `None` after a success.
+    renewal_error: watch::Sender<Option<Arc<str>>>,
 }
 
 impl WorkloadIdentity {
@@ -84,6 +86,7 @@ impl WorkloadIdentity {
             trust: ArcSwap::new(first.trust.clone()),
             current: ArcSwapOption::empty(),
             generation: watch::channel(0).0,
+            renewal_error: watch::channel(None).0,
         });
         identity.install(first);
         tokio::spawn(rotate(Arc::downgrade(&identity), source));
@@ -106,6 +109,7 @@ impl WorkloadIdentity {
             current: ArcSwapOption::empty(),
             trust: ArcSwap::new(Arc::new(trust)),
             generation: watch::channel(0).0,
+            renewal_error: watch::channel(None).0,
         })
     }
 
@@ -149,6 +153,22 @@ impl WorkloadIdentity {
     /// A receiver that changes on every certificate load (1 after start).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
+    }
+
+    /// Why the last renewal failed (the current certificate is kept until
+    /// it expires); `None` when the last one succeeded.
+    pub fn renewal_error(&self) -> Option<Arc<str>> {
+        self.renewal_error.borrow().clone()
+    }
+
+    /// Changes of `renewal_error`.
+    pub fn watch_renewal(&self) -> watch::Receiver<Option<Arc<str>>> {
+        self.renewal_error.subscribe()
+    }
+
+    /// No certificate, or the current one is past its NotAfter.
+    pub fn expired(&self) -> bool {
+        self.info().is_none_or(|i| i.not_after <= SystemTime::now())
     }
 
     fn install(&self, loaded: Loaded) {
@@ -262,6 +282,7 @@ async fn rotate(identity: Weak<WorkloadIdentity>, source: Source) {
         match result {
             Ok(loaded) => {
                 backoff = RETRY_MIN;
+                me.renewal_error.send_replace(None);
                 let unchanged = matches!(source, Source::Files { .. })
                     && me
                         .current
@@ -276,6 +297,8 @@ async fn rotate(identity: Weak<WorkloadIdentity>, source: Source) {
                 // Keep serving with the certificate we have; it is still valid
                 // until its NotAfter.
                 tracing::warn!(identity = %id, error = %e, retry_in = ?backoff, "certificate renewal failed");
+                me.renewal_error
+                    .send_replace(Some(Arc::from(e.to_string().as_str())));
                 drop(me);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RETRY_MAX);

@@ -1,6 +1,7 @@
 //! Istio's agent ports: `/healthz/ready` (15021, and 15020) and
 //! `/stats/prometheus` (15090, and 15020 as the merged endpoint). Readiness
-//! is a set of pending tasks, each held by a drop guard.
+//! is a set of pending tasks, each held by a drop guard, and the workload
+//! certificate: an expired one makes the proxy unready, saying why.
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -9,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
+use meshgate_identity::WorkloadIdentity;
 use meshgate_telemetry::Metrics;
 use tokio::net::TcpListener;
 
@@ -16,9 +18,12 @@ use crate::body::{Body, local_response, text};
 use crate::drain::Drain;
 use crate::listener::{accept_loop, serve_http};
 
-/// Not ready while any task is pending.
+/// Not ready while any task is pending, or the certificate has expired.
 #[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<Mutex<BTreeSet<String>>>);
+pub struct Readiness(
+    Arc<Mutex<BTreeSet<String>>>,
+    Arc<Mutex<Option<Arc<WorkloadIdentity>>>>,
+);
 
 /// Holds readiness back until dropped.
 #[derive(Debug)]
@@ -38,18 +43,53 @@ impl Readiness {
         }
     }
 
-    /// `Ok` when ready, else the pending tasks.
+    /// Readiness follows this certificate from now on.
+    pub fn watch_certificate(&self, identity: Arc<WorkloadIdentity>) {
+        if let Ok(mut i) = self.1.lock() {
+            *i = Some(identity);
+        }
+    }
+
+    /// `Ok` when ready, else the pending tasks (and an expired certificate).
     pub fn check(&self) -> Result<(), Vec<String>> {
-        let pending = self
+        let mut pending = self
             .0
             .lock()
             .map(|p| p.iter().cloned().collect::<Vec<_>>())
             .unwrap_or_default();
+        if let Some(id) = self.identity().filter(|id| id.expired()) {
+            let why = id
+                .renewal_error()
+                .map_or_else(String::new, |e| format!(": renewal failing: {e}"));
+            pending.push(format!("certificate expired{why}"));
+        }
         if pending.is_empty() {
             Ok(())
         } else {
             Err(pending)
         }
+    }
+
+    /// `/healthz/ready`: the status and the text that says why.
+    pub fn report(&self) -> (StatusCode, String) {
+        match self.check() {
+            Ok(()) => match self.identity().and_then(|id| id.renewal_error()) {
+                // Still valid: ready, but say what will go wrong.
+                Some(e) => (
+                    StatusCode::OK,
+                    format!("ready; certificate renewal failing: {e}\n"),
+                ),
+                None => (StatusCode::OK, "ready\n".to_owned()),
+            },
+            Err(pending) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready, pending: {}\n", pending.join(", ")),
+            ),
+        }
+    }
+
+    fn identity(&self) -> Option<Arc<WorkloadIdentity>> {
+        self.1.lock().ok().and_then(|i| i.clone())
     }
 }
 
@@ -99,13 +139,10 @@ fn respond(
             meshgate_telemetry::metrics::CONTENT_TYPE,
             metrics.encode(),
         ),
-        "/healthz/ready" if serves_health => match ready.check() {
-            Ok(()) => text(StatusCode::OK, "ready\n"),
-            Err(pending) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready, pending: {}\n", pending.join(", ")),
-            ),
-        },
+        "/healthz/ready" if serves_health => {
+            let (status, body) = ready.report();
+            text(status, body)
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

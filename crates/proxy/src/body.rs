@@ -77,7 +77,13 @@ impl hyper::body::Body for Body {
                 Poll::Ready(Some(Ok(frame))) => {
                     report.response_bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
                 }
-                Poll::Ready(None) | Poll::Ready(Some(Err(_))) => drop(this.report.take()),
+                Poll::Ready(Some(Err(_))) => {
+                    // The upstream went away mid-response: reported as
+                    // Envoy does (UC, the status already sent kept).
+                    report.upstream_reset();
+                    drop(this.report.take());
+                }
+                Poll::Ready(None) => drop(this.report.take()),
                 Poll::Pending => {}
             }
         }

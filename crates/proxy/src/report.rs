@@ -24,6 +24,19 @@ pub struct HttpReport {
     pub response_bytes: u64,
 }
 
+impl HttpReport {
+    /// The upstream reset the stream after the response started.
+    pub fn upstream_reset(&mut self) {
+        let uc = ResponseFlags::UPSTREAM_CONNECTION_TERMINATION;
+        self.labels.response_flags = self.labels.response_flags.with(uc);
+        if let Some(e) = self.entry.as_mut() {
+            e.response_flags = e.response_flags.with(uc);
+            e.response_code_details =
+                Some("upstream_reset_after_response_started{connection_termination}".to_owned());
+        }
+    }
+}
+
 impl Drop for HttpReport {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();

@@ -283,9 +283,17 @@ pub async fn serve_http(listener: TcpListener) {
 #[derive(Debug, Clone, Default)]
 pub struct DnsZone {
     names: HashMap<String, Vec<IpAddr>>,
+    /// Answers' TTL in seconds (none: 30).
+    ttl: Option<u32>,
 }
 
 impl DnsZone {
+    /// Answers live `secs` in resolvers' caches.
+    pub fn with_ttl(mut self, secs: u32) -> Self {
+        self.ttl = Some(secs);
+        self
+    }
+
     pub fn insert(&mut self, name: &str, ip: IpAddr) {
         self.names
             .entry(name.trim_end_matches('.').to_ascii_lowercase())
@@ -314,7 +322,8 @@ impl DnsZone {
                         (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(*v6)),
                         _ => continue,
                     };
-                    resp.add_answer(Record::from_rdata(query.name().clone(), 30, rdata));
+                    let ttl = self.ttl.unwrap_or(30);
+                    resp.add_answer(Record::from_rdata(query.name().clone(), ttl, rdata));
                 }
             }
             resp.add_query(query.clone());
@@ -329,6 +338,35 @@ impl DnsZone {
 /// Serves DNS over UDP and TCP on `addr` (port 0 picks one); returns the
 /// bound address. Runs until the runtime ends.
 pub async fn serve_dns(addr: SocketAddr, zone: DnsZone) -> Result<SocketAddr, StandinError> {
+    let mut server = DnsServer::start(addr, zone).await?;
+    // Detached: without its abort handles it runs until the runtime ends.
+    server.tasks.clear();
+    Ok(server.addr)
+}
+
+/// A DNS stand-in that stops answering when dropped.
+#[derive(Debug)]
+pub struct DnsServer {
+    pub addr: SocketAddr,
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl DnsServer {
+    /// Serves DNS over UDP and TCP on `addr` (port 0 picks one).
+    pub async fn start(addr: SocketAddr, zone: DnsZone) -> Result<DnsServer, StandinError> {
+        serve_dns_tasks(addr, zone).await
+    }
+}
+
+async fn serve_dns_tasks(addr: SocketAddr, zone: DnsZone) -> Result<DnsServer, StandinError> {
     // TCP on the same port, for truncated answers and TCP-only clients. With
     // port 0 the port UDP got may be taken for TCP (another connection's
     // ephemeral port): then try another.
@@ -350,7 +388,7 @@ pub async fn serve_dns(addr: SocketAddr, zone: DnsZone) -> Result<SocketAddr, St
     let bound = udp.local_addr().map_err(|e| StandinError::Bind(addr, e))?;
     let zone = Arc::new(zone);
     let z = zone.clone();
-    tokio::spawn(async move {
+    let udp_task = tokio::spawn(async move {
         let mut buf = vec![0u8; 4096];
         loop {
             let Ok((n, peer)) = udp.recv_from(&mut buf).await else {
@@ -361,7 +399,7 @@ pub async fn serve_dns(addr: SocketAddr, zone: DnsZone) -> Result<SocketAddr, St
             }
         }
     });
-    tokio::spawn(async move {
+    let tcp_task = tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = tcp.accept().await else {
                 continue;
@@ -387,5 +425,8 @@ pub async fn serve_dns(addr: SocketAddr, zone: DnsZone) -> Result<SocketAddr, St
             });
         }
     });
-    Ok(bound)
+    Ok(DnsServer {
+        addr: bound,
+        tasks: vec![udp_task.abort_handle(), tcp_task.abort_handle()],
+    })
 }

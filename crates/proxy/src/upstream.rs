@@ -213,16 +213,27 @@ struct ClusterCore {
 }
 
 impl ClusterCore {
+    /// `host`'s addresses, within the connect timeout: resolving is part
+    /// of connecting, and a silent DNS server must not hold a request
+    /// longer than a silent endpoint would.
+    async fn lookup(&self, host: &str) -> Result<Vec<IpAddr>, String> {
+        let answer = tokio::time::timeout(self.connect_timeout, self.resolver.lookup(host)).await;
+        let error = match answer {
+            Ok(Ok(ips)) => return Ok(ips),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("DNS lookup of {host} timed out"),
+        };
+        tracing::warn!(cluster = %self.name, host = %host, error = %error, "DNS resolution failed");
+        Err(error)
+    }
+
     async fn addresses(&self, uri: Option<&http::Uri>) -> Result<Vec<SocketAddr>, String> {
         match &self.endpoints {
             Endpoints::FromUri => {
                 let uri = uri.ok_or("no destination")?;
                 let host = uri.host().ok_or("no host in the request")?;
                 let port = uri.port_u16().unwrap_or(80);
-                let ips = self.resolver.lookup(host).await.map_err(|e| {
-                    tracing::warn!(cluster = %self.name, host = %host, error = %e, "DNS resolution failed");
-                    e.to_string()
-                })?;
+                let ips = self.lookup(host).await?;
                 Ok(ips
                     .into_iter()
                     .map(|ip| SocketAddr::new(ip, port))
@@ -234,7 +245,7 @@ impl ClusterCore {
                 let mut out = Vec::new();
                 let mut last_err = String::new();
                 for (name, port) in names {
-                    match self.resolver.lookup(name).await {
+                    match self.lookup(name).await {
                         Ok(ips) => {
                             let ips: Vec<IpAddr> = if *first_only {
                                 ips.into_iter().take(1).collect()
@@ -243,10 +254,7 @@ impl ClusterCore {
                             };
                             out.extend(ips.into_iter().map(|ip| SocketAddr::new(ip, *port)));
                         }
-                        Err(e) => {
-                            tracing::warn!(cluster = %self.name, host = %name, error = %e, "DNS resolution failed");
-                            last_err = e.to_string();
-                        }
+                        Err(e) => last_err = e,
                     }
                 }
                 if out.is_empty() {

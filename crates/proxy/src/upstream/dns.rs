@@ -6,7 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::config::{
+    LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
+};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,11 @@ impl Resolver {
         let mut opts = ResolverOpts::default();
         // Names in ServiceEntries are absolute; do not try search domains.
         opts.ndots = 0;
+        // Envoy's V4_PREFERRED (Istio on a single-stack IPv4 cluster asks
+        // for V4 only): A first, AAAA only when there is no A. Asking both
+        // would also re-ask an empty AAAA on every lookup (it is cached for
+        // 0 s), so a DNS outage would stall requests whose A is cached.
+        opts.ip_strategy = LookupIpStrategy::Ipv4thenIpv6;
         let builder = match server {
             Some(addr) => {
                 // An explicit nameserver is the only source of answers: the

@@ -1,0 +1,234 @@
+//! The proxies when the world around them fails: an upstream that dies
+//! mid-response, a DNS server that stops answering, a CA that cannot be
+//! reached when the certificate is due. (A stalled upstream: the route
+//! timeout and stream idle tests in gateway.rs and hardening.rs; a gateway
+//! restart under a sidecar's pooled connections: crates/cli/tests/gateway.rs,
+//! which needs processes to kill.)
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshgate_identity::caserver::{self, TokenTable};
+use meshgate_identity::{CertificateAuthority, Source, WorkloadIdentity};
+use meshgate_proxy::admin::{self, AdminRole, Readiness};
+use meshgate_proxy::standin::{self, DnsServer, DnsZone};
+use meshgate_proxy::testing::*;
+use meshgate_telemetry::Metrics;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// A ServiceEntry for `host` on `port` (plain HTTP, resolved by DNS) whose
+/// connections carry one request each, so that every request needs an
+/// address, and whose connect timeout (which bounds the lookup) is 1 s.
+fn registered(host: &str, port: u16) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: svc, namespace: curl-external-tst}}
+spec:
+  hosts: [{host}]
+  ports: [{{number: {port}, name: http, protocol: HTTP}}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: svc, namespace: curl-external-tst}}
+spec:
+  host: {host}
+  trafficPolicy:
+    connectionPool:
+      tcp: {{connectTimeout: 1s}}
+      http: {{maxRequestsPerConnection: 1}}
+"
+    )
+}
+
+/// A sidecar with ALLOW_ANY (no Sidecar resource) and `extra` config,
+/// resolving with `dns`.
+async fn sidecar(mesh: &Mesh, extra: &[&str], dns: SocketAddr) -> TestProxy {
+    let config = seed_config_except(&["sidecar.yaml"], extra);
+    TestProxy::start(mesh, Spec::new(config, WORKLOAD).dns(dns)).await
+}
+
+/// An HTTP server that promises 100 bytes, sends 4 and hangs up.
+async fn dies_mid_response() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhalf")
+                .await;
+        }
+    });
+    addr
+}
+
+/// The status is already sent: the client sees a cut response, the access
+/// log says 200 with UC, as Envoy reports a reset after the response
+/// started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_dies_mid_response_is_reported_uc() {
+    let mesh = Mesh::default();
+    let upstream = dies_mid_response().await;
+    let zone = dns_zone(&["cut.example.com"], 30);
+    let dns = DnsServer::start("127.0.0.1:0".parse().unwrap(), zone)
+        .await
+        .unwrap();
+    let reg = registered("cut.example.com", upstream.port());
+    let sc = sidecar(&mesh, &[&reg], dns.addr).await;
+
+    let proxy = format!("http://{}", sc.addr(15001));
+    let url = format!("http://cut.example.com:{}/todos/1", upstream.port());
+    let got = curl(&["-x", &proxy, &url]).await;
+    assert_eq!(got.code, "200", "{got:?}");
+    assert_eq!(got.exit, 18, "curl saw a partial body: {got:?}");
+    let entry = sc.next_log().await;
+    assert_eq!(entry["response_code"], 200);
+    assert_eq!(entry["response_flags"], "UC");
+    assert_eq!(
+        entry["response_code_details"],
+        "upstream_reset_after_response_started{connection_termination}"
+    );
+    // The proxy is fine: the next request gets its answer too.
+    let again = curl(&["-x", &proxy, &url]).await;
+    assert_eq!(again.code, "200");
+}
+
+fn dns_zone(names: &[&str], ttl: u32) -> DnsZone {
+    let mut zone = DnsZone::default().with_ttl(ttl);
+    for n in names {
+        zone.insert(n, "127.0.0.1".parse().unwrap());
+    }
+    zone
+}
+
+/// Answers are used for their TTL after the DNS server stops answering;
+/// then requests get 503 UH, and the sidecar keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_dns_server_is_cached_for_the_ttl_then_503_uh() {
+    let mesh = Mesh::default();
+    let plain = plain_http().await;
+    let dns = DnsServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        dns_zone(&["known.example.com"], 3),
+    )
+    .await
+    .unwrap();
+    let reg = registered("known.example.com", plain.port());
+    let sc = sidecar(&mesh, &[&reg], dns.addr).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    let url = format!("http://known.example.com:{}/todos/1", plain.port());
+    let get = || {
+        let (proxy, url) = (proxy.clone(), url.clone());
+        async move { curl(&["-x", &proxy, &url]).await }
+    };
+
+    assert_eq!(get().await.answer(), ("200", standin::TODO_1));
+    drop(dns);
+    assert_eq!(
+        get().await.answer(),
+        ("200", standin::TODO_1),
+        "the cached answer is used within its TTL"
+    );
+
+    // Bounded: the TTL is 3 s; a failed lookup takes at most hickory's
+    // timeouts.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let failed = loop {
+        let got = get().await;
+        if got.code != "200" {
+            break got;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still cached");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(failed.answer(), ("503", "no healthy upstream"));
+    let entry = sc.log_of_status(503).await;
+    assert_eq!(entry["response_flags"], "UH");
+    assert_eq!(entry["response_code_details"], "no_healthy_upstream");
+}
+
+/// The CA goes away before the certificate is due: the proxy keeps the
+/// certificate it has, stays ready while it is valid and says renewal is
+/// failing, and is unready, saying why, once it has expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_ca_keeps_the_certificate_until_expiry() {
+    let ca = Arc::new(CertificateAuthority::generate("cluster.local").unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ca_addr = listener.local_addr().unwrap();
+    let tokens = TokenTable::parse("tok curl-external-tst/default\n", "tokens").unwrap();
+    let ca_server = tokio::spawn(caserver::serve(ca.clone(), tokens, listener));
+
+    let dir = TempDir::new("ca-gone");
+    let token_file = dir.write("token", "tok\n");
+    let root_cert = dir.write("root.pem", ca.root_pem());
+    let source = Source::CaServer {
+        addr: ca_addr.to_string(),
+        token_file: token_file.into(),
+        root_cert: root_cert.into(),
+        ttl: Duration::from_secs(4),
+    };
+    let identity = WorkloadIdentity::start(CURL_ID.parse().unwrap(), source)
+        .await
+        .unwrap();
+    let first = identity.certified().unwrap().cert[0].clone();
+
+    let readiness = Readiness::default();
+    readiness.watch_certificate(identity.clone());
+    let health = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/healthz/ready", health.local_addr().unwrap());
+    let metrics = Arc::new(Metrics::new());
+    tokio::spawn(admin::serve(health, AdminRole::Health, metrics, readiness));
+    let ready = curl(&[&url]).await;
+    assert_eq!((ready.code.as_str(), ready.body.trim()), ("200", "ready"));
+
+    // The CA goes away; the renewal (due at about half the 4 s) fails.
+    ca_server.abort();
+    let _ = ca_server.await;
+    let mut renewal = identity.watch_renewal();
+    tokio::time::timeout(Duration::from_secs(10), renewal.wait_for(Option::is_some))
+        .await
+        .expect("a renewal was tried within 10 s")
+        .unwrap();
+    assert_eq!(identity.certified().unwrap().cert[0], first, "kept");
+    if !identity.expired() {
+        let still = curl(&[&url]).await;
+        assert_eq!(still.code, "200", "{still:?}");
+        assert!(
+            still
+                .body
+                .starts_with("ready; certificate renewal failing: "),
+            "{still:?}"
+        );
+    }
+
+    // Past NotAfter: not ready, and the answer says why.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let unready = loop {
+        let got = curl(&[&url]).await;
+        if got.code != "200" {
+            break got;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(unready.code, "503");
+    assert!(
+        unready
+            .body
+            .starts_with("not ready, pending: certificate expired: renewal failing: "),
+        "{unready:?}"
+    );
+    assert!(identity.expired());
+}
