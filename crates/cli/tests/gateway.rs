@@ -109,7 +109,7 @@ fn start_gateway(t: &TempDir, config: &[&str], extra: &[&str]) -> Gateway {
         "--ready-file",
         &ready,
     ]);
-    if !extra.contains(&"--port") {
+    if !extra.iter().any(|a| a.starts_with("80=")) {
         args.extend(["--port", "80=0"]);
     }
     args.extend(extra);
