@@ -174,7 +174,7 @@ impl WorkloadIdentity {
     fn install(&self, loaded: Loaded) {
         tracing::info!(
             identity = %self.id,
-            expires = ?loaded.info.not_after,
+            valid_for_s = until(loaded.info.not_after).as_secs(),
             "workload certificate loaded"
         );
         self.trust.store(loaded.trust.clone());
