@@ -145,7 +145,6 @@ impl Proxy {
             &snap,
             conn,
             &plan,
-            authority,
             outcome,
             entry,
             request_bytes,
@@ -160,7 +159,6 @@ impl Proxy {
         snap: &Snapshot,
         conn: &Conn,
         plan: &RequestPlan<'_>,
-        authority: &str,
         outcome: Outcome,
         mut entry: Option<Box<LogEntry>>,
         request_bytes: u64,
@@ -173,7 +171,10 @@ impl Proxy {
             (RequestAction::Local(l), None) if l.destination.is_some() => {
                 DestinationLabels::named(Arc::from(l.destination.unwrap_or_default()))
             }
-            _ => DestinationLabels::host(authority),
+            // No cluster: the client's Host must not become a label value
+            // (Istio reports `unknown`, not `request.host`, without one: a
+            // label per made-up host would be a memory attack).
+            _ => DestinationLabels::named(unknown()),
         };
         if let Some(e) = entry.as_mut() {
             e.response_code = status;
@@ -201,10 +202,7 @@ impl Proxy {
             } else {
                 "none"
             },
-            destination_service_name: cluster.map_or_else(
-                || Arc::from(crate::route::split_host_port(authority).0),
-                |c| c.host.clone(),
-            ),
+            destination_service_name: cluster.map_or_else(unknown, |c| c.host.clone()),
             response_code: status,
             decision: plan.authz.label(),
         });

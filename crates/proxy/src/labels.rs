@@ -111,16 +111,6 @@ impl DestinationLabels {
             service_namespace: unknown(),
         }
     }
-
-    /// The host of an authority (`host:port`), or `unknown`.
-    pub fn host(authority: &str) -> Self {
-        let host = crate::route::split_host_port(authority).0;
-        Self::named(if host.is_empty() {
-            unknown()
-        } else {
-            Arc::from(host)
-        })
-    }
 }
 
 impl Snapshot {

@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::conn::Conn;
 use crate::error::ConnError;
-use crate::labels::DestinationLabels;
+use crate::labels::{DestinationLabels, unknown};
 use crate::listener::Sniffed;
 use crate::plan::{TcpAction, TcpPlan, TcpReason};
 use crate::proxy::Proxy;
@@ -37,7 +37,8 @@ where
         (None, TcpReason::BlackHole | TcpReason::ToCapturePort) => {
             DestinationLabels::named(Arc::from(BLACKHOLE_CLUSTER))
         }
-        (None, _) => DestinationLabels::host(sni.unwrap_or_default()),
+        // The client's SNI is no label value (see http.rs).
+        (None, _) => DestinationLabels::named(unknown()),
     };
     let log = LogEntry {
         start_time: Some(SystemTime::now()),

@@ -384,27 +384,35 @@ impl TestProxy {
     /// The access-log entry of the request with this `x-request-id`
     /// (entries before it are passed over), within 10 s.
     pub async fn log_of(&self, request_id: &str) -> serde_json::Value {
-        let mut rx = self.logs.lock().await;
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(entry)) if entry["request_id"] == request_id => return entry,
-                Ok(Some(_)) => {}
-                _ => panic!("no access-log entry for request {request_id} within {WAIT:?}"),
-            }
-        }
+        self.log_where(&format!("for request {request_id}"), |e| {
+            e["request_id"] == request_id
+        })
+        .await
     }
 
     /// The next access-log entry with this status (others are passed
     /// over), within 10 s.
     pub async fn log_of_status(&self, status: u16) -> serde_json::Value {
+        self.log_where(&format!("with status {status}"), |e| {
+            e["response_code"] == status
+        })
+        .await
+    }
+
+    /// The next access-log entry that `wanted` accepts (others are passed
+    /// over), within 10 s.
+    pub async fn log_where(
+        &self,
+        what: &str,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let mut rx = self.logs.lock().await;
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(entry)) if entry["response_code"] == status => return entry,
+                Ok(Some(entry)) if wanted(&entry) => return entry,
                 Ok(Some(_)) => {}
-                _ => panic!("no access-log entry with status {status} within {WAIT:?}"),
+                _ => panic!("no access-log entry {what} within {WAIT:?}"),
             }
         }
     }

@@ -307,12 +307,16 @@ async fn tls_passthrough_routes_by_sni_and_counts_tcp() {
         tcp(
             "istio_tcp_connections_closed_total",
             &[
-                ("destination_service_name", "other.example.com"),
+                ("destination_service_name", "unknown"),
                 ("response_flags", "NR")
             ]
         ),
         Some(1.0),
         "{text}"
+    );
+    assert!(
+        !text.contains("other.example.com"),
+        "a client's SNI is no label value: {text}"
     );
 }
 

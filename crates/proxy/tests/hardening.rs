@@ -380,3 +380,32 @@ async fn tunnels_are_counted_by_the_drain() {
         .await;
     assert!(open >= 1, "the tunnel is still open and counted");
 }
+
+/// Hosts a client makes up never become metric labels (Istio reports
+/// `unknown` without a cluster): a label per host would let any caller
+/// grow the gateway's memory without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_hosts_are_no_metric_labels() {
+    let chain = SeedChain::start(&[]).await;
+    for i in 0..3 {
+        let host = format!("made-up-{i}.example");
+        let got = chain.mtls_request(CURL_ID, &host, "/").await;
+        assert_eq!(got.code, "404", "{got:?}");
+        let logged = chain.gateway.log_of_status(404).await;
+        assert!(logged["authority"].as_str().unwrap().starts_with(&host));
+    }
+    let text = chain.gateway.metrics_text();
+    assert!(!text.contains("made-up-"), "{text}");
+    let labels = [("response_code", "404"), ("destination_service", "unknown")];
+    assert_eq!(
+        metric_value(&text, "istio_requests_total", &labels),
+        Some(3.0),
+        "{text}"
+    );
+    let egress = [("destination_service_name", "unknown"), ("response_code", "404")];
+    assert_eq!(
+        metric_value(&text, "meshgate_egress_requests_total", &egress),
+        Some(3.0),
+        "{text}"
+    );
+}
