@@ -1,0 +1,23 @@
+//! Any text through the loader, the analyzers and every workload's proxy
+//! view: errors are diagnostics, never a panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use meshgate_config::{Loaded, MeshSettings, analyze::analyze, load::load_str, registry, view};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let mut loaded = Loaded::default();
+    if load_str("fuzz.yaml", text, &mut loaded).is_err() {
+        return;
+    }
+    let mesh = MeshSettings::default();
+    let _ = analyze(&loaded.config, &mesh);
+    let reg = registry::build(&loaded.config, &mesh);
+    for w in &reg.workloads {
+        let _ = view::proxy_view(&loaded.config, &reg, &mesh, w);
+    }
+    let _ = meshgate_config::mesh::parse_mesh_config("fuzz.yaml", text);
+});
