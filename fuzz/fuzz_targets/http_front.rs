@@ -43,6 +43,7 @@ fn world() -> &'static World {
                 first_byte: Duration::from_millis(50),
                 handshake: Duration::from_millis(50),
                 stream_idle: Duration::from_millis(200),
+                idle: Duration::from_millis(200),
             };
             (TestProxy::start(&Mesh::default(), spec).await, external)
         });

@@ -163,7 +163,8 @@ pub async fn serve(
             async move { Ok::<_, Infallible>(resp) }
         });
         tokio::spawn(async move {
-            let _ = serve_http(tcp, svc, &never).await;
+            let idle = crate::listener::Timeouts::default().idle;
+            let _ = serve_http(tcp, svc, &never, idle).await;
         });
     })
     .await;

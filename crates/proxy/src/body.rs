@@ -4,11 +4,13 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use hyper::body::{Frame, Incoming, SizeHint};
+use tokio::time::{Instant, Sleep};
 
 use crate::report::HttpReport;
 
@@ -19,6 +21,26 @@ use crate::report::HttpReport;
 pub struct Body {
     kind: Kind,
     report: Option<HttpReport>,
+    idle: Option<IdleTimer>,
+}
+
+/// Envoy's stream idle timeout inside a streamed body: a peer that sends
+/// nothing for `limit` ends the body with an error. The timer is made on
+/// the first wait, so a body that arrives at once costs nothing.
+#[derive(Debug)]
+struct IdleTimer {
+    limit: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+/// Why a body ended before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Peer(#[from] hyper::Error),
+    /// The peer sent nothing for this long.
+    #[error("stream idle timeout: nothing for {0:?}")]
+    Idle(Duration),
 }
 
 #[derive(Debug, Default)]
@@ -41,13 +63,23 @@ impl Body {
         } else {
             Kind::Full(Some(bytes))
         };
-        Body { kind, report: None }
+        Body {
+            kind,
+            report: None,
+            idle: None,
+        }
     }
 
-    pub fn incoming(body: Incoming) -> Body {
+    /// A peer's body, streamed through; it fails if the peer sends
+    /// nothing for `idle` (the stream idle timeout).
+    pub fn incoming(body: Incoming, idle: Duration) -> Body {
         Body {
             kind: Kind::Incoming(body),
             report: None,
+            idle: Some(IdleTimer {
+                limit: idle,
+                sleep: None,
+            }),
         }
     }
 
@@ -60,27 +92,36 @@ impl Body {
 
 impl hyper::body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Empty => Poll::Ready(None),
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Incoming(b) => Pin::new(b).poll_frame(cx),
+            Kind::Incoming(b) => match Pin::new(b).poll_frame(cx) {
+                Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(BodyError::Peer))),
+                Poll::Pending => this.idle.as_mut().map_or(Poll::Pending, |t| t.poll(cx)),
+            },
         };
+        if let (Poll::Ready(Some(Ok(_))), Some(timer)) = (&polled, this.idle.as_mut()) {
+            timer.restart();
+        }
         if let Some(report) = this.report.as_mut() {
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {
                     report.response_bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
                 }
-                Poll::Ready(Some(Err(_))) => {
-                    // The upstream went away mid-response: reported as
-                    // Envoy does (UC, the status already sent kept).
-                    report.upstream_reset();
+                Poll::Ready(Some(Err(e))) => {
+                    // Cut mid-response: reported as Envoy does, the status
+                    // already sent kept.
+                    match e {
+                        BodyError::Idle(_) => report.stream_idle(),
+                        BodyError::Peer(_) => report.upstream_reset(),
+                    }
                     drop(this.report.take());
                 }
                 Poll::Ready(None) => drop(this.report.take()),
@@ -103,6 +144,27 @@ impl hyper::body::Body for Body {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Incoming(b) => b.size_hint(),
+        }
+    }
+}
+
+impl IdleTimer {
+    /// Waits on the timer (made now if it is the first wait).
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let limit = self.limit;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Idle(limit)))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Something arrived: the peer has `limit` again.
+    fn restart(&mut self) {
+        if let Some(sleep) = self.sleep.as_mut() {
+            sleep.as_mut().reset(Instant::now() + self.limit);
         }
     }
 }

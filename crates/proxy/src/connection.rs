@@ -140,10 +140,11 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let drain = proxy.drain.clone();
+    let idle = proxy.timeouts.idle;
     let conn = Arc::new(conn);
     let svc = hyper::service::service_fn(move |req| {
         let (proxy, conn) = (proxy.clone(), conn.clone());
         async move { Ok::<_, Infallible>(proxy.handle(&conn, req).await) }
     });
-    crate::listener::serve_http(io, svc, &drain).await
+    crate::listener::serve_http(io, svc, &drain, idle).await
 }

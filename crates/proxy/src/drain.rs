@@ -83,15 +83,22 @@ impl Drain {
     }
 }
 
-/// Serves an HTTP connection future until it ends; when draining starts, it
-/// is asked (`shutdown`) to finish its current requests and close.
-pub async fn serve_until_drained<C, T, E>(
+/// How long a connection closing for idleness may take to finish its
+/// goodbye (Envoy's `drain_timeout`: between the first GOAWAY and closing).
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves an HTTP connection future until it ends; when draining starts,
+/// or `idle` resolves, it is asked (`shutdown`) to finish its current
+/// requests and close (after an idle shutdown, within 5 s: a client that
+/// never answers the GOAWAY's ping does not keep it).
+pub async fn serve_until_drained<C, E>(
     drain: &Drain,
     conn: C,
     shutdown: fn(Pin<&mut C>),
-) -> Result<T, E>
+    idle: impl Future<Output = ()>,
+) -> Result<(), E>
 where
-    C: Future<Output = Result<T, E>>,
+    C: Future<Output = Result<(), E>>,
 {
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
@@ -99,6 +106,10 @@ where
         () = drain.started() => {
             shutdown(conn.as_mut());
             conn.await
+        }
+        () = idle => {
+            shutdown(conn.as_mut());
+            tokio::time::timeout(IDLE_CLOSE_GRACE, conn).await.unwrap_or(Ok(()))
         }
     }
 }

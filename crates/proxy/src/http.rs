@@ -141,15 +141,7 @@ impl Proxy {
                 Outcome::local(text(l.status, l.body), l.flags, l.details.clone())
             }
         };
-        self.report(
-            &snap,
-            conn,
-            &plan,
-            outcome,
-            entry,
-            request_bytes,
-            start,
-        )
+        self.report(&snap, conn, &plan, outcome, entry, request_bytes, start)
     }
 
     /// Attaches the report to the response: written when its body ends.

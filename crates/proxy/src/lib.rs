@@ -16,6 +16,7 @@ pub mod drain;
 pub mod error;
 pub mod gateway;
 pub mod http;
+pub mod idle;
 pub mod iptables;
 pub mod labels;
 pub mod listener;

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::drain::Drain;
 use crate::error::ConnError;
+use crate::idle::{Activity, Tracked};
 use crate::tls_hello::{Hello, MAX_HELLO, parse_client_hello};
 
 /// How long a downstream may take before the proxy gives up on it.
@@ -31,6 +32,9 @@ pub struct Timeouts {
     /// For a response to start where the route sets no timeout (Envoy's
     /// stream idle timeout, 5 min).
     pub stream_idle: Duration,
+    /// With no request in flight, before an HTTP connection is closed
+    /// (Envoy's connection idle timeout, 1 h).
+    pub idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -39,6 +43,7 @@ impl Default for Timeouts {
             first_byte: Duration::from_secs(15),
             handshake: Duration::from_secs(15),
             stream_idle: Duration::from_secs(300),
+            idle: Duration::from_secs(3600),
         }
     }
 }
@@ -88,9 +93,15 @@ fn http_server() -> hyper_util::server::conn::auto::Builder<hyper_util::rt::Toki
     b
 }
 
-/// Serves HTTP on `io` until the client is done; when the proxy drains, the
-/// connection finishes its requests in flight and closes.
-pub async fn serve_http<I, S, B>(io: I, service: S, drain: &Drain) -> Result<(), ConnError>
+/// Serves HTTP on `io` until the client is done; when the proxy drains, or
+/// no request has been in flight for `idle`, the connection finishes its
+/// requests in flight and closes.
+pub async fn serve_http<I, S, B>(
+    io: I,
+    service: S,
+    drain: &Drain,
+    idle: Duration,
+) -> Result<(), ConnError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
@@ -101,10 +112,13 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let server = http_server();
+    let activity = Activity::new();
+    let service = Tracked::new(service, activity.clone());
     crate::drain::serve_until_drained(
         drain,
         server.serve_connection_with_upgrades(TokioIo::new(io), service),
         |c| c.graceful_shutdown(),
+        activity.idle_for(idle),
     )
     .await
     .map_err(ConnError::Http)

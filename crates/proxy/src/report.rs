@@ -25,6 +25,16 @@ pub struct HttpReport {
 }
 
 impl HttpReport {
+    /// The stream idle timeout cut the response after it started.
+    pub fn stream_idle(&mut self) {
+        let si = ResponseFlags::STREAM_IDLE_TIMEOUT;
+        self.labels.response_flags = self.labels.response_flags.with(si);
+        if let Some(e) = self.entry.as_mut() {
+            e.response_flags = e.response_flags.with(si);
+            e.response_code_details = Some("stream_idle_timeout".to_owned());
+        }
+    }
+
     /// The upstream reset the stream after the response started.
     pub fn upstream_reset(&mut self) {
         let uc = ResponseFlags::UPSTREAM_CONNECTION_TERMINATION;

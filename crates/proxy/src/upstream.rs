@@ -74,6 +74,10 @@ pub enum UpstreamError {
     /// timeout (504, SI).
     #[error("stream timeout")]
     StreamIdle,
+    /// The downstream stopped sending its request body for the stream idle
+    /// timeout (408, SI: the client's fault).
+    #[error("stream timeout")]
+    RequestIdle,
 }
 
 impl UpstreamError {
@@ -86,7 +90,9 @@ impl UpstreamError {
             UpstreamError::PerTryTimeout | UpstreamError::Timeout => {
                 ResponseFlags::UPSTREAM_REQUEST_TIMEOUT
             }
-            UpstreamError::StreamIdle => ResponseFlags::STREAM_IDLE_TIMEOUT,
+            UpstreamError::StreamIdle | UpstreamError::RequestIdle => {
+                ResponseFlags::STREAM_IDLE_TIMEOUT
+            }
         }
     }
 
@@ -95,6 +101,7 @@ impl UpstreamError {
     pub fn fault(&self) -> crate::error::Fault {
         match self {
             UpstreamError::Overflow => crate::error::Fault::Config,
+            UpstreamError::RequestIdle => crate::error::Fault::Downstream,
             _ => crate::error::Fault::Upstream,
         }
     }
@@ -110,6 +117,7 @@ impl UpstreamError {
             UpstreamError::PerTryTimeout | UpstreamError::Timeout | UpstreamError::StreamIdle => {
                 http::StatusCode::GATEWAY_TIMEOUT
             }
+            UpstreamError::RequestIdle => http::StatusCode::REQUEST_TIMEOUT,
             _ => http::StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -127,7 +135,7 @@ impl UpstreamError {
             UpstreamError::Overflow => "upstream_reset_before_response_started{overflow}",
             UpstreamError::PerTryTimeout => "upstream_per_try_timeout",
             UpstreamError::Timeout => "upstream_response_timeout",
-            UpstreamError::StreamIdle => "stream_idle_timeout",
+            UpstreamError::StreamIdle | UpstreamError::RequestIdle => "stream_idle_timeout",
         }
     }
 
@@ -685,6 +693,9 @@ impl Cluster {
 fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = source {
+        if let Some(crate::body::BodyError::Idle(_)) = s.downcast_ref() {
+            return UpstreamError::RequestIdle;
+        }
         if let Some(c) = s.downcast_ref::<ConnectError>() {
             return match c {
                 ConnectError::NoEndpoint(m) => UpstreamError::NoHealthyUpstream(m.clone()),

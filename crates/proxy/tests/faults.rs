@@ -13,6 +13,7 @@ use std::time::Duration;
 use meshgate_identity::caserver::{self, TokenTable};
 use meshgate_identity::{CertificateAuthority, Source, WorkloadIdentity};
 use meshgate_proxy::admin::{self, AdminRole, Readiness};
+use meshgate_proxy::listener::Timeouts;
 use meshgate_proxy::standin::{self, DnsServer, DnsZone};
 use meshgate_proxy::testing::*;
 use meshgate_telemetry::Metrics;
@@ -48,8 +49,47 @@ spec:
 /// A sidecar with ALLOW_ANY (no Sidecar resource) and `extra` config,
 /// resolving with `dns`.
 async fn sidecar(mesh: &Mesh, extra: &[&str], dns: SocketAddr) -> TestProxy {
+    sidecar_with(mesh, extra, dns, Timeouts::default()).await
+}
+
+async fn sidecar_with(
+    mesh: &Mesh,
+    extra: &[&str],
+    dns: SocketAddr,
+    timeouts: Timeouts,
+) -> TestProxy {
     let config = seed_config_except(&["sidecar.yaml"], extra);
-    TestProxy::start(mesh, Spec::new(config, WORKLOAD).dns(dns)).await
+    let mut spec = Spec::new(config, WORKLOAD).dns(dns);
+    spec.timeouts = timeouts;
+    TestProxy::start(mesh, spec).await
+}
+
+/// An HTTP server that reads what it gets and, for `GET /stall`, answers
+/// the head and 4 of 100 bytes, then nothing more; it never answers
+/// anything else.
+async fn stalls() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while let Ok(n) = s.read(&mut chunk).await {
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&chunk[..n]);
+                    if got.starts_with(b"GET /stall ") && got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhalf";
+                        let _ = s.write_all(head).await;
+                        got.clear();
+                    }
+                }
+            });
+        }
+    });
+    addr
 }
 
 /// An HTTP server that promises 100 bytes, sends 4 and hangs up.
@@ -231,4 +271,62 @@ async fn an_unreachable_ca_keeps_the_certificate_until_expiry() {
         "{unready:?}"
     );
     assert!(identity.expired());
+}
+
+/// Envoy's stream idle timeout inside a body: a response body that stops
+/// is cut (the status already sent, logged with SI), and a request body
+/// that stops gets 408 (the client's fault), even under a longer route
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_body_is_cut_by_the_stream_idle_timeout() {
+    let mesh = Mesh::default();
+    let upstream = stalls().await;
+    let dns = DnsServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        dns_zone(&["stall.example.com"], 30),
+    )
+    .await
+    .unwrap();
+    let reg = registered("stall.example.com", upstream.port());
+    let route = format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: stall, namespace: curl-external-tst}}
+spec:
+  hosts: [stall.example.com]
+  http: [{{timeout: 30s, route: [{{destination: {{host: stall.example.com, port: {{number: {}}}}}}}]}}]
+",
+        upstream.port()
+    );
+    let quick = Timeouts {
+        stream_idle: Duration::from_millis(300),
+        ..Timeouts::default()
+    };
+    let sc = sidecar_with(&mesh, &[&reg, &route], dns.addr, quick).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    let authority = format!("stall.example.com:{}", upstream.port());
+
+    let got = curl(&["-x", &proxy, &format!("http://{authority}/stall")]).await;
+    assert_eq!((got.code.as_str(), got.exit), ("200", 18), "{got:?}");
+    let entry = sc.log_of_status(200).await;
+    assert_eq!(entry["response_flags"], "SI");
+    assert_eq!(entry["response_code_details"], "stream_idle_timeout");
+
+    // A request body that stops after 10 of 100 bytes.
+    let mut s = tokio::net::TcpStream::connect(sc.addr(15001))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST http://{authority}/upload HTTP/1.1\r\nhost: {authority}\r\ncontent-length: 100\r\n\r\n0123456789"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut back = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut back))
+        .await
+        .expect("an answer within the bound")
+        .unwrap();
+    let status_line = String::from_utf8_lossy(&back[..n]);
+    assert!(status_line.starts_with("HTTP/1.1 408 "), "{status_line}");
+    let entry = sc.log_of_status(408).await;
+    assert_eq!(entry["response_flags"], "SI");
 }

@@ -277,6 +277,7 @@ async fn slow_peers_are_cut_off() {
         first_byte: Duration::from_millis(300),
         handshake: Duration::from_millis(300),
         stream_idle: Duration::from_millis(300),
+        idle: Duration::from_millis(300),
     };
     let mesh = Mesh::default();
     let external = External::start(&[HOST]).await;
@@ -402,10 +403,79 @@ async fn made_up_hosts_are_no_metric_labels() {
         Some(3.0),
         "{text}"
     );
-    let egress = [("destination_service_name", "unknown"), ("response_code", "404")];
+    let egress = [
+        ("destination_service_name", "unknown"),
+        ("response_code", "404"),
+    ];
     assert_eq!(
         metric_value(&text, "meshgate_egress_requests_total", &egress),
         Some(3.0),
         "{text}"
     );
+}
+
+/// Envoy's connection idle timeout: an HTTP/2 connection with no request
+/// in flight is closed (GOAWAY); a request in flight keeps its connection
+/// for as long as it takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_busy_ones_are_not() {
+    let mesh = Mesh::default();
+    let external = External::start(&[HOST]).await;
+    let mut spec = SeedChain::gateway_spec(seed_config(&[]), &external);
+    spec.timeouts.idle = Duration::from_millis(300);
+    let gw = TestProxy::start(&mesh, spec).await;
+    let addr = gw.addr(80);
+
+    // A request in flight (the stand-in holds /hold) on its own connection.
+    let dir = TempDir::new("idle");
+    let client = mesh.client(CURL_ID, &dir);
+    let port = addr.port();
+    let held = tokio::spawn(async move { client.get(HOST, port, "/hold", &[]).await });
+
+    // An HTTP/2 connection (prior knowledge) that asks for nothing: the
+    // gateway says GOAWAY and closes it.
+    let h2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let frames = tokio::time::timeout(Duration::from_secs(10), h2_idle_client(h2)).await;
+    let frames = frames.expect("the idle connection was held open");
+    assert!(frames.contains(&GOAWAY), "a GOAWAY frame: {frames:?}");
+
+    // Longer than the idle timeout has passed; the held request still
+    // gets its answer.
+    assert!(
+        external.seen.all().iter().any(|r| r.path == "/hold"),
+        "the held request reached the stand-in"
+    );
+    external.seen.release_held(1);
+    assert_eq!(held.await.unwrap().answer(), ("200", standin::TODO_1));
+}
+
+const PING: u8 = 6;
+const GOAWAY: u8 = 7;
+
+/// An HTTP/2 client that opens a connection, asks for nothing, answers
+/// pings, and returns the types of the frames it got once the server has
+/// closed the connection.
+async fn h2_idle_client(mut s: tokio::net::TcpStream) -> Vec<u8> {
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut types = Vec::new();
+    loop {
+        let mut head = [0u8; 9];
+        if s.read_exact(&mut head).await.is_err() {
+            return types;
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        if s.read_exact(&mut payload).await.is_err() {
+            return types;
+        }
+        types.push(head[3]);
+        let ack = 1;
+        if head[3] == PING && head[4] & ack == 0 {
+            let mut pong = vec![0, 0, 8, PING, ack, 0, 0, 0, 0];
+            pong.extend_from_slice(&payload);
+            let _ = s.write_all(&pong).await;
+        }
+    }
 }

@@ -265,11 +265,15 @@ impl Upstream<'_> {
             1 + retry.attempts
         };
         let mut attempt = 0;
+        let idle = self.proxy.timeouts.stream_idle;
         let attempts = async {
             loop {
                 attempt += 1;
-                let mut req =
-                    Request::new(streaming.take().map_or_else(Body::empty, Body::incoming));
+                let mut req = Request::new(
+                    streaming
+                        .take()
+                        .map_or_else(Body::empty, |b| Body::incoming(b, idle)),
+                );
                 *req.method_mut() = parts.method.clone();
                 *req.uri_mut() = uri.clone();
                 *req.version_mut() = parts.version;
@@ -353,7 +357,10 @@ impl Upstream<'_> {
             (false, false) => ResponseFlags::NONE,
         };
         Outcome {
-            response: Response::from_parts(parts, Body::incoming(body)),
+            response: Response::from_parts(
+                parts,
+                Body::incoming(body, self.proxy.timeouts.stream_idle),
+            ),
             flags,
             details: Cow::Borrowed("via_upstream"),
             upstream,
