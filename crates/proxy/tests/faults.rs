@@ -121,10 +121,7 @@ async fn dies_mid_response() -> SocketAddr {
 async fn an_upstream_that_dies_mid_response_is_reported_uc() {
     let mesh = Mesh::default();
     let upstream = dies_mid_response().await;
-    let zone = dns_zone(&["cut.example.com"], 30);
-    let dns = DnsServer::start("127.0.0.1:0".parse().unwrap(), zone)
-        .await
-        .unwrap();
+    let dns = dns_for("cut.example.com", 30).await;
     let reg = registered("cut.example.com", upstream.port());
     let sc = sidecar(&mesh, &[&reg], dns.addr).await;
 
@@ -145,12 +142,14 @@ async fn an_upstream_that_dies_mid_response_is_reported_uc() {
     assert_eq!(again.code, "200");
 }
 
-fn dns_zone(names: &[&str], ttl: u32) -> DnsZone {
+/// A DNS server answering `name` with 127.0.0.1 for `ttl` seconds, until
+/// dropped.
+async fn dns_for(name: &str, ttl: u32) -> DnsServer {
     let mut zone = DnsZone::default().with_ttl(ttl);
-    for n in names {
-        zone.insert(n, "127.0.0.1".parse().unwrap());
-    }
-    zone
+    zone.insert(name, "127.0.0.1".parse().unwrap());
+    DnsServer::start("127.0.0.1:0".parse().unwrap(), zone)
+        .await
+        .unwrap()
 }
 
 /// Answers are used for their TTL after the DNS server stops answering;
@@ -159,12 +158,7 @@ fn dns_zone(names: &[&str], ttl: u32) -> DnsZone {
 async fn a_silent_dns_server_is_cached_for_the_ttl_then_503_uh() {
     let mesh = Mesh::default();
     let plain = plain_http().await;
-    let dns = DnsServer::start(
-        "127.0.0.1:0".parse().unwrap(),
-        dns_zone(&["known.example.com"], 3),
-    )
-    .await
-    .unwrap();
+    let dns = dns_for("known.example.com", 3).await;
     let reg = registered("known.example.com", plain.port());
     let sc = sidecar(&mesh, &[&reg], dns.addr).await;
     let proxy = format!("http://{}", sc.addr(15001));
@@ -281,12 +275,7 @@ async fn an_unreachable_ca_keeps_the_certificate_until_expiry() {
 async fn a_stalled_body_is_cut_by_the_stream_idle_timeout() {
     let mesh = Mesh::default();
     let upstream = stalls().await;
-    let dns = DnsServer::start(
-        "127.0.0.1:0".parse().unwrap(),
-        dns_zone(&["stall.example.com"], 30),
-    )
-    .await
-    .unwrap();
+    let dns = dns_for("stall.example.com", 30).await;
     let reg = registered("stall.example.com", upstream.port());
     let route = format!(
         "apiVersion: networking.istio.io/v1
