@@ -158,13 +158,14 @@ pub async fn serve(
     let never = Drain::default();
     accept_loop(listener, |tcp, _| {
         let (metrics, ready, never) = (metrics.clone(), ready.clone(), never.clone());
+        let answers = metrics.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let resp = respond(role, &metrics, &ready, &req);
+            let resp = respond(role, &answers, &ready, &req);
             async move { Ok::<_, Infallible>(resp) }
         });
         tokio::spawn(async move {
             let idle = crate::listener::Timeouts::default().idle;
-            let _ = serve_http(tcp, svc, &never, idle).await;
+            let _ = serve_http(tcp, svc, &never, idle, &metrics).await;
         });
     })
     .await;

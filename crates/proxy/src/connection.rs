@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use meshgate_identity::tls::{handshake_error_reason, peer_identity};
+use meshgate_telemetry::Refused;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
 
@@ -42,7 +43,15 @@ where
 {
     let _open = proxy.drain.connection();
     let remote = conn.remote;
+    let metrics = proxy.metrics.clone();
     if let Err(e) = drive(proxy, conn, io).await {
+        match e {
+            ConnError::Idle(_) => metrics.refused(Refused::downstream_pre_cx_timeout),
+            ConnError::HandshakeTimeout(_) => {
+                metrics.refused(Refused::downstream_cx_transport_socket_connect_timeout);
+            }
+            _ => {}
+        }
         tracing::debug!(%remote, fault = e.fault().as_str(), error = %e, "connection closed");
     }
 }
@@ -141,10 +150,11 @@ where
 {
     let drain = proxy.drain.clone();
     let idle = proxy.timeouts.idle;
+    let metrics = proxy.metrics.clone();
     let conn = Arc::new(conn);
     let svc = hyper::service::service_fn(move |req| {
         let (proxy, conn) = (proxy.clone(), conn.clone());
         async move { Ok::<_, Infallible>(proxy.handle(&conn, req).await) }
     });
-    crate::listener::serve_http(io, svc, &drain, idle).await
+    crate::listener::serve_http(io, svc, &drain, idle, &metrics).await
 }

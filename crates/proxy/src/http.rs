@@ -138,6 +138,9 @@ impl Proxy {
                 Cow::Borrowed("direct_response"),
             ),
             RequestAction::Local(l) => {
+                if let Some(reason) = l.refused {
+                    self.metrics.refused(reason);
+                }
                 Outcome::local(text(l.status, l.body), l.flags, l.details.clone())
             }
         };

@@ -20,6 +20,7 @@ use crate::drain::Drain;
 use crate::error::ConnError;
 use crate::idle::{Activity, Tracked};
 use crate::tls_hello::{Hello, MAX_HELLO, parse_client_hello};
+use meshgate_telemetry::{Metrics, Refused};
 
 /// How long a downstream may take before the proxy gives up on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +102,7 @@ pub async fn serve_http<I, S, B>(
     service: S,
     drain: &Drain,
     idle: Duration,
+    metrics: &Metrics,
 ) -> Result<(), ConnError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -118,7 +120,10 @@ where
         drain,
         server.serve_connection_with_upgrades(TokioIo::new(io), service),
         |c| c.graceful_shutdown(),
-        activity.idle_for(idle),
+        async {
+            activity.idle_for(idle).await;
+            metrics.refused(Refused::downstream_cx_idle_timeout);
+        },
     )
     .await
     .map_err(ConnError::Http)

@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use http::StatusCode;
 use meshgate_config::model::networking::OutboundMode;
-use meshgate_telemetry::ResponseFlags;
+use meshgate_telemetry::{Refused, ResponseFlags};
 
 use crate::authz::{AuthzRequest, Decision, HttpAttributes, authorize};
 use crate::conn::Conn;
@@ -246,6 +246,9 @@ pub struct Local {
     /// The destination metrics name when no cluster was picked
     /// (`BlackHoleCluster`).
     pub destination: Option<&'static str>,
+    /// The request was refused before any decision, counted as Envoy
+    /// counts it.
+    pub refused: Option<Refused>,
 }
 
 impl Local {
@@ -262,6 +265,7 @@ impl Local {
             details: Cow::Borrowed(details),
             route_name: None,
             destination: None,
+            refused: None,
         }
     }
 
@@ -304,13 +308,16 @@ impl Local {
     }
 
     /// 400: a request no proxy should act on.
-    fn bad_request(details: &'static str) -> Local {
-        Local::new(
-            StatusCode::BAD_REQUEST,
-            "Bad Request",
-            ResponseFlags::NONE,
-            details,
-        )
+    fn bad_request(details: &'static str, refused: Refused) -> Local {
+        Local {
+            refused: Some(refused),
+            ..Local::new(
+                StatusCode::BAD_REQUEST,
+                "Bad Request",
+                ResponseFlags::NONE,
+                details,
+            )
+        }
     }
 
     /// 503 NC: the route's destination is not a cluster this proxy has.
@@ -353,7 +360,10 @@ pub fn plan_request<'s>(
     // Normalized before anything is decided: what is authorized is what
     // is routed and forwarded.
     let Ok(path) = normalize_path(head.view.path, snap.view.path_normalization) else {
-        return refused(Local::bad_request("path_normalization_failed"));
+        return refused(Local::bad_request(
+            "path_normalization_failed",
+            Refused::downstream_rq_failed_path_normalization,
+        ));
     };
     let req = RequestView {
         path: &path,
@@ -417,7 +427,10 @@ fn malformed(req: &RequestView<'_>) -> Option<Local> {
         .bytes()
         .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
     {
-        return Some(Local::bad_request("method_not_upper_case"));
+        return Some(Local::bad_request(
+            "method_not_upper_case",
+            Refused::downstream_cx_protocol_error,
+        ));
     }
     if req
         .headers
@@ -426,7 +439,10 @@ fn malformed(req: &RequestView<'_>) -> Option<Local> {
         .nth(1)
         .is_some()
     {
-        return Some(Local::bad_request("duplicate_host_header"));
+        return Some(Local::bad_request(
+            "duplicate_host_header",
+            Refused::downstream_cx_protocol_error,
+        ));
     }
     match upgrade(req.headers) {
         // Istio configures WebSocket upgrades only; `h2c` is dropped (the

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use meshgate_telemetry::{EgressLabels, IstioLabels, LogEntry, ResponseFlags, TcpLabels};
+use meshgate_telemetry::{EgressLabels, IstioLabels, LogEntry, Refused, ResponseFlags, TcpLabels};
 
 use crate::labels::DestinationLabels;
 use crate::proxy::Proxy;
@@ -59,6 +59,13 @@ impl Drop for HttpReport {
         );
         if let Some(e) = &self.egress {
             m.egress_requests.get_or_create(e).inc();
+        }
+        if self
+            .labels
+            .response_flags
+            .contains(ResponseFlags::STREAM_IDLE_TIMEOUT)
+        {
+            m.refused(Refused::downstream_rq_idle_timeout);
         }
         if let Some(mut entry) = self.entry.take() {
             entry.bytes_sent = self.response_bytes;

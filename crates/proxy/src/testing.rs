@@ -422,6 +422,31 @@ impl TestProxy {
         self.metrics.encode()
     }
 
+    /// Waits (up to 10 s) until a metric has the value `want`: counters
+    /// of a connection are written when it closes, a moment after the
+    /// client saw it close.
+    pub async fn metric_reaches(&self, name: &str, labels: &[(&str, &str)], want: f64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let text = self.metrics_text();
+            if metric_value(&text, name, labels) == Some(want) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} {labels:?} never reached {want}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until `meshgate_downstream_refused_total{reason}` is `want`.
+    pub async fn refused_reaches(&self, reason: &str, want: f64) {
+        let labels = [("reason", reason)];
+        self.metric_reaches("meshgate_downstream_refused_total", &labels, want)
+            .await;
+    }
+
     /// Applies another config, as a reload does.
     pub async fn reload(&mut self, config: Config) {
         self.spec.config = config;

@@ -318,4 +318,5 @@ spec:
     assert!(status_line.starts_with("HTTP/1.1 408 "), "{status_line}");
     let entry = sc.log_of_status(408).await;
     assert_eq!(entry["response_flags"], "SI");
+    sc.refused_reaches("downstream_rq_idle_timeout", 2.0).await;
 }

@@ -66,6 +66,8 @@ async fn paths_are_normalized_before_authorization_and_forwarded_so() {
         assert_eq!(get(attack).await.code, "403", "{attack}");
     }
     assert_eq!(get("/a%00b").await.code, "400", "%00 is refused");
+    let failed = "downstream_rq_failed_path_normalization";
+    chain.gateway.refused_reaches(failed, 1.0).await;
     let ok = get("/public/./../todos/./1").await;
     assert_eq!(ok.answer(), ("200", standin::TODO_1));
     let seen: Vec<String> = chain
@@ -179,6 +181,8 @@ async fn malformed_requests_are_refused() {
     )
     .await;
     assert!(lowercase.starts_with("HTTP/1.1 400"), "{lowercase}");
+    let protocol_errors = "downstream_cx_protocol_error";
+    chain.sidecar.refused_reaches(protocol_errors, 2.0).await;
     let big = format!("X-Big: {}", "a".repeat(70 * 1024));
     let oversized = chain
         .via_sidecar(&format!("http://{HOST}/todos/1"), &["-H", &big])
@@ -286,12 +290,21 @@ async fn slow_peers_are_cut_off() {
     let gw = TestProxy::start(&mesh, spec).await;
     let addr = gw.addr(80);
 
-    // Half a ClientHello, then nothing: closed.
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"\x16\x03\x01\x02\x00\x01").await.unwrap();
-    let mut sink = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
-    assert!(closed.is_ok(), "the connection was held open");
+    // Nothing at all, then half a ClientHello: both closed.
+    for (first, counter) in [
+        (&b""[..], "downstream_pre_cx_timeout"),
+        (
+            b"\x16\x03\x01\x02\x00\x01",
+            "downstream_cx_transport_socket_connect_timeout",
+        ),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(first).await.unwrap();
+        let mut sink = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
+        assert!(closed.is_ok(), "the connection was held open");
+        gw.refused_reaches(counter, 1.0).await;
+    }
 
     // No response within the stream idle timeout: 504 SI.
     let dir = TempDir::new("slow");
@@ -299,6 +312,7 @@ async fn slow_peers_are_cut_off() {
     let held = client.get(HOST, addr.port(), "/hold", &[]).await;
     assert_eq!(held.code, "504", "{held:?}");
     assert_eq!(gw.log_of_status(504).await["response_flags"], "SI");
+    gw.refused_reaches("downstream_rq_idle_timeout", 1.0).await;
     external.seen.release_held(1);
 
     // An upstream that accepts and never speaks TLS: the connect timeout
@@ -438,6 +452,7 @@ async fn idle_connections_are_closed_busy_ones_are_not() {
     let frames = tokio::time::timeout(Duration::from_secs(10), h2_idle_client(h2)).await;
     let frames = frames.expect("the idle connection was held open");
     assert!(frames.contains(&GOAWAY), "a GOAWAY frame: {frames:?}");
+    gw.refused_reaches("downstream_cx_idle_timeout", 1.0).await;
 
     // Longer than the idle timeout has passed; the held request still
     // gets its answer.

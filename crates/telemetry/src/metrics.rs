@@ -128,6 +128,33 @@ pub struct EgressLabels {
     pub decision: &'static str,
 }
 
+/// What a listener refused or cut, by the Envoy counter that counts the
+/// same event (Envoy keeps one counter per listener; meshgate one family
+/// per proxy).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub reason: Refused,
+}
+
+#[derive(
+    Debug, Clone, Copy, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelValue,
+)]
+#[allow(non_camel_case_types)]
+pub enum Refused {
+    /// No first byte, or no whole ClientHello, within 15 s.
+    downstream_pre_cx_timeout,
+    /// A TLS handshake not finished within 15 s.
+    downstream_cx_transport_socket_connect_timeout,
+    /// An HTTP connection closed after the idle timeout.
+    downstream_cx_idle_timeout,
+    /// A request or response cut by the stream idle timeout.
+    downstream_rq_idle_timeout,
+    /// A path refused by normalization (400).
+    downstream_rq_failed_path_normalization,
+    /// A request refused as malformed (400).
+    downstream_cx_protocol_error,
+}
+
 fn histogram() -> Histogram {
     Histogram::new(ENVOY_BUCKETS)
 }
@@ -147,6 +174,7 @@ pub struct Metrics {
     pub tcp_opened: Family<TcpLabels, Counter>,
     pub tcp_closed: Family<TcpLabels, Counter>,
     pub egress_requests: Family<EgressLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
     /// The four request metrics of each label set, so a request looks its
     /// labels up once (with a cheap hash) instead of once per family.
     series: RwLock<HashMap<IstioLabels, Arc<RequestSeries>, BuildHasherDefault<FxHasher>>>,
@@ -218,6 +246,7 @@ impl Metrics {
         let tcp_opened = Family::<TcpLabels, Counter>::default();
         let tcp_closed = Family::<TcpLabels, Counter>::default();
         let egress_requests = Family::<EgressLabels, Counter>::default();
+        let refused = Family::<RefusedLabels, Counter>::default();
         // Counters are registered without `_total`: the encoder appends it.
         registry.register(
             "istio_requests",
@@ -264,6 +293,11 @@ impl Metrics {
             "Requests through the egress gateway by verified caller identity and authorization decision",
             egress_requests.clone(),
         );
+        registry.register(
+            "meshgate_downstream_refused",
+            "Downstream connections and requests refused or cut, by the Envoy counter of the same event",
+            refused.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -275,6 +309,7 @@ impl Metrics {
             tcp_opened,
             tcp_closed,
             egress_requests,
+            refused,
             series: RwLock::default(),
         }
     }
@@ -320,6 +355,11 @@ impl Metrics {
     }
 
     /// Prometheus text exposition format 0.0.4 (what `/stats/prometheus` serves).
+    /// Counts one refused or cut connection or request.
+    pub fn refused(&self, reason: Refused) {
+        self.refused.get_or_create(&RefusedLabels { reason }).inc();
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
         // Writing into a String cannot fail.
