@@ -58,18 +58,19 @@ fn parse_handshake(hs: &[u8]) -> Option<Option<String>> {
     Some(None)
 }
 
-/// The host name in a server_name extension (RFC 6066 3).
+/// The host name in a server_name extension (RFC 6066 3). A name that is
+/// empty, longer than a DNS name, or not printable ASCII makes the hello
+/// malformed, as BoringSSL (Envoy's TLS inspector) refuses it: it would
+/// otherwise reach routes and logs as the client wrote it.
 fn server_name(mut data: Reader<'_>) -> Option<Option<String>> {
     let mut names = data.vec16()?;
     while !names.0.is_empty() {
         let kind = names.u8()?;
         let name = names.vec16()?;
         if kind == 0 {
-            return Some(
-                std::str::from_utf8(name.0)
-                    .ok()
-                    .map(str::to_ascii_lowercase),
-            );
+            let valid = (1..=255).contains(&name.0.len())
+                && name.0.iter().all(|b| (0x21..=0x7e).contains(b));
+            return valid.then(|| Some(String::from_utf8_lossy(name.0).to_ascii_lowercase()));
         }
     }
     Some(None)
@@ -158,6 +159,44 @@ mod tests {
         let mut garbage = h.clone();
         garbage[5] = 2; // not a ClientHello
         assert_eq!(parse_client_hello(&garbage), Hello::NotTls);
+    }
+
+    /// A minimal ClientHello whose server_name is `name`, byte for byte.
+    fn hello_naming(name: &[u8]) -> Vec<u8> {
+        let be16 = |n: usize| [(n >> 8) as u8, n as u8];
+        let mut list = vec![0];
+        list.extend(be16(name.len()));
+        list.extend(name);
+        let mut ext = vec![0, 0];
+        ext.extend(be16(list.len() + 2));
+        ext.extend(be16(list.len()));
+        ext.extend(list);
+        let mut body = vec![3, 3];
+        body.extend([7u8; 32]);
+        body.extend([0, 0, 2, 0x13, 0x01, 1, 0]);
+        body.extend(be16(ext.len()));
+        body.extend(ext);
+        let mut hs = vec![1, 0];
+        hs.extend(be16(body.len()));
+        hs.extend(body);
+        let mut record = vec![0x16, 3, 1];
+        record.extend(be16(hs.len()));
+        record.extend(hs);
+        record
+    }
+
+    /// Names BoringSSL refuses make the hello malformed; others are
+    /// lowercased.
+    #[test]
+    fn server_names_are_checked() {
+        let named = |n: &[u8]| parse_client_hello(&hello_naming(n));
+        assert_eq!(
+            named(b"API.example.com"),
+            Hello::Complete(Some("api.example.com".into()))
+        );
+        for bad in [&b""[..], b"a\0b", b"a b", b"caf\xc3\xa9", &[b'a'; 256]] {
+            assert_eq!(named(bad), Hello::NotTls, "{bad:?}");
+        }
     }
 
     /// Hardening: every byte of a real ClientHello flipped to many values,
