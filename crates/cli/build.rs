@@ -1,7 +1,11 @@
 //! Tests that need root (network namespaces, iptables, `meshgate up` with
 //! namespaces) are reported as ignored, with the reason, when the tests
 //! are built by another user: they are marked `#[cfg_attr(not_root,
-//! ignore = "...")]`.
+//! ignore = "...")]`. Tests against a real Kubernetes API server need
+//! the binaries `tests/kube/build` makes; without them they are ignored the
+//! same way (`no_kube`).
+
+include!("../../tests/kube/cfg.rs");
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(not_root)");
@@ -15,4 +19,6 @@ fn main() {
     if !root {
         println!("cargo::rustc-cfg=not_root");
     }
+
+    set_no_kube_cfg();
 }

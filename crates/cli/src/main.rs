@@ -2,9 +2,11 @@
 
 mod ca;
 mod check;
+mod control_cmd;
 mod dump;
 mod explain;
 mod iptables_cmd;
+mod kube_cmd;
 mod run;
 mod standin_cmd;
 mod table;
@@ -60,6 +62,13 @@ enum Command {
     /// Run the whole system a config describes on this machine: CA,
     /// gateways, sidecars (with capture) and the workloads' own commands.
     Up(up::UpArgs),
+    /// Print the CustomResourceDefinitions of the Istio kinds meshgate
+    /// reads, for a cluster without Istio: `meshgate crds | kubectl apply -f -`.
+    Crds,
+    /// The control plane on Kubernetes (the istiod role): watches the
+    /// cluster's Istio and Kubernetes objects into the config model and
+    /// publishes each good config as a new version.
+    Control(control_cmd::ControlArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -156,6 +165,8 @@ fn main() -> ExitCode {
         Command::Iptables(args) => iptables_cmd::run(&args),
         Command::StandIn(args) => standin_cmd::run(&args),
         Command::Up(args) => up::run(&args),
+        Command::Crds => kube_cmd::crds(),
+        Command::Control(args) => control_cmd::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -32,32 +32,39 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind, in the order above.
+    pub const ALL: [Kind; 12] = [
+        Kind::Namespace,
+        Kind::ServiceAccount,
+        Kind::Service,
+        Kind::Pod,
+        Kind::Deployment,
+        Kind::ServiceEntry,
+        Kind::VirtualService,
+        Kind::DestinationRule,
+        Kind::Gateway,
+        Kind::Sidecar,
+        Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
+    ];
+
     /// Finds the kind for an `apiVersion`/`kind` pair. `Ok(None)` means a kind
     /// we do not read (skipped with a warning); `Err` names the supported
     /// versions when the group is ours but the version is not.
     pub fn resolve(api_version: &str, kind: &str) -> Result<Option<Kind>, String> {
         let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
-        let (k, versions): (Kind, &[&str]) = match (group, kind) {
-            ("networking.istio.io", "ServiceEntry") => (Kind::ServiceEntry, NETWORKING),
-            ("networking.istio.io", "VirtualService") => (Kind::VirtualService, NETWORKING),
-            ("networking.istio.io", "DestinationRule") => (Kind::DestinationRule, NETWORKING),
-            ("networking.istio.io", "Gateway") => (Kind::Gateway, NETWORKING),
-            ("networking.istio.io", "Sidecar") => (Kind::Sidecar, NETWORKING),
-            ("security.istio.io", "AuthorizationPolicy") => (Kind::AuthorizationPolicy, SECURITY),
-            ("security.istio.io", "PeerAuthentication") => (Kind::PeerAuthentication, SECURITY),
-            ("", "Namespace") => (Kind::Namespace, CORE),
-            ("", "ServiceAccount") => (Kind::ServiceAccount, CORE),
-            ("", "Service") => (Kind::Service, CORE),
-            ("", "Pod") => (Kind::Pod, CORE),
-            ("apps", "Deployment") => (Kind::Deployment, CORE),
-            _ => return Ok(None),
+        let Some(k) = Kind::ALL
+            .into_iter()
+            .find(|k| k.group() == group && k.as_str() == kind)
+        else {
+            return Ok(None);
         };
-        if versions.contains(&version) {
+        if k.versions().contains(&version) {
             Ok(Some(k))
         } else {
             Err(format!(
                 "apiVersion \"{api_version}\" is not supported for {kind}; use one of: {}",
-                versions
+                k.versions()
                     .iter()
                     .map(|v| if group.is_empty() {
                         (*v).to_owned()
@@ -68,6 +75,34 @@ impl Kind {
                     .join(", ")
             ))
         }
+    }
+
+    /// The API group (`""` for the core group).
+    pub fn group(self) -> &'static str {
+        match self {
+            Kind::ServiceEntry
+            | Kind::VirtualService
+            | Kind::DestinationRule
+            | Kind::Gateway
+            | Kind::Sidecar => "networking.istio.io",
+            Kind::AuthorizationPolicy | Kind::PeerAuthentication => "security.istio.io",
+            Kind::Deployment => "apps",
+            Kind::Namespace | Kind::ServiceAccount | Kind::Service | Kind::Pod => "",
+        }
+    }
+
+    /// The API versions meshgate reads, oldest first; all share one schema.
+    pub fn versions(self) -> &'static [&'static str] {
+        match self.group() {
+            "networking.istio.io" => &["v1alpha3", "v1beta1", "v1"],
+            "security.istio.io" => &["v1beta1", "v1"],
+            _ => &["v1"],
+        }
+    }
+
+    /// Istio's own kinds, which a cluster knows only by CustomResourceDefinition.
+    pub fn is_istio(self) -> bool {
+        self.group().ends_with(".istio.io")
     }
 
     pub fn as_str(self) -> &'static str {
@@ -92,10 +127,6 @@ impl Kind {
         self != Kind::Namespace
     }
 }
-
-const NETWORKING: &[&str] = &["v1alpha3", "v1beta1", "v1"];
-const SECURITY: &[&str] = &["v1beta1", "v1"];
-const CORE: &[&str] = &["v1"];
 
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -92,11 +92,23 @@ impl TokenTable {
             .map_err(|e| Error::File(path.to_owned(), e.to_string()))?;
         Self::parse(&text, &path.display().to_string())
     }
+}
 
-    fn identity(&self, token: &str, trust_domain: &str) -> Option<SpiffeId> {
-        self.0
-            .get(token)
-            .and_then(|(ns, sa)| SpiffeId::new(trust_domain, ns, sa).ok())
+/// Who a bearer token says the caller is: a token file here, the
+/// Kubernetes TokenReview API in `meshgate control`.
+pub trait Authenticator: Send + Sync + 'static {
+    /// `Ok(Some((namespace, service account)))` for a valid token,
+    /// `Ok(None)` for an unknown or invalid one, `Err` when it cannot be
+    /// checked now (a retry may succeed).
+    fn authenticate(
+        &self,
+        token: &str,
+    ) -> impl Future<Output = Result<Option<(String, String)>, String>> + Send;
+}
+
+impl Authenticator for TokenTable {
+    async fn authenticate(&self, token: &str) -> Result<Option<(String, String)>, String> {
+        Ok(self.0.get(token).cloned())
     }
 }
 
@@ -107,9 +119,9 @@ pub fn ca_identity(trust_domain: &str) -> Result<SpiffeId, Error> {
 }
 
 /// Serves certificate requests on `listener` until the task is dropped.
-pub async fn serve(
+pub async fn serve<A: Authenticator>(
     ca: Arc<CertificateAuthority>,
-    tokens: TokenTable,
+    tokens: A,
     listener: TcpListener,
 ) -> Result<(), Error> {
     let own_id = ca_identity(ca.trust_domain())?;
@@ -147,7 +159,7 @@ pub async fn serve(
             };
             let svc = hyper::service::service_fn(move |req| {
                 let (ca, tokens) = (ca.clone(), tokens.clone());
-                async move { Ok::<_, std::convert::Infallible>(handle(&ca, &tokens, req).await) }
+                async move { Ok::<_, std::convert::Infallible>(handle(&ca, tokens.as_ref(), req).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
@@ -177,9 +189,9 @@ fn refuse(status: StatusCode, why: impl Into<String>) -> Response<Full<Bytes>> {
     json(status, &ErrorBody { error })
 }
 
-async fn handle(
+async fn handle<A: Authenticator>(
     ca: &CertificateAuthority,
-    tokens: &TokenTable,
+    tokens: &A,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     if req.uri().path() != PATH {
@@ -197,14 +209,27 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned);
-    let Some(id) = token
-        .as_deref()
-        .and_then(|t| tokens.identity(t, ca.trust_domain()))
-    else {
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            "missing or unknown bootstrap token",
-        );
+    let who = match token {
+        Some(t) => tokens.authenticate(&t).await,
+        None => Ok(None),
+    };
+    let id = match who {
+        Ok(Some((ns, sa))) => match SpiffeId::new(ca.trust_domain(), &ns, &sa) {
+            Ok(id) => id,
+            Err(e) => return refuse(StatusCode::FORBIDDEN, e.to_string()),
+        },
+        Ok(None) => {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "missing or unknown bootstrap token",
+            );
+        }
+        Err(e) => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot check the token now: {e}"),
+            );
+        }
     };
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),

@@ -3,13 +3,14 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Kubernetes-style label map (sorted, so output is stable).
 pub type Labels = BTreeMap<String, String>;
 
 /// `workloadSelector` of Sidecar, ServiceEntry and DestinationRule.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WorkloadSelector {
     #[serde(default)]
@@ -17,7 +18,7 @@ pub struct WorkloadSelector {
 }
 
 /// `selector` of AuthorizationPolicy and PeerAuthentication.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LabelSelector {
     #[serde(default)]
@@ -31,7 +32,7 @@ pub fn labels_match(selector: &Labels, labels: &Labels) -> bool {
 }
 
 /// `port: {number: N}` as used by destinations and port-level settings.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PortSelector {
     #[serde(default)]
@@ -39,7 +40,7 @@ pub struct PortSelector {
 }
 
 /// A percentage as `{value: 12.5}`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Percent {
     #[serde(default)]
@@ -124,6 +125,17 @@ impl<'de> Deserialize<'de> for Duration {
     }
 }
 
+/// A protobuf Duration in its JSON form: `10s`, `1.5s`, `250ms`, `1h30m`.
+impl JsonSchema for Duration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string" })
+    }
+}
+
 impl Serialize for Duration {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
@@ -131,7 +143,7 @@ impl Serialize for Duration {
 }
 
 /// Kubernetes IntOrString (Service `targetPort`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(untagged)]
 pub enum IntOrString {
     Int(u32),

@@ -3,11 +3,12 @@
 //! documented field as opaque, so real manifests load while a misspelt field
 //! is still an error (as `kubectl apply --validate=strict` would say).
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{IntOrString, Labels, Opaque};
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct ObjectMeta {
     pub name: String,
@@ -38,13 +39,13 @@ pub struct ObjectMeta {
     pub self_link: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct NamespaceSpec {
     pub finalizers: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct ServiceAccountFields {
     pub secrets: Option<Opaque>,
@@ -54,7 +55,7 @@ pub struct ServiceAccountFields {
 
 // === Service ===
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct ServiceSpec {
     #[serde(rename = "type")]
@@ -84,7 +85,7 @@ pub struct ServiceSpec {
     pub traffic_distribution: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct KubeServicePort {
     pub name: String,
@@ -98,7 +99,7 @@ pub struct KubeServicePort {
 
 // === Pods and Deployments ===
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct DeploymentSpec {
     pub replicas: Option<u32>,
@@ -111,21 +112,21 @@ pub struct DeploymentSpec {
     pub paused: Option<bool>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct KubeLabelSelector {
     pub match_labels: Labels,
     pub match_expressions: Option<Opaque>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct PodTemplateSpec {
     pub metadata: ObjectMeta,
     pub spec: PodSpec,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct PodSpec {
     pub containers: Vec<Container>,
@@ -173,7 +174,7 @@ pub struct PodSpec {
     pub volumes: Option<Opaque>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct PodSecurityContext {
     pub run_as_user: Option<i64>,
@@ -191,7 +192,7 @@ pub struct PodSecurityContext {
     pub windows_options: Option<Opaque>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct Container {
     pub name: String,
@@ -220,7 +221,7 @@ pub struct Container {
     pub working_dir: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct ContainerPort {
     pub container_port: u32,
@@ -231,7 +232,7 @@ pub struct ContainerPort {
     pub host_port: Option<u32>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct EnvVar {
     pub name: String,
@@ -239,7 +240,7 @@ pub struct EnvVar {
     pub value_from: Option<Opaque>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct SecurityContext {
     pub run_as_user: Option<i64>,

@@ -1,0 +1,325 @@
+//! `meshgate control` against a real kube-apiserver (tests/kube/build):
+//! the seed applied with kubectl becomes a published config version; a
+//! change is a new version; an object only meshgate's validation refuses is
+//! reported and never published, and the last good config stays.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use meshgate_kube::testing::TestCluster;
+use serde_json::Value;
+use support::{Proc, TempDir, curl};
+
+/// Starts the cluster with meshgate's CRDs established.
+fn cluster() -> TestCluster {
+    let cluster = TestCluster::start();
+    let crds = meshgate_kube::crds_yaml().unwrap();
+    cluster.kubectl_ok(&["apply", "-f", "-"], &crds);
+    cluster.kubectl_ok(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "-l",
+            "app.kubernetes.io/part-of=meshgate",
+        ],
+        "",
+    );
+    cluster
+}
+
+/// Runs `meshgate control` against the cluster with `extra` flags; returns
+/// it and its ready file once the first version is published.
+fn start_control(cluster: &TestCluster, dir: &TempDir, extra: &[&str]) -> (Proc, Value) {
+    let ready = dir.path("ready.json");
+    let kubeconfig = cluster.kubeconfig().to_str().unwrap().to_owned();
+    let mut args = vec![
+        "control",
+        "--kubeconfig",
+        &kubeconfig,
+        "--monitoring-address",
+        "127.0.0.1:0",
+        "--ready-file",
+        &ready,
+    ];
+    args.extend_from_slice(extra);
+    let control = Proc::spawn(&args);
+    control.wait_for("config version published", Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // Written a moment after the first version is published.
+        if let Some(v) = std::fs::read_to_string(&ready)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        {
+            return (control, v);
+        }
+        assert!(Instant::now() < deadline, "no ready file");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls `/debug/configz` until `done` holds (bounded: 30 s).
+fn configz_until(addr: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (body, code, _) = curl(&[&format!("http://{addr}/debug/configz")]);
+        if code == "200" {
+            let v: Value = serde_json::from_str(&body).unwrap();
+            if done(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{what}: {v:#}");
+        }
+        assert!(Instant::now() < deadline, "{what}: {code} {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn count(v: &Value, field: &str) -> usize {
+    v["config"][field].as_array().map_or(0, Vec::len)
+}
+
+#[test]
+#[cfg_attr(
+    no_kube,
+    ignore = "needs kube-apiserver, etcd and kubectl: run tests/kube/build"
+)]
+fn the_control_plane_publishes_the_clusters_config_and_keeps_the_last_good_one() {
+    let cluster = cluster();
+    let dir = TempDir::new("control");
+    let (control, ready) = start_control(&cluster, &dir, &[]);
+    let addr = ready["monitoring"].as_str().unwrap().to_owned();
+    let (body, code, _) = curl(&[&format!("http://{addr}/ready")]);
+    assert_eq!(
+        code,
+        "200",
+        "{addr}: {body}\n{}",
+        control.log.lock().unwrap().join("\n")
+    );
+
+    // The seed, applied as its README says.
+    let seed = support::seed();
+    cluster.kubectl_ok(&["apply", "-f", &format!("{seed}/namespaces.yaml")], "");
+    cluster.kubectl_ok(&["apply", "-f", &seed], "");
+    let v = configz_until(&addr, "the seed's Istio objects", |v| {
+        count(v, "authorization_policies") == 1
+            && count(v, "virtual_services") == 2
+            && count(v, "gateways") == 1
+    });
+    let seeded = v["version"].as_u64().unwrap();
+    assert!(
+        count(&v, "namespaces") >= 2 && count(&v, "service_entries") == 1,
+        "{v:#}"
+    );
+    let ap = &v["config"]["authorization_policies"][0];
+    assert_eq!(ap["meta"]["source"], "cluster:1", "{ap:#}");
+
+    // A change is a new version.
+    let ap_name = format!(
+        "{}/{}",
+        ap["meta"]["namespace"].as_str().unwrap(),
+        ap["meta"]["name"].as_str().unwrap()
+    );
+    let (ns, name) = ap_name.split_once('/').unwrap();
+    cluster.kubectl_ok(
+        &[
+            "-n",
+            ns,
+            "patch",
+            "authorizationpolicy",
+            name,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"action":"DENY"}}"#,
+        ],
+        "",
+    );
+    let v = configz_until(&addr, "the patched policy", |v| {
+        v["config"]["authorization_policies"][0]["spec"]["action"] == "DENY"
+    });
+    let patched = v["version"].as_u64().unwrap();
+    assert!(patched > seeded);
+
+    // Valid for the API server's schema, invalid for meshgate: reported,
+    // never published.
+    let bad = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: bad\n  namespace: default\n\
+               spec:\n  hosts: [a.example.com]\n  http:\n  - match:\n    - uri:\n        exact: /a\n        prefix: /b\n    \
+               route:\n    - destination:\n        host: a.example.com\n";
+    cluster.kubectl_ok(&["apply", "-f", "-"], bad);
+    let v = configz_until(&addr, "the invalid VirtualService reported", |v| {
+        v["rejected"].as_array().is_some_and(|r| !r.is_empty())
+    });
+    let rejected = v["rejected"][0].as_str().unwrap();
+    assert!(
+        rejected.contains("(VirtualService default/bad cluster:")
+            && rejected.contains("only one of exact, prefix or regex may be set"),
+        "{rejected}"
+    );
+    assert_eq!(
+        v["version"].as_u64().unwrap(),
+        patched,
+        "an invalid state was published"
+    );
+    assert_eq!(count(&v, "virtual_services"), 2);
+    control.wait_for("keeping the last good config", Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = cluster.kubectl_ok(
+            &[
+                "-n",
+                "default",
+                "get",
+                "events",
+                "--field-selector",
+                "involvedObject.name=bad",
+                "-o",
+                "jsonpath={range .items[*]}{.type} {.reason} {.message}{\"\\n\"}{end}",
+            ],
+            "",
+        );
+        if events
+            .contains("Warning InvalidConfig Error [IST0106] (VirtualService default/bad cluster:")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no Event for the invalid VirtualService: {events}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Removed again: nothing rejected, and no new version (the config is
+    // what it was).
+    cluster.kubectl_ok(&["-n", "default", "delete", "virtualservice", "bad"], "");
+    let v = configz_until(&addr, "the rejection cleared", |v| {
+        v["rejected"].as_array().is_some_and(Vec::is_empty)
+    });
+    assert_eq!(v["version"].as_u64().unwrap(), patched);
+}
+
+/// A token from the TokenRequest API, as a projected volume would hold it.
+fn token(cluster: &TestCluster, ns: &str, sa: &str, audience: Option<&str>) -> String {
+    let mut args = vec!["-n", ns, "create", "token", sa];
+    if let Some(a) = audience {
+        args.extend(["--audience", a]);
+    }
+    cluster.kubectl_ok(&args, "").trim().to_owned()
+}
+
+#[test]
+#[cfg_attr(
+    no_kube,
+    ignore = "needs kube-apiserver, etcd and kubectl: run tests/kube/build"
+)]
+fn the_ca_issues_by_service_account_token_and_publishes_the_root() {
+    use meshgate_identity::{CertificateAuthority, SpiffeId, caserver};
+
+    let cluster = cluster();
+    let dir = TempDir::new("control-ca");
+    let ca_dir = dir.path("ca");
+    assert!(
+        support::meshgate(&["ca", "init", "--dir", &ca_dir])
+            .status
+            .success()
+    );
+    let root = std::fs::read_to_string(format!("{ca_dir}/root-cert.pem")).unwrap();
+    // No controller manager here: the test makes the service accounts.
+    cluster.kubectl_ok(&["create", "namespace", "curl-external-tst"], "");
+    for sa in ["default", "other"] {
+        cluster.kubectl_ok(
+            &["-n", "curl-external-tst", "create", "serviceaccount", sa],
+            "",
+        );
+    }
+
+    let (_control, ready) = start_control(
+        &cluster,
+        &dir,
+        &["--ca-dir", &ca_dir, "--ca-address", "127.0.0.1:0"],
+    );
+    let ca_addr = ready["ca"].as_str().unwrap().to_owned();
+
+    let curl = SpiffeId::new("cluster.local", "curl-external-tst", "default").unwrap();
+    let (csr, _key) = CertificateAuthority::csr_for(&curl).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let request = |token: &str| {
+        rt.block_on(caserver::request_certificate(
+            &ca_addr,
+            token,
+            &root,
+            &csr,
+            Duration::from_secs(3600),
+        ))
+    };
+
+    // The pod's own token: its service account's certificate.
+    let issued = request(&token(
+        &cluster,
+        "curl-external-tst",
+        "default",
+        Some("istio-ca"),
+    ))
+    .unwrap();
+    let chain = meshgate_identity::cert::parse_certs(&issued.cert_chain).unwrap();
+    assert_eq!(
+        meshgate_identity::tls::spiffe_id_of(&chain[0]).unwrap(),
+        curl
+    );
+    assert_eq!(issued.root_cert, root);
+
+    // Another service account's token cannot get it.
+    let err = request(&token(
+        &cluster,
+        "curl-external-tst",
+        "other",
+        Some("istio-ca"),
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("403")
+            && err.contains(
+                "the token authorizes only spiffe://cluster.local/ns/curl-external-tst/sa/other"
+            ),
+        "{err}"
+    );
+    // A token for the API server's audience, not the CA's; and garbage.
+    for bad in [
+        token(&cluster, "curl-external-tst", "default", None),
+        "not-a-token".to_owned(),
+    ] {
+        let err = request(&bad).unwrap_err().to_string();
+        assert!(err.contains("401"), "{err}");
+    }
+
+    // The root, in every namespace.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = cluster.kubectl(&[
+            "-n",
+            "curl-external-tst",
+            "get",
+            "configmap",
+            "istio-ca-root-cert",
+            "-o",
+            "jsonpath={.data.root-cert\\.pem}",
+        ]);
+        if String::from_utf8_lossy(&out.stdout) == root {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no istio-ca-root-cert: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,72 @@
+//! The control plane's monitoring port: readiness and what it would push,
+//! as istiod's `/ready` and `/debug/configz`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::run::State;
+
+/// Serves until the process ends; each connection on its own task.
+pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<State>>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors or similar: let the next accept retry.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.borrow().clone();
+                async move { Ok::<_, Infallible>(answer(&req, &state)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn answer(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/ready" => match &state.snapshot {
+            Some(_) => text(StatusCode::OK, "ready\n".into()),
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not synced with the API server\n".into(),
+            ),
+        },
+        "/debug/configz" => {
+            let body = json!({
+                "version": state.snapshot.as_ref().map(|s| s.version),
+                "config": state.snapshot.as_ref().map(|s| s.config.as_ref()),
+                "warnings": state.snapshot.as_ref().map(|s| s.warnings.iter().map(ToString::to_string).collect::<Vec<_>>()),
+                "rejected": state.rejected.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            });
+            let mut resp = text(StatusCode::OK, format!("{body:#}\n"));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp
+}

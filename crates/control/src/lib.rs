@@ -1,0 +1,13 @@
+//! meshgate's control plane on Kubernetes (the istiod role): watches the
+//! cluster's Istio and Kubernetes objects into the same config model and
+//! validation as files, and publishes each good config as a new version.
+
+pub mod ca;
+pub mod compile;
+pub mod debug;
+pub mod events;
+pub mod run;
+pub mod watch;
+
+pub use compile::{Snapshot, compile};
+pub use watch::{Key, Objects, WATCHED};
