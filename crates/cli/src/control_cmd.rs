@@ -48,9 +48,14 @@ pub(crate) fn run(args: &ControlArgs) -> anyhow::Result<ExitCode> {
         let monitoring = listener.local_addr()?;
         tracing::info!(address = %monitoring, "monitoring port listening");
         let (tx, rx) = tokio::sync::watch::channel(Arc::new(State::default()));
-        tokio::spawn(meshgate_control::debug::serve(listener, rx.clone()));
+        let proxies = Arc::new(meshgate_control::push::Proxies::default());
+        tokio::spawn(meshgate_control::debug::serve(
+            listener,
+            rx.clone(),
+            proxies.clone(),
+        ));
         let ca = match &args.ca_dir {
-            Some(dir) => Some(start_ca(args, dir, &client, rx.clone()).await?),
+            Some(dir) => Some(start_ca(args, dir, &client, rx.clone(), proxies).await?),
             None => None,
         };
         if let Some(path) = args.ready_file.clone() {
@@ -82,13 +87,15 @@ async fn client(args: &ControlArgs) -> anyhow::Result<kube::Client> {
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
-/// Serves certificate requests and publishes the root to every namespace
-/// of each published config. Returns the CA's address.
+/// Serves certificate requests and config streams on the CA's port, and
+/// publishes the root to every namespace of each published config. Returns
+/// the port's address.
 async fn start_ca(
     args: &ControlArgs,
     dir: &std::path::Path,
     client: &kube::Client,
     mut state: tokio::sync::watch::Receiver<Arc<State>>,
+    proxies: Arc<meshgate_control::push::Proxies>,
 ) -> anyhow::Result<SocketAddr> {
     use meshgate_control::ca::{RootPublisher, TokenReviewer};
     let ca = Arc::new(meshgate_identity::CertificateAuthority::load(dir)?);
@@ -99,9 +106,11 @@ async fn start_ca(
     tracing::info!(%address, trust_domain = ca.trust_domain(), "CA listening");
     let root = ca.root_pem().to_owned();
     let reviewer = TokenReviewer::new(client.clone());
+    let streams = state.clone();
     tokio::spawn(async move {
-        if let Err(e) = meshgate_identity::caserver::serve(ca, reviewer, listener).await {
-            tracing::error!(error = %e, "the CA stopped");
+        let served = meshgate_control::push::serve(listener, ca, reviewer, streams, proxies);
+        if let Err(e) = served.await {
+            tracing::error!(error = %e, "the CA and config port stopped");
         }
     });
     let client = client.clone();

@@ -88,8 +88,23 @@ pub(crate) enum LogFormat {
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct ProxyArgs {
     /// YAML files or folders with the mesh config.
-    #[arg(short, long = "config", required = true, value_name = "PATH")]
+    #[arg(
+        short,
+        long = "config",
+        required_unless_present = "control_plane",
+        value_name = "PATH"
+    )]
     pub config: Vec<PathBuf>,
+    /// Take the config from `meshgate control` at this address instead of
+    /// files (its port 15012): a stream over mutual TLS with this proxy's
+    /// certificate, applied live; the last good config stays while the
+    /// control plane is away. The workload is the Pod NAMESPACE/NAME; its
+    /// identity is --service-account in that namespace.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["config", "labels"])]
+    pub control_plane: Option<String>,
+    /// With --control-plane: how long to wait for the first good config.
+    #[arg(long, default_value = "60s", value_name = "DURATION")]
+    pub control_plane_wait: String,
     /// The workload, as NAMESPACE/NAME of its Deployment or Pod.
     #[arg(short, long, value_name = "NS/NAME")]
     pub workload: String,
@@ -205,7 +220,11 @@ fn port_overrides(ports: &[String]) -> anyhow::Result<HashMap<u16, u16>> {
 
 /// Loads the config; schema errors stop the proxy (never half-applied).
 pub(crate) fn load_config(paths: &[PathBuf]) -> anyhow::Result<Config> {
-    let loaded = load_paths(paths)?;
+    checked(load_paths(paths)?)
+}
+
+/// The config, unless a resource was refused; warnings are logged.
+fn checked(loaded: meshgate_config::Loaded) -> anyhow::Result<Config> {
     let errors: Vec<String> = loaded
         .diagnostics
         .iter()
@@ -298,6 +317,89 @@ pub(crate) struct SidecarArgs {
     pub explicit_proxy: bool,
 }
 
+/// The identity a --control-plane proxy asks for: its service account in
+/// its workload's namespace (the config that confirms it comes later).
+fn flag_identity(args: &ProxyArgs, mesh: &MeshSettings) -> anyhow::Result<SpiffeId> {
+    let (ns, _) = args
+        .workload
+        .split_once('/')
+        .context("--workload must be NAMESPACE/NAME")?;
+    Ok(SpiffeId::new(
+        &mesh.trust_domain,
+        ns,
+        &args.service_account,
+    )?)
+}
+
+/// A config pushed by the control plane: the same loader and the same rule
+/// as files (schema errors refuse the whole version).
+fn config_from_yaml(yaml: &str) -> anyhow::Result<Config> {
+    let mut loaded = meshgate_config::Loaded::default();
+    meshgate_config::load::load_str("control plane", yaml, &mut loaded)?;
+    checked(loaded)
+}
+
+/// The config stream of a --control-plane proxy.
+struct ControlSource {
+    client: meshgate_control::client::ConfigClient,
+    pushes: tokio::sync::mpsc::Receiver<meshgate_control::client::Version>,
+}
+
+impl ControlSource {
+    /// Connects and waits (bounded by --control-plane-wait) for the first
+    /// version that loads and names this proxy's workload with its identity.
+    async fn start(
+        args: &ProxyArgs,
+        kind: ProxyKind,
+        mesh: &MeshSettings,
+        id: &SpiffeId,
+        identity: &Arc<WorkloadIdentity>,
+    ) -> anyhow::Result<(ControlSource, Config)> {
+        let addr = args.control_plane.as_deref().context("--control-plane")?;
+        let wait = duration_flag(&args.control_plane_wait, "--control-plane-wait")?;
+        let client = meshgate_control::client::ConfigClient::new(addr, &args.workload, identity)?;
+        let (tx, mut pushes) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(client.clone().run(tx));
+        let first = async {
+            loop {
+                let next = pushes.recv().await.context("the config stream ended")?;
+                let checked = config_from_yaml(&next.yaml).and_then(|config| {
+                    let got = workload_identity(&config, mesh, args, kind)?;
+                    if got != *id {
+                        bail!(
+                            "the control plane says {} runs as {got}, not {id}",
+                            args.workload
+                        );
+                    }
+                    Ok(config)
+                });
+                match checked {
+                    Ok(config) => {
+                        let _ = client.report(next.version, None).await;
+                        tracing::info!(
+                            version = next.version,
+                            "first config from the control plane"
+                        );
+                        return Ok::<_, anyhow::Error>(config);
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            version = next.version,
+                            error = format!("{e:#}"),
+                            "config refused"
+                        );
+                        let _ = client.report(next.version, Some(format!("{e:#}"))).await;
+                    }
+                }
+            }
+        };
+        let config = tokio::time::timeout(wait, first).await.map_err(|_| {
+            anyhow::anyhow!("no usable config from the control plane at {addr} within {wait:?}")
+        })??;
+        Ok((ControlSource { client, pushes }, config))
+    }
+}
+
 /// Loads the config and adds the workload from flags when the config does
 /// not describe it. Used at start and on every reload.
 fn prepare_config(
@@ -366,7 +468,11 @@ pub(crate) fn run(
     let mesh = args.mesh.load()?;
     // Taken before the config is read: a change while it loads is a change.
     let loaded = config_fingerprint(args);
-    let config = prepare_config(args, kind, &mesh)?;
+    let config = match args.control_plane {
+        None => Some(prepare_config(args, kind, &mesh)?),
+        // From the control plane, once the proxy has its certificate.
+        Some(_) => None,
+    };
     let threads = args.concurrency.unwrap_or(match kind {
         ProxyKind::Sidecar => 2,
         ProxyKind::Gateway => std::thread::available_parallelism().map_or(2, usize::from),
@@ -391,7 +497,7 @@ async fn proxy_main(
     args: &ProxyArgs,
     kind: ProxyKind,
     sidecar: Option<&SidecarArgs>,
-    config: Config,
+    config: Option<Config>,
     mesh: MeshSettings,
     loaded: Result<u64, String>,
 ) -> anyhow::Result<ExitCode> {
@@ -399,7 +505,10 @@ async fn proxy_main(
     let cert_pending = readiness.register("certificate");
     let listeners_pending = readiness.register("listeners");
 
-    let id = workload_identity(&config, &mesh, args, kind)?;
+    let id = match &config {
+        Some(config) => workload_identity(config, &mesh, args, kind)?,
+        None => flag_identity(args, &mesh)?,
+    };
     let reload_interval = duration_flag(&args.reload_interval, "--reload-interval")?;
     let drain_duration = duration_flag(&args.drain_duration, "--drain-duration")?;
     let metrics = Arc::new(Metrics::new());
@@ -414,6 +523,16 @@ async fn proxy_main(
         .context("loading the workload certificate")?;
     cert_pending.done();
     readiness.watch_certificate(identity.clone());
+
+    let mut control = None;
+    let config = match config {
+        Some(config) => config,
+        None => {
+            let (source, config) = ControlSource::start(args, kind, &mesh, &id, &identity).await?;
+            control = Some(source);
+            config
+        }
+    };
 
     let ctx = BuildContext {
         resolver: Resolver::new(args.dns_server)?,
@@ -467,9 +586,16 @@ async fn proxy_main(
         ready: &ready,
         loaded,
     };
+    // Config changes come from the files or from the control plane.
+    let changes = async {
+        match control.as_mut() {
+            Some(control) => live.follow(control, &mut app).await,
+            None => live.watch(reload_interval, &mut app).await,
+        }
+    };
     tokio::select! {
         () = crate::shutdown_signal() => {}
-        () = live.watch(reload_interval, &mut app) => {}
+        () = changes => {}
     }
 
     // Drain: report not ready, stop accepting, let requests in flight
@@ -598,6 +724,43 @@ impl Live<'_> {
         let config = tokio::task::spawn_blocking(move || prepare_config(&args, kind, &mesh))
             .await
             .context("loading the config")??;
+        self.apply(config, app).await
+    }
+
+    /// Applies versions from the control plane as they come, and tells it
+    /// which were applied and which refused.
+    async fn follow(&mut self, control: &mut ControlSource, app: &mut App) {
+        while let Some(next) = control.pushes.recv().await {
+            let yaml = next.yaml;
+            let parsed = tokio::task::spawn_blocking(move || config_from_yaml(&yaml))
+                .await
+                .context("loading the config");
+            let result = match parsed {
+                Ok(Ok(config)) => self.apply(config, app).await,
+                Ok(Err(e)) | Err(e) => Err(e),
+            };
+            let error = match result {
+                Ok(()) => {
+                    tracing::info!(workload = %self.args.workload, version = next.version, "config applied");
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(
+                        version = next.version,
+                        error = format!("{e:#}"),
+                        "config refused; the running config stays"
+                    );
+                    Some(format!("{e:#}"))
+                }
+            };
+            if let Err(e) = control.client.report(next.version, error).await {
+                tracing::warn!(error = %e, "cannot report the config version");
+            }
+        }
+    }
+
+    /// Checks, compiles and swaps in a whole new config.
+    async fn apply(&mut self, config: Config, app: &mut App) -> anyhow::Result<()> {
         let id = workload_identity(&config, &self.mesh, self.args, self.kind)?;
         if id != *self.id {
             bail!(

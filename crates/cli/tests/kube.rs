@@ -323,3 +323,276 @@ fn the_ca_issues_by_service_account_token_and_publishes_the_root() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// What a kubelet would do for a Deployment: a Pod from its template,
+/// scheduled (nodeName set), in the Deployment's namespace.
+fn pod_from_deployment(cluster: &TestCluster, ns: &str, deployment: &str, pod: &str) {
+    let d: Value = serde_json::from_str(&cluster.kubectl_ok(
+        &["-n", ns, "get", "deployment", deployment, "-o", "json"],
+        "",
+    ))
+    .unwrap();
+    let mut template = d["spec"]["template"].clone();
+    template["metadata"]["name"] = pod.into();
+    template["metadata"]["namespace"] = ns.into();
+    template["spec"]["nodeName"] = "node-1".into();
+    let manifest = serde_json::json!({ "apiVersion": "v1", "kind": "Pod", "metadata": template["metadata"], "spec": template["spec"] });
+    cluster.kubectl_ok(&["apply", "-f", "-"], &manifest.to_string());
+}
+
+/// A proxy of `kind` for `pod`, with its config from the control plane and
+/// its certificate from the control plane's CA by its token.
+fn start_proxy(
+    dir: &TempDir,
+    kind: &str,
+    workload: &str,
+    sa: &str,
+    control: &str,
+    token: &str,
+    extra: &[&str],
+) -> (Proc, Value) {
+    let name = workload.replace('/', "-");
+    let (token_file, ready) = (
+        dir.path(&format!("{name}.token")),
+        dir.path(&format!("{name}.json")),
+    );
+    std::fs::write(&token_file, token).unwrap();
+    let root = dir.path("ca/root-cert.pem");
+    let mut args = vec![
+        kind,
+        "--control-plane",
+        control,
+        "--workload",
+        workload,
+        "--service-account",
+        sa,
+        "--ca-addr",
+        control,
+        "--ca-token-file",
+        &token_file,
+        "--ca-root-cert",
+        &root,
+        "--admin-address",
+        "127.0.0.1",
+        "--admin-port",
+        "0",
+        "--prometheus-port",
+        "0",
+        "--health-port",
+        "0",
+        "--ready-file",
+        &ready,
+        "--control-plane-wait",
+        "30s",
+    ];
+    args.extend_from_slice(extra);
+    let proc = Proc::spawn(&args);
+    let what = if kind == "gateway" {
+        "egress gateway running"
+    } else {
+        "sidecar running"
+    };
+    proc.wait_for(what, Duration::from_secs(40));
+    let ready: Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+    (proc, ready)
+}
+
+fn listener(ready: &Value) -> String {
+    ready["listeners"][0]["address"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+#[cfg_attr(
+    no_kube,
+    ignore = "needs kube-apiserver, etcd and kubectl: run tests/kube/build"
+)]
+fn the_seed_applied_with_kubectl_runs_through_sidecar_and_gateway_and_follows_policy_changes() {
+    use meshgate_proxy::standin::{self, Seen, StandinCa};
+    const HOST: &str = "jsonplaceholder.typicode.com";
+
+    let cluster = cluster();
+    let dir = TempDir::new("control-e2e");
+    let ca_dir = dir.path("ca");
+    assert!(
+        support::meshgate(&["ca", "init", "--dir", &ca_dir])
+            .status
+            .success()
+    );
+
+    // The external host: an HTTPS stand-in with its own CA.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let standin_ca = StandinCa::new("stand-in CA").unwrap();
+    let standin_ca_file = dir.path("standin-ca.pem");
+    std::fs::write(&standin_ca_file, &standin_ca.root_pem).unwrap();
+    let listener_ = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let standin_addr = listener_.local_addr().unwrap();
+    rt.spawn(standin::serve_https(
+        listener_,
+        standin_ca.server_config(&[HOST.to_owned()]).unwrap(),
+        Seen::default(),
+    ));
+
+    // The seed, as its README applies it; then what the missing
+    // controllers and kubelet would make.
+    let seed = support::seed();
+    cluster.kubectl_ok(&["apply", "-f", &format!("{seed}/namespaces.yaml")], "");
+    cluster.kubectl_ok(&["apply", "-f", &seed], "");
+    cluster.kubectl_ok(
+        &[
+            "-n",
+            "curl-external-tst",
+            "create",
+            "serviceaccount",
+            "default",
+        ],
+        "",
+    );
+    pod_from_deployment(
+        &cluster,
+        "curl-egress-tst",
+        "curl-egress-tst-gateway",
+        "gateway-0",
+    );
+    pod_from_deployment(&cluster, "curl-external-tst", "curl-test", "curl-test-0");
+
+    let (control, ready) = start_control(
+        &cluster,
+        &dir,
+        &["--ca-dir", &ca_dir, "--ca-address", "127.0.0.1:0"],
+    );
+    let (monitoring, control_addr) = (
+        ready["monitoring"].as_str().unwrap().to_owned(),
+        ready["ca"].as_str().unwrap().to_owned(),
+    );
+
+    let gw_endpoints = dir.path("gw-endpoints");
+    std::fs::write(&gw_endpoints, format!("{HOST}:443 {standin_addr}\n")).unwrap();
+    let gw_token = token(
+        &cluster,
+        "curl-egress-tst",
+        "curl-egress-tst",
+        Some("istio-ca"),
+    );
+    let (_gateway, gw_ready) = start_proxy(
+        &dir,
+        "gateway",
+        "curl-egress-tst/gateway-0",
+        "curl-egress-tst",
+        &control_addr,
+        &gw_token,
+        &[
+            "--bind-address",
+            "127.0.0.1",
+            "--port",
+            "80=0",
+            "--endpoints",
+            &gw_endpoints,
+            "--extra-roots",
+            &standin_ca_file,
+        ],
+    );
+    let sc_endpoints = dir.path("sc-endpoints");
+    std::fs::write(
+        &sc_endpoints,
+        format!(
+            "curl-egress-tst.curl-egress-tst.svc.cluster.local:80 {}\n",
+            listener(&gw_ready)
+        ),
+    )
+    .unwrap();
+    let sc_token = token(&cluster, "curl-external-tst", "default", Some("istio-ca"));
+    let (_sidecar, sc_ready) = start_proxy(
+        &dir,
+        "sidecar",
+        "curl-external-tst/curl-test-0",
+        "default",
+        &control_addr,
+        &sc_token,
+        &[
+            "--outbound-address",
+            "127.0.0.1",
+            "--outbound-port",
+            "0",
+            "--explicit-proxy",
+            "--endpoints",
+            &sc_endpoints,
+        ],
+    );
+    let proxy = format!("http://{}", listener(&sc_ready));
+    let url = format!("http://{HOST}/todos/1");
+
+    // The workload's request: sidecar, mTLS, gateway, policy, TLS out.
+    let (body, code, _) = curl(&["-x", &proxy, &url]);
+    assert_eq!(code, "200", "{body}");
+    assert!(body.contains("delectus aut autem"), "{body}");
+
+    // The policy changed with kubectl: the gateway denies once the new
+    // version is applied (pushed, not polled).
+    let ap: Value = serde_json::from_str(
+        &cluster.kubectl_ok(&["get", "authorizationpolicy", "-A", "-o", "json"], ""),
+    )
+    .unwrap();
+    let ap = &ap["items"][0]["metadata"];
+    let (ns, name) = (
+        ap["namespace"].as_str().unwrap(),
+        ap["name"].as_str().unwrap(),
+    );
+    let patched = Instant::now();
+    cluster.kubectl_ok(
+        &["-n", ns, "patch", "authorizationpolicy", name, "--type=json", "-p",
+          r#"[{"op":"replace","path":"/spec/rules/0/from/0/source/namespaces","value":["some-other-ns"]}]"#],
+        "",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (body, code, _) = curl(&["-x", &proxy, &url]);
+        if code == "403" {
+            assert_eq!(body, "RBAC: access denied");
+            break;
+        }
+        assert_eq!(code, "200", "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "the gateway still allows the request"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("policy change to deny: {:?}", patched.elapsed());
+
+    // Both proxies report what they applied: the gateway the new version;
+    // the sidecar does not see the gateway's policy (another namespace),
+    // so nothing new was pushed to it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (body, _, _) = curl(&[&format!("http://{monitoring}/debug/syncz")]);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let (gw, sc) = (
+            &v["proxies"]["curl-egress-tst/gateway-0"],
+            &v["proxies"]["curl-external-tst/curl-test-0"],
+        );
+        if gw["applied"] == v["version"] && sc["applied"] == sc["sent"] && sc["connected"] == true {
+            assert_eq!(
+                gw["identity"],
+                "spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst"
+            );
+            assert!(sc["applied"].as_u64() < v["version"].as_u64(), "{v:#}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not applied everywhere: {v:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The control plane away: the proxies keep their last good config.
+    drop(control);
+    let (_, code, _) = curl(&["-x", &proxy, &url]);
+    assert_eq!(code, "403");
+}

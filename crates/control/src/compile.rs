@@ -24,31 +24,105 @@ pub struct Snapshot {
     /// What the objects hash to: unchanged objects publish nothing.
     pub hash: u64,
     pub config: Arc<Config>,
+    /// Every object as loaded, for the proxies (each gets those it sees).
+    pub documents: Arc<Vec<Document>>,
     /// Warnings found while loading (errors keep a config from being
     /// published at all).
     pub warnings: Vec<Diagnostic>,
 }
 
+/// One object as YAML, with what decides who sees it.
+#[derive(Debug, Clone)]
+pub struct Document {
+    pub kind: &'static str,
+    pub namespace: String,
+    /// `spec.exportTo` (ServiceEntry, VirtualService, DestinationRule).
+    pub export_to: Vec<String>,
+    pub yaml: String,
+}
+
+/// What a compiled state publishes.
+#[derive(Debug)]
+pub struct Compiled {
+    pub config: Config,
+    pub documents: Vec<Document>,
+    pub warnings: Vec<Diagnostic>,
+}
+
 /// Loads every object; `Err` holds the errors when any object is invalid,
 /// and then nothing of this state may be published.
-pub fn compile(objects: &Objects) -> Result<(Config, Vec<Diagnostic>), Vec<Diagnostic>> {
+pub fn compile(objects: &Objects) -> Result<Compiled, Vec<Diagnostic>> {
     let mut loaded = Loaded::default();
-    for value in objects.objects.values() {
+    let mut documents = Vec::with_capacity(objects.objects.len());
+    for (key, value) in &objects.objects {
         // Serializing a JSON value to YAML and reading it back cannot fail
         // short of a bug; such an object is an error, never skipped.
         let text = serde_saphyr::to_string(value.as_ref()).unwrap_or_default();
         if let Err(e) = meshgate_config::load::load_str(CLUSTER_FILE, &text, &mut loaded) {
             tracing::error!(error = %e, "a watched object does not read back");
         }
+        let export_to = value["spec"]["exportTo"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        documents.push(Document {
+            kind: key.kind,
+            namespace: key.namespace.clone(),
+            export_to,
+            yaml: text,
+        });
     }
     let (errors, warnings): (Vec<_>, Vec<_>) = loaded
         .diagnostics
         .into_iter()
         .partition(|d| d.level == Level::Error);
     if errors.is_empty() {
-        Ok((loaded.config, warnings))
+        Ok(Compiled {
+            config: loaded.config,
+            documents,
+            warnings,
+        })
     } else {
         Err(errors)
+    }
+}
+
+/// The namespace whose Sidecar, AuthorizationPolicy and PeerAuthentication
+/// apply mesh-wide (Istio's root namespace).
+pub const ROOT_NAMESPACE: &str = "istio-system";
+
+/// The documents a proxy in `namespace` sees, as one YAML stream: every
+/// Kubernetes object (workloads and services anywhere can be its peers),
+/// Gateways (named by VirtualServices across namespaces), the services,
+/// routes and policies exported to its namespace (`exportTo`: none given or
+/// `*` is everyone, `.` its own namespace, `~` no one), and the namespace-
+/// scoped Sidecar, AuthorizationPolicy and PeerAuthentication of its own
+/// namespace and the root namespace.
+pub fn scoped_yaml(documents: &[Document], namespace: &str) -> String {
+    let mut out = String::new();
+    for d in documents.iter().filter(|d| visible(d, namespace)) {
+        out.push_str("---\n");
+        out.push_str(&d.yaml);
+    }
+    out
+}
+
+fn visible(d: &Document, namespace: &str) -> bool {
+    match d.kind {
+        "ServiceEntry" | "VirtualService" | "DestinationRule" => {
+            d.export_to.is_empty()
+                || d.export_to
+                    .iter()
+                    .any(|e| e == "*" || e == namespace || (e == "." && d.namespace == namespace))
+        }
+        "Sidecar" | "AuthorizationPolicy" | "PeerAuthentication" => {
+            d.namespace == namespace || d.namespace == ROOT_NAMESPACE
+        }
+        _ => true,
     }
 }
 
@@ -60,4 +134,40 @@ pub fn hash(config: &Config) -> u64 {
         .unwrap_or_default()
         .hash(&mut h);
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(kind: &'static str, namespace: &str, export_to: &[&str]) -> Document {
+        Document {
+            kind,
+            namespace: namespace.into(),
+            export_to: export_to.iter().map(|e| (*e).to_owned()).collect(),
+            yaml: format!("{kind} {namespace} {export_to:?}\n"),
+        }
+    }
+
+    #[test]
+    fn a_proxy_sees_what_is_exported_to_its_namespace_and_its_own_policies() {
+        let docs = [
+            doc("ServiceEntry", "a", &[]),
+            doc("ServiceEntry", "a", &["."]),
+            doc("VirtualService", "b", &["a"]),
+            doc("VirtualService", "b", &["~"]),
+            doc("DestinationRule", "b", &["*"]),
+            doc("AuthorizationPolicy", "b", &[]),
+            doc("AuthorizationPolicy", ROOT_NAMESPACE, &[]),
+            doc("Sidecar", "a", &[]),
+            doc("Gateway", "b", &[]),
+            doc("Pod", "b", &[]),
+        ];
+        let seen = |ns: &str| {
+            let text = scoped_yaml(&docs, ns);
+            docs.iter().map(|d| text.contains(&d.yaml)).collect::<Vec<_>>()
+        };
+        assert_eq!(seen("a"), [true, true, true, false, true, false, true, true, true, true]);
+        assert_eq!(seen("b"), [true, false, false, false, true, true, true, false, true, true]);
+    }
 }

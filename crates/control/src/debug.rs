@@ -1,5 +1,6 @@
-//! The control plane's monitoring port: readiness and what it would push,
-//! as istiod's `/ready` and `/debug/configz`.
+//! The control plane's monitoring port: readiness, what it would push, and
+//! what each proxy has, as istiod's `/ready`, `/debug/configz` and
+//! `/debug/syncz`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,21 +14,27 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::push::Proxies;
 use crate::run::State;
 
 /// Serves until the process ends; each connection on its own task.
-pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<State>>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: watch::Receiver<Arc<State>>,
+    proxies: Arc<Proxies>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             // Out of descriptors or similar: let the next accept retry.
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
-        let state = state.clone();
+        let (state, proxies) = (state.clone(), proxies.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.borrow().clone();
-                async move { Ok::<_, Infallible>(answer(&req, &state)) }
+                let proxies = proxies.clone();
+                async move { Ok::<_, Infallible>(answer(&req, &state, &proxies)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -38,7 +45,7 @@ pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<State>>) {
     }
 }
 
-fn answer(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
+fn answer(req: &Request<Incoming>, state: &State, proxies: &Proxies) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/ready" => match &state.snapshot {
             Some(_) => text(StatusCode::OK, "ready\n".into()),
@@ -54,15 +61,24 @@ fn answer(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
                 "warnings": state.snapshot.as_ref().map(|s| s.warnings.iter().map(ToString::to_string).collect::<Vec<_>>()),
                 "rejected": state.rejected.iter().map(ToString::to_string).collect::<Vec<_>>(),
             });
-            let mut resp = text(StatusCode::OK, format!("{body:#}\n"));
-            resp.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
-            resp
+            json(&body)
         }
+        // Which version each proxy was sent and applied, as istiod's.
+        "/debug/syncz" => json(&json!({
+            "version": state.snapshot.as_ref().map(|s| s.version),
+            "proxies": proxies.all(),
+        })),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
+}
+
+fn json(body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut resp = text(StatusCode::OK, format!("{body:#}\n"));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

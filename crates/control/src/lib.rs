@@ -3,9 +3,11 @@
 //! validation as files, and publishes each good config as a new version.
 
 pub mod ca;
+pub mod client;
 pub mod compile;
 pub mod debug;
 pub mod events;
+pub mod push;
 pub mod run;
 pub mod watch;
 

@@ -8,7 +8,7 @@ use meshgate_config::Diagnostic;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::compile::{Snapshot, compile, hash};
+use crate::compile::{Compiled, Snapshot, compile, hash};
 use crate::events::Reporter;
 use crate::watch::{Change, Objects};
 
@@ -67,7 +67,11 @@ fn publish(objects: &Objects, state: &watch::Sender<Arc<State>>) {
                 rejected: errors,
             }));
         }
-        Ok((config, warnings)) => {
+        Ok(Compiled {
+            config,
+            documents,
+            warnings,
+        }) => {
             let hash = hash(&config);
             let rejected = Vec::new();
             if current.as_ref().is_some_and(|s| s.hash == hash) {
@@ -85,6 +89,7 @@ fn publish(objects: &Objects, state: &watch::Sender<Arc<State>>) {
                 version,
                 hash,
                 config: Arc::new(config),
+                documents: Arc::new(documents),
                 warnings,
             };
             state.send_replace(Arc::new(State {

@@ -189,7 +189,9 @@ fn refuse(status: StatusCode, why: impl Into<String>) -> Response<Full<Bytes>> {
     json(status, &ErrorBody { error })
 }
 
-async fn handle<A: Authenticator>(
+/// Answers one certificate request (`POST /v1/certificates`); other paths
+/// and methods get 404 / 405. Shared with the control plane's port.
+pub async fn handle<A: Authenticator>(
     ca: &CertificateAuthority,
     tokens: &A,
     req: Request<Incoming>,

@@ -165,6 +165,8 @@ struct SpiffeVerifier {
     identity: Arc<WorkloadIdentity>,
     policy: PeerPolicy,
     algs: WebPkiSupportedAlgorithms,
+    /// As a server: a client may present no certificate at all.
+    client_optional: bool,
 }
 
 impl SpiffeVerifier {
@@ -173,6 +175,7 @@ impl SpiffeVerifier {
             identity,
             policy,
             algs: provider().signature_verification_algorithms,
+            client_optional: false,
         }
     }
 
@@ -246,6 +249,10 @@ impl ClientCertVerifier for SpiffeVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         // Mesh clients have one certificate; no hints needed.
         &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        !self.client_optional
     }
 
     fn verify_client_cert(
@@ -327,10 +334,31 @@ pub fn mesh_server_config(
     identity: &Arc<WorkloadIdentity>,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, Error> {
-    let verifier = SpiffeVerifier::new(
-        identity.clone(),
-        PeerPolicy::TrustDomain(identity.id().trust_domain().to_owned()),
-    );
+    mesh_server(identity, alpn, false)
+}
+
+/// Like [`mesh_server_config`], but a client may also present no
+/// certificate (the control plane's port: certificate requests come with a
+/// token, config streams with the proxy's certificate).
+pub fn server_config_optional_client_auth(
+    identity: &Arc<WorkloadIdentity>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, Error> {
+    mesh_server(identity, alpn, true)
+}
+
+fn mesh_server(
+    identity: &Arc<WorkloadIdentity>,
+    alpn: &[&[u8]],
+    client_optional: bool,
+) -> Result<Arc<ServerConfig>, Error> {
+    let verifier = SpiffeVerifier {
+        client_optional,
+        ..SpiffeVerifier::new(
+            identity.clone(),
+            PeerPolicy::TrustDomain(identity.id().trust_domain().to_owned()),
+        )
+    };
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|e| Error::Certificate(e.to_string()))?
