@@ -165,9 +165,19 @@ mod tests {
         ];
         let seen = |ns: &str| {
             let text = scoped_yaml(&docs, ns);
-            docs.iter().map(|d| text.contains(&d.yaml)).collect::<Vec<_>>()
+            docs.iter()
+                .map(|d| text.contains(&d.yaml))
+                .collect::<Vec<_>>()
         };
-        assert_eq!(seen("a"), [true, true, true, false, true, false, true, true, true, true]);
-        assert_eq!(seen("b"), [true, false, false, false, true, true, true, false, true, true]);
+        assert_eq!(
+            seen("a"),
+            [true, true, true, false, true, false, true, true, true, true]
+        );
+        assert_eq!(
+            seen("b"),
+            [
+                true, false, false, false, true, true, true, false, true, true
+            ]
+        );
     }
 }
