@@ -28,8 +28,31 @@ pub(crate) struct ControlArgs {
     /// Where certificate requests are served (istiod's 15012).
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15012")]
     ca_address: SocketAddr,
+    /// With --ca-dir: where the admission webhooks are served (istiod's
+    /// 15017): `/inject` for Pods, `/validate` for Istio objects.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15017")]
+    webhook_address: SocketAddr,
+    /// DNS names in the webhooks' certificate (signed by the mesh CA): the
+    /// names the API server calls them by.
+    #[arg(
+        long,
+        value_name = "NAME",
+        value_delimiter = ',',
+        default_value = "meshgate-control.meshgate-system.svc"
+    )]
+    webhook_names: Vec<String>,
+    /// The image injected pods run (init and proxy containers).
+    #[arg(long, default_value = concat!("meshgate:", env!("CARGO_PKG_VERSION")))]
+    proxy_image: String,
+    /// This control plane's port 15012 as injected pods reach it.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        default_value = "meshgate-control.meshgate-system.svc:15012"
+    )]
+    proxy_control_plane: String,
     /// Written once the first config is published: the monitoring address,
-    /// the CA address and the version, as JSON.
+    /// the CA and webhook addresses and the version, as JSON.
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
 }
@@ -58,8 +81,12 @@ pub(crate) fn run(args: &ControlArgs) -> anyhow::Result<ExitCode> {
             Some(dir) => Some(start_ca(args, dir, &client, rx.clone(), proxies).await?),
             None => None,
         };
+        let webhooks = match &args.ca_dir {
+            Some(dir) => Some(start_webhooks(args, dir, rx.clone()).await?),
+            None => None,
+        };
         if let Some(path) = args.ready_file.clone() {
-            tokio::spawn(write_when_ready(path, monitoring, ca, rx));
+            tokio::spawn(write_when_ready(path, monitoring, ca, webhooks, rx));
         }
         let changes = meshgate_control::watch::watch_all(client.clone());
         let reporter = meshgate_control::events::Reporter::new(client);
@@ -138,10 +165,43 @@ async fn start_ca(
     Ok(address)
 }
 
+/// Serves the admission webhooks with a certificate for --webhook-names
+/// from the mesh CA (valid a year; a restart issues a new one).
+async fn start_webhooks(
+    args: &ControlArgs,
+    dir: &std::path::Path,
+    state: tokio::sync::watch::Receiver<Arc<State>>,
+) -> anyhow::Result<SocketAddr> {
+    let ca = meshgate_identity::CertificateAuthority::load(dir)?;
+    let cert = ca.issue_dns(
+        &args.webhook_names,
+        std::time::Duration::from_secs(365 * 24 * 3600),
+    )?;
+    let tls = meshgate_identity::tls::static_server_config(
+        &cert.cert_chain_pem,
+        &cert.key_pem,
+        &[b"http/1.1"],
+    )?;
+    let listener = tokio::net::TcpListener::bind(args.webhook_address)
+        .await
+        .with_context(|| format!("listening on {}", args.webhook_address))?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, names = args.webhook_names.join(","), "admission webhooks listening");
+    let injector = meshgate_kube::inject::Injector {
+        image: args.proxy_image.clone(),
+        control_plane: args.proxy_control_plane.clone(),
+    };
+    tokio::spawn(meshgate_control::webhook::serve(
+        listener, tls, injector, state,
+    ));
+    Ok(address)
+}
+
 async fn write_when_ready(
     path: PathBuf,
     monitoring: SocketAddr,
     ca: Option<SocketAddr>,
+    webhooks: Option<SocketAddr>,
     mut state: tokio::sync::watch::Receiver<Arc<State>>,
 ) {
     let Ok(state) = state.wait_for(|s| s.snapshot.is_some()).await else {
@@ -151,6 +211,7 @@ async fn write_when_ready(
     let body = serde_json::json!({
         "monitoring": monitoring.to_string(),
         "ca": ca.map(|a| a.to_string()),
+        "webhooks": webhooks.map(|a| a.to_string()),
         "version": version,
     });
     if let Err(e) = std::fs::write(&path, format!("{body:#}\n")) {

@@ -69,6 +69,10 @@ enum Command {
     /// cluster's Istio and Kubernetes objects into the config model and
     /// publishes each good config as a new version.
     Control(control_cmd::ControlArgs),
+    /// Inject the sidecar into Kubernetes manifests offline, as `istioctl
+    /// kube-inject`: an init container for capture, the proxy container
+    /// (uid 1337) with its config and certificate from `meshgate control`.
+    KubeInject(kube_cmd::KubeInjectArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -167,6 +171,7 @@ fn main() -> ExitCode {
         Command::Up(args) => up::run(&args),
         Command::Crds => kube_cmd::crds(),
         Command::Control(args) => control_cmd::run(&args),
+        Command::KubeInject(args) => kube_cmd::kube_inject(&args),
     };
     match result {
         Ok(code) => code,

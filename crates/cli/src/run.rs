@@ -225,12 +225,7 @@ pub(crate) fn load_config(paths: &[PathBuf]) -> anyhow::Result<Config> {
 
 /// The config, unless a resource was refused; warnings are logged.
 fn checked(loaded: meshgate_config::Loaded) -> anyhow::Result<Config> {
-    let errors: Vec<String> = loaded
-        .diagnostics
-        .iter()
-        .filter(|d| d.level == Level::Error)
-        .map(ToString::to_string)
-        .collect();
+    let errors = loaded.error_messages();
     if !errors.is_empty() {
         bail!("the config has errors:\n{}", errors.join("\n"));
     }

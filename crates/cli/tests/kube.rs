@@ -12,6 +12,12 @@ use meshgate_kube::testing::TestCluster;
 use serde_json::Value;
 use support::{Proc, TempDir, curl};
 
+/// Valid for the CRD's schema, invalid for meshgate (`match` with both
+/// `exact` and `prefix`).
+const INVALID_VS: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: bad\n  namespace: default\n\
+    spec:\n  hosts: [a.example.com]\n  http:\n  - match:\n    - uri:\n        exact: /a\n        prefix: /b\n    \
+    route:\n    - destination:\n        host: a.example.com\n";
+
 /// Starts the cluster with meshgate's CRDs established.
 fn cluster() -> TestCluster {
     let cluster = TestCluster::start();
@@ -146,10 +152,7 @@ fn the_control_plane_publishes_the_clusters_config_and_keeps_the_last_good_one()
 
     // Valid for the API server's schema, invalid for meshgate: reported,
     // never published.
-    let bad = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: bad\n  namespace: default\n\
-               spec:\n  hosts: [a.example.com]\n  http:\n  - match:\n    - uri:\n        exact: /a\n        prefix: /b\n    \
-               route:\n    - destination:\n        host: a.example.com\n";
-    cluster.kubectl_ok(&["apply", "-f", "-"], bad);
+    cluster.kubectl_ok(&["apply", "-f", "-"], INVALID_VS);
     let v = configz_until(&addr, "the invalid VirtualService reported", |v| {
         v["rejected"].as_array().is_some_and(|r| !r.is_empty())
     });
@@ -202,6 +205,19 @@ fn the_control_plane_publishes_the_clusters_config_and_keeps_the_last_good_one()
     assert_eq!(v["version"].as_u64().unwrap(), patched);
 }
 
+/// A new mesh CA in `dir/ca`: its folder and its root certificate.
+fn mesh_ca(dir: &TempDir) -> (String, String) {
+    let ca_dir = dir.path("ca");
+    let made = support::meshgate(&["ca", "init", "--dir", &ca_dir]);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let root = std::fs::read_to_string(format!("{ca_dir}/root-cert.pem")).unwrap();
+    (ca_dir, root)
+}
+
 /// A token from the TokenRequest API, as a projected volume would hold it.
 fn token(cluster: &TestCluster, ns: &str, sa: &str, audience: Option<&str>) -> String {
     let mut args = vec!["-n", ns, "create", "token", sa];
@@ -221,13 +237,7 @@ fn the_ca_issues_by_service_account_token_and_publishes_the_root() {
 
     let cluster = cluster();
     let dir = TempDir::new("control-ca");
-    let ca_dir = dir.path("ca");
-    assert!(
-        support::meshgate(&["ca", "init", "--dir", &ca_dir])
-            .status
-            .success()
-    );
-    let root = std::fs::read_to_string(format!("{ca_dir}/root-cert.pem")).unwrap();
+    let (ca_dir, root) = mesh_ca(&dir);
     // No controller manager here: the test makes the service accounts.
     cluster.kubectl_ok(&["create", "namespace", "curl-external-tst"], "");
     for sa in ["default", "other"] {
@@ -415,12 +425,7 @@ fn the_seed_applied_with_kubectl_runs_through_sidecar_and_gateway_and_follows_po
 
     let cluster = cluster();
     let dir = TempDir::new("control-e2e");
-    let ca_dir = dir.path("ca");
-    assert!(
-        support::meshgate(&["ca", "init", "--dir", &ca_dir])
-            .status
-            .success()
-    );
+    let (ca_dir, _) = mesh_ca(&dir);
 
     // The external host: an HTTPS stand-in with its own CA.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -595,4 +600,156 @@ fn the_seed_applied_with_kubectl_runs_through_sidecar_and_gateway_and_follows_po
     drop(control);
     let (_, code, _) = curl(&["-x", &proxy, &url]);
     assert_eq!(code, "403");
+}
+
+/// Registers the control plane's webhooks with the API server, by URL
+/// (no Service here), trusting the mesh root.
+fn register_webhooks(cluster: &TestCluster, webhooks: &str, root: &str) {
+    let ca_bundle = meshgate_identity::cert::base64_encode(root.as_bytes());
+    let manifest = serde_json::json!({
+        "apiVersion": "v1", "kind": "List", "items": [
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+                "metadata": { "name": "meshgate-sidecar-injector" },
+                "webhooks": [{
+                    "name": "sidecar-injector.meshgate.dev",
+                    "clientConfig": { "url": format!("https://{webhooks}/inject"), "caBundle": ca_bundle },
+                    "rules": [{ "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"] }],
+                    "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"], "reinvocationPolicy": "Never"
+                }]
+            },
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+                "metadata": { "name": "meshgate-validator" },
+                "webhooks": [{
+                    "name": "validation.meshgate.dev",
+                    "clientConfig": { "url": format!("https://{webhooks}/validate"), "caBundle": ca_bundle },
+                    "rules": [{ "apiGroups": ["networking.istio.io", "security.istio.io"], "apiVersions": ["*"],
+                                "operations": ["CREATE", "UPDATE"], "resources": ["*"] }],
+                    "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"]
+                }]
+            }
+        ]
+    });
+    cluster.kubectl_ok(&["apply", "-f", "-"], &manifest.to_string());
+}
+
+#[test]
+#[cfg_attr(
+    no_kube,
+    ignore = "needs kube-apiserver, etcd and kubectl: run tests/kube/build"
+)]
+fn the_api_server_calls_the_webhooks_to_inject_pods_and_refuse_invalid_objects() {
+    let cluster = cluster();
+    let dir = TempDir::new("control-webhooks");
+    let (ca_dir, root) = mesh_ca(&dir);
+    let seed = support::seed();
+    cluster.kubectl_ok(&["apply", "-f", &format!("{seed}/namespaces.yaml")], "");
+    cluster.kubectl_ok(
+        &[
+            "-n",
+            "curl-external-tst",
+            "create",
+            "serviceaccount",
+            "default",
+        ],
+        "",
+    );
+    let (_control, ready) = start_control(
+        &cluster,
+        &dir,
+        &[
+            "--ca-dir",
+            &ca_dir,
+            "--ca-address",
+            "127.0.0.1:0",
+            "--webhook-address",
+            "127.0.0.1:0",
+            "--webhook-names",
+            "127.0.0.1",
+        ],
+    );
+    register_webhooks(&cluster, ready["webhooks"].as_str().unwrap(), &root);
+
+    // The namespace is labelled for injection (istio.io/rev): a Pod created
+    // there gets capture and the proxy from the API server's call.
+    let pod = |name: &str, annotations: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: curl-external-tst\n  labels:\n    app: curl-test\n{annotations}\
+             spec:\n  containers:\n  - name: curl\n    image: curlimages/curl\n"
+        )
+    };
+    cluster.kubectl_ok(&["apply", "-f", "-"], &pod("injected", ""));
+    let got: Value = serde_json::from_str(&cluster.kubectl_ok(
+        &[
+            "-n",
+            "curl-external-tst",
+            "get",
+            "pod",
+            "injected",
+            "-o",
+            "json",
+        ],
+        "",
+    ))
+    .unwrap();
+    let names = |list: &Value| {
+        list.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|c| c["name"].as_str().unwrap().to_owned())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(names(&got["spec"]["initContainers"]), ["istio-init"]);
+    assert_eq!(names(&got["spec"]["containers"]), ["curl", "istio-proxy"]);
+    assert_eq!(
+        got["spec"]["containers"][1]["securityContext"]["runAsUser"],
+        1337
+    );
+    assert_eq!(
+        got["metadata"]["labels"]["security.istio.io/tlsMode"],
+        "istio"
+    );
+
+    // Opted out: untouched.
+    cluster.kubectl_ok(
+        &["apply", "-f", "-"],
+        &pod(
+            "plain",
+            "  annotations:\n    sidecar.istio.io/inject: \"false\"\n",
+        ),
+    );
+    let got: Value = serde_json::from_str(&cluster.kubectl_ok(
+        &[
+            "-n",
+            "curl-external-tst",
+            "get",
+            "pod",
+            "plain",
+            "-o",
+            "json",
+        ],
+        "",
+    ))
+    .unwrap();
+    assert_eq!(names(&got["spec"]["containers"]), ["curl"]);
+
+    // An object only meshgate's validation refuses: refused at apply, with
+    // `meshgate check`'s message.
+    let out = cluster.kubectl_stdin(&["apply", "-f", "-"], INVALID_VS);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the invalid VirtualService was admitted"
+    );
+    assert!(
+        err.contains("denied the request")
+            && err.contains("Error [IST0106] (VirtualService default/bad cluster:")
+            && err.contains("only one of exact, prefix or regex may be set"),
+        "{err}"
+    );
+    // The seed's own objects pass.
+    cluster.kubectl_ok(&["apply", "-f", &seed], "");
 }

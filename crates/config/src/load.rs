@@ -50,6 +50,15 @@ impl Loaded {
     pub fn has_errors(&self) -> bool {
         self.diagnostics.iter().any(|d| d.level == Level::Error)
     }
+
+    /// The errors, as `meshgate check` prints them.
+    pub fn error_messages(&self) -> Vec<String> {
+        self.diagnostics
+            .iter()
+            .filter(|d| d.level == Level::Error)
+            .map(ToString::to_string)
+            .collect()
+    }
 }
 
 /// Loads files and folders (recursively, `.yaml`/`.yml`, in name order).

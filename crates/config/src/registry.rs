@@ -227,8 +227,29 @@ pub fn hosts_overlap(a: &str, b: &str) -> bool {
     host_matches(a, b) || host_matches(b, a)
 }
 
-/// Istio's injection decision for a pod template in a namespace.
-fn injected(config: &Config, namespace: &str, labels: &Labels, annotations: &Labels) -> bool {
+/// Which proxy Istio's injector gives a pod template in a namespace
+/// labelled `ns_labels`: the gateway template (`inject.istio.io/templates:
+/// gateway`, or a hand-written gateway running only an `istio-proxy`
+/// container), a sidecar, or none. `meshgate kube-inject`, the injection
+/// webhook and the registry all ask this.
+pub fn proxy_kind(
+    ns_labels: Option<&Labels>,
+    labels: &Labels,
+    annotations: &Labels,
+    containers: &[&str],
+) -> ProxyKind {
+    if is_gateway(annotations, containers) {
+        ProxyKind::Gateway
+    } else if injected(ns_labels, labels, annotations) {
+        ProxyKind::Sidecar
+    } else {
+        ProxyKind::None
+    }
+}
+
+/// Istio's injection decision: the pod's `sidecar.istio.io/inject`, then the
+/// namespace's `istio-injection` or `istio.io/rev`.
+fn injected(ns_labels: Option<&Labels>, labels: &Labels, annotations: &Labels) -> bool {
     let pod_says = labels
         .get("sidecar.istio.io/inject")
         .or_else(|| annotations.get("sidecar.istio.io/inject"))
@@ -236,11 +257,6 @@ fn injected(config: &Config, namespace: &str, labels: &Labels, annotations: &Lab
     if pod_says == Some("false") {
         return false;
     }
-    let ns_labels = config
-        .namespaces
-        .iter()
-        .find(|n| n.meta.name == namespace)
-        .map(|n| &n.meta.labels);
     let ns_says = ns_labels
         .and_then(|l| l.get("istio-injection"))
         .map(String::as_str);
@@ -252,13 +268,12 @@ fn injected(config: &Config, namespace: &str, labels: &Labels, annotations: &Lab
         || pod_says == Some("true")
 }
 
-fn is_gateway(annotations: &Labels, pod: &crate::model::kube::PodSpec) -> bool {
+fn is_gateway(annotations: &Labels, containers: &[&str]) -> bool {
     let template = annotations
         .get("inject.istio.io/templates")
         .is_some_and(|t| t.split(',').any(|t| t.trim() == "gateway"));
     // A hand-written gateway Deployment runs only the proxy container.
-    let proxy_only = pod.containers.len() == 1 && pod.containers[0].name == "istio-proxy";
-    template || proxy_only
+    template || containers == ["istio-proxy"]
 }
 
 /// Derives workloads from Deployments and bare Pods.
@@ -275,13 +290,13 @@ pub fn workloads(config: &Config, mesh: &MeshSettings) -> Vec<Workload> {
                 .or_else(|| t.pod.service_account.clone())
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "default".to_owned());
-            let proxy = if is_gateway(&t.pod_annotations, &t.pod) {
-                ProxyKind::Gateway
-            } else if injected(config, &w.meta.namespace, &t.pod_labels, &t.pod_annotations) {
-                ProxyKind::Sidecar
-            } else {
-                ProxyKind::None
-            };
+            let ns_labels = config
+                .namespaces
+                .iter()
+                .find(|n| n.meta.name == w.meta.namespace)
+                .map(|n| &n.meta.labels);
+            let containers: Vec<&str> = t.pod.containers.iter().map(|c| c.name.as_str()).collect();
+            let proxy = proxy_kind(ns_labels, &t.pod_labels, &t.pod_annotations, &containers);
             Workload {
                 name: w.meta.name.clone(),
                 namespace: w.meta.namespace.clone(),

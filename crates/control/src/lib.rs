@@ -10,6 +10,7 @@ pub mod events;
 pub mod push;
 pub mod run;
 pub mod watch;
+pub mod webhook;
 
 pub use compile::{Snapshot, compile};
 pub use watch::{Key, Objects, WATCHED};

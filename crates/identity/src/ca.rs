@@ -258,6 +258,29 @@ impl CertificateAuthority {
         })
     }
 
+    /// A serving certificate for DNS names (the control plane's admission
+    /// webhooks, which the API server calls by Service name and verifies
+    /// against this root), with a new key.
+    pub fn issue_dns(&self, names: &[String], ttl: Duration) -> Result<IssuedIdentity, Error> {
+        let now = OffsetDateTime::now_utc();
+        let mut params = CertificateParams::new(names.to_vec()).map_err(rc)?;
+        params.distinguished_name = DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ttl;
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rc)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(rc)?;
+        Ok(IssuedIdentity {
+            cert_chain_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            root_pem: self.root_pem.clone(),
+        })
+    }
+
     /// Signs a CSR for `id` (the identity the caller was authenticated as).
     /// The CSR must ask for exactly that identity and nothing else; only its
     /// public key is used, every other field comes from us.

@@ -117,7 +117,8 @@ pub fn to_pem(certs: &[CertificateDer<'_>]) -> String {
     out
 }
 
-fn base64_encode(data: &[u8]) -> String {
+/// Standard base64 with padding.
+pub fn base64_encode(data: &[u8]) -> String {
     const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {

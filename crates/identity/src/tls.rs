@@ -12,6 +12,7 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
     ServerConfig, SignatureScheme,
 };
+use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime};
 
 use crate::Error;
@@ -364,6 +365,26 @@ fn mesh_server(
         .map_err(|e| Error::Certificate(e.to_string()))?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(IdentityResolver(identity.clone())));
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+/// A TLS server with a fixed certificate chain and key (PEM) and no client
+/// authentication: the control plane's admission webhooks.
+pub fn static_server_config(
+    chain_pem: &str,
+    key_pem: &str,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, Error> {
+    let chain = crate::cert::parse_certs(chain_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| Error::Certificate(format!("no usable private key: {e}")))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| Error::Certificate(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| Error::Certificate(e.to_string()))?;
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }

@@ -4,6 +4,7 @@
 //! control plane's webhook share.
 
 pub mod crds;
+pub mod inject;
 pub mod schema;
 #[cfg(feature = "testing")]
 pub mod testing;

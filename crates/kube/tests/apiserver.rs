@@ -78,3 +78,22 @@ fn the_crds_take_the_seed_and_refuse_what_check_cannot_read() {
         assert!(!out.status.success() && err.contains(want), "{spec}: {err}");
     }
 }
+
+#[test]
+#[cfg_attr(
+    no_kube,
+    ignore = "needs kube-apiserver, etcd and kubectl: run tests/kube/build"
+)]
+fn kube_inject_output_is_accepted_by_the_api_server() {
+    let cluster = TestCluster::start();
+    let seed = seed();
+    cluster.kubectl_ok(&["apply", "-f", &format!("{seed}/namespaces.yaml")], "");
+    let injector = meshgate_kube::inject::Injector::default();
+    for file in ["deployment-workload.yaml", "deployment-egress-gw.yaml"] {
+        let injected = injector
+            .inject_yaml(&std::fs::read_to_string(format!("{seed}/{file}")).unwrap())
+            .unwrap();
+        let out = cluster.kubectl_ok(&["apply", "--dry-run=server", "-f", "-"], &injected);
+        assert!(out.contains("deployment.apps/"), "{file}: {out}");
+    }
+}
