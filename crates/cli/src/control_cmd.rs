@@ -82,7 +82,7 @@ pub(crate) fn run(args: &ControlArgs) -> anyhow::Result<ExitCode> {
             None => None,
         };
         let webhooks = match &args.ca_dir {
-            Some(dir) => Some(start_webhooks(args, dir, rx.clone()).await?),
+            Some(dir) => Some(start_webhooks(args, dir, &client, rx.clone()).await?),
             None => None,
         };
         if let Some(path) = args.ready_file.clone() {
@@ -170,6 +170,7 @@ async fn start_ca(
 async fn start_webhooks(
     args: &ControlArgs,
     dir: &std::path::Path,
+    client: &kube::Client,
     state: tokio::sync::watch::Receiver<Arc<State>>,
 ) -> anyhow::Result<SocketAddr> {
     let ca = meshgate_identity::CertificateAuthority::load(dir)?;
@@ -194,6 +195,8 @@ async fn start_webhooks(
     tokio::spawn(meshgate_control::webhook::serve(
         listener, tls, injector, state,
     ));
+    use meshgate_control::webhook::{CONFIGURATIONS, patch_ca_bundles};
+    patch_ca_bundles(client, ca.root_pem(), &CONFIGURATIONS).await;
     Ok(address)
 }
 

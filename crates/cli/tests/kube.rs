@@ -37,11 +37,15 @@ fn cluster() -> TestCluster {
     cluster
 }
 
-/// Runs `meshgate control` against the cluster with `extra` flags; returns
-/// it and its ready file once the first version is published.
+/// Runs `meshgate control` against the cluster (as admin) with `extra`
+/// flags; returns it and its ready file once the first version is published.
 fn start_control(cluster: &TestCluster, dir: &TempDir, extra: &[&str]) -> (Proc, Value) {
+    start_control_as(cluster.kubeconfig(), dir, extra)
+}
+
+fn start_control_as(kubeconfig: &std::path::Path, dir: &TempDir, extra: &[&str]) -> (Proc, Value) {
     let ready = dir.path("ready.json");
-    let kubeconfig = cluster.kubeconfig().to_str().unwrap().to_owned();
+    let kubeconfig = kubeconfig.to_str().unwrap().to_owned();
     let mut args = vec![
         "control",
         "--kubeconfig",
@@ -603,9 +607,8 @@ fn the_seed_applied_with_kubectl_runs_through_sidecar_and_gateway_and_follows_po
 }
 
 /// Registers the control plane's webhooks with the API server, by URL
-/// (no Service here), trusting the mesh root.
-fn register_webhooks(cluster: &TestCluster, webhooks: &str, root: &str) {
-    let ca_bundle = meshgate_identity::cert::base64_encode(root.as_bytes());
+/// (no Service here) and without a caBundle: the control plane writes it.
+fn register_webhooks(cluster: &TestCluster, webhooks: &str) {
     let manifest = serde_json::json!({
         "apiVersion": "v1", "kind": "List", "items": [
             {
@@ -613,7 +616,7 @@ fn register_webhooks(cluster: &TestCluster, webhooks: &str, root: &str) {
                 "metadata": { "name": "meshgate-sidecar-injector" },
                 "webhooks": [{
                     "name": "sidecar-injector.meshgate.dev",
-                    "clientConfig": { "url": format!("https://{webhooks}/inject"), "caBundle": ca_bundle },
+                    "clientConfig": { "url": format!("https://{webhooks}/inject") },
                     "rules": [{ "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"] }],
                     "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"], "reinvocationPolicy": "Never"
                 }]
@@ -623,7 +626,7 @@ fn register_webhooks(cluster: &TestCluster, webhooks: &str, root: &str) {
                 "metadata": { "name": "meshgate-validator" },
                 "webhooks": [{
                     "name": "validation.meshgate.dev",
-                    "clientConfig": { "url": format!("https://{webhooks}/validate"), "caBundle": ca_bundle },
+                    "clientConfig": { "url": format!("https://{webhooks}/validate") },
                     "rules": [{ "apiGroups": ["networking.istio.io", "security.istio.io"], "apiVersions": ["*"],
                                 "operations": ["CREATE", "UPDATE"], "resources": ["*"] }],
                     "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"]
@@ -655,7 +658,15 @@ fn the_api_server_calls_the_webhooks_to_inject_pods_and_refuse_invalid_objects()
         ],
         "",
     );
-    let (_control, ready) = start_control(
+    // Registered as deploy/ installs them, before the control plane runs
+    // (so the webhook port is chosen here).
+    let webhooks = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    register_webhooks(&cluster, &webhooks);
+    let (_control, _) = start_control(
         &cluster,
         &dir,
         &[
@@ -664,12 +675,25 @@ fn the_api_server_calls_the_webhooks_to_inject_pods_and_refuse_invalid_objects()
             "--ca-address",
             "127.0.0.1:0",
             "--webhook-address",
-            "127.0.0.1:0",
+            &webhooks,
             "--webhook-names",
             "127.0.0.1",
         ],
     );
-    register_webhooks(&cluster, ready["webhooks"].as_str().unwrap(), &root);
+    let bundle = cluster.kubectl_ok(
+        &[
+            "get",
+            "mutatingwebhookconfiguration",
+            "meshgate-sidecar-injector",
+            "-o",
+            "jsonpath={.webhooks[0].clientConfig.caBundle}",
+        ],
+        "",
+    );
+    assert_eq!(
+        bundle,
+        meshgate_identity::cert::base64_encode(root.as_bytes())
+    );
 
     // The namespace is labelled for injection (istio.io/rev): a Pod created
     // there gets capture and the proxy from the API server's call.
@@ -752,4 +776,86 @@ fn the_api_server_calls_the_webhooks_to_inject_pods_and_refuse_invalid_objects()
     );
     // The seed's own objects pass.
     cluster.kubectl_ok(&["apply", "-f", &seed], "");
+}
+
+#[test]
+#[cfg_attr(
+    no_kube,
+    ignore = "needs kube-apiserver, etcd and kubectl: run tests/kube/build"
+)]
+fn the_control_plane_runs_with_only_the_rbac_deploy_gives_it() {
+    let cluster = cluster();
+    let dir = TempDir::new("control-rbac");
+    let (ca_dir, root) = mesh_ca(&dir);
+    let deploy = support::repo_root().join("deploy/control-plane.yaml");
+    cluster.kubectl_ok(&["apply", "-f", deploy.to_str().unwrap()], "");
+
+    // What the role allows, and nothing beyond it.
+    let sa = "system:serviceaccount:meshgate-system:meshgate-control";
+    let can = |verb: &str, what: &str| {
+        let out = cluster.kubectl(&["auth", "can-i", "--as", sa, verb, what, "-A"]);
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    for (verb, what) in [
+        ("watch", "virtualservices.networking.istio.io"),
+        ("list", "authorizationpolicies.security.istio.io"),
+        ("watch", "pods"),
+        ("create", "events"),
+        ("create", "tokenreviews.authentication.k8s.io"),
+        ("patch", "configmaps"),
+    ] {
+        assert!(can(verb, what), "cannot {verb} {what}");
+    }
+    for (verb, what) in [
+        ("get", "secrets"),
+        ("create", "pods"),
+        ("delete", "virtualservices.networking.istio.io"),
+        ("update", "mutatingwebhookconfigurations"),
+    ] {
+        assert!(!can(verb, what), "may {verb} {what}");
+    }
+
+    // Run as that service account: the watches list, the root is
+    // published, the webhooks get the mesh root as their caBundle.
+    let token = token(&cluster, "meshgate-system", "meshgate-control", None);
+    let kubeconfig = cluster.kubeconfig_for("control.kubeconfig", &token);
+    let (_control, _) = start_control_as(
+        &kubeconfig,
+        &dir,
+        &[
+            "--ca-dir",
+            &ca_dir,
+            "--ca-address",
+            "127.0.0.1:0",
+            "--webhook-address",
+            "127.0.0.1:0",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let cm = cluster.kubectl(&[
+            "-n",
+            "meshgate-system",
+            "get",
+            "configmap",
+            "istio-ca-root-cert",
+            "-o",
+            "jsonpath={.data.root-cert\\.pem}",
+        ]);
+        let bundle = cluster.kubectl(&[
+            "get",
+            "validatingwebhookconfiguration",
+            "meshgate-validator",
+            "-o",
+            "jsonpath={.webhooks[0].clientConfig.caBundle}",
+        ]);
+        if String::from_utf8_lossy(&cm.stdout) == root
+            && String::from_utf8_lossy(&bundle.stdout)
+                == meshgate_identity::cert::base64_encode(root.as_bytes())
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "root or caBundle not written");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -170,3 +170,52 @@ fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
     );
     resp
 }
+
+/// The webhook configurations deploy/ installs: the control plane writes
+/// the mesh root into their `caBundle` at start, as istiod does, so the
+/// manifests need no certificate.
+pub const CONFIGURATIONS: [(&str, bool); 2] = [
+    ("meshgate-sidecar-injector", true),
+    ("meshgate-validator", false),
+];
+
+/// Writes `root_pem` as the caBundle of every webhook of the named
+/// configurations (`true`: mutating). A configuration that does not exist
+/// is skipped: webhooks are optional.
+pub async fn patch_ca_bundles(
+    client: &kube::Client,
+    root_pem: &str,
+    configurations: &[(&str, bool)],
+) {
+    use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
+    let bundle = meshgate_identity::cert::base64_encode(root_pem.as_bytes());
+    for (name, mutating) in configurations {
+        let kind = if *mutating {
+            "MutatingWebhookConfiguration"
+        } else {
+            "ValidatingWebhookConfiguration"
+        };
+        let gvk = GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", kind);
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::from_gvk(&gvk));
+        let mut config = match api.get_opt(name).await {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                tracing::info!(%kind, %name, "no webhook configuration to update");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(%kind, %name, error = %e, "cannot read the webhook configuration");
+                continue;
+            }
+        };
+        for webhook in config.data["webhooks"].as_array_mut().into_iter().flatten() {
+            webhook["clientConfig"]["caBundle"] = json!(bundle);
+        }
+        match api.replace(name, &PostParams::default(), &config).await {
+            Ok(_) => tracing::info!(%kind, %name, "webhook caBundle set to the mesh root"),
+            Err(e) => {
+                tracing::warn!(%kind, %name, error = %e, "cannot update the webhook configuration")
+            }
+        }
+    }
+}

@@ -62,6 +62,25 @@ impl TestCluster {
         &self.kubeconfig
     }
 
+    /// A kubeconfig that authenticates with `token` (a service account's,
+    /// from `kubectl create token`), written into the cluster's folder.
+    pub fn kubeconfig_for(&self, name: &str, token: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, self.kubeconfig_text(token)).expect("write a kubeconfig");
+        path
+    }
+
+    fn kubeconfig_text(&self, token: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    \
+             certificate-authority: {}\nusers:\n- name: user\n  user:\n    token: {token}\n\
+             contexts:\n- name: test\n  context:\n    cluster: test\n    user: user\n\
+             current-context: test\n",
+            self.server,
+            self.dir.join("apiserver.crt").display()
+        )
+    }
+
     /// A scratch folder that lives as long as the cluster.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -152,17 +171,7 @@ impl TestCluster {
             "tokens.csv",
             &format!("{token},admin,admin,system:masters\n"),
         );
-        self.write(
-            "kubeconfig",
-            &format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    \
-                 certificate-authority: {}\nusers:\n- name: admin\n  user:\n    token: {token}\n\
-                 contexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\n\
-                 current-context: test\n",
-                self.server,
-                self.dir.join("apiserver.crt").display()
-            ),
-        );
+        self.write("kubeconfig", &self.kubeconfig_text(&token));
         let d = |f: &str| self.dir.join(f).display().to_string();
         let log = std::fs::File::create(self.dir.join("apiserver.log")).expect("apiserver log");
         let child = Command::new(self.bin.join("kube-apiserver"))

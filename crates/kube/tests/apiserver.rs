@@ -97,3 +97,13 @@ fn kube_inject_output_is_accepted_by_the_api_server() {
         assert!(out.contains("deployment.apps/"), "{file}: {out}");
     }
 }
+
+#[test]
+fn deploy_crds_yaml_is_what_meshgate_crds_prints() {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/crds.yaml");
+    let on_disk = std::fs::read_to_string(file).unwrap();
+    assert!(
+        on_disk == meshgate_kube::crds_yaml().unwrap(),
+        "deploy/crds.yaml is stale: run `cargo run -- crds > deploy/crds.yaml`"
+    );
+}
