@@ -859,3 +859,53 @@ fn the_control_plane_runs_with_only_the_rbac_deploy_gives_it() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+#[cfg_attr(
+    no_kube,
+    ignore = "needs kube-apiserver, etcd and kubectl: run tests/kube/build"
+)]
+fn the_control_plane_keeps_its_config_while_the_api_server_restarts_and_follows_it_after() {
+    let mut cluster = cluster();
+    let dir = TempDir::new("control-restart");
+    let (control, ready) = start_control(&cluster, &dir, &[]);
+    let addr = ready["monitoring"].as_str().unwrap().to_owned();
+    let seed = support::seed();
+    cluster.kubectl_ok(&["apply", "-f", &format!("{seed}/namespaces.yaml")], "");
+    cluster.kubectl_ok(&["apply", "-f", &seed], "");
+    let before = configz_until(&addr, "the seed", |v| {
+        count(v, "authorization_policies") == 1
+    });
+
+    cluster.restart_apiserver(|| {
+        // Away: the published config stays, and so does readiness.
+        let v = configz_until(&addr, "the config while the API server is down", |_| true);
+        assert_eq!(v["version"], before["version"]);
+        assert_eq!(curl(&[&format!("http://{addr}/ready")]).1, "200");
+    });
+
+    // Back: the watches resume and a change made now is a new version.
+    let ap = &before["config"]["authorization_policies"][0]["meta"];
+    let (ns, name) = (
+        ap["namespace"].as_str().unwrap(),
+        ap["name"].as_str().unwrap(),
+    );
+    cluster.kubectl_ok(
+        &[
+            "-n",
+            ns,
+            "patch",
+            "authorizationpolicy",
+            name,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"action":"DENY"}}"#,
+        ],
+        "",
+    );
+    let after = configz_until(&addr, "the change after the restart", |v| {
+        v["config"]["authorization_policies"][0]["spec"]["action"] == "DENY"
+    });
+    assert!(after["version"].as_u64() > before["version"].as_u64());
+    control.wait_for("watch failed; retrying", Duration::from_secs(1));
+}

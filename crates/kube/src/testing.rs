@@ -30,6 +30,8 @@ pub struct TestCluster {
     /// `https://127.0.0.1:PORT`
     pub server: String,
     children: Vec<Child>,
+    /// How to start kube-apiserver again (`restart_apiserver`).
+    apiserver: Option<Command>,
 }
 
 impl TestCluster {
@@ -49,6 +51,7 @@ impl TestCluster {
             bin,
             server: String::new(),
             children: Vec::new(),
+            apiserver: None,
             dir,
         };
         let etcd = cluster.start_etcd();
@@ -173,9 +176,8 @@ impl TestCluster {
         );
         self.write("kubeconfig", &self.kubeconfig_text(&token));
         let d = |f: &str| self.dir.join(f).display().to_string();
-        let log = std::fs::File::create(self.dir.join("apiserver.log")).expect("apiserver log");
-        let child = Command::new(self.bin.join("kube-apiserver"))
-            .args(["--etcd-servers", etcd, "--bind-address", "127.0.0.1"])
+        let mut cmd = Command::new(self.bin.join("kube-apiserver"));
+        cmd.args(["--etcd-servers", etcd, "--bind-address", "127.0.0.1"])
             .args([
                 "--secure-port",
                 &port.to_string(),
@@ -212,12 +214,38 @@ impl TestCluster {
                 "none",
                 "--enable-priority-and-fairness=false",
             ])
-            .args(["--cert-dir", &d("certs")])
+            .args(["--cert-dir", &d("certs")]);
+        self.apiserver = Some(cmd);
+        self.spawn_apiserver();
+    }
+
+    /// Starts kube-apiserver (again) from the command `start_apiserver` made;
+    /// it is the last child.
+    fn spawn_apiserver(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("apiserver.log"))
+            .expect("apiserver log");
+        let cmd = self.apiserver.as_mut().expect("an API server command");
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start kube-apiserver");
         self.children.push(child);
+    }
+
+    /// Stops kube-apiserver (etcd keeps the data) and runs `while_down`.
+    /// Then starts it again on the same port and waits until it is ready.
+    pub fn restart_apiserver(&mut self, while_down: impl FnOnce()) {
+        if let Some(mut child) = self.children.pop() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        while_down();
+        self.spawn_apiserver();
+        self.wait_ready();
     }
 
     /// Bounded: polls `/readyz` until it answers ok or a process exits.
