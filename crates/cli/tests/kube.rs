@@ -10,88 +10,14 @@ use std::time::{Duration, Instant};
 
 use meshgate_kube::testing::TestCluster;
 use serde_json::Value;
-use support::{Proc, TempDir, curl};
+use support::kube::*;
+use support::{TempDir, curl};
 
 /// Valid for the CRD's schema, invalid for meshgate (`match` with both
 /// `exact` and `prefix`).
 const INVALID_VS: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: bad\n  namespace: default\n\
     spec:\n  hosts: [a.example.com]\n  http:\n  - match:\n    - uri:\n        exact: /a\n        prefix: /b\n    \
     route:\n    - destination:\n        host: a.example.com\n";
-
-/// Starts the cluster with meshgate's CRDs established.
-fn cluster() -> TestCluster {
-    let cluster = TestCluster::start();
-    let crds = meshgate_kube::crds_yaml().unwrap();
-    cluster.kubectl_ok(&["apply", "-f", "-"], &crds);
-    cluster.kubectl_ok(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd",
-            "-l",
-            "app.kubernetes.io/part-of=meshgate",
-        ],
-        "",
-    );
-    cluster
-}
-
-/// Runs `meshgate control` against the cluster (as admin) with `extra`
-/// flags; returns it and its ready file once the first version is published.
-fn start_control(cluster: &TestCluster, dir: &TempDir, extra: &[&str]) -> (Proc, Value) {
-    start_control_as(cluster.kubeconfig(), dir, extra)
-}
-
-fn start_control_as(kubeconfig: &std::path::Path, dir: &TempDir, extra: &[&str]) -> (Proc, Value) {
-    let ready = dir.path("ready.json");
-    let kubeconfig = kubeconfig.to_str().unwrap().to_owned();
-    let mut args = vec![
-        "control",
-        "--kubeconfig",
-        &kubeconfig,
-        "--monitoring-address",
-        "127.0.0.1:0",
-        "--ready-file",
-        &ready,
-    ];
-    args.extend_from_slice(extra);
-    let control = Proc::spawn(&args);
-    control.wait_for("config version published", Duration::from_secs(30));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        // Written a moment after the first version is published.
-        if let Some(v) = std::fs::read_to_string(&ready)
-            .ok()
-            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        {
-            return (control, v);
-        }
-        assert!(Instant::now() < deadline, "no ready file");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Polls `/debug/configz` until `done` holds (bounded: 30 s).
-fn configz_until(addr: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (body, code, _) = curl(&[&format!("http://{addr}/debug/configz")]);
-        if code == "200" {
-            let v: Value = serde_json::from_str(&body).unwrap();
-            if done(&v) {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "{what}: {v:#}");
-        }
-        assert!(Instant::now() < deadline, "{what}: {code} {body}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn count(v: &Value, field: &str) -> usize {
-    v["config"][field].as_array().map_or(0, Vec::len)
-}
 
 #[test]
 #[cfg_attr(
@@ -209,28 +135,6 @@ fn the_control_plane_publishes_the_clusters_config_and_keeps_the_last_good_one()
     assert_eq!(v["version"].as_u64().unwrap(), patched);
 }
 
-/// A new mesh CA in `dir/ca`: its folder and its root certificate.
-fn mesh_ca(dir: &TempDir) -> (String, String) {
-    let ca_dir = dir.path("ca");
-    let made = support::meshgate(&["ca", "init", "--dir", &ca_dir]);
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-    let root = std::fs::read_to_string(format!("{ca_dir}/root-cert.pem")).unwrap();
-    (ca_dir, root)
-}
-
-/// A token from the TokenRequest API, as a projected volume would hold it.
-fn token(cluster: &TestCluster, ns: &str, sa: &str, audience: Option<&str>) -> String {
-    let mut args = vec!["-n", ns, "create", "token", sa];
-    if let Some(a) = audience {
-        args.extend(["--audience", a]);
-    }
-    cluster.kubectl_ok(&args, "").trim().to_owned()
-}
-
 #[test]
 #[cfg_attr(
     no_kube,
@@ -336,86 +240,6 @@ fn the_ca_issues_by_service_account_token_and_publishes_the_root() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// What a kubelet would do for a Deployment: a Pod from its template,
-/// scheduled (nodeName set), in the Deployment's namespace.
-fn pod_from_deployment(cluster: &TestCluster, ns: &str, deployment: &str, pod: &str) {
-    let d: Value = serde_json::from_str(&cluster.kubectl_ok(
-        &["-n", ns, "get", "deployment", deployment, "-o", "json"],
-        "",
-    ))
-    .unwrap();
-    let mut template = d["spec"]["template"].clone();
-    template["metadata"]["name"] = pod.into();
-    template["metadata"]["namespace"] = ns.into();
-    template["spec"]["nodeName"] = "node-1".into();
-    let manifest = serde_json::json!({ "apiVersion": "v1", "kind": "Pod", "metadata": template["metadata"], "spec": template["spec"] });
-    cluster.kubectl_ok(&["apply", "-f", "-"], &manifest.to_string());
-}
-
-/// A proxy of `kind` for `pod`, with its config from the control plane and
-/// its certificate from the control plane's CA by its token.
-fn start_proxy(
-    dir: &TempDir,
-    kind: &str,
-    workload: &str,
-    sa: &str,
-    control: &str,
-    token: &str,
-    extra: &[&str],
-) -> (Proc, Value) {
-    let name = workload.replace('/', "-");
-    let (token_file, ready) = (
-        dir.path(&format!("{name}.token")),
-        dir.path(&format!("{name}.json")),
-    );
-    std::fs::write(&token_file, token).unwrap();
-    let root = dir.path("ca/root-cert.pem");
-    let mut args = vec![
-        kind,
-        "--control-plane",
-        control,
-        "--workload",
-        workload,
-        "--service-account",
-        sa,
-        "--ca-addr",
-        control,
-        "--ca-token-file",
-        &token_file,
-        "--ca-root-cert",
-        &root,
-        "--admin-address",
-        "127.0.0.1",
-        "--admin-port",
-        "0",
-        "--prometheus-port",
-        "0",
-        "--health-port",
-        "0",
-        "--ready-file",
-        &ready,
-        "--control-plane-wait",
-        "30s",
-    ];
-    args.extend_from_slice(extra);
-    let proc = Proc::spawn(&args);
-    let what = if kind == "gateway" {
-        "egress gateway running"
-    } else {
-        "sidecar running"
-    };
-    proc.wait_for(what, Duration::from_secs(40));
-    let ready: Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
-    (proc, ready)
-}
-
-fn listener(ready: &Value) -> String {
-    ready["listeners"][0]["address"]
-        .as_str()
-        .unwrap()
-        .to_owned()
 }
 
 #[test]

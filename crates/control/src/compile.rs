@@ -29,6 +29,18 @@ pub struct Snapshot {
     /// Warnings found while loading (errors keep a config from being
     /// published at all).
     pub warnings: Vec<Diagnostic>,
+    /// What each namespace's proxies are sent, made once per namespace
+    /// (push.rs fills it): the hash of the scoped YAML and the encoded line.
+    pub pushes: std::sync::Mutex<std::collections::HashMap<String, Arc<ScopedPush>>>,
+}
+
+/// One namespace's view of a version, ready to send.
+#[derive(Debug)]
+pub struct ScopedPush {
+    /// Tells a change for this namespace from a version that changed only
+    /// what it does not see.
+    pub hash: u64,
+    pub line: bytes::Bytes,
 }
 
 /// One object as YAML, with what decides who sees it.

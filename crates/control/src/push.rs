@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::compile::scoped_yaml;
+use crate::compile::{ScopedPush, Snapshot, scoped_yaml};
 use crate::run::State;
 
 pub const CONFIG_PATH: &str = "/v1/config";
@@ -227,25 +227,18 @@ fn stream<A>(
     });
     tracing::info!(%workload, "proxy connected");
     tokio::spawn(async move {
-        let mut sent: Option<String> = None;
+        let mut sent: Option<u64> = None;
         loop {
             let next = {
-                let current = state.borrow_and_update();
-                current.snapshot.as_ref().and_then(|s| {
-                    let yaml = scoped_yaml(&s.documents, &namespace);
-                    // Unchanged for this proxy: nothing to send.
-                    (sent.as_deref() != Some(yaml.as_str())).then(|| (s.version, yaml))
-                })
+                let current = state.borrow_and_update().snapshot.clone();
+                current.map(|s| (s.version, scoped_push(&s, &namespace)))
             };
-            if let Some((version, yaml)) = next {
-                let push = line(&Push {
-                    version: Some(version),
-                    config: Some(yaml.clone()),
-                });
-                if tx.send_data(Bytes::from(push)).await.is_err() {
+            // Unchanged for this proxy: nothing to send.
+            if let Some((version, push)) = next.filter(|(_, p)| sent != Some(p.hash)) {
+                if tx.send_data(push.line.clone()).await.is_err() {
                     break;
                 }
-                sent = Some(yaml);
+                sent = Some(push.hash);
                 proxies.update(&workload, |s| s.sent = Some(version));
             }
             match tokio::time::timeout(HEARTBEAT, state.changed()).await {
@@ -310,6 +303,31 @@ async fn status<A>(
         s.error = applied.error.clone();
     });
     text(StatusCode::OK, "ok")
+}
+
+/// The push for proxies in `namespace`, made once per snapshot and shared
+/// by every stream of that namespace.
+fn scoped_push(snapshot: &Snapshot, namespace: &str) -> Arc<ScopedPush> {
+    use std::hash::{Hash, Hasher};
+    let mut cache = match snapshot.pushes.lock() {
+        Ok(c) => c,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    if let Some(p) = cache.get(namespace) {
+        return p.clone();
+    }
+    let yaml = scoped_yaml(&snapshot.documents, namespace);
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    yaml.hash(&mut h);
+    let push = Arc::new(ScopedPush {
+        hash: h.finish(),
+        line: Bytes::from(line(&Push {
+            version: Some(snapshot.version),
+            config: Some(yaml),
+        })),
+    });
+    cache.insert(namespace.to_owned(), push.clone());
+    push
 }
 
 fn line(push: &Push) -> String {

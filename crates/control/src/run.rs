@@ -91,6 +91,7 @@ fn publish(objects: &Objects, state: &watch::Sender<Arc<State>>) {
                 config: Arc::new(config),
                 documents: Arc::new(documents),
                 warnings,
+                pushes: Default::default(),
             };
             state.send_replace(Arc::new(State {
                 snapshot: Some(Arc::new(snapshot)),

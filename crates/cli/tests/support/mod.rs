@@ -9,6 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+pub mod kube;
 pub mod netns;
 
 pub fn bin() -> &'static str {
