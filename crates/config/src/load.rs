@@ -42,6 +42,9 @@ pub enum LoadError {
 pub struct Loaded {
     pub config: Config,
     pub diagnostics: Vec<Diagnostic>,
+    /// Where each resource loaded so far was defined, to find duplicates
+    /// without scanning everything (a scan per resource is quadratic).
+    defined: std::collections::HashMap<(Kind, String, String), (Arc<str>, u32)>,
 }
 
 impl Loaded {
@@ -388,19 +391,22 @@ fn load_object(file: &Arc<str>, node: &Arc<Node>, loaded: &mut Loaded) {
     // taken out again so nothing acts on it.
     let problems = validate::last_added(&loaded.config, kind);
     if problems.is_empty() {
-        if let Some(other) = duplicate_of(&loaded.config, kind, &namespace, &name) {
-            loaded.diagnostics.push(schema_error(
-                kind.as_str(),
-                full_name,
-                node.pos.line,
-                format!(
-                    "duplicate {kind} {}: also defined at {}:{}",
-                    other.full_name(),
-                    other.source.file,
-                    other.source.line
-                ),
-            ));
-            validate::remove_last(&mut loaded.config, kind);
+        let key = (kind, namespace.clone(), name.clone());
+        match loaded.defined.get(&key) {
+            Some((file, line)) => {
+                loaded.diagnostics.push(schema_error(
+                    kind.as_str(),
+                    full_name.clone(),
+                    node.pos.line,
+                    format!("duplicate {kind} {full_name}: also defined at {file}:{line}"),
+                ));
+                validate::remove_last(&mut loaded.config, kind);
+            }
+            None => {
+                loaded
+                    .defined
+                    .insert(key, (source.file.clone(), source.line));
+            }
         }
         return;
     }
@@ -425,20 +431,6 @@ fn typed<S: DeserializeOwned + Default>(node: &Node) -> Result<Envelope<S>, yaml
 
 fn push<T>(list: &mut Vec<Resource<T>>, meta: Meta, spec: T) {
     list.push(Resource { meta, spec });
-}
-
-/// An earlier resource with the same kind, namespace and name.
-fn duplicate_of<'a>(
-    config: &'a Config,
-    kind: Kind,
-    namespace: &str,
-    name: &str,
-) -> Option<&'a Meta> {
-    let mut same = config
-        .metas()
-        .filter(|m| m.kind == kind && m.namespace == namespace && m.name == name);
-    let first = same.next()?;
-    same.next().map(|_| first)
 }
 
 #[cfg(test)]
