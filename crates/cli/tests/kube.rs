@@ -41,16 +41,17 @@ fn the_control_plane_publishes_the_clusters_config_and_keeps_the_last_good_one()
     let seed = support::seed();
     cluster.kubectl_ok(&["apply", "-f", &format!("{seed}/namespaces.yaml")], "");
     cluster.kubectl_ok(&["apply", "-f", &seed], "");
-    let v = configz_until(&addr, "the seed's Istio objects", |v| {
+    // One apply, but its objects may reach the control plane in more than
+    // one debounce window: wait for all of them.
+    let v = configz_until(&addr, "the seed's objects", |v| {
         count(v, "authorization_policies") == 1
             && count(v, "virtual_services") == 2
             && count(v, "gateways") == 1
+            && count(v, "service_entries") == 1
+            && count(v, "sidecars") == 1
+            && count(v, "namespaces") >= 6
     });
     let seeded = v["version"].as_u64().unwrap();
-    assert!(
-        count(&v, "namespaces") >= 2 && count(&v, "service_entries") == 1,
-        "{v:#}"
-    );
     let ap = &v["config"]["authorization_policies"][0];
     assert_eq!(ap["meta"]["source"], "cluster:1", "{ap:#}");
 
@@ -274,28 +275,7 @@ fn the_seed_applied_with_kubectl_runs_through_sidecar_and_gateway_and_follows_po
         Seen::default(),
     ));
 
-    // The seed, as its README applies it; then what the missing
-    // controllers and kubelet would make.
-    let seed = support::seed();
-    cluster.kubectl_ok(&["apply", "-f", &format!("{seed}/namespaces.yaml")], "");
-    cluster.kubectl_ok(&["apply", "-f", &seed], "");
-    cluster.kubectl_ok(
-        &[
-            "-n",
-            "curl-external-tst",
-            "create",
-            "serviceaccount",
-            "default",
-        ],
-        "",
-    );
-    pod_from_deployment(
-        &cluster,
-        "curl-egress-tst",
-        "curl-egress-tst-gateway",
-        "gateway-0",
-    );
-    pod_from_deployment(&cluster, "curl-external-tst", "curl-test", "curl-test-0");
+    apply_seed_with_pods(&cluster);
 
     let (control, ready) = start_control(
         &cluster,
@@ -732,4 +712,209 @@ fn the_control_plane_keeps_its_config_while_the_api_server_restarts_and_follows_
     });
     assert!(after["version"].as_u64() > before["version"].as_u64());
     control.wait_for("watch failed; retrying", Duration::from_secs(1));
+}
+
+/// curl inside a network namespace: body and status code.
+fn curl_in(net: &support::netns::Net, ns: &str, args: &[&str]) -> (String, String) {
+    let mut argv = vec!["curl", "-sS", "--max-time", "10", "-w", "\n%{http_code}"];
+    argv.extend_from_slice(args);
+    let out = String::from_utf8_lossy(&net.exec(ns, &argv).stdout).into_owned();
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", &out));
+    (body.to_owned(), code.to_owned())
+}
+
+/// Waits (bounded) for a file the process writes when it is ready.
+fn wait_file(path: &str, what: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(v) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+        {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what} not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// As on a node: the cluster, the control plane, the gateway and the
+/// external host in one network namespace; the workload's namespace with
+/// istio-init's capture and the sidecar as uid 1337; the workload's own
+/// curl (no proxy flag) captured, through sidecar and gateway to the host.
+#[test]
+#[cfg_attr(not_root, ignore = "needs root: network namespaces and iptables")]
+#[cfg_attr(
+    no_kube,
+    ignore = "needs kube-apiserver, etcd and kubectl: run tests/kube/build"
+)]
+fn in_network_namespaces_the_workloads_own_curl_is_captured_and_follows_the_cluster() {
+    use support::netns::Net;
+    const HOST: &str = "jsonplaceholder.typicode.com";
+    let bin = support::bin();
+    let net = Net::new();
+    let (gw_ip, world_ip, control_ip) = (net.ip(2), net.ip(3), net.ip(101));
+    let control_addr = format!("{control_ip}:15012");
+    let dir = TempDir::new("control-netns");
+    let (ca_dir, _) = mesh_ca(&dir);
+
+    let cluster = TestCluster::start_in_netns(&net.gw);
+    install_crds(&cluster);
+    apply_seed_with_pods(&cluster);
+
+    let standin_ca = dir.path("standin-ca.pem");
+    let standin = support::Proc::spawn_argv(&[
+        "ip",
+        "netns",
+        "exec",
+        &net.gw,
+        bin,
+        "stand-in",
+        "--host",
+        HOST,
+        "--https-listen",
+        &format!("{world_ip}:443"),
+        "--dns-listen",
+        &format!("{world_ip}:53"),
+        "--ca-out",
+        &standin_ca,
+    ]);
+    standin.wait_for("stand-in running", Duration::from_secs(10));
+    let kubeconfig = cluster.kubeconfig().to_str().unwrap().to_owned();
+    let control_ready = dir.path("control.json");
+    let _control = support::Proc::spawn_argv(&[
+        "ip",
+        "netns",
+        "exec",
+        &net.gw,
+        bin,
+        "control",
+        "--kubeconfig",
+        &kubeconfig,
+        "--monitoring-address",
+        "127.0.0.1:0",
+        "--ca-dir",
+        &ca_dir,
+        "--ca-address",
+        &control_addr,
+        "--webhook-address",
+        "127.0.0.1:0",
+        "--ready-file",
+        &control_ready,
+    ]);
+    wait_file(&control_ready, "the control plane");
+
+    // Each proxy: its pod's token, the mesh root, the control plane's address.
+    let root = dir.path("ca/root-cert.pem");
+    let proxy = |ns: &str, sa: &str, name: &str| {
+        let file = dir.path(&format!("{name}.token"));
+        std::fs::write(&file, token(&cluster, ns, sa, Some("istio-ca"))).unwrap();
+        file
+    };
+    let dns = format!("{world_ip}:53");
+    let gw_token = proxy("curl-egress-tst", "curl-egress-tst", "gateway");
+    let gateway = support::Proc::spawn_argv(&[
+        "ip",
+        "netns",
+        "exec",
+        &net.gw,
+        bin,
+        "gateway",
+        "--control-plane",
+        &control_addr,
+        "--workload",
+        "curl-egress-tst/gateway-0",
+        "--service-account",
+        "curl-egress-tst",
+        "--ca-addr",
+        &control_addr,
+        "--ca-token-file",
+        &gw_token,
+        "--ca-root-cert",
+        &root,
+        "--dns-server",
+        &dns,
+        "--extra-roots",
+        &standin_ca,
+        "--bind-address",
+        &gw_ip,
+        "--admin-address",
+        &gw_ip,
+    ]);
+    gateway.wait_for("egress gateway running", Duration::from_secs(40));
+
+    // The workload's namespace: capture first (istio-init), then the
+    // sidecar as uid 1337; the gateway Service's endpoint as Kubernetes
+    // would give it.
+    net.hosts_file(
+        &net.app,
+        &format!("127.0.0.1 localhost\n{} {HOST}\n", net.ip(100)),
+    );
+    net.exec_ok(&net.app, &[bin, "iptables"]);
+    let endpoints = dir.path("endpoints");
+    std::fs::write(
+        &endpoints,
+        format!("curl-egress-tst.curl-egress-tst.svc.cluster.local:80 {gw_ip}:80\n"),
+    )
+    .unwrap();
+    let sc_token = proxy("curl-external-tst", "default", "sidecar");
+    let sidecar = support::Proc::spawn_argv(&[
+        "ip",
+        "netns",
+        "exec",
+        &net.app,
+        "setpriv",
+        "--reuid=1337",
+        "--regid=1337",
+        "--clear-groups",
+        bin,
+        "sidecar",
+        "--control-plane",
+        &control_addr,
+        "--workload",
+        "curl-external-tst/curl-test-0",
+        "--service-account",
+        "default",
+        "--ca-addr",
+        &control_addr,
+        "--ca-token-file",
+        &sc_token,
+        "--ca-root-cert",
+        &root,
+        "--endpoints",
+        &endpoints,
+        "--dns-server",
+        &dns,
+        "--admin-address",
+        "127.0.0.1",
+    ]);
+    sidecar.wait_for("sidecar running", Duration::from_secs(40));
+
+    // The seed's own request, as its container makes it.
+    let url = format!("http://{HOST}/todos/1");
+    let (body, code) = curl_in(&net, &net.app, &[&url]);
+    assert_eq!(code, "200", "{body}");
+    assert!(body.contains("delectus aut autem"), "{body}");
+
+    // The policy changed with kubectl: denied at the gateway.
+    let ap: Value = serde_json::from_str(
+        &cluster.kubectl_ok(&["get", "authorizationpolicy", "-A", "-o", "json"], ""),
+    )
+    .unwrap();
+    let ap = &ap["items"][0]["metadata"];
+    cluster.kubectl_ok(
+        &["-n", ap["namespace"].as_str().unwrap(), "patch", "authorizationpolicy", ap["name"].as_str().unwrap(),
+          "--type=json", "-p", r#"[{"op":"replace","path":"/spec/rules/0/from/0/source/namespaces","value":["some-other-ns"]}]"#],
+        "",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (body, code) = curl_in(&net, &net.app, &[&url]);
+        if code == "403" {
+            assert_eq!(body, "RBAC: access denied");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {code}: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -32,11 +32,25 @@ pub struct TestCluster {
     children: Vec<Child>,
     /// How to start kube-apiserver again (`restart_apiserver`).
     apiserver: Option<Command>,
+    /// The network namespace everything runs in (`ip netns exec`).
+    netns: Option<String>,
 }
 
 impl TestCluster {
     /// Starts etcd and kube-apiserver and waits until `/readyz` says yes.
     pub fn start() -> TestCluster {
+        TestCluster::start_in(None)
+    }
+
+    /// The same inside network namespace `netns` (which the caller made,
+    /// with its loopback up): etcd, kube-apiserver and kubectl all run
+    /// there, so proxies in that and linked namespaces can reach what the
+    /// test starts beside them.
+    pub fn start_in_netns(netns: &str) -> TestCluster {
+        TestCluster::start_in(Some(netns.to_owned()))
+    }
+
+    fn start_in(netns: Option<String>) -> TestCluster {
         let bin = PathBuf::from(
             std::env::var("MESHGATE_KUBE_BIN").unwrap_or_else(|_| DEFAULT_BIN_DIR.into()),
         );
@@ -52,6 +66,7 @@ impl TestCluster {
             server: String::new(),
             children: Vec::new(),
             apiserver: None,
+            netns,
             dir,
         };
         let etcd = cluster.start_etcd();
@@ -96,7 +111,8 @@ impl TestCluster {
 
     /// Runs kubectl with `args`, writing `stdin` to it (for `-f -`).
     pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Output {
-        let mut child = Command::new(self.bin.join("kubectl"))
+        let mut child = self
+            .command("kubectl")
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .arg("--request-timeout=30s")
@@ -130,7 +146,8 @@ impl TestCluster {
         let client = format!("http://127.0.0.1:{}", free_port());
         let peer = format!("http://127.0.0.1:{}", free_port());
         let log = std::fs::File::create(self.dir.join("etcd.log")).expect("etcd log");
-        let child = Command::new(self.bin.join("etcd"))
+        let child = self
+            .command("etcd")
             .arg("--data-dir")
             .arg(self.dir.join("etcd"))
             .args([
@@ -176,7 +193,7 @@ impl TestCluster {
         );
         self.write("kubeconfig", &self.kubeconfig_text(&token));
         let d = |f: &str| self.dir.join(f).display().to_string();
-        let mut cmd = Command::new(self.bin.join("kube-apiserver"));
+        let mut cmd = self.command("kube-apiserver");
         cmd.args(["--etcd-servers", etcd, "--bind-address", "127.0.0.1"])
             .args([
                 "--secure-port",
@@ -284,6 +301,19 @@ impl TestCluster {
             })
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// One of the cluster's binaries, in the cluster's network namespace.
+    fn command(&self, binary: &str) -> Command {
+        let path = self.bin.join(binary);
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(path);
+                c
+            }
+            None => Command::new(path),
+        }
     }
 
     fn write(&self, name: &str, content: &str) {

@@ -11,6 +11,12 @@ use super::{Proc, TempDir, curl};
 /// Starts the cluster with meshgate's CRDs established.
 pub fn cluster() -> TestCluster {
     let cluster = TestCluster::start();
+    install_crds(&cluster);
+    cluster
+}
+
+/// `meshgate crds | kubectl apply -f -`, then waits until they serve.
+pub fn install_crds(cluster: &TestCluster) {
     let crds = meshgate_kube::crds_yaml().unwrap();
     cluster.kubectl_ok(&["apply", "-f", "-"], &crds);
     cluster.kubectl_ok(
@@ -24,7 +30,32 @@ pub fn cluster() -> TestCluster {
         ],
         "",
     );
-    cluster
+}
+
+/// The seed as its README applies it (namespaces first), then what the
+/// missing controllers and kubelet would make: the workload's service
+/// account and one Pod per Deployment (`gateway-0`, `curl-test-0`).
+pub fn apply_seed_with_pods(cluster: &TestCluster) {
+    let seed = super::seed();
+    cluster.kubectl_ok(&["apply", "-f", &format!("{seed}/namespaces.yaml")], "");
+    cluster.kubectl_ok(&["apply", "-f", &seed], "");
+    cluster.kubectl_ok(
+        &[
+            "-n",
+            "curl-external-tst",
+            "create",
+            "serviceaccount",
+            "default",
+        ],
+        "",
+    );
+    pod_from_deployment(
+        cluster,
+        "curl-egress-tst",
+        "curl-egress-tst-gateway",
+        "gateway-0",
+    );
+    pod_from_deployment(cluster, "curl-external-tst", "curl-test", "curl-test-0");
 }
 
 /// Runs `meshgate control` against the cluster (as admin) with `extra`
