@@ -14,6 +14,7 @@ use crate::watch::Objects;
 /// The Event `reason` for a refused object.
 pub const REASON: &str = "InvalidConfig";
 const COMPONENT: &str = "meshgate-control";
+const EVENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Writes Events through the API server; remembers what it reported.
 pub struct Reporter {
@@ -48,7 +49,10 @@ impl Reporter {
 
     /// One Warning Event per refused object, on that object.
     pub async fn refused(&mut self, errors: &[Diagnostic], objects: &Objects) {
-        let Some(client) = &self.client else { return };
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        let mut still_refused = BTreeSet::new();
         for diagnostic in errors {
             let origin = &diagnostic.origin;
             let (namespace, name) = origin.name.split_once('/').unwrap_or(("", &origin.name));
@@ -62,6 +66,7 @@ impl Reporter {
             let meta = &object["metadata"];
             let text = |f: &str| meta[f].as_str().unwrap_or_default().to_owned();
             let message = diagnostic.to_string();
+            still_refused.insert(text("uid"));
             if !self
                 .reported
                 .insert((text("uid"), text("resourceVersion"), message.clone()))
@@ -77,10 +82,21 @@ impl Reporter {
                 &key.namespace
             };
             let api: Api<Event> = Api::namespaced(client.clone(), ns);
-            if let Err(e) = api.create(&PostParams::default(), &event).await {
-                tracing::warn!(object = %origin.name, error = %e, "cannot write an Event");
+            // The loop waits on this: bounded, and a lost Event is only logged.
+            let created =
+                tokio::time::timeout(EVENT_TIMEOUT, api.create(&PostParams::default(), &event))
+                    .await;
+            match created {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(object = %origin.name, error = %e, "cannot write an Event")
+                }
+                Err(_) => tracing::warn!(object = %origin.name, "writing an Event timed out"),
             }
         }
+        // Forget objects no longer refused, so the memory stays bounded.
+        self.reported
+            .retain(|(uid, _, _)| still_refused.contains(uid));
     }
 }
 

@@ -32,10 +32,13 @@ pub async fn run(
     mut reporter: Reporter,
 ) {
     let mut objects = Objects::default();
+    // Something changed since the last publish (or nothing was published).
+    let mut dirty = true;
     while let Some(change) = changes.recv().await {
-        objects.apply(change);
-        debounce(&mut changes, &mut objects).await;
-        if objects.synced() {
+        dirty |= objects.apply(change);
+        dirty |= debounce(&mut changes, &mut objects).await;
+        if objects.synced() && dirty {
+            dirty = false;
             publish(&objects, &state);
             let rejected = state.borrow().rejected.clone();
             reporter.refused(&rejected, &objects).await;
@@ -43,14 +46,16 @@ pub async fn run(
     }
 }
 
-/// Takes changes until none came for [`QUIET`] or [`MAX_DELAY`] passed.
-async fn debounce(changes: &mut mpsc::Receiver<Change>, objects: &mut Objects) {
+/// Takes changes until none came for [`QUIET`] or [`MAX_DELAY`] passed;
+/// true when one of them changed something.
+async fn debounce(changes: &mut mpsc::Receiver<Change>, objects: &mut Objects) -> bool {
     let deadline = Instant::now() + MAX_DELAY;
+    let mut changed = false;
     loop {
         let quiet = (Instant::now() + QUIET).min(deadline);
         match tokio::time::timeout_at(quiet, changes.recv()).await {
-            Ok(Some(change)) => objects.apply(change),
-            Ok(None) | Err(_) => return,
+            Ok(Some(change)) => changed |= objects.apply(change),
+            Ok(None) | Err(_) => return changed,
         }
     }
 }

@@ -111,7 +111,9 @@ pub struct Objects {
 }
 
 impl Objects {
-    pub fn apply(&mut self, change: Change) {
+    /// Applies one change; false when nothing meshgate reads changed (an
+    /// update that only bumped the resourceVersion, as a status write does).
+    pub fn apply(&mut self, change: Change) -> bool {
         match change {
             Change::Listed(kind, objects) => {
                 self.objects.retain(|k, _| k.kind != kind);
@@ -121,13 +123,17 @@ impl Objects {
                 if !self.listed.contains(&kind) {
                     self.listed.push(kind);
                 }
+                true
             }
             Change::Applied(key, value) => {
+                let same = self
+                    .objects
+                    .get(&key)
+                    .is_some_and(|old| same_but_version(old, &value));
                 self.objects.insert(key, Arc::new(value));
+                !same
             }
-            Change::Deleted(key) => {
-                self.objects.remove(&key);
-            }
+            Change::Deleted(key) => self.objects.remove(&key).is_some(),
         }
     }
 
@@ -135,6 +141,18 @@ impl Objects {
     pub fn synced(&self) -> bool {
         WATCHED.iter().all(|w| self.listed.contains(&w.kind))
     }
+}
+
+/// Equal but for `metadata.resourceVersion`.
+fn same_but_version(a: &Value, b: &Value) -> bool {
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.remove("resourceVersion");
+        }
+        v
+    };
+    strip(a) == strip(b)
 }
 
 /// Starts one watch per kind; their changes arrive on the returned channel.
@@ -190,7 +208,9 @@ fn watcher(
 }
 
 /// The object as the API server holds it, with the type fields set (list
-/// items lack them) and without managedFields (noise for every reader).
+/// items lack them), without managedFields (noise for every reader) and
+/// without status (written by controllers and kubelets, read by no one
+/// here).
 fn keyed(watched: &Watched, obj: DynamicObject) -> Option<(Key, Value)> {
     let key = Key {
         kind: watched.kind,
@@ -206,8 +226,32 @@ fn keyed(watched: &Watched, obj: DynamicObject) -> Option<(Key, Value)> {
     };
     map.insert("apiVersion".into(), Value::String(api_version));
     map.insert("kind".into(), Value::String(watched.kind.into()));
+    map.remove("status");
     if let Some(meta) = map.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("managedFields");
     }
     Some((key, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_update_that_only_bumps_the_resource_version_changes_nothing() {
+        let key = Key {
+            kind: "Pod",
+            namespace: "a".into(),
+            name: "p".into(),
+        };
+        let pod = |rv: &str, sa: &str| json!({ "metadata": { "name": "p", "resourceVersion": rv }, "spec": { "serviceAccountName": sa } });
+        let mut objects = Objects::default();
+        assert!(objects.apply(Change::Applied(key.clone(), pod("1", "x"))));
+        assert!(!objects.apply(Change::Applied(key.clone(), pod("2", "x"))));
+        assert_eq!(objects.objects[&key]["metadata"]["resourceVersion"], "2");
+        assert!(objects.apply(Change::Applied(key.clone(), pod("3", "y"))));
+        assert!(objects.apply(Change::Deleted(key.clone())));
+        assert!(!objects.apply(Change::Deleted(key)));
+    }
 }
