@@ -177,6 +177,20 @@ fn parse_labels(s: &str) -> anyhow::Result<meshgate_config::model::Labels> {
         .collect()
 }
 
+/// Where Services' pods are: their EndpointSlices in the config, then the
+/// --endpoints file over them.
+fn endpoints_for(
+    config: &Config,
+    mesh: &MeshSettings,
+    args: &ProxyArgs,
+) -> anyhow::Result<HashMap<String, Vec<SocketAddr>>> {
+    let mut endpoints = registry::service_endpoints(config, mesh);
+    if let Some(p) = &args.endpoints {
+        endpoints.extend(parse_endpoints(p)?);
+    }
+    Ok(endpoints)
+}
+
 fn parse_endpoints(path: &PathBuf) -> anyhow::Result<HashMap<String, Vec<SocketAddr>>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -533,10 +547,7 @@ async fn proxy_main(
         resolver: Resolver::new(args.dns_server)?,
         roots: DefaultRoots::load(&args.extra_roots)?,
         identity: Some(identity.clone()),
-        endpoints: match &args.endpoints {
-            Some(p) => parse_endpoints(p)?,
-            None => HashMap::new(),
-        },
+        endpoints: endpoints_for(&config, &mesh, args)?,
     };
     let snapshot = Snapshot::build(view::build(&config, &mesh, &args.workload)?, &ctx)?;
     if kind == ProxyKind::Gateway && snapshot.listeners.is_empty() {
@@ -764,9 +775,7 @@ impl Live<'_> {
             );
         }
         let mut ctx = self.ctx.clone();
-        if let Some(p) = &self.args.endpoints {
-            ctx.endpoints = parse_endpoints(p)?;
-        }
+        ctx.endpoints = endpoints_for(&config, &self.mesh, self.args)?;
         let view = view::build(&config, &self.mesh, &self.args.workload)?;
         let old = app.proxy.state.load_full();
         let snap = Snapshot::rebuild(view, &ctx, Some(&old))?;

@@ -43,14 +43,7 @@ fn the_control_plane_publishes_the_clusters_config_and_keeps_the_last_good_one()
     cluster.kubectl_ok(&["apply", "-f", &seed], "");
     // One apply, but its objects may reach the control plane in more than
     // one debounce window: wait for all of them.
-    let v = configz_until(&addr, "the seed's objects", |v| {
-        count(v, "authorization_policies") == 1
-            && count(v, "virtual_services") == 2
-            && count(v, "gateways") == 1
-            && count(v, "service_entries") == 1
-            && count(v, "sidecars") == 1
-            && count(v, "namespaces") >= 6
-    });
+    let v = configz_until(&addr, "the seed's objects", has_the_seed);
     let seeded = v["version"].as_u64().unwrap();
     let ap = &v["config"]["authorization_policies"][0];
     assert_eq!(ap["meta"]["source"], "cluster:1", "{ap:#}");
@@ -604,6 +597,7 @@ fn the_control_plane_runs_with_only_the_rbac_deploy_gives_it() {
         ("watch", "virtualservices.networking.istio.io"),
         ("list", "authorizationpolicies.security.istio.io"),
         ("watch", "pods"),
+        ("watch", "endpointslices.discovery.k8s.io"),
         ("create", "events"),
         ("create", "tokenreviews.authentication.k8s.io"),
         ("patch", "configmaps"),
@@ -677,9 +671,7 @@ fn the_control_plane_keeps_its_config_while_the_api_server_restarts_and_follows_
     let seed = support::seed();
     cluster.kubectl_ok(&["apply", "-f", &format!("{seed}/namespaces.yaml")], "");
     cluster.kubectl_ok(&["apply", "-f", &seed], "");
-    let before = configz_until(&addr, "the seed", |v| {
-        count(v, "authorization_policies") == 1
-    });
+    let before = configz_until(&addr, "the seed", has_the_seed);
 
     cluster.restart_apiserver(|| {
         // Away: the published config stays, and so does readiness.
@@ -851,12 +843,17 @@ fn in_network_namespaces_the_workloads_own_curl_is_captured_and_follows_the_clus
         &format!("127.0.0.1 localhost\n{} {HOST}\n", net.ip(100)),
     );
     net.exec_ok(&net.app, &[bin, "iptables"]);
-    let endpoints = dir.path("endpoints");
-    std::fs::write(
-        &endpoints,
-        format!("curl-egress-tst.curl-egress-tst.svc.cluster.local:80 {gw_ip}:80\n"),
-    )
-    .unwrap();
+    // The gateway Service's endpoints, as the endpoints controller writes
+    // them: the sidecar dials the gateway pod from its EndpointSlice.
+    let slice = serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": { "name": "curl-egress-tst-abc", "namespace": "curl-egress-tst",
+                      "labels": { "kubernetes.io/service-name": "curl-egress-tst" } },
+        "addressType": "IPv4",
+        "ports": [{ "name": "http", "port": 80, "protocol": "TCP" }],
+        "endpoints": [{ "addresses": [gw_ip], "conditions": { "ready": true } }]
+    });
+    cluster.kubectl_ok(&["apply", "-f", "-"], &slice.to_string());
     let sc_token = proxy("curl-external-tst", "default", "sidecar");
     let sidecar = support::Proc::spawn_argv(&[
         "ip",
@@ -881,8 +878,6 @@ fn in_network_namespaces_the_workloads_own_curl_is_captured_and_follows_the_clus
         &sc_token,
         "--ca-root-cert",
         &root,
-        "--endpoints",
-        &endpoints,
         "--dns-server",
         &dns,
         "--admin-address",

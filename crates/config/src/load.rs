@@ -13,7 +13,9 @@ use serde::de::DeserializeOwned;
 
 use crate::diag::{Diagnostic, Level, Origin};
 use crate::model::common::Opaque;
-use crate::model::kube::{DeploymentSpec, NamespaceSpec, ObjectMeta, PodSpec, ServiceSpec};
+use crate::model::kube::{
+    DeploymentSpec, EndpointSliceFields, NamespaceSpec, ObjectMeta, PodSpec, ServiceSpec,
+};
 use crate::model::{Config, Kind, Meta, Resource, SourceRef, WorkloadTemplate};
 use crate::validate;
 use crate::yaml::{self, Node, Pos, Value};
@@ -222,6 +224,24 @@ struct ServiceAccountEnvelope {
     automount_service_account_token: Option<bool>,
 }
 
+/// An EndpointSlice: its fields sit beside `metadata`, not under `spec`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct EndpointSliceEnvelope {
+    #[allow(dead_code)]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    address_type: String,
+    #[serde(default)]
+    endpoints: Vec<crate::model::kube::SliceEndpoint>,
+    #[serde(default)]
+    ports: Vec<crate::model::kube::SlicePort>,
+}
+
 fn load_object(file: &Arc<str>, node: &Arc<Node>, loaded: &mut Loaded) {
     let source = SourceRef {
         file: file.clone(),
@@ -317,6 +337,14 @@ fn load_object(file: &Arc<str>, node: &Arc<Node>, loaded: &mut Loaded) {
             .map(|e| push(&mut loaded.config.namespaces, meta(e.metadata), ())),
         Kind::ServiceAccount => yaml::from_node::<ServiceAccountEnvelope>(node)
             .map(|e| push(&mut loaded.config.service_accounts, meta(e.metadata), ())),
+        Kind::EndpointSlice => yaml::from_node::<EndpointSliceEnvelope>(node).map(|e| {
+            let fields = EndpointSliceFields {
+                address_type: e.address_type,
+                endpoints: e.endpoints,
+                ports: e.ports,
+            };
+            push(&mut loaded.config.endpoint_slices, meta(e.metadata), fields)
+        }),
         Kind::Service => typed::<ServiceSpec>(node)
             .map(|e| push(&mut loaded.config.services, meta(e.metadata), e.spec)),
         Kind::Pod => typed::<PodSpec>(node).map(|e| {

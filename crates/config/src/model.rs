@@ -20,6 +20,7 @@ pub enum Kind {
     Namespace,
     ServiceAccount,
     Service,
+    EndpointSlice,
     Pod,
     Deployment,
     ServiceEntry,
@@ -33,10 +34,11 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in the order above.
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 13] = [
         Kind::Namespace,
         Kind::ServiceAccount,
         Kind::Service,
+        Kind::EndpointSlice,
         Kind::Pod,
         Kind::Deployment,
         Kind::ServiceEntry,
@@ -87,6 +89,7 @@ impl Kind {
             | Kind::Sidecar => "networking.istio.io",
             Kind::AuthorizationPolicy | Kind::PeerAuthentication => "security.istio.io",
             Kind::Deployment => "apps",
+            Kind::EndpointSlice => "discovery.k8s.io",
             Kind::Namespace | Kind::ServiceAccount | Kind::Service | Kind::Pod => "",
         }
     }
@@ -110,6 +113,7 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::ServiceAccount => "ServiceAccount",
             Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
             Kind::Pod => "Pod",
             Kind::Deployment => "Deployment",
             Kind::ServiceEntry => "ServiceEntry",
@@ -211,6 +215,8 @@ pub struct Config {
     pub namespaces: Vec<Resource<()>>,
     pub service_accounts: Vec<Resource<()>>,
     pub services: Vec<Resource<kube::ServiceSpec>>,
+    /// Where Services' pods are (an endpoints controller writes them).
+    pub endpoint_slices: Vec<Resource<kube::EndpointSliceFields>>,
     /// Deployments and bare Pods, in file order.
     pub workloads: Vec<Resource<WorkloadTemplate>>,
     pub service_entries: Vec<Resource<networking::ServiceEntry>>,
@@ -229,6 +235,11 @@ impl Config {
             (self.namespaces.len(), "namespace", "namespaces"),
             (self.workloads.len(), "workload", "workloads"),
             (self.services.len(), "Service", "Services"),
+            (
+                self.endpoint_slices.len(),
+                "EndpointSlice",
+                "EndpointSlices",
+            ),
             (
                 self.service_accounts.len(),
                 "ServiceAccount",
@@ -277,6 +288,7 @@ impl Config {
             .map(|r| &r.meta)
             .chain(self.service_accounts.iter().map(|r| &r.meta))
             .chain(self.services.iter().map(|r| &r.meta))
+            .chain(self.endpoint_slices.iter().map(|r| &r.meta))
             .chain(self.workloads.iter().map(|r| &r.meta))
             .chain(self.service_entries.iter().map(|r| &r.meta))
             .chain(self.virtual_services.iter().map(|r| &r.meta))

@@ -490,3 +490,59 @@ impl Registry {
 
 #[cfg(test)]
 mod tests;
+
+/// Each Kubernetes Service port's ready endpoints from its EndpointSlices,
+/// as `name.ns.svc.<cluster domain>:<service port>` → pod `ip:port` (the
+/// slice's port of the same name: the targetPort, resolved by the endpoints
+/// controller). A Service without slices is not in the map (it resolves by
+/// DNS). What the proxies dial for mesh Services, as Envoy's EDS.
+pub fn service_endpoints(
+    config: &Config,
+    mesh: &MeshSettings,
+) -> std::collections::HashMap<String, Vec<std::net::SocketAddr>> {
+    let mut out = std::collections::HashMap::new();
+    for svc in &config.services {
+        let ns = &svc.meta.namespace;
+        let slices: Vec<_> = config
+            .endpoint_slices
+            .iter()
+            .filter(|s| {
+                s.meta.namespace == *ns
+                    && s.meta.labels.get("kubernetes.io/service-name") == Some(&svc.meta.name)
+            })
+            .collect();
+        if slices.is_empty() {
+            continue;
+        }
+        let host = format!("{}.{ns}.svc.{}", svc.meta.name, mesh.cluster_domain);
+        for sp in &svc.spec.ports {
+            let mut addrs = Vec::new();
+            for slice in &slices {
+                let port = slice.spec.ports.iter().find(|p| {
+                    p.name.as_deref().unwrap_or("") == sp.name.as_str() && p.port.is_some()
+                });
+                let Some(port) = port
+                    .and_then(|p| p.port)
+                    .and_then(|p| u16::try_from(p).ok())
+                else {
+                    continue;
+                };
+                let ready = slice
+                    .spec
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false));
+                for e in ready {
+                    addrs.extend(
+                        e.addresses
+                            .iter()
+                            .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+                            .map(|ip| std::net::SocketAddr::new(ip, port)),
+                    );
+                }
+            }
+            out.insert(format!("{host}:{}", sp.port), addrs);
+        }
+    }
+    out
+}

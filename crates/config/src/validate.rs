@@ -22,6 +22,7 @@ pub(crate) fn last_added(config: &Config, kind: Kind) -> Problems {
         Kind::Namespace => config.namespaces.last().map(|r| &r.meta),
         Kind::ServiceAccount => config.service_accounts.last().map(|r| &r.meta),
         Kind::Service => config.services.last().map(|r| &r.meta),
+        Kind::EndpointSlice => config.endpoint_slices.last().map(|r| &r.meta),
         Kind::Pod | Kind::Deployment => config.workloads.last().map(|r| &r.meta),
         Kind::ServiceEntry => config.service_entries.last().map(|r| {
             service_entry(&r.spec, &mut p);
@@ -64,6 +65,7 @@ pub(crate) fn remove_last(config: &mut Config, kind: Kind) {
         Kind::Namespace => drop(config.namespaces.pop()),
         Kind::ServiceAccount => drop(config.service_accounts.pop()),
         Kind::Service => drop(config.services.pop()),
+        Kind::EndpointSlice => drop(config.endpoint_slices.pop()),
         Kind::Pod | Kind::Deployment => drop(config.workloads.pop()),
         Kind::ServiceEntry => drop(config.service_entries.pop()),
         Kind::VirtualService => drop(config.virtual_services.pop()),

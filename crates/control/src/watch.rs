@@ -72,6 +72,7 @@ pub const WATCHED: &[Watched] = &[
     w("", "v1", "Namespace", "namespaces"),
     w("", "v1", "ServiceAccount", "serviceaccounts"),
     w("", "v1", "Service", "services"),
+    w("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
     w("", "v1", "Pod", "pods"),
 ];
 

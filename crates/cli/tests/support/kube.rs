@@ -114,6 +114,20 @@ pub fn configz_until(addr: &str, what: &str, done: impl Fn(&Value) -> bool) -> V
     }
 }
 
+/// Every object of the seed is in a `/debug/configz` answer (one apply can
+/// reach the control plane in more than one debounce window).
+pub fn has_the_seed(v: &Value) -> bool {
+    count(v, "authorization_policies") == 1
+        && count(v, "virtual_services") == 2
+        && count(v, "gateways") == 1
+        && count(v, "service_entries") == 1
+        && count(v, "sidecars") == 1
+        && count(v, "destination_rules") == 1
+        && count(v, "services") >= 2
+        && count(v, "service_accounts") >= 1
+        && count(v, "namespaces") >= 6
+}
+
 pub fn count(v: &Value, field: &str) -> usize {
     v["config"][field].as_array().map_or(0, Vec::len)
 }

@@ -97,6 +97,49 @@ pub struct KubeServicePort {
     pub node_port: Option<u32>,
 }
 
+// === EndpointSlice (discovery.k8s.io/v1) ===
+
+/// An EndpointSlice's own fields (it has no `spec`): which addresses serve
+/// its Service (label `kubernetes.io/service-name`) on which ports.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct EndpointSliceFields {
+    pub address_type: String,
+    pub endpoints: Vec<SliceEndpoint>,
+    pub ports: Vec<SlicePort>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SliceEndpoint {
+    pub addresses: Vec<String>,
+    pub conditions: Option<SliceConditions>,
+    pub hostname: Option<String>,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub target_ref: Option<Opaque>,
+    pub hints: Option<Opaque>,
+    pub deprecated_topology: Option<Opaque>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SliceConditions {
+    /// Absent means ready (Kubernetes' rule).
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SlicePort {
+    pub name: Option<String>,
+    pub port: Option<u32>,
+    pub protocol: Option<String>,
+    pub app_protocol: Option<String>,
+}
+
 // === Pods and Deployments ===
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]

@@ -250,3 +250,32 @@ fn lookup_respects_export_and_prefers_own_namespace() {
     assert!(r.lookup("x.example.com", "c").is_none());
     assert!(r.lookup_any("x.example.com").is_some());
 }
+
+#[test]
+fn endpoint_slices_give_each_service_port_its_ready_pods_on_the_target_port() {
+    let c = config(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: gw, namespace: egress}\n\
+         spec:\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n  - {name: https, port: 443}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: gw-abc, namespace: egress, labels: {kubernetes.io/service-name: gw}}\n\
+         addressType: IPv4\nports:\n- {name: http, port: 8080, protocol: TCP}\nendpoints:\n\
+         - addresses: [10.0.0.5]\n  conditions: {ready: true}\n\
+         - addresses: [10.0.0.6]\n  conditions: {ready: false}\n\
+         - addresses: [10.0.0.7]\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: egress}\nspec:\n  ports:\n  - {name: http, port: 80}\n",
+    );
+    let got = service_endpoints(&c, &MeshSettings::default());
+    let addrs = |v: &[&str]| {
+        v.iter()
+            .map(|a| a.parse().unwrap())
+            .collect::<Vec<std::net::SocketAddr>>()
+    };
+    assert_eq!(
+        got["gw.egress.svc.cluster.local:80"],
+        addrs(&["10.0.0.5:8080", "10.0.0.7:8080"])
+    );
+    // No slice port of that name: no endpoints (not DNS: the slices speak).
+    assert_eq!(got["gw.egress.svc.cluster.local:443"], addrs(&[]));
+    // No slices at all: left to DNS.
+    assert!(!got.contains_key("other.egress.svc.cluster.local:80"));
+}
