@@ -306,6 +306,9 @@ fn the_seed_applied_with_kubectl_runs_through_sidecar_and_gateway_and_follows_po
             &standin_ca_file,
         ],
     );
+    // The API server refuses loopback addresses in EndpointSlices: on
+    // loopback the sidecar takes the gateway's address from --endpoints
+    // (the network-namespace test below uses an EndpointSlice).
     let sc_endpoints = dir.path("sc-endpoints");
     std::fs::write(
         &sc_endpoints,
@@ -843,17 +846,15 @@ fn in_network_namespaces_the_workloads_own_curl_is_captured_and_follows_the_clus
         &format!("127.0.0.1 localhost\n{} {HOST}\n", net.ip(100)),
     );
     net.exec_ok(&net.app, &[bin, "iptables"]);
-    // The gateway Service's endpoints, as the endpoints controller writes
-    // them: the sidecar dials the gateway pod from its EndpointSlice.
-    let slice = serde_json::json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": { "name": "curl-egress-tst-abc", "namespace": "curl-egress-tst",
-                      "labels": { "kubernetes.io/service-name": "curl-egress-tst" } },
-        "addressType": "IPv4",
-        "ports": [{ "name": "http", "port": 80, "protocol": "TCP" }],
-        "endpoints": [{ "addresses": [gw_ip], "conditions": { "ready": true } }]
-    });
-    cluster.kubectl_ok(&["apply", "-f", "-"], &slice.to_string());
+    // The gateway Service's endpoint, as the endpoints controller writes
+    // it: the sidecar dials the gateway pod from its EndpointSlice.
+    endpoint_slice(
+        &cluster,
+        "curl-egress-tst",
+        "curl-egress-tst",
+        "http",
+        &format!("{gw_ip}:80"),
+    );
     let sc_token = proxy("curl-external-tst", "default", "sidecar");
     let sidecar = support::Proc::spawn_argv(&[
         "ip",

@@ -233,3 +233,18 @@ pub fn listener(ready: &Value) -> String {
         .unwrap()
         .to_owned()
 }
+
+/// What the endpoints controller would write for a Service: one ready
+/// endpoint at `addr` (`ip:port`) for its port named `port_name`.
+pub fn endpoint_slice(cluster: &TestCluster, ns: &str, service: &str, port_name: &str, addr: &str) {
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let slice = serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": { "name": format!("{service}-slice"), "namespace": ns,
+                      "labels": { "kubernetes.io/service-name": service } },
+        "addressType": "IPv4",
+        "ports": [{ "name": port_name, "port": addr.port(), "protocol": "TCP" }],
+        "endpoints": [{ "addresses": [addr.ip().to_string()], "conditions": { "ready": true } }]
+    });
+    cluster.kubectl_ok(&["apply", "-f", "-"], &slice.to_string());
+}
