@@ -143,6 +143,7 @@ async fn start_ca(
     let client = client.clone();
     tokio::spawn(async move {
         let mut publisher = RootPublisher::default();
+        let mut tampered = meshgate_control::ca::tampered_roots(client.clone(), root.clone());
         loop {
             let namespaces: Vec<String> = state
                 .borrow_and_update()
@@ -157,8 +158,9 @@ async fn start_ca(
                 })
                 .unwrap_or_default();
             publisher.publish(&client, &root, &namespaces).await;
-            if state.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = state.changed() => if changed.is_err() { return },
+                Some(ns) = tampered.recv() => publisher.forget(&ns),
             }
         }
     });

@@ -212,28 +212,56 @@ fn the_ca_issues_by_service_account_token_and_publishes_the_root() {
         assert!(err.contains("401"), "{err}");
     }
 
-    // The root, in every namespace.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = cluster.kubectl(&[
+    // The root, in every namespace; deleted or changed, it comes back.
+    let root_in_namespace = || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = cluster.kubectl(&[
+                "-n",
+                "curl-external-tst",
+                "get",
+                "configmap",
+                "istio-ca-root-cert",
+                "-o",
+                "jsonpath={.data.root-cert\\.pem}",
+            ]);
+            if String::from_utf8_lossy(&out.stdout) == root {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no istio-ca-root-cert: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    root_in_namespace();
+    cluster.kubectl_ok(
+        &[
             "-n",
             "curl-external-tst",
-            "get",
+            "delete",
             "configmap",
             "istio-ca-root-cert",
-            "-o",
-            "jsonpath={.data.root-cert\\.pem}",
-        ]);
-        if String::from_utf8_lossy(&out.stdout) == root {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no istio-ca-root-cert: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        ],
+        "",
+    );
+    root_in_namespace();
+    cluster.kubectl_ok(
+        &[
+            "-n",
+            "curl-external-tst",
+            "patch",
+            "configmap",
+            "istio-ca-root-cert",
+            "--type=merge",
+            "-p",
+            r#"{"data":{"root-cert.pem":"not a root"}}"#,
+        ],
+        "",
+    );
+    root_in_namespace();
 }
 
 #[test]
@@ -604,6 +632,7 @@ fn the_control_plane_runs_with_only_the_rbac_deploy_gives_it() {
         ("create", "events"),
         ("create", "tokenreviews.authentication.k8s.io"),
         ("patch", "configmaps"),
+        ("watch", "configmaps"),
     ] {
         assert!(can(verb, what), "cannot {verb} {what}");
     }

@@ -80,8 +80,8 @@ fn service_account(username: &str) -> Option<(String, String)> {
 }
 
 /// Writes `istio-ca-root-cert` into every namespace it has not yet written
-/// to (server-side apply: a changed or deleted copy is restored the next
-/// time its namespace is seen).
+/// to (server-side apply); a copy that is deleted or changed is forgotten
+/// ([`RootPublisher::forget`], from [`tampered_roots`]) and written again.
 #[derive(Debug, Default)]
 pub struct RootPublisher {
     done: BTreeSet<String>,
@@ -118,6 +118,49 @@ impl RootPublisher {
         }
         self.done.retain(|ns| namespaces.contains(ns));
     }
+
+    /// The namespace's copy is gone or wrong: the next publish writes it.
+    pub fn forget(&mut self, namespace: &str) {
+        self.done.remove(namespace);
+    }
+}
+
+/// Watches every `istio-ca-root-cert` ConfigMap and sends the namespace of
+/// each one deleted or holding anything but `root_pem`, as istiod's
+/// namespace controller restores them.
+pub fn tampered_roots(
+    client: kube::Client,
+    root_pem: String,
+) -> tokio::sync::mpsc::Receiver<String> {
+    use futures_util::StreamExt;
+    use kube::runtime::WatchStreamExt;
+    use kube::runtime::watcher::{self, Event};
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let api: Api<ConfigMap> = Api::all(client);
+        let config = watcher::Config::default().fields(&format!("metadata.name={ROOT_CONFIGMAP}"));
+        let mut events = watcher::watcher(api, config).default_backoff().boxed();
+        while let Some(event) = events.next().await {
+            let (cm, deleted) = match event {
+                Ok(Event::Apply(cm) | Event::InitApply(cm)) => (cm, false),
+                Ok(Event::Delete(cm)) => (cm, true),
+                Ok(Event::Init | Event::InitDone) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching the root ConfigMaps failed; retrying");
+                    continue;
+                }
+            };
+            let holds_root = cm.data.as_ref().and_then(|d| d.get(ROOT_KEY)) == Some(&root_pem);
+            if deleted || !holds_root {
+                let ns = cm.metadata.namespace.unwrap_or_default();
+                tracing::info!(namespace = %ns, deleted, "root certificate ConfigMap to restore");
+                if tx.send(ns).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
 }
 
 #[cfg(test)]
