@@ -298,15 +298,15 @@ fn the_seed_applied_with_kubectl_runs_through_sidecar_and_gateway_and_follows_po
 
     apply_seed_with_pods(&cluster);
 
-    let (control, ready) = start_control(
-        &cluster,
-        &dir,
-        &["--ca-dir", &ca_dir, "--ca-address", "127.0.0.1:0"],
-    );
-    let (monitoring, control_addr) = (
-        ready["monitoring"].as_str().unwrap().to_owned(),
-        ready["ca"].as_str().unwrap().to_owned(),
-    );
+    // A fixed address: the control plane comes back on it below.
+    let control_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let control_flags = ["--ca-dir", &ca_dir, "--ca-address", &control_addr];
+    let (control, ready) = start_control(&cluster, &dir, &control_flags);
+    let monitoring = ready["monitoring"].as_str().unwrap().to_owned();
 
     let gw_endpoints = dir.path("gw-endpoints");
     std::fs::write(&gw_endpoints, format!("{HOST}:443 {standin_addr}\n")).unwrap();
@@ -432,6 +432,49 @@ fn the_seed_applied_with_kubectl_runs_through_sidecar_and_gateway_and_follows_po
     drop(control);
     let (_, code, _) = curl(&["-x", &proxy, &url]);
     assert_eq!(code, "403");
+
+    // Back: the proxies reconnect (with backoff) and follow the cluster
+    // again; the policy restored with kubectl lets the request through.
+    std::fs::remove_file(dir.path("ready.json")).unwrap();
+    let (_control, ready) = start_control(&cluster, &dir, &control_flags);
+    let monitoring = ready["monitoring"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (body, _, _) = curl(&[&format!("http://{monitoring}/debug/syncz")]);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let connected = |w: &str| v["proxies"][w]["connected"] == true;
+        if connected("curl-egress-tst/gateway-0") && connected("curl-external-tst/curl-test-0") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxies did not come back: {v:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cluster.kubectl_ok(
+        &[
+            "-n",
+            ns,
+            "patch",
+            "authorizationpolicy",
+            name,
+            "--type=json",
+            "-p",
+            r#"[{"op":"replace","path":"/spec/rules/0/from/0/source/namespaces","value":["curl-external-tst"]}]"#,
+        ],
+        "",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (body, code, _) = curl(&["-x", &proxy, &url]);
+        if code == "200" {
+            assert!(body.contains("delectus aut autem"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {code}: {body}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Registers the control plane's webhooks with the API server, by URL
