@@ -822,6 +822,7 @@ fn in_network_namespaces_the_workloads_own_curl_is_captured_and_follows_the_clus
     let net = Net::new();
     let (gw_ip, world_ip, control_ip) = (net.ip(2), net.ip(3), net.ip(101));
     let control_addr = format!("{control_ip}:15012");
+    let monitoring = format!("{control_ip}:15014");
     let dir = TempDir::new("control-netns");
     let (ca_dir, _) = mesh_ca(&dir);
 
@@ -859,7 +860,7 @@ fn in_network_namespaces_the_workloads_own_curl_is_captured_and_follows_the_clus
         "--kubeconfig",
         &kubeconfig,
         "--monitoring-address",
-        "127.0.0.1:0",
+        &monitoring,
         "--ca-dir",
         &ca_dir,
         "--ca-address",
@@ -870,6 +871,22 @@ fn in_network_namespaces_the_workloads_own_curl_is_captured_and_follows_the_clus
         &control_ready,
     ]);
     wait_file(&control_ready, "the control plane");
+    // Its monitoring port on a pod address: readiness for all, the debug
+    // endpoints for loopback only.
+    let (_, code) = curl_in(&net, &net.app, &[&format!("http://{monitoring}/ready")]);
+    assert_eq!(code, "200");
+    let (body, code) = curl_in(
+        &net,
+        &net.app,
+        &[&format!("http://{monitoring}/debug/configz")],
+    );
+    assert_eq!(
+        (code.as_str(), body.trim()),
+        (
+            "403",
+            "debug endpoints answer on loopback only (kubectl port-forward)"
+        )
+    );
 
     // Each proxy: its pod's token, the mesh root, the control plane's address.
     let root = dir.path("ca/root-cert.pem");

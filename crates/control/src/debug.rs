@@ -1,6 +1,6 @@
 //! The control plane's monitoring port: readiness, what it would push, and
 //! what each proxy has, as istiod's `/ready`, `/debug/configz` and
-//! `/debug/syncz`.
+//! `/debug/syncz`. `/debug/*` answers only connections from loopback.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,7 +24,7 @@ pub async fn serve(
     proxies: Arc<Proxies>,
 ) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             // Out of descriptors or similar: let the next accept retry.
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
@@ -34,7 +34,11 @@ pub async fn serve(
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.borrow().clone();
                 let proxies = proxies.clone();
-                async move { Ok::<_, Infallible>(answer(&req, &state, &proxies)) }
+                // The config and every proxy's state are for operators at
+                // the pod (`kubectl port-forward` arrives on loopback), not
+                // for everyone who can reach the readiness probe.
+                let local = peer.ip().is_loopback();
+                async move { Ok::<_, Infallible>(answer(&req, &state, &proxies, local)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -45,8 +49,20 @@ pub async fn serve(
     }
 }
 
-fn answer(req: &Request<Incoming>, state: &State, proxies: &Proxies) -> Response<Full<Bytes>> {
-    match req.uri().path() {
+fn answer(
+    req: &Request<Incoming>,
+    state: &State,
+    proxies: &Proxies,
+    local: bool,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if path.starts_with("/debug/") && !local {
+        return text(
+            StatusCode::FORBIDDEN,
+            "debug endpoints answer on loopback only (kubectl port-forward)\n".into(),
+        );
+    }
+    match path {
         "/ready" => match &state.snapshot {
             Some(_) => text(StatusCode::OK, "ready\n".into()),
             None => text(
