@@ -49,25 +49,7 @@ fn the_control_plane_publishes_the_clusters_config_and_keeps_the_last_good_one()
     assert_eq!(ap["meta"]["source"], "cluster:1", "{ap:#}");
 
     // A change is a new version.
-    let ap_name = format!(
-        "{}/{}",
-        ap["meta"]["namespace"].as_str().unwrap(),
-        ap["meta"]["name"].as_str().unwrap()
-    );
-    let (ns, name) = ap_name.split_once('/').unwrap();
-    cluster.kubectl_ok(
-        &[
-            "-n",
-            ns,
-            "patch",
-            "authorizationpolicy",
-            name,
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"action":"DENY"}}"#,
-        ],
-        "",
-    );
+    patch_seed_policy(&cluster, "merge", r#"{"spec":{"action":"DENY"}}"#);
     let v = configz_until(&addr, "the patched policy", |v| {
         v["config"]["authorization_policies"][0]["spec"]["action"] == "DENY"
     });
@@ -374,21 +356,8 @@ fn the_seed_applied_with_kubectl_runs_through_sidecar_and_gateway_and_follows_po
 
     // The policy changed with kubectl: the gateway denies once the new
     // version is applied (pushed, not polled).
-    let ap: Value = serde_json::from_str(
-        &cluster.kubectl_ok(&["get", "authorizationpolicy", "-A", "-o", "json"], ""),
-    )
-    .unwrap();
-    let ap = &ap["items"][0]["metadata"];
-    let (ns, name) = (
-        ap["namespace"].as_str().unwrap(),
-        ap["name"].as_str().unwrap(),
-    );
     let patched = Instant::now();
-    cluster.kubectl_ok(
-        &["-n", ns, "patch", "authorizationpolicy", name, "--type=json", "-p",
-          r#"[{"op":"replace","path":"/spec/rules/0/from/0/source/namespaces","value":["some-other-ns"]}]"#],
-        "",
-    );
+    allow_seed_policy_from(&cluster, "some-other-ns");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (body, code, _) = curl(&["-x", &proxy, &url]);
@@ -452,19 +421,7 @@ fn the_seed_applied_with_kubectl_runs_through_sidecar_and_gateway_and_follows_po
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    cluster.kubectl_ok(
-        &[
-            "-n",
-            ns,
-            "patch",
-            "authorizationpolicy",
-            name,
-            "--type=json",
-            "-p",
-            r#"[{"op":"replace","path":"/spec/rules/0/from/0/source/namespaces","value":["curl-external-tst"]}]"#,
-        ],
-        "",
-    );
+    allow_seed_policy_from(&cluster, "curl-external-tst");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (body, code, _) = curl(&["-x", &proxy, &url]);
@@ -756,24 +713,7 @@ fn the_control_plane_keeps_its_config_while_the_api_server_restarts_and_follows_
     });
 
     // Back: the watches resume and a change made now is a new version.
-    let ap = &before["config"]["authorization_policies"][0]["meta"];
-    let (ns, name) = (
-        ap["namespace"].as_str().unwrap(),
-        ap["name"].as_str().unwrap(),
-    );
-    cluster.kubectl_ok(
-        &[
-            "-n",
-            ns,
-            "patch",
-            "authorizationpolicy",
-            name,
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"action":"DENY"}}"#,
-        ],
-        "",
-    );
+    patch_seed_policy(&cluster, "merge", r#"{"spec":{"action":"DENY"}}"#);
     let after = configz_until(&addr, "the change after the restart", |v| {
         v["config"]["authorization_policies"][0]["spec"]["action"] == "DENY"
     });
@@ -982,16 +922,7 @@ fn in_network_namespaces_the_workloads_own_curl_is_captured_and_follows_the_clus
     assert!(body.contains("delectus aut autem"), "{body}");
 
     // The policy changed with kubectl: denied at the gateway.
-    let ap: Value = serde_json::from_str(
-        &cluster.kubectl_ok(&["get", "authorizationpolicy", "-A", "-o", "json"], ""),
-    )
-    .unwrap();
-    let ap = &ap["items"][0]["metadata"];
-    cluster.kubectl_ok(
-        &["-n", ap["namespace"].as_str().unwrap(), "patch", "authorizationpolicy", ap["name"].as_str().unwrap(),
-          "--type=json", "-p", r#"[{"op":"replace","path":"/spec/rules/0/from/0/source/namespaces","value":["some-other-ns"]}]"#],
-        "",
-    );
+    allow_seed_policy_from(&cluster, "some-other-ns");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (body, code) = curl_in(&net, &net.app, &[&url]);

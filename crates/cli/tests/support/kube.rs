@@ -248,3 +248,27 @@ pub fn endpoint_slice(cluster: &TestCluster, ns: &str, service: &str, port_name:
     });
     cluster.kubectl_ok(&["apply", "-f", "-"], &slice.to_string());
 }
+
+/// The seed's AuthorizationPolicy, patched with kubectl (`merge` or `json`).
+pub fn patch_seed_policy(cluster: &TestCluster, patch_type: &str, patch: &str) {
+    cluster.kubectl_ok(
+        &[
+            "-n",
+            "curl-egress-tst",
+            "patch",
+            "authorizationpolicy",
+            "allow-curl-external-to-egress",
+            &format!("--type={patch_type}"),
+            "-p",
+            patch,
+        ],
+        "",
+    );
+}
+
+/// The seed's policy, allowing callers from `namespace` only.
+pub fn allow_seed_policy_from(cluster: &TestCluster, namespace: &str) {
+    let patch = serde_json::json!([{ "op": "replace",
+        "path": "/spec/rules/0/from/0/source/namespaces", "value": [namespace] }]);
+    patch_seed_policy(cluster, "json", &patch.to_string());
+}
