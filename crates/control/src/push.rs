@@ -28,6 +28,9 @@ pub const STATUS_PATH: &str = "/v1/config/status";
 /// a dead connection (it gives up after three missed beats).
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A proxy that reads nothing for this long is dropped (its stream would
+/// otherwise hold old versions in memory).
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_STATUS_BODY: usize = 64 * 1024;
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -235,7 +238,7 @@ fn stream<A>(
             };
             // Unchanged for this proxy: nothing to send.
             if let Some((version, push)) = next.filter(|(_, p)| sent != Some(p.hash)) {
-                if tx.send_data(push.line.clone()).await.is_err() {
+                if !send(&mut tx, push.line.clone()).await {
                     break;
                 }
                 sent = Some(push.hash);
@@ -249,7 +252,7 @@ fn stream<A>(
                         version: None,
                         config: None,
                     });
-                    if tx.send_data(Bytes::from(beat)).await.is_err() {
+                    if !send(&mut tx, Bytes::from(beat)).await {
                         break;
                     }
                 }
@@ -264,6 +267,14 @@ fn stream<A>(
         http::HeaderValue::from_static("application/x-ndjson"),
     );
     resp
+}
+
+/// Sends one line; false when the proxy is gone or reads nothing.
+async fn send(tx: &mut http_body_util::channel::Sender<Bytes, Infallible>, line: Bytes) -> bool {
+    matches!(
+        tokio::time::timeout(SEND_TIMEOUT, tx.send_data(line)).await,
+        Ok(Ok(()))
+    )
 }
 
 async fn status<A>(
