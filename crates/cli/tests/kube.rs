@@ -116,6 +116,81 @@ fn the_control_plane_publishes_the_clusters_config_and_keeps_the_last_good_one()
     no_kube,
     ignore = "needs kube-apiserver, etcd and kubectl: run tests/kube/build"
 )]
+fn a_sidecar_is_sent_only_what_its_sidecar_resource_imports() {
+    let cluster = cluster();
+    let dir = TempDir::new("control");
+    let (_control, ready) = start_control(&cluster, &dir, &[]);
+    let addr = ready["monitoring"].as_str().unwrap().to_owned();
+    apply_seed_with_pods(&cluster);
+    cluster.kubectl_ok(&["apply", "-f", "-"], OTHER_SE);
+    configz_until(&addr, "the seed and another ServiceEntry", |v| {
+        has_the_seed_and(v, 2)
+    });
+    let dump = |proxy: &str| {
+        let (body, code, _) = curl(&[&format!("http://{addr}/debug/config_dump?proxyID={proxy}")]);
+        assert_eq!(code, "200", "{body}");
+        body
+    };
+    // The seed's Sidecar has no egress hosts: everything exported.
+    assert!(dump("curl-external-tst/curl-test-0").contains("other.example.com"));
+
+    cluster.kubectl_ok(
+        &[
+            "-n",
+            "curl-external-tst",
+            "patch",
+            "sidecar",
+            "restrict-outbound-traffic",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"egress":[{"hosts":["./jsonplaceholder.typicode.com"]}]}}"#,
+        ],
+        "",
+    );
+    configz_until(&addr, "the Sidecar's egress hosts", |v| {
+        v["config"]["sidecars"][0]["spec"]["egress"]
+            .as_array()
+            .is_some_and(|e| !e.is_empty())
+    });
+    let workload = dump("curl-external-tst/curl-test-0");
+    assert!(!workload.contains("other.example.com"), "{workload}");
+    for kept in [
+        "jsonplaceholder-egress",
+        "jsonplaceholder-tls-origination",
+        "kind: Sidecar",
+        "kind: Gateway",
+    ] {
+        assert!(workload.contains(kept), "{kept} missing:\n{workload}");
+    }
+    // A gateway is not trimmed by a Sidecar.
+    assert!(dump("curl-egress-tst/gateway-0").contains("other.example.com"));
+}
+
+const OTHER_SE: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: other, namespace: curl-external-tst}
+spec:
+  hosts: [other.example.com]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{number: 80, name: http, protocol: HTTP}]
+";
+
+/// The seed with `entries` ServiceEntries in all.
+fn has_the_seed_and(v: &Value, entries: usize) -> bool {
+    count(v, "service_entries") == entries && count(v, "workloads") >= 2 && {
+        let mut seed = v.clone();
+        seed["config"]["service_entries"] = serde_json::json!([{}]);
+        has_the_seed(&seed)
+    }
+}
+
+#[test]
+#[cfg_attr(
+    no_kube,
+    ignore = "needs kube-apiserver, etcd and kubectl: run tests/kube/build"
+)]
 fn the_ca_issues_by_service_account_token_and_publishes_the_root() {
     use meshgate_identity::{CertificateAuthority, SpiffeId, caserver};
 

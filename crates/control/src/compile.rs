@@ -6,15 +6,24 @@
 //! (keys sorted, no managedFields), so the line in a message is the line
 //! there; its file is shown as `cluster`.
 
+use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use meshgate_config::{Config, Diagnostic, Level, Loaded};
+use meshgate_config::model::Resource;
+use meshgate_config::model::networking::Sidecar;
+use meshgate_config::registry::{self, Workload};
+use meshgate_config::{Config, Diagnostic, Level, Loaded, MeshSettings};
 
+use crate::scope::{self, TRIMMED_KINDS, Trimmed};
 use crate::watch::Objects;
 
 /// The name diagnostics give as the file of a watched object.
 pub const CLUSTER_FILE: &str = "cluster";
+
+/// Control and proxies share Istio's defaults for the root namespace and
+/// the cluster domain.
+static MESH: std::sync::LazyLock<MeshSettings> = std::sync::LazyLock::new(MeshSettings::default);
 
 /// A good config, as published to the proxies.
 #[derive(Debug)]
@@ -32,6 +41,50 @@ pub struct Snapshot {
     /// What each namespace's proxies are sent, made once per namespace
     /// (push.rs fills it): the hash of the scoped YAML and the encoded line.
     pub pushes: std::sync::Mutex<std::collections::HashMap<String, Arc<ScopedPush>>>,
+    /// The workloads by `namespace/name`, made on first use.
+    pub workloads: std::sync::OnceLock<std::collections::HashMap<String, Workload>>,
+}
+
+impl Snapshot {
+    /// Workload `namespace/name`, if its Pod is in this version.
+    pub fn workload(&self, name: &str) -> Option<&Workload> {
+        self.workloads
+            .get_or_init(|| {
+                registry::workloads(&self.config, &MESH)
+                    .into_iter()
+                    .map(|w| (format!("{}/{}", w.namespace, w.name), w))
+                    .collect()
+            })
+            .get(name)
+    }
+
+    /// Who is sent the same as `workload`: the proxies of its namespace
+    /// under the same trimming Sidecar (scope.rs), if any.
+    pub fn scope_key(&self, workload: &str) -> String {
+        match self.trimming(workload) {
+            (ns, Some(s)) => format!("{ns} {}", s.meta.full_name()),
+            (ns, None) => ns.to_owned(),
+        }
+    }
+
+    /// The documents `workload` is sent, as one YAML stream.
+    pub fn yaml_for(&self, workload: &str) -> String {
+        let (ns, sidecar) = self.trimming(workload);
+        let trimmed = sidecar.map(|s| scope::kept(&self.config, &MESH, s, ns));
+        scoped_yaml(&self.documents, ns, trimmed.as_ref())
+    }
+
+    fn trimming<'a>(&'a self, workload: &'a str) -> (&'a str, Option<&'a Resource<Sidecar>>) {
+        let ns = workload.split_once('/').map_or("", |(ns, _)| ns);
+        // Control and proxies share Istio's defaults for the root
+        // namespace and cluster domain.
+        static MESH: std::sync::LazyLock<MeshSettings> =
+            std::sync::LazyLock::new(MeshSettings::default);
+        let sidecar = self
+            .workload(workload)
+            .and_then(|w| scope::trimming_sidecar(&self.config, &MESH, w));
+        (ns, sidecar)
+    }
 }
 
 /// One namespace's view of a version, ready to send.
@@ -48,6 +101,7 @@ pub struct ScopedPush {
 pub struct Document {
     pub kind: &'static str,
     pub namespace: String,
+    pub name: String,
     /// `spec.exportTo` (ServiceEntry, VirtualService, DestinationRule).
     pub export_to: Vec<String>,
     pub yaml: String,
@@ -84,6 +138,7 @@ pub fn compile(objects: &Objects) -> Result<Compiled, Vec<Diagnostic>> {
         documents.push(Document {
             kind: key.kind,
             namespace: key.namespace.clone(),
+            name: key.name.clone(),
             export_to,
             yaml: text,
         });
@@ -114,13 +169,27 @@ pub const ROOT_NAMESPACE: &str = "istio-system";
 /// `*` is everyone, `.` its own namespace, `~` no one), and the namespace-
 /// scoped Sidecar, AuthorizationPolicy and PeerAuthentication of its own
 /// namespace and the root namespace.
-pub fn scoped_yaml(documents: &[Document], namespace: &str) -> String {
+pub fn scoped_yaml(
+    documents: &[Document],
+    namespace: &str,
+    trimmed: Option<&HashSet<Trimmed>>,
+) -> String {
     let mut out = String::new();
-    for d in documents.iter().filter(|d| visible(d, namespace)) {
+    for d in documents
+        .iter()
+        .filter(|d| visible(d, namespace) && trimmed.is_none_or(|keep| kept(d, keep)))
+    {
         out.push_str("---\n");
         out.push_str(&d.yaml);
     }
     out
+}
+
+/// Is `d` among what a trimming Sidecar imports (scope.rs)? Kinds it does
+/// not trim always are.
+fn kept(d: &Document, keep: &HashSet<Trimmed>) -> bool {
+    !TRIMMED_KINDS.iter().any(|k| k.as_str() == d.kind)
+        || keep.contains(&(d.kind, d.namespace.clone(), d.name.clone()))
 }
 
 fn visible(d: &Document, namespace: &str) -> bool {
@@ -156,6 +225,7 @@ mod tests {
         Document {
             kind,
             namespace: namespace.into(),
+            name: format!("{kind}-{}", export_to.len()),
             export_to: export_to.iter().map(|e| (*e).to_owned()).collect(),
             yaml: format!("{kind} {namespace} {export_to:?}\n"),
         }
@@ -176,7 +246,7 @@ mod tests {
             doc("Pod", "b", &[]),
         ];
         let seen = |ns: &str| {
-            let text = scoped_yaml(&docs, ns);
+            let text = scoped_yaml(&docs, ns, None);
             docs.iter()
                 .map(|d| text.contains(&d.yaml))
                 .collect::<Vec<_>>()
@@ -191,5 +261,22 @@ mod tests {
                 true, false, false, false, true, true, true, false, true, true
             ]
         );
+    }
+
+    #[test]
+    fn a_trimming_sidecar_leaves_out_what_it_does_not_import_of_three_kinds() {
+        let docs = [
+            doc("ServiceEntry", "a", &[]),
+            doc("ServiceEntry", "a", &["."]),
+            doc("DestinationRule", "a", &[]),
+            doc("Service", "a", &[]),
+        ];
+        let keep: HashSet<Trimmed> =
+            [("ServiceEntry", "a".to_owned(), "ServiceEntry-1".to_owned())]
+                .into_iter()
+                .collect();
+        let text = scoped_yaml(&docs, "a", Some(&keep));
+        let sent: Vec<bool> = docs.iter().map(|d| text.contains(&d.yaml)).collect();
+        assert_eq!(sent, [false, true, false, true]);
     }
 }

@@ -1,6 +1,7 @@
 //! The control plane's monitoring port: readiness, what it would push, and
-//! what each proxy has, as istiod's `/ready`, `/debug/configz` and
-//! `/debug/syncz`. `/debug/*` answers only connections from loopback.
+//! what each proxy has, as istiod's `/ready`, `/debug/configz`,
+//! `/debug/config_dump?proxyID=` and `/debug/syncz`. `/debug/*` answers
+//! only connections from loopback.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -78,6 +79,29 @@ fn answer(
                 "rejected": state.rejected.iter().map(ToString::to_string).collect::<Vec<_>>(),
             });
             json(&body)
+        }
+        // What one proxy is sent (istiod's config_dump?proxyID=).
+        "/debug/config_dump" => {
+            let proxy = req.uri().query().and_then(|q| {
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix("proxyID="))
+                    .map(|v| v.replace("%2F", "/").replace("%2f", "/"))
+            });
+            match (proxy, &state.snapshot) {
+                (None, _) => text(
+                    StatusCode::BAD_REQUEST,
+                    "name the proxy: ?proxyID=NAMESPACE/POD\n".into(),
+                ),
+                (Some(_), None) => text(StatusCode::SERVICE_UNAVAILABLE, "no config yet\n".into()),
+                (Some(p), Some(s)) => {
+                    let mut resp = text(StatusCode::OK, s.yaml_for(&p));
+                    resp.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/yaml"),
+                    );
+                    resp
+                }
+            }
         }
         // Which version each proxy was sent and applied, as istiod's.
         "/debug/syncz" => json(&json!({

@@ -9,6 +9,7 @@ pub mod debug;
 pub mod events;
 pub mod push;
 pub mod run;
+pub mod scope;
 pub mod watch;
 pub mod webhook;
 

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::compile::{ScopedPush, Snapshot, scoped_yaml};
+use crate::compile::{ScopedPush, Snapshot};
 use crate::run::State;
 
 pub const CONFIG_PATH: &str = "/v1/config";
@@ -219,10 +219,6 @@ fn stream<A>(
     let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
     let mut state = shared.state.clone();
     let proxies = shared.proxies.clone();
-    let namespace = workload
-        .split_once('/')
-        .map(|(ns, _)| ns.to_owned())
-        .unwrap_or_default();
     let identity = peer.map(|p| p.to_string()).unwrap_or_default();
     proxies.update(&workload, |s| {
         s.identity = identity;
@@ -234,7 +230,7 @@ fn stream<A>(
         loop {
             let next = {
                 let current = state.borrow_and_update().snapshot.clone();
-                current.map(|s| (s.version, scoped_push(&s, &namespace)))
+                current.map(|s| (s.version, scoped_push(&s, &workload)))
             };
             // Unchanged for this proxy: nothing to send.
             if let Some((version, push)) = next.filter(|(_, p)| sent != Some(p.hash)) {
@@ -316,18 +312,20 @@ async fn status<A>(
     text(StatusCode::OK, "ok")
 }
 
-/// The push for proxies in `namespace`, made once per snapshot and shared
-/// by every stream of that namespace.
-fn scoped_push(snapshot: &Snapshot, namespace: &str) -> Arc<ScopedPush> {
+/// The push for `workload`, made once per snapshot and shared by every
+/// stream that sees the same: the proxies of one namespace, apart from
+/// those whose Sidecar trims what they import (scope.rs).
+fn scoped_push(snapshot: &Snapshot, workload: &str) -> Arc<ScopedPush> {
     use std::hash::{Hash, Hasher};
+    let key = snapshot.scope_key(workload);
     let mut cache = match snapshot.pushes.lock() {
         Ok(c) => c,
         Err(poisoned) => poisoned.into_inner(),
     };
-    if let Some(p) = cache.get(namespace) {
+    if let Some(p) = cache.get(&key) {
         return p.clone();
     }
-    let yaml = scoped_yaml(&snapshot.documents, namespace);
+    let yaml = snapshot.yaml_for(workload);
     let mut h = std::collections::hash_map::DefaultHasher::new();
     yaml.hash(&mut h);
     let push = Arc::new(ScopedPush {
@@ -337,7 +335,7 @@ fn scoped_push(snapshot: &Snapshot, namespace: &str) -> Arc<ScopedPush> {
             config: Some(yaml),
         })),
     });
-    cache.insert(namespace.to_owned(), push.clone());
+    cache.insert(key, push.clone());
     push
 }
 

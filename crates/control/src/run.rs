@@ -97,6 +97,7 @@ fn publish(objects: &Objects, state: &watch::Sender<Arc<State>>) {
                 documents: Arc::new(documents),
                 warnings,
                 pushes: Default::default(),
+                workloads: Default::default(),
             };
             state.send_replace(Arc::new(State {
                 snapshot: Some(Arc::new(snapshot)),

@@ -71,6 +71,16 @@ pub fn sidecar_imports(
     service: &Service,
     workload_ns: &str,
 ) -> bool {
+    sidecar_imports_host(sidecar, &service.namespace, &service.hostname, workload_ns)
+}
+
+/// [`sidecar_imports`] for a service named by its namespace and hostname.
+pub fn sidecar_imports_host(
+    sidecar: Option<&Resource<Sidecar>>,
+    service_ns: &str,
+    hostname: &str,
+    workload_ns: &str,
+) -> bool {
     let Some(sc) = sidecar.filter(|s| !s.spec.egress.is_empty()) else {
         return true;
     };
@@ -86,11 +96,11 @@ pub fn sidecar_imports(
         };
         let ns_ok = match ns {
             "*" => true,
-            "." => service.namespace == workload_ns,
+            "." => service_ns == workload_ns,
             "~" => false,
-            other => service.namespace == other,
+            other => service_ns == other,
         };
-        if ns_ok && host_matches(host, &service.hostname) {
+        if ns_ok && host_matches(host, hostname) {
             if negated {
                 return false;
             }
