@@ -21,4 +21,5 @@ fn main() {
     }
 
     set_no_kube_cfg();
+    set_no_istiod_cfg();
 }

@@ -16,3 +16,22 @@ fn set_no_kube_cfg() {
         println!("cargo::rustc-cfg=no_kube");
     }
 }
+
+/// Where `tests/istio/build` puts istiod's `pilot-discovery`.
+#[allow(dead_code)]
+const ISTIOD_DEFAULT: &str =
+    "/var/cache/meshgate/istio/v0.0.0-20260827124520-eed52ebb66ad/pilot-discovery";
+
+// The Istio CA interop test needs istiod (`tests/istio/build`); without it
+// the test is ignored (`no_istiod`). The path is passed to the test.
+#[allow(dead_code)]
+fn set_no_istiod_cfg() {
+    println!("cargo::rustc-check-cfg=cfg(no_istiod)");
+    println!("cargo::rerun-if-env-changed=MESHGATE_ISTIOD_BIN");
+    let bin = std::env::var("MESHGATE_ISTIOD_BIN").unwrap_or_else(|_| ISTIOD_DEFAULT.to_owned());
+    println!("cargo::rerun-if-changed={bin}");
+    println!("cargo::rustc-env=MESHGATE_ISTIOD_BIN={bin}");
+    if !std::path::Path::new(&bin).is_file() {
+        println!("cargo::rustc-cfg=no_istiod");
+    }
+}

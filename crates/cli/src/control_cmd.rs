@@ -32,8 +32,10 @@ pub(crate) struct ControlArgs {
     /// 15017): `/inject` for Pods, `/validate` for Istio objects.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15017")]
     webhook_address: SocketAddr,
-    /// DNS names in the webhooks' certificate (signed by the mesh CA): the
-    /// names the API server calls them by.
+    /// The control plane Service's DNS names, in the certificates (signed
+    /// by the mesh CA) of the webhooks (the API server calls them by these
+    /// names) and of --ca-address for clients that ask for one by SNI
+    /// (Istio's agents).
     #[arg(
         long,
         value_name = "NAME",
@@ -134,8 +136,10 @@ async fn start_ca(
     let root = ca.root_pem().to_owned();
     let reviewer = TokenReviewer::new(client.clone());
     let streams = state.clone();
+    let names = args.webhook_names.clone();
     tokio::spawn(async move {
-        let served = meshgate_control::push::serve(listener, ca, reviewer, streams, proxies);
+        let served =
+            meshgate_control::push::serve(listener, ca, reviewer, streams, proxies, &names);
         if let Err(e) = served.await {
             tracing::error!(error = %e, "the CA and config port stopped");
         }

@@ -40,6 +40,13 @@ pub(crate) struct IdentityArgs {
     /// Root certificate that --ca-addr's server must chain to.
     #[arg(long, value_name = "FILE")]
     pub ca_root_cert: Option<PathBuf>,
+    /// How --ca-addr speaks: meshgate's CA API, or Istio's gRPC
+    /// IstioCertificateService (istiod, to join an Istio mesh's trust).
+    #[arg(long, value_enum, default_value = "meshgate", value_name = "API")]
+    pub ca_protocol: CaProtocol,
+    /// With --ca-protocol istio: the name istiod's certificate must carry.
+    #[arg(long, default_value = meshgate_identity::istioca::ISTIOD_SERVER_NAME, value_name = "DNS")]
+    pub ca_server_name: String,
     /// Certificate lifetime to ask for (renewed at about half).
     #[arg(long, default_value = "24h", value_name = "DURATION")]
     pub cert_ttl: String,
@@ -62,11 +69,22 @@ impl IdentityArgs {
                 poll: Duration::from_secs(2),
             }
         } else if let Some(addr) = &self.ca_addr {
-            Source::CaServer {
-                addr: addr.clone(),
-                token_file: self.ca_token_file.clone().context("--ca-token-file")?,
-                root_cert: self.ca_root_cert.clone().context("--ca-root-cert")?,
-                ttl,
+            let token_file = self.ca_token_file.clone().context("--ca-token-file")?;
+            let root_cert = self.ca_root_cert.clone().context("--ca-root-cert")?;
+            match self.ca_protocol {
+                CaProtocol::Meshgate => Source::CaServer {
+                    addr: addr.clone(),
+                    token_file,
+                    root_cert,
+                    ttl,
+                },
+                CaProtocol::Istio => Source::IstioCa {
+                    addr: addr.clone(),
+                    server_name: self.ca_server_name.clone(),
+                    token_file,
+                    root_cert,
+                    ttl,
+                },
             }
         } else {
             bail!(
@@ -75,6 +93,12 @@ impl IdentityArgs {
         };
         Ok(WorkloadIdentity::start(id, source).await?)
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum CaProtocol {
+    Meshgate,
+    Istio,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -219,7 +219,10 @@ fn the_ca_issues_by_service_account_token_and_publishes_the_root() {
         .enable_all()
         .build()
         .unwrap();
-    let request = |token: &str| {
+    // meshgate's API, and Istio's gRPC API as istio-agent asks (the port
+    // presents a certificate for the control plane's Service name): each
+    // answers (chain, root), or the refusal.
+    let ours = |token: &str| {
         rt.block_on(caserver::request_certificate(
             &ca_addr,
             token,
@@ -227,46 +230,65 @@ fn the_ca_issues_by_service_account_token_and_publishes_the_root() {
             &csr,
             Duration::from_secs(3600),
         ))
+        .map(|i| (i.cert_chain, i.root_cert))
+        .map_err(|e| e.to_string())
     };
+    let istio = |token: &str| {
+        rt.block_on(meshgate_identity::istioca::request_certificate(
+            &ca_addr,
+            "meshgate-control.meshgate-system.svc",
+            token,
+            &root,
+            &csr,
+            Duration::from_secs(3600),
+        ))
+        .map(|i| (i.cert_chain, i.root_cert))
+        .map_err(|e| e.to_string())
+    };
+    type Request<'a> = &'a dyn Fn(&str) -> Result<(String, String), String>;
+    let apis: [(Request<'_>, &str, &str); 2] = [
+        (&ours, "403", "401"),
+        (&istio, "InvalidArgument", "Unauthenticated"),
+    ];
+    for (request, forbidden, unauthenticated) in apis {
+        // The pod's own token: its service account's certificate.
+        let (chain, issued_root) = request(&token(
+            &cluster,
+            "curl-external-tst",
+            "default",
+            Some("istio-ca"),
+        ))
+        .unwrap();
+        let chain = meshgate_identity::cert::parse_certs(&chain).unwrap();
+        assert_eq!(
+            meshgate_identity::tls::spiffe_id_of(&chain[0]).unwrap(),
+            curl
+        );
+        assert_eq!(issued_root, root);
 
-    // The pod's own token: its service account's certificate.
-    let issued = request(&token(
-        &cluster,
-        "curl-external-tst",
-        "default",
-        Some("istio-ca"),
-    ))
-    .unwrap();
-    let chain = meshgate_identity::cert::parse_certs(&issued.cert_chain).unwrap();
-    assert_eq!(
-        meshgate_identity::tls::spiffe_id_of(&chain[0]).unwrap(),
-        curl
-    );
-    assert_eq!(issued.root_cert, root);
-
-    // Another service account's token cannot get it.
-    let err = request(&token(
-        &cluster,
-        "curl-external-tst",
-        "other",
-        Some("istio-ca"),
-    ))
-    .unwrap_err()
-    .to_string();
-    assert!(
-        err.contains("403")
-            && err.contains(
-                "the token authorizes only spiffe://cluster.local/ns/curl-external-tst/sa/other"
-            ),
-        "{err}"
-    );
-    // A token for the API server's audience, not the CA's; and garbage.
-    for bad in [
-        token(&cluster, "curl-external-tst", "default", None),
-        "not-a-token".to_owned(),
-    ] {
-        let err = request(&bad).unwrap_err().to_string();
-        assert!(err.contains("401"), "{err}");
+        // Another service account's token cannot get it.
+        let err = request(&token(
+            &cluster,
+            "curl-external-tst",
+            "other",
+            Some("istio-ca"),
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains(forbidden)
+                && err.contains(
+                    "the token authorizes only spiffe://cluster.local/ns/curl-external-tst/sa/other"
+                ),
+            "{err}"
+        );
+        // A token for the API server's audience, not the CA's; and garbage.
+        for bad in [
+            token(&cluster, "curl-external-tst", "default", None),
+            "not-a-token".to_owned(),
+        ] {
+            let err = request(&bad).unwrap_err();
+            assert!(err.contains(unauthenticated), "{err}");
+        }
     }
 
     // The root, in every namespace; deleted or changed, it comes back.
@@ -327,31 +349,13 @@ fn the_ca_issues_by_service_account_token_and_publishes_the_root() {
     ignore = "needs kube-apiserver, etcd and kubectl: run tests/kube/build"
 )]
 fn the_seed_applied_with_kubectl_runs_through_sidecar_and_gateway_and_follows_policy_changes() {
-    use meshgate_proxy::standin::{self, Seen, StandinCa};
     const HOST: &str = "jsonplaceholder.typicode.com";
 
     let cluster = cluster();
     let dir = TempDir::new("control-e2e");
     let (ca_dir, _) = mesh_ca(&dir);
-
-    // The external host: an HTTPS stand-in with its own CA.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let standin_ca = StandinCa::new("stand-in CA").unwrap();
-    let standin_ca_file = dir.path("standin-ca.pem");
-    std::fs::write(&standin_ca_file, &standin_ca.root_pem).unwrap();
-    let listener_ = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let standin_addr = listener_.local_addr().unwrap();
-    rt.spawn(standin::serve_https(
-        listener_,
-        standin_ca.server_config(&[HOST.to_owned()]).unwrap(),
-        Seen::default(),
-    ));
+    let external = external_host(&dir, HOST);
+    let (standin_addr, standin_ca_file) = (external.addr, external.ca_file.clone());
 
     apply_seed_with_pods(&cluster);
 

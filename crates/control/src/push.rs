@@ -10,10 +10,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use meshgate_identity::caserver::{self, Authenticator};
+use meshgate_identity::istioca;
+use meshgate_identity::tls::NamedCert;
 use meshgate_identity::{CertificateAuthority, Source, SpiffeId, WorkloadIdentity};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -32,6 +36,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// otherwise hold old versions in memory).
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_STATUS_BODY: usize = 64 * 1024;
+/// The certificate for the Service names (as the webhooks'; a restart
+/// issues a new one).
+const SERVICE_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -86,7 +93,7 @@ impl Proxies {
 /// Everything a connection on the port needs.
 struct Shared<A> {
     ca: Arc<CertificateAuthority>,
-    auth: A,
+    auth: Arc<A>,
     state: watch::Receiver<Arc<State>>,
     proxies: Arc<Proxies>,
 }
@@ -99,6 +106,7 @@ pub async fn serve<A: Authenticator>(
     auth: A,
     state: watch::Receiver<Arc<State>>,
     proxies: Arc<Proxies>,
+    service_names: &[String],
 ) -> Result<(), meshgate_identity::Error> {
     let own = caserver::ca_identity(ca.trust_domain())?;
     let identity = WorkloadIdentity::start(
@@ -109,12 +117,19 @@ pub async fn serve<A: Authenticator>(
         },
     )
     .await?;
+    // Istio's agents dial the Service by name and verify that name.
+    let named = ca.issue_dns(service_names, SERVICE_CERT_TTL)?;
+    let named = NamedCert::from_pem(service_names, &named.cert_chain_pem, &named.key_pem)?;
     let tls = tokio_rustls::TlsAcceptor::from(
-        meshgate_identity::tls::server_config_optional_client_auth(&identity, &[b"http/1.1"])?,
+        meshgate_identity::tls::server_config_optional_client_auth(
+            &identity,
+            &[b"h2", b"http/1.1"],
+            Some(named),
+        )?,
     );
     let shared = Arc::new(Shared {
         ca,
-        auth,
+        auth: Arc::new(auth),
         state,
         proxies,
     });
@@ -136,11 +151,15 @@ pub async fn serve<A: Authenticator>(
                 let (shared, peer) = (shared.clone(), peer.clone());
                 async move { Ok::<_, Infallible>(route(&shared, peer, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            // HTTP/2 for Istio's gRPC certificate API, HTTP/1.1 for
+            // meshgate's own.
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HANDSHAKE_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+                .header_read_timeout(HANDSHAKE_TIMEOUT);
+            builder.http2().timer(TokioTimer::new());
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
@@ -151,9 +170,13 @@ async fn route<A: Authenticator>(
     req: Request<Incoming>,
 ) -> Response<Body> {
     match (req.method(), req.uri().path()) {
-        (_, caserver::PATH) => caserver::handle(&shared.ca, &shared.auth, req)
+        (_, caserver::PATH) => caserver::handle(&shared.ca, shared.auth.as_ref(), req)
             .await
             .map(BodyExt::boxed),
+        (&Method::POST, istioca::PATH) => {
+            let resp = istioca::handle(shared.ca.clone(), shared.auth.clone(), peer, req).await;
+            grpc_body(resp).await
+        }
         (&Method::GET, CONFIG_PATH) => stream(shared, peer, &req),
         (&Method::POST, STATUS_PATH) => status(shared, peer, req).await,
         _ => text(StatusCode::NOT_FOUND, "unknown path"),
@@ -337,6 +360,25 @@ fn scoped_push(snapshot: &Snapshot, workload: &str) -> Arc<ScopedPush> {
     });
     cache.insert(key, push.clone());
     push
+}
+
+/// A gRPC answer in this port's body type: the message, then the trailers
+/// that carry `grpc-status`.
+async fn grpc_body(resp: Response<tonic::body::Body>) -> Response<Body> {
+    let (parts, body) = resp.into_parts();
+    let (data, trailers) = match body.collect().await {
+        Ok(c) => {
+            let trailers = c.trailers().cloned();
+            (c.to_bytes(), trailers)
+        }
+        Err(_) => (Bytes::new(), None),
+    };
+    let mut frames = vec![Ok(Frame::data(data))];
+    frames.extend(trailers.map(|t| Ok(Frame::trailers(t))));
+    Response::from_parts(
+        parts,
+        StreamBody::new(futures_util::stream::iter(frames)).boxed(),
+    )
 }
 
 fn line(push: &Push) -> String {

@@ -86,6 +86,16 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
 }
 
 /// Parses every certificate in PEM text.
+/// The PEM certificates in `pem`, one string each.
+pub fn split_pem(pem: &str) -> Vec<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    pem.split_inclusive(END)
+        .map(str::trim_start)
+        .filter(|c| c.ends_with(END))
+        .map(|c| format!("{c}\n"))
+        .collect()
+}
+
 pub fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()

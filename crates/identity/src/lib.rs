@@ -5,6 +5,7 @@
 pub mod ca;
 pub mod caserver;
 pub mod cert;
+pub mod istioca;
 pub mod source;
 pub mod spiffe;
 pub mod tls;

@@ -1,8 +1,9 @@
 //! The live workload identity and where it comes from.
 //!
-//! Three sources: an in-process CA (the all-in-one local run), mounted files
-//! in Istio's layout (re-read when they change), or `meshgate ca serve`
-//! (a CSR authenticated by a bootstrap token). Certificates from a CA are
+//! Four sources: an in-process CA (the all-in-one local run), mounted files
+//! in Istio's layout (re-read when they change), `meshgate ca serve` or
+//! `meshgate control` (a CSR authenticated by a token), or an Istio CA
+//! (istiod) over Istio's gRPC API. Certificates from a CA are
 //! renewed at about half their lifetime, with jitter. A renewal swaps the
 //! certificate atomically: new handshakes use it, open connections keep
 //! theirs.
@@ -44,6 +45,16 @@ pub enum Source {
     /// `token_file`, its certificate verified against `root_cert`.
     CaServer {
         addr: String,
+        token_file: PathBuf,
+        root_cert: PathBuf,
+        ttl: Duration,
+    },
+    /// An Istio CA (istiod's 15012) at `addr` over Istio's gRPC API, with
+    /// the pod's service-account token in `token_file`; its serving
+    /// certificate must chain to `root_cert` and name `server_name`.
+    IstioCa {
+        addr: String,
+        server_name: String,
         token_file: PathBuf,
         root_cert: PathBuf,
         ttl: Duration,
@@ -238,10 +249,7 @@ async fn fetch(id: &SpiffeId, source: &Source) -> Result<Loaded, Error> {
             ttl,
         } => {
             let (csr, key) = CertificateAuthority::csr_for(id)?;
-            let token = std::fs::read_to_string(token_file)
-                .map_err(|e| Error::File(token_file.clone(), e.to_string()))?;
-            let root_pem = std::fs::read_to_string(root_cert)
-                .map_err(|e| Error::File(root_cert.clone(), e.to_string()))?;
+            let (token, root_pem) = credentials(token_file, root_cert)?;
             let response =
                 crate::caserver::request_certificate(addr, token.trim(), &root_pem, &csr, *ttl)
                     .await?;
@@ -252,7 +260,40 @@ async fn fetch(id: &SpiffeId, source: &Source) -> Result<Loaded, Error> {
                 &response.root_cert,
             )
         }
+        Source::IstioCa {
+            addr,
+            server_name,
+            token_file,
+            root_cert,
+            ttl,
+        } => {
+            let (csr, key) = CertificateAuthority::csr_for(id)?;
+            let (token, root_pem) = credentials(token_file, root_cert)?;
+            let issued = crate::istioca::request_certificate(
+                addr,
+                server_name,
+                token.trim(),
+                &root_pem,
+                &csr,
+                *ttl,
+            )
+            .await?;
+            loaded_from_pem(
+                id,
+                &issued.cert_chain,
+                &key.serialize_pem(),
+                &issued.root_cert,
+            )
+        }
     }
+}
+
+/// The token and the root a CA request needs, read again for every
+/// request (a projected token is rotated by the kubelet).
+fn credentials(token_file: &PathBuf, root_cert: &PathBuf) -> Result<(String, String), Error> {
+    let read =
+        |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| Error::File(p.clone(), e.to_string()));
+    Ok((read(token_file)?, read(root_cert)?))
 }
 
 /// How long until `t` (zero if past).

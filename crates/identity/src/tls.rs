@@ -335,23 +335,47 @@ pub fn mesh_server_config(
     identity: &Arc<WorkloadIdentity>,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, Error> {
-    mesh_server(identity, alpn, false)
+    mesh_server(identity, alpn, false, None)
 }
 
 /// Like [`mesh_server_config`], but a client may also present no
 /// certificate (the control plane's port: certificate requests come with a
 /// token, config streams with the proxy's certificate).
+/// Clients that ask for one of `named`'s DNS names by SNI (Istio's agents
+/// dial the control plane's Service name) are given that certificate.
 pub fn server_config_optional_client_auth(
     identity: &Arc<WorkloadIdentity>,
     alpn: &[&[u8]],
+    named: Option<NamedCert>,
 ) -> Result<Arc<ServerConfig>, Error> {
-    mesh_server(identity, alpn, true)
+    mesh_server(identity, alpn, true, named)
+}
+
+/// A certificate for DNS names, presented when a client's SNI is one of
+/// them.
+#[derive(Debug, Clone)]
+pub struct NamedCert {
+    names: Vec<String>,
+    key: Arc<CertifiedKey>,
+}
+
+impl NamedCert {
+    pub fn from_pem(names: &[String], chain_pem: &str, key_pem: &str) -> Result<Self, Error> {
+        let chain = crate::cert::parse_certs(chain_pem)?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| Error::Certificate(format!("no usable private key: {e}")))?;
+        Ok(NamedCert {
+            names: names.to_vec(),
+            key: Arc::new(certified_key(chain, key)?),
+        })
+    }
 }
 
 fn mesh_server(
     identity: &Arc<WorkloadIdentity>,
     alpn: &[&[u8]],
     client_optional: bool,
+    named: Option<NamedCert>,
 ) -> Result<Arc<ServerConfig>, Error> {
     let verifier = SpiffeVerifier {
         client_optional,
@@ -364,9 +388,32 @@ fn mesh_server(
         .with_protocol_versions(VERSIONS)
         .map_err(|e| Error::Certificate(e.to_string()))?
         .with_client_cert_verifier(Arc::new(verifier))
-        .with_cert_resolver(Arc::new(IdentityResolver(identity.clone())));
+        .with_cert_resolver(Arc::new(NamedOrIdentity {
+            named,
+            identity: IdentityResolver(identity.clone()),
+        }));
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
+}
+
+#[derive(Debug)]
+struct NamedOrIdentity {
+    named: Option<NamedCert>,
+    identity: IdentityResolver,
+}
+
+impl rustls::server::ResolvesServerCert for NamedOrIdentity {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let asked = hello.server_name();
+        match &self.named {
+            Some(n)
+                if asked.is_some_and(|sni| n.names.iter().any(|x| x.eq_ignore_ascii_case(sni))) =>
+            {
+                Some(n.key.clone())
+            }
+            _ => self.identity.0.certified(),
+        }
+    }
 }
 
 /// A TLS server with a fixed certificate chain and key (PEM) and no client
@@ -437,5 +484,24 @@ pub fn bootstrap_client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// A client that verifies the server by DNS name against the roots in
+/// `roots_pem` (the Web PKI way; istiod's serving certificate names
+/// `istiod.istio-system.svc`), presenting no certificate.
+pub fn dns_client_config(roots_pem: &str, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in crate::cert::parse_certs(roots_pem)? {
+        roots
+            .add(cert)
+            .map_err(|e| Error::Certificate(format!("root certificate: {e}")))?;
+    }
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| Error::Certificate(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }

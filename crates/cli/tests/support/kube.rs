@@ -19,17 +19,28 @@ pub fn cluster() -> TestCluster {
 pub fn install_crds(cluster: &TestCluster) {
     let crds = meshgate_kube::crds_yaml().unwrap();
     cluster.kubectl_ok(&["apply", "-f", "-"], &crds);
-    cluster.kubectl_ok(
-        &[
+    // A CRD read before the API server wrote its first status has no
+    // conditions, and `kubectl wait` gives up on it at once: ask again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = cluster.kubectl(&[
             "wait",
             "--for=condition=Established",
             "--timeout=60s",
             "crd",
             "-l",
             "app.kubernetes.io/part-of=meshgate",
-        ],
-        "",
-    );
+        ]);
+        if out.status.success() {
+            return;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(".status.conditions accessor error") && Instant::now() < deadline,
+            "kubectl wait for the CRDs: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// The seed as its README applies it (namespaces first), then what the
@@ -271,4 +282,38 @@ pub fn allow_seed_policy_from(cluster: &TestCluster, namespace: &str) {
     let patch = serde_json::json!([{ "op": "replace",
         "path": "/spec/rules/0/from/0/source/namespaces", "value": [namespace] }]);
     patch_seed_policy(cluster, "json", &patch.to_string());
+}
+
+/// The seed's external host on loopback: an HTTPS stand-in with its own CA
+/// (its root in `ca_file`, for `--extra-roots`), served while this lives.
+pub struct ExternalHost {
+    pub addr: std::net::SocketAddr,
+    pub ca_file: String,
+    _rt: tokio::runtime::Runtime,
+}
+
+pub fn external_host(dir: &TempDir, host: &str) -> ExternalHost {
+    use meshgate_proxy::standin::{self, Seen, StandinCa};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ca = StandinCa::new("stand-in CA").unwrap();
+    let ca_file = dir.path("standin-ca.pem");
+    std::fs::write(&ca_file, &ca.root_pem).unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(standin::serve_https(
+        listener,
+        ca.server_config(&[host.to_owned()]).unwrap(),
+        Seen::default(),
+    ));
+    ExternalHost {
+        addr,
+        ca_file,
+        _rt: rt,
+    }
 }
