@@ -22,16 +22,21 @@ fn set_no_kube_cfg() {
 const ISTIOD_DEFAULT: &str =
     "/var/cache/meshgate/istio/v0.0.0-20260827124520-eed52ebb66ad/pilot-discovery";
 
-// The Istio CA interop test needs istiod (`tests/istio/build`); without it
-// the test is ignored (`no_istiod`). The path is passed to the test.
+// The Istio CA interop tests need istiod and istio-csr beside it
+// (`tests/istio/build`); without them they are ignored (`no_istiod`). The
+// path is passed to the tests.
 #[allow(dead_code)]
 fn set_no_istiod_cfg() {
     println!("cargo::rustc-check-cfg=cfg(no_istiod)");
     println!("cargo::rerun-if-env-changed=MESHGATE_ISTIOD_BIN");
     let bin = std::env::var("MESHGATE_ISTIOD_BIN").unwrap_or_else(|_| ISTIOD_DEFAULT.to_owned());
-    println!("cargo::rerun-if-changed={bin}");
     println!("cargo::rustc-env=MESHGATE_ISTIOD_BIN={bin}");
-    if !std::path::Path::new(&bin).is_file() {
+    let bin = std::path::Path::new(&bin);
+    // Built later: the next build looks again.
+    if let Some(dir) = bin.parent() {
+        println!("cargo::rerun-if-changed={}", dir.display());
+    }
+    if !bin.is_file() || !bin.with_file_name("istio-csr").is_file() {
         println!("cargo::rustc-cfg=no_istiod");
     }
 }

@@ -5,7 +5,8 @@
 //! (`--ca-protocol istio`). The seed's request then crosses the mesh hop
 //! on istiod's certificates, and the gateway's AuthorizationPolicy reads
 //! the caller's namespace from them: meshgate proxies in an Istio mesh's
-//! trust.
+//! trust. And the other way: istio-agent's own CA client (tests/istio/
+//! istio-csr) takes its certificate from `meshgate control`.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -14,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use meshgate_kube::testing::TestCluster;
-use support::kube::{external_host, token};
+use support::kube::{cluster, external_host, mesh_ca, start_control, token};
 use support::{Proc, TempDir, curl};
 
 const HOST: &str = "jsonplaceholder.typicode.com";
@@ -264,5 +265,78 @@ fn meshgate_proxies_take_istiods_certificates_and_the_seed_runs_on_them() {
              expected spiffe://cluster.local/ns/curl-external-tst/sa/default"
         ),
         "{line}"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    no_kube,
+    ignore = "needs kube-apiserver, etcd and kubectl: run tests/kube/build"
+)]
+#[cfg_attr(
+    no_istiod,
+    ignore = "needs istio-csr (Istio's CA client): run tests/istio/build"
+)]
+fn istio_agents_own_ca_client_takes_its_certificate_from_meshgate_control() {
+    let cluster = cluster();
+    let dir = TempDir::new("istio-agent");
+    let (ca_dir, root) = mesh_ca(&dir);
+    cluster.kubectl_ok(&["create", "namespace", "curl-external-tst"], "");
+    for sa in ["default", "other"] {
+        cluster.kubectl_ok(
+            &["-n", "curl-external-tst", "create", "serviceaccount", sa],
+            "",
+        );
+    }
+    let (_control, ready) = start_control(
+        &cluster,
+        &dir,
+        &["--ca-dir", &ca_dir, "--ca-address", "127.0.0.1:0"],
+    );
+    let ca_addr = ready["ca"].as_str().unwrap().to_owned();
+    let root_file = dir.path("ca/root-cert.pem");
+    let id = "spiffe://cluster.local/ns/curl-external-tst/sa/default";
+    // Istio's citadel client, as istio-agent runs it: RSA key, token from
+    // a file, the server verified by the Service's name.
+    let istio_csr = |sa: &str| {
+        let token_file = dir.path(&format!("{sa}.token"));
+        let t = token(&cluster, "curl-external-tst", sa, Some("istio-ca"));
+        std::fs::write(&token_file, t).unwrap();
+        let bin = std::path::Path::new(env!("MESHGATE_ISTIOD_BIN")).with_file_name("istio-csr");
+        Command::new(bin)
+            .args([
+                &ca_addr,
+                "meshgate-control.meshgate-system.svc",
+                &root_file,
+                &token_file,
+                id,
+            ])
+            .output()
+            .unwrap()
+    };
+
+    let out = istio_csr("default");
+    let chain = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let certs = meshgate_identity::cert::parse_certs(&chain).unwrap();
+    assert_eq!(
+        meshgate_identity::tls::spiffe_id_of(&certs[0])
+            .unwrap()
+            .to_string(),
+        id
+    );
+    assert!(chain.ends_with(&root), "the root comes last:\n{chain}");
+
+    // Another service account's token: refused, and Istio's client says why.
+    let out = istio_csr("other");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("InvalidArgument") && err.contains("the token authorizes only"),
+        "{err}"
     );
 }

@@ -363,7 +363,7 @@ fn scoped_push(snapshot: &Snapshot, workload: &str) -> Arc<ScopedPush> {
 }
 
 /// A gRPC answer in this port's body type: the message, then the trailers
-/// that carry `grpc-status`.
+/// that carry `grpc-status`; or, for a refusal, nothing after the headers.
 async fn grpc_body(resp: Response<tonic::body::Body>) -> Response<Body> {
     let (parts, body) = resp.into_parts();
     let (data, trailers) = match body.collect().await {
@@ -373,12 +373,17 @@ async fn grpc_body(resp: Response<tonic::body::Body>) -> Response<Body> {
         }
         Err(_) => (Bytes::new(), None),
     };
-    let mut frames = vec![Ok(Frame::data(data))];
-    frames.extend(trailers.map(|t| Ok(Frame::trailers(t))));
-    Response::from_parts(
-        parts,
-        StreamBody::new(futures_util::stream::iter(frames)).boxed(),
-    )
+    let body = match trailers {
+        Some(t) => {
+            let frames = [Ok(Frame::data(data)), Ok(Frame::trailers(t))];
+            StreamBody::new(futures_util::stream::iter(frames)).boxed()
+        }
+        // A refusal is "trailers-only": the status in the headers, which
+        // must end the stream (HEADERS with END_STREAM, as gRPC clients
+        // other than tonic insist).
+        None => http_body_util::Empty::new().boxed(),
+    };
+    Response::from_parts(parts, body)
 }
 
 fn line(push: &Push) -> String {
