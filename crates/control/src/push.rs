@@ -84,6 +84,13 @@ impl Proxies {
         }
     }
 
+    /// Drops disconnected proxies whose pod is not `live` any more.
+    fn prune(&self, live: impl Fn(&str) -> bool) {
+        if let Ok(mut map) = self.0.lock() {
+            map.retain(|w, s| s.connected || live(w));
+        }
+    }
+
     /// Every proxy's status, for `/debug/syncz`.
     pub fn all(&self) -> BTreeMap<String, ProxyStatus> {
         self.0.lock().map(|m| m.clone()).unwrap_or_default()
@@ -279,6 +286,10 @@ fn stream<A>(
         }
         proxies.update(&workload, |s| s.connected = false);
         tracing::info!(%workload, "proxy disconnected");
+        // Forget the proxies that are gone with their pods.
+        if let Some(snapshot) = state.borrow().snapshot.clone() {
+            proxies.prune(|w| snapshot.workload(w).is_some());
+        }
     });
     let mut resp = Response::new(body.boxed());
     resp.headers_mut().insert(
@@ -403,4 +414,20 @@ fn text(status: StatusCode, body: &str) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from(format!("{body}\n"))).boxed());
     *resp.status_mut() = status;
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syncz_forgets_disconnected_proxies_of_pods_that_are_gone() {
+        let proxies = Proxies::default();
+        for w in ["a/gone", "a/stays", "a/connected"] {
+            proxies.update(w, |s| s.connected = w == "a/connected");
+        }
+        proxies.prune(|w| w == "a/stays");
+        let left: Vec<String> = proxies.all().into_keys().collect();
+        assert_eq!(left, ["a/connected", "a/stays"]);
+    }
 }
