@@ -172,23 +172,20 @@ async fn start_ca(
 }
 
 /// Serves the admission webhooks with a certificate for --webhook-names
-/// from the mesh CA (valid a year; a restart issues a new one).
+/// from the mesh CA, renewed in place at half its lifetime.
 async fn start_webhooks(
     args: &ControlArgs,
     dir: &std::path::Path,
     client: &kube::Client,
     state: tokio::sync::watch::Receiver<Arc<State>>,
 ) -> anyhow::Result<SocketAddr> {
-    let ca = meshgate_identity::CertificateAuthority::load(dir)?;
-    let cert = ca.issue_dns(
-        &args.webhook_names,
-        std::time::Duration::from_secs(365 * 24 * 3600),
+    let ca = Arc::new(meshgate_identity::CertificateAuthority::load(dir)?);
+    let cert = meshgate_identity::source::DnsCert::start(
+        ca.clone(),
+        args.webhook_names.clone(),
+        meshgate_control::push::SERVICE_CERT_TTL,
     )?;
-    let tls = meshgate_identity::tls::static_server_config(
-        &cert.cert_chain_pem,
-        &cert.key_pem,
-        &[b"http/1.1"],
-    )?;
+    let tls = meshgate_identity::tls::dns_server_config(cert, &[b"http/1.1"])?;
     let listener = tokio::net::TcpListener::bind(args.webhook_address)
         .await
         .with_context(|| format!("listening on {}", args.webhook_address))?;

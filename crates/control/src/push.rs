@@ -17,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use meshgate_identity::caserver::{self, Authenticator};
 use meshgate_identity::istioca;
+use meshgate_identity::source::DnsCert;
 use meshgate_identity::tls::NamedCert;
 use meshgate_identity::{CertificateAuthority, Source, SpiffeId, WorkloadIdentity};
 use serde::{Deserialize, Serialize};
@@ -36,9 +37,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// otherwise hold old versions in memory).
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_STATUS_BODY: usize = 64 * 1024;
-/// The certificate for the Service names (as the webhooks'; a restart
-/// issues a new one).
-const SERVICE_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The lifetime of the certificates for the control plane's Service names
+/// (webhooks, and this port for Istio's agents); renewed at half of it.
+pub const SERVICE_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -125,8 +126,11 @@ pub async fn serve<A: Authenticator>(
     )
     .await?;
     // Istio's agents dial the Service by name and verify that name.
-    let named = ca.issue_dns(service_names, SERVICE_CERT_TTL)?;
-    let named = NamedCert::from_pem(service_names, &named.cert_chain_pem, &named.key_pem)?;
+    let named = NamedCert(DnsCert::start(
+        ca.clone(),
+        service_names.to_vec(),
+        SERVICE_CERT_TTL,
+    )?);
     let tls = tokio_rustls::TlsAcceptor::from(
         meshgate_identity::tls::server_config_optional_client_auth(
             &identity,

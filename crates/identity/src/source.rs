@@ -347,3 +347,67 @@ async fn rotate(identity: Weak<WorkloadIdentity>, source: Source) {
         }
     }
 }
+
+/// A serving certificate for DNS names (the control plane's Service: its
+/// admission webhooks and its CA port for Istio's agents), from the mesh
+/// CA, renewed in place at half its lifetime while anyone holds it.
+#[derive(Debug)]
+pub struct DnsCert {
+    names: Vec<String>,
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl DnsCert {
+    /// Issues the first certificate and starts renewing it (needs a tokio
+    /// runtime).
+    pub fn start(
+        ca: Arc<CertificateAuthority>,
+        names: Vec<String>,
+        ttl: Duration,
+    ) -> Result<Arc<Self>, Error> {
+        let cert = Arc::new(DnsCert {
+            current: ArcSwap::new(Arc::new(Self::issue(&ca, &names, ttl)?)),
+            names,
+        });
+        let weak = Arc::downgrade(&cert);
+        tokio::spawn(async move {
+            let mut wait = ttl.mul_f64(REFRESH_FRACTION);
+            loop {
+                tokio::time::sleep(wait).await;
+                let Some(me) = weak.upgrade() else { return };
+                match Self::issue(&ca, &me.names, ttl) {
+                    Ok(key) => {
+                        me.current.store(Arc::new(key));
+                        tracing::info!(names = me.names.join(","), "serving certificate renewed");
+                        wait = ttl.mul_f64(REFRESH_FRACTION);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "serving certificate not renewed; retrying");
+                        wait = RETRY_MAX;
+                    }
+                }
+            }
+        });
+        Ok(cert)
+    }
+
+    fn issue(
+        ca: &CertificateAuthority,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<CertifiedKey, Error> {
+        let issued = ca.issue_dns(names, ttl)?;
+        let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes())
+            .map_err(|e| Error::Certificate(format!("no usable private key: {e}")))?;
+        certified_key(parse_certs(&issued.cert_chain_pem)?, key)
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The certificate to present now.
+    pub fn certified(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
+}

@@ -515,3 +515,25 @@ fn token_table_errors_name_the_line() {
         .to_string();
     assert!(err.starts_with("tokens.txt:2: duplicate token"), "{err}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_dns_serving_certificate_is_renewed_in_place_at_half_its_lifetime() {
+    use crate::source::DnsCert;
+    let ca = Arc::new(CertificateAuthority::generate("cluster.local").unwrap());
+    let names = vec!["meshgate-control.meshgate-system.svc".to_owned()];
+    let ttl = Duration::from_secs(100);
+    let cert = DnsCert::start(ca, names.clone(), ttl).unwrap();
+    let first = cert.certified();
+    assert_eq!(cert.names(), names);
+
+    // Just before half its lifetime: still the first.
+    tokio::time::sleep(Duration::from_secs(49)).await;
+    assert!(Arc::ptr_eq(&first, &cert.certified()));
+    // After it: a new certificate for the same names.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let renewed = cert.certified();
+    assert!(!Arc::ptr_eq(&first, &renewed));
+    assert_ne!(first.cert[0], renewed.cert[0]);
+    let info = crate::cert::CertInfo::parse(&renewed.cert[0]).unwrap();
+    assert_eq!(info.dns_sans, names);
+}

@@ -12,7 +12,6 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
     ServerConfig, SignatureScheme,
 };
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime};
 
 use crate::Error;
@@ -354,22 +353,7 @@ pub fn server_config_optional_client_auth(
 /// A certificate for DNS names, presented when a client's SNI is one of
 /// them.
 #[derive(Debug, Clone)]
-pub struct NamedCert {
-    names: Vec<String>,
-    key: Arc<CertifiedKey>,
-}
-
-impl NamedCert {
-    pub fn from_pem(names: &[String], chain_pem: &str, key_pem: &str) -> Result<Self, Error> {
-        let chain = crate::cert::parse_certs(chain_pem)?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-            .map_err(|e| Error::Certificate(format!("no usable private key: {e}")))?;
-        Ok(NamedCert {
-            names: names.to_vec(),
-            key: Arc::new(certified_key(chain, key)?),
-        })
-    }
-}
+pub struct NamedCert(pub Arc<crate::source::DnsCert>);
 
 fn mesh_server(
     identity: &Arc<WorkloadIdentity>,
@@ -406,34 +390,39 @@ impl rustls::server::ResolvesServerCert for NamedOrIdentity {
     fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let asked = hello.server_name();
         match &self.named {
-            Some(n)
-                if asked.is_some_and(|sni| n.names.iter().any(|x| x.eq_ignore_ascii_case(sni))) =>
+            Some(NamedCert(n))
+                if asked.is_some_and(|sni| n.names().iter().any(|x| x.eq_ignore_ascii_case(sni))) =>
             {
-                Some(n.key.clone())
+                Some(n.certified())
             }
             _ => self.identity.0.certified(),
         }
     }
 }
 
-/// A TLS server with a fixed certificate chain and key (PEM) and no client
-/// authentication: the control plane's admission webhooks.
-pub fn static_server_config(
-    chain_pem: &str,
-    key_pem: &str,
+/// A TLS server presenting a [`DnsCert`](crate::source::DnsCert) (renewed
+/// in place) and asking no client certificate: the control plane's
+/// admission webhooks.
+pub fn dns_server_config(
+    cert: Arc<crate::source::DnsCert>,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, Error> {
-    let chain = crate::cert::parse_certs(chain_pem)?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| Error::Certificate(format!("no usable private key: {e}")))?;
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|e| Error::Certificate(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| Error::Certificate(e.to_string()))?;
+        .with_cert_resolver(Arc::new(DnsResolver(cert)));
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
+}
+
+#[derive(Debug)]
+struct DnsResolver(Arc<crate::source::DnsCert>);
+
+impl rustls::server::ResolvesServerCert for DnsResolver {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.certified())
+    }
 }
 
 /// A TLS server with the workload certificate and no client authentication
