@@ -163,6 +163,25 @@ fn unknown_field_is_a_schema_error_exit_79() {
 }
 
 #[test]
+fn a_mistyped_kind_fails_check_exit_79_with_the_kind_it_meant() {
+    // The seed's own workload VirtualService with one letter missing from
+    // its kind: skipped, it would send the workload past the gateway.
+    let seed_vs =
+        std::fs::read_to_string(repo_root().join("examples/seed/virtualservice-workload.yaml"))
+            .unwrap();
+    let typo = seed_vs.replace("kind: VirtualService", "kind: VirtualServce");
+    assert_ne!(typo, seed_vs);
+    let s = Scratch::with_seed("kind-typo", &[("virtualservice-workload.yaml", &typo)]);
+    let o = meshgate(&["check", s.path()]);
+    assert_eq!(o.status.code(), Some(79), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("Error [IST0106] (VirtualServce curl-external-tst/jsonplaceholder-egress virtualservice-workload.yaml:2) Schema validation error: no kind \"VirtualServce\" in API group networking.istio.io (networking.istio.io/v1alpha3); did you mean VirtualService?"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
 fn analysis_error_exits_79() {
     let s = Scratch::with_seed(
         "ist0101",

@@ -20,6 +20,9 @@ use crate::model::{Config, Kind, Meta, Resource, SourceRef, WorkloadTemplate};
 use crate::validate;
 use crate::yaml::{self, Node, Pos, Value};
 
+/// meshgate's code for an object of a kind it does not read (skipped).
+pub const SKIPPED_KIND: &str = "MG0003";
+
 /// Input that cannot be read or parsed at all.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -289,9 +292,24 @@ fn load_object(file: &Arc<str>, node: &Arc<Node>, loaded: &mut Loaded) {
     let kind = match Kind::resolve(&api_version, &kind_name) {
         Ok(Some(kind)) => kind,
         Ok(None) => {
+            // A typo in a kind must not silently drop the object (a
+            // mistyped VirtualService would let traffic past the gateway).
+            if let Some(message) = Kind::unknown_in_known_group(&api_version, &kind_name) {
+                let full_name = match declared_ns.as_str() {
+                    "" => name,
+                    ns => format!("{ns}/{name}"),
+                };
+                loaded.diagnostics.push(schema_error(
+                    &kind_name,
+                    full_name,
+                    source.line_of("kind"),
+                    message,
+                ));
+                return;
+            }
             loaded.diagnostics.push(Diagnostic {
                 level: Level::Warning,
-                code: None,
+                code: Some(SKIPPED_KIND),
                 origin: Origin {
                     kind: kind_name.clone(),
                     name,

@@ -79,6 +79,25 @@ impl Kind {
         }
     }
 
+    /// For a kind meshgate does not read: the error when `kind` is not a
+    /// kind of its API group at all, though the group is one meshgate
+    /// knows (Istio's, or the Kubernetes groups it reads), as kubectl would
+    /// refuse it, with the nearest real kind. `None` for a real kind that
+    /// is merely not read, or a group meshgate does not know.
+    pub fn unknown_in_known_group(api_version: &str, kind: &str) -> Option<String> {
+        let (group, _) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let (_, kinds) = KNOWN_GROUPS.iter().find(|(g, _)| *g == group)?;
+        if kinds.contains(&kind) {
+            return None;
+        }
+        let group_name = if group.is_empty() { "core" } else { group };
+        let mut message = format!("no kind \"{kind}\" in API group {group_name} ({api_version})");
+        if let Some(near) = nearest(kind, kinds) {
+            message.push_str(&format!("; did you mean {near}?"));
+        }
+        Some(message)
+    }
+
     /// The API group (`""` for the core group).
     pub fn group(self) -> &'static str {
         match self {
@@ -130,6 +149,96 @@ impl Kind {
     pub fn namespaced(self) -> bool {
         self != Kind::Namespace
     }
+}
+
+/// The API groups meshgate knows, each with every kind it has (read by
+/// meshgate or not), as the API server serves them.
+const KNOWN_GROUPS: &[(&str, &[&str])] = &[
+    (
+        "networking.istio.io",
+        &[
+            "DestinationRule",
+            "EnvoyFilter",
+            "Gateway",
+            "ProxyConfig",
+            "ServiceEntry",
+            "Sidecar",
+            "VirtualService",
+            "WorkloadEntry",
+            "WorkloadGroup",
+        ],
+    ),
+    (
+        "security.istio.io",
+        &[
+            "AuthorizationPolicy",
+            "PeerAuthentication",
+            "RequestAuthentication",
+        ],
+    ),
+    ("telemetry.istio.io", &["Telemetry"]),
+    ("extensions.istio.io", &["WasmPlugin"]),
+    (
+        "",
+        &[
+            "Binding",
+            "ComponentStatus",
+            "ConfigMap",
+            "Endpoints",
+            "Event",
+            "LimitRange",
+            "List",
+            "Namespace",
+            "Node",
+            "PersistentVolume",
+            "PersistentVolumeClaim",
+            "Pod",
+            "PodTemplate",
+            "ReplicationController",
+            "ResourceQuota",
+            "Secret",
+            "Service",
+            "ServiceAccount",
+        ],
+    ),
+    (
+        "apps",
+        &[
+            "ControllerRevision",
+            "DaemonSet",
+            "Deployment",
+            "ReplicaSet",
+            "StatefulSet",
+        ],
+    ),
+    ("discovery.k8s.io", &["EndpointSlice"]),
+];
+
+/// The kind in `kinds` closest to `kind` (case aside, or a few letters
+/// off), if one is close enough to be a typo.
+fn nearest(kind: &str, kinds: &[&'static str]) -> Option<&'static str> {
+    let lower = kind.to_ascii_lowercase();
+    kinds
+        .iter()
+        .map(|k| (edit_distance(&lower, &k.to_ascii_lowercase()), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance over bytes (kinds are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = prev[j] + usize::from(ca != cb);
+            cur[j + 1] = substitute.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 impl fmt::Display for Kind {

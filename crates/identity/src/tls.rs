@@ -391,7 +391,8 @@ impl rustls::server::ResolvesServerCert for NamedOrIdentity {
         let asked = hello.server_name();
         match &self.named {
             Some(NamedCert(n))
-                if asked.is_some_and(|sni| n.names().iter().any(|x| x.eq_ignore_ascii_case(sni))) =>
+                if asked
+                    .is_some_and(|sni| n.names().iter().any(|x| x.eq_ignore_ascii_case(sni))) =>
             {
                 Some(n.certified())
             }

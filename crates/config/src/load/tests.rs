@@ -416,12 +416,73 @@ fn unknown_kinds_are_skipped_with_a_warning() {
     assert_eq!(
         messages(&l),
         vec![
-            "Warning (ConfigMap cm test.yaml:1) skipped: meshgate does not read ConfigMap (v1)",
-            "Warning (Gateway g test.yaml:6) skipped: meshgate does not read Gateway (gateway.networking.k8s.io/v1)",
+            "Warning [MG0003] (ConfigMap cm test.yaml:1) skipped: meshgate does not read ConfigMap (v1)",
+            "Warning [MG0003] (Gateway g test.yaml:6) skipped: meshgate does not read Gateway (gateway.networking.k8s.io/v1)",
         ]
     );
     assert!(!l.has_errors());
     assert_eq!(l.config.gateways.len(), 0);
+}
+
+#[test]
+fn a_mistyped_kind_in_a_known_group_is_an_error_with_the_nearest_kind() {
+    let cases = [
+        (
+            "networking.istio.io/v1",
+            "VirtualServce",
+            "no kind \"VirtualServce\" in API group networking.istio.io (networking.istio.io/v1); did you mean VirtualService?",
+        ),
+        (
+            "networking.istio.io/v1beta1",
+            "virtualservice",
+            "no kind \"virtualservice\" in API group networking.istio.io (networking.istio.io/v1beta1); did you mean VirtualService?",
+        ),
+        (
+            "security.istio.io/v1",
+            "AuthorisationPolicy",
+            "no kind \"AuthorisationPolicy\" in API group security.istio.io (security.istio.io/v1); did you mean AuthorizationPolicy?",
+        ),
+        (
+            "apps/v1",
+            "Deploymnet",
+            "no kind \"Deploymnet\" in API group apps (apps/v1); did you mean Deployment?",
+        ),
+        (
+            "v1",
+            "Servcie",
+            "no kind \"Servcie\" in API group core (v1); did you mean Service?",
+        ),
+        (
+            "networking.istio.io/v1",
+            "Route",
+            "no kind \"Route\" in API group networking.istio.io (networking.istio.io/v1)",
+        ),
+    ];
+    for (api_version, kind, want) in cases {
+        let text = format!(
+            "apiVersion: {api_version}\nkind: {kind}\nmetadata: {{name: x, namespace: ns}}\nspec: {{}}\n"
+        );
+        let l = load(&text);
+        assert_eq!(
+            messages(&l),
+            vec![format!(
+                "Error [IST0106] ({kind} ns/x test.yaml:2) Schema validation error: {want}"
+            )],
+        );
+        assert!(l.has_errors());
+    }
+    // Real kinds meshgate does not read stay warnings.
+    for (api_version, kind) in [
+        ("networking.istio.io/v1", "WorkloadEntry"),
+        ("v1", "List"),
+        ("apps/v1", "StatefulSet"),
+        ("networking.k8s.io/v1", "Ingres"),
+    ] {
+        let l = load(&format!(
+            "apiVersion: {api_version}\nkind: {kind}\nmetadata: {{name: x}}\n"
+        ));
+        assert!(!l.has_errors(), "{kind}: {:?}", messages(&l));
+    }
 }
 
 #[test]
