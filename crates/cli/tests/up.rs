@@ -213,25 +213,7 @@ fn up_runs_the_seed_system_and_cleans_up() {
     assert_eq!(String::from_utf8_lossy(&o.stdout), "502");
 
     // SIGTERM: everything `up` created goes away.
-    let o = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .output()
-        .unwrap();
-    assert!(o.status.success());
-    let mut up = up;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match up.child.try_wait().unwrap() {
-            Some(status) => {
-                assert!(status.success(), "up exits 0 on SIGTERM: {status}");
-                break;
-            }
-            None => {
-                assert!(Instant::now() < deadline, "up did not stop");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
+    stop(up);
     let tag = format!("mgup-{pid:x}");
     let netns = String::from_utf8_lossy(
         &std::process::Command::new("ip")
@@ -272,6 +254,57 @@ fn up_runs_the_seed_system_and_cleans_up() {
         }
     }
     assert!(leftovers.is_empty(), "processes left: {leftovers:?}");
+}
+
+/// SIGTERM, then waits (bounded) for `up` to exit 0.
+fn stop(mut up: Proc) {
+    let pid = up.child.id();
+    let o = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match up.child.try_wait().unwrap() {
+            Some(status) => {
+                assert!(status.success(), "up exits 0 on SIGTERM: {status}");
+                return;
+            }
+            None => {
+                assert!(Instant::now() < deadline, "up did not stop");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not_root,
+    ignore = "needs root: network namespaces and iptables (CI runs as root)"
+)]
+fn up_runs_istios_mutual_tls_egress_recipe_through_the_gateway_services_target_ports() {
+    // examples/istio-mutual-egress: the gateway's Service maps 443 to the
+    // container port named https (8443); the sidecar reaches it there with
+    // ISTIO_MUTUAL and SNI, the gateway originates TLS to the stand-in.
+    let example = support::repo_root().join("examples/istio-mutual-egress");
+    let up = Proc::spawn(&["up", example.to_str().unwrap(), "--stand-in"]);
+    up.wait_for("namespace mode", Duration::from_secs(10));
+    up.wait_for("all parts running", Duration::from_secs(60));
+    up.wait_for("\"title\": \"delectus aut autem\"", Duration::from_secs(15));
+    let gateway_log = up.wait_for(
+        "outbound|443||jsonplaceholder.typicode.com",
+        Duration::from_secs(15),
+    );
+    // The gateway took it on 8443 from the workload's mesh identity.
+    assert!(
+        gateway_log.starts_with("egressgateway")
+            && gateway_log.contains(":8443 ")
+            && gateway_log.contains("spiffe://cluster.local/ns/app/sa/default"),
+        "{gateway_log}"
+    );
+    stop(up);
 }
 
 #[test]

@@ -331,6 +331,21 @@ pub fn build(config: &Config, mesh: &MeshSettings) -> Registry {
             })
             .collect();
         let accounts: BTreeSet<String> = selected.iter().map(|w| w.spiffe_id.clone()).collect();
+        // A named targetPort is the selected pods' container port of that
+        // name (Istio's endpoints are pod address:target port).
+        let container_port = |name: &str| {
+            config
+                .workloads
+                .iter()
+                .filter(|r| {
+                    selected
+                        .iter()
+                        .any(|w| w.namespace == r.meta.namespace && w.name == r.meta.name)
+                })
+                .flat_map(|r| r.spec.pod.containers.iter().flat_map(|c| c.ports.iter()))
+                .find(|p| p.name.as_deref() == Some(name))
+                .map(|p| IntOrString::Int(p.container_port))
+        };
         services.push(Service {
             hostname: format!("{}.{ns}.svc.{}", svc.meta.name, mesh.cluster_domain),
             namespace: ns.clone(),
@@ -345,7 +360,12 @@ pub fn build(config: &Config, mesh: &MeshSettings) -> Registry {
                     number: p.port,
                     name: p.name.clone(),
                     protocol: Protocol::from_kube_port(&p.name, p.app_protocol.as_deref()),
-                    target_port: p.target_port.clone(),
+                    target_port: match &p.target_port {
+                        Some(IntOrString::String(name)) => {
+                            container_port(name).or_else(|| p.target_port.clone())
+                        }
+                        other => other.clone(),
+                    },
                 })
                 .collect(),
             location: Location::MeshInternal,

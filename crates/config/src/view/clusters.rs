@@ -84,9 +84,9 @@ fn resolution(s: &Service) -> ClusterResolution {
 }
 
 /// Where the proxy connects for `port` of a service: a Kubernetes Service
-/// by its name, STATIC endpoints by address, DNS endpoints (or the host
-/// itself) by name; each endpoint at its port of that name, else the
-/// service port's target, else the port.
+/// by its name at the target port, STATIC endpoints by address, DNS
+/// endpoints (or the host itself) by name; each endpoint at its port of
+/// that name, else the service port's target, else the port.
 fn endpoints(service: &Service, port: u16) -> ClusterEndpoints {
     let service_port = service.port(u32::from(port));
     let target = service_port.and_then(|p| match &p.target_port {
@@ -106,8 +106,10 @@ fn endpoints(service: &Service, port: u16) -> ClusterEndpoints {
         port,
     };
     match (&service.source, service.resolution) {
+        // The Service's name resolves to its pods (headless, as `up`'s DNS
+        // answers): they listen on the target port, as Istio's endpoints.
         (ServiceSource::Kubernetes { .. }, _) => ClusterEndpoints::Dns {
-            names: vec![at(&service.hostname, port)],
+            names: vec![at(&service.hostname, target.unwrap_or(port))],
             first_only: false,
         },
         (_, Resolution::Static) => ClusterEndpoints::Static(

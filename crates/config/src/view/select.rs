@@ -150,21 +150,16 @@ pub fn gateways_for<'a>(config: &'a Config, w: &Workload) -> Vec<&'a Resource<Ga
 pub fn gateway_listen_port(registry: &Registry, w: &Workload, server_port: u32) -> (u32, bool) {
     for svc in registry.services_of(w) {
         if let Some(p) = svc.port(server_port) {
+            // The registry resolved named targets to the pods' container
+            // ports; a name no container has falls back to the port.
             let target = match &p.target_port {
                 Some(IntOrString::Int(n)) => *n,
-                Some(IntOrString::String(name)) => container_port(w, name).unwrap_or(server_port),
-                None => server_port,
+                _ => server_port,
             };
             return (target, true);
         }
     }
     (server_port, false)
-}
-
-fn container_port(_w: &Workload, _name: &str) -> Option<u32> {
-    // Named targetPorts need the pod's container ports; the registry keeps
-    // only labels, so resolve through the config when it matters.
-    None
 }
 
 /// DestinationRule lookup as Istio does it for a client proxy in namespace

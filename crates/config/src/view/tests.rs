@@ -468,3 +468,56 @@ spec:
     assert_eq!(gateway_listen_port(&r, w, 80), (8080, true));
     assert_eq!(gateway_listen_port(&r, w, 443), (443, false));
 }
+
+#[test]
+fn the_sidecar_dials_the_gateway_services_target_port_where_the_gateway_listens() {
+    // The gateway's container listens on 8080 behind Service port 80, by
+    // number and by the container port's name.
+    let gw = include_str!("../../../../examples/seed/deployment-egress-gw.yaml")
+        .replace("- containerPort: 80\n", "- containerPort: 8080\n");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/seed");
+    for target in ["8080", "http"] {
+        let mut loaded = crate::Loaded::default();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "yaml") {
+                continue;
+            }
+            let mut text = std::fs::read_to_string(&path).unwrap();
+            if path.ends_with("deployment-egress-gw.yaml") {
+                text = gw.replace("targetPort: 80", &format!("targetPort: {target}"));
+            }
+            crate::load::load_str("seed.yaml", &text, &mut loaded).unwrap();
+        }
+        assert!(loaded.error_messages().is_empty());
+        let c = loaded.config;
+        let r = registry::build(&c, &mesh());
+        let sc = proxy_view(
+            &c,
+            &r,
+            &mesh(),
+            view_workload(&r, "curl-external-tst/curl-test"),
+        );
+        let cluster = sc
+            .clusters
+            .iter()
+            .find(|c| c.host == "curl-egress-tst.curl-egress-tst.svc.cluster.local")
+            .expect("the gateway's cluster");
+        assert_eq!(cluster.port, 80, "the cluster keeps the Service port");
+        let ClusterEndpoints::Dns { names, .. } = &cluster.endpoints else {
+            panic!("{:?}", cluster.endpoints)
+        };
+        assert_eq!(names[0].port, 8080, "targetPort {target}");
+        let gw_view = proxy_view(
+            &c,
+            &r,
+            &mesh(),
+            view_workload(&r, "curl-egress-tst/curl-egress-tst-gateway"),
+        );
+        assert_eq!(
+            (gw_view.listeners[0].port, gw_view.listeners[0].bind_port),
+            (80, 8080),
+            "targetPort {target}"
+        );
+    }
+}
