@@ -1,13 +1,15 @@
 //! `meshgate stand-in`: local stand-ins for external hosts (offline runs and
-//! tests): an HTTPS server with a certificate from its own CA, and a DNS
-//! server that resolves the hosts to it.
+//! tests): an HTTPS server that answers for any host (a certificate per
+//! SNI from its own CA or one given, optionally requiring client
+//! certificates), and a DNS server that resolves the hosts (wildcards too)
+//! to it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use meshgate_proxy::standin::{self, DnsZone, Seen, StandinCa};
+use meshgate_proxy::standin::{self, DnsZone, HostCert, Seen, StandinCa};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct StandinArgs {
@@ -34,6 +36,51 @@ pub(crate) struct StandinArgs {
     /// a DestinationRule's caCertificates).
     #[arg(long)]
     ca_out: Option<PathBuf>,
+    /// Issue the hosts' certificates from this CA certificate (PEM) instead
+    /// of a new one; with --ca-key.
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The key of --ca-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Present this certificate for NAME (repeat; `*.x` covers `a.x`):
+    /// NAME=CHAIN.pem:KEY.pem. Other names get one from the stand-in CA.
+    #[arg(long = "host-cert", value_name = "NAME=CHAIN:KEY")]
+    host_certs: Vec<String>,
+    /// Require a client certificate that chains to this CA (PEM): an API
+    /// that wants mutual TLS (a DestinationRule with mode MUTUAL).
+    #[arg(long, value_name = "FILE")]
+    client_ca: Option<PathBuf>,
+}
+
+fn read(path: &std::path::Path, flag: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))
+}
+
+impl StandinArgs {
+    fn ca(&self) -> anyhow::Result<StandinCa> {
+        match (&self.ca_cert, &self.ca_key) {
+            (Some(cert), Some(key)) => Ok(StandinCa::from_pem(
+                &read(cert, "--ca-cert")?,
+                &read(key, "--ca-key")?,
+            )?),
+            _ => Ok(StandinCa::new("meshgate stand-in CA")?),
+        }
+    }
+
+    fn host_certs(&self) -> anyhow::Result<Vec<HostCert>> {
+        self.host_certs
+            .iter()
+            .map(|spec| {
+                let bad = || format!("--host-cert {spec}: expected NAME=CHAIN.pem:KEY.pem");
+                let (name, files) = spec.split_once('=').with_context(bad)?;
+                let (chain, key) = files.split_once(':').with_context(bad)?;
+                let chain = read(std::path::Path::new(chain), "--host-cert")?;
+                let key = read(std::path::Path::new(key), "--host-cert")?;
+                Ok(HostCert::from_pem(vec![name.to_owned()], &chain, &key)?)
+            })
+            .collect()
+    }
 }
 
 pub(crate) fn run(a: &StandinArgs) -> anyhow::Result<ExitCode> {
@@ -45,12 +92,18 @@ pub(crate) fn run(a: &StandinArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async {
         let mut https = a.https_listen;
         if !a.hosts.is_empty() {
-            let ca = StandinCa::new("meshgate stand-in CA")?;
+            let ca = std::sync::Arc::new(a.ca()?);
             if let Some(out) = &a.ca_out {
                 std::fs::write(out, &ca.root_pem)
                     .with_context(|| format!("writing {}", out.display()))?;
             }
-            let tls = ca.server_config(&a.hosts)?;
+            let client_ca = match &a.client_ca {
+                Some(p) => Some(read(p, "--client-ca")?),
+                None => None,
+            };
+            // Clients without SNI get the first host's certificate.
+            let default_name = a.hosts[0].trim_start_matches("*.");
+            let tls = ca.any_host_config(default_name, a.host_certs()?, client_ca.as_deref())?;
             let listener = tokio::net::TcpListener::bind(a.https_listen)
                 .await
                 .with_context(|| format!("listening on {}", a.https_listen))?;

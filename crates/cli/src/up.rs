@@ -193,7 +193,7 @@ async fn up(
     let proxies = up
         .start_sidecars(&ca, &dns, &gateway_ports, cleanup)
         .await?;
-    up.start_commands(&proxies, cleanup)?;
+    up.start_commands(&proxies, &dns, cleanup)?;
     up.print_table();
     up.forward().await
 }
@@ -248,6 +248,14 @@ impl<'a> Up<'a> {
                     parts.extend(plan.gateways.iter().map(|g| g.0.clone()));
                 }
                 parts.extend(plan.sidecars.iter().map(|g| g.0.clone()));
+                // Uninjected workloads get a namespace too: the same DNS as
+                // the others, without the capture.
+                parts.extend(
+                    plan.commands
+                        .iter()
+                        .filter(|c| !plan.sidecars.iter().any(|s| s.0 == c.0))
+                        .map(|c| c.0.clone()),
+                );
                 let net =
                     Network::namespaces(&format!("{:x}", std::process::id()), &parts, cleanup)?;
                 if let Some(s) = net.subnet {
@@ -353,14 +361,19 @@ impl<'a> Up<'a> {
             }
         }
         for (fqdn, selected, _) in &self.plan.services {
-            if let Some(g) = selected
+            // A Service resolves to a gateway it selects, else to the first
+            // selected workload that has an address of its own.
+            let gateway = selected
                 .iter()
                 .find(|k| self.plan.gateways.iter().any(|g| &g.0 == *k))
-            {
-                argv.extend([
-                    "--record".into(),
-                    format!("{fqdn}={}", self.gateway_addr(g)),
-                ]);
+                .map(|g| self.gateway_addr(g));
+            let workload = || {
+                selected
+                    .iter()
+                    .find_map(|k| self.net.ns_of(k).map(|(_, a)| a))
+            };
+            if let Some(addr) = gateway.or_else(workload) {
+                argv.extend(["--record".into(), format!("{fqdn}={addr}")]);
             }
         }
         let argv = match self.net.ns_of("stand-in") {
@@ -564,11 +577,16 @@ impl<'a> Up<'a> {
     fn start_commands(
         &mut self,
         proxy_env: &HashMap<String, String>,
+        dns: &Dns,
         cleanup: &mut Cleanup,
     ) -> anyhow::Result<()> {
         let plan = self.plan;
         for (key, argv) in &plan.commands {
             let name = key.split('/').nth(1).unwrap_or(key).to_owned();
+            let injected = plan.sidecars.iter().any(|s| &s.0 == key);
+            if let (Some((ns, _)), false) = (self.net.ns_of(key), injected) {
+                resolv_conf(&ns, key, dns, cleanup)?;
+            }
             let mut env: Vec<(&str, String)> = Vec::new();
             if let Some(p) = proxy_env.get(key) {
                 env.push(("http_proxy", p.clone()));
@@ -698,9 +716,8 @@ fn chown_to_proxy(file: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A workload's namespace before its application starts: our DNS, and
-/// istio-init's iptables capture.
-fn capture(ns: &str, key: &str, bin: &str, dns: &Dns, cleanup: &mut Cleanup) -> anyhow::Result<()> {
+/// A workload namespace's resolver: our DNS, with the pod's search path.
+fn resolv_conf(ns: &str, key: &str, dns: &Dns, cleanup: &mut Cleanup) -> anyhow::Result<()> {
     let etc = PathBuf::from(format!("/etc/netns/{ns}"));
     std::fs::create_dir_all(&etc)?;
     cleanup.netns_etc.push(etc.clone());
@@ -712,6 +729,13 @@ fn capture(ns: &str, key: &str, bin: &str, dns: &Dns, cleanup: &mut Cleanup) -> 
             dns.addr.ip()
         ),
     )?;
+    Ok(())
+}
+
+/// A workload's namespace before its application starts: our DNS, and
+/// istio-init's iptables capture.
+fn capture(ns: &str, key: &str, bin: &str, dns: &Dns, cleanup: &mut Cleanup) -> anyhow::Result<()> {
+    resolv_conf(ns, key, dns, cleanup)?;
     let o = std::process::Command::new("ip")
         .args(["netns", "exec", ns, bin, "iptables"])
         .output()?;

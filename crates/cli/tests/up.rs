@@ -33,6 +33,22 @@ spec:
         image: curlimages/curl
         command: [/bin/sh]
         args: [-c, 'while true; do curl -s http://jsonplaceholder.typicode.com/todos/1; echo; sleep 5; done']
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: plain-curl, namespace: other-tst}
+spec:
+  selector: {matchLabels: {app: plain-curl}}
+  template:
+    metadata:
+      labels: {app: plain-curl}
+      annotations: {sidecar.istio.io/inject: 'false'}
+    spec:
+      containers:
+      - name: curl
+        image: curlimages/curl
+        command: [/bin/sh]
+        args: [-c, 'while true; do echo \"plain-by-name $(curl -s -H \"Host: jsonplaceholder.typicode.com\" http://curl-egress-tst.curl-egress-tst/todos/1)\"; sleep 5; done']
 ";
 
 /// The parts table `up` prints: part → (address, metrics URL, ready URL).
@@ -91,11 +107,18 @@ fn up_runs_the_seed_system_and_cleans_up() {
 
     // The curl loop prints the JSON within seconds, through the whole chain.
     up.wait_for("\"title\": \"delectus aut autem\"", Duration::from_secs(15));
+    // An uninjected workload resolves the gateway's Service by its short
+    // name, as in a pod; without a mesh identity the gateway refuses it.
+    let plain = up.wait_for("plain-by-name", Duration::from_secs(15));
+    assert!(
+        plain.starts_with("plain-curl") && plain.ends_with("plain-by-name RBAC: access denied"),
+        "{plain}"
+    );
     up.wait_for("RBAC: access denied", Duration::from_secs(15));
     let lines = up.stdout_lines();
     assert!(
         lines.iter().any(|l| l.starts_with("stand-in")
-            && l.contains("stand-in request sni=\"jsonplaceholder.typicode.com\"")),
+            && l.contains("stand-in request sni=jsonplaceholder.typicode.com ")),
         "the stand-in saw TLS with SNI jsonplaceholder.typicode.com from the gateway"
     );
     let table = parts_table(&lines);

@@ -17,6 +17,8 @@ pub struct CertInfo {
     pub uri_sans: Vec<String>,
     pub dns_sans: Vec<String>,
     pub is_ca: bool,
+    /// The subject as text (`CN=..., O=...`; empty for mesh certificates).
+    pub subject: String,
     /// Subject organization (our roots carry the trust domain there).
     pub organization: Option<String>,
 }
@@ -50,6 +52,7 @@ impl CertInfo {
             uri_sans,
             dns_sans,
             is_ca: cert.is_ca(),
+            subject: cert.subject().to_string(),
             organization: cert
                 .subject()
                 .iter_organization()
@@ -182,6 +185,7 @@ mod refresh_tests {
             uri_sans: vec![],
             dns_sans: vec![],
             is_ca: false,
+            subject: String::new(),
             organization: None,
         };
         for _ in 0..100 {

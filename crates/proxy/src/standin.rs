@@ -16,11 +16,14 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshgate_config::registry::host_matches;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
 use rustls::ServerConfig;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
@@ -107,6 +110,57 @@ impl StandinCa {
         Ok((cert, key))
     }
 
+    /// A stand-in CA from a CA certificate and key the user has (PEM), so
+    /// gateways trust the stand-ins through roots they already have.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, StandinError> {
+        let key = KeyPair::from_pem(key_pem).map_err(rc)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(rc)?;
+        Ok(StandinCa {
+            issuer,
+            root_pem: cert_pem.to_owned(),
+        })
+    }
+
+    /// A TLS server config for whatever host a client asks for by SNI:
+    /// a `given` certificate whose names cover it, else one this CA issues
+    /// for that name on first use. A client without SNI gets
+    /// `default_name`'s. With `client_ca` (PEM), a client must present a
+    /// certificate that chains to it (an API that wants mutual TLS).
+    pub fn any_host_config(
+        self: &Arc<Self>,
+        default_name: &str,
+        given: Vec<HostCert>,
+        client_ca: Option<&str>,
+    ) -> Result<Arc<ServerConfig>, StandinError> {
+        let builder = ServerConfig::builder_with_provider(meshgate_identity::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(rc)?;
+        let builder = match client_ca {
+            Some(pem) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in meshgate_identity::cert::parse_certs(pem).map_err(rc)? {
+                    roots.add(cert).map_err(rc)?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    meshgate_identity::tls::provider(),
+                )
+                .build()
+                .map_err(rc)?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut cfg = builder.with_cert_resolver(Arc::new(AnyHost {
+            ca: self.clone(),
+            default_name: default_name.to_ascii_lowercase(),
+            given,
+            issued: Mutex::default(),
+        }));
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
     /// A TLS server config presenting a certificate for `names`.
     pub fn server_config(&self, names: &[String]) -> Result<Arc<ServerConfig>, StandinError> {
         let (chain, key) = self.server_cert(names)?;
@@ -118,6 +172,68 @@ impl StandinCa {
             .map_err(rc)?;
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(cfg))
+    }
+}
+
+/// A certificate the user gave for some hosts (`*.x` covers `a.x`).
+#[derive(Debug)]
+pub struct HostCert {
+    pub names: Vec<String>,
+    pub key: Arc<CertifiedKey>,
+}
+
+impl HostCert {
+    pub fn from_pem(
+        names: Vec<String>,
+        chain_pem: &str,
+        key_pem: &str,
+    ) -> Result<Self, StandinError> {
+        let chain = meshgate_identity::cert::parse_certs(chain_pem).map_err(rc)?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(rc)?;
+        let key = meshgate_identity::tls::certified_key(chain, key).map_err(rc)?;
+        Ok(HostCert {
+            names,
+            key: Arc::new(key),
+        })
+    }
+}
+
+/// At most this many certificates issued on demand (each SNI a client
+/// makes up would otherwise cost memory).
+const MAX_ISSUED: usize = 1024;
+
+/// Serving certificates by SNI: given ones, else issued and kept.
+#[derive(Debug)]
+struct AnyHost {
+    ca: Arc<StandinCa>,
+    default_name: String,
+    given: Vec<HostCert>,
+    issued: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl rustls::server::ResolvesServerCert for AnyHost {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello
+            .server_name()
+            .map_or_else(|| self.default_name.clone(), str::to_ascii_lowercase);
+        if let Some(c) = self
+            .given
+            .iter()
+            .find(|c| c.names.iter().any(|n| host_matches(n, &name)))
+        {
+            return Some(c.key.clone());
+        }
+        let mut issued = self.issued.lock().ok()?;
+        if let Some(key) = issued.get(&name) {
+            return Some(key.clone());
+        }
+        if issued.len() >= MAX_ISSUED {
+            return None;
+        }
+        let (chain, key) = self.ca.server_cert(std::slice::from_ref(&name)).ok()?;
+        let key = Arc::new(meshgate_identity::tls::certified_key(chain, key).ok()?);
+        issued.insert(name, key.clone());
+        Some(key)
     }
 }
 
@@ -157,18 +273,93 @@ impl Seen {
     }
 }
 
-fn answer(path: &str) -> Response<Full<Bytes>> {
+/// What the stand-in answers: the real API's bodies for its real paths,
+/// `/status/N` that status, and for every other path a JSON echo of what it
+/// received (method, path, query, headers, SNI, client certificate), so a
+/// test or a user sees what the proxies sent.
+fn answer(path: &str, echo: &serde_json::Value) -> Response<Full<Bytes>> {
     let (status, body) = match path {
-        "/todos/1" | "/hold" => (StatusCode::OK, TODO_1),
-        _ => (StatusCode::NOT_FOUND, "{}"),
+        "/todos/1" | "/hold" => (StatusCode::OK, Bytes::from_static(TODO_1.as_bytes())),
+        _ => {
+            let status = path
+                .strip_prefix("/status/")
+                .and_then(|c| c.parse::<u16>().ok())
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::OK);
+            let mut text = serde_json::to_string_pretty(echo).unwrap_or_default();
+            text.push('\n');
+            (status, Bytes::from(text))
+        }
     };
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut r = Response::new(Full::new(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json; charset=utf-8"),
     );
     r
+}
+
+/// The longest `/delay/MS` waits.
+const MAX_DELAY_MS: u64 = 60_000;
+
+/// The echo of one request.
+fn echo_of(
+    req: &Request<Incoming>,
+    sni: Option<&str>,
+    client: Option<&ClientCert>,
+) -> serde_json::Value {
+    let headers: serde_json::Map<String, serde_json::Value> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into(),
+            )
+        })
+        .collect();
+    serde_json::json!({
+        "method": req.method().as_str(),
+        "path": req.uri().path(),
+        "query": req.uri().query(),
+        "headers": headers,
+        "sni": sni,
+        "clientCertificate": client.map(|c| serde_json::json!({
+            "subject": c.subject,
+            "uriSans": c.uri_sans,
+            "dnsSans": c.dns_sans,
+        })),
+    })
+}
+
+/// The client certificate a connection presented.
+#[derive(Debug, Clone)]
+struct ClientCert {
+    subject: String,
+    uri_sans: Vec<String>,
+    dns_sans: Vec<String>,
+}
+
+impl ClientCert {
+    fn of(certs: Option<&[CertificateDer<'_>]>) -> Option<Self> {
+        let info = meshgate_identity::cert::CertInfo::parse(certs?.first()?).ok()?;
+        Some(ClientCert {
+            subject: info.subject,
+            uri_sans: info.uri_sans,
+            dns_sans: info.dns_sans,
+        })
+    }
+
+    fn describe(&self) -> String {
+        let mut names = self.uri_sans.clone();
+        names.extend(self.dns_sans.iter().cloned());
+        match (self.subject.is_empty(), names.is_empty()) {
+            (false, _) => self.subject.clone(),
+            (true, false) => names.join(","),
+            (true, true) => "(no subject)".to_owned(),
+        }
+    }
 }
 
 /// `/upgrade` with `Connection: upgrade`: answers 101 and echoes every byte
@@ -203,11 +394,24 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, seen: Se
         };
         let (acceptor, seen) = (acceptor.clone(), seen.clone());
         tokio::spawn(async move {
-            let Ok(stream) = acceptor.accept(tcp).await else {
-                return;
+            let stream = match acceptor.accept(tcp).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::info!(error = %e, "stand-in connection refused in the TLS handshake");
+                    return;
+                }
             };
             let sni = stream.get_ref().1.server_name().map(str::to_owned);
+            let client = ClientCert::of(stream.get_ref().1.peer_certificates());
+            tracing::info!(
+                sni = %sni.as_deref().unwrap_or("-"),
+                client_cert = %client
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), ClientCert::describe),
+                "stand-in connection"
+            );
             let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let echo = echo_of(&req, sni.as_deref(), client.as_ref());
                 let upgrade = echo_upgrade(&mut req);
                 let header = |name: header::HeaderName| {
                     req.headers()
@@ -227,7 +431,7 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, seen: Se
                         .await
                         .map(|b| b.to_bytes().len())
                         .unwrap_or(0);
-                    tracing::info!(sni = sni.as_deref().unwrap_or("-"), host = host.as_deref().unwrap_or("-"), %path, "stand-in request");
+                    tracing::info!(sni = %sni.as_deref().unwrap_or("-"), host = %host.as_deref().unwrap_or("-"), %path, "stand-in request");
                     if let Ok(mut v) = seen.0.lock() {
                         v.push(SeenRequest {
                             sni,
@@ -248,7 +452,14 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, seen: Se
                     {
                         permit.forget();
                     }
-                    Ok::<_, Infallible>(answer(&path))
+                    if let Some(ms) = path
+                        .strip_prefix("/delay/")
+                        .and_then(|m| m.parse::<u64>().ok())
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(ms.min(MAX_DELAY_MS)))
+                            .await;
+                    }
+                    Ok::<_, Infallible>(answer(&path, &echo))
                 }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -268,8 +479,9 @@ pub async fn serve_http(listener: TcpListener) {
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(|req: Request<Incoming>| {
                 let path = req.uri().path().to_owned();
+                let echo = echo_of(&req, None, None);
                 tracing::info!(%path, "stand-in plain HTTP request");
-                async move { Ok::<_, Infallible>(answer(&path)) }
+                async move { Ok::<_, Infallible>(answer(&path, &echo)) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tcp), svc)
@@ -294,11 +506,28 @@ impl DnsZone {
         self
     }
 
+    /// Answers `name` with `ip`; a `*.example.com` name answers every name
+    /// under example.com (not example.com itself), as a wildcard record.
     pub fn insert(&mut self, name: &str, ip: IpAddr) {
         self.names
             .entry(name.trim_end_matches('.').to_ascii_lowercase())
             .or_default()
             .push(ip);
+    }
+
+    /// The addresses for `name`: its own, else the nearest wildcard's.
+    fn lookup(&self, name: &str) -> Option<&Vec<IpAddr>> {
+        if let Some(ips) = self.names.get(name) {
+            return Some(ips);
+        }
+        let mut rest = name;
+        while let Some((_, parent)) = rest.split_once('.') {
+            if let Some(ips) = self.names.get(&format!("*.{parent}")) {
+                return Some(ips);
+            }
+            rest = parent;
+        }
+        None
     }
 
     /// Answers one query message.
@@ -314,7 +543,7 @@ impl DnsZone {
                 .to_ascii()
                 .trim_end_matches('.')
                 .to_ascii_lowercase();
-            if let Some(ips) = self.names.get(&name) {
+            if let Some(ips) = self.lookup(&name) {
                 known = true;
                 for ip in ips {
                     let rdata = match (ip, query.query_type()) {
@@ -429,4 +658,32 @@ async fn serve_dns_tasks(addr: SocketAddr, zone: DnsZone) -> Result<DnsServer, S
         addr: bound,
         tasks: vec![udp_task.abort_handle(), tcp_task.abort_handle()],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_resolver::proto::op::Query;
+    use hickory_resolver::proto::rr::Name;
+
+    fn ask(zone: &DnsZone, name: &str) -> (ResponseCode, Vec<String>) {
+        let mut q = Message::new(7, MessageType::Query, OpCode::Query);
+        q.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        let resp = Message::from_vec(&zone.respond(&q.to_vec().unwrap()).unwrap()).unwrap();
+        let ips = resp.answers.iter().map(|r| r.data.to_string()).collect();
+        (resp.metadata.response_code, ips)
+    }
+
+    #[test]
+    fn a_wildcard_name_answers_every_name_under_it_but_not_itself() {
+        let mut zone = DnsZone::default();
+        zone.insert("*.example.com", "10.0.0.1".parse().unwrap());
+        zone.insert("exact.example.com", "10.0.0.2".parse().unwrap());
+        let ok = |ip: &str| (ResponseCode::NoError, vec![ip.to_owned()]);
+        assert_eq!(ask(&zone, "a.example.com."), ok("10.0.0.1"));
+        assert_eq!(ask(&zone, "deep.a.example.com."), ok("10.0.0.1"));
+        assert_eq!(ask(&zone, "exact.example.com."), ok("10.0.0.2"));
+        assert_eq!(ask(&zone, "example.com.").0, ResponseCode::NXDomain);
+        assert_eq!(ask(&zone, "a.example.org.").0, ResponseCode::NXDomain);
+    }
 }

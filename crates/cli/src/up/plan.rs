@@ -60,9 +60,9 @@ pub(super) fn plan(config: &Config, mesh: &MeshSettings) -> Plan {
     }
     for s in &reg.services {
         match &s.source {
-            ServiceSource::ServiceEntry { .. }
-                if s.location == Location::MeshExternal && !s.hostname.starts_with('*') =>
-            {
+            // Wildcard hosts too: the stand-in's DNS answers every name
+            // under them, its TLS any name asked.
+            ServiceSource::ServiceEntry { .. } if s.location == Location::MeshExternal => {
                 if !p.external_hosts.contains(&s.hostname) {
                     p.external_hosts.push(s.hostname.clone());
                 }
