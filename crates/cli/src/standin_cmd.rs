@@ -91,12 +91,13 @@ pub(crate) fn run(a: &StandinArgs) -> anyhow::Result<ExitCode> {
         .context("starting the runtime")?;
     rt.block_on(async {
         let mut https = a.https_listen;
+        // Written even with no hosts to serve: whoever trusts it needs it.
+        let ca = std::sync::Arc::new(a.ca()?);
+        if let Some(out) = &a.ca_out {
+            std::fs::write(out, &ca.root_pem)
+                .with_context(|| format!("writing {}", out.display()))?;
+        }
         if !a.hosts.is_empty() {
-            let ca = std::sync::Arc::new(a.ca()?);
-            if let Some(out) = &a.ca_out {
-                std::fs::write(out, &ca.root_pem)
-                    .with_context(|| format!("writing {}", out.display()))?;
-            }
             let client_ca = match &a.client_ca {
                 Some(p) => Some(read(p, "--client-ca")?),
                 None => None,

@@ -45,6 +45,15 @@ pub(crate) struct UpArgs {
     /// Use loopback ports even as root (no namespaces, no iptables).
     #[arg(long)]
     loopback: bool,
+    /// Send an external host's port to your own server instead (repeat):
+    /// HOST:PORT=ADDR:PORT. The gateways reach ADDR for it (from their
+    /// namespace: the host side of the bridge is the first address `up`
+    /// prints); with --stand-in the stand-in leaves that host alone.
+    #[arg(long = "external", value_name = "HOST:PORT=ADDR:PORT")]
+    externals: Vec<String>,
+    /// Trust this CA (PEM) for TLS to --external servers.
+    #[arg(long, value_name = "FILE")]
+    external_ca: Option<PathBuf>,
     #[command(flatten)]
     mesh: crate::MeshArgs,
 }
@@ -104,7 +113,33 @@ fn choose_mode(args: &UpArgs) -> (Mode, String) {
     )
 }
 
+/// One `--external`: the cluster key the gateways' endpoints use and where
+/// it goes.
+#[derive(Debug, Clone)]
+struct External {
+    host: String,
+    port: u16,
+    addr: SocketAddr,
+}
+
+fn parse_externals(specs: &[String]) -> anyhow::Result<Vec<External>> {
+    specs
+        .iter()
+        .map(|spec| {
+            let bad = || format!("--external {spec}: expected HOST:PORT=ADDR:PORT");
+            let (target, addr) = spec.split_once('=').with_context(bad)?;
+            let (host, port) = target.rsplit_once(':').with_context(bad)?;
+            Ok(External {
+                host: host.to_ascii_lowercase(),
+                port: port.parse().with_context(bad)?,
+                addr: addr.parse().with_context(bad)?,
+            })
+        })
+        .collect()
+}
+
 pub(crate) fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
+    let externals = parse_externals(&args.externals)?;
     let config = crate::run::load_config(&args.paths)?;
     let mesh = args.mesh.load()?;
     let plan = plan(&config, &mesh);
@@ -128,7 +163,7 @@ pub(crate) fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the runtime")?;
     let mut cleanup = Cleanup::default();
-    let result = rt.block_on(up(args, &plan, mode, &mut cleanup));
+    let result = rt.block_on(up(args, &plan, &externals, mode, &mut cleanup));
     cleanup.run();
     match result {
         Ok(code) => Ok(code),
@@ -178,15 +213,19 @@ struct Up<'a> {
     runner: Runner,
     rx: mpsc::UnboundedReceiver<Event>,
     table: Vec<Row>,
+    /// Hosts sent to the user's own servers (`--external`).
+    externals: Vec<External>,
 }
 
 async fn up(
     args: &UpArgs,
     plan: &Plan,
+    externals: &[External],
     mode: Mode,
     cleanup: &mut Cleanup,
 ) -> anyhow::Result<ExitCode> {
     let mut up = Up::prepare(args, plan, mode, cleanup)?;
+    up.externals = externals.to_vec();
     let ca = up.start_ca().await?;
     let dns = up.start_dns(cleanup).await?;
     let gateway_ports = up.start_gateways(&ca, &dns, cleanup).await?;
@@ -283,6 +322,7 @@ impl<'a> Up<'a> {
             runner: Runner::new(tx),
             rx,
             table: vec![Row(header)],
+            externals: Vec::new(),
         })
     }
 
@@ -348,9 +388,15 @@ impl<'a> Up<'a> {
             "--https-listen".into(),
             standin.to_string(),
         ];
+        let own = |h: &String| self.externals.iter().any(|e| &e.host == h);
         if self.args.stand_in {
-            for h in &self.plan.external_hosts {
+            for h in self.plan.external_hosts.iter().filter(|h| !own(h)) {
                 argv.extend(["--host".into(), h.clone()]);
+            }
+            // The user's servers: the name resolves (the capture takes the
+            // connection), the gateway goes to --external's address.
+            for h in self.plan.external_hosts.iter().filter(|h| own(h)) {
+                argv.extend(["--record".into(), format!("{h}={}", self.net.addr_of(254))]);
             }
             argv.extend(["--ca-out".into(), standin_ca.to_string_lossy().into_owned()]);
         } else {
@@ -450,9 +496,7 @@ impl<'a> Up<'a> {
                 "--port".into(),
                 format!("{HTTP_PORT}={http}"),
             ]);
-            if self.args.stand_in {
-                argv.extend(self.standin_flags(name, dns)?);
-            }
+            argv.extend(self.egress_flags(name, dns)?);
             let argv = match ns {
                 Some((ns, _)) => as_proxy(&ns, argv),
                 None => argv,
@@ -470,24 +514,40 @@ impl<'a> Up<'a> {
         Ok(ports)
     }
 
-    /// A gateway reaching the stand-in: by DNS in its namespace, or on
-    /// loopback through an endpoints file (external port 443 is the
-    /// stand-in's port).
-    fn standin_flags(&self, name: &str, dns: &Dns) -> anyhow::Result<Vec<String>> {
-        let mut flags = vec![
-            "--extra-roots".into(),
-            dns.standin_ca.to_string_lossy().into_owned(),
-        ];
-        if self.net.ns_of("stand-in").is_some() {
-            flags.extend(["--dns-server".into(), dns.addr.to_string()]);
-        } else {
+    /// How a gateway reaches the external hosts: the stand-in by DNS in its
+    /// namespace, or on loopback through an endpoints file (external port
+    /// 443 is the stand-in's port); `--external` hosts at the user's
+    /// servers. Trusts the stand-in's CA and `--external-ca`.
+    fn egress_flags(&self, name: &str, dns: &Dns) -> anyhow::Result<Vec<String>> {
+        let mut flags = Vec::new();
+        let mut lines = String::new();
+        if self.args.stand_in {
+            flags.extend([
+                "--extra-roots".into(),
+                dns.standin_ca.to_string_lossy().into_owned(),
+            ]);
+            if self.net.ns_of("stand-in").is_some() {
+                flags.extend(["--dns-server".into(), dns.addr.to_string()]);
+            } else {
+                let own = |h: &String| self.externals.iter().any(|e| &e.host == h && e.port == 443);
+                for h in self.plan.external_hosts.iter().filter(|h| !own(h)) {
+                    let _ = writeln!(lines, "{h}:443 {}", dns.standin);
+                }
+            }
+        }
+        if let Some(ca) = &self.args.external_ca {
+            // Where the proxies (uid 1337) can read it.
+            let copy = self.run_dir.join("external-ca.pem");
+            let text = std::fs::read_to_string(ca)
+                .with_context(|| format!("--external-ca {}", ca.display()))?;
+            write_world_readable(&copy, &text)?;
+            flags.extend(["--extra-roots".into(), copy.to_string_lossy().into_owned()]);
+        }
+        for e in &self.externals {
+            let _ = writeln!(lines, "{}:{} {}", e.host, e.port, e.addr);
+        }
+        if !lines.is_empty() {
             let ep = self.run_dir.join(format!("endpoints-{name}"));
-            let lines: String = self
-                .plan
-                .external_hosts
-                .iter()
-                .map(|h| format!("{h}:443 {}\n", dns.standin))
-                .collect();
             write_world_readable(&ep, &lines)?;
             flags.extend(["--endpoints".into(), ep.to_string_lossy().into_owned()]);
         }

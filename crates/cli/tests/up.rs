@@ -374,3 +374,49 @@ fn up_in_loopback_mode_uses_the_sidecar_as_an_explicit_proxy() {
             .exists()
     );
 }
+
+#[test]
+fn up_sends_an_external_host_to_the_users_own_server() {
+    // The user's server for jsonplaceholder: a stand-in of its own, with
+    // its own CA, on a loopback port.
+    let t = TempDir::new("up-external");
+    let own_ca = t.path("own-ca.pem");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let https = format!("127.0.0.1:{port}");
+    let own = Proc::spawn(&[
+        "stand-in",
+        "--host",
+        "jsonplaceholder.typicode.com",
+        "--https-listen",
+        &https,
+        "--dns-listen",
+        "127.0.0.1:0",
+        "--ca-out",
+        &own_ca,
+    ]);
+    own.wait_for("stand-in running", Duration::from_secs(10));
+
+    let external = format!("jsonplaceholder.typicode.com:443={https}");
+    let up = Proc::spawn(&[
+        "up",
+        &seed(),
+        "--stand-in",
+        "--loopback",
+        "--external",
+        &external,
+        "--external-ca",
+        &own_ca,
+    ]);
+    up.wait_for("all parts running", Duration::from_secs(60));
+    up.wait_for("\"title\": \"delectus aut autem\"", Duration::from_secs(15));
+    // The user's server answered it.
+    own.wait_for(
+        "stand-in request sni=jsonplaceholder.typicode.com",
+        Duration::from_secs(5),
+    );
+    stop(up);
+}
