@@ -22,9 +22,9 @@ fn set_no_kube_cfg() {
 const ISTIOD_DEFAULT: &str =
     "/var/cache/meshgate/istio/v0.0.0-20260827124520-eed52ebb66ad/pilot-discovery";
 
-// The Istio CA interop tests need istiod and istio-csr beside it
-// (`tests/istio/build`); without them they are ignored (`no_istiod`). The
-// path is passed to the tests.
+// The Istio interop tests need istiod, istio-csr and analyzers-testdata
+// beside it (`tests/istio/build`); without them they are ignored
+// (`no_istiod`). The path is passed to the tests.
 #[allow(dead_code)]
 fn set_no_istiod_cfg() {
     println!("cargo::rustc-check-cfg=cfg(no_istiod)");
@@ -36,7 +36,10 @@ fn set_no_istiod_cfg() {
     if let Some(dir) = bin.parent() {
         println!("cargo::rerun-if-changed={}", dir.display());
     }
-    if !bin.is_file() || !bin.with_file_name("istio-csr").is_file() {
+    if !bin.is_file()
+        || !bin.with_file_name("istio-csr").is_file()
+        || !bin.with_file_name("analyzers-testdata").is_dir()
+    {
         println!("cargo::rustc-cfg=no_istiod");
     }
 }

@@ -18,6 +18,10 @@ pub(crate) fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let mesh = args.mesh.load()?;
+    // What the files hold, before the defaults analysis assumes.
+    let summary = loaded.config.summary();
+    let mut loaded = loaded;
+    add_default_ingress(&mut loaded, &mesh);
     let mut diagnostics = loaded.diagnostics.clone();
     diagnostics.extend(analyze::analyze(&loaded.config, &mesh));
     let failed = diagnostics.iter().any(|d| d.level == Level::Error);
@@ -29,7 +33,7 @@ pub(crate) fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
             let json: Vec<DiagnosticJson> = diagnostics.iter().map(DiagnosticJson::from).collect();
             serde_json::to_writer_pretty(&mut out, &json).context("writing JSON")?;
             writeln!(out)?;
-            eprintln!("Loaded {}.", loaded.config.summary());
+            eprintln!("Loaded {summary}.");
         }
         Output::Text => {
             for d in &diagnostics {
@@ -38,7 +42,7 @@ pub(crate) fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
             if diagnostics.is_empty() {
                 writeln!(out, "✔ No validation issues found.")?;
             }
-            writeln!(out, "Loaded {}.", loaded.config.summary())?;
+            writeln!(out, "Loaded {summary}.")?;
         }
     }
     Ok(if failed {
@@ -46,4 +50,47 @@ pub(crate) fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// What istioctl analyze assumes of a cluster when it reads only files: the
+/// default ingress gateway (a pod labelled `istio: ingressgateway` and its
+/// Service, ports 80, 443, 31400 and 15443, in the root namespace), so that
+/// Gateways selecting it are not reported as selecting nothing. Added only
+/// for analysis, and only when the files do not define that Service.
+fn add_default_ingress(loaded: &mut meshgate_config::Loaded, mesh: &meshgate_config::MeshSettings) {
+    let ns = &mesh.root_namespace;
+    let defined = loaded
+        .config
+        .services
+        .iter()
+        .any(|s| s.meta.namespace == *ns && s.meta.name == "istio-ingressgateway");
+    if defined {
+        return;
+    }
+    let text = format!(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: istio-ingressgateway-default
+  namespace: {ns}
+  labels: {{istio: ingressgateway}}
+spec:
+  containers: [{{name: istio-proxy}}]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: istio-ingressgateway
+  namespace: {ns}
+spec:
+  selector: {{istio: ingressgateway}}
+  ports:
+  - {{name: http2, port: 80, targetPort: 80}}
+  - {{name: https, port: 443, targetPort: 443}}
+  - {{name: tcp, port: 31400, targetPort: 31400}}
+  - {{name: tls, port: 15443, targetPort: 15443}}
+"
+    );
+    // Our own text: it reads, or it is a bug the tests catch.
+    let _ = meshgate_config::load::load_str("(default ingress gateway)", &text, loaded);
 }

@@ -6,13 +6,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::MeshSettings;
 use crate::diag::{Diagnostic, Level, Origin};
+use crate::model::common::IntOrString;
 use crate::model::networking::{ClientTlsMode, ClientTlsSettings};
 use crate::model::security::AuthzAction;
 use crate::model::{Config, Labels, Resource, labels_match};
 use crate::registry::{
-    ProxyKind, Registry, ServiceSource, host_matches, hosts_overlap, resolve_host,
+    ProxyKind, Registry, Service, ServiceSource, exported_to, host_matches, hosts_overlap,
+    resolve_host,
 };
-use crate::view::{gateway_listen_port, server_hosts_cover, vs_bound_to_mesh};
+use crate::view::vs_bound_to_mesh;
 
 /// Runs every analyzer. Diagnostics come back sorted by file and line.
 pub fn analyze(config: &Config, mesh: &MeshSettings) -> Vec<Diagnostic> {
@@ -97,6 +99,18 @@ fn virtual_service_references(
             if g == "mesh" {
                 continue;
             }
+            if is_internal_gateway(g) {
+                out.push(Diagnostic::new(
+                    Level::Warning,
+                    "IST0165",
+                    Origin::at_field(&vs.meta, &path),
+                    format!(
+                        "Gateway reference in VirtualService {} is to an implementation-generated internal Gateway: {g}.",
+                        vs.meta.full_name()
+                    ),
+                ));
+                continue;
+            }
             let (gns, gname) = g.split_once('/').unwrap_or((ns.as_str(), g.as_str()));
             let found = config
                 .gateways
@@ -158,7 +172,33 @@ fn virtual_service_references(
         for (path, d) in dests {
             let mirror = path.contains("mirror");
             let host = resolve_host(&d.host, ns, mesh);
-            let Some(svc) = registry.lookup(&host, ns) else {
+            let found = destination_service(registry, ns, &vs.spec.export_to, &host);
+            // The subset is the DestinationRule's business, whether or not
+            // the host is known (as istioctl's separate analyzers).
+            let (dr_host, dr_ns) = found.map_or((host.as_str(), ns.as_str()), |s| {
+                (s.hostname.as_str(), s.namespace.as_str())
+            });
+            if !d.subset.is_empty() {
+                let dr = crate::view::destination_rule_for(config, ns, None, dr_host, dr_ns, mesh);
+                let has = dr.is_some_and(|dr| dr.spec.subsets.iter().any(|s| s.name == d.subset));
+                if !has {
+                    out.push(Diagnostic::new(
+                        Level::Error,
+                        "IST0101",
+                        Origin::at_field(&vs.meta, &format!("{path}.subset")),
+                        format!(
+                            "Referenced {} not found: {}",
+                            if mirror {
+                                "mirror+subset in destinationrule"
+                            } else {
+                                "host+subset in destinationrule"
+                            },
+                            q(&format!("{}+{}", d.host, d.subset))
+                        ),
+                    ));
+                }
+            }
+            let Some(svc) = found else {
                 out.push(Diagnostic::new(
                     Level::Error,
                     "IST0101",
@@ -195,33 +235,6 @@ fn virtual_service_references(
                     ));
                 }
                 _ => {}
-            }
-            if !d.subset.is_empty() {
-                let dr = crate::view::destination_rule_for(
-                    config,
-                    ns,
-                    None,
-                    &svc.hostname,
-                    &svc.namespace,
-                    mesh,
-                );
-                let has = dr.is_some_and(|dr| dr.spec.subsets.iter().any(|s| s.name == d.subset));
-                if !has {
-                    out.push(Diagnostic::new(
-                        Level::Error,
-                        "IST0101",
-                        Origin::at_field(&vs.meta, &format!("{path}.subset")),
-                        format!(
-                            "Referenced {} not found: {}",
-                            if mirror {
-                                "mirror+subset in destinationrule"
-                            } else {
-                                "host+subset in destinationrule"
-                            },
-                            q(&format!("{}+{}", d.host, d.subset))
-                        ),
-                    ));
-                }
             }
         }
     }
@@ -328,43 +341,98 @@ fn conflicting_mesh_hosts(config: &Config, mesh: &MeshSettings, out: &mut Vec<Di
     }
 }
 
-// === IST0132: VirtualService host not admitted by the Gateway ===
+/// The service a VirtualService's destination names, as istioctl finds it:
+/// one exported everywhere, else one exported to every namespace the
+/// VirtualService is exported to (its own without `exportTo`), else a
+/// wildcard host covering it, exported everywhere or to the
+/// VirtualService's namespace.
+fn destination_service<'r>(
+    registry: &'r Registry,
+    vs_ns: &str,
+    vs_export_to: &[String],
+    host: &str,
+) -> Option<&'r Service> {
+    let everywhere = |s: &Service| s.export_to.is_empty() || s.export_to.iter().any(|e| e == "*");
+    let named = || {
+        registry
+            .services
+            .iter()
+            .filter(|s| s.hostname.eq_ignore_ascii_case(host))
+    };
+    if let Some(s) = named().find(|s| everywhere(s)) {
+        return Some(s);
+    }
+    let scopes: Vec<&str> = if vs_export_to.is_empty() {
+        vec![vs_ns]
+    } else {
+        vs_export_to
+            .iter()
+            .map(|e| if e == "." { vs_ns } else { e.as_str() })
+            .collect()
+    };
+    if let Some(s) = named().find(|s| {
+        scopes
+            .iter()
+            .any(|ns| exported_to(&s.export_to, &s.namespace, ns))
+    }) {
+        return Some(s);
+    }
+    let bare = host.trim_start_matches('*');
+    registry.services.iter().find(|s| {
+        s.hostname.starts_with('*')
+            && (everywhere(s) || exported_to(&s.export_to, &s.namespace, vs_ns))
+            && bare.ends_with(s.hostname.trim_start_matches('*'))
+    })
+}
 
-fn gateway_host_coverage(config: &Config, mesh: &MeshSettings, out: &mut Vec<Diagnostic>) {
+/// A Gateway that an implementation generated from a Kubernetes Gateway
+/// (`NS/NAME~istio-autogenerated-k8s-gateway~...`): not for VirtualServices
+/// to name (IST0165).
+fn is_internal_gateway(reference: &str) -> bool {
+    let name = reference.split_once('/').map_or(reference, |(_, n)| n);
+    name.contains("~istio-autogenerated-k8s-gateway~")
+}
+
+// === IST0132: no host of the VirtualService is on the Gateway ===
+
+/// As istioctl: for each gateway a VirtualService names, IST0132 when none
+/// of the gateway's server hosts (those exported to the VirtualService's
+/// namespace) overlaps any of its hosts; a gateway that does not exist has
+/// no hosts (and IST0101 too).
+fn gateway_host_coverage(config: &Config, _mesh: &MeshSettings, out: &mut Vec<Diagnostic>) {
     for vs in &config.virtual_services {
-        for g in vs.spec.gateways.iter().filter(|g| *g != "mesh") {
+        for (i, g) in vs.spec.gateways.iter().enumerate() {
+            if g == "mesh" || is_internal_gateway(g) {
+                continue;
+            }
             let (gns, gname) = g
                 .split_once('/')
                 .unwrap_or((vs.meta.namespace.as_str(), g.as_str()));
-            let Some(gw) = config
+            let gateway_hosts: Vec<&str> = config
                 .gateways
                 .iter()
-                .find(|gw| gw.meta.namespace == gns && gw.meta.name == gname)
-            else {
-                continue; // IST0101 reports it
-            };
-            let missing: Vec<String> = vs
-                .spec
-                .hosts
-                .iter()
-                .filter(|h| {
-                    let host = resolve_host(h, &vs.meta.namespace, mesh);
-                    !gw.spec.servers.iter().any(|s| {
-                        server_hosts_cover(s, &gw.meta.namespace, &vs.meta.namespace, &host)
-                    })
+                .filter(|gw| gw.meta.namespace == gns && gw.meta.name == gname)
+                .flat_map(|gw| gw.spec.servers.iter().flat_map(|s| s.hosts.iter()))
+                .filter_map(|h| match h.split_once('/') {
+                    Some((ns, host)) => {
+                        let ns = if ns == "." { gns } else { ns };
+                        (ns == "*" || ns == vs.meta.namespace).then_some(host)
+                    }
+                    None => Some(h.as_str()),
                 })
-                .cloned()
                 .collect();
-            if !missing.is_empty() {
+            let covered = gateway_hosts
+                .iter()
+                .any(|gh| vs.spec.hosts.iter().any(|vh| hosts_overlap(gh, vh)));
+            if !covered {
                 out.push(Diagnostic::new(
                     Level::Warning,
                     "IST0132",
-                    Origin::at_field(&vs.meta, "spec.hosts"),
+                    Origin::at_field(&vs.meta, &format!("spec.gateways[{i}]")),
                     format!(
-                        "one or more host {} defined in VirtualService {} not found in Gateway {}.",
-                        v(&missing),
+                        "one or more host {} defined in VirtualService {} not found in Gateway {gns}/{gname}.",
+                        v(&vs.spec.hosts),
                         vs.meta.full_name(),
-                        gw.meta.full_name()
                     ),
                 ));
             }
@@ -388,77 +456,94 @@ fn gateway_selectors_and_ports(config: &Config, registry: &Registry, out: &mut V
             ));
             continue;
         }
-        let gateway_workloads: Vec<_> = registry
+        // As istioctl: the ports of the Services that select the gateway's
+        // pods, by target port (the port the proxy listens on), and their
+        // service ports that map to a target.
+        let mut listens = BTreeSet::new();
+        for w in registry
             .workloads
             .iter()
-            .filter(|w| w.proxy == ProxyKind::Gateway && labels_match(&gw.spec.selector, &w.labels))
-            .collect();
-        for (i, server) in gw.spec.servers.iter().enumerate() {
-            for w in &gateway_workloads {
-                let (_, on_service) = gateway_listen_port(registry, w, server.port.number);
-                if !on_service {
-                    out.push(Diagnostic::new(
-                        Level::Warning,
-                        "IST0162",
-                        Origin::at_field(&gw.meta, &format!("spec.servers[{i}].port")),
-                        format!(
-                            "The gateway is listening on a target port (port {}) that is not defined in the Service associated with its workload instances (Pod selector {}). If you need to access the gateway port through the gateway Service, it will not be available.",
-                            server.port.number,
-                            selector_string(&gw.spec.selector)
-                        ),
-                    ));
-                    break;
+            .filter(|w| labels_match(&gw.spec.selector, &w.labels))
+        {
+            for svc in registry.services_of(w) {
+                for p in &svc.ports {
+                    match &p.target_port {
+                        Some(IntOrString::Int(t)) if *t != 0 => {
+                            listens.insert(*t);
+                            listens.insert(p.number);
+                        }
+                        _ => {
+                            listens.insert(p.number);
+                        }
+                    }
                 }
+            }
+        }
+        for (i, server) in gw.spec.servers.iter().enumerate() {
+            if !listens.contains(&server.port.number) {
+                out.push(Diagnostic::new(
+                    Level::Warning,
+                    "IST0162",
+                    Origin::at_field(&gw.meta, &format!("spec.servers[{i}].port")),
+                    format!(
+                        "The gateway is listening on a target port (port {}) that is not defined in the Service associated with its workload instances (Pod selector {}). If you need to access the gateway port through the gateway Service, it will not be available.",
+                        server.port.number,
+                        selector_string(&gw.spec.selector)
+                    ),
+                ));
             }
         }
     }
 }
 
-// === IST0145: two Gateways, same selector and port, overlapping hosts ===
+// === IST0145: two Gateways, same workloads and port, a host in common ===
 
+/// As istioctl: Gateways whose selectors are the same (or one's contains
+/// the other's and a pod has both) conflict on a port where a server of one
+/// names a host, with the same bind, that a server of the other names. One
+/// message per server, listing every gateway it conflicts with.
 fn conflicting_gateways(config: &Config, out: &mut Vec<Diagnostic>) {
-    for (i, a) in config.gateways.iter().enumerate() {
-        for (j, b) in config.gateways.iter().enumerate() {
-            if i == j || a.spec.selector != b.spec.selector {
+    let same_pods = |a: &Labels, b: &Labels| {
+        let (sa, sb) = (selector_string(a), selector_string(b));
+        sa == sb
+            || ((sa.contains(&sb) || sb.contains(&sa))
+                && config.workloads.iter().any(|w| {
+                    labels_match(a, &w.spec.pod_labels) && labels_match(b, &w.spec.pod_labels)
+                }))
+    };
+    for a in &config.gateways {
+        for server in &a.spec.servers {
+            let bind = server.bind.as_str();
+            let mut with: Vec<String> = config
+                .gateways
+                .iter()
+                .filter(|b| b.meta.full_name() != a.meta.full_name())
+                .filter(|b| same_pods(&a.spec.selector, &b.spec.selector))
+                .filter(|b| {
+                    b.spec.servers.iter().any(|other| {
+                        other.port.number == server.port.number
+                            && other.bind == bind
+                            && other.hosts.iter().any(|h| server.hosts.contains(h))
+                    })
+                })
+                .map(|b| b.meta.full_name())
+                .collect();
+            if with.is_empty() {
                 continue;
             }
-            for sa in &a.spec.servers {
-                for sb in b
-                    .spec
-                    .servers
-                    .iter()
-                    .filter(|sb| sb.port.number == sa.port.number)
-                {
-                    let overlap: Vec<String> = sa
-                        .hosts
-                        .iter()
-                        .filter(|ha| {
-                            let pa = ha.split_once('/').map_or(ha.as_str(), |(_, h)| h);
-                            sb.hosts.iter().any(|hb| {
-                                hosts_overlap(
-                                    pa,
-                                    hb.split_once('/').map_or(hb.as_str(), |(_, h)| h),
-                                )
-                            })
-                        })
-                        .cloned()
-                        .collect();
-                    if !overlap.is_empty() {
-                        out.push(Diagnostic::new(
-                            Level::Error,
-                            "IST0145",
-                            Origin::of(&a.meta),
-                            format!(
-                                "Conflict with gateways {} (workload selector {}, port {}, hosts {}).",
-                                b.meta.full_name(),
-                                selector_string(&a.spec.selector),
-                                sa.port.number,
-                                overlap.join(",")
-                            ),
-                        ));
-                    }
-                }
-            }
+            with.sort();
+            out.push(Diagnostic::new(
+                Level::Error,
+                "IST0145",
+                Origin::of(&a.meta),
+                format!(
+                    "Conflict with gateways {} (workload selector {}, port {}, hosts {}).",
+                    with.join(","),
+                    selector_string(&a.spec.selector),
+                    server.port.number,
+                    server.hosts.join(",")
+                ),
+            ));
         }
     }
 }

@@ -45,6 +45,8 @@ pub enum LoadError {
 /// The loaded config plus what was found wrong on the way.
 #[derive(Debug, Default)]
 pub struct Loaded {
+    /// Every resource that could be read, also those with errors (for the
+    /// analyzers): run it only when `has_errors` is false.
     pub config: Config,
     pub diagnostics: Vec<Diagnostic>,
     /// Where each resource loaded so far was defined, to find duplicates
@@ -433,29 +435,26 @@ fn load_object(file: &Arc<str>, node: &Arc<Node>, loaded: &mut Loaded) {
         return;
     }
 
-    // Semantic validation of what was just added; a resource with errors is
-    // taken out again so nothing acts on it.
-    let problems = validate::last_added(&loaded.config, kind);
-    if problems.is_empty() {
-        let key = (kind, namespace.clone(), name.clone());
-        match loaded.defined.get(&key) {
-            Some((file, line)) => {
-                loaded.diagnostics.push(schema_error(
-                    kind.as_str(),
-                    full_name.clone(),
-                    node.pos.line,
-                    format!("duplicate {kind} {full_name}: also defined at {file}:{line}"),
-                ));
-                validate::remove_last(&mut loaded.config, kind);
-            }
-            None => {
-                loaded
-                    .defined
-                    .insert(key, (source.file.clone(), source.line));
-            }
-        }
+    // A second definition of the same object is refused outright.
+    let key = (kind, namespace.clone(), name.clone());
+    if let Some((file, line)) = loaded.defined.get(&key) {
+        loaded.diagnostics.push(schema_error(
+            kind.as_str(),
+            full_name.clone(),
+            node.pos.line,
+            format!("duplicate {kind} {full_name}: also defined at {file}:{line}"),
+        ));
+        validate::remove_last(&mut loaded.config, kind);
         return;
     }
+    loaded
+        .defined
+        .insert(key, (source.file.clone(), source.line));
+    // Semantic validation of what was just added. A resource with errors
+    // stays for the analyzers (istioctl analyze reports IST0106 and still
+    // analyses it), and its errors keep every proxy from running the config
+    // (`Loaded::has_errors`): nothing acts on it.
+    let problems = validate::last_added(&loaded.config, kind);
     for (path, message) in problems {
         loaded.diagnostics.push(schema_error(
             kind.as_str(),
@@ -468,7 +467,6 @@ fn load_object(file: &Arc<str>, node: &Arc<Node>, loaded: &mut Loaded) {
             },
         ));
     }
-    validate::remove_last(&mut loaded.config, kind);
 }
 
 fn typed<S: DeserializeOwned + Default>(node: &Node) -> Result<Envelope<S>, yaml::DeError> {

@@ -34,7 +34,11 @@ fn each_code_with_its_exact_message() {
         (
             "IST0101 gateway",
             vs("v", "curl-egress-tst", "  hosts: [jsonplaceholder.typicode.com]\n  gateways: [no-such-gateway]\n  http:\n  - route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]\n"),
-            vec!["Error [IST0101] (VirtualService curl-egress-tst/v extra.yaml:6) Referenced gateway not found: \"no-such-gateway\""],
+            // As istioctl: a gateway that does not exist has none of the hosts.
+            vec![
+                "Error [IST0101] (VirtualService curl-egress-tst/v extra.yaml:6) Referenced gateway not found: \"no-such-gateway\"",
+                "Warning [IST0132] (VirtualService curl-egress-tst/v extra.yaml:6) one or more host [jsonplaceholder.typicode.com] defined in VirtualService curl-egress-tst/v not found in Gateway curl-egress-tst/no-such-gateway.",
+            ],
         ),
         (
             "IST0101 host",
@@ -117,13 +121,14 @@ fn each_code_with_its_exact_message() {
         (
             "IST0132",
             vs("v", "curl-egress-tst", "  hosts: [api.other.com]\n  gateways: [egress-gateway]\n  http:\n  - route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]\n"),
-            vec!["Warning [IST0132] (VirtualService curl-egress-tst/v extra.yaml:5) one or more host [api.other.com] defined in VirtualService curl-egress-tst/v not found in Gateway curl-egress-tst/egress-gateway."],
+            vec!["Warning [IST0132] (VirtualService curl-egress-tst/v extra.yaml:6) one or more host [api.other.com] defined in VirtualService curl-egress-tst/v not found in Gateway curl-egress-tst/egress-gateway."],
         ),
         (
             "IST0145",
-            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g2, namespace: curl-egress-tst}\nspec:\n  selector: {istio: egressgateway}\n  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ['*.typicode.com']}]\n".to_owned(),
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g2, namespace: curl-egress-tst}\nspec:\n  selector: {istio: egressgateway}\n  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [jsonplaceholder.typicode.com, api.example.com]}]\n".to_owned(),
+            // As istioctl: the same host (a wildcard covering it is no conflict).
             vec![
-                "Error [IST0145] (Gateway curl-egress-tst/g2 extra.yaml:1) Conflict with gateways curl-egress-tst/egress-gateway (workload selector istio=egressgateway, port 80, hosts *.typicode.com).",
+                "Error [IST0145] (Gateway curl-egress-tst/g2 extra.yaml:1) Conflict with gateways curl-egress-tst/egress-gateway (workload selector istio=egressgateway, port 80, hosts jsonplaceholder.typicode.com,api.example.com).",
                 "Error [IST0145] (Gateway curl-egress-tst/egress-gateway gateway.yaml:1) Conflict with gateways curl-egress-tst/g2 (workload selector istio=egressgateway, port 80, hosts jsonplaceholder.typicode.com).",
             ],
         ),

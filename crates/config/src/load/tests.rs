@@ -353,7 +353,7 @@ fn absent_rules_differ_from_a_list_with_an_empty_rule() {
 }
 
 #[test]
-fn schema_errors_name_field_line_and_are_not_loaded() {
+fn schema_errors_name_field_line_and_what_cannot_be_read_is_not_loaded() {
     let cases: &[(&str, &str)] = &[
         (
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se, namespace: ns}\nspec:\n  hosts: [a.com]\n  resolution: DNZ\n",
@@ -396,14 +396,19 @@ fn schema_errors_name_field_line_and_are_not_loaded() {
             "Error [IST0106] (Deployment ns/d test.yaml:9) Schema validation error: spec.template.spec.containers[0].imagee: unknown field \"imagee\" (column 9)",
         ),
     ];
+    // What reads but breaks a rule stays for the analyzers (as istioctl
+    // analyze keeps analysing it); what cannot be read is not loaded.
+    let readable = [
+        "only one of route",
+        "ISTIO_MUTUAL uses",
+        "unknown condition key",
+        "invalid name",
+    ];
     for (text, want) in cases {
         let l = load(text);
         assert_eq!(messages(&l), vec![(*want).to_owned()], "for:\n{text}");
-        assert_eq!(
-            l.config.metas().count(),
-            0,
-            "a resource with a schema error is not loaded"
-        );
+        let kept = usize::from(readable.iter().any(|r| want.contains(r)));
+        assert_eq!(l.config.metas().count(), kept, "{want}");
         assert!(l.has_errors());
     }
 }
