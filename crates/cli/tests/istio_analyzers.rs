@@ -358,7 +358,7 @@ const CASES: &[Case] = &[
             ("IST0118", "Service my-namespace1/my-service1"),
             ("IST0118", "Service my-namespace2/my-service2"),
         ],
-        differs: Some("not yet: IST0118 (Service port names without a protocol prefix)"),
+        differs: None,
     },
     Case {
         name: "namedPort",
@@ -787,7 +787,7 @@ const CASES: &[Case] = &[
             ("IST0150", "Service nginx-ns2/nginx-svc2"),
             ("IST0150", "Service nginx-ns3/nginx-svc3"),
         ],
-        differs: Some("not yet: IST0150 (port names of ExternalName Services)"),
+        differs: None,
     },
     Case {
         name: "ExternalNameServiceTypeValidPortName",

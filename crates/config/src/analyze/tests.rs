@@ -133,6 +133,19 @@ fn each_code_with_its_exact_message() {
             ],
         ),
         (
+            "IST0118",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: curl-external-tst}\nspec:\n  ports:\n  - {name: web, port: 8080, targetPort: 80}\n  - {port: 9090}\n  - {name: mysql, port: 3306}\n".to_owned(),
+            vec![
+                "Info [IST0118] (Service curl-external-tst/s extra.yaml:6) Port name web (port: 8080, targetPort: 80) doesn't follow the naming convention of Istio port.",
+                "Info [IST0118] (Service curl-external-tst/s extra.yaml:7) Port name  (port: 9090, targetPort: 0) doesn't follow the naming convention of Istio port.",
+            ],
+        ),
+        (
+            "IST0150",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: curl-external-tst}\nspec:\n  type: ExternalName\n  externalName: db.example.com\n  ports:\n  - {name: tcp, port: 5432}\n".to_owned(),
+            vec!["Warning [IST0150] (Service curl-external-tst/s extra.yaml:8) Port name for ExternalName service is invalid. Proxy may prevent tcp named ports and unmatched traffic for ports serving TCP protocol from being forwarded correctly"],
+        ),
+        (
             "IST0162",
             "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g2, namespace: curl-egress-tst}\nspec:\n  selector: {istio: egressgateway}\n  servers:\n  - port: {number: 8443, name: tls, protocol: TLS}\n    hosts: [b.example.com]\n    tls: {mode: PASSTHROUGH}\n".to_owned(),
             vec!["Warning [IST0162] (Gateway curl-egress-tst/g2 extra.yaml:7) The gateway is listening on a target port (port 8443) that is not defined in the Service associated with its workload instances (Pod selector istio=egressgateway). If you need to access the gateway port through the gateway Service, it will not be available."],
