@@ -432,7 +432,8 @@ fn service_port_names(config: &Config, out: &mut Vec<Diagnostic>) {
             let protocol = Protocol::from_kube_port(&p.name, p.app_protocol.as_deref());
             let sniffed =
                 !udp && protocol == Protocol::Unsupported && !WELL_KNOWN_TCP.contains(&p.port);
-            if !sniffed && !(p.name == "tcp" && external_name) {
+            let tcp_named_external = p.name == "tcp" && external_name;
+            if !(sniffed || tcp_named_external) {
                 continue;
             }
             let origin = Origin::at_field(&svc.meta, &format!("spec.ports[{i}]"));
