@@ -529,9 +529,7 @@ const CASES: &[Case] = &[
             ),
             ("IST0127", "AuthorizationPolicy test-ambient/no-workload"),
         ],
-        differs: Some(
-            "not yet: IST0101 for a namespace pattern (prefix/suffix *) no namespace matches, IST0127 for a namespace-wide policy in a namespace without pods",
-        ),
+        differs: None,
     },
     Case {
         name: "destinationrule with no cacert, simple at destinationlevel",

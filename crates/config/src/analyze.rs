@@ -799,6 +799,19 @@ fn destination_rules(
 
 // === AuthorizationPolicies: IST0127, IST0101 namespace, CUSTOM ===
 
+/// Istio's namespace patterns in a policy: `*`, `prefix*`, `*suffix`, or
+/// the name.
+fn namespace_matches(pattern: &str, ns: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    match (pattern.strip_prefix('*'), pattern.strip_suffix('*')) {
+        (Some(suffix), _) => ns.ends_with(suffix),
+        (None, Some(prefix)) => ns.starts_with(prefix),
+        (None, None) => ns.eq_ignore_ascii_case(pattern),
+    }
+}
+
 fn authorization_policies(config: &Config, mesh: &MeshSettings, out: &mut Vec<Diagnostic>) {
     let namespaces: BTreeSet<&str> = config
         .namespaces
@@ -811,7 +824,28 @@ fn authorization_policies(config: &Config, mesh: &MeshSettings, out: &mut Vec<Di
                 .map(|m| m.namespace.as_str()),
         )
         .collect();
+    let workloads = crate::registry::workloads(config, mesh);
     for ap in &config.authorization_policies {
+        // A namespace-wide policy where no pod of the mesh runs (the root
+        // namespace's applies mesh-wide).
+        let selectorless = ap
+            .spec
+            .selector
+            .as_ref()
+            .is_none_or(|s| s.match_labels.is_empty());
+        if selectorless
+            && ap.meta.namespace != mesh.root_namespace
+            && !workloads
+                .iter()
+                .any(|w| w.namespace == ap.meta.namespace && w.proxy != ProxyKind::None)
+        {
+            out.push(Diagnostic::new(
+                Level::Warning,
+                "IST0127",
+                Origin::of(&ap.meta),
+                "No matching workloads for this resource with the following labels: ".to_owned(),
+            ));
+        }
         if let Some(sel) = ap
             .spec
             .selector
@@ -845,8 +879,9 @@ fn authorization_policies(config: &Config, mesh: &MeshSettings, out: &mut Vec<Di
                     .chain(&from.source.not_namespaces)
                     .enumerate()
                 {
-                    let exact = !ns.contains('*');
-                    if exact && !namespaces.contains(ns.as_str()) {
+                    // `*`, `prefix*` and `*suffix` match names, as Istio.
+                    let matched = namespaces.iter().any(|n| namespace_matches(ns, n));
+                    if !matched {
                         out.push(Diagnostic::new(
                             Level::Error,
                             "IST0101",
