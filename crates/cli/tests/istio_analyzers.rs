@@ -387,7 +387,7 @@ const CASES: &[Case] = &[
             ("IST0167", "Sidecar ns-ambient/namespace-scoped"),
             ("IST0167", "Sidecar ns-ambient/pod-scoped"),
         ],
-        differs: Some("not yet: IST0167 (a Sidecar in an ambient namespace has no effect)"),
+        differs: None,
     },
     Case {
         name: "sidecarSelector",

@@ -617,6 +617,22 @@ fn conflicting_gateways(config: &Config, out: &mut Vec<Diagnostic>) {
 
 // === Sidecars: IST0101 selector, IST0110, IST0111 ===
 
+/// A namespace labelled `istio.io/dataplane-mode: ambient` and not for
+/// sidecar injection (`istio-injection: enabled` or `istio.io/rev`).
+fn namespace_in_ambient_mode(config: &Config, ns: &str) -> bool {
+    config
+        .namespaces
+        .iter()
+        .find(|n| n.meta.name == ns)
+        .is_some_and(|n| {
+            let l = &n.meta.labels;
+            l.get("istio-injection").is_none_or(|v| v != "enabled")
+                && l.get("istio.io/rev").is_none_or(String::is_empty)
+                && l.get("istio.io/dataplane-mode")
+                    .is_some_and(|v| v == "ambient")
+        })
+}
+
 fn sidecar_selectors(config: &Config, registry: &Registry, out: &mut Vec<Diagnostic>) {
     let mut no_selector: BTreeMap<&str, Vec<&Resource<crate::model::networking::Sidecar>>> =
         BTreeMap::new();
@@ -642,7 +658,31 @@ fn sidecar_selectors(config: &Config, registry: &Registry, out: &mut Vec<Diagnos
             Some(_) => {}
         }
     }
-    for (ns, list) in no_selector.iter().filter(|(_, l)| l.len() > 1) {
+    let ineffective = |sc: &Resource<crate::model::networking::Sidecar>, why: &str| {
+        Diagnostic::new(
+            Level::Warning,
+            "IST0167",
+            Origin::of(&sc.meta),
+            format!("The policy has no impact: {why}."),
+        )
+    };
+    let mut reported = BTreeSet::new();
+    for (ns, list) in &no_selector {
+        // No sidecar runs in an ambient namespace.
+        if namespace_in_ambient_mode(config, ns) {
+            for sc in list {
+                reported.insert(sc.meta.full_name());
+                out.push(ineffective(
+                    sc,
+                    "namespace is in ambient mode, the policy has no impact",
+                ));
+            }
+        }
+    }
+    for (ns, list) in no_selector
+        .iter()
+        .filter(|(ns, l)| l.len() > 1 && !namespace_in_ambient_mode(config, ns))
+    {
         let names: Vec<String> = list.iter().map(|s| s.meta.name.clone()).collect();
         for sc in list {
             out.push(Diagnostic::new(
@@ -665,6 +705,21 @@ fn sidecar_selectors(config: &Config, registry: &Registry, out: &mut Vec<Diagnos
                         })
                 })
                 .collect();
+        let ambient = w
+            .annotations
+            .get("ambient.istio.io/redirection")
+            .is_some_and(|v| v == "enabled");
+        if ambient {
+            for sc in selecting {
+                if reported.insert(sc.meta.full_name()) {
+                    out.push(ineffective(
+                        sc,
+                        "selected workload is in ambient mode, the policy has no impact",
+                    ));
+                }
+            }
+            continue;
+        }
         if selecting.len() > 1 {
             let names: Vec<String> = selecting.iter().map(|s| s.meta.name.clone()).collect();
             for sc in selecting {
