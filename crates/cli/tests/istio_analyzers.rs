@@ -418,9 +418,7 @@ const CASES: &[Case] = &[
             ("IST0109", "VirtualService foo/bogus-productpage"),
             ("IST0109", "VirtualService team2/ratings"),
         ],
-        differs: Some(
-            "not yet: IST0109 ignores exportTo (team1/ratings exported to `.` conflicts with nothing in Istio) and is reported once per conflicting pair, where Istio reports each VirtualService once per host",
-        ),
+        differs: None,
     },
     Case {
         name: "virtualServiceConflictingMeshGatewayHostsWithExportTo",
@@ -435,7 +433,7 @@ const CASES: &[Case] = &[
             ("IST0109", "VirtualService foo/productpage-d"),
             ("IST0109", "VirtualService bar/productpage-d"),
         ],
-        differs: Some("not yet: IST0109 ignores where the VirtualServices are exported to"),
+        differs: None,
     },
     Case {
         name: "virtualServiceDestinationHosts",

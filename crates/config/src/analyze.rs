@@ -305,37 +305,63 @@ fn virtual_service_rules(config: &Config, out: &mut Vec<Diagnostic>) {
 
 // === IST0109: two mesh VirtualServices for one host ===
 
+/// As istioctl: each mesh VirtualService's hosts, scoped by where it is
+/// exported (`*` for everywhere, else each namespace); a host that two of
+/// them define in one scope, or in a namespace scope and (overlapping) in
+/// the `*` scope, is reported once per VirtualService.
 fn conflicting_mesh_hosts(config: &Config, mesh: &MeshSettings, out: &mut Vec<Diagnostic>) {
-    // Host -> VirtualServices bound to the mesh that define it. Visibility
-    // (exportTo) is ignored on purpose: any namespace that sees both has the
-    // conflict.
-    let mut by_host: BTreeMap<String, Vec<&Resource<crate::model::networking::VirtualService>>> =
-        BTreeMap::new();
+    type Vs = Resource<crate::model::networking::VirtualService>;
+    let mut scoped: BTreeMap<(String, String), Vec<&Vs>> = BTreeMap::new();
     for vs in config
         .virtual_services
         .iter()
         .filter(|vs| vs_bound_to_mesh(&vs.spec))
     {
-        for h in &vs.spec.hosts {
-            by_host
-                .entry(resolve_host(h, &vs.meta.namespace, mesh))
-                .or_default()
-                .push(vs);
+        let ns = &vs.meta.namespace;
+        let export = &vs.spec.export_to;
+        let scopes: BTreeSet<String> = if export.is_empty() || export.iter().any(|e| e == "*") {
+            BTreeSet::from(["*".to_owned()])
+        } else {
+            export
+                .iter()
+                .map(|e| if e == "." { ns.clone() } else { e.clone() })
+                .collect()
+        };
+        for scope in scopes {
+            for h in &vs.spec.hosts {
+                scoped
+                    .entry((scope.clone(), resolve_host(h, ns, mesh)))
+                    .or_default()
+                    .push(vs);
+            }
         }
     }
-    for (host, list) in by_host.iter().filter(|(_, l)| l.len() > 1) {
-        let names = list
-            .iter()
-            .map(|vs| vs.meta.full_name())
-            .collect::<Vec<_>>()
-            .join(",");
-        for vs in list {
+    let mut reported = BTreeSet::new();
+    for ((scope, host), list) in &scoped {
+        let mut list = list.clone();
+        if scope != "*" {
+            for ((other_scope, other_host), more) in &scoped {
+                if other_scope == "*" && hosts_overlap(host, other_host) {
+                    list.extend(more);
+                }
+            }
+        }
+        if list.len() < 2 {
+            continue;
+        }
+        let mut names: Vec<String> = list.iter().map(|vs| vs.meta.full_name()).collect();
+        names.sort();
+        let names = names.join(",");
+        for vs in &list {
+            if !reported.insert(vs.meta.full_name()) {
+                continue;
+            }
             out.push(Diagnostic::new(
                 Level::Error,
                 "IST0109",
-                Origin::at_field(&vs.meta, "spec.hosts"),
+                Origin::at_field(&vs.meta, "metadata.name"),
                 format!(
-                    "The VirtualServices {names} associated with mesh gateway define the same host {host} which can lead to undefined behavior. This can be fixed by merging the conflicting VirtualServices into a single resource."
+                    "The VirtualServices {names} associated with mesh gateway define the same host {scope}/{host} which can lead to undefined behavior. This can be fixed by merging the conflicting VirtualServices into a single resource."
                 ),
             ));
         }

@@ -74,8 +74,8 @@ fn each_code_with_its_exact_message() {
             "IST0109",
             vs("dup", "curl-external-tst", "  hosts: [jsonplaceholder.typicode.com]\n  http:\n  - route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 80}}}]\n"),
             vec![
-                "Error [IST0109] (VirtualService curl-external-tst/dup extra.yaml:5) The VirtualServices curl-external-tst/jsonplaceholder-egress,curl-external-tst/dup associated with mesh gateway define the same host jsonplaceholder.typicode.com which can lead to undefined behavior. This can be fixed by merging the conflicting VirtualServices into a single resource.",
-                "Error [IST0109] (VirtualService curl-external-tst/jsonplaceholder-egress virtualservice-workload.yaml:8) The VirtualServices curl-external-tst/jsonplaceholder-egress,curl-external-tst/dup associated with mesh gateway define the same host jsonplaceholder.typicode.com which can lead to undefined behavior. This can be fixed by merging the conflicting VirtualServices into a single resource.",
+                "Error [IST0109] (VirtualService curl-external-tst/dup extra.yaml:3) The VirtualServices curl-external-tst/dup,curl-external-tst/jsonplaceholder-egress associated with mesh gateway define the same host */jsonplaceholder.typicode.com which can lead to undefined behavior. This can be fixed by merging the conflicting VirtualServices into a single resource.",
+                "Error [IST0109] (VirtualService curl-external-tst/jsonplaceholder-egress virtualservice-workload.yaml:4) The VirtualServices curl-external-tst/dup,curl-external-tst/jsonplaceholder-egress associated with mesh gateway define the same host */jsonplaceholder.typicode.com which can lead to undefined behavior. This can be fixed by merging the conflicting VirtualServices into a single resource.",
             ],
         ),
         (
