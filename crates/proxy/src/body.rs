@@ -49,6 +49,8 @@ enum Kind {
     Empty,
     Full(Option<Bytes>),
     Incoming(Incoming),
+    /// The peer's body broke; the error is returned on the next poll.
+    Failed(Option<BodyError>),
 }
 
 impl Body {
@@ -103,9 +105,18 @@ impl hyper::body::Body for Body {
             Kind::Empty => Poll::Ready(None),
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Incoming(b) => match Pin::new(b).poll_frame(cx) {
+                // A cut: first let the connection flush what it holds (the
+                // status line, the body so far), then fail, or the client
+                // would see nothing at all of a response already logged.
+                Poll::Ready(Some(Err(e))) => {
+                    this.kind = Kind::Failed(Some(BodyError::Peer(e)));
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
                 Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(BodyError::Peer))),
                 Poll::Pending => this.idle.as_mut().map_or(Poll::Pending, |t| t.poll(cx)),
             },
+            Kind::Failed(e) => Poll::Ready(e.take().map(Err)),
         };
         if let (Poll::Ready(Some(Ok(_))), Some(timer)) = (&polled, this.idle.as_mut()) {
             timer.restart();
@@ -136,6 +147,7 @@ impl hyper::body::Body for Body {
             Kind::Empty => true,
             Kind::Full(b) => b.is_none(),
             Kind::Incoming(b) => b.is_end_stream(),
+            Kind::Failed(e) => e.is_none(),
         }
     }
 
@@ -144,6 +156,7 @@ impl hyper::body::Body for Body {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Incoming(b) => b.size_hint(),
+            Kind::Failed(_) => SizeHint::default(),
         }
     }
 }
