@@ -289,4 +289,13 @@ async fn serve_issues_only_the_identity_a_token_grants() {
         err.contains("403 Forbidden") && err.contains("CSR asks for"),
         "a CSR whose SAN does not match is refused: {err}"
     );
+    // Not a CSR at all: the request is bad, as docs/ca-protocol.md says.
+    let err = request_certificate(&server.1, "secret-curl", &root, "not a CSR", ttl)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("400 Bad Request") && err.contains("bad CSR"),
+        "{err}"
+    );
 }

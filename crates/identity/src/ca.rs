@@ -287,7 +287,7 @@ impl CertificateAuthority {
     pub fn sign_csr(&self, csr_pem: &str, id: &SpiffeId, ttl: Duration) -> Result<String, Error> {
         self.check_request(id, ttl)?;
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| Error::Refused(format!("bad CSR: {e}")))?;
+            .map_err(|e| Error::Malformed(format!("bad CSR: {e}")))?;
         let requested: Vec<String> = csr
             .params
             .subject_alt_names

@@ -255,6 +255,7 @@ pub async fn handle<A: Authenticator>(
                 },
             )
         }
+        Err(e @ Error::Malformed(_)) => refuse(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => refuse(StatusCode::FORBIDDEN, e.to_string()),
     }
 }

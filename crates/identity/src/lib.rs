@@ -26,6 +26,9 @@ pub enum Error {
     Certificate(String),
     #[error("refused: {0}")]
     Refused(String),
+    /// The request itself is malformed (a CSR that does not parse).
+    #[error("bad request: {0}")]
+    Malformed(String),
     #[error("CA server {0}")]
     CaServer(String),
     #[error("{0}")]
