@@ -299,3 +299,47 @@ async fn serve_issues_only_the_identity_a_token_grants() {
         "{err}"
     );
 }
+
+#[test]
+fn ca_errors_say_what_to_do() {
+    let t = TempDir::new("ca-hints");
+    let (missing, out, ca) = (t.join("no-ca"), t.join("out"), t.join("ca"));
+    let id = "spiffe://cluster.local/ns/a/sa/b";
+    let o = meshgate(&[
+        "ca",
+        "issue",
+        "--dir",
+        &missing,
+        "--spiffe-id",
+        id,
+        "--out",
+        &out,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains(&format!(
+                "no CA here (make one with `meshgate ca init --dir {missing}`)"
+            )),
+        "{err}"
+    );
+
+    assert!(meshgate(&["ca", "init", "--dir", &ca]).status.success());
+    let o = meshgate(&[
+        "ca",
+        "issue",
+        "--dir",
+        &ca,
+        "--spiffe-id",
+        id,
+        "--out",
+        &out,
+        "--ttl",
+        "2400h",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("ttl 2400h must be between 1s and 90 days (2160h)"),
+        "{err}"
+    );
+}

@@ -65,6 +65,17 @@ impl IssuedIdentity {
     }
 }
 
+/// A whole duration as Go writes one in flags: `2400h`, `90m`, `30s`.
+fn go_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        s if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
+        s if d.subsec_nanos() == 0 => format!("{s}s"),
+        _ => format!("{}ms", d.as_millis()),
+    }
+}
+
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let err = |e: std::io::Error| Error::File(path.to_owned(), e.to_string());
@@ -165,8 +176,16 @@ impl CertificateAuthority {
     pub fn load(dir: &Path) -> Result<Self, Error> {
         let read = |name: &str| -> Result<(PathBuf, String), Error> {
             let p = dir.join(name);
-            let text =
-                std::fs::read_to_string(&p).map_err(|e| Error::File(p.clone(), e.to_string()))?;
+            let text = std::fs::read_to_string(&p).map_err(|e| {
+                let why = match e.kind() {
+                    std::io::ErrorKind::NotFound => format!(
+                        "no CA here (make one with `meshgate ca init --dir {}`)",
+                        dir.display()
+                    ),
+                    _ => e.to_string(),
+                };
+                Error::File(p.clone(), why)
+            })?;
             Ok((p, text))
         };
         let (cert_path, root_pem) = read(ROOT_CERT_FILE)?;
@@ -215,7 +234,8 @@ impl CertificateAuthority {
         }
         if ttl.is_zero() || ttl > MAX_WORKLOAD_TTL {
             return Err(Error::Refused(format!(
-                "ttl {ttl:?} must be between 1s and 90 days"
+                "ttl {} must be between 1s and 90 days (2160h)",
+                go_duration(ttl)
             )));
         }
         Ok(())
