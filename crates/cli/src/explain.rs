@@ -87,13 +87,14 @@ pub(crate) fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_BAD_INPUT));
         }
     };
-    let input = parse_input(args)?;
+    let input = parse_input(args).map_err(|e| crate::UsageError(format!("{e:#}")))?;
     let view = view::build(&config, &args.mesh.load()?, &args.workload)?;
     if view.workload.proxy == meshgate_config::registry::ProxyKind::None {
-        bail!(
+        return Err(crate::UsageError(format!(
             "{} has no proxy (no sidecar injected, not a gateway): its traffic is not in the mesh",
             args.workload
-        );
+        ))
+        .into());
     }
     let id: SpiffeId = view.workload.spiffe_id.parse()?;
     let snap = snapshot(view, &id)?;

@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Validate config files or folders like `istioctl analyze`: same codes,
-    /// same line format. Exit 0 when no Error is found, 79 when one is, 2
+    /// same line format. Exit 0 when no Error is found, 79 when one is, 3
     /// when the input cannot be read or parsed.
     Check(CheckArgs),
     /// Print one workload's proxy view: listeners, routes, upstream clusters
@@ -146,10 +146,61 @@ struct DumpArgs {
     output: Output,
 }
 
-/// Exit code when analysis finds an Error, as `istioctl analyze` uses.
+// Exit codes a script can tell apart (README, "Exit codes").
+/// A failure at run time that is none of the below.
+const EXIT_FAILURE: u8 = 1;
+/// Bad flags or arguments (clap's own code for usage errors).
+const EXIT_USAGE: u8 = 2;
+/// The config cannot be read, or has errors.
+const EXIT_BAD_INPUT: u8 = 3;
+/// Identity: the CA refused or could not be reached, a certificate, key or
+/// token is unusable, the CA folder is missing or already exists.
+const EXIT_IDENTITY: u8 = 4;
+/// An address cannot be listened on (in use, or not permitted).
+const EXIT_LISTEN: u8 = 5;
+/// Analysis found an Error, as `istioctl analyze` uses.
 const EXIT_ANALYSIS_ERROR: u8 = 79;
-/// Exit code when input cannot be read or parsed.
-const EXIT_BAD_INPUT: u8 = 2;
+
+/// A command-line value that makes no sense (exit 2, as clap's errors).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+/// Which exit code an error gets: by the first cause that says.
+fn exit_code_of(e: &anyhow::Error) -> u8 {
+    let listening = e.chain().any(|c| {
+        let text = c.to_string();
+        text.contains("listen") || text.contains("bind")
+    });
+    for cause in e.chain() {
+        // A workload the arguments name that the config does not have.
+        if cause.is::<UsageError>() || cause.is::<meshgate_config::view::ViewError>() {
+            return EXIT_USAGE;
+        }
+        // A config the proxy cannot run (e.g. MG0002 at a gateway).
+        if cause.is::<meshgate_proxy::snapshot::BuildError>() {
+            return EXIT_BAD_INPUT;
+        }
+        if cause.is::<run::ConfigErrors>()
+            || cause.is::<meshgate_config::LoadError>()
+            || cause.is::<meshgate_config::mesh::MeshConfigError>()
+        {
+            return EXIT_BAD_INPUT;
+        }
+        if cause.is::<meshgate_identity::Error>() {
+            return EXIT_IDENTITY;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{AddrInUse, AddrNotAvailable, PermissionDenied};
+            match io.kind() {
+                AddrInUse | AddrNotAvailable => return EXIT_LISTEN,
+                PermissionDenied if listening => return EXIT_LISTEN,
+                _ => {}
+            }
+        }
+    }
+    EXIT_FAILURE
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -177,7 +228,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(EXIT_BAD_INPUT)
+            ExitCode::from(exit_code_of(&e))
         }
     }
 }

@@ -261,11 +261,16 @@ pub(crate) fn load_config(paths: &[PathBuf]) -> anyhow::Result<Config> {
     checked(load_paths(paths)?)
 }
 
+/// A config that has errors: nothing of it runs (exit 3).
+#[derive(Debug, thiserror::Error)]
+#[error("the config has errors:\n{}", .0.join("\n"))]
+pub(crate) struct ConfigErrors(pub Vec<String>);
+
 /// The config, unless a resource was refused; warnings are logged.
 fn checked(loaded: meshgate_config::Loaded) -> anyhow::Result<Config> {
     let errors = loaded.error_messages();
     if !errors.is_empty() {
-        bail!("the config has errors:\n{}", errors.join("\n"));
+        return Err(ConfigErrors(errors).into());
     }
     for d in loaded
         .diagnostics
@@ -427,7 +432,10 @@ impl ControlSource {
             }
         };
         let config = tokio::time::timeout(wait, first).await.map_err(|_| {
-            anyhow::anyhow!("no usable config from the control plane at {addr} within {wait:?}")
+            anyhow::anyhow!(
+                "no usable config from the control plane at {addr} within {}",
+                args.control_plane_wait
+            )
         })??;
         Ok((ControlSource { client, pushes }, config))
     }

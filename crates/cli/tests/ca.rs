@@ -85,7 +85,7 @@ fn init_protects_the_key_and_refuses_to_overwrite() {
 
     let first = std::fs::read(t.join("ca/root-cert.pem")).unwrap();
     let o = meshgate(&["ca", "init", "--dir", &dir]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(4));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("a CA already exists here; pass --force"),
         "{}",
@@ -185,7 +185,7 @@ fn issued_certificates_verify_with_openssl() {
         "--out",
         &out,
     ]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&o.stderr).contains("this CA issues for \"cluster.local\""));
     let o = meshgate(&[
         "ca",

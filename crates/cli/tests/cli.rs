@@ -117,7 +117,7 @@ fn check_single_files_names_them_as_given() {
 }
 
 #[test]
-fn malformed_yaml_exits_two_with_file_line_column() {
+fn malformed_yaml_exits_three_with_file_line_column() {
     let s = Scratch::with_seed(
         "malformed",
         &[(
@@ -126,7 +126,7 @@ fn malformed_yaml_exits_two_with_file_line_column() {
         )],
     );
     let o = meshgate(&["check", s.path()]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(3));
     assert_eq!(
         stderr(&o).trim(),
         "error: broken.yaml:4:9: YAML syntax error: unclosed bracket '['"
@@ -134,9 +134,9 @@ fn malformed_yaml_exits_two_with_file_line_column() {
 }
 
 #[test]
-fn unreadable_path_exits_two() {
+fn unreadable_path_exits_three() {
     let o = meshgate(&["check", "does/not/exist"]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(3));
     assert!(
         stderr(&o).starts_with("error: does/not/exist: "),
         "{}",
@@ -401,7 +401,7 @@ spec:
         "0",
     ]);
     let _ = std::fs::remove_dir_all(&ca);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(3));
     assert!(
         stderr(&o).contains("ServiceEntry curl-egress-tst/none has resolution NONE, which gives a gateway no endpoints"),
         "{}",
@@ -419,7 +419,7 @@ fn iptables_missing_is_a_clear_error() {
         .output()
         .unwrap();
     let _ = std::fs::remove_dir_all(&empty);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         stderr(&o).trim(),
         "error: iptables-restore not found: install the iptables package (Debian: apt-get install iptables)"
@@ -647,11 +647,67 @@ fn mesh_config_sets_path_normalization_and_bad_values_name_the_line() {
         "--mesh-config",
         bad.to_str().unwrap(),
     ]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(3));
     assert!(
         stderr(&o).contains("bad.yaml:3: MeshConfig field pathNormalization.normalization"),
         "{}",
         stderr(&o)
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The exit codes the README documents, one failure of each kind.
+#[test]
+fn exit_codes_tell_failures_apart() {
+    let dir = std::env::temp_dir().join(format!("meshgate-cli-exit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca");
+    let ca = ca.to_str().unwrap();
+    let seed = repo_root().join("examples/seed");
+    let seed = seed.to_str().unwrap();
+    // 2: usage.
+    assert_eq!(
+        meshgate(&["check", "--no-such-flag"]).status.code(),
+        Some(2)
+    );
+    // 3: the config cannot be read.
+    assert_eq!(
+        meshgate(&["check", "does/not/exist"]).status.code(),
+        Some(3)
+    );
+    // 4: identity (no CA in that folder).
+    let gateway = |ca: &str, port: &str| {
+        meshgate(&[
+            "gateway",
+            "--config",
+            seed,
+            "--workload",
+            "curl-egress-tst/curl-egress-tst-gateway",
+            "--ca-dir",
+            ca,
+            "--bind-address",
+            "127.0.0.1",
+            "--port",
+            port,
+            "--admin-address",
+            "127.0.0.1",
+            "--admin-port",
+            "0",
+            "--prometheus-port",
+            "0",
+            "--health-port",
+            "0",
+        ])
+    };
+    let o = gateway(ca, "80=0");
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    // 5: the Gateway server's port is taken.
+    assert!(meshgate(&["ca", "init", "--dir", ca]).status.success());
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = format!("80={}", taken.local_addr().unwrap().port());
+    let o = gateway(ca, &port);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot listen on"), "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }
