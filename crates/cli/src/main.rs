@@ -22,6 +22,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "meshgate", version, propagate_version = true)]
 struct Cli {
+    /// Log level (error, warn, info, debug, trace) or a filter such as
+    /// `info,meshgate_proxy=debug`; overrides RUST_LOG. Logs go to stderr.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -205,11 +209,15 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Commands that print a report keep the log to warnings.
-    init_logging(if matches!(cli.command, Command::Explain(_)) {
+    let default = if matches!(cli.command, Command::Explain(_)) {
         "warn"
     } else {
         "info"
-    });
+    };
+    if let Err(e) = init_logging(cli.log_level.as_deref(), default) {
+        eprintln!("error: --log-level: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let result = match cli.command {
         Command::Check(args) => check::run(&args),
         Command::ConfigDump(args) => dump::run(&args),
@@ -233,16 +241,24 @@ fn main() -> ExitCode {
     }
 }
 
-/// Diagnostics go to stderr, filtered by `RUST_LOG` (default `info`).
-fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+/// Diagnostics go to stderr, filtered by `--log-level`, else `RUST_LOG`,
+/// else `default`.
+fn init_logging(
+    flag: Option<&str>,
+    default: &str,
+) -> Result<(), tracing_subscriber::filter::ParseError> {
+    let filter = match flag {
+        Some(f) => tracing_subscriber::EnvFilter::try_new(f)?,
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+    };
     use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -711,3 +711,20 @@ fn exit_codes_tell_failures_apart() {
     assert!(stderr(&o).contains("cannot listen on"), "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn log_level_takes_a_level_or_a_filter_and_refuses_nonsense() {
+    let seed = repo_root().join("examples/seed");
+    let seed = seed.to_str().unwrap();
+    for ok in ["warn", "info,meshgate_proxy=debug"] {
+        let o = meshgate(&["--log-level", ok, "check", seed]);
+        assert_eq!(o.status.code(), Some(0), "{ok}: {}", stderr(&o));
+    }
+    let o = meshgate(&["check", seed, "--log-level", "info,[bad"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).starts_with("error: --log-level: "),
+        "{}",
+        stderr(&o)
+    );
+}
