@@ -142,6 +142,23 @@ fn unreadable_path_exits_three() {
         "{}",
         stderr(&o)
     );
+    // The same from a proxy, and the cause said once.
+    let o = meshgate(&[
+        "gateway",
+        "--config",
+        "does/not/exist",
+        "--workload",
+        "a/b",
+        "--ca-dir",
+        "nope",
+    ]);
+    assert_eq!(o.status.code(), Some(3));
+    assert_eq!(
+        stderr(&o).matches("No such file or directory").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

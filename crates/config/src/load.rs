@@ -26,11 +26,12 @@ pub const SKIPPED_KIND: &str = "MG0003";
 /// Input that cannot be read or parsed at all.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{path}: {source}")]
+    // The I/O error is part of the message, not a separate cause: shown
+    // once whichever way the error is printed.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{file}:{pos}: YAML syntax error: {message}")]
     Syntax {
@@ -76,9 +77,9 @@ pub fn load_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Loaded, LoadError> {
     let mut loaded = Loaded::default();
     for path in paths {
         let path = path.as_ref();
-        let meta = std::fs::metadata(path).map_err(|source| LoadError::Io {
+        let meta = std::fs::metadata(path).map_err(|error| LoadError::Io {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         if meta.is_dir() {
             let mut files = Vec::new();
@@ -119,9 +120,9 @@ pub fn fingerprint<P: AsRef<Path>>(paths: &[P]) -> Result<u64, LoadError> {
             files.push(path.to_owned());
         }
         for file in files {
-            let bytes = std::fs::read(&file).map_err(|source| LoadError::Io {
+            let bytes = std::fs::read(&file).map_err(|error| LoadError::Io {
                 path: file.clone(),
-                source,
+                error,
             })?;
             file.hash(&mut h);
             bytes.hash(&mut h);
@@ -131,9 +132,9 @@ pub fn fingerprint<P: AsRef<Path>>(paths: &[P]) -> Result<u64, LoadError> {
 }
 
 fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
-    let io = |source| LoadError::Io {
+    let io = |error| LoadError::Io {
         path: dir.to_owned(),
-        source,
+        error,
     };
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .map_err(io)?
@@ -155,9 +156,9 @@ fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
 }
 
 fn load_file(path: &Path, shown: &str, loaded: &mut Loaded) -> Result<(), LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+    let text = std::fs::read_to_string(path).map_err(|error| LoadError::Io {
         path: path.to_owned(),
-        source,
+        error,
     })?;
     load_str(shown, &text, loaded)
 }

@@ -69,12 +69,9 @@ impl PathNormalization {
 /// A MeshConfig that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum MeshConfigError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // The I/O error is part of the message, not a separate cause.
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{file}:{line}: {message}")]
     Invalid {
         file: String,
@@ -120,9 +117,9 @@ const READ: [&str; 4] = [
 /// MeshConfig fields present but not read by meshgate.
 pub fn load_mesh_config(path: &Path) -> Result<(MeshSettings, Vec<String>), MeshConfigError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| MeshConfigError::Io {
+    let text = std::fs::read_to_string(path).map_err(|error| MeshConfigError::Io {
         path: shown.clone(),
-        source,
+        error,
     })?;
     parse_mesh_config(&shown, &text)
 }
