@@ -82,11 +82,24 @@ pub(crate) fn run(cmd: &CaCommand) -> anyhow::Result<ExitCode> {
                 .map_err(anyhow::Error::msg)
                 .context("--ttl")?;
             let issued = ca.issue(&id, ttl.as_std())?;
+            // Writing over a certificate is how a mounted folder rotates;
+            // say so, and whose it was.
+            let previous =
+                std::fs::read_to_string(out.join(meshgate_identity::ca::CERT_CHAIN_FILE))
+                    .ok()
+                    .and_then(|pem| meshgate_identity::cert::parse_certs(&pem).ok())
+                    .and_then(|certs| meshgate_identity::tls::spiffe_id_of(certs.first()?).ok());
             issued.write_to(out)?;
-            println!(
-                "issued {id} (ttl {ttl}) to {} (cert-chain.pem, key.pem, root-cert.pem)",
-                out.display()
-            );
+            match previous {
+                Some(old) => println!(
+                    "replaced the certificate of {old} in {} with one for {id} (ttl {ttl}); proxies reading the folder take it up",
+                    out.display()
+                ),
+                None => println!(
+                    "issued {id} (ttl {ttl}) to {} (cert-chain.pem, key.pem, root-cert.pem)",
+                    out.display()
+                ),
+            }
         }
         CaCommand::Serve {
             dir,

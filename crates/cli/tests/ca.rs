@@ -342,4 +342,26 @@ fn ca_errors_say_what_to_do() {
         !o.status.success() && err.contains("ttl 2400h must be between 1s and 90 days (2160h)"),
         "{err}"
     );
+
+    // Issuing over a certificate (how a mounted folder rotates) says so.
+    let issue = || {
+        let o = meshgate(&[
+            "ca",
+            "issue",
+            "--dir",
+            &ca,
+            "--spiffe-id",
+            id,
+            "--out",
+            &out,
+        ]);
+        assert!(o.status.success());
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(issue().starts_with("issued spiffe://"));
+    let again = issue();
+    assert!(
+        again.starts_with(&format!("replaced the certificate of {id} in {out}")),
+        "{again}"
+    );
 }
