@@ -170,6 +170,13 @@ const EXIT_ANALYSIS_ERROR: u8 = 79;
 #[error("{0}")]
 struct UsageError(String);
 
+/// Was the error a listen the system did not permit?
+fn denied(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+}
+
 /// Which exit code an error gets: by the first cause that says.
 fn exit_code_of(e: &anyhow::Error) -> u8 {
     let listening = e.chain().any(|c| {
@@ -236,7 +243,13 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(exit_code_of(&e))
+            let code = exit_code_of(&e);
+            if code == EXIT_LISTEN && denied(&e) {
+                eprintln!(
+                    "hint: ports below 1024 need root or CAP_NET_BIND_SERVICE; a gateway can listen elsewhere with --port SERVER=BIND (e.g. --port 80=8080)"
+                );
+            }
+            ExitCode::from(code)
         }
     }
 }

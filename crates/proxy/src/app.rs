@@ -19,7 +19,7 @@ use crate::snapshot::{Role, Snapshot};
 pub enum AppError {
     #[error(transparent)]
     Gateway(#[from] GatewayError),
-    #[error("cannot listen on {addr} (outbound capture): {source}")]
+    #[error("cannot listen on {addr} (outbound capture)")]
     Outbound {
         addr: SocketAddr,
         #[source]

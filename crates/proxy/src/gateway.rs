@@ -16,7 +16,7 @@ use crate::snapshot::Snapshot;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("cannot listen on {addr} (Gateway server port {port}): {source}")]
+    #[error("cannot listen on {addr} (Gateway server port {port})")]
     Bind {
         addr: SocketAddr,
         port: u16,
