@@ -5,12 +5,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use meshgate_config::diag::DiagnosticJson;
-use meshgate_config::{Level, analyze, load_paths};
+use meshgate_config::{Level, LoadError, Loaded, analyze, load_paths};
 
-use crate::{CheckArgs, EXIT_ANALYSIS_ERROR, EXIT_BAD_INPUT, Output};
+use crate::{CheckArgs, EXIT_ANALYSIS_ERROR, EXIT_BAD_INPUT, Output, Threshold};
 
 pub(crate) fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
-    let loaded = match load_paths(&args.paths) {
+    let loaded = match load(&args.paths) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: {e}");
@@ -24,7 +24,12 @@ pub(crate) fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     add_default_ingress(&mut loaded, &mesh);
     let mut diagnostics = loaded.diagnostics.clone();
     diagnostics.extend(analyze::analyze(&loaded.config, &mesh));
-    let failed = diagnostics.iter().any(|d| d.level == Level::Error);
+    let fails = |level: Level| match args.failure_threshold {
+        Threshold::Error => level == Level::Error,
+        Threshold::Warning => level != Level::Info,
+        Threshold::Info => true,
+    };
+    let failed = diagnostics.iter().any(|d| fails(d.level));
 
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -93,4 +98,25 @@ spec:
     );
     // Our own text: it reads, or it is a bug the tests catch.
     let _ = meshgate_config::load::load_str("(default ingress gateway)", &text, loaded);
+}
+
+/// The paths, `-` being standard input (shown as `stdin`).
+fn load(paths: &[std::path::PathBuf]) -> Result<Loaded, LoadError> {
+    let (stdin, files): (Vec<_>, Vec<_>) = paths.iter().partition(|p| p.as_os_str() == "-");
+    let mut loaded = if files.is_empty() {
+        Loaded::default()
+    } else {
+        load_paths(&files)?
+    };
+    if !stdin.is_empty() {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|error| {
+            LoadError::Io {
+                path: "stdin".into(),
+                error,
+            }
+        })?;
+        meshgate_config::load::load_str("stdin", &text, &mut loaded)?;
+    }
+    Ok(loaded)
 }

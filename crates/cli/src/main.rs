@@ -125,7 +125,8 @@ impl MeshArgs {
 
 #[derive(Debug, clap::Args)]
 struct CheckArgs {
-    /// YAML files or folders (searched recursively for .yaml and .yml).
+    /// YAML files or folders (searched recursively for .yaml and .yml);
+    /// `-` reads standard input.
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<PathBuf>,
     #[command(flatten)]
@@ -133,6 +134,18 @@ struct CheckArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value = "text")]
     output: Output,
+    /// The lowest level that fails the check (exit 79), as istioctl
+    /// analyze's --failure-threshold.
+    #[arg(long, value_enum, default_value = "error", value_name = "LEVEL")]
+    failure_threshold: Threshold,
+}
+
+/// Message levels, most severe first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Threshold {
+    Error,
+    Warning,
+    Info,
 }
 
 #[derive(Debug, clap::Args)]

@@ -745,3 +745,38 @@ fn log_level_takes_a_level_or_a_filter_and_refuses_nonsense() {
         stderr(&o)
     );
 }
+
+#[test]
+fn check_reads_stdin_names_files_of_several_folders_and_takes_a_failure_threshold() {
+    let seed = repo_root().join("examples/seed");
+    let seed = seed.to_str().unwrap();
+    // `-`: standard input, shown as `stdin`.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args(["check", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sidecar = std::fs::read_to_string(repo_root().join("examples/seed/sidecar.yaml")).unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), sidecar.as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(79));
+    assert!(stdout(&o).contains("(Sidecar curl-external-tst/restrict-outbound-traffic stdin:10) Referenced selector not found"), "{}", stdout(&o));
+
+    // Two folders: each file named with its folder.
+    let other = repo_root().join("examples/istio-mutual-egress");
+    let o = meshgate(&["check", seed, other.to_str().unwrap()]);
+    assert!(
+        stdout(&o).contains("examples/istio-mutual-egress/egress.yaml:")
+            && stdout(&o).contains("examples/seed/destintionrule.yaml:"),
+        "{}",
+        stdout(&o)
+    );
+
+    // The seed has a Warning only: it fails from `warning` down.
+    assert_eq!(meshgate(&["check", seed]).status.code(), Some(0));
+    for (threshold, code) in [("error", 0), ("warning", 79), ("info", 79)] {
+        let o = meshgate(&["check", seed, "--failure-threshold", threshold]);
+        assert_eq!(o.status.code(), Some(code), "{threshold}");
+    }
+}

@@ -90,12 +90,17 @@ pub fn load_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Loaded, LoadError> {
                 });
             }
             for file in files {
-                // Shown relative to the folder the user named, as istioctl does.
-                let shown = file
-                    .strip_prefix(path)
-                    .unwrap_or(&file)
-                    .display()
-                    .to_string();
+                // Shown relative to the folder the user named, as istioctl
+                // does; with several paths, with that folder in front, so
+                // that two folders' `a.yaml` stay apart.
+                let shown = if paths.len() > 1 {
+                    file.display().to_string()
+                } else {
+                    file.strip_prefix(path)
+                        .unwrap_or(&file)
+                        .display()
+                        .to_string()
+                };
                 load_file(&file, &shown, &mut loaded)?;
             }
         } else {
