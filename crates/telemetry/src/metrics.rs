@@ -164,6 +164,29 @@ pub enum Refused {
     downstream_cx_protocol_error,
 }
 
+/// Bucket bounds as Envoy writes them: `le="1800000"`, where the encoder
+/// writes `le="1.8e+06"`.
+fn envoy_bucket_bounds(text: &str) -> String {
+    const LE: &str = "le=\"";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(LE) {
+        let (head, tail) = rest.split_at(i + LE.len());
+        out.push_str(head);
+        let end = tail.find('"').unwrap_or(tail.len());
+        let bound = &tail[..end];
+        match bound.parse::<f64>() {
+            Ok(v) if bound.contains('e') && v.fract() == 0.0 && v.abs() < 1e15 => {
+                out.push_str(&format!("{v:.0}"));
+            }
+            _ => out.push_str(bound),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn histogram() -> Histogram {
     Histogram::new(ENVOY_BUCKETS)
 }
@@ -382,7 +405,7 @@ impl Metrics {
         let mut out = String::with_capacity(16 * 1024);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
-        out
+        envoy_bucket_bounds(&out)
     }
 }
 
@@ -424,6 +447,17 @@ mod tests {
             response_flags: ResponseFlags::NONE,
             connection_security_policy: "unknown",
         }
+    }
+
+    #[test]
+    fn bucket_bounds_are_written_as_envoy_writes_them() {
+        let m = Metrics::new();
+        m.record_request(&labels(200), 1.0, 0, 0);
+        let text = m.encode();
+        assert!(text.contains("le=\"1800000\""), "{text}");
+        assert!(text.contains("le=\"0.5\""), "{text}");
+        assert!(!text.contains("e+0"), "{text}");
+        assert_eq!(envoy_bucket_bounds("x{le=\"+Inf\"} 1"), "x{le=\"+Inf\"} 1");
     }
 
     #[test]
@@ -486,8 +520,8 @@ mod tests {
         );
         assert!(line.ends_with("} 2"), "{line}");
         assert!(text.contains("le=\"0.5\"} 1"), "{text}");
-        // The largest bound prints as Envoy prints it.
-        assert!(text.contains("le=\"3.6e+06\"} 2"), "{text}");
+        // The largest bound prints as Envoy prints it (not `3.6e+06`).
+        assert!(text.contains("le=\"3600000\"} 2"), "{text}");
         assert!(
             text.contains("istio_request_duration_milliseconds_count{"),
             "{text}"
