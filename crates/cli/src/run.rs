@@ -623,6 +623,7 @@ async fn proxy_main(
         ctx,
         ready: &ready,
         loaded,
+        digest: Digest::of(&config),
     };
     // Config changes come from the files or from the control plane.
     let changes = async {
@@ -731,6 +732,74 @@ struct Live<'a> {
     ready: &'a ReadyFile,
     /// The fingerprint of the files the running config came from.
     loaded: Result<u64, String>,
+    /// What each resource of the running config says, to tell a reload's
+    /// changes.
+    digest: Digest,
+}
+
+/// Each resource (`Kind ns/name`) and a hash of what it says (its spec,
+/// labels and annotations; not where in which file it is).
+#[derive(Debug, Default)]
+struct Digest(std::collections::BTreeMap<String, u64>);
+
+impl Digest {
+    fn of(config: &Config) -> Digest {
+        use std::hash::{Hash, Hasher};
+        let mut map = std::collections::BTreeMap::new();
+        let Ok(serde_json::Value::Object(kinds)) = serde_json::to_value(config) else {
+            return Digest(map);
+        };
+        for resource in kinds.values().filter_map(|v| v.as_array()).flatten() {
+            let meta = &resource["meta"];
+            let key = format!(
+                "{} {}",
+                meta["kind"].as_str().unwrap_or(""),
+                match meta["namespace"].as_str().unwrap_or("") {
+                    "" => meta["name"].as_str().unwrap_or("").to_owned(),
+                    ns => format!("{ns}/{}", meta["name"].as_str().unwrap_or("")),
+                }
+            );
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (
+                resource["spec"].to_string(),
+                meta["labels"].to_string(),
+                meta["annotations"].to_string(),
+            )
+                .hash(&mut h);
+            map.insert(key, h.finish());
+        }
+        Digest(map)
+    }
+
+    /// What `new` added, changed and removed against `self`, as text (each
+    /// list cut at ten names).
+    fn changes(&self, new: &Digest) -> String {
+        let list = |names: Vec<&String>| {
+            let n = names.len();
+            let mut shown: Vec<&str> = names.into_iter().take(10).map(String::as_str).collect();
+            if n > 10 {
+                shown.push("...");
+            }
+            format!("{n} ({})", shown.join(", "))
+        };
+        let added: Vec<&String> = new.0.keys().filter(|k| !self.0.contains_key(*k)).collect();
+        let removed: Vec<&String> = self.0.keys().filter(|k| !new.0.contains_key(*k)).collect();
+        let changed: Vec<&String> = new
+            .0
+            .iter()
+            .filter(|(k, h)| self.0.get(*k).is_some_and(|old| old != *h))
+            .map(|(k, _)| k)
+            .collect();
+        if added.is_empty() && removed.is_empty() && changed.is_empty() {
+            return "no resource changed".to_owned();
+        }
+        format!(
+            "added {}, changed {}, removed {}",
+            list(added),
+            list(changed),
+            list(removed)
+        )
+    }
 }
 
 impl Live<'_> {
@@ -746,7 +815,9 @@ impl Live<'_> {
             }
             self.loaded = now;
             match self.reload(app).await {
-                Ok(()) => tracing::info!(workload = %self.args.workload, "config reloaded"),
+                Ok(changes) => {
+                    tracing::info!(workload = %self.args.workload, %changes, "config reloaded")
+                }
                 Err(e) => tracing::error!(
                     error = format!("{e:#}"),
                     "config reload failed; the running config stays"
@@ -755,14 +826,23 @@ impl Live<'_> {
         }
     }
 
-    async fn reload(&mut self, app: &mut App) -> anyhow::Result<()> {
+    /// Loads and applies the files again; says what changed.
+    async fn reload(&mut self, app: &mut App) -> anyhow::Result<String> {
         // Off the proxy's threads: parsing a large config takes a while.
         self.mesh = self.args.mesh.load()?;
         let (args, kind, mesh) = (self.args.clone(), self.kind, self.mesh.clone());
-        let config = tokio::task::spawn_blocking(move || prepare_config(&args, kind, &mesh))
-            .await
-            .context("loading the config")??;
-        self.apply(config, app).await
+        let (config, digest) = tokio::task::spawn_blocking(move || {
+            prepare_config(&args, kind, &mesh).map(|c| {
+                let d = Digest::of(&c);
+                (c, d)
+            })
+        })
+        .await
+        .context("loading the config")??;
+        self.apply(config, app).await?;
+        let changes = self.digest.changes(&digest);
+        self.digest = digest;
+        Ok(changes)
     }
 
     /// Applies versions from the control plane as they come, and tells it

@@ -364,7 +364,14 @@ fn live_reload_applies_changes_without_dropping_requests() {
             "{gateway_yaml}  - port:\n      number: 8081\n      name: http-alt\n      protocol: HTTP\n    hosts:\n    - \"{HOST}\"\n"
         );
         write_config(&dir, "gateway.yaml", &two_ports);
-        gw.proc.wait_for("config reloaded", Duration::from_secs(10));
+        let reloaded = gw.proc.wait_for("config reloaded", Duration::from_secs(10));
+        // The log says what changed.
+        assert!(
+            reloaded.contains(
+                "changes=added 0 (), changed 1 (Gateway curl-egress-tst/egress-gateway), removed 0 ()"
+            ),
+            "{reloaded}"
+        );
         let ready: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(t.path("gw-ready.json")).unwrap())
                 .unwrap();
@@ -419,7 +426,11 @@ fn live_reload_applies_changes_without_dropping_requests() {
         &std::fs::read_to_string(format!("{}/gateway.yaml", seed())).unwrap(),
     );
     std::fs::remove_file(format!("{dir}/zz-broken.yaml")).unwrap();
-    gw.proc.wait_for("config reloaded", Duration::from_secs(10));
+    let reloaded = gw.proc.wait_for("config reloaded", Duration::from_secs(10));
+    assert!(
+        reloaded.contains("changed 2 (AuthorizationPolicy curl-egress-tst/"),
+        "{reloaded}"
+    );
     let (body, code, _) = get("curl", port);
     assert_eq!(
         (code.as_str(), body.as_str()),
