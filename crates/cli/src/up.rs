@@ -233,7 +233,7 @@ async fn up(
         .start_sidecars(&ca, &dns, &gateway_ports, cleanup)
         .await?;
     up.start_commands(&proxies, &dns, cleanup)?;
-    up.print_table();
+    up.print_table(&proxies);
     up.forward().await
 }
 
@@ -677,7 +677,7 @@ impl<'a> Up<'a> {
 
     /// The parts table, and where each part lives (for `ip netns exec` by
     /// hand).
-    fn print_table(&self) {
+    fn print_table(&self, proxy_env: &HashMap<String, String>) {
         let w: [usize; 4] =
             [0, 1, 2, 3].map(|i| self.table.iter().map(|r| r.0[i].len()).max().unwrap_or(0));
         for Row(r) in &self.table {
@@ -696,6 +696,24 @@ impl<'a> Up<'a> {
         }
         for (key, ns) in self.net.namespaces_by_part() {
             self.say(&format!("netns {ns}: {key}"));
+        }
+        // How to send a request of one's own, as each workload would.
+        if let Some(host) = self
+            .plan
+            .external_hosts
+            .iter()
+            .find(|h| !h.starts_with('*'))
+        {
+            for (key, _, _) in &self.plan.sidecars {
+                let how = match (self.net.ns_of(key), proxy_env.get(key)) {
+                    (Some((ns, _)), _) => {
+                        format!("sudo ip netns exec {ns} curl -sS http://{host}/")
+                    }
+                    (None, Some(proxy)) => format!("curl -sS -x {proxy} http://{host}/"),
+                    (None, None) => continue,
+                };
+                self.say(&format!("try, as {key}: {how}"));
+            }
         }
         self.say("all parts running; Ctrl-C stops everything");
     }

@@ -183,6 +183,24 @@ fn up_runs_the_seed_system_and_cleans_up() {
     };
     assert!(runs >= 1 && sidecar_200 == runs && egress_allow == runs && gateway_200 == runs);
 
+    // `up` says how to send one's own request as the workload; it works.
+    let lines = up.stdout_lines();
+    let hint = lines
+        .iter()
+        .find_map(|l| {
+            l.split_once("try, as curl-external-tst/curl-test: sudo ")
+                .map(|(_, c)| c.to_owned())
+        })
+        .expect("a try line");
+    let argv: Vec<&str> = hint.split_whitespace().collect();
+    assert_eq!(argv[..3], ["ip", "netns", "exec"], "{hint}");
+    let o = std::process::Command::new(argv[0])
+        .args(&argv[1..])
+        .args(["-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "200", "{hint}");
+
     // The other namespace's calls are attributed and denied.
     let gm = get(&gw_metrics).1;
     assert!(
@@ -344,6 +362,13 @@ fn up_in_loopback_mode_uses_the_sidecar_as_an_explicit_proxy() {
     let table = parts_table(&lines);
     let (addr, sc_metrics, _) = table.get("curl-test-sidecar").expect("sidecar row").clone();
     assert_eq!(addr, "127.0.0.1");
+    // On loopback the hint is the sidecar as an explicit proxy.
+    assert!(
+        lines.iter().any(|l| l
+            .contains("try, as curl-external-tst/curl-test: curl -sS -x http://127.0.0.1:")
+            && l.ends_with(" http://jsonplaceholder.typicode.com/")),
+        "{lines:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let sm = get(&sc_metrics).1;
