@@ -168,6 +168,11 @@ pub(crate) struct ProxyArgs {
     /// Readiness port: /healthz/ready.
     #[arg(long, default_value_t = 15021)]
     pub health_port: u16,
+    /// Inspection port on 127.0.0.1 (Envoy's admin port): /config_dump,
+    /// /clusters, /listeners, /certs, /server_info. Taken already, the
+    /// proxy runs without it (and says so); 0 picks a free port.
+    #[arg(long, default_value_t = 15000)]
+    pub inspect_port: u16,
     /// Access log format (to stdout).
     #[arg(long, value_enum, default_value = "text")]
     pub access_log_format: LogFormat,
@@ -603,6 +608,19 @@ async fn proxy_main(
     };
     let mut app = App::start(proxy, &options).await?;
     listeners_pending.done();
+    let config_source = Arc::new(arc_swap::ArcSwap::from_pointee(match &control {
+        Some(_) => "control plane".to_owned(),
+        None => "files".to_owned(),
+    }));
+    let mut admin_addrs = admin_addrs;
+    let inspect = meshgate_proxy::inspect::Inspect {
+        proxy: app.proxy.clone(),
+        identity: identity.clone(),
+        workload: args.workload.clone(),
+        started: std::time::Instant::now(),
+        config: config_source.clone(),
+    };
+    admin_addrs.extend(bind_inspect(args.inspect_port, inspect).await);
     let ready = ReadyFile {
         path: args.ready_file.clone(),
         id: id.clone(),
@@ -624,6 +642,7 @@ async fn proxy_main(
         ready: &ready,
         loaded,
         digest: Digest::of(&config),
+        config_source,
     };
     // Config changes come from the files or from the control plane.
     let changes = async {
@@ -655,6 +674,27 @@ fn duration_flag(value: &str, flag: &str) -> anyhow::Result<Duration> {
         .map_err(anyhow::Error::msg)
         .context(flag.to_owned())?
         .as_std())
+}
+
+/// Binds the inspection port on loopback. It is a convenience: a port
+/// already taken (two proxies on one host) leaves the proxy without it.
+async fn bind_inspect(
+    port: u16,
+    inspect: meshgate_proxy::inspect::Inspect,
+) -> Option<(AdminRole, SocketAddr)> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => {
+            let local = l.local_addr().ok()?;
+            tracing::info!(address = %local, "inspection port bound (/config_dump, /clusters, /certs)");
+            tokio::spawn(meshgate_proxy::inspect::serve(l, inspect));
+            Some((AdminRole::Inspect, local))
+        }
+        Err(e) => {
+            tracing::warn!(address = %addr, error = %e, "inspection port not bound; give another with --inspect-port");
+            None
+        }
+    }
 }
 
 /// Binds the agent (15020), Prometheus (15090) and health (15021) ports.
@@ -735,6 +775,8 @@ struct Live<'a> {
     /// What each resource of the running config says, to tell a reload's
     /// changes.
     digest: Digest,
+    /// Where the running config came from, for the inspection port.
+    config_source: Arc<arc_swap::ArcSwap<String>>,
 }
 
 /// Each resource (`Kind ns/name`) and a hash of what it says (its spec,
@@ -860,6 +902,8 @@ impl Live<'_> {
             let error = match result {
                 Ok(()) => {
                     tracing::info!(workload = %self.args.workload, version = next.version, "config applied");
+                    self.config_source
+                        .store(Arc::new(format!("control plane version {}", next.version)));
                     None
                 }
                 Err(e) => {

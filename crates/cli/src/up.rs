@@ -746,8 +746,8 @@ impl<'a> Up<'a> {
     }
 }
 
-fn admin_flags(a: IpAddr, admin: u16, prom: u16, health: u16) -> [String; 8] {
-    [
+fn admin_flags(a: IpAddr, admin: u16, prom: u16, health: u16) -> Vec<String> {
+    let mut flags = vec![
         "--admin-address".into(),
         a.to_string(),
         "--admin-port".into(),
@@ -756,7 +756,13 @@ fn admin_flags(a: IpAddr, admin: u16, prom: u16, health: u16) -> [String; 8] {
         prom.to_string(),
         "--health-port".into(),
         health.to_string(),
-    ]
+    ];
+    // In its own namespace each proxy has 127.0.0.1:15000; on loopback
+    // they share a host: each picks a port (its log line says which).
+    if a.is_loopback() {
+        flags.extend(["--inspect-port".into(), "0".into()]);
+    }
+    flags
 }
 
 fn in_namespace(ns: &str, argv: Vec<String>) -> Vec<String> {

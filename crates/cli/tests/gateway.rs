@@ -59,6 +59,8 @@ struct Gateway {
     admin: SocketAddr,
     prometheus: SocketAddr,
     health: SocketAddr,
+    /// 127.0.0.1 only: /config_dump, /clusters, /certs, /server_info.
+    inspect: SocketAddr,
 }
 
 /// A proxy's `--ready-file`, written (atomically) before it logs that it
@@ -106,6 +108,8 @@ fn start_gateway(t: &TempDir, config: &[&str], extra: &[&str]) -> Gateway {
         "0",
         "--health-port",
         "0",
+        "--inspect-port",
+        "0",
         "--ready-file",
         &ready,
     ]);
@@ -138,6 +142,7 @@ fn start_gateway(t: &TempDir, config: &[&str], extra: &[&str]) -> Gateway {
         admin: admin("agent"),
         prometheus: admin("prometheus"),
         health: admin("health"),
+        inspect: admin("inspect"),
         proc,
     }
 }
@@ -288,6 +293,37 @@ fn admin_ports_ready_file_and_json_access_log() {
         Some(1.0),
         "{text}"
     );
+
+    // The inspection port: what the running gateway runs.
+    assert!(gw.inspect.ip().is_loopback());
+    let get = |path: &str| -> serde_json::Value {
+        serde_json::from_str(&http_get(gw.inspect, path)).unwrap()
+    };
+    let info = get("/server_info");
+    assert_eq!(info["state"], "LIVE");
+    assert_eq!(info["config"], "files");
+    assert_eq!(
+        info["identity"],
+        "spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst"
+    );
+    let dump = get("/config_dump");
+    assert_eq!(
+        dump["view"]["clusters"][0]["name"], "outbound|443||jsonplaceholder.typicode.com",
+        "{dump:#}"
+    );
+    assert!(dump["certificate"]["expiresInSeconds"].as_u64().unwrap() > 3600);
+    // The cluster's endpoint now: the stand-in, which served one request.
+    let clusters = get("/clusters");
+    let cluster = &clusters[0];
+    assert_eq!(
+        cluster["name"],
+        "outbound|443||jsonplaceholder.typicode.com"
+    );
+    assert_eq!(cluster["hosts"][0]["ejected"], false, "{clusters:#}");
+    let standin = std::fs::read_to_string(&w.endpoints).unwrap();
+    let standin = standin.split_whitespace().nth(1).unwrap();
+    assert_eq!(cluster["hosts"][0]["address"], standin, "{clusters:#}");
+    assert_eq!(get("/listeners")[0]["port"], 80);
 }
 
 /// Writes a config file the way a ConfigMap update does: a complete new

@@ -122,6 +122,8 @@ pub enum AdminRole {
     Prometheus,
     /// 15021: readiness.
     Health,
+    /// 15000: the inspection port (`inspect.rs`), loopback only.
+    Inspect,
 }
 
 fn respond(

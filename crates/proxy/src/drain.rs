@@ -56,6 +56,11 @@ impl Drain {
         self.inner.connections.load(Ordering::Acquire)
     }
 
+    /// Has draining started?
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
     /// Resolves when draining starts (at once if it has).
     pub fn started(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut rx = self.draining.subscribe();

@@ -17,6 +17,7 @@ pub mod error;
 pub mod gateway;
 pub mod http;
 pub mod idle;
+pub mod inspect;
 pub mod iptables;
 pub mod labels;
 pub mod listener;

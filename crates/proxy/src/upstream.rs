@@ -568,7 +568,65 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// What a cluster is doing now, for the inspection port's `/clusters`.
+#[derive(Debug, serde::Serialize)]
+pub struct ClusterStatus {
+    pub name: String,
+    /// Where endpoints come from: `dns host:port`, `static ip:port`, or
+    /// `original destination`.
+    pub endpoints: Vec<String>,
+    /// Endpoints that carried requests, with their outlier state.
+    pub hosts: Vec<HostStatus>,
+    pub requests_in_flight: usize,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct HostStatus {
+    pub address: String,
+    pub active_requests: usize,
+    pub consecutive_5xx: u32,
+    pub consecutive_gateway_errors: u32,
+    pub ejected: bool,
+    pub times_ejected: u32,
+}
+
 impl Cluster {
+    /// The cluster's configured endpoints and its hosts' state now.
+    pub fn status(&self) -> ClusterStatus {
+        let c = &self.core;
+        let endpoints = match &c.endpoints {
+            Endpoints::Dns { names, .. } => {
+                names.iter().map(|(h, p)| format!("dns {h}:{p}")).collect()
+            }
+            Endpoints::Static(addrs) => addrs.iter().map(|a| format!("static {a}")).collect(),
+            Endpoints::FromUri => vec!["original destination".to_owned()],
+        };
+        let now = Instant::now();
+        let mut hosts: Vec<HostStatus> = c
+            .state
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(addr, s)| HostStatus {
+                        address: addr.to_string(),
+                        active_requests: s.active,
+                        consecutive_5xx: s.consecutive_5xx,
+                        consecutive_gateway_errors: s.consecutive_gateway,
+                        ejected: s.ejected_until.is_some_and(|t| t > now),
+                        times_ejected: s.times_ejected,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        hosts.sort_by(|a, b| a.address.cmp(&b.address));
+        ClusterStatus {
+            name: c.name.to_string(),
+            endpoints,
+            hosts,
+            requests_in_flight: self.in_flight.load(Ordering::Relaxed),
+        }
+    }
+
     pub fn new(s: ClusterSettings, resolver: Resolver) -> Cluster {
         let h2 = s.h2;
         let core = Arc::new(ClusterCore {

@@ -1,0 +1,125 @@
+//! The inspection port (Envoy's admin port, 15000; loopback only, as
+//! Istio binds it): what a running proxy actually runs, the answers
+//! `istioctl proxy-config` reads from Envoy.
+//!
+//! - `/server_info`: version, workload, identity, state, uptime, config
+//! - `/config_dump`: the proxy view it runs (listeners, routes, clusters,
+//!   policies) and its certificate
+//! - `/listeners`, `/clusters` (endpoints and their outlier state now),
+//!   `/certs`, `/stats/prometheus`
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use meshgate_identity::WorkloadIdentity;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use crate::body::{Body, local_response, text};
+use crate::drain::Drain;
+use crate::listener::{accept_loop, serve_http};
+use crate::proxy::Proxy;
+
+/// What the inspection port reads.
+#[derive(Debug, Clone)]
+pub struct Inspect {
+    pub proxy: Arc<Proxy>,
+    pub identity: Arc<WorkloadIdentity>,
+    pub workload: String,
+    pub started: Instant,
+    /// Where the running config came from (`files`, or the control
+    /// plane's version), updated on every apply.
+    pub config: Arc<ArcSwap<String>>,
+}
+
+const INDEX: &str = "meshgate inspection port\n\
+/server_info    version, workload, identity, state, uptime, config\n\
+/config_dump    the proxy view this proxy runs, and its certificate\n\
+/listeners      listeners\n\
+/clusters       clusters: endpoints and their outlier state now\n\
+/certs          the workload certificate\n\
+/stats/prometheus  metrics\n";
+
+/// Serves the port until the task is dropped.
+pub async fn serve(listener: TcpListener, inspect: Inspect) {
+    let never = Drain::default();
+    accept_loop(listener, |tcp, _| {
+        let (inspect, never) = (inspect.clone(), never.clone());
+        let answers = inspect.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let resp = respond(&answers, &req);
+            async move { Ok::<_, Infallible>(resp) }
+        });
+        tokio::spawn(async move {
+            let idle = crate::listener::Timeouts::default().idle;
+            let _ = serve_http(tcp, svc, &never, idle, &inspect.proxy.metrics).await;
+        });
+    })
+    .await;
+}
+
+fn respond(i: &Inspect, req: &Request<Incoming>) -> Response<Body> {
+    let snap = i.proxy.state.load();
+    match req.uri().path() {
+        "/" => text(StatusCode::OK, INDEX),
+        "/server_info" => json_response(&json!({
+            "version": concat!("meshgate ", env!("CARGO_PKG_VERSION")),
+            "workload": i.workload,
+            "identity": i.identity.id().to_string(),
+            "state": if i.proxy.drain.is_draining() { "DRAINING" } else { "LIVE" },
+            "uptimeSeconds": i.started.elapsed().as_secs(),
+            "config": i.config.load().as_str(),
+        })),
+        "/config_dump" => json_response(&json!({
+            "config": i.config.load().as_str(),
+            "view": snap.view,
+            "certificate": certificate(&i.identity),
+        })),
+        "/listeners" => json_response(&json!(snap.view.listeners)),
+        "/clusters" => {
+            let clusters: Vec<_> = snap
+                .clusters
+                .iter()
+                .flatten()
+                .map(|c| c.cluster.status())
+                .collect();
+            json_response(&json!(clusters))
+        }
+        "/certs" => json_response(&certificate(&i.identity)),
+        "/stats/prometheus" | "/metrics" => local_response(
+            StatusCode::OK,
+            meshgate_telemetry::metrics::CONTENT_TYPE,
+            i.proxy.metrics.encode(),
+        ),
+        _ => text(StatusCode::NOT_FOUND, "not found; see /\n"),
+    }
+}
+
+/// The workload certificate as `istioctl proxy-config secret` shows one.
+fn certificate(identity: &WorkloadIdentity) -> Value {
+    let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    match identity.info() {
+        Some(info) => json!({
+            "identity": identity.id().to_string(),
+            "uriSans": info.uri_sans,
+            "notBefore": secs(info.not_before),
+            "notAfter": secs(info.not_after),
+            "expiresInSeconds": info
+                .not_after
+                .duration_since(SystemTime::now())
+                .map_or(0, |d| d.as_secs()),
+            "renewalError": identity.renewal_error().map(|e| e.to_string()),
+        }),
+        None => json!({ "identity": identity.id().to_string(), "certificate": null }),
+    }
+}
+
+fn json_response(v: &Value) -> Response<Body> {
+    let mut body = serde_json::to_string_pretty(v).unwrap_or_default();
+    body.push('\n');
+    local_response(StatusCode::OK, "application/json", body)
+}
