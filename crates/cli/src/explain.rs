@@ -190,6 +190,8 @@ struct Explained<'s> {
     /// TLS the proxy terminated on the way.
     terminated: Option<&'static str>,
     outcome: Outcome<'s>,
+    /// Each ALLOW rule and the field that keeps it from admitting this.
+    why_denied: Vec<String>,
 }
 
 enum Outcome<'s> {
@@ -265,12 +267,29 @@ fn explain<'s>(snap: &'s Snapshot, input: &'s Input, id: &'s SpiffeId) -> Explai
             }
         }
     };
+    // A request no ALLOW rule admits: which rule fails on which field.
+    let denied_by_none = match &outcome {
+        Outcome::Request(p) => matches!(&p.authz, Decision::Deny { policy } if policy == "none"),
+        Outcome::Tcp(p) => matches!(&p.authz, Decision::Deny { policy } if policy == "none"),
+        _ => false,
+    };
+    let why_denied = if denied_by_none {
+        let head = match (&outcome, &conn.tls) {
+            (Outcome::Tcp(_), _) => None,
+            (_, Some(_)) => Some(&secure),
+            (_, None) => Some(&plain),
+        };
+        meshgate_proxy::plan::why_denied(snap, &conn, head)
+    } else {
+        Vec::new()
+    };
     Explained {
         snap,
         input,
         id,
         terminated,
         outcome,
+        why_denied,
     }
 }
 
@@ -416,9 +435,10 @@ impl Explained<'_> {
                     .join(", "),
                 if *audited { ", audited" } else { "" }
             ),
-            Decision::Deny { policy } if policy == "none" => {
-                "denied: ALLOW policies apply and none matches".to_owned()
-            }
+            Decision::Deny { policy } if policy == "none" => format!(
+                "denied: ALLOW policies apply and no rule matches ({})",
+                self.why_denied.join("; ")
+            ),
             Decision::Deny { policy } => format!("denied by {policy}"),
         })
     }

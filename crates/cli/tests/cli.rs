@@ -780,3 +780,25 @@ fn check_reads_stdin_names_files_of_several_folders_and_takes_a_failure_threshol
         assert_eq!(o.status.code(), Some(code), "{threshold}");
     }
 }
+
+#[test]
+fn explain_says_which_rule_and_field_refuse_a_caller() {
+    let seed = repo_root().join("examples/seed");
+    let o = meshgate(&[
+        "explain",
+        "-c",
+        seed.to_str().unwrap(),
+        "-w",
+        "curl-egress-tst/curl-egress-tst-gateway",
+        "--from",
+        "spiffe://cluster.local/ns/other/sa/default",
+        "http://jsonplaceholder.typicode.com/todos/1",
+    ]);
+    assert!(
+        stdout(&o).contains(
+            "denied: ALLOW policies apply and no rule matches (curl-egress-tst/allow-curl-external-to-egress rule[0]: namespaces \"other\" not in [curl-external-tst])"
+        ),
+        "{}",
+        stdout(&o)
+    );
+}

@@ -86,6 +86,35 @@ enum Pattern {
     Presence,
 }
 
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pattern::Exact(v) => write!(f, "{v}"),
+            Pattern::Prefix(v) => write!(f, "{v}*"),
+            Pattern::Suffix(v) => write!(f, "*{v}"),
+            Pattern::Presence => f.write_str("*"),
+        }
+    }
+}
+
+impl std::fmt::Display for PathPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PathPattern::Simple(p) => write!(f, "{p}"),
+            PathPattern::Template(parts) => {
+                for part in parts {
+                    match part {
+                        TemplatePart::Literal(l) => write!(f, "/{l}")?,
+                        TemplatePart::One => f.write_str("/{*}")?,
+                        TemplatePart::Many => f.write_str("/{**}")?,
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 impl Pattern {
     fn new(v: &str, lowercase: bool) -> Pattern {
         let v = if lowercase {
@@ -275,6 +304,8 @@ impl ConditionKey {
 
 #[derive(Debug, Clone)]
 struct CompiledCondition {
+    /// The key as the policy writes it (`source.namespace`), for `explain`.
+    name: String,
     key: ConditionKey,
     patterns: Field<Pattern>,
     nets: Field<IpNet>,
@@ -415,6 +446,7 @@ fn compile_condition(c: &Condition) -> CompiledCondition {
         _ => ConditionKey::Ignored,
     };
     CompiledCondition {
+        name: c.key.clone(),
         key,
         patterns: patterns(&c.values, &c.not_values, false),
         nets: nets(&c.values, &c.not_values),
@@ -528,6 +560,123 @@ pub fn authorize(policies: &[CompiledPolicy], req: &AuthzRequest<'_>) -> Decisio
             policy: "none".to_owned(),
         }
     }
+}
+
+// === Why no ALLOW rule matches (for `explain`) ===
+
+/// For a request no ALLOW rule admits: each ALLOW policy's rules and the
+/// first field of each that does not hold, e.g. `curl-egress-tst/allow
+/// rule[0]: source.namespace "other" not in [curl-external-tst]`.
+pub fn why_not_allowed(policies: &[CompiledPolicy], req: &AuthzRequest<'_>) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in policies.iter().filter(|p| p.action == AuthzAction::Allow) {
+        if p.rules.is_empty() {
+            out.push(format!(
+                "{}/{}: no rules (it allows nothing)",
+                p.namespace, p.name
+            ));
+        }
+        for (i, rule) in p.rules.iter().enumerate() {
+            let why = if req.http.is_none() && rule_uses_http(rule) {
+                Some("uses HTTP fields, and this is TCP".to_owned())
+            } else {
+                rule_miss(rule, req)
+            };
+            if let Some(why) = why {
+                out.push(format!("{}/{} rule[{i}]: {why}", p.namespace, p.name));
+            }
+        }
+    }
+    out
+}
+
+fn rule_miss(rule: &CompiledRule, req: &AuthzRequest<'_>) -> Option<String> {
+    if let Some(first) = rule.from.first()
+        && !rule.from.iter().any(|s| source_matches(s, req))
+    {
+        return Some(
+            source_miss(first, req).unwrap_or_else(|| "from: no source matches".to_owned()),
+        );
+    }
+    if let Some(first) = rule.to.first()
+        && !rule.to.iter().any(|o| operation_matches(o, req))
+    {
+        return Some(
+            operation_miss(first, req).unwrap_or_else(|| "to: no operation matches".to_owned()),
+        );
+    }
+    rule.when
+        .iter()
+        .find(|c| !condition_matches(c, req))
+        .map(|c| format!("when {}: not satisfied", c.name))
+}
+
+/// `name "actual" not in [values]`, or `name "actual" is in notValues`.
+fn field_miss<T: std::fmt::Display>(
+    name: &str,
+    actual: &str,
+    field: &Field<T>,
+    holds: impl Fn(&T) -> bool,
+) -> Option<String> {
+    let list = |v: &[T]| {
+        v.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !field.values.is_empty() && !field.values.iter().any(&holds) {
+        return Some(format!(
+            "{name} {actual:?} not in [{}]",
+            list(&field.values)
+        ));
+    }
+    field
+        .not_values
+        .iter()
+        .find(|v| holds(v))
+        .map(|v| format!("{name} {actual:?} matches not_{name} {v}"))
+}
+
+fn source_miss(s: &CompiledSource, req: &AuthzRequest<'_>) -> Option<String> {
+    let principal = req.peer.map_or("", |p| &*p.principal);
+    let namespace = req.peer.map_or("", |p| p.id.namespace());
+    let sa = req.peer.map_or("", |p| &*p.service_account);
+    let source_ip = req.source_ip.to_string();
+    let remote_ip = req.remote_ip.to_string();
+    field_miss("principals", principal, &s.principals, |p| {
+        p.matches(principal)
+    })
+    .or_else(|| {
+        field_miss("namespaces", namespace, &s.namespaces, |p| {
+            p.matches(namespace)
+        })
+    })
+    .or_else(|| field_miss("serviceAccounts", sa, &s.service_accounts, |v| v == sa))
+    .or_else(|| {
+        field_miss("ipBlocks", &source_ip, &s.ip_blocks, |n| {
+            n.contains(&req.source_ip)
+        })
+    })
+    .or_else(|| {
+        field_miss("remoteIpBlocks", &remote_ip, &s.remote_ip_blocks, |n| {
+            n.contains(&req.remote_ip)
+        })
+    })
+    .or_else(|| {
+        (req.http.is_some() && !s.request_principals.check(|p| p.matches(""))).then(|| {
+            "requestPrincipals: no JWT (RequestAuthentication is not supported)".to_owned()
+        })
+    })
+}
+
+fn operation_miss(o: &CompiledOperation, req: &AuthzRequest<'_>) -> Option<String> {
+    let port = req.destination_port.to_string();
+    field_miss("ports", &port, &o.ports, |p| *p == req.destination_port).or_else(|| {
+        let h = req.http.as_ref()?;
+        field_miss("hosts", h.host, &o.hosts, |p| p.matches_ignore_case(h.host))
+            .or_else(|| field_miss("methods", h.method, &o.methods, |p| p.matches(h.method)))
+            .or_else(|| field_miss("paths", h.path, &o.paths, |p| p.matches(h.path)))
+    })
 }
 
 #[cfg(test)]

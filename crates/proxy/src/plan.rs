@@ -698,6 +698,26 @@ fn tls<'s>(
 /// What authorization sees of a connection (and request): the peer's
 /// verified identity, addresses, SNI. Client-supplied headers never name
 /// the caller.
+/// Why the ALLOW policies admit no rule for this request or connection
+/// (`explain`): the request as `plan` authorizes it, path normalized.
+pub fn why_denied(snap: &Snapshot, conn: &Conn, head: Option<&RequestHead<'_>>) -> Vec<String> {
+    let Some(head) = head else {
+        return crate::authz::why_not_allowed(
+            &snap.policies,
+            &authz_request(conn, conn.sni(), None),
+        );
+    };
+    let path = normalize_path(head.view.path, snap.view.path_normalization)
+        .unwrap_or(std::borrow::Cow::Borrowed(head.view.path));
+    let http = HttpAttributes {
+        host: head.view.authority,
+        method: head.view.method,
+        path: &path,
+        headers: head.view.headers,
+    };
+    crate::authz::why_not_allowed(&snap.policies, &authz_request(conn, conn.sni(), Some(http)))
+}
+
 fn authz_request<'a>(
     conn: &'a Conn,
     sni: Option<&'a str>,

@@ -80,6 +80,10 @@ fn with_header(mut r: Req, k: &'static str, v: &'static str) -> Req {
 }
 
 fn decide(pols: &[CompiledPolicy], r: &Req) -> Decision {
+    with_request(r, |req| authorize(pols, req))
+}
+
+fn with_request<T>(r: &Req, f: impl FnOnce(&AuthzRequest<'_>) -> T) -> T {
     let mut headers = http::HeaderMap::new();
     if let Some((_, _, _, hs)) = &r.http {
         for (k, v) in hs {
@@ -110,7 +114,7 @@ fn decide(pols: &[CompiledPolicy], r: &Req) -> Decision {
                 headers: &headers,
             }),
     };
-    authorize(pols, &req)
+    f(&req)
 }
 
 const ALLOW: Decision = Decision::Allow { audited: false };
@@ -732,4 +736,60 @@ fn decision_labels_and_details() {
         none().response_code_details().as_deref(),
         Some("rbac_access_denied_matched_policy[none]")
     );
+}
+
+#[test]
+fn why_no_allow_rule_admits_names_the_rule_and_the_field() {
+    let cases: Vec<(String, Req, Vec<&str>)> = vec![
+        (
+            ap(
+                "p",
+                "ALLOW",
+                "  rules:\n  - from: [{source: {namespaces: [curl-external-tst]}}]\n",
+            ),
+            get(Some(OTHER)),
+            vec!["egress/p rule[0]: namespaces \"other\" not in [curl-external-tst]"],
+        ),
+        (
+            ap(
+                "p",
+                "ALLOW",
+                "  rules:\n  - to: [{operation: {methods: [POST], paths: [/admin*]}}]\n  - to: [{operation: {notPaths: ['/todos/*']}}]\n",
+            ),
+            get(Some(CURL)),
+            vec![
+                "egress/p rule[0]: methods \"GET\" not in [POST]",
+                "egress/p rule[1]: paths \"/todos/1\" matches not_paths /todos/*",
+            ],
+        ),
+        (
+            ap(
+                "p",
+                "ALLOW",
+                "  rules:\n  - when: [{key: 'request.headers[x-user]', values: [alice]}]\n",
+            ),
+            get(Some(CURL)),
+            vec!["egress/p rule[0]: when request.headers[x-user]: not satisfied"],
+        ),
+        (
+            ap(
+                "p",
+                "ALLOW",
+                "  rules:\n  - to: [{operation: {methods: [GET]}}]\n",
+            ),
+            tcp(Some(CURL)),
+            vec!["egress/p rule[0]: uses HTTP fields, and this is TCP"],
+        ),
+        (
+            ap("p", "ALLOW", ""),
+            get(Some(CURL)),
+            vec!["egress/p: no rules (it allows nothing)"],
+        ),
+    ];
+    for (yaml, req, want) in cases {
+        let pols = policies(&yaml);
+        assert_eq!(decide(&pols, &req), none(), "{yaml}");
+        let got = with_request(&req, |r| why_not_allowed(&pols, r));
+        assert_eq!(got, want, "{yaml}");
+    }
 }
