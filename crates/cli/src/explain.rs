@@ -412,6 +412,25 @@ impl Explained<'_> {
         }
     }
 
+    /// A host the registry has, on a port it declares HTTP: TLS sent there
+    /// is not routed (the usual cause: `protocol: HTTP` on port 443).
+    fn declared_http_hint(&self) -> String {
+        let host = &self.input.host;
+        let port = u32::from(self.input.port);
+        let declared_http = self.snap.view.listeners.iter().any(|l| {
+            l.port == port
+                && l.protocol.is_http()
+                && l.hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
+        });
+        if declared_http {
+            format!(
+                "; {host}:{port} is registered, but its port is declared HTTP: TLS to it is not routed (declare the port TLS or HTTPS to pass TLS through, or send plain HTTP and let a gateway originate TLS)"
+            )
+        } else {
+            String::new()
+        }
+    }
+
     fn authz(&self) -> Option<String> {
         let decision = match &self.outcome {
             Outcome::Request(p) => &p.authz,
@@ -479,8 +498,9 @@ impl Explained<'_> {
                         Some(flags.to_string()),
                         match p.reason {
                             TcpReason::BlackHole if self.input.scheme == Scheme::Https => format!(
-                                "connection closed: outbound traffic policy REGISTRY_ONLY ({outbound}) and no route for SNI {} (BlackHoleCluster)",
-                                self.input.host
+                                "connection closed: outbound traffic policy REGISTRY_ONLY ({outbound}) and no route for SNI {} (BlackHoleCluster){}",
+                                self.input.host,
+                                self.declared_http_hint()
                             ),
                             TcpReason::BlackHole => format!(
                                 "connection closed: outbound traffic policy REGISTRY_ONLY ({outbound}) and no route for port {} (BlackHoleCluster)",

@@ -802,3 +802,23 @@ fn explain_says_which_rule_and_field_refuse_a_caller() {
         stdout(&o)
     );
 }
+
+#[test]
+fn explain_says_why_tls_to_a_registered_host_is_closed() {
+    let seed = repo_root().join("examples/seed");
+    let o = meshgate(&[
+        "explain",
+        "-c",
+        seed.to_str().unwrap(),
+        "-w",
+        "curl-external-tst/curl-test",
+        "https://jsonplaceholder.typicode.com/todos/1",
+    ]);
+    assert!(
+        stdout(&o).contains(
+            "jsonplaceholder.typicode.com:443 is registered, but its port is declared HTTP: TLS to it is not routed"
+        ),
+        "{}",
+        stdout(&o)
+    );
+}
