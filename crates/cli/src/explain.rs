@@ -103,7 +103,16 @@ pub(crate) fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
         Output::Json => println!("{}", serde_json::to_string_pretty(&explained.json(args))?),
         Output::Text => print!("{}", explained.text(args)),
     }
-    Ok(ExitCode::SUCCESS)
+    // A script can guard a policy: refused is not 0.
+    let refused = matches!(
+        explained.result().action,
+        "local-reply" | "close" | "refused"
+    );
+    Ok(if refused {
+        ExitCode::from(crate::EXIT_REFUSED)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn parse_input(args: &ExplainArgs) -> anyhow::Result<Input> {

@@ -42,7 +42,8 @@ enum Command {
     ConfigDump(DumpArgs),
     /// Explain one request's path through one proxy, decision by decision:
     /// listener, route (VirtualService and rule), cluster (resolution, TLS,
-    /// expected identity), authorization, and the result.
+    /// expected identity), authorization, and the result. Exit 0 when the
+    /// proxy would send it on, 80 when it would refuse it itself.
     Explain(Box<explain::ExplainArgs>),
     /// The mesh certificate authority: create a root, issue SPIFFE workload
     /// certificates, serve certificate requests.
@@ -177,6 +178,8 @@ const EXIT_IDENTITY: u8 = 4;
 const EXIT_LISTEN: u8 = 5;
 /// Analysis found an Error, as `istioctl analyze` uses.
 const EXIT_ANALYSIS_ERROR: u8 = 79;
+/// `explain`: the proxy would refuse the request or connection itself.
+const EXIT_REFUSED: u8 = 80;
 
 /// A command-line value that makes no sense (exit 2, as clap's errors).
 #[derive(Debug, thiserror::Error)]

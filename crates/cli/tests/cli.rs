@@ -471,13 +471,28 @@ const GW: &str = "curl-egress-tst/curl-egress-tst-gateway";
 const WORKLOAD: &str = "curl-external-tst/curl-test";
 const TODO: &str = "http://jsonplaceholder.typicode.com/todos/1";
 
+/// `explain`'s report; its exit code says whether the proxy refuses (80)
+/// or sends the request on (0), as the report's result line does.
 fn explain(args: &[&str]) -> String {
     let mut all = vec!["explain", "--config", "examples/seed"];
     all.extend_from_slice(args);
     let o = meshgate(&all);
-    assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stderr(&o), "", "a report, not a log");
-    stdout(&o)
+    let out = stdout(&o);
+    let refused = if out.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        matches!(
+            v["result"]["action"].as_str(),
+            Some("local-reply" | "close" | "refused")
+        )
+    } else {
+        let result = line(&out, "result");
+        ["result     4", "result     5", "result     connection"]
+            .iter()
+            .any(|p| result.starts_with(p))
+    };
+    assert_eq!(o.status.code(), Some(if refused { 80 } else { 0 }), "{out}");
+    out
 }
 
 fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
@@ -564,7 +579,7 @@ fn explain_shows_why_a_request_is_refused() {
             WORKLOAD,
             "https://jsonplaceholder.typicode.com/"
         ]),
-        "result     connection closed: outbound traffic policy REGISTRY_ONLY (Sidecar curl-external-tst/restrict-outbound-traffic) and no route for SNI jsonplaceholder.typicode.com (BlackHoleCluster)"
+        "result     connection closed: outbound traffic policy REGISTRY_ONLY (Sidecar curl-external-tst/restrict-outbound-traffic) and no route for SNI jsonplaceholder.typicode.com (BlackHoleCluster); jsonplaceholder.typicode.com:443 is registered, but its port is declared HTTP: TLS to it is not routed (declare the port TLS or HTTPS to pass TLS through, or send plain HTTP and let a gateway originate TLS)"
     );
     // Plain HTTP to 443: the service's default route, no VirtualService.
     let out = explain(&[
