@@ -29,6 +29,9 @@ pub(crate) struct StandinArgs {
     /// listen address).
     #[arg(long)]
     answer: Option<IpAddr>,
+    /// Answer every other name with this address (NXDOMAIN without it).
+    #[arg(long, value_name = "IP")]
+    answer_all: Option<IpAddr>,
     /// Also serve plain HTTP here (repeat for several addresses).
     #[arg(long)]
     http_listen: Vec<SocketAddr>,
@@ -111,7 +114,10 @@ pub(crate) fn run(a: &StandinArgs) -> anyhow::Result<ExitCode> {
             https = listener.local_addr()?;
             tokio::spawn(standin::serve_https(listener, tls, Seen::default()));
         }
-        let mut zone = DnsZone::default();
+        let mut zone = match a.answer_all {
+            Some(ip) => DnsZone::default().with_fallback(ip),
+            None => DnsZone::default(),
+        };
         for h in &a.hosts {
             zone.insert(h, a.answer.unwrap_or(https.ip()));
         }

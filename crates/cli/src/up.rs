@@ -393,6 +393,12 @@ impl<'a> Up<'a> {
             for h in self.plan.external_hosts.iter().filter(|h| !own(h)) {
                 argv.extend(["--host".into(), h.clone()]);
             }
+            // Offline, any other name resolves too (to an address nothing
+            // serves): what the mesh does with it is the workload's answer
+            // (REGISTRY_ONLY's 502), not a DNS error.
+            if self.mode == Mode::Namespaces {
+                argv.extend(["--answer-all".into(), self.net.addr_of(254).to_string()]);
+            }
             // The user's servers: the name resolves (the capture takes the
             // connection), the gateway goes to --external's address.
             for h in self.plan.external_hosts.iter().filter(|h| own(h)) {
@@ -800,7 +806,9 @@ fn chown_to_proxy(file: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A workload namespace's resolver: our DNS, with the pod's search path.
+/// A workload namespace's resolver: our DNS, with a pod's search path and
+/// `ndots:5` (Kubernetes' own), so `svc.ns` is looked up in the cluster
+/// domains before it is taken as a name of its own.
 fn resolv_conf(ns: &str, key: &str, dns: &Dns, cleanup: &mut Cleanup) -> anyhow::Result<()> {
     let etc = PathBuf::from(format!("/etc/netns/{ns}"));
     std::fs::create_dir_all(&etc)?;
@@ -809,7 +817,7 @@ fn resolv_conf(ns: &str, key: &str, dns: &Dns, cleanup: &mut Cleanup) -> anyhow:
     std::fs::write(
         etc.join("resolv.conf"),
         format!(
-            "nameserver {}\nsearch {wns}.svc.cluster.local svc.cluster.local cluster.local\n",
+            "nameserver {}\nsearch {wns}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n",
             dns.addr.ip()
         ),
     )?;

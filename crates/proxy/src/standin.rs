@@ -495,6 +495,9 @@ pub async fn serve_http(listener: TcpListener) {
 #[derive(Debug, Clone, Default)]
 pub struct DnsZone {
     names: HashMap<String, Vec<IpAddr>>,
+    /// The answer for every other name (offline runs: a name outside the
+    /// config still resolves, so the mesh's policy is what refuses it).
+    fallback: Option<IpAddr>,
     /// Answers' TTL in seconds (none: 30).
     ttl: Option<u32>,
 }
@@ -515,8 +518,25 @@ impl DnsZone {
             .push(ip);
     }
 
-    /// The addresses for `name`: its own, else the nearest wildcard's.
-    fn lookup(&self, name: &str) -> Option<&Vec<IpAddr>> {
+    /// Answers every name the zone does not have with `ip`.
+    pub fn with_fallback(mut self, ip: IpAddr) -> Self {
+        self.fallback = Some(ip);
+        self
+    }
+
+    /// The addresses for `name`: its own, else the nearest wildcard's,
+    /// else the fallback.
+    fn lookup(&self, name: &str) -> Option<Vec<IpAddr>> {
+        // Names under the cluster domain are the registry's: one it does
+        // not have is NXDOMAIN (as cluster DNS), so resolvers go on down
+        // their search path.
+        let in_cluster = name == "cluster.local" || name.ends_with(".cluster.local");
+        self.lookup_named(name)
+            .cloned()
+            .or_else(|| self.fallback.filter(|_| !in_cluster).map(|ip| vec![ip]))
+    }
+
+    fn lookup_named(&self, name: &str) -> Option<&Vec<IpAddr>> {
         if let Some(ips) = self.names.get(name) {
             return Some(ips);
         }
@@ -545,7 +565,7 @@ impl DnsZone {
                 .to_ascii_lowercase();
             if let Some(ips) = self.lookup(&name) {
                 known = true;
-                for ip in ips {
+                for ip in &ips {
                     let rdata = match (ip, query.query_type()) {
                         (IpAddr::V4(v4), RecordType::A) => RData::A(A(*v4)),
                         (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(*v6)),
@@ -685,5 +705,15 @@ mod tests {
         assert_eq!(ask(&zone, "exact.example.com."), ok("10.0.0.2"));
         assert_eq!(ask(&zone, "example.com.").0, ResponseCode::NXDomain);
         assert_eq!(ask(&zone, "a.example.org.").0, ResponseCode::NXDomain);
+        // With a fallback, every other name resolves to it.
+        let zone = zone.with_fallback("10.0.0.254".parse().unwrap());
+        assert_eq!(ask(&zone, "a.example.org."), ok("10.0.0.254"));
+        // ... except names under the cluster domain (NXDOMAIN, as cluster
+        // DNS answers a Service that does not exist).
+        assert_eq!(
+            ask(&zone, "nope.default.svc.cluster.local.").0,
+            ResponseCode::NXDomain
+        );
+        assert_eq!(ask(&zone, "exact.example.com."), ok("10.0.0.2"));
     }
 }
