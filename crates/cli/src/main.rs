@@ -237,7 +237,8 @@ fn main() -> ExitCode {
     } else {
         "info"
     };
-    if let Err(e) = init_logging(cli.log_level.as_deref(), default) {
+    let up = matches!(cli.command, Command::Up(_));
+    if let Err(e) = init_logging(cli.log_level.as_deref(), default, up) {
         eprintln!("error: --log-level: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
@@ -275,6 +276,7 @@ fn main() -> ExitCode {
 fn init_logging(
     flag: Option<&str>,
     default: &str,
+    up: bool,
 ) -> Result<(), tracing_subscriber::filter::ParseError> {
     let filter = match flag {
         Some(f) => tracing_subscriber::EnvFilter::try_new(f)?,
@@ -282,11 +284,15 @@ fn init_logging(
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
     };
     use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_env_filter(filter);
+    // `up` prefixes its own lines as it prefixes each part's.
+    let _ = if up {
+        builder.with_writer(|| up::PrefixedStderr).try_init()
+    } else {
+        builder.with_writer(std::io::stderr).try_init()
+    };
     Ok(())
 }
 

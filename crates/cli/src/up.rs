@@ -278,6 +278,7 @@ impl<'a> Up<'a> {
             .chain(["stand-in".to_owned(), "meshgate up".to_owned()])
             .collect();
         let width = names.iter().map(String::len).max().unwrap_or(10);
+        LOG_PREFIX_WIDTH.store(width, std::sync::atomic::Ordering::Relaxed);
         let gateway_in_host = mode == Mode::Namespaces && !args.stand_in;
         let net = match mode {
             Mode::Loopback => Network::loopback(),
@@ -749,6 +750,29 @@ impl<'a> Up<'a> {
     /// A line of `up`'s own.
     fn say(&self, line: &str) {
         println!("{:<w$} | {line}", "meshgate up", w = self.width);
+    }
+}
+
+/// The part-name column's width, for `up`'s own log lines (its CA).
+static LOG_PREFIX_WIDTH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(11);
+
+/// `up`'s own log lines (the in-process CA's), on stderr with the same
+/// `meshgate up | ` prefix as everything else it prints.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PrefixedStderr;
+
+impl std::io::Write for PrefixedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // The formatter writes one whole event per call.
+        let w = LOG_PREFIX_WIDTH.load(std::sync::atomic::Ordering::Relaxed);
+        let mut line = format!("{:<w$} | ", "meshgate up").into_bytes();
+        line.extend_from_slice(buf);
+        std::io::stderr().write_all(&line)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }
 

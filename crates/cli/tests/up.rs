@@ -357,6 +357,16 @@ fn up_in_loopback_mode_uses_the_sidecar_as_an_explicit_proxy() {
     let table = parts_table(&lines);
     let (addr, sc_metrics, _) = table.get("curl-test-sidecar").expect("sidecar row").clone();
     assert_eq!(addr, "127.0.0.1");
+    // `up`'s own CA logs with the same prefix as every part.
+    assert!(
+        up.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with("meshgate up") && l.contains("certificate issued")),
+        "{:?}",
+        up.log.lock().unwrap()
+    );
     // On loopback the hint is the sidecar as an explicit proxy.
     assert!(
         lines.iter().any(|l| l
