@@ -10,7 +10,7 @@ use meshgate_config::view::{ProxyView, RouteAction, match_summary, rule_summary}
 use meshgate_config::{load_paths, view};
 
 use crate::table::Table;
-use crate::{DumpArgs, EXIT_BAD_INPUT, Output};
+use crate::{DumpArgs, DumpOutput, EXIT_BAD_INPUT};
 
 pub(crate) fn run(args: &DumpArgs) -> anyhow::Result<ExitCode> {
     let loaded = match load_paths(&args.config) {
@@ -34,14 +34,28 @@ pub(crate) fn run(args: &DumpArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(EXIT_BAD_INPUT));
     }
     let v = view::build(&loaded.config, &args.mesh.load()?, &args.workload)?;
+    let v = filtered(v, args.port, args.fqdn.as_deref());
     match args.output {
-        Output::Json => println!(
+        DumpOutput::Json => println!(
             "{}",
             serde_json::to_string_pretty(&v).context("encoding JSON")?
         ),
-        Output::Text => print!("{}", render(&v)),
+        DumpOutput::Yaml => print!("{}", serde_saphyr::to_string(&v).context("encoding YAML")?),
+        DumpOutput::Text => print!("{}", render(&v)),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Only what is on `port`, and whose host contains `fqdn`.
+fn filtered(mut v: ProxyView, port: Option<u32>, fqdn: Option<&str>) -> ProxyView {
+    let on_port = |p: u32| port.is_none_or(|want| want == p);
+    let named = |h: &str| fqdn.is_none_or(|want| h.contains(want));
+    v.listeners
+        .retain(|l| on_port(l.port) && (fqdn.is_none() || l.hosts.iter().any(|h| named(h))));
+    v.routes
+        .retain(|r| on_port(r.listener_port) && named(&r.host));
+    v.clusters.retain(|c| on_port(c.port) && named(&c.host));
+    v
 }
 
 fn or_dash(s: &str) -> String {

@@ -161,7 +161,23 @@ struct DumpArgs {
     workload: String,
     /// Output format.
     #[arg(short, long, value_enum, default_value = "text")]
-    output: Output,
+    output: DumpOutput,
+    /// Only listeners, routes and clusters of this port (as `istioctl
+    /// proxy-config --port`).
+    #[arg(long, value_name = "PORT")]
+    port: Option<u32>,
+    /// Only listeners, routes and clusters whose host contains this (as
+    /// `istioctl proxy-config --fqdn`).
+    #[arg(long, value_name = "HOST")]
+    fqdn: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DumpOutput {
+    /// Tables.
+    Text,
+    Json,
+    Yaml,
 }
 
 // Exit codes a script can tell apart (README, "Exit codes").

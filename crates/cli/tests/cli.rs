@@ -837,3 +837,59 @@ fn explain_says_why_tls_to_a_registered_host_is_closed() {
         stdout(&o)
     );
 }
+
+#[test]
+fn config_dump_filters_by_port_and_fqdn_and_writes_yaml() {
+    let seed = repo_root().join("examples/seed");
+    let dump = |extra: &[&str]| {
+        let mut args = vec![
+            "config-dump",
+            "-c",
+            seed.to_str().unwrap(),
+            "-w",
+            "curl-external-tst/curl-test",
+            "-o",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let o = meshgate(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap()
+    };
+    let names = |v: &serde_json::Value, what: &str, key: &str| -> Vec<String> {
+        v[what]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x[key].to_string())
+            .collect()
+    };
+    let v = dump(&["--port", "443"]);
+    assert_eq!(
+        names(&v, "clusters", "name"),
+        ["\"outbound|443||jsonplaceholder.typicode.com\""]
+    );
+    assert_eq!(names(&v, "listeners", "port"), ["443"]);
+    let v = dump(&["--fqdn", "curl-egress"]);
+    assert_eq!(
+        names(&v, "clusters", "name"),
+        ["\"outbound|80||curl-egress-tst.curl-egress-tst.svc.cluster.local\""]
+    );
+    // YAML: the same view.
+    let o = meshgate(&[
+        "config-dump",
+        "-c",
+        seed.to_str().unwrap(),
+        "-w",
+        "curl-external-tst/curl-test",
+        "-o",
+        "yaml",
+        "--port",
+        "443",
+    ]);
+    assert!(
+        stdout(&o).contains("name: outbound|443||jsonplaceholder.typicode.com"),
+        "{}",
+        stdout(&o)
+    );
+}
