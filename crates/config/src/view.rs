@@ -285,7 +285,7 @@ impl fmt::Display for ClusterResolution {
 
 /// Where a cluster's endpoints are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum ClusterEndpoints {
     /// Names resolved by DNS, each at its port: every address, or only the
     /// first with `first_only` (DNS_ROUND_ROBIN).

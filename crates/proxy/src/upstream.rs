@@ -570,6 +570,7 @@ impl Drop for InFlight<'_> {
 
 /// What a cluster is doing now, for the inspection port's `/clusters`.
 #[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ClusterStatus {
     pub name: String,
     /// Where endpoints come from: `dns host:port`, `static ip:port`, or
@@ -581,6 +582,7 @@ pub struct ClusterStatus {
 }
 
 #[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct HostStatus {
     pub address: String,
     pub active_requests: usize,

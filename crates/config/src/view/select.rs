@@ -222,6 +222,7 @@ pub fn destination_rule_for<'a>(
 /// the subset's policy overrides the top level, and a port-level entry
 /// overrides its whole group of settings (omitted fields are not inherited).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct EffectivePolicy {
     pub tls: Option<ClientTlsSettings>,
     pub load_balancer: Option<LoadBalancerSettings>,
