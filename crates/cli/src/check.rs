@@ -17,6 +17,12 @@ pub(crate) fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_BAD_INPUT));
         }
     };
+    // Nothing at all (an empty file, /dev/null): as an empty folder.
+    if loaded.config.metas().next().is_none() && loaded.diagnostics.is_empty() {
+        let paths: Vec<String> = args.paths.iter().map(|p| p.display().to_string()).collect();
+        eprintln!("error: {}: no objects to check", paths.join(", "));
+        return Ok(ExitCode::from(EXIT_BAD_INPUT));
+    }
     let mesh = args.mesh.load()?;
     // What the files hold, before the defaults analysis assumes.
     let summary = loaded.config.summary();

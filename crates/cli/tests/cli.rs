@@ -142,6 +142,14 @@ fn unreadable_path_exits_three() {
         "{}",
         stderr(&o)
     );
+    // Nothing to check is the same whether the folder or the file is empty.
+    let o = meshgate(&["check", "/dev/null"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(
+        stderr(&o).contains("/dev/null: no objects to check"),
+        "{}",
+        stderr(&o)
+    );
     // The same from a proxy, and the cause said once.
     let o = meshgate(&[
         "gateway",
