@@ -30,7 +30,7 @@ use serde::Serialize;
 
 use crate::{EXIT_BAD_INPUT, Output};
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub(crate) struct ExplainArgs {
     /// YAML files or folders with the mesh config.
     #[arg(short, long = "config", required = true, value_name = "PATH")]
@@ -51,6 +51,10 @@ pub(crate) struct ExplainArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value = "text")]
     output: Output,
+    /// Follow the request on: where a sidecar sends it to a gateway of the
+    /// mesh, explain the gateway's part too (with the sidecar's identity).
+    #[arg(long)]
+    follow: bool,
     #[command(flatten)]
     mesh: crate::MeshArgs,
     /// What the workload sends (sidecar) or what reaches the gateway's
@@ -87,32 +91,75 @@ pub(crate) fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_BAD_INPUT));
         }
     };
-    let input = parse_input(args).map_err(|e| crate::UsageError(format!("{e:#}")))?;
-    let view = view::build(&config, &args.mesh.load()?, &args.workload)?;
-    if view.workload.proxy == meshgate_config::registry::ProxyKind::None {
-        return Err(crate::UsageError(format!(
-            "{} has no proxy (no sidecar injected, not a gateway): its traffic is not in the mesh",
-            args.workload
-        ))
-        .into());
+    let mesh = args.mesh.load()?;
+    // Each hop: the proxy's part, then (with --follow) the gateway it
+    // sends the request to, as the mesh peer it is.
+    let mut hop = args.clone();
+    let mut reports = Vec::new();
+    let mut refused = false;
+    for _ in 0..3 {
+        let input = parse_input(&hop).map_err(|e| crate::UsageError(format!("{e:#}")))?;
+        let view = view::build(&config, &mesh, &hop.workload)?;
+        if view.workload.proxy == meshgate_config::registry::ProxyKind::None {
+            return Err(crate::UsageError(format!(
+                "{} has no proxy (no sidecar injected, not a gateway): its traffic is not in the mesh",
+                hop.workload
+            ))
+            .into());
+        }
+        let id: SpiffeId = view.workload.spiffe_id.parse()?;
+        let snap = snapshot(view, &id)?;
+        let explained = explain(&snap, &input, &id);
+        reports.push(match args.output {
+            Output::Json => explained.json(&hop),
+            Output::Text => serde_json::Value::String(explained.text(&hop)),
+        });
+        // A script can guard a policy: refused is not 0.
+        refused = matches!(
+            explained.result().action,
+            "local-reply" | "close" | "refused"
+        );
+        let next = explained.next_gateway().filter(|_| args.follow && !refused);
+        let Some((workload, port)) = next else { break };
+        hop.url = with_port(&hop.url, port);
+        hop.from = Some(id.to_string());
+        hop.workload = workload;
     }
-    let id: SpiffeId = view.workload.spiffe_id.parse()?;
-    let snap = snapshot(view, &id)?;
-    let explained = explain(&snap, &input, &id);
-    match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&explained.json(args))?),
-        Output::Text => print!("{}", explained.text(args)),
+    match (args.output, reports.as_slice()) {
+        (Output::Json, [one]) => println!("{}", serde_json::to_string_pretty(one)?),
+        (Output::Json, hops) => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "hops": hops }))?
+        ),
+        (Output::Text, hops) => {
+            let texts: Vec<&str> = hops.iter().filter_map(|h| h.as_str()).collect();
+            print!("{}", texts.join("\n"));
+        }
     }
-    // A script can guard a policy: refused is not 0.
-    let refused = matches!(
-        explained.result().action,
-        "local-reply" | "close" | "refused"
-    );
     Ok(if refused {
         ExitCode::from(crate::EXIT_REFUSED)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `url` with its port set to `port` (the next hop hears it there); the
+/// scheme's own port is left out.
+fn with_port(url: &str, port: u16) -> String {
+    match url.parse::<Uri>() {
+        Ok(uri) => {
+            let scheme = uri.scheme_str().unwrap_or("http");
+            let host = uri.host().unwrap_or("");
+            let path = uri.path_and_query().map_or("/", |p| p.as_str());
+            let default = matches!((scheme, port), ("http", 80) | ("https", 443));
+            if default {
+                format!("{scheme}://{host}{path}")
+            } else {
+                format!("{scheme}://{host}:{port}{path}")
+            }
+        }
+        Err(_) => url.to_owned(),
+    }
 }
 
 fn parse_input(args: &ExplainArgs) -> anyhow::Result<Input> {
@@ -411,6 +458,22 @@ impl Explained<'_> {
     fn cluster(&self) -> Option<&ClusterView> {
         let name = self.cluster_name()?;
         self.snap.view.clusters.iter().find(|c| c.name == name)
+    }
+
+    /// The mesh gateway this request goes to next, and the port it hears
+    /// it on: a forwarded request whose cluster is one gateway workload.
+    fn next_gateway(&self) -> Option<(String, u16)> {
+        if self.result().action != "forward" {
+            return None;
+        }
+        let c = self.cluster()?;
+        let w = c.destination_workload.as_ref()?;
+        (w.proxy == meshgate_config::registry::ProxyKind::Gateway).then(|| {
+            (
+                format!("{}/{}", w.namespace, w.name),
+                u16::try_from(c.port).unwrap_or(80),
+            )
+        })
     }
 
     fn cluster_name(&self) -> Option<&str> {

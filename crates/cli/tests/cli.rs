@@ -901,3 +901,38 @@ fn config_dump_filters_by_port_and_fqdn_and_writes_yaml() {
         stdout(&o)
     );
 }
+
+#[test]
+fn explain_follows_the_request_from_the_sidecar_to_the_gateway() {
+    let seed = repo_root().join("examples/seed");
+    let args = |output: &'static str| {
+        vec![
+            "explain".to_owned(),
+            "-c".to_owned(),
+            seed.to_str().unwrap().to_owned(),
+            "-w".to_owned(),
+            "curl-external-tst/curl-test".to_owned(),
+            "--follow".to_owned(),
+            "-o".to_owned(),
+            output.to_owned(),
+            "http://jsonplaceholder.typicode.com/todos/1".to_owned(),
+        ]
+    };
+    let run = |output| {
+        let a = args(output);
+        meshgate(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let o = run("text");
+    assert_eq!(o.status.code(), Some(0));
+    let out = stdout(&o);
+    assert!(
+        out.contains("proxy      gateway of curl-egress-tst/curl-egress-tst-gateway")
+            && out.contains("request    GET http://jsonplaceholder.typicode.com/todos/1 from spiffe://cluster.local/ns/curl-external-tst/sa/default (mutual TLS)")
+            && out.contains("result     forwarded to outbound|443||jsonplaceholder.typicode.com"),
+        "{out}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout(&run("json"))).unwrap();
+    let hops = v["hops"].as_array().unwrap();
+    assert_eq!(hops.len(), 2);
+    assert_eq!(hops[1]["proxy"]["kind"], "gateway");
+}
