@@ -834,7 +834,7 @@ const CASES: &[Case] = &[
             ("IST0177", "ServiceEntry default/se-http"),
             ("IST0177", "ServiceEntry default/se-https"),
         ],
-        differs: Some("not yet: IST0177 (ServiceEntries giving one host and port two protocols)"),
+        differs: None,
     },
     Case {
         name: "ServiceEntry no conflict same protocol",

@@ -146,6 +146,14 @@ fn each_code_with_its_exact_message() {
             vec!["Warning [IST0150] (Service curl-external-tst/s extra.yaml:8) Port name for ExternalName service is invalid. Proxy may prevent tcp named ports and unmatched traffic for ports serving TCP protocol from being forwarded correctly"],
         ),
         (
+            "IST0177",
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: tls, namespace: curl-egress-tst}\nspec:\n  hosts: [jsonplaceholder.typicode.com]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: DNS\n".to_owned(),
+            vec![
+                "Warning [IST0177] (ServiceEntry curl-egress-tst/tls extra.yaml:3) Multiple ServiceEntries (curl-egress-tst/tls, curl-external-tst/jsonplaceholder) define the same host \"jsonplaceholder.typicode.com\" and port 443 with conflicting protocols (HTTP, TLS).",
+                "Warning [IST0177] (ServiceEntry curl-external-tst/jsonplaceholder serviceentry.yaml:4) Multiple ServiceEntries (curl-egress-tst/tls, curl-external-tst/jsonplaceholder) define the same host \"jsonplaceholder.typicode.com\" and port 443 with conflicting protocols (HTTP, TLS).",
+            ],
+        ),
+        (
             "IST0162",
             "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g2, namespace: curl-egress-tst}\nspec:\n  selector: {istio: egressgateway}\n  servers:\n  - port: {number: 8443, name: tls, protocol: TLS}\n    hosts: [b.example.com]\n    tls: {mode: PASSTHROUGH}\n".to_owned(),
             vec!["Warning [IST0162] (Gateway curl-egress-tst/g2 extra.yaml:7) The gateway is listening on a target port (port 8443) that is not defined in the Service associated with its workload instances (Pod selector istio=egressgateway). If you need to access the gateway port through the gateway Service, it will not be available."],
