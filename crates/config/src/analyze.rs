@@ -427,7 +427,9 @@ fn is_internal_gateway(reference: &str) -> bool {
 /// that give one host and port different protocols; each reported once.
 fn conflicting_entry_protocols(config: &Config, out: &mut Vec<Diagnostic>) {
     type Se = Resource<crate::model::networking::ServiceEntry>;
-    let mut index: BTreeMap<(String, String, u32), Vec<(String, &Se)>> = BTreeMap::new();
+    /// (export scope, host, port) → each entry's (protocol, ServiceEntry).
+    type Index<'a> = BTreeMap<(String, String, u32), Vec<(String, &'a Se)>>;
+    let mut index: Index<'_> = BTreeMap::new();
     for se in &config.service_entries {
         let ns = &se.meta.namespace;
         let export = &se.spec.export_to;
