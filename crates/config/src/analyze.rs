@@ -455,10 +455,10 @@ fn conflicting_entry_protocols(config: &Config, out: &mut Vec<Diagnostic>) {
     let mut reported = BTreeSet::new();
     for ((scope, host, port), entries) in &index {
         let mut entries = entries.clone();
-        if scope != "*" {
-            if let Some(all) = index.get(&("*".to_owned(), host.clone(), *port)) {
-                entries.extend(all.iter().cloned());
-            }
+        if scope != "*"
+            && let Some(all) = index.get(&("*".to_owned(), host.clone(), *port))
+        {
+            entries.extend(all.iter().cloned());
         }
         let protocols: BTreeSet<&str> = entries.iter().map(|(p, _)| p.as_str()).collect();
         if protocols.len() < 2 {
