@@ -760,7 +760,7 @@ const CASES: &[Case] = &[
             ("IST0138", "Gateway istio-system/gateway-01-test-02"),
             ("IST0138", "Gateway default/gateway-01-test-03"),
         ],
-        differs: Some("not yet: IST0138 (one certificate on several Gateway servers)"),
+        differs: None,
     },
     Case {
         name: "Route Rule no effect on Ingress",

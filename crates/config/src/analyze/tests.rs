@@ -154,6 +154,14 @@ fn each_code_with_its_exact_message() {
             ],
         ),
         (
+            "IST0138",
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: a, namespace: curl-egress-tst}\nspec:\n  selector: {istio: egressgateway}\n  servers: [{port: {number: 80, name: https, protocol: HTTPS}, hosts: [a.example.com], tls: {mode: SIMPLE, serverCertificate: /c.pem, privateKey: /k.pem}}]\n---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: b, namespace: curl-egress-tst}\nspec:\n  selector: {istio: egressgateway}\n  servers: [{port: {number: 80, name: https, protocol: HTTPS}, hosts: [b.example.com], tls: {mode: SIMPLE, serverCertificate: /c.pem, privateKey: /k.pem}}]\n".to_owned(),
+            vec![
+                "Warning [IST0138] (Gateway curl-egress-tst/a extra.yaml:3) Duplicate certificate in multiple gateways [curl-egress-tst/a curl-egress-tst/b] may cause 404s if clients re-use HTTP2 connections.",
+                "Warning [IST0138] (Gateway curl-egress-tst/b extra.yaml:10) Duplicate certificate in multiple gateways [curl-egress-tst/b curl-egress-tst/a] may cause 404s if clients re-use HTTP2 connections.",
+            ],
+        ),
+        (
             "IST0162",
             "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g2, namespace: curl-egress-tst}\nspec:\n  selector: {istio: egressgateway}\n  servers:\n  - port: {number: 8443, name: tls, protocol: TLS}\n    hosts: [b.example.com]\n    tls: {mode: PASSTHROUGH}\n".to_owned(),
             vec!["Warning [IST0162] (Gateway curl-egress-tst/g2 extra.yaml:7) The gateway is listening on a target port (port 8443) that is not defined in the Service associated with its workload instances (Pod selector istio=egressgateway). If you need to access the gateway port through the gateway Service, it will not be available."],
