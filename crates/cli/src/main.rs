@@ -294,22 +294,65 @@ fn init_logging(
     default: &str,
     up: bool,
 ) -> Result<(), tracing_subscriber::filter::ParseError> {
-    let filter = match flag {
-        Some(f) => tracing_subscriber::EnvFilter::try_new(f)?,
-        None => tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+    let (filter, text) = match flag {
+        Some(f) => (tracing_subscriber::EnvFilter::try_new(f)?, f.to_owned()),
+        None => match std::env::var("RUST_LOG") {
+            Ok(v) => match tracing_subscriber::EnvFilter::try_new(&v) {
+                Ok(f) => (f, v),
+                Err(_) => (
+                    tracing_subscriber::EnvFilter::new(default),
+                    default.to_owned(),
+                ),
+            },
+            Err(_) => (
+                tracing_subscriber::EnvFilter::new(default),
+                default.to_owned(),
+            ),
+        },
     };
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(filter);
-    // `up` prefixes its own lines as it prefixes each part's.
-    let _ = if up {
-        builder.with_writer(|| up::PrefixedStderr).try_init()
+    let builder = tracing_subscriber::fmt().with_ansi(std::io::stderr().is_terminal());
+    // `up` prefixes its own lines as it prefixes each part's. The filter
+    // can be changed while running (the inspection port's /logging).
+    macro_rules! install {
+        ($builder:expr) => {{
+            let builder = $builder.with_env_filter(filter).with_filter_reloading();
+            let handle = builder.reload_handle();
+            let _ = LOG_FILTER.set(LogFilter {
+                current: std::sync::Mutex::new(text),
+                reload: Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
+            });
+            let _ = builder.try_init();
+        }};
+    }
+    if up {
+        install!(builder.with_writer(|| up::PrefixedStderr));
     } else {
-        builder.with_writer(std::io::stderr).try_init()
-    };
+        install!(builder.with_writer(std::io::stderr));
+    }
     Ok(())
+}
+
+/// The running log filter, and how to change it.
+struct LogFilter {
+    current: std::sync::Mutex<String>,
+    reload: Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>,
+}
+
+static LOG_FILTER: std::sync::OnceLock<LogFilter> = std::sync::OnceLock::new();
+
+/// Sets the log filter of this process (`None`: says the current one);
+/// returns the filter in force.
+pub(crate) fn log_filter(new: Option<&str>) -> Result<String, String> {
+    let lf = LOG_FILTER.get().ok_or("logging is not set up")?;
+    let mut current = lf.current.lock().map_err(|e| e.to_string())?;
+    if let Some(f) = new {
+        let filter = tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+        (lf.reload)(filter)?;
+        tracing::info!(filter = f, "log filter changed");
+        *current = f.to_owned();
+    }
+    Ok(current.clone())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

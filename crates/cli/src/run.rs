@@ -619,6 +619,7 @@ async fn proxy_main(
         workload: args.workload.clone(),
         started: std::time::Instant::now(),
         config: config_source.clone(),
+        log_filter: Some(Arc::new(crate::log_filter)),
     };
     admin_addrs.extend(bind_inspect(args.inspect_port, inspect).await);
     let ready = ReadyFile {

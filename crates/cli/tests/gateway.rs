@@ -324,6 +324,21 @@ fn admin_ports_ready_file_and_json_access_log() {
     let standin = standin.split_whitespace().nth(1).unwrap();
     assert_eq!(cluster["hosts"][0]["address"], standin, "{clusters:#}");
     assert_eq!(get("/listeners")[0]["port"], 80);
+    // The log filter, changed while running.
+    let logging = |method: &str, query: &str| {
+        curl(&[
+            "-X",
+            method,
+            &format!("http://{}/logging{query}", gw.inspect),
+        ])
+    };
+    assert_eq!(logging("GET", "").0.trim(), "info");
+    let (body, code, _) = logging("POST", "?level=debug");
+    assert_eq!((code.as_str(), body.trim()), ("200", "debug"));
+    gw.proc
+        .wait_for("log filter changed", Duration::from_secs(5));
+    assert_eq!(logging("GET", "").0.trim(), "debug");
+    assert_eq!(logging("POST", "?level=info,%5Bbad").1, "400");
 }
 
 /// Writes a config file the way a ConfigMap update does: a complete new

@@ -24,8 +24,12 @@ use crate::drain::Drain;
 use crate::listener::{accept_loop, serve_http};
 use crate::proxy::Proxy;
 
+/// Sets the process's log filter (`None`: tells the current one); returns
+/// the filter in force.
+pub type LogFilter = Arc<dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync>;
+
 /// What the inspection port reads.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Inspect {
     pub proxy: Arc<Proxy>,
     pub identity: Arc<WorkloadIdentity>,
@@ -34,6 +38,16 @@ pub struct Inspect {
     /// Where the running config came from (`files`, or the control
     /// plane's version), updated on every apply.
     pub config: Arc<ArcSwap<String>>,
+    /// `/logging`: the log filter, changed while running.
+    pub log_filter: Option<LogFilter>,
+}
+
+impl std::fmt::Debug for Inspect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inspect")
+            .field("workload", &self.workload)
+            .finish_non_exhaustive()
+    }
 }
 
 const INDEX: &str = "meshgate inspection port\n\
@@ -42,6 +56,7 @@ const INDEX: &str = "meshgate inspection port\n\
 /listeners      listeners\n\
 /clusters       clusters: endpoints and their outlier state now\n\
 /certs          the workload certificate\n\
+/logging        the log filter; POST /logging?level=debug (or a filter) changes it\n\
 /stats/prometheus  metrics\n";
 
 /// Serves the port until the task is dropped.
@@ -90,12 +105,41 @@ fn respond(i: &Inspect, req: &Request<Incoming>) -> Response<Body> {
             json_response(&json!(clusters))
         }
         "/certs" => json_response(&certificate(&i.identity)),
+        "/logging" => logging(i, req),
         "/stats/prometheus" | "/metrics" => local_response(
             StatusCode::OK,
             meshgate_telemetry::metrics::CONTENT_TYPE,
             i.proxy.metrics.encode(),
         ),
         _ => text(StatusCode::NOT_FOUND, "not found; see /\n"),
+    }
+}
+
+/// `GET /logging`: the filter; `POST /logging?level=F`: sets it (as
+/// Envoy's admin port, and `istioctl proxy-config log --level`).
+fn logging(i: &Inspect, req: &Request<Incoming>) -> Response<Body> {
+    let Some(set) = &i.log_filter else {
+        return text(StatusCode::NOT_FOUND, "no log filter here\n");
+    };
+    let level = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("level="))
+            .map(|v| {
+                v.replace("%2C", ",")
+                    .replace("%3D", "=")
+                    .replace("%3d", "=")
+            })
+    });
+    let new = match (req.method(), &level) {
+        (&http::Method::POST, Some(l)) => Some(l.as_str()),
+        (&http::Method::POST, None) => {
+            return text(StatusCode::BAD_REQUEST, "give ?level=LEVEL or a filter\n");
+        }
+        _ => None,
+    };
+    match set(new) {
+        Ok(current) => text(StatusCode::OK, format!("{current}\n")),
+        Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
     }
 }
 
