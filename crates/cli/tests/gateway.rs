@@ -293,6 +293,13 @@ fn admin_ports_ready_file_and_json_access_log() {
         Some(1.0),
         "{text}"
     );
+    // Sizes as Istio counts them: headers and body (a GET has no body).
+    let sum = |name| metric_value(&text, name, &[("response_code", "200")]).unwrap_or(0.0);
+    assert!(sum("istio_request_bytes_sum") > 0.0, "{text}");
+    assert!(
+        sum("istio_response_bytes_sum") > standin::TODO_1.len() as f64,
+        "{text}"
+    );
 
     // The inspection port: what the running gateway runs.
     assert!(gw.inspect.ip().is_loopback());

@@ -92,7 +92,8 @@ impl Proxy {
             .access_log
             .enabled()
             .then(|| log_entry(conn, &parts, authority, start_time, &plan));
-        let request_bytes = content_length(&parts.headers);
+        // Body (from Content-Length) and header bytes.
+        let request_bytes = (content_length(&parts.headers), header_size(&parts.headers));
         let outcome = match &plan.action {
             RequestAction::Connect { host, port } => {
                 return self.connect(conn, &mut parts, host, *port);
@@ -156,7 +157,7 @@ impl Proxy {
         plan: &RequestPlan<'_>,
         outcome: Outcome,
         mut entry: Option<Box<LogEntry>>,
-        request_bytes: u64,
+        request_bytes: (u64, u64),
         start: Instant,
     ) -> Response<Body> {
         let status = outcome.response.status().as_u16();
@@ -208,8 +209,9 @@ impl Proxy {
             labels,
             egress,
             entry,
-            request_bytes,
+            request_bytes: request_bytes.0,
             response_bytes: 0,
+            header_bytes: (request_bytes.1, header_size(&parts.headers)),
         };
         Response::from_parts(parts, body.reported(report))
     }
@@ -297,6 +299,14 @@ fn log_entry(
         downstream_peer_uri_san: conn.peer().map(|p| p.uri.to_string()),
         ..LogEntry::default()
     })
+}
+
+/// Headers' size as Envoy counts it for Istio's `request.total_size` and
+/// `response.total_size`: each name and value.
+fn header_size(h: &HeaderMap) -> u64 {
+    h.iter()
+        .map(|(k, v)| (k.as_str().len() + v.len()) as u64)
+        .sum()
 }
 
 fn content_length(h: &HeaderMap) -> u64 {

@@ -20,8 +20,13 @@ pub struct HttpReport {
     pub labels: IstioLabels,
     pub egress: Option<EgressLabels>,
     pub entry: Option<Box<LogEntry>>,
+    /// Body bytes (the access log's `BYTES_RECEIVED` and `BYTES_SENT`).
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// The request's and the response's header bytes: Istio's
+    /// `istio_request_bytes` and `istio_response_bytes` count headers and
+    /// body (`request.total_size`, `response.total_size`).
+    pub header_bytes: (u64, u64),
 }
 
 impl HttpReport {
@@ -54,8 +59,8 @@ impl Drop for HttpReport {
         m.record_request(
             &self.labels,
             elapsed.as_secs_f64() * 1000.0,
-            self.request_bytes,
-            self.response_bytes,
+            self.request_bytes + self.header_bytes.0,
+            self.response_bytes + self.header_bytes.1,
         );
         if let Some(e) = &self.egress {
             m.egress_requests.get_or_create(e).inc();
