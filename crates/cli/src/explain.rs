@@ -96,7 +96,7 @@ pub(crate) fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
     // sends the request to, as the mesh peer it is.
     let mut hop = args.clone();
     let mut reports = Vec::new();
-    let mut refused = false;
+    let mut code = 0;
     for _ in 0..3 {
         let input = parse_input(&hop).map_err(|e| crate::UsageError(format!("{e:#}")))?;
         let view = view::build(&config, &mesh, &hop.workload)?;
@@ -114,12 +114,11 @@ pub(crate) fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
             Output::Json => explained.json(&hop),
             Output::Text => serde_json::Value::String(explained.text(&hop)),
         });
-        // A script can guard a policy: refused is not 0.
-        refused = matches!(
-            explained.result().action,
-            "local-reply" | "close" | "refused"
-        );
-        let next = explained.next_gateway().filter(|_| args.follow && !refused);
+        // A script can guard a policy: what the proxy does is the code.
+        code = explained.exit_code();
+        let next = explained
+            .next_gateway()
+            .filter(|_| args.follow && code == 0);
         let Some((workload, port)) = next else { break };
         hop.url = with_port(&hop.url, port);
         hop.from = Some(id.to_string());
@@ -136,11 +135,7 @@ pub(crate) fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
             print!("{}", texts.join("\n"));
         }
     }
-    Ok(if refused {
-        ExitCode::from(crate::EXIT_REFUSED)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(ExitCode::from(code))
 }
 
 /// `url` with its port set to `port` (the next hop hears it there); the
@@ -458,6 +453,29 @@ impl Explained<'_> {
     fn cluster(&self) -> Option<&ClusterView> {
         let name = self.cluster_name()?;
         self.snap.view.clusters.iter().find(|c| c.name == name)
+    }
+
+    /// The exit code for what the proxy does (README, "Exit codes"): 0 sent
+    /// on; 80 denied by policy; 81 blocked by REGISTRY_ONLY; 82 no route
+    /// or nothing listening; 83 any other answer of the proxy's own.
+    fn exit_code(&self) -> u8 {
+        let r = self.result();
+        let blocked = self.snap.view.outbound_traffic_policy.mode
+            == meshgate_config::model::networking::OutboundMode::RegistryOnly;
+        match (r.action, r.status) {
+            (
+                "forward" | "original-destination" | "redirect" | "direct-response" | "connect",
+                _,
+            ) => 0,
+            ("local-reply", Some(403)) => crate::EXIT_DENIED,
+            ("local-reply", Some(502)) if blocked => crate::EXIT_BLOCKED,
+            ("close", _) if blocked && r.summary.contains("REGISTRY_ONLY") => crate::EXIT_BLOCKED,
+            ("local-reply", Some(404)) | ("refused", _) => crate::EXIT_NO_ROUTE,
+            ("local-reply", Some(503)) if r.response_flags.as_deref() == Some("NC") => {
+                crate::EXIT_NO_ROUTE
+            }
+            _ => crate::EXIT_LOCAL_REPLY,
+        }
     }
 
     /// The mesh gateway this request goes to next, and the port it hears

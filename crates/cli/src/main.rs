@@ -43,7 +43,8 @@ enum Command {
     /// Explain one request's path through one proxy, decision by decision:
     /// listener, route (VirtualService and rule), cluster (resolution, TLS,
     /// expected identity), authorization, and the result. Exit 0 when the
-    /// proxy would send it on, 80 when it would refuse it itself.
+    /// proxy would send it on; 80 denied, 81 blocked (REGISTRY_ONLY), 82
+    /// no route, 83 another answer of its own.
     Explain(Box<explain::ExplainArgs>),
     /// The mesh certificate authority: create a root, issue SPIFFE workload
     /// certificates, serve certificate requests.
@@ -194,8 +195,15 @@ const EXIT_IDENTITY: u8 = 4;
 const EXIT_LISTEN: u8 = 5;
 /// Analysis found an Error, as `istioctl analyze` uses.
 const EXIT_ANALYSIS_ERROR: u8 = 79;
-/// `explain`: the proxy would refuse the request or connection itself.
-const EXIT_REFUSED: u8 = 80;
+// `explain`: what the proxy would do with the request, for a CI job.
+/// Denied by an AuthorizationPolicy (403).
+const EXIT_DENIED: u8 = 80;
+/// Blocked by REGISTRY_ONLY (502, or the connection closed).
+const EXIT_BLOCKED: u8 = 81;
+/// No route (404 NR, 503 NC) or nothing listening.
+const EXIT_NO_ROUTE: u8 = 82;
+/// Any other answer of the proxy's own (400, 431, 503 UH, ...).
+const EXIT_LOCAL_REPLY: u8 = 83;
 
 /// A command-line value that makes no sense (exit 2, as clap's errors).
 #[derive(Debug, thiserror::Error)]
