@@ -26,6 +26,9 @@ struct Cli {
     /// `info,meshgate_proxy=debug`; overrides RUST_LOG. Logs go to stderr.
     #[arg(long, global = true, value_name = "FILTER")]
     log_level: Option<String>,
+    /// Log lines as text or as one JSON object each.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogLines,
     #[command(subcommand)]
     command: Command,
 }
@@ -140,6 +143,12 @@ struct CheckArgs {
     /// analyze's --failure-threshold.
     #[arg(long, value_enum, default_value = "error", value_name = "LEVEL")]
     failure_threshold: Threshold,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogLines {
+    Text,
+    Json,
 }
 
 /// Message levels, most severe first.
@@ -262,7 +271,8 @@ fn main() -> ExitCode {
         "info"
     };
     let up = matches!(cli.command, Command::Up(_));
-    if let Err(e) = init_logging(cli.log_level.as_deref(), default, up) {
+    let json = cli.log_format == LogLines::Json;
+    if let Err(e) = init_logging(cli.log_level.as_deref(), default, up, json) {
         eprintln!("error: --log-level: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
@@ -301,6 +311,7 @@ fn init_logging(
     flag: Option<&str>,
     default: &str,
     up: bool,
+    json: bool,
 ) -> Result<(), tracing_subscriber::filter::ParseError> {
     let (filter, text) = match flag {
         Some(f) => (tracing_subscriber::EnvFilter::try_new(f)?, f.to_owned()),
@@ -333,10 +344,11 @@ fn init_logging(
             let _ = builder.try_init();
         }};
     }
-    if up {
-        install!(builder.with_writer(|| up::PrefixedStderr));
-    } else {
-        install!(builder.with_writer(std::io::stderr));
+    match (up, json) {
+        (true, false) => install!(builder.with_writer(|| up::PrefixedStderr)),
+        (true, true) => install!(builder.json().with_writer(|| up::PrefixedStderr)),
+        (false, false) => install!(builder.with_writer(std::io::stderr)),
+        (false, true) => install!(builder.json().with_writer(std::io::stderr)),
     }
     Ok(())
 }

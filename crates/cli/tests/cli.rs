@@ -776,6 +776,33 @@ fn log_level_takes_a_level_or_a_filter_and_refuses_nonsense() {
         "{}",
         stderr(&o)
     );
+
+    // --log-format json: one JSON object per log line.
+    let o = meshgate(&[
+        "--log-format",
+        "json",
+        "gateway",
+        "--config",
+        seed,
+        "--workload",
+        "curl-egress-tst/curl-egress-tst-gateway",
+        "--ca-dir",
+        "no/such/ca",
+        "--admin-address",
+        "127.0.0.1",
+        "--admin-port",
+        "0",
+        "--prometheus-port",
+        "0",
+        "--health-port",
+        "0",
+        "--inspect-port",
+        "0",
+    ]);
+    let first = stderr(&o).lines().next().unwrap_or("").to_owned();
+    let line: serde_json::Value =
+        serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    assert_eq!(line["level"], "INFO", "{first}");
 }
 
 #[test]
