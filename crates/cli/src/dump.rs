@@ -161,7 +161,6 @@ fn render(v: &ProxyView) -> String {
                 location(r)
             ),
             RouteAction::DirectResponse(d) => format!("direct response {}", d.status),
-            RouteAction::Delegate { virtual_service } => format!("delegate to {virtual_service}"),
         };
         t.row(vec![
             format!("{}:{}", r.host, r.listener_port),

@@ -32,6 +32,7 @@ pub fn analyze(config: &Config, mesh: &MeshSettings) -> Vec<Diagnostic> {
     service_port_names(config, &mut out);
     conflicting_entry_protocols(config, &mut out);
     duplicate_gateway_certificates(config, &mut out);
+    delegates(config, &mut out);
     out.sort_by(|a, b| {
         (&a.origin.file, a.origin.line, a.level, a.code).cmp(&(
             &b.origin.file,
@@ -41,6 +42,45 @@ pub fn analyze(config: &Config, mesh: &MeshSettings) -> Vec<Diagnostic> {
         ))
     });
     out
+}
+
+/// MG0004: a `delegate` naming no delegate VirtualService (one without
+/// hosts) exported to the root's namespace. Istio only logs this; the rule
+/// then routes nothing.
+fn delegates(config: &Config, out: &mut Vec<Diagnostic>) {
+    for vs in &config.virtual_services {
+        for (i, rule) in vs.spec.http.iter().enumerate() {
+            let Some(d) = &rule.delegate else { continue };
+            let ns = if d.namespace.is_empty() {
+                &vs.meta.namespace
+            } else {
+                &d.namespace
+            };
+            let target = config
+                .virtual_services
+                .iter()
+                .find(|t| t.meta.name == d.name && &t.meta.namespace == ns);
+            let problem = match target {
+                None => "does not exist",
+                Some(t) if !crate::view::is_delegate(&t.spec) => {
+                    "has hosts, so it is not a delegate"
+                }
+                Some(t) if !exported_to(&t.spec.export_to, ns, &vs.meta.namespace) => {
+                    "is not exported to this namespace"
+                }
+                Some(_) => continue,
+            };
+            out.push(Diagnostic::new(
+                Level::Warning,
+                "MG0004",
+                Origin::at_field(&vs.meta, &format!("spec.http[{i}].delegate")),
+                format!(
+                    "delegate VirtualService {ns}/{} {problem}: this rule routes nothing",
+                    d.name
+                ),
+            ));
+        }
+    }
 }
 
 /// Go's `%q` for the ASCII strings these messages carry.

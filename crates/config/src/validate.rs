@@ -340,8 +340,31 @@ fn service_entry(se: &ServiceEntry, p: &mut Problems) {
 // === VirtualService ===
 
 fn virtual_service(vs: &VirtualService, p: &mut Problems) {
-    if vs.hosts.is_empty() {
-        push(p, "spec", "required field \"hosts\" is missing");
+    // No hosts: a delegate, reachable only through a root's `delegate`.
+    let delegate = vs.hosts.is_empty();
+    if delegate {
+        for (field, set) in [
+            ("gateways", !vs.gateways.is_empty()),
+            ("tls", !vs.tls.is_empty()),
+            ("tcp", !vs.tcp.is_empty()),
+        ] {
+            if set {
+                push(
+                    p,
+                    format!("spec.{field}"),
+                    format!("a delegate VirtualService (one without hosts) cannot have {field}"),
+                );
+            }
+        }
+        for (i, route) in vs.http.iter().enumerate() {
+            if route.delegate.is_some() {
+                push(
+                    p,
+                    format!("spec.http[{i}].delegate"),
+                    "delegate HTTP route cannot contain delegate",
+                );
+            }
+        }
     }
     let mesh_bound = vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == "mesh");
     let mut seen = HashSet::new();

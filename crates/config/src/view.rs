@@ -8,10 +8,12 @@
 //!
 //! - `select`: which resources apply to a workload;
 //! - `routes`: listeners and routes (sidecar outbound, gateway servers);
+//! - `delegate`: VirtualService delegation merged into root rules;
 //! - `clusters`: upstream clusters (endpoints, DestinationRule, TLS);
 //! - `summary`: one-line summaries for people (config-dump, explain).
 
 mod clusters;
+mod delegate;
 mod routes;
 mod select;
 mod summary;
@@ -32,6 +34,7 @@ use crate::model::{Config, Resource};
 use crate::registry::{self, Protocol, ProxyKind, Registry, Workload};
 
 pub use clusters::cluster_tls;
+pub use delegate::{is_delegate, merged as with_delegates_merged};
 pub use routes::{
     destination_port, gateway_server_is_http, gateway_server_is_passthrough, server_hosts_cover,
 };
@@ -197,10 +200,6 @@ pub enum RouteAction {
     Route(Vec<RouteDestination>),
     Redirect(HttpRedirect),
     DirectResponse(HttpDirectResponse),
-    /// Modelled, not applied by the data path.
-    Delegate {
-        virtual_service: String,
-    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -377,11 +376,20 @@ pub fn proxy_view(
     let sidecar = sidecar_for(config, w, mesh);
     let mut listeners = Vec::new();
     let mut routes = Vec::new();
+    let vses = delegate::merged(&config.virtual_services);
     if w.proxy == ProxyKind::Gateway {
-        routes::gateway_routes(config, registry, mesh, w, &mut listeners, &mut routes);
+        routes::gateway_routes(
+            config,
+            &vses,
+            registry,
+            mesh,
+            w,
+            &mut listeners,
+            &mut routes,
+        );
     } else {
         routes::sidecar_routes(
-            config,
+            &vses,
             registry,
             mesh,
             w,

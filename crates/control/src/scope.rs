@@ -83,8 +83,11 @@ pub fn kept(
     // Routes of imported hosts, and where they lead: a destination outside
     // the imports is still a cluster the proxy builds.
     let mut destinations = Hosts::default();
+    // A delegate's exportTo is about its root's namespace, not this one.
     for vs in config.virtual_services.iter().filter(|vs| {
-        vs_bound_to_mesh(&vs.spec) && exported_to(&vs.spec.export_to, &vs.meta.namespace, namespace)
+        vs.spec.hosts.is_empty()
+            || (vs_bound_to_mesh(&vs.spec)
+                && exported_to(&vs.spec.export_to, &vs.meta.namespace, namespace))
     }) {
         let ns = &vs.meta.namespace;
         // A VirtualService without hosts is a delegate: kept, it is small.

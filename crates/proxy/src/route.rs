@@ -386,7 +386,7 @@ impl Route {
                         .unwrap_or_default(),
                 ),
             },
-            RouteAction::Route(_) | RouteAction::Delegate { .. } => Action::Forward(destinations),
+            RouteAction::Route(_) => Action::Forward(destinations),
         };
         let uri_rewrite = r.rewrite.as_ref().and_then(|rw| {
             if let Some(rr) = &rw.uri_regex_rewrite {

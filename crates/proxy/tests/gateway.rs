@@ -376,15 +376,9 @@ spec:
   rules: [{{to: [{{operation: {{hosts: ['tools.example.com*']}}}}]}}]
 "
     );
-    let external = External::start(&[HOST]).await;
-    let spec = SeedChain::gateway_spec(seed_config(&[&tools]), &external);
-    let gw = TestProxy::start(&mesh, spec).await;
+    let (external, gw) = gateway_with(&mesh, &tools).await;
     let port = gw.addr(80).port();
-    let get = |path: &str| {
-        let url = format!("http://tools.example.com:{port}{path}");
-        let resolve = format!("tools.example.com:{port}:127.0.0.1");
-        async move { curl(&["-i", "--resolve", &resolve, &url]).await }
-    };
+    let get = |path: &'static str| tools_get(port, path);
     let redirect = get("/old").await;
     assert_eq!(redirect.code, "302");
     assert!(
@@ -434,6 +428,75 @@ spec:
     let entry = gw.next_log().await;
     assert_eq!(entry["requested_server_name"], "tools.example.com");
     assert_eq!(entry["downstream_peer_uri_san"], serde_json::Value::Null);
+}
+
+/// VirtualService delegation: the root rule's `/api` is handed to a
+/// delegate VirtualService in the team's namespace; its rules are merged
+/// under the root's match, a rule outside `/api` is dropped, and a root's
+/// response headers apply to the delegated rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delegated_rules_route_only_within_the_roots_match() {
+    let tools = "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: tools, namespace: curl-egress-tst}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 80, name: http-tools, protocol: HTTP}
+    hosts: [tools.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: tools, namespace: curl-egress-tst}
+spec:
+  hosts: [tools.example.com]
+  gateways: [tools]
+  http:
+  - match: [{uri: {prefix: /api}}]
+    headers: {response: {set: {x-root: 'yes'}}}
+    delegate: {name: api, namespace: team-a}
+  - match: [{uri: {prefix: /missing}}]
+    delegate: {name: nowhere}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api, namespace: team-a}
+spec:
+  http:
+  - match: [{uri: {prefix: /api/todos}}]
+    rewrite: {uri: /todos}
+    route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]
+  - match: [{uri: {prefix: /elsewhere}}]
+    directResponse: {status: 200, body: {string: leaked past the root}}
+  - directResponse: {status: 418, body: {string: api teapot}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: tools-open, namespace: curl-egress-tst}
+spec:
+  selector: {matchLabels: {istio: egressgateway}}
+  rules: [{to: [{operation: {hosts: ['tools.example.com*']}}]}]
+";
+    let mesh = Mesh::default();
+    let (external, gw) = gateway_with(&mesh, tools).await;
+    let port = gw.addr(80).port();
+    let get = |path: &'static str| tools_get(port, path);
+    let todo = get("/api/todos/1").await;
+    assert_eq!(todo.code, "200", "{todo:?}");
+    assert!(todo.body.contains("x-root: yes"), "{todo:?}");
+    assert_eq!(external.seen.all().last().unwrap().path, "/todos/1");
+    gw.next_log().await;
+    let teapot = get("/api/anything").await;
+    assert_eq!(
+        teapot.code, "418",
+        "a delegate rule without match takes the root's"
+    );
+    assert!(teapot.body.ends_with("api teapot"), "{teapot:?}");
+    gw.next_log().await;
+    for outside in ["/elsewhere", "/missing/1"] {
+        assert_eq!(get(outside).await.code, "404", "{outside}");
+        assert_eq!(gw.next_log().await["response_flags"], "NR");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -502,4 +565,19 @@ spec:
     let alt = chain.gateway.addr(8081);
     let got = curl(&[&format!("http://{alt}/")]).await;
     assert_eq!(got.code, "403", "the policies apply on every port: {got:?}");
+}
+
+/// The seed's gateway with `extra` config, and the external stand-in.
+async fn gateway_with(mesh: &Mesh, extra: &str) -> (External, TestProxy) {
+    let external = External::start(&[HOST]).await;
+    let spec = SeedChain::gateway_spec(seed_config(&[extra]), &external);
+    let gw = TestProxy::start(mesh, spec).await;
+    (external, gw)
+}
+
+/// curl -i http://tools.example.com:PORT/PATH, resolved to the gateway.
+async fn tools_get(port: u16, path: &str) -> Curl {
+    let url = format!("http://tools.example.com:{port}{path}");
+    let resolve = format!("tools.example.com:{port}:127.0.0.1");
+    curl(&["-i", "--resolve", &resolve, &url]).await
 }

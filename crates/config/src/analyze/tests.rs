@@ -183,6 +183,16 @@ fn each_code_with_its_exact_message() {
                 + "---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g3, namespace: curl-egress-tst}\nspec:\n  selector: {istio: egressgateway}\n  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [none.example.com]}]\n",
             vec!["Error [MG0002] (VirtualService curl-egress-tst/v extra.yaml:8) gateway curl-egress-tst/curl-egress-tst-gateway routes to none.example.com but ServiceEntry curl-egress-tst/none has resolution NONE, which gives a gateway no endpoints; use resolution DNS or STATIC"],
         ),
+        (
+            "delegation: a delegate without hosts is valid, a missing or hosted one is MG0004",
+            vs("root", "curl-egress-tst", "  hosts: [r.example.com]\n  http:\n  - match: [{uri: {prefix: /a}}]\n    delegate: {name: team, namespace: team-a}\n  - match: [{uri: {prefix: /b}}]\n    delegate: {name: gone}\n  - match: [{uri: {prefix: /c}}]\n    delegate: {name: root}\n")
+                + "---\n"
+                + &vs("team", "team-a", "  http:\n  - route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]\n"),
+            vec![
+                "Warning [MG0004] (VirtualService curl-egress-tst/root extra.yaml:10) delegate VirtualService curl-egress-tst/gone does not exist: this rule routes nothing",
+                "Warning [MG0004] (VirtualService curl-egress-tst/root extra.yaml:12) delegate VirtualService curl-egress-tst/root has hosts, so it is not a delegate: this rule routes nothing",
+            ],
+        ),
     ];
     let mut failures = Vec::new();
     for (name, extra, want) in cases {

@@ -372,6 +372,10 @@ fn schema_errors_name_field_line_and_what_cannot_be_read_is_not_loaded() {
             "Error [IST0106] (VirtualService ns/vs test.yaml:7) Schema validation error: spec.http[0]: only one of route, redirect, directResponse or delegate may be set",
         ),
         (
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs, namespace: ns}\nspec:\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: a.com}}]\n",
+            "Error [IST0106] (VirtualService ns/vs test.yaml:5) Schema validation error: spec.gateways: a delegate VirtualService (one without hosts) cannot have gateways",
+        ),
+        (
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: dr, namespace: ns}\nspec:\n  host: a.com\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL, caCertificates: /x.pem}\n",
             "Error [IST0106] (DestinationRule ns/dr test.yaml:7) Schema validation error: spec.trafficPolicy.tls: ISTIO_MUTUAL uses the mesh certificates: clientCertificate, privateKey, caCertificates, caCrl and credentialName must be empty",
         ),
@@ -400,6 +404,7 @@ fn schema_errors_name_field_line_and_what_cannot_be_read_is_not_loaded() {
     // analyze keeps analysing it); what cannot be read is not loaded.
     let readable = [
         "only one of route",
+        "a delegate VirtualService",
         "ISTIO_MUTUAL uses",
         "unknown condition key",
         "invalid name",

@@ -62,7 +62,7 @@ impl Listener {
 }
 
 pub(super) fn sidecar_routes(
-    config: &Config,
+    vses: &[Resource<VirtualService>],
     registry: &Registry,
     mesh: &MeshSettings,
     w: &Workload,
@@ -89,8 +89,7 @@ pub(super) fn sidecar_routes(
                 .map(|p| p.number),
         );
     }
-    let mesh_vs: Vec<&Resource<VirtualService>> = config
-        .virtual_services
+    let mesh_vs: Vec<&Resource<VirtualService>> = vses
         .iter()
         .filter(|vs| {
             vs_bound_to_mesh(&vs.spec)
@@ -319,16 +318,6 @@ fn route_action(
     if let Some(d) = &rule.direct_response {
         return RouteAction::DirectResponse(d.clone());
     }
-    if let Some(d) = &rule.delegate {
-        let ns = if d.namespace.is_empty() {
-            &vs.meta.namespace
-        } else {
-            &d.namespace
-        };
-        return RouteAction::Delegate {
-            virtual_service: format!("{ns}/{}", d.name),
-        };
-    }
     RouteAction::Route(route_destinations(
         registry,
         mesh,
@@ -394,6 +383,7 @@ pub fn destination_port(
 
 pub(super) fn gateway_routes(
     config: &Config,
+    vses: &[Resource<VirtualService>],
     registry: &Registry,
     mesh: &MeshSettings,
     w: &Workload,
@@ -435,7 +425,7 @@ pub(super) fn gateway_routes(
             if !gateway_server_is_http(server) {
                 continue;
             }
-            for vs in config.virtual_services.iter().filter(|vs| {
+            for vs in vses.iter().filter(|vs| {
                 vs_bound_to_gateway(vs, gw)
                     && exported_to(&vs.spec.export_to, &vs.meta.namespace, &gw.meta.namespace)
             }) {
