@@ -666,6 +666,12 @@ impl Explained<'_> {
                 Some("-".to_owned()),
                 format!("{status} direct response"),
             ),
+            RequestAction::CorsPreflight(_) => (
+                "cors-preflight",
+                Some(200),
+                Some("-".to_owned()),
+                "200, a CORS preflight the route's corsPolicy answers".to_owned(),
+            ),
             RequestAction::Connect { host, port } => (
                 "connect",
                 Some(200),

@@ -493,7 +493,46 @@ fn destinations(
     }
 }
 
+/// Istio's CORS checks: every origin matcher says how to match, methods
+/// are HTTP methods, maxAge is whole seconds.
+fn cors_policy(c: &crate::model::networking::CorsPolicy, path: &str, p: &mut Problems) {
+    const METHODS: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
+    for (i, o) in c.allow_origins.iter().enumerate() {
+        let set = [&o.exact, &o.prefix, &o.regex]
+            .iter()
+            .any(|v| v.as_ref().is_some_and(|v| !v.is_empty()));
+        if !set {
+            push(
+                p,
+                format!("{path}.allowOrigins[{i}]"),
+                "'' is not a valid match type for CORS allow origins",
+            );
+        }
+    }
+    for (i, m) in c.allow_methods.iter().enumerate() {
+        if !METHODS.contains(&m.as_str()) {
+            push(
+                p,
+                format!("{path}.allowMethods[{i}]"),
+                format!("\"{m}\" is not a supported HTTP method"),
+            );
+        }
+    }
+    if c.max_age.is_some_and(|d| d.0.subsec_nanos() > 0) {
+        push(
+            p,
+            format!("{path}.maxAge"),
+            "max_age duration is accurate only to seconds precision",
+        );
+    }
+}
+
 fn http_route(route: &HttpRoute, path: &str, p: &mut Problems) {
+    if let Some(c) = &route.cors_policy {
+        cors_policy(c, &format!("{path}.corsPolicy"), p);
+    }
     let actions = [
         !route.route.is_empty(),
         route.redirect.is_some(),

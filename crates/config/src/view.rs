@@ -26,8 +26,8 @@ use serde::Serialize;
 use crate::MeshSettings;
 use crate::model::common::{Duration, Labels};
 use crate::model::networking::{
-    ClientTlsMode, Headers, HttpDirectResponse, HttpFaultInjection, HttpMatchRequest, HttpRedirect,
-    HttpRetry, HttpRewrite, OutboundMode, ServerTlsMode, ServerTlsSettings,
+    ClientTlsMode, CorsPolicy, Headers, HttpDirectResponse, HttpFaultInjection, HttpMatchRequest,
+    HttpRedirect, HttpRetry, HttpRewrite, OutboundMode, ServerTlsMode, ServerTlsSettings,
 };
 use crate::model::security::{AuthorizationPolicy, AuthzAction, MtlsMode, Rule};
 use crate::model::{Config, Resource};
@@ -192,6 +192,8 @@ pub struct RouteView {
     pub retries: Option<HttpRetry>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fault: Option<HttpFaultInjection>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cors_policy: Option<CorsPolicy>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

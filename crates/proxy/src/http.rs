@@ -16,6 +16,7 @@ use meshgate_telemetry::{EgressLabels, LogEntry, ResponseFlags};
 
 use crate::body::{Body, text};
 use crate::conn::Conn;
+use crate::cors;
 use crate::labels::{DestinationLabels, unknown};
 use crate::plan::{RequestAction, RequestHead, RequestPlan, plan_request};
 use crate::proxy::Proxy;
@@ -138,6 +139,12 @@ impl Proxy {
                 ResponseFlags::NONE,
                 Cow::Borrowed("direct_response"),
             ),
+            RequestAction::CorsPreflight(h) => {
+                let mut resp = text(StatusCode::OK, "");
+                resp.headers_mut().remove(header::CONTENT_TYPE);
+                resp.headers_mut().extend(h.clone());
+                Outcome::local(resp, ResponseFlags::NONE, Cow::Borrowed(cors::DETAILS))
+            }
             RequestAction::Local(l) => {
                 if let Some(reason) = l.refused {
                     self.metrics.refused(reason);
@@ -145,6 +152,10 @@ impl Proxy {
                 Outcome::local(text(l.status, l.body), l.flags, l.details.clone())
             }
         };
+        let mut outcome = outcome;
+        if let Some((c, origin)) = &plan.cors {
+            c.respond(origin, outcome.response.headers_mut());
+        }
         self.report(&snap, conn, &plan, outcome, entry, request_bytes, start)
     }
 

@@ -12,6 +12,7 @@ pub mod authz;
 pub mod body;
 pub mod conn;
 pub mod connection;
+pub mod cors;
 pub mod drain;
 pub mod error;
 pub mod gateway;

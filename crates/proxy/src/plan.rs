@@ -14,12 +14,13 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
-use http::StatusCode;
+use http::{HeaderMap, HeaderValue, StatusCode};
 use meshgate_config::model::networking::OutboundMode;
 use meshgate_telemetry::{Refused, ResponseFlags};
 
 use crate::authz::{AuthzRequest, Decision, HttpAttributes, authorize};
 use crate::conn::Conn;
+use crate::cors::{Cors, CorsDecision};
 use crate::normalize::normalize_path;
 use crate::route::{Action, Redirect, RequestView, Route, Routed, WeightedCluster, pick_weighted};
 use crate::snapshot::{
@@ -205,6 +206,8 @@ pub struct RequestPlan<'s> {
     /// the request's: what routing and authorization saw, and what goes
     /// upstream.
     pub normalized_path: Option<String>,
+    /// The route's CORS policy and the allowed origin its response names.
+    pub cors: Option<(&'s Cors, HeaderValue)>,
 }
 
 /// What the proxy does with a request.
@@ -225,6 +228,8 @@ pub enum RequestAction<'s> {
     },
     /// The route's direct response.
     Direct { status: u16, body: &'s Bytes },
+    /// A CORS preflight the route's policy answers: 200 with these headers.
+    CorsPreflight(HeaderMap),
     /// A CONNECT request the sidecar accepts: 200, then the tunnel is a
     /// connection to the named host and port.
     Connect { host: String, port: u16 },
@@ -353,6 +358,7 @@ pub fn plan_request<'s>(
         authz: Decision::Allow { audited: false },
         action: RequestAction::Local(local),
         normalized_path: None,
+        cors: None,
     };
     if let Some(local) = malformed(&head.view) {
         return refused(local);
@@ -397,10 +403,22 @@ pub fn plan_request<'s>(
         headers: req.headers,
     };
     let authz = authorize(&snap.policies, &authz_request(conn, conn.sni(), Some(http)));
-    let action = if snap.role == Role::Sidecar && req.method == "CONNECT" {
-        connect(snap, head)
-    } else {
-        request_action(snap, &routed, destination, &authz)
+    // CORS comes after authorization (and faults), as Envoy's filter order.
+    let cors = match (&routed, authz.is_allowed()) {
+        (Routed::Matched { route, .. }, true) => route
+            .cors
+            .as_deref()
+            .map(|c| (c, c.decide(req.method, req.headers))),
+        _ => None,
+    };
+    let (action, cors) = match cors {
+        _ if snap.role == Role::Sidecar && req.method == "CONNECT" => (connect(snap, head), None),
+        Some((_, CorsDecision::Preflight(h))) => (RequestAction::CorsPreflight(h), None),
+        Some((c, CorsDecision::Allowed(origin))) => (
+            request_action(snap, &routed, destination, &authz),
+            Some((c, origin)),
+        ),
+        _ => (request_action(snap, &routed, destination, &authz), None),
     };
     let normalized_path = match path {
         Cow::Owned(p) => Some(p),
@@ -414,6 +432,7 @@ pub fn plan_request<'s>(
         authz,
         action,
         normalized_path,
+        cors,
     }
 }
 

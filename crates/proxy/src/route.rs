@@ -354,6 +354,7 @@ pub struct Route {
     pub timeout: Option<Duration>,
     pub retry: RetryPolicy,
     pub fault: Option<Fault>,
+    pub cors: Option<Box<crate::cors::Cors>>,
 }
 
 fn percent(p: Option<meshgate_config::model::common::Percent>, legacy: Option<u32>) -> f64 {
@@ -438,6 +439,10 @@ impl Route {
                 RetryPolicy::compile(r.retries.as_ref())
             },
             fault,
+            cors: r
+                .cors_policy
+                .as_ref()
+                .map(|c| Box::new(crate::cors::Cors::compile(c))),
         }
     }
 
@@ -460,6 +465,7 @@ impl Route {
             timeout: None,
             retry: RetryPolicy::istio_default(),
             fault: None,
+            cors: None,
         }
     }
 

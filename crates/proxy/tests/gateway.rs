@@ -436,16 +436,8 @@ spec:
 /// response headers apply to the delegated rules.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delegated_rules_route_only_within_the_roots_match() {
-    let tools = "apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: tools, namespace: curl-egress-tst}
-spec:
-  selector: {istio: egressgateway}
-  servers:
-  - port: {number: 80, name: http-tools, protocol: HTTP}
-    hosts: [tools.example.com]
----
-apiVersion: networking.istio.io/v1
+    let tools = &with_tools_gateway(
+        "apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: tools, namespace: curl-egress-tst}
 spec:
@@ -469,14 +461,8 @@ spec:
   - match: [{uri: {prefix: /elsewhere}}]
     directResponse: {status: 200, body: {string: leaked past the root}}
   - directResponse: {status: 418, body: {string: api teapot}}
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: tools-open, namespace: curl-egress-tst}
-spec:
-  selector: {matchLabels: {istio: egressgateway}}
-  rules: [{to: [{operation: {hosts: ['tools.example.com*']}}]}]
-";
+",
+    );
     let mesh = Mesh::default();
     let (external, gw) = gateway_with(&mesh, tools).await;
     let port = gw.addr(80).port();
@@ -497,6 +483,96 @@ spec:
         assert_eq!(get(outside).await.code, "404", "{outside}");
         assert_eq!(gw.next_log().await["response_flags"], "NR");
     }
+}
+
+/// A route's corsPolicy: preflights from allowed origins are answered by
+/// the gateway, other origins' go upstream; responses to allowed origins
+/// name the origin and the exposed headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflights_are_answered_and_allowed_origins_named() {
+    let tools = &with_tools_gateway(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: tools, namespace: curl-egress-tst}
+spec:
+  hosts: [tools.example.com]
+  gateways: [tools]
+  http:
+  - corsPolicy:
+      allowOrigins: [{exact: 'https://app.example'}, {regex: 'https://.*[.]team[.]example'}]
+      allowMethods: [GET, POST]
+      allowHeaders: [x-token]
+      exposeHeaders: [x-request-id]
+      maxAge: 1h
+      allowCredentials: true
+    route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]
+",
+    );
+    let mesh = Mesh::default();
+    let (external, gw) = gateway_with(&mesh, tools).await;
+    let port = gw.addr(80).port();
+    let url = format!("http://tools.example.com:{port}/todos/1");
+    let resolve = format!("tools.example.com:{port}:127.0.0.1");
+    let send = |origin: &'static str, preflight: bool| {
+        let (url, resolve) = (url.clone(), resolve.clone());
+        async move {
+            let origin = format!("origin: {origin}");
+            let mut args = vec!["-i", "--resolve", &resolve, "-H", &origin];
+            if preflight {
+                args.extend(["-X", "OPTIONS", "-H", "access-control-request-method: POST"]);
+            }
+            args.push(&url);
+            curl(&args).await
+        }
+    };
+    let pre = send("https://app.example", true).await;
+    assert_eq!(pre.code, "200", "{pre:?}");
+    for h in [
+        "access-control-allow-origin: https://app.example",
+        "access-control-allow-methods: GET,POST",
+        "access-control-allow-headers: x-token",
+        "access-control-max-age: 3600",
+        "access-control-allow-credentials: true",
+    ] {
+        assert!(pre.body.contains(h), "{h} missing: {pre:?}");
+    }
+    assert!(
+        external.seen.all().is_empty(),
+        "the gateway answered the preflight"
+    );
+    assert_eq!(
+        gw.next_log().await["response_code_details"],
+        "cors_response"
+    );
+
+    let get = send("https://a.team.example", false).await;
+    assert_eq!(get.code, "200", "{get:?}");
+    assert!(
+        get.body
+            .contains("access-control-allow-origin: https://a.team.example"),
+        "{get:?}"
+    );
+    assert!(
+        get.body
+            .contains("access-control-expose-headers: x-request-id"),
+        "{get:?}"
+    );
+    gw.next_log().await;
+
+    // Another origin: its preflight goes upstream, its response names no origin.
+    let other = send("https://evil.example", true).await;
+    assert!(
+        !other.body.contains("access-control-allow-origin"),
+        "{other:?}"
+    );
+    assert_eq!(external.seen.all().len(), 2, "the preflight went upstream");
+    assert_eq!(gw.next_log().await["response_code_details"], "via_upstream");
+    let other = send("https://evil.example", false).await;
+    assert_eq!(other.code, "200");
+    assert!(
+        !other.body.contains("access-control-allow-origin"),
+        "{other:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -580,4 +656,28 @@ async fn tools_get(port: u16, path: &str) -> Curl {
     let url = format!("http://tools.example.com:{port}{path}");
     let resolve = format!("tools.example.com:{port}:127.0.0.1");
     curl(&["-i", "--resolve", &resolve, &url]).await
+}
+
+/// `routes` (VirtualServices) behind an HTTP Gateway server for
+/// tools.example.com on port 80, open to every caller.
+fn with_tools_gateway(routes: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: tools, namespace: curl-egress-tst}}
+spec:
+  selector: {{istio: egressgateway}}
+  servers:
+  - port: {{number: 80, name: http-tools, protocol: HTTP}}
+    hosts: [tools.example.com]
+---
+{routes}---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: tools-open, namespace: curl-egress-tst}}
+spec:
+  selector: {{matchLabels: {{istio: egressgateway}}}}
+  rules: [{{to: [{{operation: {{hosts: ['tools.example.com*']}}}}]}}]
+"
+    )
 }

@@ -376,6 +376,10 @@ fn schema_errors_name_field_line_and_what_cannot_be_read_is_not_loaded() {
             "Error [IST0106] (VirtualService ns/vs test.yaml:5) Schema validation error: spec.gateways: a delegate VirtualService (one without hosts) cannot have gateways",
         ),
         (
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs, namespace: ns}\nspec:\n  hosts: [a.com]\n  http:\n  - route: [{destination: {host: a.com}}]\n    corsPolicy: {allowMethods: [GET, FETCH]}\n",
+            "Error [IST0106] (VirtualService ns/vs test.yaml:8) Schema validation error: spec.http[0].corsPolicy.allowMethods[1]: \"FETCH\" is not a supported HTTP method",
+        ),
+        (
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: dr, namespace: ns}\nspec:\n  host: a.com\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL, caCertificates: /x.pem}\n",
             "Error [IST0106] (DestinationRule ns/dr test.yaml:7) Schema validation error: spec.trafficPolicy.tls: ISTIO_MUTUAL uses the mesh certificates: clientCertificate, privateKey, caCertificates, caCrl and credentialName must be empty",
         ),
@@ -405,6 +409,7 @@ fn schema_errors_name_field_line_and_what_cannot_be_read_is_not_loaded() {
     let readable = [
         "only one of route",
         "a delegate VirtualService",
+        "supported HTTP method",
         "ISTIO_MUTUAL uses",
         "unknown condition key",
         "invalid name",

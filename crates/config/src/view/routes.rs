@@ -38,6 +38,7 @@ impl RouteView {
             timeout: None,
             retries: None,
             fault: None,
+            cors_policy: None,
         }
     }
 }
@@ -299,6 +300,7 @@ fn vs_http_routes(
             timeout: rule.timeout,
             retries: rule.retries.clone(),
             fault: rule.fault.clone(),
+            cors_policy: rule.cors_policy.clone(),
             ..RouteView::new(port, host, route_action(registry, mesh, w, vs, rule, port))
         });
     }

@@ -86,6 +86,7 @@ fn request(r: &RequestPlan<'_>) -> String {
         RequestAction::Connect { host, port } => format!("connect {host}:{port}"),
         RequestAction::Redirect { redirect, .. } => format!("redirect {}", redirect.code),
         RequestAction::Direct { status, .. } => format!("direct {status}"),
+        RequestAction::CorsPreflight(_) => "cors preflight".to_owned(),
     };
     format!("{what} route={}", r.route_name().unwrap_or("-"))
 }
