@@ -33,6 +33,7 @@ pub fn analyze(config: &Config, mesh: &MeshSettings) -> Vec<Diagnostic> {
     conflicting_entry_protocols(config, &mut out);
     duplicate_gateway_certificates(config, &mut out);
     delegates(config, &mut out);
+    not_implemented(config, &mut out);
     out.sort_by(|a, b| {
         (&a.origin.file, a.origin.line, a.level, a.code).cmp(&(
             &b.origin.file,
@@ -42,6 +43,138 @@ pub fn analyze(config: &Config, mesh: &MeshSettings) -> Vec<Diagnostic> {
         ))
     });
     out
+}
+
+/// MG0005: Istio fields meshgate reads but does not act on yet, so an
+/// operator is told rather than surprised. Each names what happens instead.
+fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
+    use crate::model::networking::{Resolution, ServerTlsMode, TrafficPolicy};
+    let mut warn = |meta: &crate::model::Meta, field: String, what: &str| {
+        out.push(Diagnostic::new(
+            Level::Warning,
+            "MG0005",
+            Origin::at_field(meta, &field),
+            format!("{field}: meshgate does not implement {what}"),
+        ));
+    };
+    for vs in &config.virtual_services {
+        for (i, r) in vs.spec.http.iter().enumerate() {
+            if r.mirror.is_some() || !r.mirrors.is_empty() {
+                warn(
+                    &vs.meta,
+                    format!("spec.http[{i}]"),
+                    "mirroring yet: no copy of the traffic is sent",
+                );
+            }
+        }
+        if !vs.spec.tcp.is_empty() {
+            warn(
+                &vs.meta,
+                "spec.tcp".to_owned(),
+                "tcp routes yet: TCP traffic goes to its original destination (sidecars) or nowhere (gateways)",
+            );
+        }
+    }
+    for gw in &config.gateways {
+        for (i, server) in gw.spec.servers.iter().enumerate() {
+            if server
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.mode == ServerTlsMode::AutoPassthrough)
+            {
+                warn(
+                    &gw.meta,
+                    format!("spec.servers[{i}].tls.mode"),
+                    "AUTO_PASSTHROUGH yet: the server routes by tls rules like PASSTHROUGH",
+                );
+            }
+            let p = Protocol::parse(&server.port.protocol);
+            if !p.is_http() && !p.is_tls() {
+                warn(
+                    &gw.meta,
+                    format!("spec.servers[{i}].port.protocol"),
+                    "TCP Gateway servers yet: the port is not served",
+                );
+            }
+        }
+    }
+    for dr in &config.destination_rules {
+        let mut policies: Vec<(String, &TrafficPolicy)> = Vec::new();
+        if let Some(tp) = &dr.spec.traffic_policy {
+            policies.push(("spec.trafficPolicy".to_owned(), tp));
+        }
+        for (i, s) in dr.spec.subsets.iter().enumerate() {
+            if let Some(tp) = &s.traffic_policy {
+                policies.push((format!("spec.subsets[{i}].trafficPolicy"), tp));
+            }
+        }
+        for (path, tp) in policies {
+            let per_connection = tp
+                .connection_pool
+                .as_ref()
+                .and_then(|c| c.http.as_ref())
+                .and_then(|h| h.max_requests_per_connection);
+            if per_connection.is_some_and(|n| n > 1) {
+                warn(
+                    &dr.meta,
+                    format!("{path}.connectionPool.http.maxRequestsPerConnection"),
+                    "a limit above 1 yet: pooled connections are reused without a limit",
+                );
+            }
+            let lbs = std::iter::once((path.clone(), tp.load_balancer.as_ref())).chain(
+                tp.port_level_settings.iter().enumerate().map(|(j, pl)| {
+                    (
+                        format!("{path}.portLevelSettings[{j}]"),
+                        pl.load_balancer.as_ref(),
+                    )
+                }),
+            );
+            for (at, lb) in lbs {
+                let Some(lb) = lb else { continue };
+                if lb.consistent_hash.is_some() {
+                    warn(
+                        &dr.meta,
+                        format!("{at}.loadBalancer.consistentHash"),
+                        "consistent hashing yet: requests are balanced round robin",
+                    );
+                }
+                if lb.locality_lb_setting.is_some() {
+                    warn(
+                        &dr.meta,
+                        format!("{at}.loadBalancer.localityLbSetting"),
+                        "locality load balancing yet: localities are ignored",
+                    );
+                }
+            }
+        }
+    }
+    for sc in &config.sidecars {
+        for (i, e) in sc.spec.egress.iter().enumerate() {
+            if e.port.is_some() || !e.bind.is_empty() || e.capture_mode.is_some() {
+                warn(
+                    &sc.meta,
+                    format!("spec.egress[{i}]"),
+                    "egress listener port, bind or captureMode yet: only its hosts apply",
+                );
+            }
+        }
+        if !sc.spec.ingress.is_empty() {
+            warn(
+                &sc.meta,
+                "spec.ingress".to_owned(),
+                "ingress listeners yet: sidecars do not capture inbound traffic",
+            );
+        }
+    }
+    for se in &config.service_entries {
+        if se.spec.resolution == Resolution::DynamicDns {
+            warn(
+                &se.meta,
+                "spec.resolution".to_owned(),
+                "DYNAMIC_DNS yet: the hosts are resolved as DNS names, so wildcard hosts get no endpoints",
+            );
+        }
+    }
 }
 
 /// MG0004: a `delegate` naming no delegate VirtualService (one without
