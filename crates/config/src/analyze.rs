@@ -58,15 +58,6 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
         ));
     };
     for vs in &config.virtual_services {
-        for (i, r) in vs.spec.http.iter().enumerate() {
-            if r.mirror.is_some() || !r.mirrors.is_empty() {
-                warn(
-                    &vs.meta,
-                    format!("spec.http[{i}]"),
-                    "mirroring yet: no copy of the traffic is sent",
-                );
-            }
-        }
         if !vs.spec.tcp.is_empty() {
             warn(
                 &vs.meta,

@@ -194,6 +194,17 @@ pub struct RouteView {
     pub fault: Option<HttpFaultInjection>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cors_policy: Option<CorsPolicy>,
+    /// Where copies of the requests go (`mirror`, `mirrors`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<MirrorView>,
+}
+
+/// One mirror: a destination and the share of requests copied to it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorView {
+    pub destination: RouteDestination,
+    pub percent: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -403,11 +414,15 @@ pub fn proxy_view(
     let mut seen = BTreeSet::new();
     let clusters = routes
         .iter()
-        .filter_map(|r| match &r.action {
-            RouteAction::Route(dests) => Some(dests),
-            _ => None,
+        .flat_map(|r| {
+            let routed = match &r.action {
+                RouteAction::Route(dests) => dests.as_slice(),
+                _ => &[],
+            };
+            routed
+                .iter()
+                .chain(r.mirrors.iter().map(|m| &m.destination))
         })
-        .flatten()
         .filter(|d| seen.insert(d.cluster_name()))
         .map(|d| clusters::cluster_view(config, registry, mesh, w, d))
         .collect();

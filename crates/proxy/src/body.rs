@@ -3,6 +3,8 @@
 //! and the one builder of responses the proxy makes itself.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -10,6 +12,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use hyper::body::{Frame, Incoming, SizeHint};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 
 use crate::report::HttpReport;
@@ -22,7 +25,32 @@ pub struct Body {
     kind: Kind,
     report: Option<HttpReport>,
     idle: Option<IdleTimer>,
+    /// Mirrors' copies of the data, made as it passes.
+    tees: Vec<Tee>,
 }
+
+/// The sending side of a mirrored body. The copy never holds the request
+/// up: when the mirror falls `MIRROR_FRAMES` frames behind, or the body
+/// breaks, the copy is marked broken and ends with an error.
+#[derive(Debug)]
+struct Tee {
+    tx: mpsc::Sender<Bytes>,
+    broken: Arc<AtomicBool>,
+    /// The whole body was copied.
+    done: bool,
+}
+
+impl Drop for Tee {
+    /// A body dropped before its end leaves the copy cut, not complete.
+    fn drop(&mut self) {
+        if !self.done {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Frames a mirror may fall behind the request before its copy is cut.
+const MIRROR_FRAMES: usize = 64;
 
 /// Envoy's stream idle timeout inside a streamed body: a peer that sends
 /// nothing for `limit` ends the body with an error. The timer is made on
@@ -41,6 +69,9 @@ pub enum BodyError {
     /// The peer sent nothing for this long.
     #[error("stream idle timeout: nothing for {0:?}")]
     Idle(Duration),
+    /// A mirror's copy fell behind the request or the request broke.
+    #[error("the mirrored body was cut")]
+    MirrorCut,
 }
 
 #[derive(Debug, Default)]
@@ -49,6 +80,11 @@ enum Kind {
     Empty,
     Full(Option<Bytes>),
     Incoming(Incoming),
+    /// A copy of another body (a mirror's).
+    Copy {
+        rx: mpsc::Receiver<Bytes>,
+        broken: Arc<AtomicBool>,
+    },
     /// The peer's body broke; the error is returned on the next poll.
     Failed(Option<BodyError>),
 }
@@ -69,6 +105,7 @@ impl Body {
             kind,
             report: None,
             idle: None,
+            tees: Vec::new(),
         }
     }
 
@@ -82,6 +119,22 @@ impl Body {
                 limit: idle,
                 sleep: None,
             }),
+            tees: Vec::new(),
+        }
+    }
+
+    /// A copy of this body's data for a mirror, made as the data passes.
+    pub fn copy(&mut self) -> Body {
+        let (tx, rx) = mpsc::channel(MIRROR_FRAMES);
+        let broken = Arc::new(AtomicBool::new(false));
+        self.tees.push(Tee {
+            tx,
+            broken: broken.clone(),
+            done: self.kind.is_end_stream(),
+        });
+        Body {
+            kind: Kind::Copy { rx, broken },
+            ..Body::default()
         }
     }
 
@@ -116,8 +169,32 @@ impl hyper::body::Body for Body {
                 Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(BodyError::Peer))),
                 Poll::Pending => this.idle.as_mut().map_or(Poll::Pending, |t| t.poll(cx)),
             },
+            Kind::Copy { rx, broken } => match rx.poll_recv(cx) {
+                Poll::Ready(Some(b)) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                Poll::Ready(None) if broken.load(Ordering::Relaxed) => {
+                    Poll::Ready(Some(Err(BodyError::MirrorCut)))
+                }
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
             Kind::Failed(e) => Poll::Ready(e.take().map(Err)),
         };
+        if !this.tees.is_empty() {
+            // At the end (hyper may stop polling at the last byte it was
+            // told of), dropping a sender ends its copy.
+            let ended = matches!(polled, Poll::Ready(None)) || this.kind.is_end_stream();
+            this.tees.retain_mut(|tee| {
+                let keep = match &polled {
+                    Poll::Ready(Some(Ok(frame))) => frame
+                        .data_ref()
+                        .is_none_or(|d| tee.tx.try_send(d.clone()).is_ok()),
+                    Poll::Ready(Some(Err(_))) => false,
+                    Poll::Ready(None) | Poll::Pending => true,
+                };
+                tee.done = keep && ended;
+                keep && !ended
+            });
+        }
         if let (Poll::Ready(Some(Ok(_))), Some(timer)) = (&polled, this.idle.as_mut()) {
             timer.restart();
         }
@@ -131,7 +208,7 @@ impl hyper::body::Body for Body {
                     // already sent kept.
                     match e {
                         BodyError::Idle(_) => report.stream_idle(),
-                        BodyError::Peer(_) => report.upstream_reset(),
+                        BodyError::Peer(_) | BodyError::MirrorCut => report.upstream_reset(),
                     }
                     drop(this.report.take());
                 }
@@ -143,20 +220,31 @@ impl hyper::body::Body for Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
+        self.kind.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.kind.size_hint()
+    }
+}
+
+impl Kind {
+    fn is_end_stream(&self) -> bool {
+        match self {
             Kind::Empty => true,
             Kind::Full(b) => b.is_none(),
-            Kind::Incoming(b) => b.is_end_stream(),
+            Kind::Incoming(b) => hyper::body::Body::is_end_stream(b),
+            Kind::Copy { .. } => false,
             Kind::Failed(e) => e.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.kind {
+        match self {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Incoming(b) => b.size_hint(),
-            Kind::Failed(_) => SizeHint::default(),
+            Kind::Incoming(b) => hyper::body::Body::size_hint(b),
+            Kind::Copy { .. } | Kind::Failed(_) => SizeHint::default(),
         }
     }
 }
@@ -200,4 +288,24 @@ pub fn local_response(
 /// A plain-text response made by the proxy.
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     local_response(status, "text/plain", body)
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_copy_gets_what_passed_and_is_cut_when_the_body_is_dropped_early() {
+        let mut body = Body::full("hello mirror");
+        let copy = body.copy();
+        let sent = body.collect().await.unwrap().to_bytes();
+        assert_eq!(copy.collect().await.unwrap().to_bytes(), sent);
+
+        let mut unread = Body::full("never read");
+        let cut = unread.copy();
+        drop(unread);
+        assert!(matches!(cut.collect().await, Err(BodyError::MirrorCut)));
+    }
 }

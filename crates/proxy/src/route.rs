@@ -355,6 +355,8 @@ pub struct Route {
     pub retry: RetryPolicy,
     pub fault: Option<Fault>,
     pub cors: Option<Box<crate::cors::Cors>>,
+    /// Clusters that get a copy of a share of the requests (percent).
+    pub mirrors: Vec<(usize, f64)>,
 }
 
 fn percent(p: Option<meshgate_config::model::common::Percent>, legacy: Option<u32>) -> f64 {
@@ -443,6 +445,7 @@ impl Route {
                 .cors_policy
                 .as_ref()
                 .map(|c| Box::new(crate::cors::Cors::compile(c))),
+            mirrors: Vec::new(),
         }
     }
 
@@ -466,6 +469,7 @@ impl Route {
             retry: RetryPolicy::istio_default(),
             fault: None,
             cors: None,
+            mirrors: Vec::new(),
         }
     }
 

@@ -309,7 +309,17 @@ fn route_table(v: &ProxyView, port: u16, index: &HashMap<&str, usize>) -> RouteT
         .iter()
         .filter(|r| r.listener_port == u32::from(port) && r.sni_hosts.is_empty())
     {
-        let route = Route::compile(r, weighted(r, index));
+        let mut route = Route::compile(r, weighted(r, index));
+        route.mirrors = r
+            .mirrors
+            .iter()
+            .filter_map(|m| {
+                Some((
+                    *index.get(m.destination.cluster_name().as_str())?,
+                    m.percent,
+                ))
+            })
+            .collect();
         let host = r.host.to_ascii_lowercase();
         match vhosts.iter_mut().find(|vh| vh.domains[0] == host) {
             Some(vh) => vh.routes.push(route),

@@ -241,11 +241,19 @@ impl rustls::server::ResolvesServerCert for AnyHost {
 /// when a test releases them (`release_held`), or after 30 s: a request in
 /// flight for as long as a test needs one.
 #[derive(Debug, Clone)]
-pub struct Seen(Arc<Mutex<Vec<SeenRequest>>>, Arc<tokio::sync::Semaphore>);
+pub struct Seen(
+    Arc<Mutex<Vec<SeenRequest>>>,
+    Arc<tokio::sync::Semaphore>,
+    Arc<tokio::sync::Notify>,
+);
 
 impl Default for Seen {
     fn default() -> Self {
-        Seen(Arc::default(), Arc::new(tokio::sync::Semaphore::new(0)))
+        Seen(
+            Arc::default(),
+            Arc::new(tokio::sync::Semaphore::new(0)),
+            Arc::default(),
+        )
     }
 }
 
@@ -265,6 +273,23 @@ pub struct SeenRequest {
 impl Seen {
     pub fn all(&self) -> Vec<SeenRequest> {
         self.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// What was seen once there are `n` requests, or after `limit`.
+    pub async fn wait_for(&self, n: usize, limit: std::time::Duration) -> Vec<SeenRequest> {
+        let wait = async {
+            loop {
+                let notified = self.2.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.all().len() >= n {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, wait).await;
+        self.all()
     }
 
     /// Lets `n` held `/hold` requests be answered.
@@ -441,6 +466,7 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, seen: Se
                             client_cert,
                             body,
                         });
+                        seen.2.notify_waiters();
                     }
                     if let Some(resp) = upgrade {
                         return Ok(resp);

@@ -4,6 +4,8 @@
 //! the metrics. Runs as any user.
 #![allow(clippy::unwrap_used)]
 
+use std::time::Duration;
+
 use meshgate_proxy::standin::{self, StandinCa};
 use meshgate_proxy::testing::*;
 
@@ -573,6 +575,71 @@ spec:
         !other.body.contains("access-control-allow-origin"),
         "{other:?}"
     );
+}
+
+/// `mirror`: a copy of each request, body included, goes to the mirror
+/// with `-shadow` after the host; the answer the client gets is the
+/// route's. `mirrorPercentage: 0` sends no copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrored_requests_reach_the_mirror_with_their_body() {
+    let tools = &with_tools_gateway(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: tools, namespace: curl-egress-tst}
+spec:
+  hosts: [tools.example.com]
+  gateways: [tools]
+  http:
+  - match: [{uri: {prefix: /quiet}}]
+    mirror: {host: jsonplaceholder.typicode.com, port: {number: 443}}
+    mirrorPercentage: {value: 0}
+    route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]
+  - mirror: {host: jsonplaceholder.typicode.com, port: {number: 443}}
+    route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]
+",
+    );
+    let mesh = Mesh::default();
+    let (external, gw) = gateway_with(&mesh, tools).await;
+    let port = gw.addr(80).port();
+    let resolve = format!("tools.example.com:{port}:127.0.0.1");
+    let body = "x".repeat(200_000);
+    let dir = TempDir::new("gw-mirror");
+    let file = format!("@{}", dir.write("body", &body));
+    let url = format!("http://tools.example.com:{port}/posts");
+    let post = curl(&["-i", "--resolve", &resolve, "--data-binary", &file, &url]).await;
+    assert_eq!(post.code, "200", "{post:?}");
+    let seen = external.seen.wait_for(2, Duration::from_secs(10)).await;
+    assert_eq!(seen.len(), 2, "the request and its copy: {seen:?}");
+    let hosts: Vec<_> = seen
+        .iter()
+        .map(|r| r.host.as_deref().unwrap_or(""))
+        .collect();
+    let (host, shadow) = (
+        format!("tools.example.com:{port}"),
+        format!("tools.example.com-shadow:{port}"),
+    );
+    assert!(hosts.contains(&host.as_str()), "{hosts:?}");
+    assert!(hosts.contains(&shadow.as_str()), "{hosts:?}");
+    assert!(
+        seen.iter()
+            .all(|r| r.body == body.len() && r.path == "/posts"),
+        "{seen:?}"
+    );
+    assert_eq!(
+        gw.next_log().await["response_code"],
+        200,
+        "one request logged"
+    );
+
+    let quiet = tools_get(port, "/quiet").await;
+    assert_eq!(quiet.code, "200");
+    gw.next_log().await;
+    // The copy of /posts and /quiet itself: a copy of /quiet would be a
+    // third request before the next one is seen.
+    assert_eq!(tools_get(port, "/posts").await.code, "200");
+    let seen = external.seen.wait_for(5, Duration::from_secs(10)).await;
+    let quiet_copies = seen.iter().filter(|r| r.path == "/quiet").count();
+    assert_eq!(quiet_copies, 1, "{seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,8 @@ use super::select::{
     sidecar_imports, vs_bound_to_gateway, vs_bound_to_mesh,
 };
 use super::{
-    DownstreamTls, Listener, OUTBOUND_CAPTURE_PORT, RouteAction, RouteDestination, RouteView,
+    DownstreamTls, Listener, MirrorView, OUTBOUND_CAPTURE_PORT, RouteAction, RouteDestination,
+    RouteView,
 };
 use crate::MeshSettings;
 use crate::model::networking::{
@@ -39,6 +40,7 @@ impl RouteView {
             retries: None,
             fault: None,
             cors_policy: None,
+            mirrors: Vec::new(),
         }
     }
 }
@@ -301,6 +303,7 @@ fn vs_http_routes(
             retries: rule.retries.clone(),
             fault: rule.fault.clone(),
             cors_policy: rule.cors_policy.clone(),
+            mirrors: mirrors(registry, mesh, w, &vs.meta.namespace, rule, port),
             ..RouteView::new(port, host, route_action(registry, mesh, w, vs, rule, port))
         });
     }
@@ -330,6 +333,46 @@ fn route_action(
             .map(|rd| (&rd.destination, rd.weight, rd.headers.as_ref())),
         listener_port,
     ))
+}
+
+/// A rule's mirrors: `mirror` (with `mirrorPercentage`, or the older
+/// `mirrorPercent`) and each of `mirrors`; 100% unless a percentage is set.
+fn mirrors(
+    registry: &Registry,
+    mesh: &MeshSettings,
+    w: &Workload,
+    vs_namespace: &str,
+    rule: &HttpRoute,
+    listener_port: u32,
+) -> Vec<MirrorView> {
+    let legacy = rule.mirror.iter().map(|d| {
+        let pct = rule
+            .mirror_percentage
+            .map(|p| p.value)
+            .or(rule.mirror_percent.map(f64::from));
+        (d, pct)
+    });
+    let listed = rule
+        .mirrors
+        .iter()
+        .map(|m| (&m.destination, m.percentage.map(|p| p.value)));
+    legacy
+        .chain(listed)
+        .filter_map(|(d, pct)| {
+            let mut one = route_destinations(
+                registry,
+                mesh,
+                w,
+                vs_namespace,
+                std::iter::once((d, None, None)),
+                listener_port,
+            );
+            one.pop().map(|destination| MirrorView {
+                destination,
+                percent: pct.unwrap_or(100.0),
+            })
+        })
+        .collect()
 }
 
 /// A rule's destinations with hosts resolved (short names relative to the

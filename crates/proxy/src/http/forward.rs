@@ -258,22 +258,19 @@ impl Upstream<'_> {
                 HeaderValue::from_static("chunked"),
             );
         }
-        let mut streaming = (!bodyless).then_some(body);
+        let idle = self.proxy.timeouts.stream_idle;
+        let mut streaming = (!bodyless).then(|| Body::incoming(body, idle));
+        self.mirror(&parts, &uri, streaming.as_mut());
         let max_attempts = if streaming.is_some() {
             1
         } else {
             1 + retry.attempts
         };
         let mut attempt = 0;
-        let idle = self.proxy.timeouts.stream_idle;
         let attempts = async {
             loop {
                 attempt += 1;
-                let mut req = Request::new(
-                    streaming
-                        .take()
-                        .map_or_else(Body::empty, |b| Body::incoming(b, idle)),
-                );
+                let mut req = Request::new(streaming.take().unwrap_or_else(Body::empty));
                 *req.method_mut() = parts.method.clone();
                 *req.uri_mut() = uri.clone();
                 *req.version_mut() = parts.version;
@@ -312,6 +309,46 @@ impl Upstream<'_> {
             .await
             .unwrap_or(Err(timed_out));
         result.map(|r| (r, attempt)).map_err(|e| (e, attempt))
+    }
+
+    /// Copies of the request for the route's mirrors (Envoy's shadows):
+    /// the authority gets `-shadow`, the body is copied as it goes up, the
+    /// answer is dropped. A mirror never delays, fails or changes the
+    /// request; its wait is bounded by the route's timeout (or the stream
+    /// idle timeout).
+    fn mirror(&self, parts: &Parts, uri: &Uri, mut body: Option<&mut Body>) {
+        for &(index, percent) in &self.route.mirrors {
+            if fastrand::f64() * 100.0 >= percent {
+                continue;
+            }
+            let Some(entry) = self.snap.cluster(index).cloned() else {
+                continue;
+            };
+            let copy = body.as_deref_mut().map_or_else(Body::empty, Body::copy);
+            let mut req = Request::new(copy);
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = shadow_uri(uri);
+            *req.version_mut() = parts.version;
+            *req.headers_mut() = parts.headers.clone();
+            if let Some(host) = parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                && let Ok(v) = HeaderValue::from_str(&shadow_authority(host))
+            {
+                req.headers_mut().insert(header::HOST, v);
+            }
+            let limit = self
+                .route
+                .timeout
+                .unwrap_or(self.proxy.timeouts.stream_idle);
+            tokio::spawn(async move {
+                let sent = tokio::time::timeout(limit, entry.cluster.send(req)).await;
+                if let Ok(Err(e)) = sent {
+                    tracing::debug!(cluster = %entry.cluster.name(), error = %e, "mirror request failed");
+                }
+            });
+        }
     }
 
     /// The upstream's response on its way back.
@@ -433,4 +470,24 @@ fn append_forwarded_for(headers: &mut HeaderMap, remote: std::net::SocketAddr) {
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(X_FORWARDED_FOR, v);
     }
+}
+
+/// `host[:port]` with `-shadow` after the host, as Envoy names a shadow.
+fn shadow_authority(authority: &str) -> String {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{host}-shadow:{port}")
+        }
+        _ => format!("{authority}-shadow"),
+    }
+}
+
+fn shadow_uri(uri: &Uri) -> Uri {
+    let mut parts = uri.clone().into_parts();
+    if let Some(a) = &parts.authority
+        && let Ok(shadow) = shadow_authority(a.as_str()).parse()
+    {
+        parts.authority = Some(shadow);
+    }
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
 }

@@ -62,6 +62,7 @@ fn route_view(i: usize, r: &meshgate_config::model::networking::HttpRoute) -> Ro
         retries: r.retries.clone(),
         fault: r.fault.clone(),
         cors_policy: r.cors_policy.clone(),
+        mirrors: Vec::new(),
     }
 }
 
