@@ -128,6 +128,11 @@ fn render(v: &ProxyView) -> String {
     for r in &v.routes {
         let matches = if !r.sni_hosts.is_empty() {
             format!("sni={}", r.sni_hosts.join(","))
+        } else if let Some(subnets) = &r.tcp_subnets {
+            match subnets.as_slice() {
+                [] => "tcp".to_owned(),
+                s => format!("tcp dst={}", s.join(",")),
+            }
         } else if r.matches.is_empty() {
             "*".to_owned()
         } else {

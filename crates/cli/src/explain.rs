@@ -74,6 +74,10 @@ struct Input {
     query: String,
     headers: HeaderMap,
     from: Option<SpiffeId>,
+    /// Where a sidecar's application connects: the host if it is an
+    /// address, else the service's first address (a ServiceEntry's
+    /// `addresses`, a ClusterIP), as DNS would answer.
+    destination: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +102,8 @@ pub(crate) fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
     let mut reports = Vec::new();
     let mut code = 0;
     for _ in 0..3 {
-        let input = parse_input(&hop).map_err(|e| crate::UsageError(format!("{e:#}")))?;
+        let mut input = parse_input(&hop).map_err(|e| crate::UsageError(format!("{e:#}")))?;
+        input.destination = destination_ip(&config, &mesh, &hop.workload, &input.host);
         let view = view::build(&config, &mesh, &hop.workload)?;
         if view.workload.proxy == meshgate_config::registry::ProxyKind::None {
             return Err(crate::UsageError(format!(
@@ -204,7 +209,27 @@ fn parse_input(args: &ExplainArgs) -> anyhow::Result<Input> {
             .map(str::parse)
             .transpose()
             .context("--from")?,
+        destination: None,
     })
+}
+
+/// The address a sidecar's application would connect to for `host`.
+fn destination_ip(
+    config: &meshgate_config::model::Config,
+    mesh: &meshgate_config::MeshSettings,
+    workload: &str,
+    host: &str,
+) -> Option<IpAddr> {
+    if let Ok(ip) = host.trim_matches(['[', ']']).parse() {
+        return Some(ip);
+    }
+    let namespace = workload.split_once('/').map_or("default", |(ns, _)| ns);
+    let registry = meshgate_config::registry::build(config, mesh);
+    let service = registry.lookup(host, namespace)?;
+    service
+        .addresses
+        .iter()
+        .find_map(|a| a.split('/').next()?.parse().ok())
 }
 
 /// The snapshot the proxy would run. Mesh TLS settings need an identity;
@@ -262,7 +287,10 @@ fn explain<'s>(snap: &'s Snapshot, input: &'s Input, id: &'s SpiffeId) -> Explai
     let remote = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 40000);
     let mut conn = Conn::accepted(remote, here, input.port);
     if snap.role == Role::Sidecar {
-        conn.original_dst = Some(here);
+        let to = input
+            .destination
+            .map_or(here, |ip| SocketAddr::new(ip, input.port));
+        conn.original_dst = Some(to);
     }
     // Only a gateway hears from mesh peers over mutual TLS.
     let peer = input
@@ -389,6 +417,16 @@ impl Explained<'_> {
         match &self.outcome {
             Outcome::Request(p) => self.http_route(p),
             Outcome::Tcp(p) => match (p.route, p.reason) {
+                (Some(r), _) if r.sni.is_empty() => (
+                    format!(
+                        "tcp route {} (destination port {})",
+                        r.name, self.input.port
+                    ),
+                    r.destinations
+                        .iter()
+                        .map(|w| self.destination(w.cluster, w.weight))
+                        .collect(),
+                ),
                 (Some(r), _) => (
                     format!("tls route {} (SNI {})", r.name, self.input.host),
                     r.destinations
@@ -567,6 +605,14 @@ impl Explained<'_> {
             }
             Outcome::Tcp(p) => {
                 let (action, flags, summary) = match p.action {
+                    TcpAction::Forward if p.reason == TcpReason::TcpRoute => (
+                        "forward",
+                        None,
+                        format!(
+                            "bytes sent on to {} as they come (opaque TCP)",
+                            p.cluster_name().unwrap_or("?")
+                        ),
+                    ),
                     TcpAction::Forward => (
                         "forward",
                         None,

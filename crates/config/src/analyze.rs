@@ -57,15 +57,6 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
             format!("{field}: meshgate does not implement {what}"),
         ));
     };
-    for vs in &config.virtual_services {
-        if !vs.spec.tcp.is_empty() {
-            warn(
-                &vs.meta,
-                "spec.tcp".to_owned(),
-                "tcp routes yet: TCP traffic goes to its original destination (sidecars) or nowhere (gateways)",
-            );
-        }
-    }
     for gw in &config.gateways {
         for (i, server) in gw.spec.servers.iter().enumerate() {
             if server
@@ -77,14 +68,6 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
                     &gw.meta,
                     format!("spec.servers[{i}].tls.mode"),
                     "AUTO_PASSTHROUGH yet: the server routes by tls rules like PASSTHROUGH",
-                );
-            }
-            let p = Protocol::parse(&server.port.protocol);
-            if !p.is_http() && !p.is_tls() {
-                warn(
-                    &gw.meta,
-                    format!("spec.servers[{i}].port.protocol"),
-                    "TCP Gateway servers yet: the port is not served",
                 );
             }
         }

@@ -438,6 +438,17 @@ fn virtual_service(vs: &VirtualService, p: &mut Problems) {
     }
     for (i, route) in vs.tcp.iter().enumerate() {
         let path = format!("spec.tcp[{i}]");
+        for (j, m) in route.matches.iter().enumerate() {
+            for (k, n) in m.destination_subnets.iter().enumerate() {
+                if !cidr_or_ip(n) {
+                    push(
+                        p,
+                        format!("{path}.match[{j}].destinationSubnets[{k}]"),
+                        format!("invalid subnet \"{n}\": expected an IP address or CIDR"),
+                    );
+                }
+            }
+        }
         l4_routes(
             route.route.iter().map(|r| (&r.destination, r.weight)),
             &path,

@@ -181,6 +181,10 @@ pub struct RouteView {
     /// For a `tls` route (SNI passthrough): the SNI names it matches.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sni_hosts: Vec<String>,
+    /// For a `tcp` route: the destination subnets it matches (empty: any
+    /// destination on the port).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_subnets: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rewrite: Option<HttpRewrite>,
     #[serde(skip_serializing_if = "Option::is_none")]

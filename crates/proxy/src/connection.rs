@@ -78,6 +78,12 @@ where
             Plan::ServeHttp => return serve_http(proxy, conn, io).await,
             Plan::Terminate(t) => {
                 let tls = terminate(&proxy, &mut conn, io, t).await?;
+                // What was inside the TLS: a TCP server's bytes go by its
+                // `tcp` routes, everything else is HTTP.
+                if let Plan::Tcp(p) = plan(&snap, &conn, Peeked::Nothing, fastrand::f64()) {
+                    let io = Sniffed::new(tls);
+                    return crate::tcp::forward(&proxy, &snap, &conn, &p, io, None).await;
+                }
                 return serve_http(proxy, conn, tls).await;
             }
             Plan::Tcp(p) => {

@@ -120,7 +120,11 @@ fn gateway<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>, pick: f64) -
     let Some(listener) = snap.listener(conn.port) else {
         return Plan::Close(Refusal::NoListener(conn.port));
     };
+    let tcp_server = serves_tcp(listener);
     if conn.tls.is_some() {
+        if tcp_server {
+            return Plan::Tcp(tcp(snap, conn, listener, pick));
+        }
         return http(snap, conn, peeked, pick);
     }
     if let ListenerTls::Passthrough = listener.tls {
@@ -140,8 +144,18 @@ fn gateway<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>, pick: f64) -
         (ListenerTls::Terminate(_), Some(false)) => Plan::Close(Refusal::PlaintextOnTls),
         (_, Some(true)) => Plan::Terminate(Termination::Mesh),
         (_, Some(false)) if listener.strict_mtls => Plan::Close(Refusal::StrictMtls),
+        (_, Some(false)) if tcp_server => Plan::Tcp(tcp(snap, conn, listener, pick)),
         (_, Some(false)) => http(snap, conn, peeked, pick),
     }
+}
+
+/// A gateway server whose connections go by `tcp` routes: TCP (and the
+/// like), or TLS it terminates (neither HTTP nor passed through).
+fn serves_tcp(listener: &ListenerState) -> bool {
+    use meshgate_config::registry::Protocol;
+    !listener.protocol.is_http()
+        && listener.protocol != Protocol::Https
+        && !matches!(listener.tls, ListenerTls::Passthrough)
 }
 
 /// A sidecar decides by the port the application was connecting to, as
@@ -163,12 +177,8 @@ fn sidecar<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>, pick: f64) -
     let listener = snap.listener(conn.port);
     let (http_port, tls_port) =
         listener.map_or((false, false), |l| (l.serves_http(), l.serves_tls()));
-    if listener.is_some_and(|l| l.protocol == meshgate_config::registry::Protocol::Tcp) {
-        return Plan::Tcp(TcpPlan::original_dst(
-            snap,
-            listener,
-            TcpReason::RegisteredPort,
-        ));
+    if let Some(l) = listener.filter(|l| l.protocol == meshgate_config::registry::Protocol::Tcp) {
+        return Plan::Tcp(tcp(snap, conn, l, pick));
     }
     if !http_port && !tls_port {
         return Plan::Tcp(unmatched(snap, listener));
@@ -604,6 +614,8 @@ pub enum TcpAction {
 pub enum TcpReason {
     #[error("a tls route matched the SNI")]
     SniRoute,
+    #[error("a tcp route matched the destination")]
+    TcpRoute,
     #[error("a TCP port of a registered service")]
     RegisteredPort,
     #[error("outbound traffic policy ALLOW_ANY")]
@@ -612,6 +624,8 @@ pub enum TcpReason {
     BlackHole,
     #[error("no route for this SNI")]
     NoRoute,
+    #[error("no tcp route for this destination")]
+    NoTcpRoute,
     #[error("the route's destination is not in the registry")]
     NoCluster,
     #[error("denied by authorization policy")]
@@ -694,6 +708,47 @@ fn tls<'s>(
             Role::Sidecar => unmatched(snap, listener),
         };
     };
+    to_route(snap, conn, listener, route, sni, pick, TcpReason::SniRoute)
+}
+
+/// Opaque TCP on a port with `tcp` routes, by destination address (where
+/// the application was connecting; a gateway's own address). With no
+/// route a sidecar sends it on to the original destination (a registered
+/// port) and a gateway closes it (NR).
+fn tcp<'s>(snap: &'s Snapshot, conn: &Conn, listener: &'s ListenerState, pick: f64) -> TcpPlan<'s> {
+    let destination = conn.original_dst.unwrap_or(conn.local).ip();
+    match TlsRoute::find_tcp(&listener.tcp_routes, destination) {
+        Some(route) => to_route(
+            snap,
+            conn,
+            Some(listener),
+            route,
+            conn.sni(),
+            pick,
+            TcpReason::TcpRoute,
+        ),
+        None if snap.role == Role::Sidecar => {
+            TcpPlan::original_dst(snap, Some(listener), TcpReason::RegisteredPort)
+        }
+        None => TcpPlan::closed(
+            Some(listener),
+            ResponseFlags::NO_ROUTE_FOUND,
+            TcpReason::NoTcpRoute,
+        ),
+    }
+}
+
+/// A matched `tls` or `tcp` route: on to its cluster if authorization
+/// allows.
+fn to_route<'s>(
+    snap: &'s Snapshot,
+    conn: &Conn,
+    listener: Option<&'s ListenerState>,
+    route: &'s TlsRoute,
+    sni: Option<&str>,
+    pick: f64,
+    matched: TcpReason,
+) -> TcpPlan<'s> {
     let cluster = pick_weighted(&route.destinations, pick).and_then(|d| snap.cluster(d.cluster));
     let authz = authorize(&snap.policies, &authz_request(conn, sni, None));
     let (action, reason) = match (cluster, authz.is_allowed()) {
@@ -702,7 +757,7 @@ fn tls<'s>(
             TcpReason::NoCluster,
         ),
         (Some(_), false) => (TcpAction::Close(ResponseFlags::NONE), TcpReason::Denied),
-        (Some(_), true) => (TcpAction::Forward, TcpReason::SniRoute),
+        (Some(_), true) => (TcpAction::Forward, matched),
     };
     TcpPlan {
         listener,

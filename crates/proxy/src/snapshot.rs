@@ -80,11 +80,20 @@ pub struct ClusterEntry {
 pub struct TlsRoute {
     /// Lowercase SNI patterns (`a.com`, `*.a.com`).
     pub sni: Vec<String>,
+    /// A `tcp` route's destination subnets (empty: any destination).
+    pub subnets: Vec<ipnet::IpNet>,
     pub destinations: Vec<WeightedCluster>,
     pub name: Arc<str>,
 }
 
 impl TlsRoute {
+    /// The first `tcp` route whose subnets hold `destination`.
+    pub fn find_tcp(routes: &[TlsRoute], destination: std::net::IpAddr) -> Option<&TlsRoute> {
+        routes
+            .iter()
+            .find(|r| r.subnets.is_empty() || r.subnets.iter().any(|n| n.contains(&destination)))
+    }
+
     /// The first route whose SNI patterns cover `sni`.
     pub fn find<'a>(routes: &'a [TlsRoute], sni: &str) -> Option<&'a TlsRoute> {
         let sni = sni.to_ascii_lowercase();
@@ -110,6 +119,8 @@ pub struct ListenerState {
     pub strict_mtls: bool,
     pub routes: RouteTable,
     pub tls_routes: Vec<TlsRoute>,
+    /// `tcp` routes, by destination address.
+    pub tcp_routes: Vec<TlsRoute>,
     /// `Gateway ns/name server #i`, for logs and `explain`.
     pub origin: String,
 }
@@ -275,6 +286,7 @@ fn listeners(
                 .is_some_and(|pa| pa.mode == MtlsMode::Strict),
             routes: route_table(v, port, index),
             tls_routes: tls_route_table(v, port, index),
+            tcp_routes: tcp_route_table(v, port, index),
             origin: l.origin.clone(),
         });
     }
@@ -307,7 +319,7 @@ fn route_table(v: &ProxyView, port: u16, index: &HashMap<&str, usize>) -> RouteT
     for r in v
         .routes
         .iter()
-        .filter(|r| r.listener_port == u32::from(port) && r.sni_hosts.is_empty())
+        .filter(|r| r.listener_port == u32::from(port) && r.sni_hosts.is_empty() && !r.is_tcp())
     {
         let mut route = Route::compile(r, weighted(r, index));
         route.mirrors = r
@@ -339,8 +351,37 @@ fn tls_route_table(v: &ProxyView, port: u16, index: &HashMap<&str, usize>) -> Ve
         .filter(|r| r.listener_port == u32::from(port) && !r.sni_hosts.is_empty())
         .map(|r| TlsRoute {
             sni: r.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            subnets: Vec::new(),
             destinations: weighted(r, index),
             name: Arc::from(r.rule.as_str()),
+        })
+        .collect()
+}
+
+/// A listener's `tcp` routes; an address without a prefix is one host.
+fn tcp_route_table(v: &ProxyView, port: u16, index: &HashMap<&str, usize>) -> Vec<TlsRoute> {
+    v.routes
+        .iter()
+        .filter(|r| r.listener_port == u32::from(port))
+        .filter_map(|r| {
+            // Validation refused bad subnets; were one here, the route
+            // would match nothing rather than everything.
+            let subnets = r
+                .tcp_subnets
+                .as_ref()?
+                .iter()
+                .map(|n| {
+                    n.parse::<ipnet::IpNet>()
+                        .ok()
+                        .or_else(|| n.parse::<std::net::IpAddr>().ok().map(Into::into))
+                })
+                .collect::<Option<Vec<_>>>()?;
+            Some(TlsRoute {
+                sni: Vec::new(),
+                subnets,
+                destinations: weighted(r, index),
+                name: Arc::from(r.rule.as_str()),
+            })
         })
         .collect()
 }

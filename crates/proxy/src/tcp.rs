@@ -9,6 +9,7 @@ use std::time::SystemTime;
 
 use meshgate_telemetry::LogEntry;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 
 use crate::conn::Conn;
 use crate::error::ConnError;
@@ -18,6 +19,7 @@ use crate::plan::{TcpAction, TcpPlan, TcpReason};
 use crate::proxy::Proxy;
 use crate::report::TcpReport;
 use crate::snapshot::{BLACKHOLE_CLUSTER, Snapshot};
+use crate::upstream::UpstreamError;
 
 /// Acts on a TCP plan for a connection whose first bytes (`io` replays
 /// them) may have carried `sni`.
@@ -53,20 +55,33 @@ where
     let mut report = TcpReport::start(proxy, snap, destination, log);
     // What was read to decide counts as received until it is replayed.
     report.received = io.buffered() as u64;
+    let plain = |r: Result<(TcpStream, SocketAddr), UpstreamError>| {
+        r.map(|(tcp, addr)| {
+            let local = tcp.local_addr().ok();
+            (Upstream::Plain(tcp), addr, local)
+        })
+    };
     let connected = match (plan.action, plan.cluster) {
         (TcpAction::Close(flags), _) => {
             report.flags = flags;
             report.log.connection_termination_details = plan.authz.response_code_details();
             return Err(ConnError::NotForwarded(plan.reason));
         }
-        (TcpAction::Forward, Some(c)) => c.cluster.connect_tcp().await,
+        // A tcp route's cluster speaks its own TLS (mesh mTLS, origination);
+        // SNI-routed TLS is the client's and passes through as it is.
+        (TcpAction::Forward, Some(c)) if plan.reason == TcpReason::TcpRoute => c
+            .cluster
+            .connect_stream()
+            .await
+            .map(|(s, addr, local)| (Upstream::Cluster(Box::new(s)), addr, local)),
+        (TcpAction::Forward, Some(c)) => plain(c.cluster.connect_tcp().await),
         (TcpAction::OriginalDst, Some(c)) => {
             let to = original_destination(conn, &c.cluster).await?;
-            c.cluster.connect_tcp_to(to).await
+            plain(c.cluster.connect_tcp_to(to).await)
         }
         (_, None) => return Err(ConnError::NotForwarded(TcpReason::NoCluster)),
     };
-    let (mut upstream, addr) = match connected {
+    let (upstream, addr, local) = match connected {
         Ok(x) => x,
         Err(e) => {
             report.flags = e.flag();
@@ -75,10 +90,12 @@ where
         }
     };
     report.log.upstream_host = Some(addr);
-    report.log.upstream_local_address = upstream.local_addr().ok();
-    let (received, sent) = tokio::io::copy_bidirectional(&mut io, &mut upstream)
-        .await
-        .unwrap_or((0, 0));
+    report.log.upstream_local_address = local;
+    let copied = match upstream {
+        Upstream::Plain(mut s) => tokio::io::copy_bidirectional(&mut io, &mut s).await,
+        Upstream::Cluster(mut s) => tokio::io::copy_bidirectional(&mut io, &mut *s).await,
+    };
+    let (received, sent) = copied.unwrap_or((0, 0));
     report.received = received;
     report.sent = sent;
     Ok(())
@@ -98,4 +115,11 @@ async fn original_destination(
     let ip = cluster.resolve(host).await;
     ip.map(|ip| SocketAddr::new(ip, conn.port))
         .ok_or_else(|| ConnError::Resolve(host.to_owned()))
+}
+
+/// The upstream side of a forwarded connection.
+enum Upstream {
+    Plain(TcpStream),
+    /// To a cluster, with its TLS if it has any.
+    Cluster(Box<crate::upstream::Conn>),
 }

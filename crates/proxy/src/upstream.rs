@@ -693,6 +693,40 @@ impl Cluster {
         self.connect_tcp_to(addr).await
     }
 
+    /// Opens a connection for a `tcp` route to one of the cluster's
+    /// endpoints, with the cluster's TLS when it has any (ISTIO_MUTUAL to a
+    /// mesh endpoint, origination per DestinationRule). Returns it with the
+    /// endpoint and the local address.
+    pub async fn connect_stream(
+        &self,
+    ) -> Result<(Conn, SocketAddr, Option<SocketAddr>), UpstreamError> {
+        let core = &self.core;
+        let deadline = tokio::time::Instant::now() + core.connect_timeout;
+        let (tcp, addr) = self.connect_tcp().await?;
+        let local = tcp.local_addr().ok();
+        core.track(addr, 1);
+        let stream = match &core.tls {
+            None => UpstreamStream::Plain(tcp),
+            Some(tls) => match handshake(tls, tcp, deadline).await {
+                Ok((stream, _)) => stream,
+                Err(reason) => {
+                    core.track(addr, -1);
+                    core.observe(addr, 503);
+                    return Err(UpstreamError::ConnectFailure(format!(
+                        "TLS_error: {reason}"
+                    )));
+                }
+            },
+        };
+        let conn = Conn {
+            stream,
+            addr,
+            h2: false,
+            core: core.clone(),
+        };
+        Ok((conn, addr, local))
+    }
+
     /// The first address of `host` by the cluster's resolver.
     pub async fn resolve(&self, host: &str) -> Option<IpAddr> {
         self.core

@@ -195,11 +195,9 @@ fn each_code_with_its_exact_message() {
         ),
         (
             "MG0005 fields meshgate does not act on yet",
-            vs("m", "curl-egress-tst", "  hosts: [m.example.com]\n  tcp:\n  - route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]\n")
-                + "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: lb, namespace: curl-egress-tst}\nspec:\n  host: jsonplaceholder.typicode.com\n  trafficPolicy:\n    loadBalancer: {consistentHash: {httpHeaderName: x-user}}\n",
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: lb, namespace: curl-egress-tst}\nspec:\n  host: jsonplaceholder.typicode.com\n  trafficPolicy:\n    loadBalancer: {consistentHash: {httpHeaderName: x-user}}\n".to_owned(),
             vec![
-                "Warning [MG0005] (VirtualService curl-egress-tst/m extra.yaml:7) spec.tcp: meshgate does not implement tcp routes yet: TCP traffic goes to its original destination (sidecars) or nowhere (gateways)",
-                "Warning [MG0005] (DestinationRule curl-egress-tst/lb extra.yaml:15) spec.trafficPolicy.loadBalancer.consistentHash: meshgate does not implement consistent hashing yet: requests are balanced round robin",
+                "Warning [MG0005] (DestinationRule curl-egress-tst/lb extra.yaml:7) spec.trafficPolicy.loadBalancer.consistentHash: meshgate does not implement consistent hashing yet: requests are balanced round robin",
             ],
         ),
     ];

@@ -14,8 +14,8 @@ use super::{
 };
 use crate::MeshSettings;
 use crate::model::networking::{
-    Destination, Gateway, Headers, HttpMatchRequest, HttpRoute, Server, ServerTlsMode, Sidecar,
-    VirtualService,
+    Destination, Gateway, Headers, HttpMatchRequest, HttpRoute, L4MatchAttributes, Server,
+    ServerTlsMode, Sidecar, VirtualService,
 };
 use crate::model::{Config, Resource};
 use crate::registry::{
@@ -23,6 +23,11 @@ use crate::registry::{
 };
 
 impl RouteView {
+    /// A `tcp` route (matched by destination, not by SNI or request).
+    pub fn is_tcp(&self) -> bool {
+        self.tcp_subnets.is_some()
+    }
+
     /// A route with Istio's defaults for everything but its action.
     fn new(listener_port: u32, host: &str, action: RouteAction) -> RouteView {
         RouteView {
@@ -34,6 +39,7 @@ impl RouteView {
             rule: "default".to_owned(),
             rule_index: None,
             sni_hosts: Vec::new(),
+            tcp_subnets: None,
             rewrite: None,
             headers: None,
             timeout: None,
@@ -154,17 +160,109 @@ pub(super) fn sidecar_routes(
         if listeners.iter().any(|l| l.port == port) {
             continue;
         }
-        let hosts = services
-            .iter()
-            .filter(|s| s.port(port).is_some())
-            .map(|s| s.hostname.clone())
-            .collect();
+        let on_port: Vec<&&Service> = services.iter().filter(|s| s.port(port).is_some()).collect();
+        for s in &on_port {
+            let vs = mesh_vs.iter().find(|vs| {
+                vs.spec
+                    .hosts
+                    .iter()
+                    .any(|h| host_matches(&resolve_host(h, &vs.meta.namespace, mesh), &s.hostname))
+            });
+            if let Some(vs) = vs {
+                let applies = |m: &L4MatchAttributes| {
+                    (m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"))
+                        && (m.source_namespace.is_empty() || m.source_namespace == w.namespace)
+                        && m.source_labels
+                            .iter()
+                            .all(|(k, v)| w.labels.get(k) == Some(v))
+                };
+                tcp_routes(registry, mesh, w, vs, port, &s.addresses, applies, routes);
+            }
+        }
         listeners.push(Listener::outbound(
             port,
             Protocol::Tcp,
-            hosts,
-            format!("0.0.0.0_{port} TCP (via virtualOutbound, to the original destination)"),
+            on_port.iter().map(|s| s.hostname.clone()).collect(),
+            format!(
+                "0.0.0.0_{port} TCP (via virtualOutbound, by tcp routes, else to the original destination)"
+            ),
         ));
+    }
+}
+
+/// The routes of one VirtualService's `tcp` rules on `port` (`applies`
+/// filters matches by gateway and source). A rule matches the
+/// destinations in its matches' `destinationSubnets`, else
+/// `default_subnets` (the host's addresses), else any destination.
+#[allow(clippy::too_many_arguments)]
+fn tcp_routes(
+    registry: &Registry,
+    mesh: &MeshSettings,
+    w: &Workload,
+    vs: &Resource<VirtualService>,
+    port: u32,
+    default_subnets: &[String],
+    applies: impl Fn(&L4MatchAttributes) -> bool,
+    routes: &mut Vec<RouteView>,
+) {
+    for (i, rule) in vs.spec.tcp.iter().enumerate() {
+        let matches: Vec<&L4MatchAttributes> = rule
+            .matches
+            .iter()
+            .filter(|m| m.port.is_none_or(|p| p == port) && applies(m))
+            .collect();
+        if !rule.matches.is_empty() && matches.is_empty() {
+            continue;
+        }
+        let mut subnets: Vec<String> = matches
+            .iter()
+            .flat_map(|m| m.destination_subnets.iter().cloned())
+            .collect();
+        if subnets.is_empty() || matches.iter().any(|m| m.destination_subnets.is_empty()) {
+            subnets = default_subnets.to_vec();
+        }
+        let dests = l4_destinations(registry, mesh, w, vs, &rule.route, port);
+        let host = vs.spec.hosts.first().cloned().unwrap_or_default();
+        routes.push(RouteView {
+            virtual_service: Some(vs.meta.full_name()),
+            rule: format!("#{i}"),
+            rule_index: Some(i),
+            tcp_subnets: Some(subnets),
+            ..RouteView::new(port, &host, RouteAction::Route(dests))
+        });
+    }
+}
+
+/// TCP Gateway servers (and TLS servers that terminate): `tcp` rules of
+/// the VirtualServices bound to the gateway whose hosts the server covers.
+fn gateway_tcp_routes(
+    vses: &[Resource<VirtualService>],
+    registry: &Registry,
+    mesh: &MeshSettings,
+    w: &Workload,
+    gw: &Resource<Gateway>,
+    server: &Server,
+    routes: &mut Vec<RouteView>,
+) {
+    for vs in vses.iter().filter(|vs| {
+        vs_bound_to_gateway(vs, gw)
+            && exported_to(&vs.spec.export_to, &vs.meta.namespace, &gw.meta.namespace)
+            && vs.spec.hosts.iter().any(|h| {
+                let h = resolve_host(h, &vs.meta.namespace, mesh);
+                server_hosts_cover(server, &gw.meta.namespace, &vs.meta.namespace, &h)
+            })
+    }) {
+        let applies = |m: &L4MatchAttributes| match_bound_here(&m.gateways, &vs.meta.namespace, gw);
+        tcp_routes(
+            registry,
+            mesh,
+            w,
+            vs,
+            server.port.number,
+            &[],
+            applies,
+            routes,
+        );
     }
 }
 
@@ -246,16 +344,7 @@ fn tls_route(
 ) -> Option<RouteView> {
     let host = sni.first()?.clone();
     let rule = vs.spec.tls.get(i)?;
-    let dests = route_destinations(
-        registry,
-        mesh,
-        w,
-        &vs.meta.namespace,
-        rule.route
-            .iter()
-            .map(|rd| (&rd.destination, rd.weight, None)),
-        port,
-    );
+    let dests = l4_destinations(registry, mesh, w, vs, &rule.route, port);
     Some(RouteView {
         virtual_service: Some(vs.meta.full_name()),
         rule: format!("#{i}"),
@@ -375,6 +464,25 @@ fn mirrors(
         .collect()
 }
 
+/// A `tls` or `tcp` rule's destinations (no header changes at L4).
+fn l4_destinations(
+    registry: &Registry,
+    mesh: &MeshSettings,
+    w: &Workload,
+    vs: &Resource<VirtualService>,
+    route: &[crate::model::networking::RouteDestination],
+    port: u32,
+) -> Vec<RouteDestination> {
+    route_destinations(
+        registry,
+        mesh,
+        w,
+        &vs.meta.namespace,
+        route.iter().map(|rd| (&rd.destination, rd.weight, None)),
+        port,
+    )
+}
+
 /// A rule's destinations with hosts resolved (short names relative to the
 /// VirtualService's namespace), ports chosen, and weights normalised (a
 /// single destination gets all the traffic).
@@ -468,6 +576,7 @@ pub(super) fn gateway_routes(
                 continue;
             }
             if !gateway_server_is_http(server) {
+                gateway_tcp_routes(vses, registry, mesh, w, gw, server, routes);
                 continue;
             }
             for vs in vses.iter().filter(|vs| {
@@ -480,10 +589,7 @@ pub(super) fn gateway_routes(
                         continue;
                     }
                     let applies = |m: &HttpMatchRequest| {
-                        m.gateways.is_empty()
-                            || m.gateways
-                                .iter()
-                                .any(|g| gateway_ref_matches(g, &vs.meta.namespace, gw))
+                        match_bound_here(&m.gateways, &vs.meta.namespace, gw)
                     };
                     vs_http_routes(
                         registry,
@@ -499,6 +605,14 @@ pub(super) fn gateway_routes(
             }
         }
     }
+}
+
+/// A match's `gateways` (empty: the VirtualService's) include this one.
+fn match_bound_here(gateways: &[String], vs_namespace: &str, gw: &Resource<Gateway>) -> bool {
+    gateways.is_empty()
+        || gateways
+            .iter()
+            .any(|g| gateway_ref_matches(g, vs_namespace, gw))
 }
 
 /// HTTPS/TLS servers in PASSTHROUGH mode route by SNI with `tls` routes.
@@ -532,12 +646,7 @@ fn gateway_tls_routes(
                 .matches
                 .iter()
                 .filter(|m| m.port.is_none_or(|p| p == port))
-                .filter(|m| {
-                    m.gateways.is_empty()
-                        || m.gateways
-                            .iter()
-                            .any(|g| gateway_ref_matches(g, &vs.meta.namespace, gw))
-                })
+                .filter(|m| match_bound_here(&m.gateways, &vs.meta.namespace, gw))
                 .flat_map(|m| m.sni_hosts.iter())
                 .filter(|h| server_hosts_cover(server, &gw.meta.namespace, &vs.meta.namespace, h))
                 .cloned()

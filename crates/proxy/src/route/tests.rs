@@ -56,6 +56,7 @@ fn route_view(i: usize, r: &meshgate_config::model::networking::HttpRoute) -> Ro
         rule: format!("#{i}"),
         rule_index: Some(i),
         sni_hosts: Vec::new(),
+        tcp_subnets: None,
         rewrite: r.rewrite.clone(),
         headers: r.headers.clone(),
         timeout: r.timeout,
