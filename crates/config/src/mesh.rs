@@ -18,6 +18,9 @@ use crate::yaml::{self, Node, Value};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeshSettings {
     pub trust_domain: String,
+    /// Other trust domains the mesh's identities also go by (a migration):
+    /// policies and secure naming accept each.
+    pub trust_domain_aliases: Vec<String>,
     pub root_namespace: String,
     /// DNS suffix of Kubernetes Services.
     pub cluster_domain: String,
@@ -26,10 +29,50 @@ pub struct MeshSettings {
     pub path_normalization: PathNormalization,
 }
 
+impl MeshSettings {
+    /// The trust domain and its aliases, the local one first.
+    pub fn trust_domains(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.trust_domain.as_str())
+            .chain(self.trust_domain_aliases.iter().map(String::as_str))
+    }
+
+    /// A policy principal (`td/ns/x/sa/y`) as Istio expands it: one of
+    /// the mesh's trust domains, or `cluster.local` (Istio's name for the
+    /// local one), stands for each of them; a principal that starts with
+    /// `*` or names another trust domain stays as it is.
+    pub fn expand_principal(&self, principal: &str) -> Vec<String> {
+        let bare = principal.trim_start_matches("spiffe://");
+        let Some((td, rest)) = bare.split_once('/') else {
+            return vec![principal.to_owned()];
+        };
+        let ours = td == "cluster.local" || self.trust_domains().any(|t| t == td);
+        if bare.starts_with('*') || !ours {
+            return vec![principal.to_owned()];
+        }
+        self.trust_domains()
+            .map(|t| format!("{t}/{rest}"))
+            .collect()
+    }
+
+    /// A SPIFFE ID of the local trust domain and the same ID in each alias
+    /// (secure naming accepts a peer of any of them).
+    pub fn expand_spiffe_id(&self, id: &str) -> Vec<String> {
+        let local = format!("spiffe://{}/", self.trust_domain);
+        match id.strip_prefix(&local) {
+            Some(rest) => self
+                .trust_domains()
+                .map(|t| format!("spiffe://{t}/{rest}"))
+                .collect(),
+            None => vec![id.to_owned()],
+        }
+    }
+}
+
 impl Default for MeshSettings {
     fn default() -> Self {
         MeshSettings {
             trust_domain: "cluster.local".to_owned(),
+            trust_domain_aliases: Vec::new(),
             root_namespace: "istio-system".to_owned(),
             cluster_domain: "cluster.local".to_owned(),
             outbound_traffic_policy: OutboundMode::AllowAny,
@@ -85,6 +128,7 @@ pub enum MeshConfigError {
 #[serde(rename_all = "camelCase")]
 struct MeshConfigDoc {
     trust_domain: Option<String>,
+    trust_domain_aliases: Option<Vec<String>>,
     root_namespace: Option<String>,
     outbound_traffic_policy: Option<OutboundTrafficPolicyDoc>,
     path_normalization: Option<PathNormalizationDoc>,
@@ -105,8 +149,9 @@ struct PathNormalizationDoc {
 }
 
 /// The MeshConfig fields meshgate reads (the others are accepted, not read).
-const READ: [&str; 4] = [
+const READ: [&str; 5] = [
     "trustDomain",
+    "trustDomainAliases",
     "rootNamespace",
     "outboundTrafficPolicy",
     "pathNormalization",
@@ -181,6 +226,7 @@ pub fn parse_mesh_config(
     let defaults = MeshSettings::default();
     let settings = MeshSettings {
         trust_domain: doc.trust_domain.unwrap_or(defaults.trust_domain),
+        trust_domain_aliases: doc.trust_domain_aliases.unwrap_or_default(),
         root_namespace: doc.root_namespace.unwrap_or(defaults.root_namespace),
         cluster_domain: defaults.cluster_domain,
         outbound_traffic_policy: doc
@@ -213,6 +259,30 @@ mod tests {
         assert_eq!(m.trust_domain, "example.org");
         assert_eq!(m.root_namespace, "istio-system");
         assert_eq!(ignored, ["accessLogFile"]);
+    }
+
+    #[test]
+    fn trust_domain_aliases_expand_principals_and_identities() {
+        let (m, _) = parse_mesh_config(
+            "mesh.yaml",
+            "trustDomain: new.example\ntrustDomainAliases: [old.example]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let both = ["new.example/ns/a/sa/b", "old.example/ns/a/sa/b"];
+        assert_eq!(m.expand_principal("old.example/ns/a/sa/b"), both);
+        assert_eq!(m.expand_principal("cluster.local/ns/a/sa/b"), both);
+        assert_eq!(m.expand_principal("*/ns/a/sa/b"), ["*/ns/a/sa/b"]);
+        assert_eq!(
+            m.expand_principal("other.example/ns/a/sa/b"),
+            ["other.example/ns/a/sa/b"]
+        );
+        assert_eq!(
+            m.expand_spiffe_id("spiffe://new.example/ns/a/sa/b"),
+            [
+                "spiffe://new.example/ns/a/sa/b",
+                "spiffe://old.example/ns/a/sa/b"
+            ]
+        );
     }
 
     #[test]

@@ -447,6 +447,15 @@ pub fn build(config: &Config, mesh: &MeshSettings) -> Registry {
             });
         }
     }
+    if !mesh.trust_domain_aliases.is_empty() {
+        for s in &mut services {
+            s.service_accounts = s
+                .service_accounts
+                .iter()
+                .flat_map(|id| mesh.expand_spiffe_id(id))
+                .collect();
+        }
+    }
     Registry {
         services,
         workloads,

@@ -493,8 +493,30 @@ fn policy_view(p: &Resource<AuthorizationPolicy>, mesh: &MeshSettings) -> Policy
         action: p.spec.action,
         provider: p.spec.provider.as_ref().map(|pr| pr.name.clone()),
         scope,
-        rules: p.spec.rules.clone(),
+        rules: p.spec.rules.as_ref().map(|rules| {
+            rules
+                .iter()
+                .map(|r| with_trust_domains(r.clone(), mesh))
+                .collect()
+        }),
     }
+}
+
+/// A rule's principals (and `source.principal` conditions) for every trust
+/// domain of the mesh, as Istio expands them.
+fn with_trust_domains(mut rule: Rule, mesh: &MeshSettings) -> Rule {
+    let expand = |v: &mut Vec<String>| {
+        *v = v.iter().flat_map(|p| mesh.expand_principal(p)).collect();
+    };
+    for from in &mut rule.from {
+        expand(&mut from.source.principals);
+        expand(&mut from.source.not_principals);
+    }
+    for c in rule.when.iter_mut().filter(|c| c.key == "source.principal") {
+        expand(&mut c.values);
+        expand(&mut c.not_values);
+    }
+    rule
 }
 
 #[cfg(test)]

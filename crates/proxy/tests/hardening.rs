@@ -494,3 +494,37 @@ async fn h2_idle_client(mut s: tokio::net::TcpStream) -> Vec<u8> {
         }
     }
 }
+
+/// MeshConfig `trustDomainAliases`: a policy written for the old trust
+/// domain still holds for the same workloads under the new one, as Istio
+/// expands principals; without the alias it names nobody here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_of_an_aliased_trust_domain_still_apply() {
+    const DENY_OLD: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-old, namespace: curl-egress-tst}
+spec:
+  selector: {matchLabels: {istio: egressgateway}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: ['old.example/ns/curl-external-tst/sa/default']}}]
+    to: [{operation: {paths: [/todos/1]}}]
+";
+    let chain = SeedChain::start(&[DENY_OLD]).await;
+    let client = chain.mesh.client(CURL_ID, &chain.dir);
+    let without = client
+        .get(HOST, chain.gateway.addr(80).port(), "/todos/1", &[])
+        .await;
+    assert_eq!(without.code, "200", "old.example is not ours: {without:?}");
+
+    let mut spec = SeedChain::gateway_spec(seed_config(&[DENY_OLD]), &chain.external);
+    spec.mesh = MeshSettings {
+        trust_domain_aliases: vec!["old.example".to_owned()],
+        ..MeshSettings::default()
+    };
+    let aliased = TestProxy::start(&chain.mesh, spec).await;
+    let with = client
+        .get(HOST, aliased.addr(80).port(), "/todos/1", &[])
+        .await;
+    assert_eq!(with.answer(), ("403", "RBAC: access denied"));
+}
