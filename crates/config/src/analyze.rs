@@ -48,7 +48,7 @@ pub fn analyze(config: &Config, mesh: &MeshSettings) -> Vec<Diagnostic> {
 /// MG0005: Istio fields meshgate reads but does not act on yet, so an
 /// operator is told rather than surprised. Each names what happens instead.
 fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
-    use crate::model::networking::{Resolution, ServerTlsMode, TrafficPolicy};
+    use crate::model::networking::{ServerTlsMode, TrafficPolicy};
     let mut warn = |meta: &crate::model::Meta, field: String, what: &str| {
         out.push(Diagnostic::new(
             Level::Warning,
@@ -137,15 +137,6 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
                 &sc.meta,
                 "spec.ingress".to_owned(),
                 "ingress listeners yet: sidecars do not capture inbound traffic",
-            );
-        }
-    }
-    for se in &config.service_entries {
-        if se.spec.resolution == Resolution::DynamicDns {
-            warn(
-                &se.meta,
-                "spec.resolution".to_owned(),
-                "DYNAMIC_DNS yet: the hosts are resolved as DNS names, so wildcard hosts get no endpoints",
             );
         }
     }

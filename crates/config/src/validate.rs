@@ -479,11 +479,13 @@ fn destinations(
         let dpath = format!("{path}.route[{j}].destination");
         if d.host.is_empty() {
             push(p, &dpath, "required field \"host\" is missing");
-        } else if d.host == "*" || d.host.starts_with('*') {
+        } else if d.host == "*" {
+            // Istio takes `*.example.com` (a wildcard ServiceEntry's
+            // cluster), never `*`.
             push(
                 p,
                 format!("{dpath}.host"),
-                "destination host cannot be a wildcard",
+                "destination host cannot be \"*\"",
             );
         } else if let Err(e) = wildcard_domain(&d.host) {
             push(p, format!("{dpath}.host"), e);

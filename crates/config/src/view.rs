@@ -311,6 +311,9 @@ pub enum ClusterEndpoints {
     },
     /// Fixed addresses (STATIC).
     Static(Vec<HostPort>),
+    /// DYNAMIC_DNS: each request's host, resolved when it is sent, at
+    /// this port (Envoy's dynamic forward proxy).
+    RequestHost { port: u16 },
     /// None: the host is not in the registry.
     None,
 }

@@ -429,6 +429,7 @@ fn endpoints(c: &ClusterView, ctx: &BuildContext) -> Endpoints {
                 })
                 .collect(),
         ),
+        ClusterEndpoints::RequestHost { port } => Endpoints::RequestHost { port: *port },
         ClusterEndpoints::None => Endpoints::Static(Vec::new()),
     }
 }

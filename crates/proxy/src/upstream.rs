@@ -43,6 +43,8 @@ pub enum Endpoints {
     /// Wherever the request's URI points (the PassthroughCluster: the
     /// original destination, or the host an explicit-proxy client named).
     FromUri,
+    /// The request's host resolved by DNS, at this port (DYNAMIC_DNS).
+    RequestHost { port: u16 },
 }
 
 /// Why an upstream request failed, with Envoy's response flag.
@@ -245,6 +247,15 @@ impl ClusterCore {
                 Ok(ips
                     .into_iter()
                     .map(|ip| SocketAddr::new(ip, port))
+                    .collect())
+            }
+            Endpoints::RequestHost { port } => {
+                let uri = uri.ok_or("no request host")?;
+                let host = uri.host().ok_or("no host in the request")?;
+                let ips = self.lookup(host).await?;
+                Ok(ips
+                    .into_iter()
+                    .map(|ip| SocketAddr::new(ip, *port))
                     .collect())
             }
             Endpoints::Static(addrs) if addrs.is_empty() => Err("cluster has no endpoints".into()),
@@ -496,7 +507,7 @@ impl tower_service::Service<http::Uri> for Connector {
             core.track(addr, 1);
             let (stream, h2) = match &core.tls {
                 None => (UpstreamStream::Plain(tcp), this.h2),
-                Some(tls) => match handshake(tls, tcp, deadline).await {
+                Some(tls) => match handshake(tls, request_sni(tls, &uri), tcp, deadline).await {
                     Ok(x) => x,
                     Err(reason) => {
                         core.track(addr, -1);
@@ -517,13 +528,23 @@ impl tower_service::Service<http::Uri> for Connector {
 
 /// The TLS handshake with an upstream, by `deadline`: the stream and
 /// whether it speaks h2 (ALPN).
+/// The SNI for one connection: the cluster's, or with `auto_sni` (a
+/// wildcard DYNAMIC_DNS host) the request's host, as Envoy's auto SNI.
+fn request_sni(tls: &UpstreamTls, uri: &http::Uri) -> rustls::pki_types::ServerName<'static> {
+    uri.host()
+        .filter(|_| tls.auto_sni)
+        .and_then(|h| rustls::pki_types::ServerName::try_from(h.to_owned()).ok())
+        .unwrap_or_else(|| tls.sni.clone())
+}
+
 async fn handshake(
     tls: &UpstreamTls,
+    sni: rustls::pki_types::ServerName<'static>,
     tcp: TcpStream,
     deadline: tokio::time::Instant,
 ) -> Result<(UpstreamStream, bool), String> {
     let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-    match tokio::time::timeout_at(deadline, connector.connect(tls.sni.clone(), tcp)).await {
+    match tokio::time::timeout_at(deadline, connector.connect(sni, tcp)).await {
         Ok(Ok(s)) => {
             let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
             Ok((UpstreamStream::Tls(Box::new(s)), h2))
@@ -602,6 +623,7 @@ impl Cluster {
             }
             Endpoints::Static(addrs) => addrs.iter().map(|a| format!("static {a}")).collect(),
             Endpoints::FromUri => vec!["original destination".to_owned()],
+            Endpoints::RequestHost { port } => vec![format!("each request's host, port {port}")],
         };
         let now = Instant::now();
         let mut hosts: Vec<HostStatus> = c
@@ -707,7 +729,7 @@ impl Cluster {
         core.track(addr, 1);
         let stream = match &core.tls {
             None => UpstreamStream::Plain(tcp),
-            Some(tls) => match handshake(tls, tcp, deadline).await {
+            Some(tls) => match handshake(tls, tls.sni.clone(), tcp, deadline).await {
                 Ok((stream, _)) => stream,
                 Err(reason) => {
                     core.track(addr, -1);

@@ -320,3 +320,113 @@ spec:
     assert_eq!(entry["response_flags"], "SI");
     sc.refused_reaches("downstream_rq_idle_timeout", 2.0).await;
 }
+
+/// DYNAMIC_DNS on a wildcard ServiceEntry: each request's host is
+/// resolved when it is sent (Envoy's dynamic forward proxy); a name DNS
+/// does not know gets 503 UH, and the next known one still goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_dns_resolves_each_requests_host() {
+    let mesh = Mesh::default();
+    let plain = plain_http().await;
+    let dns = dns_for("a.dyn.example", 30).await;
+    let wildcard = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: dyn, namespace: curl-external-tst}}
+spec:
+  hosts: ['*.dyn.example']
+  ports: [{{number: {}, name: http, protocol: HTTP}}]
+  resolution: DYNAMIC_DNS
+",
+        plain.port()
+    );
+    let sc = sidecar(&mesh, &[&wildcard], dns.addr).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    let url = |host: &str| format!("http://{host}:{}/hello", plain.port());
+
+    let got = curl(&["-x", &proxy, &url("a.dyn.example")]).await;
+    assert_eq!(got.code, "200", "{got:?}");
+    assert!(
+        got.body.contains("a.dyn.example"),
+        "the echo names the host: {got:?}"
+    );
+    let entry = sc.next_log().await;
+    assert_eq!(
+        entry["upstream_cluster"],
+        format!("outbound|{}||*.dyn.example", plain.port())
+    );
+    assert_eq!(entry["upstream_host"], plain.to_string());
+
+    let unknown = curl(&["-x", &proxy, &url("b.dyn.example")]).await;
+    assert_eq!(unknown.code, "503", "{unknown:?}");
+    assert_eq!(sc.next_log().await["response_flags"], "UH");
+    assert_eq!(
+        curl(&["-x", &proxy, &url("a.dyn.example")]).await.code,
+        "200"
+    );
+}
+
+/// TLS origination to a wildcard DYNAMIC_DNS host: the SNI and the name
+/// verified are the request's host (Envoy's auto SNI and SAN validation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_dns_originates_tls_with_the_requests_host() {
+    let mesh = Mesh::default();
+    let external = External::start(&["x.tls.example"]).await;
+    let dir = TempDir::new("dyn-tls");
+    let ca = dir.write("ca.pem", &external.ca.root_pem);
+    let port = external.addr.port();
+    let config = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: dyn-tls, namespace: curl-external-tst}}
+spec:
+  hosts: ['*.tls.example']
+  ports: [{{number: {port}, name: http, protocol: HTTP}}]
+  resolution: DYNAMIC_DNS
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: dyn-tls, namespace: curl-external-tst}}
+spec:
+  host: '*.tls.example'
+  trafficPolicy:
+    tls: {{mode: SIMPLE, caCertificates: {ca}}}
+"
+    );
+    let mut zone = DnsZone::default();
+    zone.insert("x.tls.example", "127.0.0.1".parse().unwrap());
+    zone.insert("y.tls.example", "127.0.0.1".parse().unwrap());
+    let dns = DnsServer::start("127.0.0.1:0".parse().unwrap(), zone)
+        .await
+        .unwrap();
+    let sc = sidecar(&mesh, &[&config], dns.addr).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    let got = curl(&[
+        "-x",
+        &proxy,
+        &format!("http://x.tls.example:{port}/todos/1"),
+    ])
+    .await;
+    assert_eq!(got.answer(), ("200", standin::TODO_1));
+    assert_eq!(
+        external.seen.all().last().unwrap().sni.as_deref(),
+        Some("x.tls.example")
+    );
+    sc.next_log().await;
+    // The stand-in's certificate does not name y.tls.example: refused.
+    let wrong = curl(&[
+        "-x",
+        &proxy,
+        &format!("http://y.tls.example:{port}/todos/1"),
+    ])
+    .await;
+    assert_eq!(wrong.code, "503", "{wrong:?}");
+    let entry = sc.next_log().await;
+    assert_eq!(entry["response_flags"], "UF,URX", "retried, then failed");
+    assert!(
+        entry["upstream_transport_failure_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("TLS_error")),
+        "{entry}"
+    );
+}

@@ -112,6 +112,9 @@ fn endpoints(service: &Service, port: u16) -> ClusterEndpoints {
             names: vec![at(&service.hostname, target.unwrap_or(port))],
             first_only: false,
         },
+        (_, Resolution::DynamicDns) => ClusterEndpoints::RequestHost {
+            port: target.unwrap_or(port),
+        },
         (_, Resolution::Static) => ClusterEndpoints::Static(
             service
                 .endpoints

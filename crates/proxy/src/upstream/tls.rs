@@ -35,6 +35,9 @@ pub enum TlsSetupError {
 pub struct UpstreamTls {
     pub config: Arc<ClientConfig>,
     pub sni: ServerName<'static>,
+    /// The SNI (and the name verified) is each request's host: a wildcard
+    /// host's cluster (DYNAMIC_DNS) has no one name.
+    pub auto_sni: bool,
     /// For logs: `SIMPLE`, `MUTUAL`, `ISTIO_MUTUAL`.
     pub mode: ClientTlsMode,
 }
@@ -165,8 +168,12 @@ pub fn build(
         return Ok(None);
     }
     let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
-    let sni =
-        ServerName::try_from(tls.sni.clone()).map_err(|_| TlsSetupError::Sni(tls.sni.clone()))?;
+    // A wildcard host: each connection names (and verifies) the request's
+    // host; the wildcard's parent stands in until then.
+    let auto_sni = tls.sni.starts_with("*.");
+    let sni_name = tls.sni.trim_start_matches("*.");
+    let sni = ServerName::try_from(sni_name.to_owned())
+        .map_err(|_| TlsSetupError::Sni(tls.sni.clone()))?;
     let config = match tls.mode {
         ClientTlsMode::Disable => return Ok(None),
         ClientTlsMode::IstioMutual => {
@@ -234,6 +241,7 @@ pub fn build(
     Ok(Some(UpstreamTls {
         config,
         sni,
+        auto_sni,
         mode: tls.mode,
     }))
 }
