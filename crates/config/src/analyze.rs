@@ -83,18 +83,6 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
             }
         }
         for (path, tp) in policies {
-            let per_connection = tp
-                .connection_pool
-                .as_ref()
-                .and_then(|c| c.http.as_ref())
-                .and_then(|h| h.max_requests_per_connection);
-            if per_connection.is_some_and(|n| n > 1) {
-                warn(
-                    &dr.meta,
-                    format!("{path}.connectionPool.http.maxRequestsPerConnection"),
-                    "a limit above 1 yet: pooled connections are reused without a limit",
-                );
-            }
             let lbs = std::iter::once((path.clone(), tp.load_balancer.as_ref())).chain(
                 tp.port_level_settings.iter().enumerate().map(|(j, pl)| {
                     (

@@ -162,6 +162,11 @@ impl UpstreamError {
 #[derive(Debug, Clone, Copy)]
 pub struct UpstreamAddr(pub SocketAddr);
 
+/// Requests a pooled connection has carried (a response extension), for
+/// `maxRequestsPerConnection`.
+#[derive(Debug, Clone, Default)]
+struct RequestCount(Arc<std::sync::atomic::AtomicU32>);
+
 /// The failure a connector saw, carried through hyper's error chain.
 #[derive(Debug, thiserror::Error)]
 enum ConnectError {
@@ -390,6 +395,7 @@ pub struct Conn {
     addr: SocketAddr,
     h2: bool,
     core: Arc<ClusterCore>,
+    requests: RequestCount,
 }
 
 impl Drop for Conn {
@@ -400,7 +406,9 @@ impl Drop for Conn {
 
 impl Connection for Conn {
     fn connected(&self) -> Connected {
-        let c = Connected::new().extra(UpstreamAddr(self.addr));
+        let c = Connected::new()
+            .extra(UpstreamAddr(self.addr))
+            .extra(self.requests.clone());
         if self.h2 { c.negotiated_h2() } else { c }
     }
 }
@@ -521,6 +529,7 @@ impl tower_service::Service<http::Uri> for Connector {
                 addr,
                 h2,
                 core: core.clone(),
+                requests: RequestCount::default(),
             }))
         })
     }
@@ -578,6 +587,9 @@ pub struct Cluster {
     client: Client<Connector, Body>,
     in_flight: AtomicUsize,
     max_in_flight: usize,
+    /// A connection is not reused after this many requests (above 1; 1
+    /// turns pooling off).
+    max_requests_per_connection: Option<u32>,
 }
 
 /// Keeps the in-flight count right however a request ends.
@@ -685,6 +697,7 @@ impl Cluster {
             client,
             in_flight: AtomicUsize::new(0),
             max_in_flight: s.max_in_flight,
+            max_requests_per_connection: s.max_requests_per_connection.filter(|n| *n > 1),
         }
     }
 
@@ -745,6 +758,7 @@ impl Cluster {
             addr,
             h2: false,
             core: core.clone(),
+            requests: RequestCount::default(),
         };
         Ok((conn, addr, local))
     }
@@ -794,10 +808,24 @@ impl Cluster {
             return Err(UpstreamError::Overflow);
         }
         let _guard = InFlight(&self.in_flight);
+        let mut req = req;
+        let captured = self
+            .max_requests_per_connection
+            .map(|_| hyper_util::client::legacy::connect::capture_connection(&mut req));
         match self.client.request(req).await {
             Ok(resp) => {
                 if let Some(UpstreamAddr(addr)) = resp.extensions().get::<UpstreamAddr>() {
                     self.core.observe(*addr, resp.status().as_u16());
+                }
+                if let (Some(limit), Some(captured), Some(RequestCount(n))) = (
+                    self.max_requests_per_connection,
+                    &captured,
+                    resp.extensions().get::<RequestCount>(),
+                ) && n.fetch_add(1, Ordering::Relaxed) + 1 >= limit
+                    && let Some(connection) = &*captured.connection_metadata()
+                {
+                    // Its last request: the pool lets it go.
+                    connection.poison();
                 }
                 Ok(resp)
             }
