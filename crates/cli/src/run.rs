@@ -642,6 +642,7 @@ async fn proxy_main(
         ctx,
         ready: &ready,
         loaded,
+        tls_loaded: tls_fingerprint(args, &app),
         digest: Digest::of(&config),
         config_source,
     };
@@ -760,6 +761,37 @@ fn config_fingerprint(args: &ProxyArgs) -> Result<u64, String> {
     fingerprint(&watched.collect::<Vec<_>>()).map_err(|e| e.to_string())
 }
 
+/// The certificate files the running config reads (DestinationRule and
+/// Gateway server TLS) and `--extra-roots`: rotating one in place is a
+/// change too.
+fn tls_fingerprint(args: &ProxyArgs, app: &App) -> Result<u64, String> {
+    use meshgate_config::view::DownstreamTls;
+    let snap = app.proxy.state.load();
+    let mut files: Vec<PathBuf> = args.extra_roots.clone();
+    for c in &snap.view.clusters {
+        let t = &c.tls;
+        files.extend(
+            [&t.ca_certificates, &t.client_certificate, &t.private_key]
+                .into_iter()
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from),
+        );
+    }
+    for l in &snap.view.listeners {
+        if let DownstreamTls::Server(t) = &l.tls {
+            files.extend(
+                [&t.server_certificate, &t.private_key, &t.ca_certificates]
+                    .into_iter()
+                    .filter(|p| !p.is_empty())
+                    .map(PathBuf::from),
+            );
+        }
+    }
+    files.sort();
+    files.dedup();
+    fingerprint(&files).map_err(|e| e.to_string())
+}
+
 /// Live reload: the config files are polled; a changed config is loaded,
 /// checked and compiled completely before it is swapped in as one snapshot.
 /// Any error leaves the running config in place. Requests in flight finish
@@ -773,6 +805,8 @@ struct Live<'a> {
     ready: &'a ReadyFile,
     /// The fingerprint of the files the running config came from.
     loaded: Result<u64, String>,
+    /// The same for the certificate files it reads (and `--extra-roots`).
+    tls_loaded: Result<u64, String>,
     /// What each resource of the running config says, to tell a reload's
     /// changes.
     digest: Digest,
@@ -853,11 +887,15 @@ impl Live<'_> {
         loop {
             tokio::time::sleep(interval).await;
             let now = config_fingerprint(self.args);
-            if now == self.loaded {
+            let tls_now = tls_fingerprint(self.args, app);
+            if now == self.loaded && tls_now == self.tls_loaded {
                 continue;
             }
             self.loaded = now;
-            match self.reload(app).await {
+            let reloaded = self.reload(app).await;
+            // The files the config now in force reads.
+            self.tls_loaded = tls_fingerprint(self.args, app);
+            match reloaded {
                 Ok(changes) => {
                     tracing::info!(workload = %self.args.workload, %changes, "config reloaded")
                 }
@@ -933,6 +971,8 @@ impl Live<'_> {
         }
         let mut ctx = self.ctx.clone();
         ctx.endpoints = endpoints_for(&config, &self.mesh, self.args)?;
+        // Read again: an operator may have added or rotated a root.
+        ctx.roots = DefaultRoots::load(&self.args.extra_roots)?;
         let view = view::build(&config, &self.mesh, &self.args.workload)?;
         let old = app.proxy.state.load_full();
         let snap = Snapshot::rebuild(view, &ctx, Some(&old))?;

@@ -657,3 +657,51 @@ fn a_gateway_restart_fails_only_requests_in_flight() {
         );
     }
 }
+
+/// `--extra-roots` and DestinationRule certificate files are watched too:
+/// the external host moves to a server with another CA (503 UF: not
+/// trusted), then the roots file is rotated in place and the gateway
+/// trusts the new CA without a restart.
+#[test]
+fn rotated_roots_are_read_again() {
+    let t = setup("gw-reload-roots");
+    let w = world(&t);
+    let gw = w.gateway(&t, &[&seed()], &["--reload-interval", "50ms"]);
+    let (_sidecar, port) = start_sidecar(&t, &[&seed()], &gw, &[]);
+    let get = || {
+        curl(&[
+            "-x",
+            &format!("http://127.0.0.1:{port}"),
+            &format!("http://{HOST}/todos/1"),
+        ])
+    };
+    assert_eq!(get().1, "200");
+
+    // Another server for the host, with a certificate from another CA.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let other = StandinCa::new("rotated CA").unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = other.server_config(&[HOST.to_owned()]).unwrap();
+    rt.spawn(standin::serve_https(listener, tls, Seen::default()));
+    std::fs::write(
+        format!("{}.tmp", w.endpoints),
+        format!("{HOST}:443 {addr}\n"),
+    )
+    .unwrap();
+    std::fs::rename(format!("{}.tmp", w.endpoints), &w.endpoints).unwrap();
+    gw.proc.wait_for("config reloaded", Duration::from_secs(10));
+    assert_eq!(get().1, "503", "the new server's CA is not trusted yet");
+
+    // The roots file, rotated in place: no config file changed.
+    std::fs::write(format!("{}.tmp", w.ca_file), &other.root_pem).unwrap();
+    std::fs::rename(format!("{}.tmp", w.ca_file), &w.ca_file).unwrap();
+    gw.proc.wait_for("config reloaded", Duration::from_secs(10));
+    assert_eq!(get().1, "200");
+}

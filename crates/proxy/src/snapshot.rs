@@ -451,7 +451,11 @@ fn build_cluster(
     }
     let settings = cluster_settings(c, ctx)?;
     let labels = DestinationLabels::of(c);
-    let fingerprint = format!("{c:?}|{:?}", settings.endpoints);
+    let fingerprint = format!(
+        "{c:?}|{:?}|{}",
+        settings.endpoints,
+        tls_inputs_stamp(&c.tls, &ctx.roots)
+    );
     if let Some(prev) = previous.get(c.name.as_str())
         && prev.fingerprint == fingerprint
     {
@@ -463,6 +467,30 @@ fn build_cluster(
         labels,
         fingerprint,
     })))
+}
+
+/// What a cluster's TLS was built from beyond its settings: the contents
+/// of its certificate files and the default roots it trusts. A reload that
+/// finds a rotated file (same path) rebuilds the cluster.
+fn tls_inputs_stamp(tls: &meshgate_config::view::ClusterTls, roots: &DefaultRoots) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for path in [
+        &tls.ca_certificates,
+        &tls.client_certificate,
+        &tls.private_key,
+    ] {
+        if !path.is_empty() {
+            std::fs::read(path).ok().hash(&mut h);
+        }
+    }
+    let system_roots = matches!(tls.mode, ClientTlsMode::Simple | ClientTlsMode::Mutual)
+        && tls.ca_certificates.is_empty()
+        && !tls.insecure_skip_verify;
+    if system_roots {
+        roots.digest().hash(&mut h);
+    }
+    format!("{:x}", h.finish())
 }
 
 /// A cluster's settings from its DestinationRule's effective policy, with

@@ -106,3 +106,46 @@ fn rebuild_keeps_unchanged_clusters_and_replaces_changed_ones() {
     let other = Snapshot::rebuild(seed(&changed), &ctx, Some(&same)).unwrap();
     assert!(!Arc::ptr_eq(&cluster(&same), &cluster(&other)));
 }
+
+/// A rotated certificate file (same path) or a changed set of default
+/// roots rebuilds the clusters built from them on reload.
+#[test]
+fn rebuild_replaces_clusters_whose_certificate_files_or_roots_changed() {
+    let dir = std::env::temp_dir().join(format!("meshgate-stamp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("ca.pem");
+    let first_ca = crate::standin::StandinCa::new("first").unwrap();
+    std::fs::write(&ca_file, &first_ca.root_pem).unwrap();
+    let with_file = include_str!("../../../../examples/seed/destintionrule.yaml").replace(
+        "mode: SIMPLE #TLS origination",
+        &format!("mode: SIMPLE\n      caCertificates: {}", ca_file.display()),
+    );
+    let ctx = ctx();
+    let first = Snapshot::build(seed(&with_file), &ctx).unwrap();
+    let same = Snapshot::rebuild(seed(&with_file), &ctx, Some(&first)).unwrap();
+    assert!(Arc::ptr_eq(&cluster(&first), &cluster(&same)));
+    let second_ca = crate::standin::StandinCa::new("second").unwrap();
+    std::fs::write(&ca_file, &second_ca.root_pem).unwrap();
+    let rotated = Snapshot::rebuild(seed(&with_file), &ctx, Some(&same)).unwrap();
+    assert!(
+        !Arc::ptr_eq(&cluster(&same), &cluster(&rotated)),
+        "the CA file changed"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // The seed's DestinationRule trusts the default roots.
+    let dr = include_str!("../../../../examples/seed/destintionrule.yaml");
+    let roots = |ca: &crate::standin::StandinCa| BuildContext {
+        roots: DefaultRoots::only(meshgate_identity::cert::parse_certs(&ca.root_pem).unwrap())
+            .unwrap(),
+        ..ctx.clone()
+    };
+    let before = Snapshot::build(seed(dr), &roots(&first_ca)).unwrap();
+    let kept = Snapshot::rebuild(seed(dr), &roots(&first_ca), Some(&before)).unwrap();
+    assert!(Arc::ptr_eq(&cluster(&before), &cluster(&kept)));
+    let after = Snapshot::rebuild(seed(dr), &roots(&second_ca), Some(&kept)).unwrap();
+    assert!(
+        !Arc::ptr_eq(&cluster(&kept), &cluster(&after)),
+        "other roots"
+    );
+}

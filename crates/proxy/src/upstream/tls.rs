@@ -45,7 +45,12 @@ pub struct UpstreamTls {
 /// Roots for origination when a DestinationRule gives no caCertificates:
 /// the operating system's bundle plus any extra roots the operator adds.
 #[derive(Debug, Clone)]
-pub struct DefaultRoots(pub Arc<RootCertStore>);
+pub struct DefaultRoots {
+    store: Arc<RootCertStore>,
+    /// Tells one set of roots from another (a reload keeps a cluster only
+    /// if the roots it trusts are the same).
+    digest: u64,
+}
 
 impl DefaultRoots {
     pub fn load(extra: &[std::path::PathBuf]) -> Result<Self, TlsSetupError> {
@@ -62,7 +67,24 @@ impl DefaultRoots {
                 })?;
             }
         }
-        Ok(DefaultRoots(Arc::new(store)))
+        Ok(DefaultRoots::of(store))
+    }
+
+    fn of(store: RootCertStore) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for anchor in &store.roots {
+            anchor.subject.as_ref().hash(&mut h);
+            anchor.subject_public_key_info.as_ref().hash(&mut h);
+        }
+        DefaultRoots {
+            store: Arc::new(store),
+            digest: h.finish(),
+        }
+    }
+
+    pub fn digest(&self) -> u64 {
+        self.digest
     }
 }
 
@@ -73,7 +95,7 @@ impl DefaultRoots {
         for cert in certs {
             store.add(cert).map_err(rustls_err)?;
         }
-        Ok(DefaultRoots(Arc::new(store)))
+        Ok(DefaultRoots::of(store))
     }
 }
 
@@ -195,10 +217,10 @@ pub fn build(
                 None
             } else {
                 let store = if tls.ca_certificates.is_empty() {
-                    if roots.0.is_empty() {
+                    if roots.store.is_empty() {
                         return Err(TlsSetupError::NoRoots);
                     }
-                    roots.0.clone()
+                    roots.store.clone()
                 } else {
                     let mut store = RootCertStore::empty();
                     for c in read_certs(Path::new(&tls.ca_certificates))? {
