@@ -568,13 +568,7 @@ fn live_reload_follows_the_endpoints_file() {
     let w = world(&t);
     let gw = w.gateway(&t, &[&seed()], &[]);
     let (sidecar, port) = start_sidecar(&t, &[&seed()], &gw, &["--reload-interval", "50ms"]);
-    let get = || {
-        curl(&[
-            "-x",
-            &format!("http://127.0.0.1:{port}"),
-            &format!("http://{HOST}/todos/1"),
-        ])
-    };
+    let get = || seed_request_via(port);
     assert_eq!(get().1, "200");
 
     // The gateway's Service now points at a port nothing listens on
@@ -668,13 +662,7 @@ fn rotated_roots_are_read_again() {
     let w = world(&t);
     let gw = w.gateway(&t, &[&seed()], &["--reload-interval", "50ms"]);
     let (_sidecar, port) = start_sidecar(&t, &[&seed()], &gw, &[]);
-    let get = || {
-        curl(&[
-            "-x",
-            &format!("http://127.0.0.1:{port}"),
-            &format!("http://{HOST}/todos/1"),
-        ])
-    };
+    let get = || seed_request_via(port);
     assert_eq!(get().1, "200");
 
     // Another server for the host, with a certificate from another CA.
@@ -704,4 +692,13 @@ fn rotated_roots_are_read_again() {
     std::fs::rename(format!("{}.tmp", w.ca_file), &w.ca_file).unwrap();
     gw.proc.wait_for("config reloaded", Duration::from_secs(10));
     assert_eq!(get().1, "200");
+}
+
+/// The seed's request through the sidecar's explicit proxy on `port`.
+fn seed_request_via(port: u16) -> (String, String, i32) {
+    curl(&[
+        "-x",
+        &format!("http://127.0.0.1:{port}"),
+        &format!("http://{HOST}/todos/1"),
+    ])
 }
