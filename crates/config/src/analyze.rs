@@ -112,11 +112,11 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
     }
     for sc in &config.sidecars {
         for (i, e) in sc.spec.egress.iter().enumerate() {
-            if e.port.is_some() || !e.bind.is_empty() || e.capture_mode.is_some() {
+            if !e.bind.is_empty() || e.capture_mode.is_some() {
                 warn(
                     &sc.meta,
                     format!("spec.egress[{i}]"),
-                    "egress listener port, bind or captureMode yet: only its hosts apply",
+                    "egress listener bind or captureMode yet: only its port and hosts apply",
                 );
             }
         }

@@ -42,7 +42,7 @@ pub use select::{
     EffectivePolicy, authorization_policies_for, destination_rule_for, effective_policy,
     gateway_listen_port, gateway_ref_matches, gateways_for, outbound_policy,
     peer_authentication_for, sidecar_for, sidecar_imports, sidecar_imports_host,
-    vs_bound_to_gateway, vs_bound_to_mesh,
+    sidecar_imports_port, vs_bound_to_gateway, vs_bound_to_mesh,
 };
 pub use summary::{match_summary, rule_summary};
 

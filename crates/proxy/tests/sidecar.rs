@@ -500,3 +500,31 @@ spec:
     let denied = gateway.next_log().await;
     assert_eq!(denied["upstream_host"], serde_json::Value::Null);
 }
+
+/// A Sidecar egress listener with a `port` imports its hosts on that port
+/// only: the seed host on 80 goes through the gateway; on 443 it is not
+/// imported, so REGISTRY_ONLY blocks it (502, block_all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_egress_port_imports_hosts_on_that_port_only() {
+    let config = seed_config_except(
+        &["sidecar.yaml"],
+        &["apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: port-80-only, namespace: curl-external-tst}
+spec:
+  workloadSelector: {labels: {app: curl-test}}
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+  egress:
+  - port: {number: 80, protocol: HTTP, name: http}
+    hosts: ['*/*']
+"],
+    );
+    let chain = SeedChain::with(config).await;
+    let proxy = format!("http://{}", chain.sidecar.addr(15001));
+    let on_80 = curl(&["-x", &proxy, &format!("http://{HOST}/todos/1")]).await;
+    assert_eq!(on_80.answer(), ("200", standin::TODO_1));
+    chain.sidecar.next_log().await;
+    let on_443 = curl(&["-x", &proxy, &format!("http://{HOST}:443/todos/1")]).await;
+    assert_eq!(on_443.code, "502", "{on_443:?}");
+    assert_eq!(chain.sidecar.next_log().await["route_name"], "block_all");
+}

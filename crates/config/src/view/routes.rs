@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use super::select::{
     gateway_listen_port, gateway_ref_matches, gateways_for, peer_authentication_for,
-    sidecar_imports, vs_bound_to_gateway, vs_bound_to_mesh,
+    sidecar_imports, sidecar_imports_port, vs_bound_to_gateway, vs_bound_to_mesh,
 };
 use super::{
     DownstreamTls, Listener, MirrorView, OUTBOUND_CAPTURE_PORT, RouteAction, RouteDestination,
@@ -89,6 +89,29 @@ pub(super) fn sidecar_routes(
         .visible_from(&w.namespace)
         .filter(|s| sidecar_imports(sidecar, s, &w.namespace))
         .collect();
+    // An egress listener with a `port` imports its hosts on that port only.
+    let port_scoped = sidecar.is_some_and(|sc| sc.spec.egress.iter().any(|e| e.port.is_some()));
+    let scoped: Vec<Service> = if port_scoped {
+        services
+            .iter()
+            .map(|s| Service {
+                ports: s
+                    .ports
+                    .iter()
+                    .filter(|p| sidecar_imports_port(sidecar, s, p.number, &w.namespace))
+                    .cloned()
+                    .collect(),
+                ..(*s).clone()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let services: Vec<&Service> = if port_scoped {
+        scoped.iter().collect()
+    } else {
+        services
+    };
     let mut ports: BTreeSet<u32> = BTreeSet::new();
     for s in &services {
         ports.extend(

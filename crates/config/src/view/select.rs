@@ -81,10 +81,46 @@ pub fn sidecar_imports_host(
     hostname: &str,
     workload_ns: &str,
 ) -> bool {
+    imports_on(sidecar, None, service_ns, hostname, workload_ns)
+}
+
+/// Does the Sidecar import this service on `port`? An egress listener
+/// with a `port` imports its hosts on that port only.
+pub fn sidecar_imports_port(
+    sidecar: Option<&Resource<Sidecar>>,
+    service: &Service,
+    port: u32,
+    workload_ns: &str,
+) -> bool {
+    imports_on(
+        sidecar,
+        Some(port),
+        &service.namespace,
+        &service.hostname,
+        workload_ns,
+    )
+}
+
+/// The egress listeners that apply on `port` (all of them for `None`).
+fn imports_on(
+    sidecar: Option<&Resource<Sidecar>>,
+    port: Option<u32>,
+    service_ns: &str,
+    hostname: &str,
+    workload_ns: &str,
+) -> bool {
     let Some(sc) = sidecar.filter(|s| !s.spec.egress.is_empty()) else {
         return true;
     };
-    let hosts = sc.spec.egress.iter().flat_map(|e| e.hosts.iter());
+    let hosts = sc
+        .spec
+        .egress
+        .iter()
+        .filter(|e| match (port, &e.port) {
+            (Some(p), Some(listener)) => listener.number == p,
+            _ => true,
+        })
+        .flat_map(|e| e.hosts.iter());
     let mut imported = false;
     for h in hosts {
         let Some((ns, host)) = h.split_once('/') else {

@@ -521,3 +521,33 @@ fn the_sidecar_dials_the_gateway_services_target_port_where_the_gateway_listens(
         );
     }
 }
+
+/// A Sidecar egress listener with a `port` imports its hosts on that port
+/// only; without one, on all their ports.
+#[test]
+fn sidecar_egress_port_scopes_the_imports() {
+    use crate::model::networking::{IstioEgressListener, ServicePort};
+    let listener_ports = |port: Option<u32>| {
+        let mut c = seed();
+        c.sidecars[0].spec.egress = vec![IstioEgressListener {
+            port: port.map(|number| ServicePort {
+                number,
+                protocol: "HTTP".to_owned(),
+                name: "http".to_owned(),
+                target_port: None,
+            }),
+            hosts: vec!["*/*".to_owned()],
+            ..IstioEgressListener::default()
+        }];
+        let r = registry::build(&c, &mesh());
+        let w = view_workload(&r, "curl-external-tst/curl-test");
+        let v = proxy_view(&c, &r, &mesh(), w);
+        v.listeners
+            .iter()
+            .filter(|l| l.hosts.iter().any(|h| h == "jsonplaceholder.typicode.com"))
+            .map(|l| l.port)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(listener_ports(None), [80, 443]);
+    assert_eq!(listener_ports(Some(80)), [80]);
+}
