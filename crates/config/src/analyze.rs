@@ -48,7 +48,7 @@ pub fn analyze(config: &Config, mesh: &MeshSettings) -> Vec<Diagnostic> {
 /// MG0005: Istio fields meshgate reads but does not act on yet, so an
 /// operator is told rather than surprised. Each names what happens instead.
 fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
-    use crate::model::networking::{ServerTlsMode, TrafficPolicy};
+    use crate::model::networking::TrafficPolicy;
     let mut warn = |meta: &crate::model::Meta, field: String, what: &str| {
         out.push(Diagnostic::new(
             Level::Warning,
@@ -57,21 +57,6 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
             format!("{field}: meshgate does not implement {what}"),
         ));
     };
-    for gw in &config.gateways {
-        for (i, server) in gw.spec.servers.iter().enumerate() {
-            if server
-                .tls
-                .as_ref()
-                .is_some_and(|t| t.mode == ServerTlsMode::AutoPassthrough)
-            {
-                warn(
-                    &gw.meta,
-                    format!("spec.servers[{i}].tls.mode"),
-                    "AUTO_PASSTHROUGH yet: the server routes by tls rules like PASSTHROUGH",
-                );
-            }
-        }
-    }
     for dr in &config.destination_rules {
         let mut policies: Vec<(String, &TrafficPolicy)> = Vec::new();
         if let Some(tp) = &dr.spec.traffic_policy {

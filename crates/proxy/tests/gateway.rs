@@ -642,6 +642,68 @@ spec:
     assert_eq!(quiet_copies, 1, "{seen:?}");
 }
 
+/// AUTO_PASSTHROUGH: the client names the cluster in its SNI
+/// (`outbound_.443_._.api.example.com`) and its own TLS goes through to
+/// that service's endpoints untouched; no VirtualService is involved, and
+/// an SNI naming no cluster is closed (NR).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_passthrough_routes_by_the_cluster_the_sni_names() {
+    let config = seed_config(&["apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: curl-egress-tst}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: cross, namespace: curl-egress-tst}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 15443, name: tls, protocol: TLS}
+    tls: {mode: AUTO_PASSTHROUGH}
+    hosts: ['*.example.com']
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: cross-open, namespace: curl-egress-tst}
+spec:
+  selector: {matchLabels: {istio: egressgateway}}
+  rules: [{to: [{operation: {ports: ['15443']}}]}]
+"]);
+    let sni = "outbound_.443_._.api.example.com";
+    let mesh = Mesh::default();
+    let external = External::start(&[sni]).await;
+    let spec =
+        SeedChain::gateway_spec(config, &external).endpoint("api.example.com:443", external.addr);
+    let gw = TestProxy::start(&mesh, spec).await;
+    let port = gw.addr(15443).port();
+    let dir = TempDir::new("auto-passthrough");
+    let ca = dir.write("ca.pem", &external.ca.root_pem);
+    let get = |host: &str| {
+        let resolve = format!("{host}:{port}:127.0.0.1");
+        let url = format!("https://{host}:{port}/todos/1");
+        let ca = ca.clone();
+        async move { curl(&["--cacert", &ca, "--resolve", &resolve, &url]).await }
+    };
+    let got = get(sni).await;
+    assert_eq!(got.answer(), ("200", standin::TODO_1));
+    assert_eq!(
+        external.seen.all()[0].sni.as_deref(),
+        Some(sni),
+        "the client's TLS, end to end"
+    );
+    let entry = gw.next_log().await;
+    assert_eq!(entry["upstream_cluster"], "outbound|443||api.example.com");
+    assert_eq!(entry["route_name"], "auto-passthrough");
+
+    let nowhere = get("outbound_.443_._.nowhere.example.com").await;
+    assert_ne!(nowhere.exit, 0, "closed: {nowhere:?}");
+    assert_eq!(gw.next_log().await["response_flags"], "NR");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_traffic_never_takes_the_gateway_down() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -595,7 +595,15 @@ pub(super) fn gateway_routes(
                 ),
             });
             if gateway_server_is_passthrough(server) {
-                gateway_tls_routes(config, registry, mesh, w, gw, server, routes);
+                if server
+                    .tls
+                    .as_ref()
+                    .is_some_and(|t| t.mode == ServerTlsMode::AutoPassthrough)
+                {
+                    auto_passthrough_routes(config, registry, mesh, w, gw, server, routes);
+                } else {
+                    gateway_tls_routes(config, registry, mesh, w, gw, server, routes);
+                }
                 continue;
             }
             if !gateway_server_is_http(server) {
@@ -625,6 +633,64 @@ pub(super) fn gateway_routes(
                         routes,
                     );
                 }
+            }
+        }
+    }
+}
+
+/// AUTO_PASSTHROUGH: no VirtualService; the client names the cluster in
+/// its SNI (`outbound_.<port>_.<subset>_.<host>`, as Istio's mesh mTLS
+/// does) and its TLS goes through untouched, to every service the server's
+/// hosts cover, on each of its ports and DestinationRule subsets.
+fn auto_passthrough_routes(
+    config: &Config,
+    registry: &Registry,
+    mesh: &MeshSettings,
+    w: &Workload,
+    gw: &Resource<Gateway>,
+    server: &Server,
+    routes: &mut Vec<RouteView>,
+) {
+    let port = server.port.number;
+    // A wildcard host names no one cluster; resolution NONE gives a
+    // gateway no endpoints.
+    let routable = |s: &Service| {
+        let no_endpoints = matches!(
+            s.source,
+            crate::registry::ServiceSource::ServiceEntry { .. }
+        ) && s.resolution == crate::model::networking::Resolution::None;
+        !s.hostname.starts_with('*') && !no_endpoints
+    };
+    for s in registry.visible_from(&gw.meta.namespace).filter(|s| {
+        routable(s) && server_hosts_cover(server, &gw.meta.namespace, &s.namespace, &s.hostname)
+    }) {
+        let dr = super::select::destination_rule_for(
+            config,
+            &gw.meta.namespace,
+            Some(w),
+            &s.hostname,
+            &s.namespace,
+            mesh,
+        );
+        let subsets = std::iter::once(String::new()).chain(
+            dr.into_iter()
+                .flat_map(|d| d.spec.subsets.iter().map(|x| x.name.clone())),
+        );
+        for subset in subsets {
+            for p in &s.ports {
+                let sni = format!("outbound_.{}_.{subset}_.{}", p.number, s.hostname);
+                let destination = RouteDestination {
+                    host: s.hostname.clone(),
+                    port: p.number,
+                    subset: subset.clone(),
+                    weight: 100,
+                    headers: None,
+                };
+                routes.push(RouteView {
+                    rule: "auto-passthrough".to_owned(),
+                    sni_hosts: vec![sni.clone()],
+                    ..RouteView::new(port, &sni, RouteAction::Route(vec![destination]))
+                });
             }
         }
     }
