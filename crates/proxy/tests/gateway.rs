@@ -211,7 +211,10 @@ async fn dns_failure_is_503_uh() {
     assert_eq!(entry["response_code_details"], "no_healthy_upstream");
 }
 
-const PASSTHROUGH: &str = "apiVersion: networking.istio.io/v1
+/// api.example.com:443, a TLS service.
+macro_rules! api_service_entry {
+    () => {
+        "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: api, namespace: curl-egress-tst}
 spec:
@@ -219,7 +222,13 @@ spec:
   ports: [{number: 443, name: tls, protocol: TLS}]
   resolution: DNS
 ---
-apiVersion: networking.istio.io/v1
+"
+    };
+}
+
+const PASSTHROUGH: &str = concat!(
+    api_service_entry!(),
+    "apiVersion: networking.istio.io/v1
 kind: Gateway
 metadata: {name: tls-passthrough, namespace: curl-egress-tst}
 spec:
@@ -245,7 +254,8 @@ metadata: {name: allow-passthrough, namespace: curl-egress-tst}
 spec:
   selector: {matchLabels: {istio: egressgateway}}
   rules: [{to: [{operation: {ports: ['443']}}], when: [{key: connection.sni, values: [api.example.com]}]}]
-";
+"
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_passthrough_routes_by_sni_and_counts_tcp() {
@@ -648,15 +658,9 @@ spec:
 /// an SNI naming no cluster is closed (NR).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_passthrough_routes_by_the_cluster_the_sni_names() {
-    let config = seed_config(&["apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: api, namespace: curl-egress-tst}
-spec:
-  hosts: [api.example.com]
-  ports: [{number: 443, name: tls, protocol: TLS}]
-  resolution: DNS
----
-apiVersion: networking.istio.io/v1
+    let config = seed_config(&[concat!(
+        api_service_entry!(),
+        "apiVersion: networking.istio.io/v1
 kind: Gateway
 metadata: {name: cross, namespace: curl-egress-tst}
 spec:
@@ -672,7 +676,8 @@ metadata: {name: cross-open, namespace: curl-egress-tst}
 spec:
   selector: {matchLabels: {istio: egressgateway}}
   rules: [{to: [{operation: {ports: ['15443']}}]}]
-"]);
+"
+    )]);
     let sni = "outbound_.443_._.api.example.com";
     let mesh = Mesh::default();
     let external = External::start(&[sni]).await;
