@@ -78,11 +78,16 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
             );
             for (at, lb) in lbs {
                 let Some(lb) = lb else { continue };
-                if lb.consistent_hash.is_some() {
+                let generated_cookie = lb
+                    .consistent_hash
+                    .as_ref()
+                    .and_then(|c| c.http_cookie.as_ref())
+                    .is_some_and(|c| c.ttl.is_some());
+                if generated_cookie {
                     warn(
                         &dr.meta,
-                        format!("{at}.loadBalancer.consistentHash"),
-                        "consistent hashing yet: requests are balanced round robin",
+                        format!("{at}.loadBalancer.consistentHash.httpCookie.ttl"),
+                        "generated hash cookies yet: a request without the cookie is balanced as usual",
                     );
                 }
                 if lb.locality_lb_setting.is_some() {

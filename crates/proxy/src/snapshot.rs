@@ -23,7 +23,7 @@ use crate::labels::{DestinationLabels, WorkloadLabels};
 use crate::route::{HeaderOps, Route, RouteTable, VirtualHost, WeightedCluster};
 use crate::upstream::dns::Resolver;
 use crate::upstream::tls::{self as upstream_tls, DefaultRoots};
-use crate::upstream::{Cluster, ClusterSettings, Endpoints, Outlier};
+use crate::upstream::{Cluster, ClusterSettings, Endpoints, HashOn, Outlier};
 
 /// Envoy's name for the cluster that forwards to the original destination.
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
@@ -400,6 +400,7 @@ fn passthrough_cluster(ctx: &BuildContext) -> Arc<ClusterEntry> {
                 max_requests_per_connection: None,
                 max_in_flight: usize::MAX,
                 lb: SimpleLb::RoundRobin,
+                hash: None,
                 outlier: None,
             },
             ctx.resolver.clone(),
@@ -549,8 +550,31 @@ fn cluster_settings(c: &ClusterView, ctx: &BuildContext) -> Result<ClusterSettin
             .as_ref()
             .and_then(|lb| lb.simple)
             .unwrap_or(SimpleLb::LeastRequest),
+        hash: policy
+            .load_balancer
+            .as_ref()
+            .and_then(|lb| lb.consistent_hash.as_ref())
+            .and_then(hash_on),
         outlier: policy.outlier_detection.as_ref().map(Outlier::compile),
     })
+}
+
+/// What a `consistentHash` policy hashes on.
+fn hash_on(c: &meshgate_config::model::networking::ConsistentHashLb) -> Option<HashOn> {
+    if let Some(h) = &c.http_header_name {
+        return http::header::HeaderName::from_bytes(h.as_bytes())
+            .ok()
+            .map(HashOn::Header);
+    }
+    if let Some(cookie) = &c.http_cookie {
+        return Some(HashOn::Cookie(cookie.name.clone()));
+    }
+    if c.use_source_ip == Some(true) {
+        return Some(HashOn::SourceIp);
+    }
+    c.http_query_parameter_name
+        .clone()
+        .map(HashOn::QueryParameter)
 }
 
 /// Whether a cluster speaks HTTP/2 upstream: HTTP2/GRPC ports do; HTTP

@@ -162,6 +162,20 @@ impl UpstreamError {
 #[derive(Debug, Clone, Copy)]
 pub struct UpstreamAddr(pub SocketAddr);
 
+/// What a `consistentHash` load balancer hashes (Envoy's hash policy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashOn {
+    Header(http::header::HeaderName),
+    Cookie(String),
+    SourceIp,
+    QueryParameter(String),
+}
+
+/// The downstream's address, carried to the load balancer as a request
+/// extension (never sent).
+#[derive(Debug, Clone, Copy)]
+pub struct DownstreamAddr(pub SocketAddr);
+
 /// Requests a pooled connection has carried (a response extension), for
 /// `maxRequestsPerConnection`.
 #[derive(Debug, Clone, Default)]
@@ -222,6 +236,8 @@ struct ClusterCore {
     tls: Option<UpstreamTls>,
     connect_timeout: Duration,
     lb: SimpleLb,
+    /// `consistentHash`: the same key goes to the same endpoint.
+    hash: Option<HashOn>,
     outlier: Option<Outlier>,
     rr: AtomicU32,
     state: Mutex<HashMap<SocketAddr, EndpointState>>,
@@ -290,26 +306,24 @@ impl ClusterCore {
         }
     }
 
+    /// The endpoint for a hash key: of those not ejected (all, if all
+    /// are), the one ranking highest for the key (rendezvous hashing: a
+    /// key moves only when its endpoint goes away).
+    fn pick_hashed(&self, addrs: &[SocketAddr], key: u64) -> Option<SocketAddr> {
+        use std::hash::{Hash, Hasher};
+        let state = self.state.lock().ok()?;
+        let pool = not_ejected(&state, addrs);
+        pool.into_iter().max_by_key(|a| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (key, a).hash(&mut h);
+            h.finish()
+        })
+    }
+
     /// Picks an endpoint that is not ejected, by the load-balancing policy.
     fn pick(&self, addrs: &[SocketAddr]) -> Option<SocketAddr> {
-        let now = Instant::now();
         let state = self.state.lock().ok()?;
-        let healthy: Vec<SocketAddr> = addrs
-            .iter()
-            .copied()
-            .filter(|a| {
-                state
-                    .get(a)
-                    .and_then(|s| s.ejected_until)
-                    .is_none_or(|t| t <= now)
-            })
-            .collect();
-        // If everything is ejected, Envoy's panic threshold routes to all.
-        let pool = if healthy.is_empty() {
-            addrs.to_vec()
-        } else {
-            healthy
-        };
+        let pool = not_ejected(&state, addrs);
         match (self.lb, pool.len()) {
             (_, 0) => None,
             (_, 1) => Some(pool[0]),
@@ -495,8 +509,15 @@ impl tower_service::Service<http::Uri> for Connector {
                 .addresses(Some(&uri))
                 .await
                 .map_err(ConnectError::NoEndpoint)?;
-            let addr = core
-                .pick(&addrs)
+            // A hashed request names its endpoint; only one of the
+            // cluster's own is taken from a request.
+            let named = core
+                .hash
+                .as_ref()
+                .and_then(|_| uri.authority()?.as_str().parse::<SocketAddr>().ok())
+                .filter(|a| addrs.contains(a));
+            let addr = named
+                .or_else(|| core.pick(&addrs))
                 .ok_or_else(|| ConnectError::NoEndpoint("no endpoint".into()))?;
             // Envoy's connect timeout covers the TLS handshake too.
             let deadline = tokio::time::Instant::now() + core.connect_timeout;
@@ -576,6 +597,7 @@ pub struct ClusterSettings {
     /// Circuit breaker: requests in flight beyond this get 503 UO.
     pub max_in_flight: usize,
     pub lb: SimpleLb,
+    pub hash: Option<HashOn>,
     pub outlier: Option<Outlier>,
 }
 
@@ -672,6 +694,7 @@ impl Cluster {
             tls: s.tls,
             connect_timeout: s.connect_timeout,
             lb: s.lb,
+            hash: s.hash,
             outlier: s.outlier,
             rr: AtomicU32::new(0),
             state: Mutex::new(HashMap::new()),
@@ -703,6 +726,11 @@ impl Cluster {
 
     pub fn name(&self) -> &Arc<str> {
         &self.core.name
+    }
+
+    /// Its load balancer hashes the downstream's address (`useSourceIp`).
+    pub fn hashes_source_ip(&self) -> bool {
+        self.core.hash == Some(HashOn::SourceIp)
     }
 
     /// HTTP/2 toward the upstream (HTTP2/GRPC ports).
@@ -799,6 +827,38 @@ impl Cluster {
         }
     }
 
+    /// `consistentHash`: the request's key picks the endpoint, named in
+    /// the URI so the pool keeps a connection per endpoint (the Host
+    /// header is the caller's). No key (a header absent): the usual pick.
+    async fn route_by_hash(&self, req: &mut Request<Body>) -> Result<(), UpstreamError> {
+        let core = &self.core;
+        let Some(on) = &core.hash else {
+            return Ok(());
+        };
+        if matches!(
+            core.endpoints,
+            Endpoints::FromUri | Endpoints::RequestHost { .. }
+        ) {
+            return Ok(());
+        }
+        let Some(key) = hash_key(on, req) else {
+            return Ok(());
+        };
+        let addrs = core
+            .addresses(None)
+            .await
+            .map_err(UpstreamError::NoHealthyUpstream)?;
+        let Some(addr) = core.pick_hashed(&addrs, key) else {
+            return Err(UpstreamError::NoHealthyUpstream("no endpoint".into()));
+        };
+        let mut parts = req.uri().clone().into_parts();
+        parts.authority = http::uri::Authority::try_from(addr.to_string()).ok();
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+        Ok(())
+    }
+
     /// Sends one request (one attempt). The URI's authority is used for the
     /// connection pool key and HTTP/2 `:authority`; the Host header is set by
     /// the caller.
@@ -809,6 +869,7 @@ impl Cluster {
         }
         let _guard = InFlight(&self.in_flight);
         let mut req = req;
+        self.route_by_hash(&mut req).await?;
         let captured = self
             .max_requests_per_connection
             .map(|_| hyper_util::client::legacy::connect::capture_connection(&mut req));
@@ -866,6 +927,60 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// The endpoints not ejected now; if everything is ejected, all of them
+/// (Envoy's panic threshold routes to all).
+fn not_ejected(
+    state: &HashMap<SocketAddr, EndpointState>,
+    addrs: &[SocketAddr],
+) -> Vec<SocketAddr> {
+    let now = Instant::now();
+    let healthy: Vec<SocketAddr> = addrs
+        .iter()
+        .copied()
+        .filter(|a| {
+            state
+                .get(a)
+                .and_then(|s| s.ejected_until)
+                .is_none_or(|t| t <= now)
+        })
+        .collect();
+    if healthy.is_empty() {
+        addrs.to_vec()
+    } else {
+        healthy
+    }
+}
+
+/// The hash of what `on` names in the request; `None` when it is absent.
+fn hash_key(on: &HashOn, req: &Request<Body>) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match on {
+        HashOn::Header(name) => req.headers().get(name)?.as_bytes().hash(&mut h),
+        HashOn::SourceIp => req
+            .extensions()
+            .get::<DownstreamAddr>()?
+            .0
+            .ip()
+            .hash(&mut h),
+        HashOn::QueryParameter(name) => req
+            .uri()
+            .query()?
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name.as_str())?.strip_prefix('='))?
+            .hash(&mut h),
+        HashOn::Cookie(name) => req
+            .headers()
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| c.trim().strip_prefix(name.as_str())?.strip_prefix('='))?
+            .hash(&mut h),
+    }
+    Some(h.finish())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -878,9 +993,33 @@ mod tests {
             tls: None,
             connect_timeout: Duration::from_secs(1),
             lb,
+            hash: None,
             outlier,
             rr: AtomicU32::new(0),
             state: Mutex::new(HashMap::new()),
+        }
+    }
+
+    #[test]
+    fn a_hash_key_keeps_its_endpoint_until_it_goes_away() {
+        let c = core(SimpleLb::RoundRobin, None);
+        let all = addrs();
+        let picks: Vec<SocketAddr> = (0..50u64)
+            .map(|k| c.pick_hashed(&all, k).unwrap())
+            .collect();
+        for (k, p) in picks.iter().enumerate() {
+            assert_eq!(c.pick_hashed(&all, k as u64), Some(*p), "stable");
+        }
+        let spread: std::collections::HashSet<_> = picks.iter().collect();
+        assert!(spread.len() > 1, "keys spread over endpoints");
+        // One endpoint leaves: only its keys move.
+        let gone = all[0];
+        let rest: Vec<SocketAddr> = all[1..].to_vec();
+        for (k, p) in picks.iter().enumerate() {
+            let now = c.pick_hashed(&rest, k as u64).unwrap();
+            if *p != gone {
+                assert_eq!(now, *p, "key {k} stays");
+            }
         }
     }
 
@@ -955,6 +1094,7 @@ mod tests {
                 max_requests_per_connection: None,
                 max_in_flight: 0,
                 lb: SimpleLb::RoundRobin,
+                hash: None,
                 outlier: None,
             },
             Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),

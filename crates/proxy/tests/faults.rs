@@ -504,3 +504,58 @@ spec:
         "two requests per connection"
     );
 }
+
+/// DestinationRule `consistentHash` on a header: each user's requests go
+/// to one endpoint, and the users spread over the endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_keeps_a_key_on_one_endpoint() {
+    let mesh = Mesh::default();
+    let (a, b) = (plain_http().await, plain_http().await);
+    let config = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: hashed, namespace: curl-external-tst}}
+spec:
+  hosts: [hashed.example.com]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {}}}}}
+  - {{address: 127.0.0.1, ports: {{http: {}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: hashed, namespace: curl-external-tst}}
+spec:
+  host: hashed.example.com
+  trafficPolicy:
+    loadBalancer: {{consistentHash: {{httpHeaderName: x-user}}}}
+",
+        a.port(),
+        b.port()
+    );
+    let dns = dns_for("unused.example.com", 30).await;
+    let sc = sidecar(&mesh, &[&config], dns.addr).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    let mut endpoint_of = std::collections::HashMap::new();
+    for round in 0..2 {
+        for user in 0..20 {
+            let header = format!("x-user: user-{user}");
+            let got = curl(&[
+                "-x",
+                &proxy,
+                "-H",
+                &header,
+                "http://hashed.example.com:8080/",
+            ])
+            .await;
+            assert_eq!(got.code, "200", "{got:?}");
+            let host = sc.next_log().await["upstream_host"].clone();
+            let first = endpoint_of.entry(user).or_insert_with(|| host.clone());
+            assert_eq!(*first, host, "user-{user}, round {round}");
+        }
+    }
+    let used: std::collections::HashSet<String> =
+        endpoint_of.values().map(ToString::to_string).collect();
+    assert_eq!(used.len(), 2, "the users spread over both endpoints");
+}

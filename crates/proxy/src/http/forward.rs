@@ -21,7 +21,7 @@ use crate::conn::Conn;
 use crate::proxy::Proxy;
 use crate::route::{Route, WeightedCluster};
 use crate::snapshot::{ClusterEntry, Snapshot};
-use crate::upstream::{UpstreamAddr, UpstreamError};
+use crate::upstream::{DownstreamAddr, UpstreamAddr, UpstreamError};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -274,6 +274,10 @@ impl Upstream<'_> {
                 *req.method_mut() = parts.method.clone();
                 *req.uri_mut() = uri.clone();
                 *req.version_mut() = parts.version;
+                if cluster.hashes_source_ip() {
+                    req.extensions_mut()
+                        .insert(DownstreamAddr(self.conn.remote));
+                }
                 // The last possible attempt takes the headers; earlier ones copy.
                 *req.headers_mut() = if attempt < max_attempts {
                     parts.headers.clone()
