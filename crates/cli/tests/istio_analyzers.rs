@@ -737,9 +737,7 @@ const CASES: &[Case] = &[
             ("IST0134", "ServiceEntry default/service-entry-test-04"),
             ("IST0134", "ServiceEntry default/service-entry-test-07"),
         ],
-        differs: Some(
-            "not yet: IST0134 (a ServiceEntry without addresses for a non-HTTP protocol)",
-        ),
+        differs: None,
     },
     Case {
         name: "missing Addresses and Protocol in Service Entry with ISTIO_META_DNS_AUTO_ALLOCATE enabled",
@@ -811,9 +809,7 @@ const CASES: &[Case] = &[
         mesh_config: None,
         analyzer: SE_ADDRESSES,
         expected: &[("IST0134", "ServiceEntry address-missing-lowercase")],
-        differs: Some(
-            "not yet: IST0134 (a ServiceEntry without addresses for a non-HTTP protocol)",
-        ),
+        differs: None,
     },
     Case {
         name: "ServiceEntry Addresses Required Uppercase Protocol",
@@ -821,9 +817,7 @@ const CASES: &[Case] = &[
         mesh_config: None,
         analyzer: SE_ADDRESSES,
         expected: &[("IST0134", "ServiceEntry address-missing-uppercase")],
-        differs: Some(
-            "not yet: IST0134 (a ServiceEntry without addresses for a non-HTTP protocol)",
-        ),
+        differs: None,
     },
     Case {
         name: "ServiceEntry conflicting protocols on same host and port",

@@ -34,6 +34,7 @@ pub fn analyze(config: &Config, mesh: &MeshSettings) -> Vec<Diagnostic> {
     duplicate_gateway_certificates(config, &mut out);
     delegates(config, &mut out);
     not_implemented(config, &mut out);
+    service_entry_addresses(config, mesh, &mut out);
     out.sort_by(|a, b| {
         (&a.origin.file, a.origin.line, a.level, a.code).cmp(&(
             &b.origin.file,
@@ -116,6 +117,31 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
                 "spec.ingress".to_owned(),
                 "ingress listeners yet: sidecars do not capture inbound traffic",
             );
+        }
+    }
+}
+
+/// IST0134: a ServiceEntry without addresses has a TCP (or unset
+/// protocol) port, one message per such port, unless the mesh allocates
+/// addresses (DNS capture with auto-allocation).
+fn service_entry_addresses(config: &Config, mesh: &MeshSettings, out: &mut Vec<Diagnostic>) {
+    if mesh.dns_auto_allocate {
+        return;
+    }
+    for se in config
+        .service_entries
+        .iter()
+        .filter(|se| se.spec.addresses.is_empty() && se.spec.allocated_addresses.is_empty())
+    {
+        for (i, port) in se.spec.ports.iter().enumerate() {
+            if port.protocol.is_empty() || port.protocol.eq_ignore_ascii_case("TCP") {
+                out.push(Diagnostic::new(
+                    Level::Warning,
+                    "IST0134",
+                    Origin::at_field(&se.meta, &format!("spec.ports[{i}]")),
+                    "ServiceEntry addresses are required for this protocol.".to_owned(),
+                ));
+            }
         }
     }
 }

@@ -210,9 +210,23 @@ struct Envelope<S> {
     metadata: ObjectMeta,
     #[serde(default)]
     spec: S,
-    #[allow(dead_code)]
+    /// Read for a ServiceEntry's allocated addresses; otherwise ignored.
     #[serde(default)]
-    status: Option<Opaque>,
+    status: Option<StatusDoc>,
+}
+
+/// A resource's `status`: only `addresses` is read (a ServiceEntry's,
+/// allocated by Istio).
+#[derive(Debug, Default, Deserialize)]
+struct StatusDoc {
+    #[serde(default)]
+    addresses: Vec<StatusAddress>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StatusAddress {
+    #[serde(default)]
+    value: String,
 }
 
 #[derive(Deserialize)]
@@ -391,9 +405,14 @@ fn load_object(file: &Arc<str>, node: &Arc<Node>, loaded: &mut Loaded) {
             };
             push(&mut loaded.config.workloads, meta(e.metadata), template)
         }),
-        Kind::ServiceEntry => {
-            typed(node).map(|e| push(&mut loaded.config.service_entries, meta(e.metadata), e.spec))
-        }
+        Kind::ServiceEntry => typed(node).map(|e| {
+            let mut spec: crate::model::networking::ServiceEntry = e.spec;
+            spec.allocated_addresses = e
+                .status
+                .map(|s| s.addresses.into_iter().map(|a| a.value).collect())
+                .unwrap_or_default();
+            push(&mut loaded.config.service_entries, meta(e.metadata), spec)
+        }),
         Kind::VirtualService => typed(node).map(|e| {
             push(
                 &mut loaded.config.virtual_services,

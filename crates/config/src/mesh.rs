@@ -21,6 +21,9 @@ pub struct MeshSettings {
     /// Other trust domains the mesh's identities also go by (a migration):
     /// policies and secure naming accept each.
     pub trust_domain_aliases: Vec<String>,
+    /// `defaultConfig.proxyMetadata` turns on DNS capture with address
+    /// auto-allocation: ServiceEntries without addresses get one.
+    pub dns_auto_allocate: bool,
     pub root_namespace: String,
     /// DNS suffix of Kubernetes Services.
     pub cluster_domain: String,
@@ -73,6 +76,7 @@ impl Default for MeshSettings {
         MeshSettings {
             trust_domain: "cluster.local".to_owned(),
             trust_domain_aliases: Vec::new(),
+            dns_auto_allocate: false,
             root_namespace: "istio-system".to_owned(),
             cluster_domain: "cluster.local".to_owned(),
             outbound_traffic_policy: OutboundMode::AllowAny,
@@ -129,9 +133,36 @@ pub enum MeshConfigError {
 struct MeshConfigDoc {
     trust_domain: Option<String>,
     trust_domain_aliases: Option<Vec<String>>,
+    default_config: Option<DefaultConfigDoc>,
     root_namespace: Option<String>,
     outbound_traffic_policy: Option<OutboundTrafficPolicyDoc>,
     path_normalization: Option<PathNormalizationDoc>,
+}
+
+/// ProxyConfig: only `proxyMetadata` is read, and only its DNS flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DefaultConfigDoc {
+    #[serde(default)]
+    proxy_metadata: std::collections::BTreeMap<String, MetadataValue>,
+}
+
+/// A proxyMetadata value: a string, or anything else (not read).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum MetadataValue {
+    Text(String),
+    Other(serde::de::IgnoredAny),
+}
+
+impl DefaultConfigDoc {
+    /// Istio's analyzers: DNS capture on, and auto-allocation on by either
+    /// flag.
+    fn dns_auto_allocate(&self) -> bool {
+        let on = |k: &str| matches!(self.proxy_metadata.get(k), Some(MetadataValue::Text(v)) if v == "true");
+        on("ISTIO_META_DNS_CAPTURE")
+            && (on("ISTIO_META_DNS_AUTO_ALLOCATE") || on("PILOT_ENABLE_IP_AUTOALLOCATE"))
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -227,6 +258,10 @@ pub fn parse_mesh_config(
     let settings = MeshSettings {
         trust_domain: doc.trust_domain.unwrap_or(defaults.trust_domain),
         trust_domain_aliases: doc.trust_domain_aliases.unwrap_or_default(),
+        dns_auto_allocate: doc
+            .default_config
+            .as_ref()
+            .is_some_and(DefaultConfigDoc::dns_auto_allocate),
         root_namespace: doc.root_namespace.unwrap_or(defaults.root_namespace),
         cluster_domain: defaults.cluster_domain,
         outbound_traffic_policy: doc

@@ -23,6 +23,10 @@ pub struct ServiceEntry {
     pub workload_selector: Option<WorkloadSelector>,
     pub export_to: Vec<String>,
     pub subject_alt_names: Vec<String>,
+    /// Addresses Istio allocated (`status.addresses`), not part of the spec.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub allocated_addresses: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
