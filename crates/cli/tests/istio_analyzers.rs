@@ -860,7 +860,7 @@ const CASES: &[Case] = &[
         mesh_config: None,
         analyzer: SUBSET_PODS,
         expected: &[("IST0173", "DestinationRule default/subsets-not-select-pods")],
-        differs: Some("not yet: IST0173 (a subset whose labels select no pod)"),
+        differs: None,
     },
     Case {
         name: "DestinationRuleSubsetsWithTopologyLabels",
@@ -876,7 +876,7 @@ const CASES: &[Case] = &[
         mesh_config: None,
         analyzer: SUBSET_PODS,
         expected: &[("IST0173", "DestinationRule default/empty-topology-labels")],
-        differs: Some("not yet: IST0173 (a subset whose labels select no pod)"),
+        differs: None,
     },
     Case {
         name: "ServiceEntry Addresses Allocated",

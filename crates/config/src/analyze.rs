@@ -146,6 +146,55 @@ fn service_entry_addresses(config: &Config, mesh: &MeshSettings, out: &mut Vec<D
     }
 }
 
+/// IST0173: a subset whose labels (with the service's selector) match no
+/// pod, in any namespace, as Istio's analyzer. Deployments count by their
+/// pod template. meshgate reads no Nodes: a non-empty topology label
+/// (region, zone, subzone, hostname) is taken to match; an empty one never
+/// does (Istio adds no empty ones).
+fn subsets_select_pods(
+    config: &Config,
+    registry: &Registry,
+    dr: &Resource<crate::model::networking::DestinationRule>,
+    host: &str,
+    out: &mut Vec<Diagnostic>,
+) {
+    const TOPOLOGY: [&str; 6] = [
+        "topology.kubernetes.io/region",
+        "topology.kubernetes.io/zone",
+        "topology.istio.io/subzone",
+        "kubernetes.io/hostname",
+        "topology.istio.io/cluster",
+        "topology.istio.io/network",
+    ];
+    let Some(service) = registry.lookup(host, &dr.meta.namespace) else {
+        return;
+    };
+    for subset in &dr.spec.subsets {
+        let mut wanted = service.selector.clone().unwrap_or_default();
+        wanted.extend(subset.labels.clone());
+        let selects = |pod: &Labels| {
+            wanted.iter().all(|(k, v)| {
+                if TOPOLOGY.contains(&k.as_str()) {
+                    !v.is_empty()
+                } else {
+                    pod.get(k) == Some(v)
+                }
+            })
+        };
+        if !config.workloads.iter().any(|w| selects(&w.spec.pod_labels)) {
+            out.push(Diagnostic::new(
+                Level::Error,
+                "IST0173",
+                Origin::of(&dr.meta),
+                format!(
+                    "The Subset {} defined in the DestinationRule does not select any pods. Which may lead to 503 UH (NoHealthyUpstream).",
+                    subset.name
+                ),
+            ));
+        }
+    }
+}
+
 /// MG0004: a `delegate` naming no delegate VirtualService (one without
 /// hosts) exported to the root's namespace. Istio only logs this; the rule
 /// then routes nothing.
@@ -1081,7 +1130,9 @@ fn destination_rules(
                 Origin::at_field(&dr.meta, "spec.host"),
                 format!("The host {} defined in the DestinationRule does not match any services in the mesh.", dr.spec.host),
             ));
+            continue;
         }
+        subsets_select_pods(config, registry, dr, &host, out);
     }
 
     // A gateway cannot forward to a ServiceEntry with resolution NONE (Istio

@@ -200,6 +200,11 @@ fn each_code_with_its_exact_message() {
                 "Warning [MG0005] (DestinationRule curl-egress-tst/lb extra.yaml:7) spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.ttl: meshgate does not implement generated hash cookies yet: a request without the cookie is balanced as usual",
             ],
         ),
+        (
+            "IST0173 a subset selecting no pod (Deployments count by their template)",
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: gw, namespace: curl-egress-tst}\nspec:\n  host: curl-egress-tst.curl-egress-tst.svc.cluster.local\n  subsets:\n  - name: all\n  - name: v9\n    labels: {version: v9}\n".to_owned(),
+            vec!["Error [IST0173] (DestinationRule curl-egress-tst/gw extra.yaml:1) The Subset v9 defined in the DestinationRule does not select any pods. Which may lead to 503 UH (NoHealthyUpstream)."],
+        ),
     ];
     let mut failures = Vec::new();
     for (name, extra, want) in cases {
