@@ -769,7 +769,7 @@ const CASES: &[Case] = &[
             "IST0140",
             "VirtualService default/testing-service-01-test-01",
         )],
-        differs: Some("not yet: IST0140 (route rules without effect on an ingress gateway)"),
+        differs: None,
     },
     Case {
         name: "ExternalNameServiceTypeInvalidPortName",

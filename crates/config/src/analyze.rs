@@ -35,6 +35,7 @@ pub fn analyze(config: &Config, mesh: &MeshSettings) -> Vec<Diagnostic> {
     delegates(config, &mut out);
     not_implemented(config, &mut out);
     service_entry_addresses(config, mesh, &mut out);
+    subsets_without_effect_on_gateways(config, &mut out);
     out.sort_by(|a, b| {
         (&a.origin.file, a.origin.line, a.level, a.code).cmp(&(
             &b.origin.file,
@@ -191,6 +192,56 @@ fn subsets_select_pods(
                     subset.name
                 ),
             ));
+        }
+    }
+}
+
+/// IST0140: a gateway-bound rule routes to a host without a subset while
+/// another VirtualService for that host routes by subset, which the
+/// gateway's requests never go through. Hosts compare as written, as
+/// Istio's analyzer does.
+fn subsets_without_effect_on_gateways(config: &Config, out: &mut Vec<Diagnostic>) {
+    // VirtualServices with a subset destination to one of their own hosts.
+    let by_subset: Vec<(&Resource<crate::model::networking::VirtualService>, &str)> = config
+        .virtual_services
+        .iter()
+        .flat_map(|vs| {
+            vs.spec
+                .http
+                .iter()
+                .flat_map(|r| r.route.iter())
+                .filter(|d| {
+                    !d.destination.subset.is_empty() && vs.spec.hosts.contains(&d.destination.host)
+                })
+                .map(move |d| (vs, d.destination.host.as_str()))
+        })
+        .collect();
+    for vs in config
+        .virtual_services
+        .iter()
+        .filter(|vs| !vs.spec.gateways.is_empty())
+    {
+        for (i, rule) in vs.spec.http.iter().enumerate() {
+            for (j, d) in rule.route.iter().enumerate() {
+                if !d.destination.subset.is_empty() {
+                    continue;
+                }
+                for (other, _) in by_subset.iter().filter(|(_, h)| *h == d.destination.host) {
+                    out.push(Diagnostic::new(
+                        Level::Warning,
+                        "IST0140",
+                        Origin::at_field(
+                            &vs.meta,
+                            &format!("spec.http[{i}].route[{j}].destination.host"),
+                        ),
+                        format!(
+                            "Subset in virtual service {} has no effect on ingress gateway {} requests",
+                            other.meta.full_name(),
+                            vs.meta.full_name()
+                        ),
+                    ));
+                }
+            }
         }
     }
 }
