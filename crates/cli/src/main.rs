@@ -7,6 +7,7 @@ mod dump;
 mod explain;
 mod iptables_cmd;
 mod kube_cmd;
+mod proxy_config;
 mod run;
 mod standin_cmd;
 mod table;
@@ -49,6 +50,11 @@ enum Command {
     /// proxy would send it on; 80 denied, 81 blocked (REGISTRY_ONLY), 82
     /// no route, 83 another answer of its own.
     Explain(Box<explain::ExplainArgs>),
+    /// What a running proxy runs, from its inspection port (as `istioctl
+    /// proxy-config`): clusters, endpoints with outlier state, listeners,
+    /// the workload certificate, the log filter, or everything. TARGET is
+    /// HOST:PORT or a part of a running `meshgate up`.
+    ProxyConfig(proxy_config::ProxyConfigArgs),
     /// The mesh certificate authority: create a root, issue SPIFFE workload
     /// certificates, serve certificate requests.
     #[command(subcommand)]
@@ -265,7 +271,7 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Commands that print a report keep the log to warnings.
-    let default = if matches!(cli.command, Command::Explain(_)) {
+    let default = if matches!(cli.command, Command::Explain(_) | Command::ProxyConfig(_)) {
         "warn"
     } else {
         "info"
@@ -280,6 +286,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::ConfigDump(args) => dump::run(&args),
         Command::Explain(args) => explain::run(&args),
+        Command::ProxyConfig(args) => proxy_config::run(&args),
         Command::Ca(cmd) => ca::run(&cmd),
         Command::Gateway(args) => run::run(&args, run::ProxyKind::Gateway, None),
         Command::Sidecar(cmd) => run::run(&cmd.proxy, run::ProxyKind::Sidecar, Some(&cmd.sidecar)),

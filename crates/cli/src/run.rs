@@ -895,14 +895,24 @@ impl Live<'_> {
             let reloaded = self.reload(app).await;
             // The files the config now in force reads.
             self.tls_loaded = tls_fingerprint(self.args, app);
+            // The inspection port's /config_dump says what the last
+            // reload did.
+            let at = meshgate_telemetry::accesslog::format_time(std::time::SystemTime::now());
             match reloaded {
                 Ok(changes) => {
-                    tracing::info!(workload = %self.args.workload, %changes, "config reloaded")
+                    tracing::info!(workload = %self.args.workload, %changes, "config reloaded");
+                    self.config_source
+                        .store(Arc::new(format!("files, reloaded at {at}: {changes}")));
                 }
-                Err(e) => tracing::error!(
-                    error = format!("{e:#}"),
-                    "config reload failed; the running config stays"
-                ),
+                Err(e) => {
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "config reload failed; the running config stays"
+                    );
+                    self.config_source.store(Arc::new(format!(
+                        "files; the reload at {at} was refused ({e:#}); the running config stays"
+                    )));
+                }
             }
         }
     }

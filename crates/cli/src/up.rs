@@ -477,6 +477,27 @@ impl<'a> Up<'a> {
         argv
     }
 
+    /// Registers a part for `meshgate proxy-config PART`: where its ready
+    /// file (naming its inspection port) will be, and its network
+    /// namespace. Returns the proxy's `--ready-file` flag.
+    fn register_part(&self, part: &str, netns: Option<&str>) -> anyhow::Result<Vec<String>> {
+        let dir = self.run_dir.join(crate::proxy_config::PARTS_DIR);
+        std::fs::create_dir_all(&dir)?;
+        // Proxies in namespaces run as uid 1337 and write their ready
+        // files here (sticky, as /tmp).
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777))?;
+        let ready = dir.join(format!("{part}.ready.json"));
+        let registration = serde_json::json!({ "readyFile": ready, "netns": netns });
+        std::fs::write(
+            dir.join(format!("{part}.json")),
+            serde_json::to_vec_pretty(&registration)?,
+        )?;
+        Ok(vec![
+            "--ready-file".into(),
+            ready.to_string_lossy().into_owned(),
+        ])
+    }
+
     /// One gateway per gateway workload; their HTTP ports by key.
     async fn start_gateways(
         &mut self,
@@ -497,6 +518,7 @@ impl<'a> Up<'a> {
             ports.insert(key.clone(), http);
             let mut argv = self.proxy_argv("gateway", key, ca);
             argv.extend(admin_flags(a, admin, prom, health));
+            argv.extend(self.register_part(name, ns.as_ref().map(|(n, _)| n.as_str()))?);
             argv.extend([
                 "--bind-address".into(),
                 a.to_string(),
@@ -588,6 +610,7 @@ impl<'a> Up<'a> {
             };
             let mut argv = self.proxy_argv("sidecar", key, ca);
             argv.extend(admin_flags(a, admin, prom, health));
+            argv.extend(self.register_part(&part, ns.as_ref().map(|(n, _)| n.as_str()))?);
             argv.extend(["--outbound-port".into(), outbound.to_string()]);
             match &ns {
                 Some((ns_name, _)) => {

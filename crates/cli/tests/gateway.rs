@@ -346,6 +346,32 @@ fn admin_ports_ready_file_and_json_access_log() {
         .wait_for("log filter changed", Duration::from_secs(5));
     assert_eq!(logging("GET", "").0.trim(), "debug");
     assert_eq!(logging("POST", "?level=info,%5Bbad").1, "400");
+
+    // `meshgate proxy-config` reads the same port, as istioctl does.
+    let addr = gw.inspect.to_string();
+    let pc = |args: &[&str]| {
+        let out = meshgate(&[&["proxy-config"], args, &[&addr]].concat());
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let endpoints = pc(&["endpoint"]);
+    assert!(
+        endpoints.contains(standin) && endpoints.contains("OK"),
+        "{endpoints}"
+    );
+    let secret = pc(&["secret"]);
+    let serial = dump["certificate"]["serialNumber"].as_str().unwrap();
+    assert!(
+        secret.contains(serial) && secret.contains("ACTIVE"),
+        "{secret}"
+    );
+    assert!(pc(&["listener"]).contains("egress-gateway"));
+    assert_eq!(pc(&["log", "--level", "warn"]).trim(), "warn");
+    let json: serde_json::Value = serde_json::from_str(&pc(&["cluster", "-o", "json"])).unwrap();
+    assert_eq!(
+        json[0]["name"],
+        "outbound|443||jsonplaceholder.typicode.com"
+    );
 }
 
 /// Writes a config file the way a ConfigMap update does: a complete new
@@ -686,6 +712,11 @@ fn rotated_roots_are_read_again() {
     std::fs::rename(format!("{}.tmp", w.endpoints), &w.endpoints).unwrap();
     gw.proc.wait_for("config reloaded", Duration::from_secs(10));
     assert_eq!(get().1, "503", "the new server's CA is not trusted yet");
+    // The inspection port says what the last reload did.
+    let info: serde_json::Value =
+        serde_json::from_str(&http_get(gw.inspect, "/server_info")).unwrap();
+    let config = info["config"].as_str().unwrap();
+    assert!(config.starts_with("files, reloaded at "), "{config}");
 
     // The roots file, rotated in place: no config file changed.
     std::fs::write(format!("{}.tmp", w.ca_file), &other.root_pem).unwrap();

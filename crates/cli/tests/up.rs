@@ -130,6 +130,7 @@ fn up_runs_the_seed_system_and_cleans_up() {
     for url in [&gw_ready, &sc_ready] {
         assert_eq!(get(url).0, "200", "{url}");
     }
+    proxy_config_reads_the_parts();
 
     // Counts match the curl runs: poll (bounded) until the metrics have
     // caught up with the runs printed so far.
@@ -357,6 +358,7 @@ fn up_in_loopback_mode_uses_the_sidecar_as_an_explicit_proxy() {
     let table = parts_table(&lines);
     let (addr, sc_metrics, _) = table.get("curl-test-sidecar").expect("sidecar row").clone();
     assert_eq!(addr, "127.0.0.1");
+    proxy_config_reads_the_parts();
     // `up`'s own CA logs with the same prefix as every part.
     assert!(
         up.log
@@ -449,4 +451,34 @@ fn up_sends_an_external_host_to_the_users_own_server() {
         Duration::from_secs(5),
     );
     stop(up);
+}
+
+/// `meshgate proxy-config` finds the parts of the running `up` by name
+/// (in their network namespaces, or on loopback) and reads what they run:
+/// the gateway's upstream endpoint (the stand-in, after requests went
+/// through), the sidecar's cluster to the gateway and its certificate.
+fn proxy_config_reads_the_parts() {
+    let text = |args: &[&str]| {
+        let out = meshgate(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let endpoints = text(&["proxy-config", "endpoint", "curl-egress-tst-gateway"]);
+    assert!(
+        endpoints.contains("outbound|443||jsonplaceholder.typicode.com")
+            && endpoints.contains("HEALTHY"),
+        "{endpoints}"
+    );
+    let clusters = text(&["proxy-config", "cluster", "curl-test-sidecar"]);
+    assert!(
+        clusters.contains("outbound|80||curl-egress-tst.curl-egress-tst.svc.cluster.local"),
+        "{clusters}"
+    );
+    let secret = text(&["proxy-config", "secret", "curl-test-sidecar"]);
+    assert!(
+        secret.contains("Cert Chain") && secret.contains("ACTIVE") && secret.contains("true"),
+        "{secret}"
+    );
+    let unknown = meshgate(&["proxy-config", "cluster", "no-such-part"]);
+    assert!(!unknown.status.success());
 }

@@ -21,6 +21,8 @@ pub struct CertInfo {
     pub subject: String,
     /// Subject organization (our roots carry the trust domain there).
     pub organization: Option<String>,
+    /// The serial number in hex, as `istioctl proxy-config secret` shows it.
+    pub serial: String,
 }
 
 impl CertInfo {
@@ -59,6 +61,11 @@ impl CertInfo {
                 .next()
                 .and_then(|o| o.as_str().ok())
                 .map(str::to_owned),
+            serial: cert
+                .raw_serial()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
         })
     }
 
@@ -187,6 +194,7 @@ mod refresh_tests {
             is_ca: false,
             subject: String::new(),
             organization: None,
+            serial: String::new(),
         };
         for _ in 0..100 {
             let at = info

@@ -150,6 +150,7 @@ fn certificate(identity: &WorkloadIdentity) -> Value {
         Some(info) => json!({
             "identity": identity.id().to_string(),
             "uriSans": info.uri_sans,
+            "serialNumber": info.serial,
             "notBefore": secs(info.not_before),
             "notAfter": secs(info.not_after),
             "expiresInSeconds": info

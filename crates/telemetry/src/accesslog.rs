@@ -60,7 +60,8 @@ fn rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, 
     }
 }
 
-fn format_time(t: SystemTime) -> String {
+/// RFC 3339 with milliseconds, as Envoy writes times.
+pub fn format_time(t: SystemTime) -> String {
     let dt = OffsetDateTime::from(t);
     let ms = dt.millisecond();
     let dt = dt.replace_nanosecond(0).unwrap_or(dt);
