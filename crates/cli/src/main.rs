@@ -4,6 +4,7 @@ mod ca;
 mod check;
 mod control_cmd;
 mod dump;
+mod exec_cmd;
 mod explain;
 mod iptables_cmd;
 mod kube_cmd;
@@ -55,6 +56,10 @@ enum Command {
     /// the workload certificate, the log filter, or everything. TARGET is
     /// HOST:PORT or a part of a running `meshgate up`.
     ProxyConfig(proxy_config::ProxyConfigArgs),
+    /// Run a command as a workload of a running `meshgate up`: in its
+    /// network namespace, or on loopback with its sidecar as http_proxy.
+    /// Exits with the command's code.
+    Exec(exec_cmd::ExecArgs),
     /// The mesh certificate authority: create a root, issue SPIFFE workload
     /// certificates, serve certificate requests.
     #[command(subcommand)]
@@ -287,6 +292,7 @@ fn main() -> ExitCode {
         Command::ConfigDump(args) => dump::run(&args),
         Command::Explain(args) => explain::run(&args),
         Command::ProxyConfig(args) => proxy_config::run(&args),
+        Command::Exec(args) => exec_cmd::run(&args),
         Command::Ca(cmd) => ca::run(&cmd),
         Command::Gateway(args) => run::run(&args, run::ProxyKind::Gateway, None),
         Command::Sidecar(cmd) => run::run(&cmd.proxy, run::ProxyKind::Sidecar, Some(&cmd.sidecar)),

@@ -30,6 +30,9 @@ pub(crate) struct ProxyConfigArgs {
     /// `log` only: set the level (or a filter such as `info,meshgate_proxy=debug`).
     #[arg(long)]
     level: Option<String>,
+    /// Which running `meshgate up` (its process id), when several run.
+    #[arg(long, value_name = "PID")]
+    up: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -61,7 +64,7 @@ pub(crate) fn run(args: &ProxyConfigArgs) -> anyhow::Result<ExitCode> {
     let addr = match args.target.to_socket_addrs() {
         Ok(mut a) => a.next().context("no address")?,
         Err(_) => {
-            let part = find_part(&args.target)?;
+            let part = find_part(&args.target, args.up)?;
             if let Some(ns) = part.netns {
                 return in_namespace(&ns, part.inspect, args);
             }
@@ -234,8 +237,8 @@ struct Part {
     netns: Option<String>,
 }
 
-/// The part's registration in the run folder of a live `meshgate up`.
-fn find_part(name: &str) -> anyhow::Result<Part> {
+/// The registration `name` in the run folder of a live `meshgate up`.
+pub(crate) fn registration(name: &str, up: Option<u32>) -> anyhow::Result<Option<Value>> {
     let mut found: Vec<PathBuf> = Vec::new();
     for entry in std::fs::read_dir(std::env::temp_dir())?.flatten() {
         let dir = entry.path();
@@ -247,7 +250,7 @@ fn find_part(name: &str) -> anyhow::Result<Part> {
             continue;
         };
         // A folder left by an `up` that is gone says nothing.
-        if !Path::new("/proc").join(pid).exists() {
+        if !Path::new("/proc").join(pid).exists() || up.is_some_and(|u| u.to_string() != pid) {
             continue;
         }
         let file = dir.join(PARTS_DIR).join(format!("{name}.json"));
@@ -255,16 +258,20 @@ fn find_part(name: &str) -> anyhow::Result<Part> {
             found.push(file);
         }
     }
-    let file = match found.as_slice() {
-        [one] => one,
-        [] => bail!(
+    match found.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(serde_json::from_str(&std::fs::read_to_string(one)?)?)),
+        _ => bail!("several running `meshgate up` have a part {name}: say which with --up PID"),
+    }
+}
+
+/// A part's inspection port and namespace, from its ready file.
+fn find_part(name: &str, up: Option<u32>) -> anyhow::Result<Part> {
+    let Some(reg) = registration(name, up)? else {
+        bail!(
             "{name} is neither HOST:PORT nor a part of a running `meshgate up` (give the inspection port's address, e.g. 127.0.0.1:15000)"
-        ),
-        _ => bail!(
-            "several running `meshgate up` have a part {name}: give its inspection port's address"
-        ),
+        );
     };
-    let reg: Value = serde_json::from_str(&std::fs::read_to_string(file)?)?;
     let ready = reg["readyFile"]
         .as_str()
         .context("registration without readyFile")?;

@@ -487,15 +487,25 @@ impl<'a> Up<'a> {
         // files here (sticky, as /tmp).
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777))?;
         let ready = dir.join(format!("{part}.ready.json"));
-        let registration = serde_json::json!({ "readyFile": ready, "netns": netns });
-        std::fs::write(
-            dir.join(format!("{part}.json")),
-            serde_json::to_vec_pretty(&registration)?,
+        self.register(
+            part,
+            serde_json::json!({ "readyFile": ready, "netns": netns }),
         )?;
         Ok(vec![
             "--ready-file".into(),
             ready.to_string_lossy().into_owned(),
         ])
+    }
+
+    /// Writes `run_dir/parts/NAME.json`, read by `proxy-config` and `exec`.
+    fn register(&self, name: &str, what: serde_json::Value) -> anyhow::Result<()> {
+        let dir = self.run_dir.join(crate::proxy_config::PARTS_DIR);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join(format!("{name}.json")),
+            serde_json::to_vec_pretty(&what)?,
+        )?;
+        Ok(())
     }
 
     /// One gateway per gateway workload; their HTTP ports by key.
@@ -727,6 +737,20 @@ impl<'a> Up<'a> {
         for (key, ns) in self.net.namespaces_by_part() {
             self.say(&format!("netns {ns}: {key}"));
         }
+        // `meshgate exec NAME -- ...` runs a command as a workload.
+        for (key, _, _) in &self.plan.sidecars {
+            let name = key.split('/').nth(1).unwrap_or(key);
+            let ns = self.net.ns_of(key).map(|(ns, _)| ns);
+            if let Err(e) = self.register(
+                &format!("workload-{name}"),
+                serde_json::json!({ "key": key, "netns": ns, "httpProxy": proxy_env.get(key) }),
+            ) {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "cannot register {key} for meshgate exec"
+                );
+            }
+        }
         // How to send a request of one's own, as each workload would.
         if let Some(host) = self
             .plan
@@ -742,7 +766,11 @@ impl<'a> Up<'a> {
                     (None, Some(proxy)) => format!("curl -sS -x {proxy} http://{host}/"),
                     (None, None) => continue,
                 };
+                let name = key.split('/').nth(1).unwrap_or(key);
                 self.say(&format!("try, as {key}: {how}"));
+                self.say(&format!(
+                    "  or: meshgate exec {name} -- curl -sS http://{host}/"
+                ));
             }
         }
         self.say("all parts running; Ctrl-C stops everything");

@@ -130,7 +130,7 @@ fn up_runs_the_seed_system_and_cleans_up() {
     for url in [&gw_ready, &sc_ready] {
         assert_eq!(get(url).0, "200", "{url}");
     }
-    proxy_config_reads_the_parts();
+    proxy_config_reads_the_parts(pid);
 
     // Counts match the curl runs: poll (bounded) until the metrics have
     // caught up with the runs printed so far.
@@ -248,6 +248,7 @@ fn up_runs_the_seed_system_and_cleans_up() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout), "502");
+    exec_runs_as_the_workload(pid);
 
     // SIGTERM: everything `up` created goes away.
     stop(up);
@@ -358,7 +359,8 @@ fn up_in_loopback_mode_uses_the_sidecar_as_an_explicit_proxy() {
     let table = parts_table(&lines);
     let (addr, sc_metrics, _) = table.get("curl-test-sidecar").expect("sidecar row").clone();
     assert_eq!(addr, "127.0.0.1");
-    proxy_config_reads_the_parts();
+    proxy_config_reads_the_parts(pid);
+    exec_runs_as_the_workload(pid);
     // `up`'s own CA logs with the same prefix as every part.
     assert!(
         up.log
@@ -457,9 +459,10 @@ fn up_sends_an_external_host_to_the_users_own_server() {
 /// (in their network namespaces, or on loopback) and reads what they run:
 /// the gateway's upstream endpoint (the stand-in, after requests went
 /// through), the sidecar's cluster to the gateway and its certificate.
-fn proxy_config_reads_the_parts() {
+fn proxy_config_reads_the_parts(pid: u32) {
+    let up = pid.to_string();
     let text = |args: &[&str]| {
-        let out = meshgate(args);
+        let out = meshgate(&[args, &["--up", &up]].concat());
         assert!(out.status.success(), "{args:?}: {out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
@@ -479,6 +482,31 @@ fn proxy_config_reads_the_parts() {
         secret.contains("Cert Chain") && secret.contains("ACTIVE") && secret.contains("true"),
         "{secret}"
     );
-    let unknown = meshgate(&["proxy-config", "cluster", "no-such-part"]);
+    let unknown = meshgate(&["proxy-config", "cluster", "no-such-part", "--up", &up]);
     assert!(!unknown.status.success());
+}
+
+/// `meshgate exec` sends a request as the workload, through its sidecar
+/// and the gateway, and exits with the command's code.
+fn exec_runs_as_the_workload(pid: u32) {
+    let up = pid.to_string();
+    let out = meshgate(&[
+        "exec",
+        "--up",
+        &up,
+        "curl-test",
+        "--",
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "http://jsonplaceholder.typicode.com/todos/1",
+    ]);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && body.contains("delectus aut autem"),
+        "{out:?}"
+    );
+    let failed = meshgate(&["exec", "--up", &up, "curl-test", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(failed.status.code(), Some(7));
 }
