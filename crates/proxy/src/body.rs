@@ -27,6 +27,8 @@ pub struct Body {
     idle: Option<IdleTimer>,
     /// Mirrors' copies of the data, made as it passes.
     tees: Vec<Tee>,
+    /// Counts the data bytes that pass (a request body's, for its report).
+    counted: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// The sending side of a mirrored body. The copy never holds the request
@@ -106,6 +108,7 @@ impl Body {
             report: None,
             idle: None,
             tees: Vec::new(),
+            counted: None,
         }
     }
 
@@ -120,7 +123,14 @@ impl Body {
                 sleep: None,
             }),
             tees: Vec::new(),
+            counted: None,
         }
+    }
+
+    /// Counts the data bytes that pass into `counter`.
+    pub fn counted(mut self, counter: Arc<std::sync::atomic::AtomicU64>) -> Body {
+        self.counted = Some(counter);
+        self
     }
 
     /// A copy of this body's data for a mirror, made as the data passes.
@@ -179,6 +189,10 @@ impl hyper::body::Body for Body {
             },
             Kind::Failed(e) => Poll::Ready(e.take().map(Err)),
         };
+        if let (Some(counter), Poll::Ready(Some(Ok(frame)))) = (&this.counted, &polled) {
+            let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
         if !this.tees.is_empty() {
             // At the end (hyper may stop polling at the last byte it was
             // told of), dropping a sender ends its copy.

@@ -95,6 +95,9 @@ impl Proxy {
             .then(|| log_entry(conn, &parts, authority, start_time, &plan));
         // Body (from Content-Length) and header bytes.
         let request_bytes = (content_length(&parts.headers), header_size(&parts.headers));
+        // A body's bytes are counted as they go (chunked ones have no length).
+        let body_counter = (!hyper::body::Body::is_end_stream(&body))
+            .then(|| Arc::new(std::sync::atomic::AtomicU64::new(0)));
         let outcome = match &plan.action {
             RequestAction::Connect { host, port } => {
                 return self.connect(conn, &mut parts, host, *port);
@@ -115,7 +118,9 @@ impl Proxy {
                     cluster,
                     start,
                 };
-                upstream.forward(&target, parts, body).await
+                upstream
+                    .forward(&target, parts, body, body_counter.clone())
+                    .await
             }
             RequestAction::Redirect { redirect, .. } => {
                 let mut resp = text(
@@ -156,7 +161,17 @@ impl Proxy {
         if let Some((c, origin)) = &plan.cors {
             c.respond(origin, outcome.response.headers_mut());
         }
-        self.report(&snap, conn, &plan, outcome, entry, request_bytes, start)
+        let forwarded = matches!(plan.action, RequestAction::Forward { .. });
+        let counter = body_counter.filter(|_| forwarded);
+        self.report(
+            &snap,
+            conn,
+            &plan,
+            outcome,
+            entry,
+            (request_bytes, counter),
+            start,
+        )
     }
 
     /// Attaches the report to the response: written when its body ends.
@@ -168,7 +183,7 @@ impl Proxy {
         plan: &RequestPlan<'_>,
         outcome: Outcome,
         mut entry: Option<Box<LogEntry>>,
-        request_bytes: (u64, u64),
+        (request_bytes, request_counter): ((u64, u64), Option<Arc<std::sync::atomic::AtomicU64>>),
         start: Instant,
     ) -> Response<Body> {
         let status = outcome.response.status().as_u16();
@@ -221,6 +236,7 @@ impl Proxy {
             egress,
             entry,
             request_bytes: request_bytes.0,
+            request_counter,
             response_bytes: 0,
             header_bytes: (request_bytes.1, header_size(&parts.headers)),
         };

@@ -22,6 +22,9 @@ pub struct HttpReport {
     pub entry: Option<Box<LogEntry>>,
     /// Body bytes (the access log's `BYTES_RECEIVED` and `BYTES_SENT`).
     pub request_bytes: u64,
+    /// The request body's bytes as they went upstream, when it had one:
+    /// replaces `request_bytes` (a chunked body has no Content-Length).
+    pub request_counter: Option<Arc<std::sync::atomic::AtomicU64>>,
     pub response_bytes: u64,
     /// The request's and the response's header bytes: Istio's
     /// `istio_request_bytes` and `istio_response_bytes` count headers and
@@ -54,6 +57,9 @@ impl HttpReport {
 
 impl Drop for HttpReport {
     fn drop(&mut self) {
+        if let Some(c) = &self.request_counter {
+            self.request_bytes = c.load(std::sync::atomic::Ordering::Relaxed);
+        }
         let elapsed = self.start.elapsed();
         let m = &self.proxy.metrics;
         m.record_request(

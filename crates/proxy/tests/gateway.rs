@@ -448,15 +448,8 @@ spec:
 /// response headers apply to the delegated rules.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delegated_rules_route_only_within_the_roots_match() {
-    let tools = &with_tools_gateway(
-        "apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: tools, namespace: curl-egress-tst}
-spec:
-  hosts: [tools.example.com]
-  gateways: [tools]
-  http:
-  - match: [{uri: {prefix: /api}}]
+    let tools = &with_tools_gateway(&tools_routes(
+        "  - match: [{uri: {prefix: /api}}]
     headers: {response: {set: {x-root: 'yes'}}}
     delegate: {name: api, namespace: team-a}
   - match: [{uri: {prefix: /missing}}]
@@ -474,7 +467,7 @@ spec:
     directResponse: {status: 200, body: {string: leaked past the root}}
   - directResponse: {status: 418, body: {string: api teapot}}
 ",
-    );
+    ));
     let mesh = Mesh::default();
     let (external, gw) = gateway_with(&mesh, tools).await;
     let port = gw.addr(80).port();
@@ -502,15 +495,8 @@ spec:
 /// name the origin and the exposed headers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_preflights_are_answered_and_allowed_origins_named() {
-    let tools = &with_tools_gateway(
-        "apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: tools, namespace: curl-egress-tst}
-spec:
-  hosts: [tools.example.com]
-  gateways: [tools]
-  http:
-  - corsPolicy:
+    let tools = &with_tools_gateway(&tools_routes(
+        "  - corsPolicy:
       allowOrigins: [{exact: 'https://app.example'}, {regex: 'https://.*[.]team[.]example'}]
       allowMethods: [GET, POST]
       allowHeaders: [x-token]
@@ -519,7 +505,7 @@ spec:
       allowCredentials: true
     route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]
 ",
-    );
+    ));
     let mesh = Mesh::default();
     let (external, gw) = gateway_with(&mesh, tools).await;
     let port = gw.addr(80).port();
@@ -592,22 +578,15 @@ spec:
 /// route's. `mirrorPercentage: 0` sends no copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirrored_requests_reach_the_mirror_with_their_body() {
-    let tools = &with_tools_gateway(
-        "apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: tools, namespace: curl-egress-tst}
-spec:
-  hosts: [tools.example.com]
-  gateways: [tools]
-  http:
-  - match: [{uri: {prefix: /quiet}}]
+    let tools = &with_tools_gateway(&tools_routes(
+        "  - match: [{uri: {prefix: /quiet}}]
     mirror: {host: jsonplaceholder.typicode.com, port: {number: 443}}
     mirrorPercentage: {value: 0}
     route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]
   - mirror: {host: jsonplaceholder.typicode.com, port: {number: 443}}
     route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]
 ",
-    );
+    ));
     let mesh = Mesh::default();
     let (external, gw) = gateway_with(&mesh, tools).await;
     let port = gw.addr(80).port();
@@ -707,6 +686,39 @@ spec:
     let nowhere = get("outbound_.443_._.nowhere.example.com").await;
     assert_ne!(nowhere.exit, 0, "closed: {nowhere:?}");
     assert_eq!(gw.next_log().await["response_flags"], "NR");
+}
+
+/// A chunked request body has no Content-Length: its bytes are counted as
+/// they go upstream, for the access log and `istio_request_bytes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_request_bodies_are_counted_as_they_pass() {
+    let tools = &with_tools_gateway(&tools_routes(
+        "  - route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]
+",
+    ));
+    let mesh = Mesh::default();
+    let (external, gw) = gateway_with(&mesh, tools).await;
+    let port = gw.addr(80).port();
+    let dir = TempDir::new("chunked");
+    let file = format!("@{}", dir.write("body", &"y".repeat(70_000)));
+    let resolve = format!("tools.example.com:{port}:127.0.0.1");
+    let url = format!("http://tools.example.com:{port}/posts");
+    let chunked = "Transfer-Encoding: chunked";
+    let got = curl(&[
+        "-i",
+        "--resolve",
+        &resolve,
+        "-H",
+        chunked,
+        "--data-binary",
+        &file,
+        &url,
+    ])
+    .await;
+    assert_eq!(got.code, "200", "{got:?}");
+    assert_eq!(external.seen.all()[0].body, 70_000);
+    let entry = gw.next_log().await;
+    assert_eq!(entry["bytes_received"], 70_000, "{entry}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -813,5 +825,20 @@ spec:
   selector: {{matchLabels: {{istio: egressgateway}}}}
   rules: [{{to: [{{operation: {{hosts: ['tools.example.com*']}}}}]}}]
 "
+    )
+}
+
+/// The `tools` VirtualService (on the tools Gateway) with these `http`
+/// rules, and whatever documents follow them.
+fn tools_routes(rules: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: tools, namespace: curl-egress-tst}}
+spec:
+  hosts: [tools.example.com]
+  gateways: [tools]
+  http:
+{rules}"
     )
 }

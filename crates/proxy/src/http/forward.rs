@@ -75,7 +75,13 @@ struct Prepared {
 }
 
 impl Upstream<'_> {
-    pub(super) async fn forward(&self, head: &Head<'_>, parts: Parts, body: Incoming) -> Outcome {
+    pub(super) async fn forward(
+        &self,
+        head: &Head<'_>,
+        parts: Parts,
+        body: Incoming,
+        counter: Option<Arc<std::sync::atomic::AtomicU64>>,
+    ) -> Outcome {
         let delayed = match self.inject_faults().await {
             Ok(delayed) => delayed,
             Err(aborted) => return aborted,
@@ -92,7 +98,7 @@ impl Upstream<'_> {
             uri,
             downstream_upgrade,
         } = prepared;
-        match self.send(parts, uri, body).await {
+        match self.send(parts, uri, body, counter).await {
             Ok((resp, attempts)) => self.respond(resp, attempts, delayed, downstream_upgrade),
             Err((e, attempts)) => self.failed(&e, attempts),
         }
@@ -239,6 +245,7 @@ impl Upstream<'_> {
         mut parts: Parts,
         uri: Uri,
         body: Incoming,
+        counter: Option<Arc<std::sync::atomic::AtomicU64>>,
     ) -> Result<(Response<Incoming>, u32), (UpstreamError, u32)> {
         let retry = &self.route.retry;
         let cluster = &self.cluster.cluster;
@@ -259,7 +266,13 @@ impl Upstream<'_> {
             );
         }
         let idle = self.proxy.timeouts.stream_idle;
-        let mut streaming = (!bodyless).then(|| Body::incoming(body, idle));
+        let mut streaming = (!bodyless).then(|| {
+            let b = Body::incoming(body, idle);
+            match counter {
+                Some(c) => b.counted(c),
+                None => b,
+            }
+        });
         self.mirror(&parts, &uri, streaming.as_mut());
         let max_attempts = if streaming.is_some() {
             1
