@@ -331,6 +331,15 @@ fn admin_ports_ready_file_and_json_access_log() {
     let standin = standin.split_whitespace().nth(1).unwrap();
     assert_eq!(cluster["hosts"][0]["address"], standin, "{clusters:#}");
     assert_eq!(get("/listeners")[0]["port"], 80);
+    // Envoy's /stats form: one `name{labels}: value` line per sample.
+    let stats = http_get(gw.inspect, "/stats?filter=istio_requests_total");
+    assert!(
+        stats.lines().count() >= 1
+            && stats
+                .lines()
+                .all(|l| l.starts_with("istio_requests_total{") && l.contains("}: ")),
+        "{stats}"
+    );
     // The log filter, changed while running.
     let logging = |method: &str, query: &str| {
         curl(&[

@@ -57,6 +57,7 @@ const INDEX: &str = "meshgate inspection port\n\
 /clusters       clusters: endpoints and their outlier state now\n\
 /certs          the workload certificate\n\
 /logging        the log filter; POST /logging?level=debug (or a filter) changes it\n\
+/stats          metrics, one `name{labels}: value` line each (?filter=TEXT keeps lines containing it)\n\
 /stats/prometheus  metrics\n";
 
 /// Serves the port until the task is dropped.
@@ -106,6 +107,10 @@ fn respond(i: &Inspect, req: &Request<Incoming>) -> Response<Body> {
         }
         "/certs" => json_response(&certificate(&i.identity)),
         "/logging" => logging(i, req),
+        "/stats" => text(
+            StatusCode::OK,
+            stats(&i.proxy.metrics.encode(), req.uri().query()),
+        ),
         "/stats/prometheus" | "/metrics" => local_response(
             StatusCode::OK,
             meshgate_telemetry::metrics::CONTENT_TYPE,
@@ -161,6 +166,25 @@ fn certificate(identity: &WorkloadIdentity) -> Value {
         }),
         None => json!({ "identity": identity.id().to_string(), "certificate": null }),
     }
+}
+
+/// The metrics as Envoy's `/stats` lists them: one sample per line,
+/// `name{labels}: value`, sorted; `filter=TEXT` keeps the lines with TEXT.
+fn stats(prometheus: &str, query: Option<&str>) -> String {
+    let filter = query
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("filter=")))
+        .unwrap_or("");
+    let mut lines: Vec<String> = prometheus
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(name, value)| format!("{name}: {value}"))
+        .filter(|l| l.contains(filter))
+        .collect();
+    lines.sort();
+    let mut out = lines.join("\n");
+    out.push('\n');
+    out
 }
 
 fn json_response(v: &Value) -> Response<Body> {
