@@ -742,3 +742,92 @@ fn seed_request_via(port: u16) -> (String, String, i32) {
         &format!("http://{HOST}/todos/1"),
     ])
 }
+
+/// A real Prometheus server (Debian's package, as CI installs it) scrapes
+/// the sidecar and the gateway, and queries of Istio's standard dashboards
+/// (mesh volume and success rate, proxy versions, workload latency,
+/// request sizes, a service's callers) answer with data.
+#[test]
+fn a_real_prometheus_answers_istios_dashboard_queries() {
+    let t = setup("prometheus");
+    let w = world(&t);
+    let gw = w.gateway(&t, &[&seed()], &[]);
+    let (_sidecar, port) = start_sidecar(&t, &[&seed()], &gw, &[]);
+    let sc_prometheus = read_ready(&t.path("sc-ready.json"))["admin"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["role"] == "prometheus")
+        .and_then(|a| a["address"].as_str())
+        .unwrap()
+        .to_owned();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    std::fs::write(
+        t.path("prometheus.yml"),
+        format!(
+            "global: {{scrape_interval: 1s}}\nscrape_configs:\n- job_name: envoy-stats\n  metrics_path: /stats/prometheus\n  static_configs: [{{targets: ['{}', '{sc_prometheus}']}}]\n",
+            gw.prometheus
+        ),
+    )
+    .unwrap();
+    let (config, tsdb, web) = (
+        format!("--config.file={}", t.path("prometheus.yml")),
+        format!("--storage.tsdb.path={}", t.path("tsdb")),
+        format!("--web.listen-address={listen}"),
+    );
+    let prometheus = Proc::spawn_argv(&["prometheus", &config, &tsdb, &web]);
+    prometheus.wait_for(
+        "Server is ready to receive web requests",
+        Duration::from_secs(30),
+    );
+    let query = |q: &str| -> Vec<serde_json::Value> {
+        let (body, code, _) = curl(&[
+            "-G",
+            &format!("http://{listen}/api/v1/query"),
+            "--data-urlencode",
+            &format!("query={q}"),
+        ]);
+        assert_eq!(code, "200", "{q}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    };
+    let dashboards = [
+        r#"round(sum(irate(istio_requests_total{reporter=~"source|destination"}[1m])), 0.001)"#,
+        r#"sum(rate(istio_requests_total{reporter=~"source|destination", response_code!~"5.*"}[1m])) / sum(rate(istio_requests_total{reporter=~"source|destination"}[1m]))"#,
+        r#"sum(istio_build{component="proxy"}) by (tag)"#,
+        r#"histogram_quantile(0.50, sum(irate(istio_request_duration_milliseconds_bucket{reporter="source", source_workload="curl-test"}[1m])) by (le))"#,
+        r#"histogram_quantile(0.90, sum(irate(istio_request_bytes_bucket{reporter="source"}[1m])) by (le))"#,
+        r#"sum(irate(istio_requests_total{reporter="source", destination_service=~"curl-egress-tst.curl-egress-tst.svc.cluster.local"}[1m])) by (source_workload, source_workload_namespace)"#,
+    ];
+    // Traffic goes on until every panel has data from at least two scrapes
+    // of each proxy (bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        assert_eq!(seed_request_via(port).1, "200");
+        let empty: Vec<&str> = dashboards
+            .iter()
+            .copied()
+            .filter(|q| {
+                let got = query(q);
+                got.is_empty()
+                    || got.iter().any(|r| {
+                        r["value"][1]
+                            .as_str()
+                            .and_then(|v| v.parse::<f64>().ok())
+                            .is_none_or(|v| v.is_nan() || v <= 0.0)
+                    })
+            })
+            .collect();
+        if empty.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "panels without data: {empty:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
