@@ -36,6 +36,7 @@ pub fn analyze(config: &Config, mesh: &MeshSettings) -> Vec<Diagnostic> {
     not_implemented(config, &mut out);
     service_entry_addresses(config, mesh, &mut out);
     subsets_without_effect_on_gateways(config, &mut out);
+    duplicate_entry_hosts(config, &mut out);
     out.sort_by(|a, b| {
         (&a.origin.file, a.origin.line, a.level, a.code).cmp(&(
             &b.origin.file,
@@ -240,6 +241,35 @@ fn subsets_without_effect_on_gateways(config: &Config, out: &mut Vec<Diagnostic>
                             vs.meta.full_name()
                         ),
                     ));
+                }
+            }
+        }
+    }
+}
+
+/// MG0006: a host defined by several ServiceEntries of one namespace.
+/// The first (in file order) is the one a lookup finds; the others'
+/// ports, endpoints and resolution go unused for it.
+fn duplicate_entry_hosts(config: &Config, out: &mut Vec<Diagnostic>) {
+    let mut first: BTreeMap<(&str, &str), &Resource<crate::model::networking::ServiceEntry>> =
+        BTreeMap::new();
+    for se in &config.service_entries {
+        for (i, h) in se.spec.hosts.iter().enumerate() {
+            match first.get(&(se.meta.namespace.as_str(), h.as_str())) {
+                Some(earlier) if earlier.meta.name != se.meta.name => {
+                    out.push(Diagnostic::new(
+                        Level::Warning,
+                        "MG0006",
+                        Origin::at_field(&se.meta, &format!("spec.hosts[{i}]")),
+                        format!(
+                            "host {h} is already defined by ServiceEntry {}: meshgate uses that one for it; merge them into one ServiceEntry",
+                            earlier.meta.full_name()
+                        ),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    first.insert((se.meta.namespace.as_str(), h.as_str()), se);
                 }
             }
         }

@@ -205,6 +205,11 @@ fn each_code_with_its_exact_message() {
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: gw, namespace: curl-egress-tst}\nspec:\n  host: curl-egress-tst.curl-egress-tst.svc.cluster.local\n  subsets:\n  - name: all\n  - name: v9\n    labels: {version: v9}\n".to_owned(),
             vec!["Error [IST0173] (DestinationRule curl-egress-tst/gw extra.yaml:1) The Subset v9 defined in the DestinationRule does not select any pods. Which may lead to 503 UH (NoHealthyUpstream)."],
         ),
+        (
+            "MG0006 a host in two ServiceEntries of one namespace",
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: again, namespace: curl-external-tst}\nspec:\n  hosts: [jsonplaceholder.typicode.com]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: DNS\n".to_owned(),
+            vec!["Warning [MG0006] (ServiceEntry curl-external-tst/again extra.yaml:5) host jsonplaceholder.typicode.com is already defined by ServiceEntry curl-external-tst/jsonplaceholder: meshgate uses that one for it; merge them into one ServiceEntry"],
+        ),
     ];
     let mut failures = Vec::new();
     for (name, extra, want) in cases {
