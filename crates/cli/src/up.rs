@@ -640,7 +640,9 @@ impl<'a> Up<'a> {
             wait_ready(&mut self.rx, self.width, &part, "sidecar running").await?;
             self.table.push(Row([
                 part,
-                a.to_string(),
+                // The outbound port: captured traffic's, and on loopback
+                // the explicit proxy's.
+                format!("{a}:{outbound}"),
                 spiffe.clone(),
                 format!("http://{a}:{admin}/stats/prometheus"),
                 format!("http://{a}:{health}/healthz/ready"),
