@@ -419,6 +419,7 @@ pub fn proxy_view(
         );
     }
     let mut seen = BTreeSet::new();
+    let drs = select::DrIndex::new(config, mesh);
     let clusters = routes
         .iter()
         .flat_map(|r| {
@@ -431,7 +432,7 @@ pub fn proxy_view(
                 .chain(r.mirrors.iter().map(|m| &m.destination))
         })
         .filter(|d| seen.insert(d.cluster_name()))
-        .map(|d| clusters::cluster_view(config, registry, mesh, w, d))
+        .map(|d| clusters::cluster_view(&drs, registry, mesh, w, d))
         .collect();
     ProxyView {
         workload: WorkloadInfo::of(w),

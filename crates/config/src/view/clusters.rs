@@ -4,36 +4,26 @@
 
 use std::collections::BTreeMap;
 
-use super::select::{destination_rule_for, effective_policy};
+use super::select::{DrIndex, effective_policy};
 use super::{
     ClusterEndpoints, ClusterResolution, ClusterTls, ClusterView, HostPort, RouteDestination,
     WorkloadInfo,
 };
 use crate::MeshSettings;
-use crate::model::Config;
 use crate::model::common::IntOrString;
 use crate::model::labels_match;
 use crate::model::networking::{ClientTlsMode, ClientTlsSettings, Resolution};
 use crate::registry::{Protocol, Registry, Service, ServiceSource, Workload};
 
 pub(super) fn cluster_view(
-    config: &Config,
+    drs: &DrIndex<'_>,
     registry: &Registry,
     mesh: &MeshSettings,
     w: &Workload,
     d: &RouteDestination,
 ) -> ClusterView {
     let service = registry.lookup(&d.host, &w.namespace);
-    let dr = service.and_then(|s| {
-        destination_rule_for(
-            config,
-            &w.namespace,
-            Some(w),
-            &s.hostname,
-            &s.namespace,
-            mesh,
-        )
-    });
+    let dr = service.and_then(|s| drs.find(&w.namespace, Some(w), &s.hostname, &s.namespace, mesh));
     let policy = dr
         .map(|dr| effective_policy(&dr.spec, d.port, &d.subset))
         .unwrap_or_default();

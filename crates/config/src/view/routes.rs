@@ -2,7 +2,7 @@
 //! TLS by SNI, registered TCP ports) and a gateway's servers, each with the
 //! VirtualService rules (or default routes) that apply on it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use super::select::{
     gateway_listen_port, gateway_ref_matches, gateways_for, peer_authentication_for,
@@ -128,6 +128,7 @@ pub(super) fn sidecar_routes(
                 && exported_to(&vs.spec.export_to, &vs.meta.namespace, &w.namespace)
         })
         .collect();
+    let by_host = VsByHost::new(&mesh_vs, mesh);
     for port in ports {
         let mut hosts = Vec::new();
         for s in services
@@ -135,12 +136,7 @@ pub(super) fn sidecar_routes(
             .filter(|s| s.port(port).is_some_and(|p| p.protocol.is_http()))
         {
             hosts.push(s.hostname.clone());
-            let vs = mesh_vs.iter().find(|vs| {
-                vs.spec
-                    .hosts
-                    .iter()
-                    .any(|h| host_matches(&resolve_host(h, &vs.meta.namespace, mesh), &s.hostname))
-            });
+            let vs = by_host.find(&s.hostname);
             let before = routes.len();
             if let Some(vs) = vs {
                 vs_http_routes(
@@ -185,12 +181,7 @@ pub(super) fn sidecar_routes(
         }
         let on_port: Vec<&&Service> = services.iter().filter(|s| s.port(port).is_some()).collect();
         for s in &on_port {
-            let vs = mesh_vs.iter().find(|vs| {
-                vs.spec
-                    .hosts
-                    .iter()
-                    .any(|h| host_matches(&resolve_host(h, &vs.meta.namespace, mesh), &s.hostname))
-            });
+            let vs = by_host.find(&s.hostname);
             if let Some(vs) = vs {
                 let applies = |m: &L4MatchAttributes| {
                     (m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"))
@@ -286,6 +277,48 @@ fn gateway_tcp_routes(
             applies,
             routes,
         );
+    }
+}
+
+/// The mesh VirtualServices by host: the first (in their order) whose
+/// hosts cover a name, in constant time for exact hosts (10,000 hosts stay
+/// cheap); wildcard hosts are tried in turn.
+struct VsByHost<'a> {
+    list: &'a [&'a Resource<VirtualService>],
+    exact: HashMap<String, usize>,
+    wildcard: Vec<(String, usize)>,
+}
+
+impl<'a> VsByHost<'a> {
+    fn new(list: &'a [&'a Resource<VirtualService>], mesh: &MeshSettings) -> Self {
+        let mut exact = HashMap::new();
+        let mut wildcard = Vec::new();
+        for (i, vs) in list.iter().enumerate() {
+            for h in &vs.spec.hosts {
+                let host = resolve_host(h, &vs.meta.namespace, mesh).to_ascii_lowercase();
+                if host.starts_with('*') {
+                    wildcard.push((host, i));
+                } else {
+                    exact.entry(host).or_insert(i);
+                }
+            }
+        }
+        VsByHost {
+            list,
+            exact,
+            wildcard,
+        }
+    }
+
+    fn find(&self, name: &str) -> Option<&'a Resource<VirtualService>> {
+        let exact = self.exact.get(&name.to_ascii_lowercase()).copied();
+        let wild = self
+            .wildcard
+            .iter()
+            .filter(|(pattern, _)| host_matches(pattern, name))
+            .map(|(_, i)| *i)
+            .min();
+        exact.into_iter().chain(wild).min().map(|i| self.list[i])
     }
 }
 
@@ -652,6 +685,7 @@ fn auto_passthrough_routes(
     routes: &mut Vec<RouteView>,
 ) {
     let port = server.port.number;
+    let drs = super::select::DrIndex::new(config, mesh);
     // A wildcard host names no one cluster; resolution NONE gives a
     // gateway no endpoints.
     let routable = |s: &Service| {
@@ -664,14 +698,7 @@ fn auto_passthrough_routes(
     for s in registry.visible_from(&gw.meta.namespace).filter(|s| {
         routable(s) && server_hosts_cover(server, &gw.meta.namespace, &s.namespace, &s.hostname)
     }) {
-        let dr = super::select::destination_rule_for(
-            config,
-            &gw.meta.namespace,
-            Some(w),
-            &s.hostname,
-            &s.namespace,
-            mesh,
-        );
+        let dr = drs.find(&gw.meta.namespace, Some(w), &s.hostname, &s.namespace, mesh);
         let subsets = std::iter::once(String::new()).chain(
             dr.into_iter()
                 .flat_map(|d| d.spec.subsets.iter().map(|x| x.name.clone())),

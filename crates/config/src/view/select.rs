@@ -2,6 +2,8 @@
 //! Gateways, VirtualService bindings, AuthorizationPolicies and
 //! PeerAuthentication, as Istio selects them.
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 
 use super::{OutboundPolicy, PeerAuthnView};
@@ -210,48 +212,97 @@ pub fn destination_rule_for<'a>(
     service_ns: &str,
     mesh: &MeshSettings,
 ) -> Option<&'a Resource<DestinationRule>> {
-    let candidates = |ns: &str, require_export: bool| {
-        let mut best: Option<&'a Resource<DestinationRule>> = None;
-        for dr in config
-            .destination_rules
-            .iter()
-            .filter(|d| d.meta.namespace == ns)
-        {
-            let host = resolve_host(&dr.spec.host, &dr.meta.namespace, mesh);
-            if !host_matches(&host, service_host) {
-                continue;
-            }
-            if require_export && !exported_to(&dr.spec.export_to, &dr.meta.namespace, client_ns) {
-                continue;
-            }
-            if let Some(sel) = &dr.spec.workload_selector {
-                let selected = w.is_some_and(|w| {
-                    w.namespace == dr.meta.namespace && labels_match(&sel.labels, &w.labels)
-                });
-                if !selected {
-                    continue;
-                }
-            }
-            let specificity = |d: &Resource<DestinationRule>| {
-                !d.spec.host.starts_with('*') as usize * 1000 + d.spec.host.len()
-            };
-            if best.is_none_or(|b| specificity(dr) > specificity(b)) {
-                best = Some(dr);
+    DrIndex::new(config, mesh).find(client_ns, w, service_host, service_ns, mesh)
+}
+
+/// DestinationRules by namespace and host, for [`destination_rule_for`]
+/// many times over (a proxy's every cluster): exact hosts in constant
+/// time, wildcard hosts tried in turn, config order kept.
+pub(super) struct DrIndex<'a> {
+    exact: HashMap<(&'a str, String), Vec<&'a Resource<DestinationRule>>>,
+    wildcard: HashMap<&'a str, Vec<(String, &'a Resource<DestinationRule>)>>,
+}
+
+impl<'a> DrIndex<'a> {
+    pub(super) fn new(config: &'a Config, mesh: &MeshSettings) -> Self {
+        let mut exact: HashMap<(&'a str, String), Vec<&'a Resource<DestinationRule>>> =
+            HashMap::new();
+        let mut wildcard: HashMap<&'a str, Vec<(String, &'a Resource<DestinationRule>)>> =
+            HashMap::new();
+        for dr in &config.destination_rules {
+            let ns = dr.meta.namespace.as_str();
+            let host = resolve_host(&dr.spec.host, ns, mesh).to_ascii_lowercase();
+            if host.starts_with('*') {
+                wildcard.entry(ns).or_default().push((host, dr));
+            } else {
+                exact.entry((ns, host)).or_default().push(dr);
             }
         }
-        best
-    };
-    if client_ns != mesh.root_namespace
-        && let Some(dr) = candidates(client_ns, false)
-    {
-        return Some(dr);
+        DrIndex { exact, wildcard }
     }
-    if service_ns != mesh.root_namespace
-        && let Some(dr) = candidates(service_ns, true)
-    {
-        return Some(dr);
+
+    /// The DestinationRule for a service: the client's namespace first,
+    /// then the service's, then the root namespace; in each the most
+    /// specific host (exact over wildcard, then longer), first in order
+    /// on a tie.
+    pub(super) fn find(
+        &self,
+        client_ns: &str,
+        w: Option<&Workload>,
+        service_host: &str,
+        service_ns: &str,
+        mesh: &MeshSettings,
+    ) -> Option<&'a Resource<DestinationRule>> {
+        let lower = service_host.to_ascii_lowercase();
+        let candidates = |ns: &str, require_export: bool| {
+            let exact = self
+                .exact
+                .get(&(ns, lower.clone()))
+                .into_iter()
+                .flatten()
+                .copied();
+            let wild = self
+                .wildcard
+                .get(ns)
+                .into_iter()
+                .flatten()
+                .filter(|(pattern, _)| host_matches(pattern, service_host))
+                .map(|(_, dr)| *dr);
+            let mut best: Option<&'a Resource<DestinationRule>> = None;
+            for dr in exact.chain(wild) {
+                if require_export && !exported_to(&dr.spec.export_to, &dr.meta.namespace, client_ns)
+                {
+                    continue;
+                }
+                if let Some(sel) = &dr.spec.workload_selector {
+                    let selected = w.is_some_and(|w| {
+                        w.namespace == dr.meta.namespace && labels_match(&sel.labels, &w.labels)
+                    });
+                    if !selected {
+                        continue;
+                    }
+                }
+                let specificity = |d: &Resource<DestinationRule>| {
+                    !d.spec.host.starts_with('*') as usize * 1000 + d.spec.host.len()
+                };
+                if best.is_none_or(|b| specificity(dr) > specificity(b)) {
+                    best = Some(dr);
+                }
+            }
+            best
+        };
+        if client_ns != mesh.root_namespace
+            && let Some(dr) = candidates(client_ns, false)
+        {
+            return Some(dr);
+        }
+        if service_ns != mesh.root_namespace
+            && let Some(dr) = candidates(service_ns, true)
+        {
+            return Some(dr);
+        }
+        candidates(&mesh.root_namespace, true)
     }
-    candidates(&mesh.root_namespace, true)
 }
 
 /// The traffic policy that applies to one (port, subset) of a destination:
