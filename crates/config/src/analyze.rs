@@ -93,11 +93,16 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
                         "generated hash cookies yet: a request without the cookie is balanced as usual",
                     );
                 }
-                if lb.locality_lb_setting.is_some() {
+                let tuned = lb.locality_lb_setting.as_ref().is_some_and(|l| {
+                    !l.distribute.is_empty()
+                        || !l.failover.is_empty()
+                        || !l.failover_priority.is_empty()
+                });
+                if tuned {
                     warn(
                         &dr.meta,
                         format!("{at}.loadBalancer.localityLbSetting"),
-                        "locality load balancing yet: localities are ignored",
+                        "locality distribute, failover or failoverPriority yet: endpoints fail over by the locality they share with the proxy",
                     );
                 }
             }

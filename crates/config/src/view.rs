@@ -322,6 +322,15 @@ pub enum ClusterEndpoints {
 pub struct HostPort {
     pub host: String,
     pub port: u16,
+    /// Locality failover: 0 shares the proxy's region, zone and subzone,
+    /// 1 its region and zone, 2 its region, 3 nothing (lower is tried
+    /// first). All 0 when locality load balancing is off.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub priority: u8,
+}
+
+fn is_zero(p: &u8) -> bool {
+    *p == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -402,6 +402,7 @@ fn passthrough_cluster(ctx: &BuildContext) -> Arc<ClusterEntry> {
                 lb: SimpleLb::RoundRobin,
                 hash: None,
                 outlier: None,
+                priorities: Default::default(),
             },
             ctx.resolver.clone(),
         ),
@@ -556,7 +557,33 @@ fn cluster_settings(c: &ClusterView, ctx: &BuildContext) -> Result<ClusterSettin
             .and_then(|lb| lb.consistent_hash.as_ref())
             .and_then(hash_on),
         outlier: policy.outlier_detection.as_ref().map(Outlier::compile),
+        priorities: priorities(c, ctx),
     })
+}
+
+/// The view's locality priorities, unless local endpoints replace the
+/// cluster's.
+fn priorities(c: &ClusterView, ctx: &BuildContext) -> crate::upstream::Priorities {
+    let mut out = crate::upstream::Priorities::default();
+    if ctx
+        .endpoints
+        .contains_key(&format!("{}:{}", c.host, c.port))
+    {
+        return out;
+    }
+    match &c.endpoints {
+        ClusterEndpoints::Static(addrs) if addrs.iter().any(|a| a.priority > 0) => {
+            out.by_addr = addrs
+                .iter()
+                .filter_map(|a| Some((SocketAddr::new(a.host.parse().ok()?, a.port), a.priority)))
+                .collect();
+        }
+        ClusterEndpoints::Dns { names, .. } if names.iter().any(|n| n.priority > 0) => {
+            out.by_name = names.iter().map(|n| (n.host.clone(), n.priority)).collect();
+        }
+        _ => {}
+    }
+    out
 }
 
 /// What a `consistentHash` policy hashes on.

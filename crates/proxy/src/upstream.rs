@@ -239,6 +239,9 @@ struct ClusterCore {
     /// `consistentHash`: the same key goes to the same endpoint.
     hash: Option<HashOn>,
     outlier: Option<Outlier>,
+    /// Locality failover (names' priorities pass to their addresses).
+    by_name: HashMap<String, u8>,
+    by_addr: Mutex<HashMap<SocketAddr, u8>>,
     rr: AtomicU32,
     state: Mutex<HashMap<SocketAddr, EndpointState>>,
 }
@@ -292,7 +295,17 @@ impl ClusterCore {
                             } else {
                                 ips
                             };
-                            out.extend(ips.into_iter().map(|ip| SocketAddr::new(ip, *port)));
+                            let addrs = ips.into_iter().map(|ip| SocketAddr::new(ip, *port));
+                            match self.by_name.get(name) {
+                                Some(p) => {
+                                    let addrs: Vec<SocketAddr> = addrs.collect();
+                                    if let Ok(mut by_addr) = self.by_addr.lock() {
+                                        by_addr.extend(addrs.iter().map(|a| (*a, *p)));
+                                    }
+                                    out.extend(addrs);
+                                }
+                                None => out.extend(addrs),
+                            }
                         }
                         Err(e) => last_err = e,
                     }
@@ -306,13 +319,36 @@ impl ClusterCore {
         }
     }
 
+    fn is_ejected(&self, addr: SocketAddr) -> bool {
+        self.state.lock().is_ok_and(|state| {
+            state
+                .get(&addr)
+                .and_then(|s| s.ejected_until)
+                .is_some_and(|t| t > Instant::now())
+        })
+    }
+
+    /// Locality failover: of the endpoints left, those of the best
+    /// priority (all of them without locality load balancing).
+    fn first_priority(&self, pool: Vec<SocketAddr>) -> Vec<SocketAddr> {
+        let Ok(by_addr) = self.by_addr.lock() else {
+            return pool;
+        };
+        if by_addr.is_empty() {
+            return pool;
+        }
+        let priority = |a: &SocketAddr| by_addr.get(a).copied().unwrap_or(0);
+        let best = pool.iter().map(priority).min().unwrap_or(0);
+        pool.into_iter().filter(|a| priority(a) == best).collect()
+    }
+
     /// The endpoint for a hash key: of those not ejected (all, if all
     /// are), the one ranking highest for the key (rendezvous hashing: a
     /// key moves only when its endpoint goes away).
     fn pick_hashed(&self, addrs: &[SocketAddr], key: u64) -> Option<SocketAddr> {
         use std::hash::{Hash, Hasher};
         let state = self.state.lock().ok()?;
-        let pool = not_ejected(&state, addrs);
+        let pool = self.first_priority(not_ejected(&state, addrs));
         pool.into_iter().max_by_key(|a| {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             (key, a).hash(&mut h);
@@ -323,7 +359,7 @@ impl ClusterCore {
     /// Picks an endpoint that is not ejected, by the load-balancing policy.
     fn pick(&self, addrs: &[SocketAddr]) -> Option<SocketAddr> {
         let state = self.state.lock().ok()?;
-        let pool = not_ejected(&state, addrs);
+        let pool = self.first_priority(not_ejected(&state, addrs));
         match (self.lb, pool.len()) {
             (_, 0) => None,
             (_, 1) => Some(pool[0]),
@@ -599,6 +635,16 @@ pub struct ClusterSettings {
     pub lb: SimpleLb,
     pub hash: Option<HashOn>,
     pub outlier: Option<Outlier>,
+    /// Locality failover: endpoints' priorities (lower first), by address
+    /// (STATIC) or by name (DNS, given to each address it resolves to).
+    pub priorities: Priorities,
+}
+
+/// Endpoints' locality priorities; empty when locality load balancing is off.
+#[derive(Debug, Clone, Default)]
+pub struct Priorities {
+    pub by_addr: HashMap<SocketAddr, u8>,
+    pub by_name: HashMap<String, u8>,
 }
 
 /// A cluster ready to take requests.
@@ -696,6 +742,8 @@ impl Cluster {
             lb: s.lb,
             hash: s.hash,
             outlier: s.outlier,
+            by_name: s.priorities.by_name,
+            by_addr: Mutex::new(s.priorities.by_addr),
             rr: AtomicU32::new(0),
             state: Mutex::new(HashMap::new()),
         });
@@ -870,13 +918,21 @@ impl Cluster {
         let _guard = InFlight(&self.in_flight);
         let mut req = req;
         self.route_by_hash(&mut req).await?;
-        let captured = self
-            .max_requests_per_connection
-            .map(|_| hyper_util::client::legacy::connect::capture_connection(&mut req));
+        // The pool picks connections, not endpoints: a connection whose
+        // endpoint outlier detection ejected, or that carried its last
+        // request, is let go after this response.
+        let captured = (self.max_requests_per_connection.is_some() || self.core.outlier.is_some())
+            .then(|| hyper_util::client::legacy::connect::capture_connection(&mut req));
         match self.client.request(req).await {
             Ok(resp) => {
                 if let Some(UpstreamAddr(addr)) = resp.extensions().get::<UpstreamAddr>() {
                     self.core.observe(*addr, resp.status().as_u16());
+                    if self.core.is_ejected(*addr)
+                        && let Some(captured) = &captured
+                        && let Some(connection) = &*captured.connection_metadata()
+                    {
+                        connection.poison();
+                    }
                 }
                 if let (Some(limit), Some(captured), Some(RequestCount(n))) = (
                     self.max_requests_per_connection,
@@ -995,6 +1051,8 @@ mod tests {
             lb,
             hash: None,
             outlier,
+            by_name: HashMap::new(),
+            by_addr: Mutex::new(HashMap::new()),
             rr: AtomicU32::new(0),
             state: Mutex::new(HashMap::new()),
         }
@@ -1096,6 +1154,7 @@ mod tests {
                 lb: SimpleLb::RoundRobin,
                 hash: None,
                 outlier: None,
+                priorities: Priorities::default(),
             },
             Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
         );

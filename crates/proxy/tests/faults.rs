@@ -559,3 +559,81 @@ spec:
         endpoint_of.values().map(ToString::to_string).collect();
     assert_eq!(used.len(), 2, "the users spread over both endpoints");
 }
+
+/// Locality failover (a DestinationRule with outlier detection): a client
+/// in us-east/zone-a sends to the endpoint of its own locality; once that
+/// one is ejected, to the other region's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locality_failover_prefers_the_clients_locality_until_it_is_ejected() {
+    let mesh = Mesh::default();
+    let (local, remote) = (plain_http().await, plain_http().await);
+    let config = format!(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: east-client
+  namespace: curl-external-tst
+  labels: {{app: east-client, istio-locality: us-east.zone-a}}
+  annotations: {{sidecar.istio.io/inject: 'true'}}
+spec:
+  containers: [{{name: app, image: curl}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: located, namespace: curl-external-tst}}
+spec:
+  hosts: [located.example.com]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {}}}, locality: us-west/zone-b}}
+  - {{address: 127.0.0.1, ports: {{http: {}}}, locality: us-east/zone-a}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: located, namespace: curl-external-tst}}
+spec:
+  host: located.example.com
+  trafficPolicy:
+    outlierDetection: {{consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}
+",
+        remote.port(),
+        local.port()
+    );
+    let spec = Spec::new(
+        seed_config_except(&["sidecar.yaml"], &[&config]),
+        "curl-external-tst/east-client",
+    );
+    let sc = TestProxy::start(&mesh, spec).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    let get = |path: &'static str| {
+        let proxy = proxy.clone();
+        async move {
+            curl(&[
+                "-x",
+                &proxy,
+                &format!("http://located.example.com:8080{path}"),
+            ])
+            .await
+        }
+    };
+    for _ in 0..8 {
+        assert_eq!(get("/").await.code, "200");
+        assert_eq!(
+            sc.next_log().await["upstream_host"],
+            local.to_string(),
+            "own locality first"
+        );
+    }
+    // The local endpoint answers 503 once: ejected.
+    assert_eq!(get("/status/503").await.code, "503");
+    sc.next_log().await;
+    for _ in 0..3 {
+        assert_eq!(get("/").await.code, "200");
+        assert_eq!(
+            sc.next_log().await["upstream_host"],
+            remote.to_string(),
+            "failed over"
+        );
+    }
+}

@@ -42,7 +42,10 @@ pub(super) fn cluster_view(
             _ => d.host.clone(),
         },
         resolution: service.map_or(ClusterResolution::NotInRegistry, resolution),
-        endpoints: service.map_or(ClusterEndpoints::None, |s| endpoints(s, port)),
+        endpoints: service.map_or(ClusterEndpoints::None, |s| {
+            let by_locality = locality_lb(&policy).then(|| locality_of(&w.labels));
+            endpoints(s, port, by_locality.as_deref())
+        }),
         protocol: service
             .and_then(|s| s.port(d.port))
             .map_or(Protocol::Unsupported, |p| p.protocol),
@@ -77,7 +80,7 @@ fn resolution(s: &Service) -> ClusterResolution {
 /// by its name at the target port, STATIC endpoints by address, DNS
 /// endpoints (or the host itself) by name; each endpoint at its port of
 /// that name, else the service port's target, else the port.
-fn endpoints(service: &Service, port: u16) -> ClusterEndpoints {
+fn endpoints(service: &Service, port: u16, proxy_locality: Option<&str>) -> ClusterEndpoints {
     let service_port = service.port(u32::from(port));
     let target = service_port.and_then(|p| match &p.target_port {
         Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
@@ -94,6 +97,11 @@ fn endpoints(service: &Service, port: u16) -> ClusterEndpoints {
     let at = |host: &str, port: u16| HostPort {
         host: host.to_owned(),
         port,
+        priority: 0,
+    };
+    let at_endpoint = |e: &crate::model::networking::WorkloadEntry| HostPort {
+        priority: proxy_locality.map_or(0, |p| locality_priority(p, &e.locality)),
+        ..at(&e.address, endpoint_port(&e.ports))
     };
     match (&service.source, service.resolution) {
         // The Service's name resolves to its pods (headless, as `up`'s DNS
@@ -105,22 +113,14 @@ fn endpoints(service: &Service, port: u16) -> ClusterEndpoints {
         (_, Resolution::DynamicDns) => ClusterEndpoints::RequestHost {
             port: target.unwrap_or(port),
         },
-        (_, Resolution::Static) => ClusterEndpoints::Static(
-            service
-                .endpoints
-                .iter()
-                .map(|e| at(&e.address, endpoint_port(&e.ports)))
-                .collect(),
-        ),
+        (_, Resolution::Static) => {
+            ClusterEndpoints::Static(service.endpoints.iter().map(at_endpoint).collect())
+        }
         (_, res) => {
             let names = if service.endpoints.is_empty() {
                 vec![at(&service.hostname, target.unwrap_or(port))]
             } else {
-                service
-                    .endpoints
-                    .iter()
-                    .map(|e| at(&e.address, endpoint_port(&e.ports)))
-                    .collect()
+                service.endpoints.iter().map(at_endpoint).collect()
             };
             ClusterEndpoints::Dns {
                 names,
@@ -128,6 +128,48 @@ fn endpoints(service: &Service, port: u16) -> ClusterEndpoints {
             }
         }
     }
+}
+
+/// Istio's locality failover applies with outlier detection, unless the
+/// DestinationRule's `localityLbSetting` turns it off.
+fn locality_lb(policy: &super::EffectivePolicy) -> bool {
+    let enabled = policy
+        .load_balancer
+        .as_ref()
+        .and_then(|lb| lb.locality_lb_setting.as_ref())
+        .and_then(|l| l.enabled)
+        != Some(false);
+    enabled && policy.outlier_detection.is_some()
+}
+
+/// A workload's locality (`region/zone/subzone`): its `istio-locality`
+/// label (dots for slashes, as label values allow), else its topology
+/// labels.
+fn locality_of(labels: &crate::model::Labels) -> String {
+    if let Some(l) = labels.get("istio-locality") {
+        return l.replace('.', "/");
+    }
+    let part = |k: &str| labels.get(k).map_or("", String::as_str);
+    let parts = [
+        part("topology.kubernetes.io/region"),
+        part("topology.kubernetes.io/zone"),
+        part("topology.istio.io/subzone"),
+    ];
+    parts.join("/").trim_end_matches('/').to_owned()
+}
+
+/// How much of the proxy's locality an endpoint's shares (0 all, 3 none),
+/// level by level as Istio compares them; an unknown (empty) region
+/// shares nothing.
+fn locality_priority(proxy: &str, endpoint: &str) -> u8 {
+    let level = |s: &str, i: usize| s.split('/').nth(i).unwrap_or("").to_owned();
+    if level(proxy, 0).is_empty() || level(proxy, 0) != level(endpoint, 0) {
+        return 3;
+    }
+    if level(proxy, 1) != level(endpoint, 1) {
+        return 2;
+    }
+    u8::from(level(proxy, 2) != level(endpoint, 2))
 }
 
 /// The workload behind a mesh service, when exactly one backs it.
@@ -236,5 +278,22 @@ pub fn cluster_tls(
             private_key: String::new(),
             insecure_skip_verify: false,
         },
+    }
+}
+
+#[cfg(test)]
+mod locality_tests {
+    use super::locality_priority;
+
+    #[test]
+    fn endpoints_rank_by_the_locality_they_share() {
+        let me = "us-east/zone-a/rack-1";
+        assert_eq!(locality_priority(me, "us-east/zone-a/rack-1"), 0);
+        assert_eq!(locality_priority(me, "us-east/zone-a/rack-2"), 1);
+        assert_eq!(locality_priority(me, "us-east/zone-b"), 2);
+        assert_eq!(locality_priority(me, "us-west/zone-a"), 3);
+        assert_eq!(locality_priority(me, ""), 3);
+        assert_eq!(locality_priority("", "us-east"), 3);
+        assert_eq!(locality_priority("us-east/zone-a", "us-east/zone-a"), 0);
     }
 }

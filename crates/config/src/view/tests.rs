@@ -407,7 +407,8 @@ fn seed_gateway_view() {
         ClusterEndpoints::Dns {
             names: vec![HostPort {
                 host: "jsonplaceholder.typicode.com".into(),
-                port: 443
+                port: 443,
+                priority: 0,
             }],
             first_only: false
         }
