@@ -81,18 +81,6 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
             );
             for (at, lb) in lbs {
                 let Some(lb) = lb else { continue };
-                let generated_cookie = lb
-                    .consistent_hash
-                    .as_ref()
-                    .and_then(|c| c.http_cookie.as_ref())
-                    .is_some_and(|c| c.ttl.is_some());
-                if generated_cookie {
-                    warn(
-                        &dr.meta,
-                        format!("{at}.loadBalancer.consistentHash.httpCookie.ttl"),
-                        "generated hash cookies yet: a request without the cookie is balanced as usual",
-                    );
-                }
                 let tuned = lb.locality_lb_setting.as_ref().is_some_and(|l| {
                     !l.distribute.is_empty()
                         || !l.failover.is_empty()

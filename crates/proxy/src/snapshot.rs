@@ -594,7 +594,11 @@ fn hash_on(c: &meshgate_config::model::networking::ConsistentHashLb) -> Option<H
             .map(HashOn::Header);
     }
     if let Some(cookie) = &c.http_cookie {
-        return Some(HashOn::Cookie(cookie.name.clone()));
+        return Some(HashOn::Cookie {
+            name: cookie.name.clone(),
+            ttl: cookie.ttl.map(|t| t.as_std()).filter(|t| !t.is_zero()),
+            path: cookie.path.clone(),
+        });
     }
     if c.use_source_ip == Some(true) {
         return Some(HashOn::SourceIp);

@@ -166,10 +166,21 @@ pub struct UpstreamAddr(pub SocketAddr);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HashOn {
     Header(http::header::HeaderName),
-    Cookie(String),
+    /// A cookie; with a `ttl`, a request without it gets one made (and the
+    /// response sets it), as Envoy does.
+    Cookie {
+        name: String,
+        ttl: Option<Duration>,
+        path: String,
+    },
     SourceIp,
     QueryParameter(String),
 }
+
+/// A hash cookie made for a request that had none (a request extension):
+/// the request hashes on it, and the response sets it.
+#[derive(Debug, Clone)]
+pub struct GeneratedCookie(pub String);
 
 /// The downstream's address, carried to the load balancer as a request
 /// extension (never sent).
@@ -776,6 +787,43 @@ impl Cluster {
         &self.core.name
     }
 
+    /// `consistentHash.httpCookie` with a `ttl`, and a request without the
+    /// cookie: a new value, and the `Set-Cookie` the response carries.
+    pub fn cookie_to_make(&self, headers: &http::HeaderMap) -> Option<(String, http::HeaderValue)> {
+        let Some(HashOn::Cookie {
+            name,
+            ttl: Some(ttl),
+            path,
+        }) = &self.core.hash
+        else {
+            return None;
+        };
+        let present = headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .any(|c| {
+                c.trim()
+                    .strip_prefix(name.as_str())
+                    .is_some_and(|r| r.starts_with('='))
+            });
+        if present {
+            return None;
+        }
+        let value = format!("{:016x}", fastrand::u64(..));
+        let path = if path.is_empty() {
+            String::new()
+        } else {
+            format!("; Path={path}")
+        };
+        let set = format!(
+            "{name}=\"{value}\"; Max-Age={}{path}; HttpOnly",
+            ttl.as_secs()
+        );
+        Some((value, http::HeaderValue::from_str(&set).ok()?))
+    }
+
     /// Its load balancer hashes the downstream's address (`useSourceIp`).
     pub fn hashes_source_ip(&self) -> bool {
         self.core.hash == Some(HashOn::SourceIp)
@@ -1025,13 +1073,17 @@ fn hash_key(on: &HashOn, req: &Request<Body>) -> Option<u64> {
             .split('&')
             .find_map(|kv| kv.strip_prefix(name.as_str())?.strip_prefix('='))?
             .hash(&mut h),
-        HashOn::Cookie(name) => req
+        HashOn::Cookie { .. } if req.extensions().get::<GeneratedCookie>().is_some() => {
+            req.extensions().get::<GeneratedCookie>()?.0.hash(&mut h)
+        }
+        HashOn::Cookie { name, .. } => req
             .headers()
             .get_all(http::header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'))
             .find_map(|c| c.trim().strip_prefix(name.as_str())?.strip_prefix('='))?
+            .trim_matches('"')
             .hash(&mut h),
     }
     Some(h.finish())

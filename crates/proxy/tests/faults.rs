@@ -511,28 +511,10 @@ spec:
 async fn consistent_hash_keeps_a_key_on_one_endpoint() {
     let mesh = Mesh::default();
     let (a, b) = (plain_http().await, plain_http().await);
-    let config = format!(
-        "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: hashed, namespace: curl-external-tst}}
-spec:
-  hosts: [hashed.example.com]
-  ports: [{{number: 8080, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {}}}}}
-  - {{address: 127.0.0.1, ports: {{http: {}}}}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: hashed, namespace: curl-external-tst}}
-spec:
-  host: hashed.example.com
-  trafficPolicy:
-    loadBalancer: {{consistentHash: {{httpHeaderName: x-user}}}}
-",
-        a.port(),
-        b.port()
+    let config = two_endpoints(
+        "hashed",
+        [a, b],
+        "{consistentHash: {httpHeaderName: x-user}}",
     );
     let dns = dns_for("unused.example.com", 30).await;
     let sc = sidecar(&mesh, &[&config], dns.addr).await;
@@ -636,4 +618,85 @@ spec:
             "failed over"
         );
     }
+}
+
+/// `consistentHash.httpCookie` with a ttl: a client without the cookie
+/// gets one (Set-Cookie) and keeps its endpoint with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_hash_cookie_keeps_a_client_on_its_endpoint() {
+    let mesh = Mesh::default();
+    let (a, b) = (plain_http().await, plain_http().await);
+    let config = two_endpoints(
+        "sticky",
+        [a, b],
+        "{consistentHash: {httpCookie: {name: affinity, path: /, ttl: 60s}}}",
+    );
+    let dns = dns_for("unused.example.com", 30).await;
+    let sc = sidecar(&mesh, &[&config], dns.addr).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    let dir = TempDir::new("sticky");
+    let mut used = std::collections::HashSet::new();
+    for client in 0..12 {
+        let jar = dir.path(&format!("jar-{client}"));
+        let first = curl(&[
+            "-i",
+            "-x",
+            &proxy,
+            "-c",
+            &jar,
+            "http://sticky.example.com:8080/",
+        ])
+        .await;
+        assert!(first.body.contains("set-cookie: affinity=\""), "{first:?}");
+        let host = sc.next_log().await["upstream_host"].clone();
+        for _ in 0..3 {
+            let again = curl(&[
+                "-i",
+                "-x",
+                &proxy,
+                "-b",
+                &jar,
+                "http://sticky.example.com:8080/",
+            ])
+            .await;
+            assert!(
+                !again.body.contains("set-cookie"),
+                "the cookie was sent: {again:?}"
+            );
+            assert_eq!(
+                sc.next_log().await["upstream_host"],
+                host,
+                "client {client}"
+            );
+        }
+        used.insert(host.to_string());
+    }
+    assert_eq!(used.len(), 2, "clients spread over both endpoints");
+}
+
+/// `NAME.example.com:8080` with two STATIC endpoints and a
+/// DestinationRule with this `loadBalancer`.
+fn two_endpoints(name: &str, endpoints: [SocketAddr; 2], load_balancer: &str) -> String {
+    let [a, b] = endpoints.map(|e| e.port());
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: curl-external-tst}}
+spec:
+  hosts: [{name}.example.com]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {a}}}}}
+  - {{address: 127.0.0.1, ports: {{http: {b}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}, namespace: curl-external-tst}}
+spec:
+  host: {name}.example.com
+  trafficPolicy:
+    loadBalancer: {load_balancer}
+"
+    )
 }

@@ -476,7 +476,11 @@ spec:
     assert_eq!(todo.code, "200", "{todo:?}");
     assert!(todo.body.contains("x-root: yes"), "{todo:?}");
     assert_eq!(external.seen.all().last().unwrap().path, "/todos/1");
-    gw.next_log().await;
+    assert_eq!(
+        gw.next_log().await["route_name"],
+        "team-a/api#0",
+        "an unnamed delegated rule is named where it was written"
+    );
     let teapot = get("/api/anything").await;
     assert_eq!(
         teapot.code, "418",

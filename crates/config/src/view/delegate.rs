@@ -76,8 +76,17 @@ fn expand(
         .spec
         .http
         .iter()
-        .filter(|child| child.delegate.is_none())
-        .filter_map(|child| merge_rule(rule, child))
+        .enumerate()
+        .filter(|(_, child)| child.delegate.is_none())
+        .filter_map(|(i, child)| {
+            let mut merged = merge_rule(rule, child)?;
+            // An unnamed rule is named by where it was written, so logs
+            // and `explain` point at the delegate's file, not the merge.
+            if merged.name.is_empty() {
+                merged.name = format!("{ns}/{}#{i}", d.name);
+            }
+            Some(merged)
+        })
         .collect()
 }
 

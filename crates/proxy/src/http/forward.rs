@@ -21,7 +21,7 @@ use crate::conn::Conn;
 use crate::proxy::Proxy;
 use crate::route::{Route, WeightedCluster};
 use crate::snapshot::{ClusterEntry, Snapshot};
-use crate::upstream::{DownstreamAddr, UpstreamAddr, UpstreamError};
+use crate::upstream::{DownstreamAddr, GeneratedCookie, UpstreamAddr, UpstreamError};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -94,12 +94,25 @@ impl Upstream<'_> {
             );
         };
         let Prepared {
-            parts,
+            mut parts,
             uri,
             downstream_upgrade,
         } = prepared;
+        let cookie = self.cluster.cluster.cookie_to_make(&parts.headers);
+        if let Some((value, _)) = &cookie {
+            parts.extensions.insert(GeneratedCookie(value.clone()));
+        }
         match self.send(parts, uri, body, counter).await {
-            Ok((resp, attempts)) => self.respond(resp, attempts, delayed, downstream_upgrade),
+            Ok((resp, attempts)) => {
+                let mut outcome = self.respond(resp, attempts, delayed, downstream_upgrade);
+                if let Some((_, set)) = cookie {
+                    outcome
+                        .response
+                        .headers_mut()
+                        .append(header::SET_COOKIE, set);
+                }
+                outcome
+            }
             Err((e, attempts)) => self.failed(&e, attempts),
         }
     }
@@ -290,6 +303,9 @@ impl Upstream<'_> {
                 if cluster.hashes_source_ip() {
                     req.extensions_mut()
                         .insert(DownstreamAddr(self.conn.remote));
+                }
+                if let Some(c) = parts.extensions.get::<GeneratedCookie>() {
+                    req.extensions_mut().insert(c.clone());
                 }
                 // The last possible attempt takes the headers; earlier ones copy.
                 *req.headers_mut() = if attempt < max_attempts {
