@@ -651,9 +651,7 @@ const CASES: &[Case] = &[
                 "VirtualService overlapping-mathes-with-different-methods",
             ),
         ],
-        differs: Some(
-            "not yet: IST0130/IST0131 find only identical HTTP matches and rules after a catch-all; Istio also compares TCP and TLS rules, named matches and overlapping prefixes",
-        ),
+        differs: None,
     },
     Case {
         name: "host defined in virtualservice not found in the gateway",

@@ -512,61 +512,264 @@ fn virtual_service_references(
 
 fn virtual_service_rules(config: &Config, out: &mut Vec<Diagnostic>) {
     for vs in &config.virtual_services {
-        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-        let mut catch_all: Option<usize> = None;
-        let route_name = |i: usize| {
-            let n = &vs.spec.http[i].name;
-            if n.is_empty() { format!("#{i}") } else { q(n) }
+        let http: Vec<RuleMatches<'_>> = vs
+            .spec
+            .http
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RuleMatches {
+                label: if r.name.is_empty() {
+                    format!("#{i}")
+                } else {
+                    q(&r.name)
+                },
+                path: format!("spec.http[{i}]"),
+                matches: r
+                    .matches
+                    .iter()
+                    .enumerate()
+                    .map(|(j, m)| {
+                        // Compared without its name, as istioctl does.
+                        let key = HttpMatchRequestKey(m);
+                        let label = if m.name.is_empty() {
+                            format!("#{j}")
+                        } else {
+                            q(&m.name)
+                        };
+                        (
+                            label,
+                            serde_json::to_string(&key).unwrap_or_default(),
+                            Some(m),
+                        )
+                    })
+                    .collect(),
+            })
+            .collect();
+        let l4 = |kind: &str, rules: Vec<Vec<String>>| -> Vec<RuleMatches<'_>> {
+            rules
+                .into_iter()
+                .enumerate()
+                .map(|(i, keys)| RuleMatches {
+                    label: format!("#{i}"),
+                    path: format!("spec.{kind}[{i}]"),
+                    matches: keys
+                        .into_iter()
+                        .enumerate()
+                        .map(|(j, k)| (format!("#{j}"), k, None))
+                        .collect(),
+                })
+                .collect()
         };
-        for (i, rule) in vs.spec.http.iter().enumerate() {
-            let origin = Origin::at_field(&vs.meta, &format!("spec.http[{i}]"));
-            let unreachable = |reason: &str| {
-                Diagnostic::new(
-                    Level::Warning,
-                    "IST0130",
-                    origin.clone(),
-                    format!("VirtualService rule {} not used ({reason}).", route_name(i)),
-                )
-            };
-            if rule.matches.is_empty() {
-                if catch_all.is_some() {
-                    out.push(unreachable("only the last rule can have no matches"));
-                }
-                catch_all = Some(i);
-                continue;
+        let tcp = l4(
+            "tcp",
+            vs.spec
+                .tcp
+                .iter()
+                .map(|r| r.matches.iter().map(json).collect())
+                .collect(),
+        );
+        let tls = l4(
+            "tls",
+            vs.spec
+                .tls
+                .iter()
+                .map(|r| r.matches.iter().map(json).collect())
+                .collect(),
+        );
+        for rules in [http, tcp, tls] {
+            unreachable_rules(&vs.meta, &rules, out);
+        }
+    }
+}
+
+/// One rule's matches for the unreachable-rule analysis: labels as
+/// istioctl prints them, a comparison key, and (HTTP) the match itself.
+struct RuleMatches<'a> {
+    label: String,
+    path: String,
+    matches: Vec<(
+        String,
+        String,
+        Option<&'a crate::model::networking::HttpMatchRequest>,
+    )>,
+}
+
+/// An HTTP match as compared: everything but its name.
+struct HttpMatchRequestKey<'a>(&'a crate::model::networking::HttpMatchRequest);
+
+impl serde::Serialize for HttpMatchRequestKey<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = self.0.clone();
+        m.name.clear();
+        m.serialize(s)
+    }
+}
+
+/// A match as JSON, for comparison.
+fn json<T: serde::Serialize>(m: &T) -> String {
+    serde_json::to_string(m).unwrap_or_default()
+}
+
+/// IST0130 and IST0131 as istioctl's validation finds them: rules after a
+/// rule without matches, rules whose every match came before, matches
+/// that repeat an earlier one, and (HTTP) prefix matches an earlier,
+/// shorter prefix already covers.
+fn unreachable_rules(
+    meta: &crate::model::Meta,
+    rules: &[RuleMatches<'_>],
+    out: &mut Vec<Diagnostic>,
+) {
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut catch_all: Option<usize> = None;
+    let mut prefixed: Vec<Overlap> = Vec::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let unreachable = |reason: &str| {
+            Diagnostic::new(
+                Level::Warning,
+                "IST0130",
+                Origin::at_field(meta, &rule.path),
+                format!("VirtualService rule {} not used ({reason}).", rule.label),
+            )
+        };
+        if rule.matches.is_empty() {
+            if catch_all.is_some() {
+                out.push(unreachable("only the last rule can have no matches"));
             }
+            catch_all = Some(i);
+            continue;
+        }
+        let mut duplicates = 0;
+        for (j, (label, key, http)) in rule.matches.iter().enumerate() {
             if catch_all.is_some() {
                 out.push(unreachable("route without matches defined before"));
                 continue;
             }
-            let mut duplicates = 0;
-            for (j, m) in rule.matches.iter().enumerate() {
-                let key = serde_json::to_string(m).unwrap_or_default();
-                if let Some(&dup) = seen.get(&key) {
-                    duplicates += 1;
-                    let match_name = if m.name.is_empty() {
-                        format!("#{j}")
-                    } else {
-                        q(&m.name)
-                    };
-                    out.push(Diagnostic::new(
-                        Level::Info,
-                        "IST0131",
-                        Origin::at_field(&vs.meta, &format!("spec.http[{i}].match[{j}]")),
-                        format!(
-                            "VirtualService rule {} match {match_name} is not used (duplicate/overlapping match in rule {}).",
-                            route_name(i),
-                            route_name(dup)
-                        ),
-                    ));
-                } else {
-                    seen.insert(key, i);
-                }
+            if let Some(&dup) = seen.get(key.as_str()) {
+                duplicates += 1;
+                out.push(ineffective(
+                    meta,
+                    &format!("{}.match[{j}]", rule.path),
+                    &rule.label,
+                    label,
+                    &rules[dup].label,
+                ));
+                continue;
             }
-            if duplicates == rule.matches.len() {
-                out.push(unreachable("all matches used by prior rules"));
+            seen.insert(key, i);
+            if let Some(o) = http.and_then(|m| {
+                Overlap::of(m, &rule.label, label, &format!("{}.match[{j}]", rule.path))
+            }) {
+                prefixed.push(o);
             }
         }
+        if duplicates == rule.matches.len() {
+            out.push(unreachable("all matches used by prior rules"));
+        }
+    }
+    for (a, earlier) in prefixed.iter().enumerate() {
+        for later in &prefixed[a + 1..] {
+            if later.prefix != earlier.prefix && earlier.covers(later) {
+                out.push(ineffective(
+                    meta,
+                    &later.path,
+                    &later.rule,
+                    &format!("{} of prefix {}", later.label, later.prefix),
+                    &format!(
+                        "{} of prefix {} on {}",
+                        earlier.label, earlier.prefix, earlier.rule
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+fn ineffective(
+    meta: &crate::model::Meta,
+    path: &str,
+    rule: &str,
+    m: &str,
+    dup: &str,
+) -> Diagnostic {
+    Diagnostic::new(
+        Level::Info,
+        "IST0131",
+        Origin::at_field(meta, path),
+        format!(
+            "VirtualService rule {rule} match {m} is not used (duplicate/overlapping match in rule {dup})."
+        ),
+    )
+}
+
+/// A prefix match as istioctl compares them for overlap: the prefix, the
+/// port, and `exact:`/`prefix:` forms of method (GET by default),
+/// authority, headers, query parameters and absent headers.
+struct Overlap {
+    rule: String,
+    label: String,
+    path: String,
+    prefix: String,
+    port: u32,
+    method: String,
+    authority: String,
+    headers: BTreeMap<String, String>,
+    query: BTreeMap<String, String>,
+    without: BTreeMap<String, String>,
+}
+
+impl Overlap {
+    fn of(
+        m: &crate::model::networking::HttpMatchRequest,
+        rule: &str,
+        label: &str,
+        path: &str,
+    ) -> Option<Overlap> {
+        let prefix = m.uri.as_ref()?.prefix.clone().filter(|p| !p.is_empty())?;
+        let form = |s: Option<&crate::model::networking::StringMatch>| match s {
+            Some(s) if s.exact.as_deref().is_some_and(|e| !e.is_empty()) => {
+                format!("exact:{}", s.exact.as_deref().unwrap_or_default())
+            }
+            Some(s) if s.prefix.as_deref().is_some_and(|p| !p.is_empty()) => {
+                format!("prefix:{}", s.prefix.as_deref().unwrap_or_default())
+            }
+            _ => String::new(),
+        };
+        let forms = |map: &BTreeMap<String, crate::model::networking::StringMatch>| {
+            map.iter()
+                .map(|(k, v)| (k.clone(), form(Some(v))))
+                .collect()
+        };
+        let method = match form(m.method.as_ref()) {
+            f if f.is_empty() => "exact:GET".to_owned(),
+            f => f,
+        };
+        Some(Overlap {
+            rule: rule.to_owned(),
+            label: label.to_owned(),
+            path: path.to_owned(),
+            prefix,
+            port: m.port.unwrap_or(0),
+            method,
+            authority: form(m.authority.as_ref()),
+            headers: forms(&m.headers),
+            query: forms(&m.query_params),
+            without: forms(&m.without_headers),
+        })
+    }
+
+    /// Does this (earlier) match take every request `later` would?
+    fn covers(&self, later: &Overlap) -> bool {
+        let field = |a: &str, b: &str| a == b || a.starts_with(b);
+        let maps = |a: &BTreeMap<String, String>, b: &BTreeMap<String, String>| {
+            a.len() == b.len() && a.iter().all(|(k, v)| b.get(k).is_some_and(|w| field(v, w)))
+        };
+        later.prefix.starts_with(&self.prefix)
+            && later.port == self.port
+            && field(&self.method, &later.method)
+            && field(&self.authority, &later.authority)
+            && maps(&self.headers, &later.headers)
+            && maps(&self.query, &later.query)
+            && maps(&self.without, &later.without)
     }
 }
 

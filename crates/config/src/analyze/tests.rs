@@ -210,6 +210,15 @@ fn each_code_with_its_exact_message() {
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: again, namespace: curl-external-tst}\nspec:\n  hosts: [jsonplaceholder.typicode.com]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: DNS\n".to_owned(),
             vec!["Warning [MG0006] (ServiceEntry curl-external-tst/again extra.yaml:5) host jsonplaceholder.typicode.com is already defined by ServiceEntry curl-external-tst/jsonplaceholder: meshgate uses that one for it; merge them into one ServiceEntry"],
         ),
+        (
+            "IST0130/IST0131 overlapping prefixes and TCP rules",
+            vs("ov", "curl-external-tst", "  hosts: [jsonplaceholder.typicode.com]\n  gateways: [curl-egress-tst/egress-gateway]\n  http:\n  - match: [{uri: {prefix: /api}}]\n    route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]\n  - match: [{uri: {prefix: /api/v1}}]\n    route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]\n  tcp:\n  - match: [{port: 9000}]\n    route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]\n  - match: [{port: 9000}]\n    route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]\n"),
+            vec![
+                "Info [IST0131] (VirtualService curl-external-tst/ov extra.yaml:10) VirtualService rule #1 match #0 of prefix /api/v1 is not used (duplicate/overlapping match in rule #0 of prefix /api on #0).",
+                "Warning [IST0130] (VirtualService curl-external-tst/ov extra.yaml:15) VirtualService rule #1 not used (all matches used by prior rules).",
+                "Info [IST0131] (VirtualService curl-external-tst/ov extra.yaml:15) VirtualService rule #1 match #0 is not used (duplicate/overlapping match in rule #0).",
+            ],
+        ),
     ];
     let mut failures = Vec::new();
     for (name, extra, want) in cases {
