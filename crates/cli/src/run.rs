@@ -358,6 +358,15 @@ pub(crate) struct SidecarArgs {
     /// as Istio closes connections to 15001 itself.
     #[arg(long)]
     pub explicit_proxy: bool,
+    /// Inbound capture listener (`iptables --inbound-ports` redirects
+    /// here, Istio's 15006): the workload's PeerAuthentication and
+    /// AuthorizationPolicies on the way in. Off unless given.
+    #[arg(long, value_name = "PORT")]
+    pub inbound_port: Option<u16>,
+    /// Address of the inbound listener: any, where iptables redirects
+    /// connections from other pods.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub inbound_address: IpAddr,
 }
 
 /// The identity a --control-plane proxy asks for: its service account in
@@ -605,6 +614,10 @@ async fn proxy_main(
         }),
         original_dst: OriginalDst::Socket,
         explicit_proxy: sidecar.is_some_and(|s| s.explicit_proxy),
+        inbound: sidecar.and_then(|s| {
+            s.inbound_port
+                .map(|port| SocketAddr::new(s.inbound_address, port))
+        }),
     };
     let mut app = App::start(proxy, &options).await?;
     listeners_pending.done();

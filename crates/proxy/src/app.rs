@@ -43,6 +43,9 @@ pub struct Options {
     /// A sidecar serves connections made to its outbound listener itself
     /// as an explicit HTTP proxy (`curl -x`); without it they are closed.
     pub explicit_proxy: bool,
+    /// A sidecar's inbound capture listener (Istio's 15006), when inbound
+    /// traffic is captured.
+    pub inbound: Option<SocketAddr>,
 }
 
 /// A running proxy.
@@ -89,11 +92,22 @@ impl App {
                     options.original_dst,
                     options.explicit_proxy,
                 ));
+                let mut captures = Vec::new();
+                if let Some(addr) = options.inbound {
+                    let (l, local) = bind_outbound(addr).await?;
+                    tracing::info!(address = %local, "inbound listener bound");
+                    let inbound = tokio::spawn(crate::sidecar::serve_inbound(
+                        proxy.clone(),
+                        l,
+                        options.original_dst,
+                    ));
+                    captures.push(inbound.abort_handle());
+                }
                 Listeners::Sidecar {
                     port: addr.port(),
                     local,
                     task: task.abort_handle(),
-                    captures: Vec::new(),
+                    captures,
                 }
             }
         };
@@ -118,16 +132,35 @@ impl App {
         ip: IpAddr,
         original: SocketAddr,
     ) -> Result<Option<SocketAddr>, AppError> {
+        self.capture(ip, original, false).await
+    }
+
+    /// The same for connections on their way in to the workload (as
+    /// iptables redirects them to 15006).
+    pub async fn capture_inbound_for(
+        &mut self,
+        ip: IpAddr,
+        original: SocketAddr,
+    ) -> Result<Option<SocketAddr>, AppError> {
+        self.capture(ip, original, true).await
+    }
+
+    async fn capture(
+        &mut self,
+        ip: IpAddr,
+        original: SocketAddr,
+        inbound: bool,
+    ) -> Result<Option<SocketAddr>, AppError> {
         let Listeners::Sidecar { captures, .. } = &mut self.listeners else {
             return Ok(None);
         };
         let (l, local) = bind_outbound(SocketAddr::new(ip, 0)).await?;
-        let task = tokio::spawn(crate::sidecar::serve(
-            self.proxy.clone(),
-            l,
-            OriginalDst::Fixed(original),
-            false,
-        ));
+        let (proxy, how) = (self.proxy.clone(), OriginalDst::Fixed(original));
+        let task = if inbound {
+            tokio::spawn(crate::sidecar::serve_inbound(proxy, l, how))
+        } else {
+            tokio::spawn(crate::sidecar::serve(proxy, l, how, false))
+        };
         captures.push(task.abort_handle());
         Ok(Some(local))
     }

@@ -65,6 +65,8 @@ pub struct Conn {
     /// Sidecars: an explicit-proxy client, whose requests name their port
     /// in the URI.
     pub explicit: bool,
+    /// Sidecars: captured on its way in to the workload (15006), not out.
+    pub inbound: bool,
     pub tls: Option<Terminated>,
 }
 
@@ -78,6 +80,7 @@ impl Conn {
             original_dst: None,
             connect_host: None,
             explicit: false,
+            inbound: false,
             tls: None,
         }
     }

@@ -97,6 +97,9 @@ pub enum Plan<'s> {
 /// Plans the next step for a connection, given what has been read from it.
 /// `pick` in [0, 1) chooses among weighted destinations.
 pub fn plan<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>, pick: f64) -> Plan<'s> {
+    if conn.inbound {
+        return inbound(snap, conn, peeked);
+    }
     match snap.role {
         Role::Gateway => gateway(snap, conn, peeked, pick),
         Role::Sidecar => sidecar(snap, conn, peeked, pick),
@@ -156,6 +159,36 @@ fn serves_tcp(listener: &ListenerState) -> bool {
     !listener.protocol.is_http()
         && listener.protocol != Protocol::Https
         && !matches!(listener.tls, ListenerTls::Passthrough)
+}
+
+/// A connection on its way in to the workload (a sidecar's 15006): the
+/// PeerAuthentication mode decides what TLS is (STRICT: mesh mTLS only;
+/// PERMISSIVE: mesh mTLS or plaintext, told by the first byte; DISABLE:
+/// the bytes are the application's, TLS or not), then the workload's
+/// AuthorizationPolicies decide, at L4 (HTTP-only fields as Istio's TCP
+/// filter treats them), and it goes on to where it was going.
+fn inbound<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>) -> Plan<'s> {
+    use meshgate_config::model::security::MtlsMode;
+    if conn.tls.is_some() || snap.inbound_mtls == MtlsMode::Disable {
+        return Plan::Tcp(inbound_tcp(snap, conn));
+    }
+    match first_byte_is_tls(peeked) {
+        None => Plan::Read(Need::FirstByte),
+        Some(true) => Plan::Terminate(Termination::Mesh),
+        Some(false) if snap.inbound_mtls == MtlsMode::Strict => Plan::Close(Refusal::StrictMtls),
+        Some(false) => Plan::Tcp(inbound_tcp(snap, conn)),
+    }
+}
+
+fn inbound_tcp<'s>(snap: &'s Snapshot, conn: &Conn) -> TcpPlan<'s> {
+    let authz = authorize(&snap.inbound_policies, &authz_request(conn, None, None));
+    if !authz.is_allowed() {
+        return TcpPlan {
+            authz,
+            ..TcpPlan::closed(None, ResponseFlags::NONE, TcpReason::Denied)
+        };
+    }
+    TcpPlan::original_dst(snap, None, TcpReason::Inbound)
 }
 
 /// A sidecar decides by the port the application was connecting to, as
@@ -616,6 +649,8 @@ pub enum TcpReason {
     SniRoute,
     #[error("a tcp route matched the destination")]
     TcpRoute,
+    #[error("inbound to the workload, allowed by its policies")]
+    Inbound,
     #[error("a TCP port of a registered service")]
     RegisteredPort,
     #[error("outbound traffic policy ALLOW_ANY")]

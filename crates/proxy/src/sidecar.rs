@@ -50,18 +50,38 @@ pub async fn serve(
     explicit_proxy: bool,
 ) {
     accept_loop(listener, |tcp, remote| {
-        let Ok(local) = tcp.local_addr() else {
+        let Some(mut conn) = captured(&tcp, remote, how) else {
             return;
         };
-        let orig = match how {
-            OriginalDst::Socket => original_dst(&tcp),
-            OriginalDst::Fixed(addr) => Some(addr),
+        conn.explicit = conn.original_dst.is_none() && explicit_proxy;
+        tokio::spawn(crate::connection::serve(proxy.clone(), conn, tcp));
+    })
+    .await;
+}
+
+/// A connection as captured: where it was going (SO_ORIGINAL_DST, or the
+/// fixed address), the port routes match on.
+fn captured(tcp: &TcpStream, remote: SocketAddr, how: OriginalDst) -> Option<Conn> {
+    let local = tcp.local_addr().ok()?;
+    let orig = match how {
+        OriginalDst::Socket => original_dst(tcp),
+        OriginalDst::Fixed(addr) => Some(addr),
+    };
+    Some(Conn {
+        original_dst: orig,
+        ..Conn::accepted(remote, local, orig.map_or(local.port(), |o| o.port()))
+    })
+}
+
+/// Serves the inbound capture listener (Istio's 15006) until the task is
+/// dropped: connections on their way in to the workload, by their
+/// original destination (its own address and port).
+pub async fn serve_inbound(proxy: Arc<Proxy>, listener: TcpListener, how: OriginalDst) {
+    accept_loop(listener, |tcp, remote| {
+        let Some(mut conn) = captured(&tcp, remote, how) else {
+            return;
         };
-        let conn = Conn {
-            original_dst: orig,
-            explicit: orig.is_none() && explicit_proxy,
-            ..Conn::accepted(remote, local, orig.map_or(local.port(), |o| o.port()))
-        };
+        conn.inbound = true;
         tokio::spawn(crate::connection::serve(proxy.clone(), conn, tcp));
     })
     .await;

@@ -151,6 +151,10 @@ pub struct Snapshot {
     pub cluster_names: Vec<Arc<str>>,
     /// Enforced on inbound only: empty for a sidecar's outbound path.
     pub policies: Vec<CompiledPolicy>,
+    /// Sidecars: the workload's AuthorizationPolicies and PeerAuthentication
+    /// mode, for connections on their way in (15006).
+    pub inbound_policies: Vec<CompiledPolicy>,
+    pub inbound_mtls: meshgate_config::model::security::MtlsMode,
     /// Sidecars: what unmatched traffic gets (REGISTRY_ONLY or ALLOW_ANY).
     pub outbound: Option<OutboundMode>,
     /// Sidecars: index of the PassthroughCluster (original destination).
@@ -218,6 +222,13 @@ impl Snapshot {
             .filter(|_| role == Role::Gateway)
             .map(CompiledPolicy::compile)
             .collect();
+        let inbound_policies = view
+            .authorization_policies
+            .iter()
+            .filter(|_| role == Role::Sidecar)
+            .map(CompiledPolicy::compile)
+            .collect();
+        let inbound_mtls = view.peer_authentication.mode;
         let outbound = (role == Role::Sidecar).then_some(view.outbound_traffic_policy.mode);
         let allow_any = match (outbound, passthrough) {
             (Some(OutboundMode::AllowAny), Some(i)) => Some(Route::allow_any(i)),
@@ -230,6 +241,8 @@ impl Snapshot {
             clusters,
             cluster_names,
             policies,
+            inbound_policies,
+            inbound_mtls,
             outbound,
             passthrough,
             allow_any,

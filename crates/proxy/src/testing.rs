@@ -340,6 +340,7 @@ impl TestProxy {
             outbound: (LOCALHOST, 0).into(),
             original_dst: OriginalDst::Socket,
             explicit_proxy: spec.explicit_proxy,
+            inbound: None,
         };
         let app = App::start(Arc::new(proxy), &options).await.unwrap();
         TestProxy {
@@ -367,6 +368,16 @@ impl TestProxy {
     pub async fn capture(&mut self, original: SocketAddr) -> SocketAddr {
         self.app
             .capture_for(LOCALHOST, original)
+            .await
+            .unwrap()
+            .expect("a sidecar")
+    }
+
+    /// A listener taking connections as captured on their way in to the
+    /// workload, to `original` (sidecars).
+    pub async fn capture_inbound(&mut self, original: SocketAddr) -> SocketAddr {
+        self.app
+            .capture_inbound_for(LOCALHOST, original)
             .await
             .unwrap()
             .expect("a sidecar")

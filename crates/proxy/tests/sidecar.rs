@@ -528,3 +528,65 @@ spec:
     assert_eq!(on_443.code, "502", "{on_443:?}");
     assert_eq!(chain.sidecar.next_log().await["route_name"], "block_all");
 }
+
+/// Inbound capture (15006): connections on their way in to the workload
+/// meet its PeerAuthentication and AuthorizationPolicies. A mesh peer the
+/// policy allows reaches the application over mutual TLS; another peer,
+/// and plaintext without an identity, are closed; with STRICT, plaintext
+/// is refused even where no policy applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_traffic_meets_the_workloads_policies() {
+    const FRIEND: &str = "spiffe://cluster.local/ns/friends/sa/default";
+    let mesh = Mesh::default();
+    let dir = TempDir::new("inbound");
+    let app = plain_http().await;
+    let allow_friends = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: friends-only, namespace: curl-external-tst}
+spec:
+  selector: {matchLabels: {app: curl-test}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/friends/sa/default]}}]}]
+";
+    let mut sc = TestProxy::start(&mesh, Spec::new(seed_config(&[allow_friends]), WORKLOAD)).await;
+    let inbound = sc.capture_inbound(app).await;
+    let friend = mesh.client(FRIEND, &dir);
+    let got = friend.get("curl-test", inbound.port(), "/hello", &[]).await;
+    assert_eq!(got.code, "200", "{got:?}");
+    let entry = sc.next_log().await;
+    assert_eq!(entry["upstream_host"], app.to_string());
+    assert_eq!(entry["downstream_peer_uri_san"], FRIEND);
+
+    let stranger = mesh.client("spiffe://cluster.local/ns/other/sa/default", &dir);
+    let denied = stranger
+        .get("curl-test", inbound.port(), "/hello", &[])
+        .await;
+    assert_ne!(denied.exit, 0, "closed: {denied:?}");
+    assert_eq!(
+        sc.next_log().await["upstream_host"],
+        serde_json::Value::Null
+    );
+    let plain = curl(&[&format!("http://{inbound}/hello")]).await;
+    assert_ne!(plain.exit, 0, "no identity, closed: {plain:?}");
+
+    // PERMISSIVE (the default) and no policy: plaintext goes in too.
+    let mut open = TestProxy::start(&mesh, Spec::new(seed_config(&[]), WORKLOAD)).await;
+    let open_inbound = open.capture_inbound(app).await;
+    let plain = curl(&[&format!("http://{open_inbound}/hello")]).await;
+    assert_eq!(plain.code, "200", "{plain:?}");
+
+    // STRICT: plaintext refused; any mesh peer admitted (no policy here).
+    let strict = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: curl-external-tst}
+spec:
+  mtls: {mode: STRICT}
+";
+    let mut sc = TestProxy::start(&mesh, Spec::new(seed_config(&[strict]), WORKLOAD)).await;
+    let inbound = sc.capture_inbound(app).await;
+    let plain = curl(&[&format!("http://{inbound}/hello")]).await;
+    assert_ne!(plain.exit, 0, "plaintext refused: {plain:?}");
+    let got = stranger
+        .get("curl-test", inbound.port(), "/hello", &[])
+        .await;
+    assert_eq!(got.code, "200", "{got:?}");
+}
