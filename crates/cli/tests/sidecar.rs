@@ -161,31 +161,11 @@ fn world(s: &Setup, gateway_args: &[&str]) -> World {
     let installed = net.nat_table(&net.app);
     net.exec_ok(&net.app, &[&s.bin, "iptables"]);
     assert_eq!(net.nat_table(&net.app), installed);
-    let certs = s.t.path("curl-certs");
-    let sidecar = Proc::spawn_argv(&[
-        "ip",
-        "netns",
-        "exec",
+    let sidecar = start_sidecar(
+        s,
         &net.app,
-        "setpriv",
-        "--reuid=1337",
-        "--regid=1337",
-        "--clear-groups",
-        &s.bin,
-        "sidecar",
-        "--config",
-        &s.config,
-        "--workload",
-        "curl-external-tst/curl-test",
-        "--cert-dir",
-        &certs,
-        "--endpoints",
-        &endpoints,
-        "--dns-server",
-        &dns,
-        "--admin-address",
-        "127.0.0.1",
-    ]);
+        &["--endpoints", &endpoints, "--dns-server", &dns],
+    );
     sidecar.wait_for("sidecar running", Duration::from_secs(20));
     World {
         net,
@@ -474,4 +454,86 @@ fn tls_from_the_app_is_routed_by_sni() {
         Some(1.0),
         "{sm}"
     );
+}
+
+/// Inbound capture in a network namespace: istio-init's inbound rules
+/// (`iptables --inbound-ports '*'`) redirect a connection from another
+/// namespace to the application's port into the sidecar's 15006, which
+/// sends it on to the application from 127.0.0.6 (not captured again).
+#[test]
+#[cfg_attr(
+    not_root,
+    ignore = "needs root: network namespaces and iptables (CI runs as root)"
+)]
+fn inbound_capture_in_a_namespace_reaches_the_application() {
+    let s = setup("inbound", false);
+    let net = Net::new();
+    let app_ip = net.ip(1);
+    let http = format!("{app_ip}:8080");
+    let app = Proc::spawn_argv(&[
+        "ip",
+        "netns",
+        "exec",
+        &net.app,
+        &s.bin,
+        "stand-in",
+        "--https-listen",
+        "127.0.0.1:8443",
+        "--dns-listen",
+        "127.0.0.1:5353",
+        "--http-listen",
+        &http,
+    ]);
+    app.wait_for("stand-in running", Duration::from_secs(10));
+    net.exec_ok(&net.app, &[&s.bin, "iptables", "--inbound-ports", "*"]);
+    let sidecar = start_sidecar(&s, &net.app, &["--inbound-port", "15006"]);
+    sidecar.wait_for("inbound listener bound", Duration::from_secs(20));
+    sidecar.wait_for("sidecar running", Duration::from_secs(20));
+    // From the other namespace, plaintext: PERMISSIVE, no policy here.
+    let code = net.exec_ok(
+        &net.gw,
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{http}/hello"),
+        ],
+    );
+    assert_eq!(code, "200");
+    // It went through the sidecar, on to the application's address.
+    let line = sidecar.wait_for(&format!("\"{http}\""), Duration::from_secs(10));
+    assert!(line.contains("- - -"), "a TCP access-log line: {line}");
+}
+
+/// curl-test's sidecar in namespace `ns`, as uid 1337 (its own traffic is
+/// not captured), with its certificate and `extra` flags.
+fn start_sidecar(s: &Setup, ns: &str, extra: &[&str]) -> Proc {
+    let certs = s.t.path("curl-certs");
+    let mut argv = vec![
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "setpriv",
+        "--reuid=1337",
+        "--regid=1337",
+        "--clear-groups",
+        &s.bin,
+        "sidecar",
+        "--config",
+        &s.config,
+        "--workload",
+        "curl-external-tst/curl-test",
+        "--cert-dir",
+        &certs,
+        "--admin-address",
+        "127.0.0.1",
+    ];
+    argv.extend_from_slice(extra);
+    Proc::spawn_argv(&argv)
 }

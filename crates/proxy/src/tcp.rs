@@ -77,7 +77,11 @@ where
         (TcpAction::Forward, Some(c)) => plain(c.cluster.connect_tcp().await),
         (TcpAction::OriginalDst, Some(c)) => {
             let to = original_destination(conn, &c.cluster).await?;
-            plain(c.cluster.connect_tcp_to(to).await)
+            if plan.reason == TcpReason::Inbound {
+                plain(c.cluster.connect_tcp_inbound(to).await)
+            } else {
+                plain(c.cluster.connect_tcp_to(to).await)
+            }
         }
         (_, None) => return Err(ConnError::NotForwarded(TcpReason::NoCluster)),
     };

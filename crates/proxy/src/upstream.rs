@@ -898,6 +898,40 @@ impl Cluster {
             .next()
     }
 
+    /// Opens a plain TCP connection to the workload's own address for a
+    /// connection captured on its way in, from 127.0.0.6 (`::6`), as
+    /// Envoy's inbound passthrough: istio-init's rules let that source out
+    /// of the proxy's uid, where any other would be captured again.
+    pub async fn connect_tcp_inbound(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+        let (socket, source) = if addr.is_ipv4() {
+            (
+                tokio::net::TcpSocket::new_v4(),
+                IpAddr::from([127, 0, 0, 6]),
+            )
+        } else {
+            (
+                tokio::net::TcpSocket::new_v6(),
+                IpAddr::from([0, 0, 0, 0, 0, 0, 0, 6]),
+            )
+        };
+        let fail = |e: std::io::Error| {
+            UpstreamError::ConnectFailure(format!("delayed connect error: {e}"))
+        };
+        let socket = socket.map_err(fail)?;
+        socket.bind(SocketAddr::new(source, 0)).map_err(fail)?;
+        match tokio::time::timeout(self.core.connect_timeout, socket.connect(addr)).await {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                Ok((tcp, addr))
+            }
+            Ok(Err(e)) => Err(fail(e)),
+            Err(_) => Err(UpstreamError::ConnectFailure("connect timeout".into())),
+        }
+    }
+
     /// Opens a plain TCP connection to one address (the original
     /// destination, for PassthroughCluster).
     pub async fn connect_tcp_to(
