@@ -18,7 +18,7 @@ mod routes;
 mod select;
 mod summary;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::Serialize;
@@ -100,6 +100,10 @@ pub struct OutboundPolicy {
 pub struct PeerAuthnView {
     pub mode: MtlsMode,
     pub source: String,
+    /// Ports whose mode differs from `mode` (`portLevelMtls`), for
+    /// connections on their way in to the workload.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<u32, MtlsMode>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -455,8 +459,31 @@ pub fn proxy_view(
             .into_iter()
             .map(|p| policy_view(p, mesh))
             .collect(),
-        peer_authentication: peer_authentication_for(config, w, None, mesh),
+        peer_authentication: workload_peer_authentication(config, w, mesh),
     }
+}
+
+/// The workload's PeerAuthentication, with the ports any `portLevelMtls`
+/// that could apply to it names, where their mode differs.
+fn workload_peer_authentication(
+    config: &Config,
+    w: &Workload,
+    mesh: &MeshSettings,
+) -> PeerAuthnView {
+    let mut view = peer_authentication_for(config, w, None, mesh);
+    let ports: BTreeSet<u32> = config
+        .peer_authentications
+        .iter()
+        .filter(|p| p.meta.namespace == w.namespace || p.meta.namespace == mesh.root_namespace)
+        .flat_map(|p| p.spec.port_level_mtls.keys().copied())
+        .collect();
+    for port in ports {
+        let mode = peer_authentication_for(config, w, Some(port), mesh).mode;
+        if mode != view.mode {
+            view.ports.insert(port, mode);
+        }
+    }
+    view
 }
 
 /// Finds a workload by `namespace/name`.

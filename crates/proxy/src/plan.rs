@@ -169,13 +169,19 @@ fn serves_tcp(listener: &ListenerState) -> bool {
 /// filter treats them), and it goes on to where it was going.
 fn inbound<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>) -> Plan<'s> {
     use meshgate_config::model::security::MtlsMode;
-    if conn.tls.is_some() || snap.inbound_mtls == MtlsMode::Disable {
+    // The application's port decides (`portLevelMtls`), else the workload's.
+    let mode = snap
+        .inbound_mtls_ports
+        .get(&conn.port)
+        .copied()
+        .unwrap_or(snap.inbound_mtls);
+    if conn.tls.is_some() || mode == MtlsMode::Disable {
         return Plan::Tcp(inbound_tcp(snap, conn));
     }
     match first_byte_is_tls(peeked) {
         None => Plan::Read(Need::FirstByte),
         Some(true) => Plan::Terminate(Termination::Mesh),
-        Some(false) if snap.inbound_mtls == MtlsMode::Strict => Plan::Close(Refusal::StrictMtls),
+        Some(false) if mode == MtlsMode::Strict => Plan::Close(Refusal::StrictMtls),
         Some(false) => Plan::Tcp(inbound_tcp(snap, conn)),
     }
 }

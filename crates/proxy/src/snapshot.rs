@@ -155,6 +155,8 @@ pub struct Snapshot {
     /// mode, for connections on their way in (15006).
     pub inbound_policies: Vec<CompiledPolicy>,
     pub inbound_mtls: meshgate_config::model::security::MtlsMode,
+    /// Ports with their own mode (`portLevelMtls`).
+    pub inbound_mtls_ports: HashMap<u16, meshgate_config::model::security::MtlsMode>,
     /// Sidecars: what unmatched traffic gets (REGISTRY_ONLY or ALLOW_ANY).
     pub outbound: Option<OutboundMode>,
     /// Sidecars: index of the PassthroughCluster (original destination).
@@ -229,6 +231,12 @@ impl Snapshot {
             .map(CompiledPolicy::compile)
             .collect();
         let inbound_mtls = view.peer_authentication.mode;
+        let inbound_mtls_ports = view
+            .peer_authentication
+            .ports
+            .iter()
+            .filter_map(|(p, m)| Some((u16::try_from(*p).ok()?, *m)))
+            .collect();
         let outbound = (role == Role::Sidecar).then_some(view.outbound_traffic_policy.mode);
         let allow_any = match (outbound, passthrough) {
             (Some(OutboundMode::AllowAny), Some(i)) => Some(Route::allow_any(i)),
@@ -243,6 +251,7 @@ impl Snapshot {
             policies,
             inbound_policies,
             inbound_mtls,
+            inbound_mtls_ports,
             outbound,
             passthrough,
             allow_any,

@@ -589,4 +589,21 @@ spec:
         .get("curl-test", inbound.port(), "/hello", &[])
         .await;
     assert_eq!(got.code, "200", "{got:?}");
+
+    // portLevelMtls: the application's port PERMISSIVE under STRICT.
+    let port_level = format!(
+        "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: strict-but-app-port, namespace: curl-external-tst}}
+spec:
+  selector: {{matchLabels: {{app: curl-test}}}}
+  mtls: {{mode: STRICT}}
+  portLevelMtls: {{{}: {{mode: PERMISSIVE}}}}
+",
+        app.port()
+    );
+    let mut sc = TestProxy::start(&mesh, Spec::new(seed_config(&[&port_level]), WORKLOAD)).await;
+    let inbound = sc.capture_inbound(app).await;
+    let plain = curl(&[&format!("http://{inbound}/hello")]).await;
+    assert_eq!(plain.code, "200", "{plain:?}");
 }

@@ -434,11 +434,13 @@ pub fn peer_authentication_for(
             return PeerAuthnView {
                 mode,
                 source: format!("PeerAuthentication {}", pa.meta.full_name()),
+                ports: Default::default(),
             };
         }
     }
     PeerAuthnView {
         mode: MtlsMode::Permissive,
         source: "mesh default".to_owned(),
+        ports: Default::default(),
     }
 }
