@@ -106,12 +106,15 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
                 );
             }
         }
-        if !sc.spec.ingress.is_empty() {
-            warn(
-                &sc.meta,
-                "spec.ingress".to_owned(),
-                "ingress listeners yet: sidecars do not capture inbound traffic",
-            );
+        for (i, ing) in sc.spec.ingress.iter().enumerate() {
+            let unix = ing.default_endpoint.starts_with("unix://");
+            if unix || !ing.bind.is_empty() || ing.capture_mode.is_some() || ing.tls.is_some() {
+                warn(
+                    &sc.meta,
+                    format!("spec.ingress[{i}]"),
+                    "ingress listener bind, captureMode, tls or unix:// endpoints yet: its port goes to a host:port defaultEndpoint only",
+                );
+            }
         }
     }
 }

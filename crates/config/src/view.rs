@@ -54,6 +54,11 @@ pub const OUTBOUND_CAPTURE_PORT: u32 = 15001;
 pub struct ProxyView {
     pub workload: WorkloadInfo,
     pub sidecar: Option<String>,
+    /// The Sidecar's `ingress` listeners: a port of the workload and where
+    /// connections to it go instead (`127.0.0.1:PORT`, or `0.0.0.0:PORT`
+    /// for the workload's own address).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub inbound_endpoints: BTreeMap<u32, String>,
     pub outbound_traffic_policy: OutboundPolicy,
     pub listeners: Vec<Listener>,
     pub routes: Vec<RouteView>,
@@ -450,6 +455,12 @@ pub fn proxy_view(
     ProxyView {
         workload: WorkloadInfo::of(w),
         sidecar: sidecar.map(|s| s.meta.full_name()),
+        inbound_endpoints: sidecar
+            .iter()
+            .flat_map(|s| s.spec.ingress.iter())
+            .filter(|i| !i.default_endpoint.is_empty())
+            .map(|i| (i.port.number, i.default_endpoint.clone()))
+            .collect(),
         outbound_traffic_policy: outbound_policy(sidecar, mesh),
         path_normalization: mesh.path_normalization,
         listeners,

@@ -157,6 +157,9 @@ pub struct Snapshot {
     pub inbound_mtls: meshgate_config::model::security::MtlsMode,
     /// Ports with their own mode (`portLevelMtls`).
     pub inbound_mtls_ports: HashMap<u16, meshgate_config::model::security::MtlsMode>,
+    /// Sidecar `ingress` listeners: where connections to a port go instead
+    /// (no address: the workload's own).
+    pub inbound_endpoints: HashMap<u16, (Option<std::net::IpAddr>, u16)>,
     /// Sidecars: what unmatched traffic gets (REGISTRY_ONLY or ALLOW_ANY).
     pub outbound: Option<OutboundMode>,
     /// Sidecars: index of the PassthroughCluster (original destination).
@@ -231,6 +234,15 @@ impl Snapshot {
             .map(CompiledPolicy::compile)
             .collect();
         let inbound_mtls = view.peer_authentication.mode;
+        let inbound_endpoints = view
+            .inbound_endpoints
+            .iter()
+            .filter_map(|(port, to)| {
+                let to: SocketAddr = to.parse().ok()?;
+                let ip = (!to.ip().is_unspecified()).then_some(to.ip());
+                Some((u16::try_from(*port).ok()?, (ip, to.port())))
+            })
+            .collect();
         let inbound_mtls_ports = view
             .peer_authentication
             .ports
@@ -252,6 +264,7 @@ impl Snapshot {
             inbound_policies,
             inbound_mtls,
             inbound_mtls_ports,
+            inbound_endpoints,
             outbound,
             passthrough,
             allow_any,

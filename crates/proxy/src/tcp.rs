@@ -76,8 +76,12 @@ where
             .map(|(s, addr, local)| (Upstream::Cluster(Box::new(s)), addr, local)),
         (TcpAction::Forward, Some(c)) => plain(c.cluster.connect_tcp().await),
         (TcpAction::OriginalDst, Some(c)) => {
-            let to = original_destination(conn, &c.cluster).await?;
+            let mut to = original_destination(conn, &c.cluster).await?;
             if plan.reason == TcpReason::Inbound {
+                // A Sidecar ingress listener's defaultEndpoint.
+                if let Some((ip, port)) = snap.inbound_endpoints.get(&to.port()) {
+                    to = SocketAddr::new(ip.unwrap_or(to.ip()), *port);
+                }
                 plain(c.cluster.connect_tcp_inbound(to).await)
             } else {
                 plain(c.cluster.connect_tcp_to(to).await)

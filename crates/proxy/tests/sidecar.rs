@@ -606,4 +606,29 @@ spec:
     let inbound = sc.capture_inbound(app).await;
     let plain = curl(&[&format!("http://{inbound}/hello")]).await;
     assert_eq!(plain.code, "200", "{plain:?}");
+
+    // A Sidecar ingress listener sends its port to its defaultEndpoint.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let ingress = format!(
+        "apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: ingress, namespace: curl-external-tst}}
+spec:
+  workloadSelector: {{labels: {{app: curl-test}}}}
+  ingress:
+  - port: {{number: {}, protocol: HTTP, name: http}}
+    defaultEndpoint: 127.0.0.1:{}
+",
+        unused.port(),
+        app.port()
+    );
+    let config = seed_config_except(&["sidecar.yaml"], &[&ingress]);
+    let mut sc = TestProxy::start(&mesh, Spec::new(config, WORKLOAD)).await;
+    let inbound = sc.capture_inbound(unused).await;
+    let plain = curl(&[&format!("http://{inbound}/hello")]).await;
+    assert_eq!(plain.code, "200", "to the defaultEndpoint: {plain:?}");
+    assert_eq!(sc.next_log().await["upstream_host"], app.to_string());
 }
