@@ -114,6 +114,32 @@ impl DestinationLabels {
 }
 
 impl Snapshot {
+    /// Istio's labels for a connection on its way in to this workload
+    /// (`reporter="destination"`): the peer its certificate names, when
+    /// it had one, is the source; this workload the destination.
+    pub fn inbound_labels(
+        &self,
+        peer: Option<&crate::conn::Peer>,
+        flags: ResponseFlags,
+    ) -> IstioLabels {
+        let source = match peer {
+            Some(p) => WorkloadLabels {
+                namespace: p.namespace.clone().unwrap_or_else(unknown),
+                principal: p.uri.clone(),
+                ..WorkloadLabels::unknown()
+            },
+            None => WorkloadLabels::unknown(),
+        };
+        let destination = DestinationLabels {
+            workload: self.source.clone(),
+            ..DestinationLabels::named(unknown())
+        };
+        let mut labels = labels_of(&source, &destination, 0, flags, "tcp");
+        labels.reporter = "destination";
+        labels.connection_security_policy = if peer.is_some() { "mutual_tls" } else { "none" };
+        labels
+    }
+
     /// Istio's labels for one request or connection this proxy reports
     /// (`reporter="source"`: the proxy's workload is the source).
     pub fn istio_labels(
@@ -123,34 +149,44 @@ impl Snapshot {
         flags: ResponseFlags,
         protocol: &'static str,
     ) -> IstioLabels {
-        let s = &self.source;
-        let dw = &dest.workload;
-        IstioLabels {
-            reporter: "source",
-            source_workload: s.workload.clone(),
-            source_canonical_service: s.canonical_service.clone(),
-            source_canonical_revision: s.canonical_revision.clone(),
-            source_workload_namespace: s.namespace.clone(),
-            source_principal: s.principal.clone(),
-            source_app: s.app.clone(),
-            source_version: s.version.clone(),
-            source_cluster: s.cluster.clone(),
-            destination_workload: dw.workload.clone(),
-            destination_workload_namespace: dw.namespace.clone(),
-            destination_principal: dw.principal.clone(),
-            destination_app: dw.app.clone(),
-            destination_version: dw.version.clone(),
-            destination_service: dest.service.clone(),
-            destination_canonical_service: dw.canonical_service.clone(),
-            destination_canonical_revision: dw.canonical_revision.clone(),
-            destination_service_name: dest.service_name.clone(),
-            destination_service_namespace: dest.service_namespace.clone(),
-            destination_cluster: dw.cluster.clone(),
-            request_protocol: protocol,
-            response_code: code,
-            grpc_response_status: "",
-            response_flags: flags,
-            connection_security_policy: "unknown",
-        }
+        labels_of(&self.source, dest, code, flags, protocol)
+    }
+}
+
+/// Istio's label set for a source and a destination (`reporter="source"`).
+fn labels_of(
+    s: &WorkloadLabels,
+    dest: &DestinationLabels,
+    code: u16,
+    flags: ResponseFlags,
+    protocol: &'static str,
+) -> IstioLabels {
+    let dw = &dest.workload;
+    IstioLabels {
+        reporter: "source",
+        source_workload: s.workload.clone(),
+        source_canonical_service: s.canonical_service.clone(),
+        source_canonical_revision: s.canonical_revision.clone(),
+        source_workload_namespace: s.namespace.clone(),
+        source_principal: s.principal.clone(),
+        source_app: s.app.clone(),
+        source_version: s.version.clone(),
+        source_cluster: s.cluster.clone(),
+        destination_workload: dw.workload.clone(),
+        destination_workload_namespace: dw.namespace.clone(),
+        destination_principal: dw.principal.clone(),
+        destination_app: dw.app.clone(),
+        destination_version: dw.version.clone(),
+        destination_service: dest.service.clone(),
+        destination_canonical_service: dw.canonical_service.clone(),
+        destination_canonical_revision: dw.canonical_revision.clone(),
+        destination_service_name: dest.service_name.clone(),
+        destination_service_namespace: dest.service_namespace.clone(),
+        destination_cluster: dw.cluster.clone(),
+        request_protocol: protocol,
+        response_code: code,
+        grpc_response_status: "",
+        response_flags: flags,
+        connection_security_policy: "unknown",
     }
 }

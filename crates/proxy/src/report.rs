@@ -100,6 +100,9 @@ pub struct TcpReport<'a> {
     /// Bytes from the downstream, and to it.
     pub received: u64,
     pub sent: u64,
+    /// On its way in to the workload (15006), with the peer's identity
+    /// when it had one: reported as the destination.
+    pub inbound: Option<Option<Arc<crate::conn::Peer>>>,
 }
 
 impl<'a> TcpReport<'a> {
@@ -118,18 +121,20 @@ impl<'a> TcpReport<'a> {
             log,
             received: 0,
             sent: 0,
+            inbound: None,
         }
     }
 }
 
 impl Drop for TcpReport<'_> {
     fn drop(&mut self) {
-        let labels = TcpLabels::from(&self.snap.istio_labels(
-            &self.destination,
-            0,
-            self.flags,
-            "tcp",
-        ));
+        let istio = match &self.inbound {
+            Some(peer) => self.snap.inbound_labels(peer.as_deref(), self.flags),
+            None => self
+                .snap
+                .istio_labels(&self.destination, 0, self.flags, "tcp"),
+        };
+        let labels = TcpLabels::from(&istio);
         let m = &self.proxy.metrics;
         m.tcp_opened.get_or_create(&labels).inc();
         m.tcp_received_bytes

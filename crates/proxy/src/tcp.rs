@@ -53,6 +53,9 @@ where
         ..LogEntry::default()
     };
     let mut report = TcpReport::start(proxy, snap, destination, log);
+    if conn.inbound {
+        report.inbound = Some(conn.tls.as_ref().and_then(|t| t.peer.clone()));
+    }
     // What was read to decide counts as received until it is replayed.
     report.received = io.buffered() as u64;
     let plain = |r: Result<(TcpStream, SocketAddr), UpstreamError>| {

@@ -555,6 +555,20 @@ spec:
     let entry = sc.next_log().await;
     assert_eq!(entry["upstream_host"], app.to_string());
     assert_eq!(entry["downstream_peer_uri_san"], FRIEND);
+    // Reported as Istio's destination reporter: the peer is the source.
+    let text = sc.metrics_text();
+    let opened = metric_value(
+        &text,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", FRIEND),
+            ("source_workload_namespace", "friends"),
+            ("destination_workload", "curl-test"),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    );
+    assert_eq!(opened, Some(1.0), "{text}");
 
     let stranger = mesh.client("spiffe://cluster.local/ns/other/sa/default", &dir);
     let denied = stranger
