@@ -81,16 +81,15 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
             );
             for (at, lb) in lbs {
                 let Some(lb) = lb else { continue };
-                let tuned = lb.locality_lb_setting.as_ref().is_some_and(|l| {
-                    !l.distribute.is_empty()
-                        || !l.failover.is_empty()
-                        || !l.failover_priority.is_empty()
-                });
+                let tuned = lb
+                    .locality_lb_setting
+                    .as_ref()
+                    .is_some_and(|l| !l.distribute.is_empty() || !l.failover_priority.is_empty());
                 if tuned {
                     warn(
                         &dr.meta,
                         format!("{at}.loadBalancer.localityLbSetting"),
-                        "locality distribute, failover or failoverPriority yet: endpoints fail over by the locality they share with the proxy",
+                        "locality distribute or failoverPriority yet: endpoints fail over by the locality they share with the proxy (and failover regions)",
                     );
                 }
             }

@@ -332,8 +332,9 @@ pub struct HostPort {
     pub host: String,
     pub port: u16,
     /// Locality failover: 0 shares the proxy's region, zone and subzone,
-    /// 1 its region and zone, 2 its region, 3 nothing (lower is tried
-    /// first). All 0 when locality load balancing is off.
+    /// 1 its region and zone, 2 its region, 3 is the region `failover`
+    /// names, 4 anywhere else (lower is tried first). All 0 when locality
+    /// load balancing is off.
     #[serde(skip_serializing_if = "is_zero")]
     pub priority: u8,
 }

@@ -12,7 +12,7 @@ use super::{
 use crate::MeshSettings;
 use crate::model::common::IntOrString;
 use crate::model::labels_match;
-use crate::model::networking::{ClientTlsMode, ClientTlsSettings, Resolution};
+use crate::model::networking::{ClientTlsMode, ClientTlsSettings, LocalityFailover, Resolution};
 use crate::registry::{Protocol, Registry, Service, ServiceSource, Workload};
 
 pub(super) fn cluster_view(
@@ -43,8 +43,13 @@ pub(super) fn cluster_view(
         },
         resolution: service.map_or(ClusterResolution::NotInRegistry, resolution),
         endpoints: service.map_or(ClusterEndpoints::None, |s| {
-            let by_locality = locality_lb(&policy).then(|| locality_of(&w.labels));
-            endpoints(s, port, by_locality.as_deref())
+            let failover = policy
+                .load_balancer
+                .as_ref()
+                .and_then(|lb| lb.locality_lb_setting.as_ref())
+                .map_or(&[][..], |l| l.failover.as_slice());
+            let by_locality = locality_lb(&policy).then(|| (locality_of(&w.labels), failover));
+            endpoints(s, port, by_locality.as_ref().map(|(l, f)| (l.as_str(), *f)))
         }),
         protocol: service
             .and_then(|s| s.port(d.port))
@@ -80,7 +85,11 @@ fn resolution(s: &Service) -> ClusterResolution {
 /// by its name at the target port, STATIC endpoints by address, DNS
 /// endpoints (or the host itself) by name; each endpoint at its port of
 /// that name, else the service port's target, else the port.
-fn endpoints(service: &Service, port: u16, proxy_locality: Option<&str>) -> ClusterEndpoints {
+fn endpoints(
+    service: &Service,
+    port: u16,
+    proxy_locality: Option<(&str, &[LocalityFailover])>,
+) -> ClusterEndpoints {
     let service_port = service.port(u32::from(port));
     let target = service_port.and_then(|p| match &p.target_port {
         Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
@@ -100,7 +109,7 @@ fn endpoints(service: &Service, port: u16, proxy_locality: Option<&str>) -> Clus
         priority: 0,
     };
     let at_endpoint = |e: &crate::model::networking::WorkloadEntry| HostPort {
-        priority: proxy_locality.map_or(0, |p| locality_priority(p, &e.locality)),
+        priority: proxy_locality.map_or(0, |(p, f)| locality_priority(p, &e.locality, f)),
         ..at(&e.address, endpoint_port(&e.ports))
     };
     match (&service.source, service.resolution) {
@@ -158,13 +167,16 @@ fn locality_of(labels: &crate::model::Labels) -> String {
     parts.join("/").trim_end_matches('/').to_owned()
 }
 
-/// How much of the proxy's locality an endpoint's shares (0 all, 3 none),
-/// level by level as Istio compares them; an unknown (empty) region
-/// shares nothing.
-fn locality_priority(proxy: &str, endpoint: &str) -> u8 {
+/// How much of the proxy's locality an endpoint's shares (0 all, 1
+/// region and zone, 2 region), level by level as Istio compares them; in
+/// another region, 3 for the region `failover` names for the proxy's, 4
+/// for the rest. An unknown (empty) region shares nothing.
+fn locality_priority(proxy: &str, endpoint: &str, failover: &[LocalityFailover]) -> u8 {
     let level = |s: &str, i: usize| s.split('/').nth(i).unwrap_or("").to_owned();
-    if level(proxy, 0).is_empty() || level(proxy, 0) != level(endpoint, 0) {
-        return 3;
+    let (mine, theirs) = (level(proxy, 0), level(endpoint, 0));
+    if mine.is_empty() || mine != theirs {
+        let named = failover.iter().any(|f| f.from == mine && f.to == theirs);
+        return if named { 3 } else { 4 };
     }
     if level(proxy, 1) != level(endpoint, 1) {
         return 2;
@@ -283,17 +295,28 @@ pub fn cluster_tls(
 
 #[cfg(test)]
 mod locality_tests {
-    use super::locality_priority;
+    use super::{LocalityFailover, locality_priority};
 
     #[test]
     fn endpoints_rank_by_the_locality_they_share() {
         let me = "us-east/zone-a/rack-1";
-        assert_eq!(locality_priority(me, "us-east/zone-a/rack-1"), 0);
-        assert_eq!(locality_priority(me, "us-east/zone-a/rack-2"), 1);
-        assert_eq!(locality_priority(me, "us-east/zone-b"), 2);
-        assert_eq!(locality_priority(me, "us-west/zone-a"), 3);
-        assert_eq!(locality_priority(me, ""), 3);
-        assert_eq!(locality_priority("", "us-east"), 3);
-        assert_eq!(locality_priority("us-east/zone-a", "us-east/zone-a"), 0);
+        let none: &[LocalityFailover] = &[];
+        assert_eq!(locality_priority(me, "us-east/zone-a/rack-1", none), 0);
+        assert_eq!(locality_priority(me, "us-east/zone-a/rack-2", none), 1);
+        assert_eq!(locality_priority(me, "us-east/zone-b", none), 2);
+        assert_eq!(locality_priority(me, "us-west/zone-a", none), 4);
+        assert_eq!(locality_priority(me, "", none), 4);
+        assert_eq!(locality_priority("", "us-east", none), 4);
+        assert_eq!(
+            locality_priority("us-east/zone-a", "us-east/zone-a", none),
+            0
+        );
+        // `failover`: the named region before the others.
+        let to_west = [LocalityFailover {
+            from: "us-east".to_owned(),
+            to: "us-west".to_owned(),
+        }];
+        assert_eq!(locality_priority(me, "us-west/zone-a", &to_west), 3);
+        assert_eq!(locality_priority(me, "eu-central/zone-a", &to_west), 4);
     }
 }
