@@ -84,12 +84,12 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
                 let tuned = lb
                     .locality_lb_setting
                     .as_ref()
-                    .is_some_and(|l| !l.distribute.is_empty() || !l.failover_priority.is_empty());
+                    .is_some_and(|l| !l.distribute.is_empty());
                 if tuned {
                     warn(
                         &dr.meta,
                         format!("{at}.loadBalancer.localityLbSetting"),
-                        "locality distribute or failoverPriority yet: endpoints fail over by the locality they share with the proxy (and failover regions)",
+                        "locality distribute yet: endpoints fail over by priority (the locality or failoverPriority labels they share with the proxy, then failover regions)",
                     );
                 }
             }

@@ -195,9 +195,9 @@ fn each_code_with_its_exact_message() {
         ),
         (
             "MG0005 fields meshgate does not act on yet",
-            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: lb, namespace: curl-egress-tst}\nspec:\n  host: jsonplaceholder.typicode.com\n  trafficPolicy:\n    loadBalancer: {localityLbSetting: {failoverPriority: [topology.kubernetes.io/region]}}\n".to_owned(),
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: lb, namespace: curl-egress-tst}\nspec:\n  host: jsonplaceholder.typicode.com\n  trafficPolicy:\n    loadBalancer: {localityLbSetting: {distribute: [{from: us-east/*, to: {us-east/*: 80, us-west/*: 20}}]}}\n".to_owned(),
             vec![
-                "Warning [MG0005] (DestinationRule curl-egress-tst/lb extra.yaml:7) spec.trafficPolicy.loadBalancer.localityLbSetting: meshgate does not implement locality distribute or failoverPriority yet: endpoints fail over by the locality they share with the proxy (and failover regions)",
+                "Warning [MG0005] (DestinationRule curl-egress-tst/lb extra.yaml:7) spec.trafficPolicy.loadBalancer.localityLbSetting: meshgate does not implement locality distribute yet: endpoints fail over by priority (the locality or failoverPriority labels they share with the proxy, then failover regions)",
             ],
         ),
         (

@@ -43,13 +43,17 @@ pub(super) fn cluster_view(
         },
         resolution: service.map_or(ClusterResolution::NotInRegistry, resolution),
         endpoints: service.map_or(ClusterEndpoints::None, |s| {
-            let failover = policy
+            let setting = policy
                 .load_balancer
                 .as_ref()
-                .and_then(|lb| lb.locality_lb_setting.as_ref())
-                .map_or(&[][..], |l| l.failover.as_slice());
-            let by_locality = locality_lb(&policy).then(|| (locality_of(&w.labels), failover));
-            endpoints(s, port, by_locality.as_ref().map(|(l, f)| (l.as_str(), *f)))
+                .and_then(|lb| lb.locality_lb_setting.as_ref());
+            let rank = locality_lb(&policy).then(|| Rank {
+                locality: locality_of(&w.labels),
+                labels: &w.labels,
+                failover: setting.map_or(&[][..], |l| l.failover.as_slice()),
+                failover_priority: setting.map_or(&[][..], |l| l.failover_priority.as_slice()),
+            });
+            endpoints(s, port, rank.as_ref())
         }),
         protocol: service
             .and_then(|s| s.port(d.port))
@@ -85,11 +89,7 @@ fn resolution(s: &Service) -> ClusterResolution {
 /// by its name at the target port, STATIC endpoints by address, DNS
 /// endpoints (or the host itself) by name; each endpoint at its port of
 /// that name, else the service port's target, else the port.
-fn endpoints(
-    service: &Service,
-    port: u16,
-    proxy_locality: Option<(&str, &[LocalityFailover])>,
-) -> ClusterEndpoints {
+fn endpoints(service: &Service, port: u16, rank: Option<&Rank<'_>>) -> ClusterEndpoints {
     let service_port = service.port(u32::from(port));
     let target = service_port.and_then(|p| match &p.target_port {
         Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
@@ -109,7 +109,7 @@ fn endpoints(
         priority: 0,
     };
     let at_endpoint = |e: &crate::model::networking::WorkloadEntry| HostPort {
-        priority: proxy_locality.map_or(0, |(p, f)| locality_priority(p, &e.locality, f)),
+        priority: rank.map_or(0, |r| r.priority(e)),
         ..at(&e.address, endpoint_port(&e.ports))
     };
     match (&service.source, service.resolution) {
@@ -165,6 +165,49 @@ fn locality_of(labels: &crate::model::Labels) -> String {
         part("topology.istio.io/subzone"),
     ];
     parts.join("/").trim_end_matches('/').to_owned()
+}
+
+/// What endpoints are ranked by for failover: the proxy's locality and
+/// labels, and the DestinationRule's `failover` and `failoverPriority`.
+struct Rank<'a> {
+    locality: String,
+    labels: &'a crate::model::Labels,
+    failover: &'a [LocalityFailover],
+    failover_priority: &'a [String],
+}
+
+impl Rank<'_> {
+    /// With `failoverPriority`, the labels the endpoint shares with the
+    /// proxy, in order (all: 0, one fewer: 1, ...); else by locality.
+    fn priority(&self, e: &crate::model::networking::WorkloadEntry) -> u8 {
+        if self.failover_priority.is_empty() {
+            return locality_priority(&self.locality, &e.locality, self.failover);
+        }
+        let value = |labels: &crate::model::Labels, locality: &str, key: &str| {
+            labels.get(key).cloned().or_else(|| {
+                let i = match key {
+                    "topology.kubernetes.io/region" => 0,
+                    "topology.kubernetes.io/zone" => 1,
+                    "topology.istio.io/subzone" => 2,
+                    _ => return None,
+                };
+                locality
+                    .split('/')
+                    .nth(i)
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_owned)
+            })
+        };
+        let shared = self
+            .failover_priority
+            .iter()
+            .take_while(|k| {
+                let mine = value(self.labels, &self.locality, k);
+                mine.is_some() && mine == value(&e.labels, &e.locality, k)
+            })
+            .count();
+        u8::try_from(self.failover_priority.len() - shared).unwrap_or(u8::MAX)
+    }
 }
 
 /// How much of the proxy's locality an endpoint's shares (0 all, 1
@@ -318,5 +361,35 @@ mod locality_tests {
         }];
         assert_eq!(locality_priority(me, "us-west/zone-a", &to_west), 3);
         assert_eq!(locality_priority(me, "eu-central/zone-a", &to_west), 4);
+    }
+
+    #[test]
+    fn failover_priority_ranks_by_the_labels_shared_in_order() {
+        use crate::model::networking::WorkloadEntry;
+        let mine: crate::model::Labels = [("tier".to_owned(), "gold".to_owned())]
+            .into_iter()
+            .collect();
+        let keys = [
+            "topology.kubernetes.io/region".to_owned(),
+            "tier".to_owned(),
+        ];
+        let rank = super::Rank {
+            locality: "us-east/zone-a".to_owned(),
+            labels: &mine,
+            failover: &[],
+            failover_priority: &keys,
+        };
+        let ep = |locality: &str, tier: &str| WorkloadEntry {
+            locality: locality.to_owned(),
+            labels: [("tier".to_owned(), tier.to_owned())].into_iter().collect(),
+            ..WorkloadEntry::default()
+        };
+        assert_eq!(rank.priority(&ep("us-east/zone-b", "gold")), 0);
+        assert_eq!(rank.priority(&ep("us-east/zone-a", "silver")), 1);
+        assert_eq!(
+            rank.priority(&ep("us-west", "gold")),
+            2,
+            "in order: region first"
+        );
     }
 }
