@@ -51,7 +51,6 @@ pub fn analyze(config: &Config, mesh: &MeshSettings) -> Vec<Diagnostic> {
 /// MG0005: Istio fields meshgate reads but does not act on yet, so an
 /// operator is told rather than surprised. Each names what happens instead.
 fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
-    use crate::model::networking::TrafficPolicy;
     let mut warn = |meta: &crate::model::Meta, field: String, what: &str| {
         out.push(Diagnostic::new(
             Level::Warning,
@@ -60,41 +59,6 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
             format!("{field}: meshgate does not implement {what}"),
         ));
     };
-    for dr in &config.destination_rules {
-        let mut policies: Vec<(String, &TrafficPolicy)> = Vec::new();
-        if let Some(tp) = &dr.spec.traffic_policy {
-            policies.push(("spec.trafficPolicy".to_owned(), tp));
-        }
-        for (i, s) in dr.spec.subsets.iter().enumerate() {
-            if let Some(tp) = &s.traffic_policy {
-                policies.push((format!("spec.subsets[{i}].trafficPolicy"), tp));
-            }
-        }
-        for (path, tp) in policies {
-            let lbs = std::iter::once((path.clone(), tp.load_balancer.as_ref())).chain(
-                tp.port_level_settings.iter().enumerate().map(|(j, pl)| {
-                    (
-                        format!("{path}.portLevelSettings[{j}]"),
-                        pl.load_balancer.as_ref(),
-                    )
-                }),
-            );
-            for (at, lb) in lbs {
-                let Some(lb) = lb else { continue };
-                let tuned = lb
-                    .locality_lb_setting
-                    .as_ref()
-                    .is_some_and(|l| !l.distribute.is_empty());
-                if tuned {
-                    warn(
-                        &dr.meta,
-                        format!("{at}.loadBalancer.localityLbSetting"),
-                        "locality distribute yet: endpoints fail over by priority (the locality or failoverPriority labels they share with the proxy, then failover regions)",
-                    );
-                }
-            }
-        }
-    }
     for sc in &config.sidecars {
         for (i, e) in sc.spec.egress.iter().enumerate() {
             if !e.bind.is_empty() || e.capture_mode.is_some() {

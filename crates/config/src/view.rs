@@ -337,6 +337,11 @@ pub struct HostPort {
     /// load balancing is off.
     #[serde(skip_serializing_if = "is_zero")]
     pub priority: u8,
+    /// `localityLbSetting.distribute`: this endpoint's share of traffic
+    /// (its locality's weight split among the locality's endpoints;
+    /// `None`: the load balancer decides alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
 }
 
 fn is_zero(p: &u8) -> bool {

@@ -606,15 +606,29 @@ fn priorities(c: &ClusterView, ctx: &BuildContext) -> crate::upstream::Prioritie
     {
         return out;
     }
+    let addr =
+        |a: &meshgate_config::view::HostPort| Some(SocketAddr::new(a.host.parse().ok()?, a.port));
     match &c.endpoints {
-        ClusterEndpoints::Static(addrs) if addrs.iter().any(|a| a.priority > 0) => {
-            out.by_addr = addrs
+        ClusterEndpoints::Static(addrs) => {
+            if addrs.iter().any(|a| a.priority > 0) {
+                out.by_addr = addrs
+                    .iter()
+                    .filter_map(|a| Some((addr(a)?, a.priority)))
+                    .collect();
+            }
+            out.weight_by_addr = addrs
                 .iter()
-                .filter_map(|a| Some((SocketAddr::new(a.host.parse().ok()?, a.port), a.priority)))
+                .filter_map(|a| Some((addr(a)?, a.weight?)))
                 .collect();
         }
-        ClusterEndpoints::Dns { names, .. } if names.iter().any(|n| n.priority > 0) => {
-            out.by_name = names.iter().map(|n| (n.host.clone(), n.priority)).collect();
+        ClusterEndpoints::Dns { names, .. } => {
+            if names.iter().any(|n| n.priority > 0) {
+                out.by_name = names.iter().map(|n| (n.host.clone(), n.priority)).collect();
+            }
+            out.weight_by_name = names
+                .iter()
+                .filter_map(|n| Some((n.host.clone(), n.weight?)))
+                .collect();
         }
         _ => {}
     }

@@ -253,6 +253,8 @@ struct ClusterCore {
     /// Locality failover (names' priorities pass to their addresses).
     by_name: HashMap<String, u8>,
     by_addr: Mutex<HashMap<SocketAddr, u8>>,
+    weight_by_name: HashMap<String, u32>,
+    weights: Mutex<HashMap<SocketAddr, u32>>,
     rr: AtomicU32,
     state: Mutex<HashMap<SocketAddr, EndpointState>>,
 }
@@ -307,16 +309,18 @@ impl ClusterCore {
                                 ips
                             };
                             let addrs = ips.into_iter().map(|ip| SocketAddr::new(ip, *port));
-                            match self.by_name.get(name) {
-                                Some(p) => {
-                                    let addrs: Vec<SocketAddr> = addrs.collect();
-                                    if let Ok(mut by_addr) = self.by_addr.lock() {
-                                        by_addr.extend(addrs.iter().map(|a| (*a, *p)));
-                                    }
-                                    out.extend(addrs);
-                                }
-                                None => out.extend(addrs),
+                            let addrs: Vec<SocketAddr> = addrs.collect();
+                            if let (Some(p), Ok(mut by_addr)) =
+                                (self.by_name.get(name), self.by_addr.lock())
+                            {
+                                by_addr.extend(addrs.iter().map(|a| (*a, *p)));
                             }
+                            if let (Some(w), Ok(mut weights)) =
+                                (self.weight_by_name.get(name), self.weights.lock())
+                            {
+                                weights.extend(addrs.iter().map(|a| (*a, *w)));
+                            }
+                            out.extend(addrs);
                         }
                         Err(e) => last_err = e,
                     }
@@ -336,6 +340,30 @@ impl ClusterCore {
                 .get(&addr)
                 .and_then(|s| s.ejected_until)
                 .is_some_and(|t| t > Instant::now())
+        })
+    }
+
+    /// `distribute`: a random endpoint by its weight, when weights are set
+    /// and any endpoint left has one.
+    fn pick_weighted(&self, pool: &[SocketAddr]) -> Option<SocketAddr> {
+        let weights = self.weights.lock().ok()?;
+        if weights.is_empty() {
+            return None;
+        }
+        let weight = |a: &SocketAddr| u64::from(weights.get(a).copied().unwrap_or(0));
+        let total: u64 = pool.iter().map(weight).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut at = fastrand::u64(..total);
+        pool.iter().copied().find(|a| {
+            let w = weight(a);
+            if at < w {
+                true
+            } else {
+                at -= w;
+                false
+            }
         })
     }
 
@@ -371,6 +399,9 @@ impl ClusterCore {
     fn pick(&self, addrs: &[SocketAddr]) -> Option<SocketAddr> {
         let state = self.state.lock().ok()?;
         let pool = self.first_priority(not_ejected(&state, addrs));
+        if let Some(picked) = self.pick_weighted(&pool) {
+            return Some(picked);
+        }
         match (self.lb, pool.len()) {
             (_, 0) => None,
             (_, 1) => Some(pool[0]),
@@ -656,6 +687,9 @@ pub struct ClusterSettings {
 pub struct Priorities {
     pub by_addr: HashMap<SocketAddr, u8>,
     pub by_name: HashMap<String, u8>,
+    /// `distribute`: endpoints' weights (by address, or by name).
+    pub weight_by_addr: HashMap<SocketAddr, u32>,
+    pub weight_by_name: HashMap<String, u32>,
 }
 
 /// A cluster ready to take requests.
@@ -755,6 +789,8 @@ impl Cluster {
             outlier: s.outlier,
             by_name: s.priorities.by_name,
             by_addr: Mutex::new(s.priorities.by_addr),
+            weight_by_name: s.priorities.weight_by_name,
+            weights: Mutex::new(s.priorities.weight_by_addr),
             rr: AtomicU32::new(0),
             state: Mutex::new(HashMap::new()),
         });
@@ -1139,6 +1175,8 @@ mod tests {
             outlier,
             by_name: HashMap::new(),
             by_addr: Mutex::new(HashMap::new()),
+            weight_by_name: HashMap::new(),
+            weights: Mutex::new(HashMap::new()),
             rr: AtomicU32::new(0),
             state: Mutex::new(HashMap::new()),
         }

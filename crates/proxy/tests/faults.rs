@@ -549,39 +549,7 @@ async fn consistent_hash_keeps_a_key_on_one_endpoint() {
 async fn locality_failover_prefers_the_clients_locality_until_it_is_ejected() {
     let mesh = Mesh::default();
     let (local, remote) = (plain_http().await, plain_http().await);
-    let config = format!(
-        "apiVersion: v1
-kind: Pod
-metadata:
-  name: east-client
-  namespace: curl-external-tst
-  labels: {{app: east-client, istio-locality: us-east.zone-a}}
-  annotations: {{sidecar.istio.io/inject: 'true'}}
-spec:
-  containers: [{{name: app, image: curl}}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: located, namespace: curl-external-tst}}
-spec:
-  hosts: [located.example.com]
-  ports: [{{number: 8080, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {}}}, locality: us-west/zone-b}}
-  - {{address: 127.0.0.1, ports: {{http: {}}}, locality: us-east/zone-a}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: located, namespace: curl-external-tst}}
-spec:
-  host: located.example.com
-  trafficPolicy:
-    outlierDetection: {{consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}
-",
-        remote.port(),
-        local.port()
-    );
+    let config = located(local, remote, "");
     let spec = Spec::new(
         seed_config_except(&["sidecar.yaml"], &[&config]),
         "curl-external-tst/east-client",
@@ -698,5 +666,71 @@ spec:
   trafficPolicy:
     loadBalancer: {load_balancer}
 "
+    )
+}
+
+/// `localityLbSetting.distribute`: a client in us-east sends everything
+/// to us-west when the DestinationRule says so, its own locality's
+/// endpoint notwithstanding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locality_distribute_sends_traffic_where_the_weights_say() {
+    let mesh = Mesh::default();
+    let (local, remote) = (plain_http().await, plain_http().await);
+    let config = located(
+        local,
+        remote,
+        "loadBalancer: {localityLbSetting: {distribute: [{from: us-east/*, to: {us-west/*: 100}}]}}",
+    );
+    let spec = Spec::new(
+        seed_config_except(&["sidecar.yaml"], &[&config]),
+        "curl-external-tst/east-client",
+    );
+    let sc = TestProxy::start(&mesh, spec).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    for _ in 0..6 {
+        let got = curl(&["-x", &proxy, "http://located.example.com:8080/"]).await;
+        assert_eq!(got.code, "200");
+        assert_eq!(sc.next_log().await["upstream_host"], remote.to_string());
+    }
+}
+
+/// A client pod in us-east/zone-a, and `located.example.com:8080` with an
+/// endpoint there (`local`) and one in us-west (`remote`), whose
+/// DestinationRule has outlier detection and the trafficPolicy line
+/// `policy`.
+fn located(local: SocketAddr, remote: SocketAddr, policy: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: east-client
+  namespace: curl-external-tst
+  labels: {{app: east-client, istio-locality: us-east.zone-a}}
+  annotations: {{sidecar.istio.io/inject: 'true'}}
+spec:
+  containers: [{{name: app, image: curl}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: located, namespace: curl-external-tst}}
+spec:
+  hosts: [located.example.com]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {}}}, locality: us-west/zone-b}}
+  - {{address: 127.0.0.1, ports: {{http: {}}}, locality: us-east/zone-a}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: located, namespace: curl-external-tst}}
+spec:
+  host: located.example.com
+  trafficPolicy:
+    outlierDetection: {{consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}
+    {policy}
+",
+        remote.port(),
+        local.port()
     )
 }

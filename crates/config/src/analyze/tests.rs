@@ -195,9 +195,9 @@ fn each_code_with_its_exact_message() {
         ),
         (
             "MG0005 fields meshgate does not act on yet",
-            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: lb, namespace: curl-egress-tst}\nspec:\n  host: jsonplaceholder.typicode.com\n  trafficPolicy:\n    loadBalancer: {localityLbSetting: {distribute: [{from: us-east/*, to: {us-east/*: 80, us-west/*: 20}}]}}\n".to_owned(),
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: bound, namespace: curl-egress-tst}\nspec:\n  egress:\n  - bind: 127.0.0.2\n    hosts: ['./*']\n".to_owned(),
             vec![
-                "Warning [MG0005] (DestinationRule curl-egress-tst/lb extra.yaml:7) spec.trafficPolicy.loadBalancer.localityLbSetting: meshgate does not implement locality distribute yet: endpoints fail over by priority (the locality or failoverPriority labels they share with the proxy, then failover regions)",
+                "Warning [MG0005] (Sidecar curl-egress-tst/bound extra.yaml:6) spec.egress[0]: meshgate does not implement egress listener bind or captureMode yet: only its port and hosts apply",
             ],
         ),
         (

@@ -52,6 +52,7 @@ pub(super) fn cluster_view(
                 labels: &w.labels,
                 failover: setting.map_or(&[][..], |l| l.failover.as_slice()),
                 failover_priority: setting.map_or(&[][..], |l| l.failover_priority.as_slice()),
+                distribute: setting.map_or(&[][..], |l| l.distribute.as_slice()),
             });
             endpoints(s, port, rank.as_ref())
         }),
@@ -90,6 +91,27 @@ fn resolution(s: &Service) -> ClusterResolution {
 /// endpoints (or the host itself) by name; each endpoint at its port of
 /// that name, else the service port's target, else the port.
 fn endpoints(service: &Service, port: u16, rank: Option<&Rank<'_>>) -> ClusterEndpoints {
+    let mut out = endpoints_ranked(service, port, rank);
+    if let Some(rank) = rank {
+        let localities: Vec<&str> = service
+            .endpoints
+            .iter()
+            .map(|e| e.locality.as_str())
+            .collect();
+        if let ClusterEndpoints::Static(list) | ClusterEndpoints::Dns { names: list, .. } = &mut out
+            && list.len() == localities.len()
+            && let Some(weights) = rank.distributed(&localities)
+        {
+            for (hp, w) in list.iter_mut().zip(weights) {
+                hp.weight = Some(w);
+                hp.priority = 0;
+            }
+        }
+    }
+    out
+}
+
+fn endpoints_ranked(service: &Service, port: u16, rank: Option<&Rank<'_>>) -> ClusterEndpoints {
     let service_port = service.port(u32::from(port));
     let target = service_port.and_then(|p| match &p.target_port {
         Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
@@ -107,6 +129,7 @@ fn endpoints(service: &Service, port: u16, rank: Option<&Rank<'_>>) -> ClusterEn
         host: host.to_owned(),
         port,
         priority: 0,
+        weight: None,
     };
     let at_endpoint = |e: &crate::model::networking::WorkloadEntry| HostPort {
         priority: rank.map_or(0, |r| r.priority(e)),
@@ -174,9 +197,39 @@ struct Rank<'a> {
     labels: &'a crate::model::Labels,
     failover: &'a [LocalityFailover],
     failover_priority: &'a [String],
+    distribute: &'a [crate::model::networking::LocalityDistribute],
 }
 
 impl Rank<'_> {
+    /// `distribute` for the proxy's locality: each endpoint's weight, its
+    /// locality's share split evenly among that locality's endpoints (0
+    /// where no `to` names it). `None` when no `from` covers the proxy.
+    fn distributed(&self, localities: &[&str]) -> Option<Vec<u32>> {
+        let rule = self
+            .distribute
+            .iter()
+            .find(|d| locality_matches(&d.from, &self.locality))?;
+        let share = |l: &str| {
+            rule.to
+                .iter()
+                .find(|(pattern, _)| locality_matches(pattern, l))
+                .map(|(pattern, w)| (pattern.as_str(), *w))
+        };
+        let per_pattern = |p: &str| {
+            localities
+                .iter()
+                .filter(|l| share(l).is_some_and(|(q, _)| q == p))
+                .count()
+                .max(1) as u32
+        };
+        Some(
+            localities
+                .iter()
+                .map(|l| share(l).map_or(0, |(p, w)| w * 1000 / per_pattern(p)))
+                .collect(),
+        )
+    }
+
     /// With `failoverPriority`, the labels the endpoint shares with the
     /// proxy, in order (all: 0, one fewer: 1, ...); else by locality.
     fn priority(&self, e: &crate::model::networking::WorkloadEntry) -> u8 {
@@ -208,6 +261,21 @@ impl Rank<'_> {
             .count();
         u8::try_from(self.failover_priority.len() - shared).unwrap_or(u8::MAX)
     }
+}
+
+/// A locality pattern (`region/zone/subzone`, `*` from a level on)
+/// covering a locality.
+fn locality_matches(pattern: &str, locality: &str) -> bool {
+    let mut have = locality.split('/');
+    for want in pattern.split('/') {
+        if want == "*" {
+            return true;
+        }
+        if have.next() != Some(want) {
+            return false;
+        }
+    }
+    true
 }
 
 /// How much of the proxy's locality an endpoint's shares (0 all, 1
@@ -364,6 +432,31 @@ mod locality_tests {
     }
 
     #[test]
+    fn distribute_splits_a_localitys_weight_among_its_endpoints() {
+        use crate::model::networking::LocalityDistribute;
+        let mine = crate::model::Labels::new();
+        let rule = [LocalityDistribute {
+            from: "us-east/*".to_owned(),
+            to: [("us-east/*".to_owned(), 80), ("us-west/*".to_owned(), 20)]
+                .into_iter()
+                .collect(),
+        }];
+        let rank = |me: &str| super::Rank {
+            locality: me.to_owned(),
+            labels: &mine,
+            failover: &[],
+            failover_priority: &[],
+            distribute: &rule,
+        };
+        let eps = ["us-east/a", "us-east/b", "us-west/a", "eu/a"];
+        assert_eq!(
+            rank("us-east/z").distributed(&eps),
+            Some(vec![40_000, 40_000, 20_000, 0])
+        );
+        assert_eq!(rank("eu/z").distributed(&eps), None, "no rule from eu");
+    }
+
+    #[test]
     fn failover_priority_ranks_by_the_labels_shared_in_order() {
         use crate::model::networking::WorkloadEntry;
         let mine: crate::model::Labels = [("tier".to_owned(), "gold".to_owned())]
@@ -378,6 +471,7 @@ mod locality_tests {
             labels: &mine,
             failover: &[],
             failover_priority: &keys,
+            distribute: &[],
         };
         let ep = |locality: &str, tier: &str| WorkloadEntry {
             locality: locality.to_owned(),

@@ -409,6 +409,7 @@ fn seed_gateway_view() {
                 host: "jsonplaceholder.typicode.com".into(),
                 port: 443,
                 priority: 0,
+                weight: None,
             }],
             first_only: false
         }
