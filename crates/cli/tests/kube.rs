@@ -993,6 +993,18 @@ fn in_network_namespaces_the_workloads_own_curl_is_captured_and_follows_the_clus
         "127.0.0.1",
     ]);
     sidecar.wait_for("sidecar running", Duration::from_secs(40));
+    // The EndpointSlice may reach the sidecar in a push after its first
+    // config: wait (bounded) until its live config has the gateway pod.
+    let has_gateway_pod = format!("static {gw_ip}:80");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (dump, _) = curl_in(&net, &net.app, &["http://127.0.0.1:15000/clusters"]);
+        if dump.contains(&has_gateway_pod) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no gateway endpoint in {dump}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // The seed's own request, as its container makes it.
     let url = format!("http://{HOST}/todos/1");
