@@ -16,9 +16,13 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, Visitor};
 use serde_saphyr::granit_parser::{Event, Parser, ScalarStyle};
 
-/// Upper bound on nodes per file, aliases included, so that an alias bomb is a
-/// clear error rather than an exhausted machine.
+/// Upper bound on nodes per document, aliases expanded, so that an alias
+/// bomb is a clear error rather than an exhausted machine. Per document: a
+/// file of many resources may be as large as it likes.
 const MAX_NODES: usize = 1_000_000;
+
+/// Maps with more keys than this find duplicates by a set, not a scan.
+const KEYS_SCANNED: usize = 16;
 
 /// A position in a source file, 1-based.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -97,6 +101,7 @@ struct TreeBuilder {
     docs: Vec<Document>,
     stack: Vec<Open>,
     anchors: HashMap<usize, Node>,
+    /// Nodes of the current document so far, aliases expanded.
     nodes: usize,
     pending_key: Vec<Option<Node>>,
 }
@@ -104,12 +109,17 @@ struct TreeBuilder {
 struct Open {
     node: Node,
     anchor: usize,
+    /// A large map's keys, for its duplicate check.
+    keys: Option<std::collections::HashSet<String>>,
 }
 
 impl TreeBuilder {
     fn event(&mut self, event: Event<'_>, pos: Pos) -> Result<(), SyntaxError> {
         match event {
-            Event::DocumentStart(..) => self.anchors.clear(),
+            Event::DocumentStart(..) => {
+                self.anchors.clear();
+                self.nodes = 0;
+            }
             Event::Scalar(text, style, anchor, tag) => {
                 let plain = matches!(style, ScalarStyle::Plain) && tag.is_none();
                 let value = if plain && is_null(&text) {
@@ -120,11 +130,12 @@ impl TreeBuilder {
                         plain,
                     }
                 };
+                self.count(1, pos)?;
                 self.finish(Node { value, pos }, anchor)?;
             }
-            Event::SequenceStart(_, anchor, _) => self.open(Value::Seq(Vec::new()), pos, anchor),
+            Event::SequenceStart(_, anchor, _) => self.open(Value::Seq(Vec::new()), pos, anchor)?,
             Event::MappingStart(_, anchor, _) => {
-                self.open(Value::Map(Vec::new()), pos, anchor);
+                self.open(Value::Map(Vec::new()), pos, anchor)?;
                 self.pending_key.push(None);
             }
             Event::SequenceEnd => self.close()?,
@@ -137,6 +148,8 @@ impl TreeBuilder {
                     pos,
                     message: "alias refers to an unknown anchor".into(),
                 })?;
+                // An alias is a copy: its nodes count again.
+                self.count(count(&node), pos)?;
                 self.finish(node, 0)?;
             }
             _ => {}
@@ -144,11 +157,28 @@ impl TreeBuilder {
         Ok(())
     }
 
-    fn open(&mut self, value: Value, pos: Pos, anchor: usize) {
+    fn open(&mut self, value: Value, pos: Pos, anchor: usize) -> Result<(), SyntaxError> {
+        self.count(1, pos)?;
         self.stack.push(Open {
             node: Node { value, pos },
             anchor,
+            keys: None,
         });
+        Ok(())
+    }
+
+    fn count(&mut self, n: usize, pos: Pos) -> Result<(), SyntaxError> {
+        self.nodes += n;
+        if self.nodes > MAX_NODES {
+            return Err(SyntaxError {
+                pos,
+                message: format!(
+                    "YAML document too large: more than {MAX_NODES} nodes, aliases expanded \
+                     (the limit is per document; split the resources into documents with `---`)"
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn close(&mut self) -> Result<(), SyntaxError> {
@@ -159,15 +189,6 @@ impl TreeBuilder {
     }
 
     fn finish(&mut self, node: Node, anchor: usize) -> Result<(), SyntaxError> {
-        self.nodes += count(&node);
-        if self.nodes > MAX_NODES {
-            return Err(SyntaxError {
-                pos: node.pos,
-                message: format!(
-                    "document too large: more than {MAX_NODES} nodes (alias expansion?)"
-                ),
-            });
-        }
         if anchor != 0 {
             self.anchors.insert(anchor, node.clone());
         }
@@ -183,7 +204,7 @@ impl TreeBuilder {
                     None => *slot = Some(node),
                     Some(key) => {
                         if let Some(k) = key.as_str()
-                            && entries.iter().any(|(other, _)| other.as_str() == Some(k))
+                            && is_duplicate(entries, &mut parent.keys, k)
                         {
                             return Err(SyntaxError {
                                 pos: key.pos,
@@ -200,10 +221,35 @@ impl TreeBuilder {
     }
 }
 
+/// Whether a map already has key `k` (and records it): a scan while the
+/// map is small, a set once it is large, so a map of n keys costs O(n).
+fn is_duplicate(
+    entries: &[(Node, Node)],
+    keys: &mut Option<std::collections::HashSet<String>>,
+    k: &str,
+) -> bool {
+    if keys.is_none() && entries.len() < KEYS_SCANNED {
+        return entries.iter().any(|(other, _)| other.as_str() == Some(k));
+    }
+    let set = keys.get_or_insert_with(|| {
+        entries
+            .iter()
+            .filter_map(|(key, _)| key.as_str().map(str::to_owned))
+            .collect()
+    });
+    !set.insert(k.to_owned())
+}
+
+/// A node and everything under it.
 fn count(node: &Node) -> usize {
     match &node.value {
         Value::Seq(items) => 1 + items.iter().map(count).sum::<usize>(),
-        Value::Map(entries) => 1 + entries.iter().map(|(_, v)| count(v)).sum::<usize>(),
+        Value::Map(entries) => {
+            1 + entries
+                .iter()
+                .map(|(k, v)| count(k) + count(v))
+                .sum::<usize>()
+        }
         _ => 1,
     }
 }
@@ -795,6 +841,25 @@ mod tests {
                 .and_then(Node::as_str),
             Some("1")
         );
+    }
+
+    #[test]
+    fn the_node_limit_is_per_document() {
+        // Three documents of 400k nodes each: 1.2M in the file, fine.
+        let doc = "- x\n".repeat(400_000);
+        let src = format!("{doc}---\n{doc}---\n{doc}");
+        assert_eq!(parse_documents(&src).unwrap().len(), 3);
+        // One document of 1.2M nodes: refused, saying why.
+        let err = parse_documents(&"- x\n".repeat(1_200_000)).unwrap_err();
+        assert!(err.message.contains("per document"), "{err}");
+    }
+
+    #[test]
+    fn a_large_map_still_finds_a_duplicate_key() {
+        let mut src: String = (0..5000).map(|i| format!("k{i}: {i}\n")).collect();
+        src.push_str("k4321: again\n");
+        let err = parse_documents(&src).unwrap_err();
+        assert_eq!(err.to_string(), "5001:1: duplicate key `k4321`");
     }
 
     #[test]
