@@ -2,6 +2,7 @@
 //! snapshot, and a pure `route()` that picks the first matching rule for a
 //! request, as Envoy does with Istio's generated route tables.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -562,22 +563,61 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
 }
 
-/// Every virtual host of one listener port.
+/// Every virtual host of one listener port, indexed by domain.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     pub vhosts: Vec<VirtualHost>,
+    index: DomainIndex,
 }
 
-/// How specific a domain pattern is for `host` (Envoy's order: exact, then
-/// the longest suffix wildcard, then `*`); `None` if it does not match.
-fn domain_rank(pattern: &str, host: &str) -> Option<usize> {
-    if pattern == "*" {
-        return Some(0);
+/// Which virtual host serves a host, found in time independent of how many
+/// there are (Envoy's order: exact, then the longest suffix wildcard, then
+/// `*`; among equals, the last).
+#[derive(Debug, Clone, Default)]
+struct DomainIndex {
+    exact: HashMap<String, usize>,
+    /// `*.a.com` as `.a.com`.
+    suffixes: HashMap<String, usize>,
+    /// The suffix lengths present, longest first.
+    suffix_lens: Vec<usize>,
+    any: Option<usize>,
+}
+
+impl DomainIndex {
+    fn new(vhosts: &[VirtualHost]) -> DomainIndex {
+        let mut index = DomainIndex::default();
+        for (i, vh) in vhosts.iter().enumerate() {
+            for d in &vh.domains {
+                if d == "*" {
+                    index.any = Some(i);
+                } else if let Some(suffix) = d.strip_prefix('*') {
+                    index.suffixes.insert(suffix.to_owned(), i);
+                } else {
+                    index.exact.insert(d.clone(), i);
+                }
+            }
+        }
+        index.suffix_lens = index.suffixes.keys().map(String::len).collect();
+        index.suffix_lens.sort_unstable_by(|a, b| b.cmp(a));
+        index.suffix_lens.dedup();
+        index
     }
-    if let Some(suffix) = pattern.strip_prefix('*') {
-        return (host.len() > suffix.len() && host.ends_with(suffix)).then_some(suffix.len());
+
+    /// `host` is lowercase, without its port.
+    fn find(&self, host: &str) -> Option<usize> {
+        if let Some(&i) = self.exact.get(host) {
+            return Some(i);
+        }
+        // A wildcard covers at least one more character than its suffix.
+        self.suffix_lens
+            .iter()
+            .filter(|&&len| len < host.len())
+            .find_map(|&len| {
+                let suffix = host.get(host.len() - len..)?;
+                self.suffixes.get(suffix).copied()
+            })
+            .or(self.any)
     }
-    (pattern == host).then_some(usize::MAX)
 }
 
 /// Result of routing one request.
@@ -594,19 +634,19 @@ pub enum Routed<'a> {
 }
 
 impl RouteTable {
+    pub fn new(vhosts: Vec<VirtualHost>) -> RouteTable {
+        let index = DomainIndex::new(&vhosts);
+        RouteTable { vhosts, index }
+    }
+
     pub fn vhost(&self, authority: &str) -> Option<&VirtualHost> {
-        let host = split_host_port(authority).0.to_ascii_lowercase();
-        self.vhosts
-            .iter()
-            .filter_map(|v| {
-                v.domains
-                    .iter()
-                    .filter_map(|d| domain_rank(d, &host))
-                    .max()
-                    .map(|r| (r, v))
-            })
-            .max_by_key(|(r, _)| *r)
-            .map(|(_, v)| v)
+        let host = split_host_port(authority).0;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(host.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(host)
+        };
+        self.index.find(&host).map(|i| &self.vhosts[i])
     }
 
     /// First matching rule wins.

@@ -351,6 +351,7 @@ fn weighted(r: &RouteView, index: &HashMap<&str, usize>) -> Vec<WeightedCluster>
 /// The HTTP route table of one listener port.
 fn route_table(v: &ProxyView, port: u16, index: &HashMap<&str, usize>) -> RouteTable {
     let mut vhosts: Vec<VirtualHost> = Vec::new();
+    let mut by_host: HashMap<String, usize> = HashMap::new();
     for r in v
         .routes
         .iter()
@@ -368,15 +369,18 @@ fn route_table(v: &ProxyView, port: u16, index: &HashMap<&str, usize>) -> RouteT
             })
             .collect();
         let host = r.host.to_ascii_lowercase();
-        match vhosts.iter_mut().find(|vh| vh.domains[0] == host) {
-            Some(vh) => vh.routes.push(route),
-            None => vhosts.push(VirtualHost {
-                domains: vec![host],
-                routes: vec![route],
-            }),
+        match by_host.get(&host) {
+            Some(&i) => vhosts[i].routes.push(route),
+            None => {
+                by_host.insert(host.clone(), vhosts.len());
+                vhosts.push(VirtualHost {
+                    domains: vec![host],
+                    routes: vec![route],
+                });
+            }
         }
     }
-    RouteTable { vhosts }
+    RouteTable::new(vhosts)
 }
 
 /// The SNI routes of one listener port.

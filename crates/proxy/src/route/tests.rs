@@ -32,12 +32,10 @@ fn table(vs_spec: &str) -> RouteTable {
             Route::compile(&route_view(i, r), dests)
         })
         .collect();
-    RouteTable {
-        vhosts: vec![VirtualHost {
-            domains: vs.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
-            routes,
-        }],
-    }
+    RouteTable::new(vec![VirtualHost {
+        domains: vs.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        routes,
+    }])
 }
 
 /// The view's form of a rule, as `meshgate_config::view` builds it.
@@ -295,4 +293,36 @@ fn host_port_split() {
     assert_eq!(split_host_port("a.com"), ("a.com", None));
     assert_eq!(split_host_port("[::1]:8080"), ("[::1]", Some(8080)));
     assert_eq!(split_host_port("::1"), ("::1", None));
+}
+
+#[test]
+fn virtual_hosts_are_chosen_exact_then_longest_wildcard_then_any() {
+    let vh = |domains: &[&str]| VirtualHost {
+        domains: domains.iter().map(|d| (*d).to_owned()).collect(),
+        routes: Vec::new(),
+    };
+    let t = RouteTable::new(vec![
+        vh(&["*"]),
+        vh(&["*.com"]),
+        vh(&["*.example.com"]),
+        vh(&["api.example.com", "other.org"]),
+    ]);
+    let chosen = |authority: &str| {
+        let v = t.vhost(authority).unwrap();
+        t.vhosts.iter().position(|x| std::ptr::eq(x, v)).unwrap()
+    };
+    assert_eq!(chosen("api.example.com"), 3);
+    assert_eq!(chosen("API.Example.com:8080"), 3);
+    assert_eq!(chosen("other.org"), 3);
+    assert_eq!(chosen("www.example.com"), 2);
+    assert_eq!(
+        chosen("example.com"),
+        1,
+        "a wildcard needs more than its suffix"
+    );
+    assert_eq!(chosen("x.com"), 1);
+    assert_eq!(chosen("example.org"), 0);
+    let none = RouteTable::new(vec![vh(&["*.example.com"])]);
+    assert!(none.vhost(".example.com").is_none());
+    assert!(none.vhost("example.com").is_none());
 }
