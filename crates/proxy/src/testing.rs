@@ -674,3 +674,82 @@ pub fn promtool_check(text: &str) -> (bool, String) {
         .all(|l| l == "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"");
     (code == 0 || (code == 3 && only_istio_unit), report)
 }
+
+/// The external hosts of a generated scale config: `h{i}.scale.example`.
+pub fn scale_host(i: usize) -> String {
+    format!("h{i}.scale.example")
+}
+
+/// A generated config of `n` external hosts beside the seed, in ten files
+/// (name, YAML), all in the gateway's namespace: a Gateway for
+/// `*.scale.example` on the egress gateway's port 80, and per host what
+/// the seed has for its one (a ServiceEntry with HTTP on 80 and 443, a
+/// VirtualService on the gateway to 443, a DestinationRule originating TLS
+/// with SNI); or, with `one_entry`, one ServiceEntry with all `n` hosts.
+/// The scale benchmarks (issue: performance) load these.
+pub fn scale_files(n: usize, one_entry: bool) -> Vec<(String, String)> {
+    const FILES: usize = 10;
+    let mut files: Vec<String> = vec![String::new(); FILES];
+    files[0].push_str(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  name: scale-gateway\n  \
+         namespace: curl-egress-tst\nspec:\n  selector:\n    istio: egressgateway\n  servers:\n  \
+         - port:\n      number: 80\n      name: http\n      protocol: HTTP\n    hosts:\n    \
+         - \"*.scale.example\"\n",
+    );
+    if one_entry {
+        let hosts: String = (0..n).map(|i| format!("  - {}\n", scale_host(i))).collect();
+        files[1].push_str(&format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  \
+             name: scale-all\n  namespace: curl-egress-tst\nspec:\n  hosts:\n{hosts}  ports:\n  \
+             - number: 80\n    name: http\n    protocol: HTTP\n  - number: 443\n    name: https\n    \
+             protocol: HTTP\n  location: MESH_EXTERNAL\n  resolution: DNS\n"
+        ));
+    } else {
+        for i in 0..n {
+            let h = scale_host(i);
+            files[i % FILES].push_str(&format!(
+                "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  \
+                 name: h{i}\n  namespace: curl-egress-tst\nspec:\n  hosts:\n  - {h}\n  ports:\n  \
+                 - number: 80\n    name: http\n    protocol: HTTP\n  - number: 443\n    name: https\n    \
+                 protocol: HTTP\n  location: MESH_EXTERNAL\n  resolution: DNS\n\
+                 ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  \
+                 name: h{i}\n  namespace: curl-egress-tst\nspec:\n  hosts:\n  - {h}\n  gateways:\n  \
+                 - scale-gateway\n  http:\n  - route:\n    - destination:\n        host: {h}\n        \
+                 port:\n          number: 443\n\
+                 ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  \
+                 name: h{i}\n  namespace: curl-egress-tst\nspec:\n  host: {h}\n  trafficPolicy:\n    \
+                 portLevelSettings:\n    - port:\n        number: 443\n      tls:\n        mode: SIMPLE\n        \
+                 sni: {h}\n"
+            ));
+        }
+    }
+    files
+        .into_iter()
+        .enumerate()
+        .map(|(i, text)| (format!("scale-{i}.yaml"), text))
+        .collect()
+}
+
+/// The seed and `scale_files(n, one_entry)`, loaded as the proxies load
+/// files.
+pub fn scale_config(n: usize, one_entry: bool) -> Config {
+    let files = scale_files(n, one_entry);
+    let texts: Vec<&str> = files.iter().map(|(_, t)| t.as_str()).collect();
+    seed_config(&texts)
+}
+
+/// The compiled snapshot of `workload` in `config`, as a proxy builds it
+/// (an identity from a fresh in-memory CA; DNS pointed at a closed port).
+pub async fn snapshot(config: &Config, workload: &str) -> Snapshot {
+    let view = view::build(config, &MeshSettings::default(), workload).unwrap();
+    let identity = Mesh::default().identity(&view.workload.spiffe_id).await;
+    let nobody = StandinCa::new("trusts nothing").unwrap();
+    let ctx = BuildContext {
+        resolver: Resolver::new(Some(SocketAddr::from(([127, 0, 0, 1], 9)))).unwrap(),
+        roots: DefaultRoots::only(meshgate_identity::cert::parse_certs(&nobody.root_pem).unwrap())
+            .unwrap(),
+        identity: Some(identity),
+        endpoints: HashMap::new(),
+    };
+    Snapshot::build(view, &ctx).unwrap()
+}
