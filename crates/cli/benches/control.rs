@@ -72,7 +72,7 @@ fn main() {
     );
     let mut rows = vec![(
         "control plane RSS, seed only, no streams".to_owned(),
-        format!("{:.1} MiB", rss_mib(pid)),
+        format!("{:.1} MiB", support::rss_mib(pid)),
     )];
 
     // The streams.
@@ -118,7 +118,7 @@ fn main() {
     ));
     rows.push((
         format!("control plane RSS, {proxies} streams"),
-        format!("{:.1} MiB", rss_mib(pid)),
+        format!("{:.1} MiB", support::rss_mib(pid)),
     ));
 
     // Every patch flips the seed Sidecar's mode: always a change.
@@ -202,7 +202,7 @@ fn main() {
     ));
     rows.push((
         format!("control plane RSS, {proxies} streams, {entries} ServiceEntries"),
-        format!("{:.1} MiB", rss_mib(pid)),
+        format!("{:.1} MiB", support::rss_mib(pid)),
     ));
     push(&format!("{entries} ServiceEntries"), &mut rows);
 
@@ -235,13 +235,4 @@ fn wait_all(latest: &[std::sync::atomic::AtomicU64], version: u64, within: Durat
         std::thread::sleep(Duration::from_millis(2));
     }
     t0.elapsed()
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }

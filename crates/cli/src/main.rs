@@ -8,6 +8,7 @@ mod exec_cmd;
 mod explain;
 mod iptables_cmd;
 mod kube_cmd;
+mod memory;
 mod proxy_config;
 mod run;
 mod standin_cmd;

@@ -596,6 +596,10 @@ async fn proxy_main(
         endpoints: endpoints_for(&config, &mesh, args)?,
     };
     let snapshot = Snapshot::build(view::build(&config, &mesh, &args.workload)?, &ctx)?;
+    // The model (with every resource's parsed YAML, kept for line numbers)
+    // is not needed once compiled: a large config would stay resident.
+    let digest = Digest::of(&config);
+    drop(config);
     if kind == ProxyKind::Gateway && snapshot.listeners.is_empty() {
         tracing::warn!(workload = %args.workload, "no Gateway selects this workload: nothing to listen on");
     }
@@ -620,6 +624,7 @@ async fn proxy_main(
         }),
     };
     let mut app = App::start(proxy, &options).await?;
+    crate::memory::release_freed();
     listeners_pending.done();
     let config_source = Arc::new(arc_swap::ArcSwap::from_pointee(match &control {
         Some(_) => "control plane".to_owned(),
@@ -656,7 +661,7 @@ async fn proxy_main(
         ready: &ready,
         loaded,
         tls_loaded: tls_fingerprint(args, &app),
-        digest: Digest::of(&config),
+        digest,
         config_source,
     };
     // Config changes come from the files or from the control plane.
@@ -834,30 +839,20 @@ struct Digest(std::collections::BTreeMap<String, u64>);
 
 impl Digest {
     fn of(config: &Config) -> Digest {
-        use std::hash::{Hash, Hasher};
         let mut map = std::collections::BTreeMap::new();
-        let Ok(serde_json::Value::Object(kinds)) = serde_json::to_value(config) else {
-            return Digest(map);
-        };
-        for resource in kinds.values().filter_map(|v| v.as_array()).flatten() {
-            let meta = &resource["meta"];
-            let key = format!(
-                "{} {}",
-                meta["kind"].as_str().unwrap_or(""),
-                match meta["namespace"].as_str().unwrap_or("") {
-                    "" => meta["name"].as_str().unwrap_or("").to_owned(),
-                    ns => format!("{ns}/{}", meta["name"].as_str().unwrap_or("")),
-                }
-            );
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            (
-                resource["spec"].to_string(),
-                meta["labels"].to_string(),
-                meta["annotations"].to_string(),
-            )
-                .hash(&mut h);
-            map.insert(key, h.finish());
-        }
+        let c = config;
+        add_digests(&mut map, &c.namespaces);
+        add_digests(&mut map, &c.service_accounts);
+        add_digests(&mut map, &c.services);
+        add_digests(&mut map, &c.endpoint_slices);
+        add_digests(&mut map, &c.workloads);
+        add_digests(&mut map, &c.service_entries);
+        add_digests(&mut map, &c.virtual_services);
+        add_digests(&mut map, &c.destination_rules);
+        add_digests(&mut map, &c.gateways);
+        add_digests(&mut map, &c.sidecars);
+        add_digests(&mut map, &c.authorization_policies);
+        add_digests(&mut map, &c.peer_authentications);
         Digest(map)
     }
 
@@ -892,6 +887,26 @@ impl Digest {
     }
 }
 
+/// Each resource's key and a hash of its spec, labels and annotations;
+/// one resource serialized at a time (the whole config at once doubled a
+/// large config's memory at load).
+fn add_digests<T: serde::Serialize>(
+    map: &mut std::collections::BTreeMap<String, u64>,
+    resources: &[Resource<T>],
+) {
+    use std::hash::{Hash, Hasher};
+    for r in resources {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        serde_json::to_string(&r.spec).ok().hash(&mut h);
+        r.meta.labels.hash(&mut h);
+        r.meta.annotations.hash(&mut h);
+        map.insert(
+            format!("{} {}", r.meta.kind, r.meta.full_name()),
+            h.finish(),
+        );
+    }
+}
+
 impl Live<'_> {
     async fn watch(&mut self, interval: Duration, app: &mut App) {
         if interval.is_zero() {
@@ -905,7 +920,9 @@ impl Live<'_> {
                 continue;
             }
             self.loaded = now;
+            let started = std::time::Instant::now();
             let reloaded = self.reload(app).await;
+            let elapsed_ms = started.elapsed().as_millis();
             // The files the config now in force reads.
             self.tls_loaded = tls_fingerprint(self.args, app);
             // The inspection port's /config_dump says what the last
@@ -913,7 +930,7 @@ impl Live<'_> {
             let at = meshgate_telemetry::accesslog::format_time(std::time::SystemTime::now());
             match reloaded {
                 Ok(changes) => {
-                    tracing::info!(workload = %self.args.workload, %changes, "config reloaded");
+                    tracing::info!(workload = %self.args.workload, %changes, elapsed_ms, "config reloaded");
                     self.config_source
                         .store(Arc::new(format!("files, reloaded at {at}: {changes}")));
                 }
@@ -944,6 +961,7 @@ impl Live<'_> {
         .await
         .context("loading the config")??;
         self.apply(config, app).await?;
+        crate::memory::release_freed();
         let changes = self.digest.changes(&digest);
         self.digest = digest;
         Ok(changes)
@@ -961,6 +979,7 @@ impl Live<'_> {
                 Ok(Ok(config)) => self.apply(config, app).await,
                 Ok(Err(e)) | Err(e) => Err(e),
             };
+            crate::memory::release_freed();
             let error = match result {
                 Ok(()) => {
                     tracing::info!(workload = %self.args.workload, version = next.version, "config applied");

@@ -39,18 +39,10 @@ impl Istiod {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts istiod (its CA self-signed, as a default install) and returns it
 /// with its CA port once it is ready.
 fn start_istiod(cluster: &TestCluster, dir: &TempDir) -> (Istiod, String) {
-    let [http, grpc, secure, monitoring, webhooks] = [(); 5].map(|()| free_port());
+    let [http, grpc, secure, monitoring, webhooks] = [(); 5].map(|()| support::free_port());
     let addr = |p: u16| format!("127.0.0.1:{p}");
     let log = dir.path("istiod.log");
     let child = Command::new(env!("MESHGATE_ISTIOD_BIN"))
@@ -188,7 +180,7 @@ fn meshgate_proxies_take_istiods_certificates_and_the_seed_runs_on_them() {
     );
     let gw_endpoints = dir.path("gw-endpoints");
     std::fs::write(&gw_endpoints, format!("{HOST}:443 {external_addr}\n")).unwrap();
-    let gw_port = free_port().to_string();
+    let gw_port = support::free_port().to_string();
     let gw_ports = format!("80={gw_port}");
     let gateway = proxy(
         &dir,
@@ -215,7 +207,7 @@ fn meshgate_proxies_take_istiods_certificates_and_the_seed_runs_on_them() {
         format!("curl-egress-tst.curl-egress-tst.svc.cluster.local:80 127.0.0.1:{gw_port}\n"),
     )
     .unwrap();
-    let sc_port = free_port().to_string();
+    let sc_port = support::free_port().to_string();
     let sidecar = proxy(
         &dir,
         "sidecar",

@@ -72,7 +72,7 @@ pub struct ClusterEntry {
     pub labels: DestinationLabels,
     /// Everything the cluster was built from: a reload keeps the cluster
     /// (and its pooled connections and outlier state) when this is equal.
-    fingerprint: String,
+    fingerprint: u64,
 }
 
 /// A `tls` route: SNI names to destinations (passthrough).
@@ -201,8 +201,9 @@ impl Snapshot {
 
         let mut clusters = Vec::with_capacity(view.clusters.len() + 1);
         let mut cluster_names: Vec<Arc<str>> = Vec::with_capacity(view.clusters.len() + 1);
+        let mut tls_configs = upstream_tls::ClientConfigs::default();
         for c in &view.clusters {
-            clusters.push(build_cluster(c, ctx, role, &previous)?);
+            clusters.push(build_cluster(c, ctx, role, &previous, &mut tls_configs)?);
             cluster_names.push(Arc::from(c.name.as_str()));
         }
         let index: HashMap<&str, usize> = view
@@ -447,7 +448,7 @@ fn passthrough_cluster(ctx: &BuildContext) -> Arc<ClusterEntry> {
         ),
         host: name.clone(),
         labels: DestinationLabels::named(name),
-        fingerprint: PASSTHROUGH_CLUSTER.to_owned(),
+        fingerprint: 0,
     })
 }
 
@@ -480,6 +481,7 @@ fn build_cluster(
     ctx: &BuildContext,
     role: Role,
     previous: &HashMap<&str, Arc<ClusterEntry>>,
+    tls_configs: &mut upstream_tls::ClientConfigs,
 ) -> Result<Option<Arc<ClusterEntry>>, BuildError> {
     if !c.in_registry {
         return Ok(None);
@@ -490,13 +492,16 @@ fn build_cluster(
             origin: c.origin.clone(),
         });
     }
-    let settings = cluster_settings(c, ctx)?;
+    let settings = cluster_settings(c, ctx, tls_configs)?;
     let labels = DestinationLabels::of(c);
-    let fingerprint = format!(
-        "{c:?}|{:?}|{}",
-        settings.endpoints,
-        tls_inputs_stamp(&c.tls, &ctx.roots)
-    );
+    // A hash, not the text: kept per cluster, the text cost ~1 KiB each.
+    let fingerprint = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        format!("{c:?}|{:?}", settings.endpoints).hash(&mut h);
+        tls_inputs_stamp(&c.tls, &ctx.roots).hash(&mut h);
+        h.finish()
+    };
     if let Some(prev) = previous.get(c.name.as_str())
         && prev.fingerprint == fingerprint
     {
@@ -536,7 +541,11 @@ fn tls_inputs_stamp(tls: &meshgate_config::view::ClusterTls, roots: &DefaultRoot
 
 /// A cluster's settings from its DestinationRule's effective policy, with
 /// Envoy's and Istio's defaults for what it leaves out.
-fn cluster_settings(c: &ClusterView, ctx: &BuildContext) -> Result<ClusterSettings, BuildError> {
+fn cluster_settings(
+    c: &ClusterView,
+    ctx: &BuildContext,
+    tls_configs: &mut upstream_tls::ClientConfigs,
+) -> Result<ClusterSettings, BuildError> {
     let policy = &c.policy;
     let h2 = speaks_h2(c.protocol, policy);
     let tls_error = |reason: String| BuildError::Tls {
@@ -552,8 +561,7 @@ fn cluster_settings(c: &ClusterView, ctx: &BuildContext) -> Result<ClusterSettin
         &c.tls,
         client_cert,
         h2,
-        &ctx.roots,
-        ctx.identity.as_ref(),
+        (&ctx.roots, ctx.identity.as_ref(), tls_configs),
         &c.host,
     )
     .map_err(|e| tls_error(e.to_string()))?;

@@ -206,3 +206,22 @@ pub fn scrape_until(url: &str, name: &str, labels: &[(&str, &str)], want: f64) -
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A process's resident memory (VmRSS), in MiB; 0 when it is gone.
+pub fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// A port that was free a moment ago (for a child that must be told one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

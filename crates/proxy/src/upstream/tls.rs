@@ -1,7 +1,8 @@
 //! TLS toward upstreams: origination per DestinationRule (SIMPLE, MUTUAL:
 //! verify the server against the configured CA or the system's roots and
 //! against the expected names) and mesh mutual TLS (ISTIO_MUTUAL: SPIFFE).
-//! Configs are built once per cluster when config is applied.
+//! Configs are built when config is applied, once per distinct set of
+//! inputs (`ClientConfigs`), and shared by the clusters that have them.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -176,28 +177,88 @@ fn rustls_err(e: impl std::fmt::Display) -> TlsSetupError {
     TlsSetupError::Rustls(e.to_string())
 }
 
+/// The client configs of one snapshot build, by what they are built from.
+/// Clusters differ mostly by SNI, which is per connection; a rustls config
+/// carries its own session cache (allocated on first use: see
+/// `LazySessionCache`), shared by the clusters that share it. Sharing is safe: the
+/// key holds everything that decides verification and the client
+/// certificate, so a session is resumed only under the settings it was
+/// made with.
+#[derive(Debug, Default)]
+pub struct ClientConfigs(std::collections::HashMap<ConfigKey, Arc<ClientConfig>>);
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct ConfigKey {
+    mode: ClientTlsMode,
+    insecure_skip_verify: bool,
+    ca_certificates: String,
+    expected_identities: Vec<String>,
+    client_cert: Option<(String, String)>,
+    h2: bool,
+}
+
 /// Builds the TLS settings of one cluster from its view; `None` for
-/// plaintext.
+/// plaintext. The config comes from `configs` when another cluster of this
+/// build has the same inputs.
 pub fn build(
     tls: &ClusterTls,
     client_cert: Option<(&str, &str)>,
     h2: bool,
-    roots: &DefaultRoots,
-    identity: Option<&Arc<WorkloadIdentity>>,
+    ctx: (
+        &DefaultRoots,
+        Option<&Arc<WorkloadIdentity>>,
+        &mut ClientConfigs,
+    ),
     host: &str,
 ) -> Result<Option<UpstreamTls>, TlsSetupError> {
     if tls.mode == ClientTlsMode::Disable {
         return Ok(None);
     }
-    let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+    let (roots, identity, configs) = ctx;
     // A wildcard host: each connection names (and verifies) the request's
     // host; the wildcard's parent stands in until then.
     let auto_sni = tls.sni.starts_with("*.");
     let sni_name = tls.sni.trim_start_matches("*.");
     let sni = ServerName::try_from(sni_name.to_owned())
         .map_err(|_| TlsSetupError::Sni(tls.sni.clone()))?;
+    let key = ConfigKey {
+        mode: tls.mode,
+        insecure_skip_verify: tls.insecure_skip_verify,
+        ca_certificates: tls.ca_certificates.clone(),
+        expected_identities: tls.expected_identities.clone(),
+        client_cert: client_cert.map(|(c, k)| (c.to_owned(), k.to_owned())),
+        h2,
+    };
+    let config = match configs.0.get(&key) {
+        Some(config) => config.clone(),
+        None => {
+            let config = client_config(tls, client_cert, h2, roots, identity, host)?;
+            configs.0.insert(key, config.clone());
+            config
+        }
+    };
+    Ok(Some(UpstreamTls {
+        config,
+        sni,
+        auto_sni,
+        mode: tls.mode,
+    }))
+}
+
+/// One client config: verification (mesh SPIFFE, or the chain and the
+/// expected names), the client certificate, ALPN.
+fn client_config(
+    tls: &ClusterTls,
+    client_cert: Option<(&str, &str)>,
+    h2: bool,
+    roots: &DefaultRoots,
+    identity: Option<&Arc<WorkloadIdentity>>,
+    host: &str,
+) -> Result<Arc<ClientConfig>, TlsSetupError> {
+    let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
     let config = match tls.mode {
-        ClientTlsMode::Disable => return Ok(None),
+        // Plaintext never gets here (`build` returns first).
+        ClientTlsMode::Disable => return Err(TlsSetupError::Rustls("no TLS".into())),
         ClientTlsMode::IstioMutual => {
             let identity = identity.ok_or_else(|| TlsSetupError::NoIdentity(host.to_owned()))?;
             let expected: Vec<SpiffeId> = tls
@@ -257,13 +318,60 @@ pub fn build(
                 _ => builder.with_no_client_auth(),
             };
             cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            cfg.resumption = meshgate_identity::tls::LazySessionCache::resumption();
             Arc::new(cfg)
         }
     };
-    Ok(Some(UpstreamTls {
-        config,
-        sni,
-        auto_sni,
-        mode: tls.mode,
-    }))
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn simple(sni: &str, names: &[&str]) -> ClusterTls {
+        ClusterTls {
+            mode: ClientTlsMode::Simple,
+            auto: false,
+            sni: sni.to_owned(),
+            expected_identities: names.iter().map(|n| (*n).to_owned()).collect(),
+            trust: "system roots".to_owned(),
+            ca_certificates: String::new(),
+            client_certificate: String::new(),
+            private_key: String::new(),
+            insecure_skip_verify: false,
+        }
+    }
+
+    fn roots() -> DefaultRoots {
+        let ca = crate::standin::StandinCa::new("test roots").unwrap();
+        DefaultRoots::only(meshgate_identity::cert::parse_certs(&ca.root_pem).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn clusters_share_a_config_only_when_everything_that_verifies_is_the_same() {
+        let (roots, mut configs) = (roots(), ClientConfigs::default());
+        let mut build = |tls: &ClusterTls, h2: bool| {
+            build(tls, None, h2, (&roots, None, &mut configs), "h")
+                .unwrap()
+                .unwrap()
+        };
+        // Two hosts verified by the same name set share; the SNI is per
+        // connection and stays each cluster's own.
+        let a = build(&simple("a.example", &["a.example", "b.example"]), false);
+        let b = build(&simple("b.example", &["a.example", "b.example"]), false);
+        assert!(Arc::ptr_eq(&a.config, &b.config));
+        assert_eq!(a.sni, ServerName::try_from("a.example").unwrap());
+        assert_eq!(b.sni, ServerName::try_from("b.example").unwrap());
+        // Other names to verify, another ALPN, skipping verification: never
+        // the same config (a session resumes without verifying again).
+        let other_names = build(&simple("a.example", &["a.example"]), false);
+        let h2 = build(&simple("a.example", &["a.example", "b.example"]), true);
+        let mut insecure = simple("a.example", &["a.example", "b.example"]);
+        insecure.insecure_skip_verify = true;
+        let insecure = build(&insecure, false);
+        for other in [&other_names, &h2, &insecure] {
+            assert!(!Arc::ptr_eq(&a.config, &other.config));
+        }
+    }
 }
