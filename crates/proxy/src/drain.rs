@@ -6,7 +6,8 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
@@ -106,22 +107,129 @@ where
     C: Future<Output = Result<(), E>>,
 {
     let mut conn = std::pin::pin!(conn);
+    let started = drain.started();
+    // Polled only when its own timer or channel woke it, not on each of
+    // the connection's many wake-ups per request.
+    let stop = PollWhenWoken::new(async {
+        tokio::select! {
+            () = started => Stop::Drain,
+            () = idle => Stop::Idle,
+        }
+    });
     tokio::select! {
+        biased;
         r = conn.as_mut() => r,
-        () = drain.started() => {
+        stop = stop => {
             shutdown(conn.as_mut());
-            conn.await
+            match stop {
+                Stop::Drain => conn.await,
+                Stop::Idle => tokio::time::timeout(IDLE_CLOSE_GRACE, conn).await.unwrap_or(Ok(())),
+            }
         }
-        () = idle => {
-            shutdown(conn.as_mut());
-            tokio::time::timeout(IDLE_CLOSE_GRACE, conn).await.unwrap_or(Ok(()))
+    }
+}
+
+/// Why a connection is asked to close.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    Drain,
+    Idle,
+}
+
+pin_project_lite::pin_project! {
+    /// A future polled only after something it waits on woke it (or on the
+    /// first poll): beside a busy future in one task, it costs an atomic
+    /// load per wake-up of the task instead of a poll of its timers.
+    struct PollWhenWoken<F> {
+        #[pin]
+        inner: F,
+        flag: Arc<WakeFlag>,
+        waker: Waker,
+    }
+}
+
+/// Set when the inner future's waker is called; passes the wake-up on.
+#[derive(Debug)]
+struct WakeFlag {
+    woken: AtomicBool,
+    task: std::sync::Mutex<Option<Waker>>,
+}
+
+impl Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        let task = self.task.lock().ok().and_then(|t| t.clone());
+        if let Some(task) = task {
+            task.wake();
         }
+    }
+}
+
+impl<F> PollWhenWoken<F> {
+    fn new(inner: F) -> Self {
+        let flag = Arc::new(WakeFlag {
+            woken: AtomicBool::new(true),
+            task: std::sync::Mutex::new(None),
+        });
+        PollWhenWoken {
+            inner,
+            waker: Waker::from(flag.clone()),
+            flag,
+        }
+    }
+}
+
+impl<F: Future> Future for PollWhenWoken<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if let Ok(mut task) = this.flag.task.lock()
+            && !task.as_ref().is_some_and(|t| t.will_wake(cx.waker()))
+        {
+            *task = Some(cx.waker().clone());
+        }
+        if !this.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        this.inner.poll(&mut Context::from_waker(this.waker))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection that wakes often never makes the idle timer poll, and
+    /// the timer still ends it.
+    #[tokio::test(start_paused = true)]
+    async fn the_stop_future_is_polled_when_it_is_woken() {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let counted = {
+            let polls = polls.clone();
+            let mut sleep = Box::pin(tokio::time::sleep(Duration::from_secs(60)));
+            std::future::poll_fn(move |cx| {
+                polls.fetch_add(1, Ordering::SeqCst);
+                sleep.as_mut().poll(cx)
+            })
+        };
+        let busy = async {
+            // A connection woken 1,000 times.
+            for _ in 0..1000 {
+                tokio::task::yield_now().await;
+            }
+            std::future::pending::<Result<(), ()>>().await
+        };
+        let start = tokio::time::Instant::now();
+        let served = serve_until_drained(&Drain::default(), busy, |_| {}, counted).await;
+        assert_eq!(served, Ok(()), "closed by the idle timer, within the grace");
+        assert_eq!(start.elapsed(), Duration::from_secs(60) + IDLE_CLOSE_GRACE);
+        assert!(polls.load(Ordering::SeqCst) <= 3, "{polls:?} polls");
+    }
 
     #[tokio::test]
     async fn drain_waits_for_connections_and_gives_up_at_the_limit() {

@@ -13,14 +13,14 @@ use std::time::Duration;
 
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::service::Service;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// One connection's requests in flight, and since when it has had none.
+/// Requests only count; the watcher (`idle_for`) wakes at deadlines and
+/// reads the count, so a request costs no timer and no wake-up.
 #[derive(Debug)]
 pub struct Activity {
     state: Mutex<State>,
-    quiet: Notify,
 }
 
 #[derive(Debug)]
@@ -36,7 +36,6 @@ impl Activity {
                 in_flight: 0,
                 idle_since: Instant::now(),
             }),
-            quiet: Notify::new(),
         })
     }
 
@@ -47,7 +46,9 @@ impl Activity {
         InFlight(self.clone())
     }
 
-    /// When no request has been in flight for `limit`.
+    /// When no request has been in flight for `limit`: exactly then if the
+    /// connection went quiet, checked again `limit` later while busy (the
+    /// soonest it could have been quiet that long).
     pub async fn idle_for(&self, limit: Duration) {
         loop {
             let idle_since = self
@@ -55,17 +56,12 @@ impl Activity {
                 .lock()
                 .ok()
                 .and_then(|s| (s.in_flight == 0).then_some(s.idle_since));
-            match idle_since {
+            let deadline = match idle_since {
                 Some(since) if since + limit <= Instant::now() => return,
-                Some(since) => {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(since + limit) => {}
-                        () = self.quiet.notified() => {}
-                    }
-                }
-                // Busy: wait until the last request in flight ends.
-                None => self.quiet.notified().await,
-            }
+                Some(since) => since + limit,
+                None => Instant::now() + limit,
+            };
+            tokio::time::sleep_until(deadline).await;
         }
     }
 }
@@ -80,7 +76,6 @@ impl Drop for InFlight {
             s.in_flight = s.in_flight.saturating_sub(1);
             if s.in_flight == 0 {
                 s.idle_since = Instant::now();
-                self.0.quiet.notify_one();
             }
         }
     }
@@ -191,5 +186,24 @@ mod tests {
         drop(busy);
         idle.await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_secs(660));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_limit_counts_from_the_last_request() {
+        let activity = Activity::new();
+        let limit = Duration::from_secs(60);
+        let start = Instant::now();
+        let idle = tokio::spawn({
+            let a = activity.clone();
+            async move { a.idle_for(limit).await }
+        });
+        // Short requests now and then, never 60 s apart.
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            drop(activity.start());
+        }
+        assert!(!idle.is_finished(), "never quiet for 60 s");
+        idle.await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(250 + 60));
     }
 }
