@@ -28,7 +28,7 @@ pub fn normalize_path(path: &str, mode: PathNormalization) -> Result<Cow<'_, str
         PathNormalization::DecodeAndMergeSlashes => (true, true),
     };
     // Only paths (origin form) are normalized; `*` and the like are kept.
-    if !path.starts_with('/') && !path.starts_with('\\') {
+    if (!path.starts_with('/') && !path.starts_with('\\')) || already_normal(path, merge) {
         return Ok(Cow::Borrowed(path));
     }
     let decoded = decode(path, decode_slashes);
@@ -41,6 +41,23 @@ pub fn normalize_path(path: &str, mode: PathNormalization) -> Result<Cow<'_, str
     } else {
         Ok(Cow::Owned(out))
     }
+}
+
+/// True when normalizing cannot change the path: nothing to decode, no
+/// backslash, no dot segment and, when merging, no repeated slash. Most
+/// paths are; one pass, no allocation.
+fn already_normal(path: &str, merge: bool) -> bool {
+    if path.bytes().any(|c| c == b'%' || c == b'\\') {
+        return false;
+    }
+    let mut segments = path.split('/').skip(1).peekable();
+    while let Some(s) = segments.next() {
+        let repeated_slash = s.is_empty() && segments.peek().is_some();
+        if s == "." || s == ".." || (merge && repeated_slash) {
+            return false;
+        }
+    }
+    true
 }
 
 fn contains_encoded_nul(path: &str) -> bool {
@@ -227,6 +244,15 @@ mod tests {
                 let Ok(once) = normalize_path(&path, mode) else {
                     continue;
                 };
+                // The shortcut agrees with the full normalization.
+                let merge = mode != Base;
+                if already_normal(&path, merge) {
+                    let mut full = remove_dot_segments(&decode(&path, false));
+                    if merge {
+                        full = merge_slashes(&full);
+                    }
+                    assert_eq!(full, path, "{mode:?}");
+                }
                 let twice = normalize_path(&once, mode);
                 assert_eq!(twice.as_deref(), Ok(&*once), "{path} {mode:?}");
                 assert!(
