@@ -69,7 +69,7 @@ impl Drop for HttpReport {
             self.response_bytes + self.header_bytes.1,
         );
         if let Some(e) = &self.egress {
-            m.egress_requests.get_or_create(e).inc();
+            m.record_egress(e);
         }
         if self
             .labels

@@ -210,6 +210,9 @@ pub struct Metrics {
     /// The four request metrics of each label set, so a request looks its
     /// labels up once (with a cheap hash) instead of once per family.
     series: RwLock<HashMap<IstioLabels, Arc<RequestSeries>, BuildHasherDefault<FxHasher>>>,
+    /// The same for `meshgate_egress_requests_total` (the family's own map
+    /// hashes every label with SipHash).
+    egress_series: RwLock<HashMap<EgressLabels, Counter, BuildHasherDefault<FxHasher>>>,
 }
 
 /// Handles to one label set's request metrics (they share the families'
@@ -352,6 +355,7 @@ impl Metrics {
             egress_requests,
             refused,
             series: RwLock::default(),
+            egress_series: RwLock::default(),
         }
     }
 
@@ -393,6 +397,26 @@ impl Metrics {
             .entry(labels.clone())
             .or_insert(s)
             .clone()
+    }
+
+    /// Counts one request through the egress gateway.
+    pub fn record_egress(&self, labels: &EgressLabels) {
+        if let Some(c) = self
+            .egress_series
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(labels)
+        {
+            c.inc();
+            return;
+        }
+        let c = self.egress_requests.get_or_create(labels).clone();
+        c.inc();
+        self.egress_series
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(labels.clone())
+            .or_insert(c);
     }
 
     /// Prometheus text exposition format 0.0.4 (what `/stats/prometheus` serves).

@@ -495,13 +495,36 @@ async fn tunnel(down: OnUpgrade, up: OnUpgrade) {
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, remote: std::net::SocketAddr) {
-    let ip = remote.ip().to_string();
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev},{ip}"),
-        None => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    let mut value = Vec::with_capacity(64);
+    if let Some(prev) = headers.get(&X_FORWARDED_FOR) {
+        value.extend_from_slice(prev.as_bytes());
+        value.push(b',');
+    }
+    write_ip(&mut value, remote.ip());
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         headers.insert(X_FORWARDED_FOR, v);
+    }
+}
+
+/// An address as `Display` writes it; IPv4 without the formatting
+/// machinery (every gateway request writes one).
+fn write_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                if octet >= 100 {
+                    out.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.push(b'0' + octet / 10 % 10);
+                }
+                out.push(b'0' + octet % 10);
+            }
+        }
+        std::net::IpAddr::V6(v6) => out.extend_from_slice(v6.to_string().as_bytes()),
     }
 }
 
@@ -523,4 +546,38 @@ fn shadow_uri(uri: &Uri) -> Uri {
         parts.authority = Some(shadow);
     }
     Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        let ips = [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.0.100.255",
+            "127.0.0.1",
+            "99.9.109.200",
+            "::1",
+            "fe80::1:2",
+        ];
+        for ip in ips {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let mut out = Vec::new();
+            write_ip(&mut out, ip);
+            assert_eq!(String::from_utf8(out).unwrap(), ip.to_string());
+        }
+    }
+
+    #[test]
+    fn forwarded_for_appends_the_peer() {
+        let remote: std::net::SocketAddr = "10.1.2.3:5555".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        append_forwarded_for(&mut headers, remote);
+        assert_eq!(headers[&X_FORWARDED_FOR], "10.1.2.3");
+        append_forwarded_for(&mut headers, remote);
+        assert_eq!(headers[&X_FORWARDED_FOR], "10.1.2.3,10.1.2.3");
+    }
 }
