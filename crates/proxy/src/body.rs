@@ -23,7 +23,9 @@ use crate::report::HttpReport;
 #[derive(Debug, Default)]
 pub struct Body {
     kind: Kind,
-    report: Option<HttpReport>,
+    /// Boxed: a report is large, and a body is moved several times on its
+    /// way through hyper (each move copied the report).
+    report: Option<Box<HttpReport>>,
     idle: Option<IdleTimer>,
     /// Mirrors' copies of the data, made as it passes.
     tees: Vec<Tee>,
@@ -150,7 +152,7 @@ impl Body {
 
     /// The body reports the request when it ends.
     pub fn reported(mut self, report: HttpReport) -> Body {
-        self.report = Some(report);
+        self.report = Some(Box::new(report));
         self
     }
 }
