@@ -169,9 +169,7 @@ impl Upstream<'_> {
             .as_ref()
             .and_then(|_| parts.extensions.remove::<OnUpgrade>());
         let headers = &mut parts.headers;
-        for h in &HOP_BY_HOP {
-            headers.remove(h);
-        }
+        remove_hop_by_hop(headers);
         if let Some(proto) = upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, proto);
@@ -398,9 +396,7 @@ impl Upstream<'_> {
             .flatten();
         let (mut parts, body) = resp.into_parts();
         let upgraded_to = parts.headers.get(header::UPGRADE).cloned();
-        for h in &HOP_BY_HOP {
-            parts.headers.remove(h);
-        }
+        remove_hop_by_hop(&mut parts.headers);
         if let (Some(down), Some(up), Some(proto)) =
             (downstream_upgrade, upstream_upgrade, upgraded_to)
         {
@@ -494,6 +490,16 @@ async fn tunnel(down: OnUpgrade, up: OnUpgrade) {
     }
 }
 
+/// Removes the hop-by-hop headers. Most messages carry none: one pass over
+/// their few headers decides, instead of a hashed lookup per name.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        for h in &HOP_BY_HOP {
+            headers.remove(h);
+        }
+    }
+}
+
 fn append_forwarded_for(headers: &mut HeaderMap, remote: std::net::SocketAddr) {
     let mut value = Vec::with_capacity(64);
     if let Some(prev) = headers.get(&X_FORWARDED_FOR) {
@@ -569,6 +575,19 @@ mod tests {
             write_ip(&mut out, ip);
             assert_eq!(String::from_utf8(out).unwrap(), ip.to_string());
         }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_and_others_kept() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        for h in &HOP_BY_HOP {
+            headers.insert(h.clone(), HeaderValue::from_static("x"));
+        }
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), [header::ACCEPT]);
     }
 
     #[test]
