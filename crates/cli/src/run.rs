@@ -838,21 +838,20 @@ struct Live<'a> {
 struct Digest(std::collections::BTreeMap<String, u64>);
 
 impl Digest {
+    /// One resource serialized at a time (the whole config at once
+    /// doubled a large config's memory at load).
     fn of(config: &Config) -> Digest {
-        let mut map = std::collections::BTreeMap::new();
-        let c = config;
-        add_digests(&mut map, &c.namespaces);
-        add_digests(&mut map, &c.service_accounts);
-        add_digests(&mut map, &c.services);
-        add_digests(&mut map, &c.endpoint_slices);
-        add_digests(&mut map, &c.workloads);
-        add_digests(&mut map, &c.service_entries);
-        add_digests(&mut map, &c.virtual_services);
-        add_digests(&mut map, &c.destination_rules);
-        add_digests(&mut map, &c.gateways);
-        add_digests(&mut map, &c.sidecars);
-        add_digests(&mut map, &c.authorization_policies);
-        add_digests(&mut map, &c.peer_authentications);
+        use std::hash::{Hash, Hasher};
+        let map = config
+            .spec_texts()
+            .map(|(meta, spec)| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                spec.hash(&mut h);
+                meta.labels.hash(&mut h);
+                meta.annotations.hash(&mut h);
+                (format!("{} {}", meta.kind, meta.full_name()), h.finish())
+            })
+            .collect();
         Digest(map)
     }
 
@@ -884,26 +883,6 @@ impl Digest {
             list(changed),
             list(removed)
         )
-    }
-}
-
-/// Each resource's key and a hash of its spec, labels and annotations;
-/// one resource serialized at a time (the whole config at once doubled a
-/// large config's memory at load).
-fn add_digests<T: serde::Serialize>(
-    map: &mut std::collections::BTreeMap<String, u64>,
-    resources: &[Resource<T>],
-) {
-    use std::hash::{Hash, Hasher};
-    for r in resources {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        serde_json::to_string(&r.spec).ok().hash(&mut h);
-        r.meta.labels.hash(&mut h);
-        r.meta.annotations.hash(&mut h);
-        map.insert(
-            format!("{} {}", r.meta.kind, r.meta.full_name()),
-            h.finish(),
-        );
     }
 }
 

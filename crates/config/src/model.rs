@@ -407,4 +407,27 @@ impl Config {
             .chain(self.authorization_policies.iter().map(|r| &r.meta))
             .chain(self.peer_authentications.iter().map(|r| &r.meta))
     }
+
+    /// Every resource's meta and its spec as JSON, one resource at a time
+    /// (a running proxy tells what a reload changed by them). The same
+    /// kinds as `metas`, in the same order.
+    pub fn spec_texts(&self) -> impl Iterator<Item = (&Meta, String)> {
+        fn text<T: Serialize>(r: &Resource<T>) -> (&Meta, String) {
+            (&r.meta, serde_json::to_string(&r.spec).unwrap_or_default())
+        }
+        self.namespaces
+            .iter()
+            .map(text)
+            .chain(self.service_accounts.iter().map(text))
+            .chain(self.services.iter().map(text))
+            .chain(self.endpoint_slices.iter().map(text))
+            .chain(self.workloads.iter().map(text))
+            .chain(self.service_entries.iter().map(text))
+            .chain(self.virtual_services.iter().map(text))
+            .chain(self.destination_rules.iter().map(text))
+            .chain(self.gateways.iter().map(text))
+            .chain(self.sidecars.iter().map(text))
+            .chain(self.authorization_policies.iter().map(text))
+            .chain(self.peer_authentications.iter().map(text))
+    }
 }
