@@ -59,6 +59,11 @@ pub struct ProxyView {
     /// for the workload's own address).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub inbound_endpoints: BTreeMap<u32, String>,
+    /// Ports the workload serves, by number (its Services' target ports
+    /// and its Sidecar's ingress ports) and what they speak: HTTP ones are
+    /// served as HTTP on the way in, with request-level policy.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub inbound_ports: BTreeMap<u32, InboundPort>,
     pub outbound_traffic_policy: OutboundPolicy,
     pub listeners: Vec<Listener>,
     pub routes: Vec<RouteView>,
@@ -93,6 +98,17 @@ impl WorkloadInfo {
             labels: w.labels.clone(),
         }
     }
+}
+
+/// A port the workload serves, and the Service it serves it for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InboundPort {
+    pub protocol: Protocol,
+    /// The Service's host (`name.ns.svc.cluster.local`); none for a
+    /// Sidecar ingress port no Service names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -467,6 +483,7 @@ pub fn proxy_view(
             .filter(|i| !i.default_endpoint.is_empty())
             .map(|i| (i.port.number, i.default_endpoint.clone()))
             .collect(),
+        inbound_ports: inbound_ports(registry, w, sidecar),
         outbound_traffic_policy: outbound_policy(sidecar, mesh),
         path_normalization: mesh.path_normalization,
         listeners,
@@ -482,6 +499,40 @@ pub fn proxy_view(
 
 /// The workload's PeerAuthentication, with the ports any `portLevelMtls`
 /// that could apply to it names, where their mode differs.
+/// The ports the workload serves: each Service port selecting it, by its
+/// target port (a name its pods do not declare serves nothing), then the
+/// Sidecar's ingress ports, whose protocol says how they are served.
+fn inbound_ports(
+    registry: &Registry,
+    w: &Workload,
+    sidecar: Option<&Resource<crate::model::networking::Sidecar>>,
+) -> BTreeMap<u32, InboundPort> {
+    use crate::model::common::IntOrString;
+    let mut ports = BTreeMap::new();
+    for s in registry.services_of(w) {
+        for p in &s.ports {
+            let target = match &p.target_port {
+                None => p.number,
+                Some(IntOrString::Int(n)) => *n,
+                Some(IntOrString::String(_)) => continue,
+            };
+            ports.entry(target).or_insert_with(|| InboundPort {
+                protocol: p.protocol,
+                service: Some(s.hostname.clone()),
+            });
+        }
+    }
+    for i in sidecar.iter().flat_map(|s| s.spec.ingress.iter()) {
+        let protocol = Protocol::parse(&i.port.protocol);
+        let port = ports.entry(i.port.number).or_insert(InboundPort {
+            protocol,
+            service: None,
+        });
+        port.protocol = protocol;
+    }
+    ports
+}
+
 fn workload_peer_authentication(
     config: &Config,
     w: &Workload,

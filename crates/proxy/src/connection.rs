@@ -125,7 +125,10 @@ where
     let session = stream.get_ref().1;
     let peer = peer_identity(session.peer_certificates())
         .map(|id| Arc::new(Peer::new(id, &proxy.trust_domain)));
-    let client_cert = match (proxy.is_gateway(), session.peer_certificates(), &peer) {
+    // Who called, for the application behind (a gateway's upstreams, a
+    // sidecar's workload on the way in).
+    let tells_caller = proxy.is_gateway() || conn.inbound;
+    let client_cert = match (tells_caller, session.peer_certificates(), &peer) {
         (true, Some([leaf, ..]), Some(peer)) => client_cert_header(&proxy.identity, leaf, peer),
         _ => None,
     };

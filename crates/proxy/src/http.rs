@@ -207,12 +207,14 @@ impl Proxy {
             e.upstream_transport_failure_reason = outcome.transport_failure;
             e.upstream_service_time = outcome.upstream.map(|_| start.elapsed().as_millis() as u64);
         }
-        let labels = snap.istio_labels(
-            &destination,
-            status,
-            outcome.flags,
-            protocol(outcome.response.headers()),
-        );
+        let protocol = protocol(outcome.response.headers());
+        let labels = if conn.inbound {
+            let to =
+                cluster.map_or_else(|| snap.inbound_destination(conn.port), |c| c.labels.clone());
+            snap.inbound_labels(conn.peer(), &to, (status, outcome.flags, protocol))
+        } else {
+            snap.istio_labels(&destination, status, outcome.flags, protocol)
+        };
         let egress = self.is_gateway().then(|| EgressLabels {
             source_principal: conn.peer().map_or_else(unknown, |p| p.uri.clone()),
             source_workload_namespace: conn

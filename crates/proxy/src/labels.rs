@@ -102,6 +102,24 @@ impl DestinationLabels {
         }
     }
 
+    /// This workload, serving a port of `service` (`name.ns.svc.…`) on
+    /// the way in.
+    pub fn inbound(workload: &WorkloadLabels, service: Option<&str>) -> Self {
+        let mut parts = service.unwrap_or_default().split('.');
+        let mut part = || {
+            parts
+                .next()
+                .filter(|p| !p.is_empty())
+                .map_or_else(unknown, Arc::from)
+        };
+        DestinationLabels {
+            workload: workload.clone(),
+            service: service.map_or_else(unknown, Arc::from),
+            service_name: part(),
+            service_namespace: part(),
+        }
+    }
+
     /// A destination known only by name (a host, `BlackHoleCluster`).
     pub fn named(name: Lv) -> Self {
         DestinationLabels {
@@ -114,13 +132,23 @@ impl DestinationLabels {
 }
 
 impl Snapshot {
+    /// This workload as the destination of a connection to `port`, and
+    /// the Service that port serves.
+    pub fn inbound_destination(&self, port: u16) -> DestinationLabels {
+        let service = self.view.inbound_ports.get(&u32::from(port));
+        DestinationLabels::inbound(&self.source, service.and_then(|p| p.service.as_deref()))
+    }
+
     /// Istio's labels for a connection on its way in to this workload
     /// (`reporter="destination"`): the peer its certificate names, when
     /// it had one, is the source; this workload the destination.
+    /// `destination` is this workload (and the Service of the port, when
+    /// the port is one a Service names).
     pub fn inbound_labels(
         &self,
         peer: Option<&crate::conn::Peer>,
-        flags: ResponseFlags,
+        destination: &DestinationLabels,
+        (code, flags, protocol): (u16, ResponseFlags, &'static str),
     ) -> IstioLabels {
         let source = match peer {
             Some(p) => WorkloadLabels {
@@ -130,11 +158,7 @@ impl Snapshot {
             },
             None => WorkloadLabels::unknown(),
         };
-        let destination = DestinationLabels {
-            workload: self.source.clone(),
-            ..DestinationLabels::named(unknown())
-        };
-        let mut labels = labels_of(&source, &destination, 0, flags, "tcp");
+        let mut labels = labels_of(&source, destination, code, flags, protocol);
         labels.reporter = "destination";
         labels.connection_security_policy = if peer.is_some() { "mutual_tls" } else { "none" };
         labels

@@ -164,9 +164,11 @@ fn serves_tcp(listener: &ListenerState) -> bool {
 /// A connection on its way in to the workload (a sidecar's 15006): the
 /// PeerAuthentication mode decides what TLS is (STRICT: mesh mTLS only;
 /// PERMISSIVE: mesh mTLS or plaintext, told by the first byte; DISABLE:
-/// the bytes are the application's, TLS or not), then the workload's
-/// AuthorizationPolicies decide, at L4 (HTTP-only fields as Istio's TCP
-/// filter treats them), and it goes on to where it was going.
+/// the bytes are the application's, TLS or not). A port the workload
+/// serves as HTTP is then served as HTTP, each request meeting the
+/// workload's AuthorizationPolicies; any other port meets them at L4
+/// (HTTP-only fields as Istio's TCP filter treats them) and goes on to
+/// where it was going.
 fn inbound<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>) -> Plan<'s> {
     use meshgate_config::model::security::MtlsMode;
     // The application's port decides (`portLevelMtls`), else the workload's.
@@ -175,14 +177,22 @@ fn inbound<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>) -> Plan<'s> 
         .get(&conn.port)
         .copied()
         .unwrap_or(snap.inbound_mtls);
-    if conn.tls.is_some() || mode == MtlsMode::Disable {
-        return Plan::Tcp(inbound_tcp(snap, conn));
+    let http_port = snap.inbound_http.contains_key(&conn.port);
+    let plaintext = |snap: &'s Snapshot| match peeked {
+        Peeked::Request(head) => Plan::Request(plan_request(snap, conn, head, 0.0)),
+        _ if http_port => Plan::ServeHttp,
+        _ => Plan::Tcp(inbound_tcp(snap, conn)),
+    };
+    if conn.tls.is_some() || (mode == MtlsMode::Disable && !http_port) {
+        return plaintext(snap);
     }
     match first_byte_is_tls(peeked) {
         None => Plan::Read(Need::FirstByte),
+        // The application's own TLS: its bytes, not HTTP to serve.
+        Some(true) if mode == MtlsMode::Disable => Plan::Tcp(inbound_tcp(snap, conn)),
         Some(true) => Plan::Terminate(Termination::Mesh),
         Some(false) if mode == MtlsMode::Strict => Plan::Close(Refusal::StrictMtls),
-        Some(false) => Plan::Tcp(inbound_tcp(snap, conn)),
+        Some(false) => plaintext(snap),
     }
 }
 
@@ -398,7 +408,8 @@ pub fn plan_request<'s>(
     } else {
         conn.port
     };
-    let listener = snap.listener(port);
+    // On the way in there is one route per port, to the workload.
+    let listener = snap.listener(port).filter(|_| !conn.inbound);
     let refused = |local| RequestPlan {
         port,
         listener,
@@ -431,6 +442,13 @@ pub fn plan_request<'s>(
         listener.map_or(Routed::NoVirtualHost, |l| l.routes.route(req)),
         &snap.allow_any,
     ) {
+        _ if conn.inbound => snap
+            .inbound_http
+            .get(&port)
+            .map_or(Routed::NoRoute, |route| Routed::Matched {
+                route,
+                matched: None,
+            }),
         // ALLOW_ANY: unknown hosts go to the original destination.
         (Routed::NoVirtualHost, Some(route)) => Routed::Matched {
             route,
@@ -451,7 +469,13 @@ pub fn plan_request<'s>(
         path: req.path,
         headers: req.headers,
     };
-    let authz = authorize(&snap.policies, &authz_request(conn, conn.sni(), Some(http)));
+    // A sidecar's own policies are the workload's, on the way in.
+    let policies = if conn.inbound {
+        &snap.inbound_policies
+    } else {
+        &snap.policies
+    };
+    let authz = authorize(policies, &authz_request(conn, conn.sni(), Some(http)));
     // CORS comes after authorization (and faults), as Envoy's filter order.
     let cors = match (&routed, authz.is_allowed()) {
         (Routed::Matched { route, .. }, true) => route
@@ -461,7 +485,9 @@ pub fn plan_request<'s>(
         _ => None,
     };
     let (action, cors) = match cors {
-        _ if snap.role == Role::Sidecar && req.method == "CONNECT" => (connect(snap, head), None),
+        _ if snap.role == Role::Sidecar && !conn.inbound && req.method == "CONNECT" => {
+            (connect(snap, head), None)
+        }
         Some((_, CorsDecision::Preflight(h))) => (RequestAction::CorsPreflight(h), None),
         Some((c, CorsDecision::Allowed(origin))) => (
             request_action(snap, &routed, destination, &authz),

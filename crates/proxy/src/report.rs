@@ -129,7 +129,10 @@ impl<'a> TcpReport<'a> {
 impl Drop for TcpReport<'_> {
     fn drop(&mut self) {
         let istio = match &self.inbound {
-            Some(peer) => self.snap.inbound_labels(peer.as_deref(), self.flags),
+            Some(peer) => {
+                self.snap
+                    .inbound_labels(peer.as_deref(), &self.destination, (0, self.flags, "tcp"))
+            }
             None => self
                 .snap
                 .istio_labels(&self.destination, 0, self.flags, "tcp"),

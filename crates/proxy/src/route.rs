@@ -483,6 +483,14 @@ impl Route {
         r
     }
 
+    /// The route of a port the workload serves as HTTP (Istio's inbound
+    /// `default` route): to the workload, with no timeout and no retries.
+    pub fn inbound(cluster: usize) -> Route {
+        let mut r = Route::default_to(cluster);
+        r.retry.attempts = 0;
+        r
+    }
+
     /// Index of the first matching `match` block (`Some(None)` when the rule
     /// has none and so matches everything).
     fn matching(&self, req: &RequestView<'_>) -> Option<Option<usize>> {

@@ -19,7 +19,7 @@ use meshgate_identity::WorkloadIdentity;
 
 pub use self::server_tls::ListenerTls;
 use crate::authz::CompiledPolicy;
-use crate::labels::{DestinationLabels, WorkloadLabels};
+use crate::labels::{DestinationLabels, WorkloadLabels, unknown};
 use crate::route::{HeaderOps, Route, RouteTable, VirtualHost, WeightedCluster};
 use crate::upstream::dns::Resolver;
 use crate::upstream::tls::{self as upstream_tls, DefaultRoots};
@@ -160,6 +160,9 @@ pub struct Snapshot {
     /// Sidecar `ingress` listeners: where connections to a port go instead
     /// (no address: the workload's own).
     pub inbound_endpoints: HashMap<u16, (Option<std::net::IpAddr>, u16)>,
+    /// Sidecars: ports the workload serves as HTTP, each with its route to
+    /// its `inbound|PORT||` cluster (the workload, from 127.0.0.6).
+    pub inbound_http: HashMap<u16, Route>,
     /// Sidecars: what unmatched traffic gets (REGISTRY_ONLY or ALLOW_ANY).
     pub outbound: Option<OutboundMode>,
     /// Sidecars: index of the PassthroughCluster (original destination).
@@ -221,6 +224,11 @@ impl Snapshot {
             cluster_names.push(Arc::from(PASSTHROUGH_CLUSTER));
             clusters.len() - 1
         });
+        let inbound_http = if role == Role::Sidecar {
+            inbound_http(&view, ctx, &previous, &mut clusters, &mut cluster_names)
+        } else {
+            HashMap::new()
+        };
         let listeners = listeners(&view, role, ctx, &index)?;
         let policies = view
             .authorization_policies
@@ -266,11 +274,21 @@ impl Snapshot {
             inbound_mtls,
             inbound_mtls_ports,
             inbound_endpoints,
+            inbound_http,
             outbound,
             passthrough,
             allow_any,
             view,
         })
+    }
+
+    /// Where a connection on its way in goes: where it was going, or its
+    /// port's Sidecar ingress `defaultEndpoint`.
+    pub fn inbound_endpoint(&self, conn: &crate::conn::Conn, to: SocketAddr) -> SocketAddr {
+        match self.inbound_endpoints.get(&to.port()) {
+            Some((ip, port)) if conn.inbound => SocketAddr::new(ip.unwrap_or(to.ip()), *port),
+            _ => to,
+        }
     }
 
     pub fn listener(&self, port: u16) -> Option<&ListenerState> {
@@ -426,26 +444,71 @@ fn tcp_route_table(v: &ProxyView, port: u16, index: &HashMap<&str, usize>) -> Ve
         .collect()
 }
 
+/// A route and an `inbound|PORT||` cluster for each port the workload
+/// serves as HTTP; the cluster's labels name the Service the port serves
+/// (Istio's destination reporter).
+fn inbound_http(
+    view: &ProxyView,
+    ctx: &BuildContext,
+    previous: &HashMap<&str, Arc<ClusterEntry>>,
+    clusters: &mut Vec<Option<Arc<ClusterEntry>>>,
+    names: &mut Vec<Arc<str>>,
+) -> HashMap<u16, Route> {
+    let source = WorkloadLabels::of(&view.workload);
+    let mut routes = HashMap::new();
+    for (port, p) in &view.inbound_ports {
+        let Ok(port) = u16::try_from(*port) else {
+            continue;
+        };
+        if !p.protocol.is_http() {
+            continue;
+        }
+        let name = format!("inbound|{port}||");
+        let entry = previous.get(name.as_str()).cloned().unwrap_or_else(|| {
+            let name: Arc<str> = Arc::from(name.as_str());
+            Arc::new(ClusterEntry {
+                cluster: Cluster::new(
+                    ClusterSettings {
+                        endpoints: Endpoints::Inbound,
+                        h2: false,
+                        ..local_settings(name.clone())
+                    },
+                    ctx.resolver.clone(),
+                ),
+                host: p.service.as_deref().map_or_else(unknown, Arc::from),
+                labels: DestinationLabels::inbound(&source, p.service.as_deref()),
+                fingerprint: 0,
+            })
+        });
+        clusters.push(Some(entry));
+        names.push(Arc::from(name.as_str()));
+        routes.insert(port, Route::inbound(clusters.len() - 1));
+    }
+    routes
+}
+
+/// A cluster of the proxy's own making (no DestinationRule applies).
+fn local_settings(name: Arc<str>) -> ClusterSettings {
+    ClusterSettings {
+        name,
+        endpoints: Endpoints::FromUri,
+        tls: None,
+        h2: false,
+        connect_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(3600),
+        max_requests_per_connection: None,
+        max_in_flight: usize::MAX,
+        lb: SimpleLb::RoundRobin,
+        hash: None,
+        outlier: None,
+        priorities: Default::default(),
+    }
+}
+
 fn passthrough_cluster(ctx: &BuildContext) -> Arc<ClusterEntry> {
     let name: Arc<str> = Arc::from(PASSTHROUGH_CLUSTER);
     Arc::new(ClusterEntry {
-        cluster: Cluster::new(
-            ClusterSettings {
-                name: name.clone(),
-                endpoints: Endpoints::FromUri,
-                tls: None,
-                h2: false,
-                connect_timeout: Duration::from_secs(10),
-                idle_timeout: Duration::from_secs(3600),
-                max_requests_per_connection: None,
-                max_in_flight: usize::MAX,
-                lb: SimpleLb::RoundRobin,
-                hash: None,
-                outlier: None,
-                priorities: Default::default(),
-            },
-            ctx.resolver.clone(),
-        ),
+        cluster: Cluster::new(local_settings(name.clone()), ctx.resolver.clone()),
         host: name.clone(),
         labels: DestinationLabels::named(name),
         fingerprint: 0,

@@ -35,6 +35,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let destination = match (plan.cluster, plan.reason) {
+        _ if conn.inbound => snap.inbound_destination(conn.port),
         (Some(c), _) => c.labels.clone(),
         (None, TcpReason::BlackHole | TcpReason::ToCapturePort) => {
             DestinationLabels::named(Arc::from(BLACKHOLE_CLUSTER))
@@ -79,12 +80,9 @@ where
             .map(|(s, addr, local)| (Upstream::Cluster(Box::new(s)), addr, local)),
         (TcpAction::Forward, Some(c)) => plain(c.cluster.connect_tcp().await),
         (TcpAction::OriginalDst, Some(c)) => {
-            let mut to = original_destination(conn, &c.cluster).await?;
+            let to = original_destination(conn, &c.cluster).await?;
             if plan.reason == TcpReason::Inbound {
-                // A Sidecar ingress listener's defaultEndpoint.
-                if let Some((ip, port)) = snap.inbound_endpoints.get(&to.port()) {
-                    to = SocketAddr::new(ip.unwrap_or(to.ip()), *port);
-                }
+                let to = snap.inbound_endpoint(conn, to);
                 plain(c.cluster.connect_tcp_inbound(to).await)
             } else {
                 plain(c.cluster.connect_tcp_to(to).await)

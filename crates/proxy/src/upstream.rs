@@ -45,6 +45,9 @@ pub enum Endpoints {
     FromUri,
     /// The request's host resolved by DNS, at this port (DYNAMIC_DNS).
     RequestHost { port: u16 },
+    /// The workload's own port the request's URI names, dialled from
+    /// 127.0.0.6 (an `inbound|PORT||` cluster).
+    Inbound,
 }
 
 /// Why an upstream request failed, with Envoy's response flag.
@@ -276,7 +279,7 @@ impl ClusterCore {
 
     async fn addresses(&self, uri: Option<&http::Uri>) -> Result<Vec<SocketAddr>, String> {
         match &self.endpoints {
-            Endpoints::FromUri => {
+            Endpoints::FromUri | Endpoints::Inbound => {
                 let uri = uri.ok_or("no destination")?;
                 let host = uri.host().ok_or("no host in the request")?;
                 let port = uri.port_u16().unwrap_or(80);
@@ -599,7 +602,13 @@ impl tower_service::Service<http::Uri> for Connector {
                 .ok_or_else(|| ConnectError::NoEndpoint("no endpoint".into()))?;
             // Envoy's connect timeout covers the TLS handshake too.
             let deadline = tokio::time::Instant::now() + core.connect_timeout;
-            let tcp = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+            let dial = async {
+                match core.endpoints {
+                    Endpoints::Inbound => dial_inbound(addr).await,
+                    _ => TcpStream::connect(addr).await,
+                }
+            };
+            let tcp = match tokio::time::timeout_at(deadline, dial).await {
                 Ok(Ok(tcp)) => tcp,
                 Ok(Err(e)) => {
                     core.observe(addr, 503);
@@ -632,6 +641,25 @@ impl tower_service::Service<http::Uri> for Connector {
             }))
         })
     }
+}
+
+/// Connects to the workload's own `addr` from 127.0.0.6 (`::6`), as
+/// Envoy's inbound passthrough: istio-init's rules let that source out of
+/// the proxy's uid, where any other would be captured again.
+async fn dial_inbound(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let (socket, source) = if addr.is_ipv4() {
+        (
+            tokio::net::TcpSocket::new_v4()?,
+            IpAddr::from([127, 0, 0, 6]),
+        )
+    } else {
+        (
+            tokio::net::TcpSocket::new_v6()?,
+            IpAddr::from([0, 0, 0, 0, 0, 0, 0, 6]),
+        )
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
 }
 
 /// The TLS handshake with an upstream, by `deadline`: the stream and
@@ -748,6 +776,7 @@ impl Cluster {
             }
             Endpoints::Static(addrs) => addrs.iter().map(|a| format!("static {a}")).collect(),
             Endpoints::FromUri => vec!["original destination".to_owned()],
+            Endpoints::Inbound => vec!["the workload, from 127.0.0.6".to_owned()],
             Endpoints::RequestHost { port } => vec![format!("each request's host, port {port}")],
         };
         let now = Instant::now();
@@ -935,30 +964,15 @@ impl Cluster {
     }
 
     /// Opens a plain TCP connection to the workload's own address for a
-    /// connection captured on its way in, from 127.0.0.6 (`::6`), as
-    /// Envoy's inbound passthrough: istio-init's rules let that source out
-    /// of the proxy's uid, where any other would be captured again.
+    /// connection captured on its way in (see `dial_inbound`).
     pub async fn connect_tcp_inbound(
         &self,
         addr: SocketAddr,
     ) -> Result<(TcpStream, SocketAddr), UpstreamError> {
-        let (socket, source) = if addr.is_ipv4() {
-            (
-                tokio::net::TcpSocket::new_v4(),
-                IpAddr::from([127, 0, 0, 6]),
-            )
-        } else {
-            (
-                tokio::net::TcpSocket::new_v6(),
-                IpAddr::from([0, 0, 0, 0, 0, 0, 0, 6]),
-            )
-        };
         let fail = |e: std::io::Error| {
             UpstreamError::ConnectFailure(format!("delayed connect error: {e}"))
         };
-        let socket = socket.map_err(fail)?;
-        socket.bind(SocketAddr::new(source, 0)).map_err(fail)?;
-        match tokio::time::timeout(self.core.connect_timeout, socket.connect(addr)).await {
+        match tokio::time::timeout(self.core.connect_timeout, dial_inbound(addr)).await {
             Ok(Ok(tcp)) => {
                 let _ = tcp.set_nodelay(true);
                 Ok((tcp, addr))
@@ -1003,7 +1017,7 @@ impl Cluster {
         };
         if matches!(
             core.endpoints,
-            Endpoints::FromUri | Endpoints::RequestHost { .. }
+            Endpoints::FromUri | Endpoints::Inbound | Endpoints::RequestHost { .. }
         ) {
             return Ok(());
         }

@@ -646,3 +646,114 @@ spec:
     assert_eq!(plain.code, "200", "to the defaultEndpoint: {plain:?}");
     assert_eq!(sc.next_log().await["upstream_host"], app.to_string());
 }
+
+/// A port the workload serves as HTTP (its Service's port named `http`,
+/// by targetPort) is served as HTTP on the way in: each request meets the
+/// workload's AuthorizationPolicies with its method and (normalized) path,
+/// a denied one gets 403 `RBAC: access denied` as Istio's inbound RBAC
+/// filter answers, the application learns its caller from an
+/// `x-forwarded-client-cert` the sidecar sets (a client's own is
+/// dropped), and each request is reported with `reporter="destination"`
+/// and the Service it was for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_http_meets_request_level_policy() {
+    const FRIEND: &str = "spiffe://cluster.local/ns/friends/sa/default";
+    let mesh = Mesh::default();
+    let dir = TempDir::new("inbound-http");
+    let app = plain_http().await;
+    let service = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: curl-test, namespace: curl-external-tst}}
+spec:
+  selector: {{app: curl-test}}
+  ports: [{{name: http, port: 80, targetPort: {}}}]
+",
+        app.port()
+    );
+    let read_public = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: friends-read-public, namespace: curl-external-tst}
+spec:
+  selector: {matchLabels: {app: curl-test}}
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/friends/sa/default]}}]
+    to: [{operation: {methods: [GET], paths: [/public/*]}}]
+";
+    let config = seed_config(&[&service, read_public]);
+    let mut sc = TestProxy::start(&mesh, Spec::new(config, WORKLOAD)).await;
+    let inbound = sc.capture_inbound(app).await;
+    let friend = mesh.client(FRIEND, &dir);
+    let forged = "x-forwarded-client-cert: By=x;URI=spiffe://cluster.local/ns/admin/sa/root";
+
+    let got = friend
+        .get("curl-test", inbound.port(), "/public/a", &["-H", forged])
+        .await;
+    assert_eq!(got.code, "200", "{got:?}");
+    let echo: serde_json::Value = serde_json::from_str(&got.body).unwrap();
+    let xfcc = echo["headers"]["x-forwarded-client-cert"].as_str().unwrap();
+    assert!(xfcc.ends_with(&format!(";URI={FRIEND}")), "{xfcc}");
+    assert!(
+        !xfcc.contains("admin"),
+        "the client's own is dropped: {xfcc}"
+    );
+    let entry = sc.next_log().await;
+    assert_eq!(entry["path"], "/public/a");
+    assert_eq!(entry["upstream_host"], app.to_string());
+    assert_eq!(
+        entry["upstream_cluster"],
+        format!("inbound|{}||", app.port())
+    );
+    assert_eq!(entry["route_name"], "default");
+
+    // The same peer, another path or method: denied per request, on the
+    // same kind of connection; a path that only looks public is
+    // normalized before the policy sees it.
+    for (path, method) in [
+        ("/private", "GET"),
+        ("/public/a", "POST"),
+        ("/public/../private", "GET"),
+    ] {
+        let got = friend
+            .get(
+                "curl-test",
+                inbound.port(),
+                path,
+                &["-X", method, "--path-as-is"],
+            )
+            .await;
+        assert_eq!(
+            got.answer(),
+            ("403", "RBAC: access denied"),
+            "{method} {path}"
+        );
+        let entry = sc.next_log().await;
+        assert_eq!(entry["response_code"], 403);
+        assert_eq!(entry["upstream_host"], serde_json::Value::Null);
+    }
+    // Plaintext has no identity (PERMISSIVE lets it in): denied too.
+    let plain = curl(&[&format!("http://{inbound}/public/a")]).await;
+    assert_eq!(plain.answer(), ("403", "RBAC: access denied"));
+
+    let text = sc.metrics_text();
+    let count = |code: &str| {
+        metric_value(
+            &text,
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("source_principal", FRIEND),
+                ("destination_workload", "curl-test"),
+                (
+                    "destination_service",
+                    "curl-test.curl-external-tst.svc.cluster.local",
+                ),
+                ("destination_service_name", "curl-test"),
+                ("response_code", code),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        )
+    };
+    assert_eq!(count("200"), Some(1.0), "{text}");
+    assert_eq!(count("403"), Some(3.0), "{text}");
+}

@@ -194,14 +194,16 @@ impl Upstream<'_> {
                 "http"
             }),
         );
-        // No client vouches for a certificate: sidecars drop the header
-        // (SANITIZE); gateways set it from the verified one (SANITIZE_SET).
+        // No client vouches for a certificate: sidecars drop the header on
+        // the way out (SANITIZE); gateways, and sidecars on the way in, set
+        // it from the verified one (SANITIZE_SET).
         headers.remove(&X_FORWARDED_CLIENT_CERT);
         if self.proxy.is_gateway() {
             append_forwarded_for(headers, self.conn.remote);
-            if let Some(v) = self.conn.tls.as_ref().and_then(|t| t.client_cert.clone()) {
-                headers.insert(X_FORWARDED_CLIENT_CERT, v);
-            }
+        }
+        // Made at the handshake only where it is set (connection.rs).
+        if let Some(v) = self.conn.tls.as_ref().and_then(|t| t.client_cert.clone()) {
+            headers.insert(X_FORWARDED_CLIENT_CERT, v);
         }
         route.request_headers.apply(headers);
         self.destination.request_headers.apply(headers);
@@ -236,9 +238,13 @@ impl Upstream<'_> {
                 .cloned()
                 .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
         };
-        let to_original = self.snap.passthrough == Some(self.destination.cluster);
+        let to_original =
+            self.conn.inbound || self.snap.passthrough == Some(self.destination.cluster);
         let authority = match (to_original, self.conn.original_dst) {
-            (true, Some(orig)) => http::uri::Authority::try_from(orig.to_string()).ok()?,
+            (true, Some(orig)) => {
+                let orig = self.snap.inbound_endpoint(self.conn, orig);
+                http::uri::Authority::try_from(orig.to_string()).ok()?
+            }
             _ => http::uri::Authority::try_from(authority).ok()?,
         };
         let mut p = http::uri::Parts::default();
