@@ -59,23 +59,38 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
             format!("{field}: meshgate does not implement {what}"),
         ));
     };
+    use crate::model::networking::CaptureMode;
     for sc in &config.sidecars {
         for (i, e) in sc.spec.egress.iter().enumerate() {
-            if !e.bind.is_empty() || e.capture_mode.is_some() {
+            let unix = e.bind.starts_with("unix://");
+            let none = e.capture_mode == Some(CaptureMode::None);
+            if e.port.is_none() && (none || !e.bind.is_empty()) {
                 warn(
                     &sc.meta,
                     format!("spec.egress[{i}]"),
-                    "egress listener bind or captureMode yet: only its port and hosts apply",
+                    "bind or captureMode NONE on an egress listener without a port: it binds nothing, and captured traffic is routed by its port",
+                );
+            } else if !e.bind.is_empty() && !unix && !none {
+                warn(
+                    &sc.meta,
+                    format!("spec.egress[{i}].bind"),
+                    "bind on a captured egress listener: captured traffic is routed by its port, whatever address it was going to",
                 );
             }
         }
         for (i, ing) in sc.spec.ingress.iter().enumerate() {
-            let unix = ing.default_endpoint.starts_with("unix://");
-            if unix || !ing.bind.is_empty() || ing.capture_mode.is_some() || ing.tls.is_some() {
+            let none = ing.capture_mode == Some(CaptureMode::None);
+            if none && ing.default_endpoint.is_empty() {
                 warn(
                     &sc.meta,
                     format!("spec.ingress[{i}]"),
-                    "ingress listener bind, captureMode, tls or unix:// endpoints yet: its port goes to a host:port defaultEndpoint only",
+                    "captureMode NONE without a defaultEndpoint: the listener would forward to itself, so it binds nothing",
+                );
+            } else if !ing.bind.is_empty() && !none {
+                warn(
+                    &sc.meta,
+                    format!("spec.ingress[{i}].bind"),
+                    "bind on a captured ingress listener: captured traffic is served by its port, whatever address it was going to",
                 );
             }
         }

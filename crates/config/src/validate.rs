@@ -7,8 +7,9 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use crate::model::networking::{
-    ClientTlsMode, ClientTlsSettings, DestinationRule, Gateway, HttpRoute, OutboundMode,
-    Resolution, ServerTlsMode, ServiceEntry, Sidecar, StringMatch, TrafficPolicy, VirtualService,
+    CaptureMode, ClientTlsMode, ClientTlsSettings, DestinationRule, Gateway, HttpRoute,
+    IstioIngressListener, OutboundMode, Resolution, ServerTlsMode, ServiceEntry, Sidecar,
+    StringMatch, TrafficPolicy, VirtualService,
 };
 use crate::model::security::{AuthorizationPolicy, AuthzAction, PeerAuthentication};
 use crate::model::{Config, Kind, Meta};
@@ -981,8 +982,12 @@ fn sidecar(sc: &Sidecar, p: &mut Problems) {
             }
         }
         if let Some(port) = &e.port {
-            port_number(port.number, &format!("{path}.port.number"), p);
+            egress_port_and_bind(port.number, &e.bind, e.capture_mode, &path, p);
         }
+    }
+    unique_egress_binds(sc, p);
+    for (i, ing) in sc.ingress.iter().enumerate() {
+        sidecar_ingress(ing, &format!("spec.ingress[{i}]"), p);
     }
     if let Some(otp) = &sc.outbound_traffic_policy
         && otp.egress_proxy.is_some()
@@ -992,6 +997,161 @@ fn sidecar(sc: &Sidecar, p: &mut Problems) {
             p,
             "spec.outboundTrafficPolicy.egressProxy",
             "egressProxy is allowed only with mode ALLOW_ANY",
+        );
+    }
+}
+
+/// Istio's rules: port 0 is a unix socket listener (`bind: unix://...`,
+/// captured by nothing); any other port binds an IP address.
+fn egress_port_and_bind(
+    number: u32,
+    bind: &str,
+    mode: Option<CaptureMode>,
+    path: &str,
+    p: &mut Problems,
+) {
+    if number == 0 {
+        if !bind.starts_with("unix://") {
+            push(
+                p,
+                format!("{path}.bind"),
+                "sidecar: ports with 0 value must have a unix domain socket bind address",
+            );
+        } else if bind.len() == "unix://".len() {
+            push(
+                p,
+                format!("{path}.bind"),
+                "unix domain socket address is empty",
+            );
+        }
+        if mode == Some(CaptureMode::Iptables) {
+            push(
+                p,
+                format!("{path}.captureMode"),
+                "sidecar: captureMode must be DEFAULT/NONE for unix domain socket listeners",
+            );
+        }
+        return;
+    }
+    port_number(number, &format!("{path}.port.number"), p);
+    if !bind.is_empty() && bind.parse::<std::net::IpAddr>().is_err() {
+        push(
+            p,
+            format!("{path}.bind"),
+            format!("{bind} is not a valid IP"),
+        );
+    }
+}
+
+fn unique_egress_binds(sc: &Sidecar, p: &mut Problems) {
+    let mut ports = std::collections::HashSet::new();
+    let mut sockets = std::collections::HashSet::new();
+    for (i, e) in sc.egress.iter().enumerate() {
+        let Some(port) = &e.port else { continue };
+        let unique = if port.number == 0 {
+            sockets.insert(e.bind.as_str())
+        } else {
+            ports.insert(port.number)
+        };
+        if !unique {
+            let what = if port.number == 0 {
+                "sidecar: unix domain socket values for listeners must be unique"
+            } else {
+                "sidecar: ports on IP bound listeners must be unique"
+            };
+            push(p, format!("spec.egress[{i}].port"), what);
+        }
+    }
+}
+
+/// An ingress listener: an IP bind, a `defaultEndpoint` on the loopback or
+/// any address (or a unix socket), and TLS for clients outside the mesh
+/// with certificate files, as Istio validates them.
+fn sidecar_ingress(ing: &IstioIngressListener, path: &str, p: &mut Problems) {
+    port_number(ing.port.number, &format!("{path}.port.number"), p);
+    if !ing.bind.is_empty() && ing.bind.parse::<std::net::IpAddr>().is_err() {
+        push(
+            p,
+            format!("{path}.bind"),
+            format!("{} is not a valid IP", ing.bind),
+        );
+    }
+    let endpoint = ing.default_endpoint.as_str();
+    if !endpoint.is_empty() && !endpoint.starts_with("unix://") {
+        let local = endpoint.parse::<std::net::SocketAddr>().ok().filter(|a| {
+            let ip = a.ip();
+            ip.is_unspecified()
+                || ip == std::net::Ipv4Addr::LOCALHOST
+                || ip == std::net::Ipv6Addr::LOCALHOST
+        });
+        if local.is_none_or(|a| a.port() == 0) {
+            push(
+                p,
+                format!("{path}.defaultEndpoint"),
+                "sidecar: defaultEndpoint must be of form 127.0.0.1:<port>,0.0.0.0:<port>,[::1]:port,[::]:port,unix://filepath or unset",
+            );
+        }
+    }
+    let Some(tls) = &ing.tls else { return };
+    let tpath = format!("{path}.tls");
+    let refused = [
+        (
+            !tls.subject_alt_names.is_empty(),
+            "sidecar: subjectAltNames is not supported in ingress tls",
+        ),
+        (
+            tls.https_redirect,
+            "sidecar: httpsRedirect is not supported",
+        ),
+        (
+            !tls.credential_name.is_empty(),
+            "sidecar: credentialName is not currently supported",
+        ),
+        (
+            !tls.credential_names.is_empty(),
+            "sidecar: credentialNames is not currently supported",
+        ),
+        (
+            !tls.tls_certificates.is_empty(),
+            "sidecar: tls_certificates is not currently supported",
+        ),
+    ];
+    for (_, msg) in refused.iter().filter(|(bad, _)| *bad) {
+        push(p, &tpath, *msg);
+    }
+    match tls.mode {
+        ServerTlsMode::IstioMutual
+        | ServerTlsMode::AutoPassthrough
+        | ServerTlsMode::Passthrough => push(
+            p,
+            format!("{tpath}.mode"),
+            format!(
+                "configuration is invalid: cannot set mode to {} in sidecar ingress tls",
+                tls.mode.as_str()
+            ),
+        ),
+        _ if tls.server_certificate.is_empty() || tls.private_key.is_empty() => push(
+            p,
+            &tpath,
+            format!(
+                "{} requires serverCertificate and privateKey",
+                tls.mode.as_str()
+            ),
+        ),
+        ServerTlsMode::Mutual | ServerTlsMode::OptionalMutual if tls.ca_certificates.is_empty() => {
+            push(
+                p,
+                &tpath,
+                format!("{} requires caCertificates", tls.mode.as_str()),
+            )
+        }
+        _ => {}
+    }
+    if !crate::registry::Protocol::parse(&ing.port.protocol).is_tls() {
+        push(
+            p,
+            format!("{path}.port.protocol"),
+            "server cannot have TLS settings for non HTTPS/TLS ports",
         );
     }
 }

@@ -64,6 +64,14 @@ pub struct ProxyView {
     /// served as HTTP on the way in, with request-level policy.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub inbound_ports: BTreeMap<u32, InboundPort>,
+    /// Sidecar ingress ports that terminate TLS from outside the mesh
+    /// with their own certificate (`ingress[].tls`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub inbound_tls: BTreeMap<u32, ServerTlsSettings>,
+    /// Listeners the Sidecar has the proxy bind itself (captureMode NONE,
+    /// or a unix socket): the application calls them, nothing redirects.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bound_listeners: Vec<BoundListener>,
     pub outbound_traffic_policy: OutboundPolicy,
     pub listeners: Vec<Listener>,
     pub routes: Vec<RouteView>,
@@ -98,6 +106,19 @@ impl WorkloadInfo {
             labels: w.labels.clone(),
         }
     }
+}
+
+/// A listener the proxy binds because its Sidecar says so.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BoundListener {
+    /// On the way in to the workload (an `ingress` listener), or out.
+    pub inbound: bool,
+    /// The port routes match on (0: a unix socket).
+    pub port: u32,
+    /// An IP address, or `unix:///path` (`unix://@name`: abstract).
+    pub bind: String,
+    pub protocol: Protocol,
 }
 
 /// A port the workload serves, and the Service it serves it for.
@@ -484,6 +505,12 @@ pub fn proxy_view(
             .map(|i| (i.port.number, i.default_endpoint.clone()))
             .collect(),
         inbound_ports: inbound_ports(registry, w, sidecar),
+        inbound_tls: sidecar
+            .iter()
+            .flat_map(|s| s.spec.ingress.iter())
+            .filter_map(|i| Some((i.port.number, i.tls.clone()?)))
+            .collect(),
+        bound_listeners: sidecar.map(bound_listeners).unwrap_or_default(),
         outbound_traffic_policy: outbound_policy(sidecar, mesh),
         path_normalization: mesh.path_normalization,
         listeners,
@@ -499,6 +526,45 @@ pub fn proxy_view(
 
 /// The workload's PeerAuthentication, with the ports any `portLevelMtls`
 /// that could apply to it names, where their mode differs.
+/// Istio binds an egress listener with captureMode NONE on 127.0.0.1 by
+/// default, an ingress one on the workload's addresses; a unix socket is
+/// always bound (nothing can redirect to one).
+fn bound_listeners(sidecar: &Resource<crate::model::networking::Sidecar>) -> Vec<BoundListener> {
+    use crate::model::networking::CaptureMode;
+    let none = |m: Option<CaptureMode>| m == Some(CaptureMode::None);
+    let egress = sidecar.spec.egress.iter().filter_map(|e| {
+        let port = e.port.as_ref()?;
+        let unix = e.bind.starts_with("unix://");
+        (unix || none(e.capture_mode)).then(|| BoundListener {
+            inbound: false,
+            port: port.number,
+            bind: if e.bind.is_empty() {
+                "127.0.0.1".into()
+            } else {
+                e.bind.clone()
+            },
+            protocol: Protocol::parse(&port.protocol),
+        })
+    });
+    // Without a defaultEndpoint it would forward to itself (check: MG0005).
+    let ingress = sidecar
+        .spec
+        .ingress
+        .iter()
+        .filter(|i| none(i.capture_mode) && !i.default_endpoint.is_empty())
+        .map(|i| BoundListener {
+            inbound: true,
+            port: i.port.number,
+            bind: if i.bind.is_empty() {
+                "0.0.0.0".into()
+            } else {
+                i.bind.clone()
+            },
+            protocol: Protocol::parse(&i.port.protocol),
+        });
+    egress.chain(ingress).collect()
+}
+
 /// The ports the workload serves: each Service port selecting it, by its
 /// target port (a name its pods do not declare serves nothing), then the
 /// Sidecar's ingress ports, whose protocol says how they are served.

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::bound::BoundSet;
 use crate::gateway::{GatewayError, ListenerSet};
 use crate::proxy::Proxy;
 use crate::sidecar::OriginalDst;
@@ -19,6 +20,8 @@ use crate::snapshot::{Role, Snapshot};
 pub enum AppError {
     #[error(transparent)]
     Gateway(#[from] GatewayError),
+    #[error(transparent)]
+    Bound(#[from] crate::bound::BoundError),
     #[error("cannot listen on {addr} (outbound capture)")]
     Outbound {
         addr: SocketAddr,
@@ -64,6 +67,8 @@ enum Listeners {
         task: tokio::task::AbortHandle,
         /// `capture_for` listeners.
         captures: Vec<tokio::task::AbortHandle>,
+        /// The listeners its Sidecar has it bind (captureMode NONE).
+        bound: BoundSet,
     },
 }
 
@@ -92,6 +97,10 @@ impl App {
                     options.original_dst,
                     options.explicit_proxy,
                 ));
+                let mut bound = BoundSet::default();
+                let snap = proxy.state.load_full();
+                let prepared = bound.prepare(&snap).await?;
+                bound.apply(&proxy, &snap, prepared);
                 let mut captures = Vec::new();
                 if let Some(addr) = options.inbound {
                     let (l, local) = bind_outbound(addr).await?;
@@ -108,6 +117,7 @@ impl App {
                     local,
                     task: task.abort_handle(),
                     captures,
+                    bound,
                 }
             }
         };
@@ -120,6 +130,15 @@ impl App {
         match &self.listeners {
             Listeners::Gateway(set) => set.addresses(),
             Listeners::Sidecar { port, local, .. } => vec![(*port, *local)],
+        }
+    }
+
+    /// A sidecar's listeners its Sidecar has it bind, and where each
+    /// listens.
+    pub fn bound_addresses(&self) -> Vec<(meshgate_config::view::BoundListener, String)> {
+        match &self.listeners {
+            Listeners::Sidecar { bound, .. } => bound.addresses(),
+            Listeners::Gateway(_) => Vec::new(),
         }
     }
 
@@ -176,7 +195,11 @@ impl App {
                 self.proxy.state.store(snap.clone());
                 set.apply(&self.proxy, &snap, prepared);
             }
-            Listeners::Sidecar { .. } => self.proxy.state.store(snap),
+            Listeners::Sidecar { bound, .. } => {
+                let prepared = bound.prepare(&snap).await?;
+                self.proxy.state.store(snap.clone());
+                bound.apply(&self.proxy, &snap, prepared);
+            }
         }
         Ok(())
     }

@@ -67,6 +67,10 @@ pub struct Conn {
     pub explicit: bool,
     /// Sidecars: captured on its way in to the workload (15006), not out.
     pub inbound: bool,
+    /// Sidecars: made to a listener the Sidecar has the proxy bind
+    /// (captureMode NONE): its port is the port, and there is no original
+    /// destination to fall back on.
+    pub bound: bool,
     pub tls: Option<Terminated>,
 }
 
@@ -81,6 +85,7 @@ impl Conn {
             connect_host: None,
             explicit: false,
             inbound: false,
+            bound: false,
             tls: None,
         }
     }

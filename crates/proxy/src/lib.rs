@@ -10,6 +10,7 @@ pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod body;
+pub mod bound;
 pub mod conn;
 pub mod connection;
 pub mod cors;
@@ -34,4 +35,5 @@ pub mod tcp;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls_hello;
+pub mod unix;
 pub mod upstream;

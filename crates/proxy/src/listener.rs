@@ -56,20 +56,46 @@ pub const MAX_REQUEST_HEADERS: usize = 60 * 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// A listening socket connections are accepted from (TCP or unix).
+pub trait Acceptor {
+    type Stream;
+    type Peer;
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, Self::Peer)>> + Send;
+}
+
+impl Acceptor for TcpListener {
+    type Stream = TcpStream;
+    type Peer = SocketAddr;
+    async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        let (tcp, remote) = TcpListener::accept(self).await?;
+        let _ = tcp.set_nodelay(true);
+        Ok((tcp, remote))
+    }
+}
+
+impl Acceptor for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    type Peer = ();
+    async fn accept(&self) -> io::Result<(tokio::net::UnixStream, ())> {
+        let (s, _) = tokio::net::UnixListener::accept(self).await?;
+        Ok((s, ()))
+    }
+}
+
 /// Accepts connections until the task is dropped, handing each to `serve`
 /// (which spawns what it needs). Accept errors (out of file descriptors,
 /// mostly) back off exponentially instead of spinning.
-pub async fn accept_loop<F>(listener: TcpListener, mut serve: F)
+pub async fn accept_loop<L, F>(listener: L, mut serve: F)
 where
-    F: FnMut(TcpStream, SocketAddr),
+    L: Acceptor,
+    F: FnMut(L::Stream, L::Peer),
 {
     let mut backoff = BACKOFF_MIN;
     loop {
         match listener.accept().await {
-            Ok((tcp, remote)) => {
+            Ok((stream, remote)) => {
                 backoff = BACKOFF_MIN;
-                let _ = tcp.set_nodelay(true);
-                serve(tcp, remote);
+                serve(stream, remote);
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "accept failed");

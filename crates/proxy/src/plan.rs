@@ -102,7 +102,14 @@ pub fn plan<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>, pick: f64) 
     }
     match snap.role {
         Role::Gateway => gateway(snap, conn, peeked, pick),
-        Role::Sidecar => sidecar(snap, conn, peeked, pick),
+        Role::Sidecar => match sidecar(snap, conn, peeked, pick) {
+            // Called directly, it was going nowhere else: the black hole.
+            Plan::Tcp(t) if conn.bound && t.action == TcpAction::OriginalDst => {
+                let flags = ResponseFlags::NO_HEALTHY_UPSTREAM;
+                Plan::Tcp(TcpPlan::closed(t.listener, flags, TcpReason::BlackHole))
+            }
+            p => p,
+        },
     }
 }
 
@@ -164,7 +171,8 @@ fn serves_tcp(listener: &ListenerState) -> bool {
 /// A connection on its way in to the workload (a sidecar's 15006): the
 /// PeerAuthentication mode decides what TLS is (STRICT: mesh mTLS only;
 /// PERMISSIVE: mesh mTLS or plaintext, told by the first byte; DISABLE:
-/// the bytes are the application's, TLS or not). A port the workload
+/// the bytes are the application's, TLS or not), unless the port has a
+/// Sidecar ingress `tls` of its own. A port the workload
 /// serves as HTTP is then served as HTTP, each request meeting the
 /// workload's AuthorizationPolicies; any other port meets them at L4
 /// (HTTP-only fields as Istio's TCP filter treats them) and goes on to
@@ -183,7 +191,19 @@ fn inbound<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>) -> Plan<'s> 
         _ if http_port => Plan::ServeHttp,
         _ => Plan::Tcp(inbound_tcp(snap, conn)),
     };
-    if conn.tls.is_some() || (mode == MtlsMode::Disable && !http_port) {
+    if conn.tls.is_some() {
+        return plaintext(snap);
+    }
+    // A Sidecar ingress port with its own TLS serves clients outside the
+    // mesh: its certificate, TLS only.
+    if let Some(server) = snap.inbound_tls.get(&conn.port) {
+        return match first_byte_is_tls(peeked) {
+            None => Plan::Read(Need::FirstByte),
+            Some(true) => Plan::Terminate(Termination::Server(server.clone())),
+            Some(false) => Plan::Close(Refusal::PlaintextOnTls),
+        };
+    }
+    if mode == MtlsMode::Disable && !http_port {
         return plaintext(snap);
     }
     match first_byte_is_tls(peeked) {
@@ -217,7 +237,7 @@ fn sidecar<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>, pick: f64) -
         // An explicit-proxy client: each request names its destination.
         return http(snap, conn, peeked, pick);
     }
-    if conn.original_dst.is_none() && conn.connect_host.is_none() {
+    if conn.original_dst.is_none() && conn.connect_host.is_none() && !conn.bound {
         // Made to the capture port itself, and no explicit proxy: nowhere
         // to go (Istio's virtualOutbound sends it to a black hole).
         let flags = ResponseFlags::NO_HEALTHY_UPSTREAM;
@@ -402,9 +422,11 @@ pub fn plan_request<'s>(
     head: &RequestHead<'_>,
     pick: f64,
 ) -> RequestPlan<'s> {
-    // An explicit-proxy request names its port in the URI.
+    // An explicit-proxy request names its port in the URI (or, in origin
+    // form on a unix socket listener, its Host).
     let port = if conn.explicit {
-        head.uri_port.unwrap_or(80)
+        let host_port = || crate::route::split_host_port(head.view.authority).1;
+        head.uri_port.or_else(host_port).unwrap_or(80)
     } else {
         conn.port
     };

@@ -13,7 +13,8 @@ use meshgate_config::model::networking::{ClientTlsMode, OutboundMode, SimpleLb};
 use meshgate_config::model::security::MtlsMode;
 use meshgate_config::registry::{Protocol, ProxyKind};
 use meshgate_config::view::{
-    self, ClusterEndpoints, ClusterResolution, ClusterView, ProxyView, RouteAction, RouteView,
+    self, ClusterEndpoints, ClusterResolution, ClusterView, DownstreamTls, ProxyView, RouteAction,
+    RouteView,
 };
 use meshgate_identity::WorkloadIdentity;
 
@@ -159,7 +160,10 @@ pub struct Snapshot {
     pub inbound_mtls_ports: HashMap<u16, meshgate_config::model::security::MtlsMode>,
     /// Sidecar `ingress` listeners: where connections to a port go instead
     /// (no address: the workload's own).
-    pub inbound_endpoints: HashMap<u16, (Option<std::net::IpAddr>, u16)>,
+    pub inbound_endpoints: HashMap<u16, InboundEndpoint>,
+    /// Sidecar ingress ports that terminate TLS from outside the mesh
+    /// with their own certificate (`ingress[].tls`).
+    pub inbound_tls: HashMap<u16, Arc<rustls::ServerConfig>>,
     /// Sidecars: ports the workload serves as HTTP, each with its route to
     /// its `inbound|PORT||` cluster (the workload, from 127.0.0.6).
     pub inbound_http: HashMap<u16, Route>,
@@ -247,11 +251,10 @@ impl Snapshot {
             .inbound_endpoints
             .iter()
             .filter_map(|(port, to)| {
-                let to: SocketAddr = to.parse().ok()?;
-                let ip = (!to.ip().is_unspecified()).then_some(to.ip());
-                Some((u16::try_from(*port).ok()?, (ip, to.port())))
+                Some((u16::try_from(*port).ok()?, InboundEndpoint::parse(to)?))
             })
             .collect();
+        let inbound_tls = inbound_tls(&view, role, ctx)?;
         let inbound_mtls_ports = view
             .peer_authentication
             .ports
@@ -274,6 +277,7 @@ impl Snapshot {
             inbound_mtls,
             inbound_mtls_ports,
             inbound_endpoints,
+            inbound_tls,
             inbound_http,
             outbound,
             passthrough,
@@ -283,10 +287,13 @@ impl Snapshot {
     }
 
     /// Where a connection on its way in goes: where it was going, or its
-    /// port's Sidecar ingress `defaultEndpoint`.
+    /// port's Sidecar ingress `defaultEndpoint` (a unix socket is its
+    /// cluster's, `Endpoints::Unix`).
     pub fn inbound_endpoint(&self, conn: &crate::conn::Conn, to: SocketAddr) -> SocketAddr {
         match self.inbound_endpoints.get(&to.port()) {
-            Some((ip, port)) if conn.inbound => SocketAddr::new(ip.unwrap_or(to.ip()), *port),
+            Some(InboundEndpoint::Addr(ip, port)) if conn.inbound => {
+                SocketAddr::new(ip.unwrap_or(to.ip()), *port)
+            }
             _ => to,
         }
     }
@@ -303,6 +310,48 @@ impl Snapshot {
     pub fn cluster_name(&self, index: usize) -> Option<&Arc<str>> {
         self.cluster_names.get(index)
     }
+}
+
+/// Where a Sidecar ingress port's connections go instead of where they
+/// were going (`defaultEndpoint`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboundEndpoint {
+    /// An address (none: the workload's own, for `0.0.0.0:PORT`), a port.
+    Addr(Option<IpAddr>, u16),
+    /// A unix socket by name (`/path`, `@abstract`).
+    Unix(Arc<str>),
+}
+
+impl InboundEndpoint {
+    fn parse(to: &str) -> Option<InboundEndpoint> {
+        if let Some(name) = crate::unix::socket_name(to) {
+            return Some(InboundEndpoint::Unix(Arc::from(name)));
+        }
+        let to: SocketAddr = to.parse().ok()?;
+        let ip = (!to.ip().is_unspecified()).then_some(to.ip());
+        Some(InboundEndpoint::Addr(ip, to.port()))
+    }
+}
+
+/// The server TLS of each Sidecar ingress port that has its own.
+fn inbound_tls(
+    view: &ProxyView,
+    role: Role,
+    ctx: &BuildContext,
+) -> Result<HashMap<u16, Arc<rustls::ServerConfig>>, BuildError> {
+    let mut out = HashMap::new();
+    for (port, tls) in &view.inbound_tls {
+        let origin = format!("Sidecar ingress port {port}");
+        let server = DownstreamTls::Server(Box::new(tls.clone()));
+        match ListenerTls::build(&server, role, ctx) {
+            Ok(ListenerTls::Terminate(config)) => {
+                out.insert(u16::try_from(*port).unwrap_or(0), config);
+            }
+            Ok(_) => {}
+            Err(reason) => return Err(BuildError::ListenerTls { origin, reason }),
+        }
+    }
+    Ok(out)
 }
 
 /// One listener per port of the view (a sidecar's capture port itself is
@@ -460,24 +509,40 @@ fn inbound_http(
         let Ok(port) = u16::try_from(*port) else {
             continue;
         };
-        if !p.protocol.is_http() {
+        // HTTPS the sidecar terminates (`ingress[].tls`) is HTTP inside.
+        let terminated =
+            p.protocol == Protocol::Https && view.inbound_tls.contains_key(&u32::from(port));
+        if !p.protocol.is_http() && !terminated {
             continue;
         }
         let name = format!("inbound|{port}||");
-        let entry = previous.get(name.as_str()).cloned().unwrap_or_else(|| {
+        let endpoint = view.inbound_endpoints.get(&u32::from(port));
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (endpoint, &p.service, format!("{:?}", view.workload)).hash(&mut h);
+            h.finish()
+        };
+        let kept = previous
+            .get(name.as_str())
+            .filter(|c| c.fingerprint == fingerprint);
+        let entry = kept.cloned().unwrap_or_else(|| {
+            let endpoints = match endpoint.and_then(|to| crate::unix::socket_name(to)) {
+                Some(socket) => Endpoints::Unix(Arc::from(socket)),
+                None => Endpoints::Inbound,
+            };
             let name: Arc<str> = Arc::from(name.as_str());
             Arc::new(ClusterEntry {
                 cluster: Cluster::new(
                     ClusterSettings {
-                        endpoints: Endpoints::Inbound,
-                        h2: false,
-                        ..local_settings(name.clone())
+                        endpoints,
+                        ..local_settings(name)
                     },
                     ctx.resolver.clone(),
                 ),
                 host: p.service.as_deref().map_or_else(unknown, Arc::from),
                 labels: DestinationLabels::inbound(&source, p.service.as_deref()),
-                fingerprint: 0,
+                fingerprint,
             })
         });
         clusters.push(Some(entry));

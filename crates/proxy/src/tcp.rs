@@ -18,7 +18,7 @@ use crate::listener::Sniffed;
 use crate::plan::{TcpAction, TcpPlan, TcpReason};
 use crate::proxy::Proxy;
 use crate::report::TcpReport;
-use crate::snapshot::{BLACKHOLE_CLUSTER, Snapshot};
+use crate::snapshot::{BLACKHOLE_CLUSTER, InboundEndpoint, Snapshot};
 use crate::upstream::UpstreamError;
 
 /// Acts on a TCP plan for a connection whose first bytes (`io` replays
@@ -81,7 +81,18 @@ where
         (TcpAction::Forward, Some(c)) => plain(c.cluster.connect_tcp().await),
         (TcpAction::OriginalDst, Some(c)) => {
             let to = original_destination(conn, &c.cluster).await?;
-            if plan.reason == TcpReason::Inbound {
+            let unix = match snap.inbound_endpoints.get(&to.port()) {
+                Some(InboundEndpoint::Unix(name)) if conn.inbound => Some(name),
+                _ => None,
+            };
+            if let Some(name) = unix {
+                crate::unix::connect(name)
+                    .await
+                    .map(|s| (Upstream::Unix(s), to, None))
+                    .map_err(|e| {
+                        UpstreamError::ConnectFailure(format!("delayed connect error: {e}"))
+                    })
+            } else if plan.reason == TcpReason::Inbound {
                 let to = snap.inbound_endpoint(conn, to);
                 plain(c.cluster.connect_tcp_inbound(to).await)
             } else {
@@ -98,11 +109,14 @@ where
             return Err(e.into());
         }
     };
-    report.log.upstream_host = Some(addr);
+    if !matches!(upstream, Upstream::Unix(_)) {
+        report.log.upstream_host = Some(addr);
+    }
     report.log.upstream_local_address = local;
     let copied = match upstream {
         Upstream::Plain(mut s) => tokio::io::copy_bidirectional(&mut io, &mut s).await,
         Upstream::Cluster(mut s) => tokio::io::copy_bidirectional(&mut io, &mut *s).await,
+        Upstream::Unix(mut s) => tokio::io::copy_bidirectional(&mut io, &mut s).await,
     };
     let (received, sent) = copied.unwrap_or((0, 0));
     report.received = received;
@@ -131,4 +145,6 @@ enum Upstream {
     Plain(TcpStream),
     /// To a cluster, with its TLS if it has any.
     Cluster(Box<crate::upstream::Conn>),
+    /// A Sidecar ingress `defaultEndpoint` on a unix socket.
+    Unix(tokio::net::UnixStream),
 }

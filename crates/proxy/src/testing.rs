@@ -222,6 +222,18 @@ impl External {
     }
 }
 
+/// Files for a server certificate for `name` from a new CA of its own:
+/// (certificate, key, CA certificate) paths in `dir`.
+pub fn server_cert_files(dir: &TempDir, name: &str) -> (String, String, String) {
+    let ca = StandinCa::new(&format!("{name} CA")).unwrap();
+    let (cert, key) = ca.server_cert_pem(&[name.to_owned()]).unwrap();
+    (
+        dir.write(&format!("{name}-cert.pem"), &cert),
+        dir.write(&format!("{name}-key.pem"), &key),
+        dir.write(&format!("{name}-ca.pem"), &ca.root_pem),
+    )
+}
+
 /// A plain-HTTP server answering like the external API (a stand-in for a
 /// plaintext service: where ALLOW_ANY traffic goes).
 pub async fn plain_http() -> SocketAddr {

@@ -48,7 +48,13 @@ pub enum Endpoints {
     /// The workload's own port the request's URI names, dialled from
     /// 127.0.0.6 (an `inbound|PORT||` cluster).
     Inbound,
+    /// A unix socket by name (`/path`, `@abstract`): a Sidecar ingress
+    /// `defaultEndpoint`.
+    Unix(Arc<str>),
 }
+
+/// What a unix socket endpoint is tracked as (it has no address).
+const UNIX_ENDPOINT: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// Why an upstream request failed, with Envoy's response flag.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -298,6 +304,7 @@ impl ClusterCore {
                     .map(|ip| SocketAddr::new(ip, *port))
                     .collect())
             }
+            Endpoints::Unix(_) => Ok(vec![UNIX_ENDPOINT]),
             Endpoints::Static(addrs) if addrs.is_empty() => Err("cluster has no endpoints".into()),
             Endpoints::Static(addrs) => Ok(addrs.clone()),
             Endpoints::Dns { names, first_only } => {
@@ -471,6 +478,8 @@ impl ClusterCore {
 pub enum UpstreamStream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// A Sidecar ingress `defaultEndpoint` on a unix socket.
+    Unix(tokio::net::UnixStream),
 }
 
 impl std::fmt::Debug for UpstreamStream {
@@ -478,6 +487,7 @@ impl std::fmt::Debug for UpstreamStream {
         f.write_str(match self {
             UpstreamStream::Plain(_) => "Plain",
             UpstreamStream::Tls(_) => "Tls",
+            UpstreamStream::Unix(_) => "Unix",
         })
     }
 }
@@ -501,9 +511,12 @@ impl Drop for Conn {
 
 impl Connection for Conn {
     fn connected(&self) -> Connected {
-        let c = Connected::new()
-            .extra(UpstreamAddr(self.addr))
-            .extra(self.requests.clone());
+        let c = Connected::new().extra(self.requests.clone());
+        // A unix socket has no address to report.
+        let c = match self.stream {
+            UpstreamStream::Unix(_) => c,
+            _ => c.extra(UpstreamAddr(self.addr)),
+        };
         if self.h2 { c.negotiated_h2() } else { c }
     }
 }
@@ -517,6 +530,10 @@ macro_rules! delegate_io {
             }
             UpstreamStream::Tls(boxed) => {
                 let $s = Pin::new(&mut **boxed);
+                $e
+            }
+            UpstreamStream::Unix($s) => {
+                let $s = Pin::new($s);
                 $e
             }
         }
@@ -562,6 +579,7 @@ impl AsyncWrite for Conn {
         match &self.stream {
             UpstreamStream::Plain(s) => s.is_write_vectored(),
             UpstreamStream::Tls(s) => s.is_write_vectored(),
+            UpstreamStream::Unix(s) => s.is_write_vectored(),
         }
     }
 }
@@ -586,6 +604,9 @@ impl tower_service::Service<http::Uri> for Connector {
         let this = self.clone();
         Box::pin(async move {
             let core = &this.core;
+            if let Endpoints::Unix(path) = &core.endpoints {
+                return this.connect_unix(path).await;
+            }
             let addrs = core
                 .addresses(Some(&uri))
                 .await
@@ -660,6 +681,27 @@ async fn dial_inbound(addr: SocketAddr) -> std::io::Result<TcpStream> {
     };
     socket.bind(SocketAddr::new(source, 0))?;
     socket.connect(addr).await
+}
+
+impl Connector {
+    async fn connect_unix(&self, path: &str) -> Result<TokioIo<Conn>, ConnectError> {
+        let core = &self.core;
+        let stream = match tokio::time::timeout(core.connect_timeout, crate::unix::connect(path))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(ConnectError::Failed(format!("delayed connect error: {e}"))),
+            Err(_) => return Err(ConnectError::Failed("connect timeout".into())),
+        };
+        core.track(UNIX_ENDPOINT, 1);
+        Ok(TokioIo::new(Conn {
+            stream: UpstreamStream::Unix(stream),
+            addr: UNIX_ENDPOINT,
+            h2: false,
+            core: core.clone(),
+            requests: RequestCount::default(),
+        }))
+    }
 }
 
 /// The TLS handshake with an upstream, by `deadline`: the stream and
@@ -777,6 +819,7 @@ impl Cluster {
             Endpoints::Static(addrs) => addrs.iter().map(|a| format!("static {a}")).collect(),
             Endpoints::FromUri => vec!["original destination".to_owned()],
             Endpoints::Inbound => vec!["the workload, from 127.0.0.6".to_owned()],
+            Endpoints::Unix(name) => vec![format!("unix://{name}")],
             Endpoints::RequestHost { port } => vec![format!("each request's host, port {port}")],
         };
         let now = Instant::now();
@@ -1017,7 +1060,10 @@ impl Cluster {
         };
         if matches!(
             core.endpoints,
-            Endpoints::FromUri | Endpoints::Inbound | Endpoints::RequestHost { .. }
+            Endpoints::FromUri
+                | Endpoints::Inbound
+                | Endpoints::Unix(_)
+                | Endpoints::RequestHost { .. }
         ) {
             return Ok(());
         }

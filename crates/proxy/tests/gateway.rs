@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use meshgate_proxy::standin::{self, StandinCa};
+use meshgate_proxy::standin;
 use meshgate_proxy::testing::*;
 
 const OTHER_ID: &str = "spiffe://cluster.local/ns/other/sa/default";
@@ -337,13 +337,7 @@ async fn gateway_routing_features_and_https_termination() {
     let mesh = Mesh::default();
     let dir = TempDir::new("gw-routing");
     // A server certificate for an HTTPS Gateway server (SIMPLE termination).
-    let server_ca = StandinCa::new("gateway server CA").unwrap();
-    let (cert_pem, key_pem) = server_ca
-        .server_cert_pem(&["tools.example.com".to_owned()])
-        .unwrap();
-    let cert = dir.write("tools-cert.pem", &cert_pem);
-    let key = dir.write("tools-key.pem", &key_pem);
-    let tools_ca = dir.write("tools-ca.pem", &server_ca.root_pem);
+    let (cert, key, tools_ca) = server_cert_files(&dir, "tools.example.com");
     let tools = format!(
         "apiVersion: networking.istio.io/v1
 kind: Gateway

@@ -197,7 +197,7 @@ fn each_code_with_its_exact_message() {
             "MG0005 fields meshgate does not act on yet",
             "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: bound, namespace: curl-egress-tst}\nspec:\n  egress:\n  - bind: 127.0.0.2\n    hosts: ['./*']\n".to_owned(),
             vec![
-                "Warning [MG0005] (Sidecar curl-egress-tst/bound extra.yaml:6) spec.egress[0]: meshgate does not implement egress listener bind or captureMode yet: only its port and hosts apply",
+                "Warning [MG0005] (Sidecar curl-egress-tst/bound extra.yaml:6) spec.egress[0]: meshgate does not implement bind or captureMode NONE on an egress listener without a port: it binds nothing, and captured traffic is routed by its port",
             ],
         ),
         (

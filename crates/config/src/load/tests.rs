@@ -578,3 +578,110 @@ fn missing_path_and_empty_folder() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn sidecar_listeners_are_validated_as_istio_validates_them() {
+    let sidecar = |spec: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: s, namespace: ns}}\nspec:\n{spec}"
+        )
+    };
+    let error = |line: u32, field: &str, msg: &str| {
+        format!(
+            "Error [IST0106] (Sidecar ns/s test.yaml:{line}) Schema validation error: {field}: {msg}"
+        )
+    };
+    let cases: Vec<(String, Vec<String>)> = vec![
+        (
+            sidecar(
+                "  egress:\n  - port: {number: 0, protocol: HTTP, name: http-uds}\n    bind: 127.0.0.1\n    hosts: ['./*']\n",
+            ),
+            vec![error(
+                7,
+                "spec.egress[0].bind",
+                "sidecar: ports with 0 value must have a unix domain socket bind address",
+            )],
+        ),
+        (
+            sidecar(
+                "  egress:\n  - port: {number: 0, protocol: HTTP, name: http-uds}\n    bind: unix:///a.sock\n    captureMode: IPTABLES\n    hosts: ['./*']\n  - port: {number: 0, protocol: HTTP, name: http-uds2}\n    bind: unix:///a.sock\n    hosts: ['./*']\n",
+            ),
+            vec![
+                error(
+                    8,
+                    "spec.egress[0].captureMode",
+                    "sidecar: captureMode must be DEFAULT/NONE for unix domain socket listeners",
+                ),
+                error(
+                    10,
+                    "spec.egress[1].port",
+                    "sidecar: unix domain socket values for listeners must be unique",
+                ),
+            ],
+        ),
+        (
+            sidecar(
+                "  egress:\n  - port: {number: 9000, protocol: HTTP, name: http}\n    bind: localhost\n    captureMode: NONE\n    hosts: ['./*']\n",
+            ),
+            vec![error(
+                7,
+                "spec.egress[0].bind",
+                "localhost is not a valid IP",
+            )],
+        ),
+        (
+            sidecar(
+                "  ingress:\n  - port: {number: 9080, protocol: HTTP, name: http}\n    defaultEndpoint: 10.0.0.1:8080\n",
+            ),
+            vec![error(
+                7,
+                "spec.ingress[0].defaultEndpoint",
+                "sidecar: defaultEndpoint must be of form 127.0.0.1:<port>,0.0.0.0:<port>,[::1]:port,[::]:port,unix://filepath or unset",
+            )],
+        ),
+        (
+            sidecar(
+                "  ingress:\n  - port: {number: 9080, protocol: HTTP, name: http}\n    tls: {mode: ISTIO_MUTUAL, credentialName: c}\n",
+            ),
+            vec![
+                error(
+                    6,
+                    "spec.ingress[0].port.protocol",
+                    "server cannot have TLS settings for non HTTPS/TLS ports",
+                ),
+                error(
+                    7,
+                    "spec.ingress[0].tls",
+                    "sidecar: credentialName is not currently supported",
+                ),
+                error(
+                    7,
+                    "spec.ingress[0].tls.mode",
+                    "configuration is invalid: cannot set mode to ISTIO_MUTUAL in sidecar ingress tls",
+                ),
+            ],
+        ),
+        (
+            sidecar(
+                "  ingress:\n  - port: {number: 9443, protocol: HTTPS, name: https}\n    tls: {mode: MUTUAL, serverCertificate: /c.pem, privateKey: /k.pem}\n",
+            ),
+            vec![error(
+                7,
+                "spec.ingress[0].tls",
+                "MUTUAL requires caCertificates",
+            )],
+        ),
+    ];
+    for (text, want) in cases {
+        let l = load(&text);
+        let mut got = messages(&l);
+        got.sort();
+        let mut want = want;
+        want.sort();
+        assert_eq!(got, want, "for:\n{text}");
+    }
+    let valid = sidecar(
+        "  egress:\n  - port: {number: 0, protocol: HTTP, name: http-uds}\n    bind: unix://@egress\n    hosts: ['./*']\n  - port: {number: 9000, protocol: HTTP, name: http}\n    captureMode: NONE\n    hosts: ['./*']\n  ingress:\n  - port: {number: 9443, protocol: HTTPS, name: https}\n    bind: 0.0.0.0\n    captureMode: NONE\n    defaultEndpoint: unix:///var/run/app.sock\n    tls: {mode: SIMPLE, serverCertificate: /c.pem, privateKey: /k.pem}\n",
+    );
+    assert_eq!(messages(&load(&valid)), Vec::<String>::new());
+}
