@@ -58,21 +58,27 @@ pub struct RouteMatch {
     scheme: Option<StrMatch>,
     method: Option<StrMatch>,
     authority: Option<StrMatch>,
-    headers: Vec<(HeaderName, Option<StrMatch>)>,
-    without_headers: Vec<(HeaderName, Option<StrMatch>)>,
+    headers: Vec<(Option<HeaderName>, Option<StrMatch>)>,
+    without_headers: Vec<(Option<HeaderName>, Option<StrMatch>)>,
     query_params: Vec<(String, Option<StrMatch>)>,
 }
 
+/// Header conditions. A key no request header can have (a JWT claim,
+/// `@request.auth.claims.*`, which needs a RequestAuthentication meshgate
+/// does not implement, or a name HTTP does not allow) is `None`: never
+/// present, as Envoy sees a claim without a validated token. Dropping it
+/// would make the condition match every request.
 fn header_matchers(
     map: &std::collections::BTreeMap<String, StringMatch>,
-) -> Vec<(HeaderName, Option<StrMatch>)> {
+) -> Vec<(Option<HeaderName>, Option<StrMatch>)> {
     map.iter()
         // Istio ignores these pseudo-header keys under `headers`.
         .filter(|(k, _)| !matches!(k.as_str(), "uri" | "scheme" | "method" | "authority"))
-        .filter_map(|(k, m)| {
-            HeaderName::from_bytes(k.as_bytes())
-                .ok()
-                .map(|n| (n, StrMatch::compile(m, false)))
+        .map(|(k, m)| {
+            (
+                HeaderName::from_bytes(k.as_bytes()).ok(),
+                StrMatch::compile(m, false),
+            )
         })
         .collect()
 }
@@ -101,8 +107,8 @@ impl RouteMatch {
         }
     }
 
-    fn header_ok(headers: &HeaderMap, name: &HeaderName, m: &Option<StrMatch>) -> bool {
-        let Some(v) = headers.get(name) else {
+    fn header_ok(headers: &HeaderMap, name: &Option<HeaderName>, m: &Option<StrMatch>) -> bool {
+        let Some(v) = name.as_ref().and_then(|n| headers.get(n)) else {
             return false;
         };
         match m {

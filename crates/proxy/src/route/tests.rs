@@ -326,3 +326,25 @@ fn virtual_hosts_are_chosen_exact_then_longest_wildcard_then_any() {
     assert!(none.vhost(".example.com").is_none());
     assert!(none.vhost("example.com").is_none());
 }
+
+/// A JWT claim is never a header a client can send: without a
+/// RequestAuthentication (meshgate validates no token) a claim match
+/// matches nothing, and a `withoutHeaders` claim excludes nothing, as
+/// Envoy sees claims of no validated token.
+#[test]
+fn jwt_claim_matches_never_come_from_client_headers() {
+    let t = table(
+        "  hosts: [api.example.com]
+  http:
+  - match: [{headers: {'@request.auth.claims.group': {exact: admin}}}]
+    route: [{destination: {host: admin}}]
+  - match: [{uri: {prefix: /x}, withoutHeaders: {'@request.auth.claims.group': {}}}]
+    route: [{destination: {host: a}}]
+",
+    );
+    let plain = req("api.example.com", "GET", "/");
+    assert_eq!(which(&t, &plain), "NR");
+    let claiming = req("api.example.com", "GET", "/").header("request.auth.claims.group", "admin");
+    assert_eq!(which(&t, &claiming), "NR");
+    assert_eq!(which(&t, &req("api.example.com", "GET", "/x")), "#1");
+}
