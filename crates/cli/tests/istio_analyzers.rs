@@ -488,9 +488,7 @@ const CASES: &[Case] = &[
         mesh_config: None,
         analyzer: JWT_CLAIM_ROUTES,
         expected: &[("IST0149", "VirtualService foo")],
-        differs: Some(
-            "not yet: IST0149 (routes on JWT claims without a RequestAuthentication); meshgate does not read RequestAuthentication",
-        ),
+        differs: None,
     },
     Case {
         name: "virtualServiceInternalGatewayRef",

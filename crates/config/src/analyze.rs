@@ -16,6 +16,8 @@ use crate::registry::{
 };
 use crate::view::vs_bound_to_mesh;
 
+mod jwt;
+
 /// Runs every analyzer. Diagnostics come back sorted by file and line.
 pub fn analyze(config: &Config, mesh: &MeshSettings) -> Vec<Diagnostic> {
     let registry = crate::registry::build(config, mesh);
@@ -37,6 +39,7 @@ pub fn analyze(config: &Config, mesh: &MeshSettings) -> Vec<Diagnostic> {
     service_entry_addresses(config, mesh, &mut out);
     subsets_without_effect_on_gateways(config, &mut out);
     duplicate_entry_hosts(config, &mut out);
+    jwt::analyze(config, mesh, &mut out);
     out.sort_by(|a, b| {
         (&a.origin.file, a.origin.line, a.level, a.code).cmp(&(
             &b.origin.file,

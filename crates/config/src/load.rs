@@ -447,6 +447,13 @@ fn load_object(file: &Arc<str>, node: &Arc<Node>, loaded: &mut Loaded) {
                 e.spec,
             )
         }),
+        Kind::RequestAuthentication => typed(node).map(|e| {
+            push(
+                &mut loaded.config.request_authentications,
+                meta(e.metadata),
+                e.spec,
+            )
+        }),
     };
     if let Err(e) = result {
         let line = e.pos.map_or(node.pos.line, |p| p.line);

@@ -30,11 +30,12 @@ pub enum Kind {
     Sidecar,
     AuthorizationPolicy,
     PeerAuthentication,
+    RequestAuthentication,
 }
 
 impl Kind {
     /// Every kind, in the order above.
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 14] = [
         Kind::Namespace,
         Kind::ServiceAccount,
         Kind::Service,
@@ -48,6 +49,7 @@ impl Kind {
         Kind::Sidecar,
         Kind::AuthorizationPolicy,
         Kind::PeerAuthentication,
+        Kind::RequestAuthentication,
     ];
 
     /// Finds the kind for an `apiVersion`/`kind` pair. `Ok(None)` means a kind
@@ -106,7 +108,9 @@ impl Kind {
             | Kind::DestinationRule
             | Kind::Gateway
             | Kind::Sidecar => "networking.istio.io",
-            Kind::AuthorizationPolicy | Kind::PeerAuthentication => "security.istio.io",
+            Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => {
+                "security.istio.io"
+            }
             Kind::Deployment => "apps",
             Kind::EndpointSlice => "discovery.k8s.io",
             Kind::Namespace | Kind::ServiceAccount | Kind::Service | Kind::Pod => "",
@@ -142,6 +146,7 @@ impl Kind {
             Kind::Sidecar => "Sidecar",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::RequestAuthentication => "RequestAuthentication",
         }
     }
 
@@ -335,6 +340,7 @@ pub struct Config {
     pub sidecars: Vec<Resource<networking::Sidecar>>,
     pub authorization_policies: Vec<Resource<security::AuthorizationPolicy>>,
     pub peer_authentications: Vec<Resource<security::PeerAuthentication>>,
+    pub request_authentications: Vec<Resource<security::RequestAuthentication>>,
 }
 
 impl Config {
@@ -377,6 +383,11 @@ impl Config {
                 "PeerAuthentication",
                 "PeerAuthentications",
             ),
+            (
+                self.request_authentications.len(),
+                "RequestAuthentication",
+                "RequestAuthentications",
+            ),
         ];
         let parts: Vec<String> = counts
             .iter()
@@ -406,6 +417,7 @@ impl Config {
             .chain(self.sidecars.iter().map(|r| &r.meta))
             .chain(self.authorization_policies.iter().map(|r| &r.meta))
             .chain(self.peer_authentications.iter().map(|r| &r.meta))
+            .chain(self.request_authentications.iter().map(|r| &r.meta))
     }
 
     /// Every resource's meta and its spec as JSON, one resource at a time
@@ -429,5 +441,6 @@ impl Config {
             .chain(self.sidecars.iter().map(text))
             .chain(self.authorization_policies.iter().map(text))
             .chain(self.peer_authentications.iter().map(text))
+            .chain(self.request_authentications.iter().map(text))
     }
 }

@@ -11,7 +11,9 @@ use crate::model::networking::{
     IstioIngressListener, OutboundMode, Resolution, ServerTlsMode, ServiceEntry, Sidecar,
     StringMatch, TrafficPolicy, VirtualService,
 };
-use crate::model::security::{AuthorizationPolicy, AuthzAction, PeerAuthentication};
+use crate::model::security::{
+    AuthorizationPolicy, AuthzAction, PeerAuthentication, RequestAuthentication,
+};
 use crate::model::{Config, Kind, Meta};
 
 type Problems = Vec<(String, String)>;
@@ -53,6 +55,10 @@ pub(crate) fn last_added(config: &Config, kind: Kind) -> Problems {
             peer_authentication(&r.spec, &mut p);
             &r.meta
         }),
+        Kind::RequestAuthentication => config.request_authentications.last().map(|r| {
+            request_authentication(&r.spec, &mut p);
+            &r.meta
+        }),
     };
     if let Some(meta) = meta {
         metadata(meta, &mut p);
@@ -75,6 +81,7 @@ pub(crate) fn remove_last(config: &mut Config, kind: Kind) {
         Kind::Sidecar => drop(config.sidecars.pop()),
         Kind::AuthorizationPolicy => drop(config.authorization_policies.pop()),
         Kind::PeerAuthentication => drop(config.peer_authentications.pop()),
+        Kind::RequestAuthentication => drop(config.request_authentications.pop()),
     }
 }
 
@@ -1348,6 +1355,38 @@ fn path_template_problem(path: &str) -> Option<String> {
         ));
     }
     None
+}
+
+/// Istio's rules for what it would enforce: one way to select; per rule
+/// an issuer or a JWKS URI, and no empty audience or token location.
+fn request_authentication(ra: &RequestAuthentication, p: &mut Problems) {
+    if ra.selector.is_some() && (ra.target_ref.is_some() || !ra.target_refs.is_empty()) {
+        push(p, "spec", "only one of selector or targetRefs may be set");
+    }
+    for (i, rule) in ra.jwt_rules.iter().enumerate() {
+        let path = format!("spec.jwtRules[{i}]");
+        if rule.issuer.is_empty() && rule.jwks_uri.is_empty() {
+            push(p, &path, "issuer or jwksUri must be non-empty string");
+        }
+        if rule.audiences.iter().any(String::is_empty) {
+            push(
+                p,
+                format!("{path}.audiences"),
+                "audience must be non-empty string",
+            );
+        }
+        if rule.from_headers.iter().any(|h| h.name.is_empty()) {
+            let msg = "location header name must be non-empty string";
+            push(p, format!("{path}.fromHeaders"), msg);
+        }
+        if rule.from_params.iter().any(String::is_empty) {
+            push(
+                p,
+                format!("{path}.fromParams"),
+                "location query must be non-empty string",
+            );
+        }
+    }
 }
 
 fn peer_authentication(pa: &PeerAuthentication, p: &mut Problems) {

@@ -31,6 +31,7 @@ fn names(kind: Kind) -> Option<Names> {
         Kind::Sidecar => ("sidecars", &[]),
         Kind::AuthorizationPolicy => ("authorizationpolicies", &["ap"]),
         Kind::PeerAuthentication => ("peerauthentications", &["pa"]),
+        Kind::RequestAuthentication => ("requestauthentications", &["ra"]),
         _ => return None,
     };
     let category = match kind.group() {
@@ -57,6 +58,7 @@ fn spec_schema(kind: Kind) -> Option<Value> {
         Kind::Sidecar => of::<networking::Sidecar>(),
         Kind::AuthorizationPolicy => of::<security::AuthorizationPolicy>(),
         Kind::PeerAuthentication => of::<security::PeerAuthentication>(),
+        Kind::RequestAuthentication => of::<security::RequestAuthentication>(),
         _ => return None,
     })
 }
@@ -151,6 +153,7 @@ mod tests {
                 "sidecars.networking.istio.io",
                 "authorizationpolicies.security.istio.io",
                 "peerauthentications.security.istio.io",
+                "requestauthentications.security.istio.io",
             ]
         );
         for crd in &crds {

@@ -194,6 +194,17 @@ fn each_code_with_its_exact_message() {
             ],
         ),
         (
+            "IST0149 routes on a JWT claim at a gateway no RequestAuthentication covers",
+            vs("claims", "curl-egress-tst", "  hosts: [jsonplaceholder.typicode.com]\n  gateways: [egress-gateway]\n  http:\n  - match: [{headers: {'@request.auth.claims.group': {exact: admin}}}]\n    route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]\n"),
+            vec!["Error [IST0149] (VirtualService curl-egress-tst/claims extra.yaml:1) The virtual service uses the JWT claim based routing (key: @request.auth.claims.group) but found no request authentication for the gateway (curl-egress-tst/egress-gateway) pod (curl-egress-tst-gateway). The request authentication must first be applied for the gateway pods to validate the JWT token and make the claims available for routing."],
+        ),
+        (
+            "a RequestAuthentication in the root namespace covers the gateway: no IST0149, MG0005 for it",
+            vs("claims", "curl-egress-tst", "  hosts: [jsonplaceholder.typicode.com]\n  gateways: [egress-gateway]\n  http:\n  - match: [{headers: {'@request.auth.claims.group': {exact: admin}}}]\n    route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]\n")
+                + "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: istio-system}\nspec:\n  jwtRules: [{issuer: 'https://issuer.example'}]\n",
+            vec!["Warning [MG0005] (RequestAuthentication istio-system/jwt extra.yaml:11) RequestAuthentication: meshgate does not implement JWT authentication: no token is validated or rejected, requestPrincipals and request.auth conditions match no request, and routes on JWT claims match none"],
+        ),
+        (
             "MG0005 fields meshgate does not act on yet",
             "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: bound, namespace: curl-egress-tst}\nspec:\n  egress:\n  - bind: 127.0.0.2\n    hosts: ['./*']\n".to_owned(),
             vec![

@@ -48,6 +48,11 @@ const SPECS: &[(&str, &str, &str)] = &[
         "PeerAuthentication",
         "mtls: {mode: STRICT}",
     ),
+    (
+        "security.istio.io",
+        "RequestAuthentication",
+        "selector: {matchLabels: {app: a}}\n  jwtRules:\n  - issuer: https://issuer.example\n    jwksUri: https://issuer.example/jwks\n    fromHeaders: [{name: authorization, prefix: 'Bearer '}]\n    outputClaimToHeaders: [{header: x-group, claim: group}]",
+    ),
 ];
 
 #[test]

@@ -1,4 +1,5 @@
-//! security.istio.io resources: AuthorizationPolicy and PeerAuthentication
+//! security.istio.io resources: AuthorizationPolicy, PeerAuthentication
+//! and RequestAuthentication
 //! (v1beta1 = v1).
 
 use std::collections::BTreeMap;
@@ -148,4 +149,45 @@ impl MtlsMode {
             MtlsMode::Strict => "STRICT",
         }
     }
+}
+
+/// Read so `check` can analyse what depends on it (IST0149); meshgate
+/// validates no JWT (MG0005 says so where one appears).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct RequestAuthentication {
+    pub selector: Option<LabelSelector>,
+    pub target_ref: Option<PolicyTargetReference>,
+    pub target_refs: Vec<PolicyTargetReference>,
+    pub jwt_rules: Vec<JwtRule>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct JwtRule {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub jwks_uri: String,
+    pub jwks: String,
+    pub from_headers: Vec<JwtHeader>,
+    pub from_params: Vec<String>,
+    pub from_cookies: Vec<String>,
+    pub output_payload_to_header: String,
+    pub forward_original_token: bool,
+    pub output_claim_to_headers: Vec<ClaimToHeader>,
+    pub timeout: Option<crate::model::common::Duration>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct JwtHeader {
+    pub name: String,
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ClaimToHeader {
+    pub header: String,
+    pub claim: String,
 }
