@@ -624,7 +624,6 @@ async fn proxy_main(
         }),
     };
     let mut app = App::start(proxy, &options).await?;
-    crate::memory::release_freed();
     listeners_pending.done();
     let config_source = Arc::new(arc_swap::ArcSwap::from_pointee(match &control {
         Some(_) => "control plane".to_owned(),
@@ -652,6 +651,8 @@ async fn proxy_main(
         ProxyKind::Sidecar => "sidecar",
     };
     tracing::info!(workload = %args.workload, identity = %id, "{what} running");
+    // Everything that only starting ran is done.
+    crate::memory::release_after_load();
     let mut live = Live {
         args,
         kind,
@@ -940,7 +941,7 @@ impl Live<'_> {
         .await
         .context("loading the config")??;
         self.apply(config, app).await?;
-        crate::memory::release_freed();
+        crate::memory::release_after_load();
         let changes = self.digest.changes(&digest);
         self.digest = digest;
         Ok(changes)
@@ -958,7 +959,7 @@ impl Live<'_> {
                 Ok(Ok(config)) => self.apply(config, app).await,
                 Ok(Err(e)) | Err(e) => Err(e),
             };
-            crate::memory::release_freed();
+            crate::memory::release_after_load();
             let error = match result {
                 Ok(()) => {
                     tracing::info!(workload = %self.args.workload, version = next.version, "config applied");
