@@ -13,8 +13,11 @@ use crate::snapshot::Snapshot;
 /// Istio's default cluster name for metrics (`CLUSTER_ID`).
 pub const CLUSTER_ID: &str = "Kubernetes";
 
+/// Istio's value for what is not known: one shared string (a gateway
+/// with thousands of hosts holds it in most of every host's labels).
 pub fn unknown() -> Lv {
-    Arc::from("unknown")
+    static UNKNOWN: std::sync::LazyLock<Lv> = std::sync::LazyLock::new(|| Arc::from("unknown"));
+    UNKNOWN.clone()
 }
 
 /// Istio's `source_*` / `destination_*` values for one workload.
@@ -39,7 +42,11 @@ impl WorkloadLabels {
             app: unknown(),
             version: unknown(),
             canonical_service: unknown(),
-            canonical_revision: Arc::from("latest"),
+            canonical_revision: {
+                static LATEST: std::sync::LazyLock<Lv> =
+                    std::sync::LazyLock::new(|| Arc::from("latest"));
+                LATEST.clone()
+            },
             cluster: unknown(),
         }
     }

@@ -767,12 +767,17 @@ pub struct Priorities {
 pub struct Cluster {
     core: Arc<ClusterCore>,
     h2: bool,
-    client: Client<Connector, Body>,
+    /// The pool, made on the cluster's first request: a gateway with
+    /// thousands of hosts keeps no pool for those nobody calls.
+    client: std::sync::OnceLock<Box<Client<Connector, Body>>>,
+    idle_timeout: Duration,
     in_flight: AtomicUsize,
     max_in_flight: usize,
     /// A connection is not reused after this many requests (above 1; 1
     /// turns pooling off).
     max_requests_per_connection: Option<u32>,
+    /// `maxRequestsPerConnection: 1`: no connection is kept.
+    pool_off: bool,
 }
 
 /// Keeps the in-flight count right however a request ends.
@@ -866,29 +871,39 @@ impl Cluster {
             rr: AtomicU32::new(0),
             state: Mutex::new(HashMap::new()),
         });
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(s.idle_timeout)
-            // We set Host ourselves (the original or rewritten authority).
-            .set_host(false)
-            .http2_only(h2);
-        if s.max_requests_per_connection == Some(1) {
-            builder.pool_max_idle_per_host(0);
-        }
-        let client = builder.build(Connector {
-            core: core.clone(),
-            h2,
-        });
         Cluster {
             core,
             h2,
-            client,
+            client: std::sync::OnceLock::new(),
+            idle_timeout: s.idle_timeout,
             in_flight: AtomicUsize::new(0),
             max_in_flight: s.max_in_flight,
             max_requests_per_connection: s.max_requests_per_connection.filter(|n| *n > 1),
+            pool_off: s.max_requests_per_connection == Some(1),
         }
+    }
+
+    /// The pool: hyper-util's client over this cluster's connector.
+    fn client(&self) -> &Client<Connector, Body> {
+        self.client.get_or_init(|| {
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .pool_idle_timeout(self.idle_timeout)
+                // We set Host ourselves (the original or rewritten authority).
+                .set_host(false)
+                .http2_only(self.h2);
+            // 1 turns pooling off (`max_requests_per_connection` keeps only
+            // larger limits).
+            if self.pool_off {
+                builder.pool_max_idle_per_host(0);
+            }
+            Box::new(builder.build(Connector {
+                core: self.core.clone(),
+                h2: self.h2,
+            }))
+        })
     }
 
     pub fn name(&self) -> &Arc<str> {
@@ -1101,7 +1116,7 @@ impl Cluster {
         // request, is let go after this response.
         let captured = (self.max_requests_per_connection.is_some() || self.core.outlier.is_some())
             .then(|| hyper_util::client::legacy::connect::capture_connection(&mut req));
-        match self.client.request(req).await {
+        match self.client().request(req).await {
             Ok(resp) => {
                 if let Some(UpstreamAddr(addr)) = resp.extensions().get::<UpstreamAddr>() {
                     self.core.observe(*addr, resp.status().as_u16());
