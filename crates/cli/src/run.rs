@@ -644,6 +644,9 @@ async fn proxy_main(
         id: id.clone(),
         admin: admin_addrs,
     };
+    // Everything that only starting ran is done: its memory goes back
+    // before anyone is told the proxy is ready.
+    crate::memory::release_after_load();
     // The ready file is there by the time the log says so.
     ready.write(&app.addresses())?;
     let what = match kind {
@@ -651,8 +654,6 @@ async fn proxy_main(
         ProxyKind::Sidecar => "sidecar",
     };
     tracing::info!(workload = %args.workload, identity = %id, "{what} running");
-    // Everything that only starting ran is done.
-    crate::memory::release_after_load();
     let mut live = Live {
         args,
         kind,
