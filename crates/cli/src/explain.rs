@@ -113,8 +113,10 @@ pub(crate) fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
             .into());
         }
         let id: SpiffeId = view.workload.spiffe_id.parse()?;
+        // The snapshot keeps no cluster views: the steps describe them.
+        let clusters = view.clusters.clone();
         let snap = snapshot(view, &id)?;
-        let explained = explain(&snap, &input, &id);
+        let explained = explain(&snap, &clusters, &input, &id);
         reports.push(match args.output {
             Output::Json => explained.json(&hop),
             Output::Text => serde_json::Value::String(explained.text(&hop)),
@@ -261,6 +263,7 @@ fn snapshot(view: meshgate_config::view::ProxyView, id: &SpiffeId) -> anyhow::Re
 /// What the proxy does, and the steps on the way.
 struct Explained<'s> {
     snap: &'s Snapshot,
+    clusters: &'s [ClusterView],
     input: &'s Input,
     id: &'s SpiffeId,
     /// TLS the proxy terminated on the way.
@@ -282,7 +285,12 @@ enum Outcome<'s> {
 }
 
 /// Asks the plan as the proxy's listener does, one step at a time.
-fn explain<'s>(snap: &'s Snapshot, input: &'s Input, id: &'s SpiffeId) -> Explained<'s> {
+fn explain<'s>(
+    snap: &'s Snapshot,
+    clusters: &'s [ClusterView],
+    input: &'s Input,
+    id: &'s SpiffeId,
+) -> Explained<'s> {
     let here = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), input.port);
     let remote = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 40000);
     let mut conn = Conn::accepted(remote, here, input.port);
@@ -364,6 +372,7 @@ fn explain<'s>(snap: &'s Snapshot, input: &'s Input, id: &'s SpiffeId) -> Explai
     };
     Explained {
         snap,
+        clusters,
         input,
         id,
         terminated,
@@ -490,7 +499,7 @@ impl Explained<'_> {
     /// The cluster picked, as the view describes it.
     fn cluster(&self) -> Option<&ClusterView> {
         let name = self.cluster_name()?;
-        self.snap.view.clusters.iter().find(|c| c.name == name)
+        self.clusters.iter().find(|c| c.name == name)
     }
 
     /// The exit code for what the proxy does (README, "Exit codes"): 0 sent

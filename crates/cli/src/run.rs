@@ -785,28 +785,9 @@ fn config_fingerprint(args: &ProxyArgs) -> Result<u64, String> {
 /// Gateway server TLS) and `--extra-roots`: rotating one in place is a
 /// change too.
 fn tls_fingerprint(args: &ProxyArgs, app: &App) -> Result<u64, String> {
-    use meshgate_config::view::DownstreamTls;
     let snap = app.proxy.state.load();
     let mut files: Vec<PathBuf> = args.extra_roots.clone();
-    for c in &snap.view.clusters {
-        let t = &c.tls;
-        files.extend(
-            [&t.ca_certificates, &t.client_certificate, &t.private_key]
-                .into_iter()
-                .filter(|p| !p.is_empty())
-                .map(PathBuf::from),
-        );
-    }
-    for l in &snap.view.listeners {
-        if let DownstreamTls::Server(t) = &l.tls {
-            files.extend(
-                [&t.server_certificate, &t.private_key, &t.ca_certificates]
-                    .into_iter()
-                    .filter(|p| !p.is_empty())
-                    .map(PathBuf::from),
-            );
-        }
-    }
+    files.extend(snap.certificate_files.iter().map(PathBuf::from));
     files.sort();
     files.dedup();
     fingerprint(&files).map_err(|e| e.to_string())

@@ -141,8 +141,15 @@ impl ListenerState {
 /// Everything the request path needs, for one workload.
 #[derive(Debug)]
 pub struct Snapshot {
-    /// What this snapshot was compiled from (`config-dump` prints it).
+    /// What this snapshot was compiled from, without its clusters and
+    /// routes: at thousands of hosts they are most of a proxy's memory, and
+    /// once compiled only the inspection port reads them (`view_json`).
     pub view: ProxyView,
+    /// The whole view as JSON (a quarter of its size as structs).
+    view_json: Box<str>,
+    /// The certificate files the view names (DestinationRule, Gateway
+    /// server and Sidecar ingress TLS): a reload watches them.
+    pub certificate_files: Vec<String>,
     pub role: Role,
     pub source: WorkloadLabels,
     pub listeners: Vec<ListenerState>,
@@ -266,6 +273,13 @@ impl Snapshot {
             (Some(OutboundMode::AllowAny), Some(i)) => Some(Route::allow_any(i)),
             _ => None,
         };
+        let view_json = serde_json::to_string(&view)
+            .unwrap_or_default()
+            .into_boxed_str();
+        let certificate_files = certificate_files(&view);
+        let mut view = view;
+        view.clusters = Vec::new();
+        view.routes = Vec::new();
         Ok(Snapshot {
             role,
             source: WorkloadLabels::of(&view.workload),
@@ -283,6 +297,8 @@ impl Snapshot {
             passthrough,
             allow_any,
             view,
+            view_json,
+            certificate_files,
         })
     }
 
@@ -298,6 +314,11 @@ impl Snapshot {
         }
     }
 
+    /// The whole view this snapshot was compiled from, as JSON.
+    pub fn view_json(&self) -> &str {
+        &self.view_json
+    }
+
     pub fn listener(&self, port: u16) -> Option<&ListenerState> {
         self.listeners.iter().find(|l| l.port == port)
     }
@@ -310,6 +331,31 @@ impl Snapshot {
     pub fn cluster_name(&self, index: usize) -> Option<&Arc<str>> {
         self.cluster_names.get(index)
     }
+}
+
+/// Every certificate, key and CA file the view's TLS settings name.
+fn certificate_files(v: &ProxyView) -> Vec<String> {
+    let clusters = v.clusters.iter().flat_map(|c| {
+        let t = &c.tls;
+        [&t.ca_certificates, &t.client_certificate, &t.private_key]
+    });
+    let servers = v
+        .listeners
+        .iter()
+        .filter_map(|l| match &l.tls {
+            DownstreamTls::Server(t) => Some(&**t),
+            _ => None,
+        })
+        .chain(v.inbound_tls.values())
+        .flat_map(|t| [&t.server_certificate, &t.private_key, &t.ca_certificates]);
+    let mut files: Vec<String> = clusters
+        .chain(servers)
+        .filter(|p| !p.is_empty())
+        .cloned()
+        .collect();
+    files.sort();
+    files.dedup();
+    files
 }
 
 /// Where a Sidecar ingress port's connections go instead of where they
