@@ -149,7 +149,7 @@ impl Service {
 }
 
 /// What kind of proxy runs with a workload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum ProxyKind {
     Sidecar,
     Gateway,

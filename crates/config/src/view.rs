@@ -83,7 +83,7 @@ pub struct ProxyView {
     pub path_normalization: crate::PathNormalization,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadInfo {
     pub namespace: String,

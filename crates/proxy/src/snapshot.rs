@@ -235,8 +235,16 @@ impl Snapshot {
             cluster_names.push(Arc::from(PASSTHROUGH_CLUSTER));
             clusters.len() - 1
         });
+        let inbound_endpoints = view
+            .inbound_endpoints
+            .iter()
+            .filter_map(|(port, to)| {
+                Some((u16::try_from(*port).ok()?, InboundEndpoint::parse(to)?))
+            })
+            .collect();
         let inbound_http = if role == Role::Sidecar {
-            inbound_http(&view, ctx, &previous, &mut clusters, &mut cluster_names)
+            let built = (&mut clusters, &mut cluster_names);
+            inbound_http(&view, &inbound_endpoints, ctx, &previous, built)
         } else {
             HashMap::new()
         };
@@ -254,13 +262,6 @@ impl Snapshot {
             .map(CompiledPolicy::compile)
             .collect();
         let inbound_mtls = view.peer_authentication.mode;
-        let inbound_endpoints = view
-            .inbound_endpoints
-            .iter()
-            .filter_map(|(port, to)| {
-                Some((u16::try_from(*port).ok()?, InboundEndpoint::parse(to)?))
-            })
-            .collect();
         let inbound_tls = inbound_tls(&view, role, ctx)?;
         let inbound_mtls_ports = view
             .peer_authentication
@@ -302,15 +303,15 @@ impl Snapshot {
         })
     }
 
-    /// Where a connection on its way in goes: where it was going, or its
-    /// port's Sidecar ingress `defaultEndpoint` (a unix socket is its
-    /// cluster's, `Endpoints::Unix`).
-    pub fn inbound_endpoint(&self, conn: &crate::conn::Conn, to: SocketAddr) -> SocketAddr {
+    /// Where a connection goes that was going to `to`: there, or, on its
+    /// way in, its port's Sidecar ingress `defaultEndpoint`.
+    pub fn inbound_target(&self, conn: &crate::conn::Conn, to: SocketAddr) -> InboundTarget<'_> {
         match self.inbound_endpoints.get(&to.port()) {
             Some(InboundEndpoint::Addr(ip, port)) if conn.inbound => {
-                SocketAddr::new(ip.unwrap_or(to.ip()), *port)
+                InboundTarget::Addr(SocketAddr::new(ip.unwrap_or(to.ip()), *port))
             }
-            _ => to,
+            Some(InboundEndpoint::Unix(name)) if conn.inbound => InboundTarget::Unix(name),
+            _ => InboundTarget::Addr(to),
         }
     }
 
@@ -360,12 +361,20 @@ fn certificate_files(v: &ProxyView) -> Vec<String> {
 
 /// Where a Sidecar ingress port's connections go instead of where they
 /// were going (`defaultEndpoint`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum InboundEndpoint {
     /// An address (none: the workload's own, for `0.0.0.0:PORT`), a port.
     Addr(Option<IpAddr>, u16),
     /// A unix socket by name (`/path`, `@abstract`).
     Unix(Arc<str>),
+}
+
+/// Where one connection goes (`Snapshot::inbound_target`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundTarget<'a> {
+    Addr(SocketAddr),
+    /// A unix socket by name.
+    Unix(&'a str),
 }
 
 impl InboundEndpoint {
@@ -544,10 +553,10 @@ fn tcp_route_table(v: &ProxyView, port: u16, index: &HashMap<&str, usize>) -> Ve
 /// (Istio's destination reporter).
 fn inbound_http(
     view: &ProxyView,
+    inbound_endpoints: &HashMap<u16, InboundEndpoint>,
     ctx: &BuildContext,
     previous: &HashMap<&str, Arc<ClusterEntry>>,
-    clusters: &mut Vec<Option<Arc<ClusterEntry>>>,
-    names: &mut Vec<Arc<str>>,
+    (clusters, names): (&mut Vec<Option<Arc<ClusterEntry>>>, &mut Vec<Arc<str>>),
 ) -> HashMap<u16, Route> {
     let source = WorkloadLabels::of(&view.workload);
     let mut routes = HashMap::new();
@@ -562,20 +571,20 @@ fn inbound_http(
             continue;
         }
         let name = format!("inbound|{port}||");
-        let endpoint = view.inbound_endpoints.get(&u32::from(port));
+        let endpoint = inbound_endpoints.get(&port);
         let fingerprint = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
-            (endpoint, &p.service, format!("{:?}", view.workload)).hash(&mut h);
+            (endpoint, &p.service, &view.workload).hash(&mut h);
             h.finish()
         };
         let kept = previous
             .get(name.as_str())
             .filter(|c| c.fingerprint == fingerprint);
         let entry = kept.cloned().unwrap_or_else(|| {
-            let endpoints = match endpoint.and_then(|to| crate::unix::socket_name(to)) {
-                Some(socket) => Endpoints::Unix(Arc::from(socket)),
-                None => Endpoints::Inbound,
+            let endpoints = match endpoint {
+                Some(InboundEndpoint::Unix(socket)) => Endpoints::Unix(socket.clone()),
+                _ => Endpoints::Inbound,
             };
             let name: Arc<str> = Arc::from(name.as_str());
             Arc::new(ClusterEntry {

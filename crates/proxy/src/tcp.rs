@@ -18,7 +18,7 @@ use crate::listener::Sniffed;
 use crate::plan::{TcpAction, TcpPlan, TcpReason};
 use crate::proxy::Proxy;
 use crate::report::TcpReport;
-use crate::snapshot::{BLACKHOLE_CLUSTER, InboundEndpoint, Snapshot};
+use crate::snapshot::{BLACKHOLE_CLUSTER, InboundTarget, Snapshot};
 use crate::upstream::UpstreamError;
 
 /// Acts on a TCP plan for a connection whose first bytes (`io` replays
@@ -81,22 +81,17 @@ where
         (TcpAction::Forward, Some(c)) => plain(c.cluster.connect_tcp().await),
         (TcpAction::OriginalDst, Some(c)) => {
             let to = original_destination(conn, &c.cluster).await?;
-            let unix = match snap.inbound_endpoints.get(&to.port()) {
-                Some(InboundEndpoint::Unix(name)) if conn.inbound => Some(name),
-                _ => None,
-            };
-            if let Some(name) = unix {
-                crate::unix::connect(name)
+            match (snap.inbound_target(conn, to), plan.reason) {
+                (InboundTarget::Unix(name), _) => crate::unix::connect(name)
                     .await
                     .map(|s| (Upstream::Unix(s), to, None))
                     .map_err(|e| {
                         UpstreamError::ConnectFailure(format!("delayed connect error: {e}"))
-                    })
-            } else if plan.reason == TcpReason::Inbound {
-                let to = snap.inbound_endpoint(conn, to);
-                plain(c.cluster.connect_tcp_inbound(to).await)
-            } else {
-                plain(c.cluster.connect_tcp_to(to).await)
+                    }),
+                (InboundTarget::Addr(to), TcpReason::Inbound) => {
+                    plain(c.cluster.connect_tcp_inbound(to).await)
+                }
+                (InboundTarget::Addr(to), _) => plain(c.cluster.connect_tcp_to(to).await),
             }
         }
         (_, None) => return Err(ConnError::NotForwarded(TcpReason::NoCluster)),

@@ -20,7 +20,7 @@ use crate::body::{Body, text};
 use crate::conn::Conn;
 use crate::proxy::Proxy;
 use crate::route::{Route, WeightedCluster};
-use crate::snapshot::{ClusterEntry, Snapshot};
+use crate::snapshot::{ClusterEntry, InboundTarget, Snapshot};
 use crate::upstream::{DownstreamAddr, GeneratedCookie, UpstreamAddr, UpstreamError};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -242,7 +242,11 @@ impl Upstream<'_> {
             self.conn.inbound || self.snap.passthrough == Some(self.destination.cluster);
         let authority = match (to_original, self.conn.original_dst) {
             (true, Some(orig)) => {
-                let orig = self.snap.inbound_endpoint(self.conn, orig);
+                // A unix socket is its cluster's own (`Endpoints::Unix`).
+                let orig = match self.snap.inbound_target(self.conn, orig) {
+                    InboundTarget::Addr(a) => a,
+                    InboundTarget::Unix(_) => orig,
+                };
                 http::uri::Authority::try_from(orig.to_string()).ok()?
             }
             _ => http::uri::Authority::try_from(authority).ok()?,
