@@ -146,13 +146,10 @@ fn proxy(
 }
 
 #[test]
+// One attribute: two `ignore`s on a machine with neither is an error.
 #[cfg_attr(
-    no_kube,
-    ignore = "needs kube-apiserver, etcd and kubectl: run tests/kube/build"
-)]
-#[cfg_attr(
-    no_istiod,
-    ignore = "needs istiod's pilot-discovery: run tests/istio/build"
+    any(no_kube, no_istiod),
+    ignore = "needs kube-apiserver, etcd, kubectl and istiod's pilot-discovery: run tests/kube/build and tests/istio/build"
 )]
 fn meshgate_proxies_take_istiods_certificates_and_the_seed_runs_on_them() {
     let cluster = TestCluster::start();
@@ -261,13 +258,10 @@ fn meshgate_proxies_take_istiods_certificates_and_the_seed_runs_on_them() {
 }
 
 #[test]
+// One attribute: two `ignore`s on a machine with neither is an error.
 #[cfg_attr(
-    no_kube,
-    ignore = "needs kube-apiserver, etcd and kubectl: run tests/kube/build"
-)]
-#[cfg_attr(
-    no_istiod,
-    ignore = "needs istio-csr (Istio's CA client): run tests/istio/build"
+    any(no_kube, no_istiod),
+    ignore = "needs kube-apiserver, etcd, kubectl and istio-csr (Istio's CA client): run tests/kube/build and tests/istio/build"
 )]
 fn istio_agents_own_ca_client_takes_its_certificate_from_meshgate_control() {
     let cluster = cluster();
