@@ -595,11 +595,13 @@ async fn proxy_main(
         identity: Some(identity.clone()),
         endpoints: endpoints_for(&config, &mesh, args)?,
     };
-    let snapshot = Snapshot::build(view::build(&config, &mesh, &args.workload)?, &ctx)?;
     // The model (with every resource's parsed YAML, kept for line numbers)
-    // is not needed once compiled: a large config would stay resident.
+    // is not needed once the view is made; dropped before the snapshot is
+    // built, its memory holds the snapshot instead of scattering it.
+    let view = view::build(&config, &mesh, &args.workload)?;
     let digest = Digest::of(&config);
     drop(config);
+    let snapshot = Snapshot::build(view, &ctx)?;
     if kind == ProxyKind::Gateway && snapshot.listeners.is_empty() {
         tracing::warn!(workload = %args.workload, "no Gateway selects this workload: nothing to listen on");
     }
@@ -978,6 +980,7 @@ impl Live<'_> {
         // Read again: an operator may have added or rotated a root.
         ctx.roots = DefaultRoots::load(&self.args.extra_roots)?;
         let view = view::build(&config, &self.mesh, &self.args.workload)?;
+        drop(config);
         let old = app.proxy.state.load_full();
         let snap = Snapshot::rebuild(view, &ctx, Some(&old))?;
         app.reload(snap).await?;

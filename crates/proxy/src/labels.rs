@@ -34,6 +34,13 @@ pub struct WorkloadLabels {
 }
 
 impl WorkloadLabels {
+    /// `unknown` all through, shared.
+    pub fn shared_unknown() -> Arc<Self> {
+        static UNKNOWN: std::sync::LazyLock<Arc<WorkloadLabels>> =
+            std::sync::LazyLock::new(|| Arc::new(WorkloadLabels::unknown()));
+        UNKNOWN.clone()
+    }
+
     pub fn unknown() -> Self {
         WorkloadLabels {
             workload: unknown(),
@@ -86,32 +93,36 @@ impl WorkloadLabels {
 /// routed).
 #[derive(Debug, Clone)]
 pub struct DestinationLabels {
-    pub workload: WorkloadLabels,
+    /// Shared: most destinations' is `unknown` all through.
+    pub workload: Arc<WorkloadLabels>,
     pub service: Lv,
     pub service_name: Lv,
     pub service_namespace: Lv,
 }
 
 impl DestinationLabels {
-    pub fn of(c: &ClusterView) -> Self {
+    /// A cluster's labels; `string` shares equal strings between them.
+    pub fn of(c: &ClusterView, string: &mut impl FnMut(&str) -> Lv) -> Self {
         DestinationLabels {
             workload: c
                 .destination_workload
                 .as_ref()
-                .map_or_else(WorkloadLabels::unknown, WorkloadLabels::of),
-            service: Arc::from(c.host.as_str()),
-            service_name: Arc::from(c.service_name.as_str()),
+                .map_or_else(WorkloadLabels::shared_unknown, |w| {
+                    Arc::new(WorkloadLabels::of(w))
+                }),
+            service: string(&c.host),
+            service_name: string(&c.service_name),
             service_namespace: if c.service_namespace.is_empty() {
                 unknown()
             } else {
-                Arc::from(c.service_namespace.as_str())
+                string(&c.service_namespace)
             },
         }
     }
 
     /// This workload, serving a port of `service` (`name.ns.svc.…`) on
     /// the way in.
-    pub fn inbound(workload: &WorkloadLabels, service: Option<&str>) -> Self {
+    pub fn inbound(workload: &Arc<WorkloadLabels>, service: Option<&str>) -> Self {
         let mut parts = service.unwrap_or_default().split('.');
         let mut part = || {
             parts
@@ -130,7 +141,7 @@ impl DestinationLabels {
     /// A destination known only by name (a host, `BlackHoleCluster`).
     pub fn named(name: Lv) -> Self {
         DestinationLabels {
-            workload: WorkloadLabels::unknown(),
+            workload: WorkloadLabels::shared_unknown(),
             service: name.clone(),
             service_name: name,
             service_namespace: unknown(),

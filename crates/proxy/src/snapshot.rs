@@ -151,7 +151,7 @@ pub struct Snapshot {
     /// server and Sidecar ingress TLS): a reload watches them.
     pub certificate_files: Vec<String>,
     pub role: Role,
-    pub source: WorkloadLabels,
+    pub source: Arc<WorkloadLabels>,
     pub listeners: Vec<ListenerState>,
     /// Indexed by the route tables; `None` for a destination missing from
     /// the registry (503 NC).
@@ -215,10 +215,15 @@ impl Snapshot {
 
         let mut clusters = Vec::with_capacity(view.clusters.len() + 1);
         let mut cluster_names: Vec<Arc<str>> = Vec::with_capacity(view.clusters.len() + 1);
-        let mut tls_configs = upstream_tls::ClientConfigs::default();
+        let mut shared = Shared::default();
         for c in &view.clusters {
-            clusters.push(build_cluster(c, ctx, role, &previous, &mut tls_configs)?);
-            cluster_names.push(Arc::from(c.name.as_str()));
+            let cluster = build_cluster(c, ctx, role, &previous, &mut shared)?;
+            cluster_names.push(
+                cluster
+                    .as_ref()
+                    .map_or_else(|| Arc::from(c.name.as_str()), |e| e.cluster.name().clone()),
+            );
+            clusters.push(cluster);
         }
         let index: HashMap<&str, usize> = view
             .clusters
@@ -283,7 +288,7 @@ impl Snapshot {
         view.routes = Vec::new();
         Ok(Snapshot {
             role,
-            source: WorkloadLabels::of(&view.workload),
+            source: Arc::new(WorkloadLabels::of(&view.workload)),
             listeners,
             clusters,
             cluster_names,
@@ -558,7 +563,7 @@ fn inbound_http(
     previous: &HashMap<&str, Arc<ClusterEntry>>,
     (clusters, names): (&mut Vec<Option<Arc<ClusterEntry>>>, &mut Vec<Arc<str>>),
 ) -> HashMap<u16, Route> {
-    let source = WorkloadLabels::of(&view.workload);
+    let source = Arc::new(WorkloadLabels::of(&view.workload));
     let mut routes = HashMap::new();
     for (port, p) in &view.inbound_ports {
         let Ok(port) = u16::try_from(*port) else {
@@ -636,13 +641,16 @@ fn passthrough_cluster(ctx: &BuildContext) -> Arc<ClusterEntry> {
 }
 
 /// The cluster's endpoints: the `--endpoints` map first, then the view's.
-fn endpoints(c: &ClusterView, ctx: &BuildContext) -> Endpoints {
+fn endpoints(c: &ClusterView, ctx: &BuildContext, shared: &mut Shared) -> Endpoints {
     if let Some(addrs) = ctx.endpoints.get(&format!("{}:{}", c.host, c.port)) {
         return Endpoints::Static(addrs.clone());
     }
     match &c.endpoints {
         ClusterEndpoints::Dns { names, first_only } => Endpoints::Dns {
-            names: names.iter().map(|n| (n.host.clone(), n.port)).collect(),
+            names: names
+                .iter()
+                .map(|n| (shared.string(&n.host), n.port))
+                .collect(),
             first_only: *first_only,
         },
         ClusterEndpoints::Static(addrs) => Endpoints::Static(
@@ -659,12 +667,31 @@ fn endpoints(c: &ClusterView, ctx: &BuildContext) -> Endpoints {
     }
 }
 
+/// What the clusters of one build share: TLS client configs, and strings
+/// (a host's name is in both its clusters, their labels and endpoints).
+#[derive(Default)]
+struct Shared {
+    tls_configs: upstream_tls::ClientConfigs,
+    strings: std::collections::HashSet<Arc<str>>,
+}
+
+impl Shared {
+    fn string(&mut self, s: &str) -> Arc<str> {
+        if let Some(shared) = self.strings.get(s) {
+            return shared.clone();
+        }
+        let new: Arc<str> = Arc::from(s);
+        self.strings.insert(new.clone());
+        new
+    }
+}
+
 fn build_cluster(
     c: &ClusterView,
     ctx: &BuildContext,
     role: Role,
     previous: &HashMap<&str, Arc<ClusterEntry>>,
-    tls_configs: &mut upstream_tls::ClientConfigs,
+    shared: &mut Shared,
 ) -> Result<Option<Arc<ClusterEntry>>, BuildError> {
     if !c.in_registry {
         return Ok(None);
@@ -675,15 +702,16 @@ fn build_cluster(
             origin: c.origin.clone(),
         });
     }
-    let settings = cluster_settings(c, ctx, tls_configs)?;
-    let labels = DestinationLabels::of(c);
-    // A hash, not the text: kept per cluster, the text cost ~1 KiB each.
+    let settings = cluster_settings(c, ctx, shared)?;
+    let labels = DestinationLabels::of(c, &mut |s| shared.string(s));
+    // A hash of the text, not the text (it is ~1 KiB), made without it.
     let fingerprint = {
+        use std::fmt::Write as _;
         use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        format!("{c:?}|{:?}", settings.endpoints).hash(&mut h);
-        tls_inputs_stamp(&c.tls, &ctx.roots).hash(&mut h);
-        h.finish()
+        let mut h = HashWriter(std::collections::hash_map::DefaultHasher::new());
+        let _ = write!(h, "{c:?}|{:?}", settings.endpoints);
+        tls_inputs_stamp(&c.tls, &ctx.roots).hash(&mut h.0);
+        h.0.finish()
     };
     if let Some(prev) = previous.get(c.name.as_str())
         && prev.fingerprint == fingerprint
@@ -692,10 +720,20 @@ fn build_cluster(
     }
     Ok(Some(Arc::new(ClusterEntry {
         cluster: Cluster::new(settings, ctx.resolver.clone()),
-        host: Arc::from(c.host.as_str()),
+        host: labels.service.clone(),
         labels,
         fingerprint,
     })))
+}
+
+/// Hashes what is written to it.
+struct HashWriter<H>(H);
+
+impl<H: std::hash::Hasher> std::fmt::Write for HashWriter<H> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.write(s.as_bytes());
+        Ok(())
+    }
 }
 
 /// What a cluster's TLS was built from beyond its settings: the contents
@@ -727,7 +765,7 @@ fn tls_inputs_stamp(tls: &meshgate_config::view::ClusterTls, roots: &DefaultRoot
 fn cluster_settings(
     c: &ClusterView,
     ctx: &BuildContext,
-    tls_configs: &mut upstream_tls::ClientConfigs,
+    shared: &mut Shared,
 ) -> Result<ClusterSettings, BuildError> {
     let policy = &c.policy;
     let h2 = speaks_h2(c.protocol, policy);
@@ -744,7 +782,7 @@ fn cluster_settings(
         &c.tls,
         client_cert,
         h2,
-        (&ctx.roots, ctx.identity.as_ref(), tls_configs),
+        (&ctx.roots, ctx.identity.as_ref(), &mut shared.tls_configs),
         &c.host,
     )
     .map_err(|e| tls_error(e.to_string()))?;
@@ -762,7 +800,7 @@ fn cluster_settings(
     };
     Ok(ClusterSettings {
         name: Arc::from(c.name.as_str()),
-        endpoints: endpoints(c, ctx),
+        endpoints: endpoints(c, ctx, shared),
         tls,
         h2,
         connect_timeout: tcp

@@ -35,7 +35,7 @@ pub enum Endpoints {
     /// Resolve these names by DNS (all addresses, or the first with
     /// `first_only` for DNS_ROUND_ROBIN), at these ports.
     Dns {
-        names: Vec<(String, u16)>,
+        names: Vec<(Arc<str>, u16)>,
         first_only: bool,
     },
     /// Fixed addresses (STATIC, or a local endpoints map).
@@ -256,16 +256,50 @@ struct ClusterCore {
     tls: Option<UpstreamTls>,
     connect_timeout: Duration,
     lb: SimpleLb,
-    /// `consistentHash`: the same key goes to the same endpoint.
-    hash: Option<HashOn>,
-    outlier: Option<Outlier>,
-    /// Locality failover (names' priorities pass to their addresses).
+    /// `consistentHash`: the same key goes to the same endpoint. What few
+    /// clusters set is boxed: a gateway keeps thousands of clusters.
+    hash: Option<Box<HashOn>>,
+    outlier: Option<Box<Outlier>>,
+    locality: Option<Box<Locality>>,
+    rr: AtomicU32,
+    state: Mutex<HashMap<SocketAddr, EndpointState>>,
+}
+
+/// Locality load balancing: endpoints' priorities for failover (names'
+/// pass to their addresses) and `distribute` weights.
+#[derive(Debug)]
+struct Locality {
     by_name: HashMap<String, u8>,
     by_addr: Mutex<HashMap<SocketAddr, u8>>,
     weight_by_name: HashMap<String, u32>,
     weights: Mutex<HashMap<SocketAddr, u32>>,
-    rr: AtomicU32,
-    state: Mutex<HashMap<SocketAddr, EndpointState>>,
+}
+
+impl Locality {
+    fn of(p: Priorities) -> Option<Box<Locality>> {
+        let none = p.by_addr.is_empty()
+            && p.by_name.is_empty()
+            && p.weight_by_addr.is_empty()
+            && p.weight_by_name.is_empty();
+        (!none).then(|| {
+            Box::new(Locality {
+                by_name: p.by_name,
+                by_addr: Mutex::new(p.by_addr),
+                weight_by_name: p.weight_by_name,
+                weights: Mutex::new(p.weight_by_addr),
+            })
+        })
+    }
+
+    /// A name's addresses take its priority and weight.
+    fn learn(&self, name: &str, addrs: &[SocketAddr]) {
+        if let (Some(p), Ok(mut by_addr)) = (self.by_name.get(name), self.by_addr.lock()) {
+            by_addr.extend(addrs.iter().map(|a| (*a, *p)));
+        }
+        if let (Some(w), Ok(mut weights)) = (self.weight_by_name.get(name), self.weights.lock()) {
+            weights.extend(addrs.iter().map(|a| (*a, *w)));
+        }
+    }
 }
 
 impl ClusterCore {
@@ -320,15 +354,8 @@ impl ClusterCore {
                             };
                             let addrs = ips.into_iter().map(|ip| SocketAddr::new(ip, *port));
                             let addrs: Vec<SocketAddr> = addrs.collect();
-                            if let (Some(p), Ok(mut by_addr)) =
-                                (self.by_name.get(name), self.by_addr.lock())
-                            {
-                                by_addr.extend(addrs.iter().map(|a| (*a, *p)));
-                            }
-                            if let (Some(w), Ok(mut weights)) =
-                                (self.weight_by_name.get(name), self.weights.lock())
-                            {
-                                weights.extend(addrs.iter().map(|a| (*a, *w)));
+                            if let Some(locality) = &self.locality {
+                                locality.learn(name, &addrs);
                             }
                             out.extend(addrs);
                         }
@@ -356,7 +383,7 @@ impl ClusterCore {
     /// `distribute`: a random endpoint by its weight, when weights are set
     /// and any endpoint left has one.
     fn pick_weighted(&self, pool: &[SocketAddr]) -> Option<SocketAddr> {
-        let weights = self.weights.lock().ok()?;
+        let weights = self.locality.as_ref()?.weights.lock().ok()?;
         if weights.is_empty() {
             return None;
         }
@@ -380,7 +407,7 @@ impl ClusterCore {
     /// Locality failover: of the endpoints left, those of the best
     /// priority (all of them without locality load balancing).
     fn first_priority(&self, pool: Vec<SocketAddr>) -> Vec<SocketAddr> {
-        let Ok(by_addr) = self.by_addr.lock() else {
+        let Some(Ok(by_addr)) = self.locality.as_ref().map(|l| l.by_addr.lock()) else {
             return pool;
         };
         if by_addr.is_empty() {
@@ -862,12 +889,9 @@ impl Cluster {
             tls: s.tls,
             connect_timeout: s.connect_timeout,
             lb: s.lb,
-            hash: s.hash,
-            outlier: s.outlier,
-            by_name: s.priorities.by_name,
-            by_addr: Mutex::new(s.priorities.by_addr),
-            weight_by_name: s.priorities.weight_by_name,
-            weights: Mutex::new(s.priorities.weight_by_addr),
+            hash: s.hash.map(Box::new),
+            outlier: s.outlier.map(Box::new),
+            locality: Locality::of(s.priorities),
             rr: AtomicU32::new(0),
             state: Mutex::new(HashMap::new()),
         });
@@ -917,7 +941,7 @@ impl Cluster {
             name,
             ttl: Some(ttl),
             path,
-        }) = &self.core.hash
+        }) = self.core.hash.as_deref()
         else {
             return None;
         };
@@ -949,7 +973,7 @@ impl Cluster {
 
     /// Its load balancer hashes the downstream's address (`useSourceIp`).
     pub fn hashes_source_ip(&self) -> bool {
-        self.core.hash == Some(HashOn::SourceIp)
+        self.core.hash.as_deref() == Some(&HashOn::SourceIp)
     }
 
     /// HTTP/2 toward the upstream (HTTP2/GRPC ports).
@@ -1247,11 +1271,8 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             lb,
             hash: None,
-            outlier,
-            by_name: HashMap::new(),
-            by_addr: Mutex::new(HashMap::new()),
-            weight_by_name: HashMap::new(),
-            weights: Mutex::new(HashMap::new()),
+            outlier: outlier.map(Box::new),
+            locality: None,
             rr: AtomicU32::new(0),
             state: Mutex::new(HashMap::new()),
         }
