@@ -805,6 +805,9 @@ pub struct Cluster {
     max_requests_per_connection: Option<u32>,
     /// `maxRequestsPerConnection: 1`: no connection is kept.
     pool_off: bool,
+    /// Its connections do not depend on a request's authority (see
+    /// `pool_authority`).
+    one_pool_key: bool,
 }
 
 /// Keeps the in-flight count right however a request ends.
@@ -882,6 +885,15 @@ impl Cluster {
 
     pub fn new(s: ClusterSettings, resolver: Resolver) -> Cluster {
         let h2 = s.h2;
+        // HTTP/2 sends the authority as `:authority`; a hashed request
+        // names its endpoint by it; the others resolve or verify it.
+        let one_pool_key = !h2
+            && s.hash.is_none()
+            && matches!(
+                s.endpoints,
+                Endpoints::Dns { .. } | Endpoints::Static(_) | Endpoints::Unix(_)
+            )
+            && s.tls.as_ref().is_none_or(|t| !t.auto_sni);
         let core = Arc::new(ClusterCore {
             name: s.name,
             endpoints: s.endpoints,
@@ -904,7 +916,19 @@ impl Cluster {
             max_in_flight: s.max_in_flight,
             max_requests_per_connection: s.max_requests_per_connection.filter(|n| *n > 1),
             pool_off: s.max_requests_per_connection == Some(1),
+            one_pool_key,
         }
+    }
+
+    /// The authority to put in an upstream request's URI when the cluster
+    /// connects the same way whatever the request's authority is (fixed
+    /// endpoints, one SNI, HTTP/1.1, whose request line carries only the
+    /// path): connections are then the cluster's, as in Envoy, and the
+    /// pool's key is hashed in a few instructions instead of a host name
+    /// byte by byte on every checkout and return. `None`: the request's own.
+    pub fn pool_authority(&self) -> Option<http::uri::Authority> {
+        self.one_pool_key
+            .then(|| http::uri::Authority::from_static("cluster"))
     }
 
     /// The pool: hyper-util's client over this cluster's connector.
@@ -1357,6 +1381,47 @@ mod tests {
         }
         // Everything ejected: Envoy's panic mode routes to all.
         assert!(c.pick(&a).is_some());
+    }
+
+    fn settings(endpoints: Endpoints, h2: bool, hash: Option<HashOn>) -> ClusterSettings {
+        ClusterSettings {
+            name: Arc::from("c"),
+            endpoints,
+            tls: None,
+            h2,
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            max_requests_per_connection: None,
+            max_in_flight: 1,
+            lb: SimpleLb::RoundRobin,
+            hash,
+            outlier: None,
+            priorities: Priorities::default(),
+        }
+    }
+
+    #[test]
+    fn one_pool_key_only_where_the_authority_picks_nothing() {
+        let resolver = || Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap();
+        let dns = || Endpoints::Dns {
+            names: vec![(Arc::from("a.example"), 443)],
+            first_only: false,
+        };
+        let shared = |s| Cluster::new(s, resolver()).pool_authority().is_some();
+        assert!(shared(settings(dns(), false, None)));
+        assert!(shared(settings(Endpoints::Static(addrs()), false, None)));
+        // `:authority` is the request's.
+        assert!(!shared(settings(dns(), true, None)));
+        // A hashed request names its endpoint by its authority.
+        assert!(!shared(settings(dns(), false, Some(HashOn::SourceIp))));
+        // The request's authority is where it goes.
+        assert!(!shared(settings(Endpoints::FromUri, false, None)));
+        assert!(!shared(settings(
+            Endpoints::RequestHost { port: 80 },
+            false,
+            None
+        )));
+        assert!(!shared(settings(Endpoints::Inbound, false, None)));
     }
 
     #[tokio::test]

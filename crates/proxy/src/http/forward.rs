@@ -249,7 +249,14 @@ impl Upstream<'_> {
                 };
                 http::uri::Authority::try_from(orig.to_string()).ok()?
             }
-            _ => http::uri::Authority::try_from(authority).ok()?,
+            _ => {
+                let named = http::uri::Authority::try_from(authority).ok()?;
+                match self.cluster.cluster.pool_authority() {
+                    // CONNECT's request line is its authority.
+                    Some(pooled) if parts.method != Method::CONNECT => pooled,
+                    _ => named,
+                }
+            }
         };
         let mut p = http::uri::Parts::default();
         p.scheme = Some(http::uri::Scheme::HTTP);
@@ -368,7 +375,13 @@ impl Upstream<'_> {
             let copy = body.as_deref_mut().map_or_else(Body::empty, Body::copy);
             let mut req = Request::new(copy);
             *req.method_mut() = parts.method.clone();
-            *req.uri_mut() = shadow_uri(uri);
+            // The URI's authority may be the pool's (`pool_authority`):
+            // Host has the request's.
+            let host = parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok());
+            *req.uri_mut() = shadow_uri(uri, host);
             *req.version_mut() = parts.version;
             *req.headers_mut() = parts.headers.clone();
             if let Some(host) = parts
@@ -554,10 +567,10 @@ fn shadow_authority(authority: &str) -> String {
     }
 }
 
-fn shadow_uri(uri: &Uri) -> Uri {
+fn shadow_uri(uri: &Uri, host: Option<&str>) -> Uri {
     let mut parts = uri.clone().into_parts();
-    if let Some(a) = &parts.authority
-        && let Ok(shadow) = shadow_authority(a.as_str()).parse()
+    if let Some(a) = host.or(parts.authority.as_ref().map(|a| a.as_str()))
+        && let Ok(shadow) = shadow_authority(a).parse()
     {
         parts.authority = Some(shadow);
     }
