@@ -28,7 +28,7 @@ pub const ENVOY_BUCKETS: [f64; 19] = [
 pub type Lv = Arc<str>;
 
 /// Istio's standard label set, fields in Istio's order.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Debug, Clone, PartialEq, Eq, EncodeLabelSet)]
 pub struct IstioLabels {
     pub reporter: &'static str,
     pub source_workload: Lv,
@@ -55,6 +55,21 @@ pub struct IstioLabels {
     pub grpc_response_status: &'static str,
     pub response_flags: ResponseFlags,
     pub connection_security_policy: &'static str,
+}
+
+/// Hashes the labels that tell one request's series from another's most
+/// often, not all twenty-five: every request looks its series up, and equal
+/// label sets still hash alike (equality compares them all; the shared
+/// values compare by pointer first).
+impl std::hash::Hash for IstioLabels {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.reporter.hash(state);
+        self.source_principal.hash(state);
+        self.destination_service.hash(state);
+        self.response_code.hash(state);
+        self.response_flags.hash(state);
+        self.request_protocol.hash(state);
+    }
 }
 
 /// The TCP metrics' labels: Istio's set without response and gRPC codes.
