@@ -372,21 +372,25 @@ fn version_str(v: Version) -> &'static str {
 /// (the header value is the one copy).
 fn new_request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let v = fastrand::u128(..);
-    let mut out = [0u8; 36];
-    let mut nibble = 0;
-    for (i, slot) in out.iter_mut().enumerate() {
-        *slot = match i {
-            8 | 13 | 18 | 23 => b'-',
-            14 => b'4',
-            19 => b'a',
-            _ => {
-                let d = ((v >> (4 * nibble)) & 0xf) as usize;
-                nibble += 1;
-                HEX[d]
-            }
-        };
+    // 32 random hex digits, then UUID v4's form over them:
+    // `xxxxxxxx-xxxx-4xxx-axxx-xxxxxxxxxxxx` (122 random bits).
+    let mut digits = [0u8; 32];
+    for (half, bits) in digits
+        .chunks_exact_mut(16)
+        .zip([fastrand::u64(..), fastrand::u64(..)])
+    {
+        for (i, d) in half.iter_mut().enumerate() {
+            *d = HEX[((bits >> (4 * i)) & 0xf) as usize];
+        }
     }
+    let mut out = [b'-'; 36];
+    out[..8].copy_from_slice(&digits[..8]);
+    out[9..13].copy_from_slice(&digits[8..12]);
+    out[14] = b'4';
+    out[15..18].copy_from_slice(&digits[12..15]);
+    out[19] = b'a';
+    out[20..23].copy_from_slice(&digits[15..18]);
+    out[24..].copy_from_slice(&digits[18..30]);
     // Hex digits and dashes are always a valid header value.
     HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
