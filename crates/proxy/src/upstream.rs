@@ -1428,18 +1428,8 @@ mod tests {
     async fn circuit_breaker_overflows_with_uo() {
         let cluster = Cluster::new(
             ClusterSettings {
-                name: Arc::from("c"),
-                endpoints: Endpoints::Static(addrs()),
-                tls: None,
-                h2: false,
-                connect_timeout: Duration::from_secs(1),
-                idle_timeout: Duration::from_secs(1),
-                max_requests_per_connection: None,
                 max_in_flight: 0,
-                lb: SimpleLb::RoundRobin,
-                hash: None,
-                outlier: None,
-                priorities: Priorities::default(),
+                ..settings(Endpoints::Static(addrs()), false, None)
             },
             Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
         );
