@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 
 use crate::report::HttpReport;
+use crate::upstream::Lease;
 
 /// A body: nothing, bytes we have, or a peer's body streamed through;
 /// with a report attached (a downstream response), it counts the bytes
@@ -31,6 +32,8 @@ pub struct Body {
     tees: Vec<Tee>,
     /// Counts the data bytes that pass (a request body's, for its report).
     counted: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// An upstream response's connection, back to its pool at the end.
+    lease: Lease,
 }
 
 /// The sending side of a mirrored body. The copy never holds the request
@@ -111,6 +114,7 @@ impl Body {
             idle: None,
             tees: Vec::new(),
             counted: None,
+            lease: Lease::default(),
         }
     }
 
@@ -126,7 +130,19 @@ impl Body {
             }),
             tees: Vec::new(),
             counted: None,
+            lease: Lease::default(),
         }
+    }
+
+    /// An upstream response's body: its connection goes back to the pool
+    /// when the body ends (now, if it has nothing to send).
+    pub fn leased(mut self, mut lease: Lease) -> Body {
+        if self.kind.is_end_stream() {
+            lease.release();
+        } else {
+            self.lease = lease;
+        }
+        self
     }
 
     /// Counts the data bytes that pass into `counter`.
@@ -213,6 +229,15 @@ impl hyper::body::Body for Body {
         }
         if let (Poll::Ready(Some(Ok(_))), Some(timer)) = (&polled, this.idle.as_mut()) {
             timer.restart();
+        }
+        if this.lease.is_held()
+            && match &polled {
+                Poll::Ready(None) => true,
+                Poll::Ready(Some(Ok(_))) => this.kind.is_end_stream(),
+                _ => false,
+            }
+        {
+            this.lease.release();
         }
         if let Some(report) = this.report.as_mut() {
             match &polled {

@@ -765,3 +765,57 @@ pub async fn snapshot(config: &Config, workload: &str) -> Snapshot {
     };
     Snapshot::build(view, &ctx).unwrap()
 }
+
+/// An HTTP/1.1 keep-alive server on 127.0.0.1 (`keepalive_server`).
+#[derive(Debug)]
+pub struct KeepAliveServer {
+    pub addr: SocketAddr,
+    /// Connections it accepted.
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
+    /// One message for each connection the client closed.
+    pub closed: mpsc::UnboundedReceiver<()>,
+}
+
+/// An HTTP/1.1 keep-alive server answering `200` with `body` to every
+/// request (reading heads only: for bodyless requests).
+pub async fn keepalive_server(body: &'static str) -> KeepAliveServer {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (tx, closed) = mpsc::unbounded_channel();
+    let count = accepted.clone();
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let (tx, answer) = (tx.clone(), answer.clone());
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while let Ok(n) = s.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        got.drain(..end + 4);
+                        if s.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                let _ = tx.send(());
+            });
+        }
+    });
+    KeepAliveServer {
+        addr,
+        accepted,
+        closed,
+    }
+}

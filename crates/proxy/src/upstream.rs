@@ -4,10 +4,10 @@
 //! connections, all built once when config is applied.
 
 pub mod dns;
+mod pool;
 pub mod tls;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -15,17 +15,15 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http::Request;
 use meshgate_config::model::networking::{OutlierDetection, SimpleLb};
 use meshgate_telemetry::ResponseFlags;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use self::dns::Resolver;
+pub use self::pool::{Answer, Lease};
+use self::pool::{Pool, PoolError, PoolSettings};
 use self::tls::UpstreamTls;
 use crate::body::Body;
 
@@ -167,10 +165,6 @@ impl UpstreamError {
     }
 }
 
-/// The upstream address a response came from (a response extension).
-#[derive(Debug, Clone, Copy)]
-pub struct UpstreamAddr(pub SocketAddr);
-
 /// What a `consistentHash` load balancer hashes (Envoy's hash policy).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HashOn {
@@ -196,12 +190,7 @@ pub struct GeneratedCookie(pub String);
 #[derive(Debug, Clone, Copy)]
 pub struct DownstreamAddr(pub SocketAddr);
 
-/// Requests a pooled connection has carried (a response extension), for
-/// `maxRequestsPerConnection`.
-#[derive(Debug, Clone, Default)]
-struct RequestCount(Arc<std::sync::atomic::AtomicU32>);
-
-/// The failure a connector saw, carried through hyper's error chain.
+/// Why a connection to the cluster could not be made.
 #[derive(Debug, thiserror::Error)]
 enum ConnectError {
     #[error("{0}")]
@@ -519,15 +508,13 @@ impl std::fmt::Debug for UpstreamStream {
     }
 }
 
-/// The connection wrapper the pool holds; it tells hyper about h2 and where
-/// it is connected.
+/// A connection to one of a cluster's endpoints; it counts as the
+/// endpoint's while it is open (least request load balancing).
 #[derive(Debug)]
 pub struct Conn {
     stream: UpstreamStream,
     addr: SocketAddr,
-    h2: bool,
     core: Arc<ClusterCore>,
-    requests: RequestCount,
 }
 
 impl Drop for Conn {
@@ -536,15 +523,13 @@ impl Drop for Conn {
     }
 }
 
-impl Connection for Conn {
-    fn connected(&self) -> Connected {
-        let c = Connected::new().extra(self.requests.clone());
-        // A unix socket has no address to report.
-        let c = match self.stream {
-            UpstreamStream::Unix(_) => c,
-            _ => c.extra(UpstreamAddr(self.addr)),
-        };
-        if self.h2 { c.negotiated_h2() } else { c }
+impl Conn {
+    /// The endpoint's address; a unix socket has none to report.
+    fn endpoint(&self) -> Option<SocketAddr> {
+        match self.stream {
+            UpstreamStream::Unix(_) => None,
+            _ => Some(self.addr),
+        }
     }
 }
 
@@ -611,83 +596,90 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// The pool's connector: resolves, load-balances, connects, handshakes.
-#[derive(Debug, Clone)]
-struct Connector {
-    core: Arc<ClusterCore>,
-    h2: bool,
-}
-
-impl tower_service::Service<http::Uri> for Connector {
-    type Response = TokioIo<Conn>;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+impl ClusterCore {
+    /// A new connection for a request to `uri`: resolves, load-balances,
+    /// connects and handshakes within the connect timeout.
+    async fn connect(self: &Arc<Self>, uri: &http::Uri) -> Result<Conn, ConnectError> {
+        if let Endpoints::Unix(path) = &self.endpoints {
+            return self.connect_unix(path).await;
+        }
+        let addrs = self
+            .addresses(Some(uri))
+            .await
+            .map_err(ConnectError::NoEndpoint)?;
+        // A hashed request names its endpoint; only one of the cluster's
+        // own is taken from a request.
+        let named = self
+            .hash
+            .as_ref()
+            .and_then(|_| uri.authority()?.as_str().parse::<SocketAddr>().ok())
+            .filter(|a| addrs.contains(a));
+        let addr = named
+            .or_else(|| self.pick(&addrs))
+            .ok_or_else(|| ConnectError::NoEndpoint("no endpoint".into()))?;
+        // Envoy's connect timeout covers the TLS handshake too.
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let dial = async {
+            match self.endpoints {
+                Endpoints::Inbound => dial_inbound(addr).await,
+                _ => TcpStream::connect(addr).await,
+            }
+        };
+        let tcp = match tokio::time::timeout_at(deadline, dial).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                self.observe(addr, 503);
+                return Err(ConnectError::Failed(format!("delayed connect error: {e}")));
+            }
+            Err(_) => {
+                self.observe(addr, 503);
+                return Err(ConnectError::Failed("connect timeout".into()));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        self.track(addr, 1);
+        let stream = match &self.tls {
+            None => UpstreamStream::Plain(tcp),
+            Some(tls) => match handshake(tls, request_sni(tls, uri), tcp, deadline).await {
+                Ok((stream, _)) => stream,
+                Err(reason) => {
+                    self.track(addr, -1);
+                    self.observe(addr, 503);
+                    return Err(ConnectError::Failed(format!("TLS_error: {reason}")));
+                }
+            },
+        };
+        Ok(Conn {
+            stream,
+            addr,
+            core: self.clone(),
+        })
     }
 
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let core = &this.core;
-            if let Endpoints::Unix(path) = &core.endpoints {
-                return this.connect_unix(path).await;
-            }
-            let addrs = core
-                .addresses(Some(&uri))
-                .await
-                .map_err(ConnectError::NoEndpoint)?;
-            // A hashed request names its endpoint; only one of the
-            // cluster's own is taken from a request.
-            let named = core
-                .hash
-                .as_ref()
-                .and_then(|_| uri.authority()?.as_str().parse::<SocketAddr>().ok())
-                .filter(|a| addrs.contains(a));
-            let addr = named
-                .or_else(|| core.pick(&addrs))
-                .ok_or_else(|| ConnectError::NoEndpoint("no endpoint".into()))?;
-            // Envoy's connect timeout covers the TLS handshake too.
-            let deadline = tokio::time::Instant::now() + core.connect_timeout;
-            let dial = async {
-                match core.endpoints {
-                    Endpoints::Inbound => dial_inbound(addr).await,
-                    _ => TcpStream::connect(addr).await,
-                }
-            };
-            let tcp = match tokio::time::timeout_at(deadline, dial).await {
-                Ok(Ok(tcp)) => tcp,
-                Ok(Err(e)) => {
-                    core.observe(addr, 503);
-                    return Err(ConnectError::Failed(format!("delayed connect error: {e}")));
-                }
-                Err(_) => {
-                    core.observe(addr, 503);
-                    return Err(ConnectError::Failed("connect timeout".into()));
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            core.track(addr, 1);
-            let (stream, h2) = match &core.tls {
-                None => (UpstreamStream::Plain(tcp), this.h2),
-                Some(tls) => match handshake(tls, request_sni(tls, &uri), tcp, deadline).await {
-                    Ok(x) => x,
-                    Err(reason) => {
-                        core.track(addr, -1);
-                        core.observe(addr, 503);
-                        return Err(ConnectError::Failed(format!("TLS_error: {reason}")));
-                    }
-                },
-            };
-            Ok(TokioIo::new(Conn {
-                stream,
-                addr,
-                h2,
-                core: core.clone(),
-                requests: RequestCount::default(),
-            }))
+    async fn connect_unix(self: &Arc<Self>, path: &str) -> Result<Conn, ConnectError> {
+        let stream = match tokio::time::timeout(self.connect_timeout, crate::unix::connect(path))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(ConnectError::Failed(format!("delayed connect error: {e}"))),
+            Err(_) => return Err(ConnectError::Failed("connect timeout".into())),
+        };
+        self.track(UNIX_ENDPOINT, 1);
+        Ok(Conn {
+            stream: UpstreamStream::Unix(stream),
+            addr: UNIX_ENDPOINT,
+            core: self.clone(),
         })
+    }
+
+    /// Outlier detection sees the response; false when it ejected the
+    /// endpoint (its connections are then let go).
+    fn keeps_endpoint(&self, addr: SocketAddr, status: http::StatusCode) -> bool {
+        if self.outlier.is_none() {
+            return true;
+        }
+        self.observe(addr, status.as_u16());
+        !self.is_ejected(addr)
     }
 }
 
@@ -708,27 +700,6 @@ async fn dial_inbound(addr: SocketAddr) -> std::io::Result<TcpStream> {
     };
     socket.bind(SocketAddr::new(source, 0))?;
     socket.connect(addr).await
-}
-
-impl Connector {
-    async fn connect_unix(&self, path: &str) -> Result<TokioIo<Conn>, ConnectError> {
-        let core = &self.core;
-        let stream = match tokio::time::timeout(core.connect_timeout, crate::unix::connect(path))
-            .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(ConnectError::Failed(format!("delayed connect error: {e}"))),
-            Err(_) => return Err(ConnectError::Failed("connect timeout".into())),
-        };
-        core.track(UNIX_ENDPOINT, 1);
-        Ok(TokioIo::new(Conn {
-            stream: UpstreamStream::Unix(stream),
-            addr: UNIX_ENDPOINT,
-            h2: false,
-            core: core.clone(),
-            requests: RequestCount::default(),
-        }))
-    }
 }
 
 /// The TLS handshake with an upstream, by `deadline`: the stream and
@@ -796,15 +767,13 @@ pub struct Cluster {
     h2: bool,
     /// The pool, made on the cluster's first request: a gateway with
     /// thousands of hosts keeps no pool for those nobody calls.
-    client: std::sync::OnceLock<Box<Client<Connector, Body>>>,
+    pool: std::sync::OnceLock<Pool>,
     idle_timeout: Duration,
     in_flight: AtomicUsize,
     max_in_flight: usize,
-    /// A connection is not reused after this many requests (above 1; 1
-    /// turns pooling off).
+    /// `maxRequestsPerConnection`: a connection carries at most this
+    /// many requests (1: none is kept).
     max_requests_per_connection: Option<u32>,
-    /// `maxRequestsPerConnection: 1`: no connection is kept.
-    pool_off: bool,
     /// Its connections do not depend on a request's authority (see
     /// `pool_authority`).
     one_pool_key: bool,
@@ -910,12 +879,11 @@ impl Cluster {
         Cluster {
             core,
             h2,
-            client: std::sync::OnceLock::new(),
+            pool: std::sync::OnceLock::new(),
             idle_timeout: s.idle_timeout,
             in_flight: AtomicUsize::new(0),
             max_in_flight: s.max_in_flight,
-            max_requests_per_connection: s.max_requests_per_connection.filter(|n| *n > 1),
-            pool_off: s.max_requests_per_connection == Some(1),
+            max_requests_per_connection: s.max_requests_per_connection.filter(|n| *n > 0),
             one_pool_key,
         }
     }
@@ -931,26 +899,15 @@ impl Cluster {
             .then(|| http::uri::Authority::from_static("cluster"))
     }
 
-    /// The pool: hyper-util's client over this cluster's connector.
-    fn client(&self) -> &Client<Connector, Body> {
-        self.client.get_or_init(|| {
-            let mut builder = Client::builder(TokioExecutor::new());
-            builder
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .pool_idle_timeout(self.idle_timeout)
-                // We set Host ourselves (the original or rewritten authority).
-                .set_host(false)
-                .http2_only(self.h2);
-            // 1 turns pooling off (`max_requests_per_connection` keeps only
-            // larger limits).
-            if self.pool_off {
-                builder.pool_max_idle_per_host(0);
-            }
-            Box::new(builder.build(Connector {
-                core: self.core.clone(),
+    /// The pool (made on first use).
+    fn pool(&self) -> &Pool {
+        self.pool.get_or_init(|| {
+            Pool::new(PoolSettings {
                 h2: self.h2,
-            }))
+                keep: self.max_requests_per_connection != Some(1),
+                idle_timeout: self.idle_timeout,
+                max_requests: self.max_requests_per_connection,
+            })
         })
     }
 
@@ -1051,9 +1008,7 @@ impl Cluster {
         let conn = Conn {
             stream,
             addr,
-            h2: false,
             core: core.clone(),
-            requests: RequestCount::default(),
         };
         Ok((conn, addr, local))
     }
@@ -1148,10 +1103,11 @@ impl Cluster {
         Ok(())
     }
 
-    /// Sends one request (one attempt). The URI's authority is used for the
-    /// connection pool key and HTTP/2 `:authority`; the Host header is set by
-    /// the caller.
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+    /// Sends one request (one attempt). The URI's authority is the
+    /// connection pool's key and HTTP/2's `:authority`; the Host header is
+    /// set by the caller. The answer's body carries its connection back to
+    /// the pool when it ends.
+    pub async fn send(&self, req: Request<Body>) -> Result<Answer, UpstreamError> {
         if self.in_flight.fetch_add(1, Ordering::Relaxed) >= self.max_in_flight {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             return Err(UpstreamError::Overflow);
@@ -1159,58 +1115,31 @@ impl Cluster {
         let _guard = InFlight(&self.in_flight);
         let mut req = req;
         self.route_by_hash(&mut req).await?;
-        // The pool picks connections, not endpoints: a connection whose
-        // endpoint outlier detection ejected, or that carried its last
-        // request, is let go after this response.
-        let captured = (self.max_requests_per_connection.is_some() || self.core.outlier.is_some())
-            .then(|| hyper_util::client::legacy::connect::capture_connection(&mut req));
-        match self.client().request(req).await {
-            Ok(resp) => {
-                if let Some(UpstreamAddr(addr)) = resp.extensions().get::<UpstreamAddr>() {
-                    self.core.observe(*addr, resp.status().as_u16());
-                    if self.core.is_ejected(*addr)
-                        && let Some(captured) = &captured
-                        && let Some(connection) = &*captured.connection_metadata()
-                    {
-                        connection.poison();
-                    }
-                }
-                if let (Some(limit), Some(captured), Some(RequestCount(n))) = (
-                    self.max_requests_per_connection,
-                    &captured,
-                    resp.extensions().get::<RequestCount>(),
-                ) && n.fetch_add(1, Ordering::Relaxed) + 1 >= limit
-                    && let Some(connection) = &*captured.connection_metadata()
-                {
-                    // Its last request: the pool lets it go.
-                    connection.poison();
-                }
-                Ok(resp)
-            }
-            Err(e) => Err(classify(&e)),
-        }
+        self.pool()
+            .send(&self.core, req)
+            .await
+            .map_err(|e| classify(&e))
     }
 }
 
-fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamError {
+fn classify(e: &PoolError) -> UpstreamError {
+    let e = match e {
+        PoolError::Connect(ConnectError::NoEndpoint(m)) => {
+            return UpstreamError::NoHealthyUpstream(m.clone());
+        }
+        PoolError::Connect(ConnectError::Failed(m)) => {
+            return UpstreamError::ConnectFailure(m.clone());
+        }
+        PoolError::Send(e) => e,
+    };
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(crate::body::BodyError::Idle(_)) = s.downcast_ref() {
             return UpstreamError::RequestIdle;
         }
-        if let Some(c) = s.downcast_ref::<ConnectError>() {
-            return match c {
-                ConnectError::NoEndpoint(m) => UpstreamError::NoHealthyUpstream(m.clone()),
-                ConnectError::Failed(m) => UpstreamError::ConnectFailure(m.clone()),
-            };
-        }
         source = s.source();
     }
-    if e.is_connect() {
-        UpstreamError::ConnectFailure(e.to_string())
-    } else {
-        UpstreamError::Reset(error_chain(e))
-    }
+    UpstreamError::Reset(error_chain(e))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -1285,6 +1214,7 @@ fn hash_key(on: &HashOn, req: &Request<Body>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{KeepAliveServer, keepalive_server};
 
     fn core(lb: SimpleLb, outlier: Option<Outlier>) -> ClusterCore {
         ClusterCore {
@@ -1439,5 +1369,128 @@ mod tests {
             err.to_string(),
             "upstream connect error or disconnect/reset before headers. reset reason: overflow"
         );
+    }
+
+    fn get(addr: SocketAddr) -> Request<Body> {
+        let mut req = Request::new(Body::empty());
+        *req.uri_mut() = format!("http://{addr}/").parse().unwrap();
+        req.headers_mut()
+            .insert(http::header::HOST, http::HeaderValue::from_static("up"));
+        req
+    }
+
+    async fn read_all(answer: Answer) -> bytes::Bytes {
+        use http_body_util::BodyExt;
+        let body = Body::incoming(answer.response.into_body(), Duration::from_secs(5))
+            .leased(answer.lease);
+        body.collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_after_its_body_ends_and_closed_when_dropped_before() {
+        let KeepAliveServer { addr, accepted, .. } = keepalive_server("hello").await;
+        let cluster = Cluster::new(
+            settings(Endpoints::Static(vec![addr]), false, None),
+            Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
+        );
+        for _ in 0..3 {
+            let answer = cluster.send(get(addr)).await.unwrap();
+            assert_eq!(answer.upstream, Some(addr));
+            assert_eq!(read_all(answer).await, "hello");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection, reused");
+        // Unread: the connection cannot carry another request.
+        drop(cluster.send(get(addr)).await.unwrap());
+        assert_eq!(
+            read_all(cluster.send(get(addr)).await.unwrap()).await,
+            "hello"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new connection");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+        let KeepAliveServer {
+            addr,
+            accepted,
+            mut closed,
+        } = keepalive_server("hello").await;
+        let cluster = Cluster::new(
+            ClusterSettings {
+                idle_timeout: Duration::from_millis(200),
+                ..settings(Endpoints::Static(vec![addr]), false, None)
+            },
+            Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
+        );
+        assert_eq!(
+            read_all(cluster.send(get(addr)).await.unwrap()).await,
+            "hello"
+        );
+        let closed = tokio::time::timeout(Duration::from_secs(10), closed.recv()).await;
+        assert!(
+            matches!(closed, Ok(Some(()))),
+            "the pool closed its idle connection"
+        );
+        assert_eq!(
+            read_all(cluster.send(get(addr)).await.unwrap()).await,
+            "hello"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn max_requests_per_connection_one_keeps_no_connection() {
+        let KeepAliveServer { addr, accepted, .. } = keepalive_server("hello").await;
+        let cluster = Cluster::new(
+            ClusterSettings {
+                max_requests_per_connection: Some(1),
+                ..settings(Endpoints::Static(vec![addr]), false, None)
+            },
+            Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
+        );
+        for _ in 0..3 {
+            assert_eq!(
+                read_all(cluster.send(get(addr)).await.unwrap()).await,
+                "hello"
+            );
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn http2_requests_share_one_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Body::full("h2")))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), service),
+                );
+            }
+        });
+        let cluster = Cluster::new(
+            ClusterSettings {
+                max_in_flight: 64,
+                ..settings(Endpoints::Static(vec![addr]), true, None)
+            },
+            Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
+        );
+        let req = || {
+            let mut r = get(addr);
+            *r.version_mut() = http::Version::HTTP_2;
+            r
+        };
+        let (a, b) = tokio::join!(cluster.send(req()), cluster.send(req()));
+        assert_eq!(read_all(a.unwrap()).await, "h2");
+        assert_eq!(read_all(b.unwrap()).await, "h2");
+        assert_eq!(read_all(cluster.send(req()).await.unwrap()).await, "h2");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one HTTP/2 connection");
     }
 }

@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use meshgate_identity::caserver::{self, TokenTable};
@@ -432,44 +432,16 @@ spec:
     );
 }
 
-/// An HTTP/1.1 keep-alive server answering `200 ok` to every request; it
-/// counts the connections it accepts.
-async fn counting_keepalive() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut chunk = [0u8; 1024];
-                while let Ok(n) = s.read(&mut chunk).await {
-                    if n == 0 {
-                        return;
-                    }
-                    got.extend_from_slice(&chunk[..n]);
-                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                        got.drain(..end + 4);
-                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if s.write_all(ok).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    (addr, accepted)
-}
-
 /// DestinationRule `maxRequestsPerConnection: 2`: a pooled connection
 /// carries two requests, then a new one is opened.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_carries_at_most_max_requests_per_connection() {
     let mesh = Mesh::default();
-    let (upstream, accepted) = counting_keepalive().await;
+    let KeepAliveServer {
+        addr: upstream,
+        accepted,
+        ..
+    } = keepalive_server("ok").await;
     let dns = dns_for("pooled.example.com", 30).await;
     let config = format!(
         "apiVersion: networking.istio.io/v1

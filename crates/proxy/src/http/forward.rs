@@ -21,7 +21,7 @@ use crate::conn::Conn;
 use crate::proxy::Proxy;
 use crate::route::{Route, WeightedCluster};
 use crate::snapshot::{ClusterEntry, InboundTarget, Snapshot};
-use crate::upstream::{DownstreamAddr, GeneratedCookie, UpstreamAddr, UpstreamError};
+use crate::upstream::{Answer, DownstreamAddr, GeneratedCookie, UpstreamError};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -274,7 +274,7 @@ impl Upstream<'_> {
         uri: Uri,
         body: Incoming,
         counter: Option<Arc<std::sync::atomic::AtomicU64>>,
-    ) -> Result<(Response<Incoming>, u32), (UpstreamError, u32)> {
+    ) -> Result<(Answer, u32), (UpstreamError, u32)> {
         let retry = &self.route.retry;
         let cluster = &self.cluster.cluster;
         // Bodyless requests can be retried; streamed bodies cannot be
@@ -336,8 +336,8 @@ impl Upstream<'_> {
                 };
                 let more = attempt < max_attempts;
                 match sent {
-                    Ok(resp) if more && retry.retry_status(resp.status().as_u16()) => {
-                        tracing::debug!(cluster = %cluster.name(), status = %resp.status(), attempt, "retrying");
+                    Ok(answer) if more && retry.retry_status(answer.response.status().as_u16()) => {
+                        tracing::debug!(cluster = %cluster.name(), status = %answer.response.status(), attempt, "retrying");
                     }
                     Ok(resp) => return Ok(resp),
                     Err(e) if more && e.retry_safe() && retry.on_connect_failure => {
@@ -408,12 +408,16 @@ impl Upstream<'_> {
     /// The upstream's response on its way back.
     fn respond(
         &self,
-        mut resp: Response<Incoming>,
+        answer: Answer,
         attempts: u32,
         delayed: bool,
         downstream_upgrade: Option<OnUpgrade>,
     ) -> Outcome {
-        let upstream = resp.extensions().get::<UpstreamAddr>().map(|a| a.0);
+        let Answer {
+            response: mut resp,
+            upstream,
+            lease,
+        } = answer;
         let upstream_upgrade = (resp.status() == StatusCode::SWITCHING_PROTOCOLS)
             .then(|| resp.extensions_mut().remove::<OnUpgrade>())
             .flatten();
@@ -448,7 +452,7 @@ impl Upstream<'_> {
         Outcome {
             response: Response::from_parts(
                 parts,
-                Body::incoming(body, self.proxy.timeouts.stream_idle),
+                Body::incoming(body, self.proxy.timeouts.stream_idle).leased(lease),
             ),
             flags,
             details: Cow::Borrowed("via_upstream"),

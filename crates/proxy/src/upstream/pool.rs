@@ -1,0 +1,502 @@
+//! A cluster's keep-alive connections (Envoy's connection pool): idle
+//! HTTP/1.1 connections by pool key, the newest taken first, or one shared
+//! HTTP/2 connection per key.
+//!
+//! Made for the data path: a request on a warm pool takes a lock, pops a
+//! connection and sends; no task, timer or channel of the pool's own. An
+//! HTTP/1.1 connection goes back when its response body has ended (the
+//! `Lease` the body carries), and is closed when the body is dropped
+//! before its end. A request that a reused connection closed before it was
+//! sent goes out on another one; anything else is the caller's to retry.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use http::{Method, Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::{ClusterCore, ConnectError};
+use crate::body::Body;
+
+/// Retries of a request that a reused connection closed before it was
+/// sent; after these the request takes a new connection.
+const STALE_TRIES: u32 = 3;
+
+/// Why a request got no response.
+#[derive(Debug)]
+pub(super) enum PoolError {
+    Connect(ConnectError),
+    /// The connection failed while the request was out, or on a new
+    /// connection before it.
+    Send(hyper::Error),
+}
+
+/// A response, the endpoint it came from (none for a unix socket), and its
+/// connection's way back to the pool.
+#[derive(Debug)]
+pub struct Answer {
+    pub response: Response<Incoming>,
+    pub upstream: Option<SocketAddr>,
+    pub lease: Lease,
+}
+
+/// What the pool keeps for a cluster and how.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PoolSettings {
+    pub h2: bool,
+    /// Connections are kept between requests (`maxRequestsPerConnection`
+    /// is not 1).
+    pub keep: bool,
+    pub idle_timeout: Duration,
+    /// A connection is not reused after this many requests.
+    pub max_requests: Option<u32>,
+}
+
+#[derive(Debug)]
+pub(super) struct Pool {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    settings: PoolSettings,
+    idle: Mutex<HashMap<Arc<str>, Vec<Idle>>>,
+    /// HTTP/2: one connection per key; its lock is held while it connects,
+    /// so concurrent first requests share one connection.
+    multiplexed: Mutex<HashMap<Arc<str>, Arc<Slot>>>,
+}
+
+/// An HTTP/1.1 connection, between its requests or lent to one.
+#[derive(Debug)]
+struct H1 {
+    sender: http1::SendRequest<Body>,
+    key: Arc<str>,
+    upstream: Option<SocketAddr>,
+    served: u32,
+}
+
+#[derive(Debug)]
+struct Idle {
+    conn: H1,
+    since: Instant,
+}
+
+/// A key's HTTP/2 connection, if it has one.
+type Slot = tokio::sync::Mutex<Option<H2>>;
+
+#[derive(Debug)]
+struct H2 {
+    sender: http2::SendRequest<Body>,
+    upstream: Option<SocketAddr>,
+    served: u32,
+    last_used: Instant,
+}
+
+/// An HTTP/1.1 connection lent to one response: back to its pool when the
+/// body ends (`release`), closed when the lease is dropped.
+#[derive(Debug, Default)]
+pub struct Lease(Option<Box<Loan>>);
+
+#[derive(Debug)]
+struct Loan {
+    pool: Arc<Shared>,
+    conn: H1,
+}
+
+impl Lease {
+    /// The body ended: the connection can carry the next request once
+    /// its task has finished this one (nearly always already; else it
+    /// goes back when it has, as when the upstream answered before the
+    /// request body was all sent).
+    pub fn release(&mut self) {
+        let Some(loan) = self.0.take() else {
+            return;
+        };
+        let Loan { pool, mut conn } = *loan;
+        if conn.sender.is_ready() {
+            pool.put(conn);
+        } else {
+            tokio::spawn(async move {
+                if conn.sender.ready().await.is_ok() {
+                    pool.put(conn);
+                }
+            });
+        }
+    }
+
+    pub fn is_held(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl Pool {
+    /// Needs the runtime: it starts the idle sweep.
+    pub(super) fn new(settings: PoolSettings) -> Pool {
+        let shared = Arc::new(Shared {
+            settings,
+            idle: Mutex::new(HashMap::new()),
+            multiplexed: Mutex::new(HashMap::new()),
+        });
+        if settings.keep {
+            sweep(Arc::downgrade(&shared), settings.idle_timeout);
+        }
+        Pool { shared }
+    }
+
+    /// Sends one request on a connection of the pool (or a new one). The
+    /// URI's authority is the pool key and tells the connector where to go.
+    pub(super) async fn send(
+        &self,
+        core: &Arc<ClusterCore>,
+        req: Request<Body>,
+    ) -> Result<Answer, PoolError> {
+        if self.shared.settings.h2 {
+            self.send_h2(core, req).await
+        } else {
+            self.send_h1(core, req).await
+        }
+    }
+
+    async fn send_h1(
+        &self,
+        core: &Arc<ClusterCore>,
+        mut req: Request<Body>,
+    ) -> Result<Answer, PoolError> {
+        let uri = req.uri().clone();
+        let key = uri.authority().map_or("", |a| a.as_str());
+        let connect = req.method() == Method::CONNECT;
+        *req.uri_mut() = request_target(&uri, connect);
+        let mut stale = 0;
+        loop {
+            let pooled = (stale < STALE_TRIES)
+                .then(|| self.shared.take(key))
+                .flatten();
+            let reused = pooled.is_some();
+            let mut conn = match pooled {
+                Some(conn) => conn,
+                None => self.connect_h1(core, &uri, key).await?,
+            };
+            if reused && !ready(&mut conn.sender, core.connect_timeout).await {
+                stale += 1;
+                continue;
+            }
+            match conn.sender.try_send_request(req).await {
+                Ok(response) => return Ok(self.lend(core, conn, response, connect)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => {
+                        stale += 1;
+                        req = unsent;
+                    }
+                    _ => return Err(PoolError::Send(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// The answer, and the connection lent to its body when it can carry
+    /// another request after it.
+    fn lend(
+        &self,
+        core: &ClusterCore,
+        mut conn: H1,
+        response: Response<Incoming>,
+        connect: bool,
+    ) -> Answer {
+        conn.served += 1;
+        let upstream = conn.upstream;
+        let status = response.status();
+        let settings = &self.shared.settings;
+        // An upgraded connection, or a CONNECT tunnel, is the caller's now.
+        let tunnel = status == StatusCode::SWITCHING_PROTOCOLS || (connect && status.is_success());
+        let reusable = settings.keep
+            && settings.max_requests.is_none_or(|n| conn.served < n)
+            && !tunnel
+            && upstream.is_none_or(|a| core.keeps_endpoint(a, status));
+        let lease = if reusable {
+            Lease(Some(Box::new(Loan {
+                pool: self.shared.clone(),
+                conn,
+            })))
+        } else {
+            Lease::default()
+        };
+        Answer {
+            response,
+            upstream,
+            lease,
+        }
+    }
+
+    async fn connect_h1(
+        &self,
+        core: &Arc<ClusterCore>,
+        uri: &Uri,
+        key: &str,
+    ) -> Result<H1, PoolError> {
+        let conn = core.connect(uri).await.map_err(PoolError::Connect)?;
+        let upstream = conn.endpoint();
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(conn))
+            .await
+            .map_err(PoolError::Send)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection closed");
+            }
+        });
+        Ok(H1 {
+            sender,
+            key: Arc::from(key),
+            upstream,
+            served: 0,
+        })
+    }
+
+    async fn send_h2(
+        &self,
+        core: &Arc<ClusterCore>,
+        mut req: Request<Body>,
+    ) -> Result<Answer, PoolError> {
+        let key = req.uri().authority().map_or("", |a| a.as_str()).to_owned();
+        let slot = self.shared.slot(&key);
+        let mut stale = 0;
+        loop {
+            let (mut sender, upstream, reused) = self.checkout_h2(core, &slot, req.uri()).await?;
+            if sender.ready().await.is_err() && reused && stale < STALE_TRIES {
+                stale += 1;
+                forget(&slot, None).await;
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    if let Some(a) = upstream
+                        && !core.keeps_endpoint(a, response.status())
+                    {
+                        forget(&slot, Some(a)).await;
+                    }
+                    return Ok(Answer {
+                        response,
+                        upstream,
+                        lease: Lease::default(),
+                    });
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused && stale < STALE_TRIES => {
+                        stale += 1;
+                        forget(&slot, None).await;
+                        req = unsent;
+                    }
+                    _ => return Err(PoolError::Send(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// The key's shared connection (made now if there is none or it
+    /// closed): a handle to it, its endpoint, and whether it was made
+    /// before.
+    async fn checkout_h2(
+        &self,
+        core: &Arc<ClusterCore>,
+        slot: &Slot,
+        uri: &Uri,
+    ) -> Result<(http2::SendRequest<Body>, Option<SocketAddr>, bool), PoolError> {
+        let settings = &self.shared.settings;
+        let mut held = slot.lock().await;
+        let reused = held.as_ref().is_some_and(|c| !c.sender.is_closed());
+        if !reused {
+            *held = Some(connect_h2(core, uri).await?);
+        }
+        let Some(c) = held.as_mut() else {
+            unreachable!("the slot was just filled");
+        };
+        c.served += 1;
+        c.last_used = Instant::now();
+        let out = (c.sender.clone(), c.upstream, reused);
+        // Its last request: new requests open another connection.
+        if !settings.keep || settings.max_requests.is_some_and(|n| c.served >= n) {
+            *held = None;
+        }
+        Ok(out)
+    }
+}
+
+/// Dials and speaks HTTP/2 within the connect timeout.
+async fn connect_h2(core: &Arc<ClusterCore>, uri: &Uri) -> Result<H2, PoolError> {
+    let conn = core.connect(uri).await.map_err(PoolError::Connect)?;
+    let upstream = conn.endpoint();
+    let handshake = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(TokioIo::new(conn));
+    let (sender, connection) = match tokio::time::timeout(core.connect_timeout, handshake).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return Err(PoolError::Send(e)),
+        Err(_) => {
+            return Err(PoolError::Connect(ConnectError::Failed(
+                "HTTP/2 handshake timeout".into(),
+            )));
+        }
+    };
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "upstream connection closed");
+        }
+    });
+    Ok(H2 {
+        sender,
+        upstream,
+        served: 0,
+        last_used: Instant::now(),
+    })
+}
+
+/// Drops the slot's connection when it has closed, or when it goes to
+/// `ejected` (an endpoint outlier detection ejected).
+async fn forget(slot: &Slot, ejected: Option<SocketAddr>) {
+    let mut held = slot.lock().await;
+    if held
+        .as_ref()
+        .is_some_and(|c| c.sender.is_closed() || (ejected.is_some() && c.upstream == ejected))
+    {
+        *held = None;
+    }
+}
+
+/// A reused HTTP/1.1 connection is ready for the next request once its
+/// connection task has finished the last one (at once, nearly always);
+/// false when it closed instead.
+async fn ready(sender: &mut http1::SendRequest<Body>, limit: Duration) -> bool {
+    if sender.is_ready() {
+        return true;
+    }
+    matches!(
+        tokio::time::timeout(limit, sender.ready()).await,
+        Ok(Ok(()))
+    )
+}
+
+/// What an HTTP/1.1 request line carries: the path (origin form), or for
+/// CONNECT the authority.
+fn request_target(uri: &Uri, connect: bool) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    if connect {
+        parts.authority = uri.authority().cloned();
+    } else {
+        parts.path_and_query = Some(
+            uri.path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+    }
+    Uri::from_parts(parts).unwrap_or_default()
+}
+
+impl Shared {
+    /// The newest idle connection of `key` that is still open.
+    fn take(&self, key: &str) -> Option<H1> {
+        let mut idle = self.idle.lock().ok()?;
+        let list = idle.get_mut(key)?;
+        let timeout = self.settings.idle_timeout;
+        while let Some(i) = list.pop() {
+            if !i.conn.sender.is_closed() && i.since.elapsed() < timeout {
+                return Some(i.conn);
+            }
+        }
+        None
+    }
+
+    fn put(&self, conn: H1) {
+        if conn.sender.is_closed() {
+            return;
+        }
+        let since = Instant::now();
+        let Ok(mut idle) = self.idle.lock() else {
+            return;
+        };
+        match idle.get_mut(&*conn.key) {
+            Some(list) => list.push(Idle { conn, since }),
+            None => {
+                idle.insert(conn.key.clone(), vec![Idle { conn, since }]);
+            }
+        }
+    }
+
+    fn slot(&self, key: &str) -> Arc<Slot> {
+        let mut slots = self
+            .multiplexed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(slot) = slots.get(key) {
+            return slot.clone();
+        }
+        let slot = Arc::new(Slot::new(None));
+        slots.insert(Arc::from(key), slot.clone());
+        slot
+    }
+
+    /// Closes connections idle for the idle timeout, and forgets keys
+    /// left without any.
+    fn evict(&self) {
+        let timeout = self.settings.idle_timeout;
+        let now = Instant::now();
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.retain(|_, list| {
+                list.retain(|i| !i.conn.sender.is_closed() && now - i.since < timeout);
+                !list.is_empty()
+            });
+        }
+        if let Ok(mut slots) = self.multiplexed.lock() {
+            slots.retain(|_, slot| {
+                let Ok(mut held) = slot.try_lock() else {
+                    // Connecting now.
+                    return true;
+                };
+                if held
+                    .as_ref()
+                    .is_some_and(|c| c.sender.is_closed() || now - c.last_used >= timeout)
+                {
+                    *held = None;
+                }
+                held.is_some()
+            });
+        }
+    }
+}
+
+/// Every `idle_timeout` (at least every 100 ms), closes the connections
+/// idle that long, until the pool is gone.
+fn sweep(pool: Weak<Shared>, idle_timeout: Duration) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let every = idle_timeout.max(Duration::from_millis(100));
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tick.tick().await;
+            match pool.upgrade() {
+                Some(shared) => shared.evict(),
+                None => return,
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_request_line_carries_the_path_or_connects_authority() {
+        let uri: Uri = "http://cluster/a/b?c=d".parse().unwrap();
+        assert_eq!(request_target(&uri, false), "/a/b?c=d");
+        let bare: Uri = "http://cluster".parse().unwrap();
+        assert_eq!(request_target(&bare, false), "/");
+        let tunnel: Uri = "http://example.com:443".parse().unwrap();
+        assert_eq!(request_target(&tunnel, true).to_string(), "example.com:443");
+    }
+}
