@@ -539,17 +539,18 @@ fn header_value<'h>(
 /// Istio's decision for one request over the policies that apply to the
 /// workload (in any order; the result does not depend on it).
 pub fn authorize(policies: &[CompiledPolicy], req: &AuthzRequest<'_>) -> Decision {
+    // The policy and rule; its id is only written for a denial.
     let first_match = |action: AuthzAction| {
         policies
             .iter()
             .filter(|p| p.action == action)
-            .find_map(|p| p.matching_rule(req).map(|i| p.id(i)))
+            .find_map(|p| p.matching_rule(req).map(|i| (p, i)))
     };
-    if let Some(policy) = first_match(AuthzAction::Custom) {
-        return Decision::Deny { policy };
+    if let Some((p, i)) = first_match(AuthzAction::Custom) {
+        return Decision::Deny { policy: p.id(i) };
     }
-    if let Some(policy) = first_match(AuthzAction::Deny) {
-        return Decision::Deny { policy };
+    if let Some((p, i)) = first_match(AuthzAction::Deny) {
+        return Decision::Deny { policy: p.id(i) };
     }
     let audited = first_match(AuthzAction::Audit).is_some();
     let has_allow = policies.iter().any(|p| p.action == AuthzAction::Allow);

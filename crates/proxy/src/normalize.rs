@@ -18,6 +18,17 @@ pub enum PathError {
 
 /// The path as routing, authorization and the upstream see it.
 pub fn normalize_path(path: &str, mode: PathNormalization) -> Result<Cow<'_, str>, PathError> {
+    let merging = matches!(
+        mode,
+        PathNormalization::MergeSlashes | PathNormalization::DecodeAndMergeSlashes
+    );
+    if plainly_normal(path.as_bytes(), merging) {
+        return Ok(Cow::Borrowed(path));
+    }
+    normalize_fully(path, mode)
+}
+
+fn normalize_fully(path: &str, mode: PathNormalization) -> Result<Cow<'_, str>, PathError> {
     if contains_encoded_nul(path) {
         return Err(PathError::EncodedNul);
     }
@@ -41,6 +52,23 @@ pub fn normalize_path(path: &str, mode: PathNormalization) -> Result<Cow<'_, str
     } else {
         Ok(Cow::Owned(out))
     }
+}
+
+/// Most paths, in one pass over their bytes: nothing to decode, no
+/// backslash or NUL, no segment starting with a dot, and when merging no
+/// repeated slash. (False is not "not normal": the full check decides.)
+fn plainly_normal(path: &[u8], merging: bool) -> bool {
+    let mut prev = 0u8;
+    for &c in path {
+        match c {
+            b'%' | b'\\' | 0 => return false,
+            b'.' if prev == b'/' => return false,
+            b'/' if merging && prev == b'/' => return false,
+            _ => {}
+        }
+        prev = c;
+    }
+    true
 }
 
 /// True when normalizing cannot change the path: nothing to decode, no
@@ -252,6 +280,10 @@ mod tests {
                         full = merge_slashes(&full);
                     }
                     assert_eq!(full, path, "{mode:?}");
+                }
+                // So does the one-pass shortcut.
+                if plainly_normal(path.as_bytes(), merge) {
+                    assert_eq!(normalize_fully(&path, mode).as_deref(), Ok(&*path));
                 }
                 let twice = normalize_path(&once, mode);
                 assert_eq!(twice.as_deref(), Ok(&*once), "{path} {mode:?}");

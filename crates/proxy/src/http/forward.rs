@@ -196,14 +196,14 @@ impl Upstream<'_> {
         );
         // No client vouches for a certificate: sidecars drop the header on
         // the way out (SANITIZE); gateways, and sidecars on the way in, set
-        // it from the verified one (SANITIZE_SET).
-        headers.remove(&X_FORWARDED_CLIENT_CERT);
+        // it from the verified one (SANITIZE_SET; made at the handshake
+        // only where it is set, connection.rs), replacing any sent.
+        match self.conn.tls.as_ref().and_then(|t| t.client_cert.clone()) {
+            Some(v) => headers.insert(X_FORWARDED_CLIENT_CERT, v),
+            None => headers.remove(&X_FORWARDED_CLIENT_CERT),
+        };
         if self.proxy.is_gateway() {
             append_forwarded_for(headers, self.conn.remote);
-        }
-        // Made at the handshake only where it is set (connection.rs).
-        if let Some(v) = self.conn.tls.as_ref().and_then(|t| t.client_cert.clone()) {
-            headers.insert(X_FORWARDED_CLIENT_CERT, v);
         }
         route.request_headers.apply(headers);
         self.destination.request_headers.apply(headers);
