@@ -1114,7 +1114,11 @@ impl Cluster {
         }
         let _guard = InFlight(&self.in_flight);
         let mut req = req;
-        self.route_by_hash(&mut req).await?;
+        if self.core.hash.is_some() {
+            // Boxed: few clusters hash, and its lookup's state would make
+            // every request's future larger.
+            Box::pin(self.route_by_hash(&mut req)).await?;
+        }
         self.pool()
             .send(&self.core, req)
             .await

@@ -127,7 +127,9 @@ impl Upstream<'_> {
         if let Some((delay, pct)) = f.delay
             && fastrand::f64() * 100.0 < pct
         {
-            tokio::time::sleep(delay).await;
+            // Boxed: a timer kept in every request's future state for a rare
+            // delay would make the future larger and each move of it longer.
+            Box::pin(tokio::time::sleep(delay)).await;
             delayed = true;
         }
         if let Some((status, pct)) = f.abort
@@ -345,7 +347,8 @@ impl Upstream<'_> {
                     }
                     Err(e) => return Err(e),
                 }
-                tokio::time::sleep(retry.backoff * attempt).await;
+                // Boxed, as the fault delay.
+                Box::pin(tokio::time::sleep(retry.backoff * attempt)).await;
             }
         };
         let (limit, timed_out) = match self.route.timeout {

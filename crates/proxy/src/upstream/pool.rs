@@ -178,7 +178,10 @@ impl Pool {
             let reused = pooled.is_some();
             let mut conn = match pooled {
                 Some(conn) => conn,
-                None => self.connect_h1(core, &uri, key).await?,
+                // Boxed: connecting (DNS, TCP, TLS) is rare on a warm pool,
+                // and its state would make every request's future larger
+                // (and every move of it longer).
+                None => Box::pin(self.connect_h1(core, &uri, key)).await?,
             };
             if reused && !ready(&mut conn.sender, core.connect_timeout).await {
                 stale += 1;
@@ -309,7 +312,7 @@ impl Pool {
         let mut held = slot.lock().await;
         let reused = held.as_ref().is_some_and(|c| !c.sender.is_closed());
         if !reused {
-            *held = Some(connect_h2(core, uri).await?);
+            *held = Some(Box::pin(connect_h2(core, uri)).await?);
         }
         let Some(c) = held.as_mut() else {
             unreachable!("the slot was just filled");
