@@ -400,7 +400,16 @@ impl Upstream<'_> {
                 .timeout
                 .unwrap_or(self.proxy.timeouts.stream_idle);
             tokio::spawn(async move {
-                let sent = tokio::time::timeout(limit, entry.cluster.send(req)).await;
+                let sent = tokio::time::timeout(limit, async {
+                    let answer = entry.cluster.send(req).await?;
+                    // Read to its end, unkept: the connection goes back to
+                    // the pool instead of being closed.
+                    let mut body =
+                        Body::incoming(answer.response.into_body(), limit).leased(answer.lease);
+                    while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut body).await {}
+                    Ok::<(), UpstreamError>(())
+                })
+                .await;
                 if let Ok(Err(e)) = sent {
                     tracing::debug!(cluster = %entry.cluster.name(), error = %e, "mirror request failed");
                 }

@@ -311,11 +311,9 @@ impl Pool {
         let settings = &self.shared.settings;
         let mut held = slot.lock().await;
         let reused = held.as_ref().is_some_and(|c| !c.sender.is_closed());
-        if !reused {
-            *held = Some(Box::pin(connect_h2(core, uri)).await?);
-        }
-        let Some(c) = held.as_mut() else {
-            unreachable!("the slot was just filled");
+        let c = match held.as_mut() {
+            Some(c) if reused => c,
+            _ => held.insert(Box::pin(connect_h2(core, uri)).await?),
         };
         c.served += 1;
         c.last_used = Instant::now();
