@@ -641,7 +641,7 @@ impl ClusterCore {
         let stream = match &self.tls {
             None => UpstreamStream::Plain(tcp),
             Some(tls) => match handshake(tls, request_sni(tls, uri), tcp, deadline).await {
-                Ok((stream, _)) => stream,
+                Ok(stream) => stream,
                 Err(reason) => {
                     self.track(addr, -1);
                     self.observe(addr, 503);
@@ -702,8 +702,6 @@ async fn dial_inbound(addr: SocketAddr) -> std::io::Result<TcpStream> {
     socket.connect(addr).await
 }
 
-/// The TLS handshake with an upstream, by `deadline`: the stream and
-/// whether it speaks h2 (ALPN).
 /// The SNI for one connection: the cluster's, or with `auto_sni` (a
 /// wildcard DYNAMIC_DNS host) the request's host, as Envoy's auto SNI.
 fn request_sni(tls: &UpstreamTls, uri: &http::Uri) -> rustls::pki_types::ServerName<'static> {
@@ -713,18 +711,17 @@ fn request_sni(tls: &UpstreamTls, uri: &http::Uri) -> rustls::pki_types::ServerN
         .unwrap_or_else(|| tls.sni.clone())
 }
 
+/// The TLS handshake with an upstream, by `deadline`. (HTTP/2 is the
+/// cluster's setting; its ALPN offers only what the cluster speaks.)
 async fn handshake(
     tls: &UpstreamTls,
     sni: rustls::pki_types::ServerName<'static>,
     tcp: TcpStream,
     deadline: tokio::time::Instant,
-) -> Result<(UpstreamStream, bool), String> {
+) -> Result<UpstreamStream, String> {
     let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
     match tokio::time::timeout_at(deadline, connector.connect(sni, tcp)).await {
-        Ok(Ok(s)) => {
-            let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
-            Ok((UpstreamStream::Tls(Box::new(s)), h2))
-        }
+        Ok(Ok(s)) => Ok(UpstreamStream::Tls(Box::new(s))),
         Ok(Err(e)) => Err(meshgate_identity::tls::handshake_error_reason(&e)),
         Err(_) => Err("handshake timeout".to_owned()),
     }
@@ -995,7 +992,7 @@ impl Cluster {
         let stream = match &core.tls {
             None => UpstreamStream::Plain(tcp),
             Some(tls) => match handshake(tls, tls.sni.clone(), tcp, deadline).await {
-                Ok((stream, _)) => stream,
+                Ok(stream) => stream,
                 Err(reason) => {
                     core.track(addr, -1);
                     core.observe(addr, 503);
