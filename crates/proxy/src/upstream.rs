@@ -888,9 +888,9 @@ impl Cluster {
     /// The authority to put in an upstream request's URI when the cluster
     /// connects the same way whatever the request's authority is (fixed
     /// endpoints, one SNI, HTTP/1.1, whose request line carries only the
-    /// path): connections are then the cluster's, as in Envoy, and the
-    /// pool's key is hashed in a few instructions instead of a host name
-    /// byte by byte on every checkout and return. `None`: the request's own.
+    /// path): connections are then the cluster's, as in Envoy: one idle
+    /// list for all its requests, under a short key, instead of one per
+    /// host name a client writes. `None`: the request's own.
     pub fn pool_authority(&self) -> Option<http::uri::Authority> {
         self.one_pool_key
             .then(|| http::uri::Authority::from_static("cluster"))
