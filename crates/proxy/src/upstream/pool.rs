@@ -111,7 +111,8 @@ impl Lease {
     /// The body ended: the connection can carry the next request once
     /// its task has finished this one (nearly always already; else it
     /// goes back when it has, as when the upstream answered before the
-    /// request body was all sent).
+    /// request body was all sent, or is closed if that takes longer than
+    /// the idle timeout).
     pub fn release(&mut self) {
         let Some(loan) = self.0.take() else {
             return;
@@ -121,7 +122,8 @@ impl Lease {
             pool.put(conn);
         } else {
             tokio::spawn(async move {
-                if conn.sender.ready().await.is_ok() {
+                let limit = pool.settings.idle_timeout;
+                if let Ok(Ok(())) = tokio::time::timeout(limit, conn.sender.ready()).await {
                     pool.put(conn);
                 }
             });
