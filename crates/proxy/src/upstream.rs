@@ -1331,14 +1331,21 @@ mod tests {
         }
     }
 
+    /// A cluster as the proxy makes it (its resolver is never asked).
+    fn cluster(s: ClusterSettings) -> Cluster {
+        Cluster::new(
+            s,
+            Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
+        )
+    }
+
     #[test]
     fn one_pool_key_only_where_the_authority_picks_nothing() {
-        let resolver = || Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap();
         let dns = || Endpoints::Dns {
             names: vec![(Arc::from("a.example"), 443)],
             first_only: false,
         };
-        let shared = |s| Cluster::new(s, resolver()).pool_authority().is_some();
+        let shared = |s| cluster(s).pool_authority().is_some();
         assert!(shared(settings(dns(), false, None)));
         assert!(shared(settings(Endpoints::Static(addrs()), false, None)));
         // `:authority` is the request's.
@@ -1357,13 +1364,10 @@ mod tests {
 
     #[tokio::test]
     async fn circuit_breaker_overflows_with_uo() {
-        let cluster = Cluster::new(
-            ClusterSettings {
-                max_in_flight: 0,
-                ..settings(Endpoints::Static(addrs()), false, None)
-            },
-            Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
-        );
+        let cluster = cluster(ClusterSettings {
+            max_in_flight: 0,
+            ..settings(Endpoints::Static(addrs()), false, None)
+        });
         let err = cluster.send(Request::new(Body::empty())).await.unwrap_err();
         assert_eq!(err.flag(), ResponseFlags::UPSTREAM_OVERFLOW);
         assert_eq!(
@@ -1390,10 +1394,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_is_reused_after_its_body_ends_and_closed_when_dropped_before() {
         let KeepAliveServer { addr, accepted, .. } = keepalive_server("hello").await;
-        let cluster = Cluster::new(
-            settings(Endpoints::Static(vec![addr]), false, None),
-            Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
-        );
+        let cluster = cluster(settings(Endpoints::Static(vec![addr]), false, None));
         for _ in 0..3 {
             let answer = cluster.send(get(addr)).await.unwrap();
             assert_eq!(answer.upstream, Some(addr));
@@ -1416,13 +1417,10 @@ mod tests {
             accepted,
             mut closed,
         } = keepalive_server("hello").await;
-        let cluster = Cluster::new(
-            ClusterSettings {
-                idle_timeout: Duration::from_millis(200),
-                ..settings(Endpoints::Static(vec![addr]), false, None)
-            },
-            Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
-        );
+        let cluster = cluster(ClusterSettings {
+            idle_timeout: Duration::from_millis(200),
+            ..settings(Endpoints::Static(vec![addr]), false, None)
+        });
         assert_eq!(
             read_all(cluster.send(get(addr)).await.unwrap()).await,
             "hello"
@@ -1442,13 +1440,10 @@ mod tests {
     #[tokio::test]
     async fn max_requests_per_connection_one_keeps_no_connection() {
         let KeepAliveServer { addr, accepted, .. } = keepalive_server("hello").await;
-        let cluster = Cluster::new(
-            ClusterSettings {
-                max_requests_per_connection: Some(1),
-                ..settings(Endpoints::Static(vec![addr]), false, None)
-            },
-            Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
-        );
+        let cluster = cluster(ClusterSettings {
+            max_requests_per_connection: Some(1),
+            ..settings(Endpoints::Static(vec![addr]), false, None)
+        });
         for _ in 0..3 {
             assert_eq!(
                 read_all(cluster.send(get(addr)).await.unwrap()).await,
@@ -1476,13 +1471,10 @@ mod tests {
                 );
             }
         });
-        let cluster = Cluster::new(
-            ClusterSettings {
-                max_in_flight: 64,
-                ..settings(Endpoints::Static(vec![addr]), true, None)
-            },
-            Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
-        );
+        let cluster = cluster(ClusterSettings {
+            max_in_flight: 64,
+            ..settings(Endpoints::Static(vec![addr]), true, None)
+        });
         let req = || {
             let mut r = get(addr);
             *r.version_mut() = http::Version::HTTP_2;

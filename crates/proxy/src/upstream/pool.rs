@@ -266,8 +266,9 @@ impl Pool {
         core: &Arc<ClusterCore>,
         mut req: Request<Body>,
     ) -> Result<Answer, PoolError> {
-        let key = req.uri().authority().map_or("", |a| a.as_str()).to_owned();
-        let slot = self.shared.slot(&key);
+        let slot = self
+            .shared
+            .slot(req.uri().authority().map_or("", |a| a.as_str()));
         let mut stale = 0;
         loop {
             let (mut sender, upstream, reused) = self.checkout_h2(core, &slot, req.uri()).await?;
