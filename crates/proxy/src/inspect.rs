@@ -92,7 +92,7 @@ fn respond(i: &Inspect, req: &Request<Incoming>) -> Response<Body> {
         })),
         "/config_dump" => json_response(&json!({
             "config": i.config.load().as_str(),
-            "view": serde_json::from_str::<serde_json::Value>(snap.view_json()).unwrap_or_default(),
+            "view": snap.full_view(),
             "certificate": certificate(&i.identity),
         })),
         "/listeners" => json_response(&json!(snap.view.listeners)),

@@ -257,7 +257,7 @@ pub struct Redirect {
 #[derive(Debug, Clone)]
 pub enum Action {
     Forward(Vec<WeightedCluster>),
-    Redirect(Redirect),
+    Redirect(Box<Redirect>),
     Direct { status: u16, body: Bytes },
 }
 
@@ -299,6 +299,25 @@ impl RetryPolicy {
             status_codes: Vec::new(),
             backoff: Duration::from_millis(25),
         }
+    }
+
+    /// Istio's default, one allocation shared by every route that takes it.
+    pub fn shared_default() -> Arc<Self> {
+        static DEFAULT: std::sync::LazyLock<Arc<RetryPolicy>> =
+            std::sync::LazyLock::new(|| Arc::new(RetryPolicy::istio_default()));
+        DEFAULT.clone()
+    }
+
+    /// No retries (a route with a fault, Istio's `allow_any` and inbound
+    /// routes).
+    pub fn none() -> Arc<Self> {
+        static NONE: std::sync::LazyLock<Arc<RetryPolicy>> = std::sync::LazyLock::new(|| {
+            Arc::new(RetryPolicy {
+                attempts: 0,
+                ..RetryPolicy::istio_default()
+            })
+        });
+        NONE.clone()
     }
 
     pub fn compile(r: Option<&meshgate_config::model::networking::HttpRetry>) -> Self {
@@ -364,13 +383,15 @@ pub struct Route {
     pub virtual_service: Option<Arc<str>>,
     matches: Vec<RouteMatch>,
     pub action: Action,
-    pub uri_rewrite: Option<UriRewrite>,
-    pub authority_rewrite: Option<String>,
+    // What few routes set is boxed (a gateway keeps a route per host).
+    pub uri_rewrite: Option<Box<UriRewrite>>,
+    pub authority_rewrite: Option<Box<str>>,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
     pub timeout: Option<Duration>,
-    pub retry: RetryPolicy,
-    pub fault: Option<Fault>,
+    /// Shared by the routes that set no `retries` (most).
+    pub retry: Arc<RetryPolicy>,
+    pub fault: Option<Box<Fault>>,
     pub cors: Option<Box<crate::cors::Cors>>,
     /// Clusters that get a copy of a share of the requests (percent).
     pub mirrors: Vec<(usize, f64)>,
@@ -386,7 +407,7 @@ impl Route {
     /// indices.
     pub fn compile(r: &RouteView, destinations: Vec<WeightedCluster>) -> Route {
         let action = match &r.action {
-            RouteAction::Redirect(r) => Action::Redirect(Redirect {
+            RouteAction::Redirect(r) => Action::Redirect(Box::new(Redirect {
                 uri: (!r.uri.is_empty()).then(|| r.uri.clone()),
                 authority: (!r.authority.is_empty()).then(|| r.authority.clone()),
                 scheme: (!r.scheme.is_empty()).then(|| r.scheme.clone()),
@@ -396,7 +417,7 @@ impl Route {
                     .redirect_code
                     .and_then(|c| u16::try_from(c).ok())
                     .unwrap_or(301),
-            }),
+            })),
             RouteAction::DirectResponse(d) => Action::Direct {
                 status: u16::try_from(d.status).unwrap_or(500),
                 body: Bytes::from(
@@ -408,31 +429,36 @@ impl Route {
             },
             RouteAction::Route(_) => Action::Forward(destinations),
         };
-        let uri_rewrite = r.rewrite.as_ref().and_then(|rw| {
-            if let Some(rr) = &rw.uri_regex_rewrite {
-                // Istio/RE2 writes capture groups as \1; Rust's regex uses ${1}.
-                let replacement = Regex::new(r"\\(\d)")
-                    .map(|re| re.replace_all(&rr.rewrite, "$${$1}").into_owned())
-                    .unwrap_or_else(|_| rr.rewrite.clone());
-                Regex::new(&rr.pattern)
-                    .ok()
-                    .map(|re| UriRewrite::Regex(re, replacement))
-            } else if !rw.uri.is_empty() {
-                Some(UriRewrite::Prefix(rw.uri.clone()))
-            } else {
-                None
-            }
-        });
-        let fault = r.fault.as_ref().map(|f| Fault {
-            delay: f.delay.as_ref().and_then(|d| {
-                d.fixed_delay
-                    .map(|fd| (fd.as_std(), percent(d.percentage, d.percent)))
-            }),
-            abort: f.abort.as_ref().and_then(|a| {
-                a.http_status
-                    .and_then(|s| u16::try_from(s).ok())
-                    .map(|s| (s, percent(a.percentage, None)))
-            }),
+        let uri_rewrite = r
+            .rewrite
+            .as_ref()
+            .and_then(|rw| -> Option<Box<UriRewrite>> {
+                if let Some(rr) = &rw.uri_regex_rewrite {
+                    // Istio/RE2 writes capture groups as \1; Rust's regex uses ${1}.
+                    let replacement = Regex::new(r"\\(\d)")
+                        .map(|re| re.replace_all(&rr.rewrite, "$${$1}").into_owned())
+                        .unwrap_or_else(|_| rr.rewrite.clone());
+                    Regex::new(&rr.pattern)
+                        .ok()
+                        .map(|re| Box::new(UriRewrite::Regex(re, replacement)))
+                } else if !rw.uri.is_empty() {
+                    Some(Box::new(UriRewrite::Prefix(rw.uri.clone())))
+                } else {
+                    None
+                }
+            });
+        let fault = r.fault.as_ref().map(|f| {
+            Box::new(Fault {
+                delay: f.delay.as_ref().and_then(|d| {
+                    d.fixed_delay
+                        .map(|fd| (fd.as_std(), percent(d.percentage, d.percent)))
+                }),
+                abort: f.abort.as_ref().and_then(|a| {
+                    a.http_status
+                        .and_then(|s| u16::try_from(s).ok())
+                        .map(|s| (s, percent(a.percentage, None)))
+                }),
+            })
         });
         let headers = r.headers.as_ref();
         Route {
@@ -444,18 +470,15 @@ impl Route {
             authority_rewrite: r
                 .rewrite
                 .as_ref()
-                .and_then(|rw| (!rw.authority.is_empty()).then(|| rw.authority.clone())),
+                .and_then(|rw| (!rw.authority.is_empty()).then(|| rw.authority.as_str().into())),
             request_headers: HeaderOps::compile(headers.and_then(|h| h.request.as_ref())),
             response_headers: HeaderOps::compile(headers.and_then(|h| h.response.as_ref())),
             timeout: r.timeout.map(|t| t.as_std()).filter(|t| !t.is_zero()),
             // Client-side faults disable retries, as in Istio.
-            retry: if r.fault.is_some() {
-                RetryPolicy {
-                    attempts: 0,
-                    ..RetryPolicy::istio_default()
-                }
-            } else {
-                RetryPolicy::compile(r.retries.as_ref())
+            retry: match (&r.fault, &r.retries) {
+                (Some(_), _) => RetryPolicy::none(),
+                (None, None) => RetryPolicy::shared_default(),
+                (None, Some(retries)) => Arc::new(RetryPolicy::compile(Some(retries))),
             },
             fault,
             cors: r
@@ -483,7 +506,7 @@ impl Route {
             request_headers: HeaderOps::default(),
             response_headers: HeaderOps::default(),
             timeout: None,
-            retry: RetryPolicy::istio_default(),
+            retry: RetryPolicy::shared_default(),
             fault: None,
             cors: None,
             mirrors: Vec::new(),
@@ -495,7 +518,7 @@ impl Route {
     pub fn allow_any(passthrough: usize) -> Route {
         let mut r = Route::default_to(passthrough);
         r.name = Arc::from("allow_any");
-        r.retry.attempts = 0;
+        r.retry = RetryPolicy::none();
         r
     }
 
@@ -503,7 +526,7 @@ impl Route {
     /// `default` route): to the workload, with no timeout and no retries.
     pub fn inbound(cluster: usize) -> Route {
         let mut r = Route::default_to(cluster);
-        r.retry.attempts = 0;
+        r.retry = RetryPolicy::none();
         r
     }
 
@@ -518,7 +541,7 @@ impl Route {
 
     /// The path to send upstream after `rewrite.uri` / `uriRegexRewrite`.
     pub fn rewrite_path(&self, matched: Option<usize>, path: &str) -> Option<String> {
-        match self.uri_rewrite.as_ref()? {
+        match self.uri_rewrite.as_deref()? {
             UriRewrite::Regex(re, rep) => Some(re.replace_all(path, rep.as_str()).into_owned()),
             UriRewrite::Prefix(new) => {
                 let prefix = matched

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshgate_config::model::Config;
+use meshgate_config::view::ProxyView;
 use meshgate_config::{MeshSettings, view};
 use meshgate_identity::{CertificateAuthority, Source, SpiffeId, WorkloadIdentity};
 use meshgate_telemetry::{AccessLog, AccessLogFormat, Metrics};
@@ -753,7 +754,11 @@ pub fn scale_config(n: usize, one_entry: bool) -> Config {
 /// The compiled snapshot of `workload` in `config`, as a proxy builds it
 /// (an identity from a fresh in-memory CA; DNS pointed at a closed port).
 pub async fn snapshot(config: &Config, workload: &str) -> Snapshot {
-    let view = view::build(config, &MeshSettings::default(), workload).unwrap();
+    snapshot_of(view::build(config, &MeshSettings::default(), workload).unwrap()).await
+}
+
+/// The compiled snapshot of a view, as `snapshot` builds it.
+pub async fn snapshot_of(view: ProxyView) -> Snapshot {
     let identity = Mesh::default().identity(&view.workload.spiffe_id).await;
     let nobody = StandinCa::new("trusts nothing").unwrap();
     let ctx = BuildContext {

@@ -221,18 +221,33 @@ pub fn build(
     let sni_name = tls.sni.trim_start_matches("*.");
     let sni = ServerName::try_from(sni_name.to_owned())
         .map_err(|_| TlsSetupError::Sni(tls.sni.clone()))?;
+    // A certificate is verified for the name each connection sends (the
+    // SNI), so expecting just that name adds nothing: such clusters (one
+    // per external host, SNI = host) share one config instead of a ~1 KB
+    // config each.
+    let names: &[String] = match &tls.expected_identities[..] {
+        [only]
+            if !auto_sni
+                && only.eq_ignore_ascii_case(sni_name)
+                && matches!(tls.mode, ClientTlsMode::Simple | ClientTlsMode::Mutual) =>
+        {
+            &[]
+        }
+        names => names,
+    };
     let key = ConfigKey {
         mode: tls.mode,
         insecure_skip_verify: tls.insecure_skip_verify,
         ca_certificates: tls.ca_certificates.clone(),
-        expected_identities: tls.expected_identities.clone(),
+        expected_identities: names.to_vec(),
         client_cert: client_cert.map(|(c, k)| (c.to_owned(), k.to_owned())),
         h2,
     };
     let config = match configs.0.get(&key) {
         Some(config) => config.clone(),
         None => {
-            let config = client_config(tls, client_cert, h2, roots, identity, host)?;
+            let names = (names, roots, identity);
+            let config = client_config(tls, client_cert, h2, names, host)?;
             configs.0.insert(key, config.clone());
             config
         }
@@ -246,13 +261,13 @@ pub fn build(
 }
 
 /// One client config: verification (mesh SPIFFE, or the chain and the
-/// expected names), the client certificate, ALPN.
+/// expected names: none, the connection's SNI), the client certificate,
+/// ALPN.
 fn client_config(
     tls: &ClusterTls,
     client_cert: Option<(&str, &str)>,
     h2: bool,
-    roots: &DefaultRoots,
-    identity: Option<&Arc<WorkloadIdentity>>,
+    (names, roots, identity): (&[String], &DefaultRoots, Option<&Arc<WorkloadIdentity>>),
     host: &str,
 ) -> Result<Arc<ClientConfig>, TlsSetupError> {
     let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
@@ -294,8 +309,7 @@ fn client_config(
                     .map_err(rustls_err)?;
                 Some(webpki)
             };
-            let names = tls
-                .expected_identities
+            let names = names
                 .iter()
                 .filter_map(|n| ServerName::try_from(n.clone()).ok())
                 .collect();
@@ -373,5 +387,47 @@ mod tests {
         for other in [&other_names, &h2, &insecure] {
             assert!(!Arc::ptr_eq(&a.config, &other.config));
         }
+    }
+
+    /// Clusters whose one expected name is their SNI (an external host per
+    /// cluster, `sni` = host) share one config; each connection is still
+    /// verified for its own SNI.
+    #[tokio::test]
+    async fn clusters_expecting_only_their_sni_share_a_config_and_verify_it() {
+        let ca = crate::standin::StandinCa::new("test roots").unwrap();
+        let roots = DefaultRoots::only(meshgate_identity::cert::parse_certs(&ca.root_pem).unwrap())
+            .unwrap();
+        let mut configs = ClientConfigs::default();
+        let mut build = |sni: &str| {
+            build(
+                &simple(sni, &[sni]),
+                None,
+                false,
+                (&roots, None, &mut configs),
+                "h",
+            )
+            .unwrap()
+            .unwrap()
+        };
+        let (a, b) = (build("a.example"), build("b.example"));
+        assert!(Arc::ptr_eq(&a.config, &b.config));
+        assert_eq!(configs.0.len(), 1);
+
+        let server = ca.server_config(&["a.example".to_owned()]).unwrap();
+        let handshake = |tls: UpstreamTls| {
+            let server = server.clone();
+            async move {
+                let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+                let acceptor = tokio_rustls::TlsAcceptor::from(server);
+                let serve = tokio::spawn(async move { acceptor.accept(server_io).await.is_ok() });
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let client = connector.connect(tls.sni.clone(), client_io).await;
+                let _ = serve.await;
+                client.map(|_| ()).map_err(|e| e.to_string())
+            }
+        };
+        assert_eq!(handshake(a).await, Ok(()));
+        let refused = handshake(b).await.unwrap_err();
+        assert!(refused.contains("not valid for name"), "{refused}");
     }
 }
