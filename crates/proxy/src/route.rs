@@ -361,6 +361,12 @@ impl RetryPolicy {
         p
     }
 
+    /// Whether a response can be retried (then each attempt but the last
+    /// sends a copy of the request).
+    pub fn retries_responses(&self) -> bool {
+        self.on_5xx || self.on_gateway_error || !self.status_codes.is_empty()
+    }
+
     /// Should a response with this status be retried?
     pub fn retry_status(&self, status: u16) -> bool {
         (self.on_5xx && status >= 500)

@@ -1103,11 +1103,12 @@ impl Cluster {
     /// Sends one request (one attempt). The URI's authority is the
     /// connection pool's key and HTTP/2's `:authority`; the Host header is
     /// set by the caller. The answer's body carries its connection back to
-    /// the pool when it ends.
-    pub async fn send(&self, req: Request<Body>) -> Result<Answer, UpstreamError> {
+    /// the pool when it ends. A request no connection could be made for
+    /// comes back with the error.
+    pub async fn send(&self, req: Request<Body>) -> Result<Answer, Failure> {
         if self.in_flight.fetch_add(1, Ordering::Relaxed) >= self.max_in_flight {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
-            return Err(UpstreamError::Overflow);
+            return Err(UpstreamError::Overflow.into());
         }
         let _guard = InFlight(&self.in_flight);
         let mut req = req;
@@ -1116,31 +1117,47 @@ impl Cluster {
             // every request's future larger.
             Box::pin(self.route_by_hash(&mut req)).await?;
         }
-        self.pool()
-            .send(&self.core, req)
-            .await
-            .map_err(|e| classify(&e))
+        self.pool().send(&self.core, req).await.map_err(classify)
     }
 }
 
-fn classify(e: &PoolError) -> UpstreamError {
-    let e = match e {
-        PoolError::Connect(ConnectError::NoEndpoint(m)) => {
-            return UpstreamError::NoHealthyUpstream(m.clone());
+/// Why an attempt got no response, and its request if it never left (a
+/// connect failure): a retry sends it again instead of a copy.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: UpstreamError,
+    pub unsent: Option<Box<Request<Body>>>,
+}
+
+impl From<UpstreamError> for Failure {
+    fn from(error: UpstreamError) -> Self {
+        Failure {
+            error,
+            unsent: None,
         }
-        PoolError::Connect(ConnectError::Failed(m)) => {
-            return UpstreamError::ConnectFailure(m.clone());
+    }
+}
+
+fn classify(e: PoolError) -> Failure {
+    let e = match e {
+        PoolError::Connect(ConnectError::NoEndpoint(m), unsent) => {
+            let error = UpstreamError::NoHealthyUpstream(m);
+            return Failure { error, unsent };
+        }
+        PoolError::Connect(ConnectError::Failed(m), unsent) => {
+            let error = UpstreamError::ConnectFailure(m);
+            return Failure { error, unsent };
         }
         PoolError::Send(e) => e,
     };
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
     while let Some(s) = source {
         if let Some(crate::body::BodyError::Idle(_)) = s.downcast_ref() {
-            return UpstreamError::RequestIdle;
+            return UpstreamError::RequestIdle.into();
         }
         source = s.source();
     }
-    UpstreamError::Reset(error_chain(e))
+    UpstreamError::Reset(error_chain(&e)).into()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -1368,7 +1385,11 @@ mod tests {
             max_in_flight: 0,
             ..settings(Endpoints::Static(addrs()), false, None)
         });
-        let err = cluster.send(Request::new(Body::empty())).await.unwrap_err();
+        let err = cluster
+            .send(Request::new(Body::empty()))
+            .await
+            .unwrap_err()
+            .error;
         assert_eq!(err.flag(), ResponseFlags::UPSTREAM_OVERFLOW);
         assert_eq!(
             err.to_string(),

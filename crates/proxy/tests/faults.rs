@@ -614,6 +614,41 @@ async fn a_generated_hash_cookie_keeps_a_client_on_its_endpoint() {
     assert_eq!(used.len(), 2, "clients spread over both endpoints");
 }
 
+/// Istio's default retry policy retries a connect failure: a request whose
+/// endpoint refuses the connection goes to the other endpoint whole (the
+/// pool hands back the request it could not send; the headers are not
+/// copied for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_retried_with_the_whole_request() {
+    let mesh = Mesh::default();
+    let live = plain_http().await;
+    // Bound, then closed: connections to it are refused.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = two_endpoints("retried", [dead, live], "{simple: ROUND_ROBIN}");
+    let dns = dns_for("unused.example.com", 30).await;
+    let sc = sidecar(&mesh, &[&config], dns.addr).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    // Round robin: at least three of four requests try `dead` first.
+    for _ in 0..4 {
+        let got = curl(&[
+            "-x",
+            &proxy,
+            "-H",
+            "x-probe: kept",
+            "http://retried.example.com:8080/echo",
+        ])
+        .await;
+        assert_eq!(got.code, "200", "{got:?}");
+        assert!(got.body.contains("\"x-probe\": \"kept\""), "{got:?}");
+        let entry = sc.next_log().await;
+        assert_eq!(entry["upstream_host"], live.to_string(), "{entry}");
+        assert_eq!(entry["response_flags"], "-", "{entry}");
+    }
+}
+
 /// `NAME.example.com:8080` with two STATIC endpoints and a
 /// DestinationRule with this `loadBalancer`.
 fn two_endpoints(name: &str, endpoints: [SocketAddr; 2], load_balancer: &str) -> String {

@@ -21,7 +21,7 @@ use crate::conn::Conn;
 use crate::proxy::Proxy;
 use crate::route::{Route, WeightedCluster};
 use crate::snapshot::{ClusterEntry, InboundTarget, Snapshot};
-use crate::upstream::{Answer, DownstreamAddr, GeneratedCookie, UpstreamError};
+use crate::upstream::{Answer, DownstreamAddr, Failure, GeneratedCookie, UpstreamError};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -309,6 +309,10 @@ impl Upstream<'_> {
         } else {
             1 + retry.attempts
         };
+        // A retried response was sent with the headers, so they are copied
+        // for each attempt but the last; a request that never left (all
+        // Istio's default retries: connect failures) comes back with them.
+        let copy_headers = retry.retries_responses();
         let mut attempt = 0;
         let attempts = async {
             loop {
@@ -324,8 +328,8 @@ impl Upstream<'_> {
                 if let Some(c) = parts.extensions.get::<GeneratedCookie>() {
                     req.extensions_mut().insert(c.clone());
                 }
-                // The last possible attempt takes the headers; earlier ones copy.
-                *req.headers_mut() = if attempt < max_attempts {
+                let copied = copy_headers && attempt < max_attempts;
+                *req.headers_mut() = if copied {
                     parts.headers.clone()
                 } else {
                     std::mem::take(&mut parts.headers)
@@ -333,7 +337,7 @@ impl Upstream<'_> {
                 let sent = match retry.per_try_timeout {
                     Some(t) => tokio::time::timeout(t, cluster.send(req))
                         .await
-                        .unwrap_or(Err(UpstreamError::PerTryTimeout)),
+                        .unwrap_or_else(|_| Err(UpstreamError::PerTryTimeout.into())),
                     None => cluster.send(req).await,
                 };
                 let more = attempt < max_attempts;
@@ -342,10 +346,18 @@ impl Upstream<'_> {
                         tracing::debug!(cluster = %cluster.name(), status = %answer.response.status(), attempt, "retrying");
                     }
                     Ok(resp) => return Ok(resp),
-                    Err(e) if more && e.retry_safe() && retry.on_connect_failure => {
-                        tracing::debug!(cluster = %cluster.name(), error = %e, attempt, "retrying after connect failure");
+                    Err(Failure { error, unsent })
+                        if more
+                            && error.retry_safe()
+                            && retry.on_connect_failure
+                            && (copied || unsent.is_some()) =>
+                    {
+                        if let Some(unsent) = unsent {
+                            parts.headers = (*unsent).into_parts().0.headers;
+                        }
+                        tracing::debug!(cluster = %cluster.name(), error = %error, attempt, "retrying after connect failure");
                     }
-                    Err(e) => return Err(e),
+                    Err(f) => return Err(f.error),
                 }
                 // Boxed, as the fault delay.
                 Box::pin(tokio::time::sleep(retry.backoff * attempt)).await;
@@ -401,7 +413,7 @@ impl Upstream<'_> {
                 .unwrap_or(self.proxy.timeouts.stream_idle);
             tokio::spawn(async move {
                 let sent = tokio::time::timeout(limit, async {
-                    let answer = entry.cluster.send(req).await?;
+                    let answer = entry.cluster.send(req).await.map_err(|f| f.error)?;
                     // Read to its end, unkept: the connection goes back to
                     // the pool instead of being closed.
                     let mut body =

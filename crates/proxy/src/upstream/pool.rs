@@ -29,10 +29,26 @@ const STALE_TRIES: u32 = 3;
 /// Why a request got no response.
 #[derive(Debug)]
 pub(super) enum PoolError {
-    Connect(ConnectError),
+    /// No connection; the request, never sent, comes back (filled in by
+    /// `send`) so that a retry needs no copy of it.
+    Connect(ConnectError, Option<Box<Request<Body>>>),
     /// The connection failed while the request was out, or on a new
     /// connection before it.
     Send(hyper::Error),
+}
+
+impl PoolError {
+    fn connect(e: ConnectError) -> Self {
+        PoolError::Connect(e, None)
+    }
+
+    /// A connect error takes back the request that never left.
+    fn unsent(self, req: Request<Body>) -> Self {
+        match self {
+            PoolError::Connect(e, _) => PoolError::Connect(e, Some(Box::new(req))),
+            other => other,
+        }
+    }
 }
 
 /// A response, the endpoint it came from (none for a unix socket), and its
@@ -183,7 +199,13 @@ impl Pool {
                 // Boxed: connecting (DNS, TCP, TLS) is rare on a warm pool,
                 // and its state would make every request's future larger
                 // (and every move of it longer).
-                None => Box::pin(self.connect_h1(core, &uri, key)).await?,
+                None => match Box::pin(self.connect_h1(core, &uri, key)).await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        *req.uri_mut() = uri;
+                        return Err(e.unsent(req));
+                    }
+                },
             };
             if reused && !ready(&mut conn.sender, core.connect_timeout).await {
                 stale += 1;
@@ -242,7 +264,7 @@ impl Pool {
         uri: &Uri,
         key: &str,
     ) -> Result<H1, PoolError> {
-        let conn = core.connect(uri).await.map_err(PoolError::Connect)?;
+        let conn = core.connect(uri).await.map_err(PoolError::connect)?;
         let upstream = conn.endpoint();
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(conn))
@@ -271,7 +293,11 @@ impl Pool {
             .slot(req.uri().authority().map_or("", |a| a.as_str()));
         let mut stale = 0;
         loop {
-            let (mut sender, upstream, reused) = self.checkout_h2(core, &slot, req.uri()).await?;
+            let (mut sender, upstream, reused) =
+                match self.checkout_h2(core, &slot, req.uri()).await {
+                    Ok(checked_out) => checked_out,
+                    Err(e) => return Err(e.unsent(req)),
+                };
             if sender.ready().await.is_err() && reused && stale < STALE_TRIES {
                 stale += 1;
                 forget(&slot, None).await;
@@ -331,7 +357,7 @@ impl Pool {
 
 /// Dials and speaks HTTP/2 within the connect timeout.
 async fn connect_h2(core: &Arc<ClusterCore>, uri: &Uri) -> Result<H2, PoolError> {
-    let conn = core.connect(uri).await.map_err(PoolError::Connect)?;
+    let conn = core.connect(uri).await.map_err(PoolError::connect)?;
     let upstream = conn.endpoint();
     let handshake = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -340,7 +366,7 @@ async fn connect_h2(core: &Arc<ClusterCore>, uri: &Uri) -> Result<H2, PoolError>
         Ok(Ok(x)) => x,
         Ok(Err(e)) => return Err(PoolError::Send(e)),
         Err(_) => {
-            return Err(PoolError::Connect(ConnectError::Failed(
+            return Err(PoolError::connect(ConnectError::Failed(
                 "HTTP/2 handshake timeout".into(),
             )));
         }
