@@ -482,12 +482,20 @@ fn weighted(r: &RouteView, index: &HashMap<&str, usize>) -> Vec<WeightedCluster>
 fn route_table(v: &ProxyView, port: u16, index: &HashMap<&str, usize>) -> RouteTable {
     let mut vhosts: Vec<VirtualHost> = Vec::new();
     let mut by_host: HashMap<String, usize> = HashMap::new();
+    // Rule names (`#0`, `default`) repeat from host to host: one each.
+    let mut names: std::collections::HashSet<Arc<str>> = std::collections::HashSet::new();
     for r in v
         .routes
         .iter()
         .filter(|r| r.listener_port == u32::from(port) && r.sni_hosts.is_empty() && !r.is_tcp())
     {
         let mut route = Route::compile(r, weighted(r, index));
+        match names.get(&route.name) {
+            Some(name) => route.name = name.clone(),
+            None => {
+                names.insert(route.name.clone());
+            }
+        }
         route.mirrors = r
             .mirrors
             .iter()
