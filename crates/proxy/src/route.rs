@@ -611,7 +611,8 @@ pub fn split_host_port(authority: &str) -> (&str, Option<u16>) {
 /// Routes for one host (or wildcard).
 #[derive(Debug, Clone)]
 pub struct VirtualHost {
-    /// Lowercase host patterns (`a.com`, `*.a.com`, `*`).
+    /// Lowercase host patterns (`a.com`, `*.a.com`, `*`); `RouteTable::new`
+    /// moves them into its index (a gateway has thousands).
     pub domains: Vec<String>,
     pub routes: Vec<Route>,
 }
@@ -637,16 +638,16 @@ struct DomainIndex {
 }
 
 impl DomainIndex {
-    fn new(vhosts: &[VirtualHost]) -> DomainIndex {
+    fn new(vhosts: &mut [VirtualHost]) -> DomainIndex {
         let mut index = DomainIndex::default();
-        for (i, vh) in vhosts.iter().enumerate() {
-            for d in &vh.domains {
+        for (i, vh) in vhosts.iter_mut().enumerate() {
+            for d in std::mem::take(&mut vh.domains) {
                 if d == "*" {
                     index.any = Some(i);
                 } else if let Some(suffix) = d.strip_prefix('*') {
                     index.suffixes.insert(suffix.to_owned(), i);
                 } else {
-                    index.exact.insert(d.clone(), i);
+                    index.exact.insert(d, i);
                 }
             }
         }
@@ -687,8 +688,8 @@ pub enum Routed<'a> {
 }
 
 impl RouteTable {
-    pub fn new(vhosts: Vec<VirtualHost>) -> RouteTable {
-        let index = DomainIndex::new(&vhosts);
+    pub fn new(mut vhosts: Vec<VirtualHost>) -> RouteTable {
+        let index = DomainIndex::new(&mut vhosts);
         RouteTable { vhosts, index }
     }
 
