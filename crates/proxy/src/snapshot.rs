@@ -215,11 +215,19 @@ impl Snapshot {
             })
             .unwrap_or_default();
 
+        // What only the inspection port reads is taken first: then each
+        // cluster's view is freed as it is compiled, and the compiled
+        // clusters fill the memory the views leave instead of leaving holes
+        // around them once the view is gone (freed heap goes back to the
+        // system only in whole pages).
+        let view_deflated = deflated_json(&view);
+        let certificate_files = certificate_files(&view);
+        let mut view = view;
         let mut clusters = Vec::with_capacity(view.clusters.len() + 1);
         let mut cluster_names: Vec<Arc<str>> = Vec::with_capacity(view.clusters.len() + 1);
         let mut shared = Shared::default();
-        for c in &view.clusters {
-            let cluster = build_cluster(c, ctx, role, &previous, &mut shared)?;
+        for c in std::mem::take(&mut view.clusters) {
+            let cluster = build_cluster(&c, ctx, role, &previous, &mut shared)?;
             cluster_names.push(
                 cluster
                     .as_ref()
@@ -227,12 +235,15 @@ impl Snapshot {
             );
             clusters.push(cluster);
         }
-        let index: HashMap<&str, usize> = view
-            .clusters
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.name.as_str(), i))
-            .collect();
+        let listeners = {
+            let index: HashMap<&str, usize> = cluster_names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (&**n, i))
+                .collect();
+            listeners(&view, role, ctx, &index)?
+        };
+        view.routes = Vec::new();
         let passthrough = (role == Role::Sidecar).then(|| {
             let pt = previous
                 .get(PASSTHROUGH_CLUSTER)
@@ -255,7 +266,6 @@ impl Snapshot {
         } else {
             HashMap::new()
         };
-        let listeners = listeners(&view, role, ctx, &index)?;
         let policies = view
             .authorization_policies
             .iter()
@@ -281,11 +291,6 @@ impl Snapshot {
             (Some(OutboundMode::AllowAny), Some(i)) => Some(Route::allow_any(i)),
             _ => None,
         };
-        let view_deflated = deflated_json(&view);
-        let certificate_files = certificate_files(&view);
-        let mut view = view;
-        view.clusters = Vec::new();
-        view.routes = Vec::new();
         Ok(Snapshot {
             role,
             source: Arc::new(WorkloadLabels::of(&view.workload)),
