@@ -266,16 +266,16 @@ fn captured_curl_reaches_the_gateway_over_mtls() {
         w.logs()
     );
 
-    // Sidecar to gateway is the workload's HTTP/1.1 inside mutual TLS (no
-    // h2UpgradePolicy: Istio does not upgrade); the gateway's access log
+    // Sidecar to gateway is HTTP/2 inside mutual TLS (meshgate peers
+    // multiplex by default, see the README); the gateway's access log
     // names the caller.
     w.gateway
-        .wait_for("\"GET /todos/1 HTTP/1.1\" 200", Duration::from_secs(10));
+        .wait_for("\"GET /todos/1 HTTP/2\" 200", Duration::from_secs(10));
     let gw_log = w.gateway.stdout_lines();
     assert!(
         gw_log
             .iter()
-            .any(|l| l.contains("\"GET /todos/1 HTTP/1.1\" 200") && l.ends_with(CURL_ID)),
+            .any(|l| l.contains("\"GET /todos/1 HTTP/2\" 200") && l.ends_with(CURL_ID)),
         "{gw_log:?}"
     );
     // REGISTRY_ONLY: an unregistered host gets 502, a raw TCP port is closed.

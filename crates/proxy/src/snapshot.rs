@@ -634,6 +634,7 @@ fn local_settings(name: Arc<str>) -> ClusterSettings {
         endpoints: Endpoints::FromUri,
         tls: None,
         h2: false,
+        h1_upgrades: None,
         connect_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(3600),
         max_requests_per_connection: None,
@@ -797,7 +798,8 @@ fn cluster_settings(
     shared: &mut Shared,
 ) -> Result<ClusterSettings, BuildError> {
     let policy = &c.policy;
-    let h2 = speaks_h2(c.protocol, policy);
+    let http = upstream_http(c.protocol, policy, c.tls.mode);
+    let h2 = http != UpstreamHttp::Http1;
     let tls_error = |reason: String| BuildError::Tls {
         cluster: c.name.clone(),
         reason,
@@ -815,6 +817,19 @@ fn cluster_settings(
         &c.host,
     )
     .map_err(|e| tls_error(e.to_string()))?;
+    // The same verification and identity, offering HTTP/1.1.
+    let h1_upgrades = match http {
+        UpstreamHttp::Http2Peers => upstream_tls::build(
+            &c.tls,
+            client_cert,
+            false,
+            (&ctx.roots, ctx.identity.as_ref(), &mut shared.tls_configs),
+            &c.host,
+        )
+        .map_err(|e| tls_error(e.to_string()))?
+        .map(|t| t.config),
+        _ => None,
+    };
     let pool = policy.connection_pool.as_ref();
     let tcp = pool.and_then(|p| p.tcp.as_ref());
     let http = pool.and_then(|p| p.http.as_ref());
@@ -832,6 +847,7 @@ fn cluster_settings(
         endpoints: endpoints(c, ctx, shared),
         tls,
         h2,
+        h1_upgrades,
         connect_timeout: tcp
             .and_then(|t| t.connect_timeout)
             .map_or(Duration::from_secs(10), |d| d.as_std()),
@@ -919,21 +935,38 @@ fn hash_on(c: &meshgate_config::model::networking::ConsistentHashLb) -> Option<H
         .map(HashOn::QueryParameter)
 }
 
-/// Whether a cluster speaks HTTP/2 upstream: HTTP2/GRPC ports do; HTTP
-/// ports only with `h2UpgradePolicy: UPGRADE` (Istio's default is
-/// DO_NOT_UPGRADE, also between sidecars and gateways).
-fn speaks_h2(protocol: Protocol, policy: &view::EffectivePolicy) -> bool {
+/// How a cluster speaks HTTP upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpstreamHttp {
+    Http1,
+    Http2,
+    /// HTTP/2 to a meshgate peer, by default; its HTTP/1.1 upgrades
+    /// (WebSocket) go on HTTP/1.1.
+    Http2Peers,
+}
+
+/// HTTP2/GRPC ports speak HTTP/2; HTTP ports as `h2UpgradePolicy` says.
+/// Unset, Istio keeps HTTP/1.1 (DO_NOT_UPGRADE), also between mesh peers;
+/// meshgate peers (mesh mutual TLS) multiplex, which halves the writes
+/// per request on the mesh hop and keeps the application's HTTP semantics
+/// (the README says so). Elsewhere Istio's default holds.
+fn upstream_http(
+    protocol: Protocol,
+    policy: &view::EffectivePolicy,
+    tls: ClientTlsMode,
+) -> UpstreamHttp {
     use meshgate_config::model::networking::H2UpgradePolicy;
-    let upgrade = policy
+    let declared = policy
         .connection_pool
         .as_ref()
         .and_then(|p| p.http.as_ref())
         .and_then(|h| h.h2_upgrade_policy)
-        == Some(H2UpgradePolicy::Upgrade);
-    match protocol {
-        Protocol::Http2 | Protocol::Grpc => true,
-        Protocol::Http => upgrade,
-        _ => false,
+        .filter(|p| *p != H2UpgradePolicy::Default);
+    match (protocol, declared) {
+        (Protocol::Http2 | Protocol::Grpc, _) => UpstreamHttp::Http2,
+        (Protocol::Http, Some(H2UpgradePolicy::Upgrade)) => UpstreamHttp::Http2,
+        (Protocol::Http, None) if tls == ClientTlsMode::IstioMutual => UpstreamHttp::Http2Peers,
+        _ => UpstreamHttp::Http1,
     }
 }
 

@@ -243,6 +243,9 @@ struct ClusterCore {
     endpoints: Endpoints,
     resolver: Resolver,
     tls: Option<UpstreamTls>,
+    /// An HTTP/2 cluster's TLS (ALPN http/1.1) for its HTTP/1.1 upgrades
+    /// (see `ClusterSettings::h1_upgrades`).
+    tls_h1: Option<Arc<rustls::ClientConfig>>,
     connect_timeout: Duration,
     lb: SimpleLb,
     /// `consistentHash`: the same key goes to the same endpoint. What few
@@ -598,8 +601,9 @@ impl AsyncWrite for Conn {
 
 impl ClusterCore {
     /// A new connection for a request to `uri`: resolves, load-balances,
-    /// connects and handshakes within the connect timeout.
-    async fn connect(self: &Arc<Self>, uri: &http::Uri) -> Result<Conn, ConnectError> {
+    /// connects and handshakes within the connect timeout. `h1`: for
+    /// HTTP/1.1 (an HTTP/2 cluster's upgrades offer ALPN http/1.1).
+    async fn connect(self: &Arc<Self>, uri: &http::Uri, h1: bool) -> Result<Conn, ConnectError> {
         if let Endpoints::Unix(path) = &self.endpoints {
             return self.connect_unix(path).await;
         }
@@ -640,14 +644,20 @@ impl ClusterCore {
         self.track(addr, 1);
         let stream = match &self.tls {
             None => UpstreamStream::Plain(tcp),
-            Some(tls) => match handshake(tls, request_sni(tls, uri), tcp, deadline).await {
-                Ok(stream) => stream,
-                Err(reason) => {
-                    self.track(addr, -1);
-                    self.observe(addr, 503);
-                    return Err(ConnectError::Failed(format!("TLS_error: {reason}")));
+            Some(tls) => {
+                let config = match &self.tls_h1 {
+                    Some(h1_config) if h1 => h1_config,
+                    _ => &tls.config,
+                };
+                match handshake(config, request_sni(tls, uri), tcp, deadline).await {
+                    Ok(stream) => stream,
+                    Err(reason) => {
+                        self.track(addr, -1);
+                        self.observe(addr, 503);
+                        return Err(ConnectError::Failed(format!("TLS_error: {reason}")));
+                    }
                 }
-            },
+            }
         };
         Ok(Conn {
             stream,
@@ -714,12 +724,12 @@ fn request_sni(tls: &UpstreamTls, uri: &http::Uri) -> rustls::pki_types::ServerN
 /// The TLS handshake with an upstream, by `deadline`. (HTTP/2 is the
 /// cluster's setting; its ALPN offers only what the cluster speaks.)
 async fn handshake(
-    tls: &UpstreamTls,
+    config: &Arc<rustls::ClientConfig>,
     sni: rustls::pki_types::ServerName<'static>,
     tcp: TcpStream,
     deadline: tokio::time::Instant,
 ) -> Result<UpstreamStream, String> {
-    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    let connector = tokio_rustls::TlsConnector::from(config.clone());
     match tokio::time::timeout_at(deadline, connector.connect(sni, tcp)).await {
         Ok(Ok(s)) => Ok(UpstreamStream::Tls(Box::new(s))),
         Ok(Err(e)) => Err(meshgate_identity::tls::handshake_error_reason(&e)),
@@ -734,6 +744,11 @@ pub struct ClusterSettings {
     pub endpoints: Endpoints,
     pub tls: Option<UpstreamTls>,
     pub h2: bool,
+    /// An HTTP/2 cluster that sends HTTP/1.1 upgrades (WebSocket) on
+    /// HTTP/1.1 connections, made with this TLS config (ALPN http/1.1):
+    /// meshgate peers speak HTTP/2 by default, and an upgrade has no
+    /// HTTP/2 form between them.
+    pub h1_upgrades: Option<Arc<rustls::ClientConfig>>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_requests_per_connection: Option<u32>,
@@ -765,6 +780,9 @@ pub struct Cluster {
     /// The pool, made on the cluster's first request: a gateway with
     /// thousands of hosts keeps no pool for those nobody calls.
     pool: std::sync::OnceLock<Pool>,
+    /// HTTP/1.1 connections for an HTTP/2 cluster's upgrades
+    /// (`h1_upgrades`).
+    upgrade_pool: Option<Box<std::sync::OnceLock<Pool>>>,
     idle_timeout: Duration,
     in_flight: AtomicUsize,
     max_in_flight: usize,
@@ -774,6 +792,9 @@ pub struct Cluster {
     /// Its connections do not depend on a request's authority (see
     /// `pool_authority`).
     one_pool_key: bool,
+    /// HTTP/2 whose connections do not depend on a request's authority:
+    /// one connection carries all its requests, as Envoy's pool.
+    shared_h2: bool,
 }
 
 /// Keeps the in-flight count right however a request ends.
@@ -851,20 +872,22 @@ impl Cluster {
 
     pub fn new(s: ClusterSettings, resolver: Resolver) -> Cluster {
         let h2 = s.h2;
-        // HTTP/2 sends the authority as `:authority`; a hashed request
-        // names its endpoint by it; the others resolve or verify it.
-        let one_pool_key = !h2
-            && s.hash.is_none()
+        // A hashed request names its endpoint by its authority; the others
+        // resolve or verify it. (HTTP/2 sends it as `:authority`, so its
+        // requests keep theirs: the pool shares its connection by itself.)
+        let fixed_connections = s.hash.is_none()
             && matches!(
                 s.endpoints,
                 Endpoints::Dns { .. } | Endpoints::Static(_) | Endpoints::Unix(_)
             )
             && s.tls.as_ref().is_none_or(|t| !t.auto_sni);
+        let upgrade_pool = (h2 && s.h1_upgrades.is_some()).then(Box::default);
         let core = Arc::new(ClusterCore {
             name: s.name,
             endpoints: s.endpoints,
             resolver,
             tls: s.tls,
+            tls_h1: s.h1_upgrades.filter(|_| h2),
             connect_timeout: s.connect_timeout,
             lb: s.lb,
             hash: s.hash.map(Box::new),
@@ -877,11 +900,13 @@ impl Cluster {
             core,
             h2,
             pool: std::sync::OnceLock::new(),
+            upgrade_pool,
             idle_timeout: s.idle_timeout,
             in_flight: AtomicUsize::new(0),
             max_in_flight: s.max_in_flight,
             max_requests_per_connection: s.max_requests_per_connection.filter(|n| *n > 0),
-            one_pool_key,
+            one_pool_key: !h2 && fixed_connections,
+            shared_h2: h2 && fixed_connections,
         }
     }
 
@@ -896,11 +921,17 @@ impl Cluster {
             .then(|| http::uri::Authority::from_static("cluster"))
     }
 
-    /// The pool (made on first use).
-    fn pool(&self) -> &Pool {
-        self.pool.get_or_init(|| {
+    /// The pool for a request (made on first use): an HTTP/2 cluster's
+    /// upgrades (HTTP/1.1 requests) have their own.
+    fn pool(&self, version: http::Version) -> &Pool {
+        let (pool, h2) = match &self.upgrade_pool {
+            Some(upgrades) if version == http::Version::HTTP_11 => (&**upgrades, false),
+            _ => (&self.pool, self.h2),
+        };
+        pool.get_or_init(|| {
             Pool::new(PoolSettings {
-                h2: self.h2,
+                h2,
+                one_key: h2 && self.shared_h2,
                 keep: self.max_requests_per_connection != Some(1),
                 idle_timeout: self.idle_timeout,
                 max_requests: self.max_requests_per_connection,
@@ -954,9 +985,15 @@ impl Cluster {
         self.core.hash.as_deref() == Some(&HashOn::SourceIp)
     }
 
-    /// HTTP/2 toward the upstream (HTTP2/GRPC ports).
+    /// HTTP/2 toward the upstream (HTTP2/GRPC ports, `h2UpgradePolicy`,
+    /// meshgate peers).
     pub fn is_h2(&self) -> bool {
         self.h2
+    }
+
+    /// HTTP/2, but an HTTP/1.1 upgrade goes on HTTP/1.1 (`h1_upgrades`).
+    pub fn upgrades_on_h1(&self) -> bool {
+        self.upgrade_pool.is_some()
     }
 
     pub fn is_tls(&self) -> bool {
@@ -991,7 +1028,7 @@ impl Cluster {
         core.track(addr, 1);
         let stream = match &core.tls {
             None => UpstreamStream::Plain(tcp),
-            Some(tls) => match handshake(tls, tls.sni.clone(), tcp, deadline).await {
+            Some(tls) => match handshake(&tls.config, tls.sni.clone(), tcp, deadline).await {
                 Ok(stream) => stream,
                 Err(reason) => {
                     core.track(addr, -1);
@@ -1117,7 +1154,10 @@ impl Cluster {
             // every request's future larger.
             Box::pin(self.route_by_hash(&mut req)).await?;
         }
-        self.pool().send(&self.core, req).await.map_err(classify)
+        self.pool(req.version())
+            .send(&self.core, req)
+            .await
+            .map_err(classify)
     }
 }
 
@@ -1240,6 +1280,7 @@ mod tests {
             endpoints: Endpoints::Static(Vec::new()),
             resolver: Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
             tls: None,
+            tls_h1: None,
             connect_timeout: Duration::from_secs(1),
             lb,
             hash: None,
@@ -1337,6 +1378,7 @@ mod tests {
             endpoints,
             tls: None,
             h2,
+            h1_upgrades: None,
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
             max_requests_per_connection: None,

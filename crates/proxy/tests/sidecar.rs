@@ -28,8 +28,8 @@ async fn captured_http_reaches_the_gateway_over_mutual_tls() {
     assert_eq!(got.answer(), ("200", standin::TODO_1));
 
     // The sidecar routed by the mesh VirtualService to the gateway's
-    // Service; the gateway saw the workload's HTTP/1.1 inside mutual TLS
-    // (no h2UpgradePolicy: Istio does not upgrade) and the caller's identity.
+    // Service; the gateway saw the request on HTTP/2 inside mutual TLS
+    // (meshgate peers multiplex by default) and the caller's identity.
     let sidecar = chain.sidecar.next_log().await;
     assert_eq!(
         sidecar["upstream_cluster"],
@@ -38,7 +38,7 @@ async fn captured_http_reaches_the_gateway_over_mutual_tls() {
     assert_eq!(sidecar["route_name"], "#0");
     assert_eq!(sidecar["downstream_local_address"], "203.0.113.10:80");
     let gateway = chain.gateway.next_log().await;
-    assert_eq!(gateway["protocol"], "HTTP/1.1");
+    assert_eq!(gateway["protocol"], "HTTP/2");
     assert_eq!(gateway["downstream_peer_uri_san"], CURL_ID);
     let gm = chain.gateway.metrics_text();
     assert_eq!(
@@ -342,13 +342,13 @@ async fn upgrades_tunnel_through_sidecar_and_gateway() {
     );
 }
 
-/// Istio does not upgrade HTTP/1.1 to h2 between mesh peers unless a
-/// DestinationRule says `h2UpgradePolicy: UPGRADE`; then the sidecar speaks
-/// h2 (ALPN inside mutual TLS) to the gateway.
+/// Istio speaks the application's protocol between mesh peers unless a
+/// DestinationRule says `h2UpgradePolicy: UPGRADE`; meshgate peers speak
+/// HTTP/2 (ALPN inside mutual TLS) unless it says `DO_NOT_UPGRADE`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn h2_upgrade_policy_makes_the_sidecar_speak_h2_to_the_gateway() {
+async fn do_not_upgrade_keeps_http1_between_meshgate_peers() {
     let chain = SeedChain::start(&[
-        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: gateway-h2, namespace: curl-external-tst}\nspec:\n  host: curl-egress-tst.curl-egress-tst.svc.cluster.local\n  trafficPolicy:\n    connectionPool:\n      http: {h2UpgradePolicy: UPGRADE}\n",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: gateway-h1, namespace: curl-external-tst}\nspec:\n  host: curl-egress-tst.curl-egress-tst.svc.cluster.local\n  trafficPolicy:\n    connectionPool:\n      http: {h2UpgradePolicy: DO_NOT_UPGRADE}\n",
     ])
     .await;
     for _ in 0..2 {
@@ -357,7 +357,7 @@ async fn h2_upgrade_policy_makes_the_sidecar_speak_h2_to_the_gateway() {
             .await;
         assert_eq!(got.answer(), ("200", standin::TODO_1));
         let entry = chain.gateway.next_log().await;
-        assert_eq!(entry["protocol"], "HTTP/2");
+        assert_eq!(entry["protocol"], "HTTP/1.1");
         assert_eq!(entry["downstream_peer_uri_san"], CURL_ID);
     }
 }

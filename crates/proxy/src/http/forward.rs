@@ -162,11 +162,14 @@ impl Upstream<'_> {
         let authority = route.authority_rewrite.as_deref().unwrap_or(head.authority);
         let path = new_path.as_deref().or(head.normalized.then_some(head.path));
         let uri = self.upstream_uri(&parts, path, head.query, authority)?;
-        let h2 = self.cluster.cluster.is_h2();
+        let cluster = &self.cluster.cluster;
         // An HTTP/1.1 upgrade (WebSocket and the like) keeps its Upgrade and
         // Connection headers and, once the upstream answers 101, becomes a
-        // byte tunnel through every hop, as Envoy's upgrade_configs do.
-        let upgrade = upgrade_protocol(&parts).filter(|_| !h2);
+        // byte tunnel through every hop, as Envoy's upgrade_configs do;
+        // toward a meshgate peer it goes on HTTP/1.1 (`upgrades_on_h1`).
+        let upgrade =
+            upgrade_protocol(&parts).filter(|_| !cluster.is_h2() || cluster.upgrades_on_h1());
+        let h2 = cluster.is_h2() && upgrade.is_none();
         let downstream_upgrade = upgrade
             .as_ref()
             .and_then(|_| parts.extensions.remove::<OnUpgrade>());

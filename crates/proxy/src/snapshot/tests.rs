@@ -63,7 +63,8 @@ fn cluster(s: &Snapshot) -> Arc<ClusterEntry> {
 }
 
 #[test]
-fn h2_only_for_h2_ports_or_an_explicit_upgrade() {
+fn h2_for_h2_ports_an_explicit_upgrade_or_meshgate_peers() {
+    use UpstreamHttp::{Http1, Http2, Http2Peers};
     use meshgate_config::model::networking::{
         ConnectionPoolSettings, H2UpgradePolicy, HttpSettings,
     };
@@ -78,17 +79,34 @@ fn h2_only_for_h2_ports_or_an_explicit_upgrade() {
         ..Default::default()
     };
     let none = view::EffectivePolicy::default();
+    let default = policy(Some(H2UpgradePolicy::Default));
     let up = policy(Some(H2UpgradePolicy::Upgrade));
     let keep = policy(Some(H2UpgradePolicy::DoNotUpgrade));
-    for (protocol, policy, want) in [
-        (Protocol::Http, &none, false),
-        (Protocol::Http, &keep, false),
-        (Protocol::Http, &up, true),
-        (Protocol::Http2, &none, true),
-        (Protocol::Grpc, &none, true),
-        (Protocol::Tcp, &up, false),
+    let (plain, simple, mesh) = (
+        ClientTlsMode::Disable,
+        ClientTlsMode::Simple,
+        ClientTlsMode::IstioMutual,
+    );
+    for (protocol, policy, tls, want) in [
+        (Protocol::Http, &none, plain, Http1),
+        (Protocol::Http, &none, simple, Http1),
+        (Protocol::Http, &keep, plain, Http1),
+        (Protocol::Http, &up, plain, Http2),
+        (Protocol::Http2, &none, plain, Http2),
+        (Protocol::Grpc, &none, simple, Http2),
+        (Protocol::Tcp, &up, plain, Http1),
+        // Between meshgate peers, unless the DestinationRule keeps HTTP/1.1.
+        (Protocol::Http, &none, mesh, Http2Peers),
+        (Protocol::Http, &default, mesh, Http2Peers),
+        (Protocol::Http, &keep, mesh, Http1),
+        (Protocol::Http, &up, mesh, Http2),
+        (Protocol::Tcp, &none, mesh, Http1),
     ] {
-        assert_eq!(speaks_h2(protocol, policy), want, "{protocol:?} {policy:?}");
+        assert_eq!(
+            upstream_http(protocol, policy, tls),
+            want,
+            "{protocol:?} {policy:?} {tls:?}"
+        );
     }
 }
 

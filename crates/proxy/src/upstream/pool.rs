@@ -64,6 +64,9 @@ pub struct Answer {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct PoolSettings {
     pub h2: bool,
+    /// HTTP/2: one connection for every request, whatever its authority
+    /// (the cluster's endpoints and SNI do not depend on it).
+    pub one_key: bool,
     /// Connections are kept between requests (`maxRequestsPerConnection`
     /// is not 1).
     pub keep: bool,
@@ -264,7 +267,7 @@ impl Pool {
         uri: &Uri,
         key: &str,
     ) -> Result<H1, PoolError> {
-        let conn = core.connect(uri).await.map_err(PoolError::connect)?;
+        let conn = core.connect(uri, true).await.map_err(PoolError::connect)?;
         let upstream = conn.endpoint();
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(conn))
@@ -288,9 +291,12 @@ impl Pool {
         core: &Arc<ClusterCore>,
         mut req: Request<Body>,
     ) -> Result<Answer, PoolError> {
-        let slot = self
-            .shared
-            .slot(req.uri().authority().map_or("", |a| a.as_str()));
+        let key = if self.shared.settings.one_key {
+            ""
+        } else {
+            req.uri().authority().map_or("", |a| a.as_str())
+        };
+        let slot = self.shared.slot(key);
         let mut stale = 0;
         loop {
             let (mut sender, upstream, reused) =
@@ -357,7 +363,7 @@ impl Pool {
 
 /// Dials and speaks HTTP/2 within the connect timeout.
 async fn connect_h2(core: &Arc<ClusterCore>, uri: &Uri) -> Result<H2, PoolError> {
-    let conn = core.connect(uri).await.map_err(PoolError::connect)?;
+    let conn = core.connect(uri, false).await.map_err(PoolError::connect)?;
     let upstream = conn.endpoint();
     let handshake = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
