@@ -58,8 +58,15 @@ impl Proxy {
         let start_time = SystemTime::now();
         let snap = self.state.load_full();
         let (mut parts, body) = req.into_parts();
-        if !parts.headers.contains_key(&X_REQUEST_ID) {
-            parts.headers.insert(X_REQUEST_ID, new_request_id());
+        // Unique per request: HPACK sends it as a never-indexed literal
+        // (`set_sensitive`) rather than adding each one to the connection's
+        // table, where it would evict useful entries and make every later
+        // `x-request-id` search a growing chain of them.
+        match parts.headers.entry(X_REQUEST_ID) {
+            header::Entry::Occupied(mut id) => id.get_mut().set_sensitive(true),
+            header::Entry::Vacant(slot) => {
+                slot.insert(new_request_id());
+            }
         }
         // Cheap clones (shared buffers), so the request can move on while
         // these are borrowed.
@@ -392,7 +399,9 @@ fn new_request_id() -> HeaderValue {
     out[20..23].copy_from_slice(&digits[15..18]);
     out[24..].copy_from_slice(&digits[18..30]);
     // Hex digits and dashes are always a valid header value.
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    let mut id = HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("-"));
+    id.set_sensitive(true);
+    id
 }
 
 #[cfg(test)]
@@ -404,6 +413,7 @@ mod tests {
         let a = new_request_id();
         let b = new_request_id();
         assert_ne!(a, b);
+        assert!(a.is_sensitive(), "HPACK never indexes a unique value");
         let s = a.to_str().unwrap_or_default();
         let groups: Vec<&str> = s.split('-').collect();
         assert_eq!(
