@@ -8,13 +8,21 @@ fn set_no_kube_cfg() {
     let dir = std::env::var("MESHGATE_KUBE_BIN")
         .unwrap_or_else(|_| "/var/cache/meshgate/kube/v1.34.4".to_owned());
     // Built later: the next build looks again.
-    println!("cargo::rerun-if-changed={dir}");
+    rerun_if_created(std::path::Path::new(&dir));
     let found = ["kube-apiserver", "etcd", "kubectl"]
         .iter()
         .all(|b| std::path::Path::new(&dir).join(b).is_file());
     if !found {
         println!("cargo::rustc-cfg=no_kube");
     }
+}
+
+/// Reruns the build script when `path` changes or comes to be. Cargo
+/// takes a missing path as changed, so every build would run the script
+/// again and rebuild the crate: watch the nearest ancestor that exists.
+fn rerun_if_created(path: &std::path::Path) {
+    let existing = path.ancestors().find(|p| p.exists()).unwrap_or(path);
+    println!("cargo::rerun-if-changed={}", existing.display());
 }
 
 /// Where `tests/istio/build` puts istiod's `pilot-discovery`.
@@ -34,7 +42,7 @@ fn set_no_istiod_cfg() {
     let bin = std::path::Path::new(&bin);
     // Built later: the next build looks again.
     if let Some(dir) = bin.parent() {
-        println!("cargo::rerun-if-changed={}", dir.display());
+        rerun_if_created(dir);
     }
     if !bin.is_file()
         || !bin.with_file_name("istio-csr").is_file()
