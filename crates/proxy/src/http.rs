@@ -195,15 +195,16 @@ impl Proxy {
     ) -> Response<Body> {
         let status = outcome.response.status().as_u16();
         let cluster = plan.destination.and_then(|d| snap.cluster(d.cluster));
+        // Borrowed from the cluster, the common case: no clone to drop.
         let destination = match (&plan.action, cluster) {
-            (_, Some(c)) => c.labels.clone(),
-            (RequestAction::Local(l), None) if l.destination.is_some() => {
-                DestinationLabels::named(Arc::from(l.destination.unwrap_or_default()))
-            }
+            (_, Some(c)) => Cow::Borrowed(&c.labels),
+            (RequestAction::Local(l), None) if l.destination.is_some() => Cow::Owned(
+                DestinationLabels::named(Arc::from(l.destination.unwrap_or_default())),
+            ),
             // No cluster: the client's Host must not become a label value
             // (Istio reports `unknown`, not `request.host`, without one: a
             // label per made-up host would be a memory attack).
-            _ => DestinationLabels::named(unknown()),
+            _ => Cow::Owned(DestinationLabels::named(unknown())),
         };
         if let Some(e) = entry.as_mut() {
             e.response_code = status;
