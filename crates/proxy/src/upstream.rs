@@ -1142,22 +1142,38 @@ impl Cluster {
     /// set by the caller. The answer's body carries its connection back to
     /// the pool when it ends. A request no connection could be made for
     /// comes back with the error.
-    pub async fn send(&self, req: Request<Body>) -> Result<Answer, Failure> {
-        if self.in_flight.fetch_add(1, Ordering::Relaxed) >= self.max_in_flight {
-            self.in_flight.fetch_sub(1, Ordering::Relaxed);
-            return Err(UpstreamError::Overflow.into());
+    ///
+    /// An async block, not an async fn (as the pool's sends and the
+    /// forwarding path's): an async fn's state holds its arguments twice,
+    /// as passed and as moved into its body, and a request is 336 bytes
+    /// in every level of every request's future, copied as each is made.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn's state holds its arguments twice"
+    )]
+    pub fn send(
+        &self,
+        mut req: Request<Body>,
+    ) -> impl Future<Output = Result<Answer, Failure>> + Send + '_ {
+        async move {
+            if self.in_flight.fetch_add(1, Ordering::Relaxed) >= self.max_in_flight {
+                self.in_flight.fetch_sub(1, Ordering::Relaxed);
+                return Err(UpstreamError::Overflow.into());
+            }
+            let _guard = InFlight(&self.in_flight);
+            if self.core.hash.is_some() {
+                // Boxed: few clusters hash, and its lookup's state would
+                // make every request's future larger.
+                Box::pin(self.route_by_hash(&mut req)).await?;
+            }
+            let pool = self.pool(req.version());
+            let sent = if pool.is_h2() {
+                pool.send_h2(&self.core, req).await
+            } else {
+                pool.send_h1(&self.core, req).await
+            };
+            sent.map_err(classify)
         }
-        let _guard = InFlight(&self.in_flight);
-        let mut req = req;
-        if self.core.hash.is_some() {
-            // Boxed: few clusters hash, and its lookup's state would make
-            // every request's future larger.
-            Box::pin(self.route_by_hash(&mut req)).await?;
-        }
-        self.pool(req.version())
-            .send(&self.core, req)
-            .await
-            .map_err(classify)
     }
 }
 

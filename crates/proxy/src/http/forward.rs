@@ -66,54 +66,49 @@ pub(super) struct Upstream<'a> {
     pub start: Instant,
 }
 
-/// The upstream request, ready to send (once, or again on retry).
-struct Prepared {
-    parts: Parts,
-    uri: Uri,
-    /// The downstream's side of an HTTP/1.1 upgrade (WebSocket).
-    downstream_upgrade: Option<OnUpgrade>,
-}
-
 impl Upstream<'_> {
-    pub(super) async fn forward(
+    /// An async block, not an async fn, as `send` and `Cluster::send`: the
+    /// request head is kept once in the future's state, not twice.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn's state holds its arguments twice"
+    )]
+    pub(super) fn forward(
         &self,
         head: &Head<'_>,
-        parts: Parts,
+        mut parts: Parts,
         body: Incoming,
         counter: Option<Arc<std::sync::atomic::AtomicU64>>,
-    ) -> Outcome {
-        let delayed = match self.inject_faults().await {
-            Ok(delayed) => delayed,
-            Err(aborted) => return aborted,
-        };
-        let Some(prepared) = self.prepare(head, parts) else {
-            return Outcome::local(
-                text(StatusCode::BAD_REQUEST, "bad request"),
-                ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR,
-                Cow::Borrowed("invalid_authority"),
-            );
-        };
-        let Prepared {
-            mut parts,
-            uri,
-            downstream_upgrade,
-        } = prepared;
-        let cookie = self.cluster.cluster.cookie_to_make(&parts.headers);
-        if let Some((value, _)) = &cookie {
-            parts.extensions.insert(GeneratedCookie(value.clone()));
-        }
-        match self.send(parts, uri, body, counter).await {
-            Ok((resp, attempts)) => {
-                let mut outcome = self.respond(resp, attempts, delayed, downstream_upgrade);
-                if let Some((_, set)) = cookie {
-                    outcome
-                        .response
-                        .headers_mut()
-                        .append(header::SET_COOKIE, set);
-                }
-                outcome
+    ) -> impl Future<Output = Outcome> {
+        async move {
+            let delayed = match self.inject_faults().await {
+                Ok(delayed) => delayed,
+                Err(aborted) => return aborted,
+            };
+            let Some((uri, downstream_upgrade)) = self.prepare(head, &mut parts) else {
+                return Outcome::local(
+                    text(StatusCode::BAD_REQUEST, "bad request"),
+                    ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR,
+                    Cow::Borrowed("invalid_authority"),
+                );
+            };
+            let cookie = self.cluster.cluster.cookie_to_make(&parts.headers);
+            if let Some((value, _)) = &cookie {
+                parts.extensions.insert(GeneratedCookie(value.clone()));
             }
-            Err((e, attempts)) => self.failed(&e, attempts),
+            match self.send(parts, uri, body, counter).await {
+                Ok((resp, attempts)) => {
+                    let mut outcome = self.respond(resp, attempts, delayed, downstream_upgrade);
+                    if let Some((_, set)) = cookie {
+                        outcome
+                            .response
+                            .headers_mut()
+                            .append(header::SET_COOKIE, set);
+                    }
+                    outcome
+                }
+                Err((e, attempts)) => self.failed(&e, attempts),
+            }
         }
     }
 
@@ -153,22 +148,24 @@ impl Upstream<'_> {
         Ok(delayed)
     }
 
-    /// The upstream request head: rewrites, hop-by-hop headers removed
-    /// (kept for an upgrade), `Host`, `x-forwarded-*`, header operations.
-    /// `None` when the rewritten URI is not valid.
-    fn prepare(&self, head: &Head<'_>, mut parts: Parts) -> Option<Prepared> {
+    /// The upstream request head, made of the downstream's in place:
+    /// rewrites, hop-by-hop headers removed (kept for an upgrade), `Host`,
+    /// `x-forwarded-*`, header operations. Returns the URI to send to and
+    /// the downstream's side of an HTTP/1.1 upgrade (WebSocket); `None`
+    /// when the rewritten URI is not valid.
+    fn prepare(&self, head: &Head<'_>, parts: &mut Parts) -> Option<(Uri, Option<OnUpgrade>)> {
         let route = self.route;
         let new_path = route.rewrite_path(self.matched, head.path);
         let authority = route.authority_rewrite.as_deref().unwrap_or(head.authority);
         let path = new_path.as_deref().or(head.normalized.then_some(head.path));
-        let uri = self.upstream_uri(&parts, path, head.query, authority)?;
+        let uri = self.upstream_uri(parts, path, head.query, authority)?;
         let cluster = &self.cluster.cluster;
         // An HTTP/1.1 upgrade (WebSocket and the like) keeps its Upgrade and
         // Connection headers and, once the upstream answers 101, becomes a
         // byte tunnel through every hop, as Envoy's upgrade_configs do;
         // toward a meshgate peer it goes on HTTP/1.1 (`upgrades_on_h1`).
         let upgrade =
-            upgrade_protocol(&parts).filter(|_| !cluster.is_h2() || cluster.upgrades_on_h1());
+            upgrade_protocol(parts).filter(|_| !cluster.is_h2() || cluster.upgrades_on_h1());
         let h2 = cluster.is_h2() && upgrade.is_none();
         let downstream_upgrade = upgrade
             .as_ref()
@@ -217,11 +214,7 @@ impl Upstream<'_> {
         } else {
             Version::HTTP_11
         };
-        Some(Prepared {
-            parts,
-            uri,
-            downstream_upgrade,
-        })
+        Some((uri, downstream_upgrade))
     }
 
     /// The URI's authority picks the connection (pool key, HTTP/2
@@ -273,108 +266,116 @@ impl Upstream<'_> {
     /// Sends the request, retrying as the route's policy says, within the
     /// route's timeout. Returns the response (or the last error) and the
     /// number of attempts made.
-    async fn send(
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn's state holds its arguments twice"
+    )]
+    fn send(
         &self,
         mut parts: Parts,
         uri: Uri,
         body: Incoming,
         counter: Option<Arc<std::sync::atomic::AtomicU64>>,
-    ) -> Result<(Answer, u32), (UpstreamError, u32)> {
-        let retry = &self.route.retry;
-        let cluster = &self.cluster.cluster;
-        // Bodyless requests can be retried; streamed bodies cannot be
-        // replayed. hyper knows a body is empty from the request head (no
-        // Content-Length, no chunked Transfer-Encoding): a GET with a body
-        // keeps it.
-        let bodyless = body.is_end_stream();
-        if !bodyless
-            && parts.version == Version::HTTP_11
-            && !parts.headers.contains_key(header::CONTENT_LENGTH)
-        {
-            // Said explicitly: hyper's client sends no body on a GET unless
-            // the request says it is chunked.
-            parts.headers.insert(
-                header::TRANSFER_ENCODING,
-                HeaderValue::from_static("chunked"),
-            );
-        }
-        let idle = self.proxy.timeouts.stream_idle;
-        let mut streaming = (!bodyless).then(|| {
-            let b = Body::incoming(body, idle);
-            match counter {
-                Some(c) => b.counted(c),
-                None => b,
+    ) -> impl Future<Output = Result<(Answer, u32), (UpstreamError, u32)>> {
+        async move {
+            let retry = &self.route.retry;
+            let cluster = &self.cluster.cluster;
+            // Bodyless requests can be retried; streamed bodies cannot be
+            // replayed. hyper knows a body is empty from the request head (no
+            // Content-Length, no chunked Transfer-Encoding): a GET with a body
+            // keeps it.
+            let bodyless = body.is_end_stream();
+            if !bodyless
+                && parts.version == Version::HTTP_11
+                && !parts.headers.contains_key(header::CONTENT_LENGTH)
+            {
+                // Said explicitly: hyper's client sends no body on a GET unless
+                // the request says it is chunked.
+                parts.headers.insert(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
             }
-        });
-        self.mirror(&parts, &uri, streaming.as_mut());
-        let max_attempts = if streaming.is_some() {
-            1
-        } else {
-            1 + retry.attempts
-        };
-        // A retried response was sent with the headers, so they are copied
-        // for each attempt but the last; a request that never left (all
-        // Istio's default retries: connect failures) comes back with them.
-        let copy_headers = retry.retries_responses();
-        let mut attempt = 0;
-        let attempts = async {
-            loop {
-                attempt += 1;
-                let mut req = Request::new(streaming.take().unwrap_or_else(Body::empty));
-                *req.method_mut() = parts.method.clone();
-                *req.uri_mut() = uri.clone();
-                *req.version_mut() = parts.version;
-                if cluster.hashes_source_ip() {
-                    req.extensions_mut()
-                        .insert(DownstreamAddr(self.conn.remote));
+            let idle = self.proxy.timeouts.stream_idle;
+            let mut streaming = (!bodyless).then(|| {
+                let b = Body::incoming(body, idle);
+                match counter {
+                    Some(c) => b.counted(c),
+                    None => b,
                 }
-                if let Some(c) = parts.extensions.get::<GeneratedCookie>() {
-                    req.extensions_mut().insert(c.clone());
-                }
-                let copied = copy_headers && attempt < max_attempts;
-                *req.headers_mut() = if copied {
-                    parts.headers.clone()
-                } else {
-                    std::mem::take(&mut parts.headers)
-                };
-                let sent = match retry.per_try_timeout {
-                    Some(t) => tokio::time::timeout(t, cluster.send(req))
-                        .await
-                        .unwrap_or_else(|_| Err(UpstreamError::PerTryTimeout.into())),
-                    None => cluster.send(req).await,
-                };
-                let more = attempt < max_attempts;
-                match sent {
-                    Ok(answer) if more && retry.retry_status(answer.response.status().as_u16()) => {
-                        tracing::debug!(cluster = %cluster.name(), status = %answer.response.status(), attempt, "retrying");
+            });
+            self.mirror(&parts, &uri, streaming.as_mut());
+            let max_attempts = if streaming.is_some() {
+                1
+            } else {
+                1 + retry.attempts
+            };
+            // A retried response was sent with the headers, so they are copied
+            // for each attempt but the last; a request that never left (all
+            // Istio's default retries: connect failures) comes back with them.
+            let copy_headers = retry.retries_responses();
+            let mut attempt = 0;
+            let attempts = async {
+                loop {
+                    attempt += 1;
+                    let mut req = Request::new(streaming.take().unwrap_or_else(Body::empty));
+                    *req.method_mut() = parts.method.clone();
+                    *req.uri_mut() = uri.clone();
+                    *req.version_mut() = parts.version;
+                    if cluster.hashes_source_ip() {
+                        req.extensions_mut()
+                            .insert(DownstreamAddr(self.conn.remote));
                     }
-                    Ok(resp) => return Ok(resp),
-                    Err(Failure { error, unsent })
-                        if more
-                            && error.retry_safe()
-                            && retry.on_connect_failure
-                            && (copied || unsent.is_some()) =>
-                    {
-                        if let Some(unsent) = unsent {
-                            parts.headers = (*unsent).into_parts().0.headers;
+                    if let Some(c) = parts.extensions.get::<GeneratedCookie>() {
+                        req.extensions_mut().insert(c.clone());
+                    }
+                    let copied = copy_headers && attempt < max_attempts;
+                    *req.headers_mut() = if copied {
+                        parts.headers.clone()
+                    } else {
+                        std::mem::take(&mut parts.headers)
+                    };
+                    let sent = match retry.per_try_timeout {
+                        Some(t) => tokio::time::timeout(t, cluster.send(req))
+                            .await
+                            .unwrap_or_else(|_| Err(UpstreamError::PerTryTimeout.into())),
+                        None => cluster.send(req).await,
+                    };
+                    let more = attempt < max_attempts;
+                    match sent {
+                        Ok(answer)
+                            if more && retry.retry_status(answer.response.status().as_u16()) =>
+                        {
+                            tracing::debug!(cluster = %cluster.name(), status = %answer.response.status(), attempt, "retrying");
                         }
-                        tracing::debug!(cluster = %cluster.name(), error = %error, attempt, "retrying after connect failure");
+                        Ok(resp) => return Ok(resp),
+                        Err(Failure { error, unsent })
+                            if more
+                                && error.retry_safe()
+                                && retry.on_connect_failure
+                                && (copied || unsent.is_some()) =>
+                        {
+                            if let Some(unsent) = unsent {
+                                parts.headers = (*unsent).into_parts().0.headers;
+                            }
+                            tracing::debug!(cluster = %cluster.name(), error = %error, attempt, "retrying after connect failure");
+                        }
+                        Err(f) => return Err(f.error),
                     }
-                    Err(f) => return Err(f.error),
+                    // Boxed, as the fault delay.
+                    Box::pin(tokio::time::sleep(retry.backoff * attempt)).await;
                 }
-                // Boxed, as the fault delay.
-                Box::pin(tokio::time::sleep(retry.backoff * attempt)).await;
-            }
-        };
-        let (limit, timed_out) = match self.route.timeout {
-            Some(t) => (t, UpstreamError::Timeout),
-            None => (self.proxy.timeouts.stream_idle, UpstreamError::StreamIdle),
-        };
-        let remaining = limit.saturating_sub(self.start.elapsed());
-        let result = tokio::time::timeout(remaining, attempts)
-            .await
-            .unwrap_or(Err(timed_out));
-        result.map(|r| (r, attempt)).map_err(|e| (e, attempt))
+            };
+            let (limit, timed_out) = match self.route.timeout {
+                Some(t) => (t, UpstreamError::Timeout),
+                None => (self.proxy.timeouts.stream_idle, UpstreamError::StreamIdle),
+            };
+            let remaining = limit.saturating_sub(self.start.elapsed());
+            let result = tokio::time::timeout(remaining, attempts)
+                .await
+                .unwrap_or(Err(timed_out));
+            result.map(|r| (r, attempt)).map_err(|e| (e, attempt))
+        }
     }
 
     /// Copies of the request for the route's mirrors (Envoy's shadows):

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 
 use super::{ClusterCore, ConnectError};
 use crate::body::Body;
@@ -87,6 +87,8 @@ struct Shared {
     /// HTTP/2: one connection per key; its lock is held while it connects,
     /// so concurrent first requests share one connection.
     multiplexed: Mutex<HashMap<Arc<str>, Arc<Slot>>>,
+    /// HTTP/2 with one key (`PoolSettings::one_key`): its one slot.
+    single: Arc<Slot>,
 }
 
 /// An HTTP/1.1 connection, between its requests or lent to one.
@@ -161,6 +163,7 @@ impl Pool {
             settings,
             idle: Mutex::new(HashMap::new()),
             multiplexed: Mutex::new(HashMap::new()),
+            single: Arc::new(Slot::new(None)),
         });
         if settings.keep {
             sweep(Arc::downgrade(&shared), settings.idle_timeout);
@@ -168,61 +171,64 @@ impl Pool {
         Pool { shared }
     }
 
-    /// Sends one request on a connection of the pool (or a new one). The
-    /// URI's authority is the pool key and tells the connector where to go.
-    pub(super) async fn send(
-        &self,
-        core: &Arc<ClusterCore>,
-        req: Request<Body>,
-    ) -> Result<Answer, PoolError> {
-        if self.shared.settings.h2 {
-            self.send_h2(core, req).await
-        } else {
-            self.send_h1(core, req).await
-        }
+    /// Whether `send_h2` or `send_h1` sends this pool's requests. The
+    /// caller awaits the one itself rather than a function that chooses:
+    /// each request's future has one level fewer, copied whole as it is
+    /// made.
+    pub(super) fn is_h2(&self) -> bool {
+        self.shared.settings.h2
     }
 
-    async fn send_h1(
-        &self,
-        core: &Arc<ClusterCore>,
+    /// Sends one request on a connection of the pool (or a new one). The
+    /// URI's authority is the pool key and tells the connector where to go.
+    /// (An async block, as `Cluster::send`: the request is kept once.)
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn's state holds its arguments twice"
+    )]
+    pub(super) fn send_h1<'a>(
+        &'a self,
+        core: &'a Arc<ClusterCore>,
         mut req: Request<Body>,
-    ) -> Result<Answer, PoolError> {
-        let uri = req.uri().clone();
-        let key = uri.authority().map_or("", |a| a.as_str());
-        let connect = req.method() == Method::CONNECT;
-        *req.uri_mut() = request_target(&uri, connect);
-        let mut stale = 0;
-        loop {
-            let pooled = (stale < STALE_TRIES)
-                .then(|| self.shared.take(key))
-                .flatten();
-            let reused = pooled.is_some();
-            let mut conn = match pooled {
-                Some(conn) => conn,
-                // Boxed: connecting (DNS, TCP, TLS) is rare on a warm pool,
-                // and its state would make every request's future larger
-                // (and every move of it longer).
-                None => match Box::pin(self.connect_h1(core, &uri, key)).await {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        *req.uri_mut() = uri;
-                        return Err(e.unsent(req));
-                    }
-                },
-            };
-            if reused && !ready(&mut conn.sender, core.connect_timeout).await {
-                stale += 1;
-                continue;
-            }
-            match conn.sender.try_send_request(req).await {
-                Ok(response) => return Ok(self.lend(core, conn, response, connect)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => {
-                        stale += 1;
-                        req = unsent;
-                    }
-                    _ => return Err(PoolError::Send(e.into_error())),
-                },
+    ) -> impl Future<Output = Result<Answer, PoolError>> + Send + 'a {
+        async move {
+            let uri = req.uri().clone();
+            let key = uri.authority().map_or("", |a| a.as_str());
+            let connect = req.method() == Method::CONNECT;
+            *req.uri_mut() = request_target(&uri, connect);
+            let mut stale = 0;
+            loop {
+                let pooled = (stale < STALE_TRIES)
+                    .then(|| self.shared.take(key))
+                    .flatten();
+                let reused = pooled.is_some();
+                let mut conn = match pooled {
+                    Some(conn) => conn,
+                    // Boxed: connecting (DNS, TCP, TLS) is rare on a warm pool,
+                    // and its state would make every request's future larger
+                    // (and every move of it longer).
+                    None => match Box::pin(self.connect_h1(core, &uri, key)).await {
+                        Ok(conn) => conn,
+                        Err(e) => {
+                            *req.uri_mut() = uri;
+                            return Err(e.unsent(req));
+                        }
+                    },
+                };
+                if reused && !ready(&mut conn.sender, core.connect_timeout).await {
+                    stale += 1;
+                    continue;
+                }
+                match conn.sender.try_send_request(req).await {
+                    Ok(response) => return Ok(self.lend(core, conn, response, connect)),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) if reused => {
+                            stale += 1;
+                            req = unsent;
+                        }
+                        _ => return Err(PoolError::Send(e.into_error())),
+                    },
+                }
             }
         }
     }
@@ -286,50 +292,66 @@ impl Pool {
         })
     }
 
-    async fn send_h2(
-        &self,
-        core: &Arc<ClusterCore>,
+    /// `send_h1` on the key's shared HTTP/2 connection.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn's state holds its arguments twice"
+    )]
+    pub(super) fn send_h2<'a>(
+        &'a self,
+        core: &'a Arc<ClusterCore>,
         mut req: Request<Body>,
-    ) -> Result<Answer, PoolError> {
-        let key = if self.shared.settings.one_key {
-            ""
-        } else {
-            req.uri().authority().map_or("", |a| a.as_str())
-        };
-        let slot = self.shared.slot(key);
-        let mut stale = 0;
-        loop {
-            let (mut sender, upstream, reused) =
-                match self.checkout_h2(core, &slot, req.uri()).await {
-                    Ok(checked_out) => checked_out,
-                    Err(e) => return Err(e.unsent(req)),
-                };
-            if sender.ready().await.is_err() && reused && stale < STALE_TRIES {
-                stale += 1;
-                forget(&slot, None).await;
-                continue;
-            }
-            match sender.try_send_request(req).await {
-                Ok(response) => {
-                    if let Some(a) = upstream
-                        && !core.keeps_endpoint(a, response.status())
-                    {
-                        forget(&slot, Some(a)).await;
-                    }
-                    return Ok(Answer {
-                        response,
-                        upstream,
-                        lease: Lease::default(),
-                    });
+    ) -> impl Future<Output = Result<Answer, PoolError>> + Send + 'a {
+        async move {
+            // One key: its slot is at hand, not looked up by name.
+            let keyed;
+            let slot = if self.shared.settings.one_key {
+                &self.shared.single
+            } else {
+                keyed = self
+                    .shared
+                    .slot(req.uri().authority().map_or("", |a| a.as_str()));
+                &keyed
+            };
+            let mut stale = 0;
+            // Nothing the request or an error holds is kept across an await
+            // after the send: each request's future is as large as its largest
+            // state, and it is copied whole as it is made.
+            loop {
+                let (mut sender, upstream, reused) =
+                    match self.checkout_h2(core, slot, req.uri()).await {
+                        Ok(checked_out) => checked_out,
+                        Err(e) => return Err(e.unsent(req)),
+                    };
+                let stale_ok = reused && stale < STALE_TRIES;
+                if sender.ready().await.is_err() && stale_ok {
+                    stale += 1;
+                    forget(slot, None).await;
+                    continue;
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused && stale < STALE_TRIES => {
-                        stale += 1;
-                        forget(&slot, None).await;
-                        req = unsent;
+                req = match sender.try_send_request(req).await {
+                    Ok(response) => {
+                        if let Some(a) = upstream
+                            && !core.keeps_endpoint(a, response.status())
+                        {
+                            // Rare (an ejection), so a task: awaited here, the
+                            // response would be kept in every request's state.
+                            let slot = slot.clone();
+                            tokio::spawn(async move { forget(&slot, Some(a)).await });
+                        }
+                        return Ok(Answer {
+                            response,
+                            upstream,
+                            lease: Lease::default(),
+                        });
                     }
-                    _ => return Err(PoolError::Send(e.into_error())),
-                },
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) if stale_ok => unsent,
+                        _ => return Err(PoolError::Send(e.into_error())),
+                    },
+                };
+                stale += 1;
+                forget(slot, None).await;
             }
         }
     }
@@ -365,7 +387,7 @@ impl Pool {
 async fn connect_h2(core: &Arc<ClusterCore>, uri: &Uri) -> Result<H2, PoolError> {
     let conn = core.connect(uri, false).await.map_err(PoolError::connect)?;
     let upstream = conn.endpoint();
-    let handshake = http2::Builder::new(TokioExecutor::new())
+    let handshake = http2::Builder::new(BoxingExecutor)
         .timer(TokioTimer::new())
         .handshake(TokioIo::new(conn));
     let (sender, connection) = match tokio::time::timeout(core.connect_timeout, handshake).await {
@@ -388,6 +410,24 @@ async fn connect_h2(core: &Arc<ClusterCore>, uri: &Uri) -> Result<H2, PoolError>
         served: 0,
         last_used: Instant::now(),
     })
+}
+
+/// Spawns hyper's HTTP/2 client tasks boxed. hyper hands each one over as
+/// one enum whose largest variant is the whole connection (~1.5 KB) while
+/// the one spawned per request waits for a response (~100 B): spawned as
+/// it is, each request's task copied the connection's size several times
+/// on its way into its task and again as the task finished.
+#[derive(Clone, Copy)]
+struct BoxingExecutor;
+
+impl<F> hyper::rt::Executor<F> for BoxingExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(Box::pin(fut));
+    }
 }
 
 /// Drops the slot's connection when it has closed, or when it goes to
@@ -486,21 +526,26 @@ impl Shared {
             });
         }
         if let Ok(mut slots) = self.multiplexed.lock() {
-            slots.retain(|_, slot| {
-                let Ok(mut held) = slot.try_lock() else {
-                    // Connecting now.
-                    return true;
-                };
-                if held
-                    .as_ref()
-                    .is_some_and(|c| c.sender.is_closed() || now - c.last_used >= timeout)
-                {
-                    *held = None;
-                }
-                held.is_some()
-            });
+            slots.retain(|_, slot| keeps_h2(slot, now, timeout));
         }
+        keeps_h2(&self.single, now, timeout);
     }
+}
+
+/// Drops a slot's HTTP/2 connection if it closed or idled for `timeout`;
+/// whether the slot still holds one (or is connecting now).
+fn keeps_h2(slot: &Slot, now: Instant, timeout: Duration) -> bool {
+    let Ok(mut held) = slot.try_lock() else {
+        // Connecting now.
+        return true;
+    };
+    if held
+        .as_ref()
+        .is_some_and(|c| c.sender.is_closed() || now - c.last_used >= timeout)
+    {
+        *held = None;
+    }
+    held.is_some()
 }
 
 /// Every `idle_timeout` (at least every 100 ms), closes the connections
