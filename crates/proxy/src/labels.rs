@@ -13,79 +13,37 @@ use crate::snapshot::Snapshot;
 /// Istio's default cluster name for metrics (`CLUSTER_ID`).
 pub const CLUSTER_ID: &str = "Kubernetes";
 
-/// Istio's value for what is not known: one shared string (a gateway
-/// with thousands of hosts holds it in most of every host's labels).
-pub fn unknown() -> Lv {
-    static UNKNOWN: std::sync::LazyLock<Lv> = std::sync::LazyLock::new(|| Arc::from("unknown"));
-    UNKNOWN.clone()
-}
+pub use meshgate_telemetry::WorkloadLabels;
+pub use meshgate_telemetry::metrics::unknown;
 
-/// Istio's `source_*` / `destination_*` values for one workload.
-#[derive(Debug, Clone)]
-pub struct WorkloadLabels {
-    pub workload: Lv,
-    pub namespace: Lv,
-    pub principal: Lv,
-    pub app: Lv,
-    pub version: Lv,
-    pub canonical_service: Lv,
-    pub canonical_revision: Lv,
-    pub cluster: Lv,
-}
-
-impl WorkloadLabels {
-    /// `unknown` all through, shared.
-    pub fn shared_unknown() -> Arc<Self> {
-        static UNKNOWN: std::sync::LazyLock<Arc<WorkloadLabels>> =
-            std::sync::LazyLock::new(|| Arc::new(WorkloadLabels::unknown()));
-        UNKNOWN.clone()
-    }
-
-    pub fn unknown() -> Self {
-        WorkloadLabels {
-            workload: unknown(),
-            namespace: unknown(),
-            principal: unknown(),
-            app: unknown(),
-            version: unknown(),
-            canonical_service: unknown(),
-            canonical_revision: {
-                static LATEST: std::sync::LazyLock<Lv> =
-                    std::sync::LazyLock::new(|| Arc::from("latest"));
-                LATEST.clone()
-            },
-            cluster: unknown(),
-        }
-    }
-
-    /// Istio's canonical service/revision rules over the pod labels.
-    pub fn of(w: &WorkloadInfo) -> Self {
-        let l = &w.labels;
-        let get = |keys: &[&str]| keys.iter().find_map(|k| l.get(*k)).map(String::as_str);
-        WorkloadLabels {
-            workload: Arc::from(w.name.as_str()),
-            namespace: Arc::from(w.namespace.as_str()),
-            principal: Arc::from(w.spiffe_id.as_str()),
-            app: Arc::from(get(&["app"]).unwrap_or("unknown")),
-            version: Arc::from(get(&["version"]).unwrap_or("unknown")),
-            canonical_service: Arc::from(
-                get(&[
-                    "service.istio.io/canonical-name",
-                    "app.kubernetes.io/name",
-                    "app",
-                ])
-                .unwrap_or(&w.name),
-            ),
-            canonical_revision: Arc::from(
-                get(&[
-                    "service.istio.io/canonical-revision",
-                    "app.kubernetes.io/version",
-                    "version",
-                ])
-                .unwrap_or("latest"),
-            ),
-            cluster: Arc::from(CLUSTER_ID),
-        }
+/// A workload's labels: Istio's canonical service/revision rules over its
+/// pod labels.
+pub fn workload_labels(w: &WorkloadInfo) -> WorkloadLabels {
+    let l = &w.labels;
+    let get = |keys: &[&str]| keys.iter().find_map(|k| l.get(*k)).map(String::as_str);
+    WorkloadLabels {
+        workload: Arc::from(w.name.as_str()),
+        namespace: Arc::from(w.namespace.as_str()),
+        principal: Arc::from(w.spiffe_id.as_str()),
+        app: Arc::from(get(&["app"]).unwrap_or("unknown")),
+        version: Arc::from(get(&["version"]).unwrap_or("unknown")),
+        canonical_service: Arc::from(
+            get(&[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ])
+            .unwrap_or(&w.name),
+        ),
+        canonical_revision: Arc::from(
+            get(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or("latest"),
+        ),
+        cluster: Arc::from(CLUSTER_ID),
     }
 }
 
@@ -108,7 +66,7 @@ impl DestinationLabels {
                 .destination_workload
                 .as_ref()
                 .map_or_else(WorkloadLabels::shared_unknown, |w| {
-                    Arc::new(WorkloadLabels::of(w))
+                    Arc::new(workload_labels(w))
                 }),
             service: string(&c.host),
             service_name: string(&c.service_name),
@@ -169,12 +127,12 @@ impl Snapshot {
         (code, flags, protocol): (u16, ResponseFlags, &'static str),
     ) -> IstioLabels {
         let source = match peer {
-            Some(p) => WorkloadLabels {
+            Some(p) => Arc::new(WorkloadLabels {
                 namespace: p.namespace.clone().unwrap_or_else(unknown),
                 principal: p.uri.clone(),
                 ..WorkloadLabels::unknown()
-            },
-            None => WorkloadLabels::unknown(),
+            }),
+            None => WorkloadLabels::shared_unknown(),
         };
         let mut labels = labels_of(&source, destination, code, flags, protocol);
         labels.reporter = "destination";
@@ -197,34 +155,19 @@ impl Snapshot {
 
 /// Istio's label set for a source and a destination (`reporter="source"`).
 fn labels_of(
-    s: &WorkloadLabels,
+    source: &Arc<WorkloadLabels>,
     dest: &DestinationLabels,
     code: u16,
     flags: ResponseFlags,
     protocol: &'static str,
 ) -> IstioLabels {
-    let dw = &dest.workload;
     IstioLabels {
         reporter: "source",
-        source_workload: s.workload.clone(),
-        source_canonical_service: s.canonical_service.clone(),
-        source_canonical_revision: s.canonical_revision.clone(),
-        source_workload_namespace: s.namespace.clone(),
-        source_principal: s.principal.clone(),
-        source_app: s.app.clone(),
-        source_version: s.version.clone(),
-        source_cluster: s.cluster.clone(),
-        destination_workload: dw.workload.clone(),
-        destination_workload_namespace: dw.namespace.clone(),
-        destination_principal: dw.principal.clone(),
-        destination_app: dw.app.clone(),
-        destination_version: dw.version.clone(),
+        source: source.clone(),
+        destination_workload: dest.workload.clone(),
         destination_service: dest.service.clone(),
-        destination_canonical_service: dw.canonical_service.clone(),
-        destination_canonical_revision: dw.canonical_revision.clone(),
         destination_service_name: dest.service_name.clone(),
         destination_service_namespace: dest.service_namespace.clone(),
-        destination_cluster: dw.cluster.clone(),
         request_protocol: protocol,
         response_code: code,
         grpc_response_status: "",

@@ -293,7 +293,7 @@ impl Snapshot {
         };
         Ok(Snapshot {
             role,
-            source: Arc::new(WorkloadLabels::of(&view.workload)),
+            source: Arc::new(crate::labels::workload_labels(&view.workload)),
             listeners,
             clusters,
             cluster_names,
@@ -578,7 +578,7 @@ fn inbound_http(
     previous: &HashMap<&str, Arc<ClusterEntry>>,
     (clusters, names): (&mut Vec<Option<Arc<ClusterEntry>>>, &mut Vec<Arc<str>>),
 ) -> HashMap<u16, Route> {
-    let source = Arc::new(WorkloadLabels::of(&view.workload));
+    let source = Arc::new(crate::labels::workload_labels(&view.workload));
     let mut routes = HashMap::new();
     for (port, p) in &view.inbound_ports {
         let Ok(port) = u16::try_from(*port) else {

@@ -8,4 +8,4 @@ pub mod metrics;
 
 pub use accesslog::{AccessLog, AccessLogFormat, LogEntry};
 pub use flags::ResponseFlags;
-pub use metrics::{EgressLabels, IstioLabels, Metrics, Refused, TcpLabels};
+pub use metrics::{EgressLabels, IstioLabels, Metrics, Refused, TcpLabels, WorkloadLabels};

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -27,29 +27,62 @@ pub const ENVOY_BUCKETS: [f64; 19] = [
 
 pub type Lv = Arc<str>;
 
-/// Istio's standard label set, fields in Istio's order.
-#[derive(Debug, Clone, Eq, EncodeLabelSet)]
+/// Istio's `source_*` / `destination_*` values for one workload. A label
+/// set holds these as one shared pointer per side, so reporting a request
+/// clones a few pointers, not one per label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+pub struct WorkloadLabels {
+    pub workload: Lv,
+    pub namespace: Lv,
+    pub principal: Lv,
+    pub app: Lv,
+    pub version: Lv,
+    pub canonical_service: Lv,
+    pub canonical_revision: Lv,
+    pub cluster: Lv,
+}
+
+/// Istio's value for what is not known: one shared string (a gateway
+/// with thousands of hosts holds it in most of every host's labels).
+pub fn unknown() -> Lv {
+    static UNKNOWN: std::sync::LazyLock<Lv> = std::sync::LazyLock::new(|| Arc::from("unknown"));
+    UNKNOWN.clone()
+}
+
+impl WorkloadLabels {
+    /// `unknown` all through, shared.
+    pub fn shared_unknown() -> Arc<Self> {
+        static UNKNOWN: std::sync::LazyLock<Arc<WorkloadLabels>> =
+            std::sync::LazyLock::new(|| Arc::new(WorkloadLabels::unknown()));
+        UNKNOWN.clone()
+    }
+
+    /// `unknown` all through, but the revision: `latest`.
+    pub fn unknown() -> Self {
+        static LATEST: std::sync::LazyLock<Lv> = std::sync::LazyLock::new(|| Arc::from("latest"));
+        WorkloadLabels {
+            workload: unknown(),
+            namespace: unknown(),
+            principal: unknown(),
+            app: unknown(),
+            version: unknown(),
+            canonical_service: unknown(),
+            canonical_revision: LATEST.clone(),
+            cluster: unknown(),
+        }
+    }
+}
+
+/// Istio's standard label set. Encoded in Istio's order (`encode_labels`):
+/// the source's eight, then the destination's, then the request's.
+#[derive(Debug, Clone, Eq)]
 pub struct IstioLabels {
     pub reporter: &'static str,
-    pub source_workload: Lv,
-    pub source_canonical_service: Lv,
-    pub source_canonical_revision: Lv,
-    pub source_workload_namespace: Lv,
-    pub source_principal: Lv,
-    pub source_app: Lv,
-    pub source_version: Lv,
-    pub source_cluster: Lv,
-    pub destination_workload: Lv,
-    pub destination_workload_namespace: Lv,
-    pub destination_principal: Lv,
-    pub destination_app: Lv,
-    pub destination_version: Lv,
+    pub source: Arc<WorkloadLabels>,
+    pub destination_workload: Arc<WorkloadLabels>,
     pub destination_service: Lv,
-    pub destination_canonical_service: Lv,
-    pub destination_canonical_revision: Lv,
     pub destination_service_name: Lv,
     pub destination_service_namespace: Lv,
-    pub destination_cluster: Lv,
     pub request_protocol: &'static str,
     pub response_code: u16,
     pub grpc_response_status: &'static str,
@@ -64,7 +97,7 @@ pub struct IstioLabels {
 impl std::hash::Hash for IstioLabels {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.reporter.hash(state);
-        self.source_principal.hash(state);
+        self.source.principal.hash(state);
         self.destination_service.hash(state);
         self.response_code.hash(state);
         self.response_flags.hash(state);
@@ -73,39 +106,18 @@ impl std::hash::Hash for IstioLabels {
 }
 
 /// Equality as derived, faster: the values are shared, so two equal label
-/// sets nearly always hold the same pointers, compared before the text
-/// (derived, every request compared the text of all of them), and the
-/// labels that differ most often go first.
+/// sets nearly always hold the same pointers, compared before the text,
+/// and the labels that differ most often go first.
 impl PartialEq for IstioLabels {
     fn eq(&self, o: &Self) -> bool {
-        fn lv(a: &Lv, b: &Lv) -> bool {
-            Arc::ptr_eq(a, b) || **a == **b
-        }
-        fn st(a: &'static str, b: &'static str) -> bool {
-            std::ptr::eq(a, b) || a == b
-        }
         // Named one by one (no `..`): a new label cannot be left out.
         let IstioLabels {
             reporter,
-            source_workload,
-            source_canonical_service,
-            source_canonical_revision,
-            source_workload_namespace,
-            source_principal,
-            source_app,
-            source_version,
-            source_cluster,
+            source,
             destination_workload,
-            destination_workload_namespace,
-            destination_principal,
-            destination_app,
-            destination_version,
             destination_service,
-            destination_canonical_service,
-            destination_canonical_revision,
             destination_service_name,
             destination_service_namespace,
-            destination_cluster,
             request_protocol,
             response_code,
             grpc_response_status,
@@ -114,99 +126,103 @@ impl PartialEq for IstioLabels {
         } = self;
         *response_code == o.response_code
             && *response_flags == o.response_flags
-            && lv(destination_service, &o.destination_service)
-            && lv(source_principal, &o.source_principal)
+            && shared_eq(destination_service, &o.destination_service)
             && st(reporter, o.reporter)
             && st(request_protocol, o.request_protocol)
             && st(grpc_response_status, o.grpc_response_status)
             && st(connection_security_policy, o.connection_security_policy)
-            && lv(source_workload, &o.source_workload)
-            && lv(source_canonical_service, &o.source_canonical_service)
-            && lv(source_canonical_revision, &o.source_canonical_revision)
-            && lv(source_workload_namespace, &o.source_workload_namespace)
-            && lv(source_app, &o.source_app)
-            && lv(source_version, &o.source_version)
-            && lv(source_cluster, &o.source_cluster)
-            && lv(destination_workload, &o.destination_workload)
-            && lv(
-                destination_workload_namespace,
-                &o.destination_workload_namespace,
-            )
-            && lv(destination_principal, &o.destination_principal)
-            && lv(destination_app, &o.destination_app)
-            && lv(destination_version, &o.destination_version)
-            && lv(
-                destination_canonical_service,
-                &o.destination_canonical_service,
-            )
-            && lv(
-                destination_canonical_revision,
-                &o.destination_canonical_revision,
-            )
-            && lv(destination_service_name, &o.destination_service_name)
-            && lv(
+            && shared_eq(source, &o.source)
+            && shared_eq(destination_workload, &o.destination_workload)
+            && shared_eq(destination_service_name, &o.destination_service_name)
+            && shared_eq(
                 destination_service_namespace,
                 &o.destination_service_namespace,
             )
-            && lv(destination_cluster, &o.destination_cluster)
     }
 }
 
-/// The TCP metrics' labels: Istio's set without response and gRPC codes.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    pub reporter: &'static str,
-    pub source_workload: Lv,
-    pub source_canonical_service: Lv,
-    pub source_canonical_revision: Lv,
-    pub source_workload_namespace: Lv,
-    pub source_principal: Lv,
-    pub source_app: Lv,
-    pub source_version: Lv,
-    pub source_cluster: Lv,
-    pub destination_workload: Lv,
-    pub destination_workload_namespace: Lv,
-    pub destination_principal: Lv,
-    pub destination_app: Lv,
-    pub destination_version: Lv,
-    pub destination_service: Lv,
-    pub destination_canonical_service: Lv,
-    pub destination_canonical_revision: Lv,
-    pub destination_service_name: Lv,
-    pub destination_service_namespace: Lv,
-    pub destination_cluster: Lv,
-    pub request_protocol: &'static str,
-    pub response_flags: ResponseFlags,
-    pub connection_security_policy: &'static str,
+/// Equal values behind shared pointers: the same pointer, or equal values.
+fn shared_eq<T: PartialEq + ?Sized>(a: &Arc<T>, b: &Arc<T>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
 }
+
+fn st(a: &'static str, b: &'static str) -> bool {
+    std::ptr::eq(a, b) || a == b
+}
+
+impl EncodeLabelSet for IstioLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> std::fmt::Result {
+        encode_labels(self, encoder)?;
+        ("request_protocol", self.request_protocol).encode(encoder.encode_label())?;
+        ("response_code", self.response_code).encode(encoder.encode_label())?;
+        ("grpc_response_status", self.grpc_response_status).encode(encoder.encode_label())?;
+        ("response_flags", self.response_flags).encode(encoder.encode_label())?;
+        (
+            "connection_security_policy",
+            self.connection_security_policy,
+        )
+            .encode(encoder.encode_label())
+    }
+}
+
+/// The reporter's, the source's and the destination's labels, in
+/// Istio's order.
+fn encode_labels(l: &IstioLabels, encoder: &mut LabelSetEncoder<'_>) -> std::fmt::Result {
+    let (s, d) = (&*l.source, &*l.destination_workload);
+    let labels: [(&str, &str); 20] = [
+        ("reporter", l.reporter),
+        ("source_workload", &s.workload),
+        ("source_canonical_service", &s.canonical_service),
+        ("source_canonical_revision", &s.canonical_revision),
+        ("source_workload_namespace", &s.namespace),
+        ("source_principal", &s.principal),
+        ("source_app", &s.app),
+        ("source_version", &s.version),
+        ("source_cluster", &s.cluster),
+        ("destination_workload", &d.workload),
+        ("destination_workload_namespace", &d.namespace),
+        ("destination_principal", &d.principal),
+        ("destination_app", &d.app),
+        ("destination_version", &d.version),
+        ("destination_service", &l.destination_service),
+        ("destination_canonical_service", &d.canonical_service),
+        ("destination_canonical_revision", &d.canonical_revision),
+        ("destination_service_name", &l.destination_service_name),
+        (
+            "destination_service_namespace",
+            &l.destination_service_namespace,
+        ),
+        ("destination_cluster", &d.cluster),
+    ];
+    for label in &labels {
+        label.encode(encoder.encode_label())?;
+    }
+    Ok(())
+}
+
+/// The TCP metrics' labels: Istio's set without the response and gRPC
+/// codes.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+pub struct TcpLabels(IstioLabels);
 
 impl From<&IstioLabels> for TcpLabels {
     fn from(l: &IstioLabels) -> Self {
-        TcpLabels {
-            reporter: l.reporter,
-            source_workload: l.source_workload.clone(),
-            source_canonical_service: l.source_canonical_service.clone(),
-            source_canonical_revision: l.source_canonical_revision.clone(),
-            source_workload_namespace: l.source_workload_namespace.clone(),
-            source_principal: l.source_principal.clone(),
-            source_app: l.source_app.clone(),
-            source_version: l.source_version.clone(),
-            source_cluster: l.source_cluster.clone(),
-            destination_workload: l.destination_workload.clone(),
-            destination_workload_namespace: l.destination_workload_namespace.clone(),
-            destination_principal: l.destination_principal.clone(),
-            destination_app: l.destination_app.clone(),
-            destination_version: l.destination_version.clone(),
-            destination_service: l.destination_service.clone(),
-            destination_canonical_service: l.destination_canonical_service.clone(),
-            destination_canonical_revision: l.destination_canonical_revision.clone(),
-            destination_service_name: l.destination_service_name.clone(),
-            destination_service_namespace: l.destination_service_namespace.clone(),
-            destination_cluster: l.destination_cluster.clone(),
+        TcpLabels(IstioLabels {
             request_protocol: "tcp",
-            response_flags: l.response_flags,
-            connection_security_policy: l.connection_security_policy,
-        }
+            response_code: 0,
+            grpc_response_status: "",
+            ..l.clone()
+        })
+    }
+}
+
+impl EncodeLabelSet for TcpLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> std::fmt::Result {
+        let l = &self.0;
+        encode_labels(l, encoder)?;
+        ("request_protocol", l.request_protocol).encode(encoder.encode_label())?;
+        ("response_flags", l.response_flags).encode(encoder.encode_label())?;
+        ("connection_security_policy", l.connection_security_policy).encode(encoder.encode_label())
     }
 }
 
@@ -304,7 +320,7 @@ pub struct Metrics {
     refused: Family<RefusedLabels, Counter>,
     /// The four request metrics of each label set, so a request looks its
     /// labels up once (with a cheap hash) instead of once per family.
-    series: RwLock<HashMap<IstioLabels, Arc<RequestSeries>, BuildHasherDefault<FxHasher>>>,
+    series: RwLock<HashMap<IstioLabels, RequestSeries, BuildHasherDefault<FxHasher>>>,
     /// The same for `meshgate_egress_requests_total` (the family's own map
     /// hashes every label with SipHash).
     egress_series: RwLock<HashMap<EgressLabels, Counter, BuildHasherDefault<FxHasher>>>,
@@ -462,14 +478,12 @@ impl Metrics {
         request_bytes: u64,
         response_bytes: u64,
     ) {
-        let s = self.series(labels);
-        s.requests.inc();
-        s.duration.observe(duration_ms);
-        s.request_bytes.observe(request_bytes as f64);
-        s.response_bytes.observe(response_bytes as f64);
-    }
-
-    fn series(&self, labels: &IstioLabels) -> Arc<RequestSeries> {
+        let record = |s: &RequestSeries| {
+            s.requests.inc();
+            s.duration.observe(duration_ms);
+            s.request_bytes.observe(request_bytes as f64);
+            s.response_bytes.observe(response_bytes as f64);
+        };
         // A poisoned lock only means another thread panicked mid-insert;
         // the map itself is still consistent.
         if let Some(s) = self
@@ -478,20 +492,21 @@ impl Metrics {
             .unwrap_or_else(PoisonError::into_inner)
             .get(labels)
         {
-            return s.clone();
+            record(s);
+            return;
         }
-        let s = Arc::new(RequestSeries {
+        let s = RequestSeries {
             requests: self.requests.get_or_create(labels).clone(),
             duration: self.request_duration.get_or_create(labels).clone(),
             request_bytes: self.request_bytes.get_or_create(labels).clone(),
             response_bytes: self.response_bytes.get_or_create(labels).clone(),
-        });
+        };
+        record(&s);
         self.series
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .entry(labels.clone())
-            .or_insert(s)
-            .clone()
+            .or_insert(s);
     }
 
     /// Counts one request through the egress gateway.
@@ -539,27 +554,25 @@ mod tests {
         let u: Lv = Arc::from("unknown");
         IstioLabels {
             reporter: "source",
-            source_workload: Arc::from("curl-egress-tst-gateway"),
-            source_canonical_service: Arc::from("curl-egress-tst-gateway"),
-            source_canonical_revision: Arc::from("latest"),
-            source_workload_namespace: Arc::from("curl-egress-tst"),
-            source_principal: Arc::from(
-                "spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst",
-            ),
-            source_app: u.clone(),
-            source_version: u.clone(),
-            source_cluster: u.clone(),
-            destination_workload: u.clone(),
-            destination_workload_namespace: u.clone(),
-            destination_principal: u.clone(),
-            destination_app: u.clone(),
-            destination_version: u.clone(),
+            source: Arc::new(WorkloadLabels {
+                workload: Arc::from("curl-egress-tst-gateway"),
+                canonical_service: Arc::from("curl-egress-tst-gateway"),
+                canonical_revision: Arc::from("latest"),
+                namespace: Arc::from("curl-egress-tst"),
+                principal: Arc::from(
+                    "spiffe://cluster.local/ns/curl-egress-tst/sa/curl-egress-tst",
+                ),
+                app: u.clone(),
+                version: u.clone(),
+                cluster: u.clone(),
+            }),
+            destination_workload: Arc::new(WorkloadLabels {
+                canonical_revision: Arc::from("latest"),
+                ..WorkloadLabels::unknown()
+            }),
             destination_service: Arc::from("jsonplaceholder.typicode.com"),
-            destination_canonical_service: u.clone(),
-            destination_canonical_revision: Arc::from("latest"),
             destination_service_name: Arc::from("jsonplaceholder.typicode.com"),
             destination_service_namespace: Arc::from("curl-external-tst"),
-            destination_cluster: u,
             request_protocol: "http",
             response_code: code,
             grpc_response_status: "",
@@ -568,31 +581,43 @@ mod tests {
         }
     }
 
+    fn other() -> Lv {
+        Arc::from("other")
+    }
+
+    fn src(l: &mut IstioLabels) -> &mut WorkloadLabels {
+        Arc::make_mut(&mut l.source)
+    }
+
+    fn dst(l: &mut IstioLabels) -> &mut WorkloadLabels {
+        Arc::make_mut(&mut l.destination_workload)
+    }
+
     #[test]
     fn label_sets_are_equal_by_value_and_every_label_counts() {
         // Equal text in different allocations.
         assert_eq!(labels(200), labels(200));
         let changes: [fn(&mut IstioLabels); 25] = [
             |l| l.reporter = "destination",
-            |l| l.source_workload = Arc::from("other"),
-            |l| l.source_canonical_service = Arc::from("other"),
-            |l| l.source_canonical_revision = Arc::from("other"),
-            |l| l.source_workload_namespace = Arc::from("other"),
-            |l| l.source_principal = Arc::from("other"),
-            |l| l.source_app = Arc::from("other"),
-            |l| l.source_version = Arc::from("other"),
-            |l| l.source_cluster = Arc::from("other"),
-            |l| l.destination_workload = Arc::from("other"),
-            |l| l.destination_workload_namespace = Arc::from("other"),
-            |l| l.destination_principal = Arc::from("other"),
-            |l| l.destination_app = Arc::from("other"),
-            |l| l.destination_version = Arc::from("other"),
-            |l| l.destination_service = Arc::from("other"),
-            |l| l.destination_canonical_service = Arc::from("other"),
-            |l| l.destination_canonical_revision = Arc::from("other"),
-            |l| l.destination_service_name = Arc::from("other"),
-            |l| l.destination_service_namespace = Arc::from("other"),
-            |l| l.destination_cluster = Arc::from("other"),
+            |l| src(l).workload = other(),
+            |l| src(l).canonical_service = other(),
+            |l| src(l).canonical_revision = other(),
+            |l| src(l).namespace = other(),
+            |l| src(l).principal = other(),
+            |l| src(l).app = other(),
+            |l| src(l).version = other(),
+            |l| src(l).cluster = other(),
+            |l| dst(l).workload = other(),
+            |l| dst(l).namespace = other(),
+            |l| dst(l).principal = other(),
+            |l| dst(l).app = other(),
+            |l| dst(l).version = other(),
+            |l| l.destination_service = other(),
+            |l| dst(l).canonical_service = other(),
+            |l| dst(l).canonical_revision = other(),
+            |l| l.destination_service_name = other(),
+            |l| l.destination_service_namespace = other(),
+            |l| dst(l).cluster = other(),
             |l| l.request_protocol = "grpc",
             |l| l.response_code = 503,
             |l| l.grpc_response_status = "14",
@@ -628,6 +653,37 @@ mod tests {
             )),
             "{text}"
         );
+    }
+
+    #[test]
+    fn tcp_labels_are_istio_labels_without_the_codes() {
+        let m = Metrics::new();
+        let tcp = TcpLabels::from(&labels(200));
+        m.tcp_opened.get_or_create(&tcp).inc();
+        let text = m.encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .expect("counter line");
+        let keys: Vec<&str> = line
+            .split(['{', ','])
+            .skip(1)
+            .filter_map(|kv| kv.split_once('=').map(|(k, _)| k))
+            .collect();
+        assert_eq!(keys.len(), 23, "{line}");
+        assert_eq!(keys[0], "reporter");
+        assert_eq!(keys[5], "source_principal");
+        assert_eq!(keys[19], "destination_cluster");
+        assert_eq!(
+            keys[20..],
+            [
+                "request_protocol",
+                "response_flags",
+                "connection_security_policy"
+            ]
+        );
+        assert!(line.contains("request_protocol=\"tcp\""), "{line}");
+        assert!(line.ends_with("} 1"), "{line}");
     }
 
     #[test]
