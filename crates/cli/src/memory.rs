@@ -20,6 +20,35 @@ pub(crate) fn release_after_load() {
     release_clean_file_mappings();
 }
 
+/// How often a running proxy drops its mappings of the binary's code and
+/// constants (`keep_code_to_working_set`).
+pub(crate) const CODE_RELEASE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Drops this proxy's mappings of the binary's code and constants every
+/// `CODE_RELEASE_EVERY`, so what stays mapped is what it ran since: its
+/// working set. A first connection's handshake, the ready file and the
+/// first log lines run once, and the kernel maps the code around each
+/// function that runs (64 KiB at a time), so after the first requests a
+/// proxy held five times the code its requests run. What runs again is
+/// mapped again from the page cache (a minor fault per 64 KiB, a few dozen
+/// per period); the heap is left alone (trimming it takes the allocator's
+/// lock, which requests wait on).
+pub(crate) async fn keep_code_to_working_set() {
+    every_period(CODE_RELEASE_EVERY, release_clean_file_mappings).await;
+}
+
+/// Runs `release` off the proxy's threads once every `period`, the first
+/// time one period from now.
+async fn every_period(period: std::time::Duration, release: fn()) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // It reads /proc/self/smaps and walks the mappings.
+        let _ = tokio::task::spawn_blocking(release).await;
+    }
+}
+
 /// Returns freed heap pages to the operating system (glibc: `malloc_trim`).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
@@ -158,6 +187,43 @@ Anonymous:             0 kB
             .find_map(|l| l.strip_prefix("RssFile:"))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .unwrap_or(0)
+    }
+
+    static RELEASES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+    fn count_release() {
+        RELEASES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// None at start, then one per period (the clock is tokio's, paused
+    /// and advanced by the test).
+    #[tokio::test(start_paused = true)]
+    async fn mappings_are_released_once_a_period_from_one_period_on() {
+        let period = CODE_RELEASE_EVERY;
+        let task = tokio::spawn(every_period(period, count_release));
+        let released = || RELEASES.load(std::sync::atomic::Ordering::SeqCst);
+        let until = |n: u32| async move {
+            // The release runs on the blocking pool, on real time: wait for
+            // it by yielding, a bounded number of times.
+            for _ in 0..100_000 {
+                if released() >= n {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        // The task starts (and its clock with it) before time moves.
+        tokio::task::yield_now().await;
+        tokio::time::advance(period - std::time::Duration::from_millis(1)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(released(), 0, "nothing before the first period");
+        tokio::time::advance(std::time::Duration::from_millis(1)).await;
+        until(1).await;
+        assert_eq!(released(), 1);
+        tokio::time::advance(period).await;
+        until(2).await;
+        assert_eq!(released(), 2);
+        task.abort();
     }
 
     /// This process's own mappings: releasing them lowers its file-backed

@@ -656,6 +656,7 @@ async fn proxy_main(
         ProxyKind::Sidecar => "sidecar",
     };
     tracing::info!(workload = %args.workload, identity = %id, "{what} running");
+    let code_release = tokio::spawn(crate::memory::keep_code_to_working_set());
     let mut live = Live {
         args,
         kind,
@@ -679,6 +680,7 @@ async fn proxy_main(
         () = crate::shutdown_signal() => {}
         () = changes => {}
     }
+    code_release.abort();
 
     // Drain: report not ready, stop accepting, let requests in flight
     // finish, then exit.
