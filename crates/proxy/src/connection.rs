@@ -163,10 +163,10 @@ where
     let conn = Arc::new(conn);
     let svc = hyper::service::service_fn(move |req| {
         let (proxy, conn) = (proxy.clone(), conn.clone());
-        // Boxed: a request's state is kilobytes, and hyper moves the future
-        // several times (HTTP/2 spawns a task for each stream); a pointer
-        // moves for nothing.
-        Box::pin(async move { Ok::<_, Infallible>(proxy.handle(&conn, req).await) })
+        // Not boxed: HTTP/1.1 keeps it in the connection's state (one
+        // allocation per connection, not per request); HTTP/2 boxes each
+        // stream's task as it is spawned (`BoxingExecutor`).
+        async move { Ok::<_, Infallible>(proxy.handle(&conn, req).await) }
     });
     crate::listener::serve_http(io, svc, &drain, idle, &metrics).await
 }

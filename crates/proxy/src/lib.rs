@@ -16,6 +16,7 @@ pub mod connection;
 pub mod cors;
 pub mod drain;
 pub mod error;
+pub mod exec;
 pub mod gateway;
 pub mod http;
 pub mod idle;

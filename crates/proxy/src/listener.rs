@@ -108,9 +108,11 @@ where
 
 /// The downstream HTTP server (HTTP/1.1 and HTTP/2, TLS or h2c). A timer
 /// makes hyper enforce its header read timeout (30s), so a client that
-/// never finishes its headers cannot hold a connection forever.
-fn http_server() -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
-    let mut b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+/// never finishes its headers cannot hold a connection forever. HTTP/2
+/// streams are spawned boxed (`BoxingExecutor`); HTTP/1.1 keeps each
+/// request's future in its connection's state, allocated once.
+fn http_server() -> hyper_util::server::conn::auto::Builder<crate::exec::BoxingExecutor> {
+    let mut b = hyper_util::server::conn::auto::Builder::new(crate::exec::BoxingExecutor);
     b.http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .max_buf_size(MAX_REQUEST_HEADERS);

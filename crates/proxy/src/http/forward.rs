@@ -466,9 +466,11 @@ impl Upstream<'_> {
                 drop(open);
             });
         }
-        if let Ok(v) = HeaderValue::from_str(&self.start.elapsed().as_millis().to_string()) {
-            parts.headers.insert(X_ENVOY_UPSTREAM_SERVICE_TIME, v);
-        }
+        // Written by http's integer conversion: one allocation, not two.
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        parts
+            .headers
+            .insert(X_ENVOY_UPSTREAM_SERVICE_TIME, HeaderValue::from(ms));
         self.route.response_headers.apply(&mut parts.headers);
         self.destination.response_headers.apply(&mut parts.headers);
         let retried_out = attempts > 1 && self.route.retry.retry_status(parts.status.as_u16());

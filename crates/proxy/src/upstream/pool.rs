@@ -387,7 +387,7 @@ impl Pool {
 async fn connect_h2(core: &Arc<ClusterCore>, uri: &Uri) -> Result<H2, PoolError> {
     let conn = core.connect(uri, false).await.map_err(PoolError::connect)?;
     let upstream = conn.endpoint();
-    let handshake = http2::Builder::new(BoxingExecutor)
+    let handshake = http2::Builder::new(crate::exec::BoxingExecutor)
         .timer(TokioTimer::new())
         .handshake(TokioIo::new(conn));
     let (sender, connection) = match tokio::time::timeout(core.connect_timeout, handshake).await {
@@ -410,24 +410,6 @@ async fn connect_h2(core: &Arc<ClusterCore>, uri: &Uri) -> Result<H2, PoolError>
         served: 0,
         last_used: Instant::now(),
     })
-}
-
-/// Spawns hyper's HTTP/2 client tasks boxed. hyper hands each one over as
-/// one enum whose largest variant is the whole connection (~1.5 KB) while
-/// the one spawned per request waits for a response (~100 B): spawned as
-/// it is, each request's task copied the connection's size several times
-/// on its way into its task and again as the task finished.
-#[derive(Clone, Copy)]
-struct BoxingExecutor;
-
-impl<F> hyper::rt::Executor<F> for BoxingExecutor
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::spawn(Box::pin(fut));
-    }
 }
 
 /// Drops the slot's connection when it has closed, or when it goes to
