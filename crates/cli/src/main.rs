@@ -3,6 +3,7 @@
 mod ca;
 mod check;
 mod control_cmd;
+mod digest;
 mod dump;
 mod exec_cmd;
 mod explain;

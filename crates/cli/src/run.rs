@@ -20,6 +20,8 @@ use meshgate_proxy::upstream::dns::Resolver;
 use meshgate_proxy::upstream::tls::DefaultRoots;
 use meshgate_telemetry::{AccessLog, AccessLogFormat, Metrics};
 
+use crate::digest::Digest;
+
 /// Where the proxy's certificate comes from.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct IdentityArgs {
@@ -817,60 +819,6 @@ struct Live<'a> {
     digest: Digest,
     /// Where the running config came from, for the inspection port.
     config_source: Arc<arc_swap::ArcSwap<String>>,
-}
-
-/// Each resource (`Kind ns/name`) and a hash of what it says (its spec,
-/// labels and annotations; not where in which file it is).
-#[derive(Debug, Default)]
-struct Digest(std::collections::BTreeMap<String, u64>);
-
-impl Digest {
-    /// One resource serialized at a time (the whole config at once
-    /// doubled a large config's memory at load).
-    fn of(config: &Config) -> Digest {
-        use std::hash::{Hash, Hasher};
-        let map = config
-            .spec_texts()
-            .map(|(meta, spec)| {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                spec.hash(&mut h);
-                meta.labels.hash(&mut h);
-                meta.annotations.hash(&mut h);
-                (format!("{} {}", meta.kind, meta.full_name()), h.finish())
-            })
-            .collect();
-        Digest(map)
-    }
-
-    /// What `new` added, changed and removed against `self`, as text (each
-    /// list cut at ten names).
-    fn changes(&self, new: &Digest) -> String {
-        let list = |names: Vec<&String>| {
-            let n = names.len();
-            let mut shown: Vec<&str> = names.into_iter().take(10).map(String::as_str).collect();
-            if n > 10 {
-                shown.push("...");
-            }
-            format!("{n} ({})", shown.join(", "))
-        };
-        let added: Vec<&String> = new.0.keys().filter(|k| !self.0.contains_key(*k)).collect();
-        let removed: Vec<&String> = self.0.keys().filter(|k| !new.0.contains_key(*k)).collect();
-        let changed: Vec<&String> = new
-            .0
-            .iter()
-            .filter(|(k, h)| self.0.get(*k).is_some_and(|old| old != *h))
-            .map(|(k, _)| k)
-            .collect();
-        if added.is_empty() && removed.is_empty() && changed.is_empty() {
-            return "no resource changed".to_owned();
-        }
-        format!(
-            "added {}, changed {}, removed {}",
-            list(added),
-            list(changed),
-            list(removed)
-        )
-    }
 }
 
 impl Live<'_> {
