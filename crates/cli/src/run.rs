@@ -603,7 +603,7 @@ async fn proxy_main(
     let view = view::build(&config, &mesh, &args.workload)?;
     let digest = Digest::of(&config);
     drop(config);
-    let snapshot = Snapshot::build(view, &ctx)?;
+    let snapshot = build_in_own_arena(view, &ctx)?;
     if kind == ProxyKind::Gateway && snapshot.listeners.is_empty() {
         tracing::warn!(workload = %args.workload, "no Gateway selects this workload: nothing to listen on");
     }
@@ -949,6 +949,26 @@ impl Live<'_> {
 
 /// `memory::release_after_load` off the proxy's threads (it walks the heap
 /// and the process's mappings).
+/// Compiles the first snapshot on a thread of its own, so into a malloc
+/// arena of its own: what stays as long as the config is packed together
+/// there, while the loaded model's memory (the main arena's; for 10,000
+/// hosts ten times the snapshot's) is freed whole and given back. Built
+/// among the model's freed blocks, a snapshot of 12 MB held 20 MB of pages.
+fn build_in_own_arena(
+    view: meshgate_config::view::ProxyView,
+    ctx: &BuildContext,
+) -> Result<Snapshot, meshgate_proxy::snapshot::BuildError> {
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let _in_runtime = runtime.enter();
+            Snapshot::build(view, ctx)
+        })
+        .join()
+    })
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
 async fn release_after_load() {
     let _ = tokio::task::spawn_blocking(crate::memory::release_after_load).await;
 }

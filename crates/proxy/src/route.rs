@@ -629,9 +629,10 @@ pub struct RouteTable {
 /// `*`; among equals, the last).
 #[derive(Debug, Clone, Default)]
 struct DomainIndex {
-    exact: HashMap<String, usize>,
+    // Boxed: a gateway of thousands of hosts keeps a key each.
+    exact: HashMap<Box<str>, usize>,
     /// `*.a.com` as `.a.com`.
-    suffixes: HashMap<String, usize>,
+    suffixes: HashMap<Box<str>, usize>,
     /// The suffix lengths present, longest first.
     suffix_lens: Vec<usize>,
     any: Option<usize>,
@@ -645,13 +646,13 @@ impl DomainIndex {
                 if d == "*" {
                     index.any = Some(i);
                 } else if let Some(suffix) = d.strip_prefix('*') {
-                    index.suffixes.insert(suffix.to_owned(), i);
+                    index.suffixes.insert(suffix.into(), i);
                 } else {
-                    index.exact.insert(d, i);
+                    index.exact.insert(d.into_boxed_str(), i);
                 }
             }
         }
-        index.suffix_lens = index.suffixes.keys().map(String::len).collect();
+        index.suffix_lens = index.suffixes.keys().map(|s| s.len()).collect();
         index.suffix_lens.sort_unstable_by(|a, b| b.cmp(a));
         index.suffix_lens.dedup();
         index
@@ -690,6 +691,8 @@ pub enum Routed<'a> {
 impl RouteTable {
     pub fn new(mut vhosts: Vec<VirtualHost>) -> RouteTable {
         let index = DomainIndex::new(&mut vhosts);
+        // Kept as long as the config: without the room pushing left.
+        vhosts.shrink_to_fit();
         RouteTable { vhosts, index }
     }
 
