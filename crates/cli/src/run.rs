@@ -947,8 +947,6 @@ impl Live<'_> {
     }
 }
 
-/// `memory::release_after_load` off the proxy's threads (it walks the heap
-/// and the process's mappings).
 /// Compiles the first snapshot on a thread of its own, so into a malloc
 /// arena of its own: what stays as long as the config is packed together
 /// there, while the loaded model's memory (the main arena's; for 10,000
@@ -957,18 +955,26 @@ impl Live<'_> {
 fn build_in_own_arena(
     view: meshgate_config::view::ProxyView,
     ctx: &BuildContext,
-) -> Result<Snapshot, meshgate_proxy::snapshot::BuildError> {
+) -> anyhow::Result<Snapshot> {
     let runtime = tokio::runtime::Handle::current();
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            let _in_runtime = runtime.enter();
-            Snapshot::build(view, ctx)
-        })
-        .join()
-    })
-    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    let built = std::thread::scope(|s| {
+        let thread = std::thread::Builder::new()
+            .name("meshgate-load".into())
+            .spawn_scoped(s, move || {
+                let _in_runtime = runtime.enter();
+                Snapshot::build(view, ctx)
+            })?;
+        Ok::<_, std::io::Error>(
+            thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+        )
+    });
+    Ok(built.context("starting a thread to compile the config")??)
 }
 
+/// `memory::release_after_load` off the proxy's threads (it walks the heap
+/// and the process's mappings).
 async fn release_after_load() {
     let _ = tokio::task::spawn_blocking(crate::memory::release_after_load).await;
 }

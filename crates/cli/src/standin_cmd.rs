@@ -112,7 +112,7 @@ pub(crate) fn run(a: &StandinArgs) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("listening on {}", a.https_listen))?;
             https = listener.local_addr()?;
-            tokio::spawn(standin::serve_https(listener, tls, Seen::default()));
+            tokio::spawn(standin::serve_https(listener, tls, Seen::unrecorded()));
         }
         let mut zone = match a.answer_all {
             Some(ip) => DnsZone::default().with_fallback(ip),

@@ -245,6 +245,8 @@ pub struct Seen(
     Arc<Mutex<Vec<SeenRequest>>>,
     Arc<tokio::sync::Semaphore>,
     Arc<tokio::sync::Notify>,
+    /// Whether requests are kept (`Seen::default`, for tests to read).
+    bool,
 );
 
 impl Default for Seen {
@@ -253,6 +255,20 @@ impl Default for Seen {
             Arc::default(),
             Arc::new(tokio::sync::Semaphore::new(0)),
             Arc::default(),
+            true,
+        )
+    }
+}
+
+impl Seen {
+    /// Keeps no request: `meshgate stand-in` runs for as long as `up` or a
+    /// benchmark does, and nobody reads what it saw.
+    pub fn unrecorded() -> Self {
+        Seen(
+            Arc::default(),
+            Arc::new(tokio::sync::Semaphore::new(0)),
+            Arc::default(),
+            false,
         )
     }
 }
@@ -301,11 +317,12 @@ impl Seen {
 /// What the stand-in answers: the real API's bodies for its real paths,
 /// `/status/N` that status, and for every other path a JSON echo of what it
 /// received (method, path, query, headers, SNI, client certificate), so a
-/// test or a user sees what the proxies sent.
-fn answer(path: &str, echo: &serde_json::Value) -> Response<Full<Bytes>> {
-    let (status, body) = match path {
-        "/todos/1" | "/hold" => (StatusCode::OK, Bytes::from_static(TODO_1.as_bytes())),
-        _ => {
+/// test or a user sees what the proxies sent. The echo is made only for
+/// the paths that answer with it (`answers_echo`).
+fn answer(path: &str, echo: Option<&serde_json::Value>) -> Response<Full<Bytes>> {
+    let (status, body) = match echo {
+        None => (StatusCode::OK, Bytes::from_static(TODO_1.as_bytes())),
+        Some(echo) => {
             let status = path
                 .strip_prefix("/status/")
                 .and_then(|c| c.parse::<u16>().ok())
@@ -323,6 +340,11 @@ fn answer(path: &str, echo: &serde_json::Value) -> Response<Full<Bytes>> {
         http::HeaderValue::from_static("application/json; charset=utf-8"),
     );
     r
+}
+
+/// Whether the answer to `path` is the request's echo: all but the todo's.
+fn answers_echo(path: &str) -> bool {
+    !matches!(path, "/todos/1" | "/hold")
 }
 
 /// The longest `/delay/MS` waits.
@@ -436,7 +458,10 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, seen: Se
                 "stand-in connection"
             );
             let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                let echo = echo_of(&req, sni.as_deref(), client.as_ref());
+                let path = req.uri().path().to_owned();
+                // Made only for the answers that carry it.
+                let echo =
+                    answers_echo(&path).then(|| echo_of(&req, sni.as_deref(), client.as_ref()));
                 let upgrade = echo_upgrade(&mut req);
                 let header = |name: header::HeaderName| {
                     req.headers()
@@ -446,10 +471,14 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, seen: Se
                 };
                 let host =
                     header(header::HOST).or_else(|| req.uri().authority().map(|a| a.to_string()));
-                let forwarded_for = header(header::HeaderName::from_static("x-forwarded-for"));
-                let client_cert =
-                    header(header::HeaderName::from_static("x-forwarded-client-cert"));
-                let path = req.uri().path().to_owned();
+                let (forwarded_for, client_cert) = if seen.3 {
+                    (
+                        header(header::HeaderName::from_static("x-forwarded-for")),
+                        header(header::HeaderName::from_static("x-forwarded-client-cert")),
+                    )
+                } else {
+                    (None, None)
+                };
                 let (seen, sni, hold) = (seen.clone(), sni.clone(), seen.1.clone());
                 async move {
                     let body = http_body_util::BodyExt::collect(req.into_body())
@@ -457,7 +486,9 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, seen: Se
                         .map(|b| b.to_bytes().len())
                         .unwrap_or(0);
                     tracing::info!(sni = %sni.as_deref().unwrap_or("-"), host = %host.as_deref().unwrap_or("-"), %path, "stand-in request");
-                    if let Ok(mut v) = seen.0.lock() {
+                    if seen.3
+                        && let Ok(mut v) = seen.0.lock()
+                    {
                         v.push(SeenRequest {
                             sni,
                             host,
@@ -485,7 +516,7 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, seen: Se
                         tokio::time::sleep(std::time::Duration::from_millis(ms.min(MAX_DELAY_MS)))
                             .await;
                     }
-                    Ok::<_, Infallible>(answer(&path, &echo))
+                    Ok::<_, Infallible>(answer(&path, echo.as_ref()))
                 }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -505,9 +536,9 @@ pub async fn serve_http(listener: TcpListener) {
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(|req: Request<Incoming>| {
                 let path = req.uri().path().to_owned();
-                let echo = echo_of(&req, None, None);
+                let echo = answers_echo(&path).then(|| echo_of(&req, None, None));
                 tracing::info!(%path, "stand-in plain HTTP request");
-                async move { Ok::<_, Infallible>(answer(&path, &echo)) }
+                async move { Ok::<_, Infallible>(answer(&path, echo.as_ref())) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tcp), svc)

@@ -169,3 +169,31 @@ fn issuer_key(dir: &TempDir) -> (String, String) {
     let key = std::fs::read_to_string(dir.path("user-ca/root-key.pem")).unwrap();
     (ca.root_pem().to_owned(), key)
 }
+
+/// `meshgate stand-in` runs as long as `up` or a benchmark: it answers as
+/// any stand-in does and keeps none of the requests (what tests read from
+/// `Seen::default`).
+#[tokio::test]
+async fn an_unrecorded_stand_in_answers_and_keeps_no_request() {
+    let dir = TempDir::new("standin-unrecorded");
+    let ca = Arc::new(StandinCa::new("stand-in CA").unwrap());
+    let root = dir.write("ca.pem", &ca.root_pem);
+    let config = ca.any_host_config("api.example.com", vec![], None).unwrap();
+    let (kept, unrecorded) = (Seen::default(), Seen::unrecorded());
+    let mut addrs = Vec::new();
+    for seen in [kept.clone(), unrecorded.clone()] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.push(listener.local_addr().unwrap());
+        tokio::spawn(standin::serve_https(listener, config.clone(), seen));
+    }
+    for addr in addrs {
+        let todo = https_get(&root, "api.example.com", 443, addr, "/todos/1").await;
+        assert_eq!(todo.answer(), ("200", standin::TODO_1));
+        let echo = https_get(&root, "api.example.com", 443, addr, "/anything").await;
+        let echo: Value = serde_json::from_str(echo.answer().1).unwrap();
+        assert_eq!(echo["path"], "/anything");
+    }
+    let paths: Vec<String> = kept.all().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths, ["/todos/1", "/anything"]);
+    assert_eq!(unrecorded.all(), []);
+}
