@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use foldhash::fast::RandomState as FastHash;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use meshgate_config::model::networking::{
     HeaderOperations, HttpMatchRequest, RedirectPortSelection, StringMatch,
@@ -629,10 +630,12 @@ pub struct RouteTable {
 /// `*`; among equals, the last).
 #[derive(Debug, Clone, Default)]
 struct DomainIndex {
-    // Boxed: a gateway of thousands of hosts keeps a key each.
-    exact: HashMap<Box<str>, usize>,
+    // Boxed: a gateway of thousands of hosts keeps a key each. foldhash,
+    // not SipHash: every request looks its host up, and the keys are the
+    // config's, not the client's.
+    exact: HashMap<Box<str>, usize, FastHash>,
     /// `*.a.com` as `.a.com`.
-    suffixes: HashMap<Box<str>, usize>,
+    suffixes: HashMap<Box<str>, usize, FastHash>,
     /// The suffix lengths present, longest first.
     suffix_lens: Vec<usize>,
     any: Option<usize>,

@@ -350,8 +350,13 @@ impl Hasher for FxHasher {
             w.copy_from_slice(c);
             self.add(u64::from_le_bytes(w));
         }
-        for &b in chunks.remainder() {
-            self.add(u64::from(b));
+        // The tail as one word, not a word per byte (`str` hashes a
+        // terminator after it, so "a" and "a\0" still differ).
+        let tail = chunks.remainder();
+        if !tail.is_empty() {
+            let mut w = [0u8; 8];
+            w[..tail.len()].copy_from_slice(tail);
+            self.add(u64::from_le_bytes(w));
         }
     }
     fn write_u8(&mut self, i: u8) {

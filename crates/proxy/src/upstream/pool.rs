@@ -22,6 +22,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use super::{ClusterCore, ConnectError};
 use crate::body::Body;
 
+/// The pool's maps are looked up on every request; their keys (request
+/// authorities) can come from clients, so a seeded hash of good quality,
+/// a few times cheaper than SipHash.
+type Keyed = foldhash::quality::RandomState;
+
 /// Retries of a request that a reused connection closed before it was
 /// sent; after these the request takes a new connection.
 const STALE_TRIES: u32 = 3;
@@ -83,10 +88,10 @@ pub(super) struct Pool {
 #[derive(Debug)]
 struct Shared {
     settings: PoolSettings,
-    idle: Mutex<HashMap<Arc<str>, Vec<Idle>>>,
+    idle: Mutex<HashMap<Arc<str>, Vec<Idle>, Keyed>>,
     /// HTTP/2: one connection per key; its lock is held while it connects,
     /// so concurrent first requests share one connection.
-    multiplexed: Mutex<HashMap<Arc<str>, Arc<Slot>>>,
+    multiplexed: Mutex<HashMap<Arc<str>, Arc<Slot>, Keyed>>,
     /// HTTP/2 with one key (`PoolSettings::one_key`): its one slot.
     single: Arc<Slot>,
 }
@@ -161,8 +166,8 @@ impl Pool {
     pub(super) fn new(settings: PoolSettings) -> Pool {
         let shared = Arc::new(Shared {
             settings,
-            idle: Mutex::new(HashMap::new()),
-            multiplexed: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::default()),
+            multiplexed: Mutex::new(HashMap::default()),
             single: Arc::new(Slot::new(None)),
         });
         if settings.keep {
