@@ -350,12 +350,13 @@ impl Hasher for FxHasher {
             w.copy_from_slice(c);
             self.add(u64::from_le_bytes(w));
         }
-        // The tail as one word, not a word per byte (`str` hashes a
-        // terminator after it, so "a" and "a\0" still differ).
+        // The tail (at most 7 bytes) as one word, not a word per byte; its
+        // length in the last byte, so "a" and "a\0" differ.
         let tail = chunks.remainder();
         if !tail.is_empty() {
             let mut w = [0u8; 8];
             w[..tail.len()].copy_from_slice(tail);
+            w[7] = tail.len() as u8;
             self.add(u64::from_le_bytes(w));
         }
     }
