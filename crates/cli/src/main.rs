@@ -21,6 +21,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// mimalloc: a request's allocations cost about half of glibc's (see
+/// `memory`; docs/BENCHMARKS.md, stop 29).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// meshgate: an egress data plane for service meshes, configured by the same
 /// Istio and Kubernetes YAML you would apply to a cluster.
 #[derive(Debug, Parser)]

@@ -603,7 +603,7 @@ async fn proxy_main(
     let view = view::build(&config, &mesh, &args.workload)?;
     let digest = Digest::of(&config);
     drop(config);
-    let snapshot = build_in_own_arena(view, &ctx)?;
+    let snapshot = build_in_own_heap(view, &ctx)?;
     if kind == ProxyKind::Gateway && snapshot.listeners.is_empty() {
         tracing::warn!(workload = %args.workload, "no Gateway selects this workload: nothing to listen on");
     }
@@ -947,12 +947,13 @@ impl Live<'_> {
     }
 }
 
-/// Compiles the first snapshot on a thread of its own, so into a malloc
-/// arena of its own: what stays as long as the config is packed together
-/// there, while the loaded model's memory (the main arena's; for 10,000
-/// hosts ten times the snapshot's) is freed whole and given back. Built
-/// among the model's freed blocks, a snapshot of 12 MB held 20 MB of pages.
-fn build_in_own_arena(
+/// Compiles the first snapshot on a thread of its own, so into pages of
+/// its own (each thread allocates from a heap of its own): what stays as
+/// long as the config is packed together there, while the loaded model's
+/// memory (for 10,000 hosts ten times the snapshot's) is freed whole and
+/// given back. Built among the model's freed blocks, a snapshot of 12 MB
+/// held 20 MB of pages.
+fn build_in_own_heap(
     view: meshgate_config::view::ProxyView,
     ctx: &BuildContext,
 ) -> anyhow::Result<Snapshot> {
