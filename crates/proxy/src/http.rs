@@ -26,7 +26,7 @@ use crate::snapshot::Snapshot;
 
 // Header names the request path sets, built once: inserting by `&str`
 // copies a custom name on every request.
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// What acting on a plan came to, before it is reported.
 #[derive(Debug)]
@@ -61,7 +61,8 @@ impl Proxy {
         // Unique per request: HPACK sends it as a never-indexed literal
         // (`set_sensitive`) rather than adding each one to the connection's
         // table, where it would evict useful entries and make every later
-        // `x-request-id` search a growing chain of them.
+        // `x-request-id` search a growing chain of them. (The first on each
+        // HTTP/2 connection is added, for its name: `pool::name_request_id`.)
         match parts.headers.entry(X_REQUEST_ID) {
             header::Entry::Occupied(mut id) => id.get_mut().set_sensitive(true),
             header::Entry::Vacant(slot) => {

@@ -1565,4 +1565,70 @@ mod tests {
         assert_eq!(read_all(cluster.send(req()).await.unwrap()).await, "h2");
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "one HTTP/2 connection");
     }
+
+    /// The header blocks of the HEADERS frames a client sends on one
+    /// plain HTTP/2 connection, read off the wire; each is answered 200.
+    async fn h2_header_blocks(listener: tokio::net::TcpListener) -> Vec<Vec<u8>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut s, _) = listener.accept().await.unwrap();
+        // The server's SETTINGS (empty).
+        s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+        let mut preface = [0u8; 24];
+        s.read_exact(&mut preface).await.unwrap();
+        let mut blocks = Vec::new();
+        let mut head = [0u8; 9];
+        while s.read_exact(&mut head).await.is_ok() {
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).await.unwrap();
+            match (head[3], head[4]) {
+                // SETTINGS, not an ACK: acknowledged.
+                (4, 0) => s.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await.unwrap(),
+                // HEADERS: `:status: 200` (static index 8), ending the stream.
+                (1, _) => {
+                    blocks.push(payload);
+                    let mut answer = vec![0, 0, 1, 1, 0x5];
+                    answer.extend_from_slice(&head[5..9]);
+                    answer.push(0x88);
+                    s.write_all(&answer).await.unwrap();
+                }
+                _ => {}
+            }
+        }
+        blocks
+    }
+
+    /// Each `x-request-id` goes never-indexed, but after the first request
+    /// its name goes by index into the connection's table, not as a
+    /// literal every time (`pool::name_request_id`).
+    #[tokio::test]
+    async fn http2_request_ids_name_the_connections_first_one() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(h2_header_blocks(listener));
+        let cluster = cluster(settings(Endpoints::Static(vec![addr]), true, None));
+        for id in ["id-one", "id-two", "id-three"] {
+            let mut req = get(addr);
+            *req.version_mut() = http::Version::HTTP_2;
+            let mut id = http::HeaderValue::from_static(id);
+            id.set_sensitive(true);
+            req.headers_mut().insert(crate::http::X_REQUEST_ID, id);
+            let answer = cluster.send(req).await.unwrap();
+            assert_eq!(answer.response.status(), 200);
+        }
+        drop(cluster);
+        let blocks = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(blocks.len(), 3);
+        for block in &blocks[1..] {
+            // The pseudo-headers are indexed now (1xxxxxxx); next comes the
+            // id, never indexed (0001xxxx), its name an index (not 0000:
+            // a literal).
+            let field = block.iter().find(|b| *b & 0x80 == 0).copied();
+            assert_eq!(field.map(|b| b & 0xf0), Some(0x10), "{block:02x?}");
+            assert_ne!(field, Some(0x10), "name sent as a literal: {block:02x?}");
+        }
+    }
 }

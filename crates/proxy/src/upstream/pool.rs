@@ -323,11 +323,14 @@ impl Pool {
             // after the send: each request's future is as large as its largest
             // state, and it is copied whole as it is made.
             loop {
-                let (mut sender, upstream, reused) =
+                let (mut sender, upstream, reused, first) =
                     match self.checkout_h2(core, slot, req.uri()).await {
                         Ok(checked_out) => checked_out,
                         Err(e) => return Err(e.unsent(req)),
                     };
+                if first {
+                    name_request_id(&mut req);
+                }
                 let stale_ok = reused && stale < STALE_TRIES;
                 if sender.ready().await.is_err() && stale_ok {
                     stale += 1;
@@ -362,14 +365,14 @@ impl Pool {
     }
 
     /// The key's shared connection (made now if there is none or it
-    /// closed): a handle to it, its endpoint, and whether it was made
-    /// before.
+    /// closed): a handle to it, its endpoint, whether it was made before,
+    /// and whether this is its first request.
     async fn checkout_h2(
         &self,
         core: &Arc<ClusterCore>,
         slot: &Slot,
         uri: &Uri,
-    ) -> Result<(http2::SendRequest<Body>, Option<SocketAddr>, bool), PoolError> {
+    ) -> Result<(http2::SendRequest<Body>, Option<SocketAddr>, bool, bool), PoolError> {
         let settings = &self.shared.settings;
         let mut held = slot.lock().await;
         let reused = held.as_ref().is_some_and(|c| !c.sender.is_closed());
@@ -379,12 +382,25 @@ impl Pool {
         };
         c.served += 1;
         c.last_used = Instant::now();
-        let out = (c.sender.clone(), c.upstream, reused);
+        let out = (c.sender.clone(), c.upstream, reused, c.served == 1);
         // Its last request: new requests open another connection.
         if !settings.keep || settings.max_requests.is_some_and(|n| c.served >= n) {
             *held = None;
         }
         Ok(out)
+    }
+}
+
+/// Lets the first request on an HTTP/2 connection add its `x-request-id`
+/// to the connection's HPACK table. Every id is sent never-indexed
+/// (`http.rs`), and with none in the table its name went as a literal too,
+/// Huffman-coded on one side and decoded (and allocated) on the other for
+/// every request; with this one entry, later ids name it by index. Only
+/// the first: each added id would lengthen the chain of same-named entries
+/// that every later id is compared with.
+fn name_request_id(req: &mut Request<Body>) {
+    if let Some(id) = req.headers_mut().get_mut(crate::http::X_REQUEST_ID) {
+        id.set_sensitive(false);
     }
 }
 
