@@ -22,9 +22,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// mimalloc: a request's allocations cost about half of glibc's (see
-/// `memory`; docs/BENCHMARKS.md, stop 29).
+/// `memory`; docs/BENCHMARKS.md, stops 29 and 30).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: memory::Allocator = memory::Allocator;
 
 /// meshgate: an egress data plane for service meshes, configured by the same
 /// Istio and Kubernetes YAML you would apply to a cluster.

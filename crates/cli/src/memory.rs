@@ -55,6 +55,76 @@ async fn every_period(period: std::time::Duration, release: fn()) {
     }
 }
 
+/// mimalloc as the global allocator, asked for an alignment only when a
+/// type needs more than every block already has. mimalloc's own Rust
+/// binding calls `mi_malloc_aligned` for every allocation, whose fast path
+/// takes only blocks of up to 1 KiB that happen to be free: a larger one
+/// (buffers, boxed futures) went through its generic aligned path, about
+/// twice the instructions of `mi_malloc` (docs/BENCHMARKS.md, stop 30).
+pub(crate) struct Allocator;
+
+/// Every block of at least this many bytes is aligned to it (mimalloc's
+/// `MI_MAX_ALIGN_SIZE`), and smaller blocks to their size.
+const MI_MAX_ALIGN_SIZE: usize = 16;
+
+/// Whether `mi_malloc` alone meets `layout`'s alignment. A layout's size
+/// is a multiple of its alignment, so an alignment of at most 16 bytes is
+/// at most the size, and mimalloc's blocks meet it.
+fn plain(layout: std::alloc::Layout) -> bool {
+    layout.align() <= MI_MAX_ALIGN_SIZE && layout.align() <= layout.size()
+}
+
+// SAFETY: each method hands mimalloc a layout's size and, where it must,
+// its alignment; every block is freed by `mi_free` and resized by
+// mimalloc's realloc of the same kind, as mimalloc requires. A null
+// pointer is returned as mimalloc returns it (allocation failure).
+#[allow(unsafe_code)]
+unsafe impl std::alloc::GlobalAlloc for Allocator {
+    #[inline]
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: see the impl.
+        unsafe {
+            if plain(layout) {
+                libmimalloc_sys::mi_malloc(layout.size()).cast()
+            } else {
+                libmimalloc_sys::mi_malloc_aligned(layout.size(), layout.align()).cast()
+            }
+        }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: see the impl.
+        unsafe {
+            if plain(layout) {
+                libmimalloc_sys::mi_zalloc(layout.size()).cast()
+            } else {
+                libmimalloc_sys::mi_zalloc_aligned(layout.size(), layout.align()).cast()
+            }
+        }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, _layout: std::alloc::Layout) {
+        // SAFETY: see the impl; `ptr` came from this allocator.
+        unsafe { libmimalloc_sys::mi_free(ptr.cast()) }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: see the impl; `ptr` came from this allocator with
+        // `layout`, and the block keeps its alignment at the new size.
+        unsafe {
+            let grown = std::alloc::Layout::from_size_align_unchecked(new_size, layout.align());
+            if plain(grown) {
+                libmimalloc_sys::mi_realloc(ptr.cast(), new_size).cast()
+            } else {
+                libmimalloc_sys::mi_realloc_aligned(ptr.cast(), new_size, layout.align()).cast()
+            }
+        }
+    }
+}
+
 // mimalloc's options `arena_eager_commit` and `purge_delay` (mimalloc.h,
 // `mi_option_e`, v3; the crate names no constant for them).
 const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
@@ -268,6 +338,52 @@ Anonymous:             0 kB
             after < before + 10_000,
             "RssAnon {before} kB, {held} kB held, {after} kB after release"
         );
+    }
+
+    /// Every block meets its layout's alignment, small and large, plain
+    /// and over-aligned, allocated, zeroed and resized, and keeps its
+    /// bytes when resized.
+    #[test]
+    #[allow(unsafe_code)]
+    fn blocks_meet_their_alignment_and_keep_their_bytes() {
+        use std::alloc::{GlobalAlloc, Layout};
+        for align in [1, 2, 8, 16, 32, 64, 128, 4096] {
+            for size in [1, 7, 8, 24, 48, 100, 1000, 1024, 1100, 5000, 70_000] {
+                let size = size.max(align) / align * align;
+                let layout = Layout::from_size_align(size, align).unwrap();
+                // SAFETY: non-zero sizes; every block is freed with its layout.
+                unsafe {
+                    let zeroed = Allocator.alloc_zeroed(layout);
+                    assert_eq!(zeroed as usize % align, 0, "{layout:?} zeroed");
+                    assert!(
+                        std::slice::from_raw_parts(zeroed, size)
+                            .iter()
+                            .all(|&b| b == 0)
+                    );
+                    Allocator.dealloc(zeroed, layout);
+                    let p = Allocator.alloc(layout);
+                    assert_eq!(p as usize % align, 0, "{layout:?}");
+                    for i in 0..size {
+                        *p.add(i) = i as u8;
+                    }
+                    let grown = Allocator.realloc(p, layout, size * 3);
+                    assert_eq!(grown as usize % align, 0, "{layout:?} grown");
+                    assert!(
+                        (0..size).all(|i| *grown.add(i) == i as u8),
+                        "{layout:?} grown"
+                    );
+                    let half = (size / 2).max(align);
+                    let grown_layout = Layout::from_size_align(size * 3, align).unwrap();
+                    let shrunk = Allocator.realloc(grown, grown_layout, half);
+                    assert_eq!(shrunk as usize % align, 0, "{layout:?} shrunk");
+                    assert!(
+                        (0..half).all(|i| *shrunk.add(i) == i as u8),
+                        "{layout:?} shrunk"
+                    );
+                    Allocator.dealloc(shrunk, Layout::from_size_align(half, align).unwrap());
+                }
+            }
+        }
     }
 
     /// The option is set as the binary is loaded, before `main` (and this
