@@ -55,7 +55,6 @@ impl Proxy {
     /// Handles one downstream request on a connection served as HTTP.
     pub async fn handle(self: &Arc<Self>, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
-        let start_time = SystemTime::now();
         let snap = self.state.load_full();
         let (mut parts, body) = req.into_parts();
         // Unique per request: HPACK sends it as a never-indexed literal
@@ -100,7 +99,12 @@ impl Proxy {
         let entry = self
             .access_log
             .enabled()
-            .then(|| log_entry(conn, &parts, authority, start_time, &plan));
+            // The wall clock only when a line is written, as of `start`.
+            .then(|| {
+                let now = SystemTime::now();
+                let start_time = now.checked_sub(start.elapsed()).unwrap_or(now);
+                log_entry(conn, &parts, authority, start_time, &plan)
+            });
         // Body (from Content-Length) and header bytes.
         let request_bytes = (content_length(&parts.headers), header_size(&parts.headers));
         // A body's bytes are counted as they go (chunked ones have no length).

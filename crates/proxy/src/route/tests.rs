@@ -293,6 +293,9 @@ fn host_port_split() {
     assert_eq!(split_host_port("a.com"), ("a.com", None));
     assert_eq!(split_host_port("[::1]:8080"), ("[::1]", Some(8080)));
     assert_eq!(split_host_port("::1"), ("::1", None));
+    assert_eq!(split_host_port("a.com:"), ("a.com:", None));
+    assert_eq!(split_host_port("a.com:http"), ("a.com:http", None));
+    assert_eq!(split_host_port("1::2:80"), ("1::2:80", None));
 }
 
 #[test]
