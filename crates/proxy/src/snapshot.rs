@@ -24,7 +24,7 @@ use crate::labels::{DestinationLabels, WorkloadLabels, unknown};
 use crate::route::{HeaderOps, Route, RouteTable, VirtualHost, WeightedCluster};
 use crate::upstream::dns::Resolver;
 use crate::upstream::tls::{self as upstream_tls, DefaultRoots};
-use crate::upstream::{Cluster, ClusterSettings, Endpoints, HashOn, Outlier};
+use crate::upstream::{Cluster, ClusterSettings, DnsName, Endpoints, HashOn, Outlier};
 
 /// Envoy's name for the cluster that forwards to the original destination.
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
@@ -665,7 +665,7 @@ fn endpoints(c: &ClusterView, ctx: &BuildContext, shared: &mut Shared) -> Endpoi
         ClusterEndpoints::Dns { names, first_only } => Endpoints::Dns {
             names: names
                 .iter()
-                .map(|n| (shared.string(&n.host), n.port))
+                .map(|n| DnsName::new(shared.string(&n.host), n.port))
                 .collect(),
             first_only: *first_only,
         },

@@ -652,6 +652,7 @@ pub async fn serve_dns(addr: SocketAddr, zone: DnsZone) -> Result<SocketAddr, St
 #[derive(Debug)]
 pub struct DnsServer {
     pub addr: SocketAddr,
+    zone: Arc<arc_swap::ArcSwap<DnsZone>>,
     tasks: Vec<tokio::task::AbortHandle>,
 }
 
@@ -667,6 +668,11 @@ impl DnsServer {
     /// Serves DNS over UDP and TCP on `addr` (port 0 picks one).
     pub async fn start(addr: SocketAddr, zone: DnsZone) -> Result<DnsServer, StandinError> {
         serve_dns_tasks(addr, zone).await
+    }
+
+    /// Answers from `zone` from now on.
+    pub fn set_zone(&self, zone: DnsZone) {
+        self.zone.store(Arc::new(zone));
     }
 }
 
@@ -690,7 +696,7 @@ async fn serve_dns_tasks(addr: SocketAddr, zone: DnsZone) -> Result<DnsServer, S
         }
     };
     let bound = udp.local_addr().map_err(|e| StandinError::Bind(addr, e))?;
-    let zone = Arc::new(zone);
+    let zone = Arc::new(arc_swap::ArcSwap::from_pointee(zone));
     let z = zone.clone();
     let udp_task = tokio::spawn(async move {
         let mut buf = vec![0u8; 4096];
@@ -698,17 +704,18 @@ async fn serve_dns_tasks(addr: SocketAddr, zone: DnsZone) -> Result<DnsServer, S
             let Ok((n, peer)) = udp.recv_from(&mut buf).await else {
                 continue;
             };
-            if let Some(out) = z.respond(&buf[..n]) {
+            if let Some(out) = z.load().respond(&buf[..n]) {
                 let _ = udp.send_to(&out, peer).await;
             }
         }
     });
+    let served = zone.clone();
     let tcp_task = tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = tcp.accept().await else {
                 continue;
             };
-            let z = zone.clone();
+            let z = served.clone();
             tokio::spawn(async move {
                 let mut len = [0u8; 2];
                 while s.read_exact(&mut len).await.is_ok() {
@@ -716,7 +723,9 @@ async fn serve_dns_tasks(addr: SocketAddr, zone: DnsZone) -> Result<DnsServer, S
                     if s.read_exact(&mut msg).await.is_err() {
                         return;
                     }
-                    let Some(out) = z.respond(&msg) else { return };
+                    let Some(out) = z.load().respond(&msg) else {
+                        return;
+                    };
                     let Ok(n) = u16::try_from(out.len()) else {
                         return;
                     };
@@ -731,6 +740,7 @@ async fn serve_dns_tasks(addr: SocketAddr, zone: DnsZone) -> Result<DnsServer, S
     });
     Ok(DnsServer {
         addr: bound,
+        zone,
         tasks: vec![udp_task.abort_handle(), tcp_task.abort_handle()],
     })
 }

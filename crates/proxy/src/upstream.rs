@@ -31,9 +31,9 @@ use crate::body::Body;
 #[derive(Debug, Clone)]
 pub enum Endpoints {
     /// Resolve these names by DNS (all addresses, or the first with
-    /// `first_only` for DNS_ROUND_ROBIN), at these ports.
+    /// `first_only` for DNS_ROUND_ROBIN), at their ports.
     Dns {
-        names: Vec<(Arc<str>, u16)>,
+        names: Vec<DnsName>,
         first_only: bool,
     },
     /// Fixed addresses (STATIC, or a local endpoints map).
@@ -49,6 +49,39 @@ pub enum Endpoints {
     /// A unix socket by name (`/path`, `@abstract`): a Sidecar ingress
     /// `defaultEndpoint`.
     Unix(Arc<str>),
+}
+
+/// A name a DNS cluster resolves, at a port, with what DNS last answered
+/// for it.
+#[derive(Debug)]
+pub struct DnsName {
+    pub name: Arc<str>,
+    pub port: u16,
+    /// The addresses DNS last gave: used while a lookup runs and when one
+    /// fails, as Envoy keeps a STRICT_DNS cluster's hosts; dropped when DNS
+    /// answers that the name has none.
+    kept: arc_swap::ArcSwapOption<Vec<IpAddr>>,
+    /// A lookup runs in the background (one at a time per name).
+    refreshing: std::sync::atomic::AtomicBool,
+}
+
+impl DnsName {
+    pub fn new(name: Arc<str>, port: u16) -> DnsName {
+        DnsName {
+            name,
+            port,
+            kept: arc_swap::ArcSwapOption::empty(),
+            refreshing: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl Clone for DnsName {
+    fn clone(&self) -> DnsName {
+        let copy = DnsName::new(self.name.clone(), self.port);
+        copy.kept.store(self.kept.load_full());
+        copy
+    }
 }
 
 /// What a unix socket endpoint is tracked as (it has no address).
@@ -294,22 +327,116 @@ impl Locality {
     }
 }
 
+/// Why a lookup gave no address.
+#[derive(Debug)]
+enum DnsFailure {
+    /// DNS answered: the name has no address.
+    NoAddress(String),
+    /// No answer: the server failed, was silent or unreachable.
+    Failed(String),
+}
+
+impl DnsFailure {
+    fn message(&self) -> &str {
+        match self {
+            DnsFailure::NoAddress(m) | DnsFailure::Failed(m) => m,
+        }
+    }
+
+    fn into_message(self) -> String {
+        match self {
+            DnsFailure::NoAddress(m) | DnsFailure::Failed(m) => m,
+        }
+    }
+}
+
 impl ClusterCore {
     /// `host`'s addresses, within the connect timeout: resolving is part
     /// of connecting, and a silent DNS server must not hold a request
     /// longer than a silent endpoint would.
     async fn lookup(&self, host: &str) -> Result<Vec<IpAddr>, String> {
-        let answer = tokio::time::timeout(self.connect_timeout, self.resolver.lookup(host)).await;
-        let error = match answer {
-            Ok(Ok(ips)) => return Ok(ips),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("DNS lookup of {host} timed out"),
-        };
-        tracing::warn!(cluster = %self.name, host = %host, error = %error, "DNS resolution failed");
-        Err(error)
+        self.lookup_answer(host)
+            .await
+            .map_err(DnsFailure::into_message)
     }
 
-    async fn addresses(&self, uri: Option<&http::Uri>) -> Result<Vec<SocketAddr>, String> {
+    /// `lookup`, telling a name DNS says has no address from a lookup
+    /// that failed.
+    async fn lookup_answer(&self, host: &str) -> Result<Vec<IpAddr>, DnsFailure> {
+        let answer = tokio::time::timeout(self.connect_timeout, self.resolver.lookup(host)).await;
+        let failure = match answer {
+            Ok(Ok(ips)) => return Ok(ips),
+            Ok(Err(e @ dns::DnsError::NoAddresses { .. })) => DnsFailure::NoAddress(e.to_string()),
+            Ok(Err(e)) => DnsFailure::Failed(e.to_string()),
+            Err(_) => DnsFailure::Failed(format!("DNS lookup of {host} timed out")),
+        };
+        tracing::warn!(cluster = %self.name, host = %host, error = %failure.message(), "DNS resolution failed");
+        Err(failure)
+    }
+
+    /// A DNS cluster's name's addresses. The first time, a lookup within
+    /// the connect timeout. After, a connection never waits on DNS (Envoy
+    /// resolves a STRICT_DNS cluster in the background): an answer the
+    /// resolver has cached comes at once, else the kept addresses are used
+    /// while a lookup runs in the background, and they stay when DNS
+    /// fails. Only DNS saying the name has no address drops them.
+    async fn resolve(self: &Arc<Self>, index: usize, dns: &DnsName) -> Result<Vec<IpAddr>, String> {
+        let Some(kept) = dns.kept.load_full() else {
+            let ips = self.lookup(&dns.name).await?;
+            dns.kept.store(Some(Arc::new(ips.clone())));
+            return Ok(ips);
+        };
+        let lookup = self.resolver.lookup(&dns.name);
+        let mut lookup = std::pin::pin!(lookup);
+        // Polled once: a cached answer is ready at once.
+        let answer = std::future::poll_fn(|cx| Poll::Ready(lookup.as_mut().poll(cx))).await;
+        match answer {
+            Poll::Ready(Ok(ips)) => {
+                if *kept != ips {
+                    dns.kept.store(Some(Arc::new(ips.clone())));
+                }
+                Ok(ips)
+            }
+            Poll::Ready(Err(e @ dns::DnsError::NoAddresses { .. })) => {
+                dns.kept.store(None);
+                Err(e.to_string())
+            }
+            Poll::Ready(Err(_)) | Poll::Pending => {
+                self.refresh(index);
+                Ok(kept.as_ref().clone())
+            }
+        }
+    }
+
+    /// Looks the `index`th DNS name up in the background, unless a lookup
+    /// of it already runs, and keeps (or drops) what DNS answers.
+    fn refresh(self: &Arc<Self>, index: usize) {
+        let Endpoints::Dns { names, .. } = &self.endpoints else {
+            return;
+        };
+        if names[index].refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let core = self.clone();
+        tokio::spawn(async move {
+            let Endpoints::Dns { names, .. } = &core.endpoints else {
+                return;
+            };
+            let dns = &names[index];
+            match core.lookup_answer(&dns.name).await {
+                Ok(ips) => dns.kept.store(Some(Arc::new(ips))),
+                Err(DnsFailure::NoAddress(_)) => dns.kept.store(None),
+                // Kept, as Envoy keeps its hosts (warned in `lookup_answer`).
+                Err(DnsFailure::Failed(_)) => {}
+            }
+            dns.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    async fn addresses(
+        self: &Arc<Self>,
+        uri: Option<&http::Uri>,
+    ) -> Result<Vec<SocketAddr>, String> {
         match &self.endpoints {
             Endpoints::FromUri | Endpoints::Inbound => {
                 let uri = uri.ok_or("no destination")?;
@@ -336,8 +463,9 @@ impl ClusterCore {
             Endpoints::Dns { names, first_only } => {
                 let mut out = Vec::new();
                 let mut last_err = String::new();
-                for (name, port) in names {
-                    match self.lookup(name).await {
+                for (index, dns) in names.iter().enumerate() {
+                    let (name, port) = (&dns.name, &dns.port);
+                    match self.resolve(index, dns).await {
                         Ok(ips) => {
                             let ips: Vec<IpAddr> = if *first_only {
                                 ips.into_iter().take(1).collect()
@@ -835,9 +963,10 @@ impl Cluster {
     pub fn status(&self) -> ClusterStatus {
         let c = &self.core;
         let endpoints = match &c.endpoints {
-            Endpoints::Dns { names, .. } => {
-                names.iter().map(|(h, p)| format!("dns {h}:{p}")).collect()
-            }
+            Endpoints::Dns { names, .. } => names
+                .iter()
+                .map(|n| format!("dns {}:{}", n.name, n.port))
+                .collect(),
             Endpoints::Static(addrs) => addrs.iter().map(|a| format!("static {a}")).collect(),
             Endpoints::FromUri => vec!["original destination".to_owned()],
             Endpoints::Inbound => vec!["the workload, from 127.0.0.6".to_owned()],
@@ -1417,7 +1546,7 @@ mod tests {
     #[test]
     fn one_pool_key_only_where_the_authority_picks_nothing() {
         let dns = || Endpoints::Dns {
-            names: vec![(Arc::from("a.example"), 443)],
+            names: vec![DnsName::new(Arc::from("a.example"), 443)],
             first_only: false,
         };
         let shared = |s| cluster(s).pool_authority().is_some();

@@ -153,40 +153,70 @@ async fn dns_for(name: &str, ttl: u32) -> DnsServer {
         .unwrap()
 }
 
-/// Answers are used for their TTL after the DNS server stops answering;
-/// then requests get 503 UH, and the sidecar keeps serving.
+/// A sidecar resolving `host` (registered on `port`) with `dns`, and how
+/// a client asks it for the host: (proxy, url).
+async fn resolving(
+    mesh: &Mesh,
+    host: &str,
+    port: u16,
+    dns: &DnsServer,
+) -> (TestProxy, [String; 2]) {
+    let reg = registered(host, port);
+    let sc = sidecar(mesh, &[&reg], dns.addr).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    (sc, [proxy, format!("http://{host}:{port}/todos/1")])
+}
+
+async fn get([proxy, url]: &[String; 2]) -> Curl {
+    curl(&["-x", proxy, url]).await
+}
+
+/// DNS stops answering: the addresses it last gave stay in use past their
+/// TTL (Envoy keeps a STRICT_DNS cluster's hosts when resolution fails),
+/// and no request waits for the failing lookups.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_dns_server_is_cached_for_the_ttl_then_503_uh() {
+async fn dns_that_stops_answering_leaves_the_last_addresses_in_use() {
     let mesh = Mesh::default();
     let plain = plain_http().await;
-    let dns = dns_for("known.example.com", 3).await;
-    let reg = registered("known.example.com", plain.port());
-    let sc = sidecar(&mesh, &[&reg], dns.addr).await;
-    let proxy = format!("http://{}", sc.addr(15001));
-    let url = format!("http://known.example.com:{}/todos/1", plain.port());
-    let get = || {
-        let (proxy, url) = (proxy.clone(), url.clone());
-        async move { curl(&["-x", &proxy, &url]).await }
-    };
+    let dns = dns_for("known.example.com", 1).await;
+    let (_sc, client) = resolving(&mesh, "known.example.com", plain.port(), &dns).await;
+    assert_eq!(get(&client).await.answer(), ("200", standin::TODO_1));
 
-    assert_eq!(get().await.answer(), ("200", standin::TODO_1));
     drop(dns);
-    assert_eq!(
-        get().await.answer(),
-        ("200", standin::TODO_1),
-        "the cached answer is used within its TTL"
-    );
+    // Three times the TTL: requests after it need a lookup that gets no
+    // answer (before, they waited for the resolver's timeouts, then got
+    // 503 UH).
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut after_ttl = 0;
+    while tokio::time::Instant::now() < until {
+        assert_eq!(get(&client).await.answer(), ("200", standin::TODO_1));
+        after_ttl += 1;
+    }
+    assert!(after_ttl > 1, "{after_ttl} requests");
+}
 
-    // Bounded: the TTL is 3 s; a failed lookup takes at most hickory's
-    // timeouts.
+/// DNS answering that the name has no address (NXDOMAIN) is an answer:
+/// the kept addresses go, and requests get 503 UH; the sidecar keeps
+/// serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_saying_a_name_has_no_address_drops_its_addresses() {
+    let mesh = Mesh::default();
+    let plain = plain_http().await;
+    let dns = dns_for("gone.example.com", 1).await;
+    let (sc, client) = resolving(&mesh, "gone.example.com", plain.port(), &dns).await;
+    assert_eq!(get(&client).await.answer(), ("200", standin::TODO_1));
+
+    dns.set_zone(DnsZone::default().with_ttl(1));
+    // Bounded: the answer's TTL is 1 s, and the lookup that finds the name
+    // gone runs with the next request after it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let failed = loop {
-        let got = get().await;
+        let got = get(&client).await;
         if got.code != "200" {
             break got;
         }
-        assert!(tokio::time::Instant::now() < deadline, "still cached");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(tokio::time::Instant::now() < deadline, "still resolved");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(failed.answer(), ("503", "no healthy upstream"));
     let entry = sc.log_of_status(503).await;

@@ -17,6 +17,9 @@ pub enum DnsError {
     Setup(String),
     #[error("DNS lookup of {host} failed: {reason}")]
     Lookup { host: String, reason: String },
+    /// DNS answered: the name has no address (NXDOMAIN, or no A or AAAA).
+    #[error("DNS has no address for {host}")]
+    NoAddresses { host: String },
 }
 
 #[derive(Clone)]
@@ -75,19 +78,22 @@ impl Resolver {
         } else {
             format!("{host}.")
         };
-        let answer = self
-            .inner
-            .lookup_ip(fqdn.as_str())
-            .await
-            .map_err(|e| DnsError::Lookup {
-                host: host.to_owned(),
-                reason: e.to_string(),
-            })?;
+        let answer = self.inner.lookup_ip(fqdn.as_str()).await.map_err(|e| {
+            if e.is_no_records_found() {
+                DnsError::NoAddresses {
+                    host: host.to_owned(),
+                }
+            } else {
+                DnsError::Lookup {
+                    host: host.to_owned(),
+                    reason: e.to_string(),
+                }
+            }
+        })?;
         let ips: Vec<IpAddr> = answer.iter().collect();
         if ips.is_empty() {
-            return Err(DnsError::Lookup {
+            return Err(DnsError::NoAddresses {
                 host: host.to_owned(),
-                reason: "no addresses".into(),
             });
         }
         Ok(ips)
