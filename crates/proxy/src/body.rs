@@ -60,11 +60,14 @@ impl Drop for Tee {
 const MIRROR_FRAMES: usize = 64;
 
 /// Envoy's stream idle timeout inside a streamed body: a peer that sends
-/// nothing for `limit` ends the body with an error. The timer is made on
-/// the first wait, so a body that arrives at once costs nothing.
+/// nothing for `limit` ends the body with an error; and its route timeout
+/// (`deadline`), which bounds the whole response, not only its head. The
+/// timer is made on the first wait, so a body that arrives at once costs
+/// nothing.
 #[derive(Debug)]
 struct IdleTimer {
     limit: Duration,
+    deadline: Option<Instant>,
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
@@ -76,6 +79,9 @@ pub enum BodyError {
     /// The peer sent nothing for this long.
     #[error("stream idle timeout: nothing for {0:?}")]
     Idle(Duration),
+    /// The route's timeout passed before the body's end.
+    #[error("route timeout: the response did not end in time")]
+    Timeout,
     /// A mirror's copy fell behind the request or the request broke.
     #[error("the mirrored body was cut")]
     MirrorCut,
@@ -126,12 +132,22 @@ impl Body {
             report: None,
             idle: Some(IdleTimer {
                 limit: idle,
+                deadline: None,
                 sleep: None,
             }),
             tees: Vec::new(),
             counted: None,
             lease: Lease::default(),
         }
+    }
+
+    /// A peer's body that must end by `deadline` (a route's timeout) or
+    /// is cut.
+    pub fn until(mut self, deadline: Option<Instant>) -> Body {
+        if let Some(timer) = self.idle.as_mut() {
+            timer.deadline = deadline;
+        }
+        self
     }
 
     /// An upstream response's body: its connection goes back to the pool
@@ -227,8 +243,12 @@ impl hyper::body::Body for Body {
                 keep && !ended
             });
         }
-        if let (Poll::Ready(Some(Ok(_))), Some(timer)) = (&polled, this.idle.as_mut()) {
-            timer.restart();
+        if let (Poll::Ready(Some(Ok(_))), Some(timer)) = (&polled, this.idle.as_mut())
+            && timer.restart().is_err()
+        {
+            // A body that never waits is cut here: the frame goes, the
+            // rest does not.
+            this.kind = Kind::Failed(Some(BodyError::Timeout));
         }
         if this.lease.is_held()
             && match &polled {
@@ -249,6 +269,7 @@ impl hyper::body::Body for Body {
                     // already sent kept.
                     match e {
                         BodyError::Idle(_) => report.stream_idle(),
+                        BodyError::Timeout => report.route_timeout(),
                         BodyError::Peer(_) | BodyError::MirrorCut => report.upstream_reset(),
                     }
                     drop(this.report.take());
@@ -291,23 +312,39 @@ impl Kind {
 }
 
 impl IdleTimer {
+    /// When the body fails if nothing comes from `now` on.
+    fn due(&self, now: Instant) -> Instant {
+        let idle = now + self.limit;
+        self.deadline.map_or(idle, |d| d.min(idle))
+    }
+
     /// Waits on the timer (made now if it is the first wait).
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let limit = self.limit;
+        let due = self.due(Instant::now());
         let sleep = self
             .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
         match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Idle(limit)))),
+            Poll::Ready(()) if self.deadline.is_some_and(|d| d <= sleep.deadline()) => {
+                Poll::Ready(Some(Err(BodyError::Timeout)))
+            }
+            Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Idle(self.limit)))),
             Poll::Pending => Poll::Pending,
         }
     }
 
-    /// Something arrived: the peer has `limit` again.
-    fn restart(&mut self) {
-        if let Some(sleep) = self.sleep.as_mut() {
-            sleep.as_mut().reset(Instant::now() + self.limit);
+    /// Something arrived: the peer has `limit` again, within the deadline;
+    /// past the deadline, an error.
+    fn restart(&mut self) -> Result<(), BodyError> {
+        let now = Instant::now();
+        if self.deadline.is_some_and(|d| d <= now) {
+            return Err(BodyError::Timeout);
         }
+        let due = self.due(now);
+        if let Some(sleep) = self.sleep.as_mut() {
+            sleep.as_mut().reset(due);
+        }
+        Ok(())
     }
 }
 

@@ -43,6 +43,17 @@ impl HttpReport {
         }
     }
 
+    /// The route's timeout cut the response after it started (Envoy resets
+    /// the stream: UT, `response_timeout`).
+    pub fn route_timeout(&mut self) {
+        let ut = ResponseFlags::UPSTREAM_REQUEST_TIMEOUT;
+        self.labels.response_flags = self.labels.response_flags.with(ut);
+        if let Some(e) = self.entry.as_mut() {
+            e.response_flags = e.response_flags.with(ut);
+            e.response_code_details = Some("response_timeout".to_owned());
+        }
+    }
+
     /// The upstream reset the stream after the response started.
     pub fn upstream_reset(&mut self) {
         let uc = ResponseFlags::UPSTREAM_CONNECTION_TERMINATION;

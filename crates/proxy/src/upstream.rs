@@ -176,7 +176,7 @@ impl UpstreamError {
             }
             UpstreamError::Overflow => "upstream_reset_before_response_started{overflow}",
             UpstreamError::PerTryTimeout => "upstream_per_try_timeout",
-            UpstreamError::Timeout => "upstream_response_timeout",
+            UpstreamError::Timeout => "response_timeout",
             UpstreamError::StreamIdle | UpstreamError::RequestIdle => "stream_idle_timeout",
         }
     }

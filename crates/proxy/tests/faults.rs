@@ -352,6 +352,37 @@ spec:
     sc.refused_reaches("downstream_rq_idle_timeout", 2.0).await;
 }
 
+/// A route's timeout bounds the whole response, as Envoy's does: a body
+/// that stops is cut when it passes (the status already sent, logged UT
+/// `response_timeout`), long before the stream idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_timeout_cuts_a_response_body_that_does_not_end() {
+    let mesh = Mesh::default();
+    let upstream = stalls().await;
+    let dns = dns_for("slow.example.com", 30).await;
+    let reg = registered("slow.example.com", upstream.port());
+    let route = format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: slow, namespace: curl-external-tst}}
+spec:
+  hosts: [slow.example.com]
+  http: [{{timeout: 1s, route: [{{destination: {{host: slow.example.com, port: {{number: {}}}}}}}]}}]
+",
+        upstream.port()
+    );
+    // The default stream idle timeout (5 min): only the route's can end it.
+    let sc = sidecar(&mesh, &[&reg, &route], dns.addr).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    let url = format!("http://slow.example.com:{}/stall", upstream.port());
+
+    let got = curl(&["-x", &proxy, &url]).await;
+    assert_eq!((got.code.as_str(), got.exit), ("200", 18), "{got:?}");
+    let entry = sc.log_of_status(200).await;
+    assert_eq!(entry["response_flags"], "UT");
+    assert_eq!(entry["response_code_details"], "response_timeout");
+}
+
 /// DYNAMIC_DNS on a wildcard ServiceEntry: each request's host is
 /// resolved when it is sent (Envoy's dynamic forward proxy); a name DNS
 /// does not know gets 503 UH, and the next known one still goes through.

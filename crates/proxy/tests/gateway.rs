@@ -415,7 +415,7 @@ spec:
     assert!(slow.body.ends_with("upstream request timeout"), "{slow:?}");
     let entry = gw.next_log().await;
     assert_eq!(entry["response_flags"], "UT");
-    assert_eq!(entry["response_code_details"], "upstream_response_timeout");
+    assert_eq!(entry["response_code_details"], "response_timeout");
     external.seen.release_held(1);
     assert_eq!(get("/nothing").await.code, "404", "no rule matches");
     assert_eq!(gw.next_log().await["response_flags"], "NR");

@@ -482,7 +482,13 @@ impl Upstream<'_> {
         Outcome {
             response: Response::from_parts(
                 parts,
-                Body::incoming(body, self.proxy.timeouts.stream_idle).leased(lease),
+                Body::incoming(body, self.proxy.timeouts.stream_idle)
+                    .until(
+                        self.route
+                            .timeout
+                            .map(|t| tokio::time::Instant::from_std(self.start) + t),
+                    )
+                    .leased(lease),
             ),
             flags,
             details: Cow::Borrowed("via_upstream"),
