@@ -143,6 +143,19 @@ async fn an_upstream_that_dies_mid_response_is_reported_uc() {
     assert_eq!(again.code, "200");
 }
 
+/// A VirtualService sending `host` to itself on `port` within `timeout`.
+fn timed_route(host: &str, port: u16, timeout: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: timed, namespace: curl-external-tst}}
+spec:
+  hosts: [{host}]
+  http: [{{timeout: {timeout}, route: [{{destination: {{host: {host}, port: {{number: {port}}}}}}}]}}]
+"
+    )
+}
+
 /// A DNS server answering `name` with 127.0.0.1 for `ttl` seconds, until
 /// dropped.
 async fn dns_for(name: &str, ttl: u32) -> DnsServer {
@@ -308,16 +321,7 @@ async fn a_stalled_body_is_cut_by_the_stream_idle_timeout() {
     let upstream = stalls().await;
     let dns = dns_for("stall.example.com", 30).await;
     let reg = registered("stall.example.com", upstream.port());
-    let route = format!(
-        "apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: stall, namespace: curl-external-tst}}
-spec:
-  hosts: [stall.example.com]
-  http: [{{timeout: 30s, route: [{{destination: {{host: stall.example.com, port: {{number: {}}}}}}}]}}]
-",
-        upstream.port()
-    );
+    let route = timed_route("stall.example.com", upstream.port(), "30s");
     let quick = Timeouts {
         stream_idle: Duration::from_millis(300),
         ..Timeouts::default()
@@ -361,16 +365,7 @@ async fn a_route_timeout_cuts_a_response_body_that_does_not_end() {
     let upstream = stalls().await;
     let dns = dns_for("slow.example.com", 30).await;
     let reg = registered("slow.example.com", upstream.port());
-    let route = format!(
-        "apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: slow, namespace: curl-external-tst}}
-spec:
-  hosts: [slow.example.com]
-  http: [{{timeout: 1s, route: [{{destination: {{host: slow.example.com, port: {{number: {}}}}}}}]}}]
-",
-        upstream.port()
-    );
+    let route = timed_route("slow.example.com", upstream.port(), "1s");
     // The default stream idle timeout (5 min): only the route's can end it.
     let sc = sidecar(&mesh, &[&reg, &route], dns.addr).await;
     let proxy = format!("http://{}", sc.addr(15001));
