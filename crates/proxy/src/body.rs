@@ -30,10 +30,54 @@ pub struct Body {
     idle: Option<IdleTimer>,
     /// Mirrors' copies of the data, made as it passes.
     tees: Vec<Tee>,
-    /// Counts the data bytes that pass (a request body's, for its report).
-    counted: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Counts the data bytes that pass and marks the end (a request
+    /// body's, for its report and the route's timeout).
+    counted: Option<Arc<Progress>>,
     /// An upstream response's connection, back to its pool at the end.
     lease: Lease,
+}
+
+/// A streamed request body's progress: the bytes that went upstream, and
+/// when it ended (the request has then been received: Envoy's route
+/// timeout starts there).
+#[derive(Debug, Default)]
+pub struct Progress {
+    bytes: std::sync::atomic::AtomicU64,
+    ended: std::sync::OnceLock<Instant>,
+    end: tokio::sync::Notify,
+}
+
+impl Progress {
+    /// The data bytes that passed.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// When the body ended, if it has.
+    pub fn ended_at(&self) -> Option<Instant> {
+        self.ended.get().copied()
+    }
+
+    /// When the body ended; waits for it.
+    pub async fn ended(&self) -> Instant {
+        loop {
+            let notified = self.end.notified();
+            if let Some(at) = self.ended_at() {
+                return at;
+            }
+            notified.await;
+        }
+    }
+
+    fn add(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn finish(&self) {
+        if self.ended.set(Instant::now()).is_ok() {
+            self.end.notify_waiters();
+        }
+    }
 }
 
 /// The sending side of a mirrored body. The copy never holds the request
@@ -161,9 +205,9 @@ impl Body {
         self
     }
 
-    /// Counts the data bytes that pass into `counter`.
-    pub fn counted(mut self, counter: Arc<std::sync::atomic::AtomicU64>) -> Body {
-        self.counted = Some(counter);
+    /// Counts the data bytes that pass, and the end, into `progress`.
+    pub fn counted(mut self, progress: Arc<Progress>) -> Body {
+        self.counted = Some(progress);
         self
     }
 
@@ -223,9 +267,17 @@ impl hyper::body::Body for Body {
             },
             Kind::Failed(e) => Poll::Ready(e.take().map(Err)),
         };
-        if let (Some(counter), Poll::Ready(Some(Ok(frame)))) = (&this.counted, &polled) {
-            let n = frame.data_ref().map_or(0, |d| d.len() as u64);
-            counter.fetch_add(n, Ordering::Relaxed);
+        if let Some(progress) = &this.counted {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    progress.add(frame.data_ref().map_or(0, |d| d.len() as u64));
+                    if this.kind.is_end_stream() {
+                        progress.finish();
+                    }
+                }
+                Poll::Ready(None) => progress.finish(),
+                _ => {}
+            }
         }
         if !this.tees.is_empty() {
             // At the end (hyper may stop polling at the last byte it was

@@ -109,7 +109,7 @@ impl Proxy {
         let request_bytes = (content_length(&parts.headers), header_size(&parts.headers));
         // A body's bytes are counted as they go (chunked ones have no length).
         let body_counter = (!hyper::body::Body::is_end_stream(&body))
-            .then(|| Arc::new(std::sync::atomic::AtomicU64::new(0)));
+            .then(|| Arc::new(crate::body::Progress::default()));
         let outcome = match &plan.action {
             RequestAction::Connect { host, port } => {
                 return self.connect(conn, &mut parts, host, *port);
@@ -195,7 +195,7 @@ impl Proxy {
         plan: &RequestPlan<'_>,
         outcome: Outcome,
         mut entry: Option<Box<LogEntry>>,
-        (request_bytes, request_counter): ((u64, u64), Option<Arc<std::sync::atomic::AtomicU64>>),
+        (request_bytes, request_counter): ((u64, u64), Option<Arc<crate::body::Progress>>),
         start: Instant,
     ) -> Response<Body> {
         let status = outcome.response.status().as_u16();

@@ -24,7 +24,7 @@ pub struct HttpReport {
     pub request_bytes: u64,
     /// The request body's bytes as they went upstream, when it had one:
     /// replaces `request_bytes` (a chunked body has no Content-Length).
-    pub request_counter: Option<Arc<std::sync::atomic::AtomicU64>>,
+    pub request_counter: Option<Arc<crate::body::Progress>>,
     pub response_bytes: u64,
     /// The request's and the response's header bytes: Istio's
     /// `istio_request_bytes` and `istio_response_bytes` count headers and
@@ -69,7 +69,7 @@ impl HttpReport {
 impl Drop for HttpReport {
     fn drop(&mut self) {
         if let Some(c) = &self.request_counter {
-            self.request_bytes = c.load(std::sync::atomic::Ordering::Relaxed);
+            self.request_bytes = c.bytes();
         }
         let elapsed = self.start.elapsed();
         let m = &self.proxy.metrics;

@@ -93,6 +93,43 @@ async fn stalls() -> SocketAddr {
     addr
 }
 
+/// An HTTP server that answers `200 ok` once it has read a request's
+/// whole body (its Content-Length), and not before.
+async fn answers_after_the_body() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while let Ok(n) = s.read(&mut chunk).await {
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&chunk[..n]);
+                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if got.len() >= end + 4 + length {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                        got.drain(..end + 4 + length);
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// An HTTP server that promises 100 bytes, sends 4 and hangs up.
 async fn dies_mid_response() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -376,6 +413,42 @@ async fn a_route_timeout_cuts_a_response_body_that_does_not_end() {
     let entry = sc.log_of_status(200).await;
     assert_eq!(entry["response_flags"], "UT");
     assert_eq!(entry["response_code_details"], "response_timeout");
+}
+
+/// A route's timeout starts when the request has been received, as
+/// Envoy's: an upload slower than the timeout is answered, since its
+/// answer comes in time after its last byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_timeout_starts_when_the_request_has_been_received() {
+    let mesh = Mesh::default();
+    let upstream = answers_after_the_body().await;
+    let dns = dns_for("upload.example.com", 30).await;
+    let reg = registered("upload.example.com", upstream.port());
+    let route = timed_route("upload.example.com", upstream.port(), "1s");
+    let sc = sidecar(&mesh, &[&reg, &route], dns.addr).await;
+    let authority = format!("upload.example.com:{}", upstream.port());
+
+    let mut s = tokio::net::TcpStream::connect(sc.addr(15001))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST http://{authority}/upload HTTP/1.1\r\nhost: {authority}\r\ncontent-length: 20\r\n\r\n0123456789"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // The client's pace: the rest of the body after more than the route's
+    // timeout (well within the stream idle timeout, 5 min).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.write_all(b"0123456789").await.unwrap();
+    let mut back = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut back))
+        .await
+        .expect("an answer within the bound")
+        .unwrap();
+    let status_line = String::from_utf8_lossy(&back[..n]);
+    assert!(status_line.starts_with("HTTP/1.1 200 "), "{status_line}");
+    let entry = sc.log_of_status(200).await;
+    assert_eq!(entry["response_flags"], "-");
+    assert_eq!(entry["bytes_received"], 20);
 }
 
 /// DYNAMIC_DNS on a wildcard ServiceEntry: each request's host is

@@ -16,7 +16,7 @@ use hyper::upgrade::OnUpgrade;
 use meshgate_telemetry::ResponseFlags;
 
 use super::Outcome;
-use crate::body::{Body, text};
+use crate::body::{Body, Progress, text};
 use crate::conn::Conn;
 use crate::proxy::Proxy;
 use crate::route::{Route, WeightedCluster};
@@ -78,7 +78,7 @@ impl Upstream<'_> {
         head: &Head<'_>,
         mut parts: Parts,
         body: Incoming,
-        counter: Option<Arc<std::sync::atomic::AtomicU64>>,
+        counter: Option<Arc<Progress>>,
     ) -> impl Future<Output = Outcome> {
         async move {
             let delayed = match self.inject_faults().await {
@@ -96,9 +96,17 @@ impl Upstream<'_> {
             if let Some((value, _)) = &cookie {
                 parts.extensions.insert(GeneratedCookie(value.clone()));
             }
+            // Only a streamed body has one: when it ended, the request had
+            // been received.
+            let progress = counter.clone();
             match self.send(parts, uri, body, counter).await {
                 Ok((resp, attempts)) => {
-                    let mut outcome = self.respond(resp, attempts, delayed, downstream_upgrade);
+                    let received = match &progress {
+                        Some(p) => p.ended_at(),
+                        None => Some(tokio::time::Instant::from_std(self.start)),
+                    };
+                    let mut outcome =
+                        self.respond(resp, attempts, delayed, downstream_upgrade, received);
                     if let Some((_, set)) = cookie {
                         outcome
                             .response
@@ -275,7 +283,7 @@ impl Upstream<'_> {
         mut parts: Parts,
         uri: Uri,
         body: Incoming,
-        counter: Option<Arc<std::sync::atomic::AtomicU64>>,
+        counter: Option<Arc<Progress>>,
     ) -> impl Future<Output = Result<(Answer, u32), (UpstreamError, u32)>> {
         async move {
             let retry = &self.route.retry;
@@ -297,6 +305,7 @@ impl Upstream<'_> {
                 );
             }
             let idle = self.proxy.timeouts.stream_idle;
+            let received = counter.clone();
             let mut streaming = (!bodyless).then(|| {
                 let b = Body::incoming(body, idle);
                 match counter {
@@ -370,10 +379,21 @@ impl Upstream<'_> {
                 Some(t) => (t, UpstreamError::Timeout),
                 None => (self.proxy.timeouts.stream_idle, UpstreamError::StreamIdle),
             };
-            let remaining = limit.saturating_sub(self.start.elapsed());
-            let result = tokio::time::timeout(remaining, attempts)
-                .await
-                .unwrap_or(Err(timed_out));
+            // Envoy's clock starts when the request has been received: a
+            // streamed body's end.
+            let start = tokio::time::Instant::from_std(self.start);
+            let clock = async move {
+                let from = match &received {
+                    Some(p) => p.ended().await,
+                    None => start,
+                };
+                tokio::time::sleep_until(from + limit).await;
+            };
+            let result = tokio::select! {
+                biased;
+                result = attempts => result,
+                () = clock => Err(timed_out),
+            };
             result.map(|r| (r, attempt)).map_err(|e| (e, attempt))
         }
     }
@@ -440,6 +460,7 @@ impl Upstream<'_> {
         attempts: u32,
         delayed: bool,
         downstream_upgrade: Option<OnUpgrade>,
+        received: Option<tokio::time::Instant>,
     ) -> Outcome {
         let Answer {
             response: mut resp,
@@ -483,11 +504,7 @@ impl Upstream<'_> {
             response: Response::from_parts(
                 parts,
                 Body::incoming(body, self.proxy.timeouts.stream_idle)
-                    .until(
-                        self.route
-                            .timeout
-                            .map(|t| tokio::time::Instant::from_std(self.start) + t),
-                    )
+                    .until(self.route.timeout.zip(received).map(|(t, from)| from + t))
                     .leased(lease),
             ),
             flags,
