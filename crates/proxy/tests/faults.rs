@@ -65,10 +65,13 @@ async fn sidecar_with(
     TestProxy::start(mesh, spec).await
 }
 
-/// An HTTP server that reads what it gets and, for `GET /stall`, answers
-/// the head and 4 of 100 bytes, then nothing more; it never answers
-/// anything else.
-async fn stalls() -> SocketAddr {
+/// Given what a connection has sent so far: the bytes of a whole request
+/// in it, and the answer to write.
+type Answer = fn(&[u8]) -> Option<(usize, &'static [u8])>;
+
+/// An HTTP server that reads what it gets and, when `answer` finds a
+/// whole request in it, writes the answer and forgets that many bytes.
+async fn raw_server(answer: Answer) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -81,10 +84,9 @@ async fn stalls() -> SocketAddr {
                         return;
                     }
                     got.extend_from_slice(&chunk[..n]);
-                    if got.starts_with(b"GET /stall ") && got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhalf";
-                        let _ = s.write_all(head).await;
-                        got.clear();
+                    if let Some((used, bytes)) = answer(&got) {
+                        let _ = s.write_all(bytes).await;
+                        got.drain(..used);
                     }
                 }
             });
@@ -93,41 +95,38 @@ async fn stalls() -> SocketAddr {
     addr
 }
 
+/// The end of a request's head in `got`, if it has come.
+fn head_end(got: &[u8]) -> Option<usize> {
+    got.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+/// An HTTP server that, for `GET /stall`, answers the head and 4 of 100
+/// bytes, then nothing more; it never answers anything else.
+async fn stalls() -> SocketAddr {
+    raw_server(|got| {
+        let end = head_end(got).filter(|_| got.starts_with(b"GET /stall "))?;
+        Some((end, b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhalf"))
+    })
+    .await
+}
+
 /// An HTTP server that answers `200 ok` once it has read a request's
 /// whole body (its Content-Length), and not before.
 async fn answers_after_the_body() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut chunk = [0u8; 1024];
-                while let Ok(n) = s.read(&mut chunk).await {
-                    if n == 0 {
-                        return;
-                    }
-                    got.extend_from_slice(&chunk[..n]);
-                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    if got.len() >= end + 4 + length {
-                        let _ = s
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                            .await;
-                        got.drain(..end + 4 + length);
-                    }
-                }
-            });
-        }
-    });
-    addr
+    raw_server(|got| {
+        let end = head_end(got)?;
+        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        (got.len() >= end + length).then_some((
+            end + length,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".as_slice(),
+        ))
+    })
+    .await
 }
 
 /// An HTTP server that promises 100 bytes, sends 4 and hangs up.
