@@ -192,6 +192,20 @@ spec:
     )
 }
 
+/// A sidecar (default timeouts) sending `host` to `upstream` under a
+/// route `timeout`, and the DNS server that answers `host`.
+async fn timed_sidecar(
+    mesh: &Mesh,
+    host: &str,
+    upstream: SocketAddr,
+    timeout: &str,
+) -> (TestProxy, DnsServer) {
+    let dns = dns_for(host, 30).await;
+    let reg = registered(host, upstream.port());
+    let route = timed_route(host, upstream.port(), timeout);
+    (sidecar(mesh, &[&reg, &route], dns.addr).await, dns)
+}
+
 /// A DNS server answering `name` with 127.0.0.1 for `ttl` seconds, until
 /// dropped.
 async fn dns_for(name: &str, ttl: u32) -> DnsServer {
@@ -399,11 +413,8 @@ async fn a_stalled_body_is_cut_by_the_stream_idle_timeout() {
 async fn a_route_timeout_cuts_a_response_body_that_does_not_end() {
     let mesh = Mesh::default();
     let upstream = stalls().await;
-    let dns = dns_for("slow.example.com", 30).await;
-    let reg = registered("slow.example.com", upstream.port());
-    let route = timed_route("slow.example.com", upstream.port(), "1s");
     // The default stream idle timeout (5 min): only the route's can end it.
-    let sc = sidecar(&mesh, &[&reg, &route], dns.addr).await;
+    let (sc, _dns) = timed_sidecar(&mesh, "slow.example.com", upstream, "1s").await;
     let proxy = format!("http://{}", sc.addr(15001));
     let url = format!("http://slow.example.com:{}/stall", upstream.port());
 
@@ -421,10 +432,7 @@ async fn a_route_timeout_cuts_a_response_body_that_does_not_end() {
 async fn a_route_timeout_starts_when_the_request_has_been_received() {
     let mesh = Mesh::default();
     let upstream = answers_after_the_body().await;
-    let dns = dns_for("upload.example.com", 30).await;
-    let reg = registered("upload.example.com", upstream.port());
-    let route = timed_route("upload.example.com", upstream.port(), "1s");
-    let sc = sidecar(&mesh, &[&reg, &route], dns.addr).await;
+    let (sc, _dns) = timed_sidecar(&mesh, "upload.example.com", upstream, "1s").await;
     let authority = format!("upload.example.com:{}", upstream.port());
 
     let mut s = tokio::net::TcpStream::connect(sc.addr(15001))
