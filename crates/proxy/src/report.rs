@@ -35,33 +35,30 @@ pub struct HttpReport {
 impl HttpReport {
     /// The stream idle timeout cut the response after it started.
     pub fn stream_idle(&mut self) {
-        let si = ResponseFlags::STREAM_IDLE_TIMEOUT;
-        self.labels.response_flags = self.labels.response_flags.with(si);
-        if let Some(e) = self.entry.as_mut() {
-            e.response_flags = e.response_flags.with(si);
-            e.response_code_details = Some("stream_idle_timeout".to_owned());
-        }
+        self.cut(ResponseFlags::STREAM_IDLE_TIMEOUT, "stream_idle_timeout");
     }
 
     /// The route's timeout cut the response after it started (Envoy resets
     /// the stream: UT, `response_timeout`).
     pub fn route_timeout(&mut self) {
-        let ut = ResponseFlags::UPSTREAM_REQUEST_TIMEOUT;
-        self.labels.response_flags = self.labels.response_flags.with(ut);
-        if let Some(e) = self.entry.as_mut() {
-            e.response_flags = e.response_flags.with(ut);
-            e.response_code_details = Some("response_timeout".to_owned());
-        }
+        self.cut(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT, "response_timeout");
     }
 
     /// The upstream reset the stream after the response started.
     pub fn upstream_reset(&mut self) {
-        let uc = ResponseFlags::UPSTREAM_CONNECTION_TERMINATION;
-        self.labels.response_flags = self.labels.response_flags.with(uc);
+        self.cut(
+            ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+            "upstream_reset_after_response_started{connection_termination}",
+        );
+    }
+
+    /// The response was cut after it started: its flag in the metrics and
+    /// the log, and why in the log (the status already sent stays).
+    fn cut(&mut self, flag: ResponseFlags, details: &str) {
+        self.labels.response_flags = self.labels.response_flags.with(flag);
         if let Some(e) = self.entry.as_mut() {
-            e.response_flags = e.response_flags.with(uc);
-            e.response_code_details =
-                Some("upstream_reset_after_response_started{connection_termination}".to_owned());
+            e.response_flags = e.response_flags.with(flag);
+            e.response_code_details = Some(details.to_owned());
         }
     }
 }

@@ -206,6 +206,29 @@ async fn timed_sidecar(
     (sidecar(mesh, &[&reg, &route], dns.addr).await, dns)
 }
 
+/// A POST to `authority` through the sidecar's explicit proxy that
+/// promises `length` bytes of body and sends the first 10.
+async fn upload(sc: &TestProxy, authority: &str, length: usize) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(sc.addr(15001))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST http://{authority}/upload HTTP/1.1\r\nhost: {authority}\r\ncontent-length: {length}\r\n\r\n0123456789"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s
+}
+
+/// The first bytes the proxy answers on `s`, within 10 s.
+async fn first_answer(s: &mut tokio::net::TcpStream) -> String {
+    let mut back = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut back))
+        .await
+        .expect("an answer within the bound")
+        .unwrap();
+    String::from_utf8_lossy(&back[..n]).into_owned()
+}
+
 /// A DNS server answering `name` with 127.0.0.1 for `ttl` seconds, until
 /// dropped.
 async fn dns_for(name: &str, ttl: u32) -> DnsServer {
@@ -387,19 +410,8 @@ async fn a_stalled_body_is_cut_by_the_stream_idle_timeout() {
     assert_eq!(entry["response_code_details"], "stream_idle_timeout");
 
     // A request body that stops after 10 of 100 bytes.
-    let mut s = tokio::net::TcpStream::connect(sc.addr(15001))
-        .await
-        .unwrap();
-    let head = format!(
-        "POST http://{authority}/upload HTTP/1.1\r\nhost: {authority}\r\ncontent-length: 100\r\n\r\n0123456789"
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    let mut back = vec![0u8; 1024];
-    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut back))
-        .await
-        .expect("an answer within the bound")
-        .unwrap();
-    let status_line = String::from_utf8_lossy(&back[..n]);
+    let mut s = upload(&sc, &authority, 100).await;
+    let status_line = first_answer(&mut s).await;
     assert!(status_line.starts_with("HTTP/1.1 408 "), "{status_line}");
     let entry = sc.log_of_status(408).await;
     assert_eq!(entry["response_flags"], "SI");
@@ -435,23 +447,12 @@ async fn a_route_timeout_starts_when_the_request_has_been_received() {
     let (sc, _dns) = timed_sidecar(&mesh, "upload.example.com", upstream, "1s").await;
     let authority = format!("upload.example.com:{}", upstream.port());
 
-    let mut s = tokio::net::TcpStream::connect(sc.addr(15001))
-        .await
-        .unwrap();
-    let head = format!(
-        "POST http://{authority}/upload HTTP/1.1\r\nhost: {authority}\r\ncontent-length: 20\r\n\r\n0123456789"
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
+    let mut s = upload(&sc, &authority, 20).await;
     // The client's pace: the rest of the body after more than the route's
     // timeout (well within the stream idle timeout, 5 min).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     s.write_all(b"0123456789").await.unwrap();
-    let mut back = vec![0u8; 1024];
-    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut back))
-        .await
-        .expect("an answer within the bound")
-        .unwrap();
-    let status_line = String::from_utf8_lossy(&back[..n]);
+    let status_line = first_answer(&mut s).await;
     assert!(status_line.starts_with("HTTP/1.1 200 "), "{status_line}");
     let entry = sc.log_of_status(200).await;
     assert_eq!(entry["response_flags"], "-");
