@@ -166,8 +166,8 @@ pub async fn serve(
             async move { Ok::<_, Infallible>(resp) }
         });
         tokio::spawn(async move {
-            let idle = crate::listener::Timeouts::default().idle;
-            let _ = serve_http(tcp, svc, &never, idle, &metrics).await;
+            let timeouts = crate::listener::Timeouts::default();
+            let _ = serve_http(tcp, svc, &never, &timeouts, &metrics).await;
         });
     })
     .await;

@@ -158,7 +158,7 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let drain = proxy.drain.clone();
-    let idle = proxy.timeouts.idle;
+    let timeouts = proxy.timeouts;
     let metrics = proxy.metrics.clone();
     let conn = Arc::new(conn);
     let svc = hyper::service::service_fn(move |req| {
@@ -168,5 +168,5 @@ where
         // stream's task as it is spawned (`BoxingExecutor`).
         async move { Ok::<_, Infallible>(proxy.handle(&conn, req).await) }
     });
-    crate::listener::serve_http(io, svc, &drain, idle, &metrics).await
+    crate::listener::serve_http(io, svc, &drain, &timeouts, &metrics).await
 }

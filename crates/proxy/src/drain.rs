@@ -93,15 +93,24 @@ impl Drain {
 /// goodbye (Envoy's `drain_timeout`: between the first GOAWAY and closing).
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// How a connection that `serve_until_drained`'s idle future ended closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    /// Asked to finish and close, within 5 s.
+    Graceful,
+    /// Closed at once (a client that never finished its request's head).
+    Now,
+}
+
 /// Serves an HTTP connection future until it ends; when draining starts,
 /// or `idle` resolves, it is asked (`shutdown`) to finish its current
 /// requests and close (after an idle shutdown, within 5 s: a client that
-/// never answers the GOAWAY's ping does not keep it).
+/// never answers the GOAWAY's ping does not keep it), or closed at once.
 pub async fn serve_until_drained<C, E>(
     drain: &Drain,
     conn: C,
     shutdown: fn(Pin<&mut C>),
-    idle: impl Future<Output = ()>,
+    idle: impl Future<Output = Closing>,
 ) -> Result<(), E>
 where
     C: Future<Output = Result<(), E>>,
@@ -113,17 +122,23 @@ where
     let stop = PollWhenWoken::new(async {
         tokio::select! {
             () = started => Stop::Drain,
-            () = idle => Stop::Idle,
+            how = idle => Stop::Idle(how),
         }
     });
     tokio::select! {
         biased;
         r = conn.as_mut() => r,
         stop = stop => {
-            shutdown(conn.as_mut());
             match stop {
-                Stop::Drain => conn.await,
-                Stop::Idle => tokio::time::timeout(IDLE_CLOSE_GRACE, conn).await.unwrap_or(Ok(())),
+                Stop::Drain => {
+                    shutdown(conn.as_mut());
+                    conn.await
+                }
+                Stop::Idle(Closing::Graceful) => {
+                    shutdown(conn.as_mut());
+                    tokio::time::timeout(IDLE_CLOSE_GRACE, conn).await.unwrap_or(Ok(()))
+                }
+                Stop::Idle(Closing::Now) => Ok(()),
             }
         }
     }
@@ -133,7 +148,7 @@ where
 #[derive(Debug, Clone, Copy)]
 enum Stop {
     Drain,
-    Idle,
+    Idle(Closing),
 }
 
 pin_project_lite::pin_project! {
@@ -214,7 +229,7 @@ mod tests {
             let mut sleep = Box::pin(tokio::time::sleep(Duration::from_secs(60)));
             std::future::poll_fn(move |cx| {
                 polls.fetch_add(1, Ordering::SeqCst);
-                sleep.as_mut().poll(cx)
+                sleep.as_mut().poll(cx).map(|()| Closing::Graceful)
             })
         };
         let busy = async {

@@ -71,8 +71,8 @@ pub async fn serve(listener: TcpListener, inspect: Inspect) {
             async move { Ok::<_, Infallible>(resp) }
         });
         tokio::spawn(async move {
-            let idle = crate::listener::Timeouts::default().idle;
-            let _ = serve_http(tcp, svc, &never, idle, &inspect.proxy.metrics).await;
+            let timeouts = crate::listener::Timeouts::default();
+            let _ = serve_http(tcp, svc, &never, &timeouts, &inspect.proxy.metrics).await;
         });
     })
     .await;

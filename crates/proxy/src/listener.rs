@@ -16,9 +16,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-use crate::drain::Drain;
+use crate::drain::{Closing, Drain};
 use crate::error::ConnError;
-use crate::idle::{Activity, Tracked};
+use crate::idle::{Activity, Quiet, Tracked, Watched};
 use crate::tls_hello::{Hello, MAX_HELLO, parse_client_hello};
 use meshgate_telemetry::{Metrics, Refused};
 
@@ -36,6 +36,10 @@ pub struct Timeouts {
     /// With no request in flight, before an HTTP connection is closed
     /// (Envoy's connection idle timeout, 1 h).
     pub idle: Duration,
+    /// For an HTTP/1.1 request's head to arrive once it started (or once
+    /// the connection opened): 30 s (Envoy's `request_headers_timeout`,
+    /// off in Envoy; see `idle.rs`).
+    pub request_headers: Duration,
 }
 
 impl Default for Timeouts {
@@ -45,6 +49,7 @@ impl Default for Timeouts {
             handshake: Duration::from_secs(15),
             stream_idle: Duration::from_secs(300),
             idle: Duration::from_secs(3600),
+            request_headers: Duration::from_secs(30),
         }
     }
 }
@@ -106,15 +111,15 @@ where
     }
 }
 
-/// The downstream HTTP server (HTTP/1.1 and HTTP/2, TLS or h2c). A timer
-/// makes hyper enforce its header read timeout (30s), so a client that
-/// never finishes its headers cannot hold a connection forever. HTTP/2
-/// streams are spawned boxed (`BoxingExecutor`); HTTP/1.1 keeps each
-/// request's future in its connection's state, allocated once.
+/// The downstream HTTP server (HTTP/1.1 and HTTP/2, TLS or h2c). The
+/// connection's watcher (`idle.rs`) bounds the wait for an HTTP/1.1 head,
+/// not hyper's header read timer: that one is armed and dropped for every
+/// request. HTTP/2 streams are spawned boxed (`BoxingExecutor`); HTTP/1.1
+/// keeps each request's future in its connection's state, allocated once.
 fn http_server() -> hyper_util::server::conn::auto::Builder<crate::exec::BoxingExecutor> {
     let mut b = hyper_util::server::conn::auto::Builder::new(crate::exec::BoxingExecutor);
     b.http1()
-        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(None)
         .max_buf_size(MAX_REQUEST_HEADERS);
     b.http2()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -123,13 +128,14 @@ fn http_server() -> hyper_util::server::conn::auto::Builder<crate::exec::BoxingE
 }
 
 /// Serves HTTP on `io` until the client is done; when the proxy drains, or
-/// no request has been in flight for `idle`, the connection finishes its
-/// requests in flight and closes.
+/// no request has been in flight for the idle timeout (or an HTTP/1.1 head
+/// took longer than its timeout), the connection finishes its requests in
+/// flight and closes.
 pub async fn serve_http<I, S, B>(
     io: I,
     service: S,
     drain: &Drain,
-    idle: Duration,
+    timeouts: &Timeouts,
     metrics: &Metrics,
 ) -> Result<(), ConnError>
 where
@@ -143,14 +149,27 @@ where
 {
     let server = http_server();
     let activity = Activity::new();
+    let io = Watched::new(io, activity.clone());
     let service = Tracked::new(service, activity.clone());
     crate::drain::serve_until_drained(
         drain,
         server.serve_connection_with_upgrades(TokioIo::new(io), service),
         |c| c.graceful_shutdown(),
         async {
-            activity.idle_for(idle).await;
-            metrics.refused(Refused::downstream_cx_idle_timeout);
+            match activity
+                .quiet(timeouts.idle, timeouts.request_headers)
+                .await
+            {
+                Quiet::Idle => {
+                    metrics.refused(Refused::downstream_cx_idle_timeout);
+                    Closing::Graceful
+                }
+                // As hyper's own header timeout: nothing to finish.
+                Quiet::HeadTimeout => {
+                    metrics.refused(Refused::downstream_rq_header_timeout);
+                    Closing::Now
+                }
+            }
         },
     )
     .await

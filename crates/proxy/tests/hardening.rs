@@ -282,6 +282,7 @@ async fn slow_peers_are_cut_off() {
         handshake: Duration::from_millis(300),
         stream_idle: Duration::from_millis(300),
         idle: Duration::from_millis(300),
+        request_headers: Duration::from_millis(300),
     };
     let mesh = Mesh::default();
     let external = External::start(&[HOST]).await;
@@ -462,6 +463,88 @@ async fn idle_connections_are_closed_busy_ones_are_not() {
     );
     external.seen.release_held(1);
     assert_eq!(held.await.unwrap().answer(), ("200", standin::TODO_1));
+}
+
+/// HTTP/1.1: a request head that never finishes (a client sending it byte
+/// by byte, or stopping halfway) is cut; a kept-alive connection that
+/// sends nothing between requests is not (Envoy keeps it for the idle
+/// timeout), and its next request is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_heads_are_cut_quiet_keep_alives_are_not() {
+    let head_limit = Duration::from_millis(300);
+    let mesh = Mesh::default();
+    let external = External::start(&[HOST]).await;
+    let mut spec = SeedChain::gateway_spec(seed_config(&[]), &external);
+    spec.timeouts.request_headers = head_limit;
+    let gw = TestProxy::start(&mesh, spec).await;
+    let addr = gw.addr(80);
+    let request = format!("GET /todos/1 HTTP/1.1\r\nhost: {HOST}\r\n\r\n");
+
+    // A kept-alive connection quiet for three head timeouts (longer than
+    // the watcher can take to notice) still carries the next request. No
+    // mesh identity here: the gateway's policy answers 403 both times.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    for round in 0..2 {
+        if round == 1 {
+            // Time passing is the point: nothing to wait for instead.
+            tokio::time::sleep(head_limit * 3).await;
+        }
+        s.write_all(request.as_bytes()).await.unwrap();
+        let head = tokio::time::timeout(Duration::from_secs(5), response_head(&mut s)).await;
+        let head = head.expect("an answer");
+        assert!(head.starts_with("HTTP/1.1 403"), "round {round}: {head:?}");
+    }
+    let cut = |text: &str| {
+        let reason = [("reason", "downstream_rq_header_timeout")];
+        metric_value(text, "meshgate_downstream_refused_total", &reason)
+    };
+    assert_eq!(cut(&gw.metrics_text()), None, "nothing cut yet");
+
+    // Then half a head, and no more: closed without an answer.
+    s.write_all(&request.as_bytes()[..20]).await.unwrap();
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+    assert!(closed.is_ok(), "the connection was held open");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "",
+        "no answer to half a head"
+    );
+    gw.refused_reaches("downstream_rq_header_timeout", 1.0)
+        .await;
+}
+
+/// Reads one response's head and its `content-length` body.
+async fn response_head(s: &mut tokio::net::TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).into_owned();
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            while got.len() < end + 4 + length {
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed mid-body");
+                got.extend_from_slice(&chunk[..n]);
+            }
+            return head;
+        }
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before an answer: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&chunk[..n]);
+    }
 }
 
 const PING: u8 = 6;

@@ -269,6 +269,8 @@ pub enum Refused {
     downstream_cx_idle_timeout,
     /// A request or response cut by the stream idle timeout.
     downstream_rq_idle_timeout,
+    /// An HTTP/1.1 request head not complete within its timeout.
+    downstream_rq_header_timeout,
     /// A path refused by normalization (400).
     downstream_rq_failed_path_normalization,
     /// A request refused as malformed (400).
