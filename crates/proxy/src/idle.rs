@@ -238,21 +238,27 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: I,
         activity: Arc<Activity>,
-        // Bytes of the preface matched so far; `WATCHING` once the first
-        // bytes were not the preface, `H2` once they were.
-        preface: usize,
+        preface: Preface,
     }
 }
 
-const WATCHING: usize = usize::MAX;
-const H2: usize = usize::MAX - 1;
+/// What the connection's first bytes said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Preface {
+    /// This many bytes of the HTTP/2 preface so far.
+    Matching(usize),
+    /// Not the preface: HTTP/1.1, whose heads are watched.
+    Http1,
+    /// The preface: HTTP/2.
+    Http2,
+}
 
 impl<I> Watched<I> {
     pub fn new(inner: I, activity: Arc<Activity>) -> Self {
         Watched {
             inner,
             activity,
-            preface: 0,
+            preface: Preface::Matching(0),
         }
     }
 }
@@ -267,22 +273,21 @@ impl<I: AsyncRead> AsyncRead for Watched<I> {
         let before = buf.filled().len();
         ready!(this.inner.poll_read(cx, buf))?;
         let read = &buf.filled()[before..];
-        if read.is_empty() || *this.preface == H2 {
+        if read.is_empty() {
             return Poll::Ready(Ok(()));
         }
-        if *this.preface != WATCHING {
-            let at = *this.preface;
+        if let Preface::Matching(at) = *this.preface {
             let n = read.len().min(H2_PREFACE.len() - at);
             *this.preface = if read[..n] != H2_PREFACE[at..at + n] {
-                WATCHING
+                Preface::Http1
             } else if at + n == H2_PREFACE.len() {
                 this.activity.no_heads();
-                H2
+                Preface::Http2
             } else {
-                at + n
+                Preface::Matching(at + n)
             };
         }
-        if *this.preface == WATCHING {
+        if *this.preface == Preface::Http1 {
             this.activity.head_arriving();
         }
         Poll::Ready(Ok(()))
