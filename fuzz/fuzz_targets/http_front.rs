@@ -44,6 +44,7 @@ fn world() -> &'static World {
                 handshake: Duration::from_millis(50),
                 stream_idle: Duration::from_millis(200),
                 idle: Duration::from_millis(200),
+                request_headers: Duration::from_millis(200),
             };
             (TestProxy::start(&Mesh::default(), spec).await, external)
         });
