@@ -2,7 +2,8 @@
 //! the `istio` ConfigMap, or `meshConfig` of an install). meshgate reads the
 //! fields that change what its proxies do: `trustDomain`, `rootNamespace`,
 //! `outboundTrafficPolicy` (the default where no Sidecar sets one) and
-//! `pathNormalization`. Other MeshConfig fields are accepted and reported
+//! `pathNormalization` and `protocolDetectionTimeout`. Other MeshConfig
+//! fields are accepted and reported
 //! as not read; a wrong value in a field meshgate reads is an error naming
 //! the file, line and field.
 
@@ -10,6 +11,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::common::Duration;
 use crate::model::networking::OutboundMode;
 use crate::yaml::{self, Node, Value};
 
@@ -30,6 +32,11 @@ pub struct MeshSettings {
     /// Where no Sidecar resource says: Istio's default is ALLOW_ANY.
     pub outbound_traffic_policy: OutboundMode,
     pub path_normalization: PathNormalization,
+    /// `protocolDetectionTimeout`: how long a proxy that tells mesh mTLS
+    /// from plaintext by the client's first bytes waits for them before it
+    /// takes a silent client (a server-first protocol: MySQL, SMTP) as
+    /// plaintext TCP. None: Istio's default, `0s`, no such timeout.
+    pub protocol_detection_timeout: Option<std::time::Duration>,
 }
 
 impl MeshSettings {
@@ -81,6 +88,7 @@ impl Default for MeshSettings {
             cluster_domain: "cluster.local".to_owned(),
             outbound_traffic_policy: OutboundMode::AllowAny,
             path_normalization: PathNormalization::Base,
+            protocol_detection_timeout: None,
         }
     }
 }
@@ -137,6 +145,7 @@ struct MeshConfigDoc {
     root_namespace: Option<String>,
     outbound_traffic_policy: Option<OutboundTrafficPolicyDoc>,
     path_normalization: Option<PathNormalizationDoc>,
+    protocol_detection_timeout: Option<Duration>,
 }
 
 /// ProxyConfig: only `proxyMetadata` is read, and only its DNS flags.
@@ -180,12 +189,13 @@ struct PathNormalizationDoc {
 }
 
 /// The MeshConfig fields meshgate reads (the others are accepted, not read).
-const READ: [&str; 5] = [
+const READ: [&str; 6] = [
     "trustDomain",
     "trustDomainAliases",
     "rootNamespace",
     "outboundTrafficPolicy",
     "pathNormalization",
+    "protocolDetectionTimeout",
 ];
 
 /// Reads a MeshConfig file: a MeshConfig document, or the `istio`
@@ -254,6 +264,18 @@ pub fn parse_mesh_config(
             ));
         }
     };
+    let detection = doc.protocol_detection_timeout.map(Duration::as_std);
+    // Istio's validation: at least 1ms, or 0s for none.
+    if detection.is_some_and(|d| !d.is_zero() && d < std::time::Duration::from_millis(1)) {
+        let line = root
+            .get("protocolDetectionTimeout")
+            .map_or(root.pos.line, |n| n.pos.line);
+        return Err(invalid(
+            line,
+            "MeshConfig field protocolDetectionTimeout: must be at least 1ms, or 0s for none"
+                .to_owned(),
+        ));
+    }
     let defaults = MeshSettings::default();
     let settings = MeshSettings {
         trust_domain: doc.trust_domain.unwrap_or(defaults.trust_domain),
@@ -274,6 +296,7 @@ pub fn parse_mesh_config(
             .path_normalization
             .and_then(|p| p.normalization)
             .unwrap_or_default(),
+        protocol_detection_timeout: detection.filter(|d| !d.is_zero()),
     };
     Ok((settings, ignored))
 }
@@ -317,6 +340,28 @@ mod tests {
                 "spiffe://new.example/ns/a/sa/b",
                 "spiffe://old.example/ns/a/sa/b"
             ]
+        );
+    }
+
+    #[test]
+    fn protocol_detection_timeout_is_read_and_checked() {
+        let read = |text: &str| parse_mesh_config("mesh.yaml", text).map(|(m, _)| m);
+        let m = read("protocolDetectionTimeout: 250ms\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            m.protocol_detection_timeout,
+            Some(std::time::Duration::from_millis(250))
+        );
+        let off = read("protocolDetectionTimeout: 0s\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(off.protocol_detection_timeout, None);
+        let err = read("trustDomain: x\nprotocolDetectionTimeout: 100us\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.starts_with(
+                "mesh.yaml:2: MeshConfig field protocolDetectionTimeout: must be at least 1ms"
+            ),
+            "{err}"
         );
     }
 

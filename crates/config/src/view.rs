@@ -81,6 +81,9 @@ pub struct ProxyView {
     /// MeshConfig pathNormalization: applied before routing and
     /// authorization.
     pub path_normalization: crate::PathNormalization,
+    /// MeshConfig protocolDetectionTimeout (none: Istio's 0s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_detection_timeout: Option<crate::model::common::Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -513,6 +516,9 @@ pub fn proxy_view(
         bound_listeners: sidecar.map(bound_listeners).unwrap_or_default(),
         outbound_traffic_policy: outbound_policy(sidecar, mesh),
         path_normalization: mesh.path_normalization,
+        protocol_detection_timeout: mesh
+            .protocol_detection_timeout
+            .map(crate::model::common::Duration),
         listeners,
         routes,
         clusters,

@@ -22,6 +22,7 @@ enum Read {
     Nothing,
     FirstByte(bool),
     ClientHello(Option<String>),
+    Silent,
 }
 
 impl Read {
@@ -32,6 +33,7 @@ impl Read {
             Read::ClientHello(sni) => Peeked::ClientHello {
                 sni: sni.as_deref(),
             },
+            Read::Silent => Peeked::Silent,
         }
     }
 }
@@ -71,6 +73,14 @@ where
                     Some(tls) => read = Read::FirstByte(tls),
                     None => return Ok(()),
                 }
+            }
+            Plan::Read(Need::FirstByteOrSilence(wait)) => {
+                read = match io.starts_with_tls(wait).await {
+                    Ok(Some(tls)) => Read::FirstByte(tls),
+                    Ok(None) => return Ok(()),
+                    Err(ConnError::Idle(_)) => Read::Silent,
+                    Err(e) => return Err(e),
+                };
             }
             Plan::Read(Need::ClientHello) => {
                 read = Read::ClientHello(io.client_hello(proxy.timeouts.first_byte).await?);

@@ -12,6 +12,7 @@
 //! together.
 
 use std::borrow::Cow;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
@@ -41,6 +42,9 @@ pub enum Peeked<'a> {
     },
     /// An HTTP request head (on a connection served as HTTP).
     Request(&'a RequestHead<'a>),
+    /// Nothing within the protocol detection timeout: the client waits
+    /// for the server to speak first (MySQL, SMTP), so it is plaintext.
+    Silent,
 }
 
 /// An HTTP request as the plan sees it.
@@ -56,6 +60,9 @@ pub struct RequestHead<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
     FirstByte,
+    /// The first byte, or that the client stays silent this long
+    /// (`Peeked::Silent`).
+    FirstByteOrSilence(Duration),
     ClientHello,
 }
 
@@ -119,7 +126,7 @@ fn first_byte_is_tls(peeked: Peeked<'_>) -> Option<bool> {
         Peeked::Nothing => None,
         Peeked::FirstByte { tls } => Some(tls),
         Peeked::ClientHello { .. } => Some(true),
-        Peeked::Request(_) => Some(false),
+        Peeked::Request(_) | Peeked::Silent => Some(false),
     }
 }
 
@@ -147,6 +154,14 @@ fn gateway<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>, pick: f64) -
         };
     }
     match (&listener.tls, first_byte_is_tls(peeked)) {
+        // A plain TCP server also proxies server-first protocols, as
+        // Istio's (which detects nothing there) does.
+        (ListenerTls::MeshAuto, None) if tcp_server && !listener.strict_mtls => {
+            let wait = snap.view.protocol_detection_timeout;
+            Plan::Read(Need::FirstByteOrSilence(
+                wait.map_or(GATEWAY_PROTOCOL_DETECTION, |d| d.as_std()),
+            ))
+        }
         (_, None) => Plan::Read(Need::FirstByte),
         (ListenerTls::Terminate(cfg), Some(true)) => {
             Plan::Terminate(Termination::Server(cfg.clone()))
@@ -158,6 +173,13 @@ fn gateway<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>, pick: f64) -
         (_, Some(false)) => http(snap, conn, peeked, pick),
     }
 }
+
+/// How long a gateway's plain TCP server waits for a client's first byte
+/// (mesh mTLS or not) before it takes the client for one of a server-first
+/// protocol, where MeshConfig sets no protocolDetectionTimeout. A mesh
+/// peer's ClientHello comes at once; a second keeps a slow one from being
+/// taken for plaintext.
+pub const GATEWAY_PROTOCOL_DETECTION: Duration = Duration::from_secs(1);
 
 /// A gateway server whose connections go by `tcp` routes: TCP (and the
 /// like), or TLS it terminates (neither HTTP nor passed through).
@@ -206,8 +228,16 @@ fn inbound<'s>(snap: &'s Snapshot, conn: &Conn, peeked: Peeked<'_>) -> Plan<'s> 
     if mode == MtlsMode::Disable && !http_port {
         return plaintext(snap);
     }
+    let detection = snap.view.protocol_detection_timeout;
     match first_byte_is_tls(peeked) {
-        None => Plan::Read(Need::FirstByte),
+        // Istio's protocolDetectionTimeout: silence is plaintext after it;
+        // without one (Istio's default) the first byte's timeout closes.
+        None => match detection {
+            Some(d) if matches!(mode, MtlsMode::Permissive | MtlsMode::Unset) => {
+                Plan::Read(Need::FirstByteOrSilence(d.as_std()))
+            }
+            _ => Plan::Read(Need::FirstByte),
+        },
         // The application's own TLS: its bytes, not HTTP to serve.
         Some(true) if mode == MtlsMode::Disable => Plan::Tcp(inbound_tcp(snap, conn)),
         Some(true) => Plan::Terminate(Termination::Mesh),

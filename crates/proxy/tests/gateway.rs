@@ -840,3 +840,73 @@ spec:
 {rules}"
     )
 }
+
+/// A server-first protocol (SMTP, MySQL: the server greets, the client
+/// waits for it) through a plain TCP Gateway server without a sidecar:
+/// the client's silence is plaintext once the protocol detection timeout
+/// (a second by default) has passed, and the greeting comes back, as
+/// through Istio's gateway, which detects nothing there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_first_protocols_pass_a_plain_tcp_server() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const GREETING: &[u8] = b"220 smtp.example.com ready\r\n";
+    let smtp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let smtp_addr = smtp.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = smtp.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(GREETING).await;
+                let mut line = [0u8; 6];
+                if s.read_exact(&mut line).await.is_ok() {
+                    let _ = s.write_all(b"221 bye\r\n").await;
+                }
+            });
+        }
+    });
+    let config = seed_config_except(
+        &["authorization-policy.yaml"],
+        &["apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: smtp, namespace: curl-egress-tst}
+spec:
+  hosts: [smtp.example.com]
+  ports: [{number: 25, name: tcp-smtp, protocol: TCP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: smtp-gw, namespace: curl-egress-tst}
+spec:
+  selector: {istio: egressgateway}
+  servers: [{port: {number: 2525, name: tcp, protocol: TCP}, hosts: [smtp.example.com]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: smtp, namespace: curl-egress-tst}
+spec:
+  hosts: [smtp.example.com]
+  gateways: [smtp-gw]
+  tcp: [{route: [{destination: {host: smtp.example.com, port: {number: 25}}}]}]
+"],
+    );
+    let spec = Spec::new(config, GATEWAY).endpoint("smtp.example.com:25", smtp_addr);
+    let gw = TestProxy::start(&Mesh::default(), spec).await;
+
+    let mut client = tokio::net::TcpStream::connect(gw.addr(2525)).await.unwrap();
+    let mut greeting = [0u8; GREETING.len()];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut greeting))
+        .await
+        .expect("no greeting: the gateway waited for the client")
+        .unwrap();
+    assert_eq!(&greeting[..], GREETING);
+    client.write_all(b"QUIT\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, b"221 bye\r\n");
+    drop(client);
+
+    let entry = gw.next_log().await;
+    assert_eq!(entry["upstream_cluster"], "outbound|25||smtp.example.com");
+    assert_eq!(entry["response_flags"], "-");
+    assert_eq!(entry["downstream_peer_uri_san"], serde_json::Value::Null);
+}

@@ -22,7 +22,15 @@ const BLACK_HOLE: &str = "tcp Close(UH) BlackHoleCluster outbound traffic policy
 const ALLOW_ANY: &str = "tcp OriginalDst PassthroughCluster outbound traffic policy ALLOW_ANY";
 
 async fn snapshot(config: &meshgate_config::Config, workload: &str) -> Snapshot {
-    let view = view::build(config, &MeshSettings::default(), workload).unwrap();
+    snapshot_in(config, &MeshSettings::default(), workload).await
+}
+
+async fn snapshot_in(
+    config: &meshgate_config::Config,
+    mesh: &MeshSettings,
+    workload: &str,
+) -> Snapshot {
+    let view = view::build(config, mesh, workload).unwrap();
     let identity = Mesh::default().identity(&view.workload.spiffe_id).await;
     let root = crate::standin::StandinCa::new("test roots")
         .unwrap()
@@ -237,6 +245,53 @@ async fn gateway_connection_steps() {
         ..conn(&snap, 80)
     };
     assert_eq!(first_step(&snap, &terminated), "serve HTTP");
+}
+
+const TCP_SERVER: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db, namespace: curl-external-tst}\nspec:\n  hosts: [db.example.com]\n  ports: [{number: 3306, name: tcp, protocol: TCP}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: tcp-gw, namespace: curl-egress-tst}\nspec:\n  selector: {istio: egressgateway}\n  servers: [{port: {number: 7777, name: tcp, protocol: TCP}, hosts: [db.example.com]}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: db, namespace: curl-egress-tst}\nspec:\n  hosts: [db.example.com]\n  gateways: [tcp-gw]\n  tcp: [{route: [{destination: {host: db.example.com, port: {number: 3306}}}]}]\n";
+
+/// A client that waits for the server to speak first (MySQL, SMTP) is
+/// plaintext TCP once it has been silent for the protocol detection
+/// timeout: on a gateway's plain TCP server always (a second by default),
+/// on the way in to a workload only where MeshConfig sets one.
+#[tokio::test]
+async fn silent_clients_are_plaintext_after_the_detection_timeout() {
+    let config = seed_config(&[TCP_SERVER]);
+    let snap = snapshot(&config, GATEWAY).await;
+    let tcp = conn(&snap, 7777);
+    assert_eq!(first_step(&snap, &tcp), "read FirstByteOrSilence(1s)");
+    // The seed's policy admits one namespace only: no identity, denied.
+    assert_eq!(
+        step(&plan(&snap, &tcp, Peeked::Silent, 0.0)),
+        "tcp Close(-) outbound|3306||db.example.com denied by authorization policy"
+    );
+    assert_eq!(first_step(&snap, &conn(&snap, 80)), "read FirstByte");
+    let mesh = MeshSettings {
+        protocol_detection_timeout: Some(std::time::Duration::from_millis(250)),
+        ..MeshSettings::default()
+    };
+    let snap = snapshot_in(&config, &mesh, GATEWAY).await;
+    assert_eq!(
+        first_step(&snap, &conn(&snap, 7777)),
+        "read FirstByteOrSilence(250ms)"
+    );
+
+    // On the way in: only with a timeout, and not where mTLS is STRICT.
+    let inbound = |snap: &Snapshot| Conn {
+        inbound: true,
+        ..conn(snap, 9000)
+    };
+    let snap = snapshot(&config, WORKLOAD).await;
+    assert_eq!(first_step(&snap, &inbound(&snap)), "read FirstByte");
+    let snap = snapshot_in(&config, &mesh, WORKLOAD).await;
+    assert_eq!(
+        first_step(&snap, &inbound(&snap)),
+        "read FirstByteOrSilence(250ms)"
+    );
+    let strict = seed_config(&[
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: curl-external-tst}\nspec:\n  mtls: {mode: STRICT}\n",
+    ]);
+    let snap = snapshot_in(&strict, &mesh, WORKLOAD).await;
+    assert_eq!(first_step(&snap, &inbound(&snap)), "read FirstByte");
 }
 
 #[tokio::test]
