@@ -194,6 +194,53 @@ async fn malformed_requests_are_refused() {
     );
 }
 
+/// A Host no URI can carry (a space in it), matched by a wildcard route:
+/// 400 before anything goes upstream, flagged DPE `invalid_authority`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authority_no_uri_can_carry_is_refused() {
+    let external = External::start(&[HOST]).await;
+    let config = seed_config_except(
+        &["authorization-policy.yaml"],
+        &["apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: any-host, namespace: curl-egress-tst}
+spec:
+  selector: {istio: egressgateway}
+  servers: [{port: {number: 8080, name: http-any, protocol: HTTP}, hosts: ['*']}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: any-host, namespace: curl-egress-tst}
+spec:
+  hosts: ['*']
+  gateways: [any-host]
+  http: [{route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]}]
+"],
+    );
+    let gw = TestProxy::start(&Mesh::default(), SeedChain::gateway_spec(config, &external)).await;
+    let answer = raw(
+        gw.addr(8080),
+        b"GET /todos/1 HTTP/1.1\r\nHost: bad host\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let entry = gw.next_log().await;
+    assert_eq!(entry["response_flags"], "DPE");
+    assert_eq!(entry["response_code_details"], "invalid_authority");
+    // The same route with a Host a URI carries reaches the stand-in.
+    let fine = raw(
+        gw.addr(8080),
+        format!("GET /todos/1 HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(fine.starts_with("HTTP/1.1 200"), "{fine}");
+    assert_eq!(
+        external.seen.all().len(),
+        1,
+        "only the good one went upstream"
+    );
+}
+
 /// A repeated header is seen whole by conditions: a second `x-role`
 /// cannot hide behind an allowed first one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
