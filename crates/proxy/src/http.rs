@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
@@ -18,10 +19,10 @@ use crate::body::{Body, text};
 use crate::conn::Conn;
 use crate::cors;
 use crate::labels::{DestinationLabels, unknown};
-use crate::plan::{RequestAction, RequestHead, RequestPlan, plan_request};
+use crate::plan::{Local, RequestAction, RequestHead, RequestPlan, plan_request};
 use crate::proxy::Proxy;
 use crate::report::HttpReport;
-use crate::route::RequestView;
+use crate::route::{Redirect, RequestView};
 use crate::snapshot::Snapshot;
 
 // Header names the request path sets, built once: inserting by `&str`
@@ -134,40 +135,10 @@ impl Proxy {
                     .forward(&target, parts, body, body_counter.clone())
                     .await
             }
-            RequestAction::Redirect { redirect, .. } => {
-                let mut resp = text(
-                    StatusCode::from_u16(redirect.code).unwrap_or(StatusCode::MOVED_PERMANENTLY),
-                    "",
-                );
-                if let Ok(v) = HeaderValue::from_str(&redirect.location(&head.view, plan.port)) {
-                    resp.headers_mut().insert(header::LOCATION, v);
-                }
-                Outcome::local(
-                    resp,
-                    ResponseFlags::NONE,
-                    Cow::Borrowed("via_route_redirect"),
-                )
-            }
-            RequestAction::Direct { status, body } => Outcome::local(
-                text(
-                    StatusCode::from_u16(*status).unwrap_or(StatusCode::OK),
-                    (*body).clone(),
-                ),
-                ResponseFlags::NONE,
-                Cow::Borrowed("direct_response"),
-            ),
-            RequestAction::CorsPreflight(h) => {
-                let mut resp = text(StatusCode::OK, "");
-                resp.headers_mut().remove(header::CONTENT_TYPE);
-                resp.headers_mut().extend(h.clone());
-                Outcome::local(resp, ResponseFlags::NONE, Cow::Borrowed(cors::DETAILS))
-            }
-            RequestAction::Local(l) => {
-                if let Some(reason) = l.refused {
-                    self.metrics.refused(reason);
-                }
-                Outcome::local(text(l.status, l.body), l.flags, l.details.clone())
-            }
+            RequestAction::Redirect { redirect, .. } => redirected(redirect, &head.view, plan.port),
+            RequestAction::Direct { status, body } => direct(*status, body),
+            RequestAction::CorsPreflight(h) => preflight(h),
+            RequestAction::Local(l) => self.local(l),
         };
         let mut outcome = outcome;
         if let Some((c, origin)) = &plan.cors {
@@ -184,6 +155,18 @@ impl Proxy {
             (request_bytes, counter),
             start,
         )
+    }
+
+    /// A reply the plan decided (denied, no route, registry only). Out of
+    /// line, as the other answers that forward nothing: the forwarded
+    /// request's code stays together.
+    #[cold]
+    #[inline(never)]
+    fn local(&self, l: &Local) -> Outcome {
+        if let Some(reason) = l.refused {
+            self.metrics.refused(reason);
+        }
+        Outcome::local(text(l.status, l.body), l.flags, l.details.clone())
     }
 
     /// Attaches the report to the response: written when its body ends.
@@ -294,6 +277,40 @@ impl Proxy {
         resp.headers_mut().remove(header::CONTENT_TYPE);
         resp
     }
+}
+
+#[cold]
+#[inline(never)]
+fn redirected(redirect: &Redirect, view: &RequestView<'_>, port: u16) -> Outcome {
+    let status = StatusCode::from_u16(redirect.code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    let mut resp = text(status, "");
+    if let Ok(v) = HeaderValue::from_str(&redirect.location(view, port)) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Outcome::local(
+        resp,
+        ResponseFlags::NONE,
+        Cow::Borrowed("via_route_redirect"),
+    )
+}
+
+#[cold]
+#[inline(never)]
+fn direct(status: u16, body: &Bytes) -> Outcome {
+    let resp = text(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+        body.clone(),
+    );
+    Outcome::local(resp, ResponseFlags::NONE, Cow::Borrowed("direct_response"))
+}
+
+#[cold]
+#[inline(never)]
+fn preflight(headers: &HeaderMap) -> Outcome {
+    let mut resp = text(StatusCode::OK, "");
+    resp.headers_mut().remove(header::CONTENT_TYPE);
+    resp.headers_mut().extend(headers.clone());
+    Outcome::local(resp, ResponseFlags::NONE, Cow::Borrowed(cors::DETAILS))
 }
 
 /// The request's authority: an absolute-form request-target's (RFC 9112

@@ -384,6 +384,7 @@ impl Local {
     }
 
     /// 403: an AuthorizationPolicy denies the request.
+    #[cold]
     pub fn denied(decision: &Decision) -> Local {
         Local {
             details: Cow::Owned(decision.response_code_details().unwrap_or_default()),
@@ -398,6 +399,7 @@ impl Local {
 
     /// 502: REGISTRY_ONLY and the host is not in the registry (Istio's
     /// `block_all` route).
+    #[cold]
     fn blocked() -> Local {
         Local {
             route_name: Some("block_all"),
@@ -412,6 +414,7 @@ impl Local {
     }
 
     /// 404 NR: no route for this host or request.
+    #[cold]
     fn no_route() -> Local {
         Local::new(
             StatusCode::NOT_FOUND,
@@ -422,6 +425,7 @@ impl Local {
     }
 
     /// 400: a request no proxy should act on.
+    #[cold]
     fn bad_request(details: &'static str, refused: Refused) -> Local {
         Local {
             refused: Some(refused),
@@ -435,6 +439,7 @@ impl Local {
     }
 
     /// 503 NC: the route's destination is not a cluster this proxy has.
+    #[cold]
     fn no_cluster() -> Local {
         Local::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -462,16 +467,7 @@ pub fn plan_request<'s>(
     };
     // On the way in there is one route per port, to the workload.
     let listener = snap.listener(port).filter(|_| !conn.inbound);
-    let refused = |local| RequestPlan {
-        port,
-        listener,
-        routed: Routed::NoVirtualHost,
-        destination: None,
-        authz: Decision::Allow { audited: false },
-        action: RequestAction::Local(local),
-        normalized_path: None,
-        cors: None,
-    };
+    let refused = |local| refused(port, listener, local);
     if let Some(local) = malformed(&head.view) {
         return refused(local);
     }
@@ -560,6 +556,22 @@ pub fn plan_request<'s>(
         action,
         normalized_path,
         cors,
+    }
+}
+
+/// The plan of a request refused before anything is decided.
+#[cold]
+#[inline(never)]
+fn refused<'s>(port: u16, listener: Option<&'s ListenerState>, local: Local) -> RequestPlan<'s> {
+    RequestPlan {
+        port,
+        listener,
+        routed: Routed::NoVirtualHost,
+        destination: None,
+        authz: Decision::Allow { audited: false },
+        action: RequestAction::Local(local),
+        normalized_path: None,
+        cors: None,
     }
 }
 

@@ -21,7 +21,7 @@ use crate::conn::Conn;
 use crate::proxy::Proxy;
 use crate::route::{Route, WeightedCluster};
 use crate::snapshot::{ClusterEntry, InboundTarget, Snapshot};
-use crate::upstream::{Answer, DownstreamAddr, Failure, GeneratedCookie, UpstreamError};
+use crate::upstream::{Answer, Cluster, DownstreamAddr, Failure, GeneratedCookie, UpstreamError};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -81,16 +81,18 @@ impl Upstream<'_> {
         counter: Option<Arc<Progress>>,
     ) -> impl Future<Output = Outcome> {
         async move {
-            let delayed = match self.inject_faults().await {
-                Ok(delayed) => delayed,
-                Err(aborted) => return aborted,
+            // Boxed, as rare paths are below: their code and state stay out
+            // of every request's future.
+            let delayed = if self.route.fault.is_some() {
+                match Box::pin(self.inject_faults()).await {
+                    Ok(delayed) => delayed,
+                    Err(aborted) => return aborted,
+                }
+            } else {
+                false
             };
             let Some((uri, downstream_upgrade)) = self.prepare(head, &mut parts) else {
-                return Outcome::local(
-                    text(StatusCode::BAD_REQUEST, "bad request"),
-                    ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR,
-                    Cow::Borrowed("invalid_authority"),
-                );
+                return invalid_authority();
             };
             let cookie = self.cluster.cluster.cookie_to_make(&parts.headers);
             if let Some((value, _)) = &cookie {
@@ -130,9 +132,7 @@ impl Upstream<'_> {
         if let Some((delay, pct)) = f.delay
             && fastrand::f64() * 100.0 < pct
         {
-            // Boxed: a timer kept in every request's future state for a rare
-            // delay would make the future larger and each move of it longer.
-            Box::pin(tokio::time::sleep(delay)).await;
+            tokio::time::sleep(delay).await;
             delayed = true;
         }
         if let Some((status, pct)) = f.abort
@@ -313,7 +313,9 @@ impl Upstream<'_> {
                     None => b,
                 }
             });
-            self.mirror(&parts, &uri, streaming.as_mut());
+            if !self.route.mirrors.is_empty() {
+                self.mirror(&parts, &uri, streaming.as_mut());
+            }
             let max_attempts = if streaming.is_some() {
                 1
             } else {
@@ -355,7 +357,7 @@ impl Upstream<'_> {
                         Ok(answer)
                             if more && retry.retry_status(answer.response.status().as_u16()) =>
                         {
-                            tracing::debug!(cluster = %cluster.name(), status = %answer.response.status(), attempt, "retrying");
+                            retrying_status(cluster, answer.response.status(), attempt);
                         }
                         Ok(resp) => return Ok(resp),
                         Err(Failure { error, unsent })
@@ -367,7 +369,7 @@ impl Upstream<'_> {
                             if let Some(unsent) = unsent {
                                 parts.headers = (*unsent).into_parts().0.headers;
                             }
-                            tracing::debug!(cluster = %cluster.name(), error = %error, attempt, "retrying after connect failure");
+                            retrying_failure(cluster, &error, attempt);
                         }
                         Err(f) => return Err(f.error),
                     }
@@ -398,6 +400,8 @@ impl Upstream<'_> {
         }
     }
 
+    #[cold]
+    #[inline(never)]
     /// Copies of the request for the route's mirrors (Envoy's shadows):
     /// the authority gets `-shadow`, the body is copied as it goes up, the
     /// answer is dropped. A mirror never delays, fails or changes the
@@ -476,16 +480,7 @@ impl Upstream<'_> {
         if let (Some(down), Some(up), Some(proto)) =
             (downstream_upgrade, upstream_upgrade, upgraded_to)
         {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, proto);
-            // Counted as a connection: the drain waits for it.
-            let open = self.proxy.drain.connection();
-            tokio::spawn(async move {
-                tunnel(down, up).await;
-                drop(open);
-            });
+            self.upgraded(&mut parts.headers, proto, down, up);
         }
         // Written by http's integer conversion: one allocation, not two.
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -514,7 +509,30 @@ impl Upstream<'_> {
         }
     }
 
+    /// Both sides switched protocols: the response says so and the
+    /// connections become a tunnel.
+    #[cold]
+    #[inline(never)]
+    fn upgraded(
+        &self,
+        headers: &mut HeaderMap,
+        proto: HeaderValue,
+        down: OnUpgrade,
+        up: OnUpgrade,
+    ) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto);
+        // Counted as a connection: the drain waits for it.
+        let open = self.proxy.drain.connection();
+        tokio::spawn(async move {
+            tunnel(down, up).await;
+            drop(open);
+        });
+    }
+
     /// The local reply for a request that got no response.
+    #[cold]
+    #[inline(never)]
     fn failed(&self, e: &UpstreamError, attempts: u32) -> Outcome {
         let mut flags = e.flag();
         if attempts > 1 && e.retry_safe() {
@@ -536,6 +554,31 @@ impl Upstream<'_> {
         out.transport_failure = e.transport_failure().map(str::to_owned);
         out
     }
+}
+
+/// A rewritten URI that is not valid.
+#[cold]
+#[inline(never)]
+fn invalid_authority() -> Outcome {
+    Outcome::local(
+        text(StatusCode::BAD_REQUEST, "bad request"),
+        ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR,
+        Cow::Borrowed("invalid_authority"),
+    )
+}
+
+/// An attempt is retried after a status the policy retries on.
+#[cold]
+#[inline(never)]
+fn retrying_status(cluster: &Cluster, status: StatusCode, attempt: u32) {
+    tracing::debug!(cluster = %cluster.name(), %status, attempt, "retrying");
+}
+
+/// An attempt is retried after a failure the policy retries on.
+#[cold]
+#[inline(never)]
+fn retrying_failure(cluster: &Cluster, error: &UpstreamError, attempt: u32) {
+    tracing::debug!(cluster = %cluster.name(), %error, attempt, "retrying after connect failure");
 }
 
 /// The WebSocket upgrade an HTTP/1.1 request asks for (the plan refused
