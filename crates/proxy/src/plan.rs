@@ -702,9 +702,9 @@ fn connect<'s>(snap: &'s Snapshot, head: &RequestHead<'_>) -> RequestAction<'s> 
             "invalid_authority",
         ));
     }
-    let known = snap.listener(port).is_some_and(|l| {
-        TlsRoute::find(&l.tls_routes, &host).is_some() || l.routes.vhost(&host).is_some()
-    });
+    let known = snap
+        .listener(port)
+        .is_some_and(|l| l.tls_routes.find(&host).is_some() || l.routes.vhost(&host).is_some());
     if known || snap.outbound == Some(OutboundMode::AllowAny) {
         RequestAction::Connect { host, port }
     } else {
@@ -831,7 +831,7 @@ fn tls<'s>(
     sni: Option<&str>,
     pick: f64,
 ) -> TcpPlan<'s> {
-    let route = listener.and_then(|l| TlsRoute::find(&l.tls_routes, sni.unwrap_or_default()));
+    let route = listener.and_then(|l| l.tls_routes.find(sni.unwrap_or_default()));
     let Some(route) = route else {
         return match snap.role {
             Role::Gateway => {

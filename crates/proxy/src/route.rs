@@ -634,11 +634,12 @@ pub struct RouteTable {
     index: DomainIndex,
 }
 
-/// Which virtual host serves a host, found in time independent of how many
-/// there are (Envoy's order: exact, then the longest suffix wildcard, then
-/// `*`; among equals, the last).
+/// Host patterns to what they name, found in time independent of how many
+/// there are, as Envoy matches virtual host domains and SNI filter
+/// chains: the exact name, then the longest wildcard suffix, then `*`.
+/// Among equal patterns, the first.
 #[derive(Debug, Clone, Default)]
-struct DomainIndex {
+pub(crate) struct DomainIndex {
     // Boxed: a gateway of thousands of hosts keeps a key each. foldhash,
     // not SipHash: every request looks its host up, and the keys are the
     // config's, not the client's.
@@ -651,17 +652,16 @@ struct DomainIndex {
 }
 
 impl DomainIndex {
-    fn new(vhosts: &mut [VirtualHost]) -> DomainIndex {
+    /// Lowercase patterns (`a.com`, `*.a.com`, `*`) and what each names.
+    pub(crate) fn new(patterns: impl IntoIterator<Item = (String, usize)>) -> DomainIndex {
         let mut index = DomainIndex::default();
-        for (i, vh) in vhosts.iter_mut().enumerate() {
-            for d in std::mem::take(&mut vh.domains) {
-                if d == "*" {
-                    index.any = Some(i);
-                } else if let Some(suffix) = d.strip_prefix('*') {
-                    index.suffixes.insert(suffix.into(), i);
-                } else {
-                    index.exact.insert(d.into_boxed_str(), i);
-                }
+        for (d, i) in patterns {
+            if d == "*" {
+                index.any.get_or_insert(i);
+            } else if d.starts_with("*.") {
+                index.suffixes.entry(d[1..].into()).or_insert(i);
+            } else {
+                index.exact.entry(d.into_boxed_str()).or_insert(i);
             }
         }
         index.suffix_lens = index.suffixes.keys().map(|s| s.len()).collect();
@@ -671,7 +671,7 @@ impl DomainIndex {
     }
 
     /// `host` is lowercase, without its port.
-    fn find(&self, host: &str) -> Option<usize> {
+    pub(crate) fn find(&self, host: &str) -> Option<usize> {
         if let Some(&i) = self.exact.get(host) {
             return Some(i);
         }
@@ -702,7 +702,13 @@ pub enum Routed<'a> {
 
 impl RouteTable {
     pub fn new(mut vhosts: Vec<VirtualHost>) -> RouteTable {
-        let index = DomainIndex::new(&mut vhosts);
+        let domains = vhosts.iter_mut().enumerate().flat_map(|(i, vh)| {
+            std::mem::take(&mut vh.domains)
+                .into_iter()
+                .map(move |d| (d, i))
+        });
+        let domains: Vec<(String, usize)> = domains.collect();
+        let index = DomainIndex::new(domains);
         // Kept as long as the config: without the room pushing left.
         vhosts.shrink_to_fit();
         RouteTable { vhosts, index }

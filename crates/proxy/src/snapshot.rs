@@ -21,7 +21,7 @@ use meshgate_identity::WorkloadIdentity;
 pub use self::server_tls::ListenerTls;
 use crate::authz::CompiledPolicy;
 use crate::labels::{DestinationLabels, WorkloadLabels, unknown};
-use crate::route::{HeaderOps, Route, RouteTable, VirtualHost, WeightedCluster};
+use crate::route::{DomainIndex, HeaderOps, Route, RouteTable, VirtualHost, WeightedCluster};
 use crate::upstream::dns::Resolver;
 use crate::upstream::tls::{self as upstream_tls, DefaultRoots};
 use crate::upstream::{Cluster, ClusterSettings, DnsName, Endpoints, HashOn, Outlier};
@@ -94,15 +94,40 @@ impl TlsRoute {
             .iter()
             .find(|r| r.subnets.is_empty() || r.subnets.iter().any(|n| n.contains(&destination)))
     }
+}
 
-    /// The first route whose SNI patterns cover `sni`.
-    pub fn find<'a>(routes: &'a [TlsRoute], sni: &str) -> Option<&'a TlsRoute> {
-        let sni = sni.to_ascii_lowercase();
-        routes.iter().find(|r| {
-            r.sni
-                .iter()
-                .any(|p| meshgate_config::registry::host_matches(p, &sni))
-        })
+/// A listener's `tls` routes, found by SNI as Envoy picks a filter chain
+/// by server name: the exact name, then the longest wildcard, then `*`;
+/// among routes naming the same pattern, the first. In time independent
+/// of how many there are.
+#[derive(Debug, Clone, Default)]
+pub struct TlsRoutes {
+    routes: Vec<TlsRoute>,
+    index: DomainIndex,
+}
+
+impl TlsRoutes {
+    pub fn new(routes: Vec<TlsRoute>) -> TlsRoutes {
+        let patterns = routes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| r.sni.iter().map(move |p| (p.clone(), i)));
+        let index = DomainIndex::new(patterns);
+        TlsRoutes { routes, index }
+    }
+
+    /// The route for a client's SNI.
+    pub fn find(&self, sni: &str) -> Option<&TlsRoute> {
+        let sni = if sni.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(sni.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(sni)
+        };
+        self.index.find(&sni).map(|i| &self.routes[i])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
     }
 }
 
@@ -119,7 +144,7 @@ pub struct ListenerState {
     /// Plaintext refused (PeerAuthentication STRICT).
     pub strict_mtls: bool,
     pub routes: RouteTable,
-    pub tls_routes: Vec<TlsRoute>,
+    pub tls_routes: TlsRoutes,
     /// `tcp` routes, by destination address.
     pub tcp_routes: Vec<TlsRoute>,
     /// `Gateway ns/name server #i`, for logs and `explain`.
@@ -454,7 +479,7 @@ fn listeners(
                 .as_ref()
                 .is_some_and(|pa| pa.mode == MtlsMode::Strict),
             routes: route_table(v, port, index),
-            tls_routes: tls_route_table(v, port, index),
+            tls_routes: TlsRoutes::new(tls_route_table(v, port, index)),
             tcp_routes: tcp_route_table(v, port, index),
             origin: l.origin.clone(),
         });

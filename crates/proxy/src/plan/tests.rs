@@ -247,6 +247,44 @@ async fn gateway_connection_steps() {
     assert_eq!(first_step(&snap, &terminated), "serve HTTP");
 }
 
+/// Two `tls` routes on a PASSTHROUGH server, the wildcard's first.
+const SNI_ROUTES: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: tls-hosts, namespace: curl-external-tst}\nspec:\n  hosts: [api.example.com, other.example.com]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: pass, namespace: curl-egress-tst}\nspec:\n  selector: {istio: egressgateway}\n  servers: [{port: {number: 8443, name: tls, protocol: TLS}, hosts: ['*.example.com'], tls: {mode: PASSTHROUGH}}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a-wide, namespace: curl-egress-tst}\nspec:\n  hosts: ['*.example.com']\n  gateways: [pass]\n  tls: [{match: [{sniHosts: ['*.example.com']}], route: [{destination: {host: other.example.com, port: {number: 443}}}]}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: b-api, namespace: curl-egress-tst}\nspec:\n  hosts: [api.example.com]\n  gateways: [pass]\n  tls: [{match: [{sniHosts: [api.example.com]}], route: [{destination: {host: api.example.com, port: {number: 443}}}]}]\n";
+
+/// An SNI goes to the most specific route that covers it, as Envoy picks
+/// a filter chain by server name (exact, then the longest wildcard), not
+/// to the first route that covers it.
+#[tokio::test]
+async fn an_sni_takes_its_most_specific_route() {
+    let snap = snapshot(&seed_config(&[SNI_ROUTES]), GATEWAY).await;
+    let hello = |sni| {
+        step(&plan(
+            &snap,
+            &conn(&snap, 8443),
+            Peeked::ClientHello { sni: Some(sni) },
+            0.0,
+        ))
+    };
+    assert!(
+        hello("api.example.com").contains("outbound|443||api.example.com"),
+        "{}",
+        hello("api.example.com")
+    );
+    assert!(
+        hello("API.example.COM").contains("outbound|443||api.example.com"),
+        "{}",
+        hello("API.example.COM")
+    );
+    assert!(
+        hello("www.example.com").contains("outbound|443||other.example.com"),
+        "{}",
+        hello("www.example.com")
+    );
+    assert_eq!(
+        hello("example.com"),
+        "tcp Close(NR) - no route for this SNI"
+    );
+}
+
 const TCP_SERVER: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db, namespace: curl-external-tst}\nspec:\n  hosts: [db.example.com]\n  ports: [{number: 3306, name: tcp, protocol: TCP}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: tcp-gw, namespace: curl-egress-tst}\nspec:\n  selector: {istio: egressgateway}\n  servers: [{port: {number: 7777, name: tcp, protocol: TCP}, hosts: [db.example.com]}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: db, namespace: curl-egress-tst}\nspec:\n  hosts: [db.example.com]\n  gateways: [tcp-gw]\n  tcp: [{route: [{destination: {host: db.example.com, port: {number: 3306}}}]}]\n";
 
 /// A client that waits for the server to speak first (MySQL, SMTP) is
