@@ -152,7 +152,12 @@ fn listeners(v: &Value) -> Table {
         let hosts: Vec<String> = l["hosts"].as_array().into_iter().flatten().map(s).collect();
         t.row(vec![
             s(&l["port"]),
-            s(&l["bindPort"]),
+            // A Sidecar-bound listener names its address (or unix socket).
+            s(if l["bind"].is_null() {
+                &l["bindPort"]
+            } else {
+                &l["bind"]
+            }),
             s(&l["protocol"]),
             hosts.join(","),
             s(&l["origin"]),

@@ -15,6 +15,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
+use meshgate_config::view::ProxyView;
 use meshgate_identity::WorkloadIdentity;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -95,7 +96,7 @@ fn respond(i: &Inspect, req: &Request<Incoming>) -> Response<Body> {
             "view": snap.full_view(),
             "certificate": certificate(&i.identity),
         })),
-        "/listeners" => json_response(&json!(snap.view.listeners)),
+        "/listeners" => json_response(&listeners(&snap.view)),
         "/clusters" => {
             let clusters: Vec<_> = snap
                 .clusters
@@ -191,4 +192,22 @@ fn json_response(v: &Value) -> Response<Body> {
     let mut body = serde_json::to_string_pretty(v).unwrap_or_default();
     body.push('\n');
     local_response(StatusCode::OK, "application/json", body)
+}
+
+/// Every listener the proxy serves: the mesh's ports (redirected to it or
+/// a Gateway's servers), then those its Sidecar has it bind itself
+/// (captureMode NONE, unix sockets), with where they are bound.
+fn listeners(view: &ProxyView) -> Value {
+    let sidecar = view.sidecar.as_deref().unwrap_or_default();
+    let bound = view.bound_listeners.iter().map(|b| {
+        json!({
+            "port": b.port,
+            "bind": b.bind,
+            "protocol": b.protocol,
+            "direction": if b.inbound { "inbound" } else { "outbound" },
+            "origin": format!("Sidecar {sidecar} {}", if b.inbound { "ingress" } else { "egress" }),
+        })
+    });
+    let mesh = view.listeners.iter().map(|l| json!(l));
+    Value::Array(mesh.chain(bound).collect())
 }

@@ -41,6 +41,32 @@ fn unix_http(path: &str, body: &'static str) {
     });
 }
 
+/// What a user reads on the proxy's inspection port at `/listeners`
+/// (served in process on 127.0.0.1, as `meshgate sidecar` serves it).
+async fn inspect_listeners(mesh: &Mesh, sc: &TestProxy) -> Vec<serde_json::Value> {
+    use meshgate_proxy::inspect::{Inspect, serve};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let spiffe = sc.app.proxy.state.load().view.workload.spiffe_id.clone();
+    let inspect = Inspect {
+        proxy: sc.app.proxy.clone(),
+        identity: mesh.identity(&spiffe).await,
+        workload: WORKLOAD.to_owned(),
+        started: std::time::Instant::now(),
+        config: Default::default(),
+        log_filter: None,
+    };
+    let task = tokio::spawn(serve(listener, inspect));
+    let got = curl(&[&format!("http://{addr}/listeners")]).await;
+    task.abort();
+    assert_eq!(got.code, "200", "{got:?}");
+    serde_json::from_str::<serde_json::Value>(&got.body)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
 /// A ServiceEntry for `echo.internal` on `port`, served by `app`.
 fn echo_entry(port: u16, app: SocketAddr) -> String {
     format!(
@@ -123,6 +149,34 @@ spec:
     ];
     want.sort();
     assert_eq!(bound, want);
+    // The inspection port's /listeners names them after the mesh's ports.
+    let listeners = inspect_listeners(&mesh, &sc).await;
+    let named: Vec<String> = listeners
+        .iter()
+        .filter(|l| l["origin"].as_str().unwrap_or("").starts_with("Sidecar "))
+        .map(|l| {
+            format!(
+                "{} {} {} {}",
+                l["direction"].as_str().unwrap(),
+                l["port"],
+                l["bind"].as_str().unwrap(),
+                l["origin"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        named,
+        [
+            format!("outbound {direct} 127.0.0.1 Sidecar curl-external-tst/bound egress"),
+            format!("outbound 0 unix://{egress_sock} Sidecar curl-external-tst/bound egress"),
+            format!("inbound {inbound} 127.0.0.1 Sidecar curl-external-tst/bound ingress"),
+        ],
+        "{listeners:#?}"
+    );
+    assert!(
+        listeners.len() > named.len(),
+        "the mesh's ports first: {listeners:#?}"
+    );
 
     let url = format!("http://127.0.0.1:{direct}/direct");
     let got = curl(&["-H", "Host: echo.internal", &url]).await;
