@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use meshgate_config::model::security::MtlsMode;
+use meshgate_config::registry::ProxyKind;
 use meshgate_config::view;
 use meshgate_config::view::ClusterView;
 use meshgate_identity::{CertificateAuthority, Source, SpiffeId, WorkloadIdentity};
@@ -53,8 +55,13 @@ pub(crate) struct ExplainArgs {
     output: Output,
     /// Follow the request on: where a sidecar sends it to a gateway of the
     /// mesh, explain the gateway's part too (with the sidecar's identity).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "inbound")]
     follow: bool,
+    /// Explain the way in to the workload instead: its sidecar receiving
+    /// the request on the workload's own port (the URL's; a Service's
+    /// targetPort), with its PeerAuthentication and AuthorizationPolicies.
+    #[arg(long)]
+    inbound: bool,
     #[command(flatten)]
     mesh: crate::MeshArgs,
     /// What the workload sends (sidecar) or what reaches the gateway's
@@ -105,18 +112,28 @@ pub(crate) fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
         let mut input = parse_input(&hop).map_err(|e| crate::UsageError(format!("{e:#}")))?;
         input.destination = destination_ip(&config, &mesh, &hop.workload, &input.host);
         let view = view::build(&config, &mesh, &hop.workload)?;
-        if view.workload.proxy == meshgate_config::registry::ProxyKind::None {
-            return Err(crate::UsageError(format!(
-                "{} has no proxy (no sidecar injected, not a gateway): its traffic is not in the mesh",
-                hop.workload
-            ))
-            .into());
+        match view.workload.proxy {
+            ProxyKind::None => {
+                return Err(crate::UsageError(format!(
+                    "{} has no proxy (no sidecar injected, not a gateway): its traffic is not in the mesh",
+                    hop.workload
+                ))
+                .into());
+            }
+            ProxyKind::Gateway if args.inbound => {
+                return Err(crate::UsageError(format!(
+                    "--inbound explains a sidecar's way in to its workload; {} is a gateway: explain what reaches its server port without --inbound",
+                    hop.workload
+                ))
+                .into());
+            }
+            _ => {}
         }
         let id: SpiffeId = view.workload.spiffe_id.parse()?;
         // The snapshot keeps no cluster views: the steps describe them.
         let clusters = view.clusters.clone();
         let snap = snapshot(view, &id)?;
-        let explained = explain(&snap, &clusters, &input, &id);
+        let explained = explain(&snap, &clusters, &input, &id, args.inbound);
         reports.push(match args.output {
             Output::Json => explained.json(&hop),
             Output::Text => serde_json::Value::String(explained.text(&hop)),
@@ -266,6 +283,8 @@ struct Explained<'s> {
     clusters: &'s [ClusterView],
     input: &'s Input,
     id: &'s SpiffeId,
+    /// On the way in to the workload (`--inbound`).
+    inbound: bool,
     /// TLS the proxy terminated on the way.
     terminated: Option<&'static str>,
     outcome: Outcome<'s>,
@@ -290,21 +309,25 @@ fn explain<'s>(
     clusters: &'s [ClusterView],
     input: &'s Input,
     id: &'s SpiffeId,
+    inbound: bool,
 ) -> Explained<'s> {
     let here = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), input.port);
     let remote = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 40000);
     let mut conn = Conn::accepted(remote, here, input.port);
+    conn.inbound = inbound;
     if snap.role == Role::Sidecar {
         let to = input
             .destination
+            .filter(|_| !inbound)
             .map_or(here, |ip| SocketAddr::new(ip, input.port));
         conn.original_dst = Some(to);
     }
-    // Only a gateway hears from mesh peers over mutual TLS.
+    // Mesh peers speak mutual TLS to a gateway, and to a sidecar on the
+    // way in to its workload.
     let peer = input
         .from
         .clone()
-        .filter(|_| snap.role == Role::Gateway)
+        .filter(|_| snap.role == Role::Gateway || inbound)
         .map(|p| Arc::new(Peer::new(p, id.trust_domain())));
     let head = |scheme| RequestHead {
         view: RequestView {
@@ -375,6 +398,7 @@ fn explain<'s>(
         clusters,
         input,
         id,
+        inbound,
         terminated,
         outcome,
         why_denied,
@@ -409,6 +433,9 @@ impl Explained<'_> {
 
     fn listener(&self) -> String {
         let port = self.input.port;
+        if self.inbound {
+            return self.inbound_listener();
+        }
         let listener = match &self.outcome {
             Outcome::Request(p) => p.listener,
             Outcome::Tcp(p) => p.listener,
@@ -418,6 +445,48 @@ impl Explained<'_> {
             (Some(l), _) => l.origin.clone(),
             (None, Role::Gateway) => format!("no Gateway server on port {port}"),
             (None, Role::Sidecar) => format!("no mesh listener for port {port}"),
+        }
+    }
+
+    /// The workload's port the connection arrives on, what it speaks and
+    /// the mutual TLS it takes.
+    fn inbound_listener(&self) -> String {
+        let port = self.input.port;
+        let view = &self.snap.view;
+        let mode = self
+            .snap
+            .inbound_mtls_ports
+            .get(&port)
+            .copied()
+            .unwrap_or(self.snap.inbound_mtls);
+        let mtls = match mode {
+            MtlsMode::Unset => "PERMISSIVE".to_owned(),
+            m => m.as_str().to_owned(),
+        };
+        let mtls = format!("mTLS {mtls} ({})", view.peer_authentication.source);
+        match view.inbound_ports.get(&u32::from(port)) {
+            Some(p) => {
+                let service = p
+                    .service
+                    .as_deref()
+                    .map_or_else(String::new, |s| format!(" of {s}"));
+                format!("inbound port {port}, {}{service}; {mtls}", p.protocol)
+            }
+            None => {
+                let served: Vec<String> = view
+                    .inbound_ports
+                    .iter()
+                    .map(|(n, p)| format!("{n} ({})", p.protocol))
+                    .collect();
+                let served = if served.is_empty() {
+                    "none".to_owned()
+                } else {
+                    served.join(", ")
+                };
+                format!(
+                    "inbound port {port}: no Service or Sidecar ingress names it, its bytes are opaque TCP (the workload's ports: {served}); {mtls}"
+                )
+            }
         }
     }
 
@@ -443,6 +512,10 @@ impl Explained<'_> {
                         .map(|w| self.destination(w.cluster, w.weight))
                         .collect(),
                 ),
+                (None, TcpReason::Inbound | TcpReason::Denied) if self.inbound => (
+                    format!("to the workload's port {}", self.input.port),
+                    Vec::new(),
+                ),
                 (None, TcpReason::RegisteredPort) => (
                     format!("port {} of a registered TCP service", self.input.port),
                     Vec::new(),
@@ -463,6 +536,19 @@ impl Explained<'_> {
     fn http_route(&self, p: &RequestPlan<'_>) -> (String, Vec<String>) {
         let authority = &self.input.authority;
         match &p.routed {
+            Routed::Matched { route, .. } if self.inbound => {
+                let dests = match &route.action {
+                    Action::Forward(ws) => ws
+                        .iter()
+                        .map(|w| self.destination(w.cluster, w.weight))
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                (
+                    format!("inbound route {} to the workload", route.name),
+                    dests,
+                )
+            }
             Routed::Matched { route, matched } => {
                 let vs = match (&route.virtual_service, &*route.name) {
                     (Some(v), _) => format!("VirtualService {v}"),
@@ -509,6 +595,9 @@ impl Explained<'_> {
         let r = self.result();
         let blocked = self.snap.view.outbound_traffic_policy.mode
             == meshgate_config::model::networking::OutboundMode::RegistryOnly;
+        if matches!(&self.outcome, Outcome::Tcp(p) if p.reason == TcpReason::Denied) {
+            return crate::EXIT_DENIED;
+        }
         match (r.action, r.status) {
             (
                 "forward" | "original-destination" | "redirect" | "direct-response" | "connect",
@@ -533,7 +622,7 @@ impl Explained<'_> {
         }
         let c = self.cluster()?;
         let w = c.destination_workload.as_ref()?;
-        (w.proxy == meshgate_config::registry::ProxyKind::Gateway).then(|| {
+        (w.proxy == ProxyKind::Gateway).then(|| {
             (
                 format!("{}/{}", w.namespace, w.name),
                 u16::try_from(c.port).unwrap_or(80),
@@ -571,11 +660,15 @@ impl Explained<'_> {
     fn authz(&self) -> Option<String> {
         let decision = match &self.outcome {
             Outcome::Request(p) => &p.authz,
-            Outcome::Tcp(p) if p.route.is_some() => &p.authz,
+            Outcome::Tcp(p) if p.route.is_some() || self.inbound => &p.authz,
             _ => return None,
         };
-        let policies = &self.snap.policies;
-        if self.snap.role == Role::Sidecar && policies.is_empty() {
+        let policies = if self.inbound {
+            &self.snap.inbound_policies
+        } else {
+            &self.snap.policies
+        };
+        if self.snap.role == Role::Sidecar && !self.inbound && policies.is_empty() {
             return None;
         }
         Some(match decision {
@@ -628,6 +721,14 @@ impl Explained<'_> {
                         format!(
                             "passed through to {}: the session is the client's own, the proxy reads only SNI",
                             p.cluster_name().unwrap_or("?")
+                        ),
+                    ),
+                    TcpAction::OriginalDst if p.reason == TcpReason::Inbound => (
+                        "forward",
+                        None,
+                        format!(
+                            "bytes sent on to the workload's port {} as they come (opaque TCP)",
+                            self.input.port
                         ),
                     ),
                     TcpAction::OriginalDst => (
@@ -772,7 +873,7 @@ impl Explained<'_> {
         serde_json::json!({
             "normalizedPath": self.normalized_path(),
             "request": {"method": args.method, "url": args.url, "from": args.from},
-            "proxy": {"workload": args.workload, "kind": self.kind(), "identity": self.id.to_string()},
+            "proxy": {"workload": args.workload, "kind": self.kind(), "identity": self.id.to_string(), "direction": if self.inbound { "inbound" } else { "outbound" }},
             "listener": self.listener(),
             "tls": self.terminated,
             "route": route,
@@ -792,10 +893,11 @@ impl Explained<'_> {
         let _ = writeln!(out, "request    {} {}{from}", args.method, args.url);
         let _ = writeln!(
             out,
-            "proxy      {} of {} ({})",
+            "proxy      {} of {} ({}){}",
             self.kind(),
             args.workload,
-            self.id
+            self.id,
+            if self.inbound { ", on the way in" } else { "" }
         );
         let _ = writeln!(out, "1 listener {}", self.listener());
         if let Some(tls) = self.terminated {

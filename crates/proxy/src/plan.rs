@@ -907,11 +907,14 @@ fn to_route<'s>(
 /// Why the ALLOW policies admit no rule for this request or connection
 /// (`explain`): the request as `plan` authorizes it, path normalized.
 pub fn why_denied(snap: &Snapshot, conn: &Conn, head: Option<&RequestHead<'_>>) -> Vec<String> {
+    // The workload's own policies on the way in, as `plan` asks them.
+    let policies = if conn.inbound {
+        &snap.inbound_policies
+    } else {
+        &snap.policies
+    };
     let Some(head) = head else {
-        return crate::authz::why_not_allowed(
-            &snap.policies,
-            &authz_request(conn, conn.sni(), None),
-        );
+        return crate::authz::why_not_allowed(policies, &authz_request(conn, conn.sni(), None));
     };
     let path = normalize_path(head.view.path, snap.view.path_normalization)
         .unwrap_or(std::borrow::Cow::Borrowed(head.view.path));
@@ -921,7 +924,7 @@ pub fn why_denied(snap: &Snapshot, conn: &Conn, head: Option<&RequestHead<'_>>) 
         path: &path,
         headers: head.view.headers,
     };
-    crate::authz::why_not_allowed(&snap.policies, &authz_request(conn, conn.sni(), Some(http)))
+    crate::authz::why_not_allowed(policies, &authz_request(conn, conn.sni(), Some(http)))
 }
 
 fn authz_request<'a>(
