@@ -89,8 +89,7 @@ pub(super) struct Pool {
 struct Shared {
     settings: PoolSettings,
     idle: Mutex<HashMap<Arc<str>, Vec<Idle>, Keyed>>,
-    /// HTTP/2: one connection per key; its lock is held while it connects,
-    /// so concurrent first requests share one connection.
+    /// HTTP/2: one connection per key.
     multiplexed: Mutex<HashMap<Arc<str>, Arc<Slot>, Keyed>>,
     /// HTTP/2 with one key (`PoolSettings::one_key`): its one slot.
     single: Arc<Slot>,
@@ -111,8 +110,41 @@ struct Idle {
     since: Instant,
 }
 
-/// A key's HTTP/2 connection, if it has one.
-type Slot = tokio::sync::Mutex<Option<H2>>;
+/// A key's HTTP/2 connection, if it has one. Requests take a handle to
+/// it under a plain lock, never held across an await (an async lock costs
+/// every request a semaphore); dialing has a lock of its own, held while
+/// it connects, so concurrent first requests share one connection.
+#[derive(Debug, Default)]
+struct Slot {
+    conn: Mutex<Option<H2>>,
+    dialing: tokio::sync::Mutex<()>,
+}
+
+/// A handle to a slot's connection: the sender, its endpoint, whether it
+/// was made before, and whether this is its first request.
+type Checkout = (http2::SendRequest<Body>, Option<SocketAddr>, bool, bool);
+
+impl Slot {
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<H2>> {
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A handle to the open connection, counted as one more request on it.
+    fn checkout(&self, settings: &PoolSettings, reused: bool) -> Option<Checkout> {
+        let mut held = self.held();
+        let c = held.as_mut().filter(|c| !c.sender.is_closed())?;
+        c.served += 1;
+        c.last_used = Instant::now();
+        let out = (c.sender.clone(), c.upstream, reused, c.served == 1);
+        // Its last request: new requests open another connection.
+        if !settings.keep || settings.max_requests.is_some_and(|n| c.served >= n) {
+            *held = None;
+        }
+        Some(out)
+    }
+}
 
 #[derive(Debug)]
 struct H2 {
@@ -168,7 +200,7 @@ impl Pool {
             settings,
             idle: Mutex::new(HashMap::default()),
             multiplexed: Mutex::new(HashMap::default()),
-            single: Arc::new(Slot::new(None)),
+            single: Arc::new(Slot::default()),
         });
         if settings.keep {
             sweep(Arc::downgrade(&shared), settings.idle_timeout);
@@ -334,7 +366,7 @@ impl Pool {
                 let stale_ok = reused && stale < STALE_TRIES;
                 if sender.ready().await.is_err() && stale_ok {
                     stale += 1;
-                    forget(slot, None).await;
+                    forget(slot, None);
                     continue;
                 }
                 req = match sender.try_send_request(req).await {
@@ -342,10 +374,7 @@ impl Pool {
                         if let Some(a) = upstream
                             && !core.keeps_endpoint(a, response.status())
                         {
-                            // Rare (an ejection), so a task: awaited here, the
-                            // response would be kept in every request's state.
-                            let slot = slot.clone();
-                            tokio::spawn(async move { forget(&slot, Some(a)).await });
+                            forget(slot, Some(a));
                         }
                         return Ok(Answer {
                             response,
@@ -359,7 +388,7 @@ impl Pool {
                     },
                 };
                 stale += 1;
-                forget(slot, None).await;
+                forget(slot, None);
             }
         }
     }
@@ -372,22 +401,21 @@ impl Pool {
         core: &Arc<ClusterCore>,
         slot: &Slot,
         uri: &Uri,
-    ) -> Result<(http2::SendRequest<Body>, Option<SocketAddr>, bool, bool), PoolError> {
+    ) -> Result<Checkout, PoolError> {
         let settings = &self.shared.settings;
-        let mut held = slot.lock().await;
-        let reused = held.as_ref().is_some_and(|c| !c.sender.is_closed());
-        let c = match held.as_mut() {
-            Some(c) if reused => c,
-            _ => held.insert(Box::pin(connect_h2(core, uri)).await?),
-        };
-        c.served += 1;
-        c.last_used = Instant::now();
-        let out = (c.sender.clone(), c.upstream, reused, c.served == 1);
-        // Its last request: new requests open another connection.
-        if !settings.keep || settings.max_requests.is_some_and(|n| c.served >= n) {
-            *held = None;
+        if let Some(out) = slot.checkout(settings, true) {
+            return Ok(out);
         }
-        Ok(out)
+        let _dialing = slot.dialing.lock().await;
+        // Another request may have connected while this one waited.
+        if let Some(out) = slot.checkout(settings, true) {
+            return Ok(out);
+        }
+        let c = Box::pin(connect_h2(core, uri)).await?;
+        *slot.held() = Some(c);
+        slot.checkout(settings, false).ok_or_else(|| {
+            PoolError::connect(ConnectError::Failed("HTTP/2 connection closed".into()))
+        })
     }
 }
 
@@ -435,8 +463,8 @@ async fn connect_h2(core: &Arc<ClusterCore>, uri: &Uri) -> Result<H2, PoolError>
 
 /// Drops the slot's connection when it has closed, or when it goes to
 /// `ejected` (an endpoint outlier detection ejected).
-async fn forget(slot: &Slot, ejected: Option<SocketAddr>) {
-    let mut held = slot.lock().await;
+fn forget(slot: &Slot, ejected: Option<SocketAddr>) {
+    let mut held = slot.held();
     if held
         .as_ref()
         .is_some_and(|c| c.sender.is_closed() || (ejected.is_some() && c.upstream == ejected))
@@ -512,7 +540,7 @@ impl Shared {
         if let Some(slot) = slots.get(key) {
             return slot.clone();
         }
-        let slot = Arc::new(Slot::new(None));
+        let slot = Arc::new(Slot::default());
         slots.insert(Arc::from(key), slot.clone());
         slot
     }
@@ -538,10 +566,11 @@ impl Shared {
 /// Drops a slot's HTTP/2 connection if it closed or idled for `timeout`;
 /// whether the slot still holds one (or is connecting now).
 fn keeps_h2(slot: &Slot, now: Instant, timeout: Duration) -> bool {
-    let Ok(mut held) = slot.try_lock() else {
+    if slot.dialing.try_lock().is_err() {
         // Connecting now.
         return true;
-    };
+    }
+    let mut held = slot.held();
     if held
         .as_ref()
         .is_some_and(|c| c.sender.is_closed() || now - c.last_used >= timeout)
