@@ -279,6 +279,7 @@ impl Proxy {
     }
 }
 
+/// The route's redirect, with its `Location`.
 #[cold]
 #[inline(never)]
 fn redirected(redirect: &Redirect, view: &RequestView<'_>, port: u16) -> Outcome {
@@ -294,6 +295,7 @@ fn redirected(redirect: &Redirect, view: &RequestView<'_>, port: u16) -> Outcome
     )
 }
 
+/// The route's direct response.
 #[cold]
 #[inline(never)]
 fn direct(status: u16, body: &Bytes) -> Outcome {
@@ -304,6 +306,7 @@ fn direct(status: u16, body: &Bytes) -> Outcome {
     Outcome::local(resp, ResponseFlags::NONE, Cow::Borrowed("direct_response"))
 }
 
+/// A CORS preflight answered with the route's policy headers.
 #[cold]
 #[inline(never)]
 fn preflight(headers: &HeaderMap) -> Outcome {

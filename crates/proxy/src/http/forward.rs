@@ -400,13 +400,13 @@ impl Upstream<'_> {
         }
     }
 
-    #[cold]
-    #[inline(never)]
     /// Copies of the request for the route's mirrors (Envoy's shadows):
     /// the authority gets `-shadow`, the body is copied as it goes up, the
     /// answer is dropped. A mirror never delays, fails or changes the
     /// request; its wait is bounded by the route's timeout (or the stream
     /// idle timeout).
+    #[cold]
+    #[inline(never)]
     fn mirror(&self, parts: &Parts, uri: &Uri, mut body: Option<&mut Body>) {
         for &(index, percent) in &self.route.mirrors {
             if fastrand::f64() * 100.0 >= percent {
