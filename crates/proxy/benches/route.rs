@@ -3,6 +3,9 @@
 //! gateway's `plan_request` (normalize, route, authorize, pick the cluster)
 //! for a mesh caller's request, with the seed plus 1, 1,000 and 10,000
 //! generated hosts (ServiceEntry + VirtualService + DestinationRule each).
+//! And a listener's `tls` routes found by SNI (PASSTHROUGH servers and
+//! sidecars' TLS ports), with 1, 1,000 and 10,000 routes: the first and
+//! the last route's name, and one a wildcard route covers.
 //!
 //!   cargo bench -p meshgate-proxy --bench route
 #![allow(clippy::unwrap_used, unreachable_pub, missing_docs)]
@@ -16,6 +19,7 @@ use http::HeaderMap;
 use meshgate_proxy::conn::{Conn, Peer, Terminated};
 use meshgate_proxy::plan::{RequestAction, RequestHead, plan_request};
 use meshgate_proxy::route::RequestView;
+use meshgate_proxy::snapshot::{TlsRoute, TlsRoutes};
 use meshgate_proxy::testing::{CURL_ID, GATEWAY, HOST, scale_config, scale_host, snapshot};
 
 fn routing(c: &mut Criterion) {
@@ -73,6 +77,38 @@ fn routing(c: &mut Criterion) {
     group.finish();
 }
 
+fn sni_routing(c: &mut Criterion) {
+    let mut group = c.benchmark_group("tls route by SNI");
+    for n in [1, 1_000, 10_000] {
+        let mut routes: Vec<TlsRoute> = (0..n)
+            .map(|i| TlsRoute {
+                sni: vec![format!("host-{i}.example.com")],
+                subnets: Vec::new(),
+                destinations: Vec::new(),
+                name: Arc::from(format!("route-{i}").as_str()),
+            })
+            .collect();
+        routes.push(TlsRoute {
+            sni: vec!["*.wild.example.org".to_owned()],
+            subnets: Vec::new(),
+            destinations: Vec::new(),
+            name: Arc::from("wildcard"),
+        });
+        let table = TlsRoutes::new(routes);
+        for (name, sni) in [
+            ("first route", "host-0.example.com".to_owned()),
+            ("last route", format!("host-{}.example.com", n - 1)),
+            ("wildcard", "api.wild.example.org".to_owned()),
+        ] {
+            assert!(table.find(&sni).is_some(), "{sni} with {n} routes");
+            group.bench_with_input(BenchmarkId::new(name, n), &sni, |b, sni| {
+                b.iter(|| black_box(table.find(black_box(sni))).is_some());
+            });
+        }
+    }
+    group.finish();
+}
+
 fn main() {
     // `cargo test --all-targets` runs benches without `--bench`: nothing
     // to do then (the config of 10,000 hosts is slow to build unoptimized).
@@ -81,5 +117,6 @@ fn main() {
     }
     let mut c = Criterion::default().configure_from_args();
     routing(&mut c);
+    sni_routing(&mut c);
     c.final_summary();
 }
