@@ -186,6 +186,12 @@ pub(crate) struct ProxyArgs {
     /// one per core for a gateway.
     #[arg(long, value_name = "N")]
     pub concurrency: Option<usize>,
+    /// Downstream connections open at once, at most (Envoy's overload
+    /// manager global_downstream_max_connections); beyond it a new
+    /// connection is closed unread and counted as
+    /// downstream_global_cx_overflow. Default: no limit, as Istio's.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
     /// On SIGTERM: how long requests in flight may take to finish (Istio's
     /// terminationDrainDuration). The proxy exits as soon as none are left.
     #[arg(long, default_value = "5s", value_name = "DURATION")]
@@ -612,7 +618,11 @@ async fn proxy_main(
         LogFormat::Json => AccessLogFormat::Json,
         LogFormat::Off => AccessLogFormat::Off,
     }));
-    let proxy = Arc::new(Proxy::new(snapshot, &identity, metrics, access_log)?);
+    let mut proxy = Proxy::new(snapshot, &identity, metrics, access_log)?;
+    proxy.max_connections = args
+        .max_connections
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let proxy = Arc::new(proxy);
     let options = Options {
         bind: args.bind_address,
         port_overrides: port_overrides(&args.ports)?,

@@ -38,13 +38,21 @@ impl Read {
     }
 }
 
-/// Serves one connection until it ends; counted for the drain.
+/// Serves one connection until it ends; counted for the drain. Beyond the
+/// proxy's connection limit it is closed unread, as Envoy's overload
+/// manager closes it.
 pub async fn serve<S>(proxy: Arc<Proxy>, conn: Conn, io: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let _open = proxy.drain.connection();
     let remote = conn.remote;
+    let Some(_open) = proxy.drain.admit(proxy.max_connections) else {
+        proxy
+            .metrics
+            .refused(Refused::downstream_global_cx_overflow);
+        tracing::debug!(%remote, "connection closed: the proxy's connection limit is reached");
+        return;
+    };
     let metrics = proxy.metrics.clone();
     if let Err(e) = drive(proxy, conn, io).await {
         match e {

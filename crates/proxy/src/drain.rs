@@ -53,6 +53,21 @@ impl Drain {
         ConnectionGuard(self.inner.clone())
     }
 
+    /// Registers a connection unless `max` are open (Envoy's overload
+    /// manager `global_downstream_max_connections`); `None`: no limit.
+    pub fn admit(&self, max: Option<usize>) -> Option<ConnectionGuard> {
+        let Some(max) = max else {
+            return Some(self.connection());
+        };
+        self.inner
+            .connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(ConnectionGuard(self.inner.clone()))
+    }
+
     pub fn open_connections(&self) -> usize {
         self.inner.connections.load(Ordering::Acquire)
     }

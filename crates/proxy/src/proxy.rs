@@ -33,6 +33,9 @@ pub struct Proxy {
     /// This proxy's own SPIFFE ID (`By=` of x-forwarded-client-cert).
     pub identity: Arc<str>,
     pub timeouts: crate::listener::Timeouts,
+    /// Downstream connections open at once, at most (`--max-connections`;
+    /// none: no limit, as Istio's default).
+    pub max_connections: Option<usize>,
 }
 
 impl Proxy {
@@ -54,6 +57,7 @@ impl Proxy {
             trust_domain: Arc::from(identity.id().trust_domain()),
             identity: Arc::from(identity.id().to_string().as_str()),
             timeouts: crate::listener::Timeouts::default(),
+            max_connections: None,
         })
     }
 

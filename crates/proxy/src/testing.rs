@@ -272,6 +272,8 @@ pub struct Spec {
     pub mesh: MeshSettings,
     /// How long downstreams may take.
     pub timeouts: crate::listener::Timeouts,
+    /// Downstream connections open at once, at most.
+    pub max_connections: Option<usize>,
 }
 
 impl Spec {
@@ -285,6 +287,7 @@ impl Spec {
             explicit_proxy: true,
             mesh: MeshSettings::default(),
             timeouts: crate::listener::Timeouts::default(),
+            max_connections: None,
         }
     }
 
@@ -346,6 +349,7 @@ impl TestProxy {
         let metrics = Arc::new(Metrics::new());
         let mut proxy = Proxy::new(snapshot, &identity, metrics.clone(), Arc::new(log)).unwrap();
         proxy.timeouts = spec.timeouts;
+        proxy.max_connections = spec.max_connections;
         let options = Options {
             bind: LOCALHOST,
             port_overrides: HashMap::new(),

@@ -444,6 +444,50 @@ async fn tunnels_are_counted_by_the_drain() {
     assert!(open >= 1, "the tunnel is still open and counted");
 }
 
+/// With a connection limit (`--max-connections`, Envoy's overload
+/// manager `global_downstream_max_connections`), connections beyond it are
+/// closed unread and counted; once one closes, a new one is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_closed_unread() {
+    let mesh = Mesh::default();
+    let external = External::start(&[HOST]).await;
+    let mut spec = SeedChain::gateway_spec(seed_config(&[]), &external);
+    spec.max_connections = Some(2);
+    let gw = TestProxy::start(&mesh, spec).await;
+    let addr = gw.addr(80);
+    let dir = TempDir::new("limit");
+    let client = mesh.client(CURL_ID, &dir);
+
+    // Two connections that have sent nothing yet hold both places.
+    let first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let proxy = gw.app.proxy.clone();
+    let open = |n: usize| {
+        let proxy = proxy.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while proxy.drain.open_connections() != n {
+                assert!(tokio::time::Instant::now() < deadline, "never {n} open");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    open(2).await;
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut sink)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "closed unread: {closed:?}");
+    let refused = client.get(HOST, addr.port(), "/todos/1", &[]).await;
+    assert_ne!(refused.exit, 0, "{refused:?}");
+    gw.refused_reaches("downstream_global_cx_overflow", 2.0)
+        .await;
+
+    drop(first);
+    open(1).await;
+    let got = client.get(HOST, addr.port(), "/todos/1", &[]).await;
+    assert_eq!(got.code, "200", "{got:?}");
+}
+
 /// Hosts a client makes up never become metric labels (Istio reports
 /// `unknown` without a cluster): a label per host would let any caller
 /// grow the gateway's memory without bound.

@@ -275,6 +275,8 @@ pub enum Refused {
     downstream_rq_failed_path_normalization,
     /// A request refused as malformed (400).
     downstream_cx_protocol_error,
+    /// A connection closed unread: the proxy's connection limit was reached.
+    downstream_global_cx_overflow,
 }
 
 /// Bucket bounds as Envoy writes them: `le="1800000"`, where the encoder
@@ -537,12 +539,12 @@ impl Metrics {
             .or_insert(c);
     }
 
-    /// Prometheus text exposition format 0.0.4 (what `/stats/prometheus` serves).
     /// Counts one refused or cut connection or request.
     pub fn refused(&self, reason: Refused) {
         self.refused.get_or_create(&RefusedLabels { reason }).inc();
     }
 
+    /// Prometheus text exposition format 0.0.4 (what `/stats/prometheus` serves).
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
         // Writing into a String cannot fail.
