@@ -702,13 +702,11 @@ pub enum Routed<'a> {
 
 impl RouteTable {
     pub fn new(mut vhosts: Vec<VirtualHost>) -> RouteTable {
-        let domains = vhosts.iter_mut().enumerate().flat_map(|(i, vh)| {
+        let index = DomainIndex::new(vhosts.iter_mut().enumerate().flat_map(|(i, vh)| {
             std::mem::take(&mut vh.domains)
                 .into_iter()
                 .map(move |d| (d, i))
-        });
-        let domains: Vec<(String, usize)> = domains.collect();
-        let index = DomainIndex::new(domains);
+        }));
         // Kept as long as the config: without the room pushing left.
         vhosts.shrink_to_fit();
         RouteTable { vhosts, index }
