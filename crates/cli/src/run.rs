@@ -414,7 +414,7 @@ impl ControlSource {
         mesh: &MeshSettings,
         id: &SpiffeId,
         identity: &Arc<WorkloadIdentity>,
-    ) -> anyhow::Result<(ControlSource, Config)> {
+    ) -> anyhow::Result<(ControlSource, Prepared)> {
         let addr = args.control_plane.as_deref().context("--control-plane")?;
         let wait = duration_flag(&args.control_plane_wait, "--control-plane-wait")?;
         let client = meshgate_control::client::ConfigClient::new(addr, &args.workload, identity)?;
@@ -424,7 +424,8 @@ impl ControlSource {
             loop {
                 let next = pushes.recv().await.context("the config stream ended")?;
                 let checked = config_from_yaml(&next.yaml).and_then(|config| {
-                    let got = workload_identity(&config, mesh, args, kind)?;
+                    let config = Prepared::new(config, mesh);
+                    let got = workload_identity(&config, args, kind)?;
                     if got != *id {
                         bail!(
                             "the control plane says {} runs as {got}, not {id}",
@@ -463,45 +464,67 @@ impl ControlSource {
     }
 }
 
+/// A loaded config with its service registry, built once per load: the
+/// workload check, the identity and the view all read it (at 10,000 hosts
+/// each build is a noticeable part of a start or a reload).
+struct Prepared {
+    config: Config,
+    registry: registry::Registry,
+}
+
+impl Prepared {
+    fn new(config: Config, mesh: &MeshSettings) -> Prepared {
+        let registry = registry::build(&config, mesh);
+        Prepared { config, registry }
+    }
+
+    /// The proxy's view of its workload.
+    fn view(&self, mesh: &MeshSettings, workload: &str) -> anyhow::Result<view::ProxyView> {
+        Ok(view::build_with(
+            &self.config,
+            &self.registry,
+            mesh,
+            workload,
+        )?)
+    }
+}
+
 /// Loads the config and adds the workload from flags when the config does
 /// not describe it. Used at start and on every reload.
 fn prepare_config(
     args: &ProxyArgs,
     kind: ProxyKind,
     mesh: &MeshSettings,
-) -> anyhow::Result<Config> {
-    let mut config = load_config(&args.config)?;
-    let exists = {
-        let reg = registry::build(&config, mesh);
-        meshgate_config::view::find_workload(&reg, &args.workload).is_ok()
-    };
-    if !exists {
-        let Some(labels) = &args.labels else {
-            bail!(
-                "workload {} is not in the config; describe it with a Deployment, or pass --labels (and --service-account)",
-                args.workload
-            );
-        };
-        add_flag_workload(
-            &mut config,
-            &args.workload,
-            labels,
-            &args.service_account,
-            kind == ProxyKind::Gateway,
-        )?;
+) -> anyhow::Result<Prepared> {
+    let prepared = Prepared::new(load_config(&args.config)?, mesh);
+    if view::find_workload(&prepared.registry, &args.workload).is_ok() {
+        return Ok(prepared);
     }
-    Ok(config)
+    let Some(labels) = &args.labels else {
+        bail!(
+            "workload {} is not in the config; describe it with a Deployment, or pass --labels (and --service-account)",
+            args.workload
+        );
+    };
+    let mut config = prepared.config;
+    add_flag_workload(
+        &mut config,
+        &args.workload,
+        labels,
+        &args.service_account,
+        kind == ProxyKind::Gateway,
+    )?;
+    // Rare (a workload described by flags): the registry is built again.
+    Ok(Prepared::new(config, mesh))
 }
 
 /// Checks the workload runs the kind of proxy asked for; returns its identity.
 fn workload_identity(
-    config: &Config,
-    mesh: &MeshSettings,
+    prepared: &Prepared,
     args: &ProxyArgs,
     kind: ProxyKind,
 ) -> anyhow::Result<SpiffeId> {
-    let reg = registry::build(config, mesh);
-    let w = meshgate_config::view::find_workload(&reg, &args.workload)?;
+    let w = view::find_workload(&prepared.registry, &args.workload)?;
     match (kind, w.proxy) {
         (ProxyKind::Gateway, registry::ProxyKind::Gateway)
         | (ProxyKind::Sidecar, registry::ProxyKind::Sidecar) => {}
@@ -560,7 +583,7 @@ async fn proxy_main(
     args: &ProxyArgs,
     kind: ProxyKind,
     sidecar: Option<&SidecarArgs>,
-    config: Option<Config>,
+    config: Option<Prepared>,
     mesh: MeshSettings,
     loaded: Result<u64, String>,
 ) -> anyhow::Result<ExitCode> {
@@ -569,7 +592,7 @@ async fn proxy_main(
     let listeners_pending = readiness.register("listeners");
 
     let id = match &config {
-        Some(config) => workload_identity(config, &mesh, args, kind)?,
+        Some(config) => workload_identity(config, args, kind)?,
         None => flag_identity(args, &mesh)?,
     };
     let reload_interval = duration_flag(&args.reload_interval, "--reload-interval")?;
@@ -601,13 +624,13 @@ async fn proxy_main(
         resolver: Resolver::new(args.dns_server)?,
         roots: DefaultRoots::load(&args.extra_roots)?,
         identity: Some(identity.clone()),
-        endpoints: endpoints_for(&config, &mesh, args)?,
+        endpoints: endpoints_for(&config.config, &mesh, args)?,
     };
     // The model (with every resource's parsed YAML, kept for line numbers)
     // is not needed once the view is made; dropped before the snapshot is
     // built, its memory holds the snapshot instead of scattering it.
-    let view = view::build(&config, &mesh, &args.workload)?;
-    let digest = Digest::of(&config);
+    let view = config.view(&mesh, &args.workload)?;
+    let digest = Digest::of(&config.config);
     drop(config);
     let snapshot = build_in_own_heap(view, &ctx)?;
     if kind == ProxyKind::Gateway && snapshot.listeners.is_empty() {
@@ -878,7 +901,7 @@ impl Live<'_> {
         let (args, kind, mesh) = (self.args.clone(), self.kind, self.mesh.clone());
         let (config, digest) = tokio::task::spawn_blocking(move || {
             prepare_config(&args, kind, &mesh).map(|c| {
-                let d = Digest::of(&c);
+                let d = Digest::of(&c.config);
                 (c, d)
             })
         })
@@ -896,9 +919,12 @@ impl Live<'_> {
     async fn follow(&mut self, control: &mut ControlSource, app: &mut App) {
         while let Some(next) = control.pushes.recv().await {
             let yaml = next.yaml;
-            let parsed = tokio::task::spawn_blocking(move || config_from_yaml(&yaml))
-                .await
-                .context("loading the config");
+            let mesh = self.mesh.clone();
+            let parsed = tokio::task::spawn_blocking(move || {
+                Ok(Prepared::new(config_from_yaml(&yaml)?, &mesh))
+            })
+            .await
+            .context("loading the config");
             let result = match parsed {
                 Ok(Ok(config)) => self.apply(config, app).await,
                 Ok(Err(e)) | Err(e) => Err(e),
@@ -927,8 +953,8 @@ impl Live<'_> {
     }
 
     /// Checks, compiles and swaps in a whole new config.
-    async fn apply(&mut self, config: Config, app: &mut App) -> anyhow::Result<()> {
-        let id = workload_identity(&config, &self.mesh, self.args, self.kind)?;
+    async fn apply(&mut self, config: Prepared, app: &mut App) -> anyhow::Result<()> {
+        let id = workload_identity(&config, self.args, self.kind)?;
         if id != *self.id {
             bail!(
                 "the workload's identity would change from {} to {id}; restart the proxy to take a new service account",
@@ -936,7 +962,7 @@ impl Live<'_> {
             );
         }
         let mut ctx = self.ctx.clone();
-        ctx.endpoints = endpoints_for(&config, &self.mesh, self.args)?;
+        ctx.endpoints = endpoints_for(&config.config, &self.mesh, self.args)?;
         // Read again: an operator may have added or rotated a root.
         ctx.roots = DefaultRoots::load(&self.args.extra_roots)?;
         // Off the proxy's threads too: with one worker (`--concurrency 1`)
@@ -945,7 +971,7 @@ impl Live<'_> {
         let (mesh, workload, build_ctx) =
             (self.mesh.clone(), self.args.workload.clone(), ctx.clone());
         let snap = tokio::task::spawn_blocking(move || -> anyhow::Result<Snapshot> {
-            let view = view::build(&config, &mesh, &workload)?;
+            let view = config.view(&mesh, &workload)?;
             drop(config);
             Ok(Snapshot::rebuild(view, &build_ctx, Some(&old))?)
         })

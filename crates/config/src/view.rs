@@ -445,9 +445,19 @@ pub enum ViewError {
 
 /// The view of workload `ns_name` (`namespace/name`) in `config`.
 pub fn build(config: &Config, mesh: &MeshSettings, ns_name: &str) -> Result<ProxyView, ViewError> {
-    let registry = registry::build(config, mesh);
-    let w = find_workload(&registry, ns_name)?;
-    Ok(proxy_view(config, &registry, mesh, w))
+    build_with(config, &registry::build(config, mesh), mesh, ns_name)
+}
+
+/// As [`build`], from a registry already built for `config` (a proxy
+/// builds it once per load: its workload check, identity and view share it).
+pub fn build_with(
+    config: &Config,
+    registry: &Registry,
+    mesh: &MeshSettings,
+    ns_name: &str,
+) -> Result<ProxyView, ViewError> {
+    let w = find_workload(registry, ns_name)?;
+    Ok(proxy_view(config, registry, mesh, w))
 }
 
 /// Computes the proxy view for one workload.
