@@ -6,7 +6,8 @@
 //! a kind we do not read is a warning and is skipped.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -18,7 +19,7 @@ use crate::model::kube::{
 };
 use crate::model::{Config, Kind, Meta, Resource, SourceRef, WorkloadTemplate};
 use crate::validate;
-use crate::yaml::{self, Node, Pos, Value};
+use crate::yaml::{self, Document, Node, Pos, Value};
 
 /// meshgate's code for an object of a kind it does not read (skipped).
 pub const SKIPPED_KIND: &str = "MG0003";
@@ -73,41 +74,101 @@ impl Loaded {
 }
 
 /// Loads files and folders (recursively, `.yaml`/`.yml`, in name order).
+/// Files are parsed in parallel ([`parse_files`]) and loaded in order, so
+/// the result (and the first error) is what a file-by-file load gives.
 pub fn load_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Loaded, LoadError> {
+    let files = files_to_load(paths)?;
     let mut loaded = Loaded::default();
+    for ((_, shown), docs) in files.iter().zip(parse_files(&files)) {
+        load_documents(shown, docs?, &mut loaded);
+    }
+    Ok(loaded)
+}
+
+/// The files `load_paths` reads, in order, each with the name its
+/// messages show.
+fn files_to_load<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<(PathBuf, String)>, LoadError> {
+    let mut out = Vec::new();
     for path in paths {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|error| LoadError::Io {
             path: path.to_owned(),
             error,
         })?;
-        if meta.is_dir() {
-            let mut files = Vec::new();
-            collect_yaml(path, &mut files)?;
-            if files.is_empty() {
-                return Err(LoadError::Empty {
-                    path: path.to_owned(),
-                });
-            }
-            for file in files {
-                // Shown relative to the folder the user named, as istioctl
-                // does; with several paths, with that folder in front, so
-                // that two folders' `a.yaml` stay apart.
-                let shown = if paths.len() > 1 {
-                    file.display().to_string()
-                } else {
-                    file.strip_prefix(path)
-                        .unwrap_or(&file)
-                        .display()
-                        .to_string()
-                };
-                load_file(&file, &shown, &mut loaded)?;
-            }
-        } else {
-            load_file(path, &path.display().to_string(), &mut loaded)?;
+        if !meta.is_dir() {
+            out.push((path.to_owned(), path.display().to_string()));
+            continue;
+        }
+        let mut files = Vec::new();
+        collect_yaml(path, &mut files)?;
+        if files.is_empty() {
+            return Err(LoadError::Empty {
+                path: path.to_owned(),
+            });
+        }
+        for file in files {
+            // Shown relative to the folder the user named, as istioctl
+            // does; with several paths, with that folder in front, so
+            // that two folders' `a.yaml` stay apart.
+            let shown = if paths.len() > 1 {
+                file.display().to_string()
+            } else {
+                file.strip_prefix(path)
+                    .unwrap_or(&file)
+                    .display()
+                    .to_string()
+            };
+            out.push((file, shown));
         }
     }
-    Ok(loaded)
+    Ok(out)
+}
+
+/// Reads and parses every file, on as many threads as there are cores
+/// (YAML parsing is most of a large config's load time, and files parse
+/// independently). Results come back in file order.
+fn parse_files(files: &[(PathBuf, String)]) -> Vec<Result<Vec<Document>, LoadError>> {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = cores.min(files.len());
+    if threads <= 1 {
+        return files
+            .iter()
+            .map(|(p, shown)| parse_file(p, shown))
+            .collect();
+    }
+    let next = AtomicUsize::new(0);
+    let slots: Vec<OnceLock<Result<Vec<Document>, LoadError>>> =
+        files.iter().map(|_| OnceLock::new()).collect();
+    let work = || {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let (Some((path, shown)), Some(slot)) = (files.get(i), slots.get(i)) else {
+                break;
+            };
+            let _ = slot.set(parse_file(path, shown));
+        }
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..threads {
+            // A thread that cannot start leaves its share to the others.
+            let _ = std::thread::Builder::new()
+                .name("meshgate-parse".into())
+                .spawn_scoped(scope, work);
+        }
+        work();
+    });
+    slots
+        .into_iter()
+        .map(|slot| slot.into_inner().expect("every file was parsed"))
+        .collect()
+}
+
+fn parse_file(path: &Path, shown: &str) -> Result<Vec<Document>, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|error| LoadError::Io {
+        path: path.to_owned(),
+        error,
+    })?;
+    parse_str(shown, &text)
 }
 
 /// A hash of what `load_paths` would read: file names and contents. A
@@ -160,21 +221,22 @@ fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
     Ok(())
 }
 
-fn load_file(path: &Path, shown: &str, loaded: &mut Loaded) -> Result<(), LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|error| LoadError::Io {
-        path: path.to_owned(),
-        error,
-    })?;
-    load_str(shown, &text, loaded)
-}
-
 /// Loads one file's text; `file` is the name used in messages.
 pub fn load_str(file: &str, text: &str, loaded: &mut Loaded) -> Result<(), LoadError> {
-    let docs = yaml::parse_documents(text).map_err(|e| LoadError::Syntax {
+    load_documents(file, parse_str(file, text)?, loaded);
+    Ok(())
+}
+
+fn parse_str(file: &str, text: &str) -> Result<Vec<Document>, LoadError> {
+    yaml::parse_documents(text).map_err(|e| LoadError::Syntax {
         file: file.to_owned(),
         pos: e.pos,
         message: e.message,
-    })?;
+    })
+}
+
+/// Loads one file's parsed documents, in order.
+fn load_documents(file: &str, docs: Vec<Document>, loaded: &mut Loaded) {
     let file: Arc<str> = Arc::from(file);
     for doc in docs {
         match &doc.root.value {
@@ -190,7 +252,6 @@ pub fn load_str(file: &str, text: &str, loaded: &mut Loaded) -> Result<(), LoadE
             _ => load_object(&file, &Arc::new(doc.root), loaded),
         }
     }
-    Ok(())
 }
 
 /// The envelope every namespaced object shares. `spec` defaults to empty, as

@@ -584,6 +584,53 @@ fn missing_path_and_empty_folder() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Files are parsed in parallel and loaded in name order: resources keep
+/// that order, a duplicate names the earlier file, and of two broken files
+/// the first in order is the error.
+#[test]
+fn a_folder_loads_in_file_order_whatever_parses_first() {
+    let dir = std::env::temp_dir().join(format!("meshgate-order-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    let ns = |name: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n");
+    // A large first file, so that the small ones are parsed before it ends.
+    let big: String = (0..2000)
+        .map(|i| format!("---\n{}", ns(&format!("big-{i}"))))
+        .collect();
+    std::fs::write(dir.join("a.yaml"), big).unwrap();
+    for (i, name) in ["b.yaml", "c.yml", "sub/d.yaml", "e.yaml"]
+        .iter()
+        .enumerate()
+    {
+        std::fs::write(dir.join(name), ns(&format!("n-{i}"))).unwrap();
+    }
+    std::fs::write(dir.join("f.yaml"), ns("n-1")).unwrap();
+    std::fs::write(dir.join("notes.txt"), "not: [yaml").unwrap();
+    let l = load_paths(&[&dir]).expect("loads");
+    let names: Vec<&str> = l
+        .config
+        .namespaces
+        .iter()
+        .map(|n| n.meta.name.as_str())
+        .collect();
+    assert_eq!(names.len(), 2004, "{:?}", messages(&l));
+    assert_eq!((names[0], names[1999]), ("big-0", "big-1999"));
+    // A folder's entries in name order: `sub/` after `f.yaml`.
+    assert_eq!(&names[2000..], ["n-0", "n-1", "n-3", "n-2"]);
+    assert_eq!(&*l.config.namespaces[2003].meta.source.file, "sub/d.yaml");
+    assert_eq!(
+        messages(&l),
+        [
+            "Error [IST0106] (Namespace n-1 f.yaml:1) Schema validation error: duplicate Namespace n-1: also defined at c.yml:1"
+        ]
+    );
+
+    std::fs::write(dir.join("e.yaml"), "a: [1\n").unwrap();
+    std::fs::write(dir.join("c.yml"), "b: {\n").unwrap();
+    let err = load_paths(&[&dir]).unwrap_err();
+    assert!(err.to_string().starts_with("c.yml:"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn sidecar_listeners_are_validated_as_istio_validates_them() {
     let sidecar = |spec: &str| {
