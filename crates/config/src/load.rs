@@ -18,8 +18,9 @@ use crate::model::kube::{
     DeploymentSpec, EndpointSliceFields, NamespaceSpec, ObjectMeta, PodSpec, ServiceSpec,
 };
 use crate::model::{Config, Kind, Meta, Resource, SourceRef, WorkloadTemplate};
+use crate::model::{networking, security};
 use crate::validate;
-use crate::yaml::{self, Document, Node, Pos, Value};
+use crate::yaml::{self, Node, Pos, Value};
 
 /// meshgate's code for an object of a kind it does not read (skipped).
 pub const SKIPPED_KIND: &str = "MG0003";
@@ -74,13 +75,16 @@ impl Loaded {
 }
 
 /// Loads files and folders (recursively, `.yaml`/`.yml`, in name order).
-/// Files are parsed in parallel ([`parse_files`]) and loaded in order, so
-/// the result (and the first error) is what a file-by-file load gives.
+/// Files are parsed and decoded in parallel ([`decode_files`]) and added
+/// in order, so the result (and the first error) is what a file-by-file
+/// load gives.
 pub fn load_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Loaded, LoadError> {
     let files = files_to_load(paths)?;
     let mut loaded = Loaded::default();
-    for ((_, shown), docs) in files.iter().zip(parse_files(&files)) {
-        load_documents(shown, docs?, &mut loaded);
+    for objects in decode_files(&files) {
+        for object in objects? {
+            add(object, &mut loaded);
+        }
     }
     Ok(loaded)
 }
@@ -124,20 +128,20 @@ fn files_to_load<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<(PathBuf, String)>, 
     Ok(out)
 }
 
-/// Reads and parses every file, on as many threads as there are cores
-/// (YAML parsing is most of a large config's load time, and files parse
-/// independently). Results come back in file order.
-fn parse_files(files: &[(PathBuf, String)]) -> Vec<Result<Vec<Document>, LoadError>> {
+/// Reads, parses and decodes every file, on as many threads as there are
+/// cores (YAML parsing is most of a large config's load time, and files
+/// parse independently). Results come back in file order.
+fn decode_files(files: &[(PathBuf, String)]) -> Vec<Result<Vec<Decoded>, LoadError>> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let threads = cores.min(files.len());
     if threads <= 1 {
         return files
             .iter()
-            .map(|(p, shown)| parse_file(p, shown))
+            .map(|(p, shown)| decode_file(p, shown))
             .collect();
     }
     let next = AtomicUsize::new(0);
-    let slots: Vec<OnceLock<Result<Vec<Document>, LoadError>>> =
+    let slots: Vec<OnceLock<Result<Vec<Decoded>, LoadError>>> =
         files.iter().map(|_| OnceLock::new()).collect();
     let work = || {
         loop {
@@ -145,7 +149,7 @@ fn parse_files(files: &[(PathBuf, String)]) -> Vec<Result<Vec<Document>, LoadErr
             let (Some((path, shown)), Some(slot)) = (files.get(i), slots.get(i)) else {
                 break;
             };
-            let _ = slot.set(parse_file(path, shown));
+            let _ = slot.set(decode_file(path, shown));
         }
     };
     std::thread::scope(|scope| {
@@ -163,12 +167,12 @@ fn parse_files(files: &[(PathBuf, String)]) -> Vec<Result<Vec<Document>, LoadErr
         .collect()
 }
 
-fn parse_file(path: &Path, shown: &str) -> Result<Vec<Document>, LoadError> {
+fn decode_file(path: &Path, shown: &str) -> Result<Vec<Decoded>, LoadError> {
     let text = std::fs::read_to_string(path).map_err(|error| LoadError::Io {
         path: path.to_owned(),
         error,
     })?;
-    parse_str(shown, &text)
+    decode_str(shown, &text)
 }
 
 /// A hash of what `load_paths` would read: file names and contents. A
@@ -223,21 +227,21 @@ fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
 
 /// Loads one file's text; `file` is the name used in messages.
 pub fn load_str(file: &str, text: &str, loaded: &mut Loaded) -> Result<(), LoadError> {
-    load_documents(file, parse_str(file, text)?, loaded);
+    for object in decode_str(file, text)? {
+        add(object, loaded);
+    }
     Ok(())
 }
 
-fn parse_str(file: &str, text: &str) -> Result<Vec<Document>, LoadError> {
-    yaml::parse_documents(text).map_err(|e| LoadError::Syntax {
+/// One file's objects, in order.
+fn decode_str(file: &str, text: &str) -> Result<Vec<Decoded>, LoadError> {
+    let docs = yaml::parse_documents(text).map_err(|e| LoadError::Syntax {
         file: file.to_owned(),
         pos: e.pos,
         message: e.message,
-    })
-}
-
-/// Loads one file's parsed documents, in order.
-fn load_documents(file: &str, docs: Vec<Document>, loaded: &mut Loaded) {
+    })?;
     let file: Arc<str> = Arc::from(file);
+    let mut objects = Vec::with_capacity(docs.len());
     for doc in docs {
         match &doc.root.value {
             Value::Null => {}
@@ -245,13 +249,14 @@ fn load_documents(file: &str, docs: Vec<Document>, loaded: &mut Loaded) {
                 // `kubectl get -o yaml` output: a v1 List of objects.
                 if let Some(Value::Seq(items)) = doc.root.get("items").map(|n| &n.value) {
                     for item in items {
-                        load_object(&file, &Arc::new(item.clone()), loaded);
+                        objects.push(decode(&file, Arc::new(item.clone())));
                     }
                 }
             }
-            _ => load_object(&file, &Arc::new(doc.root), loaded),
+            _ => objects.push(decode(&file, Arc::new(doc.root))),
         }
     }
+    Ok(objects)
 }
 
 /// The envelope every namespaced object shares. `spec` defaults to empty, as
@@ -328,29 +333,71 @@ struct EndpointSliceEnvelope {
     ports: Vec<crate::model::kube::SlicePort>,
 }
 
-fn load_object(file: &Arc<str>, node: &Arc<Node>, loaded: &mut Loaded) {
-    let source = SourceRef {
-        file: file.clone(),
-        line: node.pos.line,
-        node: node.clone(),
-    };
+/// An object as its YAML decodes, before it joins the config. Decoding
+/// reads nothing loaded before it, so files decode in parallel; joining
+/// (duplicates, validation) goes in file order.
+enum Decoded {
+    /// Left out, as the diagnostic says.
+    Refused(Diagnostic),
+    /// Boxed: some specs are over a kilobyte, most objects far less.
+    Object(Meta, Box<Spec>),
+}
+
+/// A decoded object's kind-specific part.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "boxed whole in `Decoded`, for the moment between decoding and adding"
+)]
+enum Spec {
+    Namespace,
+    ServiceAccount,
+    EndpointSlice(EndpointSliceFields),
+    Service(ServiceSpec),
+    Workload(WorkloadTemplate),
+    ServiceEntry(networking::ServiceEntry),
+    VirtualService(networking::VirtualService),
+    DestinationRule(networking::DestinationRule),
+    Gateway(networking::Gateway),
+    Sidecar(networking::Sidecar),
+    AuthorizationPolicy(security::AuthorizationPolicy),
+    PeerAuthentication(security::PeerAuthentication),
+    RequestAuthentication(security::RequestAuthentication),
+}
+
+/// IST0106, Istio's schema validation error.
+fn schema_error(
+    kind: &str,
+    name: String,
+    file: &Arc<str>,
+    line: u32,
+    message: String,
+) -> Diagnostic {
+    Diagnostic::new(
+        Level::Error,
+        "IST0106",
+        Origin {
+            kind: kind.to_owned(),
+            name,
+            file: file.clone(),
+            line,
+        },
+        format!("Schema validation error: {message}"),
+    )
+}
+
+fn decode(file: &Arc<str>, node: Arc<Node>) -> Decoded {
     let text_of = |path: &str| node.locate(path).as_str().unwrap_or("").to_owned();
     let api_version = text_of("apiVersion");
     let kind_name = text_of("kind");
     let name = text_of("metadata.name");
     let declared_ns = text_of("metadata.namespace");
-    let schema_error = |kind: &str, full_name: String, line: u32, message: String| {
-        Diagnostic::new(
-            Level::Error,
-            "IST0106",
-            Origin {
-                kind: kind.to_owned(),
-                name: full_name,
-                file: file.clone(),
-                line,
-            },
-            format!("Schema validation error: {message}"),
-        )
+    let source = SourceRef {
+        file: file.clone(),
+        line: node.pos.line,
+        node: node.clone(),
+    };
+    let refused = |kind: &str, name: String, line: u32, message: String| {
+        Decoded::Refused(schema_error(kind, name, file, line, message))
     };
 
     if !matches!(node.value, Value::Map(_)) || api_version.is_empty() || kind_name.is_empty() {
@@ -364,13 +411,12 @@ fn load_object(file: &Arc<str>, node: &Arc<Node>, loaded: &mut Loaded) {
         } else {
             "kind"
         };
-        loaded.diagnostics.push(schema_error(
+        return refused(
             kind,
             name,
             node.pos.line,
             format!("not a Kubernetes object: required field \"{missing}\" is missing"),
-        ));
-        return;
+        );
     }
     let kind = match Kind::resolve(&api_version, &kind_name) {
         Ok(Some(kind)) => kind,
@@ -382,15 +428,9 @@ fn load_object(file: &Arc<str>, node: &Arc<Node>, loaded: &mut Loaded) {
                     "" => name,
                     ns => format!("{ns}/{name}"),
                 };
-                loaded.diagnostics.push(schema_error(
-                    &kind_name,
-                    full_name,
-                    source.line_of("kind"),
-                    message,
-                ));
-                return;
+                return refused(&kind_name, full_name, source.line_of("kind"), message);
             }
-            loaded.diagnostics.push(Diagnostic {
+            return Decoded::Refused(Diagnostic {
                 level: Level::Warning,
                 code: Some(SKIPPED_KIND),
                 origin: Origin {
@@ -401,16 +441,9 @@ fn load_object(file: &Arc<str>, node: &Arc<Node>, loaded: &mut Loaded) {
                 },
                 message: format!("skipped: meshgate does not read {kind_name} ({api_version})"),
             });
-            return;
         }
         Err(message) => {
-            loaded.diagnostics.push(schema_error(
-                &kind_name,
-                name,
-                source.line_of("apiVersion"),
-                message,
-            ));
-            return;
+            return refused(&kind_name, name, source.line_of("apiVersion"), message);
         }
     };
     let namespace = match (kind.namespaced(), declared_ns.is_empty()) {
@@ -433,132 +466,137 @@ fn load_object(file: &Arc<str>, node: &Arc<Node>, loaded: &mut Loaded) {
         annotations: m.annotations,
         source: source.clone(),
     };
-    let result = match kind {
-        Kind::Namespace => typed::<NamespaceSpec>(node)
-            .map(|e| push(&mut loaded.config.namespaces, meta(e.metadata), ())),
-        Kind::ServiceAccount => yaml::from_node::<ServiceAccountEnvelope>(node)
-            .map(|e| push(&mut loaded.config.service_accounts, meta(e.metadata), ())),
-        Kind::EndpointSlice => yaml::from_node::<EndpointSliceEnvelope>(node).map(|e| {
+    let decoded = match kind {
+        Kind::Namespace => {
+            typed::<NamespaceSpec>(&node).map(|e| (meta(e.metadata), Spec::Namespace))
+        }
+        Kind::ServiceAccount => yaml::from_node::<ServiceAccountEnvelope>(&node)
+            .map(|e| (meta(e.metadata), Spec::ServiceAccount)),
+        Kind::EndpointSlice => yaml::from_node::<EndpointSliceEnvelope>(&node).map(|e| {
             let fields = EndpointSliceFields {
                 address_type: e.address_type,
                 endpoints: e.endpoints,
                 ports: e.ports,
             };
-            push(&mut loaded.config.endpoint_slices, meta(e.metadata), fields)
+            (meta(e.metadata), Spec::EndpointSlice(fields))
         }),
-        Kind::Service => typed::<ServiceSpec>(node)
-            .map(|e| push(&mut loaded.config.services, meta(e.metadata), e.spec)),
-        Kind::Pod => typed::<PodSpec>(node).map(|e| {
+        Kind::Service => {
+            typed::<ServiceSpec>(&node).map(|e| (meta(e.metadata), Spec::Service(e.spec)))
+        }
+        Kind::Pod => typed::<PodSpec>(&node).map(|e| {
             let template = WorkloadTemplate {
                 pod_labels: e.metadata.labels.clone(),
                 pod_annotations: e.metadata.annotations.clone(),
                 selector: e.metadata.labels.clone(),
                 pod: e.spec,
             };
-            push(&mut loaded.config.workloads, meta(e.metadata), template)
+            (meta(e.metadata), Spec::Workload(template))
         }),
-        Kind::Deployment => typed::<DeploymentSpec>(node).map(|e| {
+        Kind::Deployment => typed::<DeploymentSpec>(&node).map(|e| {
             let template = WorkloadTemplate {
                 pod_labels: e.spec.template.metadata.labels,
                 pod_annotations: e.spec.template.metadata.annotations,
                 selector: e.spec.selector.map(|s| s.match_labels).unwrap_or_default(),
                 pod: e.spec.template.spec,
             };
-            push(&mut loaded.config.workloads, meta(e.metadata), template)
+            (meta(e.metadata), Spec::Workload(template))
         }),
-        Kind::ServiceEntry => typed(node).map(|e| {
-            let mut spec: crate::model::networking::ServiceEntry = e.spec;
+        Kind::ServiceEntry => typed(&node).map(|e| {
+            let mut spec: networking::ServiceEntry = e.spec;
             spec.allocated_addresses = e
                 .status
                 .map(|s| s.addresses.into_iter().map(|a| a.value).collect())
                 .unwrap_or_default();
-            push(&mut loaded.config.service_entries, meta(e.metadata), spec)
+            (meta(e.metadata), Spec::ServiceEntry(spec))
         }),
-        Kind::VirtualService => typed(node).map(|e| {
-            push(
-                &mut loaded.config.virtual_services,
-                meta(e.metadata),
-                e.spec,
-            )
-        }),
-        Kind::DestinationRule => typed(node).map(|e| {
-            push(
-                &mut loaded.config.destination_rules,
-                meta(e.metadata),
-                e.spec,
-            )
-        }),
-        Kind::Gateway => {
-            typed(node).map(|e| push(&mut loaded.config.gateways, meta(e.metadata), e.spec))
+        Kind::VirtualService => {
+            typed(&node).map(|e| (meta(e.metadata), Spec::VirtualService(e.spec)))
         }
-        Kind::Sidecar => {
-            typed(node).map(|e| push(&mut loaded.config.sidecars, meta(e.metadata), e.spec))
+        Kind::DestinationRule => {
+            typed(&node).map(|e| (meta(e.metadata), Spec::DestinationRule(e.spec)))
         }
-        Kind::AuthorizationPolicy => typed(node).map(|e| {
-            push(
-                &mut loaded.config.authorization_policies,
-                meta(e.metadata),
-                e.spec,
-            )
-        }),
-        Kind::PeerAuthentication => typed(node).map(|e| {
-            push(
-                &mut loaded.config.peer_authentications,
-                meta(e.metadata),
-                e.spec,
-            )
-        }),
-        Kind::RequestAuthentication => typed(node).map(|e| {
-            push(
-                &mut loaded.config.request_authentications,
-                meta(e.metadata),
-                e.spec,
-            )
-        }),
+        Kind::Gateway => typed(&node).map(|e| (meta(e.metadata), Spec::Gateway(e.spec))),
+        Kind::Sidecar => typed(&node).map(|e| (meta(e.metadata), Spec::Sidecar(e.spec))),
+        Kind::AuthorizationPolicy => {
+            typed(&node).map(|e| (meta(e.metadata), Spec::AuthorizationPolicy(e.spec)))
+        }
+        Kind::PeerAuthentication => {
+            typed(&node).map(|e| (meta(e.metadata), Spec::PeerAuthentication(e.spec)))
+        }
+        Kind::RequestAuthentication => {
+            typed(&node).map(|e| (meta(e.metadata), Spec::RequestAuthentication(e.spec)))
+        }
     };
-    if let Err(e) = result {
-        let line = e.pos.map_or(node.pos.line, |p| p.line);
-        let col = e.pos.map_or(node.pos.col, |p| p.col);
-        loaded.diagnostics.push(schema_error(
-            kind.as_str(),
-            full_name,
-            line,
-            format!("{e} (column {col})"),
-        ));
-        return;
+    match decoded {
+        Ok((meta, spec)) => Decoded::Object(meta, Box::new(spec)),
+        Err(e) => {
+            let line = e.pos.map_or(node.pos.line, |p| p.line);
+            let col = e.pos.map_or(node.pos.col, |p| p.col);
+            refused(
+                kind.as_str(),
+                full_name,
+                line,
+                format!("{e} (column {col})"),
+            )
+        }
     }
+}
 
-    // A second definition of the same object is refused outright.
-    let key = (kind, namespace.clone(), name.clone());
-    if let Some((file, line)) = loaded.defined.get(&key) {
-        loaded.diagnostics.push(schema_error(
+/// Adds a decoded object to the config, in file order: a second definition
+/// of an object is refused, and what is added is validated.
+fn add(decoded: Decoded, loaded: &mut Loaded) {
+    let (meta, spec) = match decoded {
+        Decoded::Refused(diagnostic) => return loaded.diagnostics.push(diagnostic),
+        Decoded::Object(meta, spec) => (meta, spec),
+    };
+    let (kind, full_name, source) = (meta.kind, meta.full_name(), meta.source.clone());
+    let error = |line: u32, message: String| {
+        schema_error(
             kind.as_str(),
             full_name.clone(),
-            node.pos.line,
-            format!("duplicate {kind} {full_name}: also defined at {file}:{line}"),
-        ));
-        validate::remove_last(&mut loaded.config, kind);
+            &source.file,
+            line,
+            message,
+        )
+    };
+    let key = (kind, meta.namespace.clone(), meta.name.clone());
+    if let Some((file, line)) = loaded.defined.get(&key) {
+        let message = format!("duplicate {kind} {full_name}: also defined at {file}:{line}");
+        loaded.diagnostics.push(error(source.line, message));
         return;
     }
     loaded
         .defined
         .insert(key, (source.file.clone(), source.line));
+    let c = &mut loaded.config;
+    match *spec {
+        Spec::Namespace => push(&mut c.namespaces, meta, ()),
+        Spec::ServiceAccount => push(&mut c.service_accounts, meta, ()),
+        Spec::EndpointSlice(s) => push(&mut c.endpoint_slices, meta, s),
+        Spec::Service(s) => push(&mut c.services, meta, s),
+        Spec::Workload(s) => push(&mut c.workloads, meta, s),
+        Spec::ServiceEntry(s) => push(&mut c.service_entries, meta, s),
+        Spec::VirtualService(s) => push(&mut c.virtual_services, meta, s),
+        Spec::DestinationRule(s) => push(&mut c.destination_rules, meta, s),
+        Spec::Gateway(s) => push(&mut c.gateways, meta, s),
+        Spec::Sidecar(s) => push(&mut c.sidecars, meta, s),
+        Spec::AuthorizationPolicy(s) => push(&mut c.authorization_policies, meta, s),
+        Spec::PeerAuthentication(s) => push(&mut c.peer_authentications, meta, s),
+        Spec::RequestAuthentication(s) => push(&mut c.request_authentications, meta, s),
+    }
     // Semantic validation of what was just added. A resource with errors
     // stays for the analyzers (istioctl analyze reports IST0106 and still
     // analyses it), and its errors keep every proxy from running the config
     // (`Loaded::has_errors`): nothing acts on it.
-    let problems = validate::last_added(&loaded.config, kind);
-    for (path, message) in problems {
-        loaded.diagnostics.push(schema_error(
-            kind.as_str(),
-            full_name.clone(),
-            source.line_of(&path),
-            if path.is_empty() {
-                message
-            } else {
-                format!("{path}: {message}")
-            },
-        ));
+    for (path, message) in validate::last_added(&loaded.config, kind) {
+        let message = if path.is_empty() {
+            message
+        } else {
+            format!("{path}: {message}")
+        };
+        loaded
+            .diagnostics
+            .push(error(source.line_of(&path), message));
     }
 }
 

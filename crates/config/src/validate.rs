@@ -66,25 +66,6 @@ pub(crate) fn last_added(config: &Config, kind: Kind) -> Problems {
     p
 }
 
-/// Takes the most recently added resource of `kind` out again.
-pub(crate) fn remove_last(config: &mut Config, kind: Kind) {
-    match kind {
-        Kind::Namespace => drop(config.namespaces.pop()),
-        Kind::ServiceAccount => drop(config.service_accounts.pop()),
-        Kind::Service => drop(config.services.pop()),
-        Kind::EndpointSlice => drop(config.endpoint_slices.pop()),
-        Kind::Pod | Kind::Deployment => drop(config.workloads.pop()),
-        Kind::ServiceEntry => drop(config.service_entries.pop()),
-        Kind::VirtualService => drop(config.virtual_services.pop()),
-        Kind::DestinationRule => drop(config.destination_rules.pop()),
-        Kind::Gateway => drop(config.gateways.pop()),
-        Kind::Sidecar => drop(config.sidecars.pop()),
-        Kind::AuthorizationPolicy => drop(config.authorization_policies.pop()),
-        Kind::PeerAuthentication => drop(config.peer_authentications.pop()),
-        Kind::RequestAuthentication => drop(config.request_authentications.pop()),
-    }
-}
-
 fn push(p: &mut Problems, path: impl Into<String>, msg: impl Into<String>) {
     p.push((path.into(), msg.into()));
 }
