@@ -172,6 +172,28 @@ fn each_code_with_its_exact_message() {
             vec!["Warning [IST0174] (DestinationRule curl-egress-tst/d2 extra.yaml:5) The host unknown.example.com defined in the DestinationRule does not match any services in the mesh."],
         ),
         (
+            "IST0174 wildcards either way, names in any case",
+            [
+                ("se-wild", "ServiceEntry", "  hosts: ['*.wild.example']\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: NONE\n"),
+                ("se-a", "ServiceEntry", "  hosts: [a.example.org]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: DNS\n"),
+                ("covered", "DestinationRule", "  host: API.Wild.example\n"),
+                ("covering", "DestinationRule", "  host: '*.example.org'\n"),
+                ("upper", "DestinationRule", "  host: JSONPLACEHOLDER.typicode.com\n"),
+                ("wild-unknown", "DestinationRule", "  host: '*.nothing.example'\n"),
+                ("unknown", "DestinationRule", "  host: other.example.org\n"),
+            ]
+            .iter()
+            .map(|(name, kind, spec)| {
+                format!("apiVersion: networking.istio.io/v1\nkind: {kind}\nmetadata: {{name: {name}, namespace: curl-egress-tst}}\nspec:\n{spec}")
+            })
+            .collect::<Vec<_>>()
+            .join("---\n"),
+            vec![
+                "Warning [IST0174] (DestinationRule curl-egress-tst/wild-unknown extra.yaml:39) The host *.nothing.example defined in the DestinationRule does not match any services in the mesh.",
+                "Warning [IST0174] (DestinationRule curl-egress-tst/unknown extra.yaml:45) The host other.example.org defined in the DestinationRule does not match any services in the mesh.",
+            ],
+        ),
+        (
             "MG0001 CUSTOM",
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext, namespace: curl-egress-tst}\nspec:\n  action: CUSTOM\n  provider: {name: opa}\n  rules: [{}]\n".to_owned(),
             vec!["Warning [MG0001] (AuthorizationPolicy curl-egress-tst/ext extra.yaml:5) CUSTOM authorization (provider opa) is not supported by meshgate: requests this policy selects are denied so that nothing passes unchecked"],
