@@ -834,12 +834,8 @@ fn destination_service<'r>(
     host: &str,
 ) -> Option<&'r Service> {
     let everywhere = |s: &Service| s.export_to.is_empty() || s.export_to.iter().any(|e| e == "*");
-    let named = || {
-        registry
-            .services
-            .iter()
-            .filter(|s| s.hostname.eq_ignore_ascii_case(host))
-    };
+    // By the registry's index: a scan per destination was quadratic.
+    let named = || registry.named(host);
     if let Some(s) = named().find(|s| everywhere(s)) {
         return Some(s);
     }

@@ -519,7 +519,7 @@ impl Registry {
     }
 
     /// The services with exactly this hostname (any case), in order.
-    fn named<'a>(&'a self, host: &str) -> impl Iterator<Item = &'a Service> + 'a {
+    pub fn named<'a>(&'a self, host: &str) -> impl Iterator<Item = &'a Service> + 'a {
         self.by_host
             .get(&host.to_ascii_lowercase())
             .into_iter()
