@@ -2,7 +2,7 @@
 //! codes, levels and message texts, so an operator's knowledge (and
 //! istio.io's documentation for each code) carries over.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::MeshSettings;
 use crate::diag::{Diagnostic, Level, Origin};
@@ -790,13 +790,49 @@ fn conflicting_mesh_hosts(config: &Config, mesh: &MeshSettings, out: &mut Vec<Di
             }
         }
     }
+    // The hosts exported everywhere, which every namespace's hosts are
+    // checked against: a name finds its own by an index and scans only the
+    // wildcards (a scan of every host per host was quadratic).
+    let everywhere: Vec<(&str, &Vec<&Vs>)> = scoped
+        .iter()
+        .filter(|((scope, _), _)| scope == "*")
+        .map(|((_, host), list)| (host.as_str(), list))
+        .collect();
+    let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut wildcards = Vec::new();
+    for (i, (host, _)) in everywhere.iter().enumerate() {
+        if host.starts_with('*') {
+            wildcards.push(i);
+        } else {
+            by_name
+                .entry(host.to_ascii_lowercase())
+                .or_default()
+                .push(i);
+        }
+    }
+    let overlapping = |host: &str| -> Vec<usize> {
+        if host.starts_with('*') {
+            return (0..everywhere.len()).collect();
+        }
+        let mut found: Vec<usize> = by_name
+            .get(&host.to_ascii_lowercase())
+            .into_iter()
+            .flatten()
+            .chain(&wildcards)
+            .copied()
+            .collect();
+        // In host order, as a scan finds them.
+        found.sort_unstable();
+        found
+    };
     let mut reported = BTreeSet::new();
     for ((scope, host), list) in &scoped {
         let mut list = list.clone();
         if scope != "*" {
-            for ((other_scope, other_host), more) in &scoped {
-                if other_scope == "*" && hosts_overlap(host, other_host) {
-                    list.extend(more);
+            for i in overlapping(host) {
+                let (other_host, more) = everywhere[i];
+                if hosts_overlap(host, other_host) {
+                    list.extend(more.iter());
                 }
             }
         }

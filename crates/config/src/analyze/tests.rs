@@ -194,6 +194,25 @@ fn each_code_with_its_exact_message() {
             ],
         ),
         (
+            "IST0109 a namespace's hosts against those exported everywhere: names in any case, wildcards",
+            [
+                ("upper", "  hosts: [JSONPLACEHOLDER.typicode.com]\n  exportTo: ['.']\n"),
+                ("wild", "  hosts: ['*.typicode.com']\n  exportTo: ['.']\n"),
+                ("apart", "  hosts: [other.typicode.org]\n  exportTo: ['.']\n"),
+            ]
+            .iter()
+            .map(|(name, spec)| vs(name, "curl-egress-tst", &format!("{spec}  http:\n  - route: [{{destination: {{host: jsonplaceholder.typicode.com, port: {{number: 443}}}}}}]\n")))
+            .collect::<Vec<_>>()
+            .join("---\n"),
+            // As a scan in host order: `*.typicode.com` comes first and
+            // reports the seed's VirtualService.
+            vec![
+                "Error [IST0109] (VirtualService curl-egress-tst/upper extra.yaml:3) The VirtualServices curl-egress-tst/upper,curl-external-tst/jsonplaceholder-egress associated with mesh gateway define the same host curl-egress-tst/JSONPLACEHOLDER.typicode.com which can lead to undefined behavior. This can be fixed by merging the conflicting VirtualServices into a single resource.",
+                "Error [IST0109] (VirtualService curl-egress-tst/wild extra.yaml:12) The VirtualServices curl-egress-tst/wild,curl-external-tst/jsonplaceholder-egress associated with mesh gateway define the same host curl-egress-tst/*.typicode.com which can lead to undefined behavior. This can be fixed by merging the conflicting VirtualServices into a single resource.",
+                "Error [IST0109] (VirtualService curl-external-tst/jsonplaceholder-egress virtualservice-workload.yaml:4) The VirtualServices curl-egress-tst/wild,curl-external-tst/jsonplaceholder-egress associated with mesh gateway define the same host curl-egress-tst/*.typicode.com which can lead to undefined behavior. This can be fixed by merging the conflicting VirtualServices into a single resource.",
+            ],
+        ),
+        (
             "MG0001 CUSTOM",
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext, namespace: curl-egress-tst}\nspec:\n  action: CUSTOM\n  provider: {name: opa}\n  rules: [{}]\n".to_owned(),
             vec!["Warning [MG0001] (AuthorizationPolicy curl-egress-tst/ext extra.yaml:5) CUSTOM authorization (provider opa) is not supported by meshgate: requests this policy selects are denied so that nothing passes unchecked"],
