@@ -332,6 +332,8 @@ fn virtual_service_references(
     mesh: &MeshSettings,
     out: &mut Vec<Diagnostic>,
 ) {
+    // Built once: built per destination it made the check quadratic.
+    let drs = crate::view::DrIndex::new(config, mesh);
     for vs in &config.virtual_services {
         let ns = &vs.meta.namespace;
         let gateway_refs =
@@ -431,7 +433,7 @@ fn virtual_service_references(
                 (s.hostname.as_str(), s.namespace.as_str())
             });
             if !d.subset.is_empty() {
-                let dr = crate::view::destination_rule_for(config, ns, None, dr_host, dr_ns, mesh);
+                let dr = drs.find(ns, None, dr_host, dr_ns, mesh);
                 let has = dr.is_some_and(|dr| dr.spec.subsets.iter().any(|s| s.name == d.subset));
                 if !has {
                     out.push(Diagnostic::new(

@@ -39,7 +39,7 @@ pub use routes::{
     destination_port, gateway_server_is_http, gateway_server_is_passthrough, server_hosts_cover,
 };
 pub use select::{
-    EffectivePolicy, authorization_policies_for, destination_rule_for, effective_policy,
+    DrIndex, EffectivePolicy, authorization_policies_for, destination_rule_for, effective_policy,
     gateway_listen_port, gateway_ref_matches, gateways_for, outbound_policy,
     peer_authentication_for, sidecar_for, sidecar_imports, sidecar_imports_host,
     sidecar_imports_port, vs_bound_to_gateway, vs_bound_to_mesh,

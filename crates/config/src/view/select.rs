@@ -216,15 +216,17 @@ pub fn destination_rule_for<'a>(
 }
 
 /// DestinationRules by namespace and host, for [`destination_rule_for`]
-/// many times over (a proxy's every cluster): exact hosts in constant
-/// time, wildcard hosts tried in turn, config order kept.
-pub(super) struct DrIndex<'a> {
+/// many times over (a proxy's every cluster, the analyzers' every
+/// destination): exact hosts in constant time, wildcard hosts tried in
+/// turn, config order kept.
+#[derive(Debug)]
+pub struct DrIndex<'a> {
     exact: HashMap<(&'a str, String), Vec<&'a Resource<DestinationRule>>>,
     wildcard: HashMap<&'a str, Vec<(String, &'a Resource<DestinationRule>)>>,
 }
 
 impl<'a> DrIndex<'a> {
-    pub(super) fn new(config: &'a Config, mesh: &MeshSettings) -> Self {
+    pub fn new(config: &'a Config, mesh: &MeshSettings) -> Self {
         let mut exact: HashMap<(&'a str, String), Vec<&'a Resource<DestinationRule>>> =
             HashMap::new();
         let mut wildcard: HashMap<&'a str, Vec<(String, &'a Resource<DestinationRule>)>> =
@@ -245,7 +247,7 @@ impl<'a> DrIndex<'a> {
     /// then the service's, then the root namespace; in each the most
     /// specific host (exact over wildcard, then longer), first in order
     /// on a tie.
-    pub(super) fn find(
+    pub fn find(
         &self,
         client_ns: &str,
         w: Option<&Workload>,
