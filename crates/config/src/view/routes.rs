@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use super::select::{
     gateway_listen_port, gateway_ref_matches, gateways_for, peer_authentication_for,
-    sidecar_imports, sidecar_imports_port, vs_bound_to_gateway, vs_bound_to_mesh,
+    sidecar_imports, sidecar_imports_port, vs_bound_to_mesh,
 };
 use super::{
     DownstreamTls, Listener, MirrorView, OUTBOUND_CAPTURE_PORT, RouteAction, RouteDestination,
@@ -250,7 +250,7 @@ fn tcp_routes(
 /// TCP Gateway servers (and TLS servers that terminate): `tcp` rules of
 /// the VirtualServices bound to the gateway whose hosts the server covers.
 fn gateway_tcp_routes(
-    vses: &[Resource<VirtualService>],
+    bound: &BoundVses<'_>,
     registry: &Registry,
     mesh: &MeshSettings,
     w: &Workload,
@@ -258,9 +258,8 @@ fn gateway_tcp_routes(
     server: &Server,
     routes: &mut Vec<RouteView>,
 ) {
-    for vs in vses.iter().filter(|vs| {
-        vs_bound_to_gateway(vs, gw)
-            && exported_to(&vs.spec.export_to, &vs.meta.namespace, &gw.meta.namespace)
+    for vs in bound.of(gw).iter().copied().filter(|vs| {
+        exported_to(&vs.spec.export_to, &vs.meta.namespace, &gw.meta.namespace)
             && vs.spec.hosts.iter().any(|h| {
                 let h = resolve_host(h, &vs.meta.namespace, mesh);
                 server_hosts_cover(server, &gw.meta.namespace, &vs.meta.namespace, &h)
@@ -590,6 +589,41 @@ pub fn destination_port(
     }
 }
 
+/// The VirtualServices each Gateway binds (`gateways`, as
+/// [`vs_bound_to_gateway`] reads them), by the Gateway's namespace and
+/// name, in order: a Gateway's servers walk only their own VirtualServices
+/// (a walk of all of them per server was quadratic: 10,000 Gateways of one
+/// host each).
+struct BoundVses<'a> {
+    by_gateway: HashMap<(&'a str, &'a str), Vec<&'a Resource<VirtualService>>>,
+}
+
+impl<'a> BoundVses<'a> {
+    fn new(vses: &'a [Resource<VirtualService>]) -> Self {
+        let mut by_gateway: HashMap<_, Vec<&Resource<VirtualService>>> = HashMap::new();
+        for vs in vses {
+            for g in &vs.spec.gateways {
+                let key = match g.split_once('/') {
+                    Some((ns, name)) => (ns, name),
+                    None if g == "mesh" => continue,
+                    None => (vs.meta.namespace.as_str(), g.as_str()),
+                };
+                let list = by_gateway.entry(key).or_default();
+                // Named twice (`g` and `ns/g`): listed once.
+                if !list.last().is_some_and(|last| std::ptr::eq(*last, vs)) {
+                    list.push(vs);
+                }
+            }
+        }
+        BoundVses { by_gateway }
+    }
+
+    fn of(&self, gw: &'a Resource<Gateway>) -> &[&'a Resource<VirtualService>] {
+        let key = (gw.meta.namespace.as_str(), gw.meta.name.as_str());
+        self.by_gateway.get(&key).map_or(&[], Vec::as_slice)
+    }
+}
+
 pub(super) fn gateway_routes(
     config: &Config,
     vses: &[Resource<VirtualService>],
@@ -599,6 +633,8 @@ pub(super) fn gateway_routes(
     listeners: &mut Vec<Listener>,
     routes: &mut Vec<RouteView>,
 ) {
+    let bound = BoundVses::new(vses);
+    let bound_unmerged = BoundVses::new(&config.virtual_services);
     for gw in gateways_for(config, w) {
         for (si, server) in gw.spec.servers.iter().enumerate() {
             let protocol = Protocol::parse(&server.port.protocol);
@@ -635,17 +671,16 @@ pub(super) fn gateway_routes(
                 {
                     auto_passthrough_routes(config, registry, mesh, w, gw, server, routes);
                 } else {
-                    gateway_tls_routes(config, registry, mesh, w, gw, server, routes);
+                    gateway_tls_routes(&bound_unmerged, registry, mesh, w, gw, server, routes);
                 }
                 continue;
             }
             if !gateway_server_is_http(server) {
-                gateway_tcp_routes(vses, registry, mesh, w, gw, server, routes);
+                gateway_tcp_routes(&bound, registry, mesh, w, gw, server, routes);
                 continue;
             }
-            for vs in vses.iter().filter(|vs| {
-                vs_bound_to_gateway(vs, gw)
-                    && exported_to(&vs.spec.export_to, &vs.meta.namespace, &gw.meta.namespace)
+            for vs in bound.of(gw).iter().copied().filter(|vs| {
+                exported_to(&vs.spec.export_to, &vs.meta.namespace, &gw.meta.namespace)
             }) {
                 for host in &vs.spec.hosts {
                     let host = resolve_host(host, &vs.meta.namespace, mesh);
@@ -744,7 +779,7 @@ pub fn gateway_server_is_passthrough(server: &Server) -> bool {
 
 /// `tls` rules of VirtualServices bound to a passthrough Gateway server.
 fn gateway_tls_routes(
-    config: &Config,
+    bound: &BoundVses<'_>,
     registry: &Registry,
     mesh: &MeshSettings,
     w: &Workload,
@@ -753,10 +788,12 @@ fn gateway_tls_routes(
     routes: &mut Vec<RouteView>,
 ) {
     let port = server.port.number;
-    for vs in config.virtual_services.iter().filter(|vs| {
-        vs_bound_to_gateway(vs, gw)
-            && exported_to(&vs.spec.export_to, &vs.meta.namespace, &gw.meta.namespace)
-    }) {
+    for vs in bound
+        .of(gw)
+        .iter()
+        .copied()
+        .filter(|vs| exported_to(&vs.spec.export_to, &vs.meta.namespace, &gw.meta.namespace))
+    {
         for (i, rule) in vs.spec.tls.iter().enumerate() {
             let sni: Vec<String> = rule
                 .matches

@@ -428,6 +428,23 @@ fn seed_gateway_view() {
     assert_eq!(rules, vec!["from namespaces=[curl-external-tst]"]);
 }
 
+/// A Gateway's routes come from the VirtualServices that name it, once
+/// each however they name it; one naming another Gateway adds none.
+#[test]
+fn a_gateway_routes_each_virtual_service_that_names_it_once() {
+    let mut c = seed();
+    let extra = config(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: twice, namespace: curl-egress-tst}\nspec:\n  hosts: [jsonplaceholder.typicode.com]\n  gateways: [egress-gateway, curl-egress-tst/egress-gateway, mesh]\n  http:\n  - match: [{uri: {prefix: /twice}}]\n    route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: elsewhere, namespace: curl-external-tst}\nspec:\n  hosts: [jsonplaceholder.typicode.com]\n  gateways: [egress-gateway]\n  http:\n  - match: [{uri: {prefix: /elsewhere}}]\n    route: [{destination: {host: jsonplaceholder.typicode.com, port: {number: 443}}}]\n",
+    );
+    c.virtual_services.extend(extra.virtual_services);
+    let r = registry::build(&c, &mesh());
+    let w = view_workload(&r, "curl-egress-tst/curl-egress-tst-gateway");
+    let v = proxy_view(&c, &r, &mesh(), w);
+    // The seed's route and `twice`'s; `elsewhere` names a Gateway of its
+    // own namespace, which does not exist.
+    assert_eq!(v.routes.len(), 2, "{:#?}", v.routes);
+}
+
 fn view_workload<'a>(r: &'a Registry, name: &str) -> &'a Workload {
     find_workload(r, name).expect("workload exists")
 }
