@@ -529,9 +529,11 @@ impl Registry {
 
     /// Services whose pod selector selects this workload.
     pub fn services_of<'a>(&'a self, w: &'a Workload) -> impl Iterator<Item = &'a Service> + 'a {
-        self.services.iter().filter(move |s| {
-            matches!(s.source, ServiceSource::Kubernetes { .. })
-                && s.namespace == w.namespace
+        // Kubernetes Services come first (`build`): the ServiceEntry hosts
+        // after them, thousands at scale, are never walked.
+        let kubernetes = |s: &&Service| matches!(s.source, ServiceSource::Kubernetes { .. });
+        self.services.iter().take_while(kubernetes).filter(move |s| {
+            s.namespace == w.namespace
                 && s.selector
                     .as_ref()
                     .is_some_and(|sel| !sel.is_empty() && labels_match(sel, &w.labels))
