@@ -532,12 +532,15 @@ impl Registry {
         // Kubernetes Services come first (`build`): the ServiceEntry hosts
         // after them, thousands at scale, are never walked.
         let kubernetes = |s: &&Service| matches!(s.source, ServiceSource::Kubernetes { .. });
-        self.services.iter().take_while(kubernetes).filter(move |s| {
-            s.namespace == w.namespace
-                && s.selector
-                    .as_ref()
-                    .is_some_and(|sel| !sel.is_empty() && labels_match(sel, &w.labels))
-        })
+        self.services
+            .iter()
+            .take_while(kubernetes)
+            .filter(move |s| {
+                s.namespace == w.namespace
+                    && s.selector
+                        .as_ref()
+                        .is_some_and(|sel| !sel.is_empty() && labels_match(sel, &w.labels))
+            })
     }
 }
 
