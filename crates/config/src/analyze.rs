@@ -891,9 +891,8 @@ fn destination_service<'r>(
         return Some(s);
     }
     let bare = host.trim_start_matches('*');
-    registry.services.iter().find(|s| {
-        s.hostname.starts_with('*')
-            && (everywhere(s) || exported_to(&s.export_to, &s.namespace, vs_ns))
+    registry.wildcard_services().find(|s| {
+        (everywhere(s) || exported_to(&s.export_to, &s.namespace, vs_ns))
             && bare.ends_with(s.hostname.trim_start_matches('*'))
     })
 }
@@ -1434,12 +1433,6 @@ fn destination_rules(
     // An exact name is found by the registry's index, and only the
     // wildcard services (few) are scanned for it: a scan of every service
     // per DestinationRule was quadratic (10,000 hosts: 100 million matches).
-    let wildcards: Vec<&str> = registry
-        .services
-        .iter()
-        .map(|s| s.hostname.as_str())
-        .filter(|h| h.starts_with('*'))
-        .collect();
     let known = |host: &str| {
         if host.starts_with('*') {
             registry
@@ -1447,7 +1440,10 @@ fn destination_rules(
                 .iter()
                 .any(|s| host_matches(host, &s.hostname) || host_matches(&s.hostname, host))
         } else {
-            registry.lookup_any(host).is_some() || wildcards.iter().any(|w| host_matches(w, host))
+            registry.lookup_any(host).is_some()
+                || registry
+                    .wildcard_services()
+                    .any(|w| host_matches(&w.hostname, host))
         }
     };
     for dr in &config.destination_rules {

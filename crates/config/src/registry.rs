@@ -181,6 +181,10 @@ pub struct Registry {
     /// constant-time at 10,000 hosts.
     #[serde(skip)]
     by_host: HashMap<String, Vec<usize>>,
+    /// Indices of the services with a wildcard hostname (`*`, `*.a.com`),
+    /// in order: what a name not in `by_host` may still match.
+    #[serde(skip)]
+    wildcards: Vec<usize>,
 }
 
 /// Builds `spiffe://<td>/ns/<ns>/sa/<sa>`.
@@ -466,7 +470,11 @@ pub fn build(config: &Config, mesh: &MeshSettings) -> Registry {
         }
     }
     let mut by_host: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut wildcards = Vec::new();
     for (i, s) in services.iter().enumerate() {
+        if s.hostname.starts_with('*') {
+            wildcards.push(i);
+        }
         by_host
             .entry(s.hostname.to_ascii_lowercase())
             .or_default()
@@ -476,6 +484,7 @@ pub fn build(config: &Config, mesh: &MeshSettings) -> Registry {
         services,
         workloads,
         by_host,
+        wildcards,
     }
 }
 
@@ -516,6 +525,11 @@ impl Registry {
     /// Any service with this host, whether or not it is visible.
     pub fn lookup_any(&self, host: &str) -> Option<&Service> {
         self.named(host).next()
+    }
+
+    /// The services with a wildcard hostname, in order.
+    pub fn wildcard_services(&self) -> impl Iterator<Item = &Service> + '_ {
+        self.wildcards.iter().map(|i| &self.services[*i])
     }
 
     /// The services with exactly this hostname (any case), in order.
