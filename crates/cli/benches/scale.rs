@@ -1,10 +1,13 @@
 //! meshgate at scale: the seed plus 1, 1,000 and 10,000 generated external
 //! hosts (a ServiceEntry, a VirtualService on the gateway and a
-//! DestinationRule each, in ten files; and one ServiceEntry with 10,000
-//! hosts). Per size: load + compile in process, `meshgate check`, the
-//! gateway's time to ready and RSS, and a reload's time; then a reload of
-//! the largest config on both proxies of the seed chain under load (wrk),
-//! counting failed requests.
+//! DestinationRule each, in ten files), and the largest number in the
+//! other shapes of `ScaleShape` (one ServiceEntry with every host; a
+//! Gateway per host; mesh-bound resources exported to their namespace;
+//! routes to subsets), each of which once made a part of loading or
+//! analysis quadratic. Per case: load + compile in process, `meshgate
+//! check`, the gateway's time to ready and RSS, and a reload's time; then a
+//! reload of the largest config on both proxies of the seed chain under
+//! load (wrk), counting failed requests.
 //!
 //!   cargo bench -p meshgate --bench scale
 //!   MESHGATE_BENCH_HOSTS=1,1000 cargo bench -p meshgate --bench scale
@@ -20,7 +23,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use meshgate_proxy::testing::{scale_files, snapshot};
+use meshgate_proxy::testing::{ScaleShape, scale_files, snapshot};
 use support::{Proc, TempDir};
 
 const GATEWAY: &str = "curl-egress-tst/curl-egress-tst-gateway";
@@ -38,8 +41,14 @@ fn main() {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let largest = sizes.iter().copied().max().unwrap_or(1);
-    let mut cases: Vec<(usize, bool)> = sizes.iter().map(|&n| (n, false)).collect();
-    cases.push((largest, true));
+    let mut cases: Vec<(usize, ScaleShape)> =
+        sizes.iter().map(|&n| (n, ScaleShape::PerHost)).collect();
+    cases.extend(
+        ScaleShape::ALL
+            .into_iter()
+            .filter(|&s| s != ScaleShape::PerHost)
+            .map(|s| (largest, s)),
+    );
 
     let dir = TempDir::new("bench-scale");
     let ca = dir.path("ca");
@@ -67,9 +76,9 @@ fn main() {
         "\n| external hosts | load + compile | `check` | gateway ready | gateway RSS | reload |\n|---|---|---|---|---|---|"
     );
     let mut rss_of = Vec::new();
-    for (i, &(n, one_entry)) in cases.iter().enumerate() {
+    for (i, &(n, shape)) in cases.iter().enumerate() {
         let config = dir.path(&format!("config-{i}"));
-        write_config(Path::new(&config), n, one_entry);
+        write_config(Path::new(&config), n, shape);
         let load = median3(|| load_and_compile(&config));
         let check = median3(|| {
             let t0 = Instant::now();
@@ -79,11 +88,10 @@ fn main() {
         let gateway = chain.gateway(&dir, &config, &format!("gw-{i}"));
         let rss = support::rss_mib(gateway.proc.child.id());
         let reload = reload_once(&gateway.proc, &config, 0);
-        rss_of.push((n, one_entry, rss));
-        let label = if one_entry {
-            format!("{n} in one ServiceEntry")
-        } else {
-            n.to_string()
+        rss_of.push((n, shape, rss));
+        let label = match shape {
+            ScaleShape::PerHost => n.to_string(),
+            other => format!("{n}, {}", other.describe()),
         };
         println!(
             "| {label} | {} | {} | {} | {rss:.1} MiB | {} |",
@@ -94,8 +102,12 @@ fn main() {
         );
     }
     if let (Some(small), Some(big)) = (
-        rss_of.iter().find(|r| !r.1 && r.0 == 1),
-        rss_of.iter().find(|r| !r.1 && r.0 == largest),
+        rss_of
+            .iter()
+            .find(|r| r.1 == ScaleShape::PerHost && r.0 == 1),
+        rss_of
+            .iter()
+            .find(|r| r.1 == ScaleShape::PerHost && r.0 == largest),
     ) && largest > 1
     {
         println!(
@@ -107,7 +119,7 @@ fn main() {
 }
 
 /// Seed files (unchanged) and the generated ones, in one folder.
-fn write_config(dir: &Path, n: usize, one_entry: bool) {
+fn write_config(dir: &Path, n: usize, shape: ScaleShape) {
     std::fs::create_dir_all(dir).unwrap();
     for entry in std::fs::read_dir(support::seed()).unwrap() {
         let path = entry.unwrap().path();
@@ -115,7 +127,7 @@ fn write_config(dir: &Path, n: usize, one_entry: bool) {
             std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
         }
     }
-    for (name, text) in scale_files(n, one_entry) {
+    for (name, text) in scale_files(n, shape) {
         std::fs::write(dir.join(name), text).unwrap();
     }
 }
@@ -275,7 +287,7 @@ fn under_load(dir: &TempDir, chain: &Chain, n: usize) {
         return;
     }
     let config = dir.path("config-load");
-    write_config(Path::new(&config), n, false);
+    write_config(Path::new(&config), n, ScaleShape::PerHost);
     let gateway = chain.gateway(dir, &config, "gw-load");
     let gw_addr = gateway.ready["listeners"][0]["address"]
         .as_str()

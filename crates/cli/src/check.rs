@@ -56,6 +56,10 @@ pub(crate) fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
             writeln!(out, "Loaded {summary}.")?;
         }
     }
+    // The process exits next: freeing the model one allocation at a time
+    // would only delay it (~25 ms at 10,000 hosts).
+    std::mem::forget(loaded);
+    std::mem::forget(diagnostics);
     Ok(if failed {
         ExitCode::from(EXIT_ANALYSIS_ERROR)
     } else {

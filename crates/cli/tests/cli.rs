@@ -1019,3 +1019,60 @@ fn explain_exit_codes_say_what_the_proxy_does() {
         assert_eq!(o.status.code(), Some(want), "{args:?}: {}", stdout(&o));
     }
 }
+
+/// The scale benchmark's generated configs are what they say: each shape
+/// passes `check` with what it adds, and where its VirtualServices bind
+/// the hosts to the egress gateway (one Gateway for all, or one each), the
+/// gateway routes the last host with TLS origination. A shape that no
+/// longer loads or routes would time something else.
+#[test]
+fn every_scale_shape_checks_and_the_gateway_routes_its_hosts() {
+    use meshgate_proxy::testing::{ScaleShape, scale_files, scale_host};
+    const N: usize = 12;
+    for shape in ScaleShape::ALL {
+        let files = scale_files(N, shape);
+        let extra: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(name, text)| (name.as_str(), text.as_str()))
+            .collect();
+        let s = Scratch::with_seed(&format!("scale-{shape:?}"), &extra);
+        let o = meshgate(&["check", s.path()]);
+        let out = stdout(&o);
+        assert_eq!(o.status.code(), Some(0), "{shape:?}: {out}{}", stderr(&o));
+        let (entries, gateways) = match shape {
+            ScaleShape::OneEntry => (2, 2),
+            ScaleShape::GatewayPerHost => (N + 1, N + 1),
+            _ => (N + 1, 2),
+        };
+        let summary = out.lines().last().unwrap();
+        for part in [
+            format!("{entries} ServiceEntries"),
+            format!("{gateways} Gateways"),
+        ] {
+            assert!(summary.contains(&part), "{shape:?}: {summary}");
+        }
+        if matches!(shape, ScaleShape::PerHost | ScaleShape::GatewayPerHost) {
+            let host = scale_host(N - 1);
+            let o = meshgate(&[
+                "explain",
+                "--config",
+                s.path(),
+                "--workload",
+                GW,
+                "--from",
+                "spiffe://cluster.local/ns/curl-external-tst/sa/default",
+                &format!("http://{host}/"),
+            ]);
+            let out = stdout(&o);
+            assert_eq!(
+                line(&out, "result"),
+                format!("result     forwarded to outbound|443||{host}"),
+                "{shape:?}: {out}"
+            );
+            assert!(
+                line(&out, "3 cluster").contains(&format!("TLS SIMPLE, SNI {host}")),
+                "{shape:?}: {out}"
+            );
+        }
+    }
+}

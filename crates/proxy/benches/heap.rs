@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
 use meshgate_config::{MeshSettings, view};
-use meshgate_proxy::testing::{GATEWAY, scale_config, snapshot_of};
+use meshgate_proxy::testing::{GATEWAY, ScaleShape, scale_config, snapshot_of};
 
 /// The system allocator, counting live bytes and blocks.
 struct Counting;
@@ -90,7 +90,7 @@ fn resident_trimmed() -> Option<f64> {
 
 fn measure(hosts: usize, rt: &tokio::runtime::Runtime) -> Kept {
     let resident_before = resident_trimmed();
-    let config = scale_config(hosts, false);
+    let config = scale_config(hosts, ScaleShape::PerHost);
     let view = view::build(&config, &MeshSettings::default(), GATEWAY).unwrap();
     drop(config);
     let started = Instant::now();

@@ -20,7 +20,9 @@ use meshgate_proxy::conn::{Conn, Peer, Terminated};
 use meshgate_proxy::plan::{RequestAction, RequestHead, plan_request};
 use meshgate_proxy::route::RequestView;
 use meshgate_proxy::snapshot::{TlsRoute, TlsRoutes};
-use meshgate_proxy::testing::{CURL_ID, GATEWAY, HOST, scale_config, scale_host, snapshot};
+use meshgate_proxy::testing::{
+    CURL_ID, GATEWAY, HOST, ScaleShape, scale_config, scale_host, snapshot,
+};
 
 fn routing(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -29,7 +31,7 @@ fn routing(c: &mut Criterion) {
         .unwrap();
     let mut group = c.benchmark_group("gateway plan_request");
     for hosts in [1, 1_000, 10_000] {
-        let snap = rt.block_on(snapshot(&scale_config(hosts, false), GATEWAY));
+        let snap = rt.block_on(snapshot(&scale_config(hosts, ScaleShape::PerHost), GATEWAY));
         let conn = Conn {
             tls: Some(Terminated {
                 sni: None,

@@ -697,23 +697,60 @@ pub fn scale_host(i: usize) -> String {
     format!("h{i}.scale.example")
 }
 
-/// A generated config of `n` external hosts beside the seed, in ten files
-/// (name, YAML), all in the gateway's namespace: a Gateway for
-/// `*.scale.example` on the egress gateway's port 80, and per host what
-/// the seed has for its one (a ServiceEntry with HTTP on 80 and 443, a
-/// VirtualService on the gateway to 443, a DestinationRule originating TLS
-/// with SNI); or, with `one_entry`, one ServiceEntry with all `n` hosts.
-/// The scale benchmarks (issue: performance) load these.
-pub fn scale_files(n: usize, one_entry: bool) -> Vec<(String, String)> {
+/// How a generated scale config declares its external hosts
+/// (`h{i}.scale.example`, all in the gateway's namespace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleShape {
+    /// Per host what the seed has for its one: a ServiceEntry with HTTP on
+    /// 80 and 443, a VirtualService on the shared `*.scale.example`
+    /// Gateway (port 80) to 443, a DestinationRule originating TLS with SNI.
+    PerHost,
+    /// One ServiceEntry with every host (and the shared Gateway).
+    OneEntry,
+    /// Istio's egress pattern per host: `PerHost` with a Gateway of the
+    /// host's own that its VirtualService names.
+    GatewayPerHost,
+    /// Mesh-bound, each exported to its namespace only (`exportTo: ['.']`):
+    /// a ServiceEntry, a VirtualService with a timeout, a DestinationRule
+    /// with a connection pool setting.
+    MeshExported,
+    /// A VirtualService routing to a subset its DestinationRule declares
+    /// (without labels, as Istio's egress examples name the gateway's).
+    Subsets,
+}
+
+impl ScaleShape {
+    /// Every shape, in the order the scale benchmark runs them.
+    pub const ALL: [ScaleShape; 5] = [
+        ScaleShape::PerHost,
+        ScaleShape::OneEntry,
+        ScaleShape::GatewayPerHost,
+        ScaleShape::MeshExported,
+        ScaleShape::Subsets,
+    ];
+
+    /// What the shape is, for a benchmark's table.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ScaleShape::PerHost => "ServiceEntry + VirtualService + DestinationRule each",
+            ScaleShape::OneEntry => "in one ServiceEntry",
+            ScaleShape::GatewayPerHost => "a Gateway each too",
+            ScaleShape::MeshExported => "mesh-bound, exportTo '.'",
+            ScaleShape::Subsets => "routed to a subset each",
+        }
+    }
+}
+
+/// A generated config of `n` external hosts of `shape` beside the seed,
+/// in ten files (name, YAML). The scale benchmarks (issue: performance)
+/// load these.
+pub fn scale_files(n: usize, shape: ScaleShape) -> Vec<(String, String)> {
     const FILES: usize = 10;
     let mut files: Vec<String> = vec![String::new(); FILES];
-    files[0].push_str(
-        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  name: scale-gateway\n  \
-         namespace: curl-egress-tst\nspec:\n  selector:\n    istio: egressgateway\n  servers:\n  \
-         - port:\n      number: 80\n      name: http\n      protocol: HTTP\n    hosts:\n    \
-         - \"*.scale.example\"\n",
-    );
-    if one_entry {
+    if shape != ScaleShape::GatewayPerHost {
+        files[0].push_str(&scale_gateway("scale-gateway", "\"*.scale.example\""));
+    }
+    if shape == ScaleShape::OneEntry {
         let hosts: String = (0..n).map(|i| format!("  - {}\n", scale_host(i))).collect();
         files[1].push_str(&format!(
             "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  \
@@ -723,21 +760,7 @@ pub fn scale_files(n: usize, one_entry: bool) -> Vec<(String, String)> {
         ));
     } else {
         for i in 0..n {
-            let h = scale_host(i);
-            files[i % FILES].push_str(&format!(
-                "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  \
-                 name: h{i}\n  namespace: curl-egress-tst\nspec:\n  hosts:\n  - {h}\n  ports:\n  \
-                 - number: 80\n    name: http\n    protocol: HTTP\n  - number: 443\n    name: https\n    \
-                 protocol: HTTP\n  location: MESH_EXTERNAL\n  resolution: DNS\n\
-                 ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  \
-                 name: h{i}\n  namespace: curl-egress-tst\nspec:\n  hosts:\n  - {h}\n  gateways:\n  \
-                 - scale-gateway\n  http:\n  - route:\n    - destination:\n        host: {h}\n        \
-                 port:\n          number: 443\n\
-                 ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  \
-                 name: h{i}\n  namespace: curl-egress-tst\nspec:\n  host: {h}\n  trafficPolicy:\n    \
-                 portLevelSettings:\n    - port:\n        number: 443\n      tls:\n        mode: SIMPLE\n        \
-                 sni: {h}\n"
-            ));
+            files[i % FILES].push_str(&scale_resources(i, shape));
         }
     }
     files
@@ -747,10 +770,71 @@ pub fn scale_files(n: usize, one_entry: bool) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The seed and `scale_files(n, one_entry)`, loaded as the proxies load
+/// A Gateway `name` on the egress gateway's port 80 for `host`.
+fn scale_gateway(name: &str, host: &str) -> String {
+    format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  name: {name}\n  \
+         namespace: curl-egress-tst\nspec:\n  selector:\n    istio: egressgateway\n  servers:\n  \
+         - port:\n      number: 80\n      name: http\n      protocol: HTTP\n    hosts:\n    \
+         - {host}\n"
+    )
+}
+
+/// Host `i`'s resources in `shape` (not `OneEntry`).
+fn scale_resources(i: usize, shape: ScaleShape) -> String {
+    let h = scale_host(i);
+    let head = |kind: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: {kind}\nmetadata:\n  name: h{i}\n  \
+             namespace: curl-egress-tst\nspec:\n"
+        )
+    };
+    let (se, vs, dr) = (
+        head("ServiceEntry"),
+        head("VirtualService"),
+        head("DestinationRule"),
+    );
+    let ports = "  ports:\n  - number: 80\n    name: http\n    protocol: HTTP\n";
+    let external = "  location: MESH_EXTERNAL\n  resolution: DNS\n";
+    match shape {
+        ScaleShape::PerHost | ScaleShape::GatewayPerHost | ScaleShape::OneEntry => {
+            let gateway = match shape {
+                ScaleShape::GatewayPerHost => format!("h{i}"),
+                _ => "scale-gateway".to_owned(),
+            };
+            let own_gateway = match shape {
+                ScaleShape::GatewayPerHost => scale_gateway(&gateway, &h),
+                _ => String::new(),
+            };
+            format!(
+                "{se}  hosts:\n  - {h}\n{ports}  - number: 443\n    name: https\n    \
+                 protocol: HTTP\n{external}{own_gateway}\
+                 {vs}  hosts:\n  - {h}\n  gateways:\n  - {gateway}\n  http:\n  - route:\n    \
+                 - destination:\n        host: {h}\n        port:\n          number: 443\n\
+                 {dr}  host: {h}\n  trafficPolicy:\n    portLevelSettings:\n    - port:\n        \
+                 number: 443\n      tls:\n        mode: SIMPLE\n        sni: {h}\n"
+            )
+        }
+        ScaleShape::MeshExported => format!(
+            "{se}  hosts:\n  - {h}\n  exportTo: ['.']\n{ports}{external}\
+             {vs}  hosts:\n  - {h}\n  exportTo: ['.']\n  http:\n  - timeout: 5s\n    route:\n    \
+             - destination:\n        host: {h}\n        port:\n          number: 80\n\
+             {dr}  host: {h}\n  exportTo: ['.']\n  trafficPolicy:\n    connectionPool:\n      \
+             http:\n        maxRequestsPerConnection: 10\n"
+        ),
+        ScaleShape::Subsets => format!(
+            "{se}  hosts:\n  - {h}\n{ports}{external}\
+             {vs}  hosts:\n  - {h}\n  http:\n  - route:\n    - destination:\n        host: {h}\n        \
+             subset: v1\n        port:\n          number: 80\n\
+             {dr}  host: {h}\n  subsets:\n  - name: v1\n"
+        ),
+    }
+}
+
+/// The seed and `scale_files(n, shape)`, loaded as the proxies load
 /// files.
-pub fn scale_config(n: usize, one_entry: bool) -> Config {
-    let files = scale_files(n, one_entry);
+pub fn scale_config(n: usize, shape: ScaleShape) -> Config {
+    let files = scale_files(n, shape);
     let texts: Vec<&str> = files.iter().map(|(_, t)| t.as_str()).collect();
     seed_config(&texts)
 }
