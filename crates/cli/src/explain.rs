@@ -20,9 +20,10 @@ use meshgate_config::view::ClusterView;
 use meshgate_identity::{CertificateAuthority, Source, SpiffeId, WorkloadIdentity};
 use meshgate_proxy::authz::Decision;
 use meshgate_proxy::conn::{Conn, Peer, Terminated};
+use meshgate_proxy::listener::Timeouts;
 use meshgate_proxy::plan::{
-    Local, Peeked, Plan, Refusal, RequestAction, RequestHead, RequestPlan, TcpAction, TcpPlan,
-    TcpReason, Termination, plan,
+    Local, Need, Peeked, Plan, Refusal, RequestAction, RequestHead, RequestPlan, TcpAction,
+    TcpPlan, TcpReason, Termination, plan,
 };
 use meshgate_proxy::route::{Action, RequestView, Routed};
 use meshgate_proxy::snapshot::{BuildContext, Role, Snapshot};
@@ -62,6 +63,12 @@ pub(crate) struct ExplainArgs {
     /// targetPort), with its PeerAuthentication and AuthorizationPolicies.
     #[arg(long)]
     inbound: bool,
+    /// With tcp://: the client sends nothing and waits for the server to
+    /// speak first (SMTP, MySQL): whether the proxy takes its silence for
+    /// plaintext after its protocol detection timeout or closes the
+    /// connection waiting for a first byte.
+    #[arg(long)]
+    silent: bool,
     #[command(flatten)]
     mesh: crate::MeshArgs,
     /// What the workload sends (sidecar) or what reaches the gateway's
@@ -81,6 +88,8 @@ struct Input {
     query: String,
     headers: HeaderMap,
     from: Option<SpiffeId>,
+    /// The client waits for the server to speak first (`--silent`).
+    silent: bool,
     /// Where a sidecar's application connects: the host if it is an
     /// address, else the service's first address (a ServiceEntry's
     /// `addresses`, a ClusterIP), as DNS would answer.
@@ -202,6 +211,11 @@ fn parse_input(args: &ExplainArgs) -> anyhow::Result<Input> {
             args.url
         ),
     };
+    if args.silent && scheme != Scheme::Tcp {
+        bail!(
+            "--silent goes with tcp://: a client that sends a request or a ClientHello is not silent"
+        );
+    }
     let mut headers = HeaderMap::new();
     for h in &args.headers {
         let (name, value) = h
@@ -228,6 +242,7 @@ fn parse_input(args: &ExplainArgs) -> anyhow::Result<Input> {
             .map(str::parse)
             .transpose()
             .context("--from")?,
+        silent: args.silent,
         destination: None,
     })
 }
@@ -287,6 +302,9 @@ struct Explained<'s> {
     inbound: bool,
     /// TLS the proxy terminated on the way.
     terminated: Option<&'static str>,
+    /// How long the proxy waited on a silent client (`--silent`) before it
+    /// took it for one of a server-first protocol.
+    silence: Option<Duration>,
     outcome: Outcome<'s>,
     /// Each ALLOW rule and the field that keeps it from admitting this.
     why_denied: Vec<String>,
@@ -301,6 +319,9 @@ enum Outcome<'s> {
     NeedsMeshCertificate,
     /// Served as HTTP, but `tcp://` gave no request.
     ServedAsHttp,
+    /// A silent client (`--silent`) where the proxy waits for a first
+    /// byte to tell the protocol: closed when the wait times out.
+    WaitsForFirstByte,
 }
 
 /// Asks the plan as the proxy's listener does, one step at a time.
@@ -346,9 +367,14 @@ fn explain<'s>(
     let sni = (input.scheme == Scheme::Https).then_some(input.host.as_str());
     let mut tls_first = input.scheme == Scheme::Https || peer.is_some();
     let mut terminated = None;
+    let mut silence = None;
     let outcome = loop {
         let peeked = match (tls_first, input.scheme, &conn.tls) {
             (true, _, _) => Peeked::ClientHello { sni },
+            (false, Scheme::Tcp, _) if input.silent => match silence {
+                Some(_) => Peeked::Silent,
+                None => Peeked::Nothing,
+            },
             (false, Scheme::Tcp, _) => Peeked::FirstByte { tls: false },
             (false, _, Some(_)) => Peeked::Request(&secure),
             (false, _, None) => Peeked::Request(&plain),
@@ -357,6 +383,12 @@ fn explain<'s>(
             Plan::Request(p) => break Outcome::Request(p),
             Plan::Tcp(p) => break Outcome::Tcp(p),
             Plan::Close(r) => break Outcome::Refused(r),
+            // The listener waits this long, then takes the silence for
+            // plaintext and asks the plan again (connection.rs).
+            Plan::Read(Need::FirstByteOrSilence(wait)) if input.silent && silence.is_none() => {
+                silence = Some(wait);
+            }
+            Plan::Read(_) if input.silent => break Outcome::WaitsForFirstByte,
             Plan::ServeHttp | Plan::Read(_) => break Outcome::ServedAsHttp,
             Plan::Terminate(how) => {
                 let mesh = matches!(how, Termination::Mesh);
@@ -400,6 +432,7 @@ fn explain<'s>(
         id,
         inbound,
         terminated,
+        silence,
         outcome,
         why_denied,
     }
@@ -788,6 +821,16 @@ impl Explained<'_> {
                 None,
                 "served as HTTP: explain an http:// URL to see the request's path".to_owned(),
             ),
+            Outcome::WaitsForFirstByte => (
+                "close",
+                None,
+                None,
+                None,
+                format!(
+                    "connection closed after {} s: the proxy waits for the client's first byte to tell its protocol (Envoy's listener filter timeout), and a server-first client sends none; declare the port TCP (`protocol: TCP`) for such protocols",
+                    Timeouts::default().first_byte.as_secs()
+                ),
+            ),
         };
         ResultJson {
             action,
@@ -876,6 +919,7 @@ impl Explained<'_> {
             "proxy": {"workload": args.workload, "kind": self.kind(), "identity": self.id.to_string(), "direction": if self.inbound { "inbound" } else { "outbound" }},
             "listener": self.listener(),
             "tls": self.terminated,
+            "silenceTakenAfterMs": self.silence.map(|d| d.as_millis()),
             "route": route,
             "destinations": destinations,
             "cluster": self.cluster(),
@@ -900,6 +944,13 @@ impl Explained<'_> {
             if self.inbound { ", on the way in" } else { "" }
         );
         let _ = writeln!(out, "1 listener {}", self.listener());
+        if let Some(wait) = self.silence {
+            let _ = writeln!(
+                out,
+                "           nothing from the client in {}: a server-first protocol, taken for plaintext (protocol detection timeout)",
+                seconds_or_ms(wait)
+            );
+        }
         if let Some(tls) = self.terminated {
             let _ = writeln!(out, "           TLS terminated: {tls}");
         }
@@ -925,6 +976,15 @@ impl Explained<'_> {
         }
         let _ = writeln!(out, "result     {}", self.result().summary);
         out
+    }
+}
+
+/// `1 s`, `1.5 s` or `100 ms`, as a timeout is usually written.
+fn seconds_or_ms(d: Duration) -> String {
+    if d.as_millis() >= 1000 {
+        format!("{} s", d.as_secs_f64())
+    } else {
+        format!("{} ms", d.as_millis())
     }
 }
 

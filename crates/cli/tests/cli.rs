@@ -1076,3 +1076,60 @@ fn every_scale_shape_checks_and_the_gateway_routes_its_hosts() {
         }
     }
 }
+
+/// A client of a server-first protocol (SMTP, MySQL) sends nothing until
+/// the server greets it (`--silent`): a gateway's plain TCP server takes
+/// the silence for plaintext after its protocol detection timeout and
+/// applies its policies (the seed's admits only the curl namespace's
+/// mesh peers: 80); a sidecar passes a registered TCP port on without
+/// waiting, and on an HTTP port waits for a first byte that never comes.
+#[test]
+fn explain_follows_a_silent_client_as_the_listener_does() {
+    use meshgate_proxy::testing::SMTP_BEHIND_GATEWAY;
+    let s = Scratch::with_seed("silent", &[("smtp.yaml", SMTP_BEHIND_GATEWAY)]);
+    let run = |args: &[&str]| {
+        let mut all = vec!["explain", "--config", s.path(), "--silent"];
+        all.extend_from_slice(args);
+        let o = meshgate(&all);
+        (o.status.code(), stdout(&o), stderr(&o))
+    };
+
+    let (code, out, _) = run(&["-w", GW, "tcp://smtp.example.com:2525"]);
+    assert_eq!(code, Some(80), "{out}");
+    assert_eq!(
+        line(&out, "           nothing"),
+        "           nothing from the client in 1 s: a server-first protocol, taken for plaintext (protocol detection timeout)"
+    );
+    assert_eq!(
+        line(&out, "2 route"),
+        "2 route    tcp route #0 (destination port 2525)"
+    );
+    assert!(
+        line(&out, "4 authz").starts_with("4 authz    denied"),
+        "{out}"
+    );
+
+    let (code, out, _) = run(&["-w", WORKLOAD, "tcp://smtp.example.com:25"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("nothing from the client"), "{out}");
+    assert_eq!(
+        line(&out, "result"),
+        "result     passed through to the original destination (PassthroughCluster): a TCP port of a registered service"
+    );
+
+    let (code, out, _) = run(&["-w", WORKLOAD, "tcp://jsonplaceholder.typicode.com:80"]);
+    assert_eq!(code, Some(83), "{out}");
+    assert!(
+        line(&out, "result").starts_with(
+            "result     connection closed after 15 s: the proxy waits for the client's first byte"
+        ),
+        "{out}"
+    );
+
+    let (code, out, err) = run(&["-w", WORKLOAD, "http://smtp.example.com:25/"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert_eq!(
+        err.trim(),
+        "error: --silent goes with tcp://: a client that sends a request or a ClientHello is not silent"
+    );
+}

@@ -43,6 +43,32 @@ pub const CURL_ID: &str = "spiffe://cluster.local/ns/curl-external-tst/sa/defaul
 pub const HOST: &str = "jsonplaceholder.typicode.com";
 /// The gateway's Service, as the sidecar's cluster names it.
 pub const GATEWAY_SERVICE: &str = "curl-egress-tst.curl-egress-tst.svc.cluster.local:80";
+/// A server-first protocol's service behind the gateway: smtp.example.com
+/// (port 25, TCP) on a plain TCP Gateway server, port 2525, by a `tcp`
+/// route.
+pub const SMTP_BEHIND_GATEWAY: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: smtp, namespace: curl-egress-tst}
+spec:
+  hosts: [smtp.example.com]
+  ports: [{number: 25, name: tcp-smtp, protocol: TCP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: smtp-gw, namespace: curl-egress-tst}
+spec:
+  selector: {istio: egressgateway}
+  servers: [{port: {number: 2525, name: tcp, protocol: TCP}, hosts: [smtp.example.com]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: smtp, namespace: curl-egress-tst}
+spec:
+  hosts: [smtp.example.com]
+  gateways: [smtp-gw]
+  tcp: [{route: [{destination: {host: smtp.example.com, port: {number: 25}}}]}]
+";
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const WAIT: Duration = Duration::from_secs(10);
 

@@ -863,32 +863,7 @@ async fn server_first_protocols_pass_a_plain_tcp_server() {
             });
         }
     });
-    let config = seed_config_except(
-        &["authorization-policy.yaml"],
-        &["apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: smtp, namespace: curl-egress-tst}
-spec:
-  hosts: [smtp.example.com]
-  ports: [{number: 25, name: tcp-smtp, protocol: TCP}]
-  resolution: DNS
----
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: smtp-gw, namespace: curl-egress-tst}
-spec:
-  selector: {istio: egressgateway}
-  servers: [{port: {number: 2525, name: tcp, protocol: TCP}, hosts: [smtp.example.com]}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: smtp, namespace: curl-egress-tst}
-spec:
-  hosts: [smtp.example.com]
-  gateways: [smtp-gw]
-  tcp: [{route: [{destination: {host: smtp.example.com, port: {number: 25}}}]}]
-"],
-    );
+    let config = seed_config_except(&["authorization-policy.yaml"], &[SMTP_BEHIND_GATEWAY]);
     let spec = Spec::new(config, GATEWAY).endpoint("smtp.example.com:25", smtp_addr);
     let gw = TestProxy::start(&Mesh::default(), spec).await;
 
