@@ -528,7 +528,7 @@ impl Explained<'_> {
         match &self.outcome {
             Outcome::Request(p) => self.http_route(p),
             Outcome::Tcp(p) => match (p.route, p.reason) {
-                (Some(r), _) if r.sni.is_empty() => (
+                (Some(r), _) if p.is_tcp_route() => (
                     format!(
                         "tcp route {} (destination port {})",
                         r.name, self.input.port

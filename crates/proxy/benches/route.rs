@@ -82,20 +82,18 @@ fn routing(c: &mut Criterion) {
 fn sni_routing(c: &mut Criterion) {
     let mut group = c.benchmark_group("tls route by SNI");
     for n in [1, 1_000, 10_000] {
-        let mut routes: Vec<TlsRoute> = (0..n)
-            .map(|i| TlsRoute {
-                sni: vec![format!("host-{i}.example.com")],
-                subnets: Vec::new(),
-                destinations: Vec::new(),
-                name: Arc::from(format!("route-{i}").as_str()),
-            })
-            .collect();
-        routes.push(TlsRoute {
-            sni: vec!["*.wild.example.org".to_owned()],
+        let route = |name: &str| TlsRoute {
             subnets: Vec::new(),
             destinations: Vec::new(),
-            name: Arc::from("wildcard"),
-        });
+            name: Arc::from(name),
+        };
+        let mut routes: Vec<(Vec<String>, TlsRoute)> = (0..n)
+            .map(|i| {
+                let sni = vec![format!("host-{i}.example.com")];
+                (sni, route(&format!("route-{i}")))
+            })
+            .collect();
+        routes.push((vec!["*.wild.example.org".to_owned()], route("wildcard")));
         let table = TlsRoutes::new(routes);
         for (name, sni) in [
             ("first route", "host-0.example.com".to_owned()),

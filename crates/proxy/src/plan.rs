@@ -719,7 +719,8 @@ fn connect<'s>(snap: &'s Snapshot, head: &RequestHead<'_>) -> RequestAction<'s> 
 #[derive(Debug)]
 pub struct TcpPlan<'s> {
     pub listener: Option<&'s ListenerState>,
-    /// The `tls` route that matched the SNI.
+    /// The `tls` route that matched the SNI, or the `tcp` route that
+    /// matched the destination (`is_tcp_route`).
     pub route: Option<&'s TlsRoute>,
     /// The cluster the connection goes to (or would, when it is denied).
     pub cluster: Option<&'s std::sync::Arc<ClusterEntry>>,
@@ -767,6 +768,15 @@ pub enum TcpReason {
 }
 
 impl<'s> TcpPlan<'s> {
+    /// Whether the route is one of the listener's `tcp` routes (matched by
+    /// destination) rather than a `tls` route (matched by SNI).
+    pub fn is_tcp_route(&self) -> bool {
+        match (self.listener, self.route) {
+            (Some(l), Some(r)) => l.tcp_routes.iter().any(|t| std::ptr::eq(t, r)),
+            _ => false,
+        }
+    }
+
     fn original_dst(
         snap: &'s Snapshot,
         listener: Option<&'s ListenerState>,

@@ -79,8 +79,6 @@ pub struct ClusterEntry {
 /// A `tls` route: SNI names to destinations (passthrough).
 #[derive(Debug, Clone)]
 pub struct TlsRoute {
-    /// Lowercase SNI patterns (`a.com`, `*.a.com`).
-    pub sni: Vec<String>,
     /// A `tcp` route's destination subnets (empty: any destination).
     pub subnets: Vec<ipnet::IpNet>,
     pub destinations: Vec<WeightedCluster>,
@@ -107,11 +105,15 @@ pub struct TlsRoutes {
 }
 
 impl TlsRoutes {
-    pub fn new(routes: Vec<TlsRoute>) -> TlsRoutes {
-        let patterns = routes
-            .iter()
-            .enumerate()
-            .flat_map(|(i, r)| r.sni.iter().map(move |p| (p.clone(), i)));
+    /// Each route with its lowercase SNI patterns (`a.com`, `*.a.com`),
+    /// which only the index keeps.
+    pub fn new(by_sni: Vec<(Vec<String>, TlsRoute)>) -> TlsRoutes {
+        let mut routes = Vec::with_capacity(by_sni.len());
+        let mut patterns = Vec::new();
+        for (sni, route) in by_sni {
+            patterns.extend(sni.into_iter().map(|p| (p, routes.len())));
+            routes.push(route);
+        }
         let index = DomainIndex::new(patterns);
         TlsRoutes { routes, index }
     }
@@ -551,16 +553,23 @@ fn route_table(v: &ProxyView, port: u16, index: &HashMap<&str, usize>) -> RouteT
     RouteTable::new(vhosts)
 }
 
-/// The SNI routes of one listener port.
-fn tls_route_table(v: &ProxyView, port: u16, index: &HashMap<&str, usize>) -> Vec<TlsRoute> {
+/// The SNI routes of one listener port, each with its SNI patterns.
+fn tls_route_table(
+    v: &ProxyView,
+    port: u16,
+    index: &HashMap<&str, usize>,
+) -> Vec<(Vec<String>, TlsRoute)> {
     v.routes
         .iter()
         .filter(|r| r.listener_port == u32::from(port) && !r.sni_hosts.is_empty())
-        .map(|r| TlsRoute {
-            sni: r.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
-            subnets: Vec::new(),
-            destinations: weighted(r, index),
-            name: Arc::from(r.rule.as_str()),
+        .map(|r| {
+            let sni = r.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+            let route = TlsRoute {
+                subnets: Vec::new(),
+                destinations: weighted(r, index),
+                name: Arc::from(r.rule.as_str()),
+            };
+            (sni, route)
         })
         .collect()
 }
@@ -584,7 +593,6 @@ fn tcp_route_table(v: &ProxyView, port: u16, index: &HashMap<&str, usize>) -> Ve
                 })
                 .collect::<Option<Vec<_>>>()?;
             Some(TlsRoute {
-                sni: Vec::new(),
                 subnets,
                 destinations: weighted(r, index),
                 name: Arc::from(r.rule.as_str()),
