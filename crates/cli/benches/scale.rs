@@ -4,7 +4,8 @@
 //! other shapes of `ScaleShape` (one ServiceEntry with every host; a
 //! Gateway per host; mesh-bound resources exported to their namespace;
 //! routes to subsets), each of which once made a part of loading or
-//! analysis quadratic. Per case: load + compile in process, `meshgate
+//! analysis quadratic, and the per-host shape in one file (parsed in parts
+//! of whole documents on several threads). Per case: load + compile in process, `meshgate
 //! check`, the gateway's time to ready and RSS, and a reload's time; then a
 //! reload of the largest config on both proxies of the seed chain under
 //! load (wrk), counting failed requests.
@@ -41,14 +42,18 @@ fn main() {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let largest = sizes.iter().copied().max().unwrap_or(1);
-    let mut cases: Vec<(usize, ScaleShape)> =
-        sizes.iter().map(|&n| (n, ScaleShape::PerHost)).collect();
+    // (hosts, shape, all in one file).
+    let mut cases: Vec<(usize, ScaleShape, bool)> = sizes
+        .iter()
+        .map(|&n| (n, ScaleShape::PerHost, false))
+        .collect();
     cases.extend(
         ScaleShape::ALL
             .into_iter()
             .filter(|&s| s != ScaleShape::PerHost)
-            .map(|s| (largest, s)),
+            .map(|s| (largest, s, false)),
     );
+    cases.push((largest, ScaleShape::PerHost, true));
 
     let dir = TempDir::new("bench-scale");
     let ca = dir.path("ca");
@@ -76,9 +81,9 @@ fn main() {
         "\n| external hosts | load + compile | `check` | gateway ready | gateway RSS | reload |\n|---|---|---|---|---|---|"
     );
     let mut rss_of = Vec::new();
-    for (i, &(n, shape)) in cases.iter().enumerate() {
+    for (i, &(n, shape, one_file)) in cases.iter().enumerate() {
         let config = dir.path(&format!("config-{i}"));
-        write_config(Path::new(&config), n, shape);
+        write_config(Path::new(&config), n, shape, one_file);
         let load = median3(|| load_and_compile(&config));
         let check = median3(|| {
             let t0 = Instant::now();
@@ -90,6 +95,7 @@ fn main() {
         let reload = reload_once(&gateway.proc, &config, 0);
         rss_of.push((n, shape, rss));
         let label = match shape {
+            _ if one_file => format!("{n}, in one file"),
             ScaleShape::PerHost => n.to_string(),
             other => format!("{n}, {}", other.describe()),
         };
@@ -118,8 +124,9 @@ fn main() {
     under_load(&dir, &chain, largest);
 }
 
-/// Seed files (unchanged) and the generated ones, in one folder.
-fn write_config(dir: &Path, n: usize, shape: ScaleShape) {
+/// Seed files (unchanged) and the generated ones, in one folder; with
+/// `one_file`, the generated documents all in `scale-0.yaml`.
+fn write_config(dir: &Path, n: usize, shape: ScaleShape, one_file: bool) {
     std::fs::create_dir_all(dir).unwrap();
     for entry in std::fs::read_dir(support::seed()).unwrap() {
         let path = entry.unwrap().path();
@@ -127,7 +134,13 @@ fn write_config(dir: &Path, n: usize, shape: ScaleShape) {
             std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
         }
     }
-    for (name, text) in scale_files(n, shape) {
+    let files = scale_files(n, shape);
+    if one_file {
+        let all: String = files.into_iter().map(|(_, text)| text).collect();
+        std::fs::write(dir.join("scale-0.yaml"), all).unwrap();
+        return;
+    }
+    for (name, text) in files {
         std::fs::write(dir.join(name), text).unwrap();
     }
 }
@@ -287,7 +300,7 @@ fn under_load(dir: &TempDir, chain: &Chain, n: usize) {
         return;
     }
     let config = dir.path("config-load");
-    write_config(Path::new(&config), n, ScaleShape::PerHost);
+    write_config(Path::new(&config), n, ScaleShape::PerHost, false);
     let gateway = chain.gateway(dir, &config, "gw-load");
     let gw_addr = gateway.ready["listeners"][0]["address"]
         .as_str()

@@ -130,26 +130,74 @@ fn files_to_load<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<(PathBuf, String)>, 
 
 /// Reads, parses and decodes every file, on as many threads as there are
 /// cores (YAML parsing is most of a large config's load time, and files
-/// parse independently). Results come back in file order.
+/// parse independently); a large file in parts of whole documents, so one
+/// file is not one thread's work. Results come back in file order.
 fn decode_files(files: &[(PathBuf, String)]) -> Vec<Result<Vec<Decoded>, LoadError>> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let threads = cores.min(files.len());
+    let mut out: Vec<Result<Vec<Decoded>, LoadError>> = Vec::with_capacity(files.len());
+    let mut texts = Vec::with_capacity(files.len());
+    for (path, _) in files {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                out.push(Ok(Vec::new()));
+                texts.push(text);
+            }
+            Err(error) => {
+                let path = path.to_owned();
+                out.push(Err(LoadError::Io { path, error }));
+                texts.push(String::new());
+            }
+        }
+    }
+    // (file, part of its text, lines before the part).
+    let mut items = Vec::new();
+    for (i, text) in texts.iter().enumerate() {
+        if out[i].is_err() {
+            continue;
+        }
+        if cores > 1 {
+            let parts = yaml::document_parts(text, PART_BYTES);
+            items.extend(parts.into_iter().map(|(range, lines)| (i, range, lines)));
+        } else {
+            items.push((i, 0..text.len(), 0));
+        }
+    }
+    let decoded = on_threads(cores.min(items.len()), &items, |(i, range, lines)| {
+        decode_part(&files[*i].1, &texts[*i][range.clone()], *lines)
+    });
+    // Each file's parts in order; its first error is the file's.
+    for ((i, _, _), part) in items.iter().zip(decoded) {
+        match (&mut out[*i], part) {
+            (Ok(objects), Ok(more)) => objects.extend(more),
+            (slot @ Ok(_), Err(e)) => *slot = Err(e),
+            (Err(_), _) => {}
+        }
+    }
+    out
+}
+
+/// Parts of about this size parse on threads of their own.
+const PART_BYTES: usize = 256 * 1024;
+
+/// `f` of every item, on `threads` threads (the calling one too), in the
+/// items' order.
+fn on_threads<T: Sync, R: Send + Sync>(
+    threads: usize,
+    items: &[T],
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
     if threads <= 1 {
-        return files
-            .iter()
-            .map(|(p, shown)| decode_file(p, shown))
-            .collect();
+        return items.iter().map(f).collect();
     }
     let next = AtomicUsize::new(0);
-    let slots: Vec<OnceLock<Result<Vec<Decoded>, LoadError>>> =
-        files.iter().map(|_| OnceLock::new()).collect();
+    let slots: Vec<OnceLock<R>> = items.iter().map(|_| OnceLock::new()).collect();
     let work = || {
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
-            let (Some((path, shown)), Some(slot)) = (files.get(i), slots.get(i)) else {
+            let (Some(item), Some(slot)) = (items.get(i), slots.get(i)) else {
                 break;
             };
-            let _ = slot.set(decode_file(path, shown));
+            let _ = slot.set(f(item));
         }
     };
     std::thread::scope(|scope| {
@@ -163,16 +211,8 @@ fn decode_files(files: &[(PathBuf, String)]) -> Vec<Result<Vec<Decoded>, LoadErr
     });
     slots
         .into_iter()
-        .map(|slot| slot.into_inner().expect("every file was parsed"))
+        .map(|slot| slot.into_inner().expect("every item was done"))
         .collect()
-}
-
-fn decode_file(path: &Path, shown: &str) -> Result<Vec<Decoded>, LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|error| LoadError::Io {
-        path: path.to_owned(),
-        error,
-    })?;
-    decode_str(shown, &text)
 }
 
 /// A hash of what `load_paths` would read: file names and contents. A
@@ -235,7 +275,13 @@ pub fn load_str(file: &str, text: &str, loaded: &mut Loaded) -> Result<(), LoadE
 
 /// One file's objects, in order.
 fn decode_str(file: &str, text: &str) -> Result<Vec<Decoded>, LoadError> {
-    let docs = yaml::parse_documents(text).map_err(|e| LoadError::Syntax {
+    decode_part(file, text, 0)
+}
+
+/// The objects of a part of a file that starts after `lines_before` of its
+/// lines, in order.
+fn decode_part(file: &str, text: &str, lines_before: u32) -> Result<Vec<Decoded>, LoadError> {
+    let docs = yaml::parse_documents_at(text, lines_before).map_err(|e| LoadError::Syntax {
         file: file.to_owned(),
         pos: e.pos,
         message: e.message,

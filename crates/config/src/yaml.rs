@@ -72,22 +72,57 @@ pub struct SyntaxError {
 /// Parses a multi-document YAML stream. Empty documents (only comments, or a
 /// trailing `---`) are returned with a `Null` root; callers skip them.
 pub fn parse_documents(src: &str) -> Result<Vec<Document>, SyntaxError> {
+    parse_documents_at(src, 0)
+}
+
+/// `parse_documents` of a part of a file that starts after `lines_before`
+/// lines of it (`document_parts`): positions are the file's.
+pub fn parse_documents_at(src: &str, lines_before: u32) -> Result<Vec<Document>, SyntaxError> {
+    let at = |line: usize, col: usize| Pos {
+        line: to_u32(line).saturating_add(lines_before),
+        col: to_u32(col + 1),
+    };
     let mut builder = TreeBuilder::default();
     for item in Parser::new_from_str(src) {
         let (event, span) = item.map_err(|e| SyntaxError {
-            pos: Pos {
-                line: to_u32(e.marker().line()),
-                col: to_u32(e.marker().col() + 1),
-            },
+            pos: at(e.marker().line(), e.marker().col()),
             message: e.info(),
         })?;
-        let pos = Pos {
-            line: to_u32(span.start.line()),
-            col: to_u32(span.start.col() + 1),
-        };
-        builder.event(event, pos)?;
+        builder.event(event, at(span.start.line(), span.start.col()))?;
     }
     Ok(builder.docs)
+}
+
+/// Splits a multi-document stream into parts of about `target` bytes or
+/// more, each a whole number of documents, to parse on threads of their
+/// own: (byte range, lines before it). A part begins at a `---` line: in
+/// YAML such a line starts a document wherever it is (no scalar, block or
+/// quoted, may hold one), so each part parses as the stream would. A
+/// stream with a directive (`%YAML`, `%TAG`: it belongs to the document
+/// after it) stays whole.
+pub fn document_parts(src: &str, target: usize) -> Vec<(std::ops::Range<usize>, u32)> {
+    let mut parts = Vec::new();
+    let (mut start, mut start_lines) = (0, 0u32);
+    let (mut offset, mut lines) = (0, 0u32);
+    for line in src.split_inclusive('\n') {
+        if line.starts_with('%') {
+            return vec![(0..src.len(), 0)];
+        }
+        if offset - start >= target && offset > start && is_document_start(line) {
+            parts.push((start..offset, start_lines));
+            (start, start_lines) = (offset, lines);
+        }
+        offset += line.len();
+        lines += 1;
+    }
+    parts.push((start..src.len(), start_lines));
+    parts
+}
+
+/// `---` alone or before a space, a tab or the line's end.
+fn is_document_start(line: &str) -> bool {
+    line.strip_prefix("---")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']))
 }
 
 fn to_u32(n: usize) -> u32 {
@@ -871,5 +906,78 @@ mod tests {
         }
         let err = parse_documents(&src).unwrap_err();
         assert!(err.message.contains("too large"), "{err}");
+    }
+
+    /// Every part on its own, the documents in order.
+    fn parse_in_parts(src: &str, target: usize) -> Result<Vec<Node>, SyntaxError> {
+        let mut roots = Vec::new();
+        for (range, lines) in document_parts(src, target) {
+            roots.extend(
+                parse_documents_at(&src[range], lines)?
+                    .into_iter()
+                    .map(|d| d.root),
+            );
+        }
+        Ok(roots)
+    }
+
+    fn whole(src: &str) -> Result<Vec<Node>, SyntaxError> {
+        Ok(parse_documents(src)?.into_iter().map(|d| d.root).collect())
+    }
+
+    #[test]
+    fn a_stream_parses_in_parts_as_it_parses_whole() {
+        let seed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed");
+        let mut streams: Vec<String> = std::fs::read_dir(seed)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        streams.extend(
+            [
+                // Block scalars that keep their trailing lines end at the
+                // next `---`; content on a marker's line; `...` ends.
+                "a: |+\n  kept\n\n---\nb: >-\n  folded\n  text\n...\n--- |\n  top\n---\n# only a comment\n---\n",
+                // A first document without a marker, an empty one, CRLF.
+                "x: 1\r\n---\r\n---\r\ny: [1, 2]\r\n--- \t\nz: {k: v}\n",
+                // `---` at a line's start inside a top-level block scalar
+                // ends it; `----` and `--- x` are not parts of the same kind.
+                "--- |\nline\n---\nk: ----\n--- x\n---\n----\n",
+                // Anchors stay within their document.
+                "a: &n {x: 1}\nb: *n\n---\nc: &n [2]\nd: *n\n",
+                "",
+            ]
+            .map(str::to_owned),
+        );
+        for src in &streams {
+            let want = whole(src).unwrap();
+            for target in [0, 1, 16, usize::MAX] {
+                assert_eq!(
+                    parse_in_parts(src, target).unwrap(),
+                    want,
+                    "{target}: {src}"
+                );
+            }
+        }
+        // A part per marker at target 0 (the first has no marker).
+        assert_eq!(document_parts("a: 1\n---\nb: 2\n--- \nc: 3\n", 0).len(), 3);
+        // A directive belongs to the document after it: no parts.
+        let directive = "a: 1\n---\n%YAML 1.2\n---\nb: 2\n";
+        assert_eq!(document_parts(directive, 0), [(0..directive.len(), 0)]);
+    }
+
+    #[test]
+    fn an_error_in_a_later_part_names_the_line_in_the_file() {
+        let src = "a: 1\n---\nb: 2\n---\nc: [1\nd: 2\n";
+        let whole = whole(src).unwrap_err();
+        let parts = parse_in_parts(src, 0).unwrap_err();
+        assert_eq!((parts.pos, &parts.message), (whole.pos, &whole.message));
+        assert_eq!(parts.pos.line, 6, "{parts}");
+        let node = &parse_in_parts("a: 1\n---\nb:\n  c: 2\n", 0).unwrap()[1];
+        assert_eq!(
+            node.get("b").and_then(|b| b.get("c")).unwrap().pos,
+            Pos { line: 4, col: 6 }
+        );
     }
 }

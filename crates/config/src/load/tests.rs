@@ -737,3 +737,50 @@ fn sidecar_listeners_are_validated_as_istio_validates_them() {
     );
     assert_eq!(messages(&load(&valid)), Vec::<String>::new());
 }
+
+/// A file larger than a part is parsed in parts on several threads
+/// (`document_parts`); what it loads, the lines it names and its first
+/// syntax error are those of the file parsed whole (`load_str`).
+#[test]
+fn a_large_file_loads_in_parts_as_it_loads_whole() {
+    let dir = std::env::temp_dir().join(format!("meshgate-parts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ns =
+        |i: usize| format!("---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: n-{i}}}\n");
+    let mut text: String = (0..10_000).map(ns).collect();
+    text.push_str(&ns(10));
+    assert!(yaml::document_parts(&text, PART_BYTES).len() > 1);
+    let file = dir.join("big.yaml");
+    std::fs::write(&file, &text).unwrap();
+    let in_parts = load_paths(&[&dir]).expect("loads");
+    let mut whole = Loaded::default();
+    load_str("big.yaml", &text, &mut whole).unwrap();
+    let seen = |l: &Loaded| -> Vec<(String, u32)> {
+        l.config
+            .namespaces
+            .iter()
+            .map(|n| (n.meta.name.clone(), n.meta.source.line))
+            .collect()
+    };
+    assert_eq!(seen(&in_parts).len(), 10_000);
+    assert_eq!(seen(&in_parts), seen(&whole));
+    assert_eq!(
+        messages(&in_parts),
+        [
+            "Error [IST0106] (Namespace n-10 big.yaml:40002) Schema validation error: duplicate Namespace n-10: also defined at big.yaml:42"
+        ]
+    );
+    assert_eq!(messages(&in_parts), messages(&whole));
+
+    // A syntax error in the last part names its line in the file.
+    text.push_str("---\nkind: [Namespace\n");
+    std::fs::write(&file, &text).unwrap();
+    let err = load_paths(&[&dir]).unwrap_err().to_string();
+    let mut whole = Loaded::default();
+    let want = load_str("big.yaml", &text, &mut whole)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err, want);
+    assert!(err.starts_with("big.yaml:40006:7: "), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
