@@ -165,13 +165,23 @@ fn decode_files(files: &[(PathBuf, String)]) -> Vec<Result<Vec<Decoded>, LoadErr
     let decoded = on_threads(cores.min(items.len()), &items, |(i, range, lines)| {
         decode_part(&files[*i].1, &texts[*i][range.clone()], *lines)
     });
-    // Each file's parts in order; its first error is the file's.
+    // Each file's parts in order. A part that does not parse sends its
+    // file to the parser whole: whatever a parser makes of YAML that puts
+    // a `---` line where the spec forbids one, the file's outcome is the
+    // one it has parsed whole.
+    let mut failed = vec![false; files.len()];
     for ((i, _, _), part) in items.iter().zip(decoded) {
         match (&mut out[*i], part) {
             (Ok(objects), Ok(more)) => objects.extend(more),
-            (slot @ Ok(_), Err(e)) => *slot = Err(e),
+            (slot @ Ok(_), Err(e)) => {
+                *slot = Err(e);
+                failed[*i] = true;
+            }
             (Err(_), _) => {}
         }
+    }
+    for (i, _) in failed.iter().enumerate().filter(|(_, f)| **f) {
+        out[i] = decode_str(&files[i].1, &texts[i]);
     }
     out
 }

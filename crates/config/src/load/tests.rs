@@ -784,3 +784,33 @@ fn a_large_file_loads_in_parts_as_it_loads_whole() {
     assert!(err.starts_with("big.yaml:40006:7: "), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A `---` line inside a quoted scalar or a flow collection is not YAML
+/// (the spec forbids it there); a file that has one loads as it does
+/// parsed whole, whatever the parser makes of it, parts or not.
+#[test]
+fn a_large_file_with_a_misplaced_marker_loads_as_it_does_whole() {
+    let dir = std::env::temp_dir().join(format!("meshgate-marker-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ns =
+        |i: usize| format!("---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: n-{i}}}\n");
+    let bulk: String = (0..6_000).map(ns).collect();
+    for odd in [
+        "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: quoted\n  labels: {a: \"x\n---\ny\"}\n",
+        "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: flow\n  labels: {a: b,\n---\n  c: d}\n",
+    ] {
+        let text = format!("{bulk}{odd}{bulk}");
+        assert!(yaml::document_parts(&text, PART_BYTES).len() > 2);
+        std::fs::write(dir.join("big.yaml"), &text).unwrap();
+        let mut whole = Loaded::default();
+        let want = load_str("big.yaml", &text, &mut whole).map(|()| messages(&whole));
+        let got = load_paths(&[&dir]).map(|l| messages(&l));
+        assert_eq!(
+            format!("{got:?}"),
+            format!("{want:?}"),
+            "{}",
+            odd.escape_debug()
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
