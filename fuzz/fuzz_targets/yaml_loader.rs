@@ -1,14 +1,29 @@
 //! Any text through the loader and the analyzers, and every workload's
 //! proxy view of what has no errors: errors are diagnostics, never a panic.
+//! Text that parses whole parses the same in parts (`document_parts`, as
+//! a large file is parsed on several threads).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use meshgate_config::{Loaded, MeshSettings, analyze::analyze, load::load_str, registry, view};
+use meshgate_config::{
+    Loaded, MeshSettings, analyze::analyze, load::load_str, registry, view, yaml,
+};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
+    if let Ok(whole) = yaml::parse_documents(text) {
+        let mut parts = Vec::new();
+        for (range, lines) in yaml::document_parts(text, 0) {
+            match yaml::parse_documents_at(&text[range], lines) {
+                Ok(docs) => parts.extend(docs.into_iter().map(|d| d.root)),
+                Err(e) => panic!("parses whole, not in parts: {e}"),
+            }
+        }
+        let whole: Vec<_> = whole.into_iter().map(|d| d.root).collect();
+        assert!(parts == whole, "parts differ from the whole");
+    }
     let mut loaded = Loaded::default();
     if load_str("fuzz.yaml", text, &mut loaded).is_err() {
         return;

@@ -99,8 +99,15 @@ pub fn parse_documents_at(src: &str, lines_before: u32) -> Result<Vec<Document>,
 /// YAML such a line starts a document wherever it is (no scalar, block or
 /// quoted, may hold one), so each part parses as the stream would. A
 /// stream with a directive (`%YAML`, `%TAG`: it belongs to the document
-/// after it) stays whole.
+/// after it), or with a carriage return that ends a line on its own (lines
+/// are counted by line feeds), stays whole.
 pub fn document_parts(src: &str, target: usize) -> Vec<(std::ops::Range<usize>, u32)> {
+    let lone_cr = src
+        .match_indices('\r')
+        .any(|(i, _)| src.as_bytes().get(i + 1) != Some(&b'\n'));
+    if lone_cr {
+        return vec![(0..src.len(), 0)];
+    }
     let mut parts = Vec::new();
     let (mut start, mut start_lines) = (0, 0u32);
     let (mut offset, mut lines) = (0, 0u32);
@@ -944,6 +951,8 @@ mod tests {
                 // `---` at a line's start inside a top-level block scalar
                 // ends it; `----` and `--- x` are not parts of the same kind.
                 "--- |\nline\n---\nk: ----\n--- x\n---\n----\n",
+                // A carriage return alone ends a line too: no parts.
+                "a: 1\rb: 2\n---\nc: 3\n",
                 // Anchors stay within their document.
                 "a: &n {x: 1}\nb: *n\n---\nc: &n [2]\nd: *n\n",
                 "",
