@@ -100,7 +100,9 @@ pub fn parse_documents_at(src: &str, lines_before: u32) -> Result<Vec<Document>,
 /// quoted, may hold one), so each part parses as the stream would. A
 /// stream with a directive (`%YAML`, `%TAG`: it belongs to the document
 /// after it), or with a carriage return that ends a line on its own (lines
-/// are counted by line feeds), stays whole.
+/// are counted by line feeds), stays whole; a part ends only after a line
+/// of plain content (`is_plain_content`), so that every node keeps the
+/// position it has in the whole stream.
 pub fn document_parts(src: &str, target: usize) -> Vec<(std::ops::Range<usize>, u32)> {
     let lone_cr = src
         .match_indices('\r')
@@ -111,19 +113,29 @@ pub fn document_parts(src: &str, target: usize) -> Vec<(std::ops::Range<usize>, 
     let mut parts = Vec::new();
     let (mut start, mut start_lines) = (0, 0u32);
     let (mut offset, mut lines) = (0, 0u32);
+    let mut after_content = false;
     for line in src.split_inclusive('\n') {
         if line.starts_with('%') {
             return vec![(0..src.len(), 0)];
         }
-        if offset - start >= target && offset > start && is_document_start(line) {
+        if offset - start >= target && after_content && is_document_start(line) {
             parts.push((start..offset, start_lines));
             (start, start_lines) = (offset, lines);
         }
+        after_content = is_plain_content(line);
         offset += line.len();
         lines += 1;
     }
     parts.push((start..src.len(), start_lines));
     parts
+}
+
+/// A line a part may end with: neither blank nor a comment, and without
+/// `|` or `>` (an empty block scalar cut off by the marker is placed
+/// where the marker is, not where its header is).
+fn is_plain_content(line: &str) -> bool {
+    let trimmed = line.trim();
+    !trimmed.is_empty() && !trimmed.starts_with('#') && !trimmed.contains(['|', '>'])
 }
 
 /// `---` alone or before a space, a tab or the line's end.
@@ -951,6 +963,8 @@ mod tests {
                 // `---` at a line's start inside a top-level block scalar
                 // ends it; `----` and `--- x` are not parts of the same kind.
                 "--- |\nline\n---\nk: ----\n--- x\n---\n----\n",
+                // Keep chomping with only empty lines before the marker.
+                "t: |+\n\n---\nv\n",
                 // A carriage return alone ends a line too: no parts.
                 "a: 1\rb: 2\n---\nc: 3\n",
                 // Anchors stay within their document.
