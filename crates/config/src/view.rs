@@ -285,7 +285,7 @@ impl RouteDestination {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterView {
     pub name: String,
@@ -314,7 +314,7 @@ pub struct ClusterView {
 }
 
 /// How a cluster finds its endpoints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Hash, Eq, Serialize)]
 pub enum ClusterResolution {
     #[serde(rename = "NOT_IN_REGISTRY")]
     NotInRegistry,
@@ -349,7 +349,7 @@ impl fmt::Display for ClusterResolution {
 }
 
 /// Where a cluster's endpoints are.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Eq, Serialize)]
 #[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum ClusterEndpoints {
     /// Names resolved by DNS, each at its port: every address, or only the
@@ -367,7 +367,7 @@ pub enum ClusterEndpoints {
     None,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Eq, Serialize)]
 pub struct HostPort {
     pub host: String,
     pub port: u16,
@@ -388,7 +388,7 @@ fn is_zero(p: &u8) -> bool {
     *p == 0
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterTls {
     pub mode: ClientTlsMode,

@@ -310,7 +310,7 @@ impl<'a> DrIndex<'a> {
 /// The traffic policy that applies to one (port, subset) of a destination:
 /// the subset's policy overrides the top level, and a port-level entry
 /// overrides its whole group of settings (omitted fields are not inherited).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EffectivePolicy {
     pub tls: Option<ClientTlsSettings>,
