@@ -2,7 +2,9 @@
 //! proxy view of what has no errors: errors are diagnostics, never a panic.
 //! Text that parses whole parses the same in parts (`document_parts`, as
 //! a large file is parsed on several threads), and text that does not
-//! parse whole fails in some part (else the loader would take it).
+//! parse whole fails in some part (else the loader would take it). The
+//! fast path for plain config YAML builds what the event parser builds, or
+//! leaves the text to it (errors included).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -14,6 +16,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
+    fast_path_agrees(text);
     same_in_parts(text);
     let mut loaded = Loaded::default();
     if load_str("fuzz.yaml", text, &mut loaded).is_err() {
@@ -54,5 +57,14 @@ fn same_in_parts(text: &str) {
             parts.iter().any(Result::is_err),
             "fails whole ({e}), parses in parts"
         ),
+    }
+}
+
+fn fast_path_agrees(text: &str) {
+    match (yaml::parse_documents(text), yaml::parse_events_at(text, 0)) {
+        (Ok(docs), Ok(events)) => assert!(docs == events, "the fast path differs"),
+        (Err(_), Err(_)) => {}
+        (Ok(_), Err(e)) => panic!("the fast path took what does not parse: {e}"),
+        (Err(e), Ok(_)) => panic!("fails only by the fast path: {e}"),
     }
 }

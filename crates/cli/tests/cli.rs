@@ -1024,13 +1024,18 @@ fn explain_exit_codes_say_what_the_proxy_does() {
 /// passes `check` with what it adds, and where its VirtualServices bind
 /// the hosts to the egress gateway (one Gateway for all, or one each), the
 /// gateway routes the last host with TLS origination. A shape that no
-/// longer loads or routes would time something else.
+/// longer loads or routes would time something else, and so would files
+/// the YAML fast path no longer reads.
 #[test]
 fn every_scale_shape_checks_and_the_gateway_routes_its_hosts() {
     use meshgate_proxy::testing::{ScaleShape, scale_files, scale_host};
     const N: usize = 12;
     for shape in ScaleShape::ALL {
         let files = scale_files(N, shape);
+        for (name, text) in &files {
+            let fast = meshgate_config::yaml::fast_path_reads(text);
+            assert!(fast, "{shape:?}: {name} is left to the event parser");
+        }
         let extra: Vec<(&str, &str)> = files
             .iter()
             .map(|(name, text)| (name.as_str(), text.as_str()))

@@ -14,7 +14,9 @@ use std::collections::HashMap;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, Visitor};
-use serde_saphyr::granit_parser::{Event, Parser, ScalarStyle};
+use serde_saphyr::granit_parser::{Event, Options, Parser, ScalarStyle};
+
+mod fast;
 
 /// Upper bound on nodes per document, aliases expanded, so that an alias
 /// bomb is a clear error rather than an exhausted machine. Per document: a
@@ -56,7 +58,7 @@ pub enum Value {
 }
 
 /// One YAML document of a multi-document stream.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Document {
     pub root: Node,
 }
@@ -78,12 +80,33 @@ pub fn parse_documents(src: &str) -> Result<Vec<Document>, SyntaxError> {
 /// `parse_documents` of a part of a file that starts after `lines_before`
 /// lines of it (`document_parts`): positions are the file's.
 pub fn parse_documents_at(src: &str, lines_before: u32) -> Result<Vec<Document>, SyntaxError> {
+    match fast::parse(src, lines_before) {
+        Ok(docs) => Ok(docs),
+        Err(fast::GiveUp) => parse_events_at(src, lines_before),
+    }
+}
+
+/// Whether the fast path reads `src` itself, for tests: the configs the
+/// scale benchmark generates must not fall back to the event parser.
+#[doc(hidden)]
+pub fn fast_path_reads(src: &str) -> bool {
+    fast::parse(src, 0).is_ok()
+}
+
+/// `parse_documents_at` by the event parser alone, for any YAML: what the
+/// fast path must agree with where it reads the text at all.
+#[doc(hidden)]
+pub fn parse_events_at(src: &str, lines_before: u32) -> Result<Vec<Document>, SyntaxError> {
     let at = |line: usize, col: usize| Pos {
         line: to_u32(line).saturating_add(lines_before),
         col: to_u32(col + 1),
     };
+    // Comments are not kept: emitted, a run of 96 of them inside a
+    // collection failed the parse ("too many buffered comments").
+    let mut options = Options::default();
+    options.emit_comments = false;
     let mut builder = TreeBuilder::default();
-    for item in Parser::new_from_str(src) {
+    for item in Parser::new_from_str_with_options(src, options) {
         let (event, span) = item.map_err(|e| SyntaxError {
             pos: at(e.marker().line(), e.marker().col()),
             message: e.info(),
@@ -946,13 +969,7 @@ mod tests {
 
     #[test]
     fn a_stream_parses_in_parts_as_it_parses_whole() {
-        let seed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed");
-        let mut streams: Vec<String> = std::fs::read_dir(seed)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-            .map(|p| std::fs::read_to_string(p).unwrap())
-            .collect();
+        let mut streams = seed_files(|_| true);
         streams.extend(
             [
                 // Block scalars that keep their trailing lines end at the
@@ -1002,5 +1019,76 @@ mod tests {
             node.get("b").and_then(|b| b.get("c")).unwrap().pos,
             Pos { line: 4, col: 6 }
         );
+    }
+
+    /// The seed's YAML files whose names `keep` keeps.
+    fn seed_files(keep: impl Fn(&str) -> bool) -> Vec<String> {
+        let seed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed");
+        std::fs::read_dir(seed)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+            .filter(|p| p.file_name().is_some_and(|n| keep(&n.to_string_lossy())))
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect()
+    }
+
+    /// The fast path reads configs as written (the seed, the Kubernetes
+    /// style of lists and flow collections) and builds what the event
+    /// parser builds, positions included; it leaves all else to it.
+    #[test]
+    fn the_fast_path_builds_what_the_event_parser_builds() {
+        // Every seed file but the Deployments (block scalars: the event
+        // parser reads those).
+        let mut taken = seed_files(|name| !name.starts_with("deployment"));
+        assert!(taken.len() >= 7);
+        taken.extend(
+            [
+                // Lists at their key's column or under it, a mapping per
+                // item, flow collections, quotes, comments, empty values.
+                "a: 1\nb:\n  c: x # note\n  d: \"q\"\ne:\n- f: 1\n  g: [1, {h: i}]\n- k\nl:\nm: \n",
+                "---\na: 1\n---\n# only\n---\nn: 's' # c\n---\n",
+                "# c\n---\n- a:\n  - x\n  b: 1\n-   d\n- e: [ ]\n  f: {}\n",
+                "a:   # c\n\n  b: [x,y]\n  c:\n    - z: \"*.e\"\n      w: ['.']\n",
+                "k.io/name-x: v:w b[0] a#b\nn: ~\n",
+                // More comments in a row than the event parser once buffered.
+                &format!("a:\n{}  b: 1\n", "  # c\n".repeat(150)),
+                "",
+                "# nothing\n",
+            ]
+            .map(str::to_owned),
+        );
+        for src in &taken {
+            let fast = fast::parse(src, 7).unwrap_or_else(|_| panic!("gave up on {src}"));
+            assert_eq!(fast, parse_events_at(src, 7).unwrap(), "{src}");
+        }
+        let left = [
+            "a: &x 1\nb: *x\n",
+            "a: !t x\n",
+            "a: |\n  x\n",
+            "a: x\n  y\n",
+            "a: \"x\\ny\"\n",
+            "a: 'it''s'\n",
+            "a: [1,\n  2]\n",
+            "a: 1\na: 2\n",
+            "a:\tb\n",
+            "a: b: c\n",
+            "- - x\n",
+            "--- x\n",
+            "a: 1\n...\n",
+            "%YAML 1.2\n---\na: 1\n",
+            "a: caf\u{e9}\n",
+            "a: 1\r\n",
+            "\"a\": 1\n",
+            "a: [x, ]\n",
+            "a: 1\n b: 2\n",
+            "scalar\n",
+            "null: 1\n",
+            // Longer than the 1024 characters YAML looks ahead for a key.
+            &format!("{}: 1\n", "k".repeat(1100)),
+        ];
+        for src in left {
+            assert!(fast::parse(src, 0).is_err(), "took {src}");
+        }
     }
 }
