@@ -1,6 +1,7 @@
 //! `meshgate explain` and the running proxies agree: the same requests and
-//! connections (HTTP, TLS, TCP; REGISTRY_ONLY and ALLOW_ANY; a missing
-//! cluster; denied callers) are sent to in-process proxies and explained
+//! connections (HTTP, TLS, TCP, a silent client of a server-first
+//! protocol; REGISTRY_ONLY and ALLOW_ANY; a missing cluster; denied
+//! callers) are sent to in-process proxies and explained
 //! from the same YAML files, and the status, response flags, route and
 //! cluster must match what the proxy logged. Runs as any user.
 #![allow(clippy::unwrap_used)]
@@ -40,6 +41,8 @@ struct Case {
     original: SocketAddr,
     /// Gateways: the caller's identity over mutual TLS.
     from: Option<&'static str>,
+    /// A tcp:// client that waits for the server to speak (`--silent`).
+    silent: bool,
 }
 
 /// One mesh (both proxies) per outbound policy, and the files explain reads.
@@ -66,6 +69,7 @@ async fn explain_says_what_the_proxies_do() {
     let known = plain_http().await;
     let registered_tcp = plain_http().await;
     let unregistered_tcp = plain_http().await;
+    let greeter = server_first().await;
     let tls_elsewhere = External::start(&["unregistered.example.com"]).await;
     let extra = [
         // A registered TLS host (routed by SNI).
@@ -75,6 +79,11 @@ async fn explain_says_what_the_proxies_do() {
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: known, namespace: curl-external-tst}}\nspec:\n  hosts: [known.example.com]\n  ports: [{{number: {}, name: http, protocol: HTTP}}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: plain-tcp, namespace: curl-external-tst}}\nspec:\n  hosts: [plain.example.com]\n  ports: [{{number: {}, name: tcp, protocol: TCP}}]\n  resolution: NONE\n",
             known.port(),
             registered_tcp.port()
+        ),
+        // A server-first protocol on a registered TCP port.
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: greeter, namespace: curl-external-tst}}\nspec:\n  hosts: [greeter.example.com]\n  ports: [{{number: {}, name: tcp-smtp, protocol: TCP}}]\n  resolution: NONE\n",
+            greeter.port()
         ),
         // A route to a host the registry does not have (503 NC).
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: nc, namespace: curl-external-tst}\nspec:\n  hosts: [nc.example.com]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: nc, namespace: curl-external-tst}\nspec:\n  hosts: [nc.example.com]\n  http: [{route: [{destination: {host: missing.example.com}}]}]\n".to_owned(),
@@ -90,6 +99,7 @@ async fn explain_says_what_the_proxies_do() {
         url,
         original,
         from: None,
+        silent: false,
     };
     let gateway = |url: &str, from| Case {
         who: Who::Gateway,
@@ -97,6 +107,7 @@ async fn explain_says_what_the_proxies_do() {
         url: url.to_owned(),
         original: elsewhere(80),
         from,
+        silent: false,
     };
     use Policy::*;
     let cases = [
@@ -152,6 +163,14 @@ async fn explain_says_what_the_proxies_do() {
             format!("tcp://anything.example.com:{}", unregistered_tcp.port()),
             unregistered_tcp,
         ),
+        Case {
+            silent: true,
+            ..sidecar(
+                RegistryOnly,
+                format!("tcp://greeter.example.com:{}", greeter.port()),
+                greeter,
+            )
+        },
         // The gateway: allowed, denied, plaintext, no route.
         gateway(&format!("http://{HOST}/todos/1"), Some(CURL_ID)),
         gateway(&format!("http://{HOST}/todos/1"), Some(OTHER_ID)),
@@ -182,6 +201,9 @@ async fn explain(files: &str, case: &Case) -> Value {
     cmd.args(["explain", "-c", files, "-w", workload, "-o", "json"]);
     if let Some(from) = case.from {
         cmd.args(["--from", from]);
+    }
+    if case.silent {
+        cmd.arg("--silent");
     }
     let o = cmd.arg(&case.url).output().await.unwrap();
     let v: Value = serde_json::from_slice(&o.stdout)
@@ -251,6 +273,13 @@ async fn observe(mesh: &mut Mesh, case: &Case, api: &External, dir: &TempDir) ->
             ])
             .await;
         }
+        _ if case.silent => {
+            // Sends nothing: done once the server's greeting comes through.
+            let mut s = tokio::net::TcpStream::connect(captured).await.unwrap();
+            let mut greeting = [0u8; GREETING.len()];
+            let read = s.read_exact(&mut greeting);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
+        }
         _ => {
             let mut s = tokio::net::TcpStream::connect(captured).await.unwrap();
             let _ = s.write_all(b"GET /todos/1 HTTP/1.0\r\n\r\n").await;
@@ -260,6 +289,24 @@ async fn observe(mesh: &mut Mesh, case: &Case, api: &External, dir: &TempDir) ->
         }
     }
     chain.sidecar.next_log().await
+}
+
+const GREETING: &[u8] = b"220 greeter.example.com ready\r\n";
+
+/// A server that speaks first (as SMTP does), then waits for the client
+/// to close.
+async fn server_first() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(GREETING).await;
+                let _ = s.read(&mut [0u8; 64]).await;
+            });
+        }
+    });
+    addr
 }
 
 /// A distinct number per call.
@@ -377,6 +424,7 @@ async fn explain_inbound_says_what_the_sidecar_does_on_the_way_in() {
             url: url.clone(),
             original: to,
             from: *from,
+            silent: false,
         };
         compare(&case, &explained, &logged);
     }
