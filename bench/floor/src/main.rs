@@ -87,7 +87,16 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(cli.part))
+    // SIGTERM ends the process by returning from main, as meshgate does:
+    // exit handlers run (a build with `-Cprofile-generate` writes its
+    // profile then, bench/pgo).
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = run(cli.part) => r,
+            _ = term.recv() => Ok(()),
+        }
+    })
 }
 
 async fn run(part: Part) -> anyhow::Result<()> {
