@@ -20,6 +20,8 @@ pub const DEFAULT_BIN_DIR: &str = "/var/cache/meshgate/kube/v1.34.4";
 /// kube-apiserver is ready in 5-10 s on an idle machine; a loaded CI
 /// machine gets more.
 const READY_WITHIN: Duration = Duration::from_secs(90);
+/// Starts of etcd and kube-apiserver before a port taken under them fails a test.
+const START_ATTEMPTS: u32 = 3;
 
 /// A running etcd + kube-apiserver, and a kubeconfig with admin rights.
 #[derive(Debug)]
@@ -59,20 +61,32 @@ impl TestCluster {
             std::process::id(),
             fastrand_suffix()
         ));
-        std::fs::create_dir_all(&dir).expect("create the cluster folder");
-        let mut cluster = TestCluster {
-            kubeconfig: dir.join("kubeconfig"),
-            bin,
-            server: String::new(),
-            children: Vec::new(),
-            apiserver: None,
-            netns,
-            dir,
-        };
-        let etcd = cluster.start_etcd();
-        cluster.start_apiserver(&etcd);
-        cluster.wait_ready();
-        cluster
+        // A port found free can be taken before etcd or kube-apiserver
+        // binds it (by another test's listener): start again on others.
+        for attempt in 1..=START_ATTEMPTS {
+            std::fs::create_dir_all(&dir).expect("create the cluster folder");
+            let mut cluster = TestCluster {
+                kubeconfig: dir.join("kubeconfig"),
+                bin: bin.clone(),
+                server: String::new(),
+                children: Vec::new(),
+                apiserver: None,
+                netns: netns.clone(),
+                dir: dir.clone(),
+            };
+            let etcd = cluster.start_etcd();
+            cluster.start_apiserver(&etcd);
+            match cluster.try_ready() {
+                Ok(()) => return cluster,
+                Err(logs)
+                    if attempt < START_ATTEMPTS && logs.contains("address already in use") =>
+                {
+                    continue;
+                }
+                Err(logs) => panic!("{logs}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
     /// The kubeconfig file (admin: `system:masters`).
@@ -267,22 +281,31 @@ impl TestCluster {
 
     /// Bounded: polls `/readyz` until it answers ok or a process exits.
     fn wait_ready(&mut self) {
+        if let Err(e) = self.try_ready() {
+            panic!("{e}");
+        }
+    }
+
+    /// [`TestCluster::wait_ready`], saying why it is not ready with the
+    /// processes' logs.
+    fn try_ready(&mut self) -> Result<(), String> {
         let start = Instant::now();
         loop {
             let out = self.kubectl(&["get", "--raw", "/readyz"]);
             if out.status.success() && out.stdout.starts_with(b"ok") {
-                return;
+                return Ok(());
             }
             for child in &mut self.children {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("a cluster process exited ({status}):\n{}", self.logs());
+                    return Err(format!(
+                        "a cluster process exited ({status}):\n{}",
+                        self.logs()
+                    ));
                 }
             }
-            assert!(
-                start.elapsed() < READY_WITHIN,
-                "kube-apiserver not ready:\n{}",
-                self.logs()
-            );
+            if start.elapsed() >= READY_WITHIN {
+                return Err(format!("kube-apiserver not ready:\n{}", self.logs()));
+            }
             std::thread::sleep(Duration::from_millis(250));
         }
     }
@@ -343,7 +366,17 @@ fn self_signed(names: &[&str]) -> (String, String) {
 
 /// A port free at this moment on 127.0.0.1. etcd and kube-apiserver take
 /// ports, not listeners; a race with another process is possible but rare.
+/// A port that is free now, below Linux's ephemeral range (32768 on):
+/// one from port 0 is in that range, where any process's next outgoing
+/// connection or port-0 listener may take it before etcd or kube-apiserver
+/// binds it.
 fn free_port() -> u16 {
+    for _ in 0..200 {
+        let port = fastrand::u16(10_000..32_768);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
