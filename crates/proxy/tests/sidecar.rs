@@ -81,6 +81,18 @@ async fn captured_http_reaches_the_gateway_over_mutual_tls() {
         Some(1.0),
         "{sm}"
     );
+    // As Envoy's do, the answer says how long the upstream took, in
+    // milliseconds (`x-envoy-upstream-service-time`, the sidecar's wait).
+    let again = curl(&["-i", "-H", &host, &format!("http://{captured}/todos/1")]).await;
+    let waited = again
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix("x-envoy-upstream-service-time: "))
+        .map(str::trim);
+    assert!(
+        waited.is_some_and(|ms| ms.parse::<u64>().is_ok()),
+        "{again:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

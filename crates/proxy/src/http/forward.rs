@@ -482,11 +482,10 @@ impl Upstream<'_> {
         {
             self.upgraded(&mut parts.headers, proto, down, up);
         }
-        // Written by http's integer conversion: one allocation, not two.
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         parts
             .headers
-            .insert(X_ENVOY_UPSTREAM_SERVICE_TIME, HeaderValue::from(ms));
+            .insert(X_ENVOY_UPSTREAM_SERVICE_TIME, millis_value(ms));
         self.route.response_headers.apply(&mut parts.headers);
         self.destination.response_headers.apply(&mut parts.headers);
         let retried_out = attempts > 1 && self.route.retry.retry_status(parts.status.as_u16());
@@ -623,6 +622,41 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Every number below 1000, written one after another: "0123…9899100…999".
+static MILLIS: [u8; 2890] = {
+    let mut out = [0u8; 2890];
+    let (mut n, mut i) = (0u32, 0);
+    while n < 1000 {
+        if n >= 100 {
+            out[i] = b'0' + (n / 100) as u8;
+            i += 1;
+        }
+        if n >= 10 {
+            out[i] = b'0' + (n / 10 % 10) as u8;
+            i += 1;
+        }
+        out[i] = b'0' + (n % 10) as u8;
+        i += 1;
+        n += 1;
+    }
+    out
+};
+
+/// `x-envoy-upstream-service-time`'s value. Under a second, the usual case,
+/// a slice of `MILLIS`: no allocation (http's integer conversion makes two,
+/// a buffer and its shared header, and frees both with the response).
+fn millis_value(ms: u64) -> HeaderValue {
+    let (at, len) = match ms {
+        0..=9 => (ms, 1),
+        10..=99 => (10 + (ms - 10) * 2, 2),
+        100..=999 => (190 + (ms - 100) * 3, 3),
+        _ => return HeaderValue::from(ms),
+    };
+    let at = at as usize;
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_static(&MILLIS[at..at + len]))
+        .unwrap_or_else(|_| HeaderValue::from(ms))
+}
+
 fn append_forwarded_for(headers: &mut HeaderMap, remote: std::net::SocketAddr) {
     let mut value = Vec::with_capacity(64);
     if let Some(prev) = headers.get(&X_FORWARDED_FOR) {
@@ -680,6 +714,13 @@ fn shadow_uri(uri: &Uri, host: Option<&str>) -> Uri {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_times_read_as_their_numbers() {
+        for ms in (0..=1200).chain([9_999, u64::MAX]) {
+            assert_eq!(millis_value(ms).to_str().unwrap(), ms.to_string(), "{ms}");
+        }
+    }
 
     #[test]
     fn addresses_are_written_as_display_writes_them() {
