@@ -364,12 +364,11 @@ fn self_signed(names: &[&str]) -> (String, String) {
     (cert.pem(), key.serialize_pem())
 }
 
-/// A port free at this moment on 127.0.0.1. etcd and kube-apiserver take
-/// ports, not listeners; a race with another process is possible but rare.
-/// A port that is free now, below Linux's ephemeral range (32768 on):
-/// one from port 0 is in that range, where any process's next outgoing
-/// connection or port-0 listener may take it before etcd or kube-apiserver
-/// binds it.
+/// A port free at this moment on 127.0.0.1, below Linux's ephemeral range
+/// (32768 on): one from port 0 is in that range, where any process's next
+/// outgoing connection or port-0 listener may take it before etcd or
+/// kube-apiserver binds it (they take ports, not listeners; `start_in`
+/// starts again when one was taken all the same).
 fn free_port() -> u16 {
     for _ in 0..200 {
         let port = fastrand::u16(10_000..32_768);
