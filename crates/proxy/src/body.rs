@@ -120,6 +120,9 @@ struct IdleTimer {
 pub enum BodyError {
     #[error(transparent)]
     Peer(#[from] hyper::Error),
+    /// An HTTP/2 stream of meshgate's client broke.
+    #[error(transparent)]
+    Stream(#[from] h2::Error),
     /// The peer sent nothing for this long.
     #[error("stream idle timeout: nothing for {0:?}")]
     Idle(Duration),
@@ -137,6 +140,9 @@ enum Kind {
     Empty,
     Full(Option<Bytes>),
     Incoming(Incoming),
+    /// An upstream's answer on an HTTP/2 stream (`upstream::multiplex`),
+    /// and what its `content-length` leaves to come.
+    Stream(h2::RecvStream, Option<u64>),
     /// A copy of another body (a mirror's).
     Copy {
         rx: mpsc::Receiver<Bytes>,
@@ -170,9 +176,13 @@ impl Body {
 
     /// A peer's body, streamed through; it fails if the peer sends
     /// nothing for `idle` (the stream idle timeout).
-    pub fn incoming(body: Incoming, idle: Duration) -> Body {
+    pub fn incoming(body: impl Into<PeerBody>, idle: Duration) -> Body {
+        let kind = match body.into() {
+            PeerBody::Hyper(b) => Kind::Incoming(b),
+            PeerBody::Stream(s, left) => Kind::Stream(s, left),
+        };
         Body {
-            kind: Kind::Incoming(body),
+            kind,
             report: None,
             idle: Some(IdleTimer {
                 limit: idle,
@@ -245,18 +255,14 @@ impl hyper::body::Body for Body {
         let polled = match &mut this.kind {
             Kind::Empty => Poll::Ready(None),
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Incoming(b) => match Pin::new(b).poll_frame(cx) {
-                // A cut: first let the connection flush what it holds (the
-                // status line, the body so far), then fail, or the client
-                // would see nothing at all of a response already logged.
-                Poll::Ready(Some(Err(e))) => {
-                    this.kind = Kind::Failed(Some(BodyError::Peer(e)));
-                    cx.waker().wake_by_ref();
-                    Poll::Pending
-                }
-                Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(BodyError::Peer))),
-                Poll::Pending => this.idle.as_mut().map_or(Poll::Pending, |t| t.poll(cx)),
-            },
+            Kind::Incoming(b) => {
+                let polled = Pin::new(b).poll_frame(cx);
+                this.peer_frame(polled.map(|f| f.map(|f| f.map_err(BodyError::Peer))), cx)
+            }
+            Kind::Stream(s, left) => {
+                let polled = poll_stream(s, left, cx);
+                this.peer_frame(polled, cx)
+            }
             Kind::Copy { rx, broken } => match rx.poll_recv(cx) {
                 Poll::Ready(Some(b)) => Poll::Ready(Some(Ok(Frame::data(b)))),
                 Poll::Ready(None) if broken.load(Ordering::Relaxed) => {
@@ -322,7 +328,9 @@ impl hyper::body::Body for Body {
                     match e {
                         BodyError::Idle(_) => report.stream_idle(),
                         BodyError::Timeout => report.route_timeout(),
-                        BodyError::Peer(_) | BodyError::MirrorCut => report.upstream_reset(),
+                        BodyError::Peer(_) | BodyError::Stream(_) | BodyError::MirrorCut => {
+                            report.upstream_reset();
+                        }
                     }
                     drop(this.report.take());
                 }
@@ -348,6 +356,7 @@ impl Kind {
             Kind::Empty => true,
             Kind::Full(b) => b.is_none(),
             Kind::Incoming(b) => hyper::body::Body::is_end_stream(b),
+            Kind::Stream(s, _) => s.is_end_stream(),
             Kind::Copy { .. } => false,
             Kind::Failed(e) => e.is_none(),
         }
@@ -358,8 +367,73 @@ impl Kind {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Incoming(b) => hyper::body::Body::size_hint(b),
-            Kind::Copy { .. } | Kind::Failed(_) => SizeHint::default(),
+            Kind::Stream(_, Some(left)) => SizeHint::with_exact(*left),
+            Kind::Stream(_, None) | Kind::Copy { .. } | Kind::Failed(_) => SizeHint::default(),
         }
+    }
+}
+
+impl Body {
+    /// A frame (or the wait for one) of a peer's body. A cut: first let the
+    /// connection flush what it holds (the status line, the body so far),
+    /// then fail, or the client would see nothing at all of a response
+    /// already logged.
+    fn peer_frame(
+        &mut self,
+        polled: Poll<Option<Result<Frame<Bytes>, BodyError>>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match polled {
+            Poll::Ready(Some(Err(e))) => {
+                self.kind = Kind::Failed(Some(e));
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Ready(frame) => Poll::Ready(frame),
+            Poll::Pending => self.idle.as_mut().map_or(Poll::Pending, |t| t.poll(cx)),
+        }
+    }
+}
+
+/// The next frame of an HTTP/2 stream: data (its window given back to the
+/// peer as it is taken), then trailers.
+fn poll_stream(
+    s: &mut h2::RecvStream,
+    left: &mut Option<u64>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    match s.poll_data(cx) {
+        Poll::Ready(Some(Ok(data))) => {
+            // h2 checks the length against `content-length` itself.
+            let _ = s.flow_control().release_capacity(data.len());
+            if let Some(left) = left {
+                *left = left.saturating_sub(data.len() as u64);
+            }
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+        Poll::Ready(None) => {}
+        Poll::Pending => return Poll::Pending,
+    }
+    match s.poll_trailers(cx) {
+        Poll::Ready(Ok(t)) => Poll::Ready(t.map(|t| Ok(Frame::trailers(t)))),
+        Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+/// A peer's body as its connection hands it over: hyper's (HTTP/1.1
+/// connections and the listeners), or a stream of meshgate's HTTP/2 client
+/// with what its `content-length` says.
+#[derive(Debug)]
+pub enum PeerBody {
+    Hyper(Incoming),
+    Stream(h2::RecvStream, Option<u64>),
+}
+
+impl From<Incoming> for PeerBody {
+    fn from(b: Incoming) -> Self {
+        PeerBody::Hyper(b)
     }
 }
 

@@ -563,15 +563,23 @@ impl SeedChain {
     /// `config` for both proxies; the sidecar reaches `host:port` at the
     /// address given.
     pub async fn with_endpoints(config: Config, sidecar: &[(&str, SocketAddr)]) -> SeedChain {
+        Self::with_sidecar(config, |mut spec| {
+            for (host_port, addr) in sidecar {
+                spec = spec.endpoint(host_port, *addr);
+            }
+            spec
+        })
+        .await
+    }
+
+    /// `config` for both proxies; `adjust` changes the sidecar's spec
+    /// (timeouts, endpoints, explicit proxy).
+    pub async fn with_sidecar(config: Config, adjust: impl FnOnce(Spec) -> Spec) -> SeedChain {
         let mesh = Mesh::default();
         let external = External::start(&[HOST]).await;
         let gateway = TestProxy::start(&mesh, Self::gateway_spec(config.clone(), &external)).await;
-        let mut sidecar_spec =
-            Spec::new(config, WORKLOAD).endpoint(GATEWAY_SERVICE, gateway.addr(80));
-        for (host_port, addr) in sidecar {
-            sidecar_spec = sidecar_spec.endpoint(host_port, *addr);
-        }
-        let sidecar = TestProxy::start(&mesh, sidecar_spec).await;
+        let sidecar_spec = Spec::new(config, WORKLOAD).endpoint(GATEWAY_SERVICE, gateway.addr(80));
+        let sidecar = TestProxy::start(&mesh, adjust(sidecar_spec)).await;
         SeedChain {
             mesh,
             external,

@@ -4,6 +4,7 @@
 //! connections, all built once when config is applied.
 
 pub mod dns;
+mod multiplex;
 mod pool;
 pub mod tls;
 
@@ -1334,6 +1335,10 @@ fn classify(e: PoolError) -> Failure {
             return Failure { error, unsent };
         }
         PoolError::Send(e) => e,
+        PoolError::Stream(multiplex::SendError::Body(crate::body::BodyError::Idle(_))) => {
+            return UpstreamError::RequestIdle.into();
+        }
+        PoolError::Stream(e) => return UpstreamError::Reset(error_chain(&e)).into(),
     };
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
     while let Some(s) = source {
@@ -1693,6 +1698,79 @@ mod tests {
         assert_eq!(read_all(b.unwrap()).await, "h2");
         assert_eq!(read_all(cluster.send(req()).await.unwrap()).await, "h2");
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "one HTTP/2 connection");
+    }
+
+    /// A response body in 64 KiB frames, then a trailer.
+    struct Large(usize);
+
+    impl hyper::body::Body for Large {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>>
+        {
+            let frame = match self.0 {
+                usize::MAX => None,
+                0 => {
+                    self.0 = usize::MAX;
+                    let mut t = http::HeaderMap::new();
+                    t.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    Some(Ok(hyper::body::Frame::trailers(t)))
+                }
+                left => {
+                    let n = left.min(64 * 1024);
+                    self.0 -= n;
+                    Some(Ok(hyper::body::Frame::data(bytes::Bytes::from(vec![
+                        b'b';
+                        n
+                    ]))))
+                }
+            };
+            std::task::Poll::Ready(frame)
+        }
+    }
+
+    /// Bodies larger than every HTTP/2 window, both ways, on one stream: the
+    /// client gives the window back as it reads, waits for the server's as
+    /// it sends, and the response's trailer comes through.
+    #[tokio::test]
+    async fn http2_bodies_larger_than_the_windows_go_both_ways() {
+        use http_body_util::BodyExt;
+        const UP: usize = 3 * 1024 * 1024;
+        const DOWN: usize = 7 * 1024 * 1024;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async {
+                let got = req.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(got.len(), UP);
+                Ok::<_, std::convert::Infallible>(http::Response::new(Large(DOWN)))
+            });
+            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(s), service)
+                .await
+                .unwrap();
+        });
+        let cluster = cluster(settings(Endpoints::Static(vec![addr]), true, None));
+        let mut req = get(addr);
+        *req.method_mut() = http::Method::POST;
+        *req.version_mut() = http::Version::HTTP_2;
+        *req.body_mut() = Body::full(vec![b'a'; UP]);
+        let answer = cluster.send(req).await.unwrap();
+        let body = Body::incoming(answer.response.into_body(), Duration::from_secs(5));
+        let whole = tokio::time::timeout(Duration::from_secs(10), body.collect())
+            .await
+            .expect("the body within the bound")
+            .unwrap();
+        assert_eq!(
+            whole.trailers().map(|t| t["grpc-status"].clone()),
+            Some("0".parse().unwrap())
+        );
+        assert_eq!(whole.to_bytes().len(), DOWN);
     }
 
     /// The header blocks of the HEADERS frames a client sends on one

@@ -384,6 +384,39 @@ async fn an_unreachable_ca_keeps_the_certificate_until_expiry() {
     assert!(identity.expired());
 }
 
+/// The mesh hop is HTTP/2 (meshgate's own client there): a request body
+/// larger than the gateway's receive window goes through whole, and one
+/// that stops on the way is the client's fault (408, SI), as on a direct
+/// hop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_cross_the_http2_mesh_hop() {
+    let chain = SeedChain::with_sidecar(seed_config(&[]), |mut spec| {
+        spec.timeouts = Timeouts {
+            stream_idle: Duration::from_millis(300),
+            ..Timeouts::default()
+        };
+        spec
+    })
+    .await;
+    let (sc, gateway) = (&chain.sidecar, &chain.gateway);
+
+    let dir = TempDir::new("mesh-body");
+    let file = format!("@{}", dir.write("body", &"z".repeat(3_000_000)));
+    let proxy = format!("http://{}", sc.addr(15001));
+    let url = format!("http://{HOST}/posts");
+    let got = curl(&["-x", &proxy, "--data-binary", &file, &url]).await;
+    assert_eq!(got.code, "200", "{got:?}");
+    assert_eq!(chain.external.seen.all()[0].body, 3_000_000);
+    let entry = gateway.next_log().await;
+    assert_eq!(entry["bytes_received"], 3_000_000, "{entry}");
+
+    let mut s = upload(sc, HOST, 100).await;
+    let status_line = first_answer(&mut s).await;
+    assert!(status_line.starts_with("HTTP/1.1 408 "), "{status_line}");
+    let entry = sc.log_of_status(408).await;
+    assert_eq!(entry["response_flags"], "SI");
+}
+
 /// Envoy's stream idle timeout inside a body: a response body that stops
 /// is cut (the status already sent, logged with SI), and a request body
 /// that stops gets 408 (the client's fault), even under a longer route

@@ -102,21 +102,18 @@ async fn paths_are_normalized_before_authorization_and_forwarded_so() {
 /// sidecar is an explicit proxy by choice (Istio: a black hole).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_capture_port_is_no_open_proxy() {
-    let mesh = Mesh::default();
-    let external = External::start(&[HOST]).await;
-    let gateway =
-        TestProxy::start(&mesh, SeedChain::gateway_spec(seed_config(&[]), &external)).await;
-    let mut spec =
-        Spec::new(seed_config(&[]), WORKLOAD).endpoint(GATEWAY_SERVICE, gateway.addr(80));
-    spec.explicit_proxy = false;
-    let sidecar = TestProxy::start(&mesh, spec).await;
-    let proxy = format!("http://{}", sidecar.addr(15001));
+    let chain = SeedChain::with_sidecar(seed_config(&[]), |mut spec| {
+        spec.explicit_proxy = false;
+        spec
+    })
+    .await;
+    let proxy = format!("http://{}", chain.sidecar.addr(15001));
     let got = curl(&["-x", &proxy, &format!("http://{HOST}/todos/1")]).await;
     assert_eq!(got.code, "000", "{got:?}");
-    let entry = sidecar.next_log().await;
+    let entry = chain.sidecar.next_log().await;
     assert_eq!(entry["upstream_cluster"], "BlackHoleCluster");
     assert_eq!(entry["response_flags"], "UH");
-    assert!(external.seen.all().is_empty(), "nothing got out");
+    assert!(chain.external.seen.all().is_empty(), "nothing got out");
 }
 
 /// Istio allows WebSocket upgrades only: `h2c` is dropped (no tunnel

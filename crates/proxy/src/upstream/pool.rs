@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 
 use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 
+use super::multiplex::{self, SendError};
 use super::{ClusterCore, ConnectError};
-use crate::body::Body;
+use crate::body::{Body, PeerBody};
 
 /// The pool's maps are looked up on every request; their keys (request
 /// authorities) can come from clients, so a seeded hash of good quality,
@@ -40,6 +41,8 @@ pub(super) enum PoolError {
     /// The connection failed while the request was out, or on a new
     /// connection before it.
     Send(hyper::Error),
+    /// The same on an HTTP/2 connection, or its request body failed.
+    Stream(SendError),
 }
 
 impl PoolError {
@@ -60,7 +63,7 @@ impl PoolError {
 /// connection's way back to the pool.
 #[derive(Debug)]
 pub struct Answer {
-    pub response: Response<Incoming>,
+    pub response: Response<PeerBody>,
     pub upstream: Option<SocketAddr>,
     pub lease: Lease,
 }
@@ -122,7 +125,7 @@ struct Slot {
 
 /// A handle to a slot's connection: the sender, its endpoint, whether it
 /// was made before, and whether this is its first request.
-type Checkout = (http2::SendRequest<Body>, Option<SocketAddr>, bool, bool);
+type Checkout = (multiplex::Handle, Option<SocketAddr>, bool, bool);
 
 impl Slot {
     fn held(&self) -> std::sync::MutexGuard<'_, Option<H2>> {
@@ -134,10 +137,10 @@ impl Slot {
     /// A handle to the open connection, counted as one more request on it.
     fn checkout(&self, settings: &PoolSettings, reused: bool) -> Option<Checkout> {
         let mut held = self.held();
-        let c = held.as_mut().filter(|c| !c.sender.is_closed())?;
+        let c = held.as_mut().filter(|c| !c.conn.is_closed())?;
         c.served += 1;
         c.last_used = Instant::now();
-        let out = (c.sender.clone(), c.upstream, reused, c.served == 1);
+        let out = (c.conn.clone(), c.upstream, reused, c.served == 1);
         // Its last request: new requests open another connection.
         if !settings.keep || settings.max_requests.is_some_and(|n| c.served >= n) {
             *held = None;
@@ -148,7 +151,7 @@ impl Slot {
 
 #[derive(Debug)]
 struct H2 {
-    sender: http2::SendRequest<Body>,
+    conn: multiplex::Handle,
     upstream: Option<SocketAddr>,
     served: u32,
     last_used: Instant,
@@ -298,7 +301,7 @@ impl Pool {
             Lease::default()
         };
         Answer {
-            response,
+            response: response.map(PeerBody::Hyper),
             upstream,
             lease,
         }
@@ -355,7 +358,7 @@ impl Pool {
             // after the send: each request's future is as large as its largest
             // state, and it is copied whole as it is made.
             loop {
-                let (mut sender, upstream, reused, first) =
+                let (mut conn, upstream, reused, first) =
                     match self.checkout_h2(core, slot, req.uri()).await {
                         Ok(checked_out) => checked_out,
                         Err(e) => return Err(e.unsent(req)),
@@ -363,32 +366,30 @@ impl Pool {
                 if first {
                     name_request_id(&mut req);
                 }
-                let stale_ok = reused && stale < STALE_TRIES;
-                if sender.ready().await.is_err() && stale_ok {
-                    stale += 1;
-                    forget(slot, None);
-                    continue;
-                }
-                req = match sender.try_send_request(req).await {
-                    Ok(response) => {
-                        if let Some(a) = upstream
-                            && !core.keeps_endpoint(a, response.status())
-                        {
-                            forget(slot, Some(a));
-                        }
-                        return Ok(Answer {
-                            response,
-                            upstream,
-                            lease: Lease::default(),
-                        });
+                // A connection that ended (or was told to go away) since it
+                // was last used: the request has not left, so it takes
+                // another.
+                if let Err(e) = multiplex::ready(&mut conn.sender).await {
+                    if reused && stale < STALE_TRIES {
+                        stale += 1;
+                        forget(slot, None);
+                        continue;
                     }
-                    Err(mut e) => match e.take_message() {
-                        Some(unsent) if stale_ok => unsent,
-                        _ => return Err(PoolError::Send(e.into_error())),
-                    },
-                };
-                stale += 1;
-                forget(slot, None);
+                    return Err(PoolError::Stream(e.into()));
+                }
+                let response = multiplex::send(&mut conn.sender, req)
+                    .await
+                    .map_err(PoolError::Stream)?;
+                if let Some(a) = upstream
+                    && !core.keeps_endpoint(a, response.status())
+                {
+                    forget(slot, Some(a));
+                }
+                return Ok(Answer {
+                    response,
+                    upstream,
+                    lease: Lease::default(),
+                });
             }
         }
     }
@@ -436,25 +437,17 @@ fn name_request_id(req: &mut Request<Body>) {
 async fn connect_h2(core: &Arc<ClusterCore>, uri: &Uri) -> Result<H2, PoolError> {
     let conn = core.connect(uri, false).await.map_err(PoolError::connect)?;
     let upstream = conn.endpoint();
-    let handshake = http2::Builder::new(crate::exec::BoxingExecutor)
-        .timer(TokioTimer::new())
-        .handshake(TokioIo::new(conn));
-    let (sender, connection) = match tokio::time::timeout(core.connect_timeout, handshake).await {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => return Err(PoolError::Send(e)),
+    let conn = match tokio::time::timeout(core.connect_timeout, multiplex::handshake(conn)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(PoolError::Stream(e.into())),
         Err(_) => {
             return Err(PoolError::connect(ConnectError::Failed(
                 "HTTP/2 handshake timeout".into(),
             )));
         }
     };
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "upstream connection closed");
-        }
-    });
     Ok(H2 {
-        sender,
+        conn,
         upstream,
         served: 0,
         last_used: Instant::now(),
@@ -467,7 +460,7 @@ fn forget(slot: &Slot, ejected: Option<SocketAddr>) {
     let mut held = slot.held();
     if held
         .as_ref()
-        .is_some_and(|c| c.sender.is_closed() || (ejected.is_some() && c.upstream == ejected))
+        .is_some_and(|c| c.conn.is_closed() || (ejected.is_some() && c.upstream == ejected))
     {
         *held = None;
     }
@@ -573,7 +566,7 @@ fn keeps_h2(slot: &Slot, now: Instant, timeout: Duration) -> bool {
     let mut held = slot.held();
     if held
         .as_ref()
-        .is_some_and(|c| c.sender.is_closed() || now - c.last_used >= timeout)
+        .is_some_and(|c| c.conn.is_closed() || now - c.last_used >= timeout)
     {
         *held = None;
     }
