@@ -1773,6 +1773,35 @@ mod tests {
         assert_eq!(whole.to_bytes().len(), DOWN);
     }
 
+    /// A peer that never opens its window to a request body: the stream
+    /// is reset after the wait's bound, and the request fails, instead of
+    /// waiting for ever (time runs ahead while nothing else can happen).
+    #[tokio::test(start_paused = true)]
+    async fn http2_body_that_the_peer_never_takes_is_given_up() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let service = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| {
+                std::future::pending::<Result<http::Response<Body>, std::convert::Infallible>>()
+            });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .initial_stream_window_size(0)
+                .serve_connection(hyper_util::rt::TokioIo::new(s), service)
+                .await;
+        });
+        let cluster = cluster(settings(Endpoints::Static(vec![addr]), true, None));
+        let mut req = get(addr);
+        *req.method_mut() = http::Method::POST;
+        *req.version_mut() = http::Version::HTTP_2;
+        // More than the 64 KiB a stream may send before the peer's
+        // settings arrive.
+        *req.body_mut() = Body::full(vec![b'n'; 100_000]);
+        let sent = tokio::time::timeout(Duration::from_secs(3600), cluster.send(req)).await;
+        let error = sent.expect("an answer before the hour").unwrap_err().error;
+        assert_eq!(error.flag(), ResponseFlags::UPSTREAM_CONNECTION_TERMINATION);
+    }
+
     /// The header blocks of the HEADERS frames a client sends on one
     /// plain HTTP/2 connection, read off the wire; each is answered 200.
     async fn h2_header_blocks(listener: tokio::net::TcpListener) -> Vec<Vec<u8>> {

@@ -9,6 +9,7 @@
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -31,6 +32,11 @@ const INITIAL_SEND_STREAMS: usize = 100;
 /// Streams this side may reset for the peer's errors before it gives the
 /// connection up (hyper's default).
 const LOCAL_ERROR_RESETS: usize = 1024;
+
+/// How long a request body waits for the peer to open its window before
+/// the stream is reset: Envoy's default stream idle timeout. (Waits for
+/// the body itself are bounded by its own idle timer.)
+const WINDOW_WAIT: Duration = Duration::from_secs(300);
 
 /// Headers HTTP/2 forbids (RFC 9113 §8.2.2); h2 refuses a request with
 /// one. The forwarding path drops them (`forward.rs`), but a route's
@@ -215,9 +221,14 @@ async fn send_data(
     }
     while !data.is_empty() {
         stream.reserve_capacity(data.len());
-        let granted = match poll_fn(|cx| stream.poll_capacity(cx)).await {
-            Some(granted) => granted?,
-            None => return Err(h2::Reason::STREAM_CLOSED.into()),
+        let window = tokio::time::timeout(WINDOW_WAIT, poll_fn(|cx| stream.poll_capacity(cx)));
+        let granted = match window.await {
+            Ok(Some(granted)) => granted?,
+            Ok(None) => return Err(h2::Reason::STREAM_CLOSED.into()),
+            Err(_) => {
+                stream.send_reset(h2::Reason::CANCEL);
+                return Err(h2::Reason::CANCEL.into());
+            }
         };
         if granted > 0 {
             let piece = data.split_to(granted.min(data.len()));
