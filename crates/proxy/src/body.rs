@@ -195,6 +195,11 @@ impl Body {
         }
     }
 
+    /// The stream idle timeout of a peer's body.
+    pub fn idle_limit(&self) -> Option<Duration> {
+        self.idle.as_ref().map(|t| t.limit)
+    }
+
     /// A peer's body that must end by `deadline` (a route's timeout) or
     /// is cut.
     pub fn until(mut self, deadline: Option<Instant>) -> Body {

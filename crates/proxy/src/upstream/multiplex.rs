@@ -34,8 +34,8 @@ const INITIAL_SEND_STREAMS: usize = 100;
 const LOCAL_ERROR_RESETS: usize = 1024;
 
 /// How long a request body waits for the peer to open its window before
-/// the stream is reset: Envoy's default stream idle timeout. (Waits for
-/// the body itself are bounded by its own idle timer.)
+/// the stream is reset: the body's own stream idle timeout (which bounds
+/// the waits for it), else Envoy's default.
 const WINDOW_WAIT: Duration = Duration::from_secs(300);
 
 /// Headers HTTP/2 forbids (RFC 9113 §8.2.2); h2 refuses a request with
@@ -171,6 +171,7 @@ async fn pipe(
     mut stream: h2::SendStream<Bytes>,
     failed: oneshot::Sender<BodyError>,
 ) {
+    let window_wait = body.idle_limit().unwrap_or(WINDOW_WAIT);
     loop {
         let frame = tokio::select! {
             biased;
@@ -182,7 +183,7 @@ async fn pipe(
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
                     let end = hyper::body::Body::is_end_stream(&body);
-                    match send_data(&mut stream, data, end).await {
+                    match send_data(&mut stream, data, end, window_wait).await {
                         Ok(()) if !end => continue,
                         other => other,
                     }
@@ -210,6 +211,7 @@ async fn send_data(
     stream: &mut h2::SendStream<Bytes>,
     mut data: Bytes,
     end: bool,
+    window_wait: Duration,
 ) -> Result<(), h2::Error> {
     if data.is_empty() {
         // An empty last frame still ends the stream.
@@ -221,7 +223,7 @@ async fn send_data(
     }
     while !data.is_empty() {
         stream.reserve_capacity(data.len());
-        let window = tokio::time::timeout(WINDOW_WAIT, poll_fn(|cx| stream.poll_capacity(cx)));
+        let window = tokio::time::timeout(window_wait, poll_fn(|cx| stream.poll_capacity(cx)));
         let granted = match window.await {
             Ok(Some(granted)) => granted?,
             Ok(None) => return Err(h2::Reason::STREAM_CLOSED.into()),
