@@ -288,8 +288,23 @@ pub struct RetryPolicy {
     pub on_5xx: bool,
     pub on_gateway_error: bool,
     pub on_reset: bool,
+    pub on_reset_before_request: bool,
     pub status_codes: Vec<u16>,
     pub backoff: Duration,
+}
+
+/// How an attempt that got no response ended, as a retry policy sees it
+/// (Envoy's reset reasons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unanswered {
+    /// No connection could be made: nothing was sent.
+    ConnectFailure,
+    /// The connection or stream ended before a response, or the attempt's
+    /// per-try timeout reset it: the request may have been acted on.
+    Reset,
+    /// Never retried: the circuit breaker, no healthy endpoint, the
+    /// route's or the stream's own timeout, the downstream's fault.
+    Final,
 }
 
 impl RetryPolicy {
@@ -306,6 +321,7 @@ impl RetryPolicy {
             on_5xx: false,
             on_gateway_error: false,
             on_reset: false,
+            on_reset_before_request: false,
             status_codes: Vec::new(),
             backoff: Duration::from_millis(25),
         }
@@ -342,6 +358,7 @@ impl RetryPolicy {
             on_5xx: false,
             on_gateway_error: false,
             on_reset: false,
+            on_reset_before_request: false,
             status_codes: Vec::new(),
             backoff: r.backoff.map_or(Duration::from_millis(25), |d| d.as_std()),
         };
@@ -356,7 +373,8 @@ impl RetryPolicy {
                 "refused-stream" => p.on_refused_stream = true,
                 "5xx" => p.on_5xx = true,
                 "gateway-error" => p.on_gateway_error = true,
-                "reset" | "reset-before-request" => p.on_reset = true,
+                "reset" => p.on_reset = true,
+                "reset-before-request" => p.on_reset_before_request = true,
                 // gRPC status conditions: meshgate does not read grpc-status
                 // yet, so these never retry an HTTP response.
                 "unavailable" | "cancelled" | "deadline-exceeded" | "internal"
@@ -371,10 +389,24 @@ impl RetryPolicy {
         p
     }
 
-    /// Whether a response can be retried (then each attempt but the last
-    /// sends a copy of the request).
-    pub fn retries_responses(&self) -> bool {
-        self.on_5xx || self.on_gateway_error || !self.status_codes.is_empty()
+    /// Whether a request that reached the upstream can be retried: after
+    /// its response, a reset or a per-try timeout. Then each attempt but the
+    /// last sends a copy of the request.
+    pub fn retries_sent(&self) -> bool {
+        self.on_5xx || self.on_gateway_error || self.on_reset || !self.status_codes.is_empty()
+    }
+
+    /// Envoy's retry on reset: `reset`, `5xx` and `gateway-error` retry
+    /// every attempt that got no response (a per-try timeout is one),
+    /// `connect-failure` and `reset-before-request` only one that sent
+    /// nothing.
+    pub fn retry_unanswered(&self, how: Unanswered) -> bool {
+        match how {
+            Unanswered::Final => false,
+            _ if self.on_reset || self.on_5xx || self.on_gateway_error => true,
+            Unanswered::ConnectFailure => self.on_connect_failure || self.on_reset_before_request,
+            Unanswered::Reset => false,
+        }
     }
 
     /// Should a response with this status be retried?

@@ -27,6 +27,7 @@ pub use self::pool::{Answer, Lease};
 use self::pool::{Pool, PoolError, PoolSettings};
 use self::tls::UpstreamTls;
 use crate::body::Body;
+use crate::route::Unanswered;
 
 /// Where a cluster's endpoints come from.
 #[derive(Debug, Clone)]
@@ -149,9 +150,17 @@ impl UpstreamError {
         }
     }
 
-    /// Safe to retry: nothing reached the upstream application.
-    pub fn retry_safe(&self) -> bool {
-        matches!(self, UpstreamError::ConnectFailure(_))
+    /// How the attempt ended, for the route's retry policy.
+    pub fn unanswered(&self) -> Unanswered {
+        match self {
+            UpstreamError::ConnectFailure(_) => Unanswered::ConnectFailure,
+            UpstreamError::Reset(_) | UpstreamError::PerTryTimeout => Unanswered::Reset,
+            UpstreamError::NoHealthyUpstream(_)
+            | UpstreamError::Overflow
+            | UpstreamError::Timeout
+            | UpstreamError::StreamIdle
+            | UpstreamError::RequestIdle => Unanswered::Final,
+        }
     }
 
     /// The status the downstream gets.

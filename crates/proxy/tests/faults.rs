@@ -70,7 +70,8 @@ async fn sidecar_with(
 type Answer = fn(&[u8]) -> Option<(usize, &'static [u8])>;
 
 /// An HTTP server that reads what it gets and, when `answer` finds a
-/// whole request in it, writes the answer and forgets that many bytes.
+/// whole request in it, writes the answer and forgets that many bytes (an
+/// empty answer: hangs up without a word).
 async fn raw_server(answer: Answer) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -85,6 +86,9 @@ async fn raw_server(answer: Answer) -> SocketAddr {
                     }
                     got.extend_from_slice(&chunk[..n]);
                     if let Some((used, bytes)) = answer(&got) {
+                        if bytes.is_empty() {
+                            return;
+                        }
                         let _ = s.write_all(bytes).await;
                         got.drain(..used);
                     }
@@ -816,6 +820,102 @@ async fn a_refused_connection_is_retried_with_the_whole_request() {
         let entry = sc.next_log().await;
         assert_eq!(entry["upstream_host"], live.to_string(), "{entry}");
         assert_eq!(entry["response_flags"], "-", "{entry}");
+    }
+}
+
+/// An HTTP server that reads a request's head and hangs up without a word.
+async fn hangs_up() -> SocketAddr {
+    raw_server(|got| Some((head_end(got)?, b""))).await
+}
+
+/// `NAME.example.com:8080` (two endpoints, round robin) under a
+/// VirtualService with these `retries`.
+fn retried(name: &str, endpoints: [SocketAddr; 2], retries: &str) -> String {
+    format!(
+        "{}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {name}, namespace: curl-external-tst}}
+spec:
+  hosts: [{name}.example.com]
+  http:
+  - retries: {retries}
+    route: [{{destination: {{host: {name}.example.com, port: {{number: 8080}}}}}}]
+",
+        two_endpoints(name, endpoints, "{simple: ROUND_ROBIN}")
+    )
+}
+
+/// Four requests through the sidecar to `host`: each one's answer and
+/// access-log entry.
+async fn four(sc: &TestProxy, host: &str) -> Vec<(Curl, serde_json::Value)> {
+    let proxy = format!("http://{}", sc.addr(15001));
+    let mut out = Vec::new();
+    for _ in 0..4 {
+        let url = format!("http://{host}:8080/echo");
+        let got = curl(&["-x", &proxy, "-H", "x-probe: kept", &url]).await;
+        out.push((got, sc.next_log().await));
+    }
+    out
+}
+
+/// Four requests to `retried` all reach `live`, headers and all; of four
+/// to `unretried`, round robin sends some to the failing endpoint first:
+/// the log entries of those, which answered `status`.
+async fn only_retried_ones_recover(
+    sc: &TestProxy,
+    live: SocketAddr,
+    [retried, unretried]: [&str; 2],
+    status: &str,
+) -> Vec<serde_json::Value> {
+    for (got, entry) in four(sc, retried).await {
+        assert_eq!(got.code, "200", "{got:?}");
+        assert!(got.body.contains("\"x-probe\": \"kept\""), "{got:?}");
+        assert_eq!(entry["upstream_host"], live.to_string(), "{entry}");
+    }
+    let failed: Vec<_> = four(sc, unretried)
+        .await
+        .into_iter()
+        .filter(|(got, _)| got.code == status)
+        .map(|(_, entry)| entry)
+        .collect();
+    assert!(!failed.is_empty(), "no {status} from {unretried}");
+    failed
+}
+
+/// Envoy's retry on reset: `5xx` (and `gateway-error`, `reset`) retries
+/// an attempt whose connection ended before the response, with a copy of
+/// the request; Istio's default policy (connect failures, refused
+/// streams) does not, and the client gets the 503 (UC).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_is_retried_when_the_policy_retries_5xx() {
+    let mesh = Mesh::default();
+    let (bad, live) = (hangs_up().await, plain_http().await);
+    let with = retried("resets", [bad, live], "{attempts: 2, retryOn: 5xx}");
+    let without = two_endpoints("plain", [bad, live], "{simple: ROUND_ROBIN}");
+    let dns = dns_for("unused.example.com", 30).await;
+    let sc = sidecar(&mesh, &[&with, &without], dns.addr).await;
+    let hosts = ["resets.example.com", "plain.example.com"];
+    for entry in only_retried_ones_recover(&sc, live, hosts, "503").await {
+        assert_eq!(entry["response_flags"], "UC", "{entry}");
+    }
+}
+
+/// A per-try timeout is a reset too: `gateway-error` retries it on the
+/// other endpoint; `connect-failure` alone answers 504 (UT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_try_timeout_is_retried_when_the_policy_retries_gateway_errors() {
+    let mesh = Mesh::default();
+    let (silent, live) = (raw_server(|_| None).await, plain_http().await);
+    let policy = |on: &str| format!("{{attempts: 2, perTryTimeout: 0.3s, retryOn: {on}}}");
+    let with = retried("slow", [silent, live], &policy("gateway-error"));
+    let without = retried("stuck", [silent, live], &policy("connect-failure"));
+    let dns = dns_for("unused.example.com", 30).await;
+    let sc = sidecar(&mesh, &[&with, &without], dns.addr).await;
+    let hosts = ["slow.example.com", "stuck.example.com"];
+    for entry in only_retried_ones_recover(&sc, live, hosts, "504").await {
+        assert_eq!(entry["response_flags"], "UT", "{entry}");
+        assert_eq!(entry["response_code_details"], "upstream_per_try_timeout");
     }
 }
 

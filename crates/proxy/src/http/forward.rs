@@ -321,10 +321,12 @@ impl Upstream<'_> {
             } else {
                 1 + retry.attempts
             };
-            // A retried response was sent with the headers, so they are copied
-            // for each attempt but the last; a request that never left (all
-            // Istio's default retries: connect failures) comes back with them.
-            let copy_headers = retry.retries_responses();
+            // A request that reached the upstream went with the headers: where
+            // the policy may retry it (after its response, a reset or a per-try
+            // timeout) they are copied for each attempt but the last; a request
+            // that never left (Istio's default retries: connect failures) comes
+            // back with them.
+            let copy_headers = retry.retries_sent();
             let mut attempt = 0;
             let attempts = async {
                 loop {
@@ -362,8 +364,7 @@ impl Upstream<'_> {
                         Ok(resp) => return Ok(resp),
                         Err(Failure { error, unsent })
                             if more
-                                && error.retry_safe()
-                                && retry.on_connect_failure
+                                && retry.retry_unanswered(error.unanswered())
                                 && (copied || unsent.is_some()) =>
                         {
                             if let Some(unsent) = unsent {
@@ -534,7 +535,7 @@ impl Upstream<'_> {
     #[inline(never)]
     fn failed(&self, e: &UpstreamError, attempts: u32) -> Outcome {
         let mut flags = e.flag();
-        if attempts > 1 && e.retry_safe() {
+        if attempts > 1 && self.route.retry.retry_unanswered(e.unanswered()) {
             flags = flags.with(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
         }
         tracing::warn!(
@@ -577,7 +578,7 @@ fn retrying_status(cluster: &Cluster, status: StatusCode, attempt: u32) {
 #[cold]
 #[inline(never)]
 fn retrying_failure(cluster: &Cluster, error: &UpstreamError, attempt: u32) {
-    tracing::debug!(cluster = %cluster.name(), %error, attempt, "retrying after connect failure");
+    tracing::debug!(cluster = %cluster.name(), %error, attempt, "retrying after no response");
 }
 
 /// The WebSocket upgrade an HTTP/1.1 request asks for (the plan refused

@@ -241,6 +241,44 @@ fn redirect_and_direct_response() {
     assert_eq!((*status, body.as_ref()), (418, b"teapot".as_ref()));
 }
 
+/// Envoy's `wouldRetryFromReset`: which attempts with no response each
+/// `retryOn` retries.
+#[test]
+fn unanswered_attempts_are_retried_as_envoy_does() {
+    use Unanswered::{ConnectFailure, Final, Reset};
+    let policy = |retry_on: &str| {
+        table(&format!(
+            "  hosts: [a.com]\n  http:\n  - retries: {{attempts: 2, retryOn: '{retry_on}'}}\n    route: [{{destination: {{host: a}}}}]\n"
+        ))
+        .vhosts[0]
+            .routes[0]
+            .retry
+            .clone()
+    };
+    let cases = [
+        ("5xx", [true, true, false]),
+        ("gateway-error", [true, true, false]),
+        ("reset", [true, true, false]),
+        ("connect-failure", [true, false, false]),
+        ("reset-before-request", [true, false, false]),
+        (
+            "refused-stream,retriable-status-codes,503",
+            [false, false, false],
+        ),
+    ];
+    for (retry_on, [connect, reset, fin]) in cases {
+        let p = policy(retry_on);
+        assert_eq!(p.retry_unanswered(ConnectFailure), connect, "{retry_on}");
+        assert_eq!(p.retry_unanswered(Reset), reset, "{retry_on}");
+        assert_eq!(p.retry_unanswered(Final), fin, "{retry_on}");
+    }
+    // What reached the upstream is replayed from a copy: only a policy that
+    // retries it makes one.
+    assert!(policy("reset").retries_sent() && !policy("connect-failure").retries_sent());
+    let default = RetryPolicy::istio_default();
+    assert!(default.retry_unanswered(ConnectFailure) && !default.retry_unanswered(Reset));
+}
+
 #[test]
 fn retry_policies() {
     let default = RetryPolicy::istio_default();
