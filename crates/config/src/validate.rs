@@ -624,6 +624,21 @@ fn http_route(route: &HttpRoute, path: &str, p: &mut Problems) {
             "perTryTimeout must be at least 1ms",
         );
     }
+    if let Some(retries) = &route.retries
+        && !retries.retry_on.is_empty()
+    {
+        // As Istio: each comma-separated piece as written, an Envoy retry
+        // condition or a registered HTTP status.
+        for policy in retries.retry_on.split(',') {
+            if !RETRY_ON.contains(&policy) && !is_registered_status(policy) {
+                push(
+                    p,
+                    format!("{path}.retries.retryOn"),
+                    format!("{policy:?} is not a valid retryOn policy"),
+                );
+            }
+        }
+    }
     if let Some(fault) = &route.fault {
         if fault.delay.is_none() && fault.abort.is_none() {
             push(
@@ -1385,6 +1400,37 @@ fn peer_authentication(pa: &PeerAuthentication, p: &mut Problems) {
     for port in pa.port_level_mtls.keys() {
         port_number(*port, "spec.portLevelMtls", p);
     }
+}
+
+/// The retry conditions Istio accepts in `retries.retryOn` (Envoy's
+/// `x-envoy-retry-on` and `x-envoy-retry-grpc-on` values).
+const RETRY_ON: [&str; 16] = [
+    "5xx",
+    "gateway-error",
+    "reset",
+    "reset-before-request",
+    "connect-failure",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "retriable-headers",
+    "envoy-ratelimited",
+    "http3-post-connect-failure",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
+/// A number that names a registered HTTP status (the statuses Istio's
+/// validation knows by name).
+fn is_registered_status(text: &str) -> bool {
+    text.parse::<u16>().is_ok_and(|n| {
+        matches!(n,
+            100..=103 | 200..=208 | 226 | 300..=305 | 307 | 308 | 400..=418 | 421..=426
+            | 428 | 429 | 431 | 451 | 500..=508 | 510 | 511)
+    })
 }
 
 #[cfg(test)]

@@ -372,6 +372,8 @@ impl RetryPolicy {
                 "connect-failure" => p.on_connect_failure = true,
                 "refused-stream" => p.on_refused_stream = true,
                 "5xx" => p.on_5xx = true,
+                // Envoy's one retriable 4xx: 409 Conflict.
+                "retriable-4xx" => p.status_codes.push(409),
                 "gateway-error" => p.on_gateway_error = true,
                 "reset" => p.on_reset = true,
                 "reset-before-request" => p.on_reset_before_request = true,

@@ -277,6 +277,8 @@ fn unanswered_attempts_are_retried_as_envoy_does() {
     assert!(policy("reset").retries_sent() && !policy("connect-failure").retries_sent());
     let default = RetryPolicy::istio_default();
     assert!(default.retry_unanswered(ConnectFailure) && !default.retry_unanswered(Reset));
+    let conflict = policy("retriable-4xx");
+    assert!(conflict.retry_status(409) && !conflict.retry_status(404) && conflict.retries_sent());
 }
 
 #[test]
