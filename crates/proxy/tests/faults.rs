@@ -886,18 +886,24 @@ async fn only_retried_ones_recover(
 /// Envoy's retry on reset: `5xx` (and `gateway-error`, `reset`) retries
 /// an attempt whose connection ended before the response, with a copy of
 /// the request; Istio's default policy (connect failures, refused
-/// streams) does not, and the client gets the 503 (UC).
+/// streams) does not, and the client gets the 503 (UC). Retries spent on
+/// resets add URX.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_is_retried_when_the_policy_retries_5xx() {
     let mesh = Mesh::default();
-    let (bad, live) = (hangs_up().await, plain_http().await);
+    let (bad, worse, live) = (hangs_up().await, hangs_up().await, plain_http().await);
     let with = retried("resets", [bad, live], "{attempts: 2, retryOn: 5xx}");
     let without = two_endpoints("plain", [bad, live], "{simple: ROUND_ROBIN}");
+    let spent = retried("spent", [bad, worse], "{attempts: 1, retryOn: reset}");
     let dns = dns_for("unused.example.com", 30).await;
-    let sc = sidecar(&mesh, &[&with, &without], dns.addr).await;
+    let sc = sidecar(&mesh, &[&with, &without, &spent], dns.addr).await;
     let hosts = ["resets.example.com", "plain.example.com"];
     for entry in only_retried_ones_recover(&sc, live, hosts, "503").await {
         assert_eq!(entry["response_flags"], "UC", "{entry}");
+    }
+    for (got, entry) in four(&sc, "spent.example.com").await {
+        assert_eq!(got.code, "503", "{got:?}");
+        assert_eq!(entry["response_flags"], "UC,URX", "{entry}");
     }
 }
 
