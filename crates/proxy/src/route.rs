@@ -291,6 +291,8 @@ pub struct RetryPolicy {
     pub on_reset_before_request: bool,
     pub status_codes: Vec<u16>,
     pub backoff: Duration,
+    /// `retryIgnorePreviousHosts` as set (see `avoids_previous_hosts`).
+    pub ignore_previous_hosts: Option<bool>,
 }
 
 /// How an attempt that got no response ended, as a retry policy sees it
@@ -324,7 +326,16 @@ impl RetryPolicy {
             on_reset_before_request: false,
             status_codes: Vec::new(),
             backoff: Duration::from_millis(25),
+            ignore_previous_hosts: None,
         }
+    }
+
+    /// Whether a retry goes to an endpoint no earlier attempt went to,
+    /// while the cluster has one (Envoy's previous-hosts predicate): as
+    /// `retryIgnorePreviousHosts` says, by default unless the cluster
+    /// hashes (Istio leaves a hashed request on its endpoint).
+    pub fn avoids_previous_hosts(&self, hashed: bool) -> bool {
+        self.ignore_previous_hosts.unwrap_or(!hashed)
     }
 
     /// Istio's default, one allocation shared by every route that takes it.
@@ -361,6 +372,7 @@ impl RetryPolicy {
             on_reset_before_request: false,
             status_codes: Vec::new(),
             backoff: r.backoff.map_or(Duration::from_millis(25), |d| d.as_std()),
+            ignore_previous_hosts: r.retry_ignore_previous_hosts,
         };
         let retry_on = if r.retry_on.is_empty() {
             "connect-failure,refused-stream,unavailable,cancelled"

@@ -11,7 +11,7 @@ pub mod tls;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -298,6 +298,33 @@ struct ClusterCore {
     locality: Option<Box<Locality>>,
     rr: AtomicU32,
     state: Mutex<HashMap<SocketAddr, EndpointState>>,
+    /// A DNS cluster's endpoints now: its names' addresses as DNS last
+    /// answered (none before the first answer, or when DNS says there are
+    /// none). Requests choose among them without waiting on DNS.
+    resolved: arc_swap::ArcSwapOption<Vec<SocketAddr>>,
+    /// When (ms after `born`) a request next looks the names up again, in
+    /// the background.
+    refresh_due: AtomicU64,
+    born: Instant,
+}
+
+/// How often a DNS cluster in use looks its names up again (answers the
+/// resolver has cached for their TTL come at once, so Envoy's
+/// `respect_dns_ttl`, within a second).
+const DNS_REFRESH_MS: u64 = 1000;
+
+/// How a request's endpoint is found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Choice {
+    /// Chosen for the request, before the pool: it takes a connection to
+    /// this endpoint.
+    At(SocketAddr),
+    /// Where the request's URI points (original destination, each
+    /// request's host, the workload, a unix socket): the connection
+    /// resolves and picks.
+    ByConnection,
+    /// A DNS cluster that has no answer yet: resolve, then choose.
+    Unresolved,
 }
 
 /// Locality load balancing: endpoints' priorities for failover (names'
@@ -434,8 +461,16 @@ impl ClusterCore {
             };
             let dns = &names[index];
             match core.lookup_answer(&dns.name).await {
-                Ok(ips) => dns.kept.store(Some(Arc::new(ips))),
-                Err(DnsFailure::NoAddress(_)) => dns.kept.store(None),
+                Ok(ips) => {
+                    if dns.kept.load().as_deref() != Some(&ips) {
+                        dns.kept.store(Some(Arc::new(ips)));
+                        core.rebuild_resolved();
+                    }
+                }
+                Err(DnsFailure::NoAddress(_)) => {
+                    dns.kept.store(None);
+                    core.rebuild_resolved();
+                }
                 // Kept, as Envoy keeps its hosts (warned in `lookup_answer`).
                 Err(DnsFailure::Failed(_)) => {}
             }
@@ -492,12 +527,116 @@ impl ClusterCore {
                         Err(e) => last_err = e,
                     }
                 }
+                self.resolved
+                    .store((!out.is_empty()).then(|| Arc::new(out.clone())));
                 if out.is_empty() {
                     Err(last_err)
                 } else {
                     Ok(out)
                 }
             }
+        }
+    }
+
+    /// The DNS names' kept addresses, as one list for requests to choose
+    /// from (after a background lookup changed one).
+    fn rebuild_resolved(&self) {
+        let Endpoints::Dns { names, first_only } = &self.endpoints else {
+            return;
+        };
+        let mut out = Vec::new();
+        for dns in names {
+            let Some(ips) = dns.kept.load_full() else {
+                continue;
+            };
+            let take = if *first_only { 1 } else { ips.len() };
+            let addrs: Vec<SocketAddr> = ips
+                .iter()
+                .take(take)
+                .map(|ip| SocketAddr::new(*ip, dns.port))
+                .collect();
+            if let Some(locality) = &self.locality {
+                locality.learn(&dns.name, &addrs);
+            }
+            out.extend(addrs);
+        }
+        let changed = self.resolved.load().as_deref() != Some(&out);
+        if changed {
+            self.resolved
+                .store((!out.is_empty()).then(|| Arc::new(out)));
+        }
+    }
+
+    /// A DNS cluster's names are looked up again in the background when
+    /// their time has come (a request's load on a warm cluster: one clock
+    /// read).
+    fn refresh_when_due(self: &Arc<Self>) {
+        let Endpoints::Dns { names, .. } = &self.endpoints else {
+            return;
+        };
+        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let due = self.refresh_due.load(Ordering::Relaxed);
+        if now < due
+            || self
+                .refresh_due
+                .compare_exchange(
+                    due,
+                    now + DNS_REFRESH_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return;
+        }
+        for index in 0..names.len() {
+            self.refresh(index);
+        }
+    }
+
+    /// The endpoint for a request, chosen before it takes a connection, as
+    /// Envoy's load balancer picks a host per request: by the request's
+    /// hash key if the cluster hashes, else by the load-balancing policy;
+    /// endpoints in `avoid` (where earlier attempts went) only when no
+    /// other is left.
+    fn choose(
+        self: &Arc<Self>,
+        key: Option<u64>,
+        avoid: &[SocketAddr],
+    ) -> Result<Choice, ConnectError> {
+        let resolved;
+        let hosts: &[SocketAddr] = match &self.endpoints {
+            Endpoints::Static(addrs) if addrs.is_empty() => {
+                return Err(ConnectError::NoEndpoint("cluster has no endpoints".into()));
+            }
+            Endpoints::Static(addrs) => addrs,
+            Endpoints::Dns { .. } => {
+                resolved = self.resolved.load();
+                let Some(hosts) = resolved.as_deref() else {
+                    return Ok(Choice::Unresolved);
+                };
+                self.refresh_when_due();
+                hosts
+            }
+            _ => return Ok(Choice::ByConnection),
+        };
+        let picked = match key {
+            Some(key) => self.pick_hashed(hosts, key, avoid),
+            None => self.pick(hosts, avoid),
+        };
+        picked
+            .map(Choice::At)
+            .ok_or_else(|| ConnectError::NoEndpoint("no endpoint".into()))
+    }
+
+    /// Whether requests are counted at their endpoints: where there are
+    /// several to choose from (least request compares them; one
+    /// endpoint's count is the cluster's).
+    fn counts_requests(&self) -> bool {
+        match &self.endpoints {
+            Endpoints::Static(addrs) => addrs.len() > 1,
+            Endpoints::Dns { .. } => self.resolved.load().as_ref().is_some_and(|h| h.len() > 1),
+            _ => false,
         }
     }
 
@@ -548,13 +687,38 @@ impl ClusterCore {
         pool.into_iter().filter(|a| priority(a) == best).collect()
     }
 
-    /// The endpoint for a hash key: of those not ejected (all, if all
-    /// are), the one ranking highest for the key (rendezvous hashing: a
-    /// key moves only when its endpoint goes away).
-    fn pick_hashed(&self, addrs: &[SocketAddr], key: u64) -> Option<SocketAddr> {
+    /// The endpoints a pick is made among: those not ejected (all, if all
+    /// are) of the best priority, without those in `avoid` unless no other
+    /// is left (Envoy's previous-hosts retry predicate, which re-picks
+    /// within the priority and at last takes a host tried before).
+    fn eligible(
+        &self,
+        state: &HashMap<SocketAddr, EndpointState>,
+        addrs: &[SocketAddr],
+        avoid: &[SocketAddr],
+    ) -> Vec<SocketAddr> {
+        let pool = self.first_priority(not_ejected(state, addrs));
+        if avoid.is_empty() || pool.iter().all(|a| avoid.contains(a)) {
+            return pool;
+        }
+        pool.into_iter().filter(|a| !avoid.contains(a)).collect()
+    }
+
+    /// The endpoint for a hash key: of those eligible, the one ranking
+    /// highest for the key (rendezvous hashing: a key moves only when its
+    /// endpoint goes away; a retry takes the next one).
+    fn pick_hashed(
+        &self,
+        addrs: &[SocketAddr],
+        key: u64,
+        avoid: &[SocketAddr],
+    ) -> Option<SocketAddr> {
         use std::hash::{Hash, Hasher};
+        if let [only] = addrs {
+            return Some(*only);
+        }
         let state = self.state.lock().ok()?;
-        let pool = self.first_priority(not_ejected(&state, addrs));
+        let pool = self.eligible(&state, addrs, avoid);
         pool.into_iter().max_by_key(|a| {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             (key, a).hash(&mut h);
@@ -562,10 +726,15 @@ impl ClusterCore {
         })
     }
 
-    /// Picks an endpoint that is not ejected, by the load-balancing policy.
-    fn pick(&self, addrs: &[SocketAddr]) -> Option<SocketAddr> {
+    /// Picks one of the eligible endpoints by the load-balancing policy.
+    /// One endpoint is taken whatever its state, as the panic threshold
+    /// would, without a lock.
+    fn pick(&self, addrs: &[SocketAddr], avoid: &[SocketAddr]) -> Option<SocketAddr> {
+        if let [only] = addrs {
+            return Some(*only);
+        }
         let state = self.state.lock().ok()?;
-        let pool = self.first_priority(not_ejected(&state, addrs));
+        let pool = self.eligible(&state, addrs, avoid);
         if let Some(picked) = self.pick_weighted(&pool) {
             return Some(picked);
         }
@@ -656,11 +825,16 @@ pub struct Conn {
     stream: UpstreamStream,
     addr: SocketAddr,
     core: Arc<ClusterCore>,
+    /// A TCP proxy's connection counts as one of its endpoint's active
+    /// requests while it lasts (an HTTP request counts itself).
+    counted: bool,
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.core.track(self.addr, -1);
+        if self.counted {
+            self.core.track(self.addr, -1);
+        }
     }
 }
 
@@ -738,27 +912,30 @@ impl AsyncWrite for Conn {
 }
 
 impl ClusterCore {
-    /// A new connection for a request to `uri`: resolves, load-balances,
-    /// connects and handshakes within the connect timeout. `h1`: for
-    /// HTTP/1.1 (an HTTP/2 cluster's upgrades offer ALPN http/1.1).
-    async fn connect(self: &Arc<Self>, uri: &http::Uri, h1: bool) -> Result<Conn, ConnectError> {
+    /// A new connection for a request to `uri`, to the endpoint chosen for
+    /// it (else resolves and load-balances): connects and handshakes
+    /// within the connect timeout. `h1`: for HTTP/1.1 (an HTTP/2 cluster's
+    /// upgrades offer ALPN http/1.1).
+    async fn connect(
+        self: &Arc<Self>,
+        uri: &http::Uri,
+        h1: bool,
+        chosen: Option<SocketAddr>,
+    ) -> Result<Conn, ConnectError> {
         if let Endpoints::Unix(path) = &self.endpoints {
             return self.connect_unix(path).await;
         }
-        let addrs = self
-            .addresses(Some(uri))
-            .await
-            .map_err(ConnectError::NoEndpoint)?;
-        // A hashed request names its endpoint; only one of the cluster's
-        // own is taken from a request.
-        let named = self
-            .hash
-            .as_ref()
-            .and_then(|_| uri.authority()?.as_str().parse::<SocketAddr>().ok())
-            .filter(|a| addrs.contains(a));
-        let addr = named
-            .or_else(|| self.pick(&addrs))
-            .ok_or_else(|| ConnectError::NoEndpoint("no endpoint".into()))?;
+        let addr = match chosen {
+            Some(addr) => addr,
+            None => {
+                let addrs = self
+                    .addresses(Some(uri))
+                    .await
+                    .map_err(ConnectError::NoEndpoint)?;
+                self.pick(&addrs, &[])
+                    .ok_or_else(|| ConnectError::NoEndpoint("no endpoint".into()))?
+            }
+        };
         // Envoy's connect timeout covers the TLS handshake too.
         let deadline = tokio::time::Instant::now() + self.connect_timeout;
         let dial = async {
@@ -779,7 +956,6 @@ impl ClusterCore {
             }
         };
         let _ = tcp.set_nodelay(true);
-        self.track(addr, 1);
         let stream = match &self.tls {
             None => UpstreamStream::Plain(tcp),
             Some(tls) => {
@@ -790,7 +966,6 @@ impl ClusterCore {
                 match handshake(config, request_sni(tls, uri), tcp, deadline).await {
                     Ok(stream) => stream,
                     Err(reason) => {
-                        self.track(addr, -1);
                         self.observe(addr, 503);
                         return Err(ConnectError::Failed(format!("TLS_error: {reason}")));
                     }
@@ -801,6 +976,7 @@ impl ClusterCore {
             stream,
             addr,
             core: self.clone(),
+            counted: false,
         })
     }
 
@@ -812,11 +988,11 @@ impl ClusterCore {
             Ok(Err(e)) => return Err(ConnectError::Failed(format!("delayed connect error: {e}"))),
             Err(_) => return Err(ConnectError::Failed("connect timeout".into())),
         };
-        self.track(UNIX_ENDPOINT, 1);
         Ok(Conn {
             stream: UpstreamStream::Unix(stream),
             addr: UNIX_ENDPOINT,
             core: self.clone(),
+            counted: false,
         })
     }
 
@@ -944,6 +1120,23 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// A request counted as active at its endpoint (for least request) until
+/// its response's head comes or it fails.
+struct Active<'a>(&'a ClusterCore, &'a SocketAddr);
+
+impl<'a> Active<'a> {
+    fn new(core: &'a ClusterCore, addr: &'a SocketAddr) -> Self {
+        core.track(*addr, 1);
+        Active(core, addr)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.track(*self.1, -1);
+    }
+}
+
 /// What a cluster is doing now, for the inspection port's `/clusters`.
 #[derive(Debug, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -952,7 +1145,8 @@ pub struct ClusterStatus {
     /// Where endpoints come from: `dns host:port`, `static ip:port`, or
     /// `original destination`.
     pub endpoints: Vec<String>,
-    /// Endpoints that carried requests, with their outlier state.
+    /// Its endpoints now, and any other that carried requests, with
+    /// their outlier state.
     pub hosts: Vec<HostStatus>,
     pub requests_in_flight: usize,
 }
@@ -984,42 +1178,57 @@ impl Cluster {
             Endpoints::RequestHost { port } => vec![format!("each request's host, port {port}")],
         };
         let now = Instant::now();
-        let mut hosts: Vec<HostStatus> = c
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        // The endpoints requests choose from now, and any other that
+        // carried requests.
+        let resolved = c.resolved.load_full();
+        let current: &[SocketAddr] = match &c.endpoints {
+            Endpoints::Static(addrs) => addrs,
+            _ => resolved.as_deref().map_or(&[], Vec::as_slice),
+        };
+        let state = c
             .state
             .lock()
-            .map(|m| {
-                m.iter()
-                    .map(|(addr, s)| HostStatus {
-                        address: addr.to_string(),
-                        active_requests: s.active,
-                        consecutive_5xx: s.consecutive_5xx,
-                        consecutive_gateway_errors: s.consecutive_gateway,
-                        ejected: s.ejected_until.is_some_and(|t| t > now),
-                        times_ejected: s.times_ejected,
-                    })
-                    .collect()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let addrs: std::collections::BTreeSet<SocketAddr> =
+            current.iter().chain(state.keys()).copied().collect();
+        let hosts = addrs
+            .into_iter()
+            .map(|addr| {
+                let s = state.get(&addr);
+                HostStatus {
+                    address: addr.to_string(),
+                    // One endpoint: the cluster's count is its own.
+                    active_requests: match current {
+                        [only] if *only == addr => in_flight,
+                        _ => s.map_or(0, |s| s.active),
+                    },
+                    consecutive_5xx: s.map_or(0, |s| s.consecutive_5xx),
+                    consecutive_gateway_errors: s.map_or(0, |s| s.consecutive_gateway),
+                    ejected: s.is_some_and(|s| s.ejected_until.is_some_and(|t| t > now)),
+                    times_ejected: s.map_or(0, |s| s.times_ejected),
+                }
             })
-            .unwrap_or_default();
-        hosts.sort_by(|a, b| a.address.cmp(&b.address));
+            .collect();
+        drop(state);
         ClusterStatus {
             name: c.name.to_string(),
             endpoints,
             hosts,
-            requests_in_flight: self.in_flight.load(Ordering::Relaxed),
+            requests_in_flight: in_flight,
         }
     }
 
     pub fn new(s: ClusterSettings, resolver: Resolver) -> Cluster {
         let h2 = s.h2;
-        // A hashed request names its endpoint by its authority; the others
-        // resolve or verify it. (HTTP/2 sends it as `:authority`, so its
-        // requests keep theirs: the pool shares its connection by itself.)
-        let fixed_connections = s.hash.is_none()
-            && matches!(
-                s.endpoints,
-                Endpoints::Dns { .. } | Endpoints::Static(_) | Endpoints::Unix(_)
-            )
-            && s.tls.as_ref().is_none_or(|t| !t.auto_sni);
+        // The cluster chooses each request's endpoint, and the connection
+        // does not depend on the request's authority (which, where the
+        // endpoints are the request's, names where to go, and otherwise may
+        // be the SNI).
+        let fixed_connections = matches!(
+            s.endpoints,
+            Endpoints::Dns { .. } | Endpoints::Static(_) | Endpoints::Unix(_)
+        ) && s.tls.as_ref().is_none_or(|t| !t.auto_sni);
         let upgrade_pool = (h2 && s.h1_upgrades.is_some()).then(Box::default);
         let core = Arc::new(ClusterCore {
             name: s.name,
@@ -1034,6 +1243,9 @@ impl Cluster {
             locality: Locality::of(s.priorities),
             rr: AtomicU32::new(0),
             state: Mutex::new(HashMap::new()),
+            resolved: arc_swap::ArcSwapOption::empty(),
+            refresh_due: AtomicU64::new(DNS_REFRESH_MS),
+            born: Instant::now(),
         });
         Cluster {
             core,
@@ -1119,6 +1331,11 @@ impl Cluster {
         Some((value, http::HeaderValue::from_str(&set).ok()?))
     }
 
+    /// Its load balancer hashes requests (`consistentHash`).
+    pub fn hashes(&self) -> bool {
+        self.core.hash.is_some()
+    }
+
     /// Its load balancer hashes the downstream's address (`useSourceIp`).
     pub fn hashes_source_ip(&self) -> bool {
         self.core.hash.as_deref() == Some(&HashOn::SourceIp)
@@ -1148,7 +1365,7 @@ impl Cluster {
             .await
             .map_err(UpstreamError::NoHealthyUpstream)?;
         let addr = core
-            .pick(&addrs)
+            .pick(&addrs, &[])
             .ok_or_else(|| UpstreamError::NoHealthyUpstream("no endpoint".into()))?;
         self.connect_tcp_to(addr).await
     }
@@ -1182,6 +1399,7 @@ impl Cluster {
             stream,
             addr,
             core: core.clone(),
+            counted: true,
         };
         Ok((conn, addr, local))
     }
@@ -1241,46 +1459,41 @@ impl Cluster {
         }
     }
 
-    /// `consistentHash`: the request's key picks the endpoint, named in
-    /// the URI so the pool keeps a connection per endpoint (the Host
-    /// header is the caller's). No key (a header absent): the usual pick.
-    async fn route_by_hash(&self, req: &mut Request<Body>) -> Result<(), UpstreamError> {
+    /// Where the request goes: an endpoint chosen now where the cluster
+    /// chooses (static or DNS endpoints), else wherever its connection
+    /// picks; not to one in `avoid` (where earlier attempts went, under
+    /// Istio's `retryIgnorePreviousHosts`) while another is eligible. A DNS
+    /// cluster without an answer yet resolves first (boxed: once per
+    /// cluster, and its state would make every request's future larger).
+    pub async fn endpoint(
+        &self,
+        req: &Request<Body>,
+        avoid: &[SocketAddr],
+    ) -> Result<Option<SocketAddr>, UpstreamError> {
         let core = &self.core;
-        let Some(on) = &core.hash else {
-            return Ok(());
-        };
-        if matches!(
-            core.endpoints,
-            Endpoints::FromUri
-                | Endpoints::Inbound
-                | Endpoints::Unix(_)
-                | Endpoints::RequestHost { .. }
-        ) {
-            return Ok(());
+        let key = core.hash.as_deref().and_then(|on| hash_key(on, req));
+        let mut choice = core.choose(key, avoid);
+        if choice.as_ref().is_ok_and(|c| *c == Choice::Unresolved) {
+            Box::pin(core.addresses(None))
+                .await
+                .map_err(UpstreamError::NoHealthyUpstream)?;
+            choice = core.choose(key, avoid);
         }
-        let Some(key) = hash_key(on, req) else {
-            return Ok(());
-        };
-        let addrs = core
-            .addresses(None)
-            .await
-            .map_err(UpstreamError::NoHealthyUpstream)?;
-        let Some(addr) = core.pick_hashed(&addrs, key) else {
-            return Err(UpstreamError::NoHealthyUpstream("no endpoint".into()));
-        };
-        let mut parts = req.uri().clone().into_parts();
-        parts.authority = http::uri::Authority::try_from(addr.to_string()).ok();
-        if let Ok(uri) = http::Uri::from_parts(parts) {
-            *req.uri_mut() = uri;
+        match choice {
+            Ok(Choice::At(addr)) => Ok(Some(addr)),
+            Ok(Choice::ByConnection | Choice::Unresolved) => Ok(None),
+            Err(ConnectError::NoEndpoint(m) | ConnectError::Failed(m)) => {
+                Err(UpstreamError::NoHealthyUpstream(m))
+            }
         }
-        Ok(())
     }
 
-    /// Sends one request (one attempt). The URI's authority is the
-    /// connection pool's key and HTTP/2's `:authority`; the Host header is
-    /// set by the caller. The answer's body carries its connection back to
-    /// the pool when it ends. A request no connection could be made for
-    /// comes back with the error.
+    /// Sends one request (one attempt) to the endpoint `endpoint` chose
+    /// for it (`None`: its connection picks). The URI's authority is the connection pool's key and
+    /// HTTP/2's `:authority`; the Host header is set by the caller. The
+    /// answer's body carries its connection back to the pool when it ends.
+    /// A request no connection could be made for comes back with the
+    /// error.
     ///
     /// An async block, not an async fn (as the pool's sends and the
     /// forwarding path's): an async fn's state holds its arguments twice,
@@ -1290,9 +1503,10 @@ impl Cluster {
         clippy::manual_async_fn,
         reason = "an async fn's state holds its arguments twice"
     )]
-    pub fn send(
+    pub fn send_to(
         &self,
-        mut req: Request<Body>,
+        req: Request<Body>,
+        endpoint: Option<SocketAddr>,
     ) -> impl Future<Output = Result<Answer, Failure>> + Send + '_ {
         async move {
             if self.in_flight.fetch_add(1, Ordering::Relaxed) >= self.max_in_flight {
@@ -1300,19 +1514,25 @@ impl Cluster {
                 return Err(UpstreamError::Overflow.into());
             }
             let _guard = InFlight(&self.in_flight);
-            if self.core.hash.is_some() {
-                // Boxed: few clusters hash, and its lookup's state would
-                // make every request's future larger.
-                Box::pin(self.route_by_hash(&mut req)).await?;
-            }
+            let endpoint = &endpoint;
+            let _active = endpoint
+                .as_ref()
+                .filter(|_| self.core.counts_requests())
+                .map(|addr| Active::new(&self.core, addr));
             let pool = self.pool(req.version());
             let sent = if pool.is_h2() {
-                pool.send_h2(&self.core, req).await
+                pool.send_h2(&self.core, req, endpoint).await
             } else {
-                pool.send_h1(&self.core, req).await
+                pool.send_h1(&self.core, req, endpoint).await
             };
             sent.map_err(classify)
         }
+    }
+
+    /// `endpoint`, then `send_to` it: a request no route retries.
+    pub async fn send(&self, req: Request<Body>) -> Result<Answer, Failure> {
+        let endpoint = self.endpoint(&req, &[]).await?;
+        self.send_to(req, endpoint).await
     }
 }
 
@@ -1447,6 +1667,9 @@ mod tests {
             locality: None,
             rr: AtomicU32::new(0),
             state: Mutex::new(HashMap::new()),
+            resolved: arc_swap::ArcSwapOption::empty(),
+            refresh_due: AtomicU64::new(0),
+            born: Instant::now(),
         }
     }
 
@@ -1455,10 +1678,10 @@ mod tests {
         let c = core(SimpleLb::RoundRobin, None);
         let all = addrs();
         let picks: Vec<SocketAddr> = (0..50u64)
-            .map(|k| c.pick_hashed(&all, k).unwrap())
+            .map(|k| c.pick_hashed(&all, k, &[]).unwrap())
             .collect();
         for (k, p) in picks.iter().enumerate() {
-            assert_eq!(c.pick_hashed(&all, k as u64), Some(*p), "stable");
+            assert_eq!(c.pick_hashed(&all, k as u64, &[]), Some(*p), "stable");
         }
         let spread: std::collections::HashSet<_> = picks.iter().collect();
         assert!(spread.len() > 1, "keys spread over endpoints");
@@ -1466,7 +1689,7 @@ mod tests {
         let gone = all[0];
         let rest: Vec<SocketAddr> = all[1..].to_vec();
         for (k, p) in picks.iter().enumerate() {
-            let now = c.pick_hashed(&rest, k as u64).unwrap();
+            let now = c.pick_hashed(&rest, k as u64, &[]).unwrap();
             if *p != gone {
                 assert_eq!(now, *p, "key {k} stays");
             }
@@ -1483,7 +1706,7 @@ mod tests {
     async fn round_robin_cycles() {
         let c = core(SimpleLb::RoundRobin, None);
         let a = addrs();
-        let picked: Vec<SocketAddr> = (0..6).map(|_| c.pick(&a).unwrap()).collect();
+        let picked: Vec<SocketAddr> = (0..6).map(|_| c.pick(&a, &[]).unwrap()).collect();
         assert_eq!(picked, [a[0], a[1], a[2], a[0], a[1], a[2]]);
     }
 
@@ -1493,7 +1716,7 @@ mod tests {
         let a = addrs()[..2].to_vec();
         c.track(a[0], 5);
         // Two random choices: whenever both are seen, the idle one wins.
-        let idle = (0..50).filter(|_| c.pick(&a) == Some(a[1])).count();
+        let idle = (0..50).filter(|_| c.pick(&a, &[]) == Some(a[1])).count();
         assert!(
             idle > 15,
             "{idle}/50: the idle endpoint wins about 3 times in 4"
@@ -1517,7 +1740,7 @@ mod tests {
         for _ in 0..3 {
             c.observe(a[0], 503);
         }
-        let picked: Vec<SocketAddr> = (0..6).filter_map(|_| c.pick(&a)).collect();
+        let picked: Vec<SocketAddr> = (0..6).filter_map(|_| c.pick(&a, &[])).collect();
         assert!(
             !picked.contains(&a[0]),
             "ejected endpoint still picked: {picked:?}"
@@ -1528,7 +1751,7 @@ mod tests {
             }
         }
         // Everything ejected: Envoy's panic mode routes to all.
-        assert!(c.pick(&a).is_some());
+        assert!(c.pick(&a, &[]).is_some());
     }
 
     fn settings(endpoints: Endpoints, h2: bool, hash: Option<HashOn>) -> ClusterSettings {
@@ -1568,8 +1791,8 @@ mod tests {
         assert!(shared(settings(Endpoints::Static(addrs()), false, None)));
         // `:authority` is the request's.
         assert!(!shared(settings(dns(), true, None)));
-        // A hashed request names its endpoint by its authority.
-        assert!(!shared(settings(dns(), false, Some(HashOn::SourceIp))));
+        // The cluster chooses a hashed request's endpoint as any other's.
+        assert!(shared(settings(dns(), false, Some(HashOn::SourceIp))));
         // The request's authority is where it goes.
         assert!(!shared(settings(Endpoints::FromUri, false, None)));
         assert!(!shared(settings(
@@ -1630,6 +1853,57 @@ mod tests {
             "hello"
         );
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new connection");
+    }
+
+    /// Envoy's load balancer picks a host for every request, and keeps
+    /// connections per host: round robin alternates over two endpoints,
+    /// each reusing its own connection.
+    #[tokio::test]
+    async fn each_request_picks_its_endpoint_and_reuses_a_connection_to_it() {
+        let (a, b) = (keepalive_server("a").await, keepalive_server("b").await);
+        let cluster = cluster(ClusterSettings {
+            max_in_flight: 64,
+            ..settings(Endpoints::Static(vec![a.addr, b.addr]), false, None)
+        });
+        let mut bodies = Vec::new();
+        for _ in 0..6 {
+            let mut req = get(a.addr);
+            *req.uri_mut() = "http://cluster/".parse().unwrap();
+            bodies.push(read_all(cluster.send(req).await.unwrap()).await);
+        }
+        assert!(
+            bodies == ["a", "b", "a", "b", "a", "b"] || bodies == ["b", "a", "b", "a", "b", "a"],
+            "{bodies:?}"
+        );
+        assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// A retry's pick passes over the endpoints tried before while
+    /// another is eligible, by policy and by hash; with none left, any.
+    #[test]
+    fn a_retry_picks_an_endpoint_not_tried_before() {
+        let a = addrs();
+        for lb in [
+            SimpleLb::RoundRobin,
+            SimpleLb::Random,
+            SimpleLb::LeastRequest,
+        ] {
+            let c = core(lb, None);
+            for _ in 0..20 {
+                assert_eq!(c.pick(&a, &a[..2]), Some(a[2]));
+                assert!(c.pick(&a, &a[1..2]).is_some_and(|p| p != a[1]));
+                assert!(c.pick(&a, &a).is_some());
+            }
+        }
+        let c = core(SimpleLb::RoundRobin, None);
+        for key in 0..20 {
+            let first = c.pick_hashed(&a, key, &[]).unwrap();
+            let next = c.pick_hashed(&a, key, &[first]).unwrap();
+            assert_ne!(next, first);
+            // The same next one every time: the key's second choice.
+            assert_eq!(c.pick_hashed(&a, key, &[first]), Some(next));
+        }
     }
 
     #[tokio::test]

@@ -314,6 +314,54 @@ async fn dns_saying_a_name_has_no_address_drops_its_addresses() {
     assert_eq!(entry["response_code_details"], "no_healthy_upstream");
 }
 
+/// `NAME.example.com` on `port`, plain HTTP, resolved by DNS.
+fn by_dns(name: &str, port: u16) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: curl-external-tst}}
+spec:
+  hosts: [{name}.example.com]
+  ports: [{{number: {port}, name: http, protocol: HTTP}}]
+  resolution: DNS
+"
+    )
+}
+
+/// A DNS cluster follows DNS while its connections are kept: once the
+/// name's TTL has passed and DNS gives a new address, requests go there
+/// (Envoy resolves a STRICT_DNS cluster again in the background and picks
+/// a host per request), though the pool still holds a connection to the
+/// old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_follow_a_new_address_from_dns() {
+    let mesh = Mesh::default();
+    let old = plain_http().await;
+    let new = SocketAddr::from(([127, 0, 0, 2], old.port()));
+    tokio::spawn(standin::serve_http(TcpListener::bind(new).await.unwrap()));
+    let dns = dns_for("moving.example.com", 1).await;
+    let sc = sidecar(&mesh, &[&by_dns("moving", old.port())], dns.addr).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    let url = format!("http://moving.example.com:{}/todos/1", old.port());
+    let client = [proxy, url];
+    assert_eq!(get(&client).await.answer(), ("200", standin::TODO_1));
+    assert_eq!(sc.next_log().await["upstream_host"], old.to_string());
+
+    let mut zone = DnsZone::default().with_ttl(1);
+    zone.insert("moving.example.com", new.ip());
+    dns.set_zone(zone);
+    // Bounded: a second for the TTL, a second for the next lookup.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        assert_eq!(get(&client).await.answer(), ("200", standin::TODO_1));
+        if sc.next_log().await["upstream_host"] == new.to_string() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still {old}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The CA goes away before the certificate is due: the proxy keeps the
 /// certificate it has, stays ready while it is valid and says renewal is
 /// failing, and is unready, saying why, once it has expired.
@@ -618,14 +666,7 @@ async fn a_connection_carries_at_most_max_requests_per_connection() {
     } = keepalive_server("ok").await;
     let dns = dns_for("pooled.example.com", 30).await;
     let config = format!(
-        "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: pooled, namespace: curl-external-tst}}
-spec:
-  hosts: [pooled.example.com]
-  ports: [{{number: {port}, name: http, protocol: HTTP}}]
-  resolution: DNS
----
+        "{}---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: pooled, namespace: curl-external-tst}}
@@ -635,7 +676,7 @@ spec:
     connectionPool:
       http: {{maxRequestsPerConnection: 2}}
 ",
-        port = upstream.port()
+        by_dns("pooled", upstream.port())
     );
     let sc = sidecar(&mesh, &[&config], dns.addr).await;
     let proxy = format!("http://{}", sc.addr(15001));
@@ -831,6 +872,16 @@ async fn hangs_up() -> SocketAddr {
 /// `NAME.example.com:8080` (two endpoints, round robin) under a
 /// VirtualService with these `retries`.
 fn retried(name: &str, endpoints: [SocketAddr; 2], retries: &str) -> String {
+    retried_with(name, endpoints, "{simple: ROUND_ROBIN}", retries)
+}
+
+/// The same with this `loadBalancer`.
+fn retried_with(
+    name: &str,
+    endpoints: [SocketAddr; 2],
+    load_balancer: &str,
+    retries: &str,
+) -> String {
     format!(
         "{}---
 apiVersion: networking.istio.io/v1
@@ -842,7 +893,7 @@ spec:
   - retries: {retries}
     route: [{{destination: {{host: {name}.example.com, port: {{number: 8080}}}}}}]
 ",
-        two_endpoints(name, endpoints, "{simple: ROUND_ROBIN}")
+        two_endpoints(name, endpoints, load_balancer)
     )
 }
 
@@ -905,6 +956,56 @@ async fn a_reset_is_retried_when_the_policy_retries_5xx() {
         assert_eq!(got.code, "503", "{got:?}");
         assert_eq!(entry["response_flags"], "UC,URX", "{entry}");
     }
+}
+
+/// A retry goes to an endpoint no attempt went to before (Envoy's
+/// previous-hosts predicate, `retryIgnorePreviousHosts`): each user whose
+/// hash picks the endpoint that hangs up is answered by the other when the
+/// route says so. Without it a hashed request stays on its endpoint, as
+/// Istio leaves it (by default only unhashed requests move), and those
+/// users get 503 UC,URX.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_goes_to_an_endpoint_not_tried_before() {
+    let mesh = Mesh::default();
+    let (bad, live) = (hangs_up().await, plain_http().await);
+    let hashed = "{consistentHash: {httpHeaderName: x-user}}";
+    let elsewhere = "{attempts: 1, retryOn: reset, retryIgnorePreviousHosts: true}";
+    let moved = retried_with("moved", [bad, live], hashed, elsewhere);
+    let kept = retried_with("kept", [bad, live], hashed, "{attempts: 1, retryOn: reset}");
+    let dns = dns_for("unused.example.com", 30).await;
+    let sc = sidecar(&mesh, &[&moved, &kept], dns.addr).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    let mut stuck = 0;
+    for user in 0..16 {
+        let header = format!("x-user: user-{user}");
+        let ask = |host: &str| {
+            let url = format!("http://{host}:8080/echo");
+            let args = [
+                "-x".to_owned(),
+                proxy.clone(),
+                "-H".to_owned(),
+                header.clone(),
+                url,
+            ];
+            async move { curl(&args.each_ref().map(String::as_str)).await }
+        };
+        let got = ask("moved.example.com").await;
+        assert_eq!(got.code, "200", "user-{user}: {got:?}");
+        assert_eq!(sc.next_log().await["upstream_host"], live.to_string());
+        let got = ask("kept.example.com").await;
+        let entry = sc.next_log().await;
+        if got.code == "503" {
+            assert_eq!(entry["response_flags"], "UC,URX", "{entry}");
+            stuck += 1;
+        } else {
+            assert_eq!(got.code, "200", "user-{user}: {got:?}");
+        }
+    }
+    // (Every user hashed to `live`: one run in 65,536.)
+    assert!(
+        stuck > 0,
+        "no user was hashed to the endpoint that hangs up"
+    );
 }
 
 /// A per-try timeout is a reset too: `gateway-error` retries it on the

@@ -769,3 +769,53 @@ spec:
     assert_eq!(count("200"), Some(1.0), "{text}");
     assert_eq!(count("403"), Some(3.0), "{text}");
 }
+
+/// Two replicas of the egress gateway behind its Service: the sidecar
+/// picks one for every request, as Envoy's load balancer does (here round
+/// robin, by a DestinationRule that leaves mutual TLS automatic), rather
+/// than sending everything on the one HTTP/2 connection it happens to
+/// have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_balances_requests_over_the_gateway_replicas() {
+    let round_robin = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: gateway-lb, namespace: curl-egress-tst}
+spec:
+  host: curl-egress-tst.curl-egress-tst.svc.cluster.local
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+";
+    let config = seed_config(&[round_robin]);
+    let mesh = Mesh::default();
+    let external = External::start(&[HOST]).await;
+    let replicas = [
+        TestProxy::start(&mesh, SeedChain::gateway_spec(config.clone(), &external)).await,
+        TestProxy::start(&mesh, SeedChain::gateway_spec(config.clone(), &external)).await,
+    ];
+    let mut spec = Spec::new(config, WORKLOAD);
+    let addrs = replicas.each_ref().map(|g| g.addr(80));
+    spec.endpoints
+        .insert(GATEWAY_SERVICE.to_owned(), addrs.to_vec());
+    let sidecar = TestProxy::start(&mesh, spec).await;
+    let proxy = format!("http://{}", sidecar.addr(15001));
+    let url = format!("http://{HOST}/todos/1");
+    let mut went = Vec::new();
+    for _ in 0..4 {
+        let got = curl(&["-x", &proxy, &url]).await;
+        assert_eq!(got.answer(), ("200", standin::TODO_1));
+        let entry = sidecar.next_log().await;
+        went.push(entry["upstream_host"].as_str().unwrap().to_owned());
+    }
+    let [a, b] = addrs.map(|a| a.to_string());
+    assert!(
+        went == [&*a, &b, &a, &b] || went == [&*b, &a, &b, &a],
+        "{went:?}"
+    );
+    // Each replica served two.
+    for replica in &replicas {
+        for _ in 0..2 {
+            let entry = replica.next_log().await;
+            assert_eq!(entry["response_code"], 200, "{entry}");
+        }
+    }
+}

@@ -5,6 +5,7 @@
 //! upgrades, header operations, flags).
 
 use std::borrow::Cow;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -327,6 +328,9 @@ impl Upstream<'_> {
             // that never left (Istio's default retries: connect failures) comes
             // back with them.
             let copy_headers = retry.retries_sent();
+            // Where earlier attempts went, for a retry to go elsewhere.
+            let avoid_previous = retry.avoids_previous_hosts(cluster.hashes());
+            let mut tried: Vec<SocketAddr> = Vec::new();
             let mut attempt = 0;
             let attempts = async {
                 loop {
@@ -348,11 +352,12 @@ impl Upstream<'_> {
                     } else {
                         std::mem::take(&mut parts.headers)
                     };
+                    let endpoint = cluster.endpoint(&req, &tried).await?;
                     let sent = match retry.per_try_timeout {
-                        Some(t) => tokio::time::timeout(t, cluster.send(req))
+                        Some(t) => tokio::time::timeout(t, cluster.send_to(req, endpoint))
                             .await
                             .unwrap_or_else(|_| Err(UpstreamError::PerTryTimeout.into())),
-                        None => cluster.send(req).await,
+                        None => cluster.send_to(req, endpoint).await,
                     };
                     let more = attempt < max_attempts;
                     match sent {
@@ -373,6 +378,9 @@ impl Upstream<'_> {
                             retrying_failure(cluster, &error, attempt);
                         }
                         Err(f) => return Err(f.error),
+                    }
+                    if let Some(addr) = endpoint.filter(|_| avoid_previous) {
+                        tried.push(addr);
                     }
                     // Boxed, as the fault delay.
                     Box::pin(tokio::time::sleep(retry.backoff * attempt)).await;

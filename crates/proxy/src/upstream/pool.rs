@@ -1,6 +1,8 @@
-//! A cluster's keep-alive connections (Envoy's connection pool): idle
-//! HTTP/1.1 connections by pool key, the newest taken first, or one shared
-//! HTTP/2 connection per key.
+//! A cluster's keep-alive connections (Envoy's connection pools): idle
+//! HTTP/1.1 connections by pool key and endpoint, the newest taken first,
+//! or one shared HTTP/2 connection per key and endpoint. The cluster
+//! chooses a request's endpoint before it comes here (or leaves it to the
+//! connection where the request's URI names it).
 //!
 //! Made for the data path: a request on a warm pool takes a lock, pops a
 //! connection and sends; no task, timer or channel of the pool's own. An
@@ -27,6 +29,32 @@ use crate::body::{Body, PeerBody};
 /// authorities) can come from clients, so a seeded hash of good quality,
 /// a few times cheaper than SipHash.
 type Keyed = foldhash::quality::RandomState;
+
+/// What a key keeps per endpoint: the endpoint the cluster chose for the
+/// request, or `None` where the connection picks it. (The cluster's own
+/// endpoints, not a client's words: the fast hash.)
+type ByEndpoint<T> = HashMap<EndpointKey, T, foldhash::fast::RandomState>;
+
+/// An endpoint as a map key, hashed in one word where it is IPv4 (a
+/// `SocketAddr`'s own hash writes each part, a few times the work, on
+/// every request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct EndpointKey(Option<SocketAddr>);
+
+impl std::hash::Hash for EndpointKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        match self.0 {
+            None => state.write_u8(0),
+            Some(SocketAddr::V4(a)) => {
+                state.write_u64(u64::from(a.ip().to_bits()) << 16 | u64::from(a.port()));
+            }
+            Some(SocketAddr::V6(a)) => {
+                state.write_u128(a.ip().to_bits());
+                state.write_u16(a.port());
+            }
+        }
+    }
+}
 
 /// Retries of a request that a reused connection closed before it was
 /// sent; after these the request takes a new connection.
@@ -91,11 +119,11 @@ pub(super) struct Pool {
 #[derive(Debug)]
 struct Shared {
     settings: PoolSettings,
-    idle: Mutex<HashMap<Arc<str>, Vec<Idle>, Keyed>>,
-    /// HTTP/2: one connection per key.
-    multiplexed: Mutex<HashMap<Arc<str>, Arc<Slot>, Keyed>>,
-    /// HTTP/2 with one key (`PoolSettings::one_key`): its one slot.
-    single: Arc<Slot>,
+    idle: Mutex<HashMap<Arc<str>, ByEndpoint<Vec<Idle>>, Keyed>>,
+    /// HTTP/2: one connection per key and endpoint.
+    multiplexed: Mutex<HashMap<Arc<str>, ByEndpoint<Arc<Slot>>, Keyed>>,
+    /// HTTP/2 with one key (`PoolSettings::one_key`): its slots.
+    single: Mutex<ByEndpoint<Arc<Slot>>>,
 }
 
 /// An HTTP/1.1 connection, between its requests or lent to one.
@@ -103,6 +131,8 @@ struct Shared {
 struct H1 {
     sender: http1::SendRequest<Body>,
     key: Arc<str>,
+    /// The endpoint it was made for (`None`: its connector picked one).
+    chosen: Option<SocketAddr>,
     upstream: Option<SocketAddr>,
     served: u32,
 }
@@ -203,7 +233,7 @@ impl Pool {
             settings,
             idle: Mutex::new(HashMap::default()),
             multiplexed: Mutex::new(HashMap::default()),
-            single: Arc::new(Slot::default()),
+            single: Mutex::new(HashMap::default()),
         });
         if settings.keep {
             sweep(Arc::downgrade(&shared), settings.idle_timeout);
@@ -219,9 +249,10 @@ impl Pool {
         self.shared.settings.h2
     }
 
-    /// Sends one request on a connection of the pool (or a new one). The
-    /// URI's authority is the pool key and tells the connector where to go.
-    /// (An async block, as `Cluster::send`: the request is kept once.)
+    /// Sends one request on a connection of the pool (or a new one) to
+    /// `endpoint`, or where the connector picks (`None`). The URI's
+    /// authority is the pool key and tells the connector the host. (An
+    /// async block, as `Cluster::send`: the request is kept once.)
     #[expect(
         clippy::manual_async_fn,
         reason = "an async fn's state holds its arguments twice"
@@ -230,6 +261,7 @@ impl Pool {
         &'a self,
         core: &'a Arc<ClusterCore>,
         mut req: Request<Body>,
+        endpoint: &'a Option<SocketAddr>,
     ) -> impl Future<Output = Result<Answer, PoolError>> + Send + 'a {
         async move {
             let uri = req.uri().clone();
@@ -239,7 +271,7 @@ impl Pool {
             let mut stale = 0;
             loop {
                 let pooled = (stale < STALE_TRIES)
-                    .then(|| self.shared.take(key))
+                    .then(|| self.shared.take(key, *endpoint))
                     .flatten();
                 let reused = pooled.is_some();
                 let mut conn = match pooled {
@@ -247,7 +279,7 @@ impl Pool {
                     // Boxed: connecting (DNS, TCP, TLS) is rare on a warm pool,
                     // and its state would make every request's future larger
                     // (and every move of it longer).
-                    None => match Box::pin(self.connect_h1(core, &uri, key)).await {
+                    None => match Box::pin(self.connect_h1(core, &uri, key, *endpoint)).await {
                         Ok(conn) => conn,
                         Err(e) => {
                             *req.uri_mut() = uri;
@@ -312,8 +344,12 @@ impl Pool {
         core: &Arc<ClusterCore>,
         uri: &Uri,
         key: &str,
+        chosen: Option<SocketAddr>,
     ) -> Result<H1, PoolError> {
-        let conn = core.connect(uri, true).await.map_err(PoolError::connect)?;
+        let conn = core
+            .connect(uri, true, chosen)
+            .await
+            .map_err(PoolError::connect)?;
         let upstream = conn.endpoint();
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(conn))
@@ -327,12 +363,13 @@ impl Pool {
         Ok(H1 {
             sender,
             key: Arc::from(key),
+            chosen,
             upstream,
             served: 0,
         })
     }
 
-    /// `send_h1` on the key's shared HTTP/2 connection.
+    /// `send_h1` on the key's shared HTTP/2 connection to the endpoint.
     #[expect(
         clippy::manual_async_fn,
         reason = "an async fn's state holds its arguments twice"
@@ -341,17 +378,15 @@ impl Pool {
         &'a self,
         core: &'a Arc<ClusterCore>,
         mut req: Request<Body>,
+        endpoint: &'a Option<SocketAddr>,
     ) -> impl Future<Output = Result<Answer, PoolError>> + Send + 'a {
         async move {
-            // One key: its slot is at hand, not looked up by name.
-            let keyed;
-            let slot = if self.shared.settings.one_key {
-                &self.shared.single
+            // One key: its slots are at hand, not looked up by name.
+            let slot = &if self.shared.settings.one_key {
+                slot_of(&self.shared.single, *endpoint)
             } else {
-                keyed = self
-                    .shared
-                    .slot(req.uri().authority().map_or("", |a| a.as_str()));
-                &keyed
+                let key = req.uri().authority().map_or("", |a| a.as_str());
+                self.shared.slot(key, *endpoint)
             };
             let mut stale = 0;
             // Nothing the request or an error holds is kept across an await
@@ -359,7 +394,7 @@ impl Pool {
             // state, and it is copied whole as it is made.
             loop {
                 let (mut conn, upstream, reused, first) =
-                    match self.checkout_h2(core, slot, req.uri()).await {
+                    match self.checkout_h2(core, slot, req.uri(), endpoint).await {
                         Ok(checked_out) => checked_out,
                         Err(e) => return Err(e.unsent(req)),
                     };
@@ -402,6 +437,7 @@ impl Pool {
         core: &Arc<ClusterCore>,
         slot: &Slot,
         uri: &Uri,
+        endpoint: &Option<SocketAddr>,
     ) -> Result<Checkout, PoolError> {
         let settings = &self.shared.settings;
         if let Some(out) = slot.checkout(settings, true) {
@@ -412,7 +448,7 @@ impl Pool {
         if let Some(out) = slot.checkout(settings, true) {
             return Ok(out);
         }
-        let c = Box::pin(connect_h2(core, uri)).await?;
+        let c = Box::pin(connect_h2(core, uri, *endpoint)).await?;
         *slot.held() = Some(c);
         slot.checkout(settings, false).ok_or_else(|| {
             PoolError::connect(ConnectError::Failed("HTTP/2 connection closed".into()))
@@ -434,8 +470,15 @@ fn name_request_id(req: &mut Request<Body>) {
 }
 
 /// Dials and speaks HTTP/2 within the connect timeout.
-async fn connect_h2(core: &Arc<ClusterCore>, uri: &Uri) -> Result<H2, PoolError> {
-    let conn = core.connect(uri, false).await.map_err(PoolError::connect)?;
+async fn connect_h2(
+    core: &Arc<ClusterCore>,
+    uri: &Uri,
+    endpoint: Option<SocketAddr>,
+) -> Result<H2, PoolError> {
+    let conn = core
+        .connect(uri, false, endpoint)
+        .await
+        .map_err(PoolError::connect)?;
     let upstream = conn.endpoint();
     let conn = match tokio::time::timeout(core.connect_timeout, multiplex::handshake(conn)).await {
         Ok(Ok(c)) => c,
@@ -496,10 +539,11 @@ fn request_target(uri: &Uri, connect: bool) -> Uri {
 }
 
 impl Shared {
-    /// The newest idle connection of `key` that is still open.
-    fn take(&self, key: &str) -> Option<H1> {
+    /// The newest idle connection of `key` to `endpoint` that is still
+    /// open.
+    fn take(&self, key: &str, endpoint: Option<SocketAddr>) -> Option<H1> {
         let mut idle = self.idle.lock().ok()?;
-        let list = idle.get_mut(key)?;
+        let list = idle.get_mut(key)?.get_mut(&EndpointKey(endpoint))?;
         let timeout = self.settings.idle_timeout;
         while let Some(i) = list.pop() {
             if !i.conn.sender.is_closed() && i.since.elapsed() < timeout {
@@ -517,25 +561,27 @@ impl Shared {
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
-        match idle.get_mut(&*conn.key) {
-            Some(list) => list.push(Idle { conn, since }),
-            None => {
-                idle.insert(conn.key.clone(), vec![Idle { conn, since }]);
-            }
-        }
+        let endpoints = match idle.get_mut(&*conn.key) {
+            Some(endpoints) => endpoints,
+            None => idle.entry(conn.key.clone()).or_default(),
+        };
+        endpoints
+            .entry(EndpointKey(conn.chosen))
+            .or_default()
+            .push(Idle { conn, since });
     }
 
-    fn slot(&self, key: &str) -> Arc<Slot> {
+    /// The slot of `key` and `endpoint`.
+    fn slot(&self, key: &str, endpoint: Option<SocketAddr>) -> Arc<Slot> {
         let mut slots = self
             .multiplexed
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(slot) = slots.get(key) {
-            return slot.clone();
-        }
-        let slot = Arc::new(Slot::default());
-        slots.insert(Arc::from(key), slot.clone());
-        slot
+        let endpoints = match slots.get_mut(key) {
+            Some(endpoints) => endpoints,
+            None => slots.entry(Arc::from(key)).or_default(),
+        };
+        endpoints.entry(EndpointKey(endpoint)).or_default().clone()
     }
 
     /// Closes connections idle for the idle timeout, and forgets keys
@@ -544,16 +590,33 @@ impl Shared {
         let timeout = self.settings.idle_timeout;
         let now = Instant::now();
         if let Ok(mut idle) = self.idle.lock() {
-            idle.retain(|_, list| {
-                list.retain(|i| !i.conn.sender.is_closed() && now - i.since < timeout);
-                !list.is_empty()
+            idle.retain(|_, endpoints| {
+                endpoints.retain(|_, list| {
+                    list.retain(|i| !i.conn.sender.is_closed() && now - i.since < timeout);
+                    !list.is_empty()
+                });
+                !endpoints.is_empty()
             });
         }
-        if let Ok(mut slots) = self.multiplexed.lock() {
+        let keeps = |slots: &mut ByEndpoint<Arc<Slot>>| {
             slots.retain(|_, slot| keeps_h2(slot, now, timeout));
+            !slots.is_empty()
+        };
+        if let Ok(mut slots) = self.multiplexed.lock() {
+            slots.retain(|_, endpoints| keeps(endpoints));
         }
-        keeps_h2(&self.single, now, timeout);
+        if let Ok(mut single) = self.single.lock() {
+            keeps(&mut single);
+        }
     }
+}
+
+/// The slot of `endpoint` among a key's `slots`.
+fn slot_of(slots: &Mutex<ByEndpoint<Arc<Slot>>>, endpoint: Option<SocketAddr>) -> Arc<Slot> {
+    let mut slots = slots
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    slots.entry(EndpointKey(endpoint)).or_default().clone()
 }
 
 /// Drops a slot's HTTP/2 connection if it closed or idled for `timeout`;
