@@ -304,6 +304,9 @@ pub enum Unanswered {
     /// The connection or stream ended before a response, or the attempt's
     /// per-try timeout reset it: the request may have been acted on.
     Reset,
+    /// The upstream refused the stream (HTTP/2 REFUSED_STREAM): it did
+    /// not act on the request.
+    RefusedStream,
     /// Never retried: the circuit breaker, no healthy endpoint, the
     /// route's or the stream's own timeout, the downstream's fault.
     Final,
@@ -404,21 +407,27 @@ impl RetryPolicy {
     }
 
     /// Whether a request that reached the upstream can be retried: after
-    /// its response, a reset or a per-try timeout. Then each attempt but the
-    /// last sends a copy of the request.
-    pub fn retries_sent(&self) -> bool {
-        self.on_5xx || self.on_gateway_error || self.on_reset || !self.status_codes.is_empty()
+    /// its response, a reset, a per-try timeout, or (`refused_streams`: an
+    /// upstream that may refuse them) a refused stream. Then each attempt
+    /// but the last sends a copy of the request.
+    pub fn retries_sent(&self, refused_streams: bool) -> bool {
+        self.on_5xx
+            || self.on_gateway_error
+            || self.on_reset
+            || !self.status_codes.is_empty()
+            || (refused_streams && self.on_refused_stream)
     }
 
     /// Envoy's retry on reset: `reset`, `5xx` and `gateway-error` retry
     /// every attempt that got no response (a per-try timeout is one),
     /// `connect-failure` and `reset-before-request` only one that sent
-    /// nothing.
+    /// nothing, `refused-stream` one whose stream the upstream refused.
     pub fn retry_unanswered(&self, how: Unanswered) -> bool {
         match how {
             Unanswered::Final => false,
             _ if self.on_reset || self.on_5xx || self.on_gateway_error => true,
             Unanswered::ConnectFailure => self.on_connect_failure || self.on_reset_before_request,
+            Unanswered::RefusedStream => self.on_refused_stream,
             Unanswered::Reset => false,
         }
     }

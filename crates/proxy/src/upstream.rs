@@ -105,6 +105,18 @@ pub enum UpstreamError {
         "upstream connect error or disconnect/reset before headers. reset reason: connection termination: {0}"
     )]
     Reset(String),
+    /// The upstream reset the stream before answering (HTTP/2 RST_STREAM;
+    /// 503, UR).
+    #[error(
+        "upstream connect error or disconnect/reset before headers. reset reason: remote reset"
+    )]
+    RemoteReset,
+    /// The upstream refused the stream, not acting on the request (HTTP/2
+    /// REFUSED_STREAM; 503, UR).
+    #[error(
+        "upstream connect error or disconnect/reset before headers. reset reason: remote refused stream reset"
+    )]
+    RefusedStream,
     /// Circuit breaker open (503, UO).
     #[error("upstream connect error or disconnect/reset before headers. reset reason: overflow")]
     Overflow,
@@ -130,6 +142,9 @@ impl UpstreamError {
             UpstreamError::NoHealthyUpstream(_) => ResponseFlags::NO_HEALTHY_UPSTREAM,
             UpstreamError::ConnectFailure(_) => ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
             UpstreamError::Reset(_) => ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+            UpstreamError::RemoteReset | UpstreamError::RefusedStream => {
+                ResponseFlags::UPSTREAM_REMOTE_RESET
+            }
             UpstreamError::Overflow => ResponseFlags::UPSTREAM_OVERFLOW,
             UpstreamError::PerTryTimeout | UpstreamError::Timeout => {
                 ResponseFlags::UPSTREAM_REQUEST_TIMEOUT
@@ -154,7 +169,10 @@ impl UpstreamError {
     pub fn unanswered(&self) -> Unanswered {
         match self {
             UpstreamError::ConnectFailure(_) => Unanswered::ConnectFailure,
-            UpstreamError::Reset(_) | UpstreamError::PerTryTimeout => Unanswered::Reset,
+            UpstreamError::Reset(_) | UpstreamError::RemoteReset | UpstreamError::PerTryTimeout => {
+                Unanswered::Reset
+            }
+            UpstreamError::RefusedStream => Unanswered::RefusedStream,
             UpstreamError::NoHealthyUpstream(_)
             | UpstreamError::Overflow
             | UpstreamError::Timeout
@@ -183,6 +201,10 @@ impl UpstreamError {
             }
             UpstreamError::Reset(_) => {
                 "upstream_reset_before_response_started{connection_termination}"
+            }
+            UpstreamError::RemoteReset => "upstream_reset_before_response_started{remote_reset}",
+            UpstreamError::RefusedStream => {
+                "upstream_reset_before_response_started{remote_refused_stream_reset}"
             }
             UpstreamError::Overflow => "upstream_reset_before_response_started{overflow}",
             UpstreamError::PerTryTimeout => "upstream_per_try_timeout",
@@ -1331,6 +1353,14 @@ impl Cluster {
         Some((value, http::HeaderValue::from_str(&set).ok()?))
     }
 
+    /// HTTP/2 to an upstream that may refuse a stream without acting on it
+    /// (REFUSED_STREAM): a retry of one needs a copy of the request.
+    /// Between meshgate peers none is refused (the client keeps to the
+    /// server's stream limit; a draining gateway lets open streams end).
+    pub fn may_refuse_streams(&self) -> bool {
+        self.h2 && self.upgrade_pool.is_none()
+    }
+
     /// Its load balancer hashes requests (`consistentHash`).
     pub fn hashes(&self) -> bool {
         self.core.hash.is_some()
@@ -1566,6 +1596,16 @@ fn classify(e: PoolError) -> Failure {
         PoolError::Send(e) => e,
         PoolError::Stream(multiplex::SendError::Body(crate::body::BodyError::Idle(_))) => {
             return UpstreamError::RequestIdle.into();
+        }
+        PoolError::Stream(multiplex::SendError::Stream(e)) if e.is_reset() && e.is_remote() => {
+            // Only a RST_STREAM says the upstream refused this stream; a
+            // GOAWAY also ends streams it may have acted on.
+            return if e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                UpstreamError::RefusedStream
+            } else {
+                UpstreamError::RemoteReset
+            }
+            .into();
         }
         PoolError::Stream(e) => return UpstreamError::Reset(error_chain(&e)).into(),
     };

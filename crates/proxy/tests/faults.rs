@@ -1008,6 +1008,56 @@ async fn a_retry_goes_to_an_endpoint_not_tried_before() {
     );
 }
 
+/// An HTTP/2 server that refuses every stream (RST_STREAM REFUSED_STREAM).
+async fn refuses_streams() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The same config with its port speaking HTTP/2 (HTTP2).
+fn over_h2(config: &str) -> String {
+    config.replace("protocol: HTTP}", "protocol: HTTP2}")
+}
+
+/// An HTTP/2 upstream's REFUSED_STREAM says it did not act on the
+/// request: Istio's default policy (`refused-stream` among its
+/// conditions) retries it on the other endpoint, headers and all; without
+/// retries the client gets 503 UR (`remote_refused_stream_reset`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_is_retried_on_another_endpoint() {
+    let mesh = Mesh::default();
+    let (refuser, live) = (refuses_streams().await, plain_http().await);
+    let by_default = over_h2(&two_endpoints(
+        "refused",
+        [refuser, live],
+        "{simple: ROUND_ROBIN}",
+    ));
+    let never = over_h2(&retried("unretried", [refuser, live], "{attempts: 0}"));
+    let dns = dns_for("unused.example.com", 30).await;
+    let sc = sidecar(&mesh, &[&by_default, &never], dns.addr).await;
+    let hosts = ["refused.example.com", "unretried.example.com"];
+    for entry in only_retried_ones_recover(&sc, live, hosts, "503").await {
+        assert_eq!(entry["response_flags"], "UR", "{entry}");
+        assert_eq!(
+            entry["response_code_details"],
+            "upstream_reset_before_response_started{remote_refused_stream_reset}"
+        );
+    }
+}
+
 /// A per-try timeout is a reset too: `gateway-error` retries it on the
 /// other endpoint; `connect-failure` alone answers 504 (UT).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

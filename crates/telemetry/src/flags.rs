@@ -13,9 +13,10 @@ use serde::{Serialize, Serializer};
 pub struct ResponseFlags(u16);
 
 /// The flags meshgate sets, in the order Envoy prints them.
-const NAMES: [(ResponseFlags, &str); 12] = [
+const NAMES: [(ResponseFlags, &str); 13] = [
     (ResponseFlags::NO_HEALTHY_UPSTREAM, "UH"),
     (ResponseFlags::UPSTREAM_REQUEST_TIMEOUT, "UT"),
+    (ResponseFlags::UPSTREAM_REMOTE_RESET, "UR"),
     (ResponseFlags::UPSTREAM_CONNECTION_FAILURE, "UF"),
     (ResponseFlags::UPSTREAM_CONNECTION_TERMINATION, "UC"),
     (ResponseFlags::UPSTREAM_OVERFLOW, "UO"),
@@ -56,6 +57,9 @@ impl ResponseFlags {
     pub const NO_CLUSTER_FOUND: Self = ResponseFlags(1 << 10);
     /// SI: nothing moved on the stream for the stream idle timeout.
     pub const STREAM_IDLE_TIMEOUT: Self = ResponseFlags(1 << 11);
+    /// UR: the upstream reset the request's stream before answering
+    /// (HTTP/2 RST_STREAM, REFUSED_STREAM among them).
+    pub const UPSTREAM_REMOTE_RESET: Self = ResponseFlags(1 << 12);
 
     /// Both sets.
     #[must_use]
@@ -124,6 +128,9 @@ mod tests {
         let retried = ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED
             .with(ResponseFlags::UPSTREAM_CONNECTION_FAILURE);
         assert_eq!(retried.to_string(), "UF,URX");
+        let refused =
+            ResponseFlags::UPSTREAM_REMOTE_RESET.with(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT);
+        assert_eq!(refused.to_string(), "UT,UR");
         assert!(retried.contains(ResponseFlags::UPSTREAM_CONNECTION_FAILURE));
         assert_eq!(
             serde_json::to_string(&ResponseFlags::NO_CLUSTER_FOUND).ok(),

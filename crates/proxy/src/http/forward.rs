@@ -323,11 +323,12 @@ impl Upstream<'_> {
                 1 + retry.attempts
             };
             // A request that reached the upstream went with the headers: where
-            // the policy may retry it (after its response, a reset or a per-try
-            // timeout) they are copied for each attempt but the last; a request
-            // that never left (Istio's default retries: connect failures) comes
+            // the policy may retry it (after its response, a reset, a per-try
+            // timeout, or a refused stream where the upstream may refuse one)
+            // they are copied for each attempt but the last; a request that
+            // never left (Istio's default retries: connect failures) comes
             // back with them.
-            let copy_headers = retry.retries_sent();
+            let copy_headers = retry.retries_sent(cluster.may_refuse_streams());
             // Where earlier attempts went, for a retry to go elsewhere.
             let avoid_previous = retry.avoids_previous_hosts(cluster.hashes());
             let mut tried: Vec<SocketAddr> = Vec::new();

@@ -245,7 +245,7 @@ fn redirect_and_direct_response() {
 /// `retryOn` retries.
 #[test]
 fn unanswered_attempts_are_retried_as_envoy_does() {
-    use Unanswered::{ConnectFailure, Final, Reset};
+    use Unanswered::{ConnectFailure, Final, RefusedStream, Reset};
     let policy = |retry_on: &str| {
         table(&format!(
             "  hosts: [a.com]\n  http:\n  - retries: {{attempts: 2, retryOn: '{retry_on}'}}\n    route: [{{destination: {{host: a}}}}]\n"
@@ -256,29 +256,33 @@ fn unanswered_attempts_are_retried_as_envoy_does() {
             .clone()
     };
     let cases = [
-        ("5xx", [true, true, false]),
-        ("gateway-error", [true, true, false]),
-        ("reset", [true, true, false]),
-        ("connect-failure", [true, false, false]),
-        ("reset-before-request", [true, false, false]),
-        (
-            "refused-stream,retriable-status-codes,503",
-            [false, false, false],
-        ),
+        ("5xx", [true, true, true, false]),
+        ("gateway-error", [true, true, true, false]),
+        ("reset", [true, true, true, false]),
+        ("connect-failure", [true, false, false, false]),
+        ("reset-before-request", [true, false, false, false]),
+        ("refused-stream", [false, false, true, false]),
+        ("retriable-status-codes,503", [false, false, false, false]),
     ];
-    for (retry_on, [connect, reset, fin]) in cases {
+    for (retry_on, [connect, reset, refused, fin]) in cases {
         let p = policy(retry_on);
         assert_eq!(p.retry_unanswered(ConnectFailure), connect, "{retry_on}");
         assert_eq!(p.retry_unanswered(Reset), reset, "{retry_on}");
+        assert_eq!(p.retry_unanswered(RefusedStream), refused, "{retry_on}");
         assert_eq!(p.retry_unanswered(Final), fin, "{retry_on}");
     }
     // What reached the upstream is replayed from a copy: only a policy that
-    // retries it makes one.
-    assert!(policy("reset").retries_sent() && !policy("connect-failure").retries_sent());
+    // retries it makes one (a refused stream's, only toward an upstream
+    // that may refuse one).
+    assert!(policy("reset").retries_sent(false) && !policy("connect-failure").retries_sent(true));
     let default = RetryPolicy::istio_default();
     assert!(default.retry_unanswered(ConnectFailure) && !default.retry_unanswered(Reset));
+    assert!(default.retry_unanswered(RefusedStream));
+    assert!(default.retries_sent(true) && !default.retries_sent(false));
     let conflict = policy("retriable-4xx");
-    assert!(conflict.retry_status(409) && !conflict.retry_status(404) && conflict.retries_sent());
+    assert!(
+        conflict.retry_status(409) && !conflict.retry_status(404) && conflict.retries_sent(false)
+    );
 }
 
 #[test]
