@@ -28,6 +28,8 @@ use crate::snapshot::Snapshot;
 // Header names the request path sets, built once: inserting by `&str`
 // copies a custom name on every request.
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// A gRPC answer's status (in the headers of a trailers-only answer).
+pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// What acting on a plan came to, before it is reported.
 #[derive(Debug)]
@@ -380,11 +382,13 @@ fn content_length(h: &HeaderMap) -> u64 {
 
 /// Istio's `request_protocol`: `grpc` for gRPC responses.
 fn protocol(h: &HeaderMap) -> &'static str {
-    let grpc = h
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
-    if grpc { "grpc" } else { "http" }
+    if is_grpc(h) { "grpc" } else { "http" }
+}
+
+/// A gRPC request's or response's head (`application/grpc`, `+proto`...).
+pub(crate) fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 fn header_string(h: &HeaderMap, name: &str) -> Option<String> {

@@ -290,10 +290,17 @@ pub struct RetryPolicy {
     pub on_reset: bool,
     pub on_reset_before_request: bool,
     pub status_codes: Vec<u16>,
+    /// gRPC statuses retried (`cancelled`, `unavailable`, ...), one bit
+    /// per code.
+    pub grpc_statuses: u32,
     pub backoff: Duration,
     /// `retryIgnorePreviousHosts` as set (see `avoids_previous_hosts`).
     pub ignore_previous_hosts: Option<bool>,
 }
+
+/// gRPC's CANCELLED and UNAVAILABLE, as `RetryPolicy::grpc_statuses` bits.
+const GRPC_CANCELLED: u32 = 1 << 1;
+const GRPC_UNAVAILABLE: u32 = 1 << 14;
 
 /// How an attempt that got no response ended, as a retry policy sees it
 /// (Envoy's reset reasons).
@@ -315,8 +322,8 @@ pub enum Unanswered {
 impl RetryPolicy {
     /// Istio's default when a route sets no `retries`: 2 attempts on
     /// connect-failure, refused-stream, unavailable, cancelled. The last two
-    /// are gRPC status conditions (`x-envoy-retry-grpc-on`), so a plain HTTP
-    /// 503 is not retried.
+    /// are gRPC status conditions (Envoy's `retry_grpc_on`), so a plain
+    /// HTTP 503 is not retried.
     pub fn istio_default() -> Self {
         RetryPolicy {
             attempts: 2,
@@ -328,6 +335,7 @@ impl RetryPolicy {
             on_reset: false,
             on_reset_before_request: false,
             status_codes: Vec::new(),
+            grpc_statuses: GRPC_CANCELLED | GRPC_UNAVAILABLE,
             backoff: Duration::from_millis(25),
             ignore_previous_hosts: None,
         }
@@ -374,6 +382,7 @@ impl RetryPolicy {
             on_reset: false,
             on_reset_before_request: false,
             status_codes: Vec::new(),
+            grpc_statuses: 0,
             backoff: r.backoff.map_or(Duration::from_millis(25), |d| d.as_std()),
             ignore_previous_hosts: r.retry_ignore_previous_hosts,
         };
@@ -392,10 +401,11 @@ impl RetryPolicy {
                 "gateway-error" => p.on_gateway_error = true,
                 "reset" => p.on_reset = true,
                 "reset-before-request" => p.on_reset_before_request = true,
-                // gRPC status conditions: meshgate does not read grpc-status
-                // yet, so these never retry an HTTP response.
-                "unavailable" | "cancelled" | "deadline-exceeded" | "internal"
-                | "resource-exhausted" => {}
+                "cancelled" => p.grpc_statuses |= GRPC_CANCELLED,
+                "deadline-exceeded" => p.grpc_statuses |= 1 << 4,
+                "resource-exhausted" => p.grpc_statuses |= 1 << 8,
+                "internal" => p.grpc_statuses |= 1 << 13,
+                "unavailable" => p.grpc_statuses |= GRPC_UNAVAILABLE,
                 n => {
                     if let Ok(code) = n.parse::<u16>() {
                         p.status_codes.push(code);
@@ -407,15 +417,25 @@ impl RetryPolicy {
     }
 
     /// Whether a request that reached the upstream can be retried: after
-    /// its response, a reset, a per-try timeout, or (`refused_streams`: an
-    /// upstream that may refuse them) a refused stream. Then each attempt
-    /// but the last sends a copy of the request.
-    pub fn retries_sent(&self, refused_streams: bool) -> bool {
+    /// its response, a reset, a per-try timeout, a refused stream
+    /// (`refused_streams`: toward an upstream that may refuse one), or a
+    /// gRPC status (`grpc`: a gRPC request). Then each attempt but the
+    /// last sends a copy of the request.
+    pub fn retries_sent(&self, refused_streams: bool, grpc: bool) -> bool {
         self.on_5xx
             || self.on_gateway_error
             || self.on_reset
             || !self.status_codes.is_empty()
             || (refused_streams && self.on_refused_stream)
+            || (grpc && self.grpc_statuses != 0)
+    }
+
+    /// Whether a gRPC response's status (its `grpc-status` header: a
+    /// trailers-only response's) is retried.
+    pub fn retry_grpc_status(&self, grpc_status: Option<&http::HeaderValue>) -> bool {
+        grpc_status
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u32>().ok())
+            .is_some_and(|code| code < 32 && self.grpc_statuses & (1 << code) != 0)
     }
 
     /// Envoy's retry on reset: `reset`, `5xx` and `gateway-error` retry

@@ -829,6 +829,27 @@ async fn a_generated_hash_cookie_keeps_a_client_on_its_endpoint() {
     assert_eq!(used.len(), 2, "clients spread over both endpoints");
 }
 
+/// A sidecar for `NAME.example.com:8080`, whose endpoints are one that
+/// refuses connections and `live`, round robin (two of every four
+/// requests try the first first): the sidecar, its proxy URL, and the DNS
+/// server it asks (kept while it runs).
+async fn after_a_refusal(
+    mesh: &Mesh,
+    name: &str,
+    live: SocketAddr,
+) -> (TestProxy, String, DnsServer) {
+    // Bound, then closed: connections to it are refused.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = two_endpoints(name, [dead, live], "{simple: ROUND_ROBIN}");
+    let dns = dns_for("unused.example.com", 30).await;
+    let sc = sidecar(mesh, &[&config], dns.addr).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    (sc, proxy, dns)
+}
+
 /// Istio's default retry policy retries a connect failure: a request whose
 /// endpoint refuses the connection goes to the other endpoint whole (the
 /// pool hands back the request it could not send; the headers are not
@@ -837,16 +858,7 @@ async fn a_generated_hash_cookie_keeps_a_client_on_its_endpoint() {
 async fn a_refused_connection_is_retried_with_the_whole_request() {
     let mesh = Mesh::default();
     let live = plain_http().await;
-    // Bound, then closed: connections to it are refused.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let config = two_endpoints("retried", [dead, live], "{simple: ROUND_ROBIN}");
-    let dns = dns_for("unused.example.com", 30).await;
-    let sc = sidecar(&mesh, &[&config], dns.addr).await;
-    let proxy = format!("http://{}", sc.addr(15001));
-    // Round robin: at least three of four requests try `dead` first.
+    let (sc, proxy, _dns) = after_a_refusal(&mesh, "retried", live).await;
     for _ in 0..4 {
         let got = curl(&[
             "-x",
@@ -858,6 +870,25 @@ async fn a_refused_connection_is_retried_with_the_whole_request() {
         .await;
         assert_eq!(got.code, "200", "{got:?}");
         assert!(got.body.contains("\"x-probe\": \"kept\""), "{got:?}");
+        let entry = sc.next_log().await;
+        assert_eq!(entry["upstream_host"], live.to_string(), "{entry}");
+        assert_eq!(entry["response_flags"], "-", "{entry}");
+    }
+}
+
+/// A request with a body is retried when it never left (a refused
+/// connection, under Istio's default policy), body and all: the pool
+/// hands the request back untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_a_body_is_retried_when_it_never_left() {
+    let mesh = Mesh::default();
+    let live = answers_after_the_body().await;
+    let (sc, proxy, _dns) = after_a_refusal(&mesh, "posted", live).await;
+    for _ in 0..4 {
+        let body = "a body the upstream reads whole before it answers";
+        let url = "http://posted.example.com:8080/upload";
+        let got = curl(&["-x", &proxy, "--data-binary", body, url]).await;
+        assert_eq!(got.answer(), ("200", "ok"));
         let entry = sc.next_log().await;
         assert_eq!(entry["upstream_host"], live.to_string(), "{entry}");
         assert_eq!(entry["response_flags"], "-", "{entry}");
@@ -1008,8 +1039,8 @@ async fn a_retry_goes_to_an_endpoint_not_tried_before() {
     );
 }
 
-/// An HTTP/2 server that refuses every stream (RST_STREAM REFUSED_STREAM).
-async fn refuses_streams() -> SocketAddr {
+/// An HTTP/2 server that does `answer` to every stream.
+async fn h2_server(answer: fn(h2::server::SendResponse<bytes::Bytes>)) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -1018,13 +1049,89 @@ async fn refuses_streams() -> SocketAddr {
                 let Ok(mut conn) = h2::server::handshake(tcp).await else {
                     return;
                 };
-                while let Some(Ok((_, mut respond))) = conn.accept().await {
-                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                while let Some(Ok((_, respond))) = conn.accept().await {
+                    answer(respond);
                 }
             });
         }
     });
     addr
+}
+
+/// An HTTP/2 server that refuses every stream (RST_STREAM REFUSED_STREAM).
+async fn refuses_streams() -> SocketAddr {
+    h2_server(|mut respond| respond.send_reset(h2::Reason::REFUSED_STREAM)).await
+}
+
+/// An HTTP/2 server answering every request with gRPC's UNAVAILABLE
+/// (14), trailers-only: the status in the response's headers.
+async fn grpc_unavailable() -> SocketAddr {
+    h2_server(|mut respond| {
+        let answer = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "14")
+            .body(())
+            .unwrap();
+        let _ = respond.send_response(answer, true);
+    })
+    .await
+}
+
+/// A gRPC answer's status is retried as `retryOn` names it (Envoy's
+/// `retry_grpc_on`): Istio's default has `unavailable`, so a gRPC request
+/// answered UNAVAILABLE goes to the other endpoint; under `5xx` alone the
+/// client gets the UNAVAILABLE (HTTP 200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_status_is_retried_as_the_policy_names_it() {
+    let mesh = Mesh::default();
+    let (unavailable, live) = (grpc_unavailable().await, plain_http().await);
+    let by_default = over_h2(&two_endpoints(
+        "grpc",
+        [unavailable, live],
+        "{simple: ROUND_ROBIN}",
+    ));
+    let http_only = over_h2(&retried(
+        "httponly",
+        [unavailable, live],
+        "{attempts: 1, retryOn: 5xx}",
+    ));
+    let dns = dns_for("unused.example.com", 30).await;
+    let sc = sidecar(&mesh, &[&by_default, &http_only], dns.addr).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    let ask = |host: &str| {
+        let url = format!("http://{host}:8080/echo");
+        let args = [
+            "-x",
+            &proxy,
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/grpc",
+            "-o",
+            "/dev/null",
+            "-D",
+            "-",
+            &url,
+        ]
+        .map(str::to_owned);
+        async move { curl(&args.each_ref().map(String::as_str)).await }
+    };
+    for _ in 0..4 {
+        let got = ask("grpc.example.com").await;
+        assert_eq!(got.code, "200", "{got:?}");
+        assert!(!got.body.contains("grpc-status"), "{got:?}");
+        assert_eq!(sc.next_log().await["upstream_host"], live.to_string());
+    }
+    let mut unretried = 0;
+    for _ in 0..4 {
+        let got = ask("httponly.example.com").await;
+        sc.next_log().await;
+        unretried += usize::from(got.body.contains("grpc-status: 14"));
+    }
+    assert!(
+        unretried > 0,
+        "round robin sends some to `unavailable` first"
+    );
 }
 
 /// The same config with its port speaking HTTP/2 (HTTP2).

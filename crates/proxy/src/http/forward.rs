@@ -16,7 +16,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::upgrade::OnUpgrade;
 use meshgate_telemetry::ResponseFlags;
 
-use super::Outcome;
+use super::{GRPC_STATUS, Outcome};
 use crate::body::{Body, Progress, text};
 use crate::conn::Conn;
 use crate::proxy::Proxy;
@@ -317,18 +317,18 @@ impl Upstream<'_> {
             if !self.route.mirrors.is_empty() {
                 self.mirror(&parts, &uri, streaming.as_mut());
             }
-            let max_attempts = if streaming.is_some() {
-                1
-            } else {
-                1 + retry.attempts
-            };
+            let max_attempts = 1 + retry.attempts;
             // A request that reached the upstream went with the headers: where
             // the policy may retry it (after its response, a reset, a per-try
             // timeout, or a refused stream where the upstream may refuse one)
-            // they are copied for each attempt but the last; a request that
-            // never left (Istio's default retries: connect failures) comes
-            // back with them.
-            let copy_headers = retry.retries_sent(cluster.may_refuse_streams());
+            // they are copied for each attempt but the last, if it has no
+            // body (a streamed body is not kept to be sent again); a request
+            // that never left (Istio's default retries: connect failures)
+            // comes back whole, body and all.
+            // gRPC conditions are asked of a gRPC request's answer only
+            // (only a gRPC server answers with a grpc-status).
+            let grpc = retry.grpc_statuses != 0 && crate::http::is_grpc(&parts.headers);
+            let copy_headers = bodyless && retry.retries_sent(cluster.may_refuse_streams(), grpc);
             // Where earlier attempts went, for a retry to go elsewhere.
             let avoid_previous = retry.avoids_previous_hosts(cluster.hashes());
             let mut tried: Vec<SocketAddr> = Vec::new();
@@ -363,7 +363,12 @@ impl Upstream<'_> {
                     let more = attempt < max_attempts;
                     match sent {
                         Ok(answer)
-                            if more && retry.retry_status(answer.response.status().as_u16()) =>
+                            if copied
+                                && (retry.retry_status(answer.response.status().as_u16())
+                                    || (grpc
+                                        && retry.retry_grpc_status(
+                                            answer.response.headers().get(GRPC_STATUS),
+                                        ))) =>
                         {
                             retrying_status(cluster, answer.response.status(), attempt);
                         }
@@ -374,7 +379,9 @@ impl Upstream<'_> {
                                 && (copied || unsent.is_some()) =>
                         {
                             if let Some(unsent) = unsent {
-                                parts.headers = (*unsent).into_parts().0.headers;
+                                let (head, body) = (*unsent).into_parts();
+                                parts.headers = head.headers;
+                                streaming = Some(body);
                             }
                             retrying_failure(cluster, &error, attempt);
                         }
@@ -498,7 +505,10 @@ impl Upstream<'_> {
             .insert(X_ENVOY_UPSTREAM_SERVICE_TIME, millis_value(ms));
         self.route.response_headers.apply(&mut parts.headers);
         self.destination.response_headers.apply(&mut parts.headers);
-        let retried_out = attempts > 1 && self.route.retry.retry_status(parts.status.as_u16());
+        let retry = &self.route.retry;
+        let retried_out = attempts > 1
+            && (retry.retry_status(parts.status.as_u16())
+                || retry.retry_grpc_status(parts.headers.get(GRPC_STATUS)));
         let flags = match (retried_out, delayed) {
             (true, _) => ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED,
             (false, true) => ResponseFlags::DELAY_INJECTED,

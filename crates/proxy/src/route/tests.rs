@@ -273,16 +273,60 @@ fn unanswered_attempts_are_retried_as_envoy_does() {
     }
     // What reached the upstream is replayed from a copy: only a policy that
     // retries it makes one (a refused stream's, only toward an upstream
-    // that may refuse one).
-    assert!(policy("reset").retries_sent(false) && !policy("connect-failure").retries_sent(true));
+    // that may refuse one; a gRPC status's, only for a gRPC request).
+    let sent = |p: &RetryPolicy, refusable, grpc| p.retries_sent(refusable, grpc);
+    assert!(sent(&policy("reset"), false, false) && !sent(&policy("connect-failure"), true, true));
     let default = RetryPolicy::istio_default();
     assert!(default.retry_unanswered(ConnectFailure) && !default.retry_unanswered(Reset));
     assert!(default.retry_unanswered(RefusedStream));
-    assert!(default.retries_sent(true) && !default.retries_sent(false));
+    assert!(sent(&default, true, false) && sent(&default, false, true));
+    assert!(!sent(&default, false, false));
     let conflict = policy("retriable-4xx");
-    assert!(
-        conflict.retry_status(409) && !conflict.retry_status(404) && conflict.retries_sent(false)
-    );
+    assert!(conflict.retry_status(409) && !conflict.retry_status(404));
+    assert!(sent(&conflict, false, false));
+}
+
+/// `retryOn`'s gRPC conditions retry a response whose `grpc-status`
+/// header names one (Envoy's `retry_grpc_on`); Istio's default has
+/// `unavailable` (14) and `cancelled` (1).
+#[test]
+fn grpc_statuses_are_retried_as_named() {
+    let named = table(
+        "  hosts: [a.com]\n  http:\n  - retries: {attempts: 2, retryOn: 'deadline-exceeded,internal,resource-exhausted'}\n    route: [{destination: {host: a}}]\n",
+    )
+    .vhosts[0]
+        .routes[0]
+        .retry
+        .clone();
+    let status = |code: &'static str| Some(http::HeaderValue::from_static(code));
+    let default = RetryPolicy::istio_default();
+    for (code, want) in [
+        ("14", true),
+        ("1", true),
+        ("4", false),
+        ("0", false),
+        ("x", false),
+    ] {
+        assert_eq!(
+            default.retry_grpc_status(status(code).as_ref()),
+            want,
+            "{code}"
+        );
+    }
+    assert!(!default.retry_grpc_status(None));
+    for (code, want) in [
+        ("4", true),
+        ("13", true),
+        ("8", true),
+        ("14", false),
+        ("99", false),
+    ] {
+        assert_eq!(
+            named.retry_grpc_status(status(code).as_ref()),
+            want,
+            "{code}"
+        );
+    }
 }
 
 #[test]
