@@ -45,6 +45,20 @@ pub struct Progress {
     bytes: std::sync::atomic::AtomicU64,
     ended: std::sync::OnceLock<Instant>,
     end: tokio::sync::Notify,
+    /// The data kept as it passes, for a retry to send again (`keep`).
+    keeping: AtomicBool,
+    kept: std::sync::Mutex<Kept>,
+}
+
+/// A request body's data kept for its retries, while it fits the limit
+/// (Envoy buffers a request it may retry, up to its buffer limit).
+#[derive(Debug, Default)]
+struct Kept {
+    data: Vec<Bytes>,
+    size: usize,
+    limit: usize,
+    /// Larger than the limit, or with trailers: not kept.
+    lost: bool,
 }
 
 impl Progress {
@@ -69,8 +83,48 @@ impl Progress {
         }
     }
 
-    fn add(&self, n: u64) {
-        self.bytes.fetch_add(n, Ordering::Relaxed);
+    /// Keeps the data that passes from now (none has yet), up to `limit`
+    /// bytes, for `replay`.
+    pub fn keep(&self, limit: usize) {
+        if let Ok(mut kept) = self.kept.lock() {
+            kept.limit = limit;
+        }
+        self.keeping.store(true, Ordering::Relaxed);
+    }
+
+    /// The whole body again, if it has ended and all of it was kept.
+    pub fn replay(&self) -> Option<Body> {
+        self.ended_at()?;
+        let kept = self.kept.lock().ok()?;
+        if !self.keeping.load(Ordering::Relaxed) || kept.lost {
+            return None;
+        }
+        let mut whole = bytes::BytesMut::with_capacity(kept.size);
+        for chunk in &kept.data {
+            whole.extend_from_slice(chunk);
+        }
+        Some(Body::full(whole.freeze()))
+    }
+
+    fn passed(&self, frame: &Frame<Bytes>) {
+        let data = frame.data_ref();
+        self.bytes
+            .fetch_add(data.map_or(0, |d| d.len() as u64), Ordering::Relaxed);
+        if self.keeping.load(Ordering::Relaxed)
+            && let Ok(mut kept) = self.kept.lock()
+            && !kept.lost
+        {
+            match data {
+                Some(d) if kept.size + d.len() <= kept.limit => {
+                    kept.size += d.len();
+                    kept.data.push(d.clone());
+                }
+                _ => {
+                    kept.lost = true;
+                    kept.data = Vec::new();
+                }
+            }
+        }
     }
 
     fn finish(&self) {
@@ -281,7 +335,7 @@ impl hyper::body::Body for Body {
         if let Some(progress) = &this.counted {
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {
-                    progress.add(frame.data_ref().map_or(0, |d| d.len() as u64));
+                    progress.passed(frame);
                     if this.kind.is_end_stream() {
                         progress.finish();
                     }
@@ -520,5 +574,34 @@ mod tests {
         let cut = unread.copy();
         drop(unread);
         assert!(matches!(cut.collect().await, Err(BodyError::MirrorCut)));
+    }
+
+    /// A body kept for retries comes again whole once it has ended, and
+    /// not at all when it outgrew the limit or never ended.
+    #[tokio::test]
+    async fn a_kept_body_is_replayed_whole_and_only_whole() {
+        let kept = |text: &'static str, limit: usize| {
+            let progress = Arc::new(Progress::default());
+            progress.keep(limit);
+            (Body::full(text).counted(progress.clone()), progress)
+        };
+        let (body, progress) = kept("sent once, sent again", 64);
+        assert!(progress.replay().is_none(), "not before its end");
+        let sent = body.collect().await.unwrap().to_bytes();
+        let again = progress.replay().unwrap().collect().await.unwrap();
+        assert_eq!(again.to_bytes(), sent);
+        assert!(progress.replay().is_some(), "as often as asked");
+
+        let (body, progress) = kept("longer than the limit", 8);
+        body.collect().await.unwrap();
+        assert!(progress.replay().is_none());
+
+        let unkept = Arc::new(Progress::default());
+        Body::full("never asked to be kept")
+            .counted(unkept.clone())
+            .collect()
+            .await
+            .unwrap();
+        assert!(unkept.replay().is_none());
     }
 }

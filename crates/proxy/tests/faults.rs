@@ -114,23 +114,33 @@ async fn stalls() -> SocketAddr {
     .await
 }
 
+/// The end of a whole request in `got`, its body (by Content-Length)
+/// included, if it has come.
+fn whole_request(got: &[u8]) -> Option<usize> {
+    let end = head_end(got)?;
+    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    (got.len() >= end + length).then_some(end + length)
+}
+
 /// An HTTP server that answers `200 ok` once it has read a request's
 /// whole body (its Content-Length), and not before.
 async fn answers_after_the_body() -> SocketAddr {
     raw_server(|got| {
-        let end = head_end(got)?;
-        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        (got.len() >= end + length).then_some((
-            end + length,
-            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".as_slice(),
-        ))
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".as_slice();
+        Some((whole_request(got)?, ok))
     })
     .await
+}
+
+/// An HTTP server that reads a whole request, body and all, and hangs up
+/// without a word.
+async fn hangs_up_after_the_body() -> SocketAddr {
+    raw_server(|got| Some((whole_request(got)?, b""))).await
 }
 
 /// An HTTP server that promises 100 bytes, sends 4 and hangs up.
@@ -895,6 +905,48 @@ async fn a_request_with_a_body_is_retried_when_it_never_left() {
     }
 }
 
+/// A request whose body went out is retried with the body kept as it
+/// went (Envoy buffers a request it may retry), up to 32 KiB: a larger
+/// one goes once, and its failure is the client's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sent_body_is_sent_again_when_the_policy_retries() {
+    let mesh = Mesh::default();
+    let (dies, live) = (
+        hangs_up_after_the_body().await,
+        answers_after_the_body().await,
+    );
+    let config = retried("replayed", [dies, live], "{attempts: 1, retryOn: reset}");
+    let dns = dns_for("unused.example.com", 30).await;
+    let sc = sidecar(&mesh, &[&config], dns.addr).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    let sc = &sc;
+    let post = |body: String| {
+        let proxy = proxy.clone();
+        async move {
+            let url = "http://replayed.example.com:8080/upload";
+            let got = curl(&["-x", &proxy, "--data-binary", &body, url]).await;
+            (got, sc.next_log().await)
+        }
+    };
+    // Round robin: two of four go to `dies` first.
+    for _ in 0..4 {
+        let (got, entry) = post("x".repeat(20_000)).await;
+        assert_eq!(got.answer(), ("200", "ok"));
+        assert_eq!(entry["upstream_host"], live.to_string(), "{entry}");
+    }
+    let mut cut = 0;
+    for _ in 0..4 {
+        let (got, entry) = post("x".repeat(40_000)).await;
+        if got.code == "503" {
+            assert_eq!(entry["response_flags"], "UC", "{entry}");
+            cut += 1;
+        } else {
+            assert_eq!(got.answer(), ("200", "ok"));
+        }
+    }
+    assert!(cut > 0, "a body over the limit is not sent again");
+}
+
 /// An HTTP server that reads a request's head and hangs up without a word.
 async fn hangs_up() -> SocketAddr {
     raw_server(|got| Some((head_end(got)?, b""))).await
@@ -1039,7 +1091,8 @@ async fn a_retry_goes_to_an_endpoint_not_tried_before() {
     );
 }
 
-/// An HTTP/2 server that does `answer` to every stream.
+/// An HTTP/2 server that does `answer` to every stream once it has read
+/// the request's body.
 async fn h2_server(answer: fn(h2::server::SendResponse<bytes::Bytes>)) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1049,8 +1102,12 @@ async fn h2_server(answer: fn(h2::server::SendResponse<bytes::Bytes>)) -> Socket
                 let Ok(mut conn) = h2::server::handshake(tcp).await else {
                     return;
                 };
-                while let Some(Ok((_, respond))) = conn.accept().await {
-                    answer(respond);
+                while let Some(Ok((req, respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        while let Some(Ok(_)) = body.data().await {}
+                        answer(respond);
+                    });
                 }
             });
         }
@@ -1079,8 +1136,8 @@ async fn grpc_unavailable() -> SocketAddr {
 
 /// A gRPC answer's status is retried as `retryOn` names it (Envoy's
 /// `retry_grpc_on`): Istio's default has `unavailable`, so a gRPC request
-/// answered UNAVAILABLE goes to the other endpoint; under `5xx` alone the
-/// client gets the UNAVAILABLE (HTTP 200).
+/// answered UNAVAILABLE goes to the other endpoint, its message kept for
+/// it; under `5xx` alone the client gets the UNAVAILABLE (HTTP 200).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_status_is_retried_as_the_policy_names_it() {
     let mesh = Mesh::default();
@@ -1103,8 +1160,8 @@ async fn a_grpc_status_is_retried_as_the_policy_names_it() {
         let args = [
             "-x",
             &proxy,
-            "-X",
-            "POST",
+            "--data-binary",
+            "a message",
             "-H",
             "content-type: application/grpc",
             "-o",

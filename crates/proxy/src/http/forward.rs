@@ -305,6 +305,22 @@ impl Upstream<'_> {
                     HeaderValue::from_static("chunked"),
                 );
             }
+            // A request that reached the upstream went with its head and
+            // body: where the policy may retry it (after its response, a
+            // reset, a per-try timeout, a refused stream where the upstream
+            // may refuse one, a gRPC request's status) the head is copied
+            // for each attempt but the last, and a streamed body is kept as
+            // it goes, up to `RETRY_BODY_LIMIT` (a larger one is not
+            // retried once sent); a request that never left (Istio's
+            // default retries: connect failures) comes back whole. gRPC
+            // conditions are asked of a gRPC request's answer only (only a
+            // gRPC server answers with a grpc-status).
+            let grpc = retry.grpc_statuses != 0 && crate::http::is_grpc(&parts.headers);
+            let copy_headers = retry.retries_sent(cluster.may_refuse_streams(), grpc);
+            let kept = counter.clone().filter(|_| copy_headers);
+            if let Some(progress) = &kept {
+                progress.keep(RETRY_BODY_LIMIT);
+            }
             let idle = self.proxy.timeouts.stream_idle;
             let received = counter.clone();
             let mut streaming = (!bodyless).then(|| {
@@ -318,17 +334,6 @@ impl Upstream<'_> {
                 self.mirror(&parts, &uri, streaming.as_mut());
             }
             let max_attempts = 1 + retry.attempts;
-            // A request that reached the upstream went with the headers: where
-            // the policy may retry it (after its response, a reset, a per-try
-            // timeout, or a refused stream where the upstream may refuse one)
-            // they are copied for each attempt but the last, if it has no
-            // body (a streamed body is not kept to be sent again); a request
-            // that never left (Istio's default retries: connect failures)
-            // comes back whole, body and all.
-            // gRPC conditions are asked of a gRPC request's answer only
-            // (only a gRPC server answers with a grpc-status).
-            let grpc = retry.grpc_statuses != 0 && crate::http::is_grpc(&parts.headers);
-            let copy_headers = bodyless && retry.retries_sent(cluster.may_refuse_streams(), grpc);
             // Where earlier attempts went, for a retry to go elsewhere.
             let avoid_previous = retry.avoids_previous_hosts(cluster.hashes());
             let mut tried: Vec<SocketAddr> = Vec::new();
@@ -370,6 +375,12 @@ impl Upstream<'_> {
                                             answer.response.headers().get(GRPC_STATUS),
                                         ))) =>
                         {
+                            if !bodyless {
+                                match kept.as_deref().and_then(Progress::replay) {
+                                    Some(body) => streaming = Some(body),
+                                    None => return Ok(answer),
+                                }
+                            }
                             retrying_status(cluster, answer.response.status(), attempt);
                         }
                         Ok(resp) => return Ok(resp),
@@ -382,6 +393,11 @@ impl Upstream<'_> {
                                 let (head, body) = (*unsent).into_parts();
                                 parts.headers = head.headers;
                                 streaming = Some(body);
+                            } else if !bodyless {
+                                match kept.as_deref().and_then(Progress::replay) {
+                                    Some(body) => streaming = Some(body),
+                                    None => return Err(error),
+                                }
                             }
                             retrying_failure(cluster, &error, attempt);
                         }
@@ -585,6 +601,10 @@ fn invalid_authority() -> Outcome {
         Cow::Borrowed("invalid_authority"),
     )
 }
+
+/// The largest request body kept for a retry once sent (Envoy's edge
+/// buffer limit; a larger one goes once).
+const RETRY_BODY_LIMIT: usize = 32 * 1024;
 
 /// An attempt is retried after a status the policy retries on.
 #[cold]
