@@ -296,6 +296,8 @@ pub struct RetryPolicy {
     pub backoff: Duration,
     /// `retryIgnorePreviousHosts` as set (see `avoids_previous_hosts`).
     pub ignore_previous_hosts: Option<bool>,
+    /// `retryRemoteLocalities` (see `tried_priorities`).
+    pub remote_localities: bool,
 }
 
 /// gRPC's CANCELLED and UNAVAILABLE, as `RetryPolicy::grpc_statuses` bits.
@@ -338,6 +340,7 @@ impl RetryPolicy {
             grpc_statuses: GRPC_CANCELLED | GRPC_UNAVAILABLE,
             backoff: Duration::from_millis(25),
             ignore_previous_hosts: None,
+            remote_localities: false,
         }
     }
 
@@ -347,6 +350,19 @@ impl RetryPolicy {
     /// hashes (Istio leaves a hashed request on its endpoint).
     pub fn avoids_previous_hosts(&self, hashed: bool) -> bool {
         self.ignore_previous_hosts.unwrap_or(!hashed)
+    }
+
+    /// How many of the earlier attempts' endpoints an attempt (the first
+    /// is 1) passes the priorities (localities) of. With
+    /// `retryRemoteLocalities`: Envoy's previous priorities as Istio sets
+    /// them, updated every two attempts (the first retry stays in the
+    /// first's priority; the third attempt leaves the first two's).
+    pub fn tried_priorities(&self, attempt: u32) -> usize {
+        if self.remote_localities {
+            (2 * (attempt.saturating_sub(1) / 2)) as usize
+        } else {
+            0
+        }
     }
 
     /// Istio's default, one allocation shared by every route that takes it.
@@ -385,6 +401,7 @@ impl RetryPolicy {
             grpc_statuses: 0,
             backoff: r.backoff.map_or(Duration::from_millis(25), |d| d.as_std()),
             ignore_previous_hosts: r.retry_ignore_previous_hosts,
+            remote_localities: r.retry_remote_localities == Some(true),
         };
         let retry_on = if r.retry_on.is_empty() {
             "connect-failure,refused-stream,unavailable,cancelled"

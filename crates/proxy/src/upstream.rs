@@ -335,6 +335,18 @@ struct ClusterCore {
 /// `respect_dns_ttl`, within a second).
 const DNS_REFRESH_MS: u64 = 1000;
 
+/// What a retry's pick passes over while something else is eligible
+/// (Envoy's retry predicates, as Istio sets them).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Avoid<'a> {
+    /// Endpoints earlier attempts went to (previous hosts:
+    /// `retryIgnorePreviousHosts`).
+    pub hosts: &'a [SocketAddr],
+    /// Endpoints whose priorities (localities) are passed over (previous
+    /// priorities: `retryRemoteLocalities`).
+    pub priorities_of: &'a [SocketAddr],
+}
+
 /// How a request's endpoint is found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Choice {
@@ -619,12 +631,11 @@ impl ClusterCore {
     /// The endpoint for a request, chosen before it takes a connection, as
     /// Envoy's load balancer picks a host per request: by the request's
     /// hash key if the cluster hashes, else by the load-balancing policy;
-    /// endpoints in `avoid` (where earlier attempts went) only when no
-    /// other is left.
+    /// what `avoid` names only when nothing else is left.
     fn choose(
         self: &Arc<Self>,
         key: Option<u64>,
-        avoid: &[SocketAddr],
+        avoid: Avoid<'_>,
     ) -> Result<Choice, ConnectError> {
         let resolved;
         let hosts: &[SocketAddr] = match &self.endpoints {
@@ -710,31 +721,49 @@ impl ClusterCore {
     }
 
     /// The endpoints a pick is made among: those not ejected (all, if all
-    /// are) of the best priority, without those in `avoid` unless no other
-    /// is left (Envoy's previous-hosts retry predicate, which re-picks
-    /// within the priority and at last takes a host tried before).
+    /// are), outside the priorities `avoid` passes over while another
+    /// priority has one, of the best priority left, without the hosts
+    /// `avoid` names unless no other is left (Envoy's previous-hosts
+    /// predicate re-picks within the priority and at last takes a host
+    /// tried before).
     fn eligible(
         &self,
         state: &HashMap<SocketAddr, EndpointState>,
         addrs: &[SocketAddr],
-        avoid: &[SocketAddr],
+        avoid: Avoid<'_>,
     ) -> Vec<SocketAddr> {
-        let pool = self.first_priority(not_ejected(state, addrs));
-        if avoid.is_empty() || pool.iter().all(|a| avoid.contains(a)) {
+        let pool = self.first_priority(self.other_priorities(not_ejected(state, addrs), avoid));
+        if avoid.hosts.is_empty() || pool.iter().all(|a| avoid.hosts.contains(a)) {
             return pool;
         }
-        pool.into_iter().filter(|a| !avoid.contains(a)).collect()
+        pool.into_iter()
+            .filter(|a| !avoid.hosts.contains(a))
+            .collect()
+    }
+
+    /// Of `pool`, those whose priority no endpoint in
+    /// `avoid.priorities_of` has, if any (else all).
+    fn other_priorities(&self, pool: Vec<SocketAddr>, avoid: Avoid<'_>) -> Vec<SocketAddr> {
+        if avoid.priorities_of.is_empty() {
+            return pool;
+        }
+        let Some(Ok(by_addr)) = self.locality.as_ref().map(|l| l.by_addr.lock()) else {
+            return pool;
+        };
+        let priority = |a: &SocketAddr| by_addr.get(a).copied().unwrap_or(0);
+        let tried: Vec<u8> = avoid.priorities_of.iter().map(priority).collect();
+        let rest: Vec<SocketAddr> = pool
+            .iter()
+            .copied()
+            .filter(|a| !tried.contains(&priority(a)))
+            .collect();
+        if rest.is_empty() { pool } else { rest }
     }
 
     /// The endpoint for a hash key: of those eligible, the one ranking
     /// highest for the key (rendezvous hashing: a key moves only when its
     /// endpoint goes away; a retry takes the next one).
-    fn pick_hashed(
-        &self,
-        addrs: &[SocketAddr],
-        key: u64,
-        avoid: &[SocketAddr],
-    ) -> Option<SocketAddr> {
+    fn pick_hashed(&self, addrs: &[SocketAddr], key: u64, avoid: Avoid<'_>) -> Option<SocketAddr> {
         use std::hash::{Hash, Hasher};
         if let [only] = addrs {
             return Some(*only);
@@ -751,7 +780,7 @@ impl ClusterCore {
     /// Picks one of the eligible endpoints by the load-balancing policy.
     /// One endpoint is taken whatever its state, as the panic threshold
     /// would, without a lock.
-    fn pick(&self, addrs: &[SocketAddr], avoid: &[SocketAddr]) -> Option<SocketAddr> {
+    fn pick(&self, addrs: &[SocketAddr], avoid: Avoid<'_>) -> Option<SocketAddr> {
         if let [only] = addrs {
             return Some(*only);
         }
@@ -954,7 +983,7 @@ impl ClusterCore {
                     .addresses(Some(uri))
                     .await
                     .map_err(ConnectError::NoEndpoint)?;
-                self.pick(&addrs, &[])
+                self.pick(&addrs, Avoid::default())
                     .ok_or_else(|| ConnectError::NoEndpoint("no endpoint".into()))?
             }
         };
@@ -1395,7 +1424,7 @@ impl Cluster {
             .await
             .map_err(UpstreamError::NoHealthyUpstream)?;
         let addr = core
-            .pick(&addrs, &[])
+            .pick(&addrs, Avoid::default())
             .ok_or_else(|| UpstreamError::NoHealthyUpstream("no endpoint".into()))?;
         self.connect_tcp_to(addr).await
     }
@@ -1491,14 +1520,14 @@ impl Cluster {
 
     /// Where the request goes: an endpoint chosen now where the cluster
     /// chooses (static or DNS endpoints), else wherever its connection
-    /// picks; not to one in `avoid` (where earlier attempts went, under
-    /// Istio's `retryIgnorePreviousHosts`) while another is eligible. A DNS
+    /// picks; not to what `avoid` names (a retry's: where earlier attempts
+    /// went) while something else is eligible. A DNS
     /// cluster without an answer yet resolves first (boxed: once per
     /// cluster, and its state would make every request's future larger).
     pub async fn endpoint(
         &self,
         req: &Request<Body>,
-        avoid: &[SocketAddr],
+        avoid: Avoid<'_>,
     ) -> Result<Option<SocketAddr>, UpstreamError> {
         let core = &self.core;
         let key = core.hash.as_deref().and_then(|on| hash_key(on, req));
@@ -1561,7 +1590,7 @@ impl Cluster {
 
     /// `endpoint`, then `send_to` it: a request no route retries.
     pub async fn send(&self, req: Request<Body>) -> Result<Answer, Failure> {
-        let endpoint = self.endpoint(&req, &[]).await?;
+        let endpoint = self.endpoint(&req, Avoid::default()).await?;
         self.send_to(req, endpoint).await
     }
 }
@@ -1718,10 +1747,14 @@ mod tests {
         let c = core(SimpleLb::RoundRobin, None);
         let all = addrs();
         let picks: Vec<SocketAddr> = (0..50u64)
-            .map(|k| c.pick_hashed(&all, k, &[]).unwrap())
+            .map(|k| c.pick_hashed(&all, k, Avoid::default()).unwrap())
             .collect();
         for (k, p) in picks.iter().enumerate() {
-            assert_eq!(c.pick_hashed(&all, k as u64, &[]), Some(*p), "stable");
+            assert_eq!(
+                c.pick_hashed(&all, k as u64, Avoid::default()),
+                Some(*p),
+                "stable"
+            );
         }
         let spread: std::collections::HashSet<_> = picks.iter().collect();
         assert!(spread.len() > 1, "keys spread over endpoints");
@@ -1729,10 +1762,18 @@ mod tests {
         let gone = all[0];
         let rest: Vec<SocketAddr> = all[1..].to_vec();
         for (k, p) in picks.iter().enumerate() {
-            let now = c.pick_hashed(&rest, k as u64, &[]).unwrap();
+            let now = c.pick_hashed(&rest, k as u64, Avoid::default()).unwrap();
             if *p != gone {
                 assert_eq!(now, *p, "key {k} stays");
             }
+        }
+    }
+
+    /// A retry's `Avoid` of these hosts.
+    fn hosts(tried: &[SocketAddr]) -> Avoid<'_> {
+        Avoid {
+            hosts: tried,
+            priorities_of: &[],
         }
     }
 
@@ -1746,7 +1787,9 @@ mod tests {
     async fn round_robin_cycles() {
         let c = core(SimpleLb::RoundRobin, None);
         let a = addrs();
-        let picked: Vec<SocketAddr> = (0..6).map(|_| c.pick(&a, &[]).unwrap()).collect();
+        let picked: Vec<SocketAddr> = (0..6)
+            .map(|_| c.pick(&a, Avoid::default()).unwrap())
+            .collect();
         assert_eq!(picked, [a[0], a[1], a[2], a[0], a[1], a[2]]);
     }
 
@@ -1756,7 +1799,9 @@ mod tests {
         let a = addrs()[..2].to_vec();
         c.track(a[0], 5);
         // Two random choices: whenever both are seen, the idle one wins.
-        let idle = (0..50).filter(|_| c.pick(&a, &[]) == Some(a[1])).count();
+        let idle = (0..50)
+            .filter(|_| c.pick(&a, Avoid::default()) == Some(a[1]))
+            .count();
         assert!(
             idle > 15,
             "{idle}/50: the idle endpoint wins about 3 times in 4"
@@ -1780,7 +1825,9 @@ mod tests {
         for _ in 0..3 {
             c.observe(a[0], 503);
         }
-        let picked: Vec<SocketAddr> = (0..6).filter_map(|_| c.pick(&a, &[])).collect();
+        let picked: Vec<SocketAddr> = (0..6)
+            .filter_map(|_| c.pick(&a, Avoid::default()))
+            .collect();
         assert!(
             !picked.contains(&a[0]),
             "ejected endpoint still picked: {picked:?}"
@@ -1791,7 +1838,7 @@ mod tests {
             }
         }
         // Everything ejected: Envoy's panic mode routes to all.
-        assert!(c.pick(&a, &[]).is_some());
+        assert!(c.pick(&a, Avoid::default()).is_some());
     }
 
     fn settings(endpoints: Endpoints, h2: bool, hash: Option<HashOn>) -> ClusterSettings {
@@ -1931,19 +1978,47 @@ mod tests {
         ] {
             let c = core(lb, None);
             for _ in 0..20 {
-                assert_eq!(c.pick(&a, &a[..2]), Some(a[2]));
-                assert!(c.pick(&a, &a[1..2]).is_some_and(|p| p != a[1]));
-                assert!(c.pick(&a, &a).is_some());
+                assert_eq!(c.pick(&a, hosts(&a[..2])), Some(a[2]));
+                assert!(c.pick(&a, hosts(&a[1..2])).is_some_and(|p| p != a[1]));
+                assert!(c.pick(&a, hosts(&a)).is_some());
             }
         }
         let c = core(SimpleLb::RoundRobin, None);
         for key in 0..20 {
-            let first = c.pick_hashed(&a, key, &[]).unwrap();
-            let next = c.pick_hashed(&a, key, &[first]).unwrap();
+            let first = c.pick_hashed(&a, key, Avoid::default()).unwrap();
+            let next = c.pick_hashed(&a, key, hosts(&[first])).unwrap();
             assert_ne!(next, first);
             // The same next one every time: the key's second choice.
-            assert_eq!(c.pick_hashed(&a, key, &[first]), Some(next));
+            assert_eq!(c.pick_hashed(&a, key, hosts(&[first])), Some(next));
         }
+    }
+
+    /// `retryRemoteLocalities`: the priorities (localities) of the
+    /// endpoints named are passed over while another has an endpoint;
+    /// previous hosts alone stay within the best priority.
+    #[test]
+    fn a_retry_leaves_the_tried_localities_when_asked() {
+        let a = addrs();
+        let mut c = core(SimpleLb::RoundRobin, None);
+        c.locality = Locality::of(Priorities {
+            by_addr: HashMap::from([(a[0], 0), (a[1], 0), (a[2], 1)]),
+            ..Priorities::default()
+        });
+        for _ in 0..6 {
+            assert!(c.pick(&a, Avoid::default()).is_some_and(|p| p != a[2]));
+            assert_eq!(c.pick(&a, hosts(&a[..2])).map(|p| p != a[2]), Some(true));
+            let elsewhere = Avoid {
+                hosts: &a[..1],
+                priorities_of: &a[..1],
+            };
+            assert_eq!(c.pick(&a, elsewhere), Some(a[2]));
+        }
+        // Every priority tried: the best again.
+        let all = Avoid {
+            hosts: &[],
+            priorities_of: &a,
+        };
+        assert!(c.pick(&a, all).is_some_and(|p| p != a[2]));
     }
 
     #[tokio::test]

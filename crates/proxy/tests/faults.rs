@@ -1267,6 +1267,42 @@ spec:
     )
 }
 
+/// `retryRemoteLocalities` (Envoy's previous priorities, as Istio sets
+/// them: updated every two attempts): a request whose own locality's
+/// endpoint hangs up is retried there once, then in the other locality;
+/// without it every attempt stays in the client's locality (its one
+/// endpoint tried again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_goes_to_another_locality_when_the_policy_says_so() {
+    let mesh = Mesh::default();
+    let (local, remote) = (hangs_up().await, plain_http().await);
+    for (remote_localities, code, flags) in [(true, "200", "-"), (false, "503", "UC,URX")] {
+        let retries = format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: located, namespace: curl-external-tst}}
+spec:
+  hosts: [located.example.com]
+  http:
+  - retries: {{attempts: 2, retryOn: reset, retryRemoteLocalities: {remote_localities}}}
+    route: [{{destination: {{host: located.example.com, port: {{number: 8080}}}}}}]
+"
+        );
+        let config = located(local, remote, "") + &retries;
+        let spec = Spec::new(
+            seed_config_except(&["sidecar.yaml"], &[&config]),
+            "curl-external-tst/east-client",
+        );
+        let sc = TestProxy::start(&mesh, spec).await;
+        let proxy = format!("http://{}", sc.addr(15001));
+        let got = curl(&["-x", &proxy, "http://located.example.com:8080/"]).await;
+        assert_eq!(got.code, code, "retryRemoteLocalities: {remote_localities}");
+        let entry = sc.next_log().await;
+        assert_eq!(entry["response_flags"], flags, "{entry}");
+    }
+}
+
 /// `localityLbSetting.distribute`: a client in us-east sends everything
 /// to us-west when the DestinationRule says so, its own locality's
 /// endpoint notwithstanding.

@@ -22,7 +22,9 @@ use crate::conn::Conn;
 use crate::proxy::Proxy;
 use crate::route::{Route, WeightedCluster};
 use crate::snapshot::{ClusterEntry, InboundTarget, Snapshot};
-use crate::upstream::{Answer, Cluster, DownstreamAddr, Failure, GeneratedCookie, UpstreamError};
+use crate::upstream::{
+    Answer, Avoid, Cluster, DownstreamAddr, Failure, GeneratedCookie, UpstreamError,
+};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -358,7 +360,11 @@ impl Upstream<'_> {
                     } else {
                         std::mem::take(&mut parts.headers)
                     };
-                    let endpoint = cluster.endpoint(&req, &tried).await?;
+                    let avoid = Avoid {
+                        hosts: if avoid_previous { &tried } else { &[] },
+                        priorities_of: &tried[..retry.tried_priorities(attempt).min(tried.len())],
+                    };
+                    let endpoint = cluster.endpoint(&req, avoid).await?;
                     let sent = match retry.per_try_timeout {
                         Some(t) => tokio::time::timeout(t, cluster.send_to(req, endpoint))
                             .await
@@ -403,7 +409,9 @@ impl Upstream<'_> {
                         }
                         Err(f) => return Err(f.error),
                     }
-                    if let Some(addr) = endpoint.filter(|_| avoid_previous) {
+                    if let Some(addr) =
+                        endpoint.filter(|_| avoid_previous || retry.remote_localities)
+                    {
                         tried.push(addr);
                     }
                     // Boxed, as the fault delay.

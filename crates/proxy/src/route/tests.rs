@@ -286,6 +286,26 @@ fn unanswered_attempts_are_retried_as_envoy_does() {
     assert!(sent(&conflict, false, false));
 }
 
+/// `retryRemoteLocalities`: the third attempt leaves the first two's
+/// localities, the fifth the first four's (Istio's update frequency 2).
+#[test]
+fn remote_localities_are_tried_every_two_attempts() {
+    let route = |remote: &str| {
+        table(&format!(
+            "  hosts: [a.com]\n  http:\n  - retries: {{attempts: 4, retryOn: reset, retryRemoteLocalities: {remote}}}\n    route: [{{destination: {{host: a}}}}]\n"
+        ))
+        .vhosts[0]
+            .routes[0]
+            .retry
+            .clone()
+    };
+    let remote = route("true");
+    let passed: Vec<usize> = (1..=5).map(|n| remote.tried_priorities(n)).collect();
+    assert_eq!(passed, [0, 0, 2, 2, 4]);
+    assert_eq!(route("false").tried_priorities(3), 0);
+    assert_eq!(RetryPolicy::istio_default().tried_priorities(3), 0);
+}
+
 /// `retryOn`'s gRPC conditions retry a response whose `grpc-status`
 /// header names one (Envoy's `retry_grpc_on`); Istio's default has
 /// `unavailable` (14) and `cancelled` (1).
