@@ -539,44 +539,28 @@ impl ClusterCore {
             Endpoints::Unix(_) => Ok(vec![UNIX_ENDPOINT]),
             Endpoints::Static(addrs) if addrs.is_empty() => Err("cluster has no endpoints".into()),
             Endpoints::Static(addrs) => Ok(addrs.clone()),
-            Endpoints::Dns { names, first_only } => {
-                let mut out = Vec::new();
+            Endpoints::Dns { names, .. } => {
+                // Each name's answer is kept (`resolve`); the cluster's
+                // endpoints are made of what is kept.
                 let mut last_err = String::new();
                 for (index, dns) in names.iter().enumerate() {
-                    let (name, port) = (&dns.name, &dns.port);
-                    match self.resolve(index, dns).await {
-                        Ok(ips) => {
-                            let ips: Vec<IpAddr> = if *first_only {
-                                ips.into_iter().take(1).collect()
-                            } else {
-                                ips
-                            };
-                            let addrs = ips.into_iter().map(|ip| SocketAddr::new(ip, *port));
-                            let addrs: Vec<SocketAddr> = addrs.collect();
-                            if let Some(locality) = &self.locality {
-                                locality.learn(name, &addrs);
-                            }
-                            out.extend(addrs);
-                        }
-                        Err(e) => last_err = e,
+                    if let Err(e) = self.resolve(index, dns).await {
+                        last_err = e;
                     }
                 }
-                self.resolved
-                    .store((!out.is_empty()).then(|| Arc::new(out.clone())));
-                if out.is_empty() {
-                    Err(last_err)
-                } else {
-                    Ok(out)
+                match self.rebuild_resolved() {
+                    Some(out) => Ok(out.as_ref().clone()),
+                    None => Err(last_err),
                 }
             }
         }
     }
 
     /// The DNS names' kept addresses, as one list for requests to choose
-    /// from (after a background lookup changed one).
-    fn rebuild_resolved(&self) {
+    /// from (after a lookup); none when no name has an address.
+    fn rebuild_resolved(&self) -> Option<Arc<Vec<SocketAddr>>> {
         let Endpoints::Dns { names, first_only } = &self.endpoints else {
-            return;
+            return None;
         };
         let mut out = Vec::new();
         for dns in names {
@@ -594,11 +578,12 @@ impl ClusterCore {
             }
             out.extend(addrs);
         }
-        let changed = self.resolved.load().as_deref() != Some(&out);
-        if changed {
-            self.resolved
-                .store((!out.is_empty()).then(|| Arc::new(out)));
+        if let Some(now) = self.resolved.load_full().filter(|now| **now == out) {
+            return Some(now);
         }
+        let out = (!out.is_empty()).then(|| Arc::new(out));
+        self.resolved.store(out.clone());
+        out
     }
 
     /// A DNS cluster's names are looked up again in the background when
