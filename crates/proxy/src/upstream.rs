@@ -790,7 +790,8 @@ impl ClusterCore {
         }
     }
 
-    /// Records a response status (or a connect failure as 503) for outlier detection.
+    /// Records a response status (or a failure as the status Envoy counts
+    /// it as) for outlier detection.
     fn observe(&self, addr: SocketAddr, status: u16) {
         let Some(od) = &self.outlier else { return };
         let Ok(mut state) = self.state.lock() else {
@@ -826,6 +827,31 @@ impl ClusterCore {
             s.consecutive_gateway = 0;
             tracing::warn!(cluster = %self.name, endpoint = %addr, status, "endpoint ejected by outlier detection");
         }
+    }
+
+    /// An attempt at `addr` that got no response, as Envoy's router
+    /// reports it to outlier detection with locally originated errors not
+    /// split from the upstream's (its default, which Istio keeps): a reset
+    /// or a closed connection as a 503, a timeout as a 504, so both count
+    /// as 5xx and as gateway errors. A connect failure is counted where it
+    /// happens; the circuit breaker, a downstream that stopped sending and
+    /// no endpoint at all are not the endpoint's doing.
+    fn observe_unanswered(&self, addr: SocketAddr, error: &UpstreamError) {
+        if self.outlier.is_none() {
+            return;
+        }
+        let status = match error {
+            UpstreamError::Reset(_) | UpstreamError::RemoteReset | UpstreamError::RefusedStream => {
+                503
+            }
+            UpstreamError::PerTryTimeout | UpstreamError::Timeout => 504,
+            UpstreamError::NoHealthyUpstream(_)
+            | UpstreamError::ConnectFailure(_)
+            | UpstreamError::Overflow
+            | UpstreamError::StreamIdle
+            | UpstreamError::RequestIdle => return,
+        };
+        self.observe(addr, status);
     }
 
     fn track(&self, addr: SocketAddr, delta: isize) {
@@ -1569,8 +1595,22 @@ impl Cluster {
             } else {
                 pool.send_h1(&self.core, req, endpoint).await
             };
-            sent.map_err(classify)
+            sent.map_err(|e| {
+                let at = e.upstream();
+                let failure = classify(e);
+                if let Some(addr) = at {
+                    self.core.observe_unanswered(addr, &failure.error);
+                }
+                failure
+            })
         }
+    }
+
+    /// Outlier detection hears that an attempt at `addr` timed out before
+    /// its response (the per-try or the route timeout): a 504, as Envoy's
+    /// router reports a local timeout.
+    pub fn timed_out(&self, addr: SocketAddr) {
+        self.core.observe_unanswered(addr, &UpstreamError::Timeout);
     }
 
     /// `endpoint`, then `send_to` it: a request no route retries.
@@ -1607,11 +1647,11 @@ fn classify(e: PoolError) -> Failure {
             let error = UpstreamError::ConnectFailure(m);
             return Failure { error, unsent };
         }
-        PoolError::Send(e) => e,
-        PoolError::Stream(multiplex::SendError::Body(crate::body::BodyError::Idle(_))) => {
+        PoolError::Send(e, _) => e,
+        PoolError::Stream(multiplex::SendError::Body(crate::body::BodyError::Idle(_)), _) => {
             return UpstreamError::RequestIdle.into();
         }
-        PoolError::Stream(multiplex::SendError::Stream(e)) if e.is_reset() && e.is_remote() => {
+        PoolError::Stream(multiplex::SendError::Stream(e), _) if e.is_reset() && e.is_remote() => {
             // Only a RST_STREAM says the upstream refused this stream; a
             // GOAWAY also ends streams it may have acted on.
             return if e.reason() == Some(h2::Reason::REFUSED_STREAM) {
@@ -1621,7 +1661,7 @@ fn classify(e: PoolError) -> Failure {
             }
             .into();
         }
-        PoolError::Stream(e) => return UpstreamError::Reset(error_chain(&e)).into(),
+        PoolError::Stream(e, _) => return UpstreamError::Reset(error_chain(&e)).into(),
     };
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
     while let Some(s) = source {
@@ -1824,6 +1864,35 @@ mod tests {
         }
         // Everything ejected: Envoy's panic mode routes to all.
         assert!(c.pick(&a, Avoid::default()).is_some());
+    }
+
+    #[tokio::test]
+    async fn only_an_endpoints_own_failures_count_against_it() {
+        let od = |consecutive_5xx, consecutive_gateway| Outlier {
+            consecutive_5xx,
+            consecutive_gateway,
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: 100,
+        };
+        let c = core(SimpleLb::RoundRobin, Some(od(Some(1), None)));
+        let a = addrs();
+        let not_its_doing = [
+            UpstreamError::Overflow,
+            UpstreamError::RequestIdle,
+            UpstreamError::StreamIdle,
+            UpstreamError::NoHealthyUpstream("none".into()),
+            // Counted where the connect failed, not again.
+            UpstreamError::ConnectFailure("refused".into()),
+        ];
+        for e in &not_its_doing {
+            c.observe_unanswered(a[0], e);
+        }
+        assert!(!c.is_ejected(a[0]));
+        c.observe_unanswered(a[0], &UpstreamError::RemoteReset);
+        assert!(c.is_ejected(a[0]), "a reset is a 5xx");
+        let c = core(SimpleLb::RoundRobin, Some(od(None, Some(1))));
+        c.observe_unanswered(a[1], &UpstreamError::PerTryTimeout);
+        assert!(c.is_ejected(a[1]), "a timeout is a gateway error");
     }
 
     fn settings(endpoints: Endpoints, h2: bool, hash: Option<HashOn>) -> ClusterSettings {

@@ -965,18 +965,24 @@ fn retried_with(
     load_balancer: &str,
     retries: &str,
 ) -> String {
+    let config = two_endpoints(name, endpoints, load_balancer);
+    under_route(name, &format!("retries: {retries}"), config)
+}
+
+/// `config` (`NAME.example.com`'s ServiceEntry and DestinationRule) and a
+/// VirtualService whose one route to it, port 8080, has `rule`.
+fn under_route(name: &str, rule: &str, config: String) -> String {
     format!(
-        "{}---
+        "{config}---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {{name: {name}, namespace: curl-external-tst}}
 spec:
   hosts: [{name}.example.com]
   http:
-  - retries: {retries}
+  - {rule}
     route: [{{destination: {{host: {name}.example.com, port: {{number: 8080}}}}}}]
-",
-        two_endpoints(name, endpoints, load_balancer)
+"
     )
 }
 
@@ -1240,6 +1246,88 @@ async fn a_per_try_timeout_is_retried_when_the_policy_retries_gateway_errors() {
     }
 }
 
+/// `NAME.example.com:8080` (two endpoints, round robin) whose
+/// DestinationRule has this `outlierDetection`.
+fn ejecting(name: &str, endpoints: [SocketAddr; 2], outlier: &str) -> String {
+    two_endpoints(name, endpoints, "{simple: ROUND_ROBIN}")
+        + &format!("    outlierDetection: {outlier}\n")
+}
+
+/// `n` requests through the sidecar to `host`: each one's status and the
+/// endpoint its log entry names.
+async fn statuses(sc: &TestProxy, host: &str, n: usize) -> Vec<(String, String)> {
+    let proxy = format!("http://{}", sc.addr(15001));
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let got = curl(&["-x", &proxy, &format!("http://{host}:8080/")]).await;
+        let entry = sc.next_log().await;
+        out.push((
+            got.code,
+            entry["upstream_host"].as_str().unwrap_or("-").to_owned(),
+        ));
+    }
+    out
+}
+
+/// Outlier detection counts an endpoint that hangs up before answering,
+/// as Envoy does by default (a locally originated error is a 503 to it,
+/// `split_external_local_origin_errors` being false): after two in a row
+/// it is ejected, and the rest go to the other endpoint. (Istio's default
+/// retries leave a reset to the client.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_an_endpoint_that_hangs_up() {
+    let mesh = Mesh::default();
+    let (bad, live) = (hangs_up().await, plain_http().await);
+    let od = "{consecutive5xxErrors: 2, baseEjectionTime: 60s, maxEjectionPercent: 100}";
+    let config = ejecting("flaky", [bad, live], od);
+    let dns = dns_for("unused.example.com", 30).await;
+    let sc = sidecar(&mesh, &[&config], dns.addr).await;
+    let got = statuses(&sc, "flaky.example.com", 8).await;
+    let failed: Vec<_> = got.iter().filter(|(code, _)| code == "503").collect();
+    assert_eq!(failed.len(), 2, "ejected after two resets: {got:?}");
+    for (code, host) in &got[4..] {
+        assert_eq!(
+            (code.as_str(), host.as_str()),
+            ("200", live.to_string().as_str())
+        );
+    }
+}
+
+/// A timeout is a gateway error to outlier detection (a 504, as Envoy's
+/// router reports a local timeout): an endpoint that never answers is
+/// ejected by `consecutiveGatewayErrors: 1` at its first route timeout,
+/// or its first per-try timeout, and the rest go to the other endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_an_endpoint_that_times_out() {
+    let mesh = Mesh::default();
+    let (silent, live) = (raw_server(|_| None).await, plain_http().await);
+    let od = "{consecutive5xxErrors: 0, consecutiveGatewayErrors: 1, baseEjectionTime: 60s, maxEjectionPercent: 100}";
+    let routed =
+        |name: &str, rule: &str| under_route(name, rule, ejecting(name, [silent, live], od));
+    let by_route = routed("late", "timeout: 0.3s");
+    let by_try = routed(
+        "tardy",
+        "retries: {attempts: 1, perTryTimeout: 0.3s, retryOn: connect-failure}",
+    );
+    let dns = dns_for("unused.example.com", 30).await;
+    let sc = sidecar(&mesh, &[&by_route, &by_try], dns.addr).await;
+    for host in ["late.example.com", "tardy.example.com"] {
+        let got = statuses(&sc, host, 6).await;
+        let timed_out = got.iter().filter(|(code, _)| code == "504").count();
+        assert_eq!(
+            timed_out, 1,
+            "{host}: ejected at the first timeout: {got:?}"
+        );
+        for (code, at) in &got[2..] {
+            assert_eq!(
+                (code.as_str(), at.as_str()),
+                ("200", live.to_string().as_str()),
+                "{host}"
+            );
+        }
+    }
+}
+
 /// `NAME.example.com:8080` with two STATIC endpoints and a
 /// DestinationRule with this `loadBalancer`.
 fn two_endpoints(name: &str, endpoints: [SocketAddr; 2], load_balancer: &str) -> String {
@@ -1271,7 +1359,7 @@ spec:
 /// them: updated every two attempts): a request whose own locality's
 /// endpoint hangs up is retried there once, then in the other locality;
 /// without it every attempt stays in the client's locality (its one
-/// endpoint tried again).
+/// endpoint tried again; three hang-ups do not eject it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_goes_to_another_locality_when_the_policy_says_so() {
     let mesh = Mesh::default();
@@ -1289,7 +1377,7 @@ spec:
     route: [{{destination: {{host: located.example.com, port: {{number: 8080}}}}}}]
 "
         );
-        let config = located(local, remote, "") + &retries;
+        let config = located_ejecting_after(5, local, remote, "") + &retries;
         let spec = Spec::new(
             seed_config_except(&["sidecar.yaml"], &[&config]),
             "curl-external-tst/east-client",
@@ -1330,9 +1418,19 @@ async fn locality_distribute_sends_traffic_where_the_weights_say() {
 
 /// A client pod in us-east/zone-a, and `located.example.com:8080` with an
 /// endpoint there (`local`) and one in us-west (`remote`), whose
-/// DestinationRule has outlier detection and the trafficPolicy line
-/// `policy`.
+/// DestinationRule has outlier detection (an endpoint ejected at its
+/// first error) and the trafficPolicy line `policy`.
 fn located(local: SocketAddr, remote: SocketAddr, policy: &str) -> String {
+    located_ejecting_after(1, local, remote, policy)
+}
+
+/// The same, ejecting an endpoint after `errors` consecutive errors.
+fn located_ejecting_after(
+    errors: u32,
+    local: SocketAddr,
+    remote: SocketAddr,
+    policy: &str,
+) -> String {
     format!(
         "apiVersion: v1
 kind: Pod
@@ -1361,7 +1459,7 @@ metadata: {{name: located, namespace: curl-external-tst}}
 spec:
   host: located.example.com
   trafficPolicy:
-    outlierDetection: {{consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}
+    outlierDetection: {{consecutive5xxErrors: {errors}, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}
     {policy}
 ",
         remote.port(),

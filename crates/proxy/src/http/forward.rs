@@ -340,6 +340,9 @@ impl Upstream<'_> {
             let avoid_previous = retry.avoids_previous_hosts(cluster.hashes());
             let mut tried: Vec<SocketAddr> = Vec::new();
             let mut attempt = 0;
+            // The endpoint an attempt is waiting on: the route timeout's
+            // too, for outlier detection.
+            let mut waiting_on: Option<SocketAddr> = None;
             let attempts = async {
                 loop {
                     attempt += 1;
@@ -365,12 +368,19 @@ impl Upstream<'_> {
                         priorities_of: &tried[..retry.tried_priorities(attempt).min(tried.len())],
                     };
                     let endpoint = cluster.endpoint(&req, avoid).await?;
+                    waiting_on = endpoint;
                     let sent = match retry.per_try_timeout {
                         Some(t) => tokio::time::timeout(t, cluster.send_to(req, endpoint))
                             .await
-                            .unwrap_or_else(|_| Err(UpstreamError::PerTryTimeout.into())),
+                            .unwrap_or_else(|_| {
+                                if let Some(addr) = endpoint {
+                                    cluster.timed_out(addr);
+                                }
+                                Err(UpstreamError::PerTryTimeout.into())
+                            }),
                         None => cluster.send_to(req, endpoint).await,
                     };
+                    waiting_on = None;
                     let more = attempt < max_attempts;
                     match sent {
                         Ok(answer)
@@ -437,6 +447,9 @@ impl Upstream<'_> {
                 result = attempts => result,
                 () = clock => Err(timed_out),
             };
+            if let (Err(UpstreamError::Timeout), Some(addr)) = (&result, waiting_on) {
+                cluster.timed_out(addr);
+            }
             result.map(|r| (r, attempt)).map_err(|e| (e, attempt))
         }
     }

@@ -67,10 +67,10 @@ pub(super) enum PoolError {
     /// `send`) so that a retry needs no copy of it.
     Connect(ConnectError, Option<Box<Request<Body>>>),
     /// The connection failed while the request was out, or on a new
-    /// connection before it.
-    Send(hyper::Error),
+    /// connection before it; the endpoint it was out to, if known.
+    Send(hyper::Error, Option<SocketAddr>),
     /// The same on an HTTP/2 connection, or its request body failed.
-    Stream(SendError),
+    Stream(SendError, Option<SocketAddr>),
 }
 
 impl PoolError {
@@ -83,6 +83,15 @@ impl PoolError {
         match self {
             PoolError::Connect(e, _) => PoolError::Connect(e, Some(Box::new(req))),
             other => other,
+        }
+    }
+
+    /// The endpoint a sent request failed at (connect failures are
+    /// counted against theirs where they happen).
+    pub(super) fn upstream(&self) -> Option<SocketAddr> {
+        match self {
+            PoolError::Connect(..) => None,
+            PoolError::Send(_, at) | PoolError::Stream(_, at) => *at,
         }
     }
 }
@@ -298,7 +307,7 @@ impl Pool {
                             stale += 1;
                             req = unsent;
                         }
-                        _ => return Err(PoolError::Send(e.into_error())),
+                        _ => return Err(PoolError::Send(e.into_error(), conn.upstream)),
                     },
                 }
             }
@@ -354,7 +363,7 @@ impl Pool {
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(conn))
             .await
-            .map_err(PoolError::Send)?;
+            .map_err(|e| PoolError::Send(e, None))?;
         tokio::spawn(async move {
             if let Err(e) = connection.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection closed");
@@ -410,11 +419,11 @@ impl Pool {
                         forget(slot, None);
                         continue;
                     }
-                    return Err(PoolError::Stream(e.into()));
+                    return Err(PoolError::Stream(e.into(), upstream));
                 }
                 let response = multiplex::send(&mut conn.sender, req)
                     .await
-                    .map_err(PoolError::Stream)?;
+                    .map_err(|e| PoolError::Stream(e, upstream))?;
                 if let Some(a) = upstream
                     && !core.keeps_endpoint(a, response.status())
                 {
@@ -482,7 +491,7 @@ async fn connect_h2(
     let upstream = conn.endpoint();
     let conn = match tokio::time::timeout(core.connect_timeout, multiplex::handshake(conn)).await {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(PoolError::Stream(e.into())),
+        Ok(Err(e)) => return Err(PoolError::Stream(e.into(), None)),
         Err(_) => {
             return Err(PoolError::connect(ConnectError::Failed(
                 "HTTP/2 handshake timeout".into(),
