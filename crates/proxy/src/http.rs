@@ -37,8 +37,10 @@ struct Outcome {
     response: Response<Body>,
     flags: ResponseFlags,
     details: Cow<'static, str>,
-    /// The endpoint that answered.
+    /// The endpoint that answered, or where the last attempt went.
     upstream: Option<SocketAddr>,
+    /// The upstream answered (its service time is reported).
+    answered: bool,
     transport_failure: Option<String>,
 }
 
@@ -49,6 +51,7 @@ impl Outcome {
             flags,
             details,
             upstream: None,
+            answered: false,
             transport_failure: None,
         }
     }
@@ -203,7 +206,7 @@ impl Proxy {
             e.upstream_host = outcome.upstream;
             e.upstream_cluster = plan.cluster_name(snap).map(str::to_owned);
             e.upstream_transport_failure_reason = outcome.transport_failure;
-            e.upstream_service_time = outcome.upstream.map(|_| start.elapsed().as_millis() as u64);
+            e.upstream_service_time = outcome.answered.then(|| start.elapsed().as_millis() as u64);
         }
         let protocol = protocol(outcome.response.headers());
         let labels = if conn.inbound {

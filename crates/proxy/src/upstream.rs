@@ -1596,11 +1596,12 @@ impl Cluster {
                 pool.send_h1(&self.core, req, endpoint).await
             };
             sent.map_err(|e| {
-                let at = e.upstream();
-                let failure = classify(e);
-                if let Some(addr) = at {
+                let upstream = e.upstream().or(*endpoint);
+                let mut failure = classify(e);
+                if let Some(addr) = upstream {
                     self.core.observe_unanswered(addr, &failure.error);
                 }
+                failure.upstream = upstream;
                 failure
             })
         }
@@ -1620,12 +1621,14 @@ impl Cluster {
     }
 }
 
-/// Why an attempt got no response, and its request if it never left (a
-/// connect failure): a retry sends it again instead of a copy.
+/// Why an attempt got no response, its request if it never left (a
+/// connect failure: a retry sends it again instead of a copy), and the
+/// endpoint it went to where one was chosen or connected to.
 #[derive(Debug)]
 pub struct Failure {
     pub error: UpstreamError,
     pub unsent: Option<Box<Request<Body>>>,
+    pub upstream: Option<SocketAddr>,
 }
 
 impl From<UpstreamError> for Failure {
@@ -1633,6 +1636,7 @@ impl From<UpstreamError> for Failure {
         Failure {
             error,
             unsent: None,
+            upstream: None,
         }
     }
 }
@@ -1641,11 +1645,19 @@ fn classify(e: PoolError) -> Failure {
     let e = match e {
         PoolError::Connect(ConnectError::NoEndpoint(m), unsent) => {
             let error = UpstreamError::NoHealthyUpstream(m);
-            return Failure { error, unsent };
+            return Failure {
+                error,
+                unsent,
+                upstream: None,
+            };
         }
         PoolError::Connect(ConnectError::Failed(m), unsent) => {
             let error = UpstreamError::ConnectFailure(m);
-            return Failure { error, unsent };
+            return Failure {
+                error,
+                unsent,
+                upstream: None,
+            };
         }
         PoolError::Send(e, _) => e,
         PoolError::Stream(multiplex::SendError::Body(crate::body::BodyError::Idle(_)), _) => {

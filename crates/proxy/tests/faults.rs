@@ -1040,6 +1040,8 @@ async fn a_reset_is_retried_when_the_policy_retries_5xx() {
     let hosts = ["resets.example.com", "plain.example.com"];
     for entry in only_retried_ones_recover(&sc, live, hosts, "503").await {
         assert_eq!(entry["response_flags"], "UC", "{entry}");
+        // As Envoy's log: the endpoint the failed attempt went to.
+        assert_eq!(entry["upstream_host"], bad.to_string(), "{entry}");
     }
     for (got, entry) in four(&sc, "spent.example.com").await {
         assert_eq!(got.code, "503", "{got:?}");
@@ -1285,6 +1287,13 @@ async fn outlier_detection_ejects_an_endpoint_that_hangs_up() {
     let got = statuses(&sc, "flaky.example.com", 8).await;
     let failed: Vec<_> = got.iter().filter(|(code, _)| code == "503").collect();
     assert_eq!(failed.len(), 2, "ejected after two resets: {got:?}");
+    for (_, at) in failed {
+        assert_eq!(
+            at,
+            &bad.to_string(),
+            "the log names the endpoint that hung up"
+        );
+    }
     for (code, host) in &got[4..] {
         assert_eq!(
             (code.as_str(), host.as_str()),
@@ -1313,10 +1322,16 @@ async fn outlier_detection_ejects_an_endpoint_that_times_out() {
     let sc = sidecar(&mesh, &[&by_route, &by_try], dns.addr).await;
     for host in ["late.example.com", "tardy.example.com"] {
         let got = statuses(&sc, host, 6).await;
-        let timed_out = got.iter().filter(|(code, _)| code == "504").count();
+        let timed_out: Vec<_> = got.iter().filter(|(code, _)| code == "504").collect();
         assert_eq!(
-            timed_out, 1,
+            timed_out.len(),
+            1,
             "{host}: ejected at the first timeout: {got:?}"
+        );
+        assert_eq!(
+            timed_out[0].1,
+            silent.to_string(),
+            "{host}: the log names it"
         );
         for (code, at) in &got[2..] {
             assert_eq!(

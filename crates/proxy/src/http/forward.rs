@@ -120,7 +120,7 @@ impl Upstream<'_> {
                     }
                     outcome
                 }
-                Err((e, attempts)) => self.failed(&e, attempts),
+                Err((e, attempts, upstream)) => self.failed(&e, attempts, upstream),
             }
         }
     }
@@ -287,7 +287,7 @@ impl Upstream<'_> {
         uri: Uri,
         body: Incoming,
         counter: Option<Arc<Progress>>,
-    ) -> impl Future<Output = Result<(Answer, u32), (UpstreamError, u32)>> {
+    ) -> impl Future<Output = Result<(Answer, u32), (UpstreamError, u32, Option<SocketAddr>)>> {
         async move {
             let retry = &self.route.retry;
             let cluster = &self.cluster.cluster;
@@ -340,9 +340,7 @@ impl Upstream<'_> {
             let avoid_previous = retry.avoids_previous_hosts(cluster.hashes());
             let mut tried: Vec<SocketAddr> = Vec::new();
             let mut attempt = 0;
-            // The endpoint an attempt is waiting on: the route timeout's
-            // too, for outlier detection.
-            let mut waiting_on: Option<SocketAddr> = None;
+            let mut latest = Latest::default();
             let attempts = async {
                 loop {
                     attempt += 1;
@@ -368,7 +366,10 @@ impl Upstream<'_> {
                         priorities_of: &tried[..retry.tried_priorities(attempt).min(tried.len())],
                     };
                     let endpoint = cluster.endpoint(&req, avoid).await?;
-                    waiting_on = endpoint;
+                    latest = Latest {
+                        at: endpoint,
+                        waiting: true,
+                    };
                     let sent = match retry.per_try_timeout {
                         Some(t) => tokio::time::timeout(t, cluster.send_to(req, endpoint))
                             .await
@@ -380,7 +381,10 @@ impl Upstream<'_> {
                             }),
                         None => cluster.send_to(req, endpoint).await,
                     };
-                    waiting_on = None;
+                    latest = Latest {
+                        at: sent.as_ref().err().and_then(|f| f.upstream).or(endpoint),
+                        waiting: false,
+                    };
                     let more = attempt < max_attempts;
                     match sent {
                         Ok(answer)
@@ -400,7 +404,7 @@ impl Upstream<'_> {
                             retrying_status(cluster, answer.response.status(), attempt);
                         }
                         Ok(resp) => return Ok(resp),
-                        Err(Failure { error, unsent })
+                        Err(Failure { error, unsent, .. })
                             if more
                                 && retry.retry_unanswered(error.unanswered())
                                 && (copied || unsent.is_some()) =>
@@ -447,10 +451,14 @@ impl Upstream<'_> {
                 result = attempts => result,
                 () = clock => Err(timed_out),
             };
-            if let (Err(UpstreamError::Timeout), Some(addr)) = (&result, waiting_on) {
+            if let (Err(UpstreamError::Timeout), Some(addr), true) =
+                (&result, latest.at, latest.waiting)
+            {
                 cluster.timed_out(addr);
             }
-            result.map(|r| (r, attempt)).map_err(|e| (e, attempt))
+            result
+                .map(|r| (r, attempt))
+                .map_err(|e| (e, attempt, latest.at))
         }
     }
 
@@ -561,6 +569,7 @@ impl Upstream<'_> {
             flags,
             details: Cow::Borrowed("via_upstream"),
             upstream,
+            answered: true,
             transport_failure: None,
         }
     }
@@ -586,10 +595,11 @@ impl Upstream<'_> {
         });
     }
 
-    /// The local reply for a request that got no response.
+    /// The local reply for a request that got no response; the endpoint
+    /// its last attempt went to, if any, is logged as Envoy does.
     #[cold]
     #[inline(never)]
-    fn failed(&self, e: &UpstreamError, attempts: u32) -> Outcome {
+    fn failed(&self, e: &UpstreamError, attempts: u32, upstream: Option<SocketAddr>) -> Outcome {
         let mut flags = e.flag();
         if attempts > 1 && self.route.retry.retry_unanswered(e.unanswered()) {
             flags = flags.with(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
@@ -608,8 +618,18 @@ impl Upstream<'_> {
             Cow::Borrowed(e.details()),
         );
         out.transport_failure = e.transport_failure().map(str::to_owned);
+        out.upstream = upstream;
         out
     }
+}
+
+/// Where the latest attempt went (chosen, or where its connection was),
+/// and whether it is still waiting for its answer: what the route
+/// timeout ends, for outlier detection and the access log.
+#[derive(Debug, Clone, Copy, Default)]
+struct Latest {
+    at: Option<SocketAddr>,
+    waiting: bool,
 }
 
 /// A rewritten URI that is not valid.
