@@ -773,6 +773,29 @@ fn outlier_and_pool(
     p: &mut Problems,
 ) {
     if let Some(od) = od {
+        // As Istio's validation: durations of at least 1ms, and a local
+        // origin threshold only where those errors are counted apart.
+        for (field, d) in [
+            ("interval", od.interval),
+            ("baseEjectionTime", od.base_ejection_time),
+        ] {
+            if d.is_some_and(|d| d.as_std() < std::time::Duration::from_millis(1)) {
+                push(
+                    p,
+                    format!("{path}.outlierDetection.{field}"),
+                    format!("{field} must be at least 1ms"),
+                );
+            }
+        }
+        if od.consecutive_local_origin_failures.is_some_and(|n| n > 0)
+            && od.split_external_local_origin_errors != Some(true)
+        {
+            push(
+                p,
+                format!("{path}.outlierDetection.consecutiveLocalOriginFailures"),
+                "consecutiveLocalOriginFailures is set but splitExternalLocalOriginErrors is not true",
+            );
+        }
         for (field, v) in [
             ("maxEjectionPercent", od.max_ejection_percent),
             ("minHealthPercent", od.min_health_percent),

@@ -5,6 +5,7 @@
 
 pub mod dns;
 mod multiplex;
+mod outlier;
 mod pool;
 pub mod tls;
 
@@ -17,12 +18,14 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::Request;
-use meshgate_config::model::networking::{OutlierDetection, SimpleLb};
+use meshgate_config::model::networking::SimpleLb;
 use meshgate_telemetry::ResponseFlags;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use self::dns::Resolver;
+pub use self::outlier::Outlier;
+use self::outlier::{Health, Report};
 pub use self::pool::{Answer, Lease};
 use self::pool::{Pool, PoolError, PoolSettings};
 use self::tls::UpstreamTls;
@@ -266,39 +269,8 @@ enum ConnectError {
 
 #[derive(Debug, Default)]
 struct EndpointState {
-    consecutive_5xx: u32,
-    consecutive_gateway: u32,
-    ejected_until: Option<Instant>,
-    times_ejected: u32,
+    health: Health,
     active: usize,
-}
-
-/// Outlier detection (`outlierDetection`): endpoints with consecutive errors
-/// are ejected for baseEjectionTime × times ejected, up to maxEjectionPercent.
-#[derive(Debug, Clone)]
-pub struct Outlier {
-    consecutive_5xx: Option<u32>,
-    consecutive_gateway: Option<u32>,
-    base_ejection: Duration,
-    max_ejection_percent: u32,
-}
-
-impl Outlier {
-    pub fn compile(od: &OutlierDetection) -> Outlier {
-        Outlier {
-            // consecutiveErrors is the deprecated name of consecutive5xxErrors... of gateway errors.
-            consecutive_5xx: match od.consecutive_5xx_errors.or(od.consecutive_errors) {
-                Some(0) => None,
-                Some(n) => Some(n),
-                None => Some(5),
-            },
-            consecutive_gateway: od.consecutive_gateway_errors.filter(|n| *n > 0),
-            base_ejection: od
-                .base_ejection_time
-                .map_or(Duration::from_secs(30), |d| d.as_std()),
-            max_ejection_percent: od.max_ejection_percent.unwrap_or(10),
-        }
-    }
 }
 
 /// Everything the connector needs; shared with the cluster.
@@ -659,12 +631,21 @@ impl ClusterCore {
     }
 
     fn is_ejected(&self, addr: SocketAddr) -> bool {
-        self.state.lock().is_ok_and(|state| {
-            state
-                .get(&addr)
-                .and_then(|s| s.ejected_until)
-                .is_some_and(|t| t > Instant::now())
-        })
+        let now = Instant::now();
+        self.state
+            .lock()
+            .is_ok_and(|state| state.get(&addr).is_some_and(|s| s.health.is_ejected(now)))
+    }
+
+    /// How many endpoints outlier detection's limits count: the cluster's
+    /// now, or those it has seen where each request names its own.
+    fn endpoint_count(&self, state: &HashMap<SocketAddr, EndpointState>) -> usize {
+        match &self.endpoints {
+            Endpoints::Static(addrs) => addrs.len(),
+            Endpoints::Dns { .. } => self.resolved.load().as_ref().map_or(0, |r| r.len()),
+            _ => state.len(),
+        }
+        .max(1)
     }
 
     /// `distribute`: a random endpoint by its weight, when weights are set
@@ -705,8 +686,8 @@ impl ClusterCore {
         pool.into_iter().filter(|a| priority(a) == best).collect()
     }
 
-    /// The endpoints a pick is made among: those not ejected (all, if all
-    /// are), outside the priorities `avoid` passes over while another
+    /// The endpoints a pick is made among: those outlier detection has
+    /// not ejected (`Outlier::eligible`), outside the priorities `avoid` passes over while another
     /// priority has one, of the best priority left, without the hosts
     /// `avoid` names unless no other is left (Envoy's previous-hosts
     /// predicate re-picks within the priority and at last takes a host
@@ -717,7 +698,16 @@ impl ClusterCore {
         addrs: &[SocketAddr],
         avoid: Avoid<'_>,
     ) -> Vec<SocketAddr> {
-        let pool = self.first_priority(self.other_priorities(not_ejected(state, addrs), avoid));
+        let pool = match &self.outlier {
+            Some(od) => {
+                let now = Instant::now();
+                od.eligible(addrs, |a| {
+                    state.get(a).is_some_and(|s| s.health.is_ejected(now))
+                })
+            }
+            None => addrs.to_vec(),
+        };
+        let pool = self.first_priority(self.other_priorities(pool, avoid));
         if avoid.hosts.is_empty() || pool.iter().all(|a| avoid.hosts.contains(a)) {
             return pool;
         }
@@ -750,7 +740,9 @@ impl ClusterCore {
     /// endpoint goes away; a retry takes the next one).
     fn pick_hashed(&self, addrs: &[SocketAddr], key: u64, avoid: Avoid<'_>) -> Option<SocketAddr> {
         use std::hash::{Hash, Hasher};
-        if let [only] = addrs {
+        if let [only] = addrs
+            && self.outlier.is_none()
+        {
             return Some(*only);
         }
         let state = self.state.lock().ok()?;
@@ -763,10 +755,11 @@ impl ClusterCore {
     }
 
     /// Picks one of the eligible endpoints by the load-balancing policy.
-    /// One endpoint is taken whatever its state, as the panic threshold
-    /// would, without a lock.
+    /// One endpoint without outlier detection is taken without a lock.
     fn pick(&self, addrs: &[SocketAddr], avoid: Avoid<'_>) -> Option<SocketAddr> {
-        if let [only] = addrs {
+        if let [only] = addrs
+            && self.outlier.is_none()
+        {
             return Some(*only);
         }
         let state = self.state.lock().ok()?;
@@ -790,68 +783,57 @@ impl ClusterCore {
         }
     }
 
-    /// Records a response status (or a failure as the status Envoy counts
-    /// it as) for outlier detection.
-    fn observe(&self, addr: SocketAddr, status: u16) {
+    /// Counts what an attempt at `addr` came to (`Outlier::count`), and
+    /// ejects the endpoint when a count reaches its threshold and the
+    /// cluster may lose one more.
+    fn observe(&self, addr: SocketAddr, report: Report) {
         let Some(od) = &self.outlier else { return };
         let Ok(mut state) = self.state.lock() else {
             return;
         };
-        let total = state.len().max(1);
-        let ejected_now = state
-            .values()
-            .filter(|s| s.ejected_until.is_some_and(|t| t > Instant::now()))
-            .count();
-        let s = state.entry(addr).or_default();
-        let gateway_error = matches!(status, 502..=504);
-        if status >= 500 {
-            s.consecutive_5xx += 1;
-        } else {
-            s.consecutive_5xx = 0;
+        let now = Instant::now();
+        let health = &mut state.entry(addr).or_default().health;
+        if !od.count(health, report, now) || health.is_ejected(now) {
+            return;
         }
-        if gateway_error {
-            s.consecutive_gateway += 1;
-        } else {
-            s.consecutive_gateway = 0;
+        let ejected = state.values().filter(|s| s.health.is_ejected(now)).count();
+        if !od.may_eject(ejected, self.endpoint_count(&state)) {
+            return;
         }
-        let trip = od.consecutive_5xx.is_some_and(|n| s.consecutive_5xx >= n)
-            || od
-                .consecutive_gateway
-                .is_some_and(|n| s.consecutive_gateway >= n);
-        let may_eject =
-            (ejected_now + 1) * 100 <= total * od.max_ejection_percent as usize || ejected_now == 0;
-        if trip && may_eject {
-            s.times_ejected += 1;
-            s.ejected_until = Some(Instant::now() + od.base_ejection * s.times_ejected);
-            s.consecutive_5xx = 0;
-            s.consecutive_gateway = 0;
-            tracing::warn!(cluster = %self.name, endpoint = %addr, status, "endpoint ejected by outlier detection");
-        }
+        let Some(s) = state.get_mut(&addr) else {
+            return;
+        };
+        od.eject(&mut s.health, now, self.born);
+        tracing::warn!(
+            cluster = %self.name,
+            endpoint = %addr,
+            after = %report,
+            times = s.health.times_ejected,
+            "endpoint ejected by outlier detection"
+        );
     }
 
     /// An attempt at `addr` that got no response, as Envoy's router
-    /// reports it to outlier detection with locally originated errors not
-    /// split from the upstream's (its default, which Istio keeps): a reset
-    /// or a closed connection as a 503, a timeout as a 504, so both count
-    /// as 5xx and as gateway errors. A connect failure is counted where it
-    /// happens; the circuit breaker, a downstream that stopped sending and
-    /// no endpoint at all are not the endpoint's doing.
+    /// reports it to outlier detection: a reset or a closed connection, a
+    /// timeout. A connect failure is counted where it happens; the circuit
+    /// breaker, a downstream that stopped sending and no endpoint at all
+    /// are not the endpoint's doing.
     fn observe_unanswered(&self, addr: SocketAddr, error: &UpstreamError) {
         if self.outlier.is_none() {
             return;
         }
-        let status = match error {
+        let report = match error {
             UpstreamError::Reset(_) | UpstreamError::RemoteReset | UpstreamError::RefusedStream => {
-                503
+                Report::Reset
             }
-            UpstreamError::PerTryTimeout | UpstreamError::Timeout => 504,
+            UpstreamError::PerTryTimeout | UpstreamError::Timeout => Report::TimedOut,
             UpstreamError::NoHealthyUpstream(_)
             | UpstreamError::ConnectFailure(_)
             | UpstreamError::Overflow
             | UpstreamError::StreamIdle
             | UpstreamError::RequestIdle => return,
         };
-        self.observe(addr, status);
+        self.observe(addr, report);
     }
 
     fn track(&self, addr: SocketAddr, delta: isize) {
@@ -1009,11 +991,11 @@ impl ClusterCore {
         let tcp = match tokio::time::timeout_at(deadline, dial).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
-                self.observe(addr, 503);
+                self.observe(addr, Report::ConnectFailed);
                 return Err(ConnectError::Failed(format!("delayed connect error: {e}")));
             }
             Err(_) => {
-                self.observe(addr, 503);
+                self.observe(addr, Report::ConnectFailed);
                 return Err(ConnectError::Failed("connect timeout".into()));
             }
         };
@@ -1028,7 +1010,7 @@ impl ClusterCore {
                 match handshake(config, request_sni(tls, uri), tcp, deadline).await {
                     Ok(stream) => stream,
                     Err(reason) => {
-                        self.observe(addr, 503);
+                        self.observe(addr, Report::ConnectFailed);
                         return Err(ConnectError::Failed(format!("TLS_error: {reason}")));
                     }
                 }
@@ -1058,13 +1040,18 @@ impl ClusterCore {
         })
     }
 
-    /// Outlier detection sees the response; false when it ejected the
-    /// endpoint (its connections are then let go).
-    fn keeps_endpoint(&self, addr: SocketAddr, status: http::StatusCode) -> bool {
+    /// Outlier detection sees the response's head; false when it ejected
+    /// the endpoint (its connections are then let go).
+    fn keeps_endpoint(
+        &self,
+        addr: SocketAddr,
+        status: http::StatusCode,
+        headers: &http::HeaderMap,
+    ) -> bool {
         if self.outlier.is_none() {
             return true;
         }
-        self.observe(addr, status.as_u16());
+        self.observe(addr, Report::Status(outlier::status_of(status, headers)));
         !self.is_ejected(addr)
     }
 }
@@ -1220,6 +1207,7 @@ pub struct HostStatus {
     pub active_requests: usize,
     pub consecutive_5xx: u32,
     pub consecutive_gateway_errors: u32,
+    pub consecutive_local_origin_failures: u32,
     pub ejected: bool,
     pub times_ejected: u32,
 }
@@ -1265,10 +1253,12 @@ impl Cluster {
                         [only] if *only == addr => in_flight,
                         _ => s.map_or(0, |s| s.active),
                     },
-                    consecutive_5xx: s.map_or(0, |s| s.consecutive_5xx),
-                    consecutive_gateway_errors: s.map_or(0, |s| s.consecutive_gateway),
-                    ejected: s.is_some_and(|s| s.ejected_until.is_some_and(|t| t > now)),
-                    times_ejected: s.map_or(0, |s| s.times_ejected),
+                    consecutive_5xx: s.map_or(0, |s| s.health.consecutive_5xx),
+                    consecutive_gateway_errors: s.map_or(0, |s| s.health.consecutive_gateway),
+                    consecutive_local_origin_failures: s
+                        .map_or(0, |s| s.health.consecutive_local_origin),
+                    ejected: s.is_some_and(|s| s.health.is_ejected(now)),
+                    times_ejected: s.map_or(0, |s| s.health.times_ejected),
                 }
             })
             .collect();
@@ -1458,7 +1448,7 @@ impl Cluster {
                 Ok(stream) => stream,
                 Err(reason) => {
                     core.track(addr, -1);
-                    core.observe(addr, 503);
+                    core.observe(addr, Report::ConnectFailed);
                     return Err(UpstreamError::ConnectFailure(format!(
                         "TLS_error: {reason}"
                     )));
@@ -1517,13 +1507,13 @@ impl Cluster {
                 Ok((tcp, addr))
             }
             Ok(Err(e)) => {
-                core.observe(addr, 503);
+                core.observe(addr, Report::ConnectFailed);
                 Err(UpstreamError::ConnectFailure(format!(
                     "delayed connect error: {e}"
                 )))
             }
             Err(_) => {
-                core.observe(addr, 503);
+                core.observe(addr, Report::ConnectFailed);
                 Err(UpstreamError::ConnectFailure("connect timeout".into()))
             }
         }
@@ -1696,30 +1686,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// The endpoints not ejected now; if everything is ejected, all of them
-/// (Envoy's panic threshold routes to all).
-fn not_ejected(
-    state: &HashMap<SocketAddr, EndpointState>,
-    addrs: &[SocketAddr],
-) -> Vec<SocketAddr> {
-    let now = Instant::now();
-    let healthy: Vec<SocketAddr> = addrs
-        .iter()
-        .copied()
-        .filter(|a| {
-            state
-                .get(a)
-                .and_then(|s| s.ejected_until)
-                .is_none_or(|t| t <= now)
-        })
-        .collect();
-    if healthy.is_empty() {
-        addrs.to_vec()
-    } else {
-        healthy
-    }
-}
-
 /// The hash of what `on` names in the request; `None` when it is absent.
 fn hash_key(on: &HashOn, req: &Request<Body>) -> Option<u64> {
     use std::hash::{Hash, Hasher};
@@ -1758,11 +1724,12 @@ fn hash_key(on: &HashOn, req: &Request<Body>) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::testing::{KeepAliveServer, keepalive_server};
+    use meshgate_config::model::networking::OutlierDetection;
 
     fn core(lb: SimpleLb, outlier: Option<Outlier>) -> ClusterCore {
         ClusterCore {
             name: Arc::from("c"),
-            endpoints: Endpoints::Static(Vec::new()),
+            endpoints: Endpoints::Static(addrs()),
             resolver: Resolver::new(Some("127.0.0.1:53".parse().unwrap())).unwrap(),
             tls: None,
             tls_h1: None,
@@ -1845,22 +1812,31 @@ mod tests {
         );
     }
 
+    /// A DestinationRule's `outlierDetection` with `maxEjectionPercent:
+    /// 100` and what `f` sets.
+    fn outlier(f: impl FnOnce(&mut OutlierDetection)) -> Outlier {
+        let mut od = OutlierDetection {
+            max_ejection_percent: Some(100),
+            ..OutlierDetection::default()
+        };
+        f(&mut od);
+        Outlier::compile(&od)
+    }
+
     #[tokio::test]
     async fn outlier_detection_ejects_after_consecutive_errors() {
-        let od = Outlier {
-            consecutive_5xx: Some(3),
-            consecutive_gateway: None,
-            base_ejection: Duration::from_secs(30),
-            max_ejection_percent: 100,
-        };
-        let c = core(SimpleLb::RoundRobin, Some(od));
+        let c = core(
+            SimpleLb::RoundRobin,
+            Some(outlier(|od| od.consecutive_5xx_errors = Some(3))),
+        );
         let a = addrs();
+        let status = |s| Report::Status(s);
         for _ in 0..2 {
-            c.observe(a[0], 500);
+            c.observe(a[0], status(500));
         }
-        c.observe(a[0], 200); // a success resets the count
+        c.observe(a[0], status(200)); // a success resets the count
         for _ in 0..3 {
-            c.observe(a[0], 503);
+            c.observe(a[0], status(503));
         }
         let picked: Vec<SocketAddr> = (0..6)
             .filter_map(|_| c.pick(&a, Avoid::default()))
@@ -1871,22 +1847,70 @@ mod tests {
         );
         for x in &a[1..] {
             for _ in 0..3 {
-                c.observe(*x, 500);
+                c.observe(*x, status(500));
             }
         }
-        // Everything ejected: Envoy's panic mode routes to all.
-        assert!(c.pick(&a, Avoid::default()).is_some());
+        // Everything ejected: Istio turns Envoy's panic threshold off
+        // (minHealthPercent 0), so there is no endpoint (503 UH).
+        assert_eq!(c.pick(&a, Avoid::default()), None);
+    }
+
+    #[tokio::test]
+    async fn below_min_health_percent_requests_go_to_every_endpoint() {
+        let od = outlier(|od| {
+            od.consecutive_5xx_errors = Some(1);
+            od.min_health_percent = Some(50);
+        });
+        let c = core(SimpleLb::RoundRobin, Some(od));
+        let a = addrs();
+        c.observe(a[0], Report::Status(500));
+        let picked: Vec<SocketAddr> = (0..6)
+            .filter_map(|_| c.pick(&a, Avoid::default()))
+            .collect();
+        assert!(!picked.contains(&a[0]), "2 of 3 healthy: {picked:?}");
+        c.observe(a[1], Report::Status(500));
+        let picked: Vec<SocketAddr> = (0..6)
+            .filter_map(|_| c.pick(&a, Avoid::default()))
+            .collect();
+        assert_eq!(
+            picked,
+            [a[0], a[1], a[2], a[0], a[1], a[2]],
+            "panic: all of them"
+        );
+    }
+
+    #[tokio::test]
+    async fn max_ejection_percent_counts_the_endpoint_to_be_ejected() {
+        // Istio's default 10 %: of three endpoints, none may go.
+        let c = core(
+            SimpleLb::RoundRobin,
+            Some(Outlier::compile(&OutlierDetection {
+                consecutive_5xx_errors: Some(1),
+                ..OutlierDetection::default()
+            })),
+        );
+        let a = addrs();
+        c.observe(a[0], Report::Status(500));
+        assert!(!c.is_ejected(a[0]));
+        // 50 %: one of three (33 %), not two (67 %).
+        let c = core(
+            SimpleLb::RoundRobin,
+            Some(outlier(|od| {
+                od.consecutive_5xx_errors = Some(1);
+                od.max_ejection_percent = Some(50);
+            })),
+        );
+        c.observe(a[0], Report::Status(500));
+        c.observe(a[1], Report::Status(500));
+        assert!(c.is_ejected(a[0]) && !c.is_ejected(a[1]));
     }
 
     #[tokio::test]
     async fn only_an_endpoints_own_failures_count_against_it() {
-        let od = |consecutive_5xx, consecutive_gateway| Outlier {
-            consecutive_5xx,
-            consecutive_gateway,
-            base_ejection: Duration::from_secs(30),
-            max_ejection_percent: 100,
-        };
-        let c = core(SimpleLb::RoundRobin, Some(od(Some(1), None)));
+        let c = core(
+            SimpleLb::RoundRobin,
+            Some(outlier(|od| od.consecutive_5xx_errors = Some(1))),
+        );
         let a = addrs();
         let not_its_doing = [
             UpstreamError::Overflow,
@@ -1902,7 +1926,11 @@ mod tests {
         assert!(!c.is_ejected(a[0]));
         c.observe_unanswered(a[0], &UpstreamError::RemoteReset);
         assert!(c.is_ejected(a[0]), "a reset is a 5xx");
-        let c = core(SimpleLb::RoundRobin, Some(od(None, Some(1))));
+        let gateway_errors = outlier(|od| {
+            od.consecutive_5xx_errors = Some(0);
+            od.consecutive_gateway_errors = Some(1);
+        });
+        let c = core(SimpleLb::RoundRobin, Some(gateway_errors));
         c.observe_unanswered(a[1], &UpstreamError::PerTryTimeout);
         assert!(c.is_ejected(a[1]), "a timeout is a gateway error");
     }

@@ -1302,6 +1302,35 @@ async fn outlier_detection_ejects_an_endpoint_that_hangs_up() {
     }
 }
 
+/// With every endpoint ejected, Istio's default (`minHealthPercent` 0
+/// turns Envoy's panic threshold off) leaves no healthy upstream: 503 UH.
+/// With `minHealthPercent: 50`, fewer healthy than that sends requests to
+/// all of them again, ejected or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_endpoint_ejected_there_is_no_healthy_upstream() {
+    let mesh = Mesh::default();
+    let (one, two) = (hangs_up().await, hangs_up().await);
+    let od = |min: u32| {
+        format!(
+            "{{consecutive5xxErrors: 1, baseEjectionTime: 60s, maxEjectionPercent: 100, minHealthPercent: {min}}}"
+        )
+    };
+    let off = ejecting("off", [one, two], &od(0));
+    let half = ejecting("half", [one, two], &od(50));
+    let dns = dns_for("unused.example.com", 30).await;
+    let sc = sidecar(&mesh, &[&off, &half], dns.addr).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    for (host, third) in [("off", "UH"), ("half", "UC")] {
+        let mut flags = Vec::new();
+        for _ in 0..3 {
+            let got = curl(&["-x", &proxy, &format!("http://{host}.example.com:8080/")]).await;
+            assert_eq!(got.code, "503", "{host}: {got:?}");
+            flags.push(sc.next_log().await["response_flags"].clone());
+        }
+        assert_eq!(flags, ["UC", "UC", third], "{host}");
+    }
+}
+
 /// A timeout is a gateway error to outlier detection (a 504, as Envoy's
 /// router reports a local timeout): an endpoint that never answers is
 /// ejected by `consecutiveGatewayErrors: 1` at its first route timeout,

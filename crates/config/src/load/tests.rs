@@ -385,6 +385,14 @@ fn schema_errors_name_field_line_and_what_cannot_be_read_is_not_loaded() {
             "Error [IST0106] (VirtualService ns/vs test.yaml:8) Schema validation error: spec.http[0].corsPolicy.allowMethods[1]: \"FETCH\" is not a supported HTTP method",
         ),
         (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: dr, namespace: ns}\nspec:\n  host: a.com\n  trafficPolicy:\n    outlierDetection: {consecutiveLocalOriginFailures: 3}\n",
+            "Error [IST0106] (DestinationRule ns/dr test.yaml:7) Schema validation error: spec.trafficPolicy.outlierDetection.consecutiveLocalOriginFailures: consecutiveLocalOriginFailures is set but splitExternalLocalOriginErrors is not true",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: dr, namespace: ns}\nspec:\n  host: a.com\n  trafficPolicy:\n    outlierDetection: {interval: 0s}\n",
+            "Error [IST0106] (DestinationRule ns/dr test.yaml:7) Schema validation error: spec.trafficPolicy.outlierDetection.interval: interval must be at least 1ms",
+        ),
+        (
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: dr, namespace: ns}\nspec:\n  host: a.com\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL, caCertificates: /x.pem}\n",
             "Error [IST0106] (DestinationRule ns/dr test.yaml:7) Schema validation error: spec.trafficPolicy.tls: ISTIO_MUTUAL uses the mesh certificates: clientCertificate, privateKey, caCertificates, caCrl and credentialName must be empty",
         ),
@@ -416,6 +424,8 @@ fn schema_errors_name_field_line_and_what_cannot_be_read_is_not_loaded() {
         "a delegate VirtualService",
         "supported HTTP method",
         "ISTIO_MUTUAL uses",
+        "splitExternalLocalOriginErrors is not true",
+        "must be at least 1ms",
         "unknown condition key",
         "invalid name",
     ];

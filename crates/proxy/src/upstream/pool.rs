@@ -332,7 +332,7 @@ impl Pool {
         let reusable = settings.keep
             && settings.max_requests.is_none_or(|n| conn.served < n)
             && !tunnel
-            && upstream.is_none_or(|a| core.keeps_endpoint(a, status));
+            && upstream.is_none_or(|a| core.keeps_endpoint(a, status, response.headers()));
         let lease = if reusable {
             Lease(Some(Box::new(Loan {
                 pool: self.shared.clone(),
@@ -425,7 +425,7 @@ impl Pool {
                     .await
                     .map_err(|e| PoolError::Stream(e, upstream))?;
                 if let Some(a) = upstream
-                    && !core.keeps_endpoint(a, response.status())
+                    && !core.keeps_endpoint(a, response.status(), response.headers())
                 {
                     forget(slot, Some(a));
                 }
