@@ -24,7 +24,7 @@ use crate::labels::{DestinationLabels, WorkloadLabels, unknown};
 use crate::route::{DomainIndex, HeaderOps, Route, RouteTable, VirtualHost, WeightedCluster};
 use crate::upstream::dns::Resolver;
 use crate::upstream::tls::{self as upstream_tls, DefaultRoots};
-use crate::upstream::{Cluster, ClusterSettings, DnsName, Endpoints, HashOn, Outlier};
+use crate::upstream::{Cluster, ClusterSettings, DnsName, Endpoints, HashOn, Keepalive, Outlier};
 
 /// Envoy's name for the cluster that forwards to the original destination.
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
@@ -671,6 +671,8 @@ fn local_settings(name: Arc<str>) -> ClusterSettings {
         connect_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(3600),
         max_requests_per_connection: None,
+        max_connection_duration: None,
+        keepalive: None,
         max_in_flight: usize::MAX,
         lb: SimpleLb::RoundRobin,
         hash: None,
@@ -901,6 +903,16 @@ fn cluster_settings(
         max_requests_per_connection: http
             .and_then(|h| h.max_requests_per_connection)
             .filter(|n| *n > 0),
+        max_connection_duration: tcp
+            .and_then(|t| t.max_connection_duration)
+            .map(|d| d.as_std()),
+        keepalive: tcp
+            .and_then(|t| t.tcp_keepalive.as_ref())
+            .map(|k| Keepalive {
+                time: k.time.map(|d| d.as_std()),
+                interval: k.interval.map(|d| d.as_std()),
+                probes: k.probes,
+            }),
         max_in_flight,
         lb: policy
             .load_balancer

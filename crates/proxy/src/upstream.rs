@@ -289,6 +289,7 @@ struct ClusterCore {
     /// clusters set is boxed: a gateway keeps thousands of clusters.
     hash: Option<Box<HashOn>>,
     outlier: Option<Box<Outlier>>,
+    keepalive: Option<Box<Keepalive>>,
     locality: Option<Box<Locality>>,
     rr: AtomicU32,
     state: Mutex<HashMap<SocketAddr, EndpointState>>,
@@ -635,6 +636,15 @@ impl ClusterCore {
         self.state
             .lock()
             .is_ok_and(|state| state.get(&addr).is_some_and(|s| s.health.is_ejected(now)))
+    }
+
+    /// A new upstream connection's socket options: no Nagle delay (the
+    /// proxy writes whole messages), the cluster's keepalive.
+    fn tune(&self, tcp: &TcpStream) {
+        let _ = tcp.set_nodelay(true);
+        if let Some(k) = &self.keepalive {
+            k.apply(tcp);
+        }
     }
 
     /// How many endpoints outlier detection's limits count: the cluster's
@@ -999,7 +1009,7 @@ impl ClusterCore {
                 return Err(ConnectError::Failed("connect timeout".into()));
             }
         };
-        let _ = tcp.set_nodelay(true);
+        self.tune(&tcp);
         let stream = match &self.tls {
             None => UpstreamStream::Plain(tcp),
             Some(tls) => {
@@ -1115,6 +1125,10 @@ pub struct ClusterSettings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_requests_per_connection: Option<u32>,
+    /// `connectionPool.tcp.maxConnectionDuration`.
+    pub max_connection_duration: Option<Duration>,
+    /// `connectionPool.tcp.tcpKeepalive`.
+    pub keepalive: Option<Keepalive>,
     /// Circuit breaker: requests in flight beyond this get 503 UO.
     pub max_in_flight: usize,
     pub lb: SimpleLb,
@@ -1123,6 +1137,36 @@ pub struct ClusterSettings {
     /// Locality failover: endpoints' priorities (lower first), by address
     /// (STATIC) or by name (DNS, given to each address it resolves to).
     pub priorities: Priorities,
+}
+
+/// `tcpKeepalive`: SO_KEEPALIVE on each connection the cluster makes,
+/// with the probes' idle time, interval and count where set (the kernel's
+/// defaults otherwise), as Envoy's `upstream_connection_options`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Keepalive {
+    pub time: Option<Duration>,
+    pub interval: Option<Duration>,
+    pub probes: Option<u32>,
+}
+
+impl Keepalive {
+    fn apply(&self, tcp: &TcpStream) {
+        // The kernel counts in seconds, from 1.
+        let secs = |d: Duration| d.max(Duration::from_secs(1));
+        let mut k = socket2::TcpKeepalive::new();
+        if let Some(t) = self.time {
+            k = k.with_time(secs(t));
+        }
+        if let Some(i) = self.interval {
+            k = k.with_interval(secs(i));
+        }
+        if let Some(n) = self.probes {
+            k = k.with_retries(n);
+        }
+        if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&k) {
+            tracing::warn!(error = %e, "could not set TCP keepalive on an upstream connection");
+        }
+    }
 }
 
 /// Endpoints' locality priorities; empty when locality load balancing is off.
@@ -1152,6 +1196,8 @@ pub struct Cluster {
     /// `maxRequestsPerConnection`: a connection carries at most this
     /// many requests (1: none is kept).
     max_requests_per_connection: Option<u32>,
+    /// `maxConnectionDuration`: a connection takes new requests this long.
+    max_connection_duration: Option<Duration>,
     /// Its connections do not depend on a request's authority (see
     /// `pool_authority`).
     one_pool_key: bool,
@@ -1292,6 +1338,7 @@ impl Cluster {
             lb: s.lb,
             hash: s.hash.map(Box::new),
             outlier: s.outlier.map(Box::new),
+            keepalive: s.keepalive.map(Box::new),
             locality: Locality::of(s.priorities),
             rr: AtomicU32::new(0),
             state: Mutex::new(HashMap::new()),
@@ -1308,6 +1355,7 @@ impl Cluster {
             in_flight: AtomicUsize::new(0),
             max_in_flight: s.max_in_flight,
             max_requests_per_connection: s.max_requests_per_connection.filter(|n| *n > 0),
+            max_connection_duration: s.max_connection_duration,
             one_pool_key: !h2 && fixed_connections,
             shared_h2: h2 && fixed_connections,
         }
@@ -1338,6 +1386,7 @@ impl Cluster {
                 keep: self.max_requests_per_connection != Some(1),
                 idle_timeout: self.idle_timeout,
                 max_requests: self.max_requests_per_connection,
+                max_age: self.max_connection_duration,
             })
         })
     }
@@ -1503,7 +1552,7 @@ impl Cluster {
         let core = &self.core;
         match tokio::time::timeout(core.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => {
-                let _ = tcp.set_nodelay(true);
+                core.tune(&tcp);
                 Ok((tcp, addr))
             }
             Ok(Err(e)) => {
@@ -1737,6 +1786,7 @@ mod tests {
             lb,
             hash: None,
             outlier: outlier.map(Box::new),
+            keepalive: None,
             locality: None,
             rr: AtomicU32::new(0),
             state: Mutex::new(HashMap::new()),
@@ -1945,6 +1995,8 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
             max_requests_per_connection: None,
+            max_connection_duration: None,
+            keepalive: None,
             max_in_flight: 1,
             lb: SimpleLb::RoundRobin,
             hash,

@@ -675,18 +675,10 @@ async fn a_connection_carries_at_most_max_requests_per_connection() {
         ..
     } = keepalive_server("ok").await;
     let dns = dns_for("pooled.example.com", 30).await;
-    let config = format!(
-        "{}---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: pooled, namespace: curl-external-tst}}
-spec:
-  host: pooled.example.com
-  trafficPolicy:
-    connectionPool:
-      http: {{maxRequestsPerConnection: 2}}
-",
-        by_dns("pooled", upstream.port())
+    let config = pooled(
+        "pooled",
+        upstream.port(),
+        "{http: {maxRequestsPerConnection: 2}}",
     );
     let sc = sidecar(&mesh, &[&config], dns.addr).await;
     let proxy = format!("http://{}", sc.addr(15001));
@@ -700,6 +692,104 @@ spec:
         2,
         "two requests per connection"
     );
+}
+
+/// `by_dns(name, port)` with a DestinationRule whose `connectionPool` is
+/// `pool`.
+fn pooled(name: &str, port: u16, pool: &str) -> String {
+    by_dns(name, port) + "---\n" + &traffic_policy(name, &format!("connectionPool: {pool}"))
+}
+
+/// A DestinationRule for `NAME.example.com` whose trafficPolicy has the
+/// field `policy`.
+fn traffic_policy(name: &str, policy: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}, namespace: curl-external-tst}}
+spec:
+  host: {name}.example.com
+  trafficPolicy:
+    {policy}
+"
+    )
+}
+
+/// `maxConnectionDuration`: a connection takes no request after it, and
+/// one with none in flight is closed (Envoy's `max_connection_duration`);
+/// the next request opens another. Over HTTP/1.1 and HTTP/2 upstreams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_let_go_after_max_connection_duration() {
+    let mesh = Mesh::default();
+    let h1 = keepalive_server("ok").await;
+    let h2 = h2_server_counting(ok).await;
+    let dns = dns(&["aging.example.com", "aging-h2.example.com"]).await;
+    let pool = "{tcp: {maxConnectionDuration: 0.3s}}";
+    let aging = pooled("aging", h1.addr.port(), pool);
+    let aging_h2 = over_h2(&pooled("aging-h2", h2.addr.port(), pool));
+    let sc = sidecar(&mesh, &[&aging, &aging_h2], dns).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    for (name, mut server) in [("aging", h1), ("aging-h2", h2)] {
+        let url = format!("http://{name}.example.com:{}/", server.addr.port());
+        assert_eq!(curl(&["-x", &proxy, &url]).await.code, "200");
+        sc.next_log().await;
+        tokio::time::timeout(Duration::from_secs(5), server.closed.recv())
+            .await
+            .expect("the proxy closes the connection once it is 0.3 s old");
+        assert_eq!(curl(&["-x", &proxy, &url]).await.code, "200");
+        sc.next_log().await;
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 2, "{url}");
+    }
+}
+
+/// Seconds until the keepalive probe of each open connection to `port`,
+/// as the kernel shows it in /proc/net/tcp (`ss -o` prints the same as
+/// `timer:(keepalive,...)`); `None` for one without keepalive.
+fn keepalive_timers(port: u16) -> Vec<Option<f64>> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let to = u16::from_str_radix(f.get(2)?.rsplit(':').next()?, 16).ok()?;
+            // State 01: established. Timer 2: the socket timer, keepalive's.
+            (to == port && f.get(3) == Some(&"01")).then(|| {
+                let (timer, when) = f.get(5)?.split_once(':')?;
+                let ticks = i64::from_str_radix(when, 16).ok()?;
+                (timer == "02").then_some(ticks as f64 / 100.0)
+            })
+        })
+        .collect()
+}
+
+/// `tcpKeepalive`: the proxy's connections to the upstream have
+/// SO_KEEPALIVE with the DestinationRule's idle time (7 s here, where the
+/// kernel's default is 2 h); those of a cluster without it have none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_keepalive_is_set_on_upstream_connections() {
+    let mesh = Mesh::default();
+    let (alive, plain) = (keepalive_server("ok").await, keepalive_server("ok").await);
+    let dns = dns(&["alive.example.com", "plain.example.com"]).await;
+    let kept = pooled(
+        "alive",
+        alive.addr.port(),
+        "{tcp: {tcpKeepalive: {time: 7s, interval: 3s, probes: 4}}}",
+    );
+    let sc = sidecar(&mesh, &[&kept, &by_dns("plain", plain.addr.port())], dns).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    for (host, server) in [("alive", &alive), ("plain", &plain)] {
+        let url = format!("http://{host}.example.com:{}/", server.addr.port());
+        assert_eq!(curl(&["-x", &proxy, &url]).await.code, "200");
+        sc.next_log().await;
+    }
+    let timers = keepalive_timers(alive.addr.port());
+    assert_eq!(timers.len(), 1, "one pooled connection: {timers:?}");
+    assert!(
+        timers[0].is_some_and(|t| t > 0.0 && t <= 7.0),
+        "a probe within 7 s: {timers:?}"
+    );
+    assert_eq!(keepalive_timers(plain.addr.port()), [None]);
 }
 
 /// DestinationRule `consistentHash` on a header: each user's requests go
@@ -1102,10 +1192,21 @@ async fn a_retry_goes_to_an_endpoint_not_tried_before() {
 /// An HTTP/2 server that does `answer` to every stream once it has read
 /// the request's body.
 async fn h2_server(answer: fn(h2::server::SendResponse<bytes::Bytes>)) -> SocketAddr {
+    h2_server_counting(answer).await.addr
+}
+
+/// The same, counting the connections it accepts and telling each one
+/// the client closes.
+async fn h2_server_counting(answer: fn(h2::server::SendResponse<bytes::Bytes>)) -> KeepAliveServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (tx, closed) = tokio::sync::mpsc::unbounded_channel();
+    let count = accepted.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let tx = tx.clone();
             tokio::spawn(async move {
                 let Ok(mut conn) = h2::server::handshake(tcp).await else {
                     return;
@@ -1117,10 +1218,20 @@ async fn h2_server(answer: fn(h2::server::SendResponse<bytes::Bytes>)) -> Socket
                         answer(respond);
                     });
                 }
+                let _ = tx.send(());
             });
         }
     });
-    addr
+    KeepAliveServer {
+        addr,
+        accepted,
+        closed,
+    }
+}
+
+/// Answers 200 with no body.
+fn ok(mut respond: h2::server::SendResponse<bytes::Bytes>) {
+    let _ = respond.send_response(http::Response::new(()), true);
 }
 
 /// An HTTP/2 server that refuses every stream (RST_STREAM REFUSED_STREAM).
@@ -1388,14 +1499,8 @@ spec:
   - {{address: 127.0.0.1, ports: {{http: {a}}}}}
   - {{address: 127.0.0.1, ports: {{http: {b}}}}}
 ---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: {name}, namespace: curl-external-tst}}
-spec:
-  host: {name}.example.com
-  trafficPolicy:
-    loadBalancer: {load_balancer}
-"
+{}",
+        traffic_policy(name, &format!("loadBalancer: {load_balancer}"))
     )
 }
 

@@ -118,6 +118,16 @@ pub(super) struct PoolSettings {
     pub idle_timeout: Duration,
     /// A connection is not reused after this many requests.
     pub max_requests: Option<u32>,
+    /// `maxConnectionDuration`: a connection takes no new request this
+    /// long after it was made, and closes when its last one ends.
+    pub max_age: Option<Duration>,
+}
+
+impl PoolSettings {
+    /// A connection made at `born` is past `max_age`.
+    fn expired(&self, born: Instant) -> bool {
+        self.max_age.is_some_and(|age| born.elapsed() >= age)
+    }
 }
 
 #[derive(Debug)]
@@ -144,6 +154,7 @@ struct H1 {
     chosen: Option<SocketAddr>,
     upstream: Option<SocketAddr>,
     served: u32,
+    born: Instant,
 }
 
 #[derive(Debug)]
@@ -176,6 +187,10 @@ impl Slot {
     /// A handle to the open connection, counted as one more request on it.
     fn checkout(&self, settings: &PoolSettings, reused: bool) -> Option<Checkout> {
         let mut held = self.held();
+        if held.as_ref().is_some_and(|c| settings.expired(c.born)) {
+            // Its streams end on it; new ones go to a new connection.
+            *held = None;
+        }
         let c = held.as_mut().filter(|c| !c.conn.is_closed())?;
         c.served += 1;
         c.last_used = Instant::now();
@@ -194,6 +209,7 @@ struct H2 {
     upstream: Option<SocketAddr>,
     served: u32,
     last_used: Instant,
+    born: Instant,
 }
 
 /// An HTTP/1.1 connection lent to one response: back to its pool when the
@@ -245,7 +261,11 @@ impl Pool {
             single: Mutex::new(HashMap::default()),
         });
         if settings.keep {
-            sweep(Arc::downgrade(&shared), settings.idle_timeout);
+            // Often enough to close an idle connection that expired too.
+            let every = settings
+                .max_age
+                .map_or(settings.idle_timeout, |age| age.min(settings.idle_timeout));
+            sweep(Arc::downgrade(&shared), every);
         }
         Pool { shared }
     }
@@ -375,6 +395,7 @@ impl Pool {
             chosen,
             upstream,
             served: 0,
+            born: Instant::now(),
         })
     }
 
@@ -503,6 +524,7 @@ async fn connect_h2(
         upstream,
         served: 0,
         last_used: Instant::now(),
+        born: Instant::now(),
     })
 }
 
@@ -555,7 +577,10 @@ impl Shared {
         let list = idle.get_mut(key)?.get_mut(&EndpointKey(endpoint))?;
         let timeout = self.settings.idle_timeout;
         while let Some(i) = list.pop() {
-            if !i.conn.sender.is_closed() && i.since.elapsed() < timeout {
+            if !i.conn.sender.is_closed()
+                && i.since.elapsed() < timeout
+                && !self.settings.expired(i.conn.born)
+            {
                 return Some(i.conn);
             }
         }
@@ -563,7 +588,7 @@ impl Shared {
     }
 
     fn put(&self, conn: H1) {
-        if conn.sender.is_closed() {
+        if conn.sender.is_closed() || self.settings.expired(conn.born) {
             return;
         }
         let since = Instant::now();
@@ -601,14 +626,18 @@ impl Shared {
         if let Ok(mut idle) = self.idle.lock() {
             idle.retain(|_, endpoints| {
                 endpoints.retain(|_, list| {
-                    list.retain(|i| !i.conn.sender.is_closed() && now - i.since < timeout);
+                    list.retain(|i| {
+                        !i.conn.sender.is_closed()
+                            && now - i.since < timeout
+                            && !self.settings.expired(i.conn.born)
+                    });
                     !list.is_empty()
                 });
                 !endpoints.is_empty()
             });
         }
         let keeps = |slots: &mut ByEndpoint<Arc<Slot>>| {
-            slots.retain(|_, slot| keeps_h2(slot, now, timeout));
+            slots.retain(|_, slot| keeps_h2(slot, now, &self.settings));
             !slots.is_empty()
         };
         if let Ok(mut slots) = self.multiplexed.lock() {
@@ -630,16 +659,15 @@ fn slot_of(slots: &Mutex<ByEndpoint<Arc<Slot>>>, endpoint: Option<SocketAddr>) -
 
 /// Drops a slot's HTTP/2 connection if it closed or idled for `timeout`;
 /// whether the slot still holds one (or is connecting now).
-fn keeps_h2(slot: &Slot, now: Instant, timeout: Duration) -> bool {
+fn keeps_h2(slot: &Slot, now: Instant, settings: &PoolSettings) -> bool {
     if slot.dialing.try_lock().is_err() {
         // Connecting now.
         return true;
     }
     let mut held = slot.held();
-    if held
-        .as_ref()
-        .is_some_and(|c| c.conn.is_closed() || now - c.last_used >= timeout)
-    {
+    if held.as_ref().is_some_and(|c| {
+        c.conn.is_closed() || now - c.last_used >= settings.idle_timeout || settings.expired(c.born)
+    }) {
         *held = None;
     }
     held.is_some()
