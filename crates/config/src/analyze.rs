@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use crate::MeshSettings;
 use crate::diag::{Diagnostic, Level, Origin};
 use crate::model::common::IntOrString;
-use crate::model::networking::{ClientTlsMode, ClientTlsSettings, Gateway};
+use crate::model::networking::{ClientTlsMode, ClientTlsSettings, Gateway, TrafficPolicy};
 use crate::model::security::AuthzAction;
 use crate::model::{Config, Labels, Resource, labels_match};
 use crate::registry::{
@@ -63,6 +63,20 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
         ));
     };
     use crate::model::networking::CaptureMode;
+    for dr in &config.destination_rules {
+        let policies = dr
+            .spec
+            .traffic_policy
+            .iter()
+            .map(|tp| ("spec.trafficPolicy".to_owned(), tp));
+        let subsets = dr.spec.subsets.iter().enumerate().filter_map(|(i, s)| {
+            let tp = s.traffic_policy.as_ref()?;
+            Some((format!("spec.subsets[{i}].trafficPolicy"), tp))
+        });
+        for (path, tp) in policies.chain(subsets) {
+            traffic_policy_gaps(tp, &path, &mut |field, what| warn(&dr.meta, field, what));
+        }
+    }
     for sc in &config.sidecars {
         for (i, e) in sc.spec.egress.iter().enumerate() {
             let unix = e.bind.starts_with("unix://");
@@ -96,6 +110,78 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
                     "bind on a captured ingress listener: captured traffic is served by its port, whatever address it was going to",
                 );
             }
+        }
+    }
+}
+
+/// The DestinationRule fields meshgate reads and does not act on, each
+/// with what happens instead.
+fn traffic_policy_gaps(tp: &TrafficPolicy, path: &str, warn: &mut dyn FnMut(String, &str)) {
+    let mut at = |field: &str, what: &str| warn(format!("{path}.{field}"), what);
+    if tp.tunnel.is_some() {
+        at(
+            "tunnel",
+            "tunnels: connections go to the destination directly, not through a CONNECT tunnel",
+        );
+    }
+    if tp.proxy_protocol.is_some() {
+        at(
+            "proxyProtocol",
+            "the PROXY protocol: no PROXY header is sent upstream",
+        );
+    }
+    if tp.retry_budget.is_some() {
+        at(
+            "retryBudget",
+            "retry budgets: a request's retries are bounded by its route's attempts only",
+        );
+    }
+    let ports = tp.port_level_settings.iter().enumerate().map(|(i, p)| {
+        (
+            format!("portLevelSettings[{i}]."),
+            p.load_balancer.as_ref(),
+            p.connection_pool.as_ref(),
+        )
+    });
+    let levels = std::iter::once((
+        String::new(),
+        tp.load_balancer.as_ref(),
+        tp.connection_pool.as_ref(),
+    ));
+    for (prefix, lb, pool) in levels.chain(ports) {
+        if lb.is_some_and(|lb| lb.warmup.is_some() || lb.warmup_duration_secs.is_some()) {
+            at(
+                &format!("{prefix}loadBalancer"),
+                "warmup (slow start): a new endpoint gets its full share of requests at once",
+            );
+        }
+        let http = pool.and_then(|p| p.http.as_ref());
+        if pool
+            .and_then(|p| p.tcp.as_ref())
+            .is_some_and(|t| t.max_connections.is_some())
+        {
+            at(
+                &format!("{prefix}connectionPool.tcp.maxConnections"),
+                "a limit on connections: with http1MaxPendingRequests it limits HTTP/1.1 requests in flight (503 UO beyond), but more connections than this may be open",
+            );
+        }
+        if http.is_some_and(|h| h.max_retries.is_some()) {
+            at(
+                &format!("{prefix}connectionPool.http.maxRetries"),
+                "a limit on retries in flight: a request's retries are bounded by its route's attempts only",
+            );
+        }
+        if http.is_some_and(|h| h.max_concurrent_streams.is_some()) {
+            at(
+                &format!("{prefix}connectionPool.http.maxConcurrentStreams"),
+                "a stream limit of its own: an HTTP/2 connection takes as many streams as the upstream's SETTINGS allow",
+            );
+        }
+        if http.is_some_and(|h| h.use_client_protocol == Some(true)) {
+            at(
+                &format!("{prefix}connectionPool.http.useClientProtocol"),
+                "the client's protocol upstream: requests go as HTTP/1.1 unless the port's protocol or h2UpgradePolicy says HTTP/2",
+            );
         }
     }
 }

@@ -253,6 +253,16 @@ fn each_code_with_its_exact_message() {
             ],
         ),
         (
+            "MG0005 DestinationRule fields meshgate does not act on",
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: gaps, namespace: curl-external-tst}\nspec:\n  host: jsonplaceholder.typicode.com\n  trafficPolicy:\n    proxyProtocol: {version: V2}\n    connectionPool:\n      tcp: {maxConnections: 4, tcpKeepalive: {time: 60s}}\n      http: {maxRetries: 3, maxRequestsPerConnection: 10}\n  subsets:\n  - name: slow\n    trafficPolicy:\n      portLevelSettings:\n      - port: {number: 443}\n        loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 60s}\n".to_owned(),
+            vec![
+                "Warning [MG0005] (DestinationRule curl-external-tst/gaps extra.yaml:7) spec.trafficPolicy.proxyProtocol: meshgate does not implement the PROXY protocol: no PROXY header is sent upstream",
+                "Warning [MG0005] (DestinationRule curl-external-tst/gaps extra.yaml:9) spec.trafficPolicy.connectionPool.tcp.maxConnections: meshgate does not implement a limit on connections: with http1MaxPendingRequests it limits HTTP/1.1 requests in flight (503 UO beyond), but more connections than this may be open",
+                "Warning [MG0005] (DestinationRule curl-external-tst/gaps extra.yaml:10) spec.trafficPolicy.connectionPool.http.maxRetries: meshgate does not implement a limit on retries in flight: a request's retries are bounded by its route's attempts only",
+                "Warning [MG0005] (DestinationRule curl-external-tst/gaps extra.yaml:16) spec.subsets[0].trafficPolicy.portLevelSettings[0].loadBalancer: meshgate does not implement warmup (slow start): a new endpoint gets its full share of requests at once",
+            ],
+        ),
+        (
             "IST0173 a subset selecting no pod (Deployments count by their template)",
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: gw, namespace: curl-egress-tst}\nspec:\n  host: curl-egress-tst.curl-egress-tst.svc.cluster.local\n  subsets:\n  - name: all\n  - name: v9\n    labels: {version: v9}\n".to_owned(),
             vec!["Error [IST0173] (DestinationRule curl-egress-tst/gw extra.yaml:1) The Subset v9 defined in the DestinationRule does not select any pods. Which may lead to 503 UH (NoHealthyUpstream)."],
