@@ -130,12 +130,6 @@ fn traffic_policy_gaps(tp: &TrafficPolicy, path: &str, warn: &mut dyn FnMut(Stri
             "the PROXY protocol: no PROXY header is sent upstream",
         );
     }
-    if tp.retry_budget.is_some() {
-        at(
-            "retryBudget",
-            "retry budgets: a request's retries are bounded by its route's attempts only",
-        );
-    }
     let ports = tp.port_level_settings.iter().enumerate().map(|(i, p)| {
         (
             format!("portLevelSettings[{i}]."),
@@ -163,12 +157,6 @@ fn traffic_policy_gaps(tp: &TrafficPolicy, path: &str, warn: &mut dyn FnMut(Stri
             at(
                 &format!("{prefix}connectionPool.tcp.maxConnections"),
                 "a limit on connections: with http1MaxPendingRequests it limits HTTP/1.1 requests in flight (503 UO beyond), but more connections than this may be open",
-            );
-        }
-        if http.is_some_and(|h| h.max_retries.is_some()) {
-            at(
-                &format!("{prefix}connectionPool.http.maxRetries"),
-                "a limit on retries in flight: a request's retries are bounded by its route's attempts only",
             );
         }
         if http.is_some_and(|h| h.max_concurrent_streams.is_some()) {

@@ -24,7 +24,9 @@ use crate::labels::{DestinationLabels, WorkloadLabels, unknown};
 use crate::route::{DomainIndex, HeaderOps, Route, RouteTable, VirtualHost, WeightedCluster};
 use crate::upstream::dns::Resolver;
 use crate::upstream::tls::{self as upstream_tls, DefaultRoots};
-use crate::upstream::{Cluster, ClusterSettings, DnsName, Endpoints, HashOn, Keepalive, Outlier};
+use crate::upstream::{
+    Cluster, ClusterSettings, DnsName, Endpoints, HashOn, Keepalive, Outlier, RetryLimit,
+};
 
 /// Envoy's name for the cluster that forwards to the original destination.
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
@@ -660,6 +662,24 @@ fn inbound_http(
     routes
 }
 
+/// Envoy's retry circuit breaker as Istio sets it: a `retryBudget`
+/// (20 % of the requests in flight, at least 3, unless it says), else
+/// `maxRetries` where above 0 (Istio's default has no limit).
+fn retry_limit(
+    budget: Option<&meshgate_config::model::networking::RetryBudget>,
+    http: Option<&meshgate_config::model::networking::HttpSettings>,
+) -> Option<RetryLimit> {
+    if let Some(b) = budget {
+        return Some(RetryLimit::Budget {
+            percent: b.percent.map_or(20.0, |p| p.value),
+            min: b.min_retry_concurrency.filter(|n| *n > 0).unwrap_or(3) as usize,
+        });
+    }
+    http.and_then(|h| h.max_retries)
+        .filter(|n| *n > 0)
+        .map(|n| RetryLimit::Max(n as usize))
+}
+
 /// A cluster of the proxy's own making (no DestinationRule applies).
 fn local_settings(name: Arc<str>) -> ClusterSettings {
     ClusterSettings {
@@ -673,6 +693,7 @@ fn local_settings(name: Arc<str>) -> ClusterSettings {
         max_requests_per_connection: None,
         max_connection_duration: None,
         keepalive: None,
+        retry_limit: None,
         max_in_flight: usize::MAX,
         lb: SimpleLb::RoundRobin,
         hash: None,
@@ -913,6 +934,7 @@ fn cluster_settings(
                 interval: k.interval.map(|d| d.as_std()),
                 probes: k.probes,
             }),
+        retry_limit: retry_limit(policy.retry_budget.as_ref(), http),
         max_in_flight,
         lb: policy
             .load_balancer

@@ -1129,6 +1129,8 @@ pub struct ClusterSettings {
     pub max_connection_duration: Option<Duration>,
     /// `connectionPool.tcp.tcpKeepalive`.
     pub keepalive: Option<Keepalive>,
+    /// `retryBudget`, else `connectionPool.http.maxRetries`.
+    pub retry_limit: Option<RetryLimit>,
     /// Circuit breaker: requests in flight beyond this get 503 UO.
     pub max_in_flight: usize,
     pub lb: SimpleLb,
@@ -1137,6 +1139,30 @@ pub struct ClusterSettings {
     /// Locality failover: endpoints' priorities (lower first), by address
     /// (STATIC) or by name (DNS, given to each address it resolves to).
     pub priorities: Priorities,
+}
+
+/// Envoy's retry circuit breaker: how many retries a cluster may have in
+/// flight at once (beyond it a request ends with what it has, UO).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RetryLimit {
+    /// `maxRetries`.
+    Max(usize),
+    /// `retryBudget`: `percent` of the requests in flight, and at least
+    /// `min` (`minRetryConcurrency`).
+    Budget { percent: f64, min: usize },
+}
+
+/// A retry counted in flight until dropped (none where the cluster has no
+/// limit).
+#[derive(Debug, Default)]
+pub struct RetryPermit<'a>(Option<&'a AtomicUsize>);
+
+impl Drop for RetryPermit<'_> {
+    fn drop(&mut self) {
+        if let Some(count) = self.0 {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// `tcpKeepalive`: SO_KEEPALIVE on each connection the cluster makes,
@@ -1198,6 +1224,9 @@ pub struct Cluster {
     max_requests_per_connection: Option<u32>,
     /// `maxConnectionDuration`: a connection takes new requests this long.
     max_connection_duration: Option<Duration>,
+    retry_limit: Option<RetryLimit>,
+    /// Retries in flight, where there is a limit.
+    retries: AtomicUsize,
     /// Its connections do not depend on a request's authority (see
     /// `pool_authority`).
     one_pool_key: bool,
@@ -1356,6 +1385,8 @@ impl Cluster {
             max_in_flight: s.max_in_flight,
             max_requests_per_connection: s.max_requests_per_connection.filter(|n| *n > 0),
             max_connection_duration: s.max_connection_duration,
+            retry_limit: s.retry_limit,
+            retries: AtomicUsize::new(0),
             one_pool_key: !h2 && fixed_connections,
             shared_h2: h2 && fixed_connections,
         }
@@ -1651,6 +1682,25 @@ impl Cluster {
     /// router reports a local timeout.
     pub fn timed_out(&self, addr: SocketAddr) {
         self.core.observe_unanswered(addr, &UpstreamError::Timeout);
+    }
+
+    /// One more retry in flight, if the cluster's limit allows it.
+    pub fn retry_permit(&self) -> Option<RetryPermit<'_>> {
+        let Some(limit) = self.retry_limit else {
+            return Some(RetryPermit(None));
+        };
+        let allowed = match limit {
+            RetryLimit::Max(n) => n,
+            RetryLimit::Budget { percent, min } => {
+                let active = self.in_flight.load(Ordering::Relaxed) as f64;
+                ((active * percent / 100.0) as usize).max(min)
+            }
+        };
+        if self.retries.fetch_add(1, Ordering::Relaxed) >= allowed {
+            self.retries.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(RetryPermit(Some(&self.retries)))
     }
 
     /// `endpoint`, then `send_to` it: a request no route retries.
@@ -1997,6 +2047,7 @@ mod tests {
             max_requests_per_connection: None,
             max_connection_duration: None,
             keepalive: None,
+            retry_limit: None,
             max_in_flight: 1,
             lb: SimpleLb::RoundRobin,
             hash,
@@ -2034,6 +2085,41 @@ mod tests {
             None
         )));
         assert!(!shared(settings(Endpoints::Inbound, false, None)));
+    }
+
+    #[tokio::test]
+    async fn retries_in_flight_are_held_to_the_limit_or_the_budget() {
+        let limited = |limit| {
+            cluster(ClusterSettings {
+                retry_limit: Some(limit),
+                ..settings(Endpoints::Static(addrs()), false, None)
+            })
+        };
+        let c = limited(RetryLimit::Max(2));
+        let (a, b) = (c.retry_permit(), c.retry_permit());
+        assert!(a.is_some() && b.is_some() && c.retry_permit().is_none());
+        drop(a);
+        assert!(
+            c.retry_permit().is_some(),
+            "a finished retry gives its place back"
+        );
+        // 50 % of four requests in flight, at least one.
+        let c = limited(RetryLimit::Budget {
+            percent: 50.0,
+            min: 1,
+        });
+        let one = c.retry_permit();
+        assert!(
+            one.is_some() && c.retry_permit().is_none(),
+            "the floor: one"
+        );
+        c.in_flight.store(4, Ordering::Relaxed);
+        let two = c.retry_permit();
+        assert!(two.is_some() && c.retry_permit().is_none(), "two of four");
+        // No limit: nothing is counted.
+        let c = cluster(settings(Endpoints::Static(addrs()), false, None));
+        let all: Vec<_> = (0..100).map(|_| c.retry_permit()).collect();
+        assert!(all.iter().all(Option::is_some));
     }
 
     #[tokio::test]

@@ -1504,6 +1504,100 @@ spec:
     )
 }
 
+/// An HTTP server answering each path's first request 503 and the next
+/// 200; the second request of a path under `/held/` waits until `release`
+/// is notified, and `held` tells when one waits.
+async fn answers_the_retry() -> (
+    SocketAddr,
+    Arc<tokio::sync::Notify>,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    use http_body_util::Empty;
+    use hyper::service::service_fn;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (tx, held) = tokio::sync::mpsc::unbounded_channel();
+    let seen = Arc::new(std::sync::Mutex::new(
+        std::collections::HashSet::<String>::new(),
+    ));
+    let releases = release.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (seen, release, tx) = (seen.clone(), releases.clone(), tx.clone());
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let (seen, release, tx) = (seen.clone(), release.clone(), tx.clone());
+                async move {
+                    let path = req.uri().path().to_owned();
+                    let first = seen.lock().unwrap().insert(path.clone());
+                    let status = if first {
+                        503
+                    } else {
+                        if path.starts_with("/held/") {
+                            let _ = tx.send(());
+                            release.notified().await;
+                        }
+                        200
+                    };
+                    let mut resp = http::Response::new(Empty::<bytes::Bytes>::new());
+                    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+            );
+        }
+    });
+    (addr, release, held)
+}
+
+/// Envoy's retry circuit breaker (`maxRetries`, or a `retryBudget` whose
+/// floor is one): while one retry to the cluster is in flight, another
+/// request's retry is not made, and it gets its first answer (503)
+/// flagged UO; without a limit it would be retried and answered 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_over_the_clusters_limit_is_not_made() {
+    let mesh = Mesh::default();
+    let (server, release, mut held) = answers_the_retry().await;
+    let limits = [
+        ("capped", "connectionPool: {http: {maxRetries: 1}}"),
+        (
+            "budgeted",
+            "retryBudget: {percent: {value: 0}, minRetryConcurrency: 1}",
+        ),
+    ];
+    let configs: Vec<String> = limits
+        .iter()
+        .map(|(name, limit)| {
+            let endpoints = two_endpoints(name, [server, server], "{simple: ROUND_ROBIN}");
+            let config = endpoints + &format!("    {limit}\n");
+            under_route(name, "retries: {attempts: 1, retryOn: 5xx}", config)
+        })
+        .collect();
+    let dns = dns_for("unused.example.com", 30).await;
+    let extra: Vec<&str> = configs.iter().map(String::as_str).collect();
+    let sc = sidecar(&mesh, &extra, dns.addr).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    for (name, _) in limits {
+        let (proxy_a, url) = (
+            proxy.clone(),
+            format!("http://{name}.example.com:8080/held/{name}"),
+        );
+        let first = tokio::spawn(async move { curl(&["-x", &proxy_a, &url]).await });
+        tokio::time::timeout(Duration::from_secs(10), held.recv())
+            .await
+            .expect("the first request's retry reaches the server");
+        let url = format!("http://{name}.example.com:8080/other/{name}");
+        assert_eq!(curl(&["-x", &proxy, &url]).await.code, "503", "{name}");
+        assert_eq!(sc.next_log().await["response_flags"], "UO", "{name}");
+        release.notify_one();
+        assert_eq!(first.await.unwrap().code, "200", "{name}: retried");
+        assert_eq!(sc.next_log().await["response_flags"], "-", "{name}");
+    }
+}
+
 /// `retryRemoteLocalities` (Envoy's previous priorities, as Istio sets
 /// them: updated every two attempts): a request whose own locality's
 /// endpoint hangs up is retried there once, then in the other locality;

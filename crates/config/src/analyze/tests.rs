@@ -254,11 +254,11 @@ fn each_code_with_its_exact_message() {
         ),
         (
             "MG0005 DestinationRule fields meshgate does not act on",
-            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: gaps, namespace: curl-external-tst}\nspec:\n  host: jsonplaceholder.typicode.com\n  trafficPolicy:\n    proxyProtocol: {version: V2}\n    connectionPool:\n      tcp: {maxConnections: 4, tcpKeepalive: {time: 60s}}\n      http: {maxRetries: 3, maxRequestsPerConnection: 10}\n  subsets:\n  - name: slow\n    trafficPolicy:\n      portLevelSettings:\n      - port: {number: 443}\n        loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 60s}\n".to_owned(),
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: gaps, namespace: curl-external-tst}\nspec:\n  host: jsonplaceholder.typicode.com\n  trafficPolicy:\n    proxyProtocol: {version: V2}\n    connectionPool:\n      tcp: {maxConnections: 4, tcpKeepalive: {time: 60s}}\n      http: {maxRetries: 3, maxConcurrentStreams: 10}\n  subsets:\n  - name: slow\n    trafficPolicy:\n      portLevelSettings:\n      - port: {number: 443}\n        loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 60s}\n".to_owned(),
             vec![
                 "Warning [MG0005] (DestinationRule curl-external-tst/gaps extra.yaml:7) spec.trafficPolicy.proxyProtocol: meshgate does not implement the PROXY protocol: no PROXY header is sent upstream",
                 "Warning [MG0005] (DestinationRule curl-external-tst/gaps extra.yaml:9) spec.trafficPolicy.connectionPool.tcp.maxConnections: meshgate does not implement a limit on connections: with http1MaxPendingRequests it limits HTTP/1.1 requests in flight (503 UO beyond), but more connections than this may be open",
-                "Warning [MG0005] (DestinationRule curl-external-tst/gaps extra.yaml:10) spec.trafficPolicy.connectionPool.http.maxRetries: meshgate does not implement a limit on retries in flight: a request's retries are bounded by its route's attempts only",
+                "Warning [MG0005] (DestinationRule curl-external-tst/gaps extra.yaml:10) spec.trafficPolicy.connectionPool.http.maxConcurrentStreams: meshgate does not implement a stream limit of its own: an HTTP/2 connection takes as many streams as the upstream's SETTINGS allow",
                 "Warning [MG0005] (DestinationRule curl-external-tst/gaps extra.yaml:16) spec.subsets[0].trafficPolicy.portLevelSettings[0].loadBalancer: meshgate does not implement warmup (slow start): a new endpoint gets its full share of requests at once",
             ],
         ),

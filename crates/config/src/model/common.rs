@@ -47,6 +47,13 @@ pub struct Percent {
     pub value: f64,
 }
 
+/// By the float's bits (for fingerprints: the same text hashes alike).
+impl std::hash::Hash for Percent {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.value.to_bits().hash(state);
+    }
+}
+
 /// A duration as Istio's CRDs accept it: Go duration syntax (`10s`, `1.5s`,
 /// `30ms`, `1h30m`). Kept with its text so output shows what the user wrote.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]

@@ -595,7 +595,7 @@ pub enum ProxyProtocolVersion {
     V2,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Hash, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct RetryBudget {
     pub percent: Option<Percent>,

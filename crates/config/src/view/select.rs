@@ -11,7 +11,7 @@ use crate::MeshSettings;
 use crate::model::common::IntOrString;
 use crate::model::networking::{
     ClientTlsSettings, ConnectionPoolSettings, DestinationRule, Gateway, LoadBalancerSettings,
-    OutlierDetection, Sidecar, Subset, TrafficPolicy, VirtualService,
+    OutlierDetection, RetryBudget, Sidecar, Subset, TrafficPolicy, VirtualService,
 };
 use crate::model::security::{AuthorizationPolicy, MtlsMode, PeerAuthentication};
 use crate::model::{Config, Resource, labels_match};
@@ -317,6 +317,9 @@ pub struct EffectivePolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<ConnectionPoolSettings>,
     pub outlier_detection: Option<OutlierDetection>,
+    /// The policy's or its subset's (Istio has none per port).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudget>,
 }
 
 pub fn effective_policy(dr: &DestinationRule, port: u32, subset: &str) -> EffectivePolicy {
@@ -333,6 +336,9 @@ pub fn effective_policy(dr: &DestinationRule, port: u32, subset: &str) -> Effect
         }
         if tp.outlier_detection.is_some() {
             out.outlier_detection = tp.outlier_detection.clone();
+        }
+        if tp.retry_budget.is_some() {
+            out.retry_budget = tp.retry_budget.clone();
         }
         if let Some(pl) = tp
             .port_level_settings

@@ -23,7 +23,7 @@ use crate::proxy::Proxy;
 use crate::route::{Route, WeightedCluster};
 use crate::snapshot::{ClusterEntry, InboundTarget, Snapshot};
 use crate::upstream::{
-    Answer, Avoid, Cluster, DownstreamAddr, Failure, GeneratedCookie, UpstreamError,
+    Answer, Avoid, Cluster, DownstreamAddr, Failure, GeneratedCookie, RetryPermit, UpstreamError,
 };
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -105,13 +105,13 @@ impl Upstream<'_> {
             // been received.
             let progress = counter.clone();
             match self.send(parts, uri, body, counter).await {
-                Ok((resp, attempts)) => {
+                Ok((resp, tries)) => {
                     let received = match &progress {
                         Some(p) => p.ended_at(),
                         None => Some(tokio::time::Instant::from_std(self.start)),
                     };
                     let mut outcome =
-                        self.respond(resp, attempts, delayed, downstream_upgrade, received);
+                        self.respond(resp, tries, delayed, downstream_upgrade, received);
                     if let Some((_, set)) = cookie {
                         outcome
                             .response
@@ -120,7 +120,7 @@ impl Upstream<'_> {
                     }
                     outcome
                 }
-                Err((e, attempts, upstream)) => self.failed(&e, attempts, upstream),
+                Err((e, tries, upstream)) => self.failed(&e, tries, upstream),
             }
         }
     }
@@ -274,9 +274,9 @@ impl Upstream<'_> {
         Uri::from_parts(p).ok()
     }
 
-    /// Sends the request, retrying as the route's policy says, within the
-    /// route's timeout. Returns the response (or the last error) and the
-    /// number of attempts made.
+    /// Sends the request, retrying as the route's policy (and the
+    /// cluster's retry limit) says, within the route's timeout. Returns the
+    /// response (or the last error) and how many attempts were made.
     #[expect(
         clippy::manual_async_fn,
         reason = "an async fn's state holds its arguments twice"
@@ -287,7 +287,8 @@ impl Upstream<'_> {
         uri: Uri,
         body: Incoming,
         counter: Option<Arc<Progress>>,
-    ) -> impl Future<Output = Result<(Answer, u32), (UpstreamError, u32, Option<SocketAddr>)>> {
+    ) -> impl Future<Output = Result<(Answer, Tries), (UpstreamError, Tries, Option<SocketAddr>)>>
+    {
         async move {
             let retry = &self.route.retry;
             let cluster = &self.cluster.cluster;
@@ -341,7 +342,10 @@ impl Upstream<'_> {
             let mut tried: Vec<SocketAddr> = Vec::new();
             let mut attempt = 0;
             let mut latest = Latest::default();
+            let mut overflowed = false;
             let attempts = async {
+                // A retry in flight, counted against the cluster's limit.
+                let mut _retrying = RetryPermit::default();
                 loop {
                     attempt += 1;
                     let mut req = Request::new(streaming.take().unwrap_or_else(Body::empty));
@@ -395,12 +399,19 @@ impl Upstream<'_> {
                                             answer.response.headers().get(GRPC_STATUS),
                                         ))) =>
                         {
+                            // Envoy's retry circuit breaker: over it, the
+                            // request ends with what it has (UO).
+                            let Some(permit) = cluster.retry_permit() else {
+                                overflowed = true;
+                                return Ok(answer);
+                            };
                             if !bodyless {
                                 match kept.as_deref().and_then(Progress::replay) {
                                     Some(body) => streaming = Some(body),
                                     None => return Ok(answer),
                                 }
                             }
+                            _retrying = permit;
                             retrying_status(cluster, answer.response.status(), attempt);
                         }
                         Ok(resp) => return Ok(resp),
@@ -409,6 +420,10 @@ impl Upstream<'_> {
                                 && retry.retry_unanswered(error.unanswered())
                                 && (copied || unsent.is_some()) =>
                         {
+                            let Some(permit) = cluster.retry_permit() else {
+                                overflowed = true;
+                                return Err(error);
+                            };
                             if let Some(unsent) = unsent {
                                 let (head, body) = (*unsent).into_parts();
                                 parts.headers = head.headers;
@@ -419,6 +434,7 @@ impl Upstream<'_> {
                                     None => return Err(error),
                                 }
                             }
+                            _retrying = permit;
                             retrying_failure(cluster, &error, attempt);
                         }
                         Err(f) => return Err(f.error),
@@ -456,9 +472,13 @@ impl Upstream<'_> {
             {
                 cluster.timed_out(addr);
             }
+            let tries = Tries {
+                attempts: attempt,
+                overflowed,
+            };
             result
-                .map(|r| (r, attempt))
-                .map_err(|e| (e, attempt, latest.at))
+                .map(|r| (r, tries))
+                .map_err(|e| (e, tries, latest.at))
         }
     }
 
@@ -523,7 +543,7 @@ impl Upstream<'_> {
     fn respond(
         &self,
         answer: Answer,
-        attempts: u32,
+        tries: Tries,
         delayed: bool,
         downstream_upgrade: Option<OnUpgrade>,
         received: Option<tokio::time::Instant>,
@@ -551,13 +571,15 @@ impl Upstream<'_> {
         self.route.response_headers.apply(&mut parts.headers);
         self.destination.response_headers.apply(&mut parts.headers);
         let retry = &self.route.retry;
-        let retried_out = attempts > 1
+        let retried_out = tries.attempts > 1
+            && !tries.overflowed
             && (retry.retry_status(parts.status.as_u16())
                 || retry.retry_grpc_status(parts.headers.get(GRPC_STATUS)));
-        let flags = match (retried_out, delayed) {
-            (true, _) => ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED,
-            (false, true) => ResponseFlags::DELAY_INJECTED,
-            (false, false) => ResponseFlags::NONE,
+        let flags = match (retried_out, tries.overflowed, delayed) {
+            (true, _, _) => ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED,
+            (false, true, _) => ResponseFlags::UPSTREAM_OVERFLOW,
+            (false, false, true) => ResponseFlags::DELAY_INJECTED,
+            (false, false, false) => ResponseFlags::NONE,
         };
         Outcome {
             response: Response::from_parts(
@@ -599,9 +621,11 @@ impl Upstream<'_> {
     /// its last attempt went to, if any, is logged as Envoy does.
     #[cold]
     #[inline(never)]
-    fn failed(&self, e: &UpstreamError, attempts: u32, upstream: Option<SocketAddr>) -> Outcome {
+    fn failed(&self, e: &UpstreamError, tries: Tries, upstream: Option<SocketAddr>) -> Outcome {
         let mut flags = e.flag();
-        if attempts > 1 && self.route.retry.retry_unanswered(e.unanswered()) {
+        if tries.overflowed {
+            flags = flags.with(ResponseFlags::UPSTREAM_OVERFLOW);
+        } else if tries.attempts > 1 && self.route.retry.retry_unanswered(e.unanswered()) {
             flags = flags.with(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
         }
         tracing::warn!(
@@ -621,6 +645,14 @@ impl Upstream<'_> {
         out.upstream = upstream;
         out
     }
+}
+
+/// How many attempts a request took, and whether the cluster's retry
+/// limit stopped another.
+#[derive(Debug, Clone, Copy)]
+struct Tries {
+    attempts: u32,
+    overflowed: bool,
 }
 
 /// Where the latest attempt went (chosen, or where its connection was),
