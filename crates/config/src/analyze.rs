@@ -118,10 +118,10 @@ fn not_implemented(config: &Config, out: &mut Vec<Diagnostic>) {
 /// with what happens instead.
 fn traffic_policy_gaps(tp: &TrafficPolicy, path: &str, warn: &mut dyn FnMut(String, &str)) {
     let mut at = |field: &str, what: &str| warn(format!("{path}.{field}"), what);
-    if tp.tunnel.is_some() {
+    if tp.tunnel.as_ref().is_some_and(|t| t.protocol == "POST") {
         at(
-            "tunnel",
-            "tunnels: connections go to the destination directly, not through a CONNECT tunnel",
+            "tunnel.protocol",
+            "POST tunnels: the tunnel is asked for with CONNECT",
         );
     }
     if tp.proxy_protocol.is_some() {

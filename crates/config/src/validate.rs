@@ -754,6 +754,9 @@ fn traffic_policy(tp: &TrafficPolicy, path: &str, p: &mut Problems) {
         client_tls(tls, &format!("{path}.tls"), p);
     }
     outlier_and_pool(tp.outlier_detection.as_ref(), path, p);
+    if let Some(t) = &tp.tunnel {
+        tunnel(t, &format!("{path}.tunnel"), p);
+    }
     for (i, pl) in tp.port_level_settings.iter().enumerate() {
         let ppath = format!("{path}.portLevelSettings[{i}]");
         match pl.port {
@@ -765,6 +768,25 @@ fn traffic_policy(tp: &TrafficPolicy, path: &str, p: &mut Problems) {
         }
         outlier_and_pool(pl.outlier_detection.as_ref(), &ppath, p);
     }
+}
+
+/// As Istio's: CONNECT or POST, a host name or IP address, a port.
+fn tunnel(t: &crate::model::networking::TunnelSettings, path: &str, p: &mut Problems) {
+    if !matches!(t.protocol.as_str(), "" | "CONNECT" | "POST") {
+        push(
+            p,
+            format!("{path}.protocol"),
+            "tunnel protocol must be \"CONNECT\" or \"POST\"",
+        );
+    }
+    if !is_dns1123_subdomain(&t.target_host) && t.target_host.parse::<std::net::IpAddr>().is_err() {
+        push(
+            p,
+            format!("{path}.targetHost"),
+            "tunnel target host must be a valid FQDN or IP address",
+        );
+    }
+    port_number(t.target_port, &format!("{path}.targetPort"), p);
 }
 
 fn outlier_and_pool(

@@ -694,6 +694,7 @@ fn local_settings(name: Arc<str>) -> ClusterSettings {
         max_connection_duration: None,
         keepalive: None,
         retry_limit: None,
+        tunnel: None,
         max_in_flight: usize::MAX,
         lb: SimpleLb::RoundRobin,
         hash: None,
@@ -935,6 +936,10 @@ fn cluster_settings(
                 probes: k.probes,
             }),
         retry_limit: retry_limit(policy.retry_budget.as_ref(), http),
+        tunnel: policy
+            .tunnel
+            .as_ref()
+            .map(|t| Arc::from(format!("{}:{}", t.target_host, t.target_port))),
         max_in_flight,
         lb: policy
             .load_balancer

@@ -96,7 +96,14 @@ where
         }
         (_, None) => return Err(ConnError::NotForwarded(TcpReason::NoCluster)),
     };
-    let (upstream, addr, local) = match connected {
+    let tunneled = match (connected, plan.cluster) {
+        (Ok((mut upstream, addr, local)), Some(c)) => upstream
+            .open_tunnel(&c.cluster)
+            .await
+            .map(|()| (upstream, addr, local)),
+        (connected, _) => connected,
+    };
+    let (upstream, addr, local) = match tunneled {
         Ok(x) => x,
         Err(e) => {
             report.flags = e.flag();
@@ -142,4 +149,18 @@ enum Upstream {
     Cluster(Box<crate::upstream::Conn>),
     /// A Sidecar ingress `defaultEndpoint` on a unix socket.
     Unix(tokio::net::UnixStream),
+}
+
+impl Upstream {
+    /// The CONNECT tunnel the cluster's DestinationRule asks for, if any.
+    async fn open_tunnel(
+        &mut self,
+        cluster: &crate::upstream::Cluster,
+    ) -> Result<(), UpstreamError> {
+        match self {
+            Upstream::Plain(s) => cluster.open_tunnel(s).await,
+            Upstream::Cluster(s) => cluster.open_tunnel(&mut **s).await,
+            Upstream::Unix(s) => cluster.open_tunnel(s).await,
+        }
+    }
 }

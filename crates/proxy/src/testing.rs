@@ -270,6 +270,30 @@ pub async fn plain_http() -> SocketAddr {
     addr
 }
 
+/// A TCP server echoing what each connection sends: a stand-in for an
+/// external host behind a TCP route.
+pub async fn tcp_echo() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind((LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Whether an access-log entry's `upstream_transport_failure_reason`
+/// mentions `what`.
+pub fn failure_reason_mentions(entry: &serde_json::Value, what: &str) -> bool {
+    entry["upstream_transport_failure_reason"]
+        .as_str()
+        .is_some_and(|r| r.contains(what))
+}
+
 /// A DNS server answering `names` with 127.0.0.1 (and NXDOMAIN for others).
 pub async fn dns(names: &[&str]) -> SocketAddr {
     let mut zone = DnsZone::default();

@@ -8,6 +8,7 @@ mod multiplex;
 mod outlier;
 mod pool;
 pub mod tls;
+mod tunnel;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -1131,6 +1132,8 @@ pub struct ClusterSettings {
     pub keepalive: Option<Keepalive>,
     /// `retryBudget`, else `connectionPool.http.maxRetries`.
     pub retry_limit: Option<RetryLimit>,
+    /// `tunnel`: TCP goes through a CONNECT tunnel to this `host:port`.
+    pub tunnel: Option<Arc<str>>,
     /// Circuit breaker: requests in flight beyond this get 503 UO.
     pub max_in_flight: usize,
     pub lb: SimpleLb,
@@ -1227,6 +1230,7 @@ pub struct Cluster {
     retry_limit: Option<RetryLimit>,
     /// Retries in flight, where there is a limit.
     retries: AtomicUsize,
+    tunnel: Option<Arc<str>>,
     /// Its connections do not depend on a request's authority (see
     /// `pool_authority`).
     one_pool_key: bool,
@@ -1387,6 +1391,7 @@ impl Cluster {
             max_connection_duration: s.max_connection_duration,
             retry_limit: s.retry_limit,
             retries: AtomicUsize::new(0),
+            tunnel: s.tunnel,
             one_pool_key: !h2 && fixed_connections,
             shared_h2: h2 && fixed_connections,
         }
@@ -1682,6 +1687,25 @@ impl Cluster {
     /// router reports a local timeout.
     pub fn timed_out(&self, addr: SocketAddr) {
         self.core.observe_unanswered(addr, &UpstreamError::Timeout);
+    }
+
+    /// Through the tunnel the cluster's DestinationRule asks for, when it
+    /// asks for one: `io` is a new connection to one of its endpoints (a
+    /// forward proxy). Within the connect timeout.
+    pub async fn open_tunnel<S>(&self, io: &mut S) -> Result<(), UpstreamError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let Some(authority) = &self.tunnel else {
+            return Ok(());
+        };
+        tokio::time::timeout(self.core.connect_timeout, tunnel::open(io, authority))
+            .await
+            .unwrap_or_else(|_| {
+                Err(UpstreamError::ConnectFailure(
+                    "tunnel: the proxy did not answer CONNECT in time".into(),
+                ))
+            })
     }
 
     /// One more retry in flight, if the cluster's limit allows it.
@@ -2048,6 +2072,7 @@ mod tests {
             max_connection_duration: None,
             keepalive: None,
             retry_limit: None,
+            tunnel: None,
             max_in_flight: 1,
             lb: SimpleLb::RoundRobin,
             hash,

@@ -656,12 +656,7 @@ spec:
     assert_eq!(wrong.code, "503", "{wrong:?}");
     let entry = sc.next_log().await;
     assert_eq!(entry["response_flags"], "UF,URX", "retried, then failed");
-    assert!(
-        entry["upstream_transport_failure_reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("TLS_error")),
-        "{entry}"
-    );
+    assert!(failure_reason_mentions(&entry, "TLS_error"), "{entry}");
 }
 
 /// DestinationRule `maxRequestsPerConnection: 2`: a pooled connection

@@ -405,6 +405,149 @@ async fn x_forwarded_for_is_appended_by_the_gateway_only() {
     );
 }
 
+/// A forward proxy standing in for a corporate one: it opens a CONNECT
+/// tunnel to `target` when asked for `allowed` (answering 200) and refuses
+/// anything else with 403; each request line it got is sent on `asked`.
+async fn connect_proxy(
+    allowed: &'static str,
+    target: SocketAddr,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, asked) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let Ok(b) = s.read_u8().await else { return };
+                    head.push(b);
+                }
+                let line = String::from_utf8_lossy(&head)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                let _ = tx.send(line.clone());
+                if line != format!("CONNECT {allowed} HTTP/1.1") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let Ok(mut to) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await;
+                let _ = tokio::io::copy_bidirectional(&mut s, &mut to).await;
+            });
+        }
+    });
+    (addr, asked)
+}
+
+/// `what`, or a failed test after 10 s.
+async fn within<F: std::future::Future>(what: F) -> F::Output {
+    tokio::time::timeout(std::time::Duration::from_secs(10), what)
+        .await
+        .expect("done within 10 s")
+}
+
+/// DestinationRule `tunnel` (egress through a corporate forward proxy):
+/// TCP routed to the proxy's host goes through an HTTP CONNECT tunnel the
+/// proxy opens to `targetHost:targetPort`, and the bytes arrive; a proxy
+/// that refuses the tunnel closes the client's connection, logged UF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_goes_through_the_connect_tunnel_a_destination_rule_asks_for() {
+    let echo_addr = tcp_echo().await;
+    let (proxy, mut asked) = connect_proxy("echo.example.com:7000", echo_addr).await;
+    let tunneled = |name: &str, address: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: curl-external-tst}}
+spec:
+  {{hosts: [{name}.example.com], addresses: [{address}], resolution: DNS,
+   ports: [{{number: 7000, name: tcp, protocol: TCP}}]}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {name}, namespace: curl-external-tst}}
+spec:
+  hosts: [{name}.example.com]
+  tcp:
+  - match: [{{port: 7000}}]
+    route: [{{destination: {{host: corp-proxy.example.com, port: {{number: 3128}}, subset: {name}}}}}]
+"
+        )
+    };
+    let config = seed_config(&[
+        &tunneled("echo", "192.0.2.78"),
+        &tunneled("denied", "192.0.2.79"),
+        &format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: corp-proxy, namespace: curl-external-tst}}
+spec:
+  hosts: [corp-proxy.example.com]
+  ports: [{{number: 3128, name: tcp, protocol: TCP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{tcp: {}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: corp-proxy, namespace: curl-external-tst}}
+spec:
+  host: corp-proxy.example.com
+  subsets:
+  - name: echo
+    trafficPolicy: {{tunnel: {{protocol: CONNECT, targetHost: echo.example.com, targetPort: 7000}}}}
+  - name: denied
+    trafficPolicy: {{tunnel: {{targetHost: denied.example.com, targetPort: 7000}}}}
+",
+            proxy.port()
+        ),
+    ]);
+    let mesh = Mesh::default();
+    let mut sidecar = TestProxy::start(&mesh, Spec::new(config, WORKLOAD)).await;
+
+    let captured = sidecar
+        .capture(SocketAddr::from(([192, 0, 2, 78], 7000)))
+        .await;
+    let mut app = tokio::net::TcpStream::connect(captured).await.unwrap();
+    app.write_all(b"through the tunnel\n").await.unwrap();
+    let mut back = [0u8; 19];
+    within(app.read_exact(&mut back)).await.unwrap();
+    assert_eq!(&back, b"through the tunnel\n");
+    drop(app);
+    assert_eq!(
+        within(asked.recv()).await.unwrap(),
+        "CONNECT echo.example.com:7000 HTTP/1.1"
+    );
+    let entry = sidecar.next_log().await;
+    assert_eq!(entry["upstream_host"], proxy.to_string(), "{entry}");
+    assert_eq!(entry["response_flags"], "-", "{entry}");
+
+    let captured = sidecar
+        .capture(SocketAddr::from(([192, 0, 2, 79], 7000)))
+        .await;
+    let mut app = tokio::net::TcpStream::connect(captured).await.unwrap();
+    let _ = app.write_all(b"hello").await;
+    let mut sink = Vec::new();
+    let _ = within(app.read_to_end(&mut sink)).await;
+    assert!(sink.is_empty(), "refused: {sink:?}");
+    assert_eq!(
+        within(asked.recv()).await.unwrap(),
+        "CONNECT denied.example.com:7000 HTTP/1.1"
+    );
+    let entry = sidecar.next_log().await;
+    assert_eq!(entry["response_flags"], "UF", "{entry}");
+    assert!(failure_reason_mentions(&entry, "403"), "{entry}");
+}
+
 /// Istio's TCP egress recipe: a `tcp` rule bound to the mesh sends the
 /// ServiceEntry's address and port to the egress gateway's TCP server
 /// (over mesh mutual TLS, so the gateway's policy knows the caller), and a
@@ -450,16 +593,7 @@ spec:
 ",
     ]);
     // A real TCP echo server stands in for the external host.
-    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let echo_addr = echo.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let echo_addr = tcp_echo().await;
     let mesh = Mesh::default();
     let external = External::start(&[HOST]).await;
     let gateway = TestProxy::start(

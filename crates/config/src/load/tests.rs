@@ -389,6 +389,10 @@ fn schema_errors_name_field_line_and_what_cannot_be_read_is_not_loaded() {
             "Error [IST0106] (DestinationRule ns/dr test.yaml:7) Schema validation error: spec.trafficPolicy.outlierDetection.consecutiveLocalOriginFailures: consecutiveLocalOriginFailures is set but splitExternalLocalOriginErrors is not true",
         ),
         (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: dr, namespace: ns}\nspec:\n  host: a.com\n  trafficPolicy:\n    tunnel: {protocol: UDP, targetHost: b.com, targetPort: 443}\n",
+            "Error [IST0106] (DestinationRule ns/dr test.yaml:7) Schema validation error: spec.trafficPolicy.tunnel.protocol: tunnel protocol must be \"CONNECT\" or \"POST\"",
+        ),
+        (
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: dr, namespace: ns}\nspec:\n  host: a.com\n  trafficPolicy:\n    outlierDetection: {interval: 0s}\n",
             "Error [IST0106] (DestinationRule ns/dr test.yaml:7) Schema validation error: spec.trafficPolicy.outlierDetection.interval: interval must be at least 1ms",
         ),
@@ -426,6 +430,7 @@ fn schema_errors_name_field_line_and_what_cannot_be_read_is_not_loaded() {
         "ISTIO_MUTUAL uses",
         "splitExternalLocalOriginErrors is not true",
         "must be at least 1ms",
+        "tunnel protocol must be",
         "unknown condition key",
         "invalid name",
     ];

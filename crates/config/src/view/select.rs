@@ -11,7 +11,7 @@ use crate::MeshSettings;
 use crate::model::common::IntOrString;
 use crate::model::networking::{
     ClientTlsSettings, ConnectionPoolSettings, DestinationRule, Gateway, LoadBalancerSettings,
-    OutlierDetection, RetryBudget, Sidecar, Subset, TrafficPolicy, VirtualService,
+    OutlierDetection, RetryBudget, Sidecar, Subset, TrafficPolicy, TunnelSettings, VirtualService,
 };
 use crate::model::security::{AuthorizationPolicy, MtlsMode, PeerAuthentication};
 use crate::model::{Config, Resource, labels_match};
@@ -320,6 +320,9 @@ pub struct EffectivePolicy {
     /// The policy's or its subset's (Istio has none per port).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_budget: Option<RetryBudget>,
+    /// The policy's or its subset's: TCP goes through a CONNECT tunnel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelSettings>,
 }
 
 pub fn effective_policy(dr: &DestinationRule, port: u32, subset: &str) -> EffectivePolicy {
@@ -339,6 +342,9 @@ pub fn effective_policy(dr: &DestinationRule, port: u32, subset: &str) -> Effect
         }
         if tp.retry_budget.is_some() {
             out.retry_budget = tp.retry_budget.clone();
+        }
+        if tp.tunnel.is_some() {
+            out.tunnel = tp.tunnel.clone();
         }
         if let Some(pl) = tp
             .port_level_settings
