@@ -1504,6 +1504,14 @@ impl Cluster {
     /// Opens a plain TCP connection to an endpoint (TLS passthrough: the
     /// client's own TLS goes through untouched).
     pub async fn connect_tcp(&self) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+        let (tcp, addr) = self.dial().await?;
+        self.core.observe(addr, Report::Connected);
+        Ok((tcp, addr))
+    }
+
+    /// A TCP connection to one of the cluster's endpoints, by its load
+    /// balancer.
+    async fn dial(&self) -> Result<(TcpStream, SocketAddr), UpstreamError> {
         let core = &self.core;
         let addrs = core
             .addresses(None)
@@ -1524,7 +1532,7 @@ impl Cluster {
     ) -> Result<(Conn, SocketAddr, Option<SocketAddr>), UpstreamError> {
         let core = &self.core;
         let deadline = tokio::time::Instant::now() + core.connect_timeout;
-        let (tcp, addr) = self.connect_tcp().await?;
+        let (tcp, addr) = self.dial().await?;
         let local = tcp.local_addr().ok();
         core.track(addr, 1);
         let stream = match &core.tls {
@@ -1540,6 +1548,7 @@ impl Cluster {
                 }
             },
         };
+        core.observe(addr, Report::Connected);
         let conn = Conn {
             stream,
             addr,

@@ -28,6 +28,9 @@ pub(super) enum Report {
     Reset,
     /// A per-try or route timeout before the response.
     TimedOut,
+    /// A TCP connection made (and its TLS, if any): all a TCP route learns
+    /// of its upstream, as Envoy's TCP proxy reports it (a 200 unsplit).
+    Connected,
 }
 
 impl std::fmt::Display for Report {
@@ -37,6 +40,7 @@ impl std::fmt::Display for Report {
             Report::ConnectFailed => f.write_str("connect failure"),
             Report::Reset => f.write_str("reset"),
             Report::TimedOut => f.write_str("timeout"),
+            Report::Connected => f.write_str("connected"),
         }
     }
 }
@@ -140,6 +144,11 @@ impl Outlier {
             }
             (Report::ConnectFailed | Report::Reset, None) => 503,
             (Report::TimedOut, None) => 504,
+            (Report::Connected, None) => 200,
+            (Report::Connected, Some(_)) => {
+                h.consecutive_local_origin = 0;
+                return false;
+            }
             (Report::ConnectFailed, Some(n)) => {
                 h.consecutive_local_origin += 1;
                 return reached(&mut h.consecutive_local_origin, Some(n));
@@ -393,6 +402,29 @@ mod tests {
             .map(|_| od.count(&mut h, Report::ConnectFailed, now))
             .collect();
         assert_eq!(tripped, [false, false, false, false, true]);
+    }
+
+    #[test]
+    fn a_tcp_connection_made_ends_a_run_of_failures() {
+        let now = Instant::now();
+        for split in [false, true] {
+            let od = outlier(|od| {
+                od.split_external_local_origin_errors = Some(split);
+                od.consecutive_5xx_errors = Some(2);
+                od.consecutive_local_origin_failures = split.then_some(2);
+            });
+            let mut h = Health::default();
+            assert!(!od.count(&mut h, Report::ConnectFailed, now));
+            assert!(!od.count(&mut h, Report::Connected, now));
+            assert!(
+                !od.count(&mut h, Report::ConnectFailed, now),
+                "split: {split}"
+            );
+            assert!(
+                od.count(&mut h, Report::ConnectFailed, now),
+                "split: {split}"
+            );
+        }
     }
 
     #[test]
