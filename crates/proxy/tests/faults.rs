@@ -1310,6 +1310,45 @@ fn over_h2(config: &str) -> String {
     config.replace("protocol: HTTP}", "protocol: HTTP2}")
 }
 
+/// Outlier detection counts a gRPC answer by its `grpc-status`, as Envoy
+/// maps it to HTTP: UNAVAILABLE (an HTTP 200) is a 503 to it, so the
+/// endpoint answering it is ejected at `consecutive5xxErrors: 1` and the
+/// rest go to the other (no retries here, so the client sees each answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_status_counts_for_outlier_detection() {
+    let mesh = Mesh::default();
+    let (unavailable, live) = (grpc_unavailable().await, plain_http().await);
+    let od = "{consecutive5xxErrors: 1, baseEjectionTime: 60s, maxEjectionPercent: 100}";
+    let config = over_h2(&ejecting("rpc", [unavailable, live], od));
+    let config = under_route("rpc", "retries: {attempts: 0}", config);
+    let dns = dns_for("unused.example.com", 30).await;
+    let sc = sidecar(&mesh, &[&config], dns.addr).await;
+    let proxy = format!("http://{}", sc.addr(15001));
+    let mut unavailable_answers = 0;
+    for _ in 0..6 {
+        let got = curl(&[
+            "-x",
+            &proxy,
+            "-H",
+            "content-type: application/grpc",
+            "--data-binary",
+            "a message",
+            "-o",
+            "/dev/null",
+            "-D",
+            "-",
+            "http://rpc.example.com:8080/echo",
+        ])
+        .await;
+        sc.next_log().await;
+        unavailable_answers += usize::from(got.body.contains("grpc-status: 14"));
+    }
+    assert_eq!(
+        unavailable_answers, 1,
+        "ejected after its first UNAVAILABLE"
+    );
+}
+
 /// An HTTP/2 upstream's REFUSED_STREAM says it did not act on the
 /// request: Istio's default policy (`refused-stream` among its
 /// conditions) retries it on the other endpoint, headers and all; without
