@@ -66,13 +66,12 @@ mod tests {
     async fn a_2xx_opens_the_tunnel_and_what_follows_the_head_is_left() {
         let (mut ours, mut proxy) = tokio::io::duplex(1024);
         let answered = tokio::spawn(async move {
-            let mut got = vec![0u8; 64];
-            let n = proxy.read(&mut got).await.unwrap();
+            let asked = read_head(&mut proxy).await.unwrap();
             proxy
                 .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n220 banner\r\n")
                 .await
                 .unwrap();
-            String::from_utf8_lossy(&got[..n]).into_owned()
+            String::from_utf8_lossy(&asked).into_owned()
         });
         open(&mut ours, "smtp.example.com:25").await.unwrap();
         assert_eq!(
@@ -98,8 +97,7 @@ mod tests {
         ] {
             let (mut ours, mut proxy) = tokio::io::duplex(1024);
             tokio::spawn(async move {
-                let mut got = [0u8; 64];
-                let _ = proxy.read(&mut got).await;
+                read_head(&mut proxy).await.unwrap();
                 proxy.write_all(answer).await.unwrap();
             });
             let err = open(&mut ours, "a.example.com:443").await.unwrap_err();
