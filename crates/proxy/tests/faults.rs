@@ -1538,9 +1538,10 @@ spec:
     )
 }
 
-/// An HTTP server answering each path's first request 503 and the next
-/// 200; the second request of a path under `/held/` waits until `release`
-/// is notified, and `held` tells when one waits.
+/// An HTTP server answering each path's first request 503 (the first two
+/// under `/twice/`) and the next 200; the second request of a path under
+/// `/held/` waits until `release` is notified, and `held` tells when one
+/// waits.
 async fn answers_the_retry() -> (
     SocketAddr,
     Arc<tokio::sync::Notify>,
@@ -1552,9 +1553,10 @@ async fn answers_the_retry() -> (
     let addr = listener.local_addr().unwrap();
     let release = Arc::new(tokio::sync::Notify::new());
     let (tx, held) = tokio::sync::mpsc::unbounded_channel();
-    let seen = Arc::new(std::sync::Mutex::new(
-        std::collections::HashSet::<String>::new(),
-    ));
+    let seen = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        String,
+        u32,
+    >::new()));
     let releases = release.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
@@ -1563,8 +1565,14 @@ async fn answers_the_retry() -> (
                 let (seen, release, tx) = (seen.clone(), release.clone(), tx.clone());
                 async move {
                     let path = req.uri().path().to_owned();
-                    let first = seen.lock().unwrap().insert(path.clone());
-                    let status = if first {
+                    let asked = {
+                        let mut seen = seen.lock().unwrap();
+                        let n = seen.entry(path.clone()).or_default();
+                        *n += 1;
+                        *n
+                    };
+                    let failures = if path.starts_with("/twice/") { 2 } else { 1 };
+                    let status = if asked <= failures {
                         503
                     } else {
                         if path.starts_with("/held/") {
@@ -1590,7 +1598,8 @@ async fn answers_the_retry() -> (
 /// Envoy's retry circuit breaker (`maxRetries`, or a `retryBudget` whose
 /// floor is one): while one retry to the cluster is in flight, another
 /// request's retry is not made, and it gets its first answer (503)
-/// flagged UO; without a limit it would be retried and answered 200.
+/// flagged UO; without a limit it would be retried and answered 200. A
+/// request's own retry gives its place back when it is retried again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_over_the_clusters_limit_is_not_made() {
     let mesh = Mesh::default();
@@ -1607,7 +1616,7 @@ async fn a_retry_over_the_clusters_limit_is_not_made() {
         .map(|(name, limit)| {
             let endpoints = two_endpoints(name, [server, server], "{simple: ROUND_ROBIN}");
             let config = endpoints + &format!("    {limit}\n");
-            under_route(name, "retries: {attempts: 1, retryOn: 5xx}", config)
+            under_route(name, "retries: {attempts: 2, retryOn: 5xx}", config)
         })
         .collect();
     let dns = dns_for("unused.example.com", 30).await;
@@ -1628,6 +1637,9 @@ async fn a_retry_over_the_clusters_limit_is_not_made() {
         assert_eq!(sc.next_log().await["response_flags"], "UO", "{name}");
         release.notify_one();
         assert_eq!(first.await.unwrap().code, "200", "{name}: retried");
+        assert_eq!(sc.next_log().await["response_flags"], "-", "{name}");
+        let url = format!("http://{name}.example.com:8080/twice/{name}");
+        assert_eq!(curl(&["-x", &proxy, &url]).await.code, "200", "{name}");
         assert_eq!(sc.next_log().await["response_flags"], "-", "{name}");
     }
 }

@@ -400,7 +400,9 @@ impl Upstream<'_> {
                                         ))) =>
                         {
                             // Envoy's retry circuit breaker: over it, the
-                            // request ends with what it has (UO).
+                            // request ends with what it has (UO). Its own
+                            // retry before this one counts no more.
+                            _retrying = RetryPermit::default();
                             let Some(permit) = cluster.retry_permit() else {
                                 overflowed = true;
                                 return Ok(answer);
@@ -420,6 +422,7 @@ impl Upstream<'_> {
                                 && retry.retry_unanswered(error.unanswered())
                                 && (copied || unsent.is_some()) =>
                         {
+                            _retrying = RetryPermit::default();
                             let Some(permit) = cluster.retry_permit() else {
                                 overflowed = true;
                                 return Err(error);
