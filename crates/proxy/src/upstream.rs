@@ -632,6 +632,7 @@ impl ClusterCore {
         }
     }
 
+    #[cfg(test)]
     fn is_ejected(&self, addr: SocketAddr) -> bool {
         let now = Instant::now();
         self.state
@@ -796,23 +797,25 @@ impl ClusterCore {
 
     /// Counts what an attempt at `addr` came to (`Outlier::count`), and
     /// ejects the endpoint when a count reaches its threshold and the
-    /// cluster may lose one more.
-    fn observe(&self, addr: SocketAddr, report: Report) {
-        let Some(od) = &self.outlier else { return };
+    /// cluster may lose one more; whether it is ejected now.
+    fn observe(&self, addr: SocketAddr, report: Report) -> bool {
+        let Some(od) = &self.outlier else {
+            return false;
+        };
         let Ok(mut state) = self.state.lock() else {
-            return;
+            return false;
         };
         let now = Instant::now();
         let health = &mut state.entry(addr).or_default().health;
         if !od.count(health, report, now) || health.is_ejected(now) {
-            return;
+            return health.is_ejected(now);
         }
         let ejected = state.values().filter(|s| s.health.is_ejected(now)).count();
         if !od.may_eject(ejected, self.endpoint_count(&state)) {
-            return;
+            return false;
         }
         let Some(s) = state.get_mut(&addr) else {
-            return;
+            return false;
         };
         od.eject(&mut s.health, now, self.born);
         tracing::warn!(
@@ -822,6 +825,7 @@ impl ClusterCore {
             times = s.health.times_ejected,
             "endpoint ejected by outlier detection"
         );
+        true
     }
 
     /// An attempt at `addr` that got no response, as Envoy's router
@@ -1062,8 +1066,8 @@ impl ClusterCore {
         if self.outlier.is_none() {
             return true;
         }
-        self.observe(addr, Report::Status(outlier::status_of(status, headers)));
-        !self.is_ejected(addr)
+        // One lock: the count and the state after it.
+        !self.observe(addr, Report::Status(outlier::status_of(status, headers)))
     }
 }
 
